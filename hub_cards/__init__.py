@@ -1,0 +1,1 @@
+"""Model-card templates and Hub export (installed as `lavit.hub_cards`)."""

@@ -1,0 +1,220 @@
+"""Configurations of LaVIT (ICLR 2024): the EVA-CLIP vision encoder and the dynamic visual tokenizer.
+
+Defaults are the values of the released LaVIT checkpoints (official code `jy0205/LaVIT`, folder `LaVIT/models`).
+"""
+
+from transformers import PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+SELECTION_MODES = ("deterministic", "sample")
+MERGER_ATTENTION_IMPLEMENTATIONS = ("exact", "official")
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class LaVITEvaVisionConfig(PretrainedConfig):
+    r"""
+    Configuration of the EVA-CLIP ViT used as LaVIT's frozen vision encoder. The defaults are EVA01-CLIP-g/14 at 224 px
+    ("eva-clip-g-14-x"), the encoder of the released LaVIT models.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 224): input resolution; the encoder accepts exactly this size.
+        patch_size (`int`, *optional*, defaults to 14): side of a square patch.
+        num_channels (`int`, *optional*, defaults to 3): image channels.
+        hidden_size (`int`, *optional*, defaults to 1408): width of the transformer.
+        num_hidden_layers (`int`, *optional*, defaults to 40): all blocks are used (features come from the last).
+        num_attention_heads (`int`, *optional*, defaults to 16): heads of 88 channels at the default width.
+        intermediate_size (`int`, *optional*, defaults to 6144): MLP hidden size, `int(1408 * 4.3637)`.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6): epsilon of every LayerNorm in the encoder.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the normal init of linear layers.
+    """
+
+    model_type = "lavit_eva_vision"
+
+    def __init__(
+        self,
+        image_size=224,
+        patch_size=14,
+        num_channels=3,
+        hidden_size=1408,
+        num_hidden_layers=40,
+        num_attention_heads=16,
+        intermediate_size=6144,
+        layer_norm_eps=1e-6,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+
+class LaVITTokenizerConfig(PretrainedConfig):
+    r"""
+    Configuration of [`LaVITTokenizerModel`], the dynamic visual tokenizer of LaVIT (paper section 3.1): a frozen
+    vision encoder, a token selector, a token merger, a vector quantizer and a feature decoder.
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            The frozen vision encoder. `None` or `model_type="lavit_eva_vision"` builds the built-in EVA-CLIP ViT
+            ([`LaVITEvaVisionConfig`], the official encoder). Any other `model_type` (e.g. `clip_vision_model`,
+            `siglip_vision_model`) builds that transformers backbone with `AutoModel.from_config`.
+        vision_feature_layer (`int`, *optional*, defaults to -1):
+            For transformers backbones: index into `hidden_states` of the layer whose patch features are tokenized.
+            The EVA encoder always uses the output of its last block, before the final norm (as the official code).
+        image_mean (`tuple[float]`, *optional*, defaults to the OpenAI CLIP mean), image_std (same, CLIP std):
+            Normalisation used by [`LaVITTokenizerModel.visualize`] to turn an image into `pixel_values`.
+        selection_mode (`str`, *optional*, defaults to `"deterministic"`):
+            Inference policy of the selector: `"deterministic"` keeps patches with `p_keep > selector_threshold`, so
+            an image always gives the same tokens; `"sample"` draws `Bernoulli(p_keep)` per patch, the behaviour of
+            the official code.
+        selector_threshold (`float`, *optional*, defaults to 0.5): keep threshold of the deterministic mode.
+        gumbel_temperature (`float`, *optional*, defaults to 1.0): temperature of the straight-through Gumbel-softmax
+            used to select tokens in training (paper eq. 1).
+        merger_num_layers (`int`, *optional*, defaults to 12), merger_num_heads (`int`, *optional*, defaults to 16),
+        merger_intermediate_size (`int`, *optional*, defaults to 6144): token merger size. Its width is the encoder's.
+        merger_attention (`str`, *optional*, defaults to `"exact"`):
+            `"exact"` runs true masked attention on the kept tokens only (causal self-attention among kept tokens,
+            cross-attention to the dropped ones) with SDPA. `"official"` reproduces the official leaky masked softmax
+            over all N patches (needed for converted official weights).
+        codebook_size (`int`, *optional*, defaults to 16384), code_dim (`int`, *optional*, defaults to 32):
+            the l2-normalised codebook.
+        codebook_decay (`float`, *optional*, defaults to 0.99): EMA decay of the codebook statistics.
+        commitment_weight (`float`, *optional*, defaults to 0.25): weight of the commitment loss.
+        kmeans_init (`bool`, *optional*, defaults to `True`): initialise the codebook by spherical k-means on the
+            first training batch.
+        kmeans_iters (`int`, *optional*, defaults to 10): k-means iterations of that initialisation.
+        dead_code_threshold (`float`, *optional*, defaults to 1.0): codes whose EMA usage count falls below this are
+            restarted from random encoder outputs of the current batch (0 turns restarts off).
+        decoder_hidden_size (`int`, *optional*, defaults to 1408), decoder_num_layers (`int`, *optional*, defaults
+        to 12), decoder_num_heads (`int`, *optional*, defaults to 16), decoder_intermediate_size (`int`, *optional*,
+        defaults to 6144): the feature decoder that reconstructs all N encoder features from the codes.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the selector, merger and decoder norms.
+        keep_ratio_target (`float`, *optional*, defaults to 1/3): rho of paper eq. 4, the target mean keep ratio.
+        keep_ratio_weight (`float`, *optional*, defaults to 2.0): lambda of paper eq. 4.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the normal init of linear layers.
+    """
+
+    model_type = "lavit_tokenizer"
+
+    def __init__(
+        self,
+        vision_config=None,
+        vision_feature_layer=-1,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        selection_mode="deterministic",
+        selector_threshold=0.5,
+        gumbel_temperature=1.0,
+        merger_num_layers=12,
+        merger_num_heads=16,
+        merger_intermediate_size=6144,
+        merger_attention="exact",
+        codebook_size=16384,
+        code_dim=32,
+        codebook_decay=0.99,
+        commitment_weight=0.25,
+        kmeans_init=True,
+        kmeans_iters=10,
+        dead_code_threshold=1.0,
+        decoder_hidden_size=1408,
+        decoder_num_layers=12,
+        decoder_num_heads=16,
+        decoder_intermediate_size=6144,
+        layer_norm_eps=1e-5,
+        keep_ratio_target=1 / 3,
+        keep_ratio_weight=2.0,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        if selection_mode not in SELECTION_MODES:
+            raise ValueError(f"selection_mode must be one of {SELECTION_MODES}, got {selection_mode!r}")
+        if merger_attention not in MERGER_ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"merger_attention must be one of {MERGER_ATTENTION_IMPLEMENTATIONS}, got {merger_attention!r}"
+            )
+        self.vision_config = _build_vision_config(vision_config)
+        self.vision_feature_layer = vision_feature_layer
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.selection_mode = selection_mode
+        self.selector_threshold = selector_threshold
+        self.gumbel_temperature = gumbel_temperature
+        self.merger_num_layers = merger_num_layers
+        self.merger_num_heads = merger_num_heads
+        self.merger_intermediate_size = merger_intermediate_size
+        self.merger_attention = merger_attention
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        self.codebook_decay = codebook_decay
+        self.commitment_weight = commitment_weight
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.dead_code_threshold = dead_code_threshold
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_layers = decoder_num_layers
+        self.decoder_num_heads = decoder_num_heads
+        self.decoder_intermediate_size = decoder_intermediate_size
+        self.layer_norm_eps = layer_norm_eps
+        self.keep_ratio_target = keep_ratio_target
+        self.keep_ratio_weight = keep_ratio_weight
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    def to_dict(self):
+        output = super().to_dict()
+        # transformers writes `auto_map` entries of any class whose name contains "Tokenizer" as a (slow, fast)
+        # text-tokenizer pair; this is a model and a config, so store the plain "module.Class" reference
+        if "auto_map" in output:
+            output["auto_map"] = {
+                auto_class: reference[0] if isinstance(reference, (list, tuple)) else reference
+                for auto_class, reference in output["auto_map"].items()
+            }
+        return output
+
+    @property
+    def vision_hidden_size(self) -> int:
+        """Width of the encoder features, which is also the width of the selector, merger and decoder output."""
+        return self.vision_config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.vision_config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision_config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def uses_eva_encoder(self) -> bool:
+        return isinstance(self.vision_config, LaVITEvaVisionConfig)
+
+
+def _build_vision_config(vision_config) -> PretrainedConfig:
+    if vision_config is None:
+        return LaVITEvaVisionConfig()
+    if isinstance(vision_config, PretrainedConfig):
+        return vision_config
+    if not isinstance(vision_config, dict):
+        raise TypeError(f"vision_config must be a dict, a PretrainedConfig or None, got {type(vision_config)}")
+    vision_config = dict(vision_config)
+    model_type = vision_config.pop("model_type", LaVITEvaVisionConfig.model_type)
+    if model_type == LaVITEvaVisionConfig.model_type:
+        return LaVITEvaVisionConfig(**vision_config)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"vision_config has unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type](**vision_config)
+
+
+__all__ = ["LaVITEvaVisionConfig", "LaVITTokenizerConfig"]

@@ -1,0 +1,154 @@
+"""Official LaVIT checkpoints (key names of `jy0205/LaVIT`) -> this package's modules.
+
+The official `DynamicVisualTokenizer` state dict holds `encoder.*` (EVA ViT), `token_predictor.*` (selector),
+`causal_encoder.*` (merger), `quantize.embedding.weight` and `encode_task_layer.*`; the feature decoder files
+(`tokenizer_decoder.bin`, `highres_tokenizer_decoder.bin`) hold the decoder without a prefix. Every key is either
+renamed by a rule below or listed as not used by the tokenizer; anything else is an error, so a wrong prefix can never
+be skipped silently (the official loader uses `strict=False`).
+"""
+
+import re
+
+import torch
+
+from .configuration_lavit import LaVITEvaVisionConfig, LaVITTokenizerConfig
+
+_ATTENTION_LAYER_RULES = [
+    (r"norm0\.", "self_attn_norm."),
+    (r"norm1\.", "cross_attn_norm."),
+    (r"norm2\.", "mlp_norm."),
+    (r"(token_causal_attn|self_attn)\.qkv\.", "self_attn.qkv."),
+    (r"(token_causal_attn|self_attn)\.proj\.", "self_attn.out_proj."),
+    (r"(token_cross_attn|cross_attn)\.query\.", "cross_attn.q_proj."),
+    (r"(token_cross_attn|cross_attn)\.key\.", "cross_attn.k_proj."),
+    (r"(token_cross_attn|cross_attn)\.value\.", "cross_attn.v_proj."),
+    (r"(token_cross_attn|cross_attn)\.proj\.", "cross_attn.out_proj."),
+    (r"mlp\.", "mlp."),
+]
+
+TOKENIZER_RULES = [
+    (r"^encoder\.cls_token$", "vision_model.embeddings.cls_token"),
+    (r"^encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.layers.\1.layer_norm1."),
+    (r"^encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.layers.\1.layer_norm2."),
+    (r"^encoder\.blocks\.(\d+)\.attn\.", r"vision_model.layers.\1.attn."),
+    (r"^encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.layers.\1.mlp."),
+    (r"^token_predictor\.in_conv\.0\.", "selector.layer_norm."),
+    (r"^token_predictor\.in_conv\.1\.", "selector.in_proj."),
+    (r"^token_predictor\.out_conv\.0\.", "selector.fc1."),
+    (r"^token_predictor\.out_conv\.2\.", "selector.fc2."),
+    (r"^token_predictor\.out_conv\.4\.", "selector.classifier."),
+    (r"^causal_encoder\.ln_vision\.", "merger.context_norm."),
+    (r"^causal_encoder\.norm\.", "merger.norm."),
+    *[(rf"^causal_encoder\.blocks\.(\d+)\.{old}", rf"merger.layers.\1.{new}") for old, new in _ATTENTION_LAYER_RULES],
+    (r"^quantize\.embedding\.weight$", "quantizer.codebook"),
+    (r"^encode_task_layer\.", "quantizer.project_in."),
+]
+# present in the official tokenizer file but not part of the tokenizer: the EVA final norm and CLIP head are never
+# applied by LaVIT, and `vit_proj` maps merger outputs into the LM (it belongs to `LaVITForCausalLM`)
+TOKENIZER_UNUSED = [r"^encoder\.norm\.", r"^encoder\.head\.", r"^vit_proj\."]
+
+DECODER_RULES = [
+    (r"^pos_embed$", "decoder.position_embedding"),
+    (r"^query_embed$", "decoder.query_embedding"),
+    (r"^in_proj\.", "decoder.in_proj."),
+    (r"^norm\.", "decoder.norm."),
+    (r"^decode_task_layer\.", "decoder.project_out."),
+    *[(rf"^blocks\.(\d+)\.{old}", rf"decoder.layers.\1.{new}") for old, new in _ATTENTION_LAYER_RULES],
+]
+# the UNet conditioning heads of the pixel decoders belong to the detokenizer
+DECODER_UNUSED = [r"^unet_proj", r"^unet_attnpool\."]
+
+
+def rename_keys(state_dict, rules, unused_patterns, source: str) -> dict[str, torch.Tensor]:
+    """Applies the first matching rule to every key; raises on keys that neither a rule nor `unused` covers."""
+    renamed, unknown = {}, []
+    for key, tensor in state_dict.items():
+        for pattern, replacement in rules:
+            if re.search(pattern, key):
+                renamed[re.sub(pattern, replacement, key, count=1)] = tensor
+                break
+        else:
+            if not any(re.search(pattern, key) for pattern in unused_patterns):
+                unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} key(s) match no official LaVIT name: {unknown[:10]}")
+    return renamed
+
+
+def convert_original_tokenizer_state_dict(state_dict, decoder_state_dict=None) -> dict[str, torch.Tensor]:
+    converted = rename_keys(state_dict, TOKENIZER_RULES, TOKENIZER_UNUSED, "tokenizer state dict")
+    if decoder_state_dict is not None:
+        converted.update(rename_keys(decoder_state_dict, DECODER_RULES, DECODER_UNUSED, "decoder state dict"))
+    return converted
+
+
+def _num_blocks(state_dict, prefix: str) -> int:
+    indices = {int(match.group(1)) for key in state_dict if (match := re.match(rf"^{prefix}(\d+)\.", key))}
+    if not indices:
+        raise ValueError(f"no keys start with {prefix!r}<index>.")
+    return max(indices) + 1
+
+
+def _require(state_dict, key: str, source: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ValueError(f"{source} has no tensor {key!r}")
+    return state_dict[key]
+
+
+def original_tokenizer_config(
+    state_dict, decoder_state_dict=None, *, vision_num_heads=16, merger_num_heads=16, decoder_num_heads=16, **overrides
+) -> LaVITTokenizerConfig:
+    """A [`LaVITTokenizerConfig`] whose sizes are read from the official tensors (head counts are not in shapes)."""
+    source = "tokenizer state dict"
+    patch_weight = _require(state_dict, "encoder.patch_embed.proj.weight", source)  # (D, C, p, p)
+    num_positions = _require(state_dict, "encoder.pos_embed", source).shape[1]
+    grid = round((num_positions - 1) ** 0.5)
+    if grid * grid != num_positions - 1:
+        raise ValueError(f"encoder.pos_embed has {num_positions} rows, expected 1 + a square number of patches")
+    hidden_size, num_channels, patch_size = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
+    vision_config = LaVITEvaVisionConfig(
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        num_channels=num_channels,
+        hidden_size=hidden_size,
+        num_hidden_layers=_num_blocks(state_dict, r"encoder\.blocks\."),
+        num_attention_heads=vision_num_heads,
+        intermediate_size=_require(state_dict, "encoder.blocks.0.mlp.fc1.weight", source).shape[0],
+    )
+    codebook = _require(state_dict, "quantize.embedding.weight", source)
+    sizes = dict(
+        vision_config=vision_config,
+        merger_num_layers=_num_blocks(state_dict, r"causal_encoder\.blocks\."),
+        merger_num_heads=merger_num_heads,
+        merger_intermediate_size=_require(state_dict, "causal_encoder.blocks.0.mlp.fc1.weight", source).shape[0],
+        merger_attention="official",
+        codebook_size=codebook.shape[0],
+        code_dim=codebook.shape[1],
+        # without a decoder checkpoint, a fresh decoder gets the merger's sizes
+        decoder_hidden_size=hidden_size,
+        decoder_num_layers=_num_blocks(state_dict, r"causal_encoder\.blocks\."),
+        decoder_num_heads=decoder_num_heads,
+        decoder_intermediate_size=_require(state_dict, "causal_encoder.blocks.0.mlp.fc1.weight", source).shape[0],
+    )
+    if decoder_state_dict is not None:
+        source = "decoder state dict"
+        decoder_in = _require(decoder_state_dict, "in_proj.weight", source)  # (decoder width, code_dim)
+        decoder_out = _require(decoder_state_dict, "decode_task_layer.2.weight", source)
+        queries = _require(decoder_state_dict, "query_embed", source).shape[1]
+        if decoder_in.shape[1] != codebook.shape[1] or decoder_out.shape[0] != hidden_size or queries != grid * grid:
+            raise ValueError(
+                f"decoder does not match the tokenizer: code dim {decoder_in.shape[1]} vs {codebook.shape[1]}, "
+                f"output width {decoder_out.shape[0]} vs {hidden_size}, queries {queries} vs {grid * grid}"
+            )
+        sizes.update(
+            decoder_hidden_size=decoder_in.shape[0],
+            decoder_num_layers=_num_blocks(decoder_state_dict, r"blocks\."),
+            decoder_intermediate_size=_require(decoder_state_dict, "blocks.0.mlp.fc1.weight", source).shape[0],
+        )
+    sizes.update(overrides)
+    return LaVITTokenizerConfig(**sizes)
+
+
+__all__ = ["convert_original_tokenizer_state_dict", "original_tokenizer_config", "rename_keys"]

@@ -1,0 +1,1 @@
+"""Image processor, `LaVITProcessor` and pipelines (remote-code folder: flat files, relative imports only)."""

@@ -1,0 +1,35 @@
+"""GPU paths: bf16 tokenization and the SDPA merger on CUDA (skipped without a GPU)."""
+
+import pytest
+import torch
+from conftest import has_cuda, photo_batch, tiny_tokenizer_config
+
+from lavit import LaVITTokenizerModel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("attention", ["exact", "official"])
+def test_bf16_cuda_matches_float32_cpu(attention):
+    torch.manual_seed(0)
+    model = LaVITTokenizerModel(tiny_tokenizer_config(merger_attention=attention)).eval()
+    pixel_values = photo_batch(model, 4)
+    keep_mask = torch.rand(4, model.config.num_patches, generator=torch.Generator().manual_seed(0)) < 0.4
+    keep_mask[:, 0] = True
+    reference = model.encode_features(pixel_values, keep_mask=keep_mask).features
+    gpu_model = model.to("cuda", torch.bfloat16)
+    features = gpu_model.encode_features(pixel_values.to("cuda", torch.bfloat16), keep_mask=keep_mask.cuda())
+    relative_error = (features.features.float().cpu() - reference).norm() / reference.norm()
+    assert relative_error < 2e-2
+    tokens = gpu_model.tokenize(pixel_values.to("cuda", torch.bfloat16), keep_mask=keep_mask.cuda())
+    assert tokens.code_ids.device.type == "cuda" and tokens.code_ids.numel() == int(keep_mask.sum())
+
+
+def test_variable_counts_across_calls_on_cuda():
+    torch.manual_seed(0)
+    model = LaVITTokenizerModel(tiny_tokenizer_config()).to("cuda", torch.bfloat16).eval()
+    pixel_values = torch.randn(8, 3, 56, 56, device="cuda", dtype=torch.bfloat16)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    counts = {tuple(model.tokenize(pixel_values, mode="sample", generator=generator).token_counts.tolist())
+              for _ in range(5)}
+    assert len(counts) > 1

@@ -1,0 +1,88 @@
+"""save_pretrained / from_pretrained, Auto classes and trust_remote_code loading without `lavit` installed."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from conftest import photo_batch, tiny_tokenizer_config
+from transformers import AutoConfig, AutoModel
+
+from lavit import LaVITTokenizerConfig, LaVITTokenizerModel
+
+
+def trained_tiny_model():
+    torch.manual_seed(0)
+    model = LaVITTokenizerModel(tiny_tokenizer_config()).train()
+    model(photo_batch(model, 2)).loss.backward()  # runs k-means init + an EMA update: buffers hold real state
+    return model.eval()
+
+
+def test_save_and_load_round_trip_is_exact(tmp_path):
+    model = trained_tiny_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = LaVITTokenizerModel.from_pretrained(tmp_path)
+    original_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert original_state.keys() == loaded_state.keys()
+    for key, tensor in original_state.items():
+        assert torch.equal(tensor, loaded_state[key]), key
+    assert bool(loaded.quantizer.initialized)
+    pixel_values = photo_batch(model, 3)
+    assert torch.equal(model.tokenize(pixel_values).code_ids, loaded.tokenize(pixel_values).code_ids)
+
+
+def test_auto_classes_and_saved_code_files(tmp_path):
+    model = trained_tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_lavit.LaVITTokenizerConfig",
+        "AutoModel": "modeling_lavit_tokenizer.LaVITTokenizerModel",
+    }
+    assert config["vision_config"]["model_type"] == "lavit_eva_vision"
+    for name in ("configuration_lavit.py", "modeling_lavit_tokenizer.py", "modeling_eva_vit.py",
+                 "convert_original_lavit.py"):
+        assert (tmp_path / name).is_file(), name
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), LaVITTokenizerConfig)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, LaVITTokenizerModel)
+    assert torch.equal(loaded.quantizer.codebook, model.quantizer.codebook)
+
+
+def test_remote_code_loads_where_lavit_cannot_be_imported(tmp_path):
+    model = trained_tiny_model()
+    folder = tmp_path / "tokenizer"
+    model.save_pretrained(folder)
+    pixel_values = photo_batch(model, 2)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    expected = model.tokenize(pixel_values).code_ids.tolist()
+    script = textwrap.dedent(f"""
+        import sys
+
+        class BlockLavit:
+            def find_spec(self, name, path=None, target=None):
+                if name == "lavit" or name.startswith("lavit."):
+                    raise ImportError("lavit is blocked in this process")
+
+        sys.meta_path.insert(0, BlockLavit())
+        import torch
+        from transformers import AutoModel
+        try:
+            import lavit  # noqa: F401
+            raise SystemExit("lavit should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert not any(name == "lavit" or name.startswith("lavit.") for name in sys.modules)
+        pixels = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
+        print(model.tokenize(pixels).code_ids.tolist())
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected

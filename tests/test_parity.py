@@ -1,0 +1,92 @@
+"""Parity with the official LaVIT arithmetic on the tiny fixtures of ../shared/parity/official_tiny."""
+
+import pytest
+import torch
+
+from lavit import LaVITTokenizerModel
+
+ATOL = RTOL = 1e-5
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.fixture(scope="module")
+def official(parity_files):
+    model = LaVITTokenizerModel.from_original_state_dict(
+        parity_files["tokenizer_state_dict"],
+        decoder_state_dict=parity_files["decoder_state_dict"],
+        vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4,
+    )
+    return model, parity_files["inputs"], parity_files["expected"]
+
+
+def test_converted_config_reads_sizes_from_tensors(official):
+    model, _, _ = official
+    config = model.config
+    assert (config.image_size, config.patch_size, config.num_patches) == (112, 14, 64)
+    assert config.vision_config.hidden_size == 64 and config.vision_config.num_hidden_layers == 2
+    assert config.vision_config.intermediate_size == 279
+    assert (config.merger_num_layers, config.merger_intermediate_size, config.merger_attention) == (2, 279, "official")
+    assert (config.codebook_size, config.code_dim) == (256, 8)
+    assert (config.decoder_num_layers, config.decoder_hidden_size) == (2, 64)
+
+
+def test_encoder_selector_merger_quantizer_decoder(official):
+    model, inputs, expected = official
+    pixel_values, keep_mask = inputs["pixel_values"], inputs["keep_mask"]
+    with torch.no_grad():
+        assert_close(model.vision_model(pixel_values).last_hidden_state, expected["encoder_all_features"])
+        features = model.get_image_features(pixel_values)
+        assert_close(features, expected["encoder_features"])
+        assert_close(model.selector(features), expected["predictor_log_probs"])
+        assert_close(model.merger.forward_full_sequence(features, keep_mask), expected["merger_out_full"])
+        kept = model.merger(features, keep_mask)
+        assert_close(kept, expected["kept_features"])
+        assert_close(model.quantizer.project_in(kept), expected["quantizer_input"])
+
+    tokens = model.tokenize(pixel_values, keep_mask=keep_mask)
+    assert torch.equal(tokens.code_ids, expected["code_ids"])
+    assert torch.equal(tokens.token_counts, expected["token_counts"])
+    assert torch.equal(model.quantizer.codebook[tokens.code_ids], expected["quantized"])
+    assert_close(model.encode_features(pixel_values, keep_mask=keep_mask).features, expected["kept_features"])
+    assert_close(model.decode_codes(tokens.code_ids, tokens.token_counts), expected["decoder_out"])
+
+
+def test_highres_decoder_trunk(parity_files):
+    model = LaVITTokenizerModel.from_original_state_dict(
+        parity_files["tokenizer_state_dict"],
+        decoder_state_dict=parity_files["highres_decoder_state_dict"],
+        vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4,
+    )
+    expected = parity_files["expected"]
+    assert_close(model.decode_codes(expected["code_ids"], expected["token_counts"]), expected["highres_decoder_out"])
+
+
+def test_deterministic_selection_reproduces_the_threshold_mask(official):
+    model, inputs, _ = official
+    # image 0's fixture mask is p_keep > 0.5: our default deterministic mode must find it exactly
+    tokens = model.tokenize(inputs["pixel_values"][:1])
+    assert torch.equal(tokens.keep_mask[0], inputs["keep_mask"][0].bool())
+
+
+def test_official_keys_are_all_accounted_for(parity_files):
+    state_dict = dict(parity_files["tokenizer_state_dict"])
+    state_dict["causal_encoder.blocks.0.typo.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="typo"):
+        LaVITTokenizerModel.from_original_state_dict(state_dict, vision_num_heads=4, merger_num_heads=4)
+    state_dict = dict(parity_files["tokenizer_state_dict"])
+    del state_dict["causal_encoder.blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ValueError, match="missing"):
+        LaVITTokenizerModel.from_original_state_dict(state_dict, vision_num_heads=4, merger_num_heads=4)
+
+
+def test_exact_merger_misses_the_leaky_official_outputs(official):
+    """The fixtures are built so that true masked attention differs from the official leaky softmax."""
+    model, inputs, expected = official
+    exact = LaVITTokenizerModel(model.config.__class__(**{**model.config.to_dict(), "merger_attention": "exact"}))
+    exact.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        kept = exact.eval().merger(exact.get_image_features(inputs["pixel_values"]), inputs["keep_mask"])
+    assert (kept - expected["kept_features"]).abs().max() > 1e-3

@@ -1,0 +1,252 @@
+"""Behaviour of LaVITTokenizerModel on tiny configs (CPU, float32) and real photos from scikit-image."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import photo_batch, real_photos, tiny_tokenizer_config
+from PIL import Image
+
+from lavit import LaVITTokenizerModel
+
+
+def test_tokenize_shapes_and_packed_form(tiny_model):
+    pixel_values = photo_batch(tiny_model, 4)
+    tokens = tiny_model.tokenize(pixel_values)
+    num_patches = tiny_model.config.num_patches
+    assert tokens.keep_mask.shape == (4, num_patches) and tokens.keep_mask.dtype == torch.bool
+    assert tokens.token_counts.tolist() == tokens.keep_mask.sum(1).tolist()
+    assert tokens.code_ids.shape == (int(tokens.token_counts.sum()),)
+    assert int(tokens.code_ids.max()) < tiny_model.config.codebook_size
+    per_image = tokens.per_image()
+    assert [len(ids) for ids in per_image] == tokens.token_counts.tolist()
+    assert torch.equal(torch.cat(per_image), tokens.code_ids)
+
+    features = tiny_model.encode_features(pixel_values)
+    assert features.features.shape == (int(features.token_counts.sum()), tiny_model.config.vision_hidden_size)
+    reconstructed = tiny_model.decode_codes(tokens.code_ids, tokens.token_counts)
+    assert reconstructed.shape == (4, num_patches, tiny_model.config.vision_hidden_size)
+
+
+def test_deterministic_mode_is_reproducible_and_sample_mode_is_seedable(tiny_model):
+    pixel_values = photo_batch(tiny_model, 3)
+    first, second = tiny_model.tokenize(pixel_values), tiny_model.tokenize(pixel_values)
+    assert torch.equal(first.code_ids, second.code_ids) and torch.equal(first.keep_mask, second.keep_mask)
+    assert torch.equal(first.keep_mask, (first.keep_probs > 0.5) | (first.token_counts[:, None] == 1)
+                       & first.keep_mask)
+
+    def sample(seed):
+        return tiny_model.tokenize(pixel_values, mode="sample", generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(1).keep_mask, sample(1).keep_mask)
+    assert not torch.equal(sample(1).keep_mask, sample(2).keep_mask)
+
+
+def test_token_budgets_keep_the_most_probable_patches(tiny_model):
+    pixel_values = photo_batch(tiny_model, 3)
+    num_patches = tiny_model.config.num_patches
+    budget = tiny_model.tokenize(pixel_values, max_tokens=5)
+    assert budget.token_counts.tolist() == [5, 5, 5]
+    for keep, probs in zip(budget.keep_mask, budget.keep_probs, strict=True):
+        assert probs[keep].min() >= probs[~keep].max()
+    ratio = tiny_model.tokenize(pixel_values, keep_ratio=0.25)
+    assert ratio.token_counts.tolist() == [round(0.25 * num_patches)] * 3
+    assert tiny_model.tokenize(pixel_values, max_tokens=10_000).token_counts.tolist() == [num_patches] * 3
+    assert tiny_model.tokenize(pixel_values, keep_ratio=1e-6).token_counts.tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="at most one"):
+        tiny_model.tokenize(pixel_values, max_tokens=3, keep_ratio=0.5)
+
+
+def test_at_least_one_token_per_image(tiny_config):
+    model = LaVITTokenizerModel(tiny_config).eval()
+    with torch.no_grad():
+        model.selector.classifier.bias.copy_(torch.tensor([-50.0, 50.0]))  # p_keep ~ 0 everywhere
+    tokens = model.tokenize(photo_batch(model, 2))
+    assert tokens.token_counts.tolist() == [1, 1]
+    assert torch.equal(tokens.keep_mask.float().argmax(1), tokens.keep_probs.argmax(1))
+
+
+@pytest.mark.parametrize("attention", ["exact", "official"])
+def test_batched_equals_one_image_at_a_time(attention):
+    torch.manual_seed(0)
+    model = LaVITTokenizerModel(tiny_tokenizer_config(merger_attention=attention)).eval()
+    pixel_values = photo_batch(model, 4)
+    generator = torch.Generator().manual_seed(3)
+    num_patches = model.config.num_patches
+    keep_mask = torch.zeros(4, num_patches, dtype=torch.bool)
+    for image, count in enumerate([3, 8, 13, num_patches]):  # the last image has no dropped token to merge
+        keep_mask[image, torch.randperm(num_patches, generator=generator)[:count]] = True
+    batched = model.encode_features(pixel_values, keep_mask=keep_mask)
+    assert len(set(batched.token_counts.tolist())) == 4
+    singles = [model.encode_features(pixel_values[i : i + 1], keep_mask=keep_mask[i : i + 1]).features
+               for i in range(4)]
+    torch.testing.assert_close(batched.features, torch.cat(singles), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(batched.features).all()
+    tokens = model.tokenize(pixel_values, keep_mask=keep_mask)
+    decoded = model.decode_codes(tokens.code_ids, tokens.token_counts)
+    for i, ids in enumerate(tokens.per_image()):
+        single = model.decode_codes(ids, tokens.token_counts[i : i + 1])
+        torch.testing.assert_close(decoded[i : i + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_merger_equals_a_plain_per_image_reference(tiny_model):
+    """Exact mode = a standard causal transformer over kept tokens with cross-attention to dropped ones."""
+    features = tiny_model.get_image_features(photo_batch(tiny_model, 1))[0]
+    keep = torch.zeros(tiny_model.config.num_patches, dtype=torch.bool)
+    keep[[1, 4, 5, 9, 15]] = True
+    merger = tiny_model.merger
+    hidden, context = features[keep], merger.context_norm(features)[~keep]
+
+    def attention(module_q, keys, values, causal, num_heads=4):
+        q = module_q.view(len(module_q), num_heads, -1).transpose(0, 1)
+        k = keys.view(len(keys), num_heads, -1).transpose(0, 1)
+        v = values.view(len(values), num_heads, -1).transpose(0, 1)
+        scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores).triu(1).bool(), float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(0, 1).reshape(len(module_q), -1)
+
+    with torch.no_grad():
+        for layer in merger.layers:
+            q, k, v = layer.self_attn.qkv(layer.self_attn_norm(hidden)).chunk(3, -1)
+            hidden = hidden + layer.self_attn.out_proj(attention(q, k, v, causal=True))
+            normed = layer.cross_attn_norm(hidden)
+            cross = attention(layer.cross_attn.q_proj(normed), layer.cross_attn.k_proj(context),
+                              layer.cross_attn.v_proj(context), causal=False)
+            hidden = hidden + layer.cross_attn.out_proj(cross)
+            hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+        reference = merger.norm(hidden)
+        ours = merger(features[None], keep[None].float())
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_training_forward_returns_each_loss_term(tiny_model):
+    tiny_model.train()
+    torch.manual_seed(0)
+    output = tiny_model(photo_batch(tiny_model, 3))
+    config = tiny_model.config
+    expected = (output.reconstruction_loss + config.keep_ratio_weight * output.keep_ratio_loss
+                + config.commitment_weight * output.commitment_loss)
+    torch.testing.assert_close(output.loss, expected)
+    assert 0 <= output.reconstruction_loss.item() <= 2
+    assert output.reconstructed_features.shape == output.image_features.shape
+    keep_ratio = output.keep_mask.float().mean(1)
+    torch.testing.assert_close(output.keep_ratio_loss, ((config.keep_ratio_target - keep_ratio) ** 2).mean())
+    assert 1 <= float(output.perplexity) <= config.codebook_size and 0 < float(output.codebook_usage) <= 1
+    without_vq = tiny_model(photo_batch(tiny_model, 3), use_quantizer=False)
+    assert float(without_vq.commitment_loss) == 0.0
+    assert tiny_model(photo_batch(tiny_model, 1), return_loss=False).loss is None
+
+
+@pytest.mark.parametrize("attention", ["exact", "official"])
+def test_gradients_reach_selector_and_merger_but_not_the_encoder(attention):
+    torch.manual_seed(0)
+    model = LaVITTokenizerModel(tiny_tokenizer_config(merger_attention=attention)).train()
+    assert not model.vision_model.training, "the frozen encoder must stay in eval mode under model.train()"
+    output = model(photo_batch(model, 2))
+    output.reconstruction_loss.backward()  # the reconstruction term alone must reach the selector
+    assert model.selector.fc1.weight.grad is not None and model.selector.fc1.weight.grad.abs().sum() > 0
+    for name, parameter in model.merger.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert model.decoder.in_proj.weight.grad.abs().sum() > 0
+    assert all(parameter.grad is None and not parameter.requires_grad
+               for parameter in model.vision_model.parameters())
+
+
+def test_kmeans_init_ema_and_dead_code_restart():
+    torch.manual_seed(0)
+    model = LaVITTokenizerModel(tiny_tokenizer_config(codebook_size=16, dead_code_threshold=0.5)).train()
+    quantizer = model.quantizer
+    assert not bool(quantizer.initialized)
+    latents = torch.randn(64, model.config.vision_hidden_size)
+    samples = torch.nn.functional.normalize(quantizer.project_in(latents).detach(), dim=-1)
+    quantizer(latents)
+    assert bool(quantizer.initialized)
+    # k-means centroids are unit vectors close to the data: every sample has a centroid within reach
+    assert torch.allclose(quantizer.codebook.norm(dim=-1), torch.ones(16), atol=1e-5)
+    best_cosine = (samples @ quantizer.codebook.t()).max(dim=1).values
+    random_codebook = torch.nn.functional.normalize(torch.randn(16, samples.shape[1]), dim=-1)
+    assert best_cosine.mean() > (samples @ random_codebook.t()).max(dim=1).values.mean()
+
+    before = quantizer.codebook.clone()
+    quantizer(torch.randn(64, model.config.vision_hidden_size) + 1.0)  # a shifted batch pulls the codes
+    assert not torch.allclose(before, quantizer.codebook), "EMA must move the codebook"
+
+    # a code that no sample chooses decays below the threshold and is restarted on a batch vector
+    with torch.no_grad():
+        quantizer.codebook[3] = -torch.nn.functional.normalize(samples.mean(0), dim=0)
+        quantizer.ema_cluster_size[3] = 0.0
+        quantizer.ema_code_sum[3] = quantizer.codebook[3]
+    quantizer(latents)
+    restarted = quantizer.codebook[3]
+    assert float(quantizer.ema_cluster_size[3]) >= 0.5
+    assert (samples @ restarted).max() > 0.999, "a restarted code is a vector of the current batch"
+
+
+def test_codebook_distances_stay_float32_under_autocast(tiny_model):
+    latents = torch.randn(10, tiny_model.config.vision_hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        code_ids, normalized = tiny_model.quantizer.lookup(tiny_model.quantizer.project_in(latents))
+    assert normalized.dtype == torch.float32 and code_ids.dtype == torch.int64
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(2, 3, 32, 32), "shape"),
+    (torch.zeros(2, 1, 56, 56), "shape"),
+    (torch.zeros(2, 3, 56, 56, dtype=torch.uint8), "floating point"),
+    (torch.full((1, 3, 56, 56), float("nan")), "NaN"),
+    (torch.zeros(0, 3, 56, 56), "empty"),
+    (np.zeros((1, 3, 56, 56), dtype=np.float32), "torch.Tensor"),
+])
+def test_bad_pixel_values_raise_clear_errors(tiny_model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.tokenize(bad)
+
+
+def test_bad_keep_masks_and_codes_raise_clear_errors(tiny_model):
+    pixel_values = photo_batch(tiny_model, 2)
+    with pytest.raises(ValueError, match=r"shape \(2, 16\)"):
+        tiny_model.tokenize(pixel_values, keep_mask=torch.ones(2, 15, dtype=torch.bool))
+    empty = torch.zeros(2, 16, dtype=torch.bool)
+    empty[0, 0] = True
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
+        tiny_model.tokenize(pixel_values, keep_mask=empty)
+    with pytest.raises(ValueError, match="0 and 1"):
+        tiny_model.tokenize(pixel_values, keep_mask=torch.full((2, 16), 0.5))
+    with pytest.raises(ValueError, match="sum to 2 but there are 3"):
+        tiny_model.decode_codes(torch.tensor([1, 2, 3]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        tiny_model.decode_codes(torch.tensor([1, 99]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="mode"):
+        tiny_model.tokenize(pixel_values, mode="random")
+
+
+def test_visualize_writes_a_png_with_dropped_patches_dimmed(tiny_model, tmp_path):
+    photo = real_photos()[0]
+    path = tmp_path / "out" / "astronaut.png"
+    keep_mask = tiny_model.visualize(photo, path, max_tokens=4)
+    assert int(keep_mask.sum()) == 4
+    written = np.asarray(Image.open(path))
+    assert written.shape == photo.shape
+    grid = tiny_model.config.image_size // tiny_model.config.patch_size
+    cell_h, cell_w = photo.shape[0] // grid, photo.shape[1] // grid
+    for index, kept in enumerate(keep_mask.tolist()):
+        row, col = divmod(index, grid)
+        center = (row * cell_h + cell_h // 2, col * cell_w + cell_w // 2)
+        original = photo[center].astype(float)
+        assert np.allclose(written[center], original if kept else np.round(original * 0.3), atol=1)
+    with pytest.raises(ValueError, match="cannot read image file"):
+        tiny_model.visualize(tmp_path / "missing.jpg", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("backbone", ["clip_vision_model", "siglip_vision_model"])
+def test_transformers_vision_backbones(backbone):
+    vision_config = dict(model_type=backbone, image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64)
+    model = LaVITTokenizerModel(tiny_tokenizer_config(vision_config=vision_config, vision_feature_layer=-2)).train()
+    assert not model.vision_model.training
+    features = model.get_image_features(photo_batch(model, 2))
+    assert features.shape == (2, 16, 32)
+    output = model(photo_batch(model, 2))
+    output.loss.backward()
+    assert all(parameter.grad is None for parameter in model.vision_model.parameters())
+    assert model.eval().tokenize(photo_batch(model, 2)).code_ids.numel() > 0

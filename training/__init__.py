@@ -1,0 +1,1 @@
+"""Training stages, data and collators for LaVIT (installed as `lavit.training`)."""

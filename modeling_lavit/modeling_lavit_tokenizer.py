@@ -190,11 +190,16 @@ class PaddedLayout:
 
     def __init__(self, lengths: torch.Tensor, max_length: int):
         self.valid = torch.arange(max_length, device=lengths.device) < lengths[:, None]  # (B, L)
-        self.flat_index = self.valid.flatten().nonzero().squeeze(1)  # (T,) slots of the packed tokens
+        valid = self.valid.flatten()
+        self.flat_index = valid.nonzero().squeeze(1)  # (T,) slot of each packed token
+        # packed row shown in each slot; padding slots repeat row 0: attention masks them (keys) or their output is
+        # dropped (queries), so a row gather is enough and no zero-filled scatter is needed
+        self.source_index = (torch.cumsum(valid, dim=0) - 1).clamp(min=0) * valid
 
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
-        padded = packed.new_zeros(self.valid.numel(), packed.shape[-1]).index_copy_(0, self.flat_index, packed)
-        return padded.view(*self.valid.shape, packed.shape[-1])
+        if packed.shape[0] == 0:
+            return packed.new_zeros(*self.valid.shape, packed.shape[-1])
+        return packed.index_select(0, self.source_index).view(*self.valid.shape, packed.shape[-1])
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         return padded.flatten(0, 1).index_select(0, self.flat_index)
@@ -234,20 +239,10 @@ class LaVITCrossAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(
-        self,
-        hidden_states,
-        context,
-        attention_mask=None,
-        layout: PaddedLayout | None = None,
-        context_layout: PaddedLayout | None = None,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states, context, attention_mask=None, layout: PaddedLayout | None = None):
         query, key, value = self.q_proj(hidden_states), self.k_proj(context), self.v_proj(context)
         if layout is not None:
-            query = layout.pad(query)
-        if context_layout is not None:
-            key, value = context_layout.pad(key), context_layout.pad(value)
-            attention_mask = context_layout.valid[:, None, None, :]  # (B, 1, 1, L_context)
+            query = layout.pad(query)  # the context is always dense (B, L_context, D)
         query, key, value = (split_heads(t, self.num_heads) for t in (query, key, value))
         attn_output = merge_heads(attend(query, key, value, attention_mask, leaky_softmax=self.leaky_softmax))
         if layout is not None:
@@ -267,8 +262,8 @@ class LaVITMLP(nn.Module):
 
 class LaVITAttentionLayer(GradientCheckpointingLayer):
     """
-    Pre-norm block shared by the merger and the decoder: self-attention, cross-attention to a context, MLP. Inputs
-    are dense (B, S, D) with optional masks, or packed (T, D) with their `PaddedLayout`s.
+    Pre-norm block shared by the merger and the decoder: self-attention, cross-attention to a dense context
+    (B, L, D), MLP. `hidden_states` are dense (B, S, D), or packed (T, D) with their `PaddedLayout`.
     """
 
     def __init__(self, hidden_size, num_heads, intermediate_size, eps, is_causal, leaky_softmax=False):
@@ -280,19 +275,10 @@ class LaVITAttentionLayer(GradientCheckpointingLayer):
         self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.mlp = LaVITMLP(hidden_size, intermediate_size)
 
-    def forward(
-        self,
-        hidden_states,
-        context,
-        self_attn_mask=None,
-        cross_attn_mask=None,
-        layout: PaddedLayout | None = None,
-        context_layout: PaddedLayout | None = None,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states, context, self_attn_mask=None, cross_attn_mask=None, layout=None):
         hidden_states = hidden_states + self.self_attn(self.self_attn_norm(hidden_states), self_attn_mask, layout)
-        cross_attn_input = self.cross_attn_norm(hidden_states)
         hidden_states = hidden_states + self.cross_attn(
-            cross_attn_input, context, cross_attn_mask, layout, context_layout
+            self.cross_attn_norm(hidden_states), context, cross_attn_mask, layout
         )
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
@@ -387,9 +373,11 @@ class LaVITTokenMerger(nn.Module):
         weights = keep_weights.to(image_features.dtype)[..., None]
         # boolean selection over (B, N) is batch order, then raster order: the packed order
         hidden_states = (image_features * weights)[keep_mask]  # (T, D)
-        context = (self.context_norm(image_features) * (1 - weights))[~keep_mask]  # (N_dropped_total, D)
+        # the context is the same in every layer: pad it once
+        context = dropped_layout.pad((self.context_norm(image_features) * (1 - weights))[~keep_mask])
+        cross_attn_mask = dropped_layout.valid[:, None, None, :]  # (B, 1, 1, max_dropped)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, context, layout=kept_layout, context_layout=dropped_layout)
+            hidden_states = layer(hidden_states, context, None, cross_attn_mask, kept_layout)
         return self.norm(hidden_states)
 
 
@@ -545,10 +533,11 @@ class LaVITFeatureDecoder(nn.Module):
         offsets = torch.cumsum(token_counts, dim=0) - token_counts
         positions = torch.arange(quantized.shape[0], device=quantized.device) - offsets[image_index]
         codes = self.in_proj(quantized) + self.position_embedding[0, positions]  # (T, D), index in the kept sequence
-        context_layout = PaddedLayout(token_counts, int(token_counts.max()))
+        codes_layout = PaddedLayout(token_counts, int(token_counts.max()))
+        context, cross_attn_mask = codes_layout.pad(codes), codes_layout.valid[:, None, None, :]
         hidden_states = self.query_embedding.to(codes.dtype).expand(batch_size, -1, -1)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, codes, context_layout=context_layout)
+            hidden_states = layer(hidden_states, context, None, cross_attn_mask)
         return self.project_out(self.norm(hidden_states))
 
 

@@ -250,3 +250,29 @@ def test_transformers_vision_backbones(backbone):
     output.loss.backward()
     assert all(parameter.grad is None for parameter in model.vision_model.parameters())
     assert model.eval().tokenize(photo_batch(model, 2)).code_ids.numel() > 0
+
+
+@pytest.mark.parametrize("attention", ["exact", "official"])
+def test_gradient_checkpointing_gives_the_same_gradients(attention):
+    # decay 1 and no restarts: the codebook stays put between the two runs
+    config = tiny_tokenizer_config(merger_attention=attention, kmeans_init=False, codebook_decay=1.0,
+                                   dead_code_threshold=0.0)
+    torch.manual_seed(0)
+    model = LaVITTokenizerModel(config).train()
+    pixel_values = photo_batch(model, 2)
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(1)  # same Gumbel draw
+        loss = model(pixel_values).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = gradients()
+    model.gradient_checkpointing_enable()
+    assert model.merger.layers[0].gradient_checkpointing
+    checkpointed_loss, checkpointed = gradients()
+    torch.testing.assert_close(plain_loss, checkpointed_loss)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 50
+    for name, gradient in plain.items():
+        torch.testing.assert_close(gradient, checkpointed[name], atol=1e-5, rtol=1e-4, msg=name)

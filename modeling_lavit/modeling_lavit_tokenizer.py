@@ -196,6 +196,11 @@ class PaddedLayout:
         # dropped (queries), so a row gather is enough and no zero-filled scatter is needed
         self.source_index = (torch.cumsum(valid, dim=0) - 1).clamp(min=0) * valid
 
+    @property
+    def key_mask(self) -> torch.Tensor:
+        """(B, 1, 1, L) "may attend" mask for attention whose keys are these padded tokens."""
+        return self.valid[:, None, None, :]
+
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
         if packed.shape[0] == 0:
             return packed.new_zeros(*self.valid.shape, packed.shape[-1])
@@ -375,9 +380,8 @@ class LaVITTokenMerger(nn.Module):
         hidden_states = (image_features * weights)[keep_mask]  # (T, D)
         # the context is the same in every layer: pad it once
         context = dropped_layout.pad((self.context_norm(image_features) * (1 - weights))[~keep_mask])
-        cross_attn_mask = dropped_layout.valid[:, None, None, :]  # (B, 1, 1, max_dropped)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, context, None, cross_attn_mask, kept_layout)
+            hidden_states = layer(hidden_states, context, None, dropped_layout.key_mask, kept_layout)
         return self.norm(hidden_states)
 
 
@@ -534,10 +538,10 @@ class LaVITFeatureDecoder(nn.Module):
         positions = torch.arange(quantized.shape[0], device=quantized.device) - offsets[image_index]
         codes = self.in_proj(quantized) + self.position_embedding[0, positions]  # (T, D), index in the kept sequence
         codes_layout = PaddedLayout(token_counts, int(token_counts.max()))
-        context, cross_attn_mask = codes_layout.pad(codes), codes_layout.valid[:, None, None, :]
+        context = codes_layout.pad(codes)
         hidden_states = self.query_embedding.to(codes.dtype).expand(batch_size, -1, -1)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, context, None, cross_attn_mask)
+            hidden_states = layer(hidden_states, context, None, codes_layout.key_mask)
         return self.project_out(self.norm(hidden_states))
 
 

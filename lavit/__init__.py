@@ -5,13 +5,25 @@ with `AutoModel.from_pretrained(path)`; a folder also loads without `lavit` inst
 `AutoModel.from_pretrained(path, trust_remote_code=True)`.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from lavit.modeling import (
+    LaVITCausalLMOutputWithPast,
+    LaVITConfig,
     LaVITEvaVisionConfig,
     LaVITEvaVisionModel,
     LaVITFeatureDecoder,
     LaVITFeaturesOutput,
+    LaVITForCausalLM,
+    LaVITModel,
     LaVITTokenizationOutput,
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
@@ -20,6 +32,7 @@ from lavit.modeling import (
     LaVITTokenSelector,
     LaVITVectorQuantizer,
 )
+from lavit.processing import LaVITImageProcessor, LaVITProcessor, LaVITTextToImagePipeline
 
 __version__ = "0.1.0"
 
@@ -27,11 +40,31 @@ AutoConfig.register(LaVITEvaVisionConfig.model_type, LaVITEvaVisionConfig, exist
 AutoConfig.register(LaVITTokenizerConfig.model_type, LaVITTokenizerConfig, exist_ok=True)
 AutoModel.register(LaVITEvaVisionConfig, LaVITEvaVisionModel, exist_ok=True)
 AutoModel.register(LaVITTokenizerConfig, LaVITTokenizerModel, exist_ok=True)
+AutoConfig.register(LaVITConfig.model_type, LaVITConfig, exist_ok=True)
+AutoModel.register(LaVITConfig, LaVITModel, exist_ok=True)
+AutoModelForCausalLM.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
+AutoModelForImageTextToText.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
+AutoImageProcessor.register(LaVITConfig, slow_image_processor_class=LaVITImageProcessor, exist_ok=True)
+AutoProcessor.register(LaVITConfig, LaVITProcessor, exist_ok=True)
 # saved folders carry the code files and an `auto_map`, so they load with trust_remote_code=True anywhere
 LaVITTokenizerConfig.register_for_auto_class()
 LaVITTokenizerModel.register_for_auto_class("AutoModel")
+LaVITConfig.register_for_auto_class()
+LaVITForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+LaVITImageProcessor.register_for_auto_class("AutoImageProcessor")
+LaVITProcessor.register_for_auto_class("AutoProcessor")
+PIPELINE_REGISTRY.register_pipeline(
+    "lavit-text-to-image", pipeline_class=LaVITTextToImagePipeline, pt_model=AutoModelForCausalLM, type="multimodal"
+)
 
 __all__ = [
+    "LaVITCausalLMOutputWithPast",
+    "LaVITConfig",
+    "LaVITForCausalLM",
+    "LaVITImageProcessor",
+    "LaVITModel",
+    "LaVITProcessor",
+    "LaVITTextToImagePipeline",
     "LaVITEvaVisionConfig",
     "LaVITEvaVisionModel",
     "LaVITFeatureDecoder",

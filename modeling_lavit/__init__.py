@@ -1,8 +1,9 @@
 """LaVIT model classes. The files in this folder are copied flat into Hub model folders (remote code), so they only
 import each other as `from .module import X`."""
 
-from .configuration_lavit import LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .configuration_lavit import LaVITConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
+from .modeling_lavit import LaVITCausalLMOutputWithPast, LaVITForCausalLM, LaVITModel, LaVITPreTrainedModel
 from .modeling_lavit_tokenizer import (
     LaVITFeatureDecoder,
     LaVITFeaturesOutput,
@@ -15,6 +16,11 @@ from .modeling_lavit_tokenizer import (
 )
 
 __all__ = [
+    "LaVITCausalLMOutputWithPast",
+    "LaVITConfig",
+    "LaVITForCausalLM",
+    "LaVITModel",
+    "LaVITPreTrainedModel",
     "LaVITEvaVisionConfig",
     "LaVITEvaVisionModel",
     "LaVITFeatureDecoder",

@@ -3,10 +3,11 @@
 Defaults are the values of the released LaVIT checkpoints (official code `jy0205/LaVIT`, folder `LaVIT/models`).
 """
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 SELECTION_MODES = ("deterministic", "sample")
+LOSS_MODALITIES = ("both", "text", "image")
 MERGER_ATTENTION_IMPLEMENTATIONS = ("exact", "official")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -201,6 +202,93 @@ class LaVITTokenizerConfig(PretrainedConfig):
         return isinstance(self.vision_config, LaVITEvaVisionConfig)
 
 
+class LaVITConfig(PretrainedConfig):
+    r"""
+    Configuration of [`LaVITForCausalLM`] (paper section 3.2): one causal language model that reads and writes text
+    and the discrete visual tokens of [`LaVITTokenizerModel`].
+
+    LM vocabulary (official layout): ids `[0, text_vocab_size)` are text, `text_vocab_size` is `[IMG]`,
+    `text_vocab_size + 1` is `[/IMG]`, and visual code `k` is `text_vocab_size + 2 + k`. With LLaMA: 32000, 32001,
+    32002 + k, 48386 rows in all. One prediction head covers the whole vocabulary.
+
+    Args:
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Any transformers causal LM config (LLaMA-2-7B with the LaVIT vocabulary by default). Its `vocab_size` must
+            be at least `text_vocab_size + 2 + tokenizer_config.codebook_size`.
+        tokenizer_config (`dict` or [`LaVITTokenizerConfig`], *optional*): the visual tokenizer (official defaults).
+        text_vocab_size (`int`, *optional*, defaults to 32000): size of the text vocabulary; `[IMG]` comes right after.
+        loss_modalities (`str`, *optional*, defaults to `"both"`): which targets the loss supervises: `"both"`,
+            `"text"` (text ids only) or `"image"` (`[IMG]`, visual ids and `[/IMG]` only).
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`): tie the prediction head to the LM embedding
+            table (the official LaVIT checkpoints are untied).
+    """
+
+    model_type = "lavit"
+    sub_configs = {"text_config": AutoConfig, "tokenizer_config": LaVITTokenizerConfig}
+
+    def __init__(
+        self,
+        text_config=None,
+        tokenizer_config=None,
+        text_vocab_size=32000,
+        loss_modalities="both",
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
+        if loss_modalities not in LOSS_MODALITIES:
+            raise ValueError(f"loss_modalities must be one of {LOSS_MODALITIES}, got {loss_modalities!r}")
+        if tokenizer_config is None:
+            tokenizer_config = LaVITTokenizerConfig()
+        elif isinstance(tokenizer_config, dict):
+            tokenizer_config = LaVITTokenizerConfig(**tokenizer_config)
+        self.tokenizer_config = tokenizer_config
+        self.text_vocab_size = text_vocab_size
+        vocab_size = text_vocab_size + 2 + tokenizer_config.codebook_size
+        if text_config is None:
+            text_config = CONFIG_MAPPING["llama"](
+                vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+            )
+        elif isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
+        if text_config.vocab_size < vocab_size:
+            raise ValueError(
+                f"text_config.vocab_size is {text_config.vocab_size}, expected at least text_vocab_size "
+                f"({text_vocab_size}) + 2 ([IMG], [/IMG]) + codebook_size ({tokenizer_config.codebook_size}) = "
+                f"{vocab_size} (rows past the visual ids, e.g. from resize_token_embeddings, are allowed)"
+            )
+        self.text_config = text_config
+        self.loss_modalities = loss_modalities
+        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(**kwargs)
+
+    @property
+    def image_start_token_id(self) -> int:
+        """`[IMG]`: opens an image."""
+        return self.text_vocab_size
+
+    @property
+    def image_end_token_id(self) -> int:
+        """`[/IMG]`: closes an image; the stop token of image generation."""
+        return self.text_vocab_size + 1
+
+    @property
+    def visual_token_offset(self) -> int:
+        """LM id of visual code 0."""
+        return self.text_vocab_size + 2
+
+    @property
+    def visual_token_end(self) -> int:
+        """One past the LM id of the last visual code."""
+        return self.visual_token_offset + self.tokenizer_config.codebook_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+
 def _build_vision_config(vision_config) -> PretrainedConfig:
     if vision_config is None:
         return LaVITEvaVisionConfig()
@@ -217,4 +305,4 @@ def _build_vision_config(vision_config) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**vision_config)
 
 
-__all__ = ["LaVITEvaVisionConfig", "LaVITTokenizerConfig"]
+__all__ = ["LaVITConfig", "LaVITEvaVisionConfig", "LaVITTokenizerConfig"]

@@ -7,7 +7,9 @@ renamed by a rule below or listed as not used by the tokenizer; anything else is
 be skipped silently (the official loader uses `strict=False`).
 """
 
+import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -75,6 +77,40 @@ def rename_keys(state_dict, rules, unused_patterns, source: str) -> dict[str, to
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} key(s) match no official LaVIT name: {unknown[:10]}")
     return renamed
+
+
+# `language_model/visual_weight.bin`: the merger trained with the LM and `vit_proj`, the projection into the LM width
+LM_VISUAL_RULES = [
+    (r"^causal_encoder\.ln_vision\.", "visual_merger.context_norm."),
+    (r"^causal_encoder\.norm\.", "visual_merger.norm."),
+    *[
+        (rf"^causal_encoder\.blocks\.(\d+)\.{old}", rf"visual_merger.layers.\1.{new}")
+        for old, new in _ATTENTION_LAYER_RULES
+    ],
+    (r"^vit_proj\.", "visual_projection."),
+]
+
+
+def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads an official checkpoint file: `<name>.safetensors` if present, else the `.bin` pickle with
+    `torch.load(weights_only=True)` (tensors only, no code execution)."""
+    path = Path(path)
+    safetensors_path = path.with_suffix(".safetensors")
+    if safetensors_path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(safetensors_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"official LaVIT checkpoint file not found: {path}")
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
+    return state_dict
+
+
+def convert_original_lm_visual_state_dict(state_dict) -> dict[str, torch.Tensor]:
+    """`visual_weight.bin` keys -> `LaVITModel` keys (`visual_merger.*`, `visual_projection.*`)."""
+    return rename_keys(state_dict, LM_VISUAL_RULES, [], "visual_weight state dict")
 
 
 def convert_original_tokenizer_state_dict(state_dict, decoder_state_dict=None) -> dict[str, torch.Tensor]:
@@ -151,4 +187,10 @@ def original_tokenizer_config(
     return LaVITTokenizerConfig(**sizes)
 
 
-__all__ = ["convert_original_tokenizer_state_dict", "original_tokenizer_config", "rename_keys"]
+__all__ = [
+    "convert_original_lm_visual_state_dict",
+    "convert_original_tokenizer_state_dict",
+    "load_original_state_dict",
+    "original_tokenizer_config",
+    "rename_keys",
+]

@@ -693,7 +693,18 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         empty_images = (keep_weights.detach().sum(dim=1, keepdim=True) == 0).to(keep_weights.dtype)
         return keep_weights + (1 - keep_weights.detach()) * most_probable * empty_images
 
-    def _select(self, image_features, keep_mask, mode, max_tokens, keep_ratio, generator):
+    def select(
+        self,
+        image_features: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
+        mode: str | None = None,
+        max_tokens: int | None = None,
+        keep_ratio: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features (B, N, D) -> (selector log-probabilities (B, N, 2), keep weights (B, N)).
+
+        An explicit `keep_mask` wins over the selector's decision; other arguments as in [`select_tokens`]."""
         keep_log_probs = self.selector(image_features)
         if keep_mask is not None:
             keep_weights = self._check_keep_mask(keep_mask, image_features.shape[0]).to(keep_log_probs.dtype)
@@ -719,7 +730,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         """
         pixel_values = self._check_pixel_values(pixel_values)
         image_features = self.get_image_features(pixel_values)  # (B, N, D)
-        keep_log_probs, keep_weights = self._select(image_features, keep_mask, None, None, None, None)
+        keep_log_probs, keep_weights = self.select(image_features, keep_mask, None, None, None, None)
         merged_tokens = self.merger(image_features, keep_weights)  # (T, D)
         quantizer_output = self.quantizer(merged_tokens, quantize=use_quantizer)
         token_counts = (keep_weights > 0.5).sum(dim=1)
@@ -767,7 +778,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         """Continuous merger outputs of the kept tokens, packed (T, D). Selection arguments as in `tokenize`."""
         pixel_values = self._check_pixel_values(pixel_values)
         image_features = self.get_image_features(pixel_values)
-        keep_log_probs, keep_weights = self._select(image_features, keep_mask, mode, max_tokens, keep_ratio, generator)
+        keep_log_probs, keep_weights = self.select(image_features, keep_mask, mode, max_tokens, keep_ratio, generator)
         keep_mask = keep_weights > 0.5
         return LaVITFeaturesOutput(
             features=self.merger(image_features, keep_weights),

@@ -69,3 +69,66 @@ def parity_files():
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+CORPUS = [
+    "a photo of a cat sitting on a red sofa", "two dogs play in the park", "a man rides a bicycle down the street",
+    "question: what color is the bus? answer: red", "a bowl of coffee on a wooden table", "an astronaut in a suit",
+    "a rocket on the launch pad", "the quick brown fox jumps over the lazy dog", "user: describe the image assistant:",
+    "what is in the picture? it is a cat.", "how many people are there? three", "a close up of a flower",
+]
+
+
+def tiny_text_tokenizer():
+    """A real BPE tokenizer trained offline on a few sentences, with `[IMG]`/`[/IMG]` after the text vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lavit import LaVITProcessor
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+    )
+    LaVITProcessor.add_image_tokens(tokenizer)
+    return tokenizer
+
+
+def tiny_lavit_config(text_vocab_size: int, **overrides):
+    from lavit import LaVITConfig
+
+    tokenizer_config = tiny_tokenizer_config()
+    settings = dict(
+        text_config=dict(
+            model_type="llama", vocab_size=text_vocab_size + 2 + tokenizer_config.codebook_size, hidden_size=32,
+            intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, pad_token_id=2, bos_token_id=1, eos_token_id=2,
+        ),
+        tokenizer_config=tokenizer_config,
+        text_vocab_size=text_vocab_size,
+    )
+    settings.update(overrides)
+    return LaVITConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer():
+    return tiny_text_tokenizer()
+
+
+@pytest.fixture
+def lavit_processor(text_tokenizer):
+    from lavit import LaVITImageProcessor, LaVITProcessor
+
+    return LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), text_tokenizer)
+
+
+@pytest.fixture
+def lavit_model(text_tokenizer):
+    from lavit import LaVITForCausalLM
+
+    torch.manual_seed(0)
+    return LaVITForCausalLM(tiny_lavit_config(len(text_tokenizer) - 2)).eval()

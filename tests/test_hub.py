@@ -86,3 +86,58 @@ def test_remote_code_loads_where_lavit_cannot_be_imported(tmp_path):
                             env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_lavit_folder_loads_every_auto_class_without_lavit(lavit_model, lavit_processor, tmp_path):
+    from conftest import real_photos
+
+    folder = tmp_path / "lavit"
+    lavit_model.save_pretrained(folder)
+    lavit_processor.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_lavit.LaVITConfig",
+        "AutoModel": "modeling_lavit.LaVITModel",
+        "AutoModelForCausalLM": "modeling_lavit.LaVITForCausalLM",
+        "AutoModelForImageTextToText": "modeling_lavit.LaVITForCausalLM",
+    }
+    for name in ("modeling_lavit.py", "processing_lavit.py", "image_processing_lavit.py", "generation_config.json",
+                 "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (folder / name).is_file(), name
+    photo = real_photos()[2]
+    inputs = lavit_processor(images=[photo], text="<image>a photo of")
+    expected = lavit_model.generate(**inputs, max_new_tokens=4, do_sample=False).tolist()
+    torch.save(photo, tmp_path / "photo.pt")
+    script = textwrap.dedent(f"""
+        import sys
+
+        class BlockLavit:
+            def find_spec(self, name, path=None, target=None):
+                if name == "lavit" or name.startswith("lavit."):
+                    raise ImportError("lavit is blocked in this process")
+
+        sys.meta_path.insert(0, BlockLavit())
+        import torch
+        from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                                  AutoProcessor)
+        folder = {str(folder)!r}
+        assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "LaVITConfig"
+        assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "LaVITModel"
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        photo = torch.load({str(tmp_path / "photo.pt")!r}, weights_only=False)
+        inputs = processor(images=[photo], text="<image>a photo of")
+        print(model.generate(**inputs, max_new_tokens=4, do_sample=False).tolist())
+        low = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16,
+                                                   device_map="auto")
+        assert low.dtype == torch.bfloat16 and low.lm_head.weight.dtype == torch.bfloat16
+        print(low.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1])
+        assert not any(name == "lavit" or name.startswith("lavit.") for name in sys.modules)
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[-2]) == expected
+    assert int(lines[-1]) == len(expected[0]) - 2

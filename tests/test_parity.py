@@ -90,3 +90,56 @@ def test_exact_merger_misses_the_leaky_official_outputs(official):
     with torch.no_grad():
         kept = exact.eval().merger(exact.get_image_features(inputs["pixel_values"]), inputs["keep_mask"])
     assert (kept - expected["kept_features"]).abs().max() > 1e-3
+
+
+def write_official_release(parity_files, folder):
+    """The official release layout (`language_model/` + `visual_tokenizer/`) from the tiny parity tensors and a tiny
+    random LLaMA whose width is the parity `vit_proj` output (48); `.bin` files as in the real release."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    state = parity_files["tokenizer_state_dict"]
+
+    def subset(prefixes, strip=""):
+        return {key[len(strip):]: value for key, value in state.items() if key.startswith(prefixes)}
+
+    codebook_size = state["quantize.embedding.weight"].shape[0]
+    torch.manual_seed(0)
+    language_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40 + 2 + codebook_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+    ))
+    language_model.save_pretrained(folder / "language_model")
+    torch.save(subset(("causal_encoder.", "vit_proj.")), folder / "language_model" / "visual_weight.bin")
+    (folder / "visual_tokenizer").mkdir()
+    torch.save(subset(("encoder.",), strip="encoder."), folder / "visual_tokenizer" / "eva_vitg_psz14.bin")
+    torch.save(subset(("token_predictor.", "causal_encoder.", "encode_task_layer.", "quantize.")),
+               folder / "visual_tokenizer" / "tokenizer_encoder.bin")
+    decoder_file = folder / "visual_tokenizer" / "highres_tokenizer_decoder.bin"
+    torch.save(parity_files["highres_decoder_state_dict"], decoder_file)
+    return language_model
+
+
+def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files, tmp_path):
+    from lavit import LaVITForCausalLM
+
+    language_model = write_official_release(parity_files, tmp_path)
+    model = LaVITForCausalLM.from_original(tmp_path, vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
+    inputs, expected = parity_files["inputs"], parity_files["expected"]
+    config = model.config
+    assert (config.text_vocab_size, config.image_start_token_id, config.visual_token_offset) == (40, 40, 42)
+    features, code_ids = model.model.get_image_features(inputs["pixel_values"], inputs["keep_mask"],
+                                                        return_code_ids=True)
+    assert torch.equal(features.token_counts, expected["token_counts"])
+    assert_close(features.features, expected["llm_visual_embeds"])
+    assert torch.equal(code_ids, expected["code_ids"])
+    # the LM input sequence: [IMG] + the continuous embeddings + [/IMG], exactly as the official understanding path
+    first = int(expected["token_counts"][0])
+    prepared = model.model.prepare_multimodal_inputs(
+        torch.tensor([[7, config.image_start_token_id, config.image_end_token_id, 9]]),
+        pixel_values=inputs["pixel_values"][:1], image_keep_mask=inputs["keep_mask"][:1],
+    )
+    assert_close(prepared.inputs_embeds[0, 2 : 2 + first], expected["llm_visual_embeds"][:first])
+    text = torch.tensor([[1, 5, 9]])
+    assert torch.equal(model(input_ids=text).logits, language_model(input_ids=text).logits)
+    assert_close(model.model.visual_tokenizer.decode_codes(expected["code_ids"], expected["token_counts"]),
+                 expected["highres_decoder_out"])

@@ -1,0 +1,961 @@
+"""LaVIT unified model (paper section 3.2): one causal LM reads and writes text and dynamic visual tokens.
+
+Input side: the continuous merger features of each image's kept tokens, projected to the LM width, wrapped in
+`[IMG]` ... `[/IMG]`. Target side: the discrete code ids of the same tokens (frozen tokenizer), shifted into the LM
+vocabulary, and text ids; one cross-entropy over one shared head.
+
+Placeholder contract. An image in `input_ids` is either
+- compact: the pair `[IMG] [/IMG]` (what `LaVITProcessor` writes for `<image>`); the model runs the visual tokenizer,
+  learns the image's token count n and inserts n tokens between the pair; or
+- expanded: `[IMG] v_1 ... v_n [/IMG]` with n visual ids (pre-tokenized data, generated images, discrete prompts).
+With `pixel_values`, every closed span takes one image in order and its visual slots get the continuous features (an
+expanded span must hold exactly as many slots as the image keeps). Without `pixel_values`, expanded spans are read as
+discrete ids through the LM embedding table. Expansion happens once, before the LM runs; the sequence length never
+changes inside a cached forward.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput, logging
+
+from .configuration_lavit import LaVITConfig
+from .convert_original_lavit import convert_original_lm_visual_state_dict, load_original_state_dict
+from .modeling_lavit_tokenizer import (
+    LaVITFeaturesOutput,
+    LaVITTokenizationOutput,
+    LaVITTokenizerModel,
+    LaVITTokenMerger,
+)
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class LaVITMultimodalInputs:
+    """
+    The LM-ready form of a batch after image placeholders are expanded.
+
+    Args:
+        inputs_embeds (`torch.FloatTensor` of shape `(B, L, H)`): text embeddings with the image features in place.
+        input_ids (`torch.LongTensor` of shape `(B, L)`): the expanded ids; visual slots hold their code ids when
+            they were computed, else the id of visual code 0.
+        attention_mask (`torch.LongTensor` of shape `(B, L)`), position_ids (`torch.LongTensor` of shape `(B, L)`):
+            positions restart at 0 for every sequence (each row, or each packed segment).
+        labels (`torch.LongTensor` of shape `(B, L)`): targets aligned with `input_ids` (-100: not predicted).
+        image_token_counts (`torch.LongTensor` of shape `(num_images,)`): visual tokens per image.
+        packed (`bool`): rows hold several sequences (position ids restart inside a row).
+    """
+
+    inputs_embeds: torch.FloatTensor
+    input_ids: torch.LongTensor
+    attention_mask: torch.LongTensor
+    position_ids: torch.LongTensor
+    labels: torch.LongTensor | None = None
+    image_token_counts: torch.LongTensor | None = None
+    packed: bool = False
+
+
+@dataclass
+class LaVITModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    [`LaVITModel`] output: the LM output on the expanded sequence, plus what the expansion produced.
+
+    Args:
+        labels (`torch.LongTensor` of shape `(B, L)`): expanded targets, aligned with the hidden states.
+        image_token_counts (`torch.LongTensor` of shape `(num_images,)`): visual tokens per image.
+    """
+
+    labels: torch.LongTensor | None = None
+    image_token_counts: torch.LongTensor | None = None
+
+
+@dataclass
+class LaVITCausalLMOutputWithPast(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): cross-entropy summed over the supervised targets, divided by
+            `num_items_in_batch` when given (gradient accumulation), else by the number of targets.
+        text_loss (`torch.FloatTensor`), image_loss (`torch.FloatTensor`): mean cross-entropy over text targets and
+            over image targets (`[IMG]`, visual ids, `[/IMG]`), detached, for logging; `None` without such targets.
+        logits (`torch.FloatTensor` of shape `(B, L, vocab_size)`): prediction scores of the shared head.
+        labels (`torch.LongTensor` of shape `(B, L)`): the expanded targets the loss used.
+        image_token_counts (`torch.LongTensor` of shape `(num_images,)`): visual tokens per image.
+        past_key_values, hidden_states, attentions: as in transformers causal LMs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    labels: torch.LongTensor | None = None
+    image_token_counts: torch.LongTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ImageSpans:
+    """Closed `[IMG] ... [/IMG]` spans of a batch in reading order (row-major): the order of `pixel_values`."""
+
+    rows: torch.LongTensor  # (K,) batch row of each span
+    starts: torch.LongTensor  # (K,) column of its [IMG]
+    lengths: torch.LongTensor  # (K,) visual slots already inside (0 = compact placeholder)
+
+
+def find_image_spans(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, config: LaVITConfig):
+    """Locates and validates the image spans. A row may end with an unclosed `[IMG]` (an image being generated)."""
+    start_id, end_id = config.image_start_token_id, config.image_end_token_id
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    starts = ((input_ids == start_id) & valid).nonzero().tolist()
+    ends = ((input_ids == end_id) & valid).nonzero().tolist()
+    rows, columns, lengths = [], [], []
+    ends_by_row: dict[int, list[int]] = {}
+    for row, column in ends:
+        ends_by_row.setdefault(row, []).append(column)
+    starts_by_row: dict[int, list[int]] = {}
+    for row, column in starts:
+        starts_by_row.setdefault(row, []).append(column)
+    for row in sorted(set(starts_by_row) | set(ends_by_row)):
+        row_starts, row_ends = starts_by_row.get(row, []), ends_by_row.get(row, [])
+        if len(row_ends) not in (len(row_starts), len(row_starts) - 1):
+            raise ValueError(f"row {row} of input_ids has {len(row_starts)} [IMG] (id {start_id}) but "
+                             f"{len(row_ends)} [/IMG] (id {end_id}); every image is [IMG] ... [/IMG]")
+        for index, start in enumerate(row_starts):
+            end = row_ends[index] if index < len(row_ends) else None
+            following = row_starts[index + 1] if index + 1 < len(row_starts) else None
+            if end is None:  # an open [IMG] is only allowed as the last one of its row
+                if following is not None:
+                    raise ValueError(f"row {row} of input_ids: [IMG] at position {start} is never closed")
+                break
+            if end < start or (following is not None and following < end):
+                raise ValueError(f"row {row} of input_ids: [IMG] at {start} and [/IMG] at {end} are not paired")
+            inside = input_ids[row, start + 1 : end]
+            if inside.numel() and int(inside.min()) < config.visual_token_offset:
+                raise ValueError(f"row {row} of input_ids: the image at position {start} holds non-visual ids "
+                                 f"between [IMG] and [/IMG]")
+            rows.append(row)
+            columns.append(start)
+            lengths.append(end - start - 1)
+    device = input_ids.device
+    return ImageSpans(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        starts=torch.tensor(columns, dtype=torch.long, device=device),
+        lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+    )
+
+
+def sequence_positions(valid: torch.Tensor, segment_starts: torch.Tensor) -> torch.LongTensor:
+    """Position of every valid token inside its sequence: 0 at each segment start, counting valid tokens only."""
+    count = valid.long().cumsum(dim=1)
+    offset = torch.cummax(torch.where(segment_starts & valid, count - 1, 0), dim=1).values
+    return torch.where(valid, count - 1 - offset, 0)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions of a padded batch (either side): 0 at each row's first real token."""
+    valid = attention_mask.bool()
+    return sequence_positions(valid, valid & (valid.long().cumsum(dim=1) == 1))
+
+
+class SuppressImageTokensLogitsProcessor(LogitsProcessor):
+    """Text mode: `[IMG]`, `[/IMG]` and every visual id get -inf (the official `suppress_tokens=range(32000, V)`)."""
+
+    def __init__(self, text_vocab_size: int, visual_token_end: int):
+        self.text_vocab_size = text_vocab_size
+        self.visual_token_end = visual_token_end
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.text_vocab_size : self.visual_token_end] = -float("inf")
+        return scores
+
+
+class LaVITPreTrainedModel(PreTrainedModel):
+    config_class = LaVITConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LaVITAttentionLayer", "LaVITEvaLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LaVITTokenizerModel):
+            module._init_weights(module)
+
+
+class LaVITModel(LaVITPreTrainedModel):
+    """
+    The frozen visual tokenizer (selector + merger + quantizer make the targets, its decoder serves detokenization),
+    the trainable LM-side merger copy and visual projection (`visual_weight.bin` of the official release), and the
+    language model without its head.
+    """
+
+    def __init__(self, config: LaVITConfig):
+        super().__init__(config)
+        self.visual_tokenizer = LaVITTokenizerModel._from_config(config.tokenizer_config)
+        self.visual_tokenizer.requires_grad_(False)
+        self.visual_merger = LaVITTokenMerger(config.tokenizer_config)
+        self.visual_projection = nn.Linear(config.tokenizer_config.vision_hidden_size, config.text_config.hidden_size)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.visual_tokenizer.eval()  # frozen: its selector stays deterministic and its encoder in eval mode
+        return self
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # ----------------------------------------------------------------------------------------------- images
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_keep_mask: torch.Tensor | None = None,
+        image_selection: dict | None = None,
+        return_code_ids: bool = False,
+    ) -> tuple[LaVITFeaturesOutput, torch.LongTensor | None]:
+        """
+        Images -> LM-input embeddings of their kept tokens, packed (T, H), with `token_counts` and `keep_mask`; and,
+        with `return_code_ids`, the frozen tokenizer's code ids (T,) of the same tokens (the targets).
+
+        The kept tokens come from `image_keep_mask` (num_images, N) when given, else from the frozen selector with
+        `image_selection` (`mode`, `max_tokens`, `keep_ratio`, `generator`; see `LaVITTokenizerModel.select_tokens`).
+        """
+        tokenizer = self.visual_tokenizer
+        pixel_values = tokenizer._check_pixel_values(pixel_values)
+        image_features = tokenizer.get_image_features(pixel_values)
+        with torch.no_grad():
+            keep_log_probs, keep_weights = tokenizer.select(image_features, image_keep_mask, **(image_selection or {}))
+            code_ids = None
+            if return_code_ids:
+                target_tokens = tokenizer.merger(image_features, keep_weights)
+                code_ids, _ = tokenizer.quantizer.lookup(tokenizer.quantizer.project_in(target_tokens))
+        merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
+        keep_mask = keep_weights > 0.5
+        features = LaVITFeaturesOutput(
+            features=self.visual_projection(merged),
+            token_counts=keep_mask.sum(dim=1),
+            keep_mask=keep_mask,
+            keep_probs=keep_log_probs[..., 0].exp(),
+        )
+        return features, code_ids
+
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_keep_mask: torch.Tensor | None = None,
+        image_selection: dict | None = None,
+        labels: torch.LongTensor | None = None,
+        padding_side: str | None = None,
+        image_inputs: str = "features",
+    ) -> LaVITMultimodalInputs:
+        """
+        Expands the image placeholders of `input_ids` (see the module docstring) into an LM-ready batch.
+
+        `image_inputs="features"` feeds continuous merger features (training and understanding); `"codes"` feeds the
+        images as discrete code ids through the embedding table (the official multimodal prompts of image generation).
+        Rows are re-padded on `padding_side` (default: left if the input is left-padded, else right). Packed rows
+        (`position_ids` restarting inside a row) keep their segments; visual tokens extend the segment of their image.
+        Targets: visual slots of a compact image get its code ids (offset into the LM vocabulary) unless the label of
+        its `[IMG]` is -100; in an expanded image, every slot whose label is not -100 gets the code id.
+        """
+        config = self.config
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError("input_ids must be a (batch, sequence) tensor of token ids")
+        batch_size, length = input_ids.shape
+        device = input_ids.device
+        if length == 0:
+            raise ValueError("input_ids is empty: give at least one token per row")
+        if int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0:
+            raise ValueError(f"input_ids must be in [0, {config.vocab_size}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        if padding_side is None:
+            padding_side = "left" if bool((attention_mask[:, 0] == 0).any()) else "right"
+        spans = find_image_spans(input_ids, attention_mask, config)
+        num_spans = spans.rows.numel()
+
+        visual_embeds = visual_code_ids = token_counts = None
+        if pixel_values is not None:
+            num_images = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
+            if num_images != num_spans:
+                raise ValueError(f"input_ids hold {num_spans} image placeholder(s) but {num_images} image(s) were "
+                                 f"given in pixel_values; each image needs exactly one placeholder, in order")
+            needs_codes = labels is not None or image_inputs == "codes"
+            if image_inputs == "codes":
+                tokens = self.visual_tokenizer.tokenize(pixel_values, image_keep_mask, **(image_selection or {}))
+                token_counts, visual_code_ids = tokens.token_counts, tokens.code_ids
+            elif image_inputs == "features":
+                features, visual_code_ids = self.get_image_features(
+                    pixel_values, image_keep_mask, image_selection, return_code_ids=needs_codes
+                )
+                token_counts, visual_embeds = features.token_counts, features.features
+            else:
+                raise ValueError(f"image_inputs must be 'features' or 'codes', got {image_inputs!r}")
+            expanded = spans.lengths > 0
+            mismatch = expanded & (spans.lengths != token_counts)
+            if bool(mismatch.any()):
+                index = int(mismatch.nonzero()[0])
+                raise ValueError(f"image {index} fills {int(spans.lengths[index])} visual slots in input_ids but the "
+                                 f"tokenizer keeps {int(token_counts[index])} tokens for it; pass its image_keep_mask")
+        elif bool((spans.lengths == 0).any()):
+            raise ValueError(f"input_ids hold {int((spans.lengths == 0).sum())} image placeholder(s) [IMG][/IMG] "
+                             f"but no pixel_values were given")
+
+        # every input token is copied once; a compact [IMG] additionally opens room for its image's tokens
+        inserted = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        if token_counts is not None:
+            inserted[spans.rows, spans.starts] = torch.where(spans.lengths == 0, token_counts, 0)
+        span_width = 1 + inserted
+        new_lengths = span_width.sum(dim=1)
+        new_length = int(new_lengths.max())
+        shift = (new_length - new_lengths) if padding_side == "left" else torch.zeros_like(new_lengths)
+        destination = span_width.cumsum(dim=1) - span_width + shift[:, None]  # new column of every input token
+
+        rows = torch.arange(batch_size, device=device)[:, None].expand(-1, length)
+        new_ids = input_ids.new_full((batch_size, new_length), self._pad_token_id())
+        new_ids[rows, destination] = input_ids
+        new_mask = attention_mask.new_zeros(batch_size, new_length)
+        new_mask[rows, destination] = attention_mask
+        segment_starts = torch.zeros(batch_size, new_length, dtype=torch.bool, device=device)
+        packed = position_ids is not None and bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
+        if packed:
+            segment_starts[rows, destination] = position_ids == 0
+        new_labels = None
+        if labels is not None:
+            if tuple(labels.shape) != tuple(input_ids.shape):
+                raise ValueError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
+            new_labels = labels.new_full((batch_size, new_length), -100)
+            new_labels[rows, destination] = labels
+
+        slot_rows = slot_columns = None
+        if token_counts is not None:
+            # slots of the visual tokens, packed in image order: right after each image's [IMG]
+            image_index = torch.repeat_interleave(torch.arange(num_spans, device=device), token_counts)
+            image_offsets = token_counts.cumsum(0) - token_counts
+            within_image = torch.arange(image_index.numel(), device=device) - image_offsets[image_index]
+            slot_rows = spans.rows[image_index]
+            start_columns = destination[spans.rows, spans.starts]
+            slot_columns = start_columns[image_index] + 1 + within_image
+            new_mask[slot_rows, slot_columns] = 1
+            if visual_code_ids is not None:
+                new_ids[slot_rows, slot_columns] = visual_code_ids + config.visual_token_offset
+            else:
+                new_ids[slot_rows, slot_columns] = config.visual_token_offset
+            if new_labels is not None:
+                compact = (spans.lengths == 0)[image_index]
+                start_label_kept = (labels[spans.rows, spans.starts] != -100)[image_index]
+                slot_labels = new_labels[slot_rows, slot_columns]
+                supervised = torch.where(compact, start_label_kept, slot_labels != -100)
+                new_labels[slot_rows, slot_columns] = torch.where(
+                    supervised, visual_code_ids + config.visual_token_offset, -100
+                )
+
+        valid = new_mask.bool()
+        new_position_ids = sequence_positions(valid, segment_starts) if packed else positions_from_mask(new_mask)
+        inputs_embeds = self.get_input_embeddings()(new_ids)
+        if visual_embeds is not None:
+            inputs_embeds = inputs_embeds.index_put((slot_rows, slot_columns), visual_embeds.to(inputs_embeds.dtype))
+        return LaVITMultimodalInputs(
+            inputs_embeds=inputs_embeds,
+            input_ids=new_ids,
+            attention_mask=new_mask,
+            position_ids=new_position_ids,
+            labels=new_labels,
+            image_token_counts=token_counts,
+            packed=packed,
+        )
+
+    def _pad_token_id(self) -> int:
+        pad_token_id = getattr(self.config.text_config, "pad_token_id", None)
+        return 0 if pad_token_id is None else int(pad_token_id)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_keep_mask: torch.Tensor | None = None,
+        image_selection: dict | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> LaVITModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        image_token_counts = None
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if input_ids is not None and prefill and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
+        has_images = input_ids is not None and (
+            pixel_values is not None or bool((input_ids == self.config.image_start_token_id).any())
+        )
+        if has_images and not prefill:
+            has_images = pixel_values is not None  # decoding step: new ids are read as they are
+        if has_images:
+            prepared = self.prepare_multimodal_inputs(
+                input_ids, attention_mask, position_ids, pixel_values, image_keep_mask, image_selection, labels
+            )
+            inputs_embeds, input_ids, labels = prepared.inputs_embeds, None, prepared.labels
+            position_ids, image_token_counts = prepared.position_ids, prepared.image_token_counts
+            # packed rows: no 2-D mask, so the LM builds a block-diagonal mask from the restarting position ids
+            attention_mask = None if prepared.packed else prepared.attention_mask
+        elif position_ids is None and attention_mask is not None and past_key_values is None:
+            position_ids = positions_from_mask(attention_mask)  # left and right padding give the same positions
+        if labels is not None and position_ids is not None:
+            # the first token of a sequence has no predecessor; in packed rows this also stops a sequence's last
+            # token from predicting the next sequence's first one, and in left-padded rows a pad from predicting it
+            labels = labels.masked_fill(position_ids.to(labels.device) == 0, -100)
+        outputs = self.language_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return LaVITModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            labels=labels,
+            image_token_counts=image_token_counts,
+        )
+
+
+class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
+    """
+    LaVIT: [`LaVITModel`] plus one prediction head over text ids, `[IMG]`, `[/IMG]` and visual ids.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoProcessor
+    >>> model = AutoModelForCausalLM.from_pretrained("path/to/lavit", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("path/to/lavit", trust_remote_code=True)
+    >>> inputs = processor(images=image, text="<image>Question: what is in the picture? Answer:", return_tensors="pt")
+    >>> output = model.generate(**inputs, num_beams=5, max_new_tokens=10)
+    >>> answer = processor.batch_decode(output[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    >>> image_tokens = model.generate_image_tokens(**processor(text="a red bus", return_tensors="pt"))
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    output_modalities = ("image", "text")
+
+    def __init__(self, config: LaVITConfig):
+        super().__init__(config)
+        self.model = LaVITModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # transformers writes only the saved class's Auto entry; every head of the folder must resolve
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_lavit.LaVITModel",
+                "AutoModelForCausalLM": "modeling_lavit.LaVITForCausalLM",
+                "AutoModelForImageTextToText": "modeling_lavit.LaVITForCausalLM",
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model.language_model
+
+    @property
+    def visual_tokenizer(self) -> LaVITTokenizerModel:
+        return self.model.visual_tokenizer
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_keep_mask: torch.Tensor | None = None,
+        image_selection: dict | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        loss_modalities: str | None = None,
+        **kwargs,
+    ) -> LaVITCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, S)`): text ids with image placeholders (module docstring).
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): one image per placeholder, in order.
+            image_keep_mask (`torch.BoolTensor` of shape `(num_images, N)`): which patches each image keeps
+                (pre-tokenized data); the frozen selector decides otherwise.
+            image_selection (`dict`, *optional*): selector options (`mode`, `max_tokens`, `keep_ratio`, `generator`).
+            labels (`torch.LongTensor` of shape `(B, S)`): targets aligned with `input_ids`, -100 where nothing is
+                predicted; image targets are filled in by the model (see `LaVITModel.prepare_multimodal_inputs`).
+            loss_modalities (`str`, *optional*): `"both"`, `"text"` or `"image"`; defaults to `config.loss_modalities`.
+            num_items_in_batch (`int`, *optional*, in `kwargs`): number of targets in the whole accumulated batch
+                (passed by `Trainer`); the loss is then the summed cross-entropy divided by it.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_keep_mask=image_keep_mask,
+            image_selection=image_selection,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = text_loss = image_loss = None
+        if outputs.labels is not None:
+            loss, text_loss, image_loss = self.next_token_loss(
+                logits, outputs.labels, num_items_in_batch, loss_modalities or self.config.loss_modalities
+            )
+        return LaVITCausalLMOutputWithPast(
+            loss=loss,
+            text_loss=text_loss,
+            image_loss=image_loss,
+            logits=logits,
+            labels=outputs.labels,
+            image_token_counts=outputs.image_token_counts,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def next_token_loss(self, logits, labels, num_items_in_batch=None, loss_modalities="both"):
+        """
+        One cross-entropy over the shared head for text and image targets. Returns (loss, text_loss, image_loss):
+        `loss` sums the supervised targets and divides by `num_items_in_batch` (or their count); the per-modality
+        losses are detached means for logging.
+        """
+        if logits.shape[1] != labels.shape[1]:
+            raise ValueError(f"logits cover {logits.shape[1]} positions but labels {labels.shape[1]}; "
+                             f"compute the loss with logits_to_keep=0")
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+        is_image_target = (targets >= self.config.text_vocab_size) & (targets < self.config.visual_token_end)
+        if loss_modalities == "text":
+            targets = targets.masked_fill(is_image_target, -100)
+        elif loss_modalities == "image":
+            targets = targets.masked_fill(~is_image_target, -100)
+        elif loss_modalities != "both":
+            raise ValueError(f"loss_modalities must be 'both', 'text' or 'image', got {loss_modalities!r}")
+        token_losses = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100, reduction="none"
+        ).view_as(targets)
+        supervised = targets != -100
+        if num_items_in_batch is None:
+            num_items_in_batch = supervised.sum().clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(token_losses.device)
+        loss = token_losses.sum() / num_items_in_batch
+        detached = token_losses.detach()
+        per_modality = []
+        for selected in (supervised & ~is_image_target, supervised & is_image_target):
+            per_modality.append(detached[selected].mean() if bool(selected.any()) else None)
+        return loss, per_modality[0], per_modality[1]
+
+    # ----------------------------------------------------------------------------------------------- text generation
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        prompt_embeds=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        without_cache = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prompt_embeds is not None and not is_first_iteration and without_cache:
+            # no cache: every step reads the whole sequence again, i.e. the prompt (with its continuous image
+            # features, which no id can express) followed by the ids generated so far
+            model_inputs["inputs_embeds"] = torch.cat([prompt_embeds, self.get_input_embeddings()(input_ids)], dim=1)
+            model_inputs["input_ids"] = None
+            model_inputs["position_ids"] = positions_from_mask(attention_mask)
+        return model_inputs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_keep_mask: torch.Tensor | None = None,
+        image_selection: dict | None = None,
+        **kwargs,
+    ):
+        """
+        Text generation (captioning, VQA, chat, few-shot prompts with several images): `GenerationMixin.generate`
+        with every `GenerationConfig` option. `[IMG]`, `[/IMG]` and visual ids are suppressed. Images are tokenized
+        once, placeholders expanded, rows left-padded, then decoding starts from the embeddings. As for text-only
+        models, the returned sequences start with the given `input_ids`.
+        """
+        logits_processor = kwargs.pop("logits_processor", None) or LogitsProcessorList()
+        logits_processor.append(
+            SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
+        )
+        has_images = input_ids is not None and (
+            pixel_values is not None or bool((input_ids == self.config.image_start_token_id).any())
+        )
+        if not has_images:
+            return super().generate(
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs
+            )
+        prepared = self.model.prepare_multimodal_inputs(
+            input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left"
+        )
+        outputs = super().generate(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            prompt_embeds=prepared.inputs_embeds,
+            logits_processor=logits_processor,
+            **kwargs,
+        )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt.to(sequences.device), sequences], dim=1)
+        if isinstance(outputs, torch.Tensor):
+            return sequences
+        outputs.sequences = sequences
+        return outputs
+
+    # ----------------------------------------------------------------------------------------------- image generation
+
+    @torch.no_grad()
+    def generate_image_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_inputs: str = "codes",
+        negative_input_ids: torch.LongTensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        guidance_scale: float = 4.0,
+        do_sample: bool = True,
+        top_k: int | None = 50,
+        top_p: float | None = 1.0,
+        temperature: float = 1.0,
+        min_new_tokens: int | None = None,
+        max_new_tokens: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        image_keep_mask: torch.Tensor | None = None,
+        image_selection: dict | None = None,
+        **unused_kwargs,
+    ) -> LaVITTokenizationOutput:
+        """
+        Text-to-image and multimodal-to-image: continues each prompt after `[IMG]` with visual ids only, until
+        `[/IMG]`. Returns the code ids of every generated image, packed with `token_counts` like
+        [`LaVITTokenizerModel.tokenize`] (rows in prompt order, `num_images_per_prompt` per prompt).
+
+        - `input_ids`: text (and image placeholders with `pixel_values`); an `[IMG]` is appended where a prompt does
+          not already end with one. Prompt images enter as discrete ids (`image_inputs="codes"`, the official
+          multimodal synthesis) or as continuous features (`"features"`).
+        - Classifier-free guidance (`guidance_scale != 1`): the unconditional branch is `negative_input_ids` + `[IMG]`,
+          or `[IMG]` alone (official); both branches run as one batch in every forward, and the guided scores are
+          `uncond + scale * (cond - uncond)` on log-probabilities.
+        - Sampling: `temperature`, `top_k`, `top_p` (official defaults: 1.0, 50, 1.0), or greedy with
+          `do_sample=False`; `generator` makes sampling reproducible.
+        - Lengths: at least `min_new_tokens` visual tokens (default: 20 as the official code, capped by the maximum),
+          at most `max_new_tokens` (default and upper bound: the tokenizer's number of patches, the most its decoder
+          reads); the image is closed at the limit.
+        """
+        from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        if unused_kwargs:
+            logger.warning_once(f"generate_image_tokens ignores {sorted(unused_kwargs)}")
+        config = self.config
+        max_tokens_limit = config.tokenizer_config.num_patches
+        max_new_tokens = max_tokens_limit if max_new_tokens is None else max_new_tokens
+        if not 1 <= max_new_tokens <= max_tokens_limit:
+            raise ValueError(f"max_new_tokens must be in [1, {max_tokens_limit}] (the decoder reads at most "
+                             f"{max_tokens_limit} tokens), got {max_new_tokens}")
+        min_new_tokens = min(20, max_new_tokens) if min_new_tokens is None else min_new_tokens
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        conditional = self._image_generation_prompt(
+            input_ids, attention_mask, pixel_values, image_keep_mask, image_selection, image_inputs
+        )
+        conditional = tuple(t.repeat_interleave(num_images_per_prompt, dim=0) for t in conditional)
+        batch_size = conditional[0].shape[0]
+        guided = guidance_scale != 1.0
+        if guided:
+            if negative_input_ids is None:
+                negative_input_ids = input_ids.new_full((1, 1), config.image_start_token_id)
+            if negative_attention_mask is None:
+                negative_attention_mask = torch.ones_like(negative_input_ids)
+            unconditional = self._image_generation_prompt(negative_input_ids, negative_attention_mask)
+            if unconditional[0].shape[0] == 1:
+                unconditional = tuple(t.expand(batch_size, *t.shape[1:]) for t in unconditional)
+            elif unconditional[0].shape[0] * num_images_per_prompt == batch_size:
+                unconditional = tuple(t.repeat_interleave(num_images_per_prompt, dim=0) for t in unconditional)
+            else:
+                raise ValueError(f"negative_input_ids has {negative_input_ids.shape[0]} rows; expected 1 or "
+                                 f"{input_ids.shape[0]} (one per prompt)")
+            inputs_embeds, attention_mask = _concat_left_padded([conditional, unconditional])
+        else:
+            inputs_embeds, attention_mask = conditional
+
+        warpers = []
+        if do_sample:
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                warpers.append(TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+        # [/IMG] and the visual ids are one contiguous block of the vocabulary: score only those rows of the head
+        allowed_head = self.lm_head.weight[config.image_end_token_id : config.visual_token_end]
+        language_model = self.model.language_model
+        cache = DynamicCache(config=config)
+        position_ids = positions_from_mask(attention_mask)
+        hidden_states = language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state[:, -1]
+        device = hidden_states.device
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        generated = []
+        for step in range(max_new_tokens + 1):
+            scores = F.linear(hidden_states, allowed_head).float()  # column 0 is [/IMG], column 1 + k is code k
+            if guided:
+                conditional_scores, unconditional_scores = scores.log_softmax(dim=-1).chunk(2)
+                scores = unconditional_scores + guidance_scale * (conditional_scores - unconditional_scores)
+            if step < min_new_tokens:
+                scores[:, 0] = -float("inf")
+            for warper in warpers:
+                scores = warper(None, scores)
+            if do_sample:
+                next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+            else:
+                next_tokens = scores.argmax(dim=-1)
+            if step == max_new_tokens:
+                next_tokens = torch.zeros_like(next_tokens)
+            next_tokens = next_tokens.masked_fill(finished, 0)
+            generated.append(next_tokens)
+            finished = finished | (next_tokens == 0)
+            if bool(finished.all()):
+                break
+            next_ids = (next_tokens + config.image_end_token_id)[:, None]
+            if guided:
+                next_ids = next_ids.repeat(2, 1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            hidden_states = language_model(
+                input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True,
+            ).last_hidden_state[:, -1]
+        generated = torch.stack(generated, dim=1)  # (B, steps): code + 1, then 0 from [/IMG] on
+        kept = generated > 0
+        return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
+
+    def _image_generation_prompt(
+        self, input_ids, attention_mask, pixel_values=None, image_keep_mask=None, image_selection=None,
+        image_inputs="codes",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt embeddings ending with `[IMG]` and their attention mask."""
+        config = self.config
+        attention_mask = attention_mask.clone()
+        if input_ids.numel() == 0 or not bool(attention_mask.bool().any(dim=1).all()):
+            raise ValueError("every prompt needs at least one token (an empty prompt gives nothing to condition on)")
+        # a prompt that already ends with [IMG]: that token is dropped here and appended again below for every row
+        last_column = attention_mask.shape[1] - 1 - attention_mask.flip(1).bool().long().argmax(dim=1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        ends_open = input_ids[rows, last_column] == config.image_start_token_id
+        attention_mask[rows[ends_open], last_column[ends_open]] = 0
+        prepared = self.model.prepare_multimodal_inputs(
+            input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection,
+            padding_side="left", image_inputs=image_inputs,
+        )
+        start = self.get_input_embeddings()(input_ids.new_full((input_ids.shape[0], 1), config.image_start_token_id))
+        inputs_embeds = torch.cat([prepared.inputs_embeds, start], dim=1)
+        attention_mask = F.pad(prepared.attention_mask, (0, 1), value=1)
+        return inputs_embeds, attention_mask
+
+    # ----------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_components(
+        cls,
+        visual_tokenizer: LaVITTokenizerModel,
+        language_model: PreTrainedModel,
+        text_vocab_size: int | None = None,
+        **config_kwargs,
+    ) -> "LaVITForCausalLM":
+        """
+        Stage-2 starting point: a trained visual tokenizer plus a text causal LM (e.g. LLaMA-2-7B). The LM vocabulary
+        is extended by `[IMG]`, `[/IMG]` and one row per code; new rows start at the mean of the text rows plus
+        small noise. The LM-side merger starts as a copy of the tokenizer's merger; the visual projection is new.
+        """
+        text_config = language_model.config.get_text_config()
+        text_vocab_size = text_config.vocab_size if text_vocab_size is None else text_vocab_size
+        new_text_config = text_config.__class__(**{
+            **text_config.to_dict(), "vocab_size": text_vocab_size + 2 + visual_tokenizer.config.codebook_size
+        })
+        config = LaVITConfig(
+            text_config=new_text_config, tokenizer_config=visual_tokenizer.config, text_vocab_size=text_vocab_size,
+            **config_kwargs,
+        )
+        model = cls(config).to(dtype=language_model.dtype)
+        model.model.visual_tokenizer.load_state_dict(visual_tokenizer.state_dict())
+        model.model.visual_merger.load_state_dict(visual_tokenizer.merger.state_dict())
+        decoder = language_model.get_decoder()
+        input_embeddings = language_model.get_input_embeddings().weight
+        embedding_key = next(name for name, param in decoder.named_parameters() if param is input_embeddings)
+        lm_state = decoder.state_dict()
+        old_embeddings = lm_state.pop(embedding_key)
+        missing, unexpected = model.model.language_model.load_state_dict(lm_state, strict=False)
+        if unexpected or [key for key in missing if key != embedding_key]:
+            raise ValueError(f"language model does not fit its config: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            std = text_config.initializer_range
+            _extend_rows(model.get_input_embeddings().weight, old_embeddings[:text_vocab_size], std)
+            if not config.tie_word_embeddings:
+                old_head = language_model.get_output_embeddings().weight
+                _extend_rows(model.lm_head.weight, old_head[:text_vocab_size], std)
+        return model
+
+    @classmethod
+    def from_original(
+        cls,
+        model_path: str | os.PathLike,
+        *,
+        pixel_decoder: str | None = "highres",
+        dtype: torch.dtype | None = None,
+        vision_num_heads: int = 16,
+        merger_num_heads: int = 16,
+        decoder_num_heads: int = 16,
+    ) -> "LaVITForCausalLM":
+        """
+        Builds the model from an official LaVIT release folder (`rain1011/LaVIT-7B-v1` / `-v2` layout):
+        `language_model/` (HF LLaMA with the 48386-row vocabulary, plus `visual_weight.bin`: LM-side merger and
+        `vit_proj`) and `visual_tokenizer/` (`eva_vitg_psz14.bin`, `tokenizer_encoder.bin`, and the feature decoder
+        `highres_tokenizer_decoder.bin` or `tokenizer_decoder.bin` picked by `pixel_decoder`, or none with `None`).
+        `.bin` files load with `torch.load(weights_only=True)`; a `.safetensors` file of the same name wins. Every
+        official tensor is either mapped or known to be unused; the merger keeps the official attention arithmetic.
+        """
+        model_path = Path(model_path)
+        tokenizer_folder = model_path / "visual_tokenizer"
+        encoder_state = load_original_state_dict(tokenizer_folder / "eva_vitg_psz14.bin")
+        tokenizer_state = {f"encoder.{key}": value for key, value in encoder_state.items()}
+        tokenizer_state.update(load_original_state_dict(tokenizer_folder / "tokenizer_encoder.bin"))
+        decoder_state = None
+        if pixel_decoder is not None:
+            if pixel_decoder not in ("highres", "lowres"):
+                raise ValueError(f"pixel_decoder must be 'highres', 'lowres' or None, got {pixel_decoder!r}")
+            name = "highres_tokenizer_decoder.bin" if pixel_decoder == "highres" else "tokenizer_decoder.bin"
+            decoder_state = load_original_state_dict(tokenizer_folder / name)
+        visual_tokenizer = LaVITTokenizerModel.from_original_state_dict(
+            tokenizer_state, decoder_state_dict=decoder_state, vision_num_heads=vision_num_heads,
+            merger_num_heads=merger_num_heads, decoder_num_heads=decoder_num_heads,
+        )
+        language_model = AutoModelForCausalLM.from_pretrained(model_path / "language_model", dtype=dtype)
+        text_vocab_size = language_model.config.vocab_size - 2 - visual_tokenizer.config.codebook_size
+        config = LaVITConfig(
+            text_config=language_model.config, tokenizer_config=visual_tokenizer.config,
+            text_vocab_size=text_vocab_size, tie_word_embeddings=language_model.config.tie_word_embeddings,
+        )
+        model = cls(config)
+        model.model.visual_tokenizer.load_state_dict(visual_tokenizer.state_dict())
+        model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
+        model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+        lm_visual_state = convert_original_lm_visual_state_dict(
+            load_original_state_dict(model_path / "language_model" / "visual_weight.bin")
+        )
+        model.model.load_state_dict(lm_visual_state, strict=False)
+        expected = {key for key in model.model.state_dict() if key.startswith(("visual_merger.", "visual_projection."))}
+        if set(lm_visual_state) != expected:
+            raise ValueError(f"visual_weight.bin does not fit: missing {sorted(expected - set(lm_visual_state))}, "
+                             f"unexpected {sorted(set(lm_visual_state) - expected)}")
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+
+def _extend_rows(weight: torch.Tensor, old_rows: torch.Tensor, std: float):
+    """Copies the text rows and starts every new row at their mean plus N(0, std) noise."""
+    text_rows = old_rows.shape[0]
+    weight[:text_rows] = old_rows.to(weight.dtype)
+    new_rows = torch.randn_like(weight[text_rows:], dtype=torch.float32) * std + old_rows.float().mean(dim=0)
+    weight[text_rows:] = new_rows.to(weight.dtype)
+
+
+def _concat_left_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks left-padded (embeddings, mask) batches along the batch axis, padding all to the longest."""
+    length = max(embeds.shape[1] for embeds, _ in parts)
+    all_embeds, all_masks = [], []
+    for embeds, mask in parts:
+        missing = length - embeds.shape[1]
+        all_embeds.append(F.pad(embeds, (0, 0, missing, 0)))
+        all_masks.append(F.pad(mask, (missing, 0)))
+    return torch.cat(all_embeds), torch.cat(all_masks)
+
+
+__all__ = ["LaVITCausalLMOutputWithPast", "LaVITForCausalLM", "LaVITModel", "LaVITPreTrainedModel"]

@@ -1,0 +1,175 @@
+"""Image processor of LaVIT: any image in, normalised (3, 224, 224) pixels out.
+
+Default = the official preprocessing: RGB, bicubic resize to 224 x 224 (squash, no crop), OpenAI CLIP mean/std.
+"""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("squash", "shortest_edge_crop")
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+              "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+
+
+def to_rgb_image(image, max_image_pixels: int | None = None, name: str = "image") -> Image.Image:
+    """
+    Any supported image -> an RGB PIL image. Accepts PIL images, file paths, numpy arrays ((H, W), (H, W, 3|4); uint8,
+    uint16 or float in [0, 1]) and torch tensors ((C, H, W) or (H, W, C), same dtypes). Grayscale, palette, CMYK and
+    16-bit images are converted; transparency is composited on white. Unreadable, empty or oversized images raise a
+    `ValueError` that names `name`.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"{name}: cannot read image file {path!r}: {error}") from error
+    elif isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.permute(1, 2, 0)
+        image = image.float().numpy() if image.dtype == torch.bfloat16 else image.numpy()
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image, name)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name}: unsupported image type {type(image).__name__}; give a PIL image, a file path, "
+                         f"a numpy array or a torch tensor")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"{name} is empty ({image.width} x {image.height} pixels)")
+    if max_image_pixels is not None and image.width * image.height > max_image_pixels:
+        raise ValueError(f"{name} is too large: {image.width} x {image.height} = {image.width * image.height} pixels, "
+                         f"more than max_image_pixels={max_image_pixels}")
+    return _pil_to_rgb(image)
+
+
+def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"{name}: arrays must be (H, W), (H, W, 3) or (H, W, 4) (or channels-first tensors), "
+                         f"got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    else:
+        raise ValueError(f"{name}: unsupported array dtype {array.dtype} (use uint8, uint16, float in [0, 1] or bool)")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16/32-bit grayscale: PIL's own convert clips at 255, so scale the value range explicitly
+        values = np.asarray(image, dtype=np.float32)
+        peak = 1.0 if image.mode == "F" and values.max() <= 1.0 else (255.0 if values.max() <= 255 else 65535.0)
+        image = Image.fromarray((np.clip(values / peak, 0, 1) * 255).round().astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def flatten_images(images) -> list:
+    """A single image, a list of images or a list of lists (one per text, as `apply_chat_template` gives) -> list."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        flat = []
+        for item in images:
+            flat.extend(flatten_images(item))
+        return flat
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+class LaVITImageProcessor(BaseImageProcessor):
+    r"""
+    Args:
+        size (`dict`, *optional*, defaults to `{"height": 224, "width": 224}`): output size (the encoder's input).
+        resize_mode (`str`, *optional*, defaults to `"squash"`): `"squash"` resizes to `size` ignoring the aspect
+            ratio (official); `"shortest_edge_crop"` resizes the shorter side to the target and center-crops.
+        resample (`str`, *optional*, defaults to `"bicubic"`): `"bicubic"`, `"bilinear"`, `"lanczos"` or `"nearest"`.
+        do_normalize (`bool`, *optional*, defaults to `True`), image_mean, image_std (OpenAI CLIP statistics).
+        max_image_pixels (`int`, *optional*, defaults to 178956970): larger inputs are rejected (PIL's own
+            decompression-bomb limit).
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        size: dict | None = None,
+        resize_mode: str = "squash",
+        resample: str = "bicubic",
+        do_normalize: bool = True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        max_image_pixels: int | None = 178956970,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = dict(size) if size is not None else {"height": 224, "width": 224}
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        if resample not in RESAMPLING:
+            raise ValueError(f"resample must be one of {sorted(RESAMPLING)}, got {resample!r}")
+        self.resize_mode = resize_mode
+        self.resample = resample
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.max_image_pixels = max_image_pixels
+
+    def resize_image(self, image: Image.Image) -> Image.Image:
+        height, width = self.size["height"], self.size["width"]
+        resample = RESAMPLING[self.resample]
+        if self.resize_mode == "squash":
+            return image.resize((width, height), resample)
+        scale = max(width / image.width, height / image.height)
+        resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                               resample)
+        left, top = (resized.width - width) // 2, (resized.height - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """Images (see [`to_rgb_image`]; nested lists are flattened in order) -> `pixel_values` (B, 3, H, W)."""
+        if kwargs:
+            raise ValueError(f"unknown image processor arguments {sorted(kwargs)}")
+        flat = flatten_images(images)
+        if not flat:
+            raise ValueError("no images given")
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        arrays = []
+        for index, image in enumerate(flat):
+            rgb = self.resize_image(to_rgb_image(image, self.max_image_pixels, name=f"image {index}"))
+            array = np.asarray(rgb, dtype=np.float32) / 255.0
+            if self.do_normalize:
+                array = (array - mean) / std
+            arrays.append(array.transpose(2, 0, 1))
+        return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
+
+
+__all__ = ["LaVITImageProcessor"]

@@ -1,0 +1,64 @@
+"""`lavit-text-to-image`: a transformers pipeline task for LaVIT image generation.
+
+    >>> pipe = pipeline("lavit-text-to-image", model="path/to/lavit", trust_remote_code=True)
+    >>> pipe("a red bus", guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
+
+Each prompt gives one result per image: `{"code_ids": [...], "token_count": n}`, plus `"image"` (a PIL image) when
+the model can decode visual tokens to pixels (`decode_image_tokens`, with a pixel decoder loaded).
+Captioning and VQA use the built-in `image-text-to-text` task.
+"""
+
+from transformers import Pipeline
+
+IMAGE_GENERATION_ARGUMENTS = (
+    "guidance_scale", "do_sample", "top_k", "top_p", "temperature", "min_new_tokens", "max_new_tokens",
+    "num_images_per_prompt", "generator", "negative_input_ids", "image_inputs",
+)
+
+
+class LaVITTextToImagePipeline(Pipeline):
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _pipeline_calls_generate = True
+
+    def _sanitize_parameters(self, images=None, negative_prompt=None, **kwargs):
+        preprocess_params = {}
+        if images is not None:
+            preprocess_params["images"] = images
+        forward_params = {}
+        for name in IMAGE_GENERATION_ARGUMENTS:
+            if name in kwargs:
+                forward_params[name] = kwargs.pop(name)
+        if negative_prompt is not None:
+            forward_params["negative_prompt"] = negative_prompt
+        if kwargs:
+            raise ValueError(f"lavit-text-to-image does not take {sorted(kwargs)}")
+        return preprocess_params, forward_params, {}
+
+    def preprocess(self, prompt, images=None):
+        """A text prompt (with `<image>` placeholders when `images` are given: multimodal prompts)."""
+        return self.processor(images=images, text=prompt, return_tensors="pt")
+
+    def _forward(self, model_inputs, negative_prompt=None, **generate_kwargs):
+        if negative_prompt is not None:
+            negative = self.processor(text=negative_prompt, return_tensors="pt")
+            generate_kwargs["negative_input_ids"] = negative["input_ids"].to(self.device)
+            generate_kwargs["negative_attention_mask"] = negative["attention_mask"].to(self.device)
+        tokens = self.model.generate_image_tokens(**model_inputs, **generate_kwargs)
+        # plain tensors: the pipeline moves outputs to the CPU and would turn a model output class into a dict
+        return {"code_ids": tokens.code_ids, "token_counts": tokens.token_counts}
+
+    def postprocess(self, model_outputs):
+        code_ids, token_counts = model_outputs["code_ids"], model_outputs["token_counts"]
+        per_image = code_ids.split(token_counts.tolist())
+        results = [{"code_ids": ids.tolist(), "token_count": len(ids)} for ids in per_image]
+        decode = getattr(self.model, "decode_image_tokens", None)
+        if decode is not None and getattr(self.model, "can_decode_pixels", False):
+            for result, image in zip(results, decode(code_ids, token_counts), strict=True):
+                result["image"] = image
+        return results
+
+
+__all__ = ["LaVITTextToImagePipeline"]

@@ -1,0 +1,139 @@
+"""LaVIT processor: text tokenizer + image processor.
+
+Placeholder contract: each `<image>` in the text becomes the compact pair `[IMG] [/IMG]` in `input_ids`, and
+`pixel_values` holds the images in placeholder order. How many visual tokens an image takes is only known once the
+model's token selector has run, so the model (not the processor) inserts them between the pair; lengths given to the
+processor (`max_length`) therefore count text tokens and placeholder pairs, not visual tokens.
+"""
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+from .image_processing_lavit import flatten_images
+
+logger = logging.get_logger(__name__)
+
+IMAGE_START_TOKEN = "[IMG]"
+IMAGE_END_TOKEN = "[/IMG]"
+
+# Vicuna-v1 style turns (the format of the official video LaVIT SFT model); images render as the placeholder
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = namespace(value='') %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{% set text.value = text.value + '<image>' %}"
+    "{% elif item['type'] == 'text' %}{% set text.value = text.value + item['text'] %}{% endif %}"
+    "{% endfor %}{% set text = text.value %}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ text + ' ' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' + text + ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + text + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+class LaVITProcessor(ProcessorMixin):
+    r"""
+    Args:
+        image_processor ([`LaVITImageProcessor`]): turns images into `pixel_values`.
+        tokenizer: the LM's text tokenizer; it must know `[IMG]` and `[/IMG]` as special tokens whose ids are the
+            config's `text_vocab_size` and `text_vocab_size + 1` (see [`LaVITProcessor.add_image_tokens`]).
+        chat_template (`str`, *optional*): Jinja template for chat messages; a Vicuna-style one by default.
+        image_token (`str`, *optional*, defaults to `"<image>"`): the placeholder users write in text.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>"):
+        self.image_token = image_token
+        if chat_template is None:
+            chat_template = DEFAULT_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        unknown = [token for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN) if token not in tokenizer.get_vocab()]
+        if unknown:
+            raise ValueError(f"the tokenizer does not know {unknown}; call LaVITProcessor.add_image_tokens(tokenizer) "
+                             f"first")
+        self.image_start_token_id = tokenizer.convert_tokens_to_ids(IMAGE_START_TOKEN)
+        self.image_end_token_id = tokenizer.convert_tokens_to_ids(IMAGE_END_TOKEN)
+
+    @staticmethod
+    def add_image_tokens(tokenizer) -> int:
+        """Adds `[IMG]` and `[/IMG]` as special tokens right after the text vocabulary (the official layout) and
+        returns the text vocabulary size (the config's `text_vocab_size`)."""
+        text_vocab_size = len(tokenizer)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_START_TOKEN, IMAGE_END_TOKEN]})
+        ids = tokenizer.convert_tokens_to_ids([IMAGE_START_TOKEN, IMAGE_END_TOKEN])
+        if ids != [text_vocab_size, text_vocab_size + 1]:
+            raise ValueError(f"[IMG]/[/IMG] got ids {ids}, expected {[text_vocab_size, text_vocab_size + 1]}")
+        return text_vocab_size
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        padding: bool | str = True,
+        truncation: bool = False,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        add_special_tokens: bool = False,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Text with `<image>` placeholders (one per image, in order) and images -> `input_ids`, `attention_mask` and
+        `pixel_values`. Images without text get one placeholder each (captioning prompts). `truncation` with
+        `max_length` cuts rows on the right, never between `[IMG]` and `[/IMG]`; images cut off are dropped.
+        `add_special_tokens` defaults to False: official LaVIT prompts carry no BOS.
+        """
+        flat_images = flatten_images(images)
+        if text is None:
+            if not flat_images:
+                raise ValueError("give text, images or both")
+            text = self.image_token * len(flat_images)
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(item, str) for item in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        if kwargs:
+            logger.warning(f"LaVITProcessor ignores the arguments {sorted(kwargs)} (generation options belong to "
+                           f"generate, or to generate_kwargs in pipelines)")
+        placeholders_per_text = [item.count(self.image_token) for item in texts]
+        if sum(placeholders_per_text) != len(flat_images):
+            raise ValueError(f"the text holds {sum(placeholders_per_text)} {self.image_token} placeholder(s) "
+                             f"(per text: {placeholders_per_text}) but {len(flat_images)} image(s) were given")
+        empty = [index for index, item in enumerate(texts) if not item.strip()]
+        if empty:
+            raise ValueError(f"text {empty} is empty: give a prompt or an {self.image_token} placeholder")
+        compact = IMAGE_START_TOKEN + IMAGE_END_TOKEN
+        encoded = self.tokenizer(
+            [item.replace(self.image_token, compact) for item in texts], add_special_tokens=add_special_tokens
+        )["input_ids"]
+
+        kept_images, image_cursor = [], 0
+        for row, ids in enumerate(encoded):
+            if truncation and max_length is not None and len(ids) > max_length:
+                cut = max_length
+                if cut > 0 and ids[cut - 1] == self.image_start_token_id:
+                    cut -= 1  # never keep an [IMG] without its [/IMG]
+                encoded[row] = ids = ids[:cut]
+            images_kept = ids.count(self.image_start_token_id)
+            kept_images.extend(flat_images[image_cursor : image_cursor + images_kept])
+            image_cursor += placeholders_per_text[row]
+            if not ids:
+                raise ValueError(f"text {row} has no tokens left (empty, or truncated to max_length={max_length})")
+
+        pad_kwargs = {} if padding_side is None else {"padding_side": padding_side}
+        text_inputs = self.tokenizer.pad(
+            {"input_ids": encoded}, padding=padding, max_length=max_length if padding == "max_length" else None,
+            return_tensors=return_tensors, **pad_kwargs,
+        )
+        data = dict(text_inputs)
+        if kept_images:
+            data.update(self.image_processor(kept_images, return_tensors=return_tensors))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["LaVITProcessor"]

@@ -1,0 +1,111 @@
+"""LaVITImageProcessor and LaVITProcessor: official preprocessing, input kinds, placeholders, truncation, saving."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import real_photos
+from PIL import Image
+from transformers import AutoProcessor
+
+from lavit import LaVITImageProcessor, LaVITProcessor
+
+
+def test_default_preprocessing_is_the_official_one():
+    photo = real_photos()[0]
+    pixel_values = LaVITImageProcessor()(photo)["pixel_values"]
+    assert pixel_values.shape == (1, 3, 224, 224)
+    resized = np.asarray(Image.fromarray(photo).resize((224, 224), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    expected = torch.from_numpy(((resized - mean) / std).transpose(2, 0, 1)).float()
+    torch.testing.assert_close(pixel_values[0], expected)
+
+
+def test_every_input_kind_and_mode_becomes_the_same_rgb_image(tmp_path):
+    processor = LaVITImageProcessor(size={"height": 32, "width": 32})
+    photo = real_photos()[1]
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo).save(path)
+    reference = processor(photo)["pixel_values"]
+    for image in (Image.fromarray(photo), str(path), path, torch.from_numpy(photo).permute(2, 0, 1).float() / 255,
+                  photo.astype(np.float32) / 255, np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])):
+        torch.testing.assert_close(processor(image)["pixel_values"], reference, atol=2e-2, rtol=0)
+    gray = photo.mean(axis=2).astype(np.uint8)
+    gray_16bit = gray.astype(np.uint16) * 257
+    from_16bit = processor(Image.fromarray(gray_16bit))["pixel_values"]
+    torch.testing.assert_close(from_16bit, processor(gray)["pixel_values"], atol=1e-5, rtol=0)
+    assert processor(Image.fromarray(photo).convert("CMYK"))["pixel_values"].shape == (1, 3, 32, 32)
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert torch.allclose(processor(transparent)["pixel_values"], processor(Image.new("RGB", (8, 8), "white"))[
+        "pixel_values"])
+
+
+def test_aspect_preserving_resize_and_crop():
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, 20:40] = 255  # a white centre band: the crop keeps exactly it
+    processor = LaVITImageProcessor(size={"height": 20, "width": 20}, resize_mode="shortest_edge_crop",
+                                    do_normalize=False)
+    assert torch.allclose(processor(wide)["pixel_values"], torch.ones(1, 3, 20, 20))
+
+
+def test_bad_images_raise_clear_errors(tmp_path):
+    processor = LaVITImageProcessor(max_image_pixels=10_000)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image file .*broken.jpg"):
+        processor(str(broken))
+    with pytest.raises(ValueError, match="image 1 is empty"):
+        processor([real_photos()[0][:50, :50], np.zeros((0, 5, 3), np.uint8)])
+    with pytest.raises(ValueError, match="image 0 is too large: 512 x 512"):
+        processor(real_photos()[0])
+    with pytest.raises(ValueError, match="unsupported image type"):
+        processor([{"not": "an image"}])
+
+
+def test_placeholders_padding_and_truncation(lavit_processor):
+    photos = real_photos()
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\).*1 image"):
+        lavit_processor(images=[photos[0]], text="<image> and <image>")
+    with pytest.raises(ValueError, match=r"0 <image> placeholder\(s\).*1 image"):
+        lavit_processor(images=[photos[0]], text="no placeholder here")
+    start, end = lavit_processor.image_start_token_id, lavit_processor.image_end_token_id
+    batch = lavit_processor(images=photos[:2], text=["<image>a cat", "a dog on a sofa and more words <image>"],
+                            padding_side="left")
+    assert batch["pixel_values"].shape[0] == 2
+    assert bool((batch["attention_mask"][:, -1] == 1).all()) and int(batch["attention_mask"][0, 0]) == 0
+    for row in batch["input_ids"]:
+        starts = (row == start).nonzero().flatten()
+        assert torch.equal(row[starts + 1], torch.full_like(starts, end))
+    # truncation never splits a placeholder pair; images cut off are dropped with their placeholders
+    full = lavit_processor(text="a dog on a sofa and more words <image>", images=[photos[1]])
+    length = full["input_ids"].shape[1]
+    cut = lavit_processor(text="a dog on a sofa and more words <image>", images=[photos[1]], truncation=True,
+                          max_length=length - 1)
+    assert cut["input_ids"].shape[1] == length - 2 and "pixel_values" not in cut
+    assert start not in cut["input_ids"][0].tolist()
+    captions = lavit_processor(images=photos[:2])  # images only: one placeholder each
+    assert (captions["input_ids"] == start).sum() == 2
+
+
+def test_processor_round_trip_through_auto_processor(lavit_processor, tmp_path):
+    lavit_processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "LaVITProcessor"
+    assert loaded.image_processor.size == {"height": 56, "width": 56}
+    assert loaded.chat_template == lavit_processor.chat_template
+    photo = real_photos()[3]
+    expected = lavit_processor(images=[photo], text="<image>a rocket")
+    actual = loaded(images=[photo], text="<image>a rocket")
+    assert torch.equal(actual["input_ids"], expected["input_ids"])
+    assert torch.equal(actual["pixel_values"], expected["pixel_values"])
+
+
+def test_tokenizer_without_image_tokens_is_rejected():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(vocabulary))
+    with pytest.raises(ValueError, match="does not know"):
+        LaVITProcessor(LaVITImageProcessor(), plain)
+    assert LaVITProcessor.add_image_tokens(plain) == 2
+    assert LaVITProcessor(LaVITImageProcessor(), plain).image_start_token_id == 2

@@ -192,12 +192,6 @@ class LaVITPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, LaVITTokenizerModel):
-            module._init_weights(module)
-
 
 class LaVITModel(LaVITPreTrainedModel):
     """

@@ -12,6 +12,18 @@ from transformers import AutoConfig, AutoModel
 
 from lavit import LaVITTokenizerConfig, LaVITTokenizerModel
 
+# prepended to the subprocess scripts: `lavit` cannot be imported there, as on a machine without the package
+BLOCK_LAVIT = textwrap.dedent("""
+    import sys
+
+    class BlockLavit:
+        def find_spec(self, name, path=None, target=None):
+            if name == "lavit" or name.startswith("lavit."):
+                raise ImportError("lavit is blocked in this process")
+
+    sys.meta_path.insert(0, BlockLavit())
+""")
+
 
 def trained_tiny_model():
     torch.manual_seed(0)
@@ -59,15 +71,7 @@ def test_remote_code_loads_where_lavit_cannot_be_imported(tmp_path):
     pixel_values = photo_batch(model, 2)
     torch.save(pixel_values, tmp_path / "pixels.pt")
     expected = model.tokenize(pixel_values).code_ids.tolist()
-    script = textwrap.dedent(f"""
-        import sys
-
-        class BlockLavit:
-            def find_spec(self, name, path=None, target=None):
-                if name == "lavit" or name.startswith("lavit."):
-                    raise ImportError("lavit is blocked in this process")
-
-        sys.meta_path.insert(0, BlockLavit())
+    script = BLOCK_LAVIT + textwrap.dedent(f"""
         import torch
         from transformers import AutoModel
         try:
@@ -108,15 +112,7 @@ def test_lavit_folder_loads_every_auto_class_without_lavit(lavit_model, lavit_pr
     inputs = lavit_processor(images=[photo], text="<image>a photo of")
     expected = lavit_model.generate(**inputs, max_new_tokens=4, do_sample=False).tolist()
     torch.save(photo, tmp_path / "photo.pt")
-    script = textwrap.dedent(f"""
-        import sys
-
-        class BlockLavit:
-            def find_spec(self, name, path=None, target=None):
-                if name == "lavit" or name.startswith("lavit."):
-                    raise ImportError("lavit is blocked in this process")
-
-        sys.meta_path.insert(0, BlockLavit())
+    script = BLOCK_LAVIT + textwrap.dedent(f"""
         import torch
         from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                                   AutoProcessor)

@@ -284,9 +284,7 @@ class LaVITModel(LaVITPreTrainedModel):
         device = input_ids.device
         if length == 0:
             raise ValueError("input_ids is empty: give at least one token per row")
-        if int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0:
-            raise ValueError(f"input_ids must be in [0, {config.vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        self.check_token_ids(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
@@ -388,6 +386,18 @@ class LaVITModel(LaVITPreTrainedModel):
             packed=packed,
         )
 
+    def check_token_ids(self, input_ids: torch.LongTensor):
+        """Ids outside the LM vocabulary would fail deep inside the embedding lookup; name them here instead."""
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
+
+    def has_image_inputs(self, input_ids: torch.LongTensor | None, pixel_values) -> bool:
+        """Whether `input_ids` need the image expansion: images given, or image spans among the ids."""
+        return input_ids is not None and (
+            pixel_values is not None or bool((input_ids == self.config.image_start_token_id).any())
+        )
+
     def _pad_token_id(self) -> int:
         pad_token_id = getattr(self.config.text_config, "pad_token_id", None)
         return 0 if pad_token_id is None else int(pad_token_id)
@@ -410,15 +420,10 @@ class LaVITModel(LaVITPreTrainedModel):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         image_token_counts = None
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        if input_ids is not None and prefill and input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
-        has_images = input_ids is not None and (
-            pixel_values is not None or bool((input_ids == self.config.image_start_token_id).any())
-        )
-        if has_images and not prefill:
-            has_images = pixel_values is not None  # decoding step: new ids are read as they are
+        # decoding steps read new ids as they are; only a prefill (or an image batch) is expanded
+        has_images = self.has_image_inputs(input_ids, pixel_values) and (prefill or pixel_values is not None)
+        if input_ids is not None and prefill and not has_images and input_ids.numel():
+            self.check_token_ids(input_ids)  # the image path checks them while expanding
         if has_images:
             prepared = self.prepare_multimodal_inputs(
                 input_ids, attention_mask, position_ids, pixel_values, image_keep_mask, image_selection, labels
@@ -651,10 +656,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         logits_processor.append(
             SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
         )
-        has_images = input_ids is not None and (
-            pixel_values is not None or bool((input_ids == self.config.image_start_token_id).any())
-        )
-        if not has_images:
+        if not self.model.has_image_inputs(input_ids, pixel_values):
             return super().generate(
                 input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs
             )

@@ -9,7 +9,8 @@ Placeholder contract. An image in `input_ids` is either
   learns the image's token count n and inserts n tokens between the pair; or
 - expanded: `[IMG] v_1 ... v_n [/IMG]` with n visual ids (pre-tokenized data, generated images, discrete prompts).
 With `pixel_values`, every closed span takes one image in order and its visual slots get the continuous features (an
-expanded span must hold exactly as many slots as the image keeps). Without `pixel_values`, expanded spans are read as
+expanded span must hold exactly as many slots as the image keeps, and its ids are the image's targets: pre-tokenized
+data with `image_keep_mask` skips the frozen target path). Without `pixel_values`, expanded spans are read as
 discrete ids through the LM embedding table. Expansion happens once, before the LM runs; the sequence length never
 changes inside a cached forward.
 """
@@ -275,7 +276,7 @@ class LaVITModel(LaVITPreTrainedModel):
         Rows are re-padded on `padding_side` (default: left if the input is left-padded, else right). Packed rows
         (`position_ids` restarting inside a row) keep their segments; visual tokens extend the segment of their image.
         Targets: visual slots of a compact image get its code ids (offset into the LM vocabulary) unless the label of
-        its `[IMG]` is -100; in an expanded image, every slot whose label is not -100 gets the code id.
+        its `[IMG]` is -100; in an expanded image, every slot whose label is not -100 keeps the code id it holds.
         """
         config = self.config
         if input_ids is None or input_ids.ndim != 2:
@@ -301,7 +302,9 @@ class LaVITModel(LaVITPreTrainedModel):
             if num_images != num_spans:
                 raise ValueError(f"input_ids hold {num_spans} image placeholder(s) but {num_images} image(s) were "
                                  f"given in pixel_values; each image needs exactly one placeholder, in order")
-            needs_codes = labels is not None or image_inputs == "codes"
+            expanded = spans.lengths > 0
+            # expanded spans hold their code ids (pre-tokenized data): the frozen target path is skipped for them
+            needs_codes = image_inputs == "codes" or (labels is not None and not bool(expanded.all()))
             if image_inputs == "codes":
                 tokens = self.visual_tokenizer.tokenize(pixel_values, image_keep_mask, **(image_selection or {}))
                 token_counts, visual_code_ids = tokens.token_counts, tokens.code_ids
@@ -312,7 +315,6 @@ class LaVITModel(LaVITPreTrainedModel):
                 token_counts, visual_embeds = features.token_counts, features.features
             else:
                 raise ValueError(f"image_inputs must be 'features' or 'codes', got {image_inputs!r}")
-            expanded = spans.lengths > 0
             mismatch = expanded & (spans.lengths != token_counts)
             if bool(mismatch.any()):
                 index = int(mismatch.nonzero()[0])
@@ -360,6 +362,8 @@ class LaVITModel(LaVITPreTrainedModel):
             new_mask[slot_rows, slot_columns] = 1
             if visual_code_ids is not None:
                 new_ids[slot_rows, slot_columns] = visual_code_ids + config.visual_token_offset
+            elif labels is not None:
+                visual_code_ids = self._expanded_code_ids(new_ids[slot_rows, slot_columns], image_index)
             else:
                 new_ids[slot_rows, slot_columns] = config.visual_token_offset
             if new_labels is not None:
@@ -385,6 +389,17 @@ class LaVITModel(LaVITPreTrainedModel):
             image_token_counts=token_counts,
             packed=packed,
         )
+
+    def _expanded_code_ids(self, slot_ids: torch.LongTensor, image_index: torch.LongTensor) -> torch.LongTensor:
+        """The code ids written inside expanded spans, which become their targets; every slot must be a visual id."""
+        config = self.config
+        not_visual = (slot_ids < config.visual_token_offset) | (slot_ids >= config.visual_token_end)
+        if bool(not_visual.any()):
+            first = int(not_visual.nonzero()[0])
+            raise ValueError(f"image {int(image_index[first])} is an expanded span whose slots must hold visual ids "
+                             f"in [{config.visual_token_offset}, {config.visual_token_end}), "
+                             f"got id {int(slot_ids[first])}")
+        return slot_ids - config.visual_token_offset
 
     def check_token_ids(self, input_ids: torch.LongTensor):
         """Ids outside the LM vocabulary would fail deep inside the embedding lookup; name them here instead."""
@@ -434,6 +449,12 @@ class LaVITModel(LaVITPreTrainedModel):
             attention_mask = None if prepared.packed else prepared.attention_mask
         elif position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)  # left and right padding give the same positions
+        packed_rows = (
+            attention_mask is None and position_ids is not None and past_key_values is None
+            and bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
+        )
+        if packed_rows:
+            use_cache = False  # transformers builds the block-diagonal mask of packed rows only without a cache
         if labels is not None and position_ids is not None:
             # the first token of a sequence has no predecessor; in packed rows this also stops a sequence's last
             # token from predicting the next sequence's first one, and in left-padded rows a pad from predicting it
@@ -599,7 +620,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         if num_items_in_batch is None:
             num_items_in_batch = supervised.sum().clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(token_losses.device)
+            num_items_in_batch = num_items_in_batch.to(token_losses.device).clamp(min=1)
+        else:
+            num_items_in_batch = max(num_items_in_batch, 1)  # a step without targets (all records bad) gives 0
         loss = token_losses.sum() / num_items_in_batch
         detached = token_losses.detach()
         per_modality = []

@@ -422,12 +422,15 @@ class LaVITVectorQuantizer(nn.Module):
 
     def forward(self, merged_tokens: torch.Tensor, quantize: bool = True) -> LaVITQuantizerOutput:
         latents = self.project_in(merged_tokens)
-        if self.training and self.kmeans_init and not bool(self.initialized):
+        # the codebook is fitted only while quantizing: k-means then runs on the warmed-up latents of the first
+        # quantized step (the official recipe: train without VQ first, then switch it on)
+        fits_codebook = self.training and quantize
+        if fits_codebook and self.kmeans_init and not bool(self.initialized):
             self.init_codebook_(F.normalize(latents.detach().float(), dim=-1))
         code_ids, normalized = self.lookup(latents)
         codes = self.codebook[code_ids]
         commitment_loss = F.mse_loss(normalized, codes)
-        if self.training:
+        if fits_codebook:
             self.update_codebook_(normalized.detach(), code_ids)
         if not quantize:
             quantized = normalized  # stage-1 warm-up: the decoder reads the continuous latents

@@ -3,6 +3,7 @@
 Default = the official preprocessing: RGB, bicubic resize to 224 x 224 (squash, no crop), OpenAI CLIP mean/std.
 """
 
+import io
 import os
 
 import numpy as np
@@ -20,19 +21,22 @@ RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.
 
 def to_rgb_image(image, max_image_pixels: int | None = None, name: str = "image") -> Image.Image:
     """
-    Any supported image -> an RGB PIL image. Accepts PIL images, file paths, numpy arrays ((H, W), (H, W, 3|4); uint8,
-    uint16 or float in [0, 1]) and torch tensors ((C, H, W) or (H, W, C), same dtypes). Grayscale, palette, CMYK and
+    Any supported image -> an RGB PIL image. Accepts PIL images, file paths, encoded bytes (or a file object), numpy
+    arrays ((H, W), (H, W, 3|4); uint8, uint16 or float in [0, 1]) and torch tensors ((C, H, W) or (H, W, C), same
+    dtypes). Grayscale, palette, CMYK and
     16-bit images are converted; transparency is composited on white. Unreadable, empty or oversized images raise a
     `ValueError` that names `name`.
     """
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
+    if isinstance(image, (bytes, bytearray)):
+        image = io.BytesIO(image)
+    if isinstance(image, (str, os.PathLike, io.IOBase)):
+        source = "the image bytes" if isinstance(image, io.IOBase) else f"image file {os.fspath(image)!r}"
         try:
-            with Image.open(path) as opened:
+            with Image.open(image) as opened:
                 opened.load()
                 image = opened.copy()
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"{name}: cannot read image file {path!r}: {error}") from error
+            raise ValueError(f"{name}: cannot read {source}: {error}") from error
     elif isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
@@ -141,6 +145,13 @@ class LaVITImageProcessor(BaseImageProcessor):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.max_image_pixels = max_image_pixels
+
+    @classmethod
+    def from_tokenizer_config(cls, tokenizer_config, **kwargs) -> "LaVITImageProcessor":
+        """The official preprocessing for a visual tokenizer: its input size and normalisation statistics."""
+        size = tokenizer_config.image_size
+        return cls(size={"height": size, "width": size}, image_mean=tokenizer_config.image_mean,
+                   image_std=tokenizer_config.image_std, **kwargs)
 
     def resize_image(self, image: Image.Image) -> Image.Image:
         height, width = self.size["height"], self.size["width"]

@@ -1,0 +1,168 @@
+"""Data sources, bad-record skipping, sequence building and the collators."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from conftest import tiny_lavit_config
+from lavit.training.collators import LaVITDataCollator
+from lavit.training.data import (
+    BadRecordCounter,
+    InstructionBuilder,
+    SequenceBuilder,
+    load_records,
+    load_text_records,
+    mix_text_records,
+)
+from lavit.training.sample_data import photo_images
+from PIL import Image
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def png_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return list(photo_images().items())[:4]
+
+
+def test_every_source_gives_image_and_text_columns(tmp_path, photos):
+    import pandas
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for index, (name, array) in enumerate(photos):
+        (folder / f"{index}.png").write_bytes(png_bytes(array))
+        rows.append({"path": f"images/{index}.png", "caption": f"a photo of a {name}"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    pandas.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    pandas.DataFrame([{"image": {"bytes": png_bytes(array), "path": None}, "text": name} for name, array in photos]
+                     ).to_parquet(tmp_path / "pairs.parquet")
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as shard:
+        for index, (name, array) in enumerate(photos):
+            for suffix, payload in (("jpg", png_bytes(array)), ("txt", name.encode())):
+                info = tarfile.TarInfo(f"{index:04d}.{suffix}")
+                info.size = len(payload)
+                shard.addfile(info, io.BytesIO(payload))
+    (folder / "metadata.jsonl").write_text("\n".join(
+        json.dumps({"file_name": f"{index}.png", "text": name}) for index, (name, _) in enumerate(photos)))
+
+    from lavit.training.data import decode_image
+
+    for source in ("pairs.jsonl", "pairs.csv", "pairs.parquet", "shard-000.tar", "images"):
+        records = load_records(str(tmp_path / source))
+        assert {"image", "text"} <= set(records.column_names), source
+        assert len(records) == len(photos), source
+        image = decode_image(records[0]["image"])
+        assert image.mode == "RGB" and image.size[0] > 100, source
+    streamed = load_records(str(tmp_path / "pairs.jsonl"), streaming=True)
+    assert [record["text"] for record in streamed] == [row["caption"] for row in rows]
+    with pytest.raises(ValueError, match="no text column"):
+        load_records(str(tmp_path / "pairs.jsonl"), text_column="missing")
+
+
+def test_bad_records_are_skipped_and_counted_never_fatal(tmp_path, photos, lavit_processor):
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(photos[0][1]))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "truncated.png").write_bytes(png_bytes(photos[1][1])[:200])
+    rows = [{"image": name, "text": "a photo"} for name in ("good.png", "corrupt.png", "missing.png",
+                                                           "truncated.png", "good.png")]
+    rows.append({"image": "good.png", "text": "   "})  # empty text
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    builder = SequenceBuilder(lavit_processor.tokenizer, config, max_length=64, order="image_to_text")
+    sequences = builder.build(load_records(str(tmp_path / "pairs.jsonl")))
+    assert builder.counter.counts["unusable record"] == 1
+    collator = LaVITDataCollator(lavit_processor.image_processor, config.image_start_token_id)
+    batch = collator([sequences[index] for index in range(len(sequences))])
+    assert collator.counter.counts["unreadable image"] == 3
+    assert batch["pixel_values"].shape[0] == 2  # the two good images survive
+    assert int((batch["input_ids"] == config.image_start_token_id).sum()) == 2
+
+
+def test_sequences_pack_both_orders_within_max_length(lavit_processor, photos):
+    import datasets
+
+    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    records = datasets.Dataset.from_dict({"image": [png_bytes(array) for _, array in photos] * 3,
+                                          "text": [f"a photo of a {name}" for name, _ in photos] * 3})
+    builder = SequenceBuilder(lavit_processor.tokenizer, config, max_length=60, order="both",
+                              image_token_estimate=8)
+    rows = builder.build(records)
+    starts = {"image_to_text": 0, "text_to_image": 0}
+    for row in rows:
+        budget = sum(row["segment_lengths"]) + 8 * len(row["images"])
+        assert budget <= 60 and sum(row["segment_lengths"]) == len(row["input_ids"])
+        position = 0
+        for length in row["segment_lengths"]:
+            first = row["input_ids"][position]
+            starts["image_to_text" if first == config.image_start_token_id else "text_to_image"] += 1
+            position += length
+    assert starts == {"image_to_text": 12, "text_to_image": 12}
+    assert len(rows) < 24  # several pairs per row
+    again = SequenceBuilder(lavit_processor.tokenizer, config, max_length=60, order="random", seed=3).build(records)
+    assert again["input_ids"] == SequenceBuilder(lavit_processor.tokenizer, config, max_length=60, order="random",
+                                                 seed=3).build(records)["input_ids"]
+
+
+def test_text_only_records_mix_in_by_ratio(tmp_path, photos):
+    import datasets
+
+    pairs = datasets.Dataset.from_dict({"image": [png_bytes(photos[0][1])] * 200, "text": ["a photo"] * 200})
+    (tmp_path / "corpus.txt").write_text("\n".join(f"line {index}" for index in range(400)))
+    mixed = mix_text_records(pairs, load_text_records(str(tmp_path / "corpus.txt")), text_ratio=0.4, seed=0)
+    text_only = sum(record["image"] is None for record in mixed)
+    assert 0.3 < text_only / len(mixed) < 0.5
+
+
+def test_packed_and_padded_batches_give_the_same_loss(lavit_model, lavit_processor, photos):
+    import datasets
+
+    config = lavit_model.config
+    records = datasets.Dataset.from_dict({"image": [png_bytes(array) for _, array in photos],
+                                          "text": [f"a photo of a {name}" for name, _ in photos]})
+    rows = SequenceBuilder(lavit_processor.tokenizer, config, max_length=80, order="random").build(records)
+    rows = [rows[index] for index in range(len(rows))]
+    losses = {}
+    for packed in (True, False):
+        collator = LaVITDataCollator(lavit_processor.image_processor, config.image_start_token_id,
+                                     pad_token_id=lavit_processor.tokenizer.pad_token_id, packed=packed)
+        batch = collator(rows)
+        assert ("attention_mask" in batch) != packed
+        with torch.no_grad():
+            losses[packed] = lavit_model(**batch).loss
+    assert torch.allclose(losses[True], losses[False], atol=1e-5)
+
+
+def test_instruction_rows_supervise_only_the_answers(lavit_processor, photos):
+    vqa = InstructionBuilder(lavit_processor, task="vqa")
+    example = vqa.example({"image": png_bytes(photos[0][1]), "question": "what is it?", "answer": "a cat"}, 0)
+    tokenizer = lavit_processor.tokenizer
+    supervised = [token for token, label in zip(example["input_ids"], example["labels"], strict=True)
+                  if label != -100]
+    assert tokenizer.decode(supervised, skip_special_tokens=True).strip() == "a cat"
+    assert example["input_ids"][0] == lavit_processor.image_start_token_id
+
+    chat = InstructionBuilder(lavit_processor, task="chat")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]},
+                {"role": "assistant", "content": "a cat"},
+                {"role": "user", "content": "and the colour?"},
+                {"role": "assistant", "content": "red"}]
+    example = chat.example({"messages": messages, "images": [png_bytes(photos[0][1])]}, 0)
+    supervised = [token for token, label in zip(example["input_ids"], example["labels"], strict=True)
+                  if label != -100]
+    text = tokenizer.decode(supervised, skip_special_tokens=True)
+    assert "cat" in text and "red" in text and "colour" not in text
+    counter = BadRecordCounter()
+    chat.counter = counter
+    chat({"messages": [messages], "images": [[]]}, [0])  # one placeholder, no image: skipped and counted
+    assert counter.total == 1

@@ -1,0 +1,167 @@
+"""Stage 2 and fine-tuning through the real entry points: resume after a crash, learning-rate groups, LoRA merge,
+and multi-process data parallel (DDP and DeepSpeed ZeRO-2 on CPU) matching one process on the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_tokenizer_config, training_args, write_tiny_language_model
+from lavit.training.sample_data import write_photo_imagefolder
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from lavit import LaVITForCausalLM, LaVITTokenizerModel
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    """A tiny (untrained, deterministic) visual tokenizer, a tiny LM and a photo dataset, pre-tokenized too."""
+    from lavit.training.preprocess import PreprocessArguments, preprocess
+
+    root = tmp_path_factory.mktemp("components")
+    torch.manual_seed(0)
+    LaVITTokenizerModel(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
+    from lavit.processing import LaVITImageProcessor
+
+    LaVITImageProcessor.from_tokenizer_config(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
+    write_tiny_language_model(root / "lm")
+    photos = write_photo_imagefolder(root / "photos")
+    tokenized = preprocess(PreprocessArguments(data=str(photos), visual_tokenizer=str(root / "tokenizer"),
+                                               output=str(root / "photos_tokenized"), batch_size=4))
+    return {"tokenizer": root / "tokenizer", "lm": root / "lm", "photos": photos, "tokenized": tokenized}
+
+
+def stage2_script(components, data="photos", **overrides):
+    from lavit.training.stage2_pretrain import PretrainingArguments
+
+    settings = dict(data=str(components[data]), visual_tokenizer=str(components["tokenizer"]),
+                    language_model=str(components["lm"]), max_length=96, resume="auto", visual_learning_rate=None)
+    settings.update(overrides)
+    return PretrainingArguments(**settings)
+
+
+def final_weights(folder) -> dict:
+    return load_file(Path(folder) / "model.safetensors")
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a killed run: dies at `step`, after writing a half checkpoint (no trainer_state.json)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            partial = Path(args.output_dir) / f"checkpoint-{self.step}"
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / "model.safetensors").write_bytes(b"half written")
+            raise KeyboardInterrupt("killed")
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_run(components, tmp_path):
+    from lavit.training.stage2_pretrain import pretrain
+
+    arguments = dict(max_steps=6, save_steps=2, per_device_train_batch_size=2, learning_rate=1e-3)
+    reference = pretrain(stage2_script(components), training_args(tmp_path / "reference", **arguments))
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(stage2_script(components), training_args(tmp_path / "crashed", **arguments), callbacks=[CrashAt(5)])
+    assert not (tmp_path / "crashed" / "final").exists()
+    resumed = pretrain(stage2_script(components), training_args(tmp_path / "crashed", **arguments))
+
+    log = [json.loads(line) for line in (tmp_path / "crashed" / "logs.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "loss" in entry][-1] == 5  # resumed at step 4, ran 5 and 6
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    # the folder is Hub-ready: code, processor and weights load with the Auto classes
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    assert AutoProcessor.from_pretrained(resumed, trust_remote_code=True).tokenizer is not None
+    assert isinstance(AutoModelForCausalLM.from_pretrained(resumed, trust_remote_code=True), torch.nn.Module)
+
+
+def test_visual_modules_and_rows_get_their_own_learning_rate(components, tmp_path):
+    from lavit.training.stage2_pretrain import build_unified_model, data_collator, pretraining_dataset
+    from lavit.training.trainer import LaVITTrainer
+
+    script = stage2_script(components, visual_learning_rate=1e-2)
+    model, processor = build_unified_model(script)
+    dataset, _ = pretraining_dataset(script, processor.tokenizer, model.config)
+    trainer = LaVITTrainer(model=model, args=training_args(tmp_path, max_steps=1, weight_decay=0.0,
+                                                           adam_beta2=0.999, learning_rate=1e-4),
+                           train_dataset=dataset, data_collator=data_collator(processor, model.config, True),
+                           visual_learning_rate=1e-2)
+    trainer.create_optimizer()
+    rates = {group["lr"] for group in trainer.optimizer.param_groups}
+    assert rates == {1e-4, 1e-2}
+    embeddings = model.get_input_embeddings().weight
+    before = embeddings.detach().clone()
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    model(**batch).loss.backward()
+    trainer.optimizer.step()
+    change = (embeddings.detach() - before).abs()
+    text_rows, visual_rows = slice(0, model.config.text_vocab_size), slice(model.config.text_vocab_size, None)
+    # Adam's first step moves every touched entry by about lr: the visual rows 100x more than the text rows
+    text_step = change[text_rows][change[text_rows] > 0].mean()
+    visual_step = change[visual_rows][change[visual_rows] > 0].mean()
+    assert 50 < float(visual_step / text_step) < 200
+
+
+def test_lora_finetuning_merges_into_a_plain_checkpoint(components, tmp_path):
+    from lavit.training.finetune import FinetuningArguments, finetune
+    from lavit.training.stage2_pretrain import pretrain
+
+    base = pretrain(stage2_script(components), training_args(tmp_path / "stage2", max_steps=2))
+    finetuned = finetune(
+        FinetuningArguments(model=str(base), data=str(components["photos"]), task="caption", lora=True, lora_r=4,
+                            resume="no"),
+        training_args(tmp_path / "lora", max_steps=4, learning_rate=1e-2),
+    )
+    assert not (finetuned / "adapter_config.json").exists()
+    before, after = final_weights(base), final_weights(finetuned)
+    assert before.keys() == after.keys()  # merged: no lora_A/lora_B left
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("language_model" in name and "proj" in name for name in changed), changed
+    LaVITForCausalLM.from_pretrained(finetuned)
+
+
+def run_processes(settings: dict, tmp_path, processes: int, name: str) -> list[float]:
+    settings_file = tmp_path / f"{name}.json"
+    settings_file.write_text(json.dumps(settings))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "tests")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(29500 + hash(name) % 500), str(REPO_ROOT / "tests" / "distributed_stage2.py"),
+               str(settings_file)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = Path(settings["training"]["output_dir"]) / "logs.jsonl"
+    return [entry["loss"] for entry in map(json.loads, log.read_text().splitlines()) if "loss" in entry]
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2"])
+def test_two_processes_match_one_process_on_the_same_global_batch(components, tmp_path, launcher):
+    if launcher.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    script = {"data": str(components["tokenized"]), "visual_tokenizer": str(components["tokenizer"]),
+              "language_model": str(components["lm"]), "max_length": 24, "order": "both", "resume": "no",
+              "visual_learning_rate": None, "packed": False}  # 22 rows: every step takes 4 distinct ones
+    common = dict(use_cpu=True, learning_rate=1e-3, warmup_steps=0, logging_steps=1, save_steps=1000, max_steps=3,
+                  disable_tqdm=True, report_to="none", seed=0, gradient_accumulation_steps=1)
+    one = run_processes({"script": script, "training": {**common, "output_dir": str(tmp_path / "one"),
+                                                        "per_device_train_batch_size": 4}}, tmp_path, 1, "one")
+    extra = {"deepspeed": str(REPO_ROOT / "training" / "configs" / "zero2.json")} if launcher != "ddp" else {}
+    two = run_processes({"script": script, "training": {**common, **extra, "output_dir": str(tmp_path / "two"),
+                                                        "per_device_train_batch_size": 2}}, tmp_path, 2, launcher)
+    assert len(one) == len(two) == 3
+    assert one == pytest.approx(two, abs=1e-4), (one, two)
+    shutil.rmtree(tmp_path / "two", ignore_errors=True)

@@ -1,0 +1,61 @@
+"""Argument dataclasses shared by the stages, and the parser behind their command lines.
+
+Every stage takes its own arguments dataclass plus a [`LaVITTrainingArguments`] (the usual `TrainingArguments`,
+with the defaults LaVIT training wants), from the command line or from one JSON/YAML file.
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class LaVITTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the paper's optimiser defaults (AdamW, betas 0.9/0.95, weight decay 0.1, warmup then
+    cosine decay) and the settings the LaVIT collators need (their columns are not model inputs)."""
+
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (paper: 0.95)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (paper: 0.1)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warmup steps (a float < 1: fraction of training)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept on disk."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the columns the collators read."})
+
+
+@dataclass
+class DataArguments:
+    data: str = field(metadata={"help": "Image-text data: an imagefolder with metadata.jsonl, a JSON/JSONL/CSV/Parquet "
+                                        "file, WebDataset .tar shards (a file or a folder), or a load_dataset name."})
+    split: str = field(default="train", metadata={"help": "Split to train on."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the data instead of downloading it first "
+                                                             "(needs --max_steps)."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (found automatically)."})
+    text_column: str | None = field(default=None, metadata={"help": "Text column (found automatically)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
+    resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint in "
+                                                          "output_dir; 'no': start fresh; or a checkpoint path."})
+
+
+def parse_arguments(dataclass_types, argv=None):
+    """Parses `argv` (default: the command line) into the given dataclasses; a single `.json`/`.yaml` argument is
+    read as a config file. Launchers' `--local_rank=N` is accepted (TrainingArguments has it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def limit_records(records, max_samples: int | None):
+    """The first `max_samples` records (streaming too)."""
+    if max_samples is None:
+        return records
+    if isinstance(records, datasets.Dataset):
+        max_samples = min(max_samples, len(records))
+    return records.take(max_samples)

@@ -1,0 +1,125 @@
+"""Collators: rows from `training.data` -> model batches.
+
+`LaVITDataCollator(packed=True)` is padding-free: all segments of the batch go into one row, position ids restart
+at every segment (the LM then attends within segments only), and no token is padding. `packed=False` is the padded
+fallback for attention kernels that need rectangular batches: one segment per row, right padding and an attention
+mask. Both give the same loss (the first token of every segment has no target, as the model also enforces).
+`ImageCollator` feeds stage 1: decoded images, optional random crops, `pixel_values`.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import BadRecordCounter, BadRecordError, decode_image
+
+
+@dataclass
+class LaVITDataCollator:
+    """
+    Args:
+        image_processor: a [`LaVITImageProcessor`].
+        image_start_token_id: id of `[IMG]` (each one in a segment takes the next image of its row).
+        pad_token_id: id written into padding (padded mode).
+        packed: padding-free packing (default) or the padded fallback.
+        pad_to_multiple_of: padded mode only, rounds the batch length up.
+    A segment whose image cannot be decoded is dropped and counted in `counter`.
+    """
+
+    image_processor: object
+    image_start_token_id: int
+    pad_token_id: int = 0
+    packed: bool = True
+    pad_to_multiple_of: int | None = None
+    counter: BadRecordCounter = field(default_factory=BadRecordCounter)
+
+    def segments(self, rows: list[dict]) -> list[dict]:
+        """Splits rows into segments, each with its ids, labels, decoded images and stored keep masks."""
+        segments = []
+        for row in rows:
+            input_ids, labels = list(row["input_ids"]), list(row.get("labels") or row["input_ids"])
+            images, keep_masks = list(row.get("images") or []), row.get("image_keep_mask")
+            image_cursor, start = 0, 0
+            for length in row.get("segment_lengths") or [len(input_ids)]:
+                ids = input_ids[start : start + length]
+                num_images = ids.count(self.image_start_token_id)
+                segment_images = images[image_cursor : image_cursor + num_images]
+                segment_masks = keep_masks[image_cursor : image_cursor + num_images] if keep_masks else []
+                segment = {"input_ids": ids, "labels": labels[start : start + length], "keep_masks": segment_masks}
+                start, image_cursor = start + length, image_cursor + num_images
+                if len(segment_images) != num_images:
+                    self.counter.skip("image count", f"a segment has {num_images} [IMG] but "
+                                                     f"{len(segment_images)} image(s)")
+                    continue
+                try:
+                    segment["images"] = [decode_image(image, name="segment image") for image in segment_images]
+                except BadRecordError as error:
+                    self.counter.skip("unreadable image", str(error))
+                    continue
+                segments.append(segment)
+        return segments
+
+    def __call__(self, rows: list[dict]) -> dict:
+        segments = self.segments(rows)
+        if not segments:
+            # every record of the batch was bad: an empty step (no targets) keeps the run alive
+            return {"input_ids": torch.tensor([[self.pad_token_id]]), "labels": torch.tensor([[-100]])}
+        batch = self._pack(segments) if self.packed else self._pad(segments)
+        images = [image for segment in segments for image in segment["images"]]
+        if images:
+            batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            keep_masks = [mask for segment in segments for mask in segment["keep_masks"]]
+            if keep_masks and all(mask is not None for mask in keep_masks):
+                batch["image_keep_mask"] = torch.tensor(keep_masks, dtype=torch.bool)
+        return batch
+
+    @staticmethod
+    def _segment_labels(segment: dict) -> list[int]:
+        return [-100] + list(segment["labels"][1:])  # the first token of a sequence has no predecessor
+
+    def _pack(self, segments: list[dict]) -> dict:
+        input_ids = [token for segment in segments for token in segment["input_ids"]]
+        labels = [label for segment in segments for label in self._segment_labels(segment)]
+        position_ids = [position for segment in segments for position in range(len(segment["input_ids"]))]
+        return {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([position_ids]),
+        }
+
+    def _pad(self, segments: list[dict]) -> dict:
+        length = max(len(segment["input_ids"]) for segment in segments)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(segments), length), self.pad_token_id)
+        labels = torch.full((len(segments), length), -100)
+        attention_mask = torch.zeros((len(segments), length), dtype=torch.long)
+        for row, segment in enumerate(segments):
+            size = len(segment["input_ids"])
+            input_ids[row, :size] = torch.tensor(segment["input_ids"])
+            labels[row, :size] = torch.tensor(self._segment_labels(segment))
+            attention_mask[row, :size] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass
+class ImageCollator:
+    """Stage-1 batches: decoded images (bad ones already replaced by the dataset) -> `pixel_values`, with random
+    crops covering `crop_scale` of the image area (drawn from torch's RNG, which the Trainer seeds and checkpoints)."""
+
+    image_processor: object
+    crop_scale: tuple[float, float] | None = (0.5, 1.0)
+
+    def random_crop(self, image):
+        low, high = self.crop_scale
+        area_fraction = low + (high - low) * float(torch.rand(()))
+        side = area_fraction**0.5
+        width, height = max(1, round(image.width * side)), max(1, round(image.height * side))
+        left = int(torch.randint(0, image.width - width + 1, ()))
+        top = int(torch.randint(0, image.height - height + 1, ()))
+        return image.crop((left, top, left + width, top + height))
+
+    def __call__(self, images: list) -> dict:
+        if self.crop_scale is not None:
+            images = [self.random_crop(image) for image in images]
+        return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"]}

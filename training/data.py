@@ -1,0 +1,460 @@
+"""Training data on `datasets`: sources, bad-record skipping, pre-tokenization and LaVIT sequence building.
+
+Every loader returns a `datasets.Dataset` (or `IterableDataset` when streaming) with an undecoded `image` column
+(a path, raw bytes or `{"bytes", "path"}`) and a `text` column. Images are decoded only where they are used (the
+collator, or `preprocess_images`), so a corrupt, missing or truncated file costs one skipped record, never the run.
+
+Sequences (paper section 3.3): an image-caption pair becomes one *segment*, image-to-text (`[IMG] ... [/IMG]
+caption</s>`) or text-to-image (`caption [IMG] ... [/IMG]</s>`); text-only records become text segments. Segments are
+packed greedily into rows of at most `max_length` tokens. A row stores its ids, its segment lengths and its images;
+the collator restarts position ids per segment so that packed segments never attend to each other.
+"""
+
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from datasets import Image as ImageFeature
+from datasets import Value, interleave_datasets, load_dataset
+from lavit.modeling.configuration_lavit import LaVITConfig
+from lavit.processing.image_processing_lavit import to_rgb_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".tar": "webdataset"}
+SEQUENCE_ORDERS = ("random", "both", "image_to_text", "text_to_image")
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be used (unreadable image, empty text); callers skip it and count it."""
+
+
+@dataclass
+class BadRecordCounter:
+    """Counts skipped records by reason and logs the first few of each, so a bad dataset is visible but not fatal."""
+
+    log_first: int = 3
+    counts: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, detail: str):
+        self.counts[reason] += 1
+        if self.counts[reason] <= self.log_first:
+            logger.warning(f"skipping a bad record ({reason}): {detail}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+
+
+def load_records(
+    source: str,
+    split: str = "train",
+    streaming: bool = False,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    require_text: bool = True,
+    **load_kwargs,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """
+    Image-text records from any source, as columns `image` (undecoded) and `text`.
+
+    `source` is a local `imagefolder` (images + `metadata.jsonl` with `file_name` and `text`), a JSON/JSONL/CSV/Parquet
+    file whose image column holds paths (relative to the file) or bytes, a `.tar` WebDataset shard or a folder of
+    them, or anything `datasets.load_dataset` accepts (a Hub name or a local script/folder). Column names are found
+    automatically (`image`/`jpg`/`png`..., `text`/`caption`/`txt`) or given explicitly. `require_text=False` accepts
+    image-only data (stage 1), e.g. a plain folder of images.
+    """
+    path = Path(source)
+    if path.is_dir() and (path / "state.json").exists():  # written by `save_to_disk` (e.g. `lavit-preprocess`)
+        records = datasets.load_from_disk(str(path))
+        return records.to_iterable_dataset() if streaming else records
+    if path.is_dir() and sorted(path.glob("*.tar")):
+        records = load_dataset("webdataset", data_files=[str(p) for p in sorted(path.glob("*.tar"))], split=split,
+                               streaming=streaming, **load_kwargs)
+    elif path.is_dir():
+        records = load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **load_kwargs)
+    elif path.suffix in TABLE_BUILDERS:
+        if not path.exists():
+            raise FileNotFoundError(f"data file {source!r} does not exist")
+        records = load_dataset(TABLE_BUILDERS[path.suffix], data_files=str(path), split=split, streaming=streaming,
+                               **load_kwargs)
+    else:
+        records = load_dataset(source, split=split, streaming=streaming, **load_kwargs)
+    return _standardize_columns(records, source, image_column, text_column, require_text, base_dir=path.parent)
+
+
+def _standardize_columns(records, source, image_column, text_column, require_text, base_dir: Path):
+    columns = list(records.column_names or records.features or [])
+    image_column = image_column or _first_present(
+        columns, ("image", "images", "img", "image_path", "file_name", "path") + IMAGE_EXTENSIONS)
+    text_column = text_column or _first_present(columns, ("text", "caption", "txt", "captions", "sentence"))
+    if image_column is None or image_column not in columns:
+        raise ValueError(f"{source}: no image column found among {columns}; pass image_column=")
+    if require_text and (text_column is None or text_column not in columns):
+        raise ValueError(f"{source}: no text column found among {columns}; pass text_column=")
+    if text_column not in columns:
+        text_column = None
+    if isinstance(records.features[image_column], ImageFeature):
+        records = records.cast_column(image_column, ImageFeature(decode=False))
+    renames = {image_column: "image", **({text_column: "text"} if text_column else {})}
+    records = records.rename_columns({old: new for old, new in renames.items() if old != new})
+    if _holds_paths(records.features.get("image")):
+        # relative paths in a table are relative to the table's folder
+        root = str(base_dir.resolve())
+        records = records.map(lambda batch: {"image": [_resolve_path(value, root) for value in batch["image"]]},
+                              batched=True)
+    return records
+
+
+def _holds_paths(feature) -> bool:
+    """A string column, or a list of strings (several images per record, e.g. chat data)."""
+    inner = getattr(feature, "feature", feature)
+    return isinstance(inner, Value) and inner.dtype in ("string", "large_string")
+
+
+def _first_present(columns, candidates):
+    return next((name for name in candidates if name in columns), None)
+
+
+def _resolve_path(value, root: str):
+    if isinstance(value, list):
+        return [_resolve_path(item, root) for item in value]
+    if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
+        return os.path.join(root, value)
+    return value
+
+
+def load_text_records(source: str, split: str = "train", streaming: bool = False, text_column: str = "text",
+                      **load_kwargs):
+    """Text-only records (`text` column) from a `.txt`/JSON/CSV/Parquet file or any `load_dataset` source."""
+    path = Path(source)
+    builder = "text" if path.suffix == ".txt" else TABLE_BUILDERS.get(path.suffix)
+    if builder is not None:
+        records = load_dataset(builder, data_files=str(path), split=split, streaming=streaming, **load_kwargs)
+    else:
+        records = load_dataset(source, split=split, streaming=streaming, **load_kwargs)
+    if text_column != "text":
+        records = records.rename_column(text_column, "text")
+    return records.select_columns(["text"])
+
+
+def mix_text_records(pairs, texts, text_ratio: float, seed: int = 0):
+    """Interleaves text-only records into image-text records: a fraction `text_ratio` of the mixture is text-only
+    (the official authors used about 2 text : 1 image-text)."""
+    if not 0 <= text_ratio < 1:
+        raise ValueError(f"text_ratio must be in [0, 1), got {text_ratio}")
+    if texts is None or text_ratio == 0:
+        return pairs
+    # text records get every other column of the pairs (image, stored tokens) as empty values
+    missing = [name for name in pairs.column_names if name != "text"]
+    texts = texts.map(lambda batch: {name: [None] * len(batch["text"]) for name in missing}, batched=True)
+    texts = texts.cast(pairs.features)
+    return interleave_datasets([pairs, texts], probabilities=[1 - text_ratio, text_ratio], seed=seed,
+                               stopping_strategy="first_exhausted")
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+
+
+def decode_image(value, name: str = "image"):
+    """An undecoded record image (path, bytes or `{"bytes", "path"}` dict) -> RGB PIL image; `BadRecordError`
+    when it is missing, unreadable, truncated or empty."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if value is None or (isinstance(value, str) and not value):
+        raise BadRecordError(f"{name}: no image")
+    try:
+        return to_rgb_image(value, name=name)
+    except ValueError as error:  # its message already names the image
+        raise BadRecordError(str(error)) from error
+
+
+def preprocess_images(records, visual_tokenizer, image_processor, batch_size: int = 64, counter=None,
+                      num_proc: int | None = None):
+    """
+    Offline pre-tokenization: adds `keep_mask` (N booleans) and `code_ids` (the image's visual ids) to every record
+    with the frozen tokenizer, in batches (on the tokenizer's device, e.g. a GPU). Records with unusable images are
+    dropped and counted. Stage 2 then reads the stored tokens instead of recomputing the frozen parts.
+    """
+    counter = counter if counter is not None else BadRecordCounter()
+    visual_tokenizer.eval()
+
+    def tokenize_batch(batch):
+        images, kept_rows = [], []
+        for row, value in enumerate(batch["image"]):
+            try:
+                images.append(decode_image(value, name=f"record image {row}"))
+                kept_rows.append(row)
+            except BadRecordError as error:
+                counter.skip("unreadable image", str(error))
+        output = {key: [batch[key][row] for row in kept_rows] for key in batch}
+        output["keep_mask"], output["code_ids"] = [], []
+        if images:
+            pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+            pixel_values = pixel_values.to(visual_tokenizer.device, visual_tokenizer.dtype)
+            tokens = visual_tokenizer.tokenize(pixel_values)
+            output["keep_mask"] = tokens.keep_mask.cpu().tolist()
+            output["code_ids"] = [ids.cpu().tolist() for ids in tokens.per_image()]
+        return output
+
+    map_kwargs = {"num_proc": num_proc} if num_proc and not isinstance(records, datasets.IterableDataset) else {}
+    return records.map(tokenize_batch, batched=True, batch_size=batch_size, **map_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------- sequences
+
+
+@dataclass
+class SequenceBuilder:
+    """
+    Builds packed training rows for stage 2 (a batched `datasets.map` function; use `with_indices=True`).
+
+    Args:
+        tokenizer: the LM's text tokenizer (knows `[IMG]`/`[/IMG]`).
+        config: the [`LaVITConfig`] (vocabulary layout, number of patches).
+        max_length: maximum tokens per row, visual tokens included.
+        order: `"random"` (image-to-text with probability `image_to_text_ratio`, else text-to-image), `"both"` (each
+            pair twice, once per order), `"image_to_text"` or `"text_to_image"`.
+        image_token_estimate: tokens counted for an image whose count is not known yet (compact form, no stored
+            `code_ids`); defaults to `config.num_patches`, an upper bound, so rows never exceed `max_length`.
+        seed: makes the order choice a function of the record index (the same on every run and after a resume).
+    """
+
+    tokenizer: object
+    config: LaVITConfig
+    max_length: int = 2048
+    order: str = "random"
+    image_to_text_ratio: float = 0.5
+    image_token_estimate: int | None = None
+    seed: int = 0
+    counter: BadRecordCounter = field(default_factory=BadRecordCounter)
+
+    def __post_init__(self):
+        if self.order not in SEQUENCE_ORDERS:
+            raise ValueError(f"order must be one of {SEQUENCE_ORDERS}, got {self.order!r}")
+        self.image_token_estimate = self.image_token_estimate or self.config.tokenizer_config.num_patches
+        self.end_ids = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+
+    def segments_of(self, record: dict, index: int) -> list[dict]:
+        """One record -> its segments: `{"input_ids", "budget", "image", "keep_mask"}`."""
+        text = record.get("text")
+        if isinstance(text, list):  # several captions per image: the index picks one, reproducibly
+            text = text[index % len(text)] if text else None
+        if not isinstance(text, str) or not text.strip():
+            raise BadRecordError(f"record {index}: empty or missing text")
+        text_ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        if record.get("image") is None:
+            ids = (text_ids + self.end_ids)[: self.max_length]
+            return [{"input_ids": ids, "budget": len(ids), "image": None, "keep_mask": None}]
+        config = self.config
+        code_ids = record.get("code_ids")
+        if code_ids:
+            visual_ids = [config.visual_token_offset + int(code) for code in code_ids]
+            image_ids = [config.image_start_token_id, *visual_ids, config.image_end_token_id]
+            budget_extra = 0
+        else:
+            image_ids = [config.image_start_token_id, config.image_end_token_id]
+            budget_extra = self.image_token_estimate
+        room = self.max_length - len(image_ids) - budget_extra - len(self.end_ids)
+        if room < 1:
+            raise BadRecordError(f"record {index}: the image alone needs more than max_length={self.max_length}")
+        text_ids = text_ids[:room]
+        if self.order == "both":
+            orders = ["image_to_text", "text_to_image"]
+        elif self.order == "random":
+            draw = random.Random(self.seed * 1_000_003 + index).random()
+            orders = ["image_to_text" if draw < self.image_to_text_ratio else "text_to_image"]
+        else:
+            orders = [self.order]
+        segments = []
+        for order in orders:
+            body = image_ids + text_ids if order == "image_to_text" else text_ids + image_ids
+            ids = body + self.end_ids
+            segments.append({"input_ids": ids, "budget": len(ids) + budget_extra, "image": record["image"],
+                             "keep_mask": record.get("keep_mask")})
+        return segments
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        rows = {"input_ids": [], "segment_lengths": [], "images": [], "image_keep_mask": []}
+        current, used = [], 0
+
+        def flush():
+            if current:
+                rows["input_ids"].append([token for segment in current for token in segment["input_ids"]])
+                rows["segment_lengths"].append([len(segment["input_ids"]) for segment in current])
+                with_image = [segment for segment in current if segment["image"] is not None]
+                rows["images"].append([segment["image"] for segment in with_image])
+                rows["image_keep_mask"].append([segment["keep_mask"] for segment in with_image])
+
+        names = list(batch)
+        for position, index in enumerate(indices):
+            record = {name: batch[name][position] for name in names}
+            try:
+                segments = self.segments_of(record, index)
+            except BadRecordError as error:
+                self.counter.skip("unusable record", str(error))
+                continue
+            for segment in segments:
+                if current and used + segment["budget"] > self.max_length:
+                    flush()
+                    current, used = [], 0
+                current.append(segment)
+                used += segment["budget"]
+        flush()
+        if not any(mask is not None for masks in rows["image_keep_mask"] for mask in masks):
+            del rows["image_keep_mask"]
+        return rows
+
+    def build(self, records, batch_size: int = 1000):
+        """Applies the builder to a dataset (streaming too); the output rows replace the records."""
+        return records.map(self, batched=True, batch_size=batch_size, with_indices=True,
+                           remove_columns=list(records.column_names or []))
+
+
+# ---------------------------------------------------------------------------------------------------------- fine-tuning
+
+CAPTION_PROMPT = ""  # official captioning: the image followed by the caption, no template
+VQA_TEMPLATE = "Question: {question} Answer:"
+
+
+@dataclass
+class InstructionBuilder:
+    """
+    Fine-tuning rows with the loss on the answer only: `task="caption"` (`image` + `text`), `"vqa"` (`image`,
+    `question`, `answer`: the official `Question: {q} Answer:` template) or `"chat"` (`messages` in the transformers
+    chat format with `{"type": "image"}` items, plus `images`; every assistant turn is supervised).
+    """
+
+    processor: object
+    task: str = "caption"
+    max_length: int = 512
+    counter: BadRecordCounter = field(default_factory=BadRecordCounter)
+
+    def __post_init__(self):
+        if self.task not in ("caption", "vqa", "chat"):
+            raise ValueError(f"task must be 'caption', 'vqa' or 'chat', got {self.task!r}")
+        tokenizer = self.processor.tokenizer
+        self.end_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def _ids(self, text: str) -> list[int]:
+        compact = "[IMG][/IMG]"
+        return self.processor.tokenizer(text.replace(self.processor.image_token, compact),
+                                        add_special_tokens=False)["input_ids"]
+
+    def example(self, record: dict, index: int) -> dict:
+        if self.task == "chat":
+            prompt_answer_pairs, images = self._chat_turns(record, index)
+        else:
+            image = record.get("image")
+            if image is None:
+                raise BadRecordError(f"record {index}: no image")
+            images = [image]
+            if self.task == "caption":
+                answer = record.get("text")
+                prompt = self.processor.image_token + CAPTION_PROMPT
+            else:
+                answer = record.get("answer")
+                prompt = self.processor.image_token + VQA_TEMPLATE.format(question=record.get("question", ""))
+            if not isinstance(answer, str) or not answer.strip():
+                raise BadRecordError(f"record {index}: empty or missing answer")
+            prompt_answer_pairs = [(prompt, " " + answer.strip() if self.task == "vqa" else answer.strip())]
+        input_ids, labels = [], []
+        for prompt, answer in prompt_answer_pairs:
+            prompt_ids, answer_ids = self._ids(prompt), self._ids(answer) + self.end_ids
+            input_ids += prompt_ids + answer_ids
+            labels += [-100] * len(prompt_ids) + answer_ids
+        if len(input_ids) > self.max_length:
+            raise BadRecordError(f"record {index}: {len(input_ids)} tokens before images, over max_length="
+                                 f"{self.max_length}")
+        return {"input_ids": input_ids, "labels": labels, "segment_lengths": [len(input_ids)], "images": images}
+
+    def _chat_turns(self, record, index):
+        messages, images = record.get("messages"), record.get("images") or []
+        if not messages:
+            raise BadRecordError(f"record {index}: no messages")
+        template = self.processor.chat_template
+        tokenizer = self.processor.tokenizer
+        pairs, rendered_before = [], ""
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:turn], chat_template=template, tokenize=False,
+                                                   add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages[: turn + 1], chat_template=template, tokenize=False)
+            if not prompt.startswith(rendered_before) or not full.startswith(prompt):
+                raise BadRecordError(f"record {index}: the chat template does not render turns as prefixes")
+            answer = full[len(prompt):]
+            if answer.endswith(tokenizer.eos_token or "\0"):
+                answer = answer[: -len(tokenizer.eos_token)]
+            pairs.append((prompt[len(rendered_before):], answer))
+            rendered_before = full
+        if not pairs:
+            raise BadRecordError(f"record {index}: no assistant turn to learn from")
+        placeholders = sum(prompt.count(self.processor.image_token) for prompt, _ in pairs)
+        if placeholders != len(images):
+            raise BadRecordError(f"record {index}: {placeholders} image placeholder(s) but {len(images)} image(s)")
+        return pairs, images
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        rows = {"input_ids": [], "labels": [], "segment_lengths": [], "images": []}
+        names = list(batch)
+        for position, index in enumerate(indices):
+            try:
+                example = self.example({name: batch[name][position] for name in names}, index)
+            except BadRecordError as error:
+                self.counter.skip("unusable record", str(error))
+                continue
+            for key in rows:
+                rows[key].append(example[key])
+        return rows
+
+    def build(self, records, batch_size: int = 1000):
+        return records.map(self, batched=True, batch_size=batch_size, with_indices=True,
+                           remove_columns=list(records.column_names or []))
+
+
+def image_dataset(records, counter: BadRecordCounter | None = None) -> torch.utils.data.Dataset:
+    """Stage-1 view of records: items are decoded RGB images. A bad record is counted and replaced by the next
+    readable one, so every batch is full and the same on every run."""
+    counter = counter or BadRecordCounter()
+    if isinstance(records, datasets.IterableDataset):
+        return _StreamedImageRecords(records, counter)
+    return _ImageRecords(records, counter)
+
+
+class _ImageRecords(torch.utils.data.Dataset):
+    def __init__(self, records, counter: BadRecordCounter):
+        self.records, self.counter = records, counter
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        for offset in range(len(self.records)):
+            candidate = (index + offset) % len(self.records)
+            try:
+                return decode_image(self.records[candidate]["image"], name=f"record {candidate}")
+            except BadRecordError as error:
+                self.counter.skip("unreadable image", str(error))
+        raise ValueError("no record of the dataset holds a readable image")
+
+
+class _StreamedImageRecords(torch.utils.data.IterableDataset):
+    def __init__(self, records, counter: BadRecordCounter):
+        self.records, self.counter = records, counter
+
+    def __iter__(self):
+        for index, record in enumerate(self.records):
+            try:
+                yield decode_image(record["image"], name=f"record {index}")
+            except BadRecordError as error:
+                self.counter.skip("unreadable image", str(error))

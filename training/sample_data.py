@@ -1,0 +1,78 @@
+"""Small real image-text datasets written offline from images that ship with scikit-learn and scikit-image, in the
+`imagefolder` layout every stage reads (`metadata.jsonl` with `file_name` and `text`). Used by the tests, the
+quickstart and as a format example; needs the `dev` extras (scikit-learn, scikit-image).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# colours for the digits: the class is in the shape, the colour varies the pixels
+DIGIT_COLOURS = ((255, 255, 255), (255, 220, 120), (140, 220, 255), (180, 255, 160))
+
+
+def digit_caption(label: int) -> str:
+    return f"the digit {DIGIT_NAMES[label]}"
+
+
+def write_imagefolder(folder, images: list[Image.Image], texts: list[str], extra: list[dict] | None = None) -> Path:
+    """Writes PNGs and `metadata.jsonl` (atomically: a temporary file renamed into place)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, (image, text) in enumerate(zip(images, texts, strict=True)):
+        file_name = f"{index:05d}.png"
+        image.save(folder / file_name)
+        lines.append(json.dumps({"file_name": file_name, "text": text, **((extra or [{}] * len(texts))[index])}))
+    temporary = folder / "metadata.jsonl.tmp"
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, folder / "metadata.jsonl")
+    return folder
+
+
+def digit_images(count: int | None = None, size: int = 64, offset: int = 0, seed: int = 0):
+    """scikit-learn's 8x8 handwritten digits, upscaled to `size` pixels and coloured: (PIL images, labels)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    stop = len(digits.images) if count is None else min(len(digits.images), offset + count)
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for index in range(offset, stop):
+        intensity = digits.images[index] / 16.0
+        colour = np.array(DIGIT_COLOURS[rng.integers(len(DIGIT_COLOURS))], dtype=np.float64)
+        rgb = (intensity[..., None] * colour).astype(np.uint8)
+        images.append(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+        labels.append(int(digits.target[index]))
+    return images, labels
+
+
+def write_digits_imagefolder(folder, count: int | None = None, size: int = 64, offset: int = 0) -> Path:
+    """An imagefolder of coloured digits captioned "the digit seven" (with a `label` column)."""
+    images, labels = digit_images(count, size, offset)
+    return write_imagefolder(folder, images, [digit_caption(label) for label in labels],
+                             [{"label": label} for label in labels])
+
+
+def photo_images() -> dict[str, np.ndarray]:
+    """The RGB photographs shipped with scikit-image and scikit-learn."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    photos = {"astronaut": data.astronaut(), "cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(),
+              "tissue": data.immunohistochemistry(), "galaxies": data.hubble_deep_field(), "retina": data.retina(),
+              "colour wheel": data.colorwheel(), "motorcycle": data.stereo_motorcycle()[0]}
+    sample = load_sample_images()
+    photos.update({"temple": sample.images[0], "flower": sample.images[1]})
+    return photos
+
+
+def write_photo_imagefolder(folder) -> Path:
+    """An imagefolder of the shipped photographs captioned "a photo of a <name>"."""
+    photos = photo_images()
+    return write_imagefolder(folder, [Image.fromarray(photo) for photo in photos.values()],
+                             [f"a photo of a {name}" for name in photos])

@@ -141,9 +141,10 @@ def find_image_spans(input_ids: torch.LongTensor, attention_mask: torch.Tensor |
             if end < start or (following is not None and following < end):
                 raise ValueError(f"row {row} of input_ids: [IMG] at {start} and [/IMG] at {end} are not paired")
             inside = input_ids[row, start + 1 : end]
-            if inside.numel() and int(inside.min()) < config.visual_token_offset:
+            if bool(((inside < config.visual_token_offset) | (inside >= config.visual_token_end)).any()):
                 raise ValueError(f"row {row} of input_ids: the image at position {start} holds non-visual ids "
-                                 f"between [IMG] and [/IMG]")
+                                 f"between [IMG] and [/IMG] (visual ids are in [{config.visual_token_offset}, "
+                                 f"{config.visual_token_end}))")
             rows.append(row)
             columns.append(start)
             lengths.append(end - start - 1)
@@ -160,6 +161,11 @@ def sequence_positions(valid: torch.Tensor, segment_starts: torch.Tensor) -> tor
     count = valid.long().cumsum(dim=1)
     offset = torch.cummax(torch.where(segment_starts & valid, count - 1, 0), dim=1).values
     return torch.where(valid, count - 1 - offset, 0)
+
+
+def restarts_inside_rows(position_ids: torch.LongTensor) -> bool:
+    """Whether rows hold several packed sequences: position ids go back down inside a row."""
+    return bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -340,7 +346,7 @@ class LaVITModel(LaVITPreTrainedModel):
         new_mask = attention_mask.new_zeros(batch_size, new_length)
         new_mask[rows, destination] = attention_mask
         segment_starts = torch.zeros(batch_size, new_length, dtype=torch.bool, device=device)
-        packed = position_ids is not None and bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
+        packed = position_ids is not None and restarts_inside_rows(position_ids)
         if packed:
             segment_starts[rows, destination] = position_ids == 0
         new_labels = None
@@ -362,8 +368,8 @@ class LaVITModel(LaVITPreTrainedModel):
             new_mask[slot_rows, slot_columns] = 1
             if visual_code_ids is not None:
                 new_ids[slot_rows, slot_columns] = visual_code_ids + config.visual_token_offset
-            elif labels is not None:
-                visual_code_ids = self._expanded_code_ids(new_ids[slot_rows, slot_columns], image_index)
+            elif labels is not None:  # expanded spans only; `find_image_spans` checked that they hold visual ids
+                visual_code_ids = new_ids[slot_rows, slot_columns] - config.visual_token_offset
             else:
                 new_ids[slot_rows, slot_columns] = config.visual_token_offset
             if new_labels is not None:
@@ -389,17 +395,6 @@ class LaVITModel(LaVITPreTrainedModel):
             image_token_counts=token_counts,
             packed=packed,
         )
-
-    def _expanded_code_ids(self, slot_ids: torch.LongTensor, image_index: torch.LongTensor) -> torch.LongTensor:
-        """The code ids written inside expanded spans, which become their targets; every slot must be a visual id."""
-        config = self.config
-        not_visual = (slot_ids < config.visual_token_offset) | (slot_ids >= config.visual_token_end)
-        if bool(not_visual.any()):
-            first = int(not_visual.nonzero()[0])
-            raise ValueError(f"image {int(image_index[first])} is an expanded span whose slots must hold visual ids "
-                             f"in [{config.visual_token_offset}, {config.visual_token_end}), "
-                             f"got id {int(slot_ids[first])}")
-        return slot_ids - config.visual_token_offset
 
     def check_token_ids(self, input_ids: torch.LongTensor):
         """Ids outside the LM vocabulary would fail deep inside the embedding lookup; name them here instead."""
@@ -449,11 +444,9 @@ class LaVITModel(LaVITPreTrainedModel):
             attention_mask = None if prepared.packed else prepared.attention_mask
         elif position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)  # left and right padding give the same positions
-        packed_rows = (
-            attention_mask is None and position_ids is not None and past_key_values is None
-            and bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
-        )
-        if packed_rows:
+        if attention_mask is None and position_ids is not None and past_key_values is None and restarts_inside_rows(
+            position_ids
+        ):
             use_cache = False  # transformers builds the block-diagonal mask of packed rows only without a cache
         if labels is not None and position_ids is not None:
             # the first token of a sequence has no predecessor; in packed rows this also stops a sequence's last

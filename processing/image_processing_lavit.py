@@ -23,9 +23,8 @@ def to_rgb_image(image, max_image_pixels: int | None = None, name: str = "image"
     """
     Any supported image -> an RGB PIL image. Accepts PIL images, file paths, encoded bytes (or a file object), numpy
     arrays ((H, W), (H, W, 3|4); uint8, uint16 or float in [0, 1]) and torch tensors ((C, H, W) or (H, W, C), same
-    dtypes). Grayscale, palette, CMYK and
-    16-bit images are converted; transparency is composited on white. Unreadable, empty or oversized images raise a
-    `ValueError` that names `name`.
+    dtypes). Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited on white.
+    Unreadable, empty or oversized images raise a `ValueError` that names `name`.
     """
     if isinstance(image, (bytes, bytearray)):
         image = io.BytesIO(image)

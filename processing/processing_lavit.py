@@ -67,6 +67,10 @@ class LaVITProcessor(ProcessorMixin):
             raise ValueError(f"[IMG]/[/IMG] got ids {ids}, expected {[text_vocab_size, text_vocab_size + 1]}")
         return text_vocab_size
 
+    def replace_image_placeholders(self, text: str) -> str:
+        """Each `<image>` placeholder -> the compact pair `[IMG][/IMG]` that the model expands."""
+        return text.replace(self.image_token, IMAGE_START_TOKEN + IMAGE_END_TOKEN)
+
     def __call__(
         self,
         images=None,
@@ -103,9 +107,8 @@ class LaVITProcessor(ProcessorMixin):
         empty = [index for index, item in enumerate(texts) if not item.strip()]
         if empty:
             raise ValueError(f"text {empty} is empty: give a prompt or an {self.image_token} placeholder")
-        compact = IMAGE_START_TOKEN + IMAGE_END_TOKEN
         encoded = self.tokenizer(
-            [item.replace(self.image_token, compact) for item in texts], add_special_tokens=add_special_tokens
+            [self.replace_image_placeholders(item) for item in texts], add_special_tokens=add_special_tokens
         )["input_ids"]
 
         kept_images, image_cursor = [], 0

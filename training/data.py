@@ -346,8 +346,7 @@ class InstructionBuilder:
         self.end_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def _ids(self, text: str) -> list[int]:
-        compact = "[IMG][/IMG]"
-        return self.processor.tokenizer(text.replace(self.processor.image_token, compact),
+        return self.processor.tokenizer(self.processor.replace_image_placeholders(text),
                                         add_special_tokens=False)["input_ids"]
 
     def example(self, record: dict, index: int) -> dict:

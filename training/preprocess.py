@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from lavit.modeling import LaVITTokenizerModel
+from lavit.modeling import LaVITConfig, LaVITForCausalLM, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor
+from transformers import PretrainedConfig
 
 from .arguments import DataArguments, limit_records, parse_arguments
 from .data import BadRecordCounter, load_records, preprocess_images
@@ -31,17 +32,11 @@ class PreprocessArguments(DataArguments):
 
 
 def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
-    if (Path(path) / "visual_tokenizer").is_dir():
-        return LaVITTokenizerModel.from_pretrained(Path(path) / "visual_tokenizer")
-    try:
-        return LaVITTokenizerModel.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        from lavit.modeling import LaVITForCausalLM
-
-        try:
-            return LaVITForCausalLM.from_pretrained(path).model.visual_tokenizer
-        except (OSError, ValueError):
-            raise error from None
+    """A tokenizer folder, or the frozen tokenizer inside a LaVIT model folder."""
+    model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
+    if model_type == LaVITConfig.model_type:
+        return LaVITForCausalLM.from_pretrained(path).model.visual_tokenizer
+    return LaVITTokenizerModel.from_pretrained(path)
 
 
 def preprocess(script_args: PreprocessArguments) -> Path:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from lavit.modeling.modeling_lavit import find_image_spans
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -50,12 +51,13 @@ class LaVITTrainer(Trainer):
         return super()._get_num_items_in_batch(batch_samples, device)
 
     def _has_compact_image_targets(self, batch) -> bool:
+        """The model's own rule: a compact span whose `[IMG]` label is kept gets targets added in the forward."""
         config = getattr(self.model, "config", None)
         if "labels" not in batch or not hasattr(config, "image_start_token_id"):
             return False
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        compact = (input_ids[:, :-1] == config.image_start_token_id) & (input_ids[:, 1:] == config.image_end_token_id)
-        return bool((compact & (labels[:, :-1] != -100)).any())
+        spans = find_image_spans(batch["input_ids"], batch.get("attention_mask"), config)
+        compact = spans.lengths == 0
+        return bool((compact & (batch["labels"][spans.rows, spans.starts] != -100)).any())
 
     # ------------------------------------------------------------------------------------------ optimizer
 

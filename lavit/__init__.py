@@ -11,6 +11,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
     AutoProcessor,
 )
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -18,6 +19,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from lavit.modeling import (
     LaVITCausalLMOutputWithPast,
     LaVITConfig,
+    LaVITDetokenizer,
+    LaVITDetokenizerConfig,
+    LaVITDetokenizerOutput,
     LaVITEvaVisionConfig,
     LaVITEvaVisionModel,
     LaVITFeatureDecoder,
@@ -40,15 +44,20 @@ AutoConfig.register(LaVITEvaVisionConfig.model_type, LaVITEvaVisionConfig, exist
 AutoConfig.register(LaVITTokenizerConfig.model_type, LaVITTokenizerConfig, exist_ok=True)
 AutoModel.register(LaVITEvaVisionConfig, LaVITEvaVisionModel, exist_ok=True)
 AutoModel.register(LaVITTokenizerConfig, LaVITTokenizerModel, exist_ok=True)
+AutoConfig.register(LaVITDetokenizerConfig.model_type, LaVITDetokenizerConfig, exist_ok=True)
+AutoModel.register(LaVITDetokenizerConfig, LaVITDetokenizer, exist_ok=True)
 AutoConfig.register(LaVITConfig.model_type, LaVITConfig, exist_ok=True)
 AutoModel.register(LaVITConfig, LaVITModel, exist_ok=True)
 AutoModelForCausalLM.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
 AutoModelForImageTextToText.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
+AutoModelForMultimodalLM.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
 AutoImageProcessor.register(LaVITConfig, slow_image_processor_class=LaVITImageProcessor, exist_ok=True)
 AutoProcessor.register(LaVITConfig, LaVITProcessor, exist_ok=True)
 # saved folders carry the code files and an `auto_map`, so they load with trust_remote_code=True anywhere
 LaVITTokenizerConfig.register_for_auto_class()
 LaVITTokenizerModel.register_for_auto_class("AutoModel")
+LaVITDetokenizerConfig.register_for_auto_class()
+LaVITDetokenizer.register_for_auto_class("AutoModel")
 LaVITConfig.register_for_auto_class()
 LaVITForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 LaVITImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -60,6 +69,9 @@ PIPELINE_REGISTRY.register_pipeline(
 __all__ = [
     "LaVITCausalLMOutputWithPast",
     "LaVITConfig",
+    "LaVITDetokenizer",
+    "LaVITDetokenizerConfig",
+    "LaVITDetokenizerOutput",
     "LaVITForCausalLM",
     "LaVITImageProcessor",
     "LaVITModel",

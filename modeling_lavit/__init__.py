@@ -1,9 +1,10 @@
 """LaVIT model classes. The files in this folder are copied flat into Hub model folders (remote code), so they only
 import each other as `from .module import X`."""
 
-from .configuration_lavit import LaVITConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
 from .modeling_lavit import LaVITCausalLMOutputWithPast, LaVITForCausalLM, LaVITModel, LaVITPreTrainedModel
+from .modeling_lavit_detokenizer import LaVITDetokenizer, LaVITDetokenizerOutput
 from .modeling_lavit_tokenizer import (
     LaVITFeatureDecoder,
     LaVITFeaturesOutput,
@@ -18,6 +19,9 @@ from .modeling_lavit_tokenizer import (
 __all__ = [
     "LaVITCausalLMOutputWithPast",
     "LaVITConfig",
+    "LaVITDetokenizer",
+    "LaVITDetokenizerConfig",
+    "LaVITDetokenizerOutput",
     "LaVITForCausalLM",
     "LaVITModel",
     "LaVITPreTrainedModel",

@@ -289,6 +289,162 @@ class LaVITConfig(PretrainedConfig):
         return self.text_config.vocab_size
 
 
+CONDITIONINGS = ("highres", "lowres")
+# the official pixel decoders: SDXL-architecture (highres) and SD-1.5-architecture (lowres) diffusers components
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+_SD_VAE_BLOCKS = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32,
+}
+SDXL_VAE_CONFIG = {**_SD_VAE_BLOCKS, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SD_VAE_CONFIG = {**_SD_VAE_BLOCKS, "sample_size": 512, "scaling_factor": 0.18215}
+SDXL_UNET_CONFIG = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20], "use_linear_projection": True,
+    "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SD_UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8, "cross_attention_dim": 768,
+}
+
+
+class LaVITDetokenizerConfig(PretrainedConfig):
+    r"""
+    Configuration of [`LaVITDetokenizer`]: visual code ids -> reconstructed encoder features (a feature decoder) ->
+    UNet conditions (projection heads) -> pixels (a diffusers latent diffusion UNet, VAE and scheduler). Defaults are
+    the official high-resolution pixel decoder (`highres_tokenizer_decoder.bin` + `highres_pixel_decoding/`).
+
+    Args:
+        conditioning (`str`, *optional*, defaults to `"highres"`):
+            `"highres"`: SDXL-style conditioning, `prompt_embeds` = the features through each of
+            `prompt_projection_sizes` concatenated on channels, plus an attention-pooled vector (`text_embeds`) and
+            size/crop `time_ids`; the negative condition is all zeros. `"lowres"`: SD-1.5-style, one projection; the
+            negative condition is a stored embedding (`negative_context_length` rows, official: SD's empty prompt)
+            in the first slots with an attention mask over them.
+        codebook_size (`int`, *optional*, defaults to 16384), code_dim (`int`, *optional*, defaults to 32): the
+            visual tokenizer's codebook (the detokenizer keeps a copy, so it decodes code ids on its own).
+        num_patches (`int`, *optional*, defaults to 256): number of reconstructed features (the decoder's queries).
+        vision_hidden_size (`int`, *optional*, defaults to 1408): width of the reconstructed features.
+        decoder_hidden_size (`int`, *optional*, defaults to 1408), decoder_num_layers (`int`, *optional*, defaults
+        to 12), decoder_num_heads (`int`, *optional*, defaults to 16), decoder_intermediate_size (`int`, *optional*,
+        defaults to 6144): the feature decoder (same architecture as [`LaVITTokenizerConfig`]'s).
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the decoder norms.
+        prompt_projection_sizes (`list[int]`, *optional*): output widths of the projections whose concatenation is the
+            UNet's `encoder_hidden_states`; `[768, 1280]` for highres, `[768]` for lowres.
+        pooled_projection_size (`int`, *optional*, defaults to 1280), pooling_num_heads (`int`, *optional*, defaults
+            to 16): the attention pooling of highres conditioning (SDXL `text_embeds`).
+        negative_context_length (`int`, *optional*, defaults to 77): rows of the lowres negative embedding.
+        unet_config, vae_config, scheduler_config (`dict`, *optional*): diffusers `UNet2DConditionModel`,
+            `AutoencoderKL` and scheduler configs (the scheduler's `_class_name` picks its class). Default: the
+            official architectures (SDXL or SD-1.5 UNet, SD VAE, DDIM).
+        image_size (`int`, *optional*): default output side (1024 highres, 512 lowres).
+        num_inference_steps (`int`, *optional*, defaults to 25), guidance_scale (`float`, *optional*, defaults to
+            7.0): official sampling defaults of `generate_image`.
+        condition_dropout (`float`, *optional*, defaults to 0.1): probability in training that an image's condition
+            is replaced by the negative condition (classifier-free guidance).
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the normal init of our linear layers.
+    """
+
+    model_type = "lavit_detokenizer"
+
+    def __init__(
+        self,
+        conditioning="highres",
+        codebook_size=16384,
+        code_dim=32,
+        num_patches=256,
+        vision_hidden_size=1408,
+        decoder_hidden_size=1408,
+        decoder_num_layers=12,
+        decoder_num_heads=16,
+        decoder_intermediate_size=6144,
+        layer_norm_eps=1e-5,
+        prompt_projection_sizes=None,
+        pooled_projection_size=1280,
+        pooling_num_heads=16,
+        negative_context_length=77,
+        unet_config=None,
+        vae_config=None,
+        scheduler_config=None,
+        image_size=None,
+        num_inference_steps=25,
+        guidance_scale=7.0,
+        condition_dropout=0.1,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        highres = conditioning == "highres"
+        if prompt_projection_sizes is None:
+            prompt_projection_sizes = [768, 1280] if highres else [768]
+        self.conditioning = conditioning
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        self.num_patches = num_patches
+        self.vision_hidden_size = vision_hidden_size
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_layers = decoder_num_layers
+        self.decoder_num_heads = decoder_num_heads
+        self.decoder_intermediate_size = decoder_intermediate_size
+        self.layer_norm_eps = layer_norm_eps
+        self.prompt_projection_sizes = list(prompt_projection_sizes)
+        self.pooled_projection_size = pooled_projection_size
+        self.pooling_num_heads = pooling_num_heads
+        self.negative_context_length = negative_context_length
+        self.unet_config = dict(unet_config or (SDXL_UNET_CONFIG if highres else SD_UNET_CONFIG))
+        self.vae_config = dict(vae_config or (SDXL_VAE_CONFIG if highres else SD_VAE_CONFIG))
+        self.scheduler_config = dict(scheduler_config or SD_SCHEDULER_CONFIG)
+        self.image_size = image_size or (1024 if highres else 512)
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.condition_dropout = condition_dropout
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self._check_unet_fits()
+
+    def _check_unet_fits(self):
+        cross_attention_dim = self.unet_config.get("cross_attention_dim", 1280)
+        if sum(self.prompt_projection_sizes) != cross_attention_dim:
+            raise ValueError(f"prompt_projection_sizes {self.prompt_projection_sizes} sum to "
+                             f"{sum(self.prompt_projection_sizes)}, but the UNet's cross_attention_dim is "
+                             f"{cross_attention_dim}")
+        if self.conditioning == "highres":
+            if self.unet_config.get("addition_embed_type") != "text_time":
+                raise ValueError("highres conditioning needs an SDXL-style UNet (addition_embed_type='text_time')")
+            expected = 6 * self.unet_config["addition_time_embed_dim"] + self.pooled_projection_size
+            if self.unet_config.get("projection_class_embeddings_input_dim") != expected:
+                raise ValueError(f"the UNet's projection_class_embeddings_input_dim must be 6 * addition_time_embed_dim"
+                                 f" + pooled_projection_size = {expected}, got "
+                                 f"{self.unet_config.get('projection_class_embeddings_input_dim')}")
+        elif not 1 <= self.negative_context_length <= self.num_patches:
+            raise ValueError(f"negative_context_length must be in [1, num_patches={self.num_patches}], "
+                             f"got {self.negative_context_length}")
+
+    @classmethod
+    def from_tokenizer_config(cls, tokenizer_config: LaVITTokenizerConfig, **kwargs) -> "LaVITDetokenizerConfig":
+        """A detokenizer whose codebook and feature decoder have the sizes of `tokenizer_config`'s."""
+        sizes = {
+            name: getattr(tokenizer_config, name)
+            for name in ("codebook_size", "code_dim", "num_patches", "vision_hidden_size", "decoder_hidden_size",
+                         "decoder_num_layers", "decoder_num_heads", "decoder_intermediate_size", "layer_norm_eps")
+        }
+        return cls(**{**sizes, **kwargs})
+
+
 def _build_vision_config(vision_config) -> PretrainedConfig:
     if vision_config is None:
         return LaVITEvaVisionConfig()
@@ -305,4 +461,4 @@ def _build_vision_config(vision_config) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**vision_config)
 
 
-__all__ = ["LaVITConfig", "LaVITEvaVisionConfig", "LaVITTokenizerConfig"]
+__all__ = ["LaVITConfig", "LaVITDetokenizerConfig", "LaVITEvaVisionConfig", "LaVITTokenizerConfig"]

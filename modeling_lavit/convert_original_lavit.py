@@ -120,7 +120,7 @@ def convert_original_tokenizer_state_dict(state_dict, decoder_state_dict=None) -
     return converted
 
 
-def _num_blocks(state_dict, prefix: str) -> int:
+def count_blocks(state_dict, prefix: str) -> int:
     indices = {int(match.group(1)) for key in state_dict if (match := re.match(rf"^{prefix}(\d+)\.", key))}
     if not indices:
         raise ValueError(f"no keys start with {prefix!r}<index>.")
@@ -149,14 +149,14 @@ def original_tokenizer_config(
         patch_size=patch_size,
         num_channels=num_channels,
         hidden_size=hidden_size,
-        num_hidden_layers=_num_blocks(state_dict, r"encoder\.blocks\."),
+        num_hidden_layers=count_blocks(state_dict, r"encoder\.blocks\."),
         num_attention_heads=vision_num_heads,
         intermediate_size=_require(state_dict, "encoder.blocks.0.mlp.fc1.weight", source).shape[0],
     )
     codebook = _require(state_dict, "quantize.embedding.weight", source)
     sizes = dict(
         vision_config=vision_config,
-        merger_num_layers=_num_blocks(state_dict, r"causal_encoder\.blocks\."),
+        merger_num_layers=count_blocks(state_dict, r"causal_encoder\.blocks\."),
         merger_num_heads=merger_num_heads,
         merger_intermediate_size=_require(state_dict, "causal_encoder.blocks.0.mlp.fc1.weight", source).shape[0],
         merger_attention="official",
@@ -164,7 +164,7 @@ def original_tokenizer_config(
         code_dim=codebook.shape[1],
         # without a decoder checkpoint, a fresh decoder gets the merger's sizes
         decoder_hidden_size=hidden_size,
-        decoder_num_layers=_num_blocks(state_dict, r"causal_encoder\.blocks\."),
+        decoder_num_layers=count_blocks(state_dict, r"causal_encoder\.blocks\."),
         decoder_num_heads=decoder_num_heads,
         decoder_intermediate_size=_require(state_dict, "causal_encoder.blocks.0.mlp.fc1.weight", source).shape[0],
     )
@@ -180,7 +180,7 @@ def original_tokenizer_config(
             )
         sizes.update(
             decoder_hidden_size=decoder_in.shape[0],
-            decoder_num_layers=_num_blocks(decoder_state_dict, r"blocks\."),
+            decoder_num_layers=count_blocks(decoder_state_dict, r"blocks\."),
             decoder_intermediate_size=_require(decoder_state_dict, "blocks.0.mlp.fc1.weight", source).shape[0],
         )
     sizes.update(overrides)
@@ -189,6 +189,7 @@ def original_tokenizer_config(
 
 __all__ = [
     "convert_original_lm_visual_state_dict",
+    "count_blocks",
     "convert_original_tokenizer_state_dict",
     "load_original_state_dict",
     "original_tokenizer_config",

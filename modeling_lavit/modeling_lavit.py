@@ -16,6 +16,7 @@ changes inside a cached forward.
 """
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_lavit import LaVITConfig
 from .convert_original_lavit import convert_original_lm_visual_state_dict, load_original_state_dict
+from .modeling_lavit_detokenizer import LaVITDetokenizer
 from .modeling_lavit_tokenizer import (
     LaVITFeaturesOutput,
     LaVITTokenizationOutput,
@@ -495,7 +497,25 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = LaVITModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.vocab_size, bias=False)
+        # the pixel decoder is kept beside the model, not inside it: it is not trained with the LM, lives in its own
+        # `detokenizer/` sub-folder and stays out of the LM's state dict, optimizer and device map
+        object.__setattr__(self, "_detokenizer", None)
         self.post_init()
+
+    @property
+    def detokenizer(self) -> LaVITDetokenizer | None:
+        """The pixel decoder ([`LaVITDetokenizer`]) used by `generate_images`, `reconstruct` and the pipelines."""
+        return self._detokenizer
+
+    def set_detokenizer(self, detokenizer: LaVITDetokenizer | None):
+        if detokenizer is not None and detokenizer.config.codebook_size != self.config.tokenizer_config.codebook_size:
+            raise ValueError(f"the detokenizer decodes {detokenizer.config.codebook_size} codes, the model's visual "
+                             f"tokenizer has {self.config.tokenizer_config.codebook_size}")
+        object.__setattr__(self, "_detokenizer", detokenizer)
+
+    @property
+    def can_decode_pixels(self) -> bool:
+        return self._detokenizer is not None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -505,8 +525,31 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 "AutoModel": "modeling_lavit.LaVITModel",
                 "AutoModelForCausalLM": "modeling_lavit.LaVITForCausalLM",
                 "AutoModelForImageTextToText": "modeling_lavit.LaVITForCausalLM",
+                "AutoModelForMultimodalLM": "modeling_lavit.LaVITForCausalLM",
             }
+            pipeline_file = _pipeline_source_file()
+            if pipeline_file is not None:
+                # `pipeline("lavit-text-to-image", model=folder, trust_remote_code=True)` without `lavit` installed
+                self.config.custom_pipelines = {TEXT_TO_IMAGE_TASK: {
+                    "impl": "pipelines_lavit.LaVITTextToImagePipeline", "pt": ["AutoModelForCausalLM"], "tf": [],
+                    "type": "multimodal",
+                }}
         super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        if self._auto_class is not None and pipeline_file is not None:
+            shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
+        if self._detokenizer is not None:
+            self._detokenizer.save_pretrained(Path(save_directory) / DETOKENIZER_FOLDER, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, load_detokenizer: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the `detokenizer/` sub-folder when the folder has one (and
+        diffusers is installed); `load_detokenizer=False` skips it."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if load_detokenizer and isinstance(model, LaVITForCausalLM):
+            model.set_detokenizer(_load_detokenizer(pretrained_model_name_or_path, kwargs))
+        return model
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -668,6 +711,14 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         once, placeholders expanded, rows left-padded, then decoding starts from the embeddings. As for text-only
         models, the returned sequences start with the given `input_ids`.
         """
+        if kwargs.pop("generation_mode", None) == "image":
+            # the `any-to-any` pipeline's image mode: sequences ending with `[IMG] v_1 .. v_n [/IMG]`, which
+            # `decode_image_tokens` turns into pixels
+            tokens = self.generate_image_tokens(
+                input_ids, attention_mask, pixel_values, image_keep_mask=image_keep_mask,
+                image_selection=image_selection, **kwargs,
+            )
+            return self._image_sequences(input_ids, tokens)
         logits_processor = kwargs.pop("logits_processor", None) or LogitsProcessorList()
         logits_processor.append(
             SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
@@ -695,6 +746,19 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return outputs
 
     # ----------------------------------------------------------------------------------------------- image generation
+
+    def _image_sequences(self, input_ids: torch.LongTensor, tokens: LaVITTokenizationOutput) -> torch.LongTensor:
+        """Prompt ids + `[IMG]` + generated visual ids + `[/IMG]` per generated image, right-padded."""
+        config = self.config
+        rows = []
+        for image_ids in tokens.per_image():
+            rows.append(torch.cat([
+                image_ids.new_tensor([config.image_start_token_id]), image_ids + config.visual_token_offset,
+                image_ids.new_tensor([config.image_end_token_id]),
+            ]))
+        images = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.model._pad_token_id())
+        prompt = input_ids.repeat_interleave(images.shape[0] // input_ids.shape[0], dim=0)
+        return torch.cat([prompt.to(images.device), images], dim=1)
 
     @torch.no_grad()
     def generate_image_tokens(
@@ -828,6 +892,76 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
 
+    def _require_detokenizer(self) -> LaVITDetokenizer:
+        if self._detokenizer is None:
+            raise ValueError("no pixel decoder: load a folder with a `detokenizer/` sub-folder, or call "
+                             "model.set_detokenizer(LaVITDetokenizer.from_pretrained(...))")
+        if self._detokenizer.device != self.device:
+            self._detokenizer.to(self.device)  # it is not a submodule, so `model.to(...)` did not move it
+        return self._detokenizer
+
+    @torch.no_grad()
+    def decode_image_tokens(self, token_ids: torch.Tensor, token_counts: torch.Tensor | None = None, **decode_kwargs):
+        """
+        Visual tokens -> PIL images through the detokenizer (`decode_kwargs` go to [`LaVITDetokenizer.decode`]).
+        `token_ids` is either packed code ids (T,) with `token_counts` (B,), as `generate_image_tokens` returns, or
+        LM sequences (B, L) (as `generate(..., generation_mode="image")` returns): each row's visual ids after its
+        last `[IMG]` form one image.
+        """
+        if token_counts is None:
+            if token_ids.ndim != 2:
+                raise ValueError(f"without token_counts, token_ids must be LM sequences (batch, length), "
+                                 f"got shape {tuple(token_ids.shape)}")
+            config = self.config
+            is_start = token_ids == config.image_start_token_id
+            if not bool(is_start.any(dim=1).all()):
+                raise ValueError("every sequence needs an [IMG] token before its visual ids")
+            columns = torch.arange(token_ids.shape[1], device=token_ids.device)
+            last_start = torch.where(is_start, columns, -1).max(dim=1, keepdim=True).values
+            is_visual = (token_ids >= config.visual_token_offset) & (token_ids < config.visual_token_end)
+            is_visual &= columns > last_start
+            token_counts = is_visual.sum(dim=1)
+            token_ids = token_ids[is_visual] - config.visual_token_offset
+        return self._require_detokenizer().decode(token_ids, token_counts, **decode_kwargs)
+
+    @torch.no_grad()
+    def generate_images(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        **generation_kwargs,
+    ):
+        """
+        Text-to-image and image+text-to-image: [`generate_image_tokens`] (LM sampling with its own
+        `guidance_scale`, official 4.0 for text and 5.0 for multimodal prompts; every argument of it is accepted),
+        then [`LaVITDetokenizer.decode`] with `decoder_guidance_scale` (default: the detokenizer's, official 7.0).
+        One `generator` seeds both, so a seed fixes the images. Returns `num_images_per_prompt` images per prompt.
+        """
+        tokens = self.generate_image_tokens(
+            input_ids, attention_mask, pixel_values, generator=generator, **generation_kwargs
+        )
+        return self._require_detokenizer().decode(
+            tokens.code_ids, tokens.token_counts, height=height, width=width, num_inference_steps=num_inference_steps,
+            guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
+        )
+
+    @torch.no_grad()
+    def reconstruct(self, pixel_values: torch.FloatTensor, image_selection: dict | None = None, **decode_kwargs):
+        """
+        Image -> visual tokens -> image: what the discrete tokens keep. `pixel_values` as the processor returns them;
+        `image_selection` (e.g. `{"max_tokens": 64}`) goes to the visual tokenizer, `decode_kwargs` to
+        [`LaVITDetokenizer.decode`].
+        """
+        tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.device), **(image_selection or {}))
+        return self._require_detokenizer().decode(tokens.code_ids, tokens.token_counts, **decode_kwargs)
+
     def _image_generation_prompt(
         self, input_ids, attention_mask, pixel_values=None, image_keep_mask=None, image_selection=None,
         image_inputs="codes",
@@ -912,6 +1046,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         `highres_tokenizer_decoder.bin` or `tokenizer_decoder.bin` picked by `pixel_decoder`, or none with `None`).
         `.bin` files load with `torch.load(weights_only=True)`; a `.safetensors` file of the same name wins. Every
         official tensor is either mapped or known to be unused; the merger keeps the official attention arithmetic.
+        Where the release has the matching diffusers folder (`highres_pixel_decoding/` or `pixel_decoding/`) and
+        diffusers is installed, the pixel decoder becomes `model.detokenizer` (see [`LaVITDetokenizer.from_original`]).
         """
         model_path = Path(model_path)
         tokenizer_folder = model_path / "visual_tokenizer"
@@ -948,7 +1084,48 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                              f"unexpected {sorted(set(lm_visual_state) - expected)}")
         if dtype is not None:
             model = model.to(dtype)
+        diffusers_folder = model_path / ("highres_pixel_decoding" if pixel_decoder == "highres" else "pixel_decoding")
+        if pixel_decoder is not None and diffusers_folder.is_dir():
+            detokenizer = LaVITDetokenizer.from_original(
+                model_path, conditioning=pixel_decoder, decoder_num_heads=decoder_num_heads,
+                pooling_num_heads=decoder_num_heads,
+            )
+            model.set_detokenizer(detokenizer.to(dtype) if dtype is not None else detokenizer)
         return model.eval()
+
+
+DETOKENIZER_FOLDER = "detokenizer"
+TEXT_TO_IMAGE_TASK = "lavit-text-to-image"
+
+
+def _pipeline_source_file() -> Path | None:
+    """`pipelines_lavit.py`: beside this file in a model folder, or in the `processing` package of an install."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "pipelines_lavit.py", here.parent / "processing" / "pipelines_lavit.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_detokenizer(pretrained_model_name_or_path, kwargs) -> LaVITDetokenizer | None:
+    """The `detokenizer/` sub-folder of a local or Hub model folder, or None where there is none."""
+    from transformers.utils import cached_file
+
+    hub_kwargs = {name: kwargs[name] for name in ("cache_dir", "force_download", "local_files_only", "token",
+                                                  "revision") if name in kwargs}
+    config_file = cached_file(
+        pretrained_model_name_or_path, "config.json", subfolder=DETOKENIZER_FOLDER,
+        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+    )
+    if config_file is None:
+        return None
+    try:
+        return LaVITDetokenizer.from_pretrained(
+            pretrained_model_name_or_path, subfolder=DETOKENIZER_FOLDER, dtype=kwargs.get("dtype"), **hub_kwargs
+        ).eval()
+    except ImportError as error:
+        logger.warning(f"the folder has a pixel decoder (detokenizer/) but it is not loaded: {error}")
+        return None
 
 
 def _extend_rows(weight: torch.Tensor, old_rows: torch.Tensor, std: float):

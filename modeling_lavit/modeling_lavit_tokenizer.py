@@ -818,23 +818,11 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
     @torch.no_grad()
     def decode_codes(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
         """Packed code ids (T,) + counts (B,) -> reconstructed encoder features (B, N, D)."""
-        code_ids = torch.as_tensor(code_ids, device=self.device)
-        token_counts = torch.as_tensor(token_counts, device=self.device)
-        if code_ids.ndim != 1 or code_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"code_ids must be a 1-D integer tensor, got shape {tuple(code_ids.shape)} "
-                             f"and dtype {code_ids.dtype}")
-        if token_counts.ndim != 1 or token_counts.numel() == 0:
-            raise ValueError(f"token_counts must be a non-empty 1-D tensor, got shape {tuple(token_counts.shape)}")
-        if int(token_counts.sum()) != code_ids.numel():
-            raise ValueError(f"token_counts sum to {int(token_counts.sum())} but there are {code_ids.numel()} code ids")
-        if int(token_counts.min()) < 1 or int(token_counts.max()) > self.config.num_patches:
-            raise ValueError(f"every token count must be in [1, {self.config.num_patches}], "
-                             f"got {token_counts.tolist()}")
-        if code_ids.numel() and (int(code_ids.min()) < 0 or int(code_ids.max()) >= self.config.codebook_size):
-            raise ValueError(f"code ids must be in [0, {self.config.codebook_size}), got values in "
-                             f"[{int(code_ids.min())}, {int(code_ids.max())}]")
-        quantized = self.quantizer.codebook[code_ids.long()]
-        return self.decoder(quantized.to(self.decoder.in_proj.weight.dtype), token_counts.long())
+        code_ids, token_counts = check_packed_code_ids(
+            code_ids, token_counts, self.config.codebook_size, self.config.num_patches, self.device
+        )
+        quantized = self.quantizer.codebook[code_ids]
+        return self.decoder(quantized.to(self.decoder.in_proj.weight.dtype), token_counts)
 
     def image_to_pixel_values(self, image) -> torch.Tensor:
         """The official preprocessing: RGB, bicubic resize to the encoder size (no crop), CLIP normalisation."""
@@ -905,6 +893,25 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         if decoder_state_dict is None:
             logger.warning("no decoder_state_dict given: the feature decoder is randomly initialised")
         return model.eval()
+
+
+def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count: int, device):
+    """Validates packed code ids (T,) + per-image counts (B,) and returns them as int64 tensors on `device`."""
+    code_ids = torch.as_tensor(code_ids, device=device)
+    token_counts = torch.as_tensor(token_counts, device=device)
+    if code_ids.ndim != 1 or code_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"code_ids must be a 1-D integer tensor (packed over images), got shape "
+                         f"{tuple(code_ids.shape)} and dtype {code_ids.dtype}")
+    if token_counts.ndim != 1 or token_counts.numel() == 0:
+        raise ValueError(f"token_counts must be a non-empty 1-D tensor, got shape {tuple(token_counts.shape)}")
+    if int(token_counts.sum()) != code_ids.numel():
+        raise ValueError(f"token_counts sum to {int(token_counts.sum())} but there are {code_ids.numel()} code ids")
+    if int(token_counts.min()) < 1 or int(token_counts.max()) > max_count:
+        raise ValueError(f"every token count must be in [1, {max_count}], got {token_counts.tolist()}")
+    if int(code_ids.min()) < 0 or int(code_ids.max()) >= codebook_size:
+        raise ValueError(f"code ids must be in [0, {codebook_size}), got values in "
+                         f"[{int(code_ids.min())}, {int(code_ids.max())}]")
+    return code_ids.long(), token_counts.long()
 
 
 def _load_rgb_image(image) -> Image.Image:

@@ -4,16 +4,19 @@
     >>> pipe("a red bus", guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
 
 Each prompt gives one result per image: `{"code_ids": [...], "token_count": n}`, plus `"image"` (a PIL image) when
-the model can decode visual tokens to pixels (`decode_image_tokens`, with a pixel decoder loaded).
+the model folder has a pixel decoder (`detokenizer/`); `height`, `width`, `num_inference_steps` and
+`decoder_guidance_scale` go to it, and one `generator` seeds both the tokens and the pixels.
 Captioning and VQA use the built-in `image-text-to-text` task.
 """
 
+from PIL import Image
 from transformers import Pipeline
 
 IMAGE_GENERATION_ARGUMENTS = (
     "guidance_scale", "do_sample", "top_k", "top_p", "temperature", "min_new_tokens", "max_new_tokens",
     "num_images_per_prompt", "generator", "negative_input_ids", "image_inputs",
 )
+PIXEL_DECODING_ARGUMENTS = ("height", "width", "num_inference_steps", "decoder_guidance_scale")
 
 
 class LaVITTextToImagePipeline(Pipeline):
@@ -28,7 +31,7 @@ class LaVITTextToImagePipeline(Pipeline):
         if images is not None:
             preprocess_params["images"] = images
         forward_params = {}
-        for name in IMAGE_GENERATION_ARGUMENTS:
+        for name in IMAGE_GENERATION_ARGUMENTS + PIXEL_DECODING_ARGUMENTS:
             if name in kwargs:
                 forward_params[name] = kwargs.pop(name)
         if negative_prompt is not None:
@@ -46,18 +49,28 @@ class LaVITTextToImagePipeline(Pipeline):
             negative = self.processor(text=negative_prompt, return_tensors="pt")
             generate_kwargs["negative_input_ids"] = negative["input_ids"].to(self.device)
             generate_kwargs["negative_attention_mask"] = negative["attention_mask"].to(self.device)
+        decode_kwargs = {
+            name: generate_kwargs.pop(name) for name in PIXEL_DECODING_ARGUMENTS if name in generate_kwargs
+        }
         tokens = self.model.generate_image_tokens(**model_inputs, **generate_kwargs)
         # plain tensors: the pipeline moves outputs to the CPU and would turn a model output class into a dict
-        return {"code_ids": tokens.code_ids, "token_counts": tokens.token_counts}
+        outputs = {"code_ids": tokens.code_ids, "token_counts": tokens.token_counts}
+        if getattr(self.model, "can_decode_pixels", False):
+            decode_kwargs["guidance_scale"] = decode_kwargs.pop("decoder_guidance_scale", None)
+            outputs["pixels"] = self.model.decode_image_tokens(
+                tokens.code_ids, tokens.token_counts, generator=generate_kwargs.get("generator"), output_type="pt",
+                **decode_kwargs,
+            )
+        return outputs
 
     def postprocess(self, model_outputs):
         code_ids, token_counts = model_outputs["code_ids"], model_outputs["token_counts"]
         per_image = code_ids.split(token_counts.tolist())
         results = [{"code_ids": ids.tolist(), "token_count": len(ids)} for ids in per_image]
-        decode = getattr(self.model, "decode_image_tokens", None)
-        if decode is not None and getattr(self.model, "can_decode_pixels", False):
-            for result, image in zip(results, decode(code_ids, token_counts), strict=True):
-                result["image"] = image
+        if "pixels" in model_outputs:
+            arrays = (model_outputs["pixels"].permute(0, 2, 3, 1).float().numpy() * 255).round().astype("uint8")
+            for result, array in zip(results, arrays, strict=True):
+                result["image"] = Image.fromarray(array)
         return results
 
 

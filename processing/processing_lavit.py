@@ -134,6 +134,16 @@ class LaVITProcessor(ProcessorMixin):
             data.update(self.image_processor(kept_images, return_tensors=return_tensors))
         return BatchFeature(data, tensor_type=return_tensors)
 
+    def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
+                                       **kwargs):
+        """`any-to-any` pipeline hook: images come back from `LaVITForCausalLM.decode_image_tokens` already decoded
+        (PIL images); text is decoded by the tokenizer."""
+        if generation_mode == "image":
+            return list(generated_outputs)
+        return super().post_process_multimodal_output(
+            generated_outputs, skip_special_tokens=skip_special_tokens, generation_mode=generation_mode, **kwargs
+        )
+
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]

@@ -169,3 +169,37 @@ def training_args(output_dir, **overrides):
     )
     settings.update(overrides)
     return LaVITTrainingArguments(**settings)
+
+
+def tiny_unet_config(cross_attention_dim: int, pooled_size: int | None = None) -> dict:
+    """A two-level diffusers UNet (SDXL-style added conditions when `pooled_size` is given)."""
+    config = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
+    )
+    if pooled_size is not None:
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + pooled_size, use_linear_projection=True)
+    return config
+
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=[8, 16],
+    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8,
+    sample_size=32,
+)
+
+
+def tiny_detokenizer_config(conditioning="highres", **overrides):
+    """Tiny detokenizer matching `tiny_tokenizer_config()`: 16 features of width 32, 32x32 images."""
+    from lavit import LaVITDetokenizerConfig
+
+    sizes = [12, 20] if conditioning == "highres" else [24]
+    settings = dict(
+        conditioning=conditioning, prompt_projection_sizes=sizes, pooled_projection_size=16, pooling_num_heads=4,
+        negative_context_length=5, unet_config=tiny_unet_config(sum(sizes), 16 if conditioning == "highres" else None),
+        vae_config=TINY_VAE_CONFIG, image_size=32, num_inference_steps=4,
+    )
+    settings.update(overrides)
+    return LaVITDetokenizerConfig.from_tokenizer_config(tiny_tokenizer_config(), **settings)

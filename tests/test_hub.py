@@ -104,8 +104,11 @@ def test_lavit_folder_loads_every_auto_class_without_lavit(lavit_model, lavit_pr
         "AutoModel": "modeling_lavit.LaVITModel",
         "AutoModelForCausalLM": "modeling_lavit.LaVITForCausalLM",
         "AutoModelForImageTextToText": "modeling_lavit.LaVITForCausalLM",
+        "AutoModelForMultimodalLM": "modeling_lavit.LaVITForCausalLM",
     }
-    for name in ("modeling_lavit.py", "processing_lavit.py", "image_processing_lavit.py", "generation_config.json",
+    assert config["custom_pipelines"]["lavit-text-to-image"]["impl"] == "pipelines_lavit.LaVITTextToImagePipeline"
+    for name in ("modeling_lavit.py", "modeling_lavit_detokenizer.py", "pipelines_lavit.py", "processing_lavit.py",
+                 "image_processing_lavit.py", "generation_config.json",
                  "tokenizer.json", "processor_config.json", "chat_template.jinja"):
         assert (folder / name).is_file(), name
     photo = real_photos()[2]

@@ -116,7 +116,22 @@ def write_official_release(parity_files, folder):
                folder / "visual_tokenizer" / "tokenizer_encoder.bin")
     decoder_file = folder / "visual_tokenizer" / "highres_tokenizer_decoder.bin"
     torch.save(parity_files["highres_decoder_state_dict"], decoder_file)
+    write_diffusers_folder(folder / "highres_pixel_decoding")
     return language_model
+
+
+def write_diffusers_folder(folder):
+    """`highres_pixel_decoding/` as diffusers saves it: a tiny SDXL-style UNet for the parity heads (60-d prompt, 36-d
+    pooled vector), a tiny VAE and the official DDIM scheduler config."""
+    from conftest import TINY_VAE_CONFIG, tiny_unet_config
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from lavit.modeling.configuration_lavit import SD_SCHEDULER_CONFIG
+
+    torch.manual_seed(1)
+    UNet2DConditionModel(**tiny_unet_config(60, 36)).save_pretrained(folder / "unet", safe_serialization=False)
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(folder / "vae")
+    scheduler_config = {key: value for key, value in SD_SCHEDULER_CONFIG.items() if key != "_class_name"}
+    DDIMScheduler(**scheduler_config).save_pretrained(folder / "scheduler")
 
 
 def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files, tmp_path):
@@ -143,3 +158,14 @@ def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files
     assert torch.equal(model(input_ids=text).logits, language_model(input_ids=text).logits)
     assert_close(model.model.visual_tokenizer.decode_codes(expected["code_ids"], expected["token_counts"]),
                  expected["highres_decoder_out"])
+    # the pixel decoder: official heads, and the UNet/VAE/scheduler of the diffusers folder
+    from diffusers import UNet2DConditionModel
+
+    conditions = model.detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
+    assert_close(conditions.prompt_embeds, expected["highres_prompt_embeds"])
+    assert_close(conditions.pooled_prompt_embeds, expected["highres_pooled_prompt_embeds"])
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "highres_pixel_decoding", subfolder="unet")
+    assert torch.equal(model.detokenizer.unet.conv_out.weight, unet.conv_out.weight)
+    assert type(model.detokenizer.scheduler).__name__ == "DDIMScheduler"
+    images = model.detokenizer.decode(expected["code_ids"][:4], torch.tensor([4]), num_inference_steps=2)
+    assert images[0].size == (32, 32)

@@ -165,3 +165,34 @@ def test_two_processes_match_one_process_on_the_same_global_batch(components, tm
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, abs=1e-4), (one, two)
     shutil.rmtree(tmp_path / "two", ignore_errors=True)
+
+
+def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components, tmp_path):
+    from lavit.training.stage3_detokenizer import EMA_FILE, DetokenizerTrainingArguments, train_detokenizer
+    from transformers import AutoModel
+
+    def script():
+        return DetokenizerTrainingArguments(
+            data=str(components["photos"]), visual_tokenizer=str(components["tokenizer"]), detokenizer_config="tiny",
+            ema_decay=0.9, resume="auto",
+        )
+
+    arguments = dict(max_steps=6, save_steps=2, per_device_train_batch_size=2, learning_rate=1e-3)
+    reference = train_detokenizer(script(), training_args(tmp_path / "reference", **arguments))
+    with pytest.raises(KeyboardInterrupt):
+        train_detokenizer(script(), training_args(tmp_path / "crashed", **arguments), callbacks=[CrashAt(5)])
+    assert (tmp_path / "crashed" / "checkpoint-4" / EMA_FILE).is_file()
+    resumed = train_detokenizer(script(), training_args(tmp_path / "crashed", **arguments))
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    # the final weights are the EMA: trained parameters moved, less than the raw weights of the last checkpoint
+    initial = LaVITTokenizerModel.from_pretrained(components["tokenizer"]).decoder.state_dict()
+    assert all(torch.equal(initial[key], got[f"decoder.{key}"]) for key in initial)  # frozen feature decoder
+    raw = load_file(tmp_path / "reference" / "checkpoint-6" / "model.safetensors")
+    name = "unet.conv_out.weight"
+    assert not torch.allclose(raw[name], got[name])
+    detokenizer = AutoModel.from_pretrained(resumed, trust_remote_code=True)
+    images = detokenizer.decode(torch.tensor([1, 2, 3]), torch.tensor([3]), num_inference_steps=2)
+    assert images[0].size == (32, 32)

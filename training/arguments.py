@@ -4,8 +4,10 @@ Every stage takes its own arguments dataclass plus a [`LaVITTrainingArguments`] 
 with the defaults LaVIT training wants), from the command line or from one JSON/YAML file.
 """
 
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 from transformers import HfArgumentParser, TrainingArguments
@@ -59,3 +61,17 @@ def limit_records(records, max_samples: int | None):
     if isinstance(records, datasets.Dataset):
         max_samples = min(max_samples, len(records))
     return records.take(max_samples)
+
+
+CONFIG_PRESETS = Path(__file__).parent / "configs"
+
+
+def load_config_preset(name_or_path: str, kind: str) -> dict:
+    """Settings of a new model: a JSON file, or the name of a preset `configs/{kind}_{name}.json` ('tiny', 'paper')."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = CONFIG_PRESETS / f"{kind}_{name_or_path}.json"
+    if not path.exists():
+        presets = sorted(preset.stem.removeprefix(f"{kind}_") for preset in CONFIG_PRESETS.glob(f"{kind}_*.json"))
+        raise FileNotFoundError(f"{kind}_config {name_or_path!r} is neither a file nor a preset {presets}")
+    return json.loads(path.read_text())

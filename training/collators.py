@@ -102,6 +102,18 @@ class LaVITDataCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def random_crop(image, crop_scale: tuple[float, float]):
+    """A crop covering a uniform fraction in `crop_scale` of the image area, from torch's RNG (which the Trainer
+    seeds and checkpoints, so resumed runs draw the same crops)."""
+    low, high = crop_scale
+    area_fraction = low + (high - low) * float(torch.rand(()))
+    side = area_fraction**0.5
+    width, height = max(1, round(image.width * side)), max(1, round(image.height * side))
+    left = int(torch.randint(0, image.width - width + 1, ()))
+    top = int(torch.randint(0, image.height - height + 1, ()))
+    return image.crop((left, top, left + width, top + height))
+
+
 @dataclass
 class ImageCollator:
     """Stage-1 batches: decoded images (bad ones already replaced by the dataset) -> `pixel_values`, with random
@@ -110,16 +122,7 @@ class ImageCollator:
     image_processor: object
     crop_scale: tuple[float, float] | None = (0.5, 1.0)
 
-    def random_crop(self, image):
-        low, high = self.crop_scale
-        area_fraction = low + (high - low) * float(torch.rand(()))
-        side = area_fraction**0.5
-        width, height = max(1, round(image.width * side)), max(1, round(image.height * side))
-        left = int(torch.randint(0, image.width - width + 1, ()))
-        top = int(torch.randint(0, image.height - height + 1, ()))
-        return image.crop((left, top, left + width, top + height))
-
     def __call__(self, images: list) -> dict:
         if self.crop_scale is not None:
-            images = [self.random_crop(image) for image in images]
+            images = [random_crop(image, self.crop_scale) for image in images]
         return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"]}

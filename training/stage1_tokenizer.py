@@ -9,7 +9,6 @@ switched on, its codebook initialised by k-means on the warmed-up latents and up
     python -m lavit.training.stage1_tokenizer config.yaml
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +16,11 @@ from lavit.modeling import LaVITTokenizerConfig, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor
 from transformers import AutoModel, set_seed
 
-from .arguments import DataArguments, LaVITTrainingArguments, limit_records, parse_arguments
+from .arguments import DataArguments, LaVITTrainingArguments, limit_records, load_config_preset, parse_arguments
 from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, load_records
 from .trainer import BadRecordLoggerCallback, JsonlLoggerCallback, LaVITTrainer, resolve_resume, save_final
 
-CONFIG_PRESETS = Path(__file__).parent / "configs"
 TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
                      "mean_keep_ratio", "codebook_usage", "perplexity")
 
@@ -46,14 +44,7 @@ def build_tokenizer(script_args: TokenizerTrainingArguments) -> LaVITTokenizerMo
         return LaVITTokenizerModel.from_pretrained(script_args.model)
     if not script_args.tokenizer_config:
         raise ValueError("give --model (a tokenizer to continue) or --tokenizer_config (a new one)")
-    config_path = Path(script_args.tokenizer_config)
-    if not config_path.exists():
-        config_path = CONFIG_PRESETS / f"tokenizer_{script_args.tokenizer_config}.json"
-    if not config_path.exists():
-        presets = sorted(path.stem.removeprefix("tokenizer_") for path in CONFIG_PRESETS.glob("tokenizer_*.json"))
-        raise FileNotFoundError(f"tokenizer_config {script_args.tokenizer_config!r} is neither a file nor a preset "
-                                f"{presets}")
-    settings = json.loads(config_path.read_text())
+    settings = load_config_preset(script_args.tokenizer_config, "tokenizer")
     vision_model = None
     if script_args.vision_model:
         vision_model = AutoModel.from_pretrained(script_args.vision_model)

@@ -1,0 +1,268 @@
+"""The pixel detokenizer: official parity of the conditioning heads, sampling, guidance batching, schedulers,
+save/load (with and without `lavit` importable) and a few training steps on real images."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VAE_CONFIG, real_photos, tiny_detokenizer_config, tiny_unet_config
+from PIL import Image
+from test_hub import BLOCK_LAVIT
+from test_parity import assert_close
+
+from lavit import LaVITDetokenizer
+
+pytest.importorskip("diffusers")
+
+
+def tiny_detokenizer(conditioning="highres", seed=0):
+    torch.manual_seed(seed)
+    return LaVITDetokenizer(tiny_detokenizer_config(conditioning)).eval()
+
+
+CODES = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5])
+COUNTS = torch.tensor([4, 1, 6])
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("conditioning", ["lowres", "highres"])
+def test_official_decoder_heads_reproduce_the_fixtures(parity_files, conditioning):
+    expected = parity_files["expected"]
+    name = "decoder_state_dict" if conditioning == "lowres" else "highres_decoder_state_dict"
+    codebook = parity_files["tokenizer_state_dict"]["quantize.embedding.weight"]
+    pooled = 36 if conditioning == "highres" else None
+    settings = dict(
+        decoder_num_heads=4, pooling_num_heads=4,
+        negative_prompt_embeds=torch.randn(1, 7, 24) if conditioning == "lowres" else None,
+        unet_config=tiny_unet_config(60 if pooled else 24, pooled), vae_config=TINY_VAE_CONFIG,
+    )
+    detokenizer = LaVITDetokenizer.from_original_state_dict(parity_files[name], codebook, **settings)
+    assert detokenizer.config.conditioning == conditioning
+    with torch.no_grad():
+        features = detokenizer.reconstruct_features(expected["code_ids"], expected["token_counts"])
+        conditions = detokenizer.condition(features)
+    if conditioning == "lowres":
+        assert_close(features, expected["decoder_out"])
+        assert_close(conditions.prompt_embeds, expected["decoder_unet_cond"])
+        assert conditions.pooled_prompt_embeds is None
+        assert detokenizer.config.negative_context_length == 7
+    else:
+        assert_close(features, expected["highres_decoder_out"])
+        assert_close(conditions.prompt_embeds, expected["highres_prompt_embeds"])
+        assert_close(conditions.pooled_prompt_embeds, expected["highres_pooled_prompt_embeds"])
+    broken = dict(parity_files[name])
+    broken["blocks.0.typo.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="typo"):
+        LaVITDetokenizer.from_original_state_dict(broken, codebook, **settings)
+
+
+@pytest.mark.parametrize("conditioning", ["lowres", "highres"])
+def test_negative_conditions_follow_the_official_recipe(conditioning):
+    detokenizer = tiny_detokenizer(conditioning)
+    negative = detokenizer.negative_conditions(3)
+    assert negative.prompt_embeds.shape == (3, 16, sum(detokenizer.config.prompt_projection_sizes))
+    if conditioning == "highres":
+        assert not negative.prompt_embeds.any() and not negative.pooled_prompt_embeds.any()
+        assert negative.attention_mask.all()
+    else:
+        # the stored embedding fills the first slots; the mask hides the rest from the UNet
+        assert torch.equal(negative.prompt_embeds[:, :5], detokenizer.negative_prompt_embeds.expand(3, -1, -1))
+        assert negative.attention_mask[:, :5].all() and not negative.attention_mask[:, 5:].any()
+
+
+def test_decode_shapes_aspect_ratios_and_seed_determinism():
+    detokenizer = tiny_detokenizer()
+    images = detokenizer.decode(CODES, COUNTS, generator=seeded(0))
+    assert [image.size for image in images] == [(32, 32)] * 3 and all(isinstance(i, Image.Image) for i in images)
+    wide = detokenizer.decode(CODES, COUNTS, height=24, width=40, num_inference_steps=2, output_type="pt")
+    assert wide.shape == (3, 3, 24, 40) and 0 <= wide.min() and wide.max() <= 1
+    first = detokenizer.decode(CODES, COUNTS, generator=seeded(1), output_type="pt")
+    again = detokenizer.decode(CODES, COUNTS, generator=seeded(1), output_type="pt")
+    other = detokenizer.decode(CODES, COUNTS, generator=seeded(2), output_type="pt")
+    assert torch.equal(first, again)
+    assert (first - other).abs().max() > 1e-3
+    # an image depends on its own codes and latents only, not on the other images of the batch
+    latents = torch.randn(3, 4, 16, 16, generator=seeded(4))
+    batch = detokenizer.decode(CODES, COUNTS, latents=latents, output_type="pt")
+    alone = detokenizer.decode(CODES[4:10], COUNTS[2:], latents=latents[2:], output_type="pt")
+    torch.testing.assert_close(alone[0], batch[2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        detokenizer.decode(CODES, COUNTS, height=30)
+    with pytest.raises(ValueError, match="code ids must be in"):
+        detokenizer.decode(torch.tensor([40]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="token_counts sum to 2"):
+        detokenizer.decode(CODES, torch.tensor([1, 1]))
+
+
+@pytest.mark.parametrize("conditioning", ["lowres", "highres"])
+def test_batched_guidance_equals_two_separate_passes(conditioning):
+    detokenizer = tiny_detokenizer(conditioning)
+    batched = detokenizer.decode(CODES, COUNTS, guidance_scale=5.0, generator=seeded(3), output_type="pt")
+    separate = detokenizer.decode(CODES, COUNTS, guidance_scale=5.0, generator=seeded(3), output_type="pt",
+                                  batch_guidance=False)
+    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)
+    unguided = detokenizer.decode(CODES, COUNTS, guidance_scale=1.0, generator=seeded(3), output_type="pt")
+    assert (unguided - batched).abs().max() > 1e-4
+
+
+def test_any_diffusers_scheduler_can_be_swapped_in_and_is_saved(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    detokenizer = tiny_detokenizer()
+    for scheduler_class in (DPMSolverMultistepScheduler, EulerDiscreteScheduler):
+        scheduler = scheduler_class.from_config(detokenizer.scheduler.config)
+        images = detokenizer.decode(CODES, COUNTS, scheduler=scheduler, generator=seeded(0), output_type="pt")
+        assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
+    default = detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="pt")
+    detokenizer.scheduler = EulerDiscreteScheduler.from_config(detokenizer.scheduler.config)
+    euler = detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="pt")
+    assert (default - euler).abs().max() > 1e-4
+    detokenizer.save_pretrained(tmp_path)
+    loaded = LaVITDetokenizer.from_pretrained(tmp_path)
+    assert type(loaded.scheduler).__name__ == "EulerDiscreteScheduler"
+    torch.testing.assert_close(loaded.decode(CODES, COUNTS, generator=seeded(0), output_type="pt"), euler)
+
+
+def test_saved_folder_loads_with_remote_code_where_lavit_cannot_be_imported(tmp_path):
+    detokenizer = tiny_detokenizer("lowres")
+    folder = tmp_path / "detokenizer"
+    detokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_lavit_detokenizer.LaVITDetokenizer"
+    assert (folder / "modeling_lavit_detokenizer.py").is_file()
+    loaded = LaVITDetokenizer.from_pretrained(folder)
+    for key, tensor in detokenizer.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[key]), key
+    expected = detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="pt")
+    script = BLOCK_LAVIT + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        images = model.decode(torch.tensor({CODES.tolist()}), torch.tensor({COUNTS.tolist()}),
+                              generator=torch.Generator().manual_seed(0), output_type="pt")
+        torch.save(images, {str(tmp_path / "images.pt")!r})
+        assert not any(name == "lavit" or name.startswith("lavit.") for name in sys.modules)
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "images.pt", weights_only=True), expected)
+
+
+def test_training_steps_lower_the_loss_on_real_photos():
+    detokenizer = tiny_detokenizer().train()
+    photos = [Image.fromarray(photo).resize((32, 32), Image.Resampling.BICUBIC) for photo in real_photos()[:4]]
+    pixel_values = torch.stack([torch.from_numpy(np.array(photo)).permute(2, 0, 1) for photo in photos])
+    pixel_values = pixel_values.float() / 127.5 - 1
+    code_ids, token_counts = torch.arange(16), torch.tensor([4, 4, 4, 4])
+    generator = seeded(0)
+    latents = detokenizer.encode_images(pixel_values)
+    fixed = dict(noise=torch.randn(latents.shape, generator=generator),
+                 timesteps=torch.randint(0, 1000, (4,), generator=generator),
+                 drop_condition=torch.zeros(4, dtype=torch.bool))
+
+    def evaluation_loss():
+        with torch.no_grad():
+            return float(detokenizer(code_ids, token_counts, latents=latents, **fixed).loss)
+
+    trainable = [param for param in detokenizer.parameters() if param.requires_grad]
+    assert not any(param.requires_grad for param in detokenizer.vae.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3)
+    before = evaluation_loss()
+    for _ in range(40):
+        loss = detokenizer(code_ids, token_counts, latents=latents).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = evaluation_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.fixture
+def lavit_with_detokenizer(lavit_model):
+    lavit_model.set_detokenizer(tiny_detokenizer())
+    return lavit_model
+
+
+def test_generate_images_end_to_end_and_reconstruction(lavit_with_detokenizer, lavit_processor):
+    model = lavit_with_detokenizer
+    inputs = lavit_processor(text=["a red bus", "a cat"], padding=True)
+    settings = dict(max_new_tokens=6, min_new_tokens=2, num_images_per_prompt=2)
+    images = model.generate_images(**inputs, generator=seeded(0), output_type="pt", **settings)
+    assert images.shape == (4, 3, 32, 32)
+    assert torch.equal(images, model.generate_images(**inputs, generator=seeded(0), output_type="pt", **settings))
+    # the same as its two halves run by hand with one generator
+    generator = seeded(0)
+    tokens = model.generate_image_tokens(**inputs, generator=generator, **settings)
+    by_hand = model.detokenizer.decode(tokens.code_ids, tokens.token_counts, generator=generator, output_type="pt")
+    assert torch.equal(images, by_hand)
+
+    photos = lavit_processor.image_processor(images=[Image.fromarray(photo) for photo in real_photos()[:2]])
+    reconstructed = model.reconstruct(photos["pixel_values"], image_selection={"max_tokens": 4}, height=16, width=24)
+    assert [image.size for image in reconstructed] == [(24, 16)] * 2
+
+
+def test_any_to_any_hooks_return_images(lavit_with_detokenizer, lavit_processor):
+    """The pieces the `any-to-any` pipeline calls in image mode (the pipeline itself needs torchvision)."""
+    model = lavit_with_detokenizer
+    inputs = lavit_processor(text="a red bus")
+    sequences = model.generate(**inputs, generation_mode="image", max_new_tokens=5, min_new_tokens=5,
+                               generator=seeded(1), num_images_per_prompt=2)
+    config = model.config
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(sequences[:, :prompt_length], inputs["input_ids"].repeat(2, 1))
+    assert (sequences[:, prompt_length] == config.image_start_token_id).all()
+    assert (sequences[:, -1] == config.image_end_token_id).all()
+    codes = sequences[:, prompt_length + 1 : -1] - config.visual_token_offset
+    assert ((codes >= 0) & (codes < config.tokenizer_config.codebook_size)).all()
+    latents = torch.randn(2, 4, 16, 16, generator=seeded(2))
+    images = model.decode_image_tokens(sequences, latents=latents, output_type="pt")
+    expected = model.detokenizer.decode(codes.flatten(), torch.tensor([5, 5]), latents=latents, output_type="pt")
+    assert torch.equal(images, expected)
+    pil_images = model.decode_image_tokens(sequences)
+    assert lavit_processor.post_process_multimodal_output(pil_images, generation_mode="image") == pil_images
+    with pytest.raises(ValueError, match=r"\[IMG\]"):
+        model.decode_image_tokens(inputs["input_ids"])
+
+
+def test_model_folder_carries_the_detokenizer_into_remote_code_and_pipelines(lavit_with_detokenizer, lavit_processor,
+                                                                              tmp_path):
+    model = lavit_with_detokenizer
+    folder = tmp_path / "lavit"
+    model.save_pretrained(folder)
+    lavit_processor.save_pretrained(folder)
+    assert (folder / "detokenizer" / "config.json").is_file()
+    assert "detokenizer" not in " ".join(model.state_dict())
+    settings = dict(max_new_tokens=5, min_new_tokens=2, num_inference_steps=3)
+    expected = model.generate_images(**lavit_processor(text="a red bus"), generator=seeded(0), output_type="pt",
+                                     **settings)
+    script = BLOCK_LAVIT + textwrap.dedent(f"""
+        import numpy as np
+        import torch
+        from transformers import AutoModelForCausalLM, pipeline
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert model.can_decode_pixels and type(model.detokenizer).__name__ == "LaVITDetokenizer"
+        bare = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True, load_detokenizer=False)
+        assert not bare.can_decode_pixels
+        pipe = pipeline("lavit-text-to-image", model={str(folder)!r}, trust_remote_code=True)
+        result = pipe("a red bus", generator=torch.Generator().manual_seed(0), **{settings!r})
+        torch.save(torch.from_numpy(np.asarray(result[0]["image"]).copy()), {str(tmp_path / "image.pt")!r})
+        assert not any(name == "lavit" or name.startswith("lavit.") for name in sys.modules)
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = torch.load(tmp_path / "image.pt", weights_only=True)
+    expected_image = (expected[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+    assert (image.int() - expected_image.int()).abs().max() <= 1

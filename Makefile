@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test lint bench
+.PHONY: install test lint bench demo
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/lavit demo --output lavit-demo
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
+from transformers.utils.logging import tqdm
 
 from .configuration_lavit import LaVITDetokenizerConfig
 from .convert_original_lavit import DECODER_RULES, count_blocks, load_original_state_dict, rename_keys
@@ -359,6 +360,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         batch_guidance: bool = True,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
+        show_progress: bool = False,
     ):
         """
         Packed code ids (T,) + counts (B,) -> B images (`output_type="pil"`: PIL images; `"pt"`: a (B, 3, H, W)
@@ -373,6 +375,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         - `scheduler`: any diffusers scheduler (e.g. `DPMSolverMultistepScheduler.from_config(d.scheduler.config)`)
           instead of the model's own for this call; assign `detokenizer.scheduler` to change it for good.
         - `generator`: seeds the initial latents and stochastic schedulers, so the same seed gives the same images.
+        - `show_progress`: a progress bar over the denoising steps.
         """
         config = self.config
         height = height or config.image_size
@@ -406,7 +409,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents.to(self.device, unet_dtype) * scheduler.init_noise_sigma
         step_kwargs = {"generator": generator} if "generator" in _step_parameters(scheduler) else {}
-        for timestep in scheduler.timesteps:
+        for timestep in tqdm(scheduler.timesteps, desc="denoising", disable=not show_progress):
             if guided and batch_guidance:
                 model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
                 both = self.predict_noise(model_input, timestep, LaVITDetokenizerConditions.cat([negative, conditions]),

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lavit.modeling import LaVITDetokenizer, LaVITForCausalLM, LaVITTokenizerModel
+import torch.nn.functional as F
+from lavit.modeling import LaVITDetokenizer, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import PretrainedConfig, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 
 from .arguments import DataArguments, LaVITTrainingArguments, limit_records, load_config_preset, parse_arguments
 from .collators import random_crop
 from .data import BadRecordCounter, image_dataset, load_records
+from .preprocess import load_visual_tokenizer
 from .trainer import BadRecordLoggerCallback, JsonlLoggerCallback, LaVITTrainer, resolve_resume, save_final
 
 EMA_FILE = "ema.safetensors"
@@ -45,13 +47,9 @@ class DetokenizerTrainingArguments(DataArguments):
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the trained weights (0 turns EMA off)."})
     crop_scale: float = field(default=1.0, metadata={
         "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
-
-
-def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
-    model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
-    if model_type == "lavit":
-        return LaVITForCausalLM.from_pretrained(path, load_detokenizer=False).visual_tokenizer
-    return LaVITTokenizerModel.from_pretrained(path)
+    vae_steps: int = field(default=0, metadata={
+        "help": "Fit the VAE to the images for N steps before the diffusion training: for small experiments "
+                "without a pretrained VAE (a random VAE decodes any latent to noise)."})
 
 
 def build_detokenizer(script_args: DetokenizerTrainingArguments, visual_tokenizer) -> LaVITDetokenizer:
@@ -91,6 +89,30 @@ class DetokenizerCollator:
             "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
             "pixel_values": pixel_values,
         }
+
+
+def fit_vae(vae, dataset, collator, steps: int, batch_size: int, learning_rate: float = 1e-3,
+            kl_weight: float = 1e-6) -> list[float]:
+    """Trains `vae` as an autoencoder of the dataset's images (reconstruction MSE + a small KL term) and freezes it
+    again; returns the losses. A plain loop: a few hundred steps on small images."""
+    vae.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collator)
+    losses = []
+    while len(losses) < steps:
+        for batch in loader:
+            pixel_values = batch["pixel_values"].to(vae.device, vae.dtype)
+            posterior = vae.encode(pixel_values).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            loss = F.mse_loss(reconstruction, pixel_values) + kl_weight * posterior.kl().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if len(losses) == steps:
+                break
+    vae.requires_grad_(False).eval()
+    return losses
 
 
 class LaVITDetokenizerTrainer(LaVITTrainer):
@@ -166,6 +188,10 @@ def train_detokenizer(
     collator = DetokenizerCollator(LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config),
                                    detokenizer.config.image_size, crop_scale)
     resume = resolve_resume(script_args.resume, training_args.output_dir)
+    if script_args.vae_steps > 0 and resume is None:  # a resumed run restores the fitted VAE from its checkpoint
+        losses = fit_vae(detokenizer.vae, dataset, collator, script_args.vae_steps,
+                         training_args.per_device_train_batch_size)
+        print(f"VAE fitted for {len(losses)} steps: reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     callbacks = [JsonlLoggerCallback(), BadRecordLoggerCallback(counter), *callbacks]
     if script_args.ema_decay > 0:
         callbacks.append(EMACallback(detokenizer, script_args.ema_decay, resume))

@@ -1,0 +1,170 @@
+"""Hub-ready LaVIT folders: code, configs, safetensors shards, processor, pixel decoder and a model card rendered from
+the run's own metadata; and their upload with `huggingface_hub`.
+
+The metadata of a run is a JSON file `lavit_run.json` in the model folder (the demo and `lavit export --metadata`
+write it). Every key is optional: `model_name`, `summary`, `intended_uses`, `training_data`, `datasets` (list),
+`base_model`, `license`, `training_stages` (list of `{name, description}`), `token_statistics`, `evaluation` (list
+of `{metric, value, data}`), `limitations`.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from lavit.modeling import LaVITForCausalLM
+from lavit.processing import LaVITProcessor
+
+TEMPLATE = Path(__file__).parent / "templates" / "lavit_model_card.md"
+METADATA_FILE = "lavit_run.json"
+REQUIRED_FILES = ("config.json", "configuration_lavit.py", "modeling_lavit.py", "modeling_lavit_tokenizer.py",
+                  "processor_config.json", "processing_lavit.py", "image_processing_lavit.py", "README.md")
+NOT_RECORDED = "Not recorded for this model."
+DEFAULT_INTENDED_USES = (
+    "Research on unified vision-language models: image captioning, visual question answering, multimodal chat, "
+    "text-to-image and image+text-to-image generation through discrete visual tokens, and fine-tuning on such tasks. "
+    "Not for decisions about people, and not evaluated for safety."
+)
+DEFAULT_LIMITATIONS = (
+    "The model inherits the biases of its language model, vision encoder and training data. Visual tokens keep the "
+    "semantics of an image better than its exact layout, text or fine detail, so reconstructions and generations "
+    "differ from the source in detail. Generated images are not filtered by a safety checker."
+)
+
+
+def read_metadata(folder) -> dict:
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def _parameters(module) -> str:
+    count = sum(parameter.numel() for parameter in module.parameters())
+    return f"{count / 1e9:.2f}B parameters" if count >= 1e8 else f"{count / 1e6:.2f}M parameters"
+
+
+def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/this/folder") -> ModelCard:
+    """Renders the model card of `model` from the run's metadata (see the module docstring)."""
+    config = model.config
+    tokenizer = model.visual_tokenizer
+    components = {
+        "language model": f"{config.text_config.model_type}, {_parameters(model.model.language_model)}",
+        "frozen vision encoder": f"{tokenizer.config.vision_config.model_type}, {_parameters(tokenizer.vision_model)}, "
+                                 f"{tokenizer.config.image_size} px, {tokenizer.config.num_patches} patches",
+        "visual tokenizer (selector, merger, quantizer, decoder)": _parameters(tokenizer) + " in all",
+        "LM-side merger and projection": _parameters(model.model.visual_merger),
+    }
+    if model.detokenizer is not None:
+        detokenizer = model.detokenizer
+        components["pixel decoder (detokenizer/)"] = (
+            f"{detokenizer.config.conditioning} conditioning, UNet {_parameters(detokenizer.unet)}, "
+            f"{detokenizer.config.image_size} px"
+        )
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=metadata.get("license", "apache-2.0"),
+        tags=["lavit", "multimodal", "text-to-image", "visual-tokenizer", "custom_code"],
+        datasets=metadata.get("datasets"),
+        base_model=metadata.get("base_model"),
+        model_name=metadata.get("model_name", "LaVIT"),
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=metadata.get("model_name", "LaVIT"),
+        summary=metadata.get("summary", "A LaVIT model (dynamic discrete visual tokens + one causal LM)."),
+        components=components,
+        text_vocab_size=config.text_vocab_size,
+        codebook_size=config.tokenizer_config.codebook_size,
+        intended_uses=metadata.get("intended_uses", DEFAULT_INTENDED_USES),
+        repo_id=repo_id,
+        has_detokenizer=model.detokenizer is not None,
+        training_data=metadata.get("training_data", NOT_RECORDED),
+        training_stages=metadata.get("training_stages", [{"name": "training", "description": NOT_RECORDED}]),
+        token_statistics=metadata.get("token_statistics", NOT_RECORDED),
+        evaluation=metadata.get("evaluation", []),
+        limitations=metadata.get("limitations", DEFAULT_LIMITATIONS),
+    )
+
+
+def export_model(source, output_dir, metadata: dict | None = None, repo_id: str | None = None,
+                 max_shard_size: str = "5GB") -> Path:
+    """
+    Writes the Hub folder of the LaVIT model folder `source` to `output_dir` (see [`export_loaded`]); the source's
+    `lavit_run.json` is updated by `metadata`.
+    """
+    source, output_dir = Path(source), Path(output_dir)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a model folder (no config.json)")
+    if output_dir.resolve() == source.resolve():
+        raise ValueError("the export folder must differ from the source folder")
+    model = LaVITForCausalLM.from_pretrained(source)
+    processor = LaVITProcessor.from_pretrained(source)
+    metadata = {**read_metadata(source), **(metadata or {})}
+    return export_loaded(model, processor, output_dir, metadata, repo_id, max_shard_size)
+
+
+def export_loaded(model: LaVITForCausalLM, processor: LaVITProcessor, output_dir, metadata: dict | None = None,
+                  repo_id: str | None = None, max_shard_size: str = "5GB") -> Path:
+    """
+    Writes a Hub folder: weights in safetensors shards of at most `max_shard_size`, code files and `auto_map`,
+    processor, `detokenizer/` when the model has one, `lavit_run.json` (the metadata) and the rendered model card. The
+    folder is written beside `output_dir` and renamed into place, so an interrupted export leaves no half folder.
+    """
+    output_dir = Path(output_dir)
+    metadata = dict(metadata or {})
+    staging = output_dir.with_name(output_dir.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging, max_shard_size=max_shard_size)
+    processor.save_pretrained(staging)
+    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    model_card(model, metadata, repo_id or metadata.get("repo_id", str(output_dir))).save(staging / "README.md")
+    check_export_folder(staging)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(staging, output_dir)
+    return output_dir
+
+
+def check_export_folder(folder) -> None:
+    """Raises a `ValueError` naming every problem of a Hub folder: missing files, missing weights, pickles."""
+    folder = Path(folder)
+    problems = [f"missing {name}" for name in REQUIRED_FILES if not (folder / name).is_file()]
+    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    if not has_weights:
+        problems.append("missing weights (model.safetensors or model.safetensors.index.json)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        problems += [f"missing shard {shard}" for shard in sorted(shards) if not (folder / shard).is_file()]
+    detokenizer = folder / "detokenizer"
+    if detokenizer.is_dir():
+        for name in ("config.json", "modeling_lavit_detokenizer.py"):
+            if not (detokenizer / name).is_file():
+                problems.append(f"missing detokenizer/{name}")
+    pickles = sorted(str(path.relative_to(folder)) for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl")
+                     for path in folder.rglob(pattern))
+    problems += [f"pickle file {name} (weights must be safetensors)" for name in pickles]
+    if problems:
+        raise ValueError(f"{folder} is not a complete LaVIT Hub folder: " + "; ".join(problems))
+
+
+def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False,
+                commit_message: str = "Upload LaVIT model") -> str:
+    """Uploads an exported folder (checked first) to the Hub repo `repo_id`, creating it if needed; returns the
+    commit URL."""
+    check_export_folder(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(commit)
+
+
+__all__ = ["check_export_folder", "export_loaded", "export_model", "model_card", "push_to_hub", "read_metadata"]

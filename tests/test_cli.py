@@ -1,0 +1,204 @@
+"""The `lavit` command line, Hub export and model cards, and the quickstart demo."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import real_photos, tiny_detokenizer_config
+from lavit.hub_cards import check_export_folder, export_model
+from PIL import Image
+from test_hub import BLOCK_LAVIT, trained_tiny_model
+
+from lavit import LaVITDetokenizer
+from lavit.cli import TRAINING_COMMANDS, main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def run(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    """The command's own error lines (progress bars of weight loading may precede them)."""
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("lavit ")]
+
+
+def real_photo_file(folder):
+    path = folder / "coffee.png"
+    Image.fromarray(real_photos()[2]).save(path)
+    return path
+
+
+@pytest.fixture
+def photo_file(tmp_path):
+    return real_photo_file(tmp_path)
+
+
+@pytest.fixture
+def lavit_folder(lavit_model, lavit_processor, tmp_path):
+    torch.manual_seed(0)
+    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
+    folder = tmp_path / "lavit"
+    lavit_model.save_pretrained(folder)
+    lavit_processor.save_pretrained(folder)
+    return folder
+
+
+def test_help_lists_every_command_and_each_command_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    for command in ("demo", "tokenize", "caption", "vqa", "generate", "reconstruct", "convert-original", "export",
+                    "push", *TRAINING_COMMANDS):
+        assert command in listing, command
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "--" in capsys.readouterr().out, command
+
+
+def test_bad_input_gives_one_line_and_a_nonzero_exit(capsys, tmp_path, lavit_folder):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenize"])  # missing arguments: argparse's usage and one error line
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("lavit tokenize: error:")
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    code, _, err = run(capsys, "caption", broken, "--model", lavit_folder)
+    assert code == 1 and len(error_lines(err)) == 1 and "cannot read image file" in err and "broken.png" in err
+    code, _, err = run(capsys, "caption", real_photo_file(tmp_path), "--model", tmp_path / "missing")
+    assert code == 1 and len(error_lines(err)) == 1 and "model folder not found" in err
+    code, _, err = run(capsys, "train", "--data", tmp_path / "nowhere", "--model", lavit_folder,
+                       "--output_dir", tmp_path / "run", "--max_steps", "1", "--use_cpu")
+    assert code == 1 and len(error_lines(err)) == 1
+    code, _, err = run(capsys, "convert-original", tmp_path, tmp_path / "out")
+    assert code == 1 and "not an official LaVIT release folder" in err
+
+
+def test_tokenize_with_budget_and_visualization(capsys, tmp_path, photo_file):
+    model = trained_tiny_model()
+    model.save_pretrained(tmp_path / "tokenizer")
+    code, out, _ = run(capsys, "tokenize", photo_file, photo_file, "--model", tmp_path / "tokenizer", "--budget", 3,
+                       "--visualize", tmp_path / "kept.png")
+    assert code == 0
+    lines = [line for line in out.splitlines() if "tokens, code ids" in line]
+    assert len(lines) == 2 and all(": 3 of 16 tokens" in line for line in lines)
+    assert (tmp_path / "kept-0.png").is_file() and (tmp_path / "kept-1.png").is_file()
+
+
+def test_caption_vqa_generate_reconstruct_on_a_model_folder(capsys, tmp_path, photo_file, lavit_folder):
+    code, out, _ = run(capsys, "caption", photo_file, "--model", lavit_folder, "--max-new-tokens", 3)
+    assert code == 0 and out.startswith(f"{photo_file}: ")
+    code, out, _ = run(capsys, "vqa", photo_file, "--question", "what is it?", "--model", lavit_folder,
+                       "--max-new-tokens", 2)
+    assert code == 0 and len(out.splitlines()) == 1
+    code, out, _ = run(capsys, "generate", "a red bus", "-o", tmp_path / "bus.png", "--model", lavit_folder,
+                       "--num-images", 2, "--steps", 2, "--height", 16, "--width", 24)
+    assert code == 0
+    assert [Image.open(tmp_path / f"bus-{index}.png").size for index in range(2)] == [(24, 16)] * 2
+    code, out, _ = run(capsys, "reconstruct", photo_file, "-o", tmp_path / "again.png", "--model", lavit_folder,
+                       "--budget", 4, "--steps", 2)
+    assert code == 0 and Image.open(tmp_path / "again.png").size == (32, 32)
+
+
+def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, tmp_path, lavit_folder):
+    metadata = tmp_path / "run.json"
+    metadata.write_text(json.dumps({
+        "model_name": "LaVIT test", "training_data": "three photos", "datasets": ["skimage-photos"],
+        "evaluation": [{"metric": "caption accuracy", "value": "0.50", "data": "held-out photos"}],
+        "token_statistics": "12.0 tokens per image",
+    }))
+    code, out, _ = run(capsys, "export", tmp_path / "hub", "--model", lavit_folder, "--metadata", metadata,
+                       "--repo-id", "someone/lavit-test", "--max-shard-size", "200KB")
+    assert code == 0
+    hub = tmp_path / "hub"
+    check_export_folder(hub)
+    assert (hub / "model.safetensors.index.json").is_file()  # sharded
+    assert (hub / "detokenizer" / "config.json").is_file()
+    card = (hub / "README.md").read_text()
+    for text in ("library_name: transformers", "skimage-photos", "# LaVIT test", "## Intended uses",
+                 "## Training data", "three photos", "## Visual token statistics", "| caption accuracy | 0.50 |",
+                 "## Limitations", "trust_remote_code=True", "someone/lavit-test", "@inproceedings{jin2024unified"):
+        assert text in card, text
+    assert not (tmp_path / "hub.tmp").exists()
+
+    (hub / "stray.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="pickle file stray.bin"):
+        check_export_folder(hub)
+    (hub / "stray.bin").unlink()
+    # no network in tests: the upload itself fails with one clear line, after the folder was checked
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "lavit.cli", "push", "someone/lavit-test", "--model", str(hub)],
+                            capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("lavit push: error:")
+    assert "Traceback" not in result.stderr
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        export_model(tmp_path, tmp_path / "other")
+
+
+def test_quick_demo_builds_a_hub_folder_that_loads_without_lavit(tmp_path):
+    output = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "lavit.cli", "demo", "--quick", "--output", str(output)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "caption accuracy" in result.stdout and "What it cannot do" in result.stdout
+    assert "VAE fitted for 10 steps" in result.stdout
+    results = json.loads((output / "demo_results.json").read_text())
+    assert 1 <= results["finetuned"]["tokens_min"] <= results["finetuned"]["tokens_max"] <= 64
+    for path in results["images"]:
+        assert Image.open(path).size[0] > 0
+    script = BLOCK_LAVIT + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
+        folder = {results["hub_folder"]!r}
+        assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "LaVITModel"
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        images = model.generate_images(**processor(text="the digit one", return_tensors="pt"), max_new_tokens=8,
+                                       num_inference_steps=2)
+        print(images[0].size)
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.strip().splitlines()[-1] == "(32, 32)"
+
+
+def test_convert_original_release_to_a_hub_folder(capsys, tmp_path, parity_files):
+    from test_parity import write_official_release
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    release = tmp_path / "release"
+    release.mkdir()
+    write_official_release(parity_files, release)
+    # the release's text tokenizer: exactly the 40 text ids of the parity LM
+    vocabulary = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"word{index}": index for index in range(3, 40)}}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(release / "language_model")
+    code, out, err = run(capsys, "convert-original", release, tmp_path / "converted", "--num-heads", 4)
+    assert code == 0, err
+    converted = tmp_path / "converted"
+    check_export_folder(converted)
+    assert (converted / "detokenizer" / "config.json").is_file()
+    assert "converted from the official release" in (converted / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True)
+    assert model.can_decode_pixels and model.config.text_vocab_size == 40
+    expected = parity_files["expected"]
+    conditions = model.detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
+    torch.testing.assert_close(conditions.pooled_prompt_embeds, expected["highres_pooled_prompt_embeds"],
+                               atol=1e-5, rtol=1e-5)

@@ -518,6 +518,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return self._detokenizer is not None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        pipeline_file = _pipeline_source_file() if self._auto_class is not None else None
         if self._auto_class is not None:
             # transformers writes only the saved class's Auto entry; every head of the folder must resolve
             self.config.auto_map = {
@@ -527,7 +528,6 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 "AutoModelForImageTextToText": "modeling_lavit.LaVITForCausalLM",
                 "AutoModelForMultimodalLM": "modeling_lavit.LaVITForCausalLM",
             }
-            pipeline_file = _pipeline_source_file()
             if pipeline_file is not None:
                 # `pipeline("lavit-text-to-image", model=folder, trust_remote_code=True)` without `lavit` installed
                 self.config.custom_pipelines = {TEXT_TO_IMAGE_TASK: {
@@ -537,7 +537,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
-        if self._auto_class is not None and pipeline_file is not None:
+        if pipeline_file is not None:
             shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
         if self._detokenizer is not None:
             self._detokenizer.save_pretrained(Path(save_directory) / DETOKENIZER_FOLDER, *args, **kwargs)

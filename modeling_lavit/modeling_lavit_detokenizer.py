@@ -6,6 +6,7 @@ its variable number of codes, projection heads turn them into the conditions of 
 VAE latents. diffusers is an optional dependency: this file imports without it, and building a detokenizer asks for it.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +287,6 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         noise: torch.FloatTensor | None = None,
         timesteps: torch.LongTensor | None = None,
         drop_condition: torch.BoolTensor | None = None,
-        **kwargs,
     ) -> LaVITDetokenizerOutput:
         """
         Diffusion training step: encode `pixel_values` (B, 3, H, W) in [-1, 1] with the frozen VAE (or take
@@ -463,16 +463,20 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         decoder_num_heads: int = 16,
         pooling_num_heads: int = 16,
         negative_prompt_embeds: torch.Tensor | None = None,
+        diffusers_folder: str | os.PathLike | None = None,
         **config_kwargs,
     ) -> "LaVITDetokenizer":
         """
         Builds a detokenizer from an official decoder file (`tokenizer_decoder.bin`: lowres, or
         `highres_tokenizer_decoder.bin`: highres, told apart by their keys) and the tokenizer's codebook
         (`quantize.embedding.weight`). Sizes are read from the tensors; every key must be used. The UNet, VAE and
-        scheduler come from `config_kwargs` (`unet_config`, ...) and stay randomly initialised: load them with
-        [`from_original`] or `load_diffusers_components`.
+        scheduler are loaded from `diffusers_folder` (without building random ones first), or built from
+        `config_kwargs` (`unet_config`, ...) and left randomly initialised.
         """
         highres = "unet_proj_1.weight" in decoder_state_dict
+        if diffusers_folder is not None and not highres and negative_prompt_embeds is None:
+            raise ValueError("a lowres detokenizer loaded from a diffusers folder needs negative_prompt_embeds "
+                             "(the official pixel_decoding/uncond_embeddings.bin)")
         prefix = "unet_proj_1" if highres else "unet_proj"
         if f"{prefix}.weight" not in decoder_state_dict:
             raise ValueError("decoder state dict has neither unet_proj (lowres) nor unet_proj_1 (highres) weights")
@@ -498,7 +502,10 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         elif negative_prompt_embeds is not None:
             sizes["negative_context_length"] = negative_prompt_embeds.reshape(-1, projection_sizes[0]).shape[0]
         sizes.update(config_kwargs)
-        model = cls(LaVITDetokenizerConfig(**sizes))
+        # with a diffusers folder, everything is built on the meta device: our weights are assigned below and the
+        # UNet and VAE replaced by the folder's, so no multi-GB random UNet is ever materialised
+        with torch.device("meta") if diffusers_folder is not None else contextlib.nullcontext():
+            model = cls(LaVITDetokenizerConfig(**sizes))
         converted = rename_keys(decoder_state_dict, DECODER_RULES + DETOKENIZER_HEAD_RULES, [], "decoder state dict")
         converted["codebook"] = codebook
         if negative_prompt_embeds is not None:
@@ -508,7 +515,10 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
                                            else set())
         if missing:
             raise ValueError(f"official decoder state dict does not fit: missing {sorted(missing)}")
-        model.load_state_dict({key: value.float() for key, value in converted.items()}, strict=False)
+        model.load_state_dict({key: value.float() for key, value in converted.items()}, strict=False,
+                              assign=diffusers_folder is not None)
+        if diffusers_folder is not None:
+            model.load_diffusers_components(diffusers_folder)
         if not highres and negative_prompt_embeds is None:
             logger.warning("no negative_prompt_embeds given: the lowres negative condition is random")
         return model.eval()
@@ -557,13 +567,11 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
                 raise ValueError(f"{negative_file} holds a {type(negative).__name__}, expected a tensor")
         unet_config = dict(UNet2DConditionModel.load_config(diffusers_folder, subfolder="unet"))
         vae_config = dict(AutoencoderKL.load_config(diffusers_folder, subfolder="vae"))
-        model = cls.from_original_state_dict(
+        return cls.from_original_state_dict(
             decoder_state, encoder_state["quantize.embedding.weight"], negative_prompt_embeds=negative,
-            unet_config=_public_config(unet_config), vae_config=_public_config(vae_config),
-            image_size=vae_config.get("sample_size"), **kwargs,
+            diffusers_folder=diffusers_folder, unet_config=_public_config(unet_config),
+            vae_config=_public_config(vae_config), image_size=vae_config.get("sample_size"), **kwargs,
         )
-        model.load_diffusers_components(diffusers_folder)
-        return model.eval()
 
 
 def scheduler_from_config(scheduler_config: dict):

@@ -6,7 +6,8 @@ image-token generation with classifier-free guidance on vs off. Random weights; 
   prefill     one forward with logits_to_keep=1 (what generate does first), tokenizer included
   fixed576    the same LM and the same calls on a 576-image-token + 10-text-token prompt (LLaVA-1.5 style), fed as
               embeddings, without any vision encoder (so the baseline is favoured)
-  image gen   model.generate_image_tokens: --image-tokens sampled visual tokens at batch 1, CFG scale 4 vs 1
+  image gen   model.generate_image_tokens: --image-tokens sampled visual tokens at batch 1, CFG scale 4 vs 1, and
+              CFG 4 with a static KV cache (plus a compiled decoding step on CUDA)
 
 The selector keeps p_keep = 1/3 per patch in "sample" mode (about 85 of 256 tokens per image, as the anchors of
 shared/research/gpu_anchors.md). Plain-HF references (H100, bf16, LLaMA-2-7B size): prefill B=32 at 586 tokens
@@ -147,21 +148,27 @@ def main():
                 torch.cuda.empty_cache()
 
         prompt = caption_inputs(model, 1, device, dtype, generator)["input_ids"][:, 2:]
-        for scale in (4.0, 1.0):
-            def run_image_tokens(scale=scale):
+        image_variants = [(4.0, "dynamic", False), (1.0, "dynamic", False), (4.0, "static", False)]
+        if device.type == "cuda":
+            image_variants.append((4.0, "static", True))  # compiled decoding step: the lever for >= 100 tokens/s
+        for scale, cache, compiled in image_variants:
+            def run_image_tokens(scale=scale, cache=cache, compiled=compiled):
                 model.generate_image_tokens(prompt, guidance_scale=scale, min_new_tokens=args.image_tokens,
-                                            max_new_tokens=args.image_tokens, generator=torch.Generator(device=device))
+                                            max_new_tokens=args.image_tokens, generator=torch.Generator(device=device),
+                                            cache_implementation=cache, compile_decoding=compiled)
 
             times = timed(run_image_tokens, device, args.warmup, args.repeats)
             median = statistics.median(times)
-            rows.append(dict(name=f"image tokens cfg={scale:g}", batch_size=1, median_s=median, min_s=min(times),
+            name = f"image tokens cfg={scale:g}" + ("" if cache == "dynamic" else f" {cache}") + (
+                " compiled" if compiled else "")
+            rows.append(dict(name=name, batch_size=1, median_s=median, min_s=min(times),
                              tokens_per_s=args.image_tokens / median))
 
-    header = (f"{'variant':<24}{'batch':>6}{'median ms':>12}{'min ms':>10}{'img/s':>10}{'prompt tok/img':>16}"
+    header = (f"{'variant':<36}{'batch':>6}{'median ms':>12}{'min ms':>10}{'img/s':>10}{'prompt tok/img':>16}"
               f"{'tok/s':>9}")
     print(header)
     for row in rows:
-        print(f"{row['name']:<24}{row['batch_size']:>6}{row['median_s'] * 1e3:>12.2f}{row['min_s'] * 1e3:>10.2f}"
+        print(f"{row['name']:<36}{row['batch_size']:>6}{row['median_s'] * 1e3:>12.2f}{row['min_s'] * 1e3:>10.2f}"
               f"{row.get('images_per_s', float('nan')):>10.2f}{row.get('prompt_tokens_per_image', float('nan')):>16.1f}"
               f"{row.get('tokens_per_s', float('nan')):>9.1f}")
     by_key = {(row["name"], row["batch_size"]): row for row in rows}

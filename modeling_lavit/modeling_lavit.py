@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, logging
@@ -780,6 +780,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         generator: torch.Generator | None = None,
         image_keep_mask: torch.Tensor | None = None,
         image_selection: dict | None = None,
+        cache_implementation: str = "dynamic",
+        compile_decoding: bool = False,
         **unused_kwargs,
     ) -> LaVITTokenizationOutput:
         """
@@ -798,6 +800,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         - Lengths: at least `min_new_tokens` visual tokens (default: 20 as the official code, capped by the maximum),
           at most `max_new_tokens` (default and upper bound: the tokenizer's number of patches, the most its decoder
           reads); the image is closed at the limit.
+        - Speed: `cache_implementation="static"` preallocates the KV cache for the prompt and every step and keeps the
+          attention mask at full length, so every decoding step has the same shapes; with `compile_decoding=True`
+          the decoding step is `torch.compile`d (the first call compiles). Both give the same tokens as the default.
         """
         from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -814,6 +819,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         conditional = self._image_generation_prompt(
@@ -850,11 +857,18 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         # [/IMG] and the visual ids are one contiguous block of the vocabulary: score only those rows of the head
         allowed_head = self.lm_head.weight[config.image_end_token_id : config.visual_token_end]
         language_model = self.model.language_model
-        cache = DynamicCache(config=config)
-        position_ids = positions_from_mask(attention_mask)
+        prompt_length = inputs_embeds.shape[1]
+        if cache_implementation == "static":
+            total_length = prompt_length + max_new_tokens
+            cache = StaticCache(config=config.text_config, max_cache_len=total_length)
+            attention_mask = F.pad(attention_mask, (0, max_new_tokens), value=0)  # filled in step by step
+        else:
+            cache = DynamicCache(config=config)
+        decode = torch.compile(language_model, dynamic=False) if compile_decoding else language_model
+        position_ids = positions_from_mask(attention_mask[:, :prompt_length])
         hidden_states = language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True,
+            past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt_length, device=self.device),
         ).last_hidden_state[:, -1]
         device = hidden_states.device
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -877,16 +891,19 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             next_tokens = next_tokens.masked_fill(finished, 0)
             generated.append(next_tokens)
             finished = finished | (next_tokens == 0)
-            if bool(finished.all()):
+            if bool(finished.all()) or step == max_new_tokens:
                 break
             next_ids = (next_tokens + config.image_end_token_id)[:, None]
             if guided:
                 next_ids = next_ids.repeat(2, 1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+            if cache_implementation == "static":
+                attention_mask[:, prompt_length + step] = 1
+            else:
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
             position_ids = position_ids[:, -1:] + 1
-            hidden_states = language_model(
-                input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True,
+            hidden_states = decode(
+                input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                use_cache=True, cache_position=torch.tensor([prompt_length + step], device=device),
             ).last_hidden_state[:, -1]
         generated = torch.stack(generated, dim=1)  # (B, steps): code + 1, then 0 from [/IMG] on
         kept = generated > 0

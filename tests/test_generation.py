@@ -104,6 +104,22 @@ def test_batched_cfg_equals_two_separate_passes(lavit_model, lavit_processor):
     assert unguided.code_ids.tolist() != expected  # guidance changes the result
 
 
+def test_static_cache_gives_the_tokens_of_the_dynamic_cache(lavit_model, lavit_processor):
+    prompts = lavit_processor(text=["a photo of a cat", "a red bus on the street"], padding=True)
+    for settings in (dict(do_sample=False, guidance_scale=3.0), dict(do_sample=True, guidance_scale=4.0, top_k=8)):
+        tokens = {
+            implementation: lavit_model.generate_image_tokens(
+                **prompts, cache_implementation=implementation, min_new_tokens=2, max_new_tokens=7,
+                num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), **settings,
+            )
+            for implementation in ("dynamic", "static")
+        }
+        assert tokens["static"].code_ids.tolist() == tokens["dynamic"].code_ids.tolist()
+        assert tokens["static"].token_counts.tolist() == tokens["dynamic"].token_counts.tolist()
+    with pytest.raises(ValueError, match="cache_implementation"):
+        lavit_model.generate_image_tokens(**prompts, cache_implementation="paged")
+
+
 def test_multimodal_prompt_with_image_as_discrete_ids(lavit_model, lavit_processor):
     photos = real_photos()
     prompt = lavit_processor(images=[photos[1]], text="<image>the same cat, but red")

@@ -1,4 +1,5 @@
-"""GPU paths: bf16 tokenization and the SDPA merger on CUDA (skipped without a GPU)."""
+"""GPU paths: bf16 tokenization, the SDPA merger and compiled image-token decoding on CUDA (skipped without a
+GPU)."""
 
 import pytest
 import torch
@@ -33,3 +34,19 @@ def test_variable_counts_across_calls_on_cuda():
     counts = {tuple(model.tokenize(pixel_values, mode="sample", generator=generator).token_counts.tolist())
               for _ in range(5)}
     assert len(counts) > 1
+
+
+def test_compiled_static_cache_decoding_gives_the_dynamic_tokens_on_cuda():
+    from conftest import tiny_lavit_config, tiny_text_tokenizer
+
+    from lavit import LaVITForCausalLM, LaVITImageProcessor, LaVITProcessor
+
+    text_tokenizer = tiny_text_tokenizer()
+    torch.manual_seed(0)
+    model = LaVITForCausalLM(tiny_lavit_config(len(text_tokenizer) - 2)).cuda().eval()
+    processor = LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), text_tokenizer)
+    prompt = processor(text=["a photo of a cat", "a red bus"], padding=True, return_tensors="pt").to("cuda")
+    settings = dict(do_sample=False, guidance_scale=3.0, min_new_tokens=4, max_new_tokens=8)
+    dynamic = model.generate_image_tokens(**prompt, **settings)
+    compiled = model.generate_image_tokens(**prompt, cache_implementation="static", compile_decoding=True, **settings)
+    assert compiled.code_ids.tolist() == dynamic.code_ids.tolist()

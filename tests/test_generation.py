@@ -118,6 +118,11 @@ def test_static_cache_gives_the_tokens_of_the_dynamic_cache(lavit_model, lavit_p
         assert tokens["static"].token_counts.tolist() == tokens["dynamic"].token_counts.tolist()
     with pytest.raises(ValueError, match="cache_implementation"):
         lavit_model.generate_image_tokens(**prompts, cache_implementation="paged")
+    # the compiled decoding step (inductor on the CPU here; about 25 s to compile) keeps the tokens too
+    settings = dict(do_sample=False, guidance_scale=3.0, min_new_tokens=2, max_new_tokens=7)
+    compiled = lavit_model.generate_image_tokens(**prompts, cache_implementation="static", compile_decoding=True,
+                                                 **settings)
+    assert compiled.code_ids.tolist() == lavit_model.generate_image_tokens(**prompts, **settings).code_ids.tolist()
 
 
 def test_multimodal_prompt_with_image_as_discrete_ids(lavit_model, lavit_processor):

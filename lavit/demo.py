@@ -74,24 +74,13 @@ def evaluate(model, processor, images, labels) -> dict:
     }
 
 
-def run_demo(output: Path, quick: bool = False) -> dict:
-    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITProcessor
-    from lavit.hub_cards import export_loaded
+def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Path, Path, Path]:
+    """Stage 1, stage 2 (a tiny LLaMA with a BPE tokenizer trained on the captions and questions) and VQA
+    fine-tuning on a digits imagefolder; returns the tokenizer, pretrained and fine-tuned folders."""
     from lavit.training.finetune import FinetuningArguments, finetune
-    from lavit.training.sample_data import DIGIT_NAMES, digit_caption, photo_images, write_tiny_language_model
+    from lavit.training.sample_data import DIGIT_NAMES, digit_caption, write_tiny_language_model
     from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
     from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
-    from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
-
-    steps = QUICK if quick else FULL
-    output = Path(output)
-    started = time.perf_counter()
-    print(f"[1/6] data: {steps['train_digits']} training digits, {steps['eval']} held-out digits, "
-          f"{len(photo_images())} photos (offline) -> {output / 'data'}")
-    train_folder, _, _ = write_digit_data(output / "data" / "digits_train", steps["train_digits"], offset=0)
-    _, eval_images, eval_labels = write_digit_data(output / "data" / "digits_eval", steps["eval"],
-                                                   offset=1797 - steps["eval"])
-    runs = output / "runs"
 
     print("[2/6] stage 1: visual tokenizer (tiny preset: 64 px, 8 px patches, 64 codes)")
     tokenizer_folder = train_tokenizer(
@@ -117,6 +106,26 @@ def run_demo(output: Path, quick: bool = False) -> dict:
         FinetuningArguments(model=str(pretrained), data=str(train_folder), task="vqa", resume="no"),
         stage_arguments(runs / "finetune", steps["finetune"], 8, 1e-3),
     )
+    return tokenizer_folder, pretrained, finetuned
+
+
+def run_demo(output: Path, quick: bool = False) -> dict:
+    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITProcessor
+    from lavit.hub_cards import export_loaded
+    from lavit.training.sample_data import DIGIT_NAMES, photo_images
+    from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
+
+    steps = QUICK if quick else FULL
+    output = Path(output)
+    started = time.perf_counter()
+    print(f"[1/6] data: {steps['train_digits']} training digits, {steps['eval']} held-out digits, "
+          f"{len(photo_images())} photos (offline) -> {output / 'data'}")
+    train_folder, _, _ = write_digit_data(output / "data" / "digits_train", steps["train_digits"], offset=0)
+    _, eval_images, eval_labels = write_digit_data(output / "data" / "digits_eval", steps["eval"],
+                                                   offset=1797 - steps["eval"])
+    runs = output / "runs"
+
+    tokenizer_folder, pretrained, finetuned = train_digit_models(train_folder, runs, steps)
 
     print("[5/6] pixel detokenizer: a tiny latent diffusion model conditioned on the tokens")
     detokenizer_folder = train_detokenizer(

@@ -12,7 +12,6 @@ Bad arguments and unreadable files end with one line on stderr and a non-zero ex
 
 import argparse
 import importlib
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -109,16 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def open_image(path: str):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise CommandError(f"cannot read image file {path!r}: {error}") from error
-
-
 def require_folder(path: str) -> None:
     """A path that does not exist must look like a Hub id (`name` or `org/name`)."""
     if not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
@@ -132,17 +121,15 @@ def load_lavit(path: str):
     return LaVITForCausalLM.from_pretrained(path).eval(), LaVITProcessor.from_pretrained(path)
 
 
+def open_image(path: str):
+    from lavit.processing.image_processing_lavit import to_rgb_image
+
+    return to_rgb_image(path)  # a clear ValueError naming the file when it cannot be read
+
+
 def numbered(path: str, index: int, count: int) -> Path:
     path = Path(path)
     return path if count == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
-
-
-def save_png(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -197,24 +184,26 @@ def decoder_settings(args) -> dict:
 def run_generate(args) -> None:
     import torch
 
+    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+
     model, processor = load_lavit(args.model)
     if not model.can_decode_pixels:
         raise CommandError(f"{args.model} has no pixel decoder (detokenizer/ sub-folder): it cannot draw images")
     images = model.generate_images(
         **processor(text=args.prompt, return_tensors="pt"), num_images_per_prompt=args.num_images,
         guidance_scale=args.guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed), **{
-            name: value for name, value in decoder_settings(args).items() if name != "show_progress"
-        },
+        generator=torch.Generator().manual_seed(args.seed), **decoder_settings(args),
     )
     for index, image in enumerate(images):
         target = numbered(args.output, index, len(images))
-        save_png(image, target)
+        save_png_atomically(image, target)
         print(f"{target}")
 
 
 def run_reconstruct(args) -> None:
     import torch
+
+    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
 
     image = open_image(args.image)
     model, processor = load_lavit(args.model)
@@ -224,7 +213,7 @@ def run_reconstruct(args) -> None:
     selection = {"max_tokens": args.budget} if args.budget else {}
     generator = torch.Generator().manual_seed(args.seed)
     image = model.reconstruct(pixel_values, image_selection=selection, generator=generator, **decoder_settings(args))[0]
-    save_png(image, Path(args.output))
+    save_png_atomically(image, args.output)
     print(args.output)
 
 

@@ -112,6 +112,7 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
 def run_demo(output: Path, quick: bool = False) -> dict:
     from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITProcessor
     from lavit.hub_cards import export_loaded
+    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
     from lavit.training.sample_data import DIGIT_NAMES, photo_images
     from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
 
@@ -152,12 +153,12 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     pixel_values = processor.image_processor(images=eval_images[:3], return_tensors="pt")["pixel_values"]
     reconstructions = model.reconstruct(pixel_values, generator=torch.Generator().manual_seed(0))
     for index, image in enumerate(reconstructions):
-        image.save(image_dir / f"reconstruction_{index}.png")
+        save_png_atomically(image, image_dir / f"reconstruction_{index}.png")
         written.append(image_dir / f"reconstruction_{index}.png")
     for name in ("three", "seven"):
         prompt = processor(text=f"the digit {name}", return_tensors="pt")
         image = model.generate_images(**prompt, generator=torch.Generator().manual_seed(0), max_new_tokens=64)[0]
-        image.save(image_dir / f"generated_{name}.png")
+        save_png_atomically(image, image_dir / f"generated_{name}.png")
         written.append(image_dir / f"generated_{name}.png")
 
     seconds = time.perf_counter() - started

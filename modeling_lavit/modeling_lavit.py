@@ -953,6 +953,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         decoder_guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
+        show_progress: bool = False,
         **generation_kwargs,
     ):
         """
@@ -967,6 +968,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return self._require_detokenizer().decode(
             tokens.code_ids, tokens.token_counts, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
+            show_progress=show_progress,
         )
 
     @torch.no_grad()

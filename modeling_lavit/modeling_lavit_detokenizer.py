@@ -69,9 +69,6 @@ class LaVITDetokenizerConditions(ModelOutput):
     attention_mask: torch.LongTensor | None = None
     pooled_prompt_embeds: torch.FloatTensor | None = None
 
-    def select(self, index: torch.Tensor) -> "LaVITDetokenizerConditions":
-        return LaVITDetokenizerConditions(**{name: value[index] for name, value in self.items()})
-
     @classmethod
     def cat(cls, parts: list["LaVITDetokenizerConditions"]) -> "LaVITDetokenizerConditions":
         return cls(**{name: torch.cat([part[name] for part in parts]) for name in parts[0].keys()})
@@ -238,12 +235,13 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         """The UNet conditions of each image (official `VQDecoder` / `HighresVQDecoder` return values)."""
         return self.condition(self.reconstruct_features(code_ids, token_counts))
 
-    def negative_conditions(self, batch_size: int) -> LaVITDetokenizerConditions:
-        """Official unconditional branch: all zeros (highres), or the stored embedding in the first slots (lowres)."""
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None) -> LaVITDetokenizerConditions:
+        """Official unconditional branch: all zeros (highres), or the stored embedding in the first slots (lowres).
+        `dtype` (default: the projection heads') matches them to conditional ones computed under autocast."""
         config = self.config
         width = sum(config.prompt_projection_sizes)
         reference = self.condition.prompt_projections[0].weight
-        dtype, device = reference.dtype, reference.device
+        dtype, device = dtype or reference.dtype, reference.device
         prompt_embeds = torch.zeros(batch_size, config.num_patches, width, dtype=dtype, device=device)
         attention_mask = torch.ones(batch_size, config.num_patches, dtype=torch.long, device=device)
         pooled = None
@@ -251,7 +249,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
             pooled = torch.zeros(batch_size, config.pooled_projection_size, dtype=dtype, device=device)
         else:
             length = config.negative_context_length
-            prompt_embeds = torch.cat([self.negative_prompt_embeds.expand(batch_size, -1, -1),
+            prompt_embeds = torch.cat([self.negative_prompt_embeds.to(dtype).expand(batch_size, -1, -1),
                                        prompt_embeds[:, length:]], dim=1)
             attention_mask[:, length:] = 0
         return LaVITDetokenizerConditions(
@@ -306,10 +304,9 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         if drop_condition is None and self.training and self.config.condition_dropout > 0:
             drop_condition = torch.rand(batch_size, device=latents.device) < self.config.condition_dropout
         if drop_condition is not None and bool(drop_condition.any()):
-            negative = self.negative_conditions(batch_size)
+            negative = self.negative_conditions(batch_size, conditions.prompt_embeds.dtype)
             conditions = LaVITDetokenizerConditions(**{
-                name: torch.where(drop_condition.view(-1, *[1] * (value.ndim - 1)), negative[name].to(value.dtype),
-                                  value)
+                name: torch.where(drop_condition.view(-1, *[1] * (value.ndim - 1)), negative[name], value)
                 for name, value in conditions.items()
             })
         if noise is None:
@@ -332,8 +329,8 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled VAE latents (the latent distribution's mean, as diffusers'
-        training scripts sample it: a sample from it)."""
+        """Images (B, 3, H, W) in [-1, 1] -> scaled VAE latents, sampled from the VAE's latent distribution as
+        diffusers' training scripts do."""
         multiple = self.size_multiple
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-1] % multiple or \
                 pixel_values.shape[-2] % multiple:
@@ -392,10 +389,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         batch_size = conditions.prompt_embeds.shape[0]
         guided = guidance_scale != 1.0
         if guided:
-            negative = self.negative_conditions(batch_size)
-            negative = LaVITDetokenizerConditions(**{
-                name: value.to(conditions[name].dtype) for name, value in negative.items()
-            })
+            negative = self.negative_conditions(batch_size, conditions.prompt_embeds.dtype)
 
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -446,7 +440,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
     @classmethod
     def from_visual_tokenizer(cls, visual_tokenizer, **config_kwargs) -> "LaVITDetokenizer":
         """A new detokenizer for `visual_tokenizer` (a `LaVITTokenizerModel`): its codebook and its trained feature
-        decoder are copied; the heads and the UNet start fresh (the VAE too, unless loaded, e.g. `load_vae`)."""
+        decoder are copied; the heads, UNet and VAE start fresh (`load_diffusers_components` loads pretrained ones)."""
         config = LaVITDetokenizerConfig.from_tokenizer_config(visual_tokenizer.config, **config_kwargs)
         model = cls(config)
         with torch.no_grad():

@@ -848,7 +848,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         mask = np.asarray(mask.resize(image.size, Image.Resampling.NEAREST)) > 0
         pixels = np.asarray(image, dtype=np.float32)
         pixels = np.where(mask[..., None], pixels, pixels * dim_factor).round().astype(np.uint8)
-        _save_png_atomically(Image.fromarray(pixels), path)
+        save_png_atomically(Image.fromarray(pixels), path)
         return keep_mask
 
     # ----------------------------------------------------------------------------------------------- conversion
@@ -943,7 +943,8 @@ def _load_rgb_image(image) -> Image.Image:
     return image
 
 
-def _save_png_atomically(image: Image.Image, path):
+def save_png_atomically(image: Image.Image, path):
+    """Writes `image` as a PNG to a temporary file beside `path`, then renames it: a crash never leaves half a file."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -967,4 +968,5 @@ __all__ = [
     "LaVITTokenizerOutput",
     "LaVITTokenizerPreTrainedModel",
     "LaVITVectorQuantizer",
+    "save_png_atomically",
 ]

@@ -82,26 +82,30 @@ class DetokenizerCollator:
     def __call__(self, images: list) -> dict:
         if self.crop_scale is not None:
             images = [random_crop(image, self.crop_scale) for image in images]
-        targets = [np.asarray(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC),
-                              dtype=np.float32) for image in images]
-        pixel_values = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2) / 127.5 - 1
         return {
             "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
-            "pixel_values": pixel_values,
+            "pixel_values": self.target_pixel_values(images),
         }
 
+    def target_pixel_values(self, images: list) -> torch.Tensor:
+        """Images -> (B, 3, image_size, image_size) in [-1, 1], the VAE's input."""
+        targets = [np.asarray(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC),
+                              dtype=np.float32) for image in images]
+        return torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2) / 127.5 - 1
 
-def fit_vae(vae, dataset, collator, steps: int, batch_size: int, learning_rate: float = 1e-3,
+
+def fit_vae(vae, dataset, collate_fn, steps: int, batch_size: int, learning_rate: float = 1e-3,
             kl_weight: float = 1e-6) -> list[float]:
-    """Trains `vae` as an autoencoder of the dataset's images (reconstruction MSE + a small KL term) and freezes it
-    again; returns the losses. A plain loop: a few hundred steps on small images."""
+    """Trains `vae` as an autoencoder of the dataset's images (`collate_fn` turns a list of them into the VAE's
+    input) with reconstruction MSE + a small KL term, and freezes it again; returns the losses. A plain loop: a few
+    hundred steps on small images."""
     vae.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collator)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn)
     losses = []
     while len(losses) < steps:
         for batch in loader:
-            pixel_values = batch["pixel_values"].to(vae.device, vae.dtype)
+            pixel_values = batch.to(vae.device, vae.dtype)
             posterior = vae.encode(pixel_values).latent_dist
             reconstruction = vae.decode(posterior.sample()).sample
             loss = F.mse_loss(reconstruction, pixel_values) + kl_weight * posterior.kl().mean()
@@ -189,7 +193,7 @@ def train_detokenizer(
                                    detokenizer.config.image_size, crop_scale)
     resume = resolve_resume(script_args.resume, training_args.output_dir)
     if script_args.vae_steps > 0 and resume is None:  # a resumed run restores the fitted VAE from its checkpoint
-        losses = fit_vae(detokenizer.vae, dataset, collator, script_args.vae_steps,
+        losses = fit_vae(detokenizer.vae, dataset, collator.target_pixel_values, script_args.vae_steps,
                          training_args.per_device_train_batch_size)
         print(f"VAE fitted for {len(losses)} steps: reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     callbacks = [JsonlLoggerCallback(), BadRecordLoggerCallback(counter), *callbacks]

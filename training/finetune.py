@@ -19,7 +19,7 @@ from transformers import set_seed
 from .arguments import DataArguments, LaVITTrainingArguments, limit_records, parse_arguments
 from .data import InstructionBuilder, load_records
 from .stage2_pretrain import data_collator
-from .trainer import train_and_save
+from .trainer import train_and_save, whole_weights
 
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # kept in full precision under QLoRA: the frozen tokenizer's quantizer must see exact features
@@ -77,7 +77,8 @@ def load_model_for_finetuning(script_args: FinetuningArguments, training_args) -
 def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`)."""
     set_seed(training_args.seed)
-    model = load_model_for_finetuning(script_args, training_args)
+    with whole_weights(training_args):
+        model = load_model_for_finetuning(script_args, training_args)
     processor = LaVITProcessor.from_pretrained(script_args.model)
     records = load_records(script_args.data, script_args.split, script_args.streaming,
                            script_args.image_column, script_args.text_column, require_text=False)

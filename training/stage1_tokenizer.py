@@ -19,7 +19,14 @@ from transformers import AutoModel, set_seed
 from .arguments import DataArguments, LaVITTrainingArguments, limit_records, load_config_preset, parse_arguments
 from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, load_records
-from .trainer import BadRecordLoggerCallback, JsonlLoggerCallback, LaVITTrainer, resolve_resume, save_final
+from .trainer import (
+    BadRecordLoggerCallback,
+    JsonlLoggerCallback,
+    LaVITTrainer,
+    resolve_resume,
+    save_final,
+    whole_weights,
+)
 
 TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
                      "mean_keep_ratio", "codebook_usage", "perplexity")
@@ -71,7 +78,8 @@ class LaVITTokenizerTrainer(LaVITTrainer):
 def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor)."""
     set_seed(training_args.seed)
-    model = build_tokenizer(script_args)
+    with whole_weights(training_args):
+        model = build_tokenizer(script_args)
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,

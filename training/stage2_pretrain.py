@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from .arguments import DataArguments, LaVITTrainingArguments, limit_records, parse_arguments
 from .collators import LaVITDataCollator
 from .data import SEQUENCE_ORDERS, SequenceBuilder, load_records, load_text_records, mix_text_records
-from .trainer import train_and_save
+from .trainer import train_and_save, whole_weights
 
 
 @dataclass
@@ -83,7 +83,8 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     if training_args.ddp_find_unused_parameters is None:
         # a text-only step leaves the visual modules without gradients
         training_args.ddp_find_unused_parameters = True
-    model, processor = build_unified_model(script_args)
+    with whole_weights(training_args):
+        model, processor = build_unified_model(script_args)
     dataset, builder = pretraining_dataset(script_args, processor.tokenizer, model.config)
     collator = data_collator(processor, model.config, script_args.packed)
     return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),

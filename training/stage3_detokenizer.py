@@ -28,7 +28,14 @@ from .arguments import DataArguments, LaVITTrainingArguments, limit_records, loa
 from .collators import random_crop
 from .data import BadRecordCounter, image_dataset, load_records
 from .preprocess import load_visual_tokenizer
-from .trainer import BadRecordLoggerCallback, JsonlLoggerCallback, LaVITTrainer, resolve_resume, save_final
+from .trainer import (
+    BadRecordLoggerCallback,
+    JsonlLoggerCallback,
+    LaVITTrainer,
+    resolve_resume,
+    save_final,
+    whole_weights,
+)
 
 EMA_FILE = "ema.safetensors"
 
@@ -182,8 +189,9 @@ def train_detokenizer(
     if not script_args.visual_tokenizer:
         raise ValueError("--visual_tokenizer is required (the frozen tokenizer whose codes are decoded)")
     set_seed(training_args.seed)
-    visual_tokenizer = load_visual_tokenizer(script_args.visual_tokenizer)
-    detokenizer = build_detokenizer(script_args, visual_tokenizer)
+    with whole_weights(training_args):
+        visual_tokenizer = load_visual_tokenizer(script_args.visual_tokenizer)
+        detokenizer = build_detokenizer(script_args, visual_tokenizer)
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column, require_text=False)

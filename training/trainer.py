@@ -12,11 +12,17 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from lavit.modeling.modeling_lavit import find_image_spans
 from transformers import Trainer, TrainerCallback
+from transformers.integrations.deepspeed import (
+    is_deepspeed_zero3_enabled,
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -153,6 +159,25 @@ class BadRecordLoggerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             logs["skipped_records"] = sum(counter.total for counter in self.counters)
+
+
+@contextmanager
+def whole_weights(training_args):
+    """
+    Models loaded inside keep all their weights on every rank, even under ZeRO-3. Under ZeRO-3 `from_pretrained`
+    partitions parameters as it creates them (`deepspeed.zero.Init`); assembling LaVIT from a visual tokenizer and a
+    text LM copies weights between models, which partitioned parameters do not hold. The `Trainer` partitions the
+    assembled model. The process group is started first, as `deepspeed.zero.Init` does when it is in use.
+    """
+    training_args.device  # noqa: B018 (sets up the process group: torchrun/accelerate/deepspeed launchers)
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(training_args.hf_deepspeed_config)
 
 
 def latest_checkpoint(output_dir) -> str | None:

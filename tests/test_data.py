@@ -133,14 +133,21 @@ def test_packed_and_padded_batches_give_the_same_loss(lavit_model, lavit_process
     rows = SequenceBuilder(lavit_processor.tokenizer, config, max_length=80, order="random").build(records)
     rows = [rows[index] for index in range(len(rows))]
     losses = {}
-    for packed in (True, False):
+    # one row; rows of at most 21 tokens before the images expand (two segments each, one row right-padded); one
+    # padded row per segment
+    for packed, max_row_length in ((True, None), (True, 21), (False, None)):
         collator = LaVITDataCollator(lavit_processor.image_processor, config.image_start_token_id,
-                                     pad_token_id=lavit_processor.tokenizer.pad_token_id, packed=packed)
+                                     pad_token_id=lavit_processor.tokenizer.pad_token_id, packed=packed,
+                                     max_row_length=max_row_length)
         batch = collator(rows)
         assert ("attention_mask" in batch) != packed
+        if packed:
+            assert batch["input_ids"].shape[0] == (1 if max_row_length is None else 2)
+            assert ((batch["position_ids"][:, 1:] == 0).sum(dim=1) >= 1).all()  # every row holds two segments
         with torch.no_grad():
-            losses[packed] = lavit_model(**batch).loss
-    assert torch.allclose(losses[True], losses[False], atol=1e-5)
+            losses[packed, max_row_length] = lavit_model(**batch).loss
+    reference = losses[False, None]
+    assert all(torch.allclose(loss, reference, atol=1e-5) for loss in losses.values()), losses
 
 
 def test_instruction_rows_supervise_only_the_answers(lavit_processor, photos):

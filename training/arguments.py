@@ -42,6 +42,33 @@ class DataArguments:
                                                           "output_dir; 'no': start fresh; or a checkpoint path."})
 
 
+@dataclass
+class SequenceArguments(DataArguments):
+    """Batch layout and attention kernel of the LM stages (stage 2 and fine-tuning)."""
+
+    packed: bool = field(default=True, metadata={"help": "Packed rows (segments restart their positions) instead "
+                                                         "of one padded row per segment."})
+    packed_row_length: int | None = field(default=None, metadata={
+        "help": "Packed mode: the most tokens per row; 0 puts all segments of a batch in one row. Default: one row "
+                "for flex_attention/flash attention (they skip masked blocks), else --max_length (SDPA and eager "
+                "compute every pair of a row)."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel of the LM: 'sdpa' (default), 'flex_attention', 'flash_attention_2', 'eager'."})
+
+    def set_attention(self, model):
+        """Switches the LM to `attn_implementation` (the visual tokenizer keeps its own attention)."""
+        if self.attn_implementation:
+            model.get_decoder().set_attn_implementation(self.attn_implementation)
+
+    def row_length(self, model) -> int | None:
+        """The collator's `max_row_length` for this model's attention kernel."""
+        if self.packed_row_length is not None:
+            return self.packed_row_length or None
+        kernel = getattr(model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+        skips_masked_blocks = kernel == "flex_attention" or kernel.startswith("flash_attention")
+        return None if skips_masked_blocks else self.max_length
+
+
 def parse_arguments(dataclass_types, argv=None):
     """Parses `argv` (default: the command line) into the given dataclasses; a single `.json`/`.yaml` argument is
     read as a config file. Launchers' `--local_rank=N` is accepted (TrainingArguments has it)."""

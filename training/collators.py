@@ -1,9 +1,12 @@
 """Collators: rows from `training.data` -> model batches.
 
-`LaVITDataCollator(packed=True)` is padding-free: all segments of the batch go into one row, position ids restart
-at every segment (the LM then attends within segments only), and no token is padding. `packed=False` is the padded
-fallback for attention kernels that need rectangular batches: one segment per row, right padding and an attention
-mask. Both give the same loss (the first token of every segment has no target, as the model also enforces).
+`LaVITDataCollator(packed=True)` packs segments into rows whose position ids restart at every segment (the LM then
+attends within segments only). With `max_row_length=None` all segments of the batch form one row and no token is
+padding: the layout for kernels that skip the masked blocks (FlexAttention, varlen/flash attention). With a row
+length, segments fill rows greedily up to that many tokens and short rows are right-padded: SDPA and eager attention
+compute every (query, key) pair of a row, so bounded rows keep their cost at rows x length^2 instead of (batch
+tokens)^2. `packed=False` is the padded fallback: one segment per row, right padding and an attention mask. All give
+the same loss (the first token of every segment has no target, as the model also enforces).
 `ImageCollator` feeds stage 1: decoded images, optional random crops, `pixel_values`.
 """
 
@@ -21,8 +24,9 @@ class LaVITDataCollator:
         image_processor: a [`LaVITImageProcessor`].
         image_start_token_id: id of `[IMG]` (each one in a segment takes the next image of its row).
         pad_token_id: id written into padding (padded mode).
-        packed: padding-free packing (default) or the padded fallback.
-        pad_to_multiple_of: padded mode only, rounds the batch length up.
+        packed: packed rows (default) or the padded fallback.
+        max_row_length: packed mode: the most tokens per row (before compact images expand), or `None` for one row.
+        pad_to_multiple_of: rounds the batch length up.
     A segment whose image cannot be decoded is dropped and counted in `counter`.
     """
 
@@ -30,6 +34,7 @@ class LaVITDataCollator:
     image_start_token_id: int
     pad_token_id: int = 0
     packed: bool = True
+    max_row_length: int | None = None
     pad_to_multiple_of: int | None = None
     counter: BadRecordCounter = field(default_factory=BadRecordCounter)
 
@@ -64,7 +69,7 @@ class LaVITDataCollator:
         if not segments:
             # every record of the batch was bad: an empty step (no targets) keeps the run alive
             return {"input_ids": torch.tensor([[self.pad_token_id]]), "labels": torch.tensor([[-100]])}
-        batch = self._pack(segments) if self.packed else self._pad(segments)
+        batch = self.pack(segments) if self.packed else self.pad(segments)
         images = [image for segment in segments for image in segment["images"]]
         if images:
             batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -77,28 +82,43 @@ class LaVITDataCollator:
     def _segment_labels(segment: dict) -> list[int]:
         return [-100] + list(segment["labels"][1:])  # the first token of a sequence has no predecessor
 
-    def _pack(self, segments: list[dict]) -> dict:
-        input_ids = [token for segment in segments for token in segment["input_ids"]]
-        labels = [label for segment in segments for label in self._segment_labels(segment)]
-        position_ids = [position for segment in segments for position in range(len(segment["input_ids"]))]
-        return {
-            "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([position_ids]),
-        }
+    def pack(self, segments: list[dict]) -> dict:
+        """Segments (`input_ids`, `labels`) -> packed rows: `input_ids`, `labels` and restarting `position_ids`."""
+        rows, row_length = [], 0
+        for segment in segments:
+            length = len(segment["input_ids"])
+            if not rows or (self.max_row_length is not None and row_length + length > self.max_row_length):
+                rows.append([])
+                row_length = 0
+            rows[-1].append(segment)
+            row_length += length
+        return self._right_padded(rows, with_positions=True)
 
-    def _pad(self, segments: list[dict]) -> dict:
-        length = max(len(segment["input_ids"]) for segment in segments)
+    def pad(self, segments: list[dict]) -> dict:
+        """Segments -> one right-padded row each, with an `attention_mask`."""
+        return self._right_padded([[segment] for segment in segments], with_positions=False)
+
+    def _right_padded(self, rows: list[list[dict]], with_positions: bool) -> dict:
+        lengths = [sum(len(segment["input_ids"]) for segment in row) for row in rows]
+        length = max(lengths)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(segments), length), self.pad_token_id)
-        labels = torch.full((len(segments), length), -100)
-        attention_mask = torch.zeros((len(segments), length), dtype=torch.long)
-        for row, segment in enumerate(segments):
-            size = len(segment["input_ids"])
-            input_ids[row, :size] = torch.tensor(segment["input_ids"])
-            labels[row, :size] = torch.tensor(self._segment_labels(segment))
-            attention_mask[row, :size] = 1
+        input_ids = torch.full((len(rows), length), self.pad_token_id)
+        labels = torch.full((len(rows), length), -100)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        # padding continues the last segment's positions: causal attention keeps it out of every real token's view
+        position_ids = torch.arange(length).repeat(len(rows), 1)
+        for index, (row, row_length) in enumerate(zip(rows, lengths, strict=True)):
+            input_ids[index, :row_length] = torch.tensor([token for segment in row for token in segment["input_ids"]])
+            labels[index, :row_length] = torch.tensor([label for segment in row
+                                                       for label in self._segment_labels(segment)])
+            attention_mask[index, :row_length] = 1
+            start = 0
+            for segment in row:
+                position_ids[index, start:] -= position_ids[index, start].clone()
+                start += len(segment["input_ids"])
+        if with_positions:
+            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

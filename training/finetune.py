@@ -16,7 +16,7 @@ from lavit.modeling import LaVITForCausalLM
 from lavit.processing import LaVITProcessor
 from transformers import set_seed
 
-from .arguments import DataArguments, LaVITTrainingArguments, limit_records, parse_arguments
+from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .data import InstructionBuilder, load_records
 from .stage2_pretrain import data_collator
 from .trainer import train_and_save, whole_weights
@@ -27,12 +27,11 @@ QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection
 
 
 @dataclass
-class FinetuningArguments(DataArguments):
+class FinetuningArguments(SequenceArguments):
     model: str = field(default=None, metadata={"help": "The LaVIT model folder (or Hub id) to fine-tune."})
     task: str = field(default="caption", metadata={"help": "'caption' (image, text), 'vqa' (image, question, "
                                                            "answer) or 'chat' (messages, images)."})
     max_length: int = field(default=512, metadata={"help": "Text tokens per example (before visual tokens)."})
-    packed: bool = field(default=True, metadata={"help": "Padding-free packed batches (else padded rows)."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     qlora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit LM (bitsandbytes, CUDA only)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -79,12 +78,13 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     set_seed(training_args.seed)
     with whole_weights(training_args):
         model = load_model_for_finetuning(script_args, training_args)
+    script_args.set_attention(model)
     processor = LaVITProcessor.from_pretrained(script_args.model)
     records = load_records(script_args.data, script_args.split, script_args.streaming,
                            script_args.image_column, script_args.text_column, require_text=False)
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
     dataset = builder.build(limit_records(records, script_args.max_samples))
-    collator = data_collator(processor, model.config, script_args.packed)
+    collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
     adapters = script_args.lora or script_args.qlora
     # a 4-bit base cannot take merged adapters: QLoRA runs save the adapters next to the base model's name
     merge = adapters and script_args.merge_lora and not script_args.qlora

@@ -16,14 +16,14 @@ from lavit.modeling import LaVITForCausalLM, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor, LaVITProcessor
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from .arguments import DataArguments, LaVITTrainingArguments, limit_records, parse_arguments
+from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .collators import LaVITDataCollator
 from .data import SEQUENCE_ORDERS, SequenceBuilder, load_records, load_text_records, mix_text_records
 from .trainer import train_and_save, whole_weights
 
 
 @dataclass
-class PretrainingArguments(DataArguments):
+class PretrainingArguments(SequenceArguments):
     model: str | None = field(default=None, metadata={"help": "A LaVIT model folder to continue training."})
     visual_tokenizer: str | None = field(default=None, metadata={"help": "A stage-1 tokenizer folder (new model)."})
     language_model: str | None = field(default=None, metadata={"help": "A causal LM folder or Hub id (new model)."})
@@ -38,7 +38,6 @@ class PretrainingArguments(DataArguments):
                 "patches (rows never exceed max_length)."})
     visual_learning_rate: float | None = field(default=1e-4, metadata={
         "help": "Learning rate of the visual modules and visual vocabulary rows (the LM uses --learning_rate)."})
-    packed: bool = field(default=True, metadata={"help": "Padding-free packed batches (else padded rows)."})
 
 
 def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
@@ -71,9 +70,10 @@ def pretraining_dataset(script_args, tokenizer, config):
     return builder.build(records), builder
 
 
-def data_collator(processor, config, packed: bool) -> LaVITDataCollator:
+def data_collator(processor, config, packed: bool, max_row_length: int | None = None) -> LaVITDataCollator:
     return LaVITDataCollator(processor.image_processor, config.image_start_token_id,
-                             pad_token_id=processor.tokenizer.pad_token_id or 0, packed=packed)
+                             pad_token_id=processor.tokenizer.pad_token_id or 0, packed=packed,
+                             max_row_length=max_row_length)
 
 
 def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArguments, callbacks=()) -> Path:
@@ -85,8 +85,9 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
         training_args.ddp_find_unused_parameters = True
     with whole_weights(training_args):
         model, processor = build_unified_model(script_args)
+    script_args.set_attention(model)
     dataset, builder = pretraining_dataset(script_args, processor.tokenizer, model.config)
-    collator = data_collator(processor, model.config, script_args.packed)
+    collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
     return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
                           script_args.resume, script_args.visual_learning_rate, callbacks)
 

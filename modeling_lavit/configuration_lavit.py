@@ -219,6 +219,11 @@ class LaVITConfig(PretrainedConfig):
         text_vocab_size (`int`, *optional*, defaults to 32000): size of the text vocabulary; `[IMG]` comes right after.
         loss_modalities (`str`, *optional*, defaults to `"both"`): which targets the loss supervises: `"both"`,
             `"text"` (text ids only) or `"image"` (`[IMG]`, visual ids and `[/IMG]` only).
+        generated_image_inputs (`str`, *optional*, defaults to `"codes"`): in training, how an image that is a
+            generation target (its `[IMG]` is supervised and text precedes it in its sequence, as in text-to-image
+            pairs) enters the LM: `"codes"` feeds the embeddings of its code ids, as image generation feeds the tokens
+            it samples, so those embedding rows learn; `"features"` feeds the continuous merger features as every
+            other image (the paper's pretraining, which leaves the visual embedding rows untrained).
         tie_word_embeddings (`bool`, *optional*, defaults to `False`): tie the prediction head to the LM embedding
             table (the official LaVIT checkpoints are untied).
     """
@@ -232,11 +237,14 @@ class LaVITConfig(PretrainedConfig):
         tokenizer_config=None,
         text_vocab_size=32000,
         loss_modalities="both",
+        generated_image_inputs="codes",
         tie_word_embeddings=False,
         **kwargs,
     ):
         if loss_modalities not in LOSS_MODALITIES:
             raise ValueError(f"loss_modalities must be one of {LOSS_MODALITIES}, got {loss_modalities!r}")
+        if generated_image_inputs not in ("codes", "features"):
+            raise ValueError(f"generated_image_inputs must be 'codes' or 'features', got {generated_image_inputs!r}")
         if tokenizer_config is None:
             tokenizer_config = LaVITTokenizerConfig()
         elif isinstance(tokenizer_config, dict):
@@ -261,6 +269,7 @@ class LaVITConfig(PretrainedConfig):
             )
         self.text_config = text_config
         self.loss_modalities = loss_modalities
+        self.generated_image_inputs = generated_image_inputs
         self.tie_word_embeddings = tie_word_embeddings
         super().__init__(**kwargs)
 

@@ -285,6 +285,8 @@ class LaVITModel(LaVITPreTrainedModel):
         (`position_ids` restarting inside a row) keep their segments; visual tokens extend the segment of their image.
         Targets: visual slots of a compact image get its code ids (offset into the LM vocabulary) unless the label of
         its `[IMG]` is -100; in an expanded image, every slot whose label is not -100 keeps the code id it holds.
+        With labels and `config.generated_image_inputs="codes"`, an image that is a generation target (supervised
+        `[IMG]`, text before it in its sequence) is fed as its code ids even in `"features"` mode.
         """
         config = self.config
         if input_ids is None or input_ids.ndim != 2:
@@ -387,7 +389,15 @@ class LaVITModel(LaVITPreTrainedModel):
         new_position_ids = sequence_positions(valid, segment_starts) if packed else positions_from_mask(new_mask)
         inputs_embeds = self.get_input_embeddings()(new_ids)
         if visual_embeds is not None:
-            inputs_embeds = inputs_embeds.index_put((slot_rows, slot_columns), visual_embeds.to(inputs_embeds.dtype))
+            continuous = torch.ones_like(slot_rows, dtype=torch.bool)
+            if labels is not None and config.generated_image_inputs == "codes":
+                # generation feeds sampled code ids back through the embedding table: train the same inputs
+                positions = position_ids if position_ids is not None else positions_from_mask(attention_mask)
+                generated = (labels[spans.rows, spans.starts] != -100) & (positions[spans.rows, spans.starts] > 0)
+                continuous = ~generated[image_index]
+            inputs_embeds = inputs_embeds.index_put(
+                (slot_rows[continuous], slot_columns[continuous]), visual_embeds[continuous].to(inputs_embeds.dtype)
+            )
         return LaVITMultimodalInputs(
             inputs_embeds=inputs_embeds,
             input_ids=new_ids,

@@ -92,6 +92,33 @@ def test_packed_and_padded_batches_give_the_same_loss(lavit_model, lavit_process
     assert torch.allclose(packed.loss, padded_loss, atol=1e-5), (packed.loss, padded_loss)
 
 
+@pytest.mark.parametrize("generated_image_inputs", ["codes", "features"])
+def test_generation_targets_enter_as_codes_as_in_generation(lavit_model, lavit_processor, generated_image_inputs):
+    """A text-to-image pair feeds its image the way `generate_image_tokens` does (code embeddings), so the visual rows
+    of the embedding learn; an image-to-text pair keeps the continuous features."""
+    photos = real_photos()
+    lavit_model.config.generated_image_inputs = generated_image_inputs
+    visual_rows = slice(lavit_model.config.visual_token_offset, lavit_model.config.visual_token_end)
+    embeddings = lavit_model.get_input_embeddings().weight
+    try:
+        for text, generated in (("a photo of a cat<image>", True), ("<image>a photo of a cat", False)):
+            batch = lavit_processor(images=[photos[0]], text=[text])
+            lavit_model.zero_grad()
+            outputs = lavit_model(**batch, labels=batch["input_ids"])
+            outputs.loss.backward()
+            feeds_codes = generated and generated_image_inputs == "codes"
+            assert bool(embeddings.grad[visual_rows].abs().sum() > 0) == feeds_codes, text
+            if feeds_codes:  # the same loss as the expanded ids fed without pixels (discrete embeddings only)
+                prepared = lavit_model.model.prepare_multimodal_inputs(
+                    batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["input_ids"]
+                )
+                discrete = lavit_model(input_ids=prepared.input_ids, labels=prepared.labels)
+                assert torch.allclose(discrete.loss, outputs.loss, atol=1e-6)
+    finally:
+        lavit_model.config.generated_image_inputs = "codes"
+        lavit_model.zero_grad()
+
+
 def test_expanded_pretokenized_form_equals_compact_form(lavit_model, lavit_processor):
     batch = interleaved_batch(lavit_processor)
     labels = text_labels(batch)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 DIGIT_QUESTION = "what digit is this?"
-FULL = {"tokenizer": 600, "pretrain": 1500, "finetune": 600, "vae": 300, "detokenizer": 600, "train_digits": 1200,
+FULL = {"tokenizer": 1500, "pretrain": 1500, "finetune": 600, "vae": 300, "detokenizer": 600, "train_digits": 1200,
         "eval": 100}
 QUICK = {"tokenizer": 30, "pretrain": 30, "finetune": 20, "vae": 10, "detokenizer": 10, "train_digits": 200, "eval": 20}
 
@@ -74,17 +74,45 @@ def evaluate(model, processor, images, labels) -> dict:
     }
 
 
+def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10) -> float:
+    """Text-to-image on digits: codes generated for "the digit N" are decoded to encoder features by the tokenizer's
+    decoder; a hit is a generated image whose features are nearest (cosine, after removing the mean) to the mean
+    decoded features of real digits N (`images`, `labels`)."""
+    from lavit.training.sample_data import digit_caption
+
+    tokenizer = model.visual_tokenizer
+    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    real = tokenizer.tokenize(pixel_values, generator=torch.Generator().manual_seed(0))
+    real_features = tokenizer.decode_codes(real.code_ids, real.token_counts)
+    mean = real_features.mean(dim=0, keepdim=True)
+    labels = torch.tensor(labels)
+    centroids = torch.stack([(real_features - mean)[labels == digit].mean(dim=0).flatten() for digit in range(10)])
+    prompts = processor(text=[digit_caption(digit) for digit in range(10)], return_tensors="pt", padding=True)
+    generated = model.generate_image_tokens(**prompts, guidance_scale=3.0, num_images_per_prompt=per_class,
+                                            generator=torch.Generator().manual_seed(0))
+    generated_features = (tokenizer.decode_codes(generated.code_ids, generated.token_counts) - mean).flatten(1)
+    similarity = torch.nn.functional.normalize(generated_features, dim=-1) @ torch.nn.functional.normalize(
+        centroids, dim=-1).T
+    return float((similarity.argmax(dim=1) == torch.arange(10).repeat_interleave(per_class)).float().mean())
+
+
 def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Path, Path, Path]:
     """Stage 1, stage 2 (a tiny LLaMA with a BPE tokenizer trained on the captions and questions) and VQA
     fine-tuning on a digits imagefolder; returns the tokenizer, pretrained and fine-tuned folders."""
+    from lavit.training.arguments import load_config_preset
     from lavit.training.finetune import FinetuningArguments, finetune
     from lavit.training.sample_data import DIGIT_NAMES, digit_caption, write_tiny_language_model
     from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
     from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
 
-    print("[2/6] stage 1: visual tokenizer (tiny preset: 64 px, 8 px patches, 64 codes)")
+    print("[2/6] stage 1: visual tokenizer (tiny preset with 256 codes: 64 px, 8 px patches)")
+    # 64 codes are too few for the codes of a digit to tell its class
+    settings = {**load_config_preset("tiny", "tokenizer"), "codebook_size": 256}
+    (runs / "tokenizer_config.json").parent.mkdir(parents=True, exist_ok=True)
+    (runs / "tokenizer_config.json").write_text(json.dumps(settings))
     tokenizer_folder = train_tokenizer(
-        TokenizerTrainingArguments(data=str(train_folder), tokenizer_config="tiny", crop_scale=1.0,
+        TokenizerTrainingArguments(data=str(train_folder), tokenizer_config=str(runs / "tokenizer_config.json"),
+                                   crop_scale=1.0,
                                    quantizer_start_step=steps["tokenizer"] // 4, resume="no"),
         stage_arguments(runs / "tokenizer", steps["tokenizer"], 16, 1e-3),
     )
@@ -121,7 +149,8 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     started = time.perf_counter()
     print(f"[1/6] data: {steps['train_digits']} training digits, {steps['eval']} held-out digits, "
           f"{len(photo_images())} photos (offline) -> {output / 'data'}")
-    train_folder, _, _ = write_digit_data(output / "data" / "digits_train", steps["train_digits"], offset=0)
+    train_folder, train_images, train_labels = write_digit_data(output / "data" / "digits_train",
+                                                                steps["train_digits"], offset=0)
     _, eval_images, eval_labels = write_digit_data(output / "data" / "digits_eval", steps["eval"],
                                                    offset=1797 - steps["eval"])
     runs = output / "runs"
@@ -141,6 +170,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     model.set_detokenizer(LaVITDetokenizer.from_pretrained(detokenizer_folder).eval())
     pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
     stage2 = evaluate(pretrained_model, processor, eval_images, eval_labels)
+    drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, train_images, train_labels)
     tuned = evaluate(model, processor, eval_images, eval_labels)
 
     image_dir = output / "images"
@@ -165,6 +195,8 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     evaluation = [
         {"metric": "caption accuracy (stage 2)", "value": f"{stage2['caption_accuracy']:.2f}",
          "data": f"{stage2['count']} held-out digits, chance 0.10"},
+        {"metric": "text-to-image class accuracy", "value": f"{drawing_accuracy:.2f}",
+         "data": "100 generated images, nearest class of their decoded features, chance 0.10"},
         {"metric": "VQA accuracy (fine-tuned)", "value": f"{tuned['vqa_accuracy']:.2f}",
          "data": f"{tuned['count']} held-out digits, chance 0.10"},
         {"metric": "visual tokens per image", "value": f"{tuned['tokens_mean']:.1f} (min {tuned['tokens_min']}, "
@@ -215,7 +247,8 @@ def run_demo(output: Path, quick: bool = False) -> dict:
           f"describe images in general, follow other prompts, or draw recognisable digits. Its vision encoder is "
           f"random, its LM has two layers, and everything trained for minutes on a CPU; real quality needs the "
           f"released LaVIT weights (`lavit convert-original`) or training at scale.")
-    results = {"stage2": stage2, "finetuned": tuned, "seconds": seconds, "hub_folder": str(hub_folder),
+    results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
+               "hub_folder": str(hub_folder),
                "images": [str(path) for path in written]}
     (output / "demo_results.json").write_text(json.dumps(results, indent=2))
     return results

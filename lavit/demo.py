@@ -107,12 +107,11 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
 
     print("[2/6] stage 1: visual tokenizer (tiny preset with 256 codes: 64 px, 8 px patches)")
     # 64 codes are too few for the codes of a digit to tell its class
-    settings = {**load_config_preset("tiny", "tokenizer"), "codebook_size": 256}
-    (runs / "tokenizer_config.json").parent.mkdir(parents=True, exist_ok=True)
-    (runs / "tokenizer_config.json").write_text(json.dumps(settings))
+    tokenizer_config = runs / "tokenizer_config.json"
+    runs.mkdir(parents=True, exist_ok=True)
+    tokenizer_config.write_text(json.dumps({**load_config_preset("tiny", "tokenizer"), "codebook_size": 256}))
     tokenizer_folder = train_tokenizer(
-        TokenizerTrainingArguments(data=str(train_folder), tokenizer_config=str(runs / "tokenizer_config.json"),
-                                   crop_scale=1.0,
+        TokenizerTrainingArguments(data=str(train_folder), tokenizer_config=str(tokenizer_config), crop_scale=1.0,
                                    quantizer_start_step=steps["tokenizer"] // 4, resume="no"),
         stage_arguments(runs / "tokenizer", steps["tokenizer"], 16, 1e-3),
     )

@@ -389,15 +389,14 @@ class LaVITModel(LaVITPreTrainedModel):
         new_position_ids = sequence_positions(valid, segment_starts) if packed else positions_from_mask(new_mask)
         inputs_embeds = self.get_input_embeddings()(new_ids)
         if visual_embeds is not None:
-            continuous = torch.ones_like(slot_rows, dtype=torch.bool)
             if labels is not None and config.generated_image_inputs == "codes":
                 # generation feeds sampled code ids back through the embedding table: train the same inputs
                 positions = position_ids if position_ids is not None else positions_from_mask(attention_mask)
                 generated = (labels[spans.rows, spans.starts] != -100) & (positions[spans.rows, spans.starts] > 0)
                 continuous = ~generated[image_index]
-            inputs_embeds = inputs_embeds.index_put(
-                (slot_rows[continuous], slot_columns[continuous]), visual_embeds[continuous].to(inputs_embeds.dtype)
-            )
+                slot_rows, slot_columns = slot_rows[continuous], slot_columns[continuous]
+                visual_embeds = visual_embeds[continuous]
+            inputs_embeds = inputs_embeds.index_put((slot_rows, slot_columns), visual_embeds.to(inputs_embeds.dtype))
         return LaVITMultimodalInputs(
             inputs_embeds=inputs_embeds,
             input_ids=new_ids,

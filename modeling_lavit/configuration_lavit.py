@@ -186,6 +186,11 @@ class LaVITTokenizerConfig(PretrainedConfig):
         return self.vision_config.hidden_size
 
     @property
+    def hidden_size(self) -> int:
+        """The model's width, as generic tools read it (DeepSpeed's `auto` bucket sizes)."""
+        return self.vision_hidden_size
+
+    @property
     def image_size(self) -> int:
         return self.vision_config.image_size
 
@@ -424,6 +429,12 @@ class LaVITDetokenizerConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self._check_unet_fits()
+
+    @property
+    def hidden_size(self) -> int:
+        """The model's width, as generic tools read it (DeepSpeed's `auto` bucket sizes): the widest of the feature
+        decoder and the UNet blocks."""
+        return max(self.decoder_hidden_size, *self.unet_config.get("block_out_channels", [0]))
 
     def _check_unet_fits(self):
         cross_attention_dim = self.unet_config.get("cross_attention_dim", 1280)

@@ -12,6 +12,7 @@ weights is kept, checkpointed, and written as the final model.
     lavit-train-detokenizer ... --detokenizer_config paper --diffusers_model path/to/sdxl
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lavit.processing import LaVITImageProcessor
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, set_seed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from .arguments import DataArguments, LaVITTrainingArguments, limit_records, load_config_preset, parse_arguments
 from .collators import random_crop
@@ -168,7 +170,14 @@ class EMACallback(TrainerCallback):
             save_file(tensors, checkpoint / EMA_FILE, metadata={"optimization_step": str(self.ema.optimization_step)})
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.ema.copy_to(self.parameters)
+        # under ZeRO-3 each rank holds a shard of every parameter: gather them whole, write the averages, re-shard
+        gathered = contextlib.nullcontext()
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(self.parameters, modifier_rank=0)
+        with gathered:
+            self.ema.copy_to(self.parameters)
 
     def load(self, path: Path):
         if not path.is_file():

@@ -1,0 +1,20 @@
+"""A training stage for the multi-process tests: `torchrun --nproc_per_node N distributed_stage.py SETTINGS.json`;
+SETTINGS holds `stage` ("tokenizer", "pretrain" or "detokenizer"), the stage's `script` and `training` arguments."""
+
+import json
+import sys
+
+import torch.distributed
+from lavit.training.arguments import LaVITTrainingArguments
+from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
+from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
+from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
+
+STAGES = {"tokenizer": (TokenizerTrainingArguments, train_tokenizer), "pretrain": (PretrainingArguments, pretrain),
+          "detokenizer": (DetokenizerTrainingArguments, train_detokenizer)}
+
+settings = json.loads(open(sys.argv[1]).read())
+arguments_class, train = STAGES[settings.get("stage", "pretrain")]
+train(arguments_class(**settings["script"]), LaVITTrainingArguments(**settings["training"]))
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # a clean exit: gloo aborts at interpreter shutdown otherwise

@@ -140,17 +140,22 @@ def write_tiny_language_model(folder, corpus=CORPUS, vocab_size=160, hidden_size
     return write(folder, corpus, vocab_size, hidden_size)
 
 
-def training_args(output_dir, **overrides):
-    """CPU, fp32, quiet `LaVITTrainingArguments` for the stage tests."""
-    from lavit.training.arguments import LaVITTrainingArguments
-
+def training_settings(output_dir, **overrides) -> dict:
+    """CPU, fp32, quiet training settings for the stage tests (JSON-ready, for the multi-process runs too)."""
     settings = dict(
         output_dir=str(output_dir), use_cpu=True, per_device_train_batch_size=4, learning_rate=1e-3,
         warmup_steps=0, logging_steps=5, save_steps=1000, disable_tqdm=True, report_to="none", seed=0,
         dataloader_num_workers=0,
     )
     settings.update(overrides)
-    return LaVITTrainingArguments(**settings)
+    return settings
+
+
+def training_args(output_dir, **overrides):
+    """`LaVITTrainingArguments` with the `training_settings` of the stage tests."""
+    from lavit.training.arguments import LaVITTrainingArguments
+
+    return LaVITTrainingArguments(**training_settings(output_dir, **overrides))
 
 
 def tiny_unet_config(cross_attention_dim: int, pooled_size: int | None = None) -> dict:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_tokenizer_config, training_args, write_tiny_language_model
-from lavit.training.arguments import load_config_preset
+from conftest import REPO_ROOT, tiny_tokenizer_config, training_args, training_settings, write_tiny_language_model
+from lavit.training.arguments import CONFIG_PRESETS, load_config_preset
 from lavit.training.sample_data import write_photo_imagefolder
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -162,9 +162,8 @@ def data_parallel_settings(components, output_dir, per_device_batch_size: int, *
     script = {"data": str(components["tokenized"]), "visual_tokenizer": str(components["tokenizer"]),
               "language_model": str(components["lm"]), "max_length": 24, "order": "both", "resume": "no",
               "visual_learning_rate": None, "packed": False}  # 22 rows: every step takes 4 distinct ones
-    training = dict(use_cpu=True, learning_rate=1e-3, warmup_steps=0, logging_steps=1, save_steps=1000, max_steps=3,
-                    disable_tqdm=True, report_to="none", seed=0, gradient_accumulation_steps=1,
-                    per_device_train_batch_size=per_device_batch_size, output_dir=str(output_dir), **training)
+    training = training_settings(output_dir, logging_steps=1, max_steps=3, gradient_accumulation_steps=1,
+                                 per_device_train_batch_size=per_device_batch_size, **training)
     return {"script": script, "training": training}
 
 
@@ -182,7 +181,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(components, on
     extra = {}
     if launcher.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
-        extra["deepspeed"] = str(REPO_ROOT / "training" / "configs" / f"{launcher.removeprefix('deepspeed_')}.json")
+        extra["deepspeed"] = str(CONFIG_PRESETS / f"{launcher.removeprefix('deepspeed_')}.json")
     settings = data_parallel_settings(components, tmp_path / "two", 2, **extra)
     two = run_processes(settings, tmp_path, 2, launcher, "accelerate" if launcher == "accelerate_ddp" else "torchrun")
     one, expected = one_process_run
@@ -205,11 +204,10 @@ def test_tokenizer_training_under_zero3_matches_ddp(components, tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(settings))
     script = {"data": str(components["photos"]), "tokenizer_config": str(tmp_path / "tokenizer.json"),
               "quantizer_start_step": 2, "resume": "no"}
-    common = dict(use_cpu=True, learning_rate=1e-3, warmup_steps=0, logging_steps=1, save_steps=1000, max_steps=4,
-                  disable_tqdm=True, report_to="none", seed=0, per_device_train_batch_size=2)
     runs = {}
-    for launcher, extra in (("ddp", {}), ("zero3", {"deepspeed": str(REPO_ROOT / "training/configs/zero3.json")})):
-        training = {**common, **extra, "output_dir": str(tmp_path / launcher)}
+    for launcher, extra in (("ddp", {}), ("zero3", {"deepspeed": str(CONFIG_PRESETS / "zero3.json")})):
+        training = training_settings(tmp_path / launcher, logging_steps=1, max_steps=4, per_device_train_batch_size=2,
+                                     **extra)
         runs[launcher] = run_processes({"stage": "tokenizer", "script": script, "training": training}, tmp_path, 2,
                                        f"tokenizer_{launcher}")
     assert len(runs["ddp"]) == 4
@@ -229,9 +227,8 @@ def test_detokenizer_ema_is_the_final_model_under_zero3(components, tmp_path):
     output_dir = tmp_path / "zero3"
     script = {"data": str(components["photos"]), "visual_tokenizer": str(components["tokenizer"]),
               "detokenizer_config": "tiny", "ema_decay": 0.5, "vae_steps": 0, "resume": "no"}
-    training = dict(use_cpu=True, learning_rate=1e-2, warmup_steps=0, logging_steps=1, save_steps=3, max_steps=3,
-                    disable_tqdm=True, report_to="none", seed=0, per_device_train_batch_size=2,
-                    output_dir=str(output_dir), deepspeed=str(REPO_ROOT / "training" / "configs" / "zero3.json"))
+    training = training_settings(output_dir, learning_rate=1e-2, logging_steps=1, save_steps=3, max_steps=3,
+                                 per_device_train_batch_size=2, deepspeed=str(CONFIG_PRESETS / "zero3.json"))
     run_processes({"stage": "detokenizer", "script": script, "training": training}, tmp_path, 2, "detokenizer")
     ema = load_file(output_dir / "checkpoint-3" / EMA_FILE)
     final = final_weights(output_dir / "final")

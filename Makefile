@@ -1,14 +1,23 @@
 # Developer entry points. `make test` works from a fresh clone on a CPU-only machine: it creates .venv, installs the
-# package with its dev extras (torch pinned to the CPU build in the same pip command) and runs the test suite.
+# package with its dev extras at the tested versions of requirements/lock.txt (torch pinned to the CPU build in the
+# same pip command) and runs the test suite. `make test-latest` does the same in .venv-latest with the newest versions
+# pip resolves today (torch keeps its CPU pin); `make lock` rewrites requirements/lock.txt from that environment.
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
 PYTHON := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+LOCK := requirements/lock.txt
 
-.PHONY: install test lint bench demo
+.PHONY: install test test-latest lock lint bench demo
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"
+	$(PYTHON) -m pip install --quiet -c $(LOCK) "$(TORCH_PIN)" -e ".[dev]"
+	touch $@
+
+$(LATEST_VENV)/.installed: pyproject.toml
+	python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager "$(TORCH_PIN)" -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -18,6 +27,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+test-latest: $(LATEST_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q
+
+lock: $(LATEST_VENV)/.installed
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^lavit' > $(LOCK)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -26,8 +26,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .configuration_lavit import LaVITConfig
 from .convert_original_lavit import convert_original_lm_visual_state_dict, load_original_state_dict
@@ -38,6 +38,7 @@ from .modeling_lavit_tokenizer import (
     LaVITTokenizerModel,
     LaVITTokenMerger,
 )
+from .transformers_compat import cache_kwargs, output_cache, pop_cache
 
 logger = logging.get_logger(__name__)
 
@@ -82,8 +83,12 @@ class LaVITModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class LaVITCausalLMOutputWithPast(ModelOutput):
+class LaVITCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
+    [`LaVITForCausalLM`] output: the fields of transformers' `CausalLMOutputWithPast` (`loss`, `logits`, the KV cache
+    under the installed release's name, `hidden_states`, `attentions`), plus the per-modality losses and what the
+    image expansion produced.
+
     Args:
         loss (`torch.FloatTensor` of shape `()`): cross-entropy summed over the supervised targets, divided by
             `num_items_in_batch` when given (gradient accumulation), else by the number of targets.
@@ -92,18 +97,12 @@ class LaVITCausalLMOutputWithPast(ModelOutput):
         logits (`torch.FloatTensor` of shape `(B, L, vocab_size)`): prediction scores of the shared head.
         labels (`torch.LongTensor` of shape `(B, L)`): the expanded targets the loss used.
         image_token_counts (`torch.LongTensor` of shape `(num_images,)`): visual tokens per image.
-        past_key_values, hidden_states, attentions: as in transformers causal LMs.
     """
 
-    loss: torch.FloatTensor | None = None
     text_loss: torch.FloatTensor | None = None
     image_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     labels: torch.LongTensor | None = None
     image_token_counts: torch.LongTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -195,7 +194,7 @@ class LaVITPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["LaVITAttentionLayer", "LaVITEvaLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -428,7 +427,7 @@ class LaVITModel(LaVITPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
@@ -439,8 +438,9 @@ class LaVITModel(LaVITPreTrainedModel):
     ) -> LaVITModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        cache = pop_cache(cache, kwargs)
         image_token_counts = None
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        prefill = cache is None or cache.get_seq_length() == 0
         # decoding steps read new ids as they are; only a prefill (or an image batch) is expanded
         has_images = self.has_image_inputs(input_ids, pixel_values) and (prefill or pixel_values is not None)
         if input_ids is not None and prefill and not has_images and input_ids.numel():
@@ -453,9 +453,9 @@ class LaVITModel(LaVITPreTrainedModel):
             position_ids, image_token_counts = prepared.position_ids, prepared.image_token_counts
             # packed rows: no 2-D mask, so the LM builds a block-diagonal mask from the restarting position ids
             attention_mask = None if prepared.packed else prepared.attention_mask
-        elif position_ids is None and attention_mask is not None and past_key_values is None:
+        elif position_ids is None and attention_mask is not None and cache is None:
             position_ids = positions_from_mask(attention_mask)  # left and right padding give the same positions
-        if attention_mask is None and position_ids is not None and past_key_values is None and restarts_inside_rows(
+        if attention_mask is None and position_ids is not None and cache is None and restarts_inside_rows(
             position_ids
         ):
             use_cache = False  # transformers builds the block-diagonal mask of packed rows only without a cache
@@ -467,14 +467,14 @@ class LaVITModel(LaVITPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **cache_kwargs(cache),
             **kwargs,
         )
         return LaVITModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             labels=labels,
@@ -584,7 +584,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
@@ -613,7 +613,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pop_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_keep_mask=image_keep_mask,
@@ -636,7 +636,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             logits=logits,
             labels=outputs.labels,
             image_token_counts=outputs.image_token_counts,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -680,22 +680,23 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
+        cache=None,
         attention_mask=None,
         inputs_embeds=None,
         prompt_embeds=None,
         is_first_iteration=False,
         **kwargs,
     ):
+        cache = pop_cache(cache, kwargs)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
+            **cache_kwargs(cache),
             **kwargs,
         )
-        without_cache = past_key_values is None or past_key_values.get_seq_length() == 0
+        without_cache = cache is None or cache.get_seq_length() == 0
         if prompt_embeds is not None and not is_first_iteration and without_cache:
             # no cache: every step reads the whole sequence again, i.e. the prompt (with its continuous image
             # features, which no id can express) followed by the ids generated so far
@@ -876,8 +877,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         decode = torch.compile(language_model, dynamic=False) if compile_decoding else language_model
         position_ids = positions_from_mask(attention_mask[:, :prompt_length])
         hidden_states = language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt_length, device=self.device),
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            **cache_kwargs(cache),
         ).last_hidden_state[:, -1]
         device = hidden_states.device
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -911,8 +912,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 attention_mask = F.pad(attention_mask, (0, 1), value=1)
             position_ids = position_ids[:, -1:] + 1
             hidden_states = decode(
-                input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
-                use_cache=True, cache_position=torch.tensor([prompt_length + step], device=device),
+                input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **cache_kwargs(cache),
             ).last_hidden_state[:, -1]
         generated = torch.stack(generated, dim=1)  # (B, steps): code + 1, then 0 from [/IMG] on
         kept = generated > 0

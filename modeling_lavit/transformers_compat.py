@@ -1,0 +1,51 @@
+"""The one place that knows which transformers release is installed.
+
+transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to `cache` (the old name is
+deprecated for inputs and rejected by output dataclasses). LaVIT code uses the current name, `cache`, everywhere and
+goes through these helpers where it talks to transformers, so every release in `SUPPORTED_TRANSFORMERS` works.
+
+This file is copied into Hub model folders with the model code, so `check_transformers_version` also guards a
+remote-code folder run under a user's transformers: outside the tested range it fails with one clear message instead
+of a deep `TypeError`.
+"""
+
+import transformers
+from packaging.version import Version
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# the tested range; keep in sync with pyproject.toml's `transformers` requirement
+SUPPORTED_TRANSFORMERS = (Version("5.20.0"), Version("6.0.0"))
+
+# name of the KV cache in model inputs and outputs of the installed release
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+LEGACY_CACHE_NAME = "past_key_values"
+
+
+def check_transformers_version(installed: str | None = None):
+    """Raises `ImportError` naming the installed and the supported transformers versions when they do not match."""
+    installed_version = Version(installed or transformers.__version__)
+    low, high = SUPPORTED_TRANSFORMERS
+    if not low <= Version(installed_version.base_version) < high:
+        raise ImportError(
+            f"LaVIT needs transformers>={low},<{high}; transformers {installed_version} is installed. "
+            f"Run: pip install 'transformers>={low},<{high}'"
+        )
+
+
+def cache_kwargs(cache) -> dict:
+    """`{name: cache}` under the name the installed transformers' models take."""
+    return {CACHE_NAME: cache}
+
+
+def pop_cache(cache, kwargs: dict):
+    """The cache given under either name (`cache`, or `past_key_values` from older callers); removes the old name from
+    `kwargs`. Raises `ValueError` if both are given."""
+    legacy = kwargs.pop(LEGACY_CACHE_NAME, None)
+    if legacy is not None and cache is not None and legacy is not cache:
+        raise ValueError("give the KV cache as `cache` or `past_key_values`, not both")
+    return cache if cache is not None else legacy
+
+
+def output_cache(outputs):
+    """The KV cache of a transformers model output, whatever the installed release calls it."""
+    return getattr(outputs, CACHE_NAME, None)

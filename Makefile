@@ -1,14 +1,16 @@
 # Developer entry points. `make test` works from a fresh clone on a CPU-only machine: it creates .venv, installs the
 # package with its dev extras at the tested versions of requirements/lock.txt (torch pinned to the CPU build in the
 # same pip command) and runs the test suite. `make test-latest` does the same in .venv-latest with the newest versions
-# pip resolves today (torch keeps its CPU pin); `make lock` rewrites requirements/lock.txt from that environment.
+# pip resolves today (torch keeps its CPU pin), `make test-lowest` with the floors of pyproject.toml
+# (requirements/lowest.txt); `make lock` rewrites requirements/lock.txt from the newest environment.
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
+LOWEST_VENV ?= .venv-lowest
 PYTHON := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 LOCK := requirements/lock.txt
 
-.PHONY: install test test-latest lock lint bench demo
+.PHONY: install test test-latest test-lowest lock lint bench demo
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -27,6 +29,14 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+$(LOWEST_VENV)/.installed: pyproject.toml requirements/lowest.txt
+	python3 -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -c requirements/lowest.txt "$(TORCH_PIN)" -e ".[dev]"
+	touch $@
+
+test-lowest: $(LOWEST_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(LOWEST_VENV)/bin/python -m pytest -q
 
 test-latest: $(LATEST_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q

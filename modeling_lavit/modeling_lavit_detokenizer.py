@@ -48,7 +48,7 @@ DETOKENIZER_HEAD_RULES = [
 
 def require_diffusers():
     if diffusers is None:
-        raise ImportError("the LaVIT detokenizer needs diffusers: pip install 'lavit[generation]' (or diffusers>=0.30)")
+        raise ImportError("the LaVIT detokenizer needs diffusers: pip install 'lavit[generation]' (or diffusers>=0.31)")
 
 
 @dataclass
@@ -522,8 +522,8 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         in place of this model's, and records their configs."""
         require_diffusers()
         folder = os.fspath(folder)
-        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=self.dtype).requires_grad_(False)
+        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=self.dtype).requires_grad_(False)
         scheduler_config = dict(diffusers.DDIMScheduler.load_config(folder, subfolder="scheduler"))
         self.scheduler = scheduler_from_config(scheduler_config)
         self.config.unet_config = _public_config(dict(self.unet.config))

@@ -527,7 +527,13 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return self._detokenizer is not None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        pipeline_file = _pipeline_source_file() if self._auto_class is not None else None
+        """
+        `PreTrainedModel.save_pretrained`, plus what a LaVIT folder needs beyond the model's own code files: the
+        `pipelines_lavit.py` of the text-to-image pipeline and the pixel decoder in `detokenizer/` with its code. The
+        folder is complete on every save path (lavit installed or not: a folder loaded with `trust_remote_code`,
+        `Trainer` checkpoints, a PEFT-merged model), because all of them call this method.
+        """
+        pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
         if self._auto_class is not None:
             # transformers writes only the saved class's Auto entry; every head of the folder must resolve
             self.config.auto_map = {
@@ -549,6 +555,11 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         if pipeline_file is not None:
             shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
         if self._detokenizer is not None:
+            if self._auto_class is not None:
+                # loaded from its sub-folder by class, not through an Auto class: without these, a process that runs
+                # the remote code would write the detokenizer's weights but not its code files and `auto_map`
+                type(self._detokenizer).register_for_auto_class("AutoModel")
+                type(self._detokenizer.config).register_for_auto_class()
             self._detokenizer.save_pretrained(Path(save_directory) / DETOKENIZER_FOLDER, *args, **kwargs)
 
     @classmethod
@@ -1125,14 +1136,27 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
 
 DETOKENIZER_FOLDER = "detokenizer"
 TEXT_TO_IMAGE_TASK = "lavit-text-to-image"
+PIPELINE_FILE = "pipelines_lavit.py"
 
 
-def _pipeline_source_file() -> Path | None:
-    """`pipelines_lavit.py`: beside this file in a model folder, or in the `processing` package of an install."""
+def _pipeline_source_file(source_folder: str | os.PathLike | None = None) -> Path | None:
+    """
+    `pipelines_lavit.py`: beside this file in a model folder, in the `processing` package of an install, or in the
+    folder (local or Hub) the model was loaded from: remote code runs from transformers' module cache, which holds only
+    the files the model's code imports, and the pipeline is not one of them.
+    """
+    from transformers.utils import cached_file
+
     here = Path(__file__).resolve().parent
-    for candidate in (here / "pipelines_lavit.py", here.parent / "processing" / "pipelines_lavit.py"):
+    for candidate in (here / PIPELINE_FILE, here.parent / "processing" / PIPELINE_FILE):
         if candidate.is_file():
             return candidate
+    if source_folder:
+        found = cached_file(str(source_folder), PIPELINE_FILE, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        if found is not None:
+            return Path(found)
+    logger.warning(f"{PIPELINE_FILE} not found: the saved folder will not run the {TEXT_TO_IMAGE_TASK} pipeline")
     return None
 
 

@@ -126,10 +126,14 @@ def require_folder(path: str) -> None:
 
 
 def load_lavit(path: str):
-    from lavit import LaVITForCausalLM, LaVITProcessor
+    from lavit import LaVITConfig, LaVITForCausalLM, LaVITProcessor
 
     require_folder(path)
-    return LaVITForCausalLM.from_pretrained(path).eval(), LaVITProcessor.from_pretrained(path)
+    try:  # the config alone first: a folder of another kind fails here, before any weight is built
+        config = LaVITConfig.from_pretrained(path)
+    except ValueError as error:
+        raise CommandError(f"{path} is not a LaVIT model folder: {error}") from error
+    return LaVITForCausalLM.from_pretrained(path, config=config).eval(), LaVITProcessor.from_pretrained(path)
 
 
 def open_image(path: str):

@@ -136,6 +136,8 @@ class LaVITTokenizerConfig(LaVITFolderConfig):
     """
 
     model_type = "lavit_tokenizer"
+    # a sub-config, so `attn_implementation` (and dtype) given to the tokenizer or to LaVIT reach the vision encoder
+    sub_configs = {"vision_config": AutoConfig}
 
     def __init__(
         self,

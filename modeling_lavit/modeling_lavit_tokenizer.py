@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_lavit import LaVITTokenizerConfig
 from .convert_original_lavit import convert_original_tokenizer_state_dict, original_tokenizer_config
@@ -647,7 +647,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
             if self.config.uses_eva_encoder:
                 hidden_states = self.vision_model(pixel_values).last_hidden_state
             else:
-                outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+                outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
                 hidden_states = outputs.hidden_states[self.config.vision_feature_layer]
         # CLIP-style encoders put a CLS token first; SigLIP-style ones have none
         return hidden_states[:, hidden_states.shape[1] - self.config.num_patches :]
@@ -717,6 +717,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- public API
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -729,7 +730,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         `mean(1 - cos(x, x_rec)) + keep_ratio_weight * (rho - mean keep)^2 + commitment_weight * commitment`.
 
         `keep_mask` (B, N) overrides the selector. `use_quantizer=False` feeds the continuous (normalised) latents to
-        the decoder: the first phase of the official training recipe, before VQ is switched on.
+        the decoder: the first phase of the official training recipe, before VQ is switched on. `return_dict=False`
+        (argument or config) returns a tuple of the non-`None` fields.
         """
         pixel_values = self._check_pixel_values(pixel_values)
         image_features = self.get_image_features(pixel_values)  # (B, N, D)

@@ -263,7 +263,7 @@ class LaVITModel(LaVITPreTrainedModel):
             code_ids = None
             if return_code_ids:
                 target_tokens = tokenizer.merger(image_features, keep_weights)
-                code_ids, _ = tokenizer.quantizer.lookup(tokenizer.quantizer.project_in(target_tokens))
+                code_ids = tokenizer.quantizer(target_tokens, fit=False).code_ids  # a module call: offload hooks
         merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
         keep_mask = keep_weights > 0.5
         features = LaVITFeaturesOutput(
@@ -538,6 +538,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # the head is sharded over the vocabulary like the embedding it may be tied to (as LLaMA's), then gathered
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     output_modalities = ("image", "text")
 
     def __init__(self, config: LaVITConfig):
@@ -935,8 +937,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 warpers.append(TopKLogitsWarper(top_k))
             if top_p is not None and top_p < 1.0:
                 warpers.append(TopPLogitsWarper(top_p))
-        # [/IMG] and the visual ids are one contiguous block of the vocabulary: score only those rows of the head
-        allowed_head = self.lm_head.weight[config.image_end_token_id : config.visual_token_end]
+        # [/IMG] and the visual ids are one contiguous block of the vocabulary: only those columns are scored. The
+        # head runs as a module (not F.linear on its `.weight`), so an offloaded head is loaded by its accelerate hook
+        allowed_columns = slice(config.image_end_token_id, config.visual_token_end)
         language_model = self.model.language_model
         prompt_length = inputs_embeds.shape[1]
         if cache_implementation == "static":
@@ -955,7 +958,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         generated = []
         for step in range(max_new_tokens + 1):
-            scores = F.linear(hidden_states, allowed_head).float()  # column 0 is [/IMG], column 1 + k is code k
+            scores = self.lm_head(hidden_states)[:, allowed_columns].float()  # column 0: [/IMG], 1 + k: code k
             if guided:
                 conditional_scores, unconditional_scores = scores.log_softmax(dim=-1).chunk(2)
                 scores = unconditional_scores + guidance_scale * (conditional_scores - unconditional_scores)

@@ -420,11 +420,12 @@ class LaVITVectorQuantizer(nn.Module):
             )
             return distances.argmin(dim=-1), normalized
 
-    def forward(self, merged_tokens: torch.Tensor, quantize: bool = True) -> LaVITQuantizerOutput:
+    def forward(self, merged_tokens: torch.Tensor, quantize: bool = True, fit: bool = True) -> LaVITQuantizerOutput:
+        """`fit=False` only looks codes up (tokenization), even in training mode: the codebook stays as it is."""
         latents = self.project_in(merged_tokens)
         # the codebook is fitted only while quantizing: k-means then runs on the warmed-up latents of the first
         # quantized step (the official recipe: train without VQ first, then switch it on)
-        fits_codebook = self.training and quantize
+        fits_codebook = self.training and quantize and fit
         if fits_codebook and self.kmeans_init and not bool(self.initialized):
             self.init_codebook_(F.normalize(latents.detach().float(), dim=-1))
         code_ids, normalized = self.lookup(latents)
@@ -809,7 +810,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         (`"deterministic"` by default, or `"sample"` with an optional `generator`); see [`select_tokens`].
         """
         features = self.encode_features(pixel_values, keep_mask, mode, max_tokens, keep_ratio, generator)
-        code_ids, _ = self.quantizer.lookup(self.quantizer.project_in(features.features))
+        # a module call, not `lookup`: accelerate's offload hooks load the quantizer only for its own forward
+        code_ids = self.quantizer(features.features, fit=False).code_ids
         return LaVITTokenizationOutput(
             code_ids=code_ids,
             token_counts=features.token_counts,

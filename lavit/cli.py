@@ -257,7 +257,8 @@ def run_convert(args) -> None:
         merger_num_heads=args.num_heads, decoder_num_heads=args.num_heads,
     )
     tokenizer = AutoTokenizer.from_pretrained(source / "language_model")
-    if LaVITProcessor.add_image_tokens(tokenizer) != model.config.text_vocab_size:
+    codebook_size = model.config.tokenizer_config.codebook_size
+    if LaVITProcessor.add_image_tokens(tokenizer, codebook_size) != model.config.text_vocab_size:
         raise CommandError(f"the release's tokenizer has {len(tokenizer) - 2} text tokens, the LM "
                            f"{model.config.text_vocab_size}")
     processor = LaVITProcessor(LaVITImageProcessor.from_tokenizer_config(model.config.tokenizer_config), tokenizer)

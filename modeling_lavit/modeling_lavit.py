@@ -621,13 +621,14 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         """`PreTrainedModel.resize_token_embeddings`, refusing any size that would drop `[IMG]`, `[/IMG]` or a visual
         row (ids below `config.visual_token_end`): a tokenizer that lacks the visual tokens is too short, see
         `LaVITProcessor.add_visual_tokens`."""
-        if new_num_tokens is not None and new_num_tokens < self.config.visual_token_end:
+        config = self.config
+        if new_num_tokens is not None and new_num_tokens < config.visual_token_end:
+            codebook_size = config.tokenizer_config.codebook_size
             raise ValueError(
                 f"resize_token_embeddings({new_num_tokens}) would drop rows of the image vocabulary: ids "
-                f"[{self.config.text_vocab_size}, {self.config.visual_token_end}) are [IMG], [/IMG] and the "
-                f"{self.config.tokenizer_config.codebook_size} visual codes, so at least {self.config.visual_token_end} "
-                f"rows are needed. A tokenizer that short lacks the visual tokens: call "
-                f"LaVITProcessor.add_visual_tokens(tokenizer, {self.config.tokenizer_config.codebook_size}) first"
+                f"[{config.text_vocab_size}, {config.visual_token_end}) are [IMG], [/IMG] and the {codebook_size} "
+                f"visual codes, so at least {config.visual_token_end} rows are needed. A tokenizer that short lacks "
+                f"the visual tokens: call LaVITProcessor.add_visual_tokens(tokenizer, {codebook_size}) first"
             )
         return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
 

@@ -144,7 +144,8 @@ class LaVITProcessor(ProcessorMixin):
         )
         encoded = tokenized["input_ids"]
         # per-token outputs the caller asked the tokenizer for (offsets, token types, ...): cut and padded with the ids
-        per_token = {key: list(values) for key, values in tokenized.items() if key not in ("input_ids", "attention_mask")}
+        per_token = {key: list(values) for key, values in tokenized.items()
+                     if key not in ("input_ids", "attention_mask")}
 
         kept_images, image_cursor = [], 0
         for row, ids in enumerate(encoded):
@@ -196,7 +197,7 @@ class LaVITProcessor(ProcessorMixin):
         return padded
 
     def replacement_offsets(self, text: str) -> list[dict]:
-        """Where each `<image>` of `text` (character `span`) lies after the replacement by `[IMG][/IMG]` (`new_span`)."""
+        """Where each `<image>` of `text` (character `span`) lies once replaced by `[IMG][/IMG]` (`new_span`)."""
         replacement = IMAGE_START_TOKEN + IMAGE_END_TOKEN
         spans, start, gained = [], text.find(self.image_token), 0
         while start != -1:

@@ -139,6 +139,19 @@ def lavit_model(text_tokenizer):
     return LaVITForCausalLM(tiny_lavit_config(text_vocab_size(text_tokenizer))).eval()
 
 
+@pytest.fixture
+def lavit_folder(lavit_model, lavit_processor, tmp_path):
+    """A saved tiny LaVIT folder with a pixel decoder (`detokenizer/`) and a processor."""
+    from lavit import LaVITDetokenizer
+
+    torch.manual_seed(0)
+    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
+    folder = tmp_path / "lavit"
+    lavit_model.save_pretrained(folder)
+    lavit_processor.save_pretrained(folder)
+    return folder
+
+
 def write_tiny_language_model(folder, corpus=CORPUS, vocab_size=160, hidden_size=64):
     from lavit.training.sample_data import write_tiny_language_model as write
 

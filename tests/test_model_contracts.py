@@ -15,7 +15,6 @@ from conftest import (
     photo_batch,
     real_photos,
     text_vocab_size,
-    tiny_detokenizer_config,
     tiny_lavit_config,
     tiny_tokenizer_config,
 )
@@ -33,17 +32,6 @@ def run_without_lavit(script: str, tmp_path) -> subprocess.CompletedProcess:
                    "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-c", BLOCK_LAVIT + textwrap.dedent(script)], capture_output=True,
                           text=True, cwd=tmp_path, env=environment, timeout=300)
-
-
-@pytest.fixture
-def lavit_folder(lavit_model, lavit_processor, tmp_path):
-    """A saved tiny LaVIT folder with a pixel decoder and a processor."""
-    torch.manual_seed(0)
-    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
-    folder = tmp_path / "lavit"
-    lavit_model.save_pretrained(folder)
-    lavit_processor.save_pretrained(folder)
-    return folder
 
 
 # ------------------------------------------------------------------------------------------------ folders

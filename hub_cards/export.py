@@ -14,6 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
+from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor
 
 TEMPLATE = Path(__file__).parent / "templates" / "lavit_model_card.md"
@@ -90,6 +91,7 @@ def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/
         token_statistics=metadata.get("token_statistics", NOT_RECORDED),
         evaluation=metadata.get("evaluation", []),
         limitations=metadata.get("limitations", DEFAULT_LIMITATIONS),
+        transformers_requirement=transformers_requirement(),
     )
 
 

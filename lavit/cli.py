@@ -7,11 +7,13 @@
     lavit train-tokenizer | train | finetune | preprocess | train-detokenizer ARGS...   (the training stages)
     lavit convert-original SRC DST                  lavit export DST --model M      lavit push REPO_ID --model M
 
-Bad arguments and unreadable files end with one line on stderr and a non-zero exit status, never a traceback.
+Whatever fails (bad arguments, unreadable files, an error inside a library) ends with one line on stderr and a
+non-zero exit status, never a traceback; `LAVIT_DEBUG=1 lavit ...` shows the traceback of an internal error.
 """
 
 import argparse
 import importlib
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +27,17 @@ TRAINING_COMMANDS = {
 }
 
 
+DEBUG_VARIABLE = "LAVIT_DEBUG"
+
+
 class CommandError(Exception):
     """A user error: printed as one line."""
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message` of an exception, for the one-line error of a failed command."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,10 +126,14 @@ def require_folder(path: str) -> None:
 
 
 def load_lavit(path: str):
-    from lavit import LaVITForCausalLM, LaVITProcessor
+    from lavit import LaVITConfig, LaVITForCausalLM, LaVITProcessor
 
     require_folder(path)
-    return LaVITForCausalLM.from_pretrained(path).eval(), LaVITProcessor.from_pretrained(path)
+    try:  # the config alone first: a folder of another kind fails here, before any weight is built
+        config = LaVITConfig.from_pretrained(path)
+    except ValueError as error:
+        raise CommandError(f"{path} is not a LaVIT model folder: {error}") from error
+    return LaVITForCausalLM.from_pretrained(path, config=config).eval(), LaVITProcessor.from_pretrained(path)
 
 
 def open_image(path: str):
@@ -242,7 +257,8 @@ def run_convert(args) -> None:
         merger_num_heads=args.num_heads, decoder_num_heads=args.num_heads,
     )
     tokenizer = AutoTokenizer.from_pretrained(source / "language_model")
-    if LaVITProcessor.add_image_tokens(tokenizer) != model.config.text_vocab_size:
+    codebook_size = model.config.tokenizer_config.codebook_size
+    if LaVITProcessor.add_image_tokens(tokenizer, codebook_size) != model.config.text_vocab_size:
         raise CommandError(f"the release's tokenizer has {len(tokenizer) - 2} text tokens, the LM "
                            f"{model.config.text_vocab_size}")
     processor = LaVITProcessor(LaVITImageProcessor.from_tokenizer_config(model.config.tokenizer_config), tokenizer)
@@ -308,13 +324,15 @@ def main(argv=None) -> int:
     except CommandError as error:
         print(f"lavit {command}: error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, OSError, ImportError, KeyError, RuntimeError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"lavit {command}: error: {type(error).__name__}: {message}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"lavit {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # any internal failure: one line, unless LAVIT_DEBUG asks for the traceback
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"lavit {command}: error: {one_line(error)} (set {DEBUG_VARIABLE}=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,11 +6,43 @@ Defaults are the values of the released LaVIT checkpoints (official code `jy0205
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .transformers_compat import check_transformers_version, transformers_requirement
+
+# the first LaVIT file a remote-code folder imports: outside the tested transformers range, fail here with one message
+check_transformers_version()
+
 SELECTION_MODES = ("deterministic", "sample")
 LOSS_MODALITIES = ("both", "text", "image")
 MERGER_ATTENTION_IMPLEMENTATIONS = ("exact", "official")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# what each LaVIT config's folder holds, and the class that loads it
+LAVIT_MODEL_CLASSES = {"lavit": "LaVITForCausalLM", "lavit_tokenizer": "LaVITTokenizerModel",
+                       "lavit_detokenizer": "LaVITDetokenizer"}
+
+
+class LaVITFolderConfig(PretrainedConfig):
+    """
+    Base of the configs that are saved as a folder's `config.json`. Loading refuses a folder of another model type
+    at once (instead of building the default, 7B-sized, config); saving states the transformers versions the folder's
+    code needs (`transformers_requirement`, checked on import by `transformers_compat.check_transformers_version`).
+    """
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            loader = LAVIT_MODEL_CLASSES.get(model_type, "its own class")
+            raise ValueError(f"this config.json describes a {model_type!r} model, not a {cls.model_type!r} one "
+                             f"({cls.__name__}); load that folder with {loader}")
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["transformers_requirement"] = transformers_requirement()
+        return output
 
 
 class LaVITEvaVisionConfig(PretrainedConfig):
@@ -57,7 +89,7 @@ class LaVITEvaVisionConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class LaVITTokenizerConfig(PretrainedConfig):
+class LaVITTokenizerConfig(LaVITFolderConfig):
     r"""
     Configuration of [`LaVITTokenizerModel`], the dynamic visual tokenizer of LaVIT (paper section 3.1): a frozen
     vision encoder, a token selector, a token merger, a vector quantizer and a feature decoder.
@@ -104,6 +136,8 @@ class LaVITTokenizerConfig(PretrainedConfig):
     """
 
     model_type = "lavit_tokenizer"
+    # a sub-config, so `attn_implementation` (and dtype) given to the tokenizer or to LaVIT reach the vision encoder
+    sub_configs = {"vision_config": AutoConfig}
 
     def __init__(
         self,
@@ -207,7 +241,7 @@ class LaVITTokenizerConfig(PretrainedConfig):
         return isinstance(self.vision_config, LaVITEvaVisionConfig)
 
 
-class LaVITConfig(PretrainedConfig):
+class LaVITConfig(LaVITFolderConfig):
     r"""
     Configuration of [`LaVITForCausalLM`] (paper section 3.2): one causal language model that reads and writes text
     and the discrete visual tokens of [`LaVITTokenizerModel`].
@@ -335,7 +369,7 @@ SD_UNET_CONFIG = {
 }
 
 
-class LaVITDetokenizerConfig(PretrainedConfig):
+class LaVITDetokenizerConfig(LaVITFolderConfig):
     r"""
     Configuration of [`LaVITDetokenizer`]: visual code ids -> reconstructed encoder features (a feature decoder) ->
     UNet conditions (projection heads) -> pixels (a diffusers latent diffusion UNet, VAE and scheduler). Defaults are

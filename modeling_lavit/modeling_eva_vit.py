@@ -47,7 +47,10 @@ class LaVITEvaAttention(nn.Module):
         batch_size, seq_len, hidden_size = hidden_states.shape
         # EVA trains without a key bias: the fused projection gets zeros in the key slot
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(hidden_states, self.qkv.weight, qkv_bias.to(self.qkv.weight.dtype))
+        # the projection runs through its module (not F.linear on `.weight`): accelerate's offload hooks load the
+        # weight only when the module itself is called
+        qkv = self.qkv(hidden_states)
+        qkv = qkv + qkv_bias.to(qkv.dtype)
         qkv = qkv.view(batch_size, seq_len, 3, self.num_heads, hidden_size // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, head_dim)
         attn_output = F.scaled_dot_product_attention(query, key, value)

@@ -27,7 +27,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_lavit import LaVITConfig
 from .convert_original_lavit import convert_original_lm_visual_state_dict, load_original_state_dict
@@ -164,9 +164,20 @@ def sequence_positions(valid: torch.Tensor, segment_starts: torch.Tensor) -> tor
     return torch.where(valid, count - 1 - offset, 0)
 
 
-def restarts_inside_rows(position_ids: torch.LongTensor) -> bool:
-    """Whether rows hold several packed sequences: position ids go back down inside a row."""
-    return bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
+def restarts_inside_rows(position_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> bool:
+    """
+    Whether rows hold several packed sequences: a position id that does not exceed the one of the previous attended
+    token of its row. Only attended tokens count: padding may carry any positions (transformers gives left pads
+    position 1, so the usual `position_ids` of a left-padded row fall back to 0 after its pads without any packing).
+    """
+    if attention_mask is None:
+        return bool((position_ids[:, 1:] <= position_ids[:, :-1]).any())
+    valid = attention_mask.bool()
+    columns = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    last_attended = torch.cummax(torch.where(valid, columns, -1), dim=1).values
+    previous = F.pad(last_attended[:, :-1], (1, 0), value=-1)  # the last attended column before each token
+    previous_positions = position_ids.gather(1, previous.clamp(min=0))
+    return bool((valid & (previous >= 0) & (position_ids <= previous_positions)).any())
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -252,7 +263,7 @@ class LaVITModel(LaVITPreTrainedModel):
             code_ids = None
             if return_code_ids:
                 target_tokens = tokenizer.merger(image_features, keep_weights)
-                code_ids, _ = tokenizer.quantizer.lookup(tokenizer.quantizer.project_in(target_tokens))
+                code_ids = tokenizer.quantizer(target_tokens, fit=False).code_ids  # a module call: offload hooks
         merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
         keep_mask = keep_weights > 0.5
         features = LaVITFeaturesOutput(
@@ -274,6 +285,7 @@ class LaVITModel(LaVITPreTrainedModel):
         labels: torch.LongTensor | None = None,
         padding_side: str | None = None,
         image_inputs: str = "features",
+        inputs_embeds: torch.FloatTensor | None = None,
     ) -> LaVITMultimodalInputs:
         """
         Expands the image placeholders of `input_ids` (see the module docstring) into an LM-ready batch.
@@ -286,6 +298,8 @@ class LaVITModel(LaVITPreTrainedModel):
         its `[IMG]` is -100; in an expanded image, every slot whose label is not -100 keeps the code id it holds.
         With labels and `config.generated_image_inputs="codes"`, an image that is a generation target (supervised
         `[IMG]`, text before it in its sequence) is fed as its code ids even in `"features"` mode.
+        `inputs_embeds` (B, S, H), aligned with `input_ids`, replaces the embedding lookup of the input tokens (soft
+        prompts, embeddings from elsewhere); the image features are placed as usual.
         """
         config = self.config
         if input_ids is None or input_ids.ndim != 2:
@@ -349,7 +363,7 @@ class LaVITModel(LaVITPreTrainedModel):
         new_mask = attention_mask.new_zeros(batch_size, new_length)
         new_mask[rows, destination] = attention_mask
         segment_starts = torch.zeros(batch_size, new_length, dtype=torch.bool, device=device)
-        packed = position_ids is not None and restarts_inside_rows(position_ids)
+        packed = position_ids is not None and restarts_inside_rows(position_ids, attention_mask)
         if packed:
             segment_starts[rows, destination] = position_ids == 0
         new_labels = None
@@ -386,7 +400,13 @@ class LaVITModel(LaVITPreTrainedModel):
 
         valid = new_mask.bool()
         new_position_ids = sequence_positions(valid, segment_starts) if packed else positions_from_mask(new_mask)
+        text_embeds = inputs_embeds
         inputs_embeds = self.get_input_embeddings()(new_ids)
+        if text_embeds is not None:
+            if tuple(text_embeds.shape[:2]) != (batch_size, length):
+                raise ValueError(f"inputs_embeds has shape {tuple(text_embeds.shape)}, expected ({batch_size}, "
+                                 f"{length}, hidden) like input_ids")
+            inputs_embeds = inputs_embeds.index_put((rows, destination), text_embeds.to(inputs_embeds.dtype))
         if visual_embeds is not None:
             if labels is not None and config.generated_image_inputs == "codes":
                 # generation feeds sampled code ids back through the embedding table: train the same inputs
@@ -418,10 +438,22 @@ class LaVITModel(LaVITPreTrainedModel):
             pixel_values is not None or bool((input_ids == self.config.image_start_token_id).any())
         )
 
+    @staticmethod
+    def _check_input_kinds(input_ids, inputs_embeds, pixel_values, has_images: bool):
+        """Text comes as ids or embeddings (both only with images); images need ids, which locate them."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("give input_ids or inputs_embeds")
+        if input_ids is None and pixel_values is not None:
+            raise ValueError("pixel_values need input_ids: their [IMG] [/IMG] placeholders say where each image goes "
+                             "(inputs_embeds cannot); give input_ids together with inputs_embeds")
+        if input_ids is not None and inputs_embeds is not None and not has_images:
+            raise ValueError("give exactly one of input_ids and inputs_embeds (both only with image placeholders)")
+
     def _pad_token_id(self) -> int:
         pad_token_id = getattr(self.config.text_config, "pad_token_id", None)
         return 0 if pad_token_id is None else int(pad_token_id)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -436,18 +468,23 @@ class LaVITModel(LaVITPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> LaVITModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        r"""
+        Args as [`LaVITForCausalLM.forward`]. `inputs_embeds` alone replaces `input_ids` for text; with images, give
+        both (the ids' `[IMG]` `[/IMG]` placeholders say where each image goes, the embeddings are the text's).
+        `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
+        """
         cache = pop_cache(cache, kwargs)
         image_token_counts = None
         prefill = cache is None or cache.get_seq_length() == 0
         # decoding steps read new ids as they are; only a prefill (or an image batch) is expanded
         has_images = self.has_image_inputs(input_ids, pixel_values) and (prefill or pixel_values is not None)
+        self._check_input_kinds(input_ids, inputs_embeds, pixel_values, has_images)
         if input_ids is not None and prefill and not has_images and input_ids.numel():
             self.check_token_ids(input_ids)  # the image path checks them while expanding
         if has_images:
             prepared = self.prepare_multimodal_inputs(
-                input_ids, attention_mask, position_ids, pixel_values, image_keep_mask, image_selection, labels
+                input_ids, attention_mask, position_ids, pixel_values, image_keep_mask, image_selection, labels,
+                inputs_embeds=inputs_embeds,
             )
             inputs_embeds, input_ids, labels = prepared.inputs_embeds, None, prepared.labels
             position_ids, image_token_counts = prepared.position_ids, prepared.image_token_counts
@@ -469,6 +506,7 @@ class LaVITModel(LaVITPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **cache_kwargs(cache),
             **kwargs,
         )
@@ -500,6 +538,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # the head is sharded over the vocabulary like the embedding it may be tied to (as LLaMA's), then gathered
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     output_modalities = ("image", "text")
 
     def __init__(self, config: LaVITConfig):
@@ -527,7 +567,13 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return self._detokenizer is not None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        pipeline_file = _pipeline_source_file() if self._auto_class is not None else None
+        """
+        `PreTrainedModel.save_pretrained`, plus what a LaVIT folder needs beyond the model's own code files: the
+        `pipelines_lavit.py` of the text-to-image pipeline and the pixel decoder in `detokenizer/` with its code. The
+        folder is complete on every save path (lavit installed or not: a folder loaded with `trust_remote_code`,
+        `Trainer` checkpoints, a PEFT-merged model), because all of them call this method.
+        """
+        pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
         if self._auto_class is not None:
             # transformers writes only the saved class's Auto entry; every head of the folder must resolve
             self.config.auto_map = {
@@ -549,6 +595,11 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         if pipeline_file is not None:
             shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
         if self._detokenizer is not None:
+            if self._auto_class is not None:
+                # loaded from its sub-folder by class, not through an Auto class: without these, a process that runs
+                # the remote code would write the detokenizer's weights but not its code files and `auto_map`
+                type(self._detokenizer).register_for_auto_class("AutoModel")
+                type(self._detokenizer.config).register_for_auto_class()
             self._detokenizer.save_pretrained(Path(save_directory) / DETOKENIZER_FOLDER, *args, **kwargs)
 
     @classmethod
@@ -566,6 +617,21 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
+        """`PreTrainedModel.resize_token_embeddings`, refusing any size that would drop `[IMG]`, `[/IMG]` or a visual
+        row (ids below `config.visual_token_end`): a tokenizer that lacks the visual tokens is too short, see
+        `LaVITProcessor.add_visual_tokens`."""
+        config = self.config
+        if new_num_tokens is not None and new_num_tokens < config.visual_token_end:
+            codebook_size = config.tokenizer_config.codebook_size
+            raise ValueError(
+                f"resize_token_embeddings({new_num_tokens}) would drop rows of the image vocabulary: ids "
+                f"[{config.text_vocab_size}, {config.visual_token_end}) are [IMG], [/IMG] and the {codebook_size} "
+                f"visual codes, so at least {config.visual_token_end} rows are needed. A tokenizer that short lacks "
+                f"the visual tokens: call LaVITProcessor.add_visual_tokens(tokenizer, {codebook_size}) first"
+            )
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
     def get_output_embeddings(self):
         return self.lm_head
 
@@ -579,6 +645,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
     def visual_tokenizer(self) -> LaVITTokenizerModel:
         return self.model.visual_tokenizer
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -607,8 +674,17 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             loss_modalities (`str`, *optional*): `"both"`, `"text"` or `"image"`; defaults to `config.loss_modalities`.
             num_items_in_batch (`int`, *optional*, in `kwargs`): number of targets in the whole accumulated batch
                 (passed by `Trainer`); the loss is then the summed cross-entropy divided by it.
+            shift_labels (`torch.LongTensor` of shape `(B, S)`, *optional*, in `kwargs`): targets already shifted
+                (position t predicts `shift_labels[:, t]`), as sequence/context-parallel training passes them; they
+                win over `labels`. Text only: with image placeholders, whose expansion moves every later target, give
+                `labels`.
+            return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
+            raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
+                             "visual tokens, which moves every target after it; give labels (unshifted) instead")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -620,14 +696,16 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             image_selection=image_selection,
             labels=labels,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
         loss = text_loss = image_loss = None
-        if outputs.labels is not None:
+        if outputs.labels is not None or shift_labels is not None:
             loss, text_loss, image_loss = self.next_token_loss(
-                logits, outputs.labels, num_items_in_batch, loss_modalities or self.config.loss_modalities
+                logits, outputs.labels, num_items_in_batch, loss_modalities or self.config.loss_modalities,
+                shift_labels=shift_labels,
             )
         return LaVITCausalLMOutputWithPast(
             loss=loss,
@@ -641,16 +719,18 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def next_token_loss(self, logits, labels, num_items_in_batch=None, loss_modalities="both"):
+    def next_token_loss(self, logits, labels, num_items_in_batch=None, loss_modalities="both", shift_labels=None):
         """
         One cross-entropy over the shared head for text and image targets. Returns (loss, text_loss, image_loss):
         `loss` sums the supervised targets and divides by `num_items_in_batch` (or their count); the per-modality
-        losses are detached means for logging.
+        losses are detached means for logging. `shift_labels` (targets already shifted) win over `labels`.
         """
-        if logits.shape[1] != labels.shape[1]:
-            raise ValueError(f"logits cover {logits.shape[1]} positions but labels {labels.shape[1]}; "
+        if shift_labels is None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+        if logits.shape[1] != shift_labels.shape[1]:
+            raise ValueError(f"logits cover {logits.shape[1]} positions but labels {shift_labels.shape[1]}; "
                              f"compute the loss with logits_to_keep=0")
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+        targets = shift_labels
         is_image_target = (targets >= self.config.text_vocab_size) & (targets < self.config.visual_token_end)
         if loss_modalities == "text":
             targets = targets.masked_fill(is_image_target, -100)
@@ -697,10 +777,14 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         without_cache = cache is None or cache.get_seq_length() == 0
-        if prompt_embeds is not None and not is_first_iteration and without_cache:
-            # no cache: every step reads the whole sequence again, i.e. the prompt (with its continuous image
-            # features, which no id can express) followed by the ids generated so far
-            model_inputs["inputs_embeds"] = torch.cat([prompt_embeds, self.get_input_embeddings()(input_ids)], dim=1)
+        if prompt_embeds is not None and without_cache:
+            # an empty cache (no cache at all, or the first call of an assistant model in assisted decoding): the
+            # step reads the whole sequence, i.e. the prompt (with its continuous image features, which no id can
+            # express) followed by the ids generated so far (none at the first iteration)
+            inputs_embeds = torch.cat([prompt_embeds, self.get_input_embeddings()(input_ids)], dim=1)
+            if attention_mask is None:
+                attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            model_inputs["inputs_embeds"] = inputs_embeds
             model_inputs["input_ids"] = None
             model_inputs["position_ids"] = positions_from_mask(attention_mask)
         return model_inputs
@@ -719,7 +803,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         Text generation (captioning, VQA, chat, few-shot prompts with several images): `GenerationMixin.generate`
         with every `GenerationConfig` option. `[IMG]`, `[/IMG]` and visual ids are suppressed. Images are tokenized
         once, placeholders expanded, rows left-padded, then decoding starts from the embeddings. As for text-only
-        models, the returned sequences start with the given `input_ids`.
+        models, the returned sequences start with the given `input_ids`. `inputs_embeds` with `input_ids` and images
+        replaces the text embeddings of the prompt (see `LaVITModel.prepare_multimodal_inputs`).
         """
         if kwargs.pop("generation_mode", None) == "image":
             # the `any-to-any` pipeline's image mode: sequences ending with `[IMG] v_1 .. v_n [/IMG]`, which
@@ -734,11 +819,14 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
         )
         if not self.model.has_image_inputs(input_ids, pixel_values):
+            if pixel_values is not None:  # images without ids to place them: the forward's clear error
+                self.model._check_input_kinds(input_ids, kwargs.get("inputs_embeds"), pixel_values, False)
             return super().generate(
                 input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs
             )
         prepared = self.model.prepare_multimodal_inputs(
-            input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left"
+            input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
+            inputs_embeds=kwargs.pop("inputs_embeds", None),
         )
         outputs = super().generate(
             inputs_embeds=prepared.inputs_embeds,
@@ -864,8 +952,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 warpers.append(TopKLogitsWarper(top_k))
             if top_p is not None and top_p < 1.0:
                 warpers.append(TopPLogitsWarper(top_p))
-        # [/IMG] and the visual ids are one contiguous block of the vocabulary: score only those rows of the head
-        allowed_head = self.lm_head.weight[config.image_end_token_id : config.visual_token_end]
+        # [/IMG] and the visual ids are one contiguous block of the vocabulary: only those columns are scored. The
+        # head runs as a module (not F.linear on its `.weight`), so an offloaded head is loaded by its accelerate hook
+        allowed_columns = slice(config.image_end_token_id, config.visual_token_end)
         language_model = self.model.language_model
         prompt_length = inputs_embeds.shape[1]
         if cache_implementation == "static":
@@ -884,7 +973,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         generated = []
         for step in range(max_new_tokens + 1):
-            scores = F.linear(hidden_states, allowed_head).float()  # column 0 is [/IMG], column 1 + k is code k
+            scores = self.lm_head(hidden_states)[:, allowed_columns].float()  # column 0: [/IMG], 1 + k: code k
             if guided:
                 conditional_scores, unconditional_scores = scores.log_softmax(dim=-1).chunk(2)
                 scores = unconditional_scores + guidance_scale * (conditional_scores - unconditional_scores)
@@ -1125,14 +1214,27 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
 
 DETOKENIZER_FOLDER = "detokenizer"
 TEXT_TO_IMAGE_TASK = "lavit-text-to-image"
+PIPELINE_FILE = "pipelines_lavit.py"
 
 
-def _pipeline_source_file() -> Path | None:
-    """`pipelines_lavit.py`: beside this file in a model folder, or in the `processing` package of an install."""
+def _pipeline_source_file(source_folder: str | os.PathLike | None = None) -> Path | None:
+    """
+    `pipelines_lavit.py`: beside this file in a model folder, in the `processing` package of an install, or in the
+    folder (local or Hub) the model was loaded from: remote code runs from transformers' module cache, which holds only
+    the files the model's code imports, and the pipeline is not one of them.
+    """
+    from transformers.utils import cached_file
+
     here = Path(__file__).resolve().parent
-    for candidate in (here / "pipelines_lavit.py", here.parent / "processing" / "pipelines_lavit.py"):
+    for candidate in (here / PIPELINE_FILE, here.parent / "processing" / PIPELINE_FILE):
         if candidate.is_file():
             return candidate
+    if source_folder:
+        found = cached_file(str(source_folder), PIPELINE_FILE, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        if found is not None:
+            return Path(found)
+    logger.warning(f"{PIPELINE_FILE} not found: the saved folder will not run the {TEXT_TO_IMAGE_TASK} pipeline")
     return None
 
 

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_lavit import LaVITTokenizerConfig
 from .convert_original_lavit import convert_original_tokenizer_state_dict, original_tokenizer_config
@@ -420,11 +420,12 @@ class LaVITVectorQuantizer(nn.Module):
             )
             return distances.argmin(dim=-1), normalized
 
-    def forward(self, merged_tokens: torch.Tensor, quantize: bool = True) -> LaVITQuantizerOutput:
+    def forward(self, merged_tokens: torch.Tensor, quantize: bool = True, fit: bool = True) -> LaVITQuantizerOutput:
+        """`fit=False` only looks codes up (tokenization), even in training mode: the codebook stays as it is."""
         latents = self.project_in(merged_tokens)
         # the codebook is fitted only while quantizing: k-means then runs on the warmed-up latents of the first
         # quantized step (the official recipe: train without VQ first, then switch it on)
-        fits_codebook = self.training and quantize
+        fits_codebook = self.training and quantize and fit
         if fits_codebook and self.kmeans_init and not bool(self.initialized):
             self.init_codebook_(F.normalize(latents.detach().float(), dim=-1))
         code_ids, normalized = self.lookup(latents)
@@ -647,7 +648,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
             if self.config.uses_eva_encoder:
                 hidden_states = self.vision_model(pixel_values).last_hidden_state
             else:
-                outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+                outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
                 hidden_states = outputs.hidden_states[self.config.vision_feature_layer]
         # CLIP-style encoders put a CLS token first; SigLIP-style ones have none
         return hidden_states[:, hidden_states.shape[1] - self.config.num_patches :]
@@ -717,6 +718,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- public API
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -729,7 +731,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         `mean(1 - cos(x, x_rec)) + keep_ratio_weight * (rho - mean keep)^2 + commitment_weight * commitment`.
 
         `keep_mask` (B, N) overrides the selector. `use_quantizer=False` feeds the continuous (normalised) latents to
-        the decoder: the first phase of the official training recipe, before VQ is switched on.
+        the decoder: the first phase of the official training recipe, before VQ is switched on. `return_dict=False`
+        (argument or config) returns a tuple of the non-`None` fields.
         """
         pixel_values = self._check_pixel_values(pixel_values)
         image_features = self.get_image_features(pixel_values)  # (B, N, D)
@@ -807,7 +810,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         (`"deterministic"` by default, or `"sample"` with an optional `generator`); see [`select_tokens`].
         """
         features = self.encode_features(pixel_values, keep_mask, mode, max_tokens, keep_ratio, generator)
-        code_ids, _ = self.quantizer.lookup(self.quantizer.project_in(features.features))
+        # a module call, not `lookup`: accelerate's offload hooks load the quantizer only for its own forward
+        code_ids = self.quantizer(features.features, fit=False).code_ids
         return LaVITTokenizationOutput(
             code_ids=code_ids,
             token_counts=features.token_counts,

@@ -21,14 +21,20 @@ CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ e
 LEGACY_CACHE_NAME = "past_key_values"
 
 
+def transformers_requirement() -> str:
+    """The supported range as a pip requirement, e.g. `transformers>=5.20.0,<6.0.0` (saved folders state it)."""
+    low, high = SUPPORTED_TRANSFORMERS
+    return f"transformers>={low},<{high}"
+
+
 def check_transformers_version(installed: str | None = None):
     """Raises `ImportError` naming the installed and the supported transformers versions when they do not match."""
     installed_version = Version(installed or transformers.__version__)
     low, high = SUPPORTED_TRANSFORMERS
     if not low <= Version(installed_version.base_version) < high:
         raise ImportError(
-            f"LaVIT needs transformers>={low},<{high}; transformers {installed_version} is installed. "
-            f"Run: pip install 'transformers>={low},<{high}'"
+            f"LaVIT needs {transformers_requirement()}; transformers {installed_version} is installed. "
+            f"Run: pip install '{transformers_requirement()}'"
         )
 
 

@@ -6,6 +6,8 @@ model's token selector has run, so the model (not the processor) inserts them be
 processor (`max_length`) therefore count text tokens and placeholder pairs, not visual tokens.
 """
 
+import inspect
+
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
@@ -17,7 +19,13 @@ logger = logging.get_logger(__name__)
 IMAGE_START_TOKEN = "[IMG]"
 IMAGE_END_TOKEN = "[/IMG]"
 
-# Vicuna-v1 style turns (the format of the official video LaVIT SFT model); images render as the placeholder
+
+def visual_token(code: int) -> str:
+    """The text tokenizer's special token for visual code `code` (LM id `text_vocab_size + 2 + code`)."""
+    return f"<visual_{code}>"
+
+# Vicuna-v1 style turns (the format of the official video LaVIT SFT model); images render as the placeholder; the
+# assistant's text is a `{% generation %}` block, so `return_assistant_tokens_mask=True` marks it
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['content'] is string %}{% set text = message['content'] %}"
@@ -28,7 +36,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% set text = text.value %}{% endif %}"
     "{% if message['role'] == 'system' %}{{ text + ' ' }}"
     "{% elif message['role'] == 'user' %}{{ 'USER: ' + text + ' ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + text + eos_token }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}"
+    "{% generation %}{{ text + eos_token }}{% endgeneration %}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
@@ -57,15 +66,35 @@ class LaVITProcessor(ProcessorMixin):
         self.image_end_token_id = tokenizer.convert_tokens_to_ids(IMAGE_END_TOKEN)
 
     @staticmethod
-    def add_image_tokens(tokenizer) -> int:
-        """Adds `[IMG]` and `[/IMG]` as special tokens right after the text vocabulary (the official layout) and
-        returns the text vocabulary size (the config's `text_vocab_size`)."""
+    def add_image_tokens(tokenizer, codebook_size: int = 0) -> int:
+        """
+        Adds `[IMG]` and `[/IMG]` as special tokens right after the text vocabulary (the official layout), then the
+        `codebook_size` visual tokens (see [`add_visual_tokens`]); returns the text vocabulary size (the config's
+        `text_vocab_size`).
+        """
         text_vocab_size = len(tokenizer)
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_START_TOKEN, IMAGE_END_TOKEN]})
         ids = tokenizer.convert_tokens_to_ids([IMAGE_START_TOKEN, IMAGE_END_TOKEN])
         if ids != [text_vocab_size, text_vocab_size + 1]:
             raise ValueError(f"[IMG]/[/IMG] got ids {ids}, expected {[text_vocab_size, text_vocab_size + 1]}")
+        LaVITProcessor.add_visual_tokens(tokenizer, codebook_size)
         return text_vocab_size
+
+    @staticmethod
+    def add_visual_tokens(tokenizer, codebook_size: int):
+        """
+        Gives the text tokenizer one special token per visual code (`<visual_k>`, id `text_vocab_size + 2 + k`) right
+        after `[/IMG]`, as Emu3 and Chameleon do: `len(tokenizer)` is then the model's vocabulary, a text token added
+        later gets an id past the visual ids (never visual code 0's), and `resize_token_embeddings(len(tokenizer))`
+        keeps every visual row. Raises `ValueError` when `[/IMG]` is not the tokenizer's last token.
+        """
+        end_id = tokenizer.convert_tokens_to_ids(IMAGE_END_TOKEN)
+        if codebook_size == 0 or tokenizer.convert_tokens_to_ids(visual_token(0)) == end_id + 1:
+            return
+        if len(tokenizer) != end_id + 1:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens; visual tokens go right after [/IMG] (id "
+                             f"{end_id}), so it must be the last one")
+        tokenizer.add_tokens([visual_token(code) for code in range(codebook_size)], special_tokens=True)
 
     def replace_image_placeholders(self, text: str) -> str:
         """Each `<image>` placeholder -> the compact pair `[IMG][/IMG]` that the model expands."""
@@ -87,7 +116,10 @@ class LaVITProcessor(ProcessorMixin):
         Text with `<image>` placeholders (one per image, in order) and images -> `input_ids`, `attention_mask` and
         `pixel_values`. Images without text get one placeholder each (captioning prompts). `truncation` with
         `max_length` cuts rows on the right, never between `[IMG]` and `[/IMG]`; images cut off are dropped.
-        `add_special_tokens` defaults to False: official LaVIT prompts carry no BOS.
+        `add_special_tokens` defaults to False: official LaVIT prompts carry no BOS. Other arguments of the text
+        tokenizer's `__call__` (e.g. `return_offsets_mapping`) go to it, so `apply_chat_template(...,
+        return_assistant_tokens_mask=True)` works; `return_text_replacement_offsets` reports where each `<image>` became
+        `[IMG][/IMG]` (character spans, for `apply_chat_template`).
         """
         flat_images = flatten_images(images)
         if text is None:
@@ -97,9 +129,8 @@ class LaVITProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(item, str) for item in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
-        if kwargs:
-            logger.warning(f"LaVITProcessor ignores the arguments {sorted(kwargs)} (generation options belong to "
-                           f"generate, or to generate_kwargs in pipelines)")
+        return_replacements = kwargs.pop("return_text_replacement_offsets", False)
+        tokenizer_kwargs = self._tokenizer_kwargs(kwargs)
         placeholders_per_text = [item.count(self.image_token) for item in texts]
         if sum(placeholders_per_text) != len(flat_images):
             raise ValueError(f"the text holds {sum(placeholders_per_text)} {self.image_token} placeholder(s) "
@@ -107,9 +138,14 @@ class LaVITProcessor(ProcessorMixin):
         empty = [index for index, item in enumerate(texts) if not item.strip()]
         if empty:
             raise ValueError(f"text {empty} is empty: give a prompt or an {self.image_token} placeholder")
-        encoded = self.tokenizer(
-            [self.replace_image_placeholders(item) for item in texts], add_special_tokens=add_special_tokens
-        )["input_ids"]
+        tokenized = self.tokenizer(
+            [self.replace_image_placeholders(item) for item in texts], add_special_tokens=add_special_tokens,
+            **tokenizer_kwargs,
+        )
+        encoded = tokenized["input_ids"]
+        # per-token outputs the caller asked the tokenizer for (offsets, token types, ...): cut and padded with the ids
+        per_token = {key: list(values) for key, values in tokenized.items()
+                     if key not in ("input_ids", "attention_mask")}
 
         kept_images, image_cursor = [], 0
         for row, ids in enumerate(encoded):
@@ -118,6 +154,8 @@ class LaVITProcessor(ProcessorMixin):
                 if cut > 0 and ids[cut - 1] == self.image_start_token_id:
                     cut -= 1  # never keep an [IMG] without its [/IMG]
                 encoded[row] = ids = ids[:cut]
+                for values in per_token.values():
+                    values[row] = values[row][:cut]
             images_kept = ids.count(self.image_start_token_id)
             kept_images.extend(flat_images[image_cursor : image_cursor + images_kept])
             image_cursor += placeholders_per_text[row]
@@ -125,14 +163,49 @@ class LaVITProcessor(ProcessorMixin):
                 raise ValueError(f"text {row} has no tokens left (empty, or truncated to max_length={max_length})")
 
         pad_kwargs = {} if padding_side is None else {"padding_side": padding_side}
+        offsets = per_token.pop("offset_mapping", None)  # `tokenizer.pad` does not pad offsets: done below
         text_inputs = self.tokenizer.pad(
-            {"input_ids": encoded}, padding=padding, max_length=max_length if padding == "max_length" else None,
-            return_tensors=return_tensors, **pad_kwargs,
+            {"input_ids": encoded, **per_token}, padding=padding,
+            max_length=max_length if padding == "max_length" else None, return_tensors=return_tensors, **pad_kwargs,
         )
         data = dict(text_inputs)
+        if offsets is not None:
+            data["offset_mapping"] = self._pad_offsets(offsets, text_inputs["attention_mask"])
+        if return_replacements:
+            data["text_replacement_offsets"] = [self.replacement_offsets(item) for item in texts]
         if kept_images:
             data.update(self.image_processor(kept_images, return_tensors=return_tensors))
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _tokenizer_kwargs(self, kwargs: dict) -> dict:
+        """The arguments of the text tokenizer's `__call__` among `kwargs`; the rest are ignored with a warning."""
+        accepted = inspect.signature(type(self.tokenizer).__call__).parameters
+        unknown = sorted(name for name, value in kwargs.items() if name not in accepted and value is not None)
+        if unknown:
+            logger.warning(f"LaVITProcessor ignores the arguments {unknown} (generation options belong to "
+                           f"generate, or to generate_kwargs in pipelines)")
+        return {name: value for name, value in kwargs.items() if name in accepted}
+
+    @staticmethod
+    def _pad_offsets(offsets: list, attention_mask) -> list:
+        """Per-row (start, end) character offsets, padded with (0, 0) where the ids were padded."""
+        padded = []
+        for row_offsets, row_mask in zip(offsets, attention_mask.tolist(), strict=True):
+            row_offsets = [tuple(pair) for pair in row_offsets]
+            pad = [(0, 0)] * (len(row_mask) - len(row_offsets))
+            padded.append(row_offsets + pad if row_mask[0] == 1 or not pad else pad + row_offsets)
+        return padded
+
+    def replacement_offsets(self, text: str) -> list[dict]:
+        """Where each `<image>` of `text` (character `span`) lies once replaced by `[IMG][/IMG]` (`new_span`)."""
+        replacement = IMAGE_START_TOKEN + IMAGE_END_TOKEN
+        spans, start, gained = [], text.find(self.image_token), 0
+        while start != -1:
+            end = start + len(self.image_token)
+            spans.append({"span": (start, end), "new_span": (start + gained, start + gained + len(replacement))})
+            gained += len(replacement) - len(self.image_token)
+            start = text.find(self.image_token, end)
+        return spans
 
     def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
                                        **kwargs):

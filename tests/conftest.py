@@ -93,8 +93,13 @@ def tiny_text_tokenizer():
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
     )
-    LaVITProcessor.add_image_tokens(tokenizer)
+    LaVITProcessor.add_image_tokens(tokenizer, tiny_tokenizer_config().codebook_size)
     return tokenizer
+
+
+def text_vocab_size(tokenizer) -> int:
+    """The text part of a LaVIT tokenizer's vocabulary: `[IMG]` comes right after it."""
+    return tokenizer.convert_tokens_to_ids("[IMG]")
 
 
 def tiny_lavit_config(text_vocab_size: int, **overrides):
@@ -131,7 +136,20 @@ def lavit_model(text_tokenizer):
     from lavit import LaVITForCausalLM
 
     torch.manual_seed(0)
-    return LaVITForCausalLM(tiny_lavit_config(len(text_tokenizer) - 2)).eval()
+    return LaVITForCausalLM(tiny_lavit_config(text_vocab_size(text_tokenizer))).eval()
+
+
+@pytest.fixture
+def lavit_folder(lavit_model, lavit_processor, tmp_path):
+    """A saved tiny LaVIT folder with a pixel decoder (`detokenizer/`) and a processor."""
+    from lavit import LaVITDetokenizer
+
+    torch.manual_seed(0)
+    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
+    folder = tmp_path / "lavit"
+    lavit_model.save_pretrained(folder)
+    lavit_processor.save_pretrained(folder)
+    return folder
 
 
 def write_tiny_language_model(folder, corpus=CORPUS, vocab_size=160, hidden_size=64):

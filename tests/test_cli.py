@@ -8,12 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import real_photos, tiny_detokenizer_config
+from conftest import real_photos
 from lavit.hub_cards import check_export_folder, export_model
 from PIL import Image
 from test_hub import BLOCK_LAVIT, trained_tiny_model
 
-from lavit import LaVITDetokenizer
 from lavit.cli import TRAINING_COMMANDS, main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -40,16 +39,6 @@ def real_photo_file(folder):
 @pytest.fixture
 def photo_file(tmp_path):
     return real_photo_file(tmp_path)
-
-
-@pytest.fixture
-def lavit_folder(lavit_model, lavit_processor, tmp_path):
-    torch.manual_seed(0)
-    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
-    folder = tmp_path / "lavit"
-    lavit_model.save_pretrained(folder)
-    lavit_processor.save_pretrained(folder)
-    return folder
 
 
 def test_help_lists_every_command_and_each_command_has_help(capsys):

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import tiny_lavit_config
+from conftest import text_vocab_size, tiny_lavit_config
 from lavit.training.collators import LaVITDataCollator
 from lavit.training.data import (
     BadRecordCounter,
@@ -78,7 +78,7 @@ def test_bad_records_are_skipped_and_counted_never_fatal(tmp_path, photos, lavit
                                                            "truncated.png", "good.png")]
     rows.append({"image": "good.png", "text": "   "})  # empty text
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    config = tiny_lavit_config(text_vocab_size(lavit_processor.tokenizer))
     builder = SequenceBuilder(lavit_processor.tokenizer, config, max_length=64, order="image_to_text")
     sequences = builder.build(load_records(str(tmp_path / "pairs.jsonl")))
     assert builder.counter.counts["unusable record"] == 1
@@ -92,7 +92,7 @@ def test_bad_records_are_skipped_and_counted_never_fatal(tmp_path, photos, lavit
 def test_sequences_pack_both_orders_within_max_length(lavit_processor, photos):
     import datasets
 
-    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    config = tiny_lavit_config(text_vocab_size(lavit_processor.tokenizer))
     records = datasets.Dataset.from_dict({"image": [png_bytes(array) for _, array in photos] * 3,
                                           "text": [f"a photo of a {name}" for name, _ in photos] * 3})
     builder = SequenceBuilder(lavit_processor.tokenizer, config, max_length=60, order="both",

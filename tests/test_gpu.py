@@ -3,7 +3,7 @@ GPU)."""
 
 import pytest
 import torch
-from conftest import has_cuda, photo_batch, tiny_tokenizer_config
+from conftest import has_cuda, photo_batch, text_vocab_size, tiny_tokenizer_config
 
 from lavit import LaVITTokenizerModel
 
@@ -43,7 +43,7 @@ def test_compiled_static_cache_decoding_gives_the_dynamic_tokens_on_cuda():
 
     text_tokenizer = tiny_text_tokenizer()
     torch.manual_seed(0)
-    model = LaVITForCausalLM(tiny_lavit_config(len(text_tokenizer) - 2)).cuda().eval()
+    model = LaVITForCausalLM(tiny_lavit_config(text_vocab_size(text_tokenizer))).cuda().eval()
     processor = LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), text_tokenizer)
     prompt = processor(text=["a photo of a cat", "a red bus"], padding=True, return_tensors="pt").to("cuda")
     settings = dict(do_sample=False, guidance_scale=3.0, min_new_tokens=4, max_new_tokens=8)

@@ -47,10 +47,10 @@ def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
     if not (script_args.visual_tokenizer and script_args.language_model):
         raise ValueError("give --model (a LaVIT folder) or both --visual_tokenizer and --language_model")
     text_tokenizer = AutoTokenizer.from_pretrained(script_args.text_tokenizer or script_args.language_model)
-    text_vocab_size = LaVITProcessor.add_image_tokens(text_tokenizer)
+    visual_tokenizer = LaVITTokenizerModel.from_pretrained(script_args.visual_tokenizer)
+    text_vocab_size = LaVITProcessor.add_image_tokens(text_tokenizer, visual_tokenizer.config.codebook_size)
     if text_tokenizer.pad_token is None:
         text_tokenizer.pad_token = text_tokenizer.eos_token
-    visual_tokenizer = LaVITTokenizerModel.from_pretrained(script_args.visual_tokenizer)
     language_model = AutoModelForCausalLM.from_pretrained(script_args.language_model)
     model = LaVITForCausalLM.from_components(visual_tokenizer, language_model, text_vocab_size=text_vocab_size)
     image_processor = LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config)

@@ -34,16 +34,20 @@ def spice_models_available() -> bool:
 def python_ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     """
     Java-free stand-in for pycocoevalcap's `PTBTokenizer`: lower-cased Penn Treebank tokens (nltk's Treebank
-    tokenizer, the same rules as Stanford's) without the punctuation tokens the COCO evaluation drops. Scores may differ
-    from the Java tokenizer's in rare cases (unusual quotes or abbreviations); results say which one ran.
+    rules, brackets as `-lrb-` like Stanford's `-lowerCase` output) without the punctuation tokens the COCO
+    evaluation drops. Scores may differ from the Java tokenizer's in rare cases (periods inside a caption,
+    abbreviations); results say which tokenizer ran.
     """
-    from nltk.tokenize import TreebankWordTokenizer
+    from nltk.tokenize import NLTKWordTokenizer
     from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
-    tokenizer, punctuation = TreebankWordTokenizer(), set(PUNCTUATIONS)
-    return {key: [" ".join(token for token in tokenizer.tokenize(text.replace("\n", " ").lower())
-                           if token not in punctuation) for text in texts]
-            for key, texts in captions.items()}
+    tokenizer, punctuation = NLTKWordTokenizer(), set(PUNCTUATIONS)
+
+    def tokenize(text: str) -> str:
+        tokens = tokenizer.tokenize(text.replace("\n", " "), convert_parentheses=True)
+        return " ".join(token for token in (token.lower() for token in tokens) if token not in punctuation)
+
+    return {key: [tokenize(text) for text in texts] for key, texts in captions.items()}
 
 
 def java_ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -289,22 +293,50 @@ def fid_score(generated: Sequence, real: Sequence, features=None, image_size: in
     return float(metric.compute())
 
 
+class ProjectedFeatures(torch.nn.Module):
+    """A transformers CLIP model whose `get_image_features` / `get_text_features` return the projected embeddings
+    (B, D): transformers 5 returns output objects, which torchmetrics 1.9's CLIPScore cannot normalise."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.eval()
+        self.config = model.config
+
+    @staticmethod
+    def _embeddings(output) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._embeddings(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._embeddings(self.model.get_text_features(*args, **kwargs))
+
+
 def clip_score(images: Sequence, texts: Sequence[str], model: str | Callable) -> float:
-    """torchmetrics `CLIPScore` (100 x max(cosine, 0), averaged) of PIL images against their prompts; `model` is a
-    CLIP folder or Hub id (loaded with transformers' CLIPModel/CLIPProcessor) or a callable returning both."""
+    """
+    torchmetrics `CLIPScore` of PIL images against their prompts: 100 x the mean cosine of the CLIP embeddings,
+    floored at 0. `model`: a CLIP
+    folder or Hub id (transformers' CLIPModel + CLIPProcessor; the official evaluation uses
+    `openai/clip-vit-large-patch14`), or a callable returning `(model, processor)`.
+    """
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     if isinstance(model, str | Path):
-        from transformers import CLIPModel, CLIPProcessor
-
         path = str(model)
 
         def model():
-            return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+            from transformers import CLIPModel, CLIPProcessor
 
-    metric = CLIPScore(model_name_or_path=model)
+            return CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
+
+    def load():
+        clip, processor = model()
+        return ProjectedFeatures(clip), processor
+
+    metric = CLIPScore(model_name_or_path=load)
     for start in range(0, len(images), 16):
-        batch = [torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        batch = [torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
                  for image in images[start:start + 16]]
         metric.update(batch, list(texts[start:start + 16]))
     return float(metric.compute())

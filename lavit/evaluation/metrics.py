@@ -259,14 +259,26 @@ class HFImageFeatures(torch.nn.Module):
         return (pooled if pooled is not None else outputs.last_hidden_state.mean(dim=1)).double()
 
 
-def fid_feature_extractor(source: str | torch.nn.Module | None):
-    """`None`: torchmetrics' Inception-v3 (2048-d; needs torch-fidelity and torchvision); a module: used as is;
-    a path or Hub id: [`HFImageFeatures`]."""
+INCEPTION_WEIGHT_SUFFIXES = (".pth", ".pt")
+
+
+def fid_feature_extractor(source: str | torch.nn.Module | None) -> dict:
+    """
+    The feature arguments of torchmetrics' `FrechetInceptionDistance`:
+    - `None`: the standard FID Inception-v3 (2048-d; needs torch-fidelity and torchvision; torch-fidelity downloads
+      its weights once), or a `.pth` file of those weights (`pt_inception-2015-12-05-6726825d.pth`) for offline use;
+    - a module: used as is (uint8 images in, (B, D) features out);
+    - another path or a Hub id: [`HFImageFeatures`] of that vision model (e.g. DINOv2 or CLIP features).
+    """
     if source is None:
-        return 2048
+        return {"feature": 2048}
     if isinstance(source, torch.nn.Module):
-        return source
-    return HFImageFeatures.from_pretrained(source)
+        return {"feature": source}
+    if str(source).endswith(INCEPTION_WEIGHT_SUFFIXES):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"Inception weights not found: {source}")
+        return {"feature": 2048, "feature_extractor_weights_path": str(source)}
+    return {"feature": HFImageFeatures.from_pretrained(source)}
 
 
 def _uint8_batches(images: Sequence, size: int, batch_size: int = 16):
@@ -285,8 +297,7 @@ def fid_score(generated: Sequence, real: Sequence, features=None, image_size: in
 
     if len(generated) < 2 or len(real) < 2:
         raise ValueError(f"FID needs at least 2 generated and 2 real images, got {len(generated)} and {len(real)}")
-    extractor = fid_feature_extractor(features)
-    metric = FrechetInceptionDistance(feature=extractor, input_img_size=(3, image_size, image_size))
+    metric = FrechetInceptionDistance(**fid_feature_extractor(features), input_img_size=(3, image_size, image_size))
     for is_real, images in ((True, real), (False, generated)):
         for batch in _uint8_batches(images, image_size):
             metric.update(batch, real=is_real)

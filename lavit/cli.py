@@ -337,10 +337,10 @@ def evaluation_config(args, task_benchmark):
 
 def run_evaluate(args) -> None:
     import torch
-    from accelerate import PartialState
 
     from lavit import LaVITForCausalLM, LaVITProcessor
     from lavit.evaluation import BENCHMARKS, evaluate, load_samples, record_results
+    from lavit.evaluation.runner import distributed_state
 
     benchmark = BENCHMARKS[args.benchmark]
     data_format = args.format or benchmark.format
@@ -353,7 +353,7 @@ def run_evaluate(args) -> None:
                            args.columns, args.image_pattern)[: args.limit]
     require_folder(args.model)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model = LaVITForCausalLM.from_pretrained(args.model, **dtype).eval().to(PartialState().device)
+    model = LaVITForCausalLM.from_pretrained(args.model, **dtype).eval().to(distributed_state().device)
     results = evaluate(model, LaVITProcessor.from_pretrained(args.model), samples, config, args.output)
     if results is None:  # not the main process
         return

@@ -2,7 +2,10 @@
 the readers on small files in each official format, and resumable, sharded runs of a tiny LaVIT model."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from conftest import real_photos, tiny_detokenizer_config, tiny_text_tokenizer
 from PIL import Image
 from scipy import linalg
 
+from lavit.cli import main
 from lavit.evaluation import (
     EvalConfig,
     EvalSample,
@@ -285,6 +289,30 @@ def test_caption_run_is_resumable_and_sharding_gives_one_process_results(tmp_pat
     assert len(lines(resumed / "predictions-00000.jsonl")) == 5
 
 
+def test_accelerate_launch_with_two_processes_gives_the_one_process_results(tmp_path, lavit_model, lavit_processor):
+    folder = tmp_path / "model"
+    lavit_model.save_pretrained(folder)
+    lavit_processor.save_pretrained(folder)
+    save_photos(tmp_path / "images", [f"p{index}.jpg" for index in range(5)])
+    write_json(tmp_path / "test.json", [{"image": f"p{index}.jpg", "caption": ["a photo of a cat"]}
+                                        for index in range(5)])
+    arguments = ["evaluate", "coco-karpathy", "--model", str(folder), "--annotations", str(tmp_path / "test.json"),
+                 "--images", str(tmp_path / "images"), "--batch-size", "2", "--no-java", "--max-new-tokens", "4"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # --multi_gpu is accelerate's data-parallel launcher; without CUDA the processes join over gloo on the CPU
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                             "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 500),
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lavit.cli", *arguments,
+                             "--output", str(tmp_path / "two")], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [len(lines(tmp_path / "two" / f"predictions-{p:05d}.jsonl")) for p in range(2)] == [3, 2]
+    assert main([*arguments, "--output", str(tmp_path / "one")]) == 0
+    assert read_predictions(tmp_path / "two") == read_predictions(tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "results.json").read_text()) == \
+        json.loads((tmp_path / "one" / "results.json").read_text())
+
+
 def test_vizwiz_two_stage_vqa_run(tmp_path, lavit_model, lavit_processor, caption_samples):
     samples = [EvalSample(s.id, s.image, question="what is in the picture?",
                           references=["cat"] * 3 + ["unanswerable"] * 7) for s in caption_samples[:3]]
@@ -327,7 +355,6 @@ def test_cli_evaluate_records_scores_that_export_puts_in_the_model_index(tmp_pat
                                                                          capsys):
     from lavit.hub_cards import export_model
 
-    from lavit.cli import main
 
     folder = tmp_path / "model"
     lavit_model.save_pretrained(folder)

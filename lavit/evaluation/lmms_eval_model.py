@@ -33,11 +33,10 @@ class LaVITLmms(lmms):
         if kwargs:
             raise ValueError(f"lavit: unknown model_args {sorted(kwargs)} (known: pretrained, device, dtype, "
                              f"batch_size, max_new_tokens)")
-        from accelerate import PartialState
-
         from lavit import LaVITForCausalLM, LaVITProcessor
+        from lavit.evaluation.runner import distributed_state
 
-        state = PartialState()
+        state = distributed_state()
         self._device = torch.device(device) if device else state.device
         settings = {"dtype": getattr(torch, dtype)} if dtype else {}
         self.model = LaVITForCausalLM.from_pretrained(pretrained, load_detokenizer=False, **settings)

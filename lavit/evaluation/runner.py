@@ -73,7 +73,10 @@ class EvalConfig:
     def generation_settings(self) -> dict:
         defaults = {"caption": CAPTION_GENERATION, "vqa": VQA_GENERATION,
                     "text-to-image": TEXT_TO_IMAGE_GENERATION}[self.task]
-        return {**defaults, **self.generation}
+        settings = {**defaults, **self.generation}
+        if "min_new_tokens" in settings and "max_new_tokens" in settings:  # a lower maximum lowers the minimum
+            settings["min_new_tokens"] = min(settings["min_new_tokens"], settings["max_new_tokens"])
+        return settings
 
 
 # ------------------------------------------------------------------------------------------------ predictions file
@@ -237,6 +240,14 @@ def shard(batches: list, process_index: int, num_processes: int) -> list[tuple[i
     return [(index, batch) for index, batch in enumerate(batches) if index % num_processes == process_index]
 
 
+def distributed_state():
+    """accelerate's `PartialState`; without CUDA, processes started by `accelerate launch --multi_gpu` (or torchrun)
+    join over gloo on the CPU instead of each running alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def evaluate(model, processor, samples: list[EvalSample], config: EvalConfig, output_dir,
              show_progress: bool = True) -> dict | None:
     """
@@ -245,9 +256,7 @@ def evaluate(model, processor, samples: list[EvalSample], config: EvalConfig, ou
     each process runs its share of the batches; the main process merges and scores. Returns the results on the
     main process, None on the others.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = distributed_state()
     check_samples(samples, config.task)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -355,7 +355,6 @@ def test_cli_evaluate_records_scores_that_export_puts_in_the_model_index(tmp_pat
                                                                          capsys):
     from lavit.hub_cards import export_model
 
-
     folder = tmp_path / "model"
     lavit_model.save_pretrained(folder)
     lavit_processor.save_pretrained(folder)

@@ -29,6 +29,7 @@ from lavit.evaluation import (
     score,
     vqa_accuracy,
 )
+from lavit.evaluation.data import load_image
 from lavit.evaluation.metrics import HFImageFeatures, java_available, java_ptb_tokenize, python_ptb_tokenize
 from lavit.evaluation.runner import answer_postprocess, caption_postprocess, pending_batches, run_batches, shard
 
@@ -227,7 +228,7 @@ def test_datasets_reader_maps_columns(tmp_path):
                            columns="id=qid,image=img,question=q")
     assert [(s.id, s.question, s.references) for s in samples] == [("5", "what is it?", ["cat", "dog"]),
                                                                    ("6", "what color?", ["red", "red"])]
-    assert samples[0].image.size == (32, 32)
+    assert load_image(samples[0].image).size == (32, 32)  # decoded when needed
     with pytest.raises(ValueError, match=r"column\(s\) \['nope'\] not in the dataset"):
         load_samples("datasets", dataset=tmp_path / "vqa", split="validation", columns="image=nope")
     with pytest.raises(ValueError, match="unknown column role"):
@@ -313,9 +314,14 @@ def test_accelerate_launch_with_two_processes_gives_the_one_process_results(tmp_
         json.loads((tmp_path / "one" / "results.json").read_text())
 
 
-def test_vizwiz_two_stage_vqa_run(tmp_path, lavit_model, lavit_processor, caption_samples):
-    samples = [EvalSample(s.id, s.image, question="what is in the picture?",
-                          references=["cat"] * 3 + ["unanswerable"] * 7) for s in caption_samples[:3]]
+def test_vizwiz_two_stage_vqa_run_on_a_datasets_dataset(tmp_path, lavit_model, lavit_processor):
+    import datasets
+
+    photos = [Image.fromarray(photo).resize((64, 64)) for photo in real_photos()[:3]]
+    table = datasets.Dataset.from_dict({"image": photos, "question": ["what is in the picture?"] * 3,
+                                        "answers": [["cat"] * 3 + ["unanswerable"] * 7] * 3})
+    table.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "vizwiz-data")
+    samples = load_samples("datasets", dataset=tmp_path / "vizwiz-data")
     config = EvalConfig("vqa", generation={"max_new_tokens": 3, "min_new_tokens": 1, "num_beams": 2}, batch_size=3,
                         vizwiz_two_stage=True, name="vizwiz")
     results = evaluate(lavit_model, lavit_processor, samples, config, tmp_path / "vizwiz", show_progress=False)

@@ -34,6 +34,31 @@ class EvalSample:
     text: str | None = None
 
 
+@dataclass(frozen=True)
+class DatasetImage:
+    """The image of row `index` of a `datasets` dataset, decoded on `load()`."""
+
+    dataset: Any
+    column: str
+    index: int
+
+    def load(self):
+        return self.dataset[self.index][self.column]
+
+    def __str__(self) -> str:
+        return f"row {self.index} of column {self.column!r}"
+
+
+def load_image(image):
+    """A sample's image (path, PIL image or [`DatasetImage`]) -> an RGB PIL image; unreadable files raise a
+    `ValueError` naming them."""
+    from lavit.processing.image_processing_lavit import to_rgb_image
+
+    if isinstance(image, DatasetImage):
+        image = image.load()
+    return to_rgb_image(image, name=str(image) if isinstance(image, str | os.PathLike) else "image")
+
+
 def _load_json(path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -216,9 +241,13 @@ def read_hf_dataset(name_or_path, split: str = "test", columns=None, images_dir=
     absent = sorted({column for column in mapping.values() if column not in dataset.column_names})
     if absent:
         raise ValueError(f"column(s) {absent} not in the dataset (columns: {dataset.column_names})")
+    image_column = mapping.get("image")
+    # images are decoded when a batch needs them, not all at once here
+    lazy = image_column is not None and isinstance(dataset.features[image_column], datasets.Image)
+    rows = dataset.remove_columns(image_column) if lazy else dataset
     samples = []
-    for index, row in enumerate(dataset):
-        image = row[mapping["image"]] if "image" in mapping else None
+    for index, row in enumerate(rows):
+        image = DatasetImage(dataset, image_column, index) if lazy else row.get(image_column)
         if isinstance(image, str):
             image = _image_path(images_dir, image)
         references = _texts(row[mapping["answers"]]) if "answers" in mapping else []
@@ -288,5 +317,5 @@ def check_samples(samples: list[EvalSample], task: str) -> None:
             raise ValueError(f"{len(without)} text-to-image sample(s) have no caption, e.g. {without[:3]}")
 
 
-__all__ = ["FORMATS", "EvalSample", "check_samples", "load_samples", "parse_columns", "read_coco_captions", "read_gqa",
-           "read_hf_dataset", "read_karpathy", "read_vizwiz", "read_vqav2"]
+__all__ = ["FORMATS", "DatasetImage", "EvalSample", "check_samples", "load_image", "load_samples", "parse_columns",
+           "read_coco_captions", "read_gqa", "read_hf_dataset", "read_karpathy", "read_vizwiz", "read_vqav2"]

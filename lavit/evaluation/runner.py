@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .data import EvalSample, check_samples
+from .data import EvalSample, check_samples, load_image
 from .metrics import caption_metrics, clip_score, fid_score, vqa_metrics
 
 RESULTS_FILE = "results.json"
@@ -155,9 +155,7 @@ def answer_postprocess(text: str) -> str:
 
 def generate_texts(model, processor, images: list, prompts: list[str], generation: dict) -> list[str]:
     """One batch of image+text prompts (variable visual token counts, left-padded by the model) -> new text."""
-    from lavit.processing.image_processing_lavit import to_rgb_image
-
-    images = [to_rgb_image(image, name=str(image) if isinstance(image, str) else "image") for image in images]
+    images = [load_image(image) for image in images]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     output = model.generate(**inputs, **generation)
@@ -298,10 +296,8 @@ def score(samples: list[EvalSample], config: EvalConfig, output_dir) -> dict:
 
 
 def image_metrics(samples: list[EvalSample], records: dict, config: EvalConfig, output_dir) -> dict:
-    from lavit.processing.image_processing_lavit import to_rgb_image
-
-    generated = [to_rgb_image(Path(output_dir) / records[sample.id]["image"]) for sample in samples]
-    real = [to_rgb_image(sample.image, name=str(sample.image)) for sample in samples]
+    generated = [load_image(Path(output_dir) / records[sample.id]["image"]) for sample in samples]
+    real = [load_image(sample.image) for sample in samples]
     metrics, unavailable = {"FID": fid_score(generated, real, config.fid_features)}, {}
     if config.clip_model:
         metrics["CLIP score"] = clip_score(generated, [records[sample.id]["text"] for sample in samples],

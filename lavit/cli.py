@@ -136,6 +136,8 @@ def add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="override the official setting")
     evaluate.add_argument("--steps", type=int, default=None, help="text-to-image decoder steps (official 50)")
     evaluate.add_argument("--seed", type=int, default=0, help="text-to-image sampling seed")
+    evaluate.add_argument("--num-candidates", type=int, default=1, help="text-to-image: images per caption, the "
+                          "closest to it under --clip-model kept (official 4)")
     evaluate.add_argument("--fid-features", default=None, help="vision model (path/Hub id) for FID features "
                           "(default: torchmetrics' Inception, needs torch-fidelity)")
     evaluate.add_argument("--clip-model", default=None, help="CLIP model (path/Hub id) for CLIP score")
@@ -329,9 +331,9 @@ def evaluation_config(args, task_benchmark):
     return EvalConfig(
         task=task_benchmark.task, generation={key: value for key, value in overrides.items() if value is not None},
         prompt=args.prompt, vqa_metric=task_benchmark.vqa_metric, vizwiz_two_stage=task_benchmark.vizwiz_two_stage,
-        batch_size=args.batch_size, seed=args.seed, fid_features=args.fid_features, clip_model=args.clip_model,
-        use_java=False if args.no_java else None, name=task_benchmark.name,
-        dataset_type=task_benchmark.dataset_type, split=args.split or task_benchmark.split,
+        batch_size=args.batch_size, seed=args.seed, num_candidates=args.num_candidates,
+        fid_features=args.fid_features, clip_model=args.clip_model, use_java=False if args.no_java else None,
+        name=task_benchmark.name, dataset_type=task_benchmark.dataset_type, split=args.split or task_benchmark.split,
     )
 
 

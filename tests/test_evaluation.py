@@ -30,7 +30,13 @@ from lavit.evaluation import (
     vqa_accuracy,
 )
 from lavit.evaluation.data import load_image
-from lavit.evaluation.metrics import HFImageFeatures, java_available, java_ptb_tokenize, python_ptb_tokenize
+from lavit.evaluation.metrics import (
+    HFImageFeatures,
+    clip_similarities,
+    java_available,
+    java_ptb_tokenize,
+    python_ptb_tokenize,
+)
 from lavit.evaluation.runner import answer_postprocess, caption_postprocess, pending_batches, run_batches, shard
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -343,10 +349,20 @@ def test_text_to_image_run_scores_fid_and_clip(tmp_path, lavit_model, lavit_proc
     samples = [EvalSample(s.id, s.image, text=text) for s, text in
                zip(caption_samples[:4], ["a cat", "a red bus", "two dogs", "a rocket"], strict=True)]
     config = EvalConfig("text-to-image", generation={"num_inference_steps": 2, "max_new_tokens": 6}, batch_size=2,
-                        fid_features=str(tmp_path / "clip"), clip_model=str(tmp_path / "clip"), name="t2i")
+                        num_candidates=2, fid_features=str(tmp_path / "clip"), clip_model=str(tmp_path / "clip"),
+                        name="t2i")
     results = evaluate(lavit_model, lavit_processor, samples, config, tmp_path / "t2i", show_progress=False)
     records = read_predictions(tmp_path / "t2i")
-    assert [Image.open(tmp_path / "t2i" / records[s.id]["image"]).size for s in samples] == [(32, 32)] * 4
+    kept = [Image.open(tmp_path / "t2i" / records[s.id]["image"]) for s in samples]
+    assert [image.size for image in kept] == [(32, 32)] * 4
+    # best of 2 by CLIP similarity to the caption, as the official protocol (best of 4)
+    for image, sample in zip(kept, samples, strict=True):
+        similarities = records[sample.id]["candidate_similarities"]
+        assert len(similarities) == 2
+        assert clip_similarities([image], [sample.text], str(tmp_path / "clip"))[0] == pytest.approx(max(similarities),
+                                                                                                    abs=1e-5)
+    with pytest.raises(ValueError, match="num_candidates must be 1, or more with a clip_model"):
+        EvalConfig("text-to-image", num_candidates=4)
     assert set(results["metrics"]) == {"FID", "CLIP score"} and results["metrics"]["FID"] > 0
     assert results["generation"]["guidance_scale"] == 1.5 and results["generation"]["top_k"] == 300
     # the same seed and batches give the same images

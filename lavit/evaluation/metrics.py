@@ -5,6 +5,7 @@ Every score is reported on the paper's scale: CIDEr 134.0, VQA accuracy 68.2 (pe
 """
 
 import contextlib
+import functools
 import io
 import re
 import shutil
@@ -324,6 +325,26 @@ class ProjectedFeatures(torch.nn.Module):
         return self._embeddings(self.model.get_text_features(*args, **kwargs))
 
 
+@functools.lru_cache(maxsize=2)
+def _clip(path: str):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+
+
+@torch.no_grad()
+def clip_similarities(images: Sequence, texts: Sequence[str], model: str) -> list[float]:
+    """Cosine similarity of each PIL image to its text under the CLIP model at `model` (path or Hub id; loaded once),
+    as the official text-to-image evaluation ranks its candidates (OpenAI CLIP ViT-L/14)."""
+    clip, processor = _clip(str(model))
+    inputs = processor(text=list(texts), images=[image.convert("RGB") for image in images], return_tensors="pt",
+                       padding=True, truncation=True)
+    image_embeds = ProjectedFeatures._embeddings(clip.get_image_features(pixel_values=inputs["pixel_values"]))
+    text_embeds = ProjectedFeatures._embeddings(clip.get_text_features(input_ids=inputs["input_ids"],
+                                                                       attention_mask=inputs["attention_mask"]))
+    return F.cosine_similarity(image_embeds, text_embeds, dim=-1).tolist()
+
+
 def clip_score(images: Sequence, texts: Sequence[str], model: str | Callable) -> float:
     """
     torchmetrics `CLIPScore` of PIL images against their prompts: 100 x the mean cosine of the CLIP embeddings,
@@ -334,12 +355,7 @@ def clip_score(images: Sequence, texts: Sequence[str], model: str | Callable) ->
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     if isinstance(model, str | Path):
-        path = str(model)
-
-        def model():
-            from transformers import CLIPModel, CLIPProcessor
-
-            return CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
+        model = functools.partial(_clip, str(model))
 
     def load():
         clip, processor = model()
@@ -353,5 +369,5 @@ def clip_score(images: Sequence, texts: Sequence[str], model: str | Callable) ->
     return float(metric.compute())
 
 
-__all__ = ["HFImageFeatures", "caption_metrics", "clip_score", "exact_match", "fid_score", "java_available",
-           "normalize_vqa_answer", "python_ptb_tokenize", "vqa_accuracy", "vqa_metrics"]
+__all__ = ["HFImageFeatures", "caption_metrics", "clip_score", "clip_similarities", "exact_match", "fid_score",
+           "java_available", "normalize_vqa_answer", "python_ptb_tokenize", "vqa_accuracy", "vqa_metrics"]

@@ -7,7 +7,8 @@ Protocol (official LaVIT `evaluate.py`, see the README's Evaluation section):
 - vqa: `"Question: {q} Answer:"` after the image; beam search 5, 2..10 new tokens, no length normalisation; the answer
   is the first line cut at `question:`, `Long answer:`, `,` and `.`. VizWiz first asks
   `'Is the question: "{q}" answerable?'` and answers `unanswerable` when the reply contains "no".
-- text-to-image: the caption as the prompt, LM guidance 1.5, top-k 300, decoder guidance 1.5, 50 steps.
+- text-to-image: the caption as the prompt, LM guidance 1.5, top-k 300, decoder guidance 1.5, 50 steps; officially
+  the best of 4 images by CLIP similarity to the caption (`num_candidates=4` with a `clip_model`).
 
 Sharding: the samples not yet in the predictions are cut into batches in data order and batch k runs on process
 k mod N, so every batch (hence every prediction) is the same whatever the number of processes.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .data import EvalSample, check_samples, load_image
-from .metrics import caption_metrics, clip_score, fid_score, vqa_metrics
+from .metrics import caption_metrics, clip_score, clip_similarities, fid_score, vqa_metrics
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_GLOB = "predictions-*.jsonl"
@@ -45,9 +46,11 @@ class EvalConfig:
     """
     What to run: `task` (`caption`, `vqa`, `text-to-image`), `generation` (overrides of the official settings),
     `prompt` (caption: text after the image, official empty), `vqa_metric` (`vqa_accuracy`; `exact_match` for GQA),
-    `vizwiz_two_stage`, `batch_size`, `seed` (text-to-image sampling), and for text-to-image metrics `fid_features`
-    (None: torchmetrics' Inception; or a vision model path/Hub id) and `clip_model` (a CLIP path/Hub id; None skips
-    CLIP score). `name`, `dataset_type`, `split` label the results and model-card rows.
+    `vizwiz_two_stage`, `batch_size`, `seed` (text-to-image sampling), `num_candidates` (text-to-image: images drawn
+    per caption, the one closest to the caption under `clip_model` kept; official 4), and for text-to-image metrics
+    `fid_features` (None: torchmetrics' Inception; a `.pth` of its weights; or a vision model path/Hub id) and
+    `clip_model` (a CLIP path/Hub id; None skips CLIP score). `name`, `dataset_type`, `split` label the results and
+    model-card rows.
     """
 
     task: str
@@ -57,6 +60,7 @@ class EvalConfig:
     vizwiz_two_stage: bool = False
     batch_size: int = 8
     seed: int = 0
+    num_candidates: int = 1
     fid_features: str | None = None
     clip_model: str | None = None
     use_java: bool | None = None
@@ -69,6 +73,9 @@ class EvalConfig:
             raise ValueError(f"task must be one of {list(TASK_TYPES)}, got {self.task!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.num_candidates < 1 or (self.num_candidates > 1 and not self.clip_model):
+            raise ValueError(f"num_candidates must be 1, or more with a clip_model to pick among them; got "
+                             f"{self.num_candidates} with clip_model={self.clip_model!r}")
 
     def generation_settings(self) -> dict:
         defaults = {"caption": CAPTION_GENERATION, "vqa": VQA_GENERATION,
@@ -198,16 +205,20 @@ def predict_image(model, processor, batch: list[EvalSample], config: EvalConfig,
     number of processes), saved as `images/<id>.png`."""
     from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
 
-    settings = config.generation_settings()
+    settings, candidates = config.generation_settings(), config.num_candidates
     texts = [sample.text or sample.references[0] for sample in batch]
     inputs = processor(text=texts, return_tensors="pt", padding=True).to(model.device)
     generator = torch.Generator(model.device).manual_seed(config.seed * 1_000_003 + index)
-    images = model.generate_images(**inputs, generator=generator, **settings)
+    images = model.generate_images(**inputs, generator=generator, num_images_per_prompt=candidates, **settings)
     records = []
-    for sample, text, image in zip(batch, texts, images, strict=True):
-        relative = f"{IMAGES_DIR}/{image_file_name(sample.id)}"
-        save_png_atomically(image, Path(output_dir) / relative)
-        records.append({"id": sample.id, "text": text, "image": relative})
+    for row, (sample, text) in enumerate(zip(batch, texts, strict=True)):
+        options = images[row * candidates:(row + 1) * candidates]
+        record = {"id": sample.id, "text": text, "image": f"{IMAGES_DIR}/{image_file_name(sample.id)}"}
+        if candidates > 1:  # the official protocol: the candidate closest to its caption in CLIP space
+            record["candidate_similarities"] = clip_similarities(options, [text] * candidates, config.clip_model)
+            options = [options[max(range(candidates), key=record["candidate_similarities"].__getitem__)]]
+        save_png_atomically(options[0], Path(output_dir) / record["image"])
+        records.append(record)
     return records
 
 

@@ -94,6 +94,9 @@ def test_official_post_processing_of_captions_and_answers():
     assert caption_postprocess(" a cat on a sofa. it sleeps.") == "a cat on a sofa"
     assert answer_postprocess("two, maybe three\nquestion: more") == "two"
     assert answer_postprocess("red question: what") == "red"
+    assert answer_postprocess("It is a red bus.") == "red bus"
+    assert answer_postprocess("I don't know what it is") == answer_postprocess("") == "unanswerable"
+    assert answer_postprocess("Nope") == "no" and answer_postprocess("tennis") == "tennis"
 
 
 def tiny_clip(folder):

@@ -5,8 +5,9 @@ the metrics into `results.json` and model-card rows.
 Protocol (official LaVIT `evaluate.py`, see the README's Evaluation section):
 - caption: prompt = the image alone; beam search 2, 8..36 new tokens; the caption is cut at its first `.`.
 - vqa: `"Question: {q} Answer:"` after the image; beam search 5, 2..10 new tokens, no length normalisation; the answer
-  is the first line cut at `question:`, `Long answer:`, `,` and `.`. VizWiz first asks
-  `'Is the question: "{q}" answerable?'` and answers `unanswerable` when the reply contains "no".
+  is the first line cut at `question:`, `Long answer:`, `,` and `.`, then LaVIT's answer rules
+  (`answer_postprocess`). VizWiz first asks `'Is the question: "{q}" answerable?'` and answers `unanswerable` when
+  the reply contains "no".
 - text-to-image: the caption as the prompt, LM guidance 1.5, top-k 300, decoder guidance 1.5, 50 steps; officially
   the best of 4 images by CLIP similarity to the caption (`num_candidates=4` with a `clip_model`).
 
@@ -152,12 +153,30 @@ def caption_postprocess(text: str) -> str:
     return text.strip().split(".")[0].strip()
 
 
+# LaVIT's VQA evaluation also drops these leading words from predictions and reads "I don't know" as unanswerable
+ANSWER_PREFIXES = ("it's", "it is", "this is", "that is", "she's", "he is", "they are", "very", "for", "to", "in",
+                   "on", "at", "a", "an", "the")
+
+
 def answer_postprocess(text: str) -> str:
-    """Official: the first line, cut at `question:`, `Long answer:`, `,` and `.` (spaCy lemmatisation not applied)."""
+    """
+    Official: the first line, cut at `question:`, `Long answer:`, `,` and `.`; then LaVIT's answer rules: leading
+    `ANSWER_PREFIXES` words stripped, "i don't know..." and empty answers -> `unanswerable`, "nope" -> "no" (the
+    official spaCy lemmatisation is not applied).
+    """
     text = text.strip().split("\n")[0]
     for stop in ("question:", "Long answer:", ",", "."):
         text = text.split(stop)[0]
-    return text.strip()
+    text = text.strip()
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ANSWER_PREFIXES:
+            if text.lower().startswith(prefix + " "):
+                text, stripped = text[len(prefix) + 1:].lstrip(), True
+    if not text or text.lower().startswith(("i don't know", "i do not know")):
+        return "unanswerable"
+    return "no" if text.lower() == "nope" else text
 
 
 def generate_texts(model, processor, images: list, prompts: list[str], generation: dict) -> list[str]:

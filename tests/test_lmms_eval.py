@@ -116,5 +116,17 @@ def test_loglikelihood_is_the_continuation_log_probability(model_folder, lavit_m
     expected = sum(float(log_probs[-count - 1 + offset, full["input_ids"][0, -count + offset]])
                    for offset in range(count))
     assert count > 0 and log_probability == pytest.approx(expected, rel=1e-4)
+
+    # generation requests are batched only with neighbours of the same settings (one task's)
+    def generation_request(settings):
+        return Instance(request_type="generate_until", arguments=("Question: what? Answer:", settings,
+                                                                  lambda doc: [doc["image"]], 0, "photos", "test"),
+                        idx=0, metadata={"task": "photos", "doc_id": 0, "repeats": 1})
+
+    adapter.batch_size = 2
+    short, long = generation_request({"max_new_tokens": 2}), generation_request({"max_new_tokens": 3})
+    assert [len(batch) for batch in adapter._batches([short, short, short, long])] == [2, 1, 1]
+    answers = adapter.generate_until([short, long])
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
     with pytest.raises(ValueError, match="unknown model_args"):
         LaVITLmms(pretrained=str(model_folder), device="cpu", temperature=1)

@@ -75,19 +75,32 @@ class LaVITLmms(lmms):
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
         return [visual.convert("RGB") for visual in visuals if hasattr(visual, "convert")]  # images only
 
+    def _batches(self, requests: list[Instance]) -> list[list[Instance]]:
+        """Consecutive requests with the same generation settings (a task's), at most `batch_size` each."""
+        batches = []
+        for request in requests:
+            if batches and len(batches[-1]) < self.batch_size and batches[-1][0].args[1] == request.args[1]:
+                batches[-1].append(request)
+            else:
+                batches.append([request])
+        return batches
+
+    def _generation(self, settings: dict) -> tuple[dict, list[str]]:
+        """A task's `generation_kwargs` -> (`generate` arguments, stop strings)."""
+        until = settings.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        generation = {"max_new_tokens": settings.get("max_new_tokens") or self.max_new_tokens,
+                      "num_beams": settings.get("num_beams") or 1}
+        temperature = settings.get("temperature") or 0
+        generation["do_sample"] = temperature > 0
+        if temperature > 0:
+            generation["temperature"] = temperature
+        return generation, until
+
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers = []
-        for start in tqdm(range(0, len(requests), self.batch_size), disable=self.rank != 0, desc="lavit"):
-            batch = requests[start:start + self.batch_size]
-            settings = dict(batch[0].args[1])  # lmms-eval groups nothing: settings of the first request
-            until = settings.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            generation = {"max_new_tokens": settings.get("max_new_tokens") or self.max_new_tokens,
-                          "num_beams": settings.get("num_beams") or 1}
-            temperature = settings.get("temperature") or 0
-            generation["do_sample"] = temperature > 0
-            if temperature > 0:
-                generation["temperature"] = temperature
+        for batch in tqdm(self._batches(requests), disable=self.rank != 0, desc="lavit"):
+            generation, until = self._generation(batch[0].args[1])
             inputs = self._inputs([request.args[0] for request in batch], [self._visuals(r) for r in batch])
             with torch.no_grad():
                 output = self.model.generate(**inputs, **generation)

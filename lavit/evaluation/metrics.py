@@ -52,9 +52,14 @@ def python_ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def java_ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's Stanford PTB tokenizer (Java); a `RuntimeError` when it returns fewer captions than given (it
+    does not report its own failures)."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    return PTBTokenizer().tokenize({key: [{"caption": text} for text in texts] for key, texts in captions.items()})
+    tokens = PTBTokenizer().tokenize({key: [{"caption": text} for text in texts] for key, texts in captions.items()})
+    if any(len(tokens.get(key, [])) != len(texts) for key, texts in captions.items()):
+        raise RuntimeError("the Java PTB tokenizer returned fewer captions than it was given")
+    return tokens
 
 
 def _caption_scorers(use_java: bool) -> tuple[list, dict[str, str]]:
@@ -104,10 +109,15 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     if empty:
         raise ValueError(f"{len(empty)} id(s) have an empty reference list, e.g. {empty[:3]}")
     use_java = java_available() if use_java is None else use_java
-    tokenize = java_ptb_tokenize if use_java else python_ptb_tokenize
     keys = sorted(predictions)
-    gts = tokenize({key: references[key] for key in keys})
-    res = tokenize({key: [predictions[key]] for key in keys})
+    gts, res = {key: references[key] for key in keys}, {key: [predictions[key]] for key in keys}
+    tokenizer = "ptb-java" if use_java else "ptb-python"
+    tokenize = java_ptb_tokenize if use_java else python_ptb_tokenize
+    try:
+        gts, res = tokenize(gts), tokenize(res)
+    except (OSError, RuntimeError) as error:  # e.g. a read-only pycocoevalcap folder (its temporary files go there)
+        gts, res = python_ptb_tokenize(gts), python_ptb_tokenize(res)
+        tokenizer = f"ptb-python (the Java tokenizer failed: {error})"
     scorers, unavailable = _caption_scorers(use_java)
     metrics = {}
     for scorer, names in scorers:
@@ -121,7 +131,7 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
         for name, value in zip([names] if isinstance(names, str) else names,
                                score if isinstance(score, list) else [score], strict=True):
             metrics[name] = 100.0 * float(value)
-    return {"metrics": metrics, "unavailable": unavailable, "tokenizer": "ptb-java" if use_java else "ptb-python"}
+    return {"metrics": metrics, "unavailable": unavailable, "tokenizer": tokenizer}
 
 
 # ------------------------------------------------------------------------------------------------ VQA

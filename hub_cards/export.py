@@ -4,7 +4,8 @@ the run's own metadata; and their upload with `huggingface_hub`.
 The metadata of a run is a JSON file `lavit_run.json` in the model folder (the demo and `lavit export --metadata`
 write it). Every key is optional: `model_name`, `summary`, `intended_uses`, `training_data`, `datasets` (list),
 `base_model`, `license`, `training_stages` (list of `{name, description}`), `token_statistics`, `evaluation` (list
-of `{metric, value, data}`), `limitations`.
+of `{metric, value, data}`; rows written by `lavit evaluate --record` also carry `task_type`, `dataset_type`,
+`dataset_name`, `dataset_split` and `metric_type` and become the card's `model-index`), `limitations`.
 """
 
 import json
@@ -12,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
 from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor
@@ -49,6 +50,17 @@ def _parameters(module) -> str:
     return f"{count / 1e9:.2f}B parameters" if count >= 1e8 else f"{count / 1e6:.2f}M parameters"
 
 
+def eval_results(rows: list[dict]) -> list[EvalResult] | None:
+    """The evaluation rows that name their task and dataset -> `model-index` entries (the Hub shows them)."""
+    results = [
+        EvalResult(task_type=row["task_type"], dataset_type=row["dataset_type"], dataset_name=row["dataset_name"],
+                   dataset_split=row.get("dataset_split"), metric_type=row["metric_type"], metric_name=row["metric"],
+                   metric_value=row["value"])
+        for row in rows if all(key in row for key in ("task_type", "dataset_type", "dataset_name", "metric_type"))
+    ]
+    return results or None
+
+
 def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/this/folder") -> ModelCard:
     """Renders the model card of `model` from the run's metadata (see the module docstring)."""
     config = model.config
@@ -74,6 +86,7 @@ def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/
         datasets=metadata.get("datasets"),
         base_model=metadata.get("base_model"),
         model_name=metadata.get("model_name", "LaVIT"),
+        eval_results=eval_results(metadata.get("evaluation", [])),
     )
     return ModelCard.from_template(
         card_data,

@@ -6,6 +6,7 @@
     lavit generate "a red bus" -o out.png --model M lavit reconstruct IMAGE -o out.png --model M
     lavit train-tokenizer | train | finetune | preprocess | train-detokenizer ARGS...   (the training stages)
     lavit convert-original SRC DST                  lavit export DST --model M      lavit push REPO_ID --model M
+    lavit evaluate BENCHMARK --model M --annotations FILE --images DIR --output OUT   (the paper's benchmarks)
 
 Whatever fails (bad arguments, unreadable files, an error inside a library) ends with one line on stderr and a
 non-zero exit status, never a traceback; `LAVIT_DEBUG=1 lavit ...` shows the traceback of an internal error.
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--seed", type=int, default=0)
     reconstruct.add_argument("--steps", type=int, default=None)
 
+    add_evaluate_parser(commands)
+
     for name, (_, description, _) in TRAINING_COMMANDS.items():
         commands.add_parser(name, help=f"{description} (--help lists its flags)", add_help=False)
 
@@ -114,6 +117,44 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     return parser
+
+
+def add_evaluate_parser(commands) -> None:
+    from lavit.evaluation.benchmarks import BENCHMARKS
+    from lavit.evaluation.data import FORMATS
+
+    evaluate = commands.add_parser("evaluate", help="zero-shot evaluation on a benchmark (resumable, data-parallel)")
+    evaluate.add_argument("benchmark", choices=sorted(BENCHMARKS), help="a paper benchmark, or caption|vqa|"
+                          "text-to-image with --format")
+    evaluate.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
+    evaluate.add_argument("--output", required=True, help="folder for predictions-*.jsonl, images/ and results.json")
+    evaluate.add_argument("--format", choices=FORMATS, default=None, help="annotation format (default: the "
+                          "benchmark's)")
+    evaluate.add_argument("--annotations", default=None, help="annotation JSON (captions, answers or questions)")
+    evaluate.add_argument("--questions", default=None, help="VQAv2/OK-VQA questions JSON")
+    evaluate.add_argument("--images", default=None, help="image folder (paths in the annotations are relative to it)")
+    evaluate.add_argument("--image-pattern", default=None, help="VQAv2 image file name, e.g. "
+                          "'COCO_val2014_{image_id:012d}.jpg'")
+    evaluate.add_argument("--dataset", default=None, help="a datasets Hub id or folder (--format datasets)")
+    evaluate.add_argument("--columns", default=None, help="role=column pairs: id, image, question, answers, "
+                          "captions, text")
+    evaluate.add_argument("--split", default=None, help="Karpathy split or datasets split (default: the benchmark's)")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    evaluate.add_argument("--prompt", default="", help="caption: text after the image (official: empty)")
+    evaluate.add_argument("--num-beams", type=int, default=None, help="override the official setting")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="override the official setting")
+    evaluate.add_argument("--steps", type=int, default=None, help="text-to-image decoder steps (official 50)")
+    evaluate.add_argument("--seed", type=int, default=0, help="text-to-image sampling seed")
+    evaluate.add_argument("--num-candidates", type=int, default=1, help="text-to-image: images per caption, the "
+                          "closest to it under --clip-model kept (official 4)")
+    evaluate.add_argument("--fid-features", default=None, help="vision model (path/Hub id) for FID features "
+                          "(default: torchmetrics' Inception, needs torch-fidelity)")
+    evaluate.add_argument("--clip-model", default=None, help="CLIP model (path/Hub id) for CLIP score")
+    evaluate.add_argument("--no-java", action="store_true", help="skip the Java tools (PTB tokenizer, METEOR, SPICE)")
+    evaluate.add_argument("--record", action="store_true", help="add the scores to MODEL/lavit_run.json for the "
+                          "model card (`lavit export`)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -297,6 +338,52 @@ def run_push(args) -> None:
         print(push_to_hub(folder, args.repo_id, token=args.token, private=args.private))
 
 
+def evaluation_config(args, task_benchmark):
+    from lavit.evaluation import EvalConfig
+
+    overrides = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    if task_benchmark.task == "text-to-image":
+        overrides = {"num_inference_steps": args.steps}
+    return EvalConfig(
+        task=task_benchmark.task, generation={key: value for key, value in overrides.items() if value is not None},
+        prompt=args.prompt, vqa_metric=task_benchmark.vqa_metric, vizwiz_two_stage=task_benchmark.vizwiz_two_stage,
+        batch_size=args.batch_size, seed=args.seed, num_candidates=args.num_candidates,
+        fid_features=args.fid_features, clip_model=args.clip_model, use_java=False if args.no_java else None,
+        name=task_benchmark.name, dataset_type=task_benchmark.dataset_type, split=args.split or task_benchmark.split,
+    )
+
+
+def run_evaluate(args) -> None:
+    import torch
+
+    from lavit import LaVITForCausalLM, LaVITProcessor
+    from lavit.evaluation import BENCHMARKS, evaluate, load_samples, record_results
+    from lavit.evaluation.runner import distributed_state
+
+    benchmark = BENCHMARKS[args.benchmark]
+    data_format = args.format or benchmark.format
+    if data_format is None:
+        raise CommandError(f"benchmark {args.benchmark!r} needs --format")
+    if args.record and not Path(args.model).is_dir():
+        raise CommandError(f"--record writes into the model folder, but {args.model} is not a local folder")
+    config = evaluation_config(args, benchmark)
+    samples = load_samples(data_format, args.annotations, args.questions, args.images, config.split, args.dataset,
+                           args.columns, args.image_pattern)[: args.limit]
+    require_folder(args.model)
+    dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
+    model = LaVITForCausalLM.from_pretrained(args.model, **dtype).eval().to(distributed_state().device)
+    results = evaluate(model, LaVITProcessor.from_pretrained(args.model), samples, config, args.output)
+    if results is None:  # not the main process
+        return
+    for name, value in results["metrics"].items():
+        print(f"{name}: {value:.2f}")
+    for name, reason in results["unavailable"].items():
+        print(f"{name}: not computed ({reason})")
+    print(Path(args.output) / "results.json")
+    if args.record:
+        print(record_results(args.model, results))
+
+
 def run_demo(args) -> None:
     from lavit.demo import run_demo as demo
 
@@ -305,7 +392,7 @@ def run_demo(args) -> None:
 
 RUNNERS = {"tokenize": run_tokenize, "caption": run_caption, "vqa": run_vqa, "generate": run_generate,
            "reconstruct": run_reconstruct, "convert-original": run_convert, "export": run_export, "push": run_push,
-           "demo": run_demo}
+           "demo": run_demo, "evaluate": run_evaluate}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,321 @@
+"""Readers of the benchmark annotation formats the paper evaluates on, from local files, and of any `datasets`
+dataset whose columns are mapped to roles. Every reader returns a list of [`EvalSample`] in file order.
+
+- `coco`: COCO caption JSON (`images` + `annotations`): COCO captions, NoCaps (`nocaps_val_4500_captions.json`).
+- `karpathy`: Karpathy split JSON (`dataset_coco.json`, `dataset_flickr30k.json`) or the LAVIS/LaVIT list form
+  (`[{"image", "caption"}]`: `coco_karpathy_test.json`, `coco_t2i_eval.json`): COCO Karpathy test, Flickr30k, COCO
+  text-to-image.
+- `vqav2`: VQA questions JSON + annotations JSON: VQAv2, OK-VQA.
+- `gqa`: GQA balanced questions JSON (`testdev_balanced_questions.json`).
+- `vizwiz`: VizWiz VQA JSON (`val.json`).
+- `datasets`: a Hub id, a folder for `load_dataset` or a `save_to_disk` folder, with `columns` mapped to roles.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class EvalSample:
+    """
+    One evaluation item. `id` is unique within a benchmark (the key of predictions); `image` is a path or a PIL
+    image (the input image, or the real image of a text-to-image prompt); `question` is set for VQA; `references`
+    holds the human captions (captioning) or the human answers (VQA; empty when the split has no answers); `text` is
+    the prompt of text-to-image.
+    """
+
+    id: str
+    image: Any = None
+    question: str | None = None
+    references: list[str] = field(default_factory=list)
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """The image of row `index` of a `datasets` dataset, decoded on `load()`."""
+
+    dataset: Any
+    column: str
+    index: int
+
+    def load(self):
+        return self.dataset[self.index][self.column]
+
+    def __str__(self) -> str:
+        return f"row {self.index} of column {self.column!r}"
+
+
+def load_image(image):
+    """A sample's image (path, PIL image or [`DatasetImage`]) -> an RGB PIL image; unreadable files raise a
+    `ValueError` naming them."""
+    from lavit.processing.image_processing_lavit import to_rgb_image
+
+    if isinstance(image, DatasetImage):
+        image = image.load()
+    return to_rgb_image(image, name=str(image) if isinstance(image, str | os.PathLike) else "image")
+
+
+def _load_json(path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def _require(record: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise ValueError(f"{where} lacks the field(s) {missing} (has {sorted(record)})")
+
+
+def _image_path(images_dir, relative: str) -> str:
+    return os.path.join(images_dir, relative) if images_dir is not None else relative
+
+
+def read_coco_captions(annotations, images_dir=None) -> list[EvalSample]:
+    """COCO caption JSON (`{"images": [{id, file_name}], "annotations": [{image_id, caption}]}`): one sample per
+    image with its captions, id = the image id."""
+    data = _load_json(annotations)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(f"{annotations} is not a COCO caption file ('images' and 'annotations' expected)")
+    captions: dict[Any, list[str]] = {}
+    for index, annotation in enumerate(data["annotations"]):
+        _require(annotation, ("image_id", "caption"), f"{annotations}: annotations[{index}]")
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    samples = []
+    for index, image in enumerate(data["images"]):
+        _require(image, ("id", "file_name"), f"{annotations}: images[{index}]")
+        samples.append(EvalSample(str(image["id"]), _image_path(images_dir, image["file_name"]),
+                                  references=captions.get(image["id"], [])))
+    return samples
+
+
+def read_karpathy(annotations, images_dir=None, split: str | None = "test") -> list[EvalSample]:
+    """
+    Karpathy split JSON (`{"images": [{filepath?, filename, split, sentences: [{raw}], cocoid|imgid}]}`, the `split`
+    images; id = `cocoid`, else `imgid`) or the LAVIS/LaVIT list form (`[{"image": path, "caption": str | [str]}]`
+    or `"text"` instead of `"caption"`; id = `image_id`, else the image file name without extension).
+    """
+    data = _load_json(annotations)
+    if isinstance(data, dict) and "images" in data:
+        samples = []
+        for index, image in enumerate(data["images"]):
+            _require(image, ("filename", "sentences", "split"), f"{annotations}: images[{index}]")
+            if split is not None and image["split"] != split and not (split == "train" and image["split"] == "restval"):
+                continue
+            key = image.get("cocoid", image.get("imgid", Path(image["filename"]).stem))
+            relative = os.path.join(image.get("filepath", ""), image["filename"])
+            samples.append(EvalSample(str(key), _image_path(images_dir, relative),
+                                      references=[sentence["raw"] for sentence in image["sentences"]]))
+        if not samples:
+            splits = sorted({image.get("split") for image in data["images"]})
+            raise ValueError(f"{annotations} has no images in split {split!r} (splits: {splits})")
+        return samples
+    if not isinstance(data, list):
+        raise ValueError(f"{annotations} is neither a Karpathy split file ('images') nor a list of records")
+    samples = []
+    for index, record in enumerate(data):
+        _require(record, ("image",), f"{annotations}[{index}]")
+        captions = record.get("caption", record.get("text"))
+        if captions is None:
+            raise ValueError(f"{annotations}[{index}] has neither 'caption' nor 'text'")
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        key = record.get("image_id", Path(record["image"]).stem)
+        samples.append(EvalSample(str(key), _image_path(images_dir, record["image"]), references=captions))
+    return samples
+
+
+def read_vqav2(questions, annotations=None, images_dir=None, image_pattern: str | None = None) -> list[EvalSample]:
+    """
+    VQAv2 / OK-VQA: the questions JSON (`{"questions": [{question_id, image_id, question}], "data_subtype"}`) and,
+    when given, the annotations JSON (`{"annotations": [{question_id, answers: [{answer}]}]}`). Image files are
+    `image_pattern.format(image_id=...)`, by default `COCO_{data_subtype}_{image_id:012d}.jpg`.
+    """
+    data = _load_json(questions)
+    if not isinstance(data, dict) or "questions" not in data:
+        raise ValueError(f"{questions} is not a VQA questions file ('questions' expected)")
+    if image_pattern is None:
+        if "data_subtype" not in data:
+            raise ValueError(f"{questions} has no 'data_subtype': give image_pattern, e.g. "
+                             f"'COCO_val2014_{{image_id:012d}}.jpg'")
+        image_pattern = f"COCO_{data['data_subtype']}_{{image_id:012d}}.jpg"
+    answers: dict[Any, list[str]] = {}
+    if annotations is not None:
+        for index, annotation in enumerate(_load_json(annotations).get("annotations", [])):
+            _require(annotation, ("question_id", "answers"), f"{annotations}: annotations[{index}]")
+            answers[annotation["question_id"]] = [answer["answer"] for answer in annotation["answers"]]
+    samples = []
+    for index, question in enumerate(data["questions"]):
+        _require(question, ("question_id", "image_id", "question"), f"{questions}: questions[{index}]")
+        if annotations is not None and question["question_id"] not in answers:
+            raise ValueError(f"question {question['question_id']} has no annotation in {annotations}")
+        samples.append(EvalSample(
+            str(question["question_id"]), _image_path(images_dir, image_pattern.format(image_id=question["image_id"])),
+            question=question["question"], references=answers.get(question["question_id"], []),
+        ))
+    return samples
+
+
+def read_gqa(questions, images_dir=None) -> list[EvalSample]:
+    """GQA balanced questions (`{question_id: {imageId, question, answer}}`); images are `{imageId}.jpg`."""
+    data = _load_json(questions)
+    if not isinstance(data, dict):
+        raise ValueError(f"{questions} is not a GQA questions file (a dict keyed by question id expected)")
+    samples = []
+    for key, record in data.items():
+        _require(record, ("imageId", "question"), f"{questions}: question {key}")
+        answers = [record["answer"]] if "answer" in record else []
+        samples.append(EvalSample(str(key), _image_path(images_dir, f"{record['imageId']}.jpg"),
+                                  question=record["question"], references=answers))
+    return samples
+
+
+def read_vizwiz(annotations, images_dir=None) -> list[EvalSample]:
+    """VizWiz VQA (`[{image, question, answers: [{answer}]}]`; test files have no answers); id = the image name."""
+    data = _load_json(annotations)
+    if not isinstance(data, list):
+        raise ValueError(f"{annotations} is not a VizWiz file (a list of records expected)")
+    samples = []
+    for index, record in enumerate(data):
+        _require(record, ("image", "question"), f"{annotations}[{index}]")
+        samples.append(EvalSample(Path(record["image"]).stem, _image_path(images_dir, record["image"]),
+                                  question=record["question"],
+                                  references=[answer["answer"] for answer in record.get("answers", [])]))
+    return samples
+
+
+ROLES = ("id", "image", "question", "answers", "captions", "text")
+
+
+def parse_columns(spec: str | dict | None) -> dict[str, str]:
+    """`"image=img,question=q"` (or a dict) -> `{role: column}`; roles: id, image, question, answers, captions,
+    text."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"columns must look like 'role=column,role=column', got {spec!r}")
+        spec = {role.strip(): column.strip() for role, column in pairs}
+    unknown = sorted(set(spec) - set(ROLES))
+    if unknown:
+        raise ValueError(f"unknown column role(s) {unknown}; roles are {list(ROLES)}")
+    return dict(spec)
+
+
+def _texts(value) -> list[str]:
+    """A column value -> a list of strings (a string, a list of strings, or VQAv2-style `[{answer: ...}]`)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [item["answer"] if isinstance(item, dict) else str(item) for item in value]
+
+
+def read_hf_dataset(name_or_path, split: str = "test", columns=None, images_dir=None) -> list[EvalSample]:
+    """
+    Any `datasets` dataset: a `save_to_disk` folder, or a Hub id / data folder for `load_dataset` (cached when
+    offline). `columns` maps roles to column names (default: a column named like the role); the `image` column holds
+    images or paths (relative to `images_dir`); the id defaults to the row index.
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    if any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{path} has no split {split!r} (splits: {list(dataset)})")
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(str(name_or_path), split=split)
+    mapping = {role: role for role in ROLES if role in dataset.column_names}
+    mapping.update(parse_columns(columns))
+    absent = sorted({column for column in mapping.values() if column not in dataset.column_names})
+    if absent:
+        raise ValueError(f"column(s) {absent} not in the dataset (columns: {dataset.column_names})")
+    image_column = mapping.get("image")
+    # images are decoded when a batch needs them, not all at once here
+    lazy = image_column is not None and isinstance(dataset.features[image_column], datasets.Image)
+    rows = dataset.remove_columns(image_column) if lazy else dataset
+    samples = []
+    for index, row in enumerate(rows):
+        image = DatasetImage(dataset, image_column, index) if lazy else row.get(image_column)
+        if isinstance(image, str):
+            image = _image_path(images_dir, image)
+        references = _texts(row[mapping["answers"]]) if "answers" in mapping else []
+        if "captions" in mapping:
+            references = _texts(row[mapping["captions"]])
+        samples.append(EvalSample(
+            str(row[mapping["id"]]) if "id" in mapping else str(index), image,
+            question=row[mapping["question"]] if "question" in mapping else None, references=references,
+            text=row[mapping["text"]] if "text" in mapping else None,
+        ))
+    return samples
+
+
+FORMATS = ("coco", "karpathy", "vqav2", "gqa", "vizwiz", "datasets")
+
+
+def load_samples(format: str, annotations=None, questions=None, images=None, split: str | None = None,
+                 dataset=None, columns=None, image_pattern: str | None = None) -> list[EvalSample]:
+    """
+    One entry point for every format: `annotations` (the JSON file of `coco`, `karpathy`, `gqa`, `vizwiz`, and the
+    answers of `vqav2`), `questions` (`vqav2`; also accepted for `gqa`), `images` (the image folder), `split`
+    (`karpathy`: which images; `datasets`: which split), `dataset` and `columns` (`datasets`).
+    """
+    def need(value, flag):
+        if value is None:
+            raise ValueError(f"the {format!r} format needs {flag}")
+        return value
+
+    if format == "coco":
+        return read_coco_captions(need(annotations, "annotations"), images)
+    if format == "karpathy":
+        return read_karpathy(need(annotations, "annotations"), images, split or "test")
+    if format == "vqav2":
+        return read_vqav2(need(questions, "questions"), annotations, images, image_pattern)
+    if format == "gqa":
+        return read_gqa(need(questions or annotations, "questions (or annotations)"), images)
+    if format == "vizwiz":
+        return read_vizwiz(need(annotations, "annotations"), images)
+    if format == "datasets":
+        return read_hf_dataset(need(dataset, "dataset"), split or "test", columns, images)
+    raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+
+
+def check_samples(samples: list[EvalSample], task: str) -> None:
+    """Unique ids, an image per sample (files that exist), a question per VQA sample, a caption per text-to-image
+    sample; raises a `ValueError` naming the first offenders."""
+    if not samples:
+        raise ValueError("the data has no samples")
+    seen, duplicates = set(), []
+    for sample in samples:
+        if sample.id in seen:
+            duplicates.append(sample.id)
+        seen.add(sample.id)
+    if duplicates:
+        raise ValueError(f"{len(duplicates)} duplicate id(s), e.g. {duplicates[:3]}")
+    missing = [str(sample.image) for sample in samples if sample.image is None
+               or (isinstance(sample.image, str | os.PathLike) and not os.path.isfile(sample.image))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) not found, e.g. {missing[:3]} (check the images folder)")
+    if task == "vqa":
+        without = [sample.id for sample in samples if not sample.question]
+        if without:
+            raise ValueError(f"{len(without)} VQA sample(s) have no question, e.g. {without[:3]}")
+    if task == "text-to-image":
+        without = [sample.id for sample in samples if not (sample.text or sample.references)]
+        if without:
+            raise ValueError(f"{len(without)} text-to-image sample(s) have no caption, e.g. {without[:3]}")
+
+
+__all__ = ["FORMATS", "DatasetImage", "EvalSample", "check_samples", "load_image", "load_samples", "parse_columns",
+           "read_coco_captions", "read_gqa", "read_hf_dataset", "read_karpathy", "read_vizwiz", "read_vqav2"]

@@ -1,0 +1,365 @@
+"""Zero-shot evaluation of a LaVIT model on a benchmark: batched generation with the official prompts and settings,
+predictions appended to JSONL as they are made (resumable), data-parallel across `accelerate launch` processes, then
+the metrics into `results.json` and model-card rows.
+
+Protocol (official LaVIT `evaluate.py`, see the README's Evaluation section):
+- caption: prompt = the image alone; beam search 2, 8..36 new tokens; the caption is cut at its first `.`.
+- vqa: `"Question: {q} Answer:"` after the image; beam search 5, 2..10 new tokens, no length normalisation; the answer
+  is the first line cut at `question:`, `Long answer:`, `,` and `.`, then LaVIT's answer rules
+  (`answer_postprocess`). VizWiz first asks `'Is the question: "{q}" answerable?'` and answers `unanswerable` when
+  the reply contains "no".
+- text-to-image: the caption as the prompt, LM guidance 1.5, top-k 300, decoder guidance 1.5, 50 steps; officially
+  the best of 4 images by CLIP similarity to the caption (`num_candidates=4` with a `clip_model`).
+
+Sharding: the samples not yet in the predictions are cut into batches in data order and batch k runs on process
+k mod N, so every batch (hence every prediction) is the same whatever the number of processes.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import EvalSample, check_samples, load_image
+from .metrics import caption_metrics, clip_score, clip_similarities, fid_score, vqa_metrics
+
+RESULTS_FILE = "results.json"
+PREDICTIONS_GLOB = "predictions-*.jsonl"
+IMAGES_DIR = "images"
+
+CAPTION_GENERATION = dict(num_beams=2, max_new_tokens=36, min_new_tokens=8, length_penalty=1.0,
+                          repetition_penalty=1.0, do_sample=False)
+VQA_GENERATION = dict(num_beams=5, max_new_tokens=10, min_new_tokens=2, length_penalty=0.0, early_stopping=True,
+                      do_sample=False)
+TEXT_TO_IMAGE_GENERATION = dict(guidance_scale=1.5, top_k=300, top_p=1.0, temperature=1.0,
+                                decoder_guidance_scale=1.5, num_inference_steps=50)
+VQA_PROMPT = "Question: {question} Answer:"
+VIZWIZ_JUDGE_QUESTION = 'Is the question: "{question}" answerable?'
+
+TASK_TYPES = {"caption": "image-to-text", "vqa": "visual-question-answering", "text-to-image": "text-to-image"}
+
+
+@dataclass
+class EvalConfig:
+    """
+    What to run: `task` (`caption`, `vqa`, `text-to-image`), `generation` (overrides of the official settings),
+    `prompt` (caption: text after the image, official empty), `vqa_metric` (`vqa_accuracy`; `exact_match` for GQA),
+    `vizwiz_two_stage`, `batch_size`, `seed` (text-to-image sampling), `num_candidates` (text-to-image: images drawn
+    per caption, the one closest to the caption under `clip_model` kept; official 4), and for text-to-image metrics
+    `fid_features` (None: torchmetrics' Inception; a `.pth` of its weights; or a vision model path/Hub id) and
+    `clip_model` (a CLIP path/Hub id; None skips CLIP score). `name`, `dataset_type`, `split` label the results and
+    model-card rows.
+    """
+
+    task: str
+    generation: dict = field(default_factory=dict)
+    prompt: str = ""
+    vqa_metric: str = "vqa_accuracy"
+    vizwiz_two_stage: bool = False
+    batch_size: int = 8
+    seed: int = 0
+    num_candidates: int = 1
+    fid_features: str | None = None
+    clip_model: str | None = None
+    use_java: bool | None = None
+    name: str = "custom"
+    dataset_type: str = "custom"
+    split: str | None = None
+
+    def __post_init__(self):
+        if self.task not in TASK_TYPES:
+            raise ValueError(f"task must be one of {list(TASK_TYPES)}, got {self.task!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.num_candidates < 1 or (self.num_candidates > 1 and not self.clip_model):
+            raise ValueError(f"num_candidates must be 1, or more with a clip_model to pick among them; got "
+                             f"{self.num_candidates} with clip_model={self.clip_model!r}")
+
+    def generation_settings(self) -> dict:
+        defaults = {"caption": CAPTION_GENERATION, "vqa": VQA_GENERATION,
+                    "text-to-image": TEXT_TO_IMAGE_GENERATION}[self.task]
+        settings = {**defaults, **self.generation}
+        if "min_new_tokens" in settings and "max_new_tokens" in settings:  # a lower maximum lowers the minimum
+            settings["min_new_tokens"] = min(settings["min_new_tokens"], settings["max_new_tokens"])
+        return settings
+
+
+# ------------------------------------------------------------------------------------------------ predictions file
+
+
+def read_predictions(output_dir) -> dict[str, dict]:
+    """Every prediction in `output_dir/predictions-*.jsonl`, keyed by id. A last line cut short by a crash is
+    ignored (its sample runs again); a broken line elsewhere raises a `ValueError` naming it."""
+    records = {}
+    for path in sorted(Path(output_dir).glob(PREDICTIONS_GLOB)):
+        lines = path.read_bytes().split(b"\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if number == len(lines):  # the unterminated tail of an interrupted write
+                    continue
+                raise ValueError(f"{path}:{number} is not a JSON line: {error}") from error
+            records[str(record["id"])] = record
+    return records
+
+
+class PredictionWriter:
+    """Appends one JSON line per prediction, flushed and fsync'ed, so a crash loses at most the line being written
+    (an unterminated tail left by an earlier crash is cut off first)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            content = self.path.read_bytes()
+            if content and not content.endswith(b"\n"):
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(content.rfind(b"\n") + 1)
+        self.handle = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def pending_batches(samples: list[EvalSample], output_dir, batch_size: int) -> list[list[EvalSample]]:
+    """The samples without a prediction in `output_dir`, in data order, cut into batches."""
+    done = read_predictions(output_dir)
+    pending = [sample for sample in samples if sample.id not in done]
+    return [pending[start:start + batch_size] for start in range(0, len(pending), batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def caption_postprocess(text: str) -> str:
+    """Official: stripped, cut at the first `.`."""
+    return text.strip().split(".")[0].strip()
+
+
+# LaVIT's VQA evaluation also drops these leading words from predictions and reads "I don't know" as unanswerable
+ANSWER_PREFIXES = ("it's", "it is", "this is", "that is", "she's", "he is", "they are", "very", "for", "to", "in",
+                   "on", "at", "a", "an", "the")
+
+
+def answer_postprocess(text: str) -> str:
+    """
+    Official: the first line, cut at `question:`, `Long answer:`, `,` and `.`; then LaVIT's answer rules: leading
+    `ANSWER_PREFIXES` words stripped, "i don't know..." and empty answers -> `unanswerable`, "nope" -> "no" (the
+    official spaCy lemmatisation is not applied).
+    """
+    text = text.strip().split("\n")[0]
+    for stop in ("question:", "Long answer:", ",", "."):
+        text = text.split(stop)[0]
+    text = text.strip()
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ANSWER_PREFIXES:
+            if text.lower().startswith(prefix + " "):
+                text, stripped = text[len(prefix) + 1:].lstrip(), True
+    if not text or text.lower().startswith(("i don't know", "i do not know")):
+        return "unanswerable"
+    return "no" if text.lower() == "nope" else text
+
+
+def generate_texts(model, processor, images: list, prompts: list[str], generation: dict) -> list[str]:
+    """One batch of image+text prompts (variable visual token counts, left-padded by the model) -> new text."""
+    images = [load_image(image) for image in images]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    output = model.generate(**inputs, **generation)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def predict_caption(model, processor, batch: list[EvalSample], config: EvalConfig, index: int) -> list[dict]:
+    texts = generate_texts(model, processor, [sample.image for sample in batch],
+                           [processor.image_token + config.prompt] * len(batch), config.generation_settings())
+    return [{"id": sample.id, "prediction": caption_postprocess(text), "raw": text}
+            for sample, text in zip(batch, texts, strict=True)]
+
+
+def predict_vqa(model, processor, batch: list[EvalSample], config: EvalConfig, index: int) -> list[dict]:
+    images, settings = [sample.image for sample in batch], config.generation_settings()
+
+    def ask(questions):
+        prompts = [processor.image_token + VQA_PROMPT.format(question=question) for question in questions]
+        return generate_texts(model, processor, images, prompts, settings)
+
+    answers = ask([sample.question for sample in batch])
+    records = [{"id": sample.id, "question": sample.question, "prediction": answer_postprocess(answer), "raw": answer}
+               for sample, answer in zip(batch, answers, strict=True)]
+    if config.vizwiz_two_stage:
+        judges = ask([VIZWIZ_JUDGE_QUESTION.format(question=sample.question) for sample in batch])
+        for record, judge in zip(records, judges, strict=True):
+            record["answerable_reply"] = judge
+            if "no" in judge.lower():
+                record["prediction"] = "unanswerable"
+    return records
+
+
+def image_file_name(sample_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id) + ".png"
+
+
+def predict_image(model, processor, batch: list[EvalSample], config: EvalConfig, index: int,
+                  output_dir=None) -> list[dict]:
+    """Text-to-image: one image per caption, seeded by `config.seed` and the batch index (the same whatever the
+    number of processes), saved as `images/<id>.png`."""
+    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+
+    settings, candidates = config.generation_settings(), config.num_candidates
+    texts = [sample.text or sample.references[0] for sample in batch]
+    inputs = processor(text=texts, return_tensors="pt", padding=True).to(model.device)
+    generator = torch.Generator(model.device).manual_seed(config.seed * 1_000_003 + index)
+    images = model.generate_images(**inputs, generator=generator, num_images_per_prompt=candidates, **settings)
+    records = []
+    for row, (sample, text) in enumerate(zip(batch, texts, strict=True)):
+        options = images[row * candidates:(row + 1) * candidates]
+        record = {"id": sample.id, "text": text, "image": f"{IMAGES_DIR}/{image_file_name(sample.id)}"}
+        if candidates > 1:  # the official protocol: the candidate closest to its caption in CLIP space
+            record["candidate_similarities"] = clip_similarities(options, [text] * candidates, config.clip_model)
+            options = [options[max(range(candidates), key=record["candidate_similarities"].__getitem__)]]
+        save_png_atomically(options[0], Path(output_dir) / record["image"])
+        records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_batches(model, processor, batches: list[tuple[int, list[EvalSample]]], config: EvalConfig, output_dir,
+                process_index: int = 0, show_progress: bool = True) -> int:
+    """Runs `(batch index, batch)` pairs, appending each prediction to `predictions-<process>.jsonl`; returns the
+    number of samples run."""
+    from tqdm.auto import tqdm
+
+    predict = {"caption": predict_caption, "vqa": predict_vqa, "text-to-image": predict_image}[config.task]
+    extra = {"output_dir": output_dir} if config.task == "text-to-image" else {}
+    total = sum(len(batch) for _, batch in batches)
+    path = Path(output_dir) / f"predictions-{process_index:05d}.jsonl"
+    with PredictionWriter(path) as writer, tqdm(total=total, desc=f"{config.name} {config.task}",
+                                                disable=not show_progress) as progress:
+        for index, batch in batches:
+            for record in predict(model, processor, batch, config, index, **extra):
+                writer.write(record)
+            progress.update(len(batch))
+    return total
+
+
+def shard(batches: list, process_index: int, num_processes: int) -> list[tuple[int, list]]:
+    """Batch k goes to process k mod `num_processes`; pairs keep the batch index (it seeds text-to-image)."""
+    return [(index, batch) for index, batch in enumerate(batches) if index % num_processes == process_index]
+
+
+def distributed_state():
+    """accelerate's `PartialState`; without CUDA, processes started by `accelerate launch --multi_gpu` (or torchrun)
+    join over gloo on the CPU instead of each running alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def evaluate(model, processor, samples: list[EvalSample], config: EvalConfig, output_dir,
+             show_progress: bool = True) -> dict | None:
+    """
+    Runs `config` on `samples` and scores them: predictions go to `output_dir/predictions-*.jsonl` (samples already
+    there are skipped, so a crashed run resumes), metrics to `output_dir/results.json`. Under `accelerate launch`
+    each process runs its share of the batches; the main process merges and scores. Returns the results on the
+    main process, None on the others.
+    """
+    state = distributed_state()
+    check_samples(samples, config.task)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    batches = pending_batches(samples, output_dir, config.batch_size)
+    state.wait_for_everyone()  # every process plans from the same predictions before any writes
+    mine = shard(batches, state.process_index, state.num_processes)
+    run_batches(model, processor, mine, config, output_dir, state.process_index,
+                show_progress and state.is_local_main_process)
+    state.wait_for_everyone()
+    results = score(samples, config, output_dir) if state.is_main_process else None
+    state.wait_for_everyone()
+    return results
+
+
+def score(samples: list[EvalSample], config: EvalConfig, output_dir) -> dict:
+    """Merges the predictions of `output_dir`, computes the task's metrics and writes `results.json`."""
+    output_dir = Path(output_dir)
+    records = read_predictions(output_dir)
+    missing = [sample.id for sample in samples if sample.id not in records]
+    if missing:
+        raise ValueError(f"{len(missing)} sample(s) have no prediction in {output_dir}, e.g. {missing[:3]}")
+    samples_by_id = {sample.id: sample for sample in samples}
+    if config.task == "text-to-image":
+        scores = image_metrics(samples, records, config, output_dir)
+    elif not any(sample.references for sample in samples):
+        scores = {"metrics": {}, "unavailable": {"all": "the data has no references (e.g. a test split)"}}
+    else:
+        predictions = {key: records[key]["prediction"] for key in samples_by_id}
+        references = {key: sample.references for key, sample in samples_by_id.items()}
+        scores = (caption_metrics(predictions, references, config.use_java) if config.task == "caption"
+                  else vqa_metrics(predictions, references, config.vqa_metric))
+    results = {
+        "benchmark": config.name, "task": config.task, "dataset_type": config.dataset_type, "split": config.split,
+        "count": len(samples), **scores, "generation": config.generation_settings(),
+        "evaluation": card_rows(scores["metrics"], config, len(samples)),
+    }
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def image_metrics(samples: list[EvalSample], records: dict, config: EvalConfig, output_dir) -> dict:
+    generated = [load_image(Path(output_dir) / records[sample.id]["image"]) for sample in samples]
+    real = [load_image(sample.image) for sample in samples]
+    metrics, unavailable = {"FID": fid_score(generated, real, config.fid_features)}, {}
+    if config.clip_model:
+        metrics["CLIP score"] = clip_score(generated, [records[sample.id]["text"] for sample in samples],
+                                           config.clip_model)
+    else:
+        unavailable["CLIP score"] = "no CLIP model given (clip_model / --clip-model)"
+    return {"metrics": metrics, "unavailable": unavailable}
+
+
+def card_rows(metrics: dict[str, float], config: EvalConfig, count: int) -> list[dict]:
+    """Model-card rows (`lavit_run.json` "evaluation"); the task/dataset fields become the card's `model-index`."""
+    return [{"metric": name, "value": round(value, 2), "data": f"{config.name} ({count} samples, zero-shot)",
+             "task_type": TASK_TYPES[config.task], "dataset_type": config.dataset_type, "dataset_name": config.name,
+             "dataset_split": config.split, "metric_type": name.lower().replace(" ", "_")}
+            for name, value in metrics.items()]
+
+
+def record_results(model_folder, results: dict) -> Path:
+    """Adds the results' card rows to `model_folder/lavit_run.json` (replacing rows of the same metric and data
+    name), so `lavit export` renders them into the model card and its `model-index`."""
+    from lavit.hub_cards.export import METADATA_FILE, read_metadata
+
+    metadata = read_metadata(model_folder)
+    new_rows = results["evaluation"]
+    replaced = {(row["metric"], row.get("dataset_name")) for row in new_rows}
+    kept = [row for row in metadata.get("evaluation", [])
+            if (row.get("metric"), row.get("dataset_name")) not in replaced]
+    metadata["evaluation"] = kept + new_rows
+    path = Path(model_folder) / METADATA_FILE
+    path.write_text(json.dumps(metadata, indent=2))
+    return path
+
+
+__all__ = ["EvalConfig", "answer_postprocess", "caption_postprocess", "evaluate", "pending_batches",
+           "read_predictions", "record_results", "run_batches", "score", "shard"]

@@ -38,7 +38,7 @@ from .modeling_lavit_tokenizer import (
     LaVITTokenizerModel,
     LaVITTokenMerger,
 )
-from .transformers_compat import cache_kwargs, output_cache, pop_cache
+from .transformers_compat import cache_kwargs, output_cache, takes_cache
 
 logger = logging.get_logger(__name__)
 
@@ -454,6 +454,7 @@ class LaVITModel(LaVITPreTrainedModel):
         return 0 if pad_token_id is None else int(pad_token_id)
 
     @can_return_tuple
+    @takes_cache
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -473,7 +474,6 @@ class LaVITModel(LaVITPreTrainedModel):
         both (the ids' `[IMG]` `[/IMG]` placeholders say where each image goes, the embeddings are the text's).
         `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
         """
-        cache = pop_cache(cache, kwargs)
         image_token_counts = None
         prefill = cache is None or cache.get_seq_length() == 0
         # decoding steps read new ids as they are; only a prefill (or an image batch) is expanded
@@ -646,6 +646,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return self.model.visual_tokenizer
 
     @can_return_tuple
+    @takes_cache
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -689,7 +690,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=pop_cache(cache, kwargs),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_keep_mask=image_keep_mask,
@@ -757,6 +758,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------------------------------------- text generation
 
+    @takes_cache
     def prepare_inputs_for_generation(
         self,
         input_ids,
@@ -767,7 +769,6 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         is_first_iteration=False,
         **kwargs,
     ):
-        cache = pop_cache(cache, kwargs)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             attention_mask=attention_mask,

@@ -9,6 +9,9 @@ remote-code folder run under a user's transformers: outside the tested range it 
 of a deep `TypeError`.
 """
 
+import functools
+import inspect
+
 import transformers
 from packaging.version import Version
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -50,6 +53,27 @@ def pop_cache(cache, kwargs: dict):
     if legacy is not None and cache is not None and legacy is not cache:
         raise ValueError("give the KV cache as `cache` or `past_key_values`, not both")
     return cache if cache is not None else legacy
+
+
+def takes_cache(function):
+    """Decorator for a method with a `cache` parameter (`forward`, `prepare_inputs_for_generation`): a cache passed as
+    `past_key_values` (older transformers, older user code) arrives as `cache`. Where the installed release still calls
+    it `past_key_values`, the signature shows that name too, since `generate` validates model kwargs (assisted
+    decoding passes the cache by name) against the signatures of these methods."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if LEGACY_CACHE_NAME in kwargs:
+            kwargs["cache"] = pop_cache(kwargs.get("cache"), kwargs)
+        return function(*args, **kwargs)
+
+    if CACHE_NAME == LEGACY_CACHE_NAME:
+        signature = inspect.signature(function)
+        parameters = list(signature.parameters.values())
+        last = len(parameters) - (parameters[-1].kind is inspect.Parameter.VAR_KEYWORD)
+        legacy = inspect.Parameter(LEGACY_CACHE_NAME, inspect.Parameter.KEYWORD_ONLY, default=None)
+        wrapper.__signature__ = signature.replace(parameters=[*parameters[:last], legacy, *parameters[last:]])
+    return wrapper
 
 
 def output_cache(outputs):

@@ -148,14 +148,21 @@ def test_fid_and_clip_score_against_independent_computations(tmp_path):
         fid_score(real[:1], real, extractor)
 
     texts, images = ["an astronaut in a suit"] * 4, photos[:4]
-    with torch.no_grad():
-        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
-        image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        text_embeds = model.get_text_features(input_ids=inputs["input_ids"],
-                                              attention_mask=inputs["attention_mask"]).pooler_output
-    cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
-    expected = max(float(100 * cosine.mean()), 0.0)
-    assert expected > 0  # the random CLIP happens to match these pairs, so the check is not 0 == 0
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+    def mean_cosine():
+        with torch.no_grad():
+            image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            text_embeds = model.get_text_features(input_ids=inputs["input_ids"],
+                                                  attention_mask=inputs["attention_mask"]).pooler_output
+        return float(torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1).mean())
+
+    if mean_cosine() <= 0:  # CLIPScore clamps at 0: flip the random text projection so the check is not 0 == 0
+        with torch.no_grad():
+            model.text_projection.weight.neg_()
+        model.save_pretrained(tmp_path / "clip")
+    expected = 100 * mean_cosine()
+    assert expected > 0
     assert clip_score(images, texts, str(tmp_path / "clip")) == pytest.approx(expected, rel=1e-4)
 
 

@@ -99,19 +99,16 @@ def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10
 def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Path, Path, Path]:
     """Stage 1, stage 2 (a tiny LLaMA with a BPE tokenizer trained on the captions and questions) and VQA
     fine-tuning on a digits imagefolder; returns the tokenizer, pretrained and fine-tuned folders."""
-    from lavit.training.arguments import load_config_preset
     from lavit.training.finetune import FinetuningArguments, finetune
-    from lavit.training.sample_data import DIGIT_NAMES, digit_caption, write_tiny_language_model
+    from lavit.training.language_model import write_small_language_model
+    from lavit.training.sample_data import DIGIT_NAMES, digit_caption
     from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
     from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
 
-    print("[2/6] stage 1: visual tokenizer (tiny preset with 256 codes: 64 px, 8 px patches)")
-    # 64 codes are too few for the codes of a digit to tell its class
-    tokenizer_config = runs / "tokenizer_config.json"
-    runs.mkdir(parents=True, exist_ok=True)
-    tokenizer_config.write_text(json.dumps({**load_config_preset("tiny", "tokenizer"), "codebook_size": 256}))
+    print("[2/6] stage 1: visual tokenizer (the 'small' preset: 64 px, 8 px patches, 256 codes)")
+    # the 64 codes of the 'tiny' preset are too few for the codes of a digit to tell its class
     tokenizer_folder = train_tokenizer(
-        TokenizerTrainingArguments(data=str(train_folder), tokenizer_config=str(tokenizer_config), crop_scale=1.0,
+        TokenizerTrainingArguments(data=str(train_folder), tokenizer_config="small", crop_scale=1.0,
                                    quantizer_start_step=steps["tokenizer"] // 4, resume="no"),
         stage_arguments(runs / "tokenizer", steps["tokenizer"], 16, 1e-3),
     )
@@ -120,7 +117,7 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
     corpus = [digit_caption(label) for label in range(10)] + [
         f"Question: {DIGIT_QUESTION} Answer: {name}" for name in DIGIT_NAMES
     ]
-    language_model = write_tiny_language_model(runs / "language_model", corpus, vocab_size=120, hidden_size=64)
+    language_model = write_small_language_model(runs / "language_model", corpus, vocab_size=120, hidden_size=64)
     pretrained = pretrain(
         PretrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
                              language_model=str(language_model), max_length=256, visual_learning_rate=None,

@@ -135,9 +135,9 @@ def lavit_model(text_tokenizer):
 
 
 def write_tiny_language_model(folder, corpus=CORPUS, vocab_size=160, hidden_size=64):
-    from lavit.training.sample_data import write_tiny_language_model as write
+    from lavit.training.language_model import write_small_language_model
 
-    return write(folder, corpus, vocab_size, hidden_size)
+    return write_small_language_model(folder, corpus, vocab_size, hidden_size)
 
 
 def training_settings(output_dir, **overrides) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_lavit_config, training_args, write_tiny_language_model
+from conftest import real_photos, tiny_lavit_config, tiny_tokenizer_config, training_args, write_tiny_language_model
 from PIL import Image
 from test_cli import run
 
@@ -41,13 +41,15 @@ def test_a_preset_fills_what_the_run_left_at_defaults_and_scales_steps_to_the_da
     assert set(PRESETS) == {"tokenizer", "pretrain", "finetune"}
 
 
-def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_processor, photos):
+def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_processor):
     import datasets
     from lavit.training.data import RandomOrderRows, SequenceBuilder
+    from lavit.training.sample_data import PHOTO_CLASSES, photo_caption
 
     config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
-    records = datasets.Dataset.from_dict({"image": [array.tobytes()[:10] for _, array in photos] * 8,
-                                          "text": [f"a photo of a {name}" for name, _ in photos] * 8})
+    # the builder never decodes images: their paths are enough
+    records = datasets.Dataset.from_dict({"image": [f"{name}.png" for name in PHOTO_CLASSES] * 4,
+                                          "text": [photo_caption(label) for label in range(10)] * 4})
     builder = SequenceBuilder(lavit_processor.tokenizer, config, max_length=60, order="random",
                               image_token_estimate=8)
     built = builder.build(records)
@@ -92,12 +94,10 @@ def test_stage2_tells_its_dataset_the_epoch(tmp_path, components_for_stage2):
 
 
 @pytest.fixture
-def components_for_stage2(tmp_path, photos):
+def components_for_stage2(tmp_path):
     from lavit.training.sample_data import write_photo_imagefolder
 
     from lavit import LaVITTokenizerModel
-
-    from conftest import tiny_tokenizer_config
 
     torch.manual_seed(0)
     LaVITTokenizerModel(tiny_tokenizer_config()).save_pretrained(tmp_path / "tokenizer")
@@ -137,8 +137,6 @@ def sampling_lavit_folder(lavit_model, lavit_processor, tmp_path):
 
 
 def test_caption_vqa_and_tokenize_repeat_their_output_and_print_json(capsys, tmp_path, sampling_lavit_folder):
-    from conftest import real_photos
-
     files = []
     for index, photo in enumerate(real_photos()):
         files.append(tmp_path / f"photo{index}.png")

@@ -21,12 +21,11 @@ def test_a_preset_fills_what_the_run_left_at_defaults_and_scales_steps_to_the_da
     from lavit.training.presets import PRESETS, apply_preset, apply_preset_steps, get_preset
     from lavit.training.stage2_pretrain import PretrainingArguments
 
-    preset = get_preset("pretrain", "small-data")
     script = PretrainingArguments(data="unused", preset="small-data", max_length=512)
     arguments = training_args(tmp_path, learning_rate=5e-5, per_device_train_batch_size=8)
     arguments.learning_rate = 7e-4  # set by the run: kept
     model = type("Model", (), {"config": tiny_lavit_config(100)})()  # 16 patches
-    applied = apply_preset(preset, script, arguments, model)
+    preset, applied = apply_preset("pretrain", "small-data", script, arguments, model)
     assert arguments.learning_rate == 7e-4 and script.max_length == 512 and script.visual_learning_rate is None
     assert "learning_rate" not in applied and "max_length" not in applied
     # 134 rows, 8 per step, 30 passes: 503 steps; bounded by the preset's range
@@ -34,7 +33,7 @@ def test_a_preset_fills_what_the_run_left_at_defaults_and_scales_steps_to_the_da
     assert apply_preset_steps(preset, training_args(tmp_path, max_steps=-1), 4)["max_steps"] == preset.min_steps
     assert apply_preset_steps(preset, training_args(tmp_path, max_steps=40), 134) == {}  # --max_steps wins
     fresh = PretrainingArguments(data="unused")
-    apply_preset(preset, fresh, training_args(tmp_path), model)
+    apply_preset("pretrain", "small-data", fresh, training_args(tmp_path), model)
     assert fresh.max_length == 4 * 16
     with pytest.raises(ValueError, match="not a preset of this stage.*small-data"):
         get_preset("finetune", "huge")

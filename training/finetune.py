@@ -19,14 +19,7 @@ from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .data import InstructionBuilder, load_records
-from .presets import (
-    ShortRunWarningCallback,
-    apply_preset,
-    apply_preset_steps,
-    get_preset,
-    preset_help,
-    report_preset,
-)
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_help, report_preset
 from .stage2_pretrain import data_collator
 from .trainer import train_and_save, whole_weights
 
@@ -86,8 +79,7 @@ def load_model_for_finetuning(script_args: FinetuningArguments, training_args) -
 def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`)."""
     set_seed(training_args.seed)
-    preset = get_preset("finetune", script_args.preset)
-    applied = apply_preset(preset, script_args, training_args)
+    preset, applied = apply_preset("finetune", script_args.preset, script_args, training_args)
     with whole_weights(training_args):
         model = load_model_for_finetuning(script_args, training_args)
     script_args.set_attention(model)

@@ -88,20 +88,21 @@ def _default_of(arguments, name: str):
     return spec.default
 
 
-def apply_preset(preset: TrainingPreset | None, script_args, training_args, model=None) -> dict:
-    """Writes the preset's settings into the arguments that are still at their defaults (model-dependent values
-    need `model`); returns what was set."""
-    applied = {}
-    for name, value in (preset.settings.items() if preset else ()):
-        arguments = script_args if hasattr(script_args, name) else training_args
-        if callable(value):
-            if model is None:
-                continue
-            value = value(model)
-        if getattr(arguments, name) == _default_of(arguments, name):
-            setattr(arguments, name, value)
-            applied[name] = value
-    return applied
+def apply_preset(stage: str, name: str | None, script_args, training_args, model=None):
+    """Writes the settings of preset `name` of `stage` into the arguments that are still at their defaults
+    (settings that depend on the model read `model`); returns the preset (`None` without a name) and what was set.
+
+    Raises:
+        ValueError: `name` is not a preset of `stage`.
+    """
+    preset, applied = get_preset(stage, name), {}
+    for setting, value in (preset.settings.items() if preset else ()):
+        arguments = script_args if hasattr(script_args, setting) else training_args
+        value = value(model) if callable(value) else value
+        if getattr(arguments, setting) == _default_of(arguments, setting):
+            setattr(arguments, setting, value)
+            applied[setting] = value
+    return preset, applied
 
 
 def apply_preset_steps(preset: TrainingPreset | None, training_args, num_rows: int | None) -> dict:

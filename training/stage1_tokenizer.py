@@ -27,14 +27,7 @@ from .arguments import (
 )
 from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, load_records
-from .presets import (
-    ShortRunWarningCallback,
-    apply_preset,
-    apply_preset_steps,
-    get_preset,
-    preset_help,
-    report_preset,
-)
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_help, report_preset
 from .trainer import (
     BadRecordLoggerCallback,
     JsonlLoggerCallback,
@@ -97,8 +90,7 @@ class LaVITTokenizerTrainer(LaVITTrainer):
 def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor)."""
     set_seed(training_args.seed)
-    preset = get_preset("tokenizer", script_args.preset)
-    applied = apply_preset(preset, script_args, training_args)
+    preset, applied = apply_preset("tokenizer", script_args.preset, script_args, training_args)
     with whole_weights(training_args):
         model = build_tokenizer(script_args)
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)

@@ -29,14 +29,7 @@ from .data import (
     load_text_records,
     mix_text_records,
 )
-from .presets import (
-    ShortRunWarningCallback,
-    apply_preset,
-    apply_preset_steps,
-    get_preset,
-    preset_help,
-    report_preset,
-)
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_help, report_preset
 from .trainer import DataEpochCallback, train_and_save, whole_weights
 
 
@@ -108,10 +101,9 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     if training_args.ddp_find_unused_parameters is None:
         # a text-only step leaves the visual modules without gradients
         training_args.ddp_find_unused_parameters = True
-    preset = get_preset("pretrain", script_args.preset)
     with whole_weights(training_args):
         model, processor = build_unified_model(script_args)
-    applied = apply_preset(preset, script_args, training_args, model)
+    preset, applied = apply_preset("pretrain", script_args.preset, script_args, training_args, model)
     script_args.set_attention(model)
     dataset, builder = pretraining_dataset(script_args, processor.tokenizer, model.config, training_args.seed)
     num_rows = len(dataset) if has_length(dataset) else None

@@ -11,6 +11,7 @@ import torch
 from conftest import real_photos, tiny_lavit_config, tiny_tokenizer_config, training_args, write_tiny_language_model
 from PIL import Image
 from test_cli import run
+from transformers import TrainerCallback
 
 from lavit.cli import main
 
@@ -78,7 +79,6 @@ def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_proces
 
 def test_stage2_tells_its_dataset_the_epoch(tmp_path, components_for_stage2):
     from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
-    from transformers import TrainerCallback
 
     seen = []
 
@@ -192,3 +192,33 @@ def test_a_short_cpu_run_warns_with_its_numbers_and_nothing_else(tmp_path):
     assert "this run will learn little: 3 optimizer steps" in result.stderr and "--preset small-data" in result.stderr
     assert "11 records -> 11 rows" in result.stderr, result.stderr
     assert "accelerator" not in result.stderr.lower() and "pin_memory" not in result.stderr, result.stderr
+
+
+class StopAtFirstStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt("stopped")
+
+
+def test_stage2_defaults_on_400_pairs_warn_that_they_take_six_steps(tmp_path, caplog):
+    """The first-contact example: 400 captioned images with the defaults pack into about 15 rows of 2048 tokens,
+    2 steps per epoch at batch 8, 6 steps in 3 epochs; the run says so when it starts."""
+    from lavit.training.arguments import load_config_preset
+    from lavit.training.sample_data import write_photo_crops_imagefolder
+    from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
+
+    from lavit import LaVITTokenizerConfig, LaVITTokenizerModel
+
+    data = write_photo_crops_imagefolder(tmp_path / "photos", 400, size=16)  # small files: the encoder resizes
+    torch.manual_seed(0)
+    LaVITTokenizerModel(LaVITTokenizerConfig(**load_config_preset("small", "tokenizer"))).save_pretrained(
+        tmp_path / "tokenizer")
+    assert main(["new-language-model", str(tmp_path / "lm"), "--data", str(data), "--hidden-size", "32"]) == 0
+    script = PretrainingArguments(data=str(data), visual_tokenizer=str(tmp_path / "tokenizer"),
+                                  language_model=str(tmp_path / "lm"), resume="no")
+    defaults = training_args(tmp_path / "run", per_device_train_batch_size=8, learning_rate=5e-5, max_steps=-1,
+                             num_train_epochs=3)
+    with caplog.at_level("WARNING", logger="lavit.training.presets"), pytest.raises(KeyboardInterrupt):
+        pretrain(script, defaults, callbacks=[StopAtFirstStep()])  # the warning comes before any step
+    warning = " ".join(record.getMessage() for record in caplog.records if "learn little" in record.getMessage())
+    assert "6 optimizer steps in total (3 epochs, 2 batches of 8 per epoch" in warning, warning
+    assert "rows of up to 2048 tokens" in warning and "--preset small-data" in warning and "--max_length" in warning

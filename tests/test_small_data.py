@@ -43,7 +43,7 @@ def test_a_preset_fills_what_the_run_left_at_defaults_and_scales_steps_to_the_da
 
 def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_processor):
     import datasets
-    from lavit.training.data import RandomOrderRows, SequenceBuilder
+    from lavit.training.data import RandomOrderRows, SequenceBuilder, StreamedRandomOrderRows
     from lavit.training.sample_data import PHOTO_CLASSES, photo_caption
 
     config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
@@ -75,6 +75,10 @@ def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_proces
     assert read_both_ways > 0.9, read_both_ways  # a fixed draw per record would read half the images one way only
     other_seed = RandomOrderRows(built, config, builder.end_ids, seed=1)
     assert not torch.equal(image_first(other_seed, 0), epochs[0])
+    streamed = StreamedRandomOrderRows(built.to_iterable_dataset(), config, builder.end_ids, seed=0)
+    streamed.set_epoch(5)
+    rows.set_epoch(5)
+    assert [row["input_ids"] for row in streamed] == [rows[index]["input_ids"] for index in range(len(rows))]
 
 
 def test_stage2_tells_its_dataset_the_epoch(tmp_path, components_for_stage2):

@@ -95,9 +95,10 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     adapters = script_args.lora or script_args.qlora
     # a 4-bit base cannot take merged adapters: QLoRA runs save the adapters next to the base model's name
     merge = adapters and script_args.merge_lora and not script_args.qlora
+    warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
     return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
                           script_args.resume, None if adapters else script_args.visual_learning_rate,
-                          callbacks=[ShortRunWarningCallback(num_examples)], merge_adapters=merge)
+                          callbacks=[warning], merge_adapters=merge)
 
 def main(argv=None):
     script_args, training_args = parse_arguments((FinetuningArguments, LaVITTrainingArguments), argv)

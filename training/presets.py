@@ -133,10 +133,11 @@ class ShortRunWarningCallback(TrainerCallback):
     Args:
         num_records: records read from the data (before packing), when known.
         row_length: the most tokens per packed row (stage 2), or `None`.
+        preset: the run's preset (then the warning does not suggest one).
     """
 
-    def __init__(self, num_records: int | None = None, row_length: int | None = None):
-        self.num_records, self.row_length = num_records, row_length
+    def __init__(self, num_records: int | None = None, row_length: int | None = None, preset: str | None = None):
+        self.num_records, self.row_length, self.preset = num_records, row_length, preset
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         batches = len(train_dataloader) if has_length(train_dataloader) else None
@@ -147,11 +148,12 @@ class ShortRunWarningCallback(TrainerCallback):
         if has_length(getattr(train_dataloader, "dataset", None)):
             data += f" -> {len(train_dataloader.dataset)} rows"
             data += f" of up to {self.row_length} tokens" if self.row_length else ""
+        epochs = f"{state.num_train_epochs} epoch" + ("s" if state.num_train_epochs != 1 else "")
         per_epoch = f", {batches} batches of {args.per_device_train_batch_size} per epoch" if batches else ""
-        logger.warning(
-            f"this run will learn little: {state.max_steps} optimizer steps in total ({state.num_train_epochs} "
-            f"epochs{per_epoch}; {data}). To change: --preset small-data (steps, learning rate and row length "
-            f"scaled to the data), or more --max_steps / --num_train_epochs"
-            + (", a smaller --max_length (fewer records per row)" if self.row_length else "")
-            + " or a smaller --per_device_train_batch_size."
-        )
+        changes = [] if self.preset else [
+            f"--preset {SMALL_DATA} (steps, learning rate and row length scaled to the data)"]
+        changes.append("more --max_steps / --num_train_epochs")
+        changes += ["a smaller --max_length (fewer records per row)"] if self.row_length else []
+        changes.append("a smaller --per_device_train_batch_size")
+        logger.warning(f"this run will learn little: {state.max_steps} optimizer steps in total ({epochs}{per_epoch}; "
+                       f"{data}). To change: {', or '.join(changes)}.")

@@ -110,7 +110,8 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         train_dataset=dataset,
         data_collator=ImageCollator(image_processor, crop_scale),
         quantizer_start_step=script_args.quantizer_start_step,
-        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter), ShortRunWarningCallback(num_images)],
+        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter),
+                   ShortRunWarningCallback(num_images, preset=script_args.preset)],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
     return save_final(trainer, training_args.output_dir, image_processor)

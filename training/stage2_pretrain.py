@@ -109,9 +109,9 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     num_rows = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_rows))
     report_preset(preset, applied, num_rows, training_args)
-    row_length = script_args.row_length(model)
-    collator = data_collator(processor, model.config, script_args.packed, row_length)
-    callbacks = [*callbacks, DataEpochCallback(dataset), ShortRunWarningCallback(row_length=script_args.max_length)]
+    collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    callbacks = [*callbacks, DataEpochCallback(dataset), ShortRunWarningCallback(
+        row_length=script_args.max_length, preset=script_args.preset)]
     return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
                           script_args.resume, script_args.visual_learning_rate, callbacks)
 

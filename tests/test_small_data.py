@@ -177,6 +177,9 @@ def test_a_stage_help_starts_with_its_own_options(capsys):
     own, trainer = text.index("--visual_tokenizer"), text.index("Trainer options")
     assert own < trainer < text.index("--gradient_accumulation_steps") and text.index("--preset") < trainer
     assert "small-data" in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "pairs.jsonl", "--preset", "huge"])
+    assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
 
 
 def test_a_short_cpu_run_warns_with_its_numbers_and_nothing_else(tmp_path):

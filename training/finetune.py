@@ -19,7 +19,7 @@ from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .data import InstructionBuilder, load_records
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_help, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .stage2_pretrain import data_collator
 from .trainer import train_and_save, whole_weights
 
@@ -43,7 +43,7 @@ class FinetuningArguments(SequenceArguments):
     merge_lora: bool = field(default=True, metadata={"help": "Merge the adapters into the final checkpoint."})
     visual_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the visual modules and rows in full fine-tuning (default: --learning_rate)."})
-    preset: str | None = field(default=None, metadata={"help": preset_help("finetune")})
+    preset: str | None = preset_field("finetune")
 
 
 def load_model_for_finetuning(script_args: FinetuningArguments, training_args) -> LaVITForCausalLM:

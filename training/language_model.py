@@ -3,7 +3,7 @@
 Stage 2 takes any transformers causal-LM folder (`--language_model path/to/folder`); this writes one offline, sized
 for small data on a CPU. Its weights are random: it learns language only from the stage-2 data.
 
-    lavit new-language-model runs/lm --data photos/ [--texts corpus.txt] [--vocab_size 1000 --hidden_size 64]
+    lavit new-language-model runs/lm --data photos/ [--texts corpus.txt] [--vocab-size 1000 --hidden-size 64]
 """
 
 from pathlib import Path

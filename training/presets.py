@@ -68,11 +68,12 @@ PRESETS = {
 }
 
 
-def preset_help(stage: str) -> str:
-    """The `--preset` help of a stage: every preset with what it sets."""
+def preset_field(stage: str):
+    """The `preset` field of a stage's arguments: `--preset NAME`, checked by the parser, every preset in `--help`."""
     names = "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS[stage].items())
-    return (f"Settings for a kind of run, scaled to the data size; flags you give win. {names}. See README, "
-            f"'Small data'.")
+    return dataclasses.field(default=None, metadata={
+        "help": f"Settings for a kind of run, scaled to the data size; flags you give win. {names}. See README, "
+                f"'Small data'.", "choices": sorted(PRESETS[stage])})
 
 
 def get_preset(stage: str, name: str | None) -> TrainingPreset | None:

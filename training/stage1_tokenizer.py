@@ -27,7 +27,7 @@ from .arguments import (
 )
 from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, load_records
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_help, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .trainer import (
     BadRecordLoggerCallback,
     JsonlLoggerCallback,
@@ -55,7 +55,7 @@ class TokenizerTrainingArguments(DataArguments):
         "help": "Steps trained without quantization before VQ (k-means init + EMA) is switched on."})
     crop_scale: float = field(default=0.5, metadata={
         "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
-    preset: str | None = field(default=None, metadata={"help": preset_help("tokenizer")})
+    preset: str | None = preset_field("tokenizer")
 
 
 def build_tokenizer(script_args: TokenizerTrainingArguments) -> LaVITTokenizerModel:

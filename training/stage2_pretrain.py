@@ -29,7 +29,7 @@ from .data import (
     load_text_records,
     mix_text_records,
 )
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_help, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .trainer import DataEpochCallback, train_and_save, whole_weights
 
 
@@ -50,7 +50,7 @@ class PretrainingArguments(SequenceArguments):
                 "patches (rows never exceed max_length)."})
     visual_learning_rate: float | None = field(default=1e-4, metadata={
         "help": "Learning rate of the visual modules and visual vocabulary rows (the LM uses --learning_rate)."})
-    preset: str | None = field(default=None, metadata={"help": preset_help("pretrain")})
+    preset: str | None = preset_field("pretrain")
 
 
 def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:

@@ -4,12 +4,14 @@
     lavit tokenize IMAGE... --model M [--budget N] [--visualize out.png]
     lavit caption IMAGE... --model M                lavit vqa IMAGE --question Q --model M
     lavit generate "a red bus" -o out.png --model M lavit reconstruct IMAGE -o out.png --model M
+    lavit new-language-model LM_DIR --data D        a small LLaMA + BPE tokenizer from your texts (offline stage 2)
     lavit train-tokenizer | train | finetune | preprocess | train-detokenizer ARGS...   (the training stages)
     lavit convert-original SRC DST                  lavit export DST --model M      lavit push REPO_ID --model M
     lavit evaluate BENCHMARK --model M --annotations FILE --images DIR --output OUT   (the paper's benchmarks)
 
 Whatever fails (bad arguments, unreadable files, an error inside a library) ends with one line on stderr and a
 non-zero exit status, never a traceback; `LAVIT_DEBUG=1 lavit ...` shows the traceback of an internal error.
+tokenize, caption and vqa give the same output for the same input on every run (random draws come from --seed).
 """
 
 import argparse
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--model", required=True, help="a visual tokenizer or LaVIT folder (or Hub id)")
     tokenize.add_argument("--budget", type=int, default=None, help="keep at most N tokens per image (top-k)")
     tokenize.add_argument("--visualize", default=None, help="write the kept patches to this PNG (-N per image)")
+    add_selection_arguments(tokenize)
 
     caption = commands.add_parser("caption", help="caption images")
     caption.add_argument("images", nargs="+", help="image files")
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", default="", help="text after the image (official: empty)")
     caption.add_argument("--max-new-tokens", type=int, default=36)
     caption.add_argument("--num-beams", type=int, default=2)
+    add_selection_arguments(caption, text=True)
 
     vqa = commands.add_parser("vqa", help="answer a question about an image")
     vqa.add_argument("image", help="an image file")
@@ -70,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
     vqa.add_argument("--max-new-tokens", type=int, default=10)
     vqa.add_argument("--num-beams", type=int, default=5)
+    add_selection_arguments(vqa, text=True)
 
     generate = commands.add_parser("generate", help="text-to-image")
     generate.add_argument("prompt")
@@ -92,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--steps", type=int, default=None)
 
     add_evaluate_parser(commands)
+    language_model = commands.add_parser(
+        "new-language-model", help="write a small random LLaMA + a BPE tokenizer trained on your texts (stage 2 "
+                                   "without the Hub)")
+    language_model.add_argument("output", help="folder for the LM and its tokenizer (--language_model of stage 2)")
+    language_model.add_argument("--data", default=None, help="image-text data: its captions (and VQA questions and "
+                                                             "answers) train the tokenizer")
+    language_model.add_argument("--texts", nargs="+", default=[], help="text files (.txt lines, or JSON/CSV/Parquet "
+                                                                       "with a 'text' column)")
+    language_model.add_argument("--vocab-size", type=int, default=1000, help="the most BPE tokens")
+    language_model.add_argument("--hidden-size", type=int, default=64)
+    language_model.add_argument("--num-layers", type=int, default=2)
+    language_model.add_argument("--num-heads", type=int, default=4)
+    language_model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    language_model.add_argument("--model", default=None, help="unused: the command writes a new model")
 
     for name, (_, description, _) in TRAINING_COMMANDS.items():
         commands.add_parser(name, help=f"{description} (--help lists its flags)", add_help=False)
@@ -160,6 +179,48 @@ def add_evaluate_parser(commands) -> None:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def add_selection_arguments(parser, text: bool = False) -> None:
+    """Reproducible outputs: the same input gives the same output on every run unless `--seed` changes."""
+    parser.add_argument("--selection", choices=["deterministic", "sample"], default=None,
+                        help="patch selection: 'deterministic' (p_keep > threshold) or 'sample' (Bernoulli(p_keep), "
+                             "drawn from --seed); default: the tokenizer's own selection_mode")
+    if text:
+        parser.add_argument("--do-sample", action="store_true", help="sample the text (default: beam search)")
+        parser.add_argument("--temperature", type=float, default=1.0, help="with --do-sample")
+        parser.add_argument("--top-p", type=float, default=1.0, help="with --do-sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (sampled selection, "
+                                                            "--do-sample), fixed per image")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+
+def image_selection(args) -> dict:
+    """The selector options of one image: a generator seeded from `--seed`, so sampling repeats run to run."""
+    import torch
+
+    selection = {"generator": torch.Generator().manual_seed(args.seed)}
+    if args.selection:
+        selection["mode"] = args.selection
+    if getattr(args, "budget", None):
+        selection["max_tokens"] = args.budget
+    return selection
+
+
+def text_generation(args) -> dict:
+    """`generate` options of caption/VQA: beam search, or seeded sampling with `--do-sample`."""
+    from transformers import set_seed
+
+    if not args.do_sample:
+        return {"num_beams": args.num_beams, "do_sample": False}
+    set_seed(args.seed)  # generate samples from torch's global RNG
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "num_beams": 1}
+
+
+def print_json(document) -> None:
+    import json
+
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
 def require_folder(path: str) -> None:
     """A path that does not exist must look like a Hub id (`name` or `org/name`)."""
     if not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
@@ -197,26 +258,37 @@ def run_tokenize(args) -> None:
     require_folder(args.model)
     images = [open_image(path) for path in args.images]
     tokenizer = load_visual_tokenizer(args.model).eval()
-    selection = {"max_tokens": args.budget} if args.budget else {}
+    results = []
     for index, (path, image) in enumerate(zip(args.images, images, strict=True)):
-        tokens = tokenizer.tokenize(tokenizer.image_to_pixel_values(image), **selection)
-        print(f"{path}: {int(tokens.token_counts[0])} of {tokenizer.config.num_patches} tokens, "
-              f"code ids {tokens.code_ids.tolist()}")
+        tokens = tokenizer.tokenize(tokenizer.image_to_pixel_values(image), **image_selection(args))
+        result = {"image": path, "token_count": int(tokens.token_counts[0]),
+                  "num_patches": tokenizer.config.num_patches, "code_ids": tokens.code_ids.tolist()}
         if args.visualize:
-            target = numbered(args.visualize, index, len(args.images))
-            tokenizer.visualize(image, target, **selection)
-            print(f"  kept patches -> {target}")
+            result["visualization"] = str(numbered(args.visualize, index, len(args.images)))
+            tokenizer.visualize(image, result["visualization"], keep_mask=tokens.keep_mask)
+        results.append(result)
+        if not args.json:
+            print(f"{path}: {result['token_count']} of {result['num_patches']} tokens, code ids {result['code_ids']}")
+            if args.visualize:
+                print(f"  kept patches -> {result['visualization']}")
+    if args.json:
+        print_json(results)
 
 
 def run_caption(args) -> None:
     images = [open_image(path) for path in args.images]  # every file is read before the model loads
     model, processor = load_lavit(args.model)
+    results = []
     for path, image in zip(args.images, images, strict=True):
         inputs = processor(images=[image], text="<image>" + args.prompt, return_tensors="pt")
-        output = model.generate(**inputs, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                do_sample=False)
+        output = model.generate(**inputs, image_selection=image_selection(args), max_new_tokens=args.max_new_tokens,
+                                **text_generation(args))
         text = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        print(f"{path}: {text.strip()}")
+        results.append({"image": path, "caption": text.strip()})
+        if not args.json:
+            print(f"{path}: {text.strip()}")
+    if args.json:
+        print_json(results)
 
 
 def run_vqa(args) -> None:
@@ -224,9 +296,25 @@ def run_vqa(args) -> None:
     model, processor = load_lavit(args.model)
     inputs = processor(images=[image], text=f"<image>Question: {args.question} Answer:",
                        return_tensors="pt")
-    output = model.generate(**inputs, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                            length_penalty=0.0, do_sample=False)
-    print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+    output = model.generate(**inputs, image_selection=image_selection(args), max_new_tokens=args.max_new_tokens,
+                            length_penalty=0.0, **text_generation(args))
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    if args.json:
+        print_json({"image": args.image, "question": args.question, "answer": answer})
+    else:
+        print(answer)
+
+
+def run_new_language_model(args) -> None:
+    from lavit.training.language_model import corpus_from_data, write_small_language_model
+
+    if not args.data and not args.texts:
+        raise CommandError("give --data (image-text data) and/or --texts (text files): the tokenizer trains on them")
+    texts = corpus_from_data(args.data, args.texts)
+    folder = write_small_language_model(args.output, texts, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                                        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                                        seed=args.seed)
+    print(f"{folder}  ({len(texts)} texts; stage 2: --language_model {folder})")
 
 
 def decoder_settings(args) -> dict:
@@ -299,8 +387,9 @@ def run_convert(args) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(source / "language_model")
     codebook_size = model.config.tokenizer_config.codebook_size
-    if LaVITProcessor.add_image_tokens(tokenizer, codebook_size) != model.config.text_vocab_size:
-        raise CommandError(f"the release's tokenizer has {len(tokenizer) - 2} text tokens, the LM "
+    text_tokens = LaVITProcessor.add_image_tokens(tokenizer, codebook_size)
+    if text_tokens != model.config.text_vocab_size:
+        raise CommandError(f"the release's tokenizer has {text_tokens} text tokens, the LM "
                            f"{model.config.text_vocab_size}")
     processor = LaVITProcessor(LaVITImageProcessor.from_tokenizer_config(model.config.tokenizer_config), tokenizer)
     metadata = {"summary": f"LaVIT converted from the official release `{source.name}` (jy0205/LaVIT) with "
@@ -392,7 +481,7 @@ def run_demo(args) -> None:
 
 RUNNERS = {"tokenize": run_tokenize, "caption": run_caption, "vqa": run_vqa, "generate": run_generate,
            "reconstruct": run_reconstruct, "convert-original": run_convert, "export": run_export, "push": run_push,
-           "demo": run_demo, "evaluate": run_evaluate}
+           "demo": run_demo, "evaluate": run_evaluate, "new-language-model": run_new_language_model}
 
 
 def main(argv=None) -> int:

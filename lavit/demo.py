@@ -24,13 +24,15 @@ FULL = {"tokenizer": 1500, "pretrain": 1500, "finetune": 600, "vae": 300, "detok
 QUICK = {"tokenizer": 30, "pretrain": 30, "finetune": 20, "vae": 10, "detokenizer": 10, "train_digits": 200, "eval": 20}
 
 
-def stage_arguments(output_dir: Path, steps: int, batch_size: int, learning_rate: float):
+def stage_arguments(output_dir: Path, steps: int, **overrides):
+    """The demo's `TrainingArguments`: `steps` steps; the stages with a `small-data` preset take their learning rate
+    and batch size from it, the others from `overrides`."""
     from lavit.training.arguments import LaVITTrainingArguments
 
     return LaVITTrainingArguments(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, warmup_steps=0.05, logging_steps=max(1, steps // 10), save_steps=max(steps, 1),
-        use_cpu=not torch.cuda.is_available(), report_to="none", seed=0, dataloader_num_workers=0,
+        output_dir=str(output_dir), max_steps=steps, warmup_steps=0.05, logging_steps=max(1, steps // 10),
+        save_steps=max(steps, 1), use_cpu=not torch.cuda.is_available(), report_to="none", seed=0,
+        dataloader_num_workers=0, **overrides,
     )
 
 
@@ -99,39 +101,36 @@ def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10
 def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Path, Path, Path]:
     """Stage 1, stage 2 (a tiny LLaMA with a BPE tokenizer trained on the captions and questions) and VQA
     fine-tuning on a digits imagefolder; returns the tokenizer, pretrained and fine-tuned folders."""
-    from lavit.training.arguments import load_config_preset
     from lavit.training.finetune import FinetuningArguments, finetune
-    from lavit.training.sample_data import DIGIT_NAMES, digit_caption, write_tiny_language_model
+    from lavit.training.language_model import write_small_language_model
+    from lavit.training.sample_data import DIGIT_NAMES, digit_caption
     from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
     from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
 
-    print("[2/6] stage 1: visual tokenizer (tiny preset with 256 codes: 64 px, 8 px patches)")
-    # 64 codes are too few for the codes of a digit to tell its class
-    tokenizer_config = runs / "tokenizer_config.json"
-    runs.mkdir(parents=True, exist_ok=True)
-    tokenizer_config.write_text(json.dumps({**load_config_preset("tiny", "tokenizer"), "codebook_size": 256}))
+    # every stage: `--preset small-data` (README, "Small data") with the demo's step counts
+    print("[2/6] stage 1: visual tokenizer (the 'small' config: 64 px, 8 px patches, 256 codes)")
+    # the 64 codes of the 'tiny' config are too few for the codes of a digit to tell its class
     tokenizer_folder = train_tokenizer(
-        TokenizerTrainingArguments(data=str(train_folder), tokenizer_config=str(tokenizer_config), crop_scale=1.0,
-                                   quantizer_start_step=steps["tokenizer"] // 4, resume="no"),
-        stage_arguments(runs / "tokenizer", steps["tokenizer"], 16, 1e-3),
+        TokenizerTrainingArguments(data=str(train_folder), preset="small-data", resume="no"),
+        stage_arguments(runs / "tokenizer", steps["tokenizer"]),
     )
 
     print("[3/6] stage 2: a tiny LLaMA learns text and visual tokens together")
     corpus = [digit_caption(label) for label in range(10)] + [
         f"Question: {DIGIT_QUESTION} Answer: {name}" for name in DIGIT_NAMES
     ]
-    language_model = write_tiny_language_model(runs / "language_model", corpus, vocab_size=120, hidden_size=64)
+    language_model = write_small_language_model(runs / "language_model", corpus, vocab_size=120, hidden_size=64)
     pretrained = pretrain(
         PretrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
-                             language_model=str(language_model), max_length=256, visual_learning_rate=None,
-                             resume="no"),
-        stage_arguments(runs / "pretrain", steps["pretrain"], 8, 2e-3),
+                             language_model=str(language_model), preset="small-data", resume="no"),
+        stage_arguments(runs / "pretrain", steps["pretrain"]),
     )
 
     print("[4/6] fine-tuning: visual question answering")
     finetuned = finetune(
-        FinetuningArguments(model=str(pretrained), data=str(train_folder), task="vqa", resume="no"),
-        stage_arguments(runs / "finetune", steps["finetune"], 8, 1e-3),
+        FinetuningArguments(model=str(pretrained), data=str(train_folder), task="vqa", preset="small-data",
+                            resume="no"),
+        stage_arguments(runs / "finetune", steps["finetune"]),
     )
     return tokenizer_folder, pretrained, finetuned
 
@@ -160,7 +159,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     detokenizer_folder = train_detokenizer(
         DetokenizerTrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
                                      detokenizer_config="tiny", ema_decay=0.99, vae_steps=steps["vae"], resume="no"),
-        stage_arguments(runs / "detokenizer", steps["detokenizer"], 16, 1e-3),
+        stage_arguments(runs / "detokenizer", steps["detokenizer"], per_device_train_batch_size=16, learning_rate=1e-3),
     )
 
     print(f"[6/6] evaluation on {steps['eval']} held-out digits, images, Hub folder")

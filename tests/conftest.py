@@ -153,9 +153,9 @@ def lavit_folder(lavit_model, lavit_processor, tmp_path):
 
 
 def write_tiny_language_model(folder, corpus=CORPUS, vocab_size=160, hidden_size=64):
-    from lavit.training.sample_data import write_tiny_language_model as write
+    from lavit.training.language_model import write_small_language_model
 
-    return write(folder, corpus, vocab_size, hidden_size)
+    return write_small_language_model(folder, corpus, vocab_size, hidden_size)
 
 
 def training_settings(output_dir, **overrides) -> dict:

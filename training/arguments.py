@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 
@@ -26,6 +27,14 @@ class LaVITTrainingArguments(TrainingArguments):
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept on disk."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the columns the collators read."})
+
+    # `--help` lists a stage's own options first, then these under their own heading
+    _argument_group_name = "Trainer options (transformers.TrainingArguments)"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # pinned memory needs an accelerator (torch warns on every epoch)
 
 
 @dataclass
@@ -73,7 +82,7 @@ def parse_arguments(dataclass_types, argv=None):
     """Parses `argv` (default: the command line) into the given dataclasses; a single `.json`/`.yaml` argument is
     read as a config file. Launchers' `--local_rank=N` is accepted (TrainingArguments has it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, usage="%(prog)s [OPTIONS] [TRAINER OPTIONS]  |  %(prog)s config.yaml")
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
@@ -93,12 +102,18 @@ def limit_records(records, max_samples: int | None):
 CONFIG_PRESETS = Path(__file__).parent / "configs"
 
 
+def config_preset_names(kind: str) -> list[str]:
+    """Names of the packaged `configs/{kind}_{name}.json` presets."""
+    return sorted(preset.stem.removeprefix(f"{kind}_") for preset in CONFIG_PRESETS.glob(f"{kind}_*.json"))
+
+
 def load_config_preset(name_or_path: str, kind: str) -> dict:
-    """Settings of a new model: a JSON file, or the name of a preset `configs/{kind}_{name}.json` ('tiny', 'paper')."""
+    """Settings of a new model: a JSON file, or the name of a preset `configs/{kind}_{name}.json` ('tiny', 'small',
+    'paper')."""
     path = Path(name_or_path)
     if not path.exists():
         path = CONFIG_PRESETS / f"{kind}_{name_or_path}.json"
     if not path.exists():
-        presets = sorted(preset.stem.removeprefix(f"{kind}_") for preset in CONFIG_PRESETS.glob(f"{kind}_*.json"))
-        raise FileNotFoundError(f"{kind}_config {name_or_path!r} is neither a file nor a preset {presets}")
+        raise FileNotFoundError(f"{kind}_config {name_or_path!r} is neither a file nor a preset "
+                                f"{config_preset_names(kind)}")
     return json.loads(path.read_text())

@@ -12,12 +12,12 @@ the collator restarts position ids per segment so that packed segments never att
 
 import logging
 import os
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from datasets import Image as ImageFeature
 from datasets import Value, interleave_datasets, load_dataset
@@ -222,20 +222,17 @@ class SequenceBuilder:
         tokenizer: the LM's text tokenizer (knows `[IMG]`/`[/IMG]`).
         config: the [`LaVITConfig`] (vocabulary layout, number of patches).
         max_length: maximum tokens per row, visual tokens included.
-        order: `"random"` (image-to-text with probability `image_to_text_ratio`, else text-to-image), `"both"` (each
-            pair twice, once per order), `"image_to_text"` or `"text_to_image"`.
+        order: `"random"` (each pair once, written image-to-text: [`RandomOrderRows`] draws its order every
+            epoch), `"both"` (each pair twice, once per order), `"image_to_text"` or `"text_to_image"`.
         image_token_estimate: tokens counted for an image whose count is not known yet (compact form, no stored
             `code_ids`); defaults to `config.num_patches`, an upper bound, so rows never exceed `max_length`.
-        seed: makes the order choice a function of the record index (the same on every run and after a resume).
     """
 
     tokenizer: object
     config: LaVITConfig
     max_length: int = 2048
     order: str = "random"
-    image_to_text_ratio: float = 0.5
     image_token_estimate: int | None = None
-    seed: int = 0
     counter: BadRecordCounter = field(default_factory=BadRecordCounter)
 
     def __post_init__(self):
@@ -268,13 +265,9 @@ class SequenceBuilder:
         if room < 1:
             raise BadRecordError(f"record {index}: the image alone needs more than max_length={self.max_length}")
         text_ids = text_ids[:room]
-        if self.order == "both":
-            orders = ["image_to_text", "text_to_image"]
-        elif self.order == "random":
-            draw = random.Random(self.seed * 1_000_003 + index).random()
-            orders = ["image_to_text" if draw < self.image_to_text_ratio else "text_to_image"]
-        else:
-            orders = [self.order]
+        # both orders of a pair have the same length: a random order is drawn per epoch, after packing
+        orders = ["image_to_text", "text_to_image"] if self.order == "both" else [
+            "image_to_text" if self.order == "random" else self.order]
         segments = []
         for order in orders:
             body = image_ids + text_ids if order == "image_to_text" else text_ids + image_ids
@@ -318,6 +311,66 @@ class SequenceBuilder:
         """Applies the builder to a dataset (streaming too); the output rows replace the records."""
         return records.map(self, batched=True, batch_size=batch_size, with_indices=True,
                            remove_columns=list(records.column_names or []))
+
+
+class RandomOrderRows(torch.utils.data.Dataset):
+    """
+    Stage-2 rows (built with `order="random"`) whose image-caption segments take a new order every epoch:
+    image-to-text with probability `image_to_text_ratio`, else text-to-image. The draws are a function of `seed`, the
+    epoch and the row index only, so every image is read image-to-text in about that share of the epochs, and a run,
+    its rerun and its resume (the Trainer sets the epoch through `set_epoch`) see the same sequences.
+
+    Args:
+        rows: the rows of [`SequenceBuilder`] (segments written image-to-text: `[IMG] ... [/IMG] text end`).
+        config: the [`LaVITConfig`] (ids of `[IMG]` and `[/IMG]`).
+        end_ids: the ids that end every segment (the EOS token).
+        image_to_text_ratio: P(image-to-text) per segment.
+        seed: the run's seed (`--seed`).
+    """
+
+    def __init__(self, rows, config: LaVITConfig, end_ids: list[int], image_to_text_ratio: float = 0.5,
+                 seed: int = 0):
+        if not 0 <= image_to_text_ratio <= 1:
+            raise ValueError(f"image_to_text_ratio must be in [0, 1], got {image_to_text_ratio}")
+        self.rows, self.config, self.end_ids = rows, config, list(end_ids)
+        self.image_to_text_ratio, self.seed, self.epoch = image_to_text_ratio, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.ordered(self.rows[index], index)
+
+    def ordered(self, row: dict, index: int) -> dict:
+        """Row `index` with the segment orders of the current epoch."""
+        row = dict(row)
+        draws = np.random.default_rng([self.seed, self.epoch, index]).random(len(row["segment_lengths"]))
+        input_ids, start = [], 0
+        for length, draw in zip(row["segment_lengths"], draws, strict=True):
+            segment = row["input_ids"][start : start + length]
+            start += length
+            flip = draw >= self.image_to_text_ratio and segment[0] == self.config.image_start_token_id
+            input_ids += self._text_to_image(segment) if flip else segment
+        row["input_ids"] = input_ids
+        return row
+
+    def _text_to_image(self, segment: list[int]) -> list[int]:
+        """`[IMG] ... [/IMG] text end` -> `text [IMG] ... [/IMG] end` (the same tokens, so the same length)."""
+        image_end = segment.index(self.config.image_end_token_id) + 1
+        body_end = len(segment) - len(self.end_ids) if segment[-len(self.end_ids):] == self.end_ids else len(segment)
+        return segment[image_end:body_end] + segment[:image_end] + segment[body_end:]
+
+
+class StreamedRandomOrderRows(RandomOrderRows, torch.utils.data.IterableDataset):
+    """[`RandomOrderRows`] over streamed rows (a `datasets.IterableDataset`), numbered in stream order."""
+
+    def __iter__(self):
+        self.rows.set_epoch(self.epoch)  # the stream's own shuffling follows the epoch too
+        for index, row in enumerate(self.rows):
+            yield self.ordered(row, index)
 
 
 # ---------------------------------------------------------------------------------------------------------- fine-tuning

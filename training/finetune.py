@@ -15,9 +15,11 @@ import torch
 from lavit.modeling import LaVITForCausalLM
 from lavit.processing import LaVITProcessor
 from transformers import set_seed
+from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .data import InstructionBuilder, load_records
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .stage2_pretrain import data_collator
 from .trainer import train_and_save, whole_weights
 
@@ -41,6 +43,7 @@ class FinetuningArguments(SequenceArguments):
     merge_lora: bool = field(default=True, metadata={"help": "Merge the adapters into the final checkpoint."})
     visual_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the visual modules and rows in full fine-tuning (default: --learning_rate)."})
+    preset: str | None = preset_field("finetune")
 
 
 def load_model_for_finetuning(script_args: FinetuningArguments, training_args) -> LaVITForCausalLM:
@@ -76,6 +79,7 @@ def load_model_for_finetuning(script_args: FinetuningArguments, training_args) -
 def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`)."""
     set_seed(training_args.seed)
+    preset, applied = apply_preset("finetune", script_args.preset, script_args, training_args)
     with whole_weights(training_args):
         model = load_model_for_finetuning(script_args, training_args)
     script_args.set_attention(model)
@@ -84,13 +88,17 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
                            script_args.image_column, script_args.text_column, require_text=False)
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
     dataset = builder.build(limit_records(records, script_args.max_samples))
+    num_examples = len(dataset) if has_length(dataset) else None
+    applied.update(apply_preset_steps(preset, training_args, num_examples))
+    report_preset(preset, applied, num_examples, training_args)
     collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
     adapters = script_args.lora or script_args.qlora
     # a 4-bit base cannot take merged adapters: QLoRA runs save the adapters next to the base model's name
     merge = adapters and script_args.merge_lora and not script_args.qlora
+    warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
     return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
                           script_args.resume, None if adapters else script_args.visual_learning_rate,
-                          merge_adapters=merge)
+                          callbacks=[warning], merge_adapters=merge)
 
 def main(argv=None):
     script_args, training_args = parse_arguments((FinetuningArguments, LaVITTrainingArguments), argv)

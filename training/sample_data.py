@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -72,33 +71,48 @@ def photo_images() -> dict[str, np.ndarray]:
     return photos
 
 
+PHOTO_CLASSES = ("astronaut", "cat", "coffee", "rocket", "tissue", "galaxies", "retina", "motorcycle", "temple",
+                 "flower")
+
+
+def photo_caption(label: int) -> str:
+    return f"a photo of a {PHOTO_CLASSES[label]}"
+
+
+def photo_crops(count: int, size: int = 64, held_out: bool = False, seed: int = 0):
+    """
+    Square crops of ten shipped photographs (`PHOTO_CLASSES`), resized to `size` pixels: (PIL images, labels), the
+    classes in turn. The crop side is a random 20-25% of the photo's shorter side. Training crops lie in the left
+    three quarters of each photo and held-out crops (`held_out=True`) in its right quarter, so no held-out pixel is
+    ever trained on.
+    """
+    photos = photo_images()
+    rng = np.random.default_rng([seed, int(held_out)])
+    images, labels = [], []
+    for index in range(count):
+        label = index % len(PHOTO_CLASSES)
+        photo = photos[PHOTO_CLASSES[label]]
+        height, width = photo.shape[:2]
+        side = int(min(height, width) * rng.uniform(0.2, 0.25))
+        boundary = width - width // 4
+        left_range = (boundary, width - side) if held_out else (0, boundary - side)
+        left = int(rng.integers(left_range[0], left_range[1] + 1))
+        top = int(rng.integers(0, height - side + 1))
+        crop = Image.fromarray(photo[top : top + side, left : left + side])
+        images.append(crop.resize((size, size), Image.Resampling.BICUBIC))
+        labels.append(label)
+    return images, labels
+
+
+def write_photo_crops_imagefolder(folder, count: int, size: int = 64, held_out: bool = False, seed: int = 0) -> Path:
+    """An imagefolder of `photo_crops` captioned "a photo of a cat" (with a `label` column)."""
+    images, labels = photo_crops(count, size, held_out, seed)
+    return write_imagefolder(folder, images, [photo_caption(label) for label in labels],
+                             [{"label": label} for label in labels])
+
+
 def write_photo_imagefolder(folder) -> Path:
     """An imagefolder of the shipped photographs captioned "a photo of a <name>"."""
     photos = photo_images()
     return write_imagefolder(folder, [Image.fromarray(photo) for photo in photos.values()],
                              [f"a photo of a {name}" for name in photos])
-
-
-def write_tiny_language_model(folder, corpus: list[str], vocab_size: int = 160, hidden_size: int = 64):
-    """A tiny random LLaMA and a BPE tokenizer trained on `corpus` (no image tokens: stage 2 adds them), saved like a
-    Hub LM folder, offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
-    backend.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
-    )
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=2, bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder

@@ -15,10 +15,19 @@ from pathlib import Path
 from lavit.modeling import LaVITTokenizerConfig, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor
 from transformers import AutoModel, set_seed
+from transformers.trainer_utils import has_length
 
-from .arguments import DataArguments, LaVITTrainingArguments, limit_records, load_config_preset, parse_arguments
+from .arguments import (
+    DataArguments,
+    LaVITTrainingArguments,
+    config_preset_names,
+    limit_records,
+    load_config_preset,
+    parse_arguments,
+)
 from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, load_records
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .trainer import (
     BadRecordLoggerCallback,
     JsonlLoggerCallback,
@@ -36,7 +45,9 @@ TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss"
 class TokenizerTrainingArguments(DataArguments):
     model: str | None = field(default=None, metadata={"help": "A LaVITTokenizerModel folder to continue training."})
     tokenizer_config: str | None = field(default=None, metadata={
-        "help": "A new tokenizer: a config JSON file or a preset name in training/configs ('tiny', 'paper')."})
+        "help": f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
+                f"64 px, 8 px patches, 64 codes; 'small': the same with 256 codes, for small data; 'paper': the "
+                f"released LaVIT sizes)."})
     vision_model: str | None = field(default=None, metadata={
         "help": "A transformers vision model (folder or Hub id, e.g. a CLIP/SigLIP vision tower) to use as the "
                 "frozen encoder of a new tokenizer."})
@@ -44,6 +55,7 @@ class TokenizerTrainingArguments(DataArguments):
         "help": "Steps trained without quantization before VQ (k-means init + EMA) is switched on."})
     crop_scale: float = field(default=0.5, metadata={
         "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
+    preset: str | None = preset_field("tokenizer")
 
 
 def build_tokenizer(script_args: TokenizerTrainingArguments) -> LaVITTokenizerModel:
@@ -78,6 +90,7 @@ class LaVITTokenizerTrainer(LaVITTrainer):
 def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor)."""
     set_seed(training_args.seed)
+    preset, applied = apply_preset("tokenizer", script_args.preset, script_args, training_args)
     with whole_weights(training_args):
         model = build_tokenizer(script_args)
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
@@ -85,6 +98,11 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column, require_text=False)
     dataset = image_dataset(limit_records(records, script_args.max_samples), counter)
+    num_images = len(dataset) if has_length(dataset) else None
+    applied.update(apply_preset_steps(preset, training_args, num_images))
+    if preset is not None and script_args.quantizer_start_step == 0:  # k-means needs warmed-up latents
+        applied["quantizer_start_step"] = script_args.quantizer_start_step = training_args.max_steps // 4
+    report_preset(preset, applied, num_images, training_args)
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
     trainer = LaVITTokenizerTrainer(
         model=model,
@@ -92,7 +110,8 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         train_dataset=dataset,
         data_collator=ImageCollator(image_processor, crop_scale),
         quantizer_start_step=script_args.quantizer_start_step,
-        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter)],
+        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter),
+                   ShortRunWarningCallback(num_images, preset=script_args.preset)],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
     return save_final(trainer, training_args.output_dir, image_processor)

@@ -12,14 +12,25 @@ data. Pre-tokenized records (`lavit-preprocess`) carry keep masks and code ids, 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 from lavit.modeling import LaVITForCausalLM, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor, LaVITProcessor
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .collators import LaVITDataCollator
-from .data import SEQUENCE_ORDERS, SequenceBuilder, load_records, load_text_records, mix_text_records
-from .trainer import train_and_save, whole_weights
+from .data import (
+    SEQUENCE_ORDERS,
+    RandomOrderRows,
+    SequenceBuilder,
+    StreamedRandomOrderRows,
+    load_records,
+    load_text_records,
+    mix_text_records,
+)
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
+from .trainer import DataEpochCallback, train_and_save, whole_weights
 
 
 @dataclass
@@ -31,13 +42,15 @@ class PretrainingArguments(SequenceArguments):
     text_data: str | None = field(default=None, metadata={"help": "Text-only corpus mixed into the pairs."})
     text_ratio: float = field(default=0.0, metadata={"help": "Fraction of text-only records in the mixture."})
     max_length: int = field(default=2048, metadata={"help": "Tokens per packed row, visual tokens included."})
-    order: str = field(default="random", metadata={"help": f"Pair order: one of {SEQUENCE_ORDERS}."})
+    order: str = field(default="random", metadata={"help": f"Pair order: one of {SEQUENCE_ORDERS}; 'random' draws "
+                                                          f"each pair's order anew every epoch from --seed."})
     image_to_text_ratio: float = field(default=0.5, metadata={"help": "P(image-to-text) with order=random."})
     image_token_estimate: int | None = field(default=None, metadata={
         "help": "Tokens counted per image whose count is unknown (not pre-tokenized) while packing; default: all "
                 "patches (rows never exceed max_length)."})
     visual_learning_rate: float | None = field(default=1e-4, metadata={
         "help": "Learning rate of the visual modules and visual vocabulary rows (the LM uses --learning_rate)."})
+    preset: str | None = preset_field("pretrain")
 
 
 def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
@@ -57,8 +70,9 @@ def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
     return model, LaVITProcessor(image_processor, text_tokenizer)
 
 
-def pretraining_dataset(script_args, tokenizer, config):
-    """Records -> (text mix) -> packed rows, with the builder (whose counter logs skipped records)."""
+def pretraining_dataset(script_args, tokenizer, config, seed: int = 0):
+    """Records -> (text mix) -> packed rows, with the builder (whose counter logs skipped records). With
+    `order="random"` the rows draw their pair orders per epoch from `seed` ([`RandomOrderRows`])."""
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column)
     records = limit_records(records, script_args.max_samples)
@@ -66,8 +80,12 @@ def pretraining_dataset(script_args, tokenizer, config):
         texts = load_text_records(script_args.text_data, streaming=script_args.streaming)
         records = mix_text_records(records, texts, script_args.text_ratio, seed=0)
     builder = SequenceBuilder(tokenizer, config, script_args.max_length, script_args.order,
-                              script_args.image_to_text_ratio, script_args.image_token_estimate)
-    return builder.build(records), builder
+                              script_args.image_token_estimate)
+    rows = builder.build(records)
+    if script_args.order == "random":
+        rows_class = StreamedRandomOrderRows if isinstance(rows, datasets.IterableDataset) else RandomOrderRows
+        rows = rows_class(rows, config, builder.end_ids, script_args.image_to_text_ratio, seed)
+    return rows, builder
 
 
 def data_collator(processor, config, packed: bool, max_row_length: int | None = None) -> LaVITDataCollator:
@@ -85,9 +103,15 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
         training_args.ddp_find_unused_parameters = True
     with whole_weights(training_args):
         model, processor = build_unified_model(script_args)
+    preset, applied = apply_preset("pretrain", script_args.preset, script_args, training_args, model)
     script_args.set_attention(model)
-    dataset, builder = pretraining_dataset(script_args, processor.tokenizer, model.config)
+    dataset, builder = pretraining_dataset(script_args, processor.tokenizer, model.config, training_args.seed)
+    num_rows = len(dataset) if has_length(dataset) else None
+    applied.update(apply_preset_steps(preset, training_args, num_rows))
+    report_preset(preset, applied, num_rows, training_args)
     collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    callbacks = [*callbacks, DataEpochCallback(dataset), ShortRunWarningCallback(
+        row_length=script_args.max_length, preset=script_args.preset)]
     return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
                           script_args.resume, script_args.visual_learning_rate, callbacks)
 

@@ -23,7 +23,7 @@ from transformers.integrations.deepspeed import (
     set_hf_deepspeed_config,
     unset_hf_deepspeed_config,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,25 @@ class BadRecordLoggerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             logs["skipped_records"] = sum(counter.total for counter in self.counters)
+
+
+class DataEpochCallback(TrainerCallback):
+    """Tells a training dataset with `set_epoch` (e.g. [`RandomOrderRows`]) which epoch starts: the Trainer's count,
+    steps done // steps per epoch, so a resumed run continues the epoch it stopped in (accelerate forwards
+    `set_epoch` to the dataset only for some samplers). A dataset without a length counts its passes."""
+
+    def __init__(self, dataset):
+        self.dataset, self.passes = dataset, 0
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if not hasattr(self.dataset, "set_epoch"):
+            return
+        if has_length(train_dataloader):
+            steps_per_epoch = max(-(-len(train_dataloader) // args.gradient_accumulation_steps), 1)
+            self.dataset.set_epoch(state.global_step // steps_per_epoch)
+        else:
+            self.dataset.set_epoch(self.passes)
+        self.passes += 1
 
 
 @contextmanager

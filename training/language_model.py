@@ -1,0 +1,86 @@
+"""A language model for stage 2 without the Hub: a small random LLaMA with a BPE tokenizer trained on your own texts.
+
+Stage 2 takes any transformers causal-LM folder (`--language_model path/to/folder`); this writes one offline, sized
+for small data on a CPU. Its weights are random: it learns language only from the stage-2 data.
+
+    lavit new-language-model runs/lm --data photos/ [--texts corpus.txt] [--vocab-size 1000 --hidden-size 64]
+"""
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+VQA_TEXT = "Question: {question} Answer: {answer}"  # the fine-tuning template (`training.data.VQA_TEMPLATE`)
+
+
+def write_small_language_model(
+    folder,
+    texts: list[str],
+    vocab_size: int = 1000,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """
+    Writes a random `LlamaForCausalLM` and a BPE tokenizer (Metaspace pre-tokenizer, `<unk>`, `<s>`,
+    `</s>`; `</s>` is also the padding token) trained on `texts`, as a folder that `AutoModelForCausalLM` and
+    `AutoTokenizer` load. No image tokens: stage 2 adds them.
+
+    Args:
+        folder: output folder (created).
+        texts: the corpus of the tokenizer (captions, questions, answers...); at least one non-empty string.
+        vocab_size: the most BPE tokens (a small corpus may give fewer).
+        hidden_size, num_hidden_layers, num_attention_heads: LLaMA sizes (key/value heads: half the heads).
+        max_position_embeddings: the longest row the LM reads, visual tokens included.
+        seed: seed of the random weights.
+    Raises:
+        ValueError: `texts` holds no text, or the sizes do not fit (`hidden_size` not divisible by the heads).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [text.strip() for text in texts if isinstance(text, str) and text.strip()]
+    if not texts:
+        raise ValueError("write_small_language_model needs at least one non-empty text to train its tokenizer on")
+    if hidden_size % num_attention_heads or num_attention_heads % 2:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
+                         f"({num_attention_heads}), an even number")
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS)))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads // 2, max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return Path(folder)
+
+
+def corpus_from_data(data: str | None = None, text_files: list[str] = ()) -> list[str]:
+    """The texts of image-text data (`text`, and `question`/`answer` pairs in the fine-tuning template when the
+    records have them) and of text files (`.txt` lines, or the `text` column of JSON/CSV/Parquet), without decoding
+    any image."""
+    from .data import load_records, load_text_records
+
+    texts = []
+    if data:
+        records = load_records(data, require_text=False)
+        columns = [name for name in ("text", "question", "answer") if name in records.column_names]
+        for record in records.select_columns(columns):
+            texts.append(record.get("text"))
+            if record.get("question") and record.get("answer"):
+                texts.append(VQA_TEXT.format(question=record["question"], answer=record["answer"]))
+    for path in text_files:
+        texts.extend(load_text_records(path)["text"])
+    return [text for text in texts if isinstance(text, str)]

@@ -1,0 +1,160 @@
+"""Named training presets (`--preset NAME`) and the warning for runs too short to learn anything.
+
+A preset fills in the settings a run leaves at their defaults (learning rates, batch size, row length, crops) and
+scales the number of optimizer steps to the data: `epochs` passes over the training rows, at least `min_steps` and
+at most `max_steps`. Whatever a run sets itself wins (`--max_steps` included); a flag given with its default value
+cannot be told apart from an unset one.
+"""
+
+import dataclasses
+import logging
+import math
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
+
+logger = logging.getLogger(__name__)
+
+SHORT_RUN_STEPS = 100  # fewer optimizer steps than this learn little from scratch
+FEW_BATCHES = 2  # an epoch of this many batches or fewer: the data is packed into a handful of rows
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPreset:
+    """
+    Args:
+        description: one line for `--help`.
+        settings: argument name (of the stage's arguments or of `TrainingArguments`) -> value, or a function of the
+            model being trained that returns the value (e.g. a row length from the tokenizer's patch count).
+        epochs: passes over the training rows the step count aims at.
+        min_steps, max_steps: bounds of that step count.
+    """
+
+    description: str
+    settings: dict
+    epochs: float
+    min_steps: int
+    max_steps: int
+
+    def steps_for(self, num_rows: int, rows_per_step: int) -> int:
+        """Optimizer steps for `num_rows` training rows, `rows_per_step` rows per optimizer step."""
+        return min(self.max_steps, max(self.min_steps, math.ceil(self.epochs * num_rows / rows_per_step)))
+
+
+def row_length_for_patches(model) -> int:
+    """Room for about three image-caption pairs per row: 4 tokens per patch of an image (256 for 64 patches)."""
+    return 4 * model.config.tokenizer_config.num_patches
+
+
+SMALL_DATA = "small-data"
+PRESETS = {
+    "tokenizer": {SMALL_DATA: TrainingPreset(
+        "hundreds to a few thousand images on a CPU: a new tokenizer from the 'small' config, learning rate 1e-3, "
+        "batch 16, no crops, 25 passes over the images (300 to 1500 steps), VQ on after a quarter of them",
+        {"tokenizer_config": "small", "learning_rate": 1e-3, "per_device_train_batch_size": 16, "crop_scale": 1.0,
+         "warmup_steps": 0.05},
+        epochs=25, min_steps=300, max_steps=1500)},
+    "pretrain": {SMALL_DATA: TrainingPreset(
+        "hundreds to a few thousand pairs on a CPU: learning rate 2e-3 for every weight, batch 8, rows of 4 tokens "
+        "per patch (256 for 64 patches, about 3 pairs), 30 passes over the rows (300 to 1500 steps)",
+        {"learning_rate": 2e-3, "visual_learning_rate": None, "per_device_train_batch_size": 8,
+         "max_length": row_length_for_patches, "warmup_steps": 0.05},
+        epochs=30, min_steps=300, max_steps=1500)},
+    "finetune": {SMALL_DATA: TrainingPreset(
+        "hundreds to a few thousand examples on a CPU: learning rate 1e-3, batch 8, 4 passes over the examples "
+        "(200 to 600 steps)",
+        {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "warmup_steps": 0.05},
+        epochs=4, min_steps=200, max_steps=600)},
+}
+
+
+def preset_field(stage: str):
+    """The `preset` field of a stage's arguments: `--preset NAME`, checked by the parser, every preset in `--help`."""
+    names = "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS[stage].items())
+    return dataclasses.field(default=None, metadata={
+        "help": f"Settings for a kind of run, scaled to the data size; flags you give win. {names}. See README, "
+                f"'Small data'.", "choices": sorted(PRESETS[stage])})
+
+
+def get_preset(stage: str, name: str | None) -> TrainingPreset | None:
+    if name is None:
+        return None
+    if name not in PRESETS[stage]:
+        raise ValueError(f"--preset {name!r} is not a preset of this stage; choose one of {sorted(PRESETS[stage])}")
+    return PRESETS[stage][name]
+
+
+def _default_of(arguments, name: str):
+    spec = {spec.name: spec for spec in dataclasses.fields(arguments)}[name]
+    return spec.default
+
+
+def apply_preset(stage: str, name: str | None, script_args, training_args, model=None):
+    """Writes the settings of preset `name` of `stage` into the arguments that are still at their defaults
+    (settings that depend on the model read `model`); returns the preset (`None` without a name) and what was set.
+
+    Raises:
+        ValueError: `name` is not a preset of `stage`.
+    """
+    preset, applied = get_preset(stage, name), {}
+    for setting, value in (preset.settings.items() if preset else ()):
+        arguments = script_args if hasattr(script_args, setting) else training_args
+        value = value(model) if callable(value) else value
+        if getattr(arguments, setting) == _default_of(arguments, setting):
+            setattr(arguments, setting, value)
+            applied[setting] = value
+    return preset, applied
+
+
+def apply_preset_steps(preset: TrainingPreset | None, training_args, num_rows: int | None) -> dict:
+    """Sets `max_steps` from the number of training rows unless the run gave `--max_steps`; returns what was set."""
+    if preset is None or training_args.max_steps > 0:
+        return {}
+    if num_rows is None:
+        raise ValueError("a preset scales the steps to the data size, which a streamed dataset does not have: "
+                         "give --max_steps")
+    rows_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                     * training_args.world_size)
+    training_args.max_steps = preset.steps_for(num_rows, rows_per_step)
+    return {"max_steps": training_args.max_steps}
+
+
+def report_preset(preset: TrainingPreset | None, applied: dict, num_rows: int | None, training_args):
+    """One line on the main process: the settings the preset chose."""
+    if preset is not None and training_args.process_index == 0:
+        settings = ", ".join(f"{name}={value}" for name, value in applied.items()) or "nothing (all set by the run)"
+        print(f"preset: {settings} ({num_rows} training rows)")
+
+
+class ShortRunWarningCallback(TrainerCallback):
+    """
+    Warns when training starts if the run takes fewer than `SHORT_RUN_STEPS` optimizer steps, or if an epoch is
+    `FEW_BATCHES` batches or fewer (the data packed into a handful of rows), with the numbers and what to change.
+
+    Args:
+        num_records: records read from the data (before packing), when known.
+        row_length: the most tokens per packed row (stage 2), or `None`.
+        preset: the run's preset (then the warning does not suggest one).
+    """
+
+    def __init__(self, num_records: int | None = None, row_length: int | None = None, preset: str | None = None):
+        self.num_records, self.row_length, self.preset = num_records, row_length, preset
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        batches = len(train_dataloader) if has_length(train_dataloader) else None
+        if not state.is_world_process_zero or (state.max_steps >= SHORT_RUN_STEPS and
+                                               (batches is None or batches > FEW_BATCHES)):
+            return
+        data = f"{self.num_records} records" if self.num_records is not None else "the data"
+        if has_length(getattr(train_dataloader, "dataset", None)):
+            data += f" -> {len(train_dataloader.dataset)} rows"
+            data += f" of up to {self.row_length} tokens" if self.row_length else ""
+        epochs = f"{state.num_train_epochs} epoch" + ("s" if state.num_train_epochs != 1 else "")
+        per_epoch = f", {batches} batches of {args.per_device_train_batch_size} per epoch" if batches else ""
+        changes = [] if self.preset else [
+            f"--preset {SMALL_DATA} (steps, learning rate and row length scaled to the data)"]
+        changes.append("more --max_steps / --num_train_epochs")
+        changes += ["a smaller --max_length (fewer records per row)"] if self.row_length else []
+        changes.append("a smaller --per_device_train_batch_size")
+        logger.warning(f"this run will learn little: {state.max_steps} optimizer steps in total ({epochs}{per_epoch}; "
+                       f"{data}). To change: {', or '.join(changes)}.")

@@ -333,31 +333,35 @@ class LaVITModel(LaVITPreTrainedModel):
             raise ValueError(f"input_ids hold {int((spans.lengths == 0).sum())} image placeholder(s) [IMG][/IMG] "
                              f"but no pixel_values were given")
 
-        # every input token is copied once; a compact [IMG] additionally opens room for its image's tokens
+        # every real input token is copied once and a compact [IMG] additionally opens room for its image's tokens;
+        # pads are dropped and the rows re-padded on `padding_side`, so a row's tokens stay contiguous whatever side
+        # its input was padded on (a trailing pad must never sit between a prompt and the tokens generated after it)
+        real = attention_mask.bool()
         inserted = torch.zeros(batch_size, length, dtype=torch.long, device=device)
         if token_counts is not None:
             inserted[spans.rows, spans.starts] = torch.where(spans.lengths == 0, token_counts, 0)
-        span_width = 1 + inserted
+        span_width = (1 + inserted) * real
         new_lengths = span_width.sum(dim=1)
-        new_length = int(new_lengths.max())
+        new_length = max(int(new_lengths.max()), 1)
         shift = (new_length - new_lengths) if padding_side == "left" else torch.zeros_like(new_lengths)
-        destination = span_width.cumsum(dim=1) - span_width + shift[:, None]  # new column of every input token
+        destination = span_width.cumsum(dim=1) - span_width + shift[:, None]  # new column of every real token
 
-        rows = torch.arange(batch_size, device=device)[:, None].expand(-1, length)
+        rows = torch.arange(batch_size, device=device)[:, None].expand(-1, length)[real]
+        columns = destination[real]
         new_ids = input_ids.new_full((batch_size, new_length), self._pad_token_id())
-        new_ids[rows, destination] = input_ids
+        new_ids[rows, columns] = input_ids[real]
         new_mask = attention_mask.new_zeros(batch_size, new_length)
-        new_mask[rows, destination] = attention_mask
+        new_mask[rows, columns] = attention_mask[real]
         segment_starts = torch.zeros(batch_size, new_length, dtype=torch.bool, device=device)
         packed = position_ids is not None and restarts_inside_rows(position_ids)
         if packed:
-            segment_starts[rows, destination] = position_ids == 0
+            segment_starts[rows, columns] = position_ids[real] == 0
         new_labels = None
         if labels is not None:
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise ValueError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
             new_labels = labels.new_full((batch_size, new_length), -100)
-            new_labels[rows, destination] = labels
+            new_labels[rows, columns] = labels[real]
 
         slot_rows = slot_columns = None
         if token_counts is not None:
@@ -734,22 +738,31 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
         )
         if not self.model.has_image_inputs(input_ids, pixel_values):
-            return super().generate(
-                input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs
+            if input_ids is None or attention_mask is None:
+                return super().generate(
+                    input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs
+                )
+            # decoding continues every row at its end: rows padded on the right are moved to the left first
+            left_ids, left_mask = left_padded(input_ids, attention_mask, self.model._pad_token_id())
+            outputs = super().generate(
+                input_ids=left_ids, attention_mask=left_mask, logits_processor=logits_processor, **kwargs
             )
-        prepared = self.model.prepare_multimodal_inputs(
-            input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left"
-        )
-        outputs = super().generate(
-            inputs_embeds=prepared.inputs_embeds,
-            attention_mask=prepared.attention_mask,
-            prompt_embeds=prepared.inputs_embeds,
-            logits_processor=logits_processor,
-            **kwargs,
-        )
+            new_tokens_from = input_ids.shape[1]
+        else:
+            prepared = self.model.prepare_multimodal_inputs(
+                input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left"
+            )
+            outputs = super().generate(
+                inputs_embeds=prepared.inputs_embeds,
+                attention_mask=prepared.attention_mask,
+                prompt_embeds=prepared.inputs_embeds,
+                logits_processor=logits_processor,
+                **kwargs,
+            )
+            new_tokens_from = 0
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-        sequences = torch.cat([prompt.to(sequences.device), sequences], dim=1)
+        sequences = torch.cat([prompt.to(sequences.device), sequences[:, new_tokens_from:]], dim=1)
         if isinstance(outputs, torch.Tensor):
             return sequences
         outputs.sequences = sequences
@@ -792,6 +805,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         image_selection: dict | None = None,
         cache_implementation: str = "dynamic",
         compile_decoding: bool = False,
+        streamer=None,
         **unused_kwargs,
     ) -> LaVITTokenizationOutput:
         """
@@ -806,7 +820,11 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
           or `[IMG]` alone (official); both branches run as one batch in every forward, and the guided scores are
           `uncond + scale * (cond - uncond)` on log-probabilities.
         - Sampling: `temperature`, `top_k`, `top_p` (official defaults: 1.0, 50, 1.0), or greedy with
-          `do_sample=False`; `generator` makes sampling reproducible.
+          `do_sample=False`. Every row samples with its own random stream, seeded by one draw from `generator` (or
+          from torch's global generator) plus the row's index among its prompt's images: a prompt gets the same
+          images alone or batched with others, whatever the padding side.
+        - `streamer` (e.g. `transformers.TextStreamer`): receives the prompt ids, then the LM ids of every step
+          (`[/IMG]` for finished rows), then `end()`, as in `generate`.
         - Lengths: at least `min_new_tokens` visual tokens (default: 20 as the official code, capped by the maximum),
           at most `max_new_tokens` (default and upper bound: the tokenizer's number of patches, the most its decoder
           reads); the image is closed at the limit.
@@ -882,6 +900,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         ).last_hidden_state[:, -1]
         device = hidden_states.device
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        generators = row_generators(generator, batch_size, num_images_per_prompt, device) if do_sample else None
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         generated = []
         for step in range(max_new_tokens + 1):
             scores = F.linear(hidden_states, allowed_head).float()  # column 0 is [/IMG], column 1 + k is code k
@@ -893,13 +914,15 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             for warper in warpers:
                 scores = warper(None, scores)
             if do_sample:
-                next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+                next_tokens = sample_rows(scores.softmax(dim=-1), generators)
             else:
                 next_tokens = scores.argmax(dim=-1)
             if step == max_new_tokens:
                 next_tokens = torch.zeros_like(next_tokens)
             next_tokens = next_tokens.masked_fill(finished, 0)
             generated.append(next_tokens)
+            if streamer is not None:
+                streamer.put((next_tokens + config.image_end_token_id).cpu())
             finished = finished | (next_tokens == 0)
             if bool(finished.all()) or step == max_new_tokens:
                 break
@@ -915,6 +938,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 **cache_kwargs(cache),
             ).last_hidden_state[:, -1]
+        if streamer is not None:
+            streamer.end()
         generated = torch.stack(generated, dim=1)  # (B, steps): code + 1, then 0 from [/IMG] on
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
@@ -1163,6 +1188,37 @@ def _extend_rows(weight: torch.Tensor, old_rows: torch.Tensor, std: float):
     weight[:text_rows] = old_rows.to(weight.dtype)
     new_rows = torch.randn_like(weight[text_rows:], dtype=torch.float32) * std + old_rows.float().mean(dim=0)
     weight[text_rows:] = new_rows.to(weight.dtype)
+
+
+def left_padded(input_ids: torch.LongTensor, attention_mask: torch.Tensor, pad_token_id: int):
+    """The same rows padded on the left: each row's real tokens (mask 1), in order, end at the last column."""
+    real = attention_mask.bool()
+    counts = real.sum(dim=1, keepdim=True)
+    columns = real.long().cumsum(dim=1) - 1 + (input_ids.shape[1] - counts)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    new_ids = torch.full_like(input_ids, pad_token_id)
+    new_ids[rows[real], columns[real]] = input_ids[real]
+    new_mask = torch.zeros_like(attention_mask)
+    new_mask[rows[real], columns[real]] = attention_mask[real]
+    return new_ids, new_mask
+
+
+def row_generators(
+    generator: torch.Generator | None, batch_size: int, rows_per_prompt: int, device: torch.device
+) -> list[torch.Generator]:
+    """
+    One random stream per row: seeded by one draw from `generator` (torch's global generator when None) plus the
+    row's index among its prompt's rows. A row's samples then depend on the seed and on its own prompt only, never on
+    the other prompts of the batch (one shared stream would hand each row the draws left by the rows before it).
+    """
+    seed_device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))
+    return [torch.Generator(device=device).manual_seed(seed + row % rows_per_prompt) for row in range(batch_size)]
+
+
+def sample_rows(probs: torch.FloatTensor, generators: list[torch.Generator]) -> torch.LongTensor:
+    """One multinomial draw per row of `probs` (B, V), each from its own generator."""
+    return torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators, strict=True)])
 
 
 def _concat_left_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

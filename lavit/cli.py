@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", default="", help="text after the image (official: empty)")
     caption.add_argument("--max-new-tokens", type=int, default=36)
     caption.add_argument("--num-beams", type=int, default=2)
+    caption.add_argument("--batch-size", type=int, default=8, help="images captioned together (same results)")
 
     vqa = commands.add_parser("vqa", help="answer a question about an image")
     vqa.add_argument("image", help="an image file")
@@ -153,14 +154,18 @@ def run_tokenize(args) -> None:
 
 
 def run_caption(args) -> None:
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     images = [open_image(path) for path in args.images]  # every file is read before the model loads
     model, processor = load_lavit(args.model)
-    for path, image in zip(args.images, images, strict=True):
-        inputs = processor(images=[image], text="<image>" + args.prompt, return_tensors="pt")
+    for first in range(0, len(images), args.batch_size):
+        batch = images[first : first + args.batch_size]
+        inputs = processor(images=batch, text=["<image>" + args.prompt] * len(batch), return_tensors="pt")
         output = model.generate(**inputs, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                 do_sample=False)
-        text = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        print(f"{path}: {text.strip()}")
+        texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for path, text in zip(args.images[first : first + args.batch_size], texts, strict=True):
+            print(f"{path}: {text.strip()}")
 
 
 def run_vqa(args) -> None:
@@ -292,13 +297,23 @@ RUNNERS = {"tokenize": run_tokenize, "caption": run_caption, "vqa": run_vqa, "ge
            "demo": run_demo}
 
 
+def dashed_flag(arg: str) -> str:
+    """`--max_new_tokens[=V]` -> `--max-new-tokens[=V]`: both spellings work, as in accelerate and TRL, and as in the
+    training commands (whose dataclass parsers accept both)."""
+    if not arg.startswith("--"):
+        return arg
+    name, separator, value = arg.partition("=")
+    return name.replace("_", "-") + separator + value
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv and argv[0] in TRAINING_COMMANDS:
         command, rest = argv[0], argv[1:]
     else:
-        args = parser.parse_args(argv)  # argparse prints one usage line and exits with 2 on bad arguments
+        # argparse prints one usage line and exits with 2 on bad arguments
+        args = parser.parse_args([dashed_flag(arg) for arg in argv])
         command, rest = args.command, None
     try:
         if rest is not None:

@@ -953,12 +953,21 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return self._detokenizer
 
     @torch.no_grad()
-    def decode_image_tokens(self, token_ids: torch.Tensor, token_counts: torch.Tensor | None = None, **decode_kwargs):
+    def decode_image_tokens(
+        self,
+        token_ids: torch.Tensor,
+        token_counts: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        **decode_kwargs,
+    ):
         """
         Visual tokens -> PIL images through the detokenizer (`decode_kwargs` go to [`LaVITDetokenizer.decode`]).
         `token_ids` is either packed code ids (T,) with `token_counts` (B,), as `generate_image_tokens` returns, or
         LM sequences (B, L) (as `generate(..., generation_mode="image")` returns): each row's visual ids after its
-        last `[IMG]` form one image.
+        last `[IMG]` form one image. One `generator` is split into one stream per image (see `row_generators`,
+        with consecutive groups of `num_images_per_prompt` images per prompt), so an image's pixels do not depend on
+        the other images decoded with it.
         """
         if token_counts is None:
             if token_ids.ndim != 2:
@@ -974,7 +983,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             is_visual &= columns > last_start
             token_counts = is_visual.sum(dim=1)
             token_ids = token_ids[is_visual] - config.visual_token_offset
-        return self._require_detokenizer().decode(token_ids, token_counts, **decode_kwargs)
+        if not isinstance(generator, list):
+            generator = row_generators(generator, token_counts.numel(), num_images_per_prompt, self.device)
+        return self._require_detokenizer().decode(token_ids, token_counts, generator=generator, **decode_kwargs)
 
     @torch.no_grad()
     def generate_images(
@@ -1000,9 +1011,10 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         tokens = self.generate_image_tokens(
             input_ids, attention_mask, pixel_values, generator=generator, **generation_kwargs
         )
-        return self._require_detokenizer().decode(
-            tokens.code_ids, tokens.token_counts, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
+        return self.decode_image_tokens(
+            tokens.code_ids, tokens.token_counts, generator=generator,
+            num_images_per_prompt=generation_kwargs.get("num_images_per_prompt", 1), height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=decoder_guidance_scale, output_type=output_type,
             show_progress=show_progress,
         )
 

@@ -117,3 +117,25 @@ def test_generate_image_tokens_streams_every_step(lavit_model, lavit_processor):
     streamed = [chunk[0] for chunk in recorder.chunks[1:]]
     assert streamed[-1] == config.image_end_token_id
     assert [token - config.visual_token_offset for token in streamed[:-1]] == tokens.code_ids.tolist()
+
+
+def test_pipelines_with_batch_size_give_each_input_what_it_gives_alone(lavit_model, lavit_processor, tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    lavit_model.save_pretrained(tmp_path)
+    lavit_processor.save_pretrained(tmp_path)
+    pipe = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)
+    photos = [Image.fromarray(photo) for photo in real_photos()[:3]]
+    prompts = ["<image>a photo of", "<image>question: what is in the picture? answer:", "<image>a"]
+    settings = dict(max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False)
+    batched = pipe(images=photos, text=prompts, batch_size=3, **settings)
+    for photo, prompt, result in zip(photos, prompts, batched, strict=True):
+        assert result["generated_text"] == pipe(images=photo, text=prompt, **settings)[0]["generated_text"]
+
+    text_to_image = pipeline("lavit-text-to-image", model=str(tmp_path), trust_remote_code=True)
+    settings = dict(max_new_tokens=6, min_new_tokens=2, num_images_per_prompt=2)
+    prompts = ["a red bus", "an astronaut in a suit on the moon"]
+    batched = text_to_image(prompts, batch_size=2, generator=torch.Generator().manual_seed(0), **settings)
+    for prompt, results in zip(prompts, batched, strict=True):
+        assert results == text_to_image(prompt, generator=torch.Generator().manual_seed(0), **settings)

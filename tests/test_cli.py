@@ -202,3 +202,19 @@ def test_convert_original_release_to_a_hub_folder(capsys, tmp_path, parity_files
     conditions = model.detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
     torch.testing.assert_close(conditions.pooled_prompt_embeds, expected["highres_pooled_prompt_embeds"],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_batched_captions_equal_one_at_a_time_and_flags_take_both_spellings(capsys, tmp_path, lavit_folder):
+    files = []
+    for index in (0, 2, 3):
+        files.append(tmp_path / f"photo{index}.png")
+        Image.fromarray(real_photos()[index]).save(files[-1])
+    outputs = {}
+    for batch_size, flag in ((1, "--max-new-tokens"), (3, "--max_new_tokens"), (2, "--max_new_tokens")):
+        code, out, _ = run(capsys, "caption", *files, "--model", lavit_folder, f"{flag}=3", "--batch_size",
+                           batch_size, "--num-beams", 2)
+        assert code == 0
+        # a library may log to stdout while the model loads (DeepSpeed's accelerator line): keep the caption lines
+        outputs[batch_size] = [line for line in out.splitlines() if line.startswith(str(tmp_path))]
+    assert len(outputs[1]) == 3 and [line.split(":")[0] for line in outputs[1]] == [str(path) for path in files]
+    assert outputs[1] == outputs[2] == outputs[3]

@@ -188,6 +188,26 @@ class SuppressImageTokensLogitsProcessor(LogitsProcessor):
         return scores
 
 
+class RowSeededSamplingLogitsProcessor(LogitsProcessor):
+    """
+    Draws each row's next token from its own random stream (see `row_generators`; `rows_per_prompt` rows per prompt,
+    as `num_return_sequences` expands them) and leaves only that token at 0, every other score at -inf, so the
+    sampler of `generate` picks it. Put it after the warpers.
+    """
+
+    def __init__(self, generator: torch.Generator, rows_per_prompt: int = 1):
+        self.generator = generator
+        self.rows_per_prompt = rows_per_prompt
+        self.generators = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:
+            self.generators = row_generators(self.generator, scores.shape[0], self.rows_per_prompt, scores.device)
+        tokens = sample_rows(scores.float().softmax(dim=-1), self.generators)
+        chosen = torch.full_like(scores, -float("inf"))
+        return chosen.scatter_(1, tokens[:, None], 0.0)
+
+
 class LaVITPreTrainedModel(PreTrainedModel):
     config_class = LaVITConfig
     base_model_prefix = "model"
@@ -724,6 +744,12 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         with every `GenerationConfig` option. `[IMG]`, `[/IMG]` and visual ids are suppressed. Images are tokenized
         once, placeholders expanded, rows left-padded, then decoding starts from the embeddings. As for text-only
         models, the returned sequences start with the given `input_ids`.
+
+        Each row gets what it gets alone, whatever the padding side: rows padded on the right are re-padded on the
+        left. For seeded sampling that holds too with `generator=torch.Generator().manual_seed(s)` (multinomial
+        sampling, `num_beams=1`): every row then samples from its own stream (see `row_generators`) after the
+        temperature, top-k, top-p and min-p warpers, and the scores `output_scores` returns are the drawn tokens'
+        one-hot ones. Without `generator`, sampling uses torch's global generator, shared by the whole batch.
         """
         if kwargs.pop("generation_mode", None) == "image":
             # the `any-to-any` pipeline's image mode: sequences ending with `[IMG] v_1 .. v_n [/IMG]`, which
@@ -733,10 +759,13 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 image_selection=image_selection, **kwargs,
             )
             return self._image_sequences(input_ids, tokens)
-        logits_processor = kwargs.pop("logits_processor", None) or LogitsProcessorList()
+        logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         logits_processor.append(
             SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
         )
+        generator = kwargs.pop("generator", None)
+        if generator is not None:
+            logits_processor.extend(self._row_seeded_sampling(kwargs, generator))
         if not self.model.has_image_inputs(input_ids, pixel_values):
             if input_ids is None or attention_mask is None:
                 return super().generate(
@@ -767,6 +796,41 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             return sequences
         outputs.sequences = sequences
         return outputs
+
+    def _row_seeded_sampling(self, kwargs: dict, generator: torch.Generator) -> list[LogitsProcessor]:
+        """The warpers and per-row sampler that `generate(generator=...)` appends to the logits processors; the
+        warpers `generate` would add itself are switched off in `kwargs` (they now run before the sampler)."""
+        from transformers.generation import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        config = kwargs.get("generation_config") or self.generation_config
+
+        def setting(name):
+            return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+        if not setting("do_sample") or (setting("num_beams") or 1) > 1:
+            return []  # greedy and beam search draw nothing
+        unsupported = [name for name in ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+                       if setting(name) not in (None, 0.0, 1.0)]
+        if unsupported:
+            raise ValueError(f"generate(generator=...) samples after temperature, top_k, top_p and min_p; "
+                             f"{unsupported} are not supported with it (drop the generator to use them)")
+        warpers = []
+        if setting("temperature") not in (None, 1.0):
+            warpers.append(TemperatureLogitsWarper(setting("temperature")))
+        if setting("top_k"):
+            warpers.append(TopKLogitsWarper(setting("top_k")))
+        if setting("top_p") is not None and setting("top_p") < 1.0:
+            warpers.append(TopPLogitsWarper(setting("top_p")))
+        if setting("min_p") is not None:
+            warpers.append(MinPLogitsWarper(setting("min_p")))
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None)
+        rows_per_prompt = setting("num_return_sequences") or 1
+        return warpers + [RowSeededSamplingLogitsProcessor(generator, rows_per_prompt)]
 
     # ----------------------------------------------------------------------------------------------- image generation
 

@@ -139,3 +139,24 @@ def test_pipelines_with_batch_size_give_each_input_what_it_gives_alone(lavit_mod
     batched = text_to_image(prompts, batch_size=2, generator=torch.Generator().manual_seed(0), **settings)
     for prompt, results in zip(prompts, batched, strict=True):
         assert results == text_to_image(prompt, generator=torch.Generator().manual_seed(0), **settings)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_seeded_text_sampling_gives_each_row_what_it_gives_alone(lavit_model, lavit_processor, padding_side):
+    settings = dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8, max_new_tokens=5, num_return_sequences=2)
+    batch = encode(lavit_processor, lavit_model, ROWS, padding_side)
+    batched = new_tokens(lavit_model.generate(**batch, generator=torch.Generator().manual_seed(0), **settings), batch)
+    pad = lavit_model.generation_config.pad_token_id
+    for row, single_row in enumerate(ROWS):
+        single = encode(lavit_processor, lavit_model, [single_row], padding_side)
+        alone = new_tokens(lavit_model.generate(**single, generator=torch.Generator().manual_seed(0), **settings),
+                           single)
+        for sequence in range(2):
+            assert strip_pads(batched[2 * row + sequence], pad) == strip_pads(alone[sequence], pad), row
+    assert batched[0].tolist() != batched[1].tolist()  # the sequences of one prompt still differ
+    vocabulary = lavit_model.config.text_vocab_size
+    assert int(batched.max()) < vocabulary  # the image ids stay suppressed under the row sampler
+    greedy_top = lavit_model.generate(**batch, generator=torch.Generator().manual_seed(0), do_sample=True, top_k=1,
+                                      max_new_tokens=5)
+    greedy = lavit_model.generate(**batch, do_sample=False, max_new_tokens=5)
+    assert torch.equal(greedy_top, greedy)  # top_k=1 sampling is greedy: the warpers run before the draw

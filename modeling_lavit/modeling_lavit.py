@@ -265,6 +265,8 @@ class LaVITModel(LaVITPreTrainedModel):
         `image_selection` (`mode`, `max_tokens`, `keep_ratio`, `generator`; see `LaVITTokenizerModel.select_tokens`).
         """
         tokenizer = self.visual_tokenizer
+        if self.training:
+            warn_on_frozen_adapters(tokenizer)
         pixel_values = tokenizer._check_pixel_values(pixel_values)
         image_features = tokenizer.get_image_features(pixel_values)
         with torch.no_grad():
@@ -1264,6 +1266,17 @@ def _extend_rows(weight: torch.Tensor, old_rows: torch.Tensor, std: float):
     weight[:text_rows] = old_rows.to(weight.dtype)
     new_rows = torch.randn_like(weight[text_rows:], dtype=torch.float32) * std + old_rows.float().mean(dim=0)
     weight[text_rows:] = new_rows.to(weight.dtype)
+
+
+def warn_on_frozen_adapters(visual_tokenizer: nn.Module):
+    """Warns (once) when PEFT adapters sit in the frozen visual tokenizer: there they never train, since its selector
+    and quantizer run without gradients, and they change the targets it computes (e.g. `target_modules=["q_proj",
+    "v_proj"]` also matches its merger); `lavit.training.lora.lora_config` targets the language model only."""
+    adapted = sorted({name.split(".lora_")[0] for name, _ in visual_tokenizer.named_parameters() if ".lora_" in name})
+    if adapted:
+        logger.warning_once(f"{len(adapted)} LoRA adapter(s) sit in the frozen visual tokenizer (e.g. {adapted[0]}): "
+                            f"they never train and change its targets; target the language model only (e.g. "
+                            f"r'.*language_model.*\\.(q_proj|v_proj)', or lavit.training.lora.lora_config)")
 
 
 def left_padded(input_ids: torch.LongTensor, attention_mask: torch.Tensor, pad_token_id: int):

@@ -2,6 +2,8 @@
 -> train -> save -> reload -> generate), the exact loss under gradient accumulation, and the placeholder contract the
 processor writes when it has the visual tokenizer (expanded spans: the Trainer, TRL and the LM see one sequence)."""
 
+import copy
+
 import pytest
 import torch
 from conftest import real_photos
@@ -139,3 +141,25 @@ def test_trainer_loss_is_exact_under_gradient_accumulation_on_raw_images(lavit_m
             update = trained[name] - initial[name]
             assert float(update.abs().max()) > 1e-4, name  # the step changed the weights
             assert torch.allclose(update, -parameter.grad, atol=1e-9), name
+
+
+def test_lora_targets_only_the_language_model_and_warns_for_frozen_adapters(lavit_model, lavit_processor):
+    from lavit.modeling import modeling_lavit
+    from lavit.training.lora import language_model_targets, lora_config
+    from peft import LoraConfig, get_peft_model
+    from transformers.testing_utils import CaptureLogger
+
+    assert language_model_targets("q_proj, v_proj") == language_model_targets(["q_proj", "v_proj"])
+    assert language_model_targets(r".*\.q_proj") == r".*\.q_proj"  # a regex is PEFT's business
+    batch = lavit_processor(images=real_photos()[:1], text="<image>a cat")
+    for config, frozen_adapters in ((lora_config(["q_proj", "v_proj"], r=4), False),
+                                    (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), True)):
+        model = get_peft_model(copy.deepcopy(lavit_model), config)
+        adapted = {name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_" in name}
+        in_tokenizer = [name for name in adapted if ".visual_tokenizer." in name]
+        assert adapted and bool(in_tokenizer) == frozen_adapters
+        assert all(".language_model." in name for name in adapted) != frozen_adapters
+        modeling_lavit.logger.warning_once.cache_clear()
+        with CaptureLogger(modeling_lavit.logger) as captured:
+            model.train()(**batch)
+        assert ("sit in the frozen visual tokenizer" in captured.out) == frozen_adapters

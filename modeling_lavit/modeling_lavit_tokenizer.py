@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, PreTrainedModel
@@ -915,10 +915,12 @@ def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count:
 
 
 def _load_rgb_image(image) -> Image.Image:
+    """The tokenizer's own minimal reader (this file cannot import the processor's `to_rgb_image` in a Hub folder
+    and in the package alike): files and PIL images get their EXIF orientation applied, as every viewer shows them."""
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as opened:
-                image = opened.convert("RGB")
+                image = ImageOps.exif_transpose(opened).convert("RGB")
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read image file {os.fspath(image)!r}: {error}") from error
     elif isinstance(image, np.ndarray):
@@ -935,7 +937,7 @@ def _load_rgb_image(image) -> Image.Image:
         array = (image.expand(3, -1, -1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         image = Image.fromarray(array)
     elif isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image).convert("RGB")
     else:
         raise ValueError(f"unsupported image type {type(image).__name__}")
     if image.width == 0 or image.height == 0:

@@ -135,6 +135,11 @@ class LaVITTrainer(Trainer):
             for name, total in self._metric_sums.items():
                 logs[name] = round(total / self._metric_counts[name], 6)
             self._metric_sums, self._metric_counts = {}, {}
+        # figures that callbacks contribute are added before any callback runs `on_log`, so that every sink (the
+        # console, logs.jsonl, TensorBoard, W&B...) sees them whatever the order of the callbacks
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "add_to_logs"):
+                callback.add_to_logs(logs)
         super().log(logs, start_time)
 
 
@@ -151,13 +156,14 @@ class JsonlLoggerCallback(TrainerCallback):
 
 
 class BadRecordLoggerCallback(TrainerCallback):
-    """Logs how many records were skipped (per reason) next to the loss."""
+    """Logs how many records were skipped next to the loss (`LaVITTrainer.log` calls `add_to_logs` before the log
+    callbacks run, so the count reaches every sink)."""
 
     def __init__(self, *counters):
         self.counters = counters
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
+    def add_to_logs(self, logs: dict):
+        if "loss" in logs:
             logs["skipped_records"] = sum(counter.total for counter in self.counters)
 
 

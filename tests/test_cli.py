@@ -154,6 +154,9 @@ def test_quick_demo_builds_a_hub_folder_that_loads_without_lavit(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "caption accuracy" in result.stdout and "What it cannot do" in result.stdout
     assert "VAE fitted for 10 steps" in result.stdout
+    assert "fitting the VAE" in result.stderr and "denoising" in result.stderr  # long steps show progress
+    # the demo says whether the images drawn for 'three' and 'seven' differ, and why not when they do not
+    assert "The images for 'three' and 'seven' differ" in result.stdout or "Note: the images for" in result.stdout
     results = json.loads((output / "demo_results.json").read_text())
     assert 1 <= results["finetuned"]["tokens_min"] <= results["finetuned"]["tokens_max"] <= 64
     for path in results["images"]:
@@ -218,3 +221,13 @@ def test_batched_captions_equal_one_at_a_time_and_flags_take_both_spellings(caps
         outputs[batch_size] = [line for line in out.splitlines() if line.startswith(str(tmp_path))]
     assert len(outputs[1]) == 3 and [line.split(":")[0] for line in outputs[1]] == [str(path) for path in files]
     assert outputs[1] == outputs[2] == outputs[3]
+
+
+def test_demo_says_whether_images_of_different_prompts_differ():
+    from lavit.demo import describe_generated_images
+
+    black, white = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4), (255, 255, 255))
+    codes, other_codes = torch.tensor([1, 2]), torch.tensor([3])
+    assert "differ (same seed" in describe_generated_images(("three", "seven"), [codes, other_codes], [black, white])
+    assert "same visual tokens" in describe_generated_images(("three", "seven"), [codes, codes], [black, black])
+    assert "detokenizer" in describe_generated_images(("three", "seven"), [codes, other_codes], [black, black])

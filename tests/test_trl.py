@@ -163,3 +163,43 @@ def test_lora_targets_only_the_language_model_and_warns_for_frozen_adapters(lavi
         with CaptureLogger(modeling_lavit.logger) as captured:
             model.train()(**batch)
         assert ("sit in the frozen visual tokenizer" in captured.out) == frozen_adapters
+
+
+def test_lavit_trainer_is_exact_with_compact_placeholders_on_raw_images(lavit_model, lavit_processor, tmp_path):
+    """Stage-2 batches (compact `[IMG] [/IMG]`, image and text targets, packed rows) under gradient accumulation:
+    `LaVITTrainer` runs the frozen tokenizer before counting, so one step of two micro-batches gives the loss and the
+    update of the whole batch computed by hand with every target the model supervises."""
+    import datasets
+    from conftest import training_args
+    from lavit.training.collators import LaVITDataCollator
+    from lavit.training.data import SequenceBuilder
+    from lavit.training.trainer import LaVITTrainer
+
+    model = lavit_model.double().train()
+    config = model.config
+    images = [Image.fromarray(photo) for photo in real_photos()[:4]]
+    records = datasets.Dataset.from_dict({"image": images, "text": CAPTIONS}).cast_column("image",
+                                                                                         datasets.Image(decode=False))
+    rows = SequenceBuilder(lavit_processor.tokenizer, config, max_length=40, order="text_to_image").build(records)
+    collator = LaVITDataCollator(lavit_processor.image_processor, config.image_start_token_id,
+                                 pad_token_id=lavit_processor.tokenizer.pad_token_id)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = LaVITTrainer(model=model, train_dataset=rows, data_collator=collator, args=training_args(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd",
+        learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, remove_unused_columns=False))
+    trainer.train()
+    loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    trained = {name: value.clone() for name, value in model.state_dict().items()}
+
+    model.load_state_dict(initial)
+    model.zero_grad()
+    batch = collator([rows[index] for index in range(len(rows))])
+    with torch.no_grad():
+        supervised = model(**batch).labels
+    outputs = model(**batch, num_items_in_batch=(supervised[:, 1:] != -100).sum())
+    assert bool((outputs.labels >= config.visual_token_offset).any())  # image targets are part of the loss
+    outputs.loss.backward()
+    assert loss == pytest.approx(float(outputs.loss), rel=1e-6)
+    update = trained["lm_head.weight"] - initial["lm_head.weight"]
+    assert float(update.abs().max()) > 1e-4
+    assert torch.allclose(update, -model.lm_head.weight.grad, atol=1e-9)

@@ -5,9 +5,11 @@ Input side: the continuous merger features of each image's kept tokens, projecte
 vocabulary, and text ids; one cross-entropy over one shared head.
 
 Placeholder contract. An image in `input_ids` is either
-- compact: the pair `[IMG] [/IMG]` (what `LaVITProcessor` writes for `<image>`); the model runs the visual tokenizer,
-  learns the image's token count n and inserts n tokens between the pair; or
-- expanded: `[IMG] v_1 ... v_n [/IMG]` with n visual ids (pre-tokenized data, generated images, discrete prompts).
+- compact: the pair `[IMG] [/IMG]` (what `LaVITProcessor` writes for `<image>` by default); the model runs the visual
+  tokenizer, learns the image's token count n and inserts n tokens between the pair; or
+- expanded: `[IMG] v_1 ... v_n [/IMG]` with n visual ids (what `LaVITProcessor` writes, with `image_keep_mask`, after
+  `set_visual_tokenizer`; pre-tokenized data, generated images, discrete prompts). Then `input_ids` already is the
+  LM's sequence, so Trainer, TRL and the LM see the same length and the same targets.
 With `pixel_values`, every closed span takes one image in order and its visual slots get the continuous features (an
 expanded span must hold exactly as many slots as the image keeps, and its ids are the image's targets: pre-tokenized
 data with `image_keep_mask` skips the frozen target path). Without `pixel_values`, expanded spans are read as

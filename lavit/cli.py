@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", default="", help="text after the image (official: empty)")
     caption.add_argument("--max-new-tokens", type=int, default=36)
     caption.add_argument("--num-beams", type=int, default=2)
+    caption.add_argument("--batch-size", type=int, default=8, help="images captioned together (same results)")
     add_selection_arguments(caption, text=True)
 
     vqa = commands.add_parser("vqa", help="answer a question about an image")
@@ -205,14 +206,29 @@ def image_selection(args) -> dict:
     return selection
 
 
+def selection_inputs(model, pixel_values, args) -> dict:
+    """The selection arguments of `generate` for a batch of images. A sampled selection is drawn image by image, each
+    from its own generator seeded with `--seed`, so an image gets the same tokens alone or in any batch."""
+    import torch
+
+    selection = image_selection(args)
+    sampled = (args.selection or model.visual_tokenizer.config.selection_mode) == "sample"
+    if not sampled or "max_tokens" in selection:
+        return {"image_selection": selection}
+    keep_masks = [model.visual_tokenizer.tokenize(image[None], **image_selection(args)).keep_mask
+                  for image in pixel_values]
+    return {"image_keep_mask": torch.cat(keep_masks)}
+
+
 def text_generation(args) -> dict:
-    """`generate` options of caption/VQA: beam search, or seeded sampling with `--do-sample`."""
-    from transformers import set_seed
+    """`generate` options of caption/VQA: beam search, or sampling with `--do-sample` from a generator seeded with
+    `--seed` (every row draws from its own stream, so a row's text does not depend on its batch)."""
+    import torch
 
     if not args.do_sample:
         return {"num_beams": args.num_beams, "do_sample": False}
-    set_seed(args.seed)  # generate samples from torch's global RNG
-    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "num_beams": 1}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "num_beams": 1,
+            "generator": torch.Generator().manual_seed(args.seed)}
 
 
 def print_json(document) -> None:
@@ -276,17 +292,21 @@ def run_tokenize(args) -> None:
 
 
 def run_caption(args) -> None:
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     images = [open_image(path) for path in args.images]  # every file is read before the model loads
     model, processor = load_lavit(args.model)
     results = []
-    for path, image in zip(args.images, images, strict=True):
-        inputs = processor(images=[image], text="<image>" + args.prompt, return_tensors="pt")
-        output = model.generate(**inputs, image_selection=image_selection(args), max_new_tokens=args.max_new_tokens,
-                                **text_generation(args))
-        text = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        results.append({"image": path, "caption": text.strip()})
-        if not args.json:
-            print(f"{path}: {text.strip()}")
+    for first in range(0, len(images), args.batch_size):
+        paths, batch = args.images[first : first + args.batch_size], images[first : first + args.batch_size]
+        inputs = processor(images=batch, text=["<image>" + args.prompt] * len(batch), return_tensors="pt")
+        output = model.generate(**inputs, **selection_inputs(model, inputs["pixel_values"], args),
+                                max_new_tokens=args.max_new_tokens, **text_generation(args))
+        texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for path, text in zip(paths, texts, strict=True):
+            results.append({"image": path, "caption": text.strip()})
+            if not args.json:
+                print(f"{path}: {text.strip()}")
     if args.json:
         print_json(results)
 
@@ -484,13 +504,23 @@ RUNNERS = {"tokenize": run_tokenize, "caption": run_caption, "vqa": run_vqa, "ge
            "demo": run_demo, "evaluate": run_evaluate, "new-language-model": run_new_language_model}
 
 
+def dashed_flag(arg: str) -> str:
+    """`--max_new_tokens[=V]` -> `--max-new-tokens[=V]`: both spellings work, as in accelerate and TRL, and as in the
+    training commands (whose dataclass parsers accept both)."""
+    if not arg.startswith("--"):
+        return arg
+    name, separator, value = arg.partition("=")
+    return name.replace("_", "-") + separator + value
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv and argv[0] in TRAINING_COMMANDS:
         command, rest = argv[0], argv[1:]
     else:
-        args = parser.parse_args(argv)  # argparse prints one usage line and exits with 2 on bad arguments
+        # argparse prints one usage line and exits with 2 on bad arguments
+        args = parser.parse_args([dashed_flag(arg) for arg in argv])
         command, rest = args.command, None
     try:
         if rest is not None:

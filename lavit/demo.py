@@ -51,11 +51,13 @@ def first_words(text: str) -> str:
 
 def evaluate(model, processor, images, labels) -> dict:
     """Caption and VQA accuracy (the class word in the output) and token statistics on held-out digits."""
+    from tqdm.auto import tqdm
+
     from lavit.training.sample_data import DIGIT_NAMES
 
     model.eval()
     token_counts, caption_hits, answer_hits, examples = [], 0, 0, []
-    for image, label in zip(images, labels, strict=True):
+    for image, label in tqdm(list(zip(images, labels, strict=True)), desc="captions and answers", unit="digit"):
         caption_inputs = processor(images=[image], text="<image>", return_tensors="pt")
         caption_ids = model.generate(**caption_inputs, max_new_tokens=6, do_sample=False)
         caption = processor.batch_decode(caption_ids[:, caption_inputs["input_ids"].shape[1]:],
@@ -96,6 +98,35 @@ def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10
     similarity = torch.nn.functional.normalize(generated_features, dim=-1) @ torch.nn.functional.normalize(
         centroids, dim=-1).T
     return float((similarity.argmax(dim=1) == torch.arange(10).repeat_interleave(per_class)).float().mean())
+
+
+def generate_digit_images(model, processor, image_dir: Path, written: list, names=("three", "seven")) -> str:
+    """Text-to-image for two prompts with one seed (so only the prompt differs) and a sentence saying whether the
+    images, and the visual tokens behind them, differ between the prompts."""
+    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+
+    prompts = processor(text=[f"the digit {name}" for name in names], return_tensors="pt", padding=True)
+    tokens = model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(0), max_new_tokens=64)
+    images = model.decode_image_tokens(tokens.code_ids, tokens.token_counts, generator=torch.Generator().manual_seed(0),
+                                       show_progress=True)
+    for name, image in zip(names, images, strict=True):
+        save_png_atomically(image, image_dir / f"generated_{name}.png")
+        written.append(image_dir / f"generated_{name}.png")
+    return describe_generated_images(names, tokens.per_image(), images)
+
+
+def describe_generated_images(names, token_ids: list, images: list) -> str:
+    """Whether images generated for different prompts differ, and if not, which half of the model ignored them."""
+    import numpy as np
+
+    first, second = names[0], names[1]
+    if not np.array_equal(np.asarray(images[0]), np.asarray(images[1])):
+        return f"The images for {first!r} and {second!r} differ (same seed: the prompt made the difference)."
+    if token_ids[0].tolist() == token_ids[1].tolist():
+        return (f"Note: the images for {first!r} and {second!r} are identical: the LM generated the same visual tokens "
+                f"for both prompts (it trained too briefly to tell them apart).")
+    return (f"Note: the images for {first!r} and {second!r} are identical although their visual tokens differ: the "
+            f"pixel detokenizer trained too briefly to follow its tokens.")
 
 
 def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Path, Path, Path]:
@@ -179,15 +210,11 @@ def run_demo(output: Path, quick: bool = False) -> dict:
         model.visual_tokenizer.visualize(image.resize((256, 256)), path)
         written.append(path)
     pixel_values = processor.image_processor(images=eval_images[:3], return_tensors="pt")["pixel_values"]
-    reconstructions = model.reconstruct(pixel_values, generator=torch.Generator().manual_seed(0))
+    reconstructions = model.reconstruct(pixel_values, generator=torch.Generator().manual_seed(0), show_progress=True)
     for index, image in enumerate(reconstructions):
         save_png_atomically(image, image_dir / f"reconstruction_{index}.png")
         written.append(image_dir / f"reconstruction_{index}.png")
-    for name in ("three", "seven"):
-        prompt = processor(text=f"the digit {name}", return_tensors="pt")
-        image = model.generate_images(**prompt, generator=torch.Generator().manual_seed(0), max_new_tokens=64)[0]
-        save_png_atomically(image, image_dir / f"generated_{name}.png")
-        written.append(image_dir / f"generated_{name}.png")
+    generated_note = generate_digit_images(model, processor, image_dir, written)
 
     seconds = time.perf_counter() - started
     evaluation = [
@@ -234,6 +261,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     for path in written:
         print(f"  {path}")
     print(f"  {hub_folder}  (loads with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True))")
+    print(f"\n{generated_note}")
     print(f"\ndone in {seconds / 60:.1f} min.")
     accuracy = tuned["vqa_accuracy"]
     seen = (f"and tell some digits apart from their tokens: {accuracy:.0%} of its answers on unseen digits are "

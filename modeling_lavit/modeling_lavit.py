@@ -5,9 +5,11 @@ Input side: the continuous merger features of each image's kept tokens, projecte
 vocabulary, and text ids; one cross-entropy over one shared head.
 
 Placeholder contract. An image in `input_ids` is either
-- compact: the pair `[IMG] [/IMG]` (what `LaVITProcessor` writes for `<image>`); the model runs the visual tokenizer,
-  learns the image's token count n and inserts n tokens between the pair; or
-- expanded: `[IMG] v_1 ... v_n [/IMG]` with n visual ids (pre-tokenized data, generated images, discrete prompts).
+- compact: the pair `[IMG] [/IMG]` (what `LaVITProcessor` writes for `<image>` by default); the model runs the visual
+  tokenizer, learns the image's token count n and inserts n tokens between the pair; or
+- expanded: `[IMG] v_1 ... v_n [/IMG]` with n visual ids (what `LaVITProcessor` writes, with `image_keep_mask`, after
+  `set_visual_tokenizer`; pre-tokenized data, generated images, discrete prompts). Then `input_ids` already is the
+  LM's sequence, so Trainer, TRL and the LM see the same length and the same targets.
 With `pixel_values`, every closed span takes one image in order and its visual slots get the continuous features (an
 expanded span must hold exactly as many slots as the image keeps, and its ids are the image's targets: pre-tokenized
 data with `image_keep_mask` skips the frozen target path). Without `pixel_values`, expanded spans are read as
@@ -199,6 +201,26 @@ class SuppressImageTokensLogitsProcessor(LogitsProcessor):
         return scores
 
 
+class RowSeededSamplingLogitsProcessor(LogitsProcessor):
+    """
+    Draws each row's next token from its own random stream (see `row_generators`; `rows_per_prompt` rows per prompt,
+    as `num_return_sequences` expands them) and leaves only that token at 0, every other score at -inf, so the
+    sampler of `generate` picks it. Put it after the warpers.
+    """
+
+    def __init__(self, generator: torch.Generator, rows_per_prompt: int = 1):
+        self.generator = generator
+        self.rows_per_prompt = rows_per_prompt
+        self.generators = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:
+            self.generators = row_generators(self.generator, scores.shape[0], self.rows_per_prompt, scores.device)
+        tokens = sample_rows(scores.float().softmax(dim=-1), self.generators)
+        chosen = torch.full_like(scores, -float("inf"))
+        return chosen.scatter_(1, tokens[:, None], 0.0)
+
+
 class LaVITPreTrainedModel(PreTrainedModel):
     config_class = LaVITConfig
     base_model_prefix = "model"
@@ -256,6 +278,8 @@ class LaVITModel(LaVITPreTrainedModel):
         `image_selection` (`mode`, `max_tokens`, `keep_ratio`, `generator`; see `LaVITTokenizerModel.select_tokens`).
         """
         tokenizer = self.visual_tokenizer
+        if self.training:
+            warn_on_frozen_adapters(tokenizer)
         pixel_values = tokenizer._check_pixel_values(pixel_values)
         image_features = tokenizer.get_image_features(pixel_values)
         with torch.no_grad():
@@ -347,31 +371,35 @@ class LaVITModel(LaVITPreTrainedModel):
             raise ValueError(f"input_ids hold {int((spans.lengths == 0).sum())} image placeholder(s) [IMG][/IMG] "
                              f"but no pixel_values were given")
 
-        # every input token is copied once; a compact [IMG] additionally opens room for its image's tokens
+        # every real input token is copied once and a compact [IMG] additionally opens room for its image's tokens;
+        # pads are dropped and the rows re-padded on `padding_side`, so a row's tokens stay contiguous whatever side
+        # its input was padded on (a trailing pad must never sit between a prompt and the tokens generated after it)
+        real = attention_mask.bool()
         inserted = torch.zeros(batch_size, length, dtype=torch.long, device=device)
         if token_counts is not None:
             inserted[spans.rows, spans.starts] = torch.where(spans.lengths == 0, token_counts, 0)
-        span_width = 1 + inserted
+        span_width = (1 + inserted) * real
         new_lengths = span_width.sum(dim=1)
-        new_length = int(new_lengths.max())
+        new_length = max(int(new_lengths.max()), 1)
         shift = (new_length - new_lengths) if padding_side == "left" else torch.zeros_like(new_lengths)
-        destination = span_width.cumsum(dim=1) - span_width + shift[:, None]  # new column of every input token
+        destination = span_width.cumsum(dim=1) - span_width + shift[:, None]  # new column of every real token
 
-        rows = torch.arange(batch_size, device=device)[:, None].expand(-1, length)
+        rows = torch.arange(batch_size, device=device)[:, None].expand(-1, length)[real]
+        columns = destination[real]
         new_ids = input_ids.new_full((batch_size, new_length), self._pad_token_id())
-        new_ids[rows, destination] = input_ids
+        new_ids[rows, columns] = input_ids[real]
         new_mask = attention_mask.new_zeros(batch_size, new_length)
-        new_mask[rows, destination] = attention_mask
+        new_mask[rows, columns] = attention_mask[real]
         segment_starts = torch.zeros(batch_size, new_length, dtype=torch.bool, device=device)
         packed = position_ids is not None and restarts_inside_rows(position_ids, attention_mask)
         if packed:
-            segment_starts[rows, destination] = position_ids == 0
+            segment_starts[rows, columns] = position_ids[real] == 0
         new_labels = None
         if labels is not None:
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise ValueError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
             new_labels = labels.new_full((batch_size, new_length), -100)
-            new_labels[rows, destination] = labels
+            new_labels[rows, columns] = labels[real]
 
         slot_rows = slot_columns = None
         if token_counts is not None:
@@ -806,6 +834,12 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         once, placeholders expanded, rows left-padded, then decoding starts from the embeddings. As for text-only
         models, the returned sequences start with the given `input_ids`. `inputs_embeds` with `input_ids` and images
         replaces the text embeddings of the prompt (see `LaVITModel.prepare_multimodal_inputs`).
+
+        Each row gets what it gets alone, whatever the padding side: rows padded on the right are re-padded on the
+        left. For seeded sampling that holds too with `generator=torch.Generator().manual_seed(s)` (multinomial
+        sampling, `num_beams=1`): every row then samples from its own stream (see `row_generators`) after the
+        temperature, top-k, top-p and min-p warpers, and the scores `output_scores` returns are the drawn tokens'
+        one-hot ones. Without `generator`, sampling uses torch's global generator, shared by the whole batch.
         """
         if kwargs.pop("generation_mode", None) == "image":
             # the `any-to-any` pipeline's image mode: sequences ending with `[IMG] v_1 .. v_n [/IMG]`, which
@@ -815,34 +849,81 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 image_selection=image_selection, **kwargs,
             )
             return self._image_sequences(input_ids, tokens)
-        logits_processor = kwargs.pop("logits_processor", None) or LogitsProcessorList()
+        logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         logits_processor.append(
             SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
         )
+        generator = kwargs.pop("generator", None)
+        if generator is not None:
+            logits_processor.extend(self._row_seeded_sampling(kwargs, generator))
         if not self.model.has_image_inputs(input_ids, pixel_values):
             if pixel_values is not None:  # images without ids to place them: the forward's clear error
                 self.model._check_input_kinds(input_ids, kwargs.get("inputs_embeds"), pixel_values, False)
-            return super().generate(
-                input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs
+            if input_ids is None or attention_mask is None:
+                return super().generate(
+                    input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs
+                )
+            # decoding continues every row at its end: rows padded on the right are moved to the left first
+            left_ids, left_mask = left_padded(input_ids, attention_mask, self.model._pad_token_id())
+            outputs = super().generate(
+                input_ids=left_ids, attention_mask=left_mask, logits_processor=logits_processor, **kwargs
             )
-        prepared = self.model.prepare_multimodal_inputs(
-            input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
-            inputs_embeds=kwargs.pop("inputs_embeds", None),
-        )
-        outputs = super().generate(
-            inputs_embeds=prepared.inputs_embeds,
-            attention_mask=prepared.attention_mask,
-            prompt_embeds=prepared.inputs_embeds,
-            logits_processor=logits_processor,
-            **kwargs,
-        )
+            new_tokens_from = input_ids.shape[1]
+        else:
+            prepared = self.model.prepare_multimodal_inputs(
+                input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
+                inputs_embeds=kwargs.pop("inputs_embeds", None),
+            )
+            outputs = super().generate(
+                inputs_embeds=prepared.inputs_embeds,
+                attention_mask=prepared.attention_mask,
+                prompt_embeds=prepared.inputs_embeds,
+                logits_processor=logits_processor,
+                **kwargs,
+            )
+            new_tokens_from = 0
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-        sequences = torch.cat([prompt.to(sequences.device), sequences], dim=1)
+        sequences = torch.cat([prompt.to(sequences.device), sequences[:, new_tokens_from:]], dim=1)
         if isinstance(outputs, torch.Tensor):
             return sequences
         outputs.sequences = sequences
         return outputs
+
+    def _row_seeded_sampling(self, kwargs: dict, generator: torch.Generator) -> list[LogitsProcessor]:
+        """The warpers and per-row sampler that `generate(generator=...)` appends to the logits processors; the
+        warpers `generate` would add itself are switched off in `kwargs` (they now run before the sampler)."""
+        from transformers.generation import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        config = kwargs.get("generation_config") or self.generation_config
+
+        def setting(name):
+            return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+        if not setting("do_sample") or (setting("num_beams") or 1) > 1:
+            return []  # greedy and beam search draw nothing
+        unsupported = [name for name in ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+                       if setting(name) not in (None, 0.0, 1.0)]
+        if unsupported:
+            raise ValueError(f"generate(generator=...) samples after temperature, top_k, top_p and min_p; "
+                             f"{unsupported} are not supported with it (drop the generator to use them)")
+        warpers = []
+        if setting("temperature") not in (None, 1.0):
+            warpers.append(TemperatureLogitsWarper(setting("temperature")))
+        if setting("top_k"):
+            warpers.append(TopKLogitsWarper(setting("top_k")))
+        if setting("top_p") is not None and setting("top_p") < 1.0:
+            warpers.append(TopPLogitsWarper(setting("top_p")))
+        if setting("min_p") is not None:
+            warpers.append(MinPLogitsWarper(setting("min_p")))
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None)
+        rows_per_prompt = setting("num_return_sequences") or 1
+        return warpers + [RowSeededSamplingLogitsProcessor(generator, rows_per_prompt)]
 
     # ----------------------------------------------------------------------------------------------- image generation
 
@@ -881,6 +962,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         image_selection: dict | None = None,
         cache_implementation: str = "dynamic",
         compile_decoding: bool = False,
+        streamer=None,
         **unused_kwargs,
     ) -> LaVITTokenizationOutput:
         """
@@ -895,7 +977,11 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
           or `[IMG]` alone (official); both branches run as one batch in every forward, and the guided scores are
           `uncond + scale * (cond - uncond)` on log-probabilities.
         - Sampling: `temperature`, `top_k`, `top_p` (official defaults: 1.0, 50, 1.0), or greedy with
-          `do_sample=False`; `generator` makes sampling reproducible.
+          `do_sample=False`. Every row samples with its own random stream, seeded by one draw from `generator` (or
+          from torch's global generator) plus the row's index among its prompt's images: a prompt gets the same
+          images alone or batched with others, whatever the padding side.
+        - `streamer` (e.g. `transformers.TextStreamer`): receives the prompt ids, then the LM ids of every step
+          (`[/IMG]` for finished rows), then `end()`, as in `generate`.
         - Lengths: at least `min_new_tokens` visual tokens (default: 20 as the official code, capped by the maximum),
           at most `max_new_tokens` (default and upper bound: the tokenizer's number of patches, the most its decoder
           reads); the image is closed at the limit.
@@ -972,6 +1058,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         ).last_hidden_state[:, -1]
         device = hidden_states.device
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        generators = row_generators(generator, batch_size, num_images_per_prompt, device) if do_sample else None
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         generated = []
         for step in range(max_new_tokens + 1):
             scores = self.lm_head(hidden_states)[:, allowed_columns].float()  # column 0: [/IMG], 1 + k: code k
@@ -983,13 +1072,15 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             for warper in warpers:
                 scores = warper(None, scores)
             if do_sample:
-                next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+                next_tokens = sample_rows(scores.softmax(dim=-1), generators)
             else:
                 next_tokens = scores.argmax(dim=-1)
             if step == max_new_tokens:
                 next_tokens = torch.zeros_like(next_tokens)
             next_tokens = next_tokens.masked_fill(finished, 0)
             generated.append(next_tokens)
+            if streamer is not None:
+                streamer.put((next_tokens + config.image_end_token_id).cpu())
             finished = finished | (next_tokens == 0)
             if bool(finished.all()) or step == max_new_tokens:
                 break
@@ -1005,6 +1096,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 **cache_kwargs(cache),
             ).last_hidden_state[:, -1]
+        if streamer is not None:
+            streamer.end()
         generated = torch.stack(generated, dim=1)  # (B, steps): code + 1, then 0 from [/IMG] on
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
@@ -1018,12 +1111,21 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         return self._detokenizer
 
     @torch.no_grad()
-    def decode_image_tokens(self, token_ids: torch.Tensor, token_counts: torch.Tensor | None = None, **decode_kwargs):
+    def decode_image_tokens(
+        self,
+        token_ids: torch.Tensor,
+        token_counts: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        **decode_kwargs,
+    ):
         """
         Visual tokens -> PIL images through the detokenizer (`decode_kwargs` go to [`LaVITDetokenizer.decode`]).
         `token_ids` is either packed code ids (T,) with `token_counts` (B,), as `generate_image_tokens` returns, or
         LM sequences (B, L) (as `generate(..., generation_mode="image")` returns): each row's visual ids after its
-        last `[IMG]` form one image.
+        last `[IMG]` form one image. One `generator` is split into one stream per image (see `row_generators`,
+        with consecutive groups of `num_images_per_prompt` images per prompt), so an image's pixels do not depend on
+        the other images decoded with it.
         """
         if token_counts is None:
             if token_ids.ndim != 2:
@@ -1039,7 +1141,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             is_visual &= columns > last_start
             token_counts = is_visual.sum(dim=1)
             token_ids = token_ids[is_visual] - config.visual_token_offset
-        return self._require_detokenizer().decode(token_ids, token_counts, **decode_kwargs)
+        if not isinstance(generator, list):
+            generator = row_generators(generator, token_counts.numel(), num_images_per_prompt, self.device)
+        return self._require_detokenizer().decode(token_ids, token_counts, generator=generator, **decode_kwargs)
 
     @torch.no_grad()
     def generate_images(
@@ -1065,9 +1169,10 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         tokens = self.generate_image_tokens(
             input_ids, attention_mask, pixel_values, generator=generator, **generation_kwargs
         )
-        return self._require_detokenizer().decode(
-            tokens.code_ids, tokens.token_counts, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
+        return self.decode_image_tokens(
+            tokens.code_ids, tokens.token_counts, generator=generator,
+            num_images_per_prompt=generation_kwargs.get("num_images_per_prompt", 1), height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=decoder_guidance_scale, output_type=output_type,
             show_progress=show_progress,
         )
 
@@ -1266,6 +1371,48 @@ def _extend_rows(weight: torch.Tensor, old_rows: torch.Tensor, std: float):
     weight[:text_rows] = old_rows.to(weight.dtype)
     new_rows = torch.randn_like(weight[text_rows:], dtype=torch.float32) * std + old_rows.float().mean(dim=0)
     weight[text_rows:] = new_rows.to(weight.dtype)
+
+
+def warn_on_frozen_adapters(visual_tokenizer: nn.Module):
+    """Warns (once) when PEFT adapters sit in the frozen visual tokenizer: there they never train, since its selector
+    and quantizer run without gradients, and they change the targets it computes (e.g. `target_modules=["q_proj",
+    "v_proj"]` also matches its merger); `lavit.training.lora.lora_config` targets the language model only."""
+    adapted = sorted({name.split(".lora_")[0] for name, _ in visual_tokenizer.named_parameters() if ".lora_" in name})
+    if adapted:
+        logger.warning_once(f"{len(adapted)} LoRA adapter(s) sit in the frozen visual tokenizer (e.g. {adapted[0]}): "
+                            f"they never train and change its targets; target the language model only (e.g. "
+                            f"r'.*language_model.*\\.(q_proj|v_proj)', or lavit.training.lora.lora_config)")
+
+
+def left_padded(input_ids: torch.LongTensor, attention_mask: torch.Tensor, pad_token_id: int):
+    """The same rows padded on the left: each row's real tokens (mask 1), in order, end at the last column."""
+    real = attention_mask.bool()
+    counts = real.sum(dim=1, keepdim=True)
+    columns = real.long().cumsum(dim=1) - 1 + (input_ids.shape[1] - counts)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    new_ids = torch.full_like(input_ids, pad_token_id)
+    new_ids[rows[real], columns[real]] = input_ids[real]
+    new_mask = torch.zeros_like(attention_mask)
+    new_mask[rows[real], columns[real]] = attention_mask[real]
+    return new_ids, new_mask
+
+
+def row_generators(
+    generator: torch.Generator | None, batch_size: int, rows_per_prompt: int, device: torch.device
+) -> list[torch.Generator]:
+    """
+    One random stream per row: seeded by one draw from `generator` (torch's global generator when None) plus the
+    row's index among its prompt's rows. A row's samples then depend on the seed and on its own prompt only, never on
+    the other prompts of the batch (one shared stream would hand each row the draws left by the rows before it).
+    """
+    seed_device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))
+    return [torch.Generator(device=device).manual_seed(seed + row % rows_per_prompt) for row in range(batch_size)]
+
+
+def sample_rows(probs: torch.FloatTensor, generators: list[torch.Generator]) -> torch.LongTensor:
+    """One multinomial draw per row of `probs` (B, V), each from its own generator."""
+    return torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators, strict=True)])
 
 
 def _concat_left_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, PreTrainedModel
@@ -839,20 +839,19 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         return pixel_values.to(device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
-    def visualize(self, image, path, dim_factor: float = 0.3, **selection_kwargs) -> torch.BoolTensor:
+    def visualize(self, image, path, **selection_kwargs) -> torch.BoolTensor:
         """
-        Writes a PNG of `image` (PIL image, file path, (H, W, C) uint8 array or (C, H, W) float tensor in [0, 1]) at
-        its own resolution with the dropped patches dimmed. `selection_kwargs` go to [`tokenize`]. Returns the (N,)
-        keep mask.
+        Writes a PNG of `image` (PIL image, file path, (H, W, C) uint8 array or (C, H, W) float tensor in [0, 1])
+        showing which patches the selector keeps, readable on dark and light images alike: the patch grid, dropped
+        patches washed towards grey and crossed out, and "n of N tokens" in the corner. Small images are enlarged
+        (nearest neighbour) to at least 256 pixels. `selection_kwargs` go to [`tokenize`]. Returns the (N,) keep mask.
         """
         image = _load_rgb_image(image)
         keep_mask = self.tokenize(self.image_to_pixel_values(image), **selection_kwargs).keep_mask[0]
-        grid = self.config.image_size // self.config.patch_size
-        mask = Image.fromarray(keep_mask.view(grid, grid).cpu().numpy().astype(np.uint8) * 255)
-        mask = np.asarray(mask.resize(image.size, Image.Resampling.NEAREST)) > 0
-        pixels = np.asarray(image, dtype=np.float32)
-        pixels = np.where(mask[..., None], pixels, pixels * dim_factor).round().astype(np.uint8)
-        save_png_atomically(Image.fromarray(pixels), path)
+        scale = max(1, -(-256 // min(image.size)))
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        save_png_atomically(draw_keep_mask(image, keep_mask.cpu(), self.config.image_size // self.config.patch_size),
+                            path)
         return keep_mask
 
     # ----------------------------------------------------------------------------------------------- conversion
@@ -918,11 +917,49 @@ def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count:
     return code_ids.long(), token_counts.long()
 
 
+def draw_keep_mask(image: Image.Image, keep_mask: torch.BoolTensor, grid: int) -> Image.Image:
+    """`image` with its `grid` x `grid` patch grid, dropped patches (keep_mask False, raster order) washed towards
+    grey with a black-and-white cross, and the token count in the top-left corner."""
+    from PIL import ImageDraw, ImageFont
+
+    width, height = image.size
+    rows = (np.arange(height) * grid // height)[:, None]
+    columns = (np.arange(width) * grid // width)[None, :]
+    dropped = ~keep_mask.view(grid, grid).numpy()[rows, columns]
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = np.where(dropped[..., None], 0.35 * pixels + 0.65 * 128, pixels)
+    # grid lines shifted by half the value range: they contrast with any colour, dark or light
+    lines = np.zeros((height, width), dtype=bool)
+    lines[np.flatnonzero(np.diff(rows[:, 0])) + 1, :] = True
+    lines[:, np.flatnonzero(np.diff(columns[0])) + 1] = True
+    pixels = np.where(lines[..., None], (pixels + 128) % 256, pixels)
+    drawn = Image.fromarray(pixels.round().astype(np.uint8))
+    draw = ImageDraw.Draw(drawn)
+    for index in np.flatnonzero(~keep_mask.numpy()):
+        row, column = divmod(int(index), grid)
+        box = (column * width / grid + 2, row * height / grid + 2, (column + 1) * width / grid - 3,
+               (row + 1) * height / grid - 3)
+        for color, line_width in (((0, 0, 0), 3), ((255, 255, 255), 1)):
+            draw.line((box[0], box[1], box[2], box[3]), fill=color, width=line_width)
+            draw.line((box[0], box[3], box[2], box[1]), fill=color, width=line_width)
+    label = f"{int(keep_mask.sum())} of {keep_mask.numel()} tokens"
+    try:  # a scalable font where PIL has FreeType, else its small bitmap font
+        font = ImageFont.load_default(size=max(10, min(width, height) // 20))
+    except (ImportError, OSError, TypeError):
+        font = ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox((4, 4), label, font=font)
+    draw.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=(0, 0, 0))
+    draw.text((4, 4), label, fill=(255, 255, 255), font=font)
+    return drawn
+
+
 def _load_rgb_image(image) -> Image.Image:
+    """The tokenizer's own minimal reader (this file cannot import the processor's `to_rgb_image` in a Hub folder
+    and in the package alike): files and PIL images get their EXIF orientation applied, as every viewer shows them."""
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as opened:
-                image = opened.convert("RGB")
+                image = ImageOps.exif_transpose(opened).convert("RGB")
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read image file {os.fspath(image)!r}: {error}") from error
     elif isinstance(image, np.ndarray):
@@ -939,7 +976,7 @@ def _load_rgb_image(image) -> Image.Image:
         array = (image.expand(3, -1, -1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         image = Image.fromarray(array)
     elif isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image).convert("RGB")
     else:
         raise ValueError(f"unsupported image type {type(image).__name__}")
     if image.width == 0 or image.height == 0:

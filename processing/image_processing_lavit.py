@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -21,10 +21,13 @@ RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.
 
 def to_rgb_image(image, max_image_pixels: int | None = None, name: str = "image") -> Image.Image:
     """
-    Any supported image -> an RGB PIL image. Accepts PIL images, file paths, encoded bytes (or a file object), numpy
-    arrays ((H, W), (H, W, 3|4); uint8, uint16 or float in [0, 1]) and torch tensors ((C, H, W) or (H, W, C), same
-    dtypes). Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited on white.
-    Unreadable, empty or oversized images raise a `ValueError` that names `name`.
+    Any supported image -> an RGB PIL image, as image viewers show it: the one image reader of the processor, the
+    training data, the data sources and the CLI. Accepts PIL images, file paths, encoded bytes (or a file object),
+    numpy arrays ((H, W), (H, W, 3|4); uint8, uint16 or float in [0, 1]) and torch tensors ((C, H, W) or (H, W, C),
+    same dtypes). A stored EXIF orientation (phone photos) is applied with `PIL.ImageOps.exif_transpose`, as
+    `transformers.image_utils.load_image` and `datasets.Image` do; grayscale, palette, CMYK and 16-bit images are
+    converted; transparency is composited on white. Unreadable, empty or oversized images raise a `ValueError` that
+    names `name`.
     """
     if isinstance(image, (bytes, bytearray)):
         image = io.BytesIO(image)
@@ -46,6 +49,7 @@ def to_rgb_image(image, max_image_pixels: int | None = None, name: str = "image"
     if not isinstance(image, Image.Image):
         raise ValueError(f"{name}: unsupported image type {type(image).__name__}; give a PIL image, a file path, "
                          f"a numpy array or a torch tensor")
+    image = ImageOps.exif_transpose(image)  # drops the orientation tag: an already upright image is left as it is
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{name} is empty ({image.width} x {image.height} pixels)")
     if max_image_pixels is not None and image.width * image.height > max_image_pixels:

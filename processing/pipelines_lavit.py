@@ -10,6 +10,7 @@ Captioning and VQA use the built-in `image-text-to-text` task.
 """
 
 from PIL import Image
+from torch import nn
 from transformers import Pipeline
 
 IMAGE_GENERATION_ARGUMENTS = (
@@ -53,22 +54,29 @@ class LaVITTextToImagePipeline(Pipeline):
             name: generate_kwargs.pop(name) for name in PIXEL_DECODING_ARGUMENTS if name in generate_kwargs
         }
         tokens = self.model.generate_image_tokens(**model_inputs, **generate_kwargs)
-        # plain tensors: the pipeline moves outputs to the CPU and would turn a model output class into a dict
-        outputs = {"code_ids": tokens.code_ids, "token_counts": tokens.token_counts}
+        # prompt-first tensors (prompts, images per prompt, ...): with `batch_size > 1` the pipeline splits the
+        # outputs along the first axis, one item per prompt; plain tensors, because it moves outputs to the CPU and
+        # would turn a model output class into a dict
+        num_prompts = model_inputs["input_ids"].shape[0]
+        codes = nn.utils.rnn.pad_sequence(tokens.per_image(), batch_first=True, padding_value=-1)
+        outputs = {"code_ids": codes.view(num_prompts, -1, codes.shape[1]),
+                   "token_counts": tokens.token_counts.view(num_prompts, -1)}
         if getattr(self.model, "can_decode_pixels", False):
             decode_kwargs["guidance_scale"] = decode_kwargs.pop("decoder_guidance_scale", None)
-            outputs["pixels"] = self.model.decode_image_tokens(
+            pixels = self.model.decode_image_tokens(
                 tokens.code_ids, tokens.token_counts, generator=generate_kwargs.get("generator"), output_type="pt",
-                **decode_kwargs,
+                num_images_per_prompt=tokens.token_counts.numel() // num_prompts, **decode_kwargs,
             )
+            outputs["pixels"] = pixels.view(num_prompts, -1, *pixels.shape[1:])
         return outputs
 
     def postprocess(self, model_outputs):
-        code_ids, token_counts = model_outputs["code_ids"], model_outputs["token_counts"]
-        per_image = code_ids.split(token_counts.tolist())
-        results = [{"code_ids": ids.tolist(), "token_count": len(ids)} for ids in per_image]
+        code_ids, token_counts = model_outputs["code_ids"].flatten(0, 1), model_outputs["token_counts"].flatten()
+        results = [{"code_ids": ids[:count].tolist(), "token_count": int(count)}
+                   for ids, count in zip(code_ids, token_counts, strict=True)]
         if "pixels" in model_outputs:
-            arrays = (model_outputs["pixels"].permute(0, 2, 3, 1).float().numpy() * 255).round().astype("uint8")
+            pixels = model_outputs["pixels"].flatten(0, 1)
+            arrays = (pixels.permute(0, 2, 3, 1).float().numpy() * 255).round().astype("uint8")
             for result, array in zip(results, arrays, strict=True):
                 result["image"] = Image.fromarray(array)
         return results

@@ -1,13 +1,19 @@
 """LaVIT processor: text tokenizer + image processor.
 
-Placeholder contract: each `<image>` in the text becomes the compact pair `[IMG] [/IMG]` in `input_ids`, and
-`pixel_values` holds the images in placeholder order. How many visual tokens an image takes is only known once the
-model's token selector has run, so the model (not the processor) inserts them between the pair; lengths given to the
-processor (`max_length`) therefore count text tokens and placeholder pairs, not visual tokens.
+Placeholder contract: each `<image>` in the text becomes an image span in `input_ids`, and `pixel_values` holds the
+images in placeholder order. How many visual tokens an image takes is decided by the frozen visual tokenizer's
+selector, so the span's form depends on whether the processor has that tokenizer:
+- expanded (after `processor.set_visual_tokenizer(model)`): `[IMG] v_1 ... v_n [/IMG]` with the image's n code ids
+  (LM ids) and `image_keep_mask` (num_images, N) saying which patches they are. `input_ids` then is the very sequence
+  the LM reads, so labels, `max_length`, `Trainer`'s target counts and TRL's collators all see the model's length;
+- compact (default): the pair `[IMG] [/IMG]`; the model runs the selector and inserts the n tokens itself, so
+  lengths given here (`max_length`) count text tokens and placeholder pairs, not visual tokens.
+Both give the same model outputs.
 """
 
 import inspect
 
+import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
@@ -96,6 +102,19 @@ class LaVITProcessor(ProcessorMixin):
                              f"{end_id}), so it must be the last one")
         tokenizer.add_tokens([visual_token(code) for code in range(codebook_size)], special_tokens=True)
 
+    def set_visual_tokenizer(self, visual_tokenizer, **image_selection):
+        """
+        Makes the processor write expanded image spans (module docstring): `visual_tokenizer` is a LaVIT model or its
+        frozen [`LaVITTokenizerModel`] (`model.visual_tokenizer`); `image_selection` (`max_tokens`, `keep_ratio`,
+        `mode`) goes to its `tokenize`. `None` goes back to compact placeholders. The tokenizer is not saved with
+        the processor (pass it again after loading).
+        """
+        tokenizer = getattr(visual_tokenizer, "visual_tokenizer", visual_tokenizer)
+        if tokenizer is not None and not hasattr(tokenizer, "tokenize"):
+            raise ValueError(f"set_visual_tokenizer needs a LaVIT model or its visual tokenizer, got "
+                             f"{type(visual_tokenizer).__name__}")
+        self._expansion = _NotSaved(tokenizer, dict(image_selection)) if tokenizer is not None else None
+
     def replace_image_placeholders(self, text: str) -> str:
         """Each `<image>` placeholder -> the compact pair `[IMG][/IMG]` that the model expands."""
         return text.replace(self.image_token, IMAGE_START_TOKEN + IMAGE_END_TOKEN)
@@ -147,18 +166,23 @@ class LaVITProcessor(ProcessorMixin):
         per_token = {key: list(values) for key, values in tokenized.items()
                      if key not in ("input_ids", "attention_mask")}
 
+        image_inputs = self.image_processor(flat_images, return_tensors="pt") if flat_images else {}
+        tokens = self._tokenize_images(image_inputs["pixel_values"]) if flat_images and self.expands_images else None
         kept_images, image_cursor = [], 0
         for row, ids in enumerate(encoded):
-            if truncation and max_length is not None and len(ids) > max_length:
-                cut = max_length
-                if cut > 0 and ids[cut - 1] == self.image_start_token_id:
-                    cut -= 1  # never keep an [IMG] without its [/IMG]
-                encoded[row] = ids = ids[:cut]
+            row_images = list(range(image_cursor, image_cursor + placeholders_per_text[row]))
+            image_cursor += len(row_images)
+            if tokens is not None:
+                images_of_row = [tokens[index] for index in row_images]
                 for values in per_token.values():
-                    values[row] = values[row][:cut]
-            images_kept = ids.count(self.image_start_token_id)
-            kept_images.extend(flat_images[image_cursor : image_cursor + images_kept])
-            image_cursor += placeholders_per_text[row]
+                    values[row] = self._expand_per_token(ids, values[row], images_of_row)
+                ids = self._expand_row(ids, images_of_row)
+            if truncation and max_length is not None and len(ids) > max_length:
+                ids = self._truncate(ids, max_length)
+                for values in per_token.values():
+                    values[row] = values[row][: len(ids)]
+            encoded[row] = ids
+            kept_images.extend(row_images[: ids.count(self.image_start_token_id)])
             if not ids:
                 raise ValueError(f"text {row} has no tokens left (empty, or truncated to max_length={max_length})")
 
@@ -174,7 +198,9 @@ class LaVITProcessor(ProcessorMixin):
         if return_replacements:
             data["text_replacement_offsets"] = [self.replacement_offsets(item) for item in texts]
         if kept_images:
-            data.update(self.image_processor(kept_images, return_tensors=return_tensors))
+            data.update({name: value[kept_images] for name, value in image_inputs.items()})
+            if tokens is not None:
+                data["image_keep_mask"] = torch.stack([tokens[index][1] for index in kept_images])
         return BatchFeature(data, tensor_type=return_tensors)
 
     def _tokenizer_kwargs(self, kwargs: dict) -> dict:
@@ -207,6 +233,51 @@ class LaVITProcessor(ProcessorMixin):
             start = text.find(self.image_token, end)
         return spans
 
+    @property
+    def expands_images(self) -> bool:
+        """Whether image spans are written expanded (see `set_visual_tokenizer`)."""
+        return getattr(self, "_expansion", None) is not None
+
+    def _tokenize_images(self, pixel_values: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
+        """Each image's LM ids (code ids after `[/IMG]`, the vocabulary layout of `add_image_tokens`) and keep mask."""
+        tokenizer, selection = self._expansion.value
+        parameter = next(tokenizer.parameters())
+        with torch.no_grad():
+            output = tokenizer.tokenize(pixel_values.to(parameter.device, parameter.dtype), **selection)
+        offset = self.image_end_token_id + 1
+        return [((codes + offset).tolist(), mask) for codes, mask in
+                zip(output.per_image(), output.keep_mask.cpu(), strict=True)]
+
+    def _expand_row(self, ids: list[int], images: list[tuple[list[int], torch.Tensor]]) -> list[int]:
+        """Fills the compact pairs of one row, in order, with their images' visual ids."""
+        expanded, cursor = [], 0
+        for token in ids:
+            expanded.append(token)
+            if token == self.image_start_token_id:
+                expanded.extend(images[cursor][0])
+                cursor += 1
+        return expanded
+
+    def _expand_per_token(self, ids: list[int], values: list, images: list[tuple[list[int], torch.Tensor]]) -> list:
+        """A per-token output of one row (offsets, token types) with one entry per visual slot `_expand_row` inserts:
+        the `[IMG]` token's value, as a zero-width offset at its end for offsets."""
+        expanded, cursor = [], 0
+        for token, value in zip(ids, values, strict=True):
+            expanded.append(value)
+            if token == self.image_start_token_id:
+                filler = (value[1], value[1]) if isinstance(value, tuple | list) else value
+                expanded.extend([filler] * len(images[cursor][0]))
+                cursor += 1
+        return expanded
+
+    def _truncate(self, ids: list[int], max_length: int) -> list[int]:
+        """Cuts a row on the right at `max_length` tokens, before any image span the cut would split."""
+        cut = max_length
+        starts = [index for index, token in enumerate(ids[:cut]) if token == self.image_start_token_id]
+        if starts and self.image_end_token_id not in ids[starts[-1] : cut]:
+            cut = starts[-1]  # never keep an [IMG] without its [/IMG]
+        return ids[:cut]
+
     def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
                                        **kwargs):
         """`any-to-any` pipeline hook: images come back from `LaVITForCausalLM.decode_image_tokens` already decoded
@@ -219,7 +290,18 @@ class LaVITProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values", "image_keep_mask"]
+
+
+class _NotSaved:
+    """Holds the visual tokenizer for the processor: `ProcessorMixin.to_dict` deep-copies the processor's attributes
+    before keeping the savable ones, and a model must be neither copied nor written into processor_config.json."""
+
+    def __init__(self, *value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 __all__ = ["LaVITProcessor"]

@@ -143,6 +143,9 @@ def test_quick_demo_builds_a_hub_folder_that_loads_without_lavit(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "caption accuracy" in result.stdout and "What it cannot do" in result.stdout
     assert "VAE fitted for 10 steps" in result.stdout
+    assert "fitting the VAE" in result.stderr and "denoising" in result.stderr  # long steps show progress
+    # the demo says whether the images drawn for 'three' and 'seven' differ, and why not when they do not
+    assert "The images for 'three' and 'seven' differ" in result.stdout or "Note: the images for" in result.stdout
     results = json.loads((output / "demo_results.json").read_text())
     assert 1 <= results["finetuned"]["tokens_min"] <= results["finetuned"]["tokens_max"] <= 64
     for path in results["images"]:
@@ -191,3 +194,29 @@ def test_convert_original_release_to_a_hub_folder(capsys, tmp_path, parity_files
     conditions = model.detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
     torch.testing.assert_close(conditions.pooled_prompt_embeds, expected["highres_pooled_prompt_embeds"],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_batched_captions_equal_one_at_a_time_and_flags_take_both_spellings(capsys, tmp_path, lavit_folder):
+    files = []
+    for index in (0, 2, 3):
+        files.append(tmp_path / f"photo{index}.png")
+        Image.fromarray(real_photos()[index]).save(files[-1])
+    outputs = {}
+    for batch_size, flag in ((1, "--max-new-tokens"), (3, "--max_new_tokens"), (2, "--max_new_tokens")):
+        code, out, _ = run(capsys, "caption", *files, "--model", lavit_folder, f"{flag}=3", "--batch_size",
+                           batch_size, "--num-beams", 2)
+        assert code == 0
+        # a library may log to stdout while the model loads (DeepSpeed's accelerator line): keep the caption lines
+        outputs[batch_size] = [line for line in out.splitlines() if line.startswith(str(tmp_path))]
+    assert len(outputs[1]) == 3 and [line.split(":")[0] for line in outputs[1]] == [str(path) for path in files]
+    assert outputs[1] == outputs[2] == outputs[3]
+
+
+def test_demo_says_whether_images_of_different_prompts_differ():
+    from lavit.demo import describe_generated_images
+
+    black, white = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4), (255, 255, 255))
+    codes, other_codes = torch.tensor([1, 2]), torch.tensor([3])
+    assert "differ (same seed" in describe_generated_images(("three", "seven"), [codes, other_codes], [black, white])
+    assert "same visual tokens" in describe_generated_images(("three", "seven"), [codes, codes], [black, black])
+    assert "detokenizer" in describe_generated_images(("three", "seven"), [codes, other_codes], [black, black])

@@ -204,8 +204,12 @@ def test_generate_images_end_to_end_and_reconstruction(lavit_with_detokenizer, l
     # the same as its two halves run by hand with one generator
     generator = seeded(0)
     tokens = model.generate_image_tokens(**inputs, generator=generator, **settings)
-    by_hand = model.detokenizer.decode(tokens.code_ids, tokens.token_counts, generator=generator, output_type="pt")
+    by_hand = model.decode_image_tokens(tokens.code_ids, tokens.token_counts, generator=generator, output_type="pt",
+                                        num_images_per_prompt=2)
     assert torch.equal(images, by_hand)
+    # each prompt's pixels are what it gives alone: the batch neighbour changes neither its tokens nor its noise
+    alone = model.generate_images(**lavit_processor(text="a cat"), generator=seeded(0), output_type="pt", **settings)
+    assert torch.allclose(images[2:], alone, atol=1e-5)
 
     photos = lavit_processor.image_processor(images=[Image.fromarray(photo) for photo in real_photos()[:2]])
     reconstructed = model.reconstruct(photos["pixel_values"], image_selection={"max_tokens": 4}, height=16, width=24)

@@ -220,20 +220,34 @@ def test_bad_keep_masks_and_codes_raise_clear_errors(tiny_model):
         tiny_model.tokenize(pixel_values, mode="random")
 
 
-def test_visualize_writes_a_png_with_dropped_patches_dimmed(tiny_model, tmp_path):
-    photo = real_photos()[0]
+@pytest.mark.parametrize("brightness", [1.0, 0.04], ids=["photo", "dark-photo"])
+def test_visualize_marks_dropped_patches_visibly_on_any_image(tiny_model, tmp_path, brightness):
+    photo = (real_photos()[0] * brightness).round().astype(np.uint8)  # 512 x 512; the dark one is nearly black
     path = tmp_path / "out" / "astronaut.png"
     keep_mask = tiny_model.visualize(photo, path, max_tokens=4)
     assert int(keep_mask.sum()) == 4
-    written = np.asarray(Image.open(path))
+    written = np.asarray(Image.open(path)).astype(int)
     assert written.shape == photo.shape
     grid = tiny_model.config.image_size // tiny_model.config.patch_size
     cell_h, cell_w = photo.shape[0] // grid, photo.shape[1] // grid
+    washed = []
     for index, kept in enumerate(keep_mask.tolist()):
         row, col = divmod(index, grid)
-        center = (row * cell_h + cell_h // 2, col * cell_w + cell_w // 2)
-        original = photo[center].astype(float)
-        assert np.allclose(written[center], original if kept else np.round(original * 0.3), atol=1)
+        if row == 0:
+            continue  # the token count label sits over the first row
+        point = (row * cell_h + cell_h // 4, col * cell_w + cell_w // 2)  # off the patch's cross and grid lines
+        change = np.abs(written[point] - photo[point].astype(int)).max()
+        center = written[row * cell_h + cell_h // 2 - 2 : row * cell_h + cell_h // 2 + 3,
+                         col * cell_w + cell_w // 2 - 2 : col * cell_w + cell_w // 2 + 3]
+        if kept:
+            assert change == 0  # kept patches keep their pixels
+        else:
+            washed.append(change)
+            assert center.min() <= 10 and center.max() >= 245  # a black-and-white cross: visible on any colour
+    if brightness < 0.1:
+        assert min(washed) >= 40  # dropped patches of a nearly black photo turn visibly grey
+    row_border = written[cell_h, :, 0] - photo[cell_h, :, 0].astype(int)
+    assert (np.abs(row_border) >= 100).mean() > 0.9  # grid lines stand out from dark and light pixels alike
     with pytest.raises(ValueError, match="cannot read image file"):
         tiny_model.visualize(tmp_path / "missing.jpg", tmp_path / "x.png")
 

@@ -268,3 +268,28 @@ def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components
     detokenizer = AutoModel.from_pretrained(resumed, trust_remote_code=True)
     images = detokenizer.decode(torch.tensor([1, 2, 3]), torch.tensor([3]), num_inference_steps=2)
     assert images[0].size == (32, 32)
+
+
+def test_skipped_records_reach_every_log_sink(lavit_model, tmp_path):
+    """The count is added before any log callback runs: a sink registered first (as the Trainer's TensorBoard or W&B
+    callbacks are) and logs.jsonl both get it, in every stage (they all log through `LaVITTrainer.log`)."""
+    from lavit.training.data import BadRecordCounter
+    from lavit.training.trainer import BadRecordLoggerCallback, JsonlLoggerCallback, LaVITTrainer
+
+    class Sink(TrainerCallback):
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    counter = BadRecordCounter()
+    counter.skip("unreadable image", "record 3: cannot read")
+    sink = Sink()
+    trainer = LaVITTrainer(model=lavit_model, args=training_args(tmp_path),
+                           callbacks=[sink, JsonlLoggerCallback(), BadRecordLoggerCallback(counter)])
+    trainer.log({"loss": 1.5})
+    trainer.log({"eval_loss": 2.0})
+    jsonl = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert sink.logs[0]["skipped_records"] == jsonl[0]["skipped_records"] == 1
+    assert "skipped_records" not in sink.logs[1] and "skipped_records" not in jsonl[1]

@@ -146,3 +146,55 @@ class ImageCollator:
         if self.crop_scale is not None:
             images = [random_crop(image, self.crop_scale) for image in images]
         return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"]}
+
+
+def expand_compact_images(batch: dict, code_ids: list[list[int]], keep_mask: torch.Tensor, config,
+                          pad_token_id: int = 0) -> dict:
+    """
+    A training batch (`input_ids`, `labels`, and `attention_mask` or packed `position_ids`) with every compact
+    `[IMG] [/IMG]` pair filled with its image's visual ids (`code_ids`, one list per image of the batch in reading
+    order, as the frozen tokenizer gives them; expanded spans keep theirs), the same targets the model would add
+    (the slots of a compact image are supervised when its `[IMG]` label is), `image_keep_mask`, and rows right-padded
+    again. The Trainer then counts every target the model supervises.
+    """
+    offset = config.visual_token_offset
+    mask = batch.get("attention_mask")
+    positions = batch.get("position_ids")
+    rows, image = [], 0
+    for row, (ids, labels) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True)):
+        real = mask[row].tolist() if mask is not None else [1] * len(ids)
+        starts = (positions[row] == 0).tolist() if positions is not None else [False] * len(ids)
+        new = {"input_ids": [], "labels": [], "starts": []}
+        for column, (token, label) in enumerate(zip(ids, labels, strict=True)):
+            if not real[column]:
+                continue
+            new["input_ids"].append(token)
+            new["labels"].append(label)
+            new["starts"].append(starts[column])
+            if token != config.image_start_token_id:
+                continue
+            if column + 1 < len(ids) and ids[column + 1] == config.image_end_token_id:  # compact: fill it
+                new["input_ids"] += [offset + code for code in code_ids[image]]
+                new["labels"] += [offset + code if label != -100 else -100 for code in code_ids[image]]
+                new["starts"] += [False] * len(code_ids[image])
+            image += 1
+        rows.append(new)
+    length = max(len(new["input_ids"]) for new in rows)
+    expanded = {"input_ids": torch.full((len(rows), length), pad_token_id), "labels": torch.full((len(rows), length),
+                                                                                                -100)}
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for row, new in enumerate(rows):
+        size = len(new["input_ids"])
+        expanded["input_ids"][row, :size] = torch.tensor(new["input_ids"])
+        expanded["labels"][row, :size] = torch.tensor(new["labels"])
+        attention_mask[row, :size] = 1
+    if positions is not None:  # packed rows: positions restart where a segment starts; padding continues the last
+        position_ids = torch.arange(length).repeat(len(rows), 1)
+        for row, new in enumerate(rows):
+            for column in [index for index, start in enumerate(new["starts"]) if start]:
+                position_ids[row, column:] -= position_ids[row, column].clone()
+        expanded["position_ids"] = position_ids
+    else:
+        expanded["attention_mask"] = attention_mask
+    device = batch["input_ids"].device
+    return {**batch, **{name: value.to(device) for name, value in expanded.items()}, "image_keep_mask": keep_mask}

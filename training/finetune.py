@@ -19,11 +19,11 @@ from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .data import InstructionBuilder, load_records
+from .lora import language_model_targets
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .stage2_pretrain import data_collator
 from .trainer import train_and_save, whole_weights
 
-LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # kept in full precision under QLoRA: the frozen tokenizer's quantizer must see exact features
 QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection", "lm_head"]
 
@@ -39,7 +39,8 @@ class FinetuningArguments(SequenceArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default=LM_PROJECTIONS, metadata={"help": "Regex of the adapted modules."})
+    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
+        "help": "Adapted modules: comma-separated names (of the language model only) or a regex over full names."})
     merge_lora: bool = field(default=True, metadata={"help": "Merge the adapters into the final checkpoint."})
     visual_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the visual modules and rows in full fine-tuning (default: --learning_rate)."})
@@ -70,7 +71,7 @@ def load_model_for_finetuning(script_args: FinetuningArguments, training_args) -
 
         lora_config = LoraConfig(
             r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
-            target_modules=script_args.lora_target_modules, task_type="CAUSAL_LM",
+            target_modules=language_model_targets(script_args.lora_target_modules), task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
     return model

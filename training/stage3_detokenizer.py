@@ -23,6 +23,7 @@ from lavit.modeling import LaVITDetokenizer, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -112,6 +113,7 @@ def fit_vae(vae, dataset, collate_fn, steps: int, batch_size: int, learning_rate
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn)
     losses = []
+    progress = tqdm(total=steps, desc="fitting the VAE", unit="step")  # minutes on a CPU: never silent
     while len(losses) < steps:
         for batch in loader:
             pixel_values = batch.to(vae.device, vae.dtype)
@@ -122,8 +124,11 @@ def fit_vae(vae, dataset, collate_fn, steps: int, batch_size: int, learning_rate
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            progress.update()
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
             if len(losses) == steps:
                 break
+    progress.close()
     vae.requires_grad_(False).eval()
     return losses
 

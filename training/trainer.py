@@ -2,7 +2,7 @@
 
 `LaVITTrainer` adds to `transformers.Trainer`:
 - exact loss normalisation under gradient accumulation for compact image placeholders (whose targets the model
-  adds after the Trainer counted the labels): such steps fall back to per-micro-batch means;
+  adds after the Trainer counted the labels): the frozen tokenizer expands them before the count;
 - parameter groups with their own learning rate for the visual modules and the visual rows of the embedding and
   head (paper: about 1e-4 for the visual part, 1e-5 for the LM);
 - extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs.
@@ -24,6 +24,8 @@ from transformers.integrations.deepspeed import (
     unset_hf_deepspeed_config,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+
+from .collators import expand_compact_images
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,29 @@ class LaVITTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ loss normalisation
 
     def _get_num_items_in_batch(self, batch_samples, device):
-        if any(self._has_compact_image_targets(batch) for batch in batch_samples):
-            # the targets of compact images are only known inside the model: count nothing, so the model normalises
-            # each micro-batch by its own targets and the Trainer divides by the accumulation steps
+        compact = [self._has_compact_image_targets(batch) for batch in batch_samples]
+        if any(compact) and (self.args.gradient_accumulation_steps > 1 or self.args.world_size > 1):
+            # the targets of compact images are only known once the frozen selector has run: run it here and expand
+            # the batches in place (an extra no-grad pass of the encoder), so the count, the loss and the gradient
+            # are exact across micro-batches and devices. With one micro-batch on one device the model's own mean is
+            # already exact.
+            for index, batch in enumerate(batch_samples):
+                if compact[index]:
+                    batch.update(self._expand_compact_images(batch))
+        elif any(compact):
             return None
         return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _expand_compact_images(self, batch) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        tokenizer = model.visual_tokenizer
+        parameter = next(tokenizer.parameters())
+        with torch.no_grad():
+            tokens = tokenizer.tokenize(batch["pixel_values"].to(parameter.device, parameter.dtype),
+                                        batch.get("image_keep_mask"))
+        pad_token_id = getattr(model.config.text_config, "pad_token_id", None) or 0
+        return expand_compact_images(batch, [ids.tolist() for ids in tokens.per_image()],
+                                     tokens.keep_mask.to(batch["input_ids"].device), model.config, pad_token_id)
 
     def _has_compact_image_targets(self, batch) -> bool:
         """The model's own rule: a compact span whose `[IMG]` label is kept gets targets added in the forward."""
@@ -135,6 +155,11 @@ class LaVITTrainer(Trainer):
             for name, total in self._metric_sums.items():
                 logs[name] = round(total / self._metric_counts[name], 6)
             self._metric_sums, self._metric_counts = {}, {}
+        # figures that callbacks contribute are added before any callback runs `on_log`, so that every sink (the
+        # console, logs.jsonl, TensorBoard, W&B...) sees them whatever the order of the callbacks
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "add_to_logs"):
+                callback.add_to_logs(logs)
         super().log(logs, start_time)
 
 
@@ -151,13 +176,14 @@ class JsonlLoggerCallback(TrainerCallback):
 
 
 class BadRecordLoggerCallback(TrainerCallback):
-    """Logs how many records were skipped (per reason) next to the loss."""
+    """Logs how many records were skipped next to the loss (`LaVITTrainer.log` calls `add_to_logs` before the log
+    callbacks run, so the count reaches every sink)."""
 
     def __init__(self, *counters):
         self.counters = counters
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
+    def add_to_logs(self, logs: dict):
+        if "loss" in logs:
             logs["skipped_records"] = sum(counter.total for counter in self.counters)
 
 

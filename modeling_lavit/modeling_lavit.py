@@ -434,7 +434,7 @@ class LaVITModel(LaVITPreTrainedModel):
             if tuple(text_embeds.shape[:2]) != (batch_size, length):
                 raise ValueError(f"inputs_embeds has shape {tuple(text_embeds.shape)}, expected ({batch_size}, "
                                  f"{length}, hidden) like input_ids")
-            inputs_embeds = inputs_embeds.index_put((rows, destination), text_embeds.to(inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds.index_put((rows, columns), text_embeds[real].to(inputs_embeds.dtype))
         if visual_embeds is not None:
             if labels is not None and config.generated_image_inputs == "codes":
                 # generation feeds sampled code ids back through the embedding table: train the same inputs

@@ -203,3 +203,28 @@ def test_lavit_trainer_is_exact_with_compact_placeholders_on_raw_images(lavit_mo
     update = trained["lm_head.weight"] - initial["lm_head.weight"]
     assert float(update.abs().max()) > 1e-4
     assert torch.allclose(update, -model.lm_head.weight.grad, atol=1e-9)
+
+
+def test_messages_format_with_assistant_only_loss_supervises_the_answers_only(lavit_model, lavit_processor, tmp_path):
+    """TRL's `messages` format: `assistant_only_loss=True` reads the chat template's assistant mask through the
+    processor, so only the answers (and their end of turn) are targets, never the prompt or the input image codes."""
+    from datasets import Dataset
+
+    conversations = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": text}]}] for text in CAPTIONS[:2]
+    ]
+    dataset = Dataset.from_dict({"messages": conversations,
+                                 "images": [[Image.fromarray(photo)] for photo in real_photos()[:2]]})
+    lavit_processor.set_visual_tokenizer(lavit_model)
+    trainer = trl.SFTTrainer(
+        model=lavit_model.train(), train_dataset=dataset, processing_class=lavit_processor,
+        args=trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                           report_to="none", save_strategy="no", assistant_only_loss=True),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert batch["labels"].shape == batch["input_ids"].shape
+    tokenizer = lavit_processor.tokenizer
+    answers = [tokenizer.decode(row[row != -100]) for row in batch["labels"]]
+    assert answers == [f"{text}{tokenizer.eos_token}" for text in CAPTIONS[:2]]
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))

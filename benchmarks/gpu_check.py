@@ -73,7 +73,9 @@ LAUNCH = ("import runpy, sys, torch; torch.backends.cuda.enable_cudnn_sdp(False)
 def steps(dry_run: bool, results: Path) -> list[dict]:
     """name, command and timeout (s) of every step, most wanted first; tiny sizes on the CPU with `dry_run`. A
     benchmark writes its JSON to `results / f"{name}.json"`."""
-    python = sys.executable
+    # -P: the repository root is not put on sys.path, so its `lavit/` folder (the namespace's sources only) cannot
+    # shadow the installed package, which maps `lavit.modeling` etc. onto the other folders
+    python = [sys.executable, "-P"]
     if dry_run:
         arguments = dict(
             tokenizer=["--sizes", "small", "--batch-sizes", "2", "--dtype", "float32", "--warmup", "0", "--repeats",
@@ -109,12 +111,12 @@ def steps(dry_run: bool, results: Path) -> list[dict]:
     output_flags = dict(tokenizer="--out", causal_lm="--json", training="--json", detokenizer="--output",
                         training_flex="--json")
     chosen = [
-        dict(name="env", command=[python, "-c", ENV_PROBE], timeout=timeouts["env"]),
-        dict(name="tests", command=[python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+        dict(name="env", command=[*python, "-c", ENV_PROBE], timeout=timeouts["env"]),
+        dict(name="tests", command=[*python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
              timeout=timeouts["tests"]),
     ]
     for name in ("tokenizer", "causal_lm", "training", "detokenizer", "training_flex"):
-        command = [python, "-c", LAUNCH, str(HERE / scripts[name]), *arguments[name], output_flags[name],
+        command = [*python, "-c", LAUNCH, str(HERE / scripts[name]), *arguments[name], output_flags[name],
                    str(results / f"{name}.json")]
         chosen.append(dict(name=name, command=command, timeout=timeouts[name]))
     return chosen

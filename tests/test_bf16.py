@@ -379,3 +379,23 @@ def test_training_stage_with_bf16_flag(stage, stage_inputs, tmp_path):
     assert losses[0] == pytest.approx(reference[0], rel=5e-2), (losses, reference)
     weights = load_file(next(final.glob("*.safetensors")))
     assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+
+
+def test_official_conversion_loaded_in_bf16(parity_files, tmp_path):
+    """`LaVITForCausalLM.from_original(..., dtype=torch.bfloat16)` on the official parity fixtures: bf16 throughout
+    (the official fp32 LayerNorms and codebook included) and the official LM visual embeddings within bf16
+    tolerance."""
+    from test_parity import write_official_release
+
+    write_official_release(parity_files, tmp_path)
+    heads = dict(vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
+    model = LaVITForCausalLM.from_original(tmp_path, dtype=BF16, **heads)
+    # every saved tensor; the rotary frequencies (recomputed, never saved) stay float32 as transformers keeps them
+    tensors = [*model.state_dict().values(), *model.detokenizer.state_dict().values()]
+    assert {tensor.dtype for tensor in tensors if tensor.is_floating_point()} == {BF16}
+    inputs, expected = parity_files["inputs"], parity_files["expected"]
+    with torch.no_grad():
+        features, code_ids = model.model.get_image_features(inputs["pixel_values"].to(BF16), inputs["keep_mask"],
+                                                            return_code_ids=True)
+    assert features.features.dtype == BF16 and code_ids.shape == expected["code_ids"].shape
+    assert relative_error(features.features, expected["llm_visual_embeds"]) < RELATIVE

@@ -1139,9 +1139,9 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         if pixel_decoder is not None and diffusers_folder.is_dir():
             detokenizer = LaVITDetokenizer.from_original(
                 model_path, conditioning=pixel_decoder, decoder_num_heads=decoder_num_heads,
-                pooling_num_heads=decoder_num_heads,
+                pooling_num_heads=decoder_num_heads, dtype=dtype,
             )
-            model.set_detokenizer(detokenizer.to(dtype))
+            model.set_detokenizer(detokenizer)
         return model.eval()
 
 

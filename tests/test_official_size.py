@@ -207,3 +207,20 @@ def test_convert_an_official_width_release_file_by_file_in_bf16(tmp_path):
     # every written value is stored once, except the EVA final norm/head and the decoder's UNet projection (unused
     # without a pixel decoder); the quantizer's EMA state (codebook copy, counts, flag) is derived
     assert stored == values - EVA_UNUSED - UNET_PROJ + 16384 * 32 + 16384 + 1
+
+
+def test_conversion_without_a_feature_decoder_initialises_one(parity_files, tmp_path):
+    """pixel_decoder=None: no official file fills the feature decoder, so it starts random (not left on meta)."""
+    from test_parity import write_official_release
+
+    write_official_release(parity_files, tmp_path)
+    model = LaVITForCausalLM.from_original(tmp_path, pixel_decoder=None, vision_num_heads=4, merger_num_heads=4,
+                                           decoder_num_heads=4)
+    decoder = model.model.visual_tokenizer.decoder
+    assert model.detokenizer is None
+    assert all(not parameter.is_meta and torch.isfinite(parameter).all() for parameter in decoder.parameters())
+    assert 0.01 < float(decoder.query_embedding.std()) < 0.05  # the config's initializer range, not garbage
+    expected = parity_files["expected"]
+    reconstructed = model.model.visual_tokenizer.decode_codes(expected["code_ids"][:5], torch.tensor([5]))
+    tokenizer_config = model.config.tokenizer_config
+    assert reconstructed.shape == (1, tokenizer_config.num_patches, tokenizer_config.vision_config.hidden_size)

@@ -335,14 +335,14 @@ def stage_inputs(tmp_path_factory):
 
 
 def run_stage(stage: str, inputs: dict, output_dir, bf16: bool):
-    """One optimizer step of one training stage through its entry point; the logged loss and the final folder."""
+    """Two optimizer steps of one training stage through its entry point; the logged losses and the final folder."""
     import json
 
     from conftest import training_args
 
     if stage == "lora" and "stage2" not in inputs:  # before this run's arguments: they set the accelerator state
         inputs["stage2"] = run_stage("pretrain", inputs, output_dir.parent / "lora_base", bf16=False)[1]
-    arguments = training_args(output_dir, max_steps=1, logging_steps=1, per_device_train_batch_size=2, bf16=bf16)
+    arguments = training_args(output_dir, max_steps=2, logging_steps=1, per_device_train_batch_size=2, bf16=bf16)
     data = str(inputs["photos"])
     if stage == "tokenizer":
         from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
@@ -369,14 +369,16 @@ def run_stage(stage: str, inputs: dict, output_dir, bf16: bool):
 
 @pytest.mark.parametrize("stage", ["tokenizer", "pretrain", "lora", "detokenizer"])
 def test_training_stage_with_bf16_flag(stage, stage_inputs, tmp_path):
-    """`--bf16` (float32 master weights under bf16 autocast): a finite loss within 5e-2 of float32's on the same
-    data and random draws (crops, Gumbel selection, noise), a step taken, and a float32 checkpoint."""
+    """`--bf16` (float32 master weights under bf16 autocast), two steps: finite losses, the first (same weights, data
+    and random draws: crops, Gumbel selection, noise) within 5e-2 of float32's, the second (after one bf16 update)
+    within 1e-1, and a float32 checkpoint."""
     from safetensors.torch import load_file
 
     losses, final = run_stage(stage, stage_inputs, tmp_path / "bf16", bf16=True)
     reference, _ = run_stage(stage, stage_inputs, tmp_path / "fp32", bf16=False)
-    assert len(losses) == 1 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[0] == pytest.approx(reference[0], rel=5e-2), (losses, reference)
+    assert losses[1] == pytest.approx(reference[1], rel=1e-1), (losses, reference)
     weights = load_file(next(final.glob("*.safetensors")))
     assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
 

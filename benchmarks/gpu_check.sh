@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on an offline machine (see benchmarks/GPU_CHECK.md): installs the carried wheels (.whl/) and this
 # repository into /tmp/site without touching the machine's own packages, then runs benchmarks/gpu_check.py.
-# Arguments go to gpu_check.py (e.g. --only causal_lm,training for a rerun). Results: $OUT/gpu_check.{json,log}.
+# Arguments go to gpu_check.py (e.g. --only image_tokens,training_flex for a rerun). Results: $OUT/gpu_check.{json,log}.
 set -u
 cd "$(dirname "$0")/.."
 site=/tmp/site
@@ -21,4 +21,4 @@ if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-co
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec timeout 480 python3 -P benchmarks/gpu_check.py --out "${OUT:-benchmarks/results}" "$@"
+exec timeout 470 python3 -P benchmarks/gpu_check.py --out "${OUT:-benchmarks/results}" "$@"

@@ -14,12 +14,12 @@ import gpu_check  # noqa: E402
 
 def test_dry_run_writes_one_json_with_figures_and_targets(tmp_path):
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only", "env,causal_lm",
-         "--out", str(tmp_path)], capture_output=True, text=True, timeout=240,
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only",
+         "env,caption,image_tokens", "--out", str(tmp_path)], capture_output=True, text=True, timeout=240,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["dry_run"] and set(report["steps"]) == {"env", "causal_lm"}
+    assert report["dry_run"] and set(report["steps"]) == {"env", "caption", "image_tokens"}
     assert all(step["status"] == "ok" for step in report["steps"].values()), report["steps"]
     assert report["environment"]["versions"]["transformers"]
     figures = {figure["name"]: figure for figure in report["figures"]}
@@ -27,7 +27,7 @@ def test_dry_run_writes_one_json_with_figures_and_targets(tmp_path):
     assert caption["value"] > 0 and caption["target"] == ">= 4" and caption["met"] == (caption["value"] >= 4)
     assert figures["image tokens cfg=4 static, batch 1 (tokens/s)"]["value"] > 0
     assert "caption throughput vs fixed 576" in completed.stdout  # the printed table
-    assert "[causal_lm]" in (tmp_path / "gpu_check.log").read_text()
+    assert "[image_tokens]" in (tmp_path / "gpu_check.log").read_text()
 
 
 def test_a_step_past_its_timeout_is_killed_and_recorded():

@@ -1112,10 +1112,10 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         # near the size of the weights, and a bf16 release is never held in float32
         with torch.device("meta"):
             model = cls(config)
-        lm_shards = iter_lm_checkpoint(model_path / "language_model")
-        first_shard = next(lm_shards)
-        if dtype is None:  # the release's own dtype
-            dtype = next(value.dtype for value in first_shard.values() if value.is_floating_point())
+        for shard in iter_lm_checkpoint(model_path / "language_model"):
+            if dtype is None:  # the release's own dtype
+                dtype = next(value.dtype for value in shard.values() if value.is_floating_point())
+            assign_tensors(model, shard, dtype)
         tokenizer = convert_original_tokenizer_state_dict(tokenizer_state, decoder_state)
         assign_tensors(model.model.visual_tokenizer, tokenizer, dtype)
         del tokenizer_state, decoder_state, tokenizer
@@ -1127,9 +1127,6 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
             raise ValueError(f"visual_weight.bin does not fit: missing {sorted(expected - set(lm_visual_state))}, "
                              f"unexpected {sorted(set(lm_visual_state) - expected)}")
         assign_tensors(model.model, lm_visual_state, dtype)
-        for shard in (first_shard, *lm_shards):
-            assign_tensors(model, shard, dtype)
-            del shard
         _fill_derived_tokenizer_tensors(model.model.visual_tokenizer, dtype)
         materialize_unsaved_buffers(model)
         if config.tie_word_embeddings:

@@ -151,12 +151,14 @@ def write_official_width_release(folder, layers: int = 2) -> int:
     generator = torch.Generator().manual_seed(0)
     values = sum(write_random(folder / name, shapes, generator) for name, shapes in official_tensors(layers).items())
     language_model = folder / "language_model"
-    weight_map = {}
+    weight_map, lm_values = {}, 0
     for index, shapes in enumerate(llama_shards(layers), start=1):
         name = f"pytorch_model-{index:05d}-of-00003.bin"
-        values += write_random(language_model / name, shapes, generator)
+        lm_values += write_random(language_model / name, shapes, generator)
         weight_map.update(dict.fromkeys(shapes, name))
-    (language_model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    index = {"metadata": {"total_size": 2 * lm_values}, "weight_map": weight_map}
+    (language_model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    values += lm_values
     LlamaConfig(vocab_size=VOCAB, hidden_size=LM_WIDTH, intermediate_size=LM_MLP, num_hidden_layers=layers,
                 num_attention_heads=32, max_position_embeddings=2048, pad_token_id=0, tie_word_embeddings=False,
                 dtype="bfloat16").save_pretrained(language_model)

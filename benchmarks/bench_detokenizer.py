@@ -95,6 +95,7 @@ def main():
     parser.add_argument("--highres", action="store_true", help="also the SDXL-architecture decoder at 1024x1024")
     parser.add_argument("--image-tokens", type=int, default=85, help="visual tokens per image (paper mean ~ 85-90)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (DPM-Solver++ runs 0.4x as many)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,11 +109,12 @@ def main():
     for conditioning in ["lowres"] + (["highres"] if args.highres else []):
         detokenizer = build_detokenizer(args.size, conditioning, lm_config, device, dtype)
         fast = DPMSolverMultistepScheduler.from_config(detokenizer.scheduler.config)
+        ddim, dpm = args.steps, max(1, round(0.4 * args.steps))
         variants = [
-            ("DDIM 25 steps, CFG 7 batched", 25, 7.0, True, None),
-            ("DDIM 25 steps, CFG 7 sequential", 25, 7.0, False, None),
-            ("DDIM 25 steps, no CFG", 25, 1.0, True, None),
-            ("DPM-Solver++ 10 steps, CFG 7 batched", 10, 7.0, True, fast),
+            (f"DDIM {ddim} steps, CFG 7 batched", ddim, 7.0, True, None),
+            (f"DDIM {ddim} steps, CFG 7 sequential", ddim, 7.0, False, None),
+            (f"DDIM {ddim} steps, no CFG", ddim, 1.0, True, None),
+            (f"DPM-Solver++ {dpm} steps, CFG 7 batched", dpm, 7.0, True, fast),
         ]
         for name, steps, guidance, batched, scheduler in variants:
             parts = stage_times(detokenizer, code_ids, token_counts, steps, guidance, batched, scheduler, device,

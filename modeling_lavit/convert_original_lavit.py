@@ -7,11 +7,14 @@ renamed by a rule below or listed as not used by the tokenizer; anything else is
 be skipped silently (the official loader uses `strict=False`).
 """
 
+import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .configuration_lavit import LaVITEvaVisionConfig, LaVITTokenizerConfig
 
@@ -93,7 +96,8 @@ LM_VISUAL_RULES = [
 
 def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Loads an official checkpoint file: `<name>.safetensors` if present, else the `.bin` pickle with
-    `torch.load(weights_only=True)` (tensors only, no code execution)."""
+    `torch.load(weights_only=True)` (tensors only, no code execution), memory-mapped where the file allows it, so
+    its tensors are read from disk when used instead of all at once."""
     path = Path(path)
     safetensors_path = path.with_suffix(".safetensors")
     if safetensors_path.is_file():
@@ -102,7 +106,10 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         return load_file(safetensors_path)
     if not path.is_file():
         raise FileNotFoundError(f"official LaVIT checkpoint file not found: {path}")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) pickle format cannot be memory-mapped
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
     return state_dict
@@ -187,7 +194,64 @@ def original_tokenizer_config(
     return LaVITTokenizerConfig(**sizes)
 
 
+# the release's `language_model/`: a transformers causal LM (LLaMA), `model.*` + `lm_head.*`
+LM_RULES = [(r"^model\.", "model.language_model."), (r"^lm_head\.", "lm_head.")]
+
+
+def iter_lm_checkpoint(folder: str | os.PathLike) -> Iterator[dict[str, torch.Tensor]]:
+    """The state dict of a transformers checkpoint folder one weight file at a time, in `LaVITForCausalLM` key names
+    (`LM_RULES`): sharded or single, safetensors or `.bin`, so that at most one shard is read at once."""
+    folder = Path(folder)
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index_name).is_file():
+            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            break
+        if (folder / single_name).is_file():
+            files = [folder / single_name]
+            break
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
+    for path in files:
+        yield rename_keys(load_original_state_dict(path), LM_RULES, [], str(path))
+
+
+def assign_tensors(module: nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> set[str]:
+    """Puts converted tensors into `module` (built on the meta device) as its parameters and buffers, cast to `dtype`
+    (floating tensors only; no copy where a tensor has it already, so a bf16 release is never held in float32).
+    Returns the keys assigned; raises on keys the module does not have and on shape mismatches."""
+    unexpected = sorted(set(state_dict) - set(module.state_dict(keep_vars=True)))
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} converted key(s) are not in {type(module).__name__}: {unexpected[:10]}")
+    if dtype is not None:
+        state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+    module.load_state_dict(state_dict, strict=False, assign=True)
+    return set(state_dict)
+
+
+def materialize_unsaved_buffers(model: nn.Module):
+    """Modules built on the meta device whose non-persistent buffers (e.g. rotary frequencies, computed from the
+    config and never saved) are still on it are built again from their `config` on the CPU."""
+    for name, module in list(model.named_modules()):
+        buffers = [module._buffers[key] for key in module._non_persistent_buffers_set if key in module._buffers]
+        if any(buffer is not None and buffer.is_meta for buffer in buffers) and hasattr(module, "config"):
+            with torch.device("cpu"):
+                model.set_submodule(name, type(module)(config=module.config))
+
+
+def check_materialized(model: nn.Module):
+    """Raises naming every parameter or buffer that no official tensor filled (still on the meta device)."""
+    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if missing:
+        raise ValueError(f"the official release does not fill {len(missing)} tensor(s): {missing[:10]}")
+
+
 __all__ = [
+    "assign_tensors",
+    "check_materialized",
+    "iter_lm_checkpoint",
+    "materialize_unsaved_buffers",
     "convert_original_lm_visual_state_dict",
     "count_blocks",
     "convert_original_tokenizer_state_dict",

@@ -25,14 +25,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_lavit import LaVITConfig
-from .convert_original_lavit import convert_original_lm_visual_state_dict, load_original_state_dict
+from .convert_original_lavit import (
+    assign_tensors,
+    check_materialized,
+    convert_original_lm_visual_state_dict,
+    convert_original_tokenizer_state_dict,
+    iter_lm_checkpoint,
+    load_original_state_dict,
+    materialize_unsaved_buffers,
+    original_tokenizer_config,
+)
 from .modeling_lavit_detokenizer import LaVITDetokenizer
 from .modeling_lavit_tokenizer import (
     LaVITFeaturesOutput,
@@ -1275,8 +1284,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         """
         model_path = Path(model_path)
         tokenizer_folder = model_path / "visual_tokenizer"
-        encoder_state = load_original_state_dict(tokenizer_folder / "eva_vitg_psz14.bin")
-        tokenizer_state = {f"encoder.{key}": value for key, value in encoder_state.items()}
+        tokenizer_state = {f"encoder.{key}": value
+                           for key, value in load_original_state_dict(tokenizer_folder / "eva_vitg_psz14.bin").items()}
         tokenizer_state.update(load_original_state_dict(tokenizer_folder / "tokenizer_encoder.bin"))
         decoder_state = None
         if pixel_decoder is not None:
@@ -1284,37 +1293,47 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
                 raise ValueError(f"pixel_decoder must be 'highres', 'lowres' or None, got {pixel_decoder!r}")
             name = "highres_tokenizer_decoder.bin" if pixel_decoder == "highres" else "tokenizer_decoder.bin"
             decoder_state = load_original_state_dict(tokenizer_folder / name)
-        visual_tokenizer = LaVITTokenizerModel.from_original_state_dict(
-            tokenizer_state, decoder_state_dict=decoder_state, vision_num_heads=vision_num_heads,
-            merger_num_heads=merger_num_heads, decoder_num_heads=decoder_num_heads,
+        tokenizer_config = original_tokenizer_config(
+            tokenizer_state, decoder_state, vision_num_heads=vision_num_heads, merger_num_heads=merger_num_heads,
+            decoder_num_heads=decoder_num_heads,
         )
-        language_model = AutoModelForCausalLM.from_pretrained(model_path / "language_model", dtype=dtype)
-        text_vocab_size = language_model.config.vocab_size - 2 - visual_tokenizer.config.codebook_size
+        text_config = AutoConfig.from_pretrained(model_path / "language_model")
         config = LaVITConfig(
-            text_config=language_model.config, tokenizer_config=visual_tokenizer.config,
-            text_vocab_size=text_vocab_size, tie_word_embeddings=language_model.config.tie_word_embeddings,
+            text_config=text_config, tokenizer_config=tokenizer_config,
+            text_vocab_size=text_config.vocab_size - 2 - tokenizer_config.codebook_size,
+            tie_word_embeddings=text_config.tie_word_embeddings,
         )
-        model = cls(config)
-        model.model.visual_tokenizer.load_state_dict(visual_tokenizer.state_dict())
-        model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
-        model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+        # built on the meta device and filled file by file (LM shard by shard, memory-mapped): peak memory stays
+        # near the size of the weights, and a bf16 release is never held in float32
+        with torch.device("meta"):
+            model = cls(config)
+        for shard in iter_lm_checkpoint(model_path / "language_model"):
+            if dtype is None:  # the release's own dtype
+                dtype = next(value.dtype for value in shard.values() if value.is_floating_point())
+            assign_tensors(model, shard, dtype)
+        tokenizer = convert_original_tokenizer_state_dict(tokenizer_state, decoder_state)
+        assign_tensors(model.model.visual_tokenizer, tokenizer, dtype)
+        del tokenizer_state, decoder_state, tokenizer
         lm_visual_state = convert_original_lm_visual_state_dict(
             load_original_state_dict(model_path / "language_model" / "visual_weight.bin")
         )
-        model.model.load_state_dict(lm_visual_state, strict=False)
         expected = {key for key in model.model.state_dict() if key.startswith(("visual_merger.", "visual_projection."))}
         if set(lm_visual_state) != expected:
             raise ValueError(f"visual_weight.bin does not fit: missing {sorted(expected - set(lm_visual_state))}, "
                              f"unexpected {sorted(set(lm_visual_state) - expected)}")
-        if dtype is not None:
-            model = model.to(dtype)
+        assign_tensors(model.model, lm_visual_state, dtype)
+        _fill_derived_tokenizer_tensors(model.model.visual_tokenizer, dtype)
+        materialize_unsaved_buffers(model)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        check_materialized(model)
         diffusers_folder = model_path / ("highres_pixel_decoding" if pixel_decoder == "highres" else "pixel_decoding")
         if pixel_decoder is not None and diffusers_folder.is_dir():
             detokenizer = LaVITDetokenizer.from_original(
                 model_path, conditioning=pixel_decoder, decoder_num_heads=decoder_num_heads,
-                pooling_num_heads=decoder_num_heads,
+                pooling_num_heads=decoder_num_heads, dtype=dtype,
             )
-            model.set_detokenizer(detokenizer.to(dtype) if dtype is not None else detokenizer)
+            model.set_detokenizer(detokenizer)
         return model.eval()
 
 
@@ -1363,6 +1382,20 @@ def _load_detokenizer(pretrained_model_name_or_path, kwargs) -> LaVITDetokenizer
     except ImportError as error:
         logger.warning(f"the folder has a pixel decoder (detokenizer/) but it is not loaded: {error}")
         return None
+
+
+def _fill_derived_tokenizer_tensors(visual_tokenizer: LaVITTokenizerModel, dtype: torch.dtype):
+    """After a conversion on the meta device: the quantizer's EMA state starts from the official codebook, and a
+    feature decoder that no official file filled is initialised at random (with a warning)."""
+    quantizer = visual_tokenizer.quantizer
+    quantizer.ema_code_sum = quantizer.codebook.clone()
+    quantizer.ema_cluster_size = torch.ones(quantizer.codebook_size, dtype=quantizer.codebook.dtype)
+    quantizer.initialized = torch.tensor(True)
+    if any(parameter.is_meta for parameter in visual_tokenizer.decoder.parameters()):
+        logger.warning("no feature decoder in the release folder: the feature decoder is randomly initialised")
+        decoder = type(visual_tokenizer.decoder)(visual_tokenizer.config)
+        decoder.apply(visual_tokenizer._init_weights)
+        visual_tokenizer.decoder = decoder.to(dtype)
 
 
 def _extend_rows(weight: torch.Tensor, old_rows: torch.Tensor, std: float):

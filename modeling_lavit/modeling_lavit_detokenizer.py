@@ -458,14 +458,15 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         pooling_num_heads: int = 16,
         negative_prompt_embeds: torch.Tensor | None = None,
         diffusers_folder: str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float32,
         **config_kwargs,
     ) -> "LaVITDetokenizer":
         """
         Builds a detokenizer from an official decoder file (`tokenizer_decoder.bin`: lowres, or
         `highres_tokenizer_decoder.bin`: highres, told apart by their keys) and the tokenizer's codebook
         (`quantize.embedding.weight`). Sizes are read from the tensors; every key must be used. The UNet, VAE and
-        scheduler are loaded from `diffusers_folder` (without building random ones first), or built from
-        `config_kwargs` (`unet_config`, ...) and left randomly initialised.
+        scheduler are loaded from `diffusers_folder` (without building random ones first, directly in `dtype`), or
+        built from `config_kwargs` (`unet_config`, ...) and left randomly initialised.
         """
         highres = "unet_proj_1.weight" in decoder_state_dict
         if diffusers_folder is not None and not highres and negative_prompt_embeds is None:
@@ -509,8 +510,10 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
                                            else set())
         if missing:
             raise ValueError(f"official decoder state dict does not fit: missing {sorted(missing)}")
-        model.load_state_dict({key: value.float() for key, value in converted.items()}, strict=False,
+        model.load_state_dict({key: value.to(dtype) for key, value in converted.items()}, strict=False,
                               assign=diffusers_folder is not None)
+        if diffusers_folder is None:
+            model = model.to(dtype)
         if diffusers_folder is not None:
             model.load_diffusers_components(diffusers_folder)
         if not highres and negative_prompt_embeds is None:

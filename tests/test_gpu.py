@@ -50,3 +50,36 @@ def test_compiled_static_cache_decoding_gives_the_dynamic_tokens_on_cuda():
     dynamic = model.generate_image_tokens(**prompt, **settings)
     compiled = model.generate_image_tokens(**prompt, cache_implementation="static", compile_decoding=True, **settings)
     assert compiled.code_ids.tolist() == dynamic.code_ids.tolist()
+
+
+def test_bf16_unified_model_on_cuda_matches_float32_cpu():
+    """bf16 weights on CUDA, and float32 weights under CUDA autocast with a backward pass (the Trainer's --bf16): the
+    loss of the CPU float32 model within 3e-2, finite float32 gradients."""
+    from conftest import real_photos, tiny_lavit_config, tiny_text_tokenizer
+
+    from lavit import LaVITForCausalLM, LaVITImageProcessor, LaVITProcessor
+
+    text_tokenizer = tiny_text_tokenizer()
+    torch.manual_seed(0)
+    model = LaVITForCausalLM(tiny_lavit_config(len(text_tokenizer) - 2)).eval()
+    processor = LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), text_tokenizer)
+    batch = processor(images=real_photos()[:2], text=["<image>a photo of a cat", "<image>a red bus"], padding=True,
+                      return_tensors="pt")
+    batch["image_keep_mask"] = torch.rand(2, model.config.tokenizer_config.num_patches,
+                                          generator=torch.Generator().manual_seed(0)) < 0.5
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        reference = float(model(**batch, labels=labels).loss)
+    on_cuda = {key: value.cuda() for key, value in batch.items()}
+    trained = LaVITForCausalLM(model.config).cuda().train()
+    trained.load_state_dict(model.state_dict())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = trained(**on_cuda, labels=labels.cuda()).loss
+    loss.backward()
+    assert float(loss) == pytest.approx(reference, rel=3e-2)
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trained.parameters()
+               if p.grad is not None)
+    bf16 = model.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        output = bf16(**on_cuda, labels=labels.cuda())
+    assert output.logits.dtype == torch.bfloat16 and float(output.loss) == pytest.approx(reference, rel=3e-2)

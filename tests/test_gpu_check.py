@@ -1,0 +1,40 @@
+"""benchmarks/gpu_check.py keeps working: a dry run of a subset of its steps (tiny sizes on the CPU), and a step that
+overruns its timeout is killed and recorded while the next one still runs."""
+
+import io
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_dry_run_writes_one_json_with_figures_and_targets(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only",
+         "env,caption,image_tokens", "--out", str(tmp_path)], capture_output=True, text=True, timeout=240,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] and set(report["steps"]) == {"env", "caption", "image_tokens"}
+    assert all(step["status"] == "ok" for step in report["steps"].values()), report["steps"]
+    assert report["environment"]["versions"]["transformers"]
+    figures = {figure["name"]: figure for figure in report["figures"]}
+    caption = figures["caption throughput vs fixed 576 tokens, batch 2 (x)"]
+    assert caption["value"] > 0 and caption["target"] == ">= 4" and caption["met"] == (caption["value"] >= 4)
+    assert figures["image tokens cfg=4 static, batch 1 (tokens/s)"]["value"] > 0
+    assert "caption throughput vs fixed 576" in completed.stdout  # the printed table
+    assert "[image_tokens]" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_a_step_past_its_timeout_is_killed_and_recorded():
+    step = dict(name="sleeper", command=[sys.executable, "-c", "import time; print('started'); time.sleep(60)"])
+    log = io.StringIO()
+    outcome = gpu_check.run_step(step, timeout=3, log=log)
+    assert outcome["status"] == "timed out after 3 s" and outcome["seconds"] < 20
+    assert "started" in outcome["output_tail"] and "[sleeper] started" in log.getvalue()
+    failing = gpu_check.run_step(dict(name="failing", command=[sys.executable, "-c", "raise SystemExit(3)"]), 30, log)
+    assert failing["status"] == "failed (exit status 3)"

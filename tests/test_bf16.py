@@ -17,7 +17,14 @@ with float32 within a bf16 tolerance. What is compared:
 
 import pytest
 import torch
-from conftest import photo_batch, real_photos, tiny_detokenizer_config, tiny_lavit_config, tiny_tokenizer_config
+from conftest import (
+    photo_batch,
+    real_photos,
+    text_vocab_size,
+    tiny_detokenizer_config,
+    tiny_lavit_config,
+    tiny_tokenizer_config,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITTokenizerModel
@@ -181,7 +188,7 @@ def test_tokenizer_float32_weights_under_autocast(tokenizers):
 @pytest.fixture(scope="module")
 def unified(text_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
-    model = LaVITForCausalLM(tiny_lavit_config(len(text_tokenizer) - 2)).eval()
+    model = LaVITForCausalLM(tiny_lavit_config(text_vocab_size(text_tokenizer))).eval()
     return model, bf16_copy(model, tmp_path_factory.mktemp("unified"))
 
 
@@ -259,8 +266,8 @@ def test_image_token_generation_with_guidance_and_static_cache_in_bf16(unified, 
     texts = ["a photo of a cat", "a red bus", "two dogs play in the park", "a rocket on the launch pad"]
     prompt = lavit_processor(text=texts, padding=True, return_tensors="pt")
     settings = dict(do_sample=False, guidance_scale=3.0, min_new_tokens=6, max_new_tokens=6)
-    width = model.config.tokenizer_config.codebook_size + 1  # [/IMG] + one column per code
-    with torch.no_grad(), ScoreRecorder(width) as recorder:
+    config = model.config
+    with torch.no_grad(), ScoreRecorder(config.vocab_size) as recorder:  # the head's scores of every step
         reference = model.generate_image_tokens(**prompt, **settings)
     with torch.no_grad():
         dynamic = bf16.generate_image_tokens(**prompt, **settings)
@@ -269,6 +276,7 @@ def test_image_token_generation_with_guidance_and_static_cache_in_bf16(unified, 
     # guided log-probabilities of every step, rebuilt from the recorded conditional + unconditional scores
     margins = []
     for scores in recorder.scores[: settings["max_new_tokens"]]:
+        scores = scores[:, config.image_end_token_id : config.visual_token_end]  # [/IMG] + one column per code
         conditional, unconditional = scores.log_softmax(dim=-1).chunk(2)
         guided = unconditional + settings["guidance_scale"] * (conditional - unconditional)
         margins.append(relative_margin(guided[:, 1:]))  # [/IMG] is excluded before min_new_tokens

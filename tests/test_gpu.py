@@ -61,7 +61,7 @@ def test_bf16_unified_model_on_cuda_matches_float32_cpu():
 
     text_tokenizer = tiny_text_tokenizer()
     torch.manual_seed(0)
-    model = LaVITForCausalLM(tiny_lavit_config(len(text_tokenizer) - 2)).eval()
+    model = LaVITForCausalLM(tiny_lavit_config(text_vocab_size(text_tokenizer))).eval()
     processor = LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), text_tokenizer)
     batch = processor(images=real_photos()[:2], text=["<image>a photo of a cat", "<image>a red bus"], padding=True,
                       return_tensors="pt")

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 import torch
-from conftest import real_photos, tiny_lavit_config, tiny_tokenizer_config, training_args, write_tiny_language_model
+from conftest import (
+    real_photos,
+    text_vocab_size,
+    tiny_lavit_config,
+    tiny_tokenizer_config,
+    training_args,
+    write_tiny_language_model,
+)
 from PIL import Image
 from test_cli import run
 from transformers import TrainerCallback
@@ -46,7 +53,7 @@ def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_proces
     from lavit.training.data import RandomOrderRows, SequenceBuilder, StreamedRandomOrderRows
     from lavit.training.sample_data import PHOTO_CLASSES, photo_caption
 
-    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    config = tiny_lavit_config(text_vocab_size(lavit_processor.tokenizer))
     # the builder never decodes images: their paths are enough
     records = datasets.Dataset.from_dict({"image": [f"{name}.png" for name in PHOTO_CLASSES] * 4,
                                           "text": [photo_caption(label) for label in range(10)] * 4})

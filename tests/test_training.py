@@ -108,6 +108,7 @@ def test_visual_modules_and_rows_get_their_own_learning_rate(components, tmp_pat
     embeddings = model.get_input_embeddings().weight
     before = embeddings.detach().clone()
     batch = next(iter(trainer.get_train_dataloader()))
+    batch.pop("skipped_records")
     model.train()
     model(**batch).loss.backward()
     trainer.optimizer.step()

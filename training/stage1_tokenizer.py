@@ -83,15 +83,17 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column, require_text=False)
-    dataset = image_dataset(limit_records(records, script_args.max_samples), counter)
+                           script_args.text_column, require_text=False, counter=counter)
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
+    # the dataset's own counter only logs: its counts reach `counter` through the batches
+    dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
     trainer = LaVITTokenizerTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=ImageCollator(image_processor, crop_scale),
+        data_collator=ImageCollator(image_processor),
         quantizer_start_step=script_args.quantizer_start_step,
+        skip_counter=counter,
         callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter)],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))

@@ -18,7 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
 from .collators import LaVITDataCollator
-from .data import SEQUENCE_ORDERS, SequenceBuilder, load_records, load_text_records, mix_text_records
+from .data import (
+    SEQUENCE_ORDERS,
+    BadRecordCounter,
+    SequenceBuilder,
+    load_records,
+    load_text_records,
+    mix_text_records,
+)
 from .trainer import train_and_save, whole_weights
 
 
@@ -57,10 +64,11 @@ def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
     return model, LaVITProcessor(image_processor, text_tokenizer)
 
 
-def pretraining_dataset(script_args, tokenizer, config):
-    """Records -> (text mix) -> packed rows, with the builder (whose counter logs skipped records)."""
+def pretraining_dataset(script_args, tokenizer, config, counter: BadRecordCounter | None = None):
+    """Records -> (text mix) -> packed rows (each carrying the count of records dropped while it was built), with the
+    builder; `counter` counts the records skipped while loading."""
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column)
+                           script_args.text_column, counter=counter)
     records = limit_records(records, script_args.max_samples)
     if script_args.text_data:
         texts = load_text_records(script_args.text_data, streaming=script_args.streaming)
@@ -86,10 +94,11 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     with whole_weights(training_args):
         model, processor = build_unified_model(script_args)
     script_args.set_attention(model)
-    dataset, builder = pretraining_dataset(script_args, processor.tokenizer, model.config)
+    counter = BadRecordCounter()
+    dataset, _ = pretraining_dataset(script_args, processor.tokenizer, model.config, counter)
     collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
-    return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
-                          script_args.resume, script_args.visual_learning_rate, callbacks)
+    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
+                          script_args.visual_learning_rate, callbacks)
 
 def main(argv=None):
     script_args, training_args = parse_arguments((PretrainingArguments, LaVITTrainingArguments), argv)

@@ -75,8 +75,10 @@ class LaVITTokenizerTrainer(LaVITTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments) -> Path:
-    """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor)."""
+def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments,
+                    callbacks=()) -> Path:
+    """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor);
+    `callbacks` are extra `TrainerCallback`s."""
     set_seed(training_args.seed)
     with whole_weights(training_args):
         model = build_tokenizer(script_args)
@@ -94,7 +96,7 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         data_collator=ImageCollator(image_processor),
         quantizer_start_step=script_args.quantizer_start_step,
         skip_counter=counter,
-        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter)],
+        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter), *callbacks],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
     return save_final(trainer, training_args.output_dir, image_processor)

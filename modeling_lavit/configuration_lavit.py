@@ -13,6 +13,20 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class _OwnModelTypeOnly:
+    """Loading refuses a `config.json` of another model type (transformers only warns, then builds this class's
+    defaults: a LaVIT folder read as a tokenizer, or a tokenizer folder read as a LaVIT model, became a multi-billion
+    parameter model of default sizes)."""
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        found = config_dict.get("model_type")
+        if found and found != cls.model_type:
+            raise ValueError(f"the config has model_type {found!r}, not {cls.model_type!r}: this folder holds another "
+                             f"kind of model than {cls.__name__} (load it with its own class, or with AutoModel)")
+        return super().from_dict(config_dict, **kwargs)
+
+
 class LaVITEvaVisionConfig(PretrainedConfig):
     r"""
     Configuration of the EVA-CLIP ViT used as LaVIT's frozen vision encoder. The defaults are EVA01-CLIP-g/14 at 224 px
@@ -57,7 +71,7 @@ class LaVITEvaVisionConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class LaVITTokenizerConfig(PretrainedConfig):
+class LaVITTokenizerConfig(_OwnModelTypeOnly, PretrainedConfig):
     r"""
     Configuration of [`LaVITTokenizerModel`], the dynamic visual tokenizer of LaVIT (paper section 3.1): a frozen
     vision encoder, a token selector, a token merger, a vector quantizer and a feature decoder.
@@ -207,7 +221,7 @@ class LaVITTokenizerConfig(PretrainedConfig):
         return isinstance(self.vision_config, LaVITEvaVisionConfig)
 
 
-class LaVITConfig(PretrainedConfig):
+class LaVITConfig(_OwnModelTypeOnly, PretrainedConfig):
     r"""
     Configuration of [`LaVITForCausalLM`] (paper section 3.2): one causal language model that reads and writes text
     and the discrete visual tokens of [`LaVITTokenizerModel`].
@@ -335,7 +349,7 @@ SD_UNET_CONFIG = {
 }
 
 
-class LaVITDetokenizerConfig(PretrainedConfig):
+class LaVITDetokenizerConfig(_OwnModelTypeOnly, PretrainedConfig):
     r"""
     Configuration of [`LaVITDetokenizer`]: visual code ids -> reconstructed encoder features (a feature decoder) ->
     UNet conditions (projection heads) -> pixels (a diffusers latent diffusion UNet, VAE and scheduler). Defaults are

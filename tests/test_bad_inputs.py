@@ -82,6 +82,18 @@ def test_bad_metadata_lines_are_skipped_and_counted(tmp_path):
     assert counter.total == 1
 
 
+def test_a_map_batch_without_usable_records_still_carries_its_count(lavit_processor):
+    from lavit.training.collators import LaVITDataCollator
+
+    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    builder = SequenceBuilder(lavit_processor.tokenizer, config, max_length=64)
+    rows = builder({"image": [None, None, None], "text": ["", "  ", None]}, [0, 1, 2])
+    assert rows["input_ids"] == [[]] and rows["skipped_records"] == [3]
+    collator = LaVITDataCollator(lavit_processor.image_processor, config.image_start_token_id)
+    batch = collator([{name: values[0] for name, values in rows.items()}])
+    assert int(batch["skipped_records"]) == 3 and (batch["labels"] == -100).all()
+
+
 class SkippedRecords(TrainerCallback):
     """Records the `skipped_records` of every training log (after the stage's own callbacks)."""
 

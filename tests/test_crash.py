@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,70 @@ def test_export_killed_while_replacing_a_folder_leaves_it_whole(lavit_folder, tm
     export_model(lavit_folder, destination, max_shard_size="200KB")  # the next export cleans up and replaces it
     check_export_folder(destination)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hub"]
+
+
+def test_a_stale_extension_build_lock_is_named_instead_of_waited_on(tmp_path, monkeypatch):
+    """A run killed while DeepSpeed compiled a CPU op leaves `<extensions>/<op>/lock`; later runs would wait on it
+    forever. A lock in a folder nothing touched for 10 minutes stops the run with the file to remove; a fresh one (a
+    build in progress elsewhere) does not."""
+    from lavit.training.trainer import STALE_LOCK_SECONDS, check_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = tmp_path / "py311_cpu" / "cpu_adam"
+    build.mkdir(parents=True)
+    (build / "build.ninja").write_text("rule cxx\n")
+    (build / "lock").touch()
+    check_extension_locks()  # a build in progress: its files are fresh
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    for path in build.iterdir():
+        os.utime(path, (old, old))
+    with pytest.raises(RuntimeError, match=f"{build / 'lock'} is a stale build lock.*rm {build / 'lock'}"):
+        check_extension_locks()
+
+
+@pytest.fixture(scope="module")
+def components(photos, tmp_path_factory):
+    """A tiny untrained visual tokenizer (with its image processor) and a tiny LM for stages 2 and 3."""
+    from conftest import tiny_tokenizer_config, write_tiny_language_model
+
+    from lavit import LaVITImageProcessor, LaVITTokenizerModel
+
+    root = tmp_path_factory.mktemp("components")
+    torch.manual_seed(0)
+    LaVITTokenizerModel(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
+    LaVITImageProcessor.from_tokenizer_config(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
+    return {"tokenizer": str(root / "tokenizer"), "lm": str(write_tiny_language_model(root / "lm")),
+            "photos": str(photos)}
+
+
+STAGE_SCRIPTS = {
+    "pretrain": lambda parts: {"data": parts["photos"], "visual_tokenizer": parts["tokenizer"],
+                               "language_model": parts["lm"], "max_length": 96, "visual_learning_rate": 1e-2},
+    "detokenizer": lambda parts: {"data": parts["photos"], "visual_tokenizer": parts["tokenizer"],
+                                  "detokenizer_config": "tiny", "ema_decay": 0.9, "crop_scale": 0.5},
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SCRIPTS))
+def test_stages_2_and_3_killed_mid_write_resume_bit_identical(components, tmp_path, stage):
+    """Stage 2 (random pair order, packed rows) and the detokenizer (random crops, noise, condition dropout, EMA)
+    killed halfway through writing checkpoint-4's trainer_state.json: the resumed run falls back to checkpoint-2."""
+    def settings(output_dir):
+        training = training_settings(output_dir, max_steps=6, save_steps=2, logging_steps=1,
+                                     per_device_train_batch_size=2)
+        return {"stage": stage, "script": {**STAGE_SCRIPTS[stage](components), "resume": "auto"},
+                "training": training}
+
+    reference = run_stage(settings(tmp_path / "reference"), tmp_path, "reference")
+    assert reference.returncode == 0, reference.stderr[-6000:]
+    killed = run_stage({**settings(tmp_path / "run"), "kill": {"at": "trainer_state", "step": 4}}, tmp_path, "killed")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-6000:]
+    resumed = run_stage(settings(tmp_path / "run"), tmp_path, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert "checkpoint-4 is incomplete" in resumed.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
+    expected = load_file(tmp_path / "reference" / "final" / "model.safetensors")
+    got = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

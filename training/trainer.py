@@ -180,6 +180,8 @@ class LaVITTrainer(Trainer):
                 logs[name] = round(total / self._metric_counts[name], 6)
             self._metric_sums, self._metric_counts = {}, {}
             self.skip_counter.counts["met in training batches"] = self.skipped_records()
+            # set here, before any callback runs: every sink (logs.jsonl, TensorBoard, W&B, log_history) gets it
+            logs["skipped_records"] = self.skip_counter.total
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -235,9 +237,9 @@ class CheckpointCompletionCallback(TrainerCallback):
 
 
 def write_completion_marker(folder: Path) -> None:
-    files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
-             if path.is_file() and path.name != COMPLETE_MARKER}
     temporary = folder / (COMPLETE_MARKER + ".tmp")
+    files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name not in (COMPLETE_MARKER, temporary.name)}
     with open(temporary, "w") as handle:
         json.dump({"files": files}, handle)
         handle.flush()

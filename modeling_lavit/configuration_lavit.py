@@ -14,17 +14,28 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class _OwnModelTypeOnly:
-    """Loading refuses a `config.json` of another model type (transformers only warns, then builds this class's
-    defaults: a LaVIT folder read as a tokenizer, or a tokenizer folder read as a LaVIT model, became a multi-billion
-    parameter model of default sizes)."""
+    """Loading refuses a `config.json` of another model type. transformers only warns, then builds this class's
+    defaults from it (a tokenizer folder read as a LaVIT model became a 9B model of default sizes), or takes a nested
+    config of this type (a LaVIT folder read as a tokenizer became a tokenizer with random weights, since the saved
+    ones carry the LaVIT model's prefix)."""
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        _check_model_type(cls, config_dict, f"{pretrained_model_name_or_path}")
+        return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        found = config_dict.get("model_type")
-        if found and found != cls.model_type:
-            raise ValueError(f"the config has model_type {found!r}, not {cls.model_type!r}: this folder holds another "
-                             f"kind of model than {cls.__name__} (load it with its own class, or with AutoModel)")
+        _check_model_type(cls, config_dict, "the config")
         return super().from_dict(config_dict, **kwargs)
+
+
+def _check_model_type(cls, config_dict: dict, source: str) -> None:
+    found = config_dict.get("model_type")
+    if found and found != cls.model_type:
+        raise ValueError(f"{source} holds a config of model_type {found!r}, not {cls.model_type!r}: another kind of "
+                         f"model than {cls.__name__} (load it with its own class, or with AutoModel)")
 
 
 class LaVITEvaVisionConfig(PretrainedConfig):

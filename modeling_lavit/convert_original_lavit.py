@@ -114,12 +114,11 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
 def load_tensor_pickle(path: Path):
     """`torch.load(weights_only=True)`: tensors and plain containers only, never code. A file holding other objects
     (or no PyTorch data) gets a `ValueError` that names it."""
-    import pickle
-    import zipfile
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as error:
+    except OSError:
+        raise
+    except Exception as error:  # unpickling fails in many ways (UnpicklingError, struct.error, EOFError, ...)
         raise ValueError(f"{path} is not a plain PyTorch state dict: it holds Python objects other than tensors, or "
                          f"is not a PyTorch file ({type(error).__name__}); save a plain state dict or safetensors "
                          f"where it was made") from None

@@ -225,3 +225,26 @@ def test_stages_2_and_3_killed_mid_write_resume_bit_identical(components, tmp_pa
     assert got.keys() == expected.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+
+
+def test_a_stuck_launch_shows_its_stack_when_stopped(tmp_path):
+    """Every stage's command line turns on `enable_stack_dumps`: SIGUSR1 prints where a live run is, and the SIGTERM
+    that launchers send to the other ranks when one fails prints the stack before the process ends."""
+    script = ("import time\nfrom lavit.training.arguments import enable_stack_dumps\nenable_stack_dumps()\n"
+              "print('ready', flush=True)\ndef stuck_in_a_collective():\n    time.sleep(90)\nstuck_in_a_collective()\n")
+    log = tmp_path / "stderr.txt"
+
+    def dumps() -> int:
+        return log.read_text().count("in stuck_in_a_collective")
+
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        for expected, stop in ((1, signal.SIGUSR1), (2, signal.SIGTERM)):
+            process.send_signal(stop)
+            deadline = time.time() + 30
+            while dumps() < expected and time.time() < deadline:
+                time.sleep(0.1)
+        process.wait(timeout=30)
+    assert dumps() == 2, log.read_text()  # once per signal
+    assert process.returncode == -signal.SIGTERM

@@ -75,10 +75,13 @@ def enable_stack_dumps() -> None:
     """Makes a stuck or failing rank show where it is: the Python stacks of all threads are printed on a fatal error,
     on SIGTERM (what torchrun/accelerate send the other ranks when one fails or a collective times out after
     `--ddp_timeout`) and on SIGUSR1 (`kill -USR1 PID` on a live run), then SIGTERM ends the process as before."""
-    faulthandler.enable()
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    stream = sys.__stderr__  # the process's own stderr: `sys.stderr` may be a capture without a file descriptor
+    if stream is None or not hasattr(stream, "fileno"):
+        return
+    faulthandler.enable(stream)
+    faulthandler.register(signal.SIGTERM, stream, all_threads=True, chain=True)
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        faulthandler.register(signal.SIGUSR1, stream, all_threads=True)
 
 
 def parse_arguments(dataclass_types, argv=None):

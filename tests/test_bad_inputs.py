@@ -243,3 +243,26 @@ def test_pickles_are_found_by_content_and_links_out_are_refused(lavit_folder, tm
     assert "plain.npy" not in problems and "inside.md" not in problems and "README.md" not in problems
     with pytest.raises(ValueError, match="links outside the folder"):  # checked before any Hub call
         push_to_hub(hub, "someone/lavit-test")
+
+
+def test_skipped_records_are_summed_over_processes(tmp_path):
+    """Two processes (torchrun, gloo): load-time skips are counted once, the rows' stored counts once (not once per
+    rank), and the collator's skips of each rank are summed. Six rows of one segment each: both ranks get three (a
+    record that accelerate repeats to even out the ranks is read, and counted, twice)."""
+    from conftest import training_settings
+    from test_training import run_processes
+
+    from lavit import LaVITTokenizerModel
+
+    bad = write_bad_imagefolder(tmp_path / "photos")
+    with open(tmp_path / "photos" / "metadata.jsonl", "a") as metadata:
+        metadata.write(json.dumps({"file_name": "2.png", "text": "the same photo again"}) + "\n")
+    LaVITTokenizerModel(trained_tiny_model().config).save_pretrained(tmp_path / "tokenizer")
+    script = {"data": str(tmp_path / "photos"), "visual_tokenizer": str(tmp_path / "tokenizer"),
+              "language_model": str(write_tiny_language_model(tmp_path / "lm")), "max_length": 40,
+              "order": "image_to_text", "resume": "no", "visual_learning_rate": None, "packed": False}
+    training = training_settings(tmp_path / "run", num_train_epochs=1, logging_steps=1, per_device_train_batch_size=1)
+    run_processes({"script": script, "training": training}, tmp_path, 2, "skipped")
+    logs = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    skipped = [entry["skipped_records"] for entry in logs if "loss" in entry]
+    assert len(skipped) == 3 and skipped[-1] == bad, skipped

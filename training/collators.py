@@ -29,7 +29,9 @@ class LaVITDataCollator:
         packed: packed rows (default) or the padded fallback.
         max_row_length: packed mode: the most tokens per row (before compact images expand), or `None` for one row.
         pad_to_multiple_of: rounds the batch length up.
-    A segment whose image cannot be decoded is dropped and counted in `counter`.
+    A segment whose image cannot be decoded is dropped and counted in `counter`. Every batch carries
+    `skipped_records`: the segments dropped here plus, with `count_stored_skips`, the records its rows dropped while
+    they were built (see `training.data.count_stored_skips`).
     """
 
     image_processor: object
@@ -39,6 +41,7 @@ class LaVITDataCollator:
     max_row_length: int | None = None
     pad_to_multiple_of: int | None = None
     counter: BadRecordCounter = field(default_factory=BadRecordCounter)
+    count_stored_skips: bool = True
 
     def segments(self, rows: list[dict]) -> tuple[list[dict], int]:
         """Splits rows into segments, each with its ids, labels, decoded images and stored keep masks; also returns
@@ -46,7 +49,7 @@ class LaVITDataCollator:
         segments dropped here."""
         segments, skipped = [], 0
         for row in rows:
-            skipped += int(row.get("skipped_records") or 0)
+            skipped += int(row.get("skipped_records") or 0) if self.count_stored_skips else 0
             if not row["input_ids"]:  # a row that only carries the count of a batch without usable records
                 continue
             input_ids, labels = list(row["input_ids"]), list(row.get("labels") or row["input_ids"])

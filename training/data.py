@@ -314,6 +314,16 @@ def with_skip_counts(rows: dict, skipped: int) -> dict:
     return rows
 
 
+def count_stored_skips(dataset, counter: BadRecordCounter, collator) -> None:
+    """Adds the records a built dataset dropped (its `skipped_records` column) to `counter`, once, for a map-style
+    dataset: exact for any cache state and process count (padding a rank's share repeats rows, not counts), and the
+    collator then leaves the column alone. A streamed dataset is built as it is read: its rows' counts reach the
+    trainer through the batches."""
+    if isinstance(dataset, datasets.Dataset) and "skipped_records" in dataset.column_names:
+        counter.counts["dropped while building rows"] += sum(dataset["skipped_records"])
+        collator.count_stored_skips = False
+
+
 @dataclass
 class SequenceBuilder:
     """

@@ -17,7 +17,7 @@ from lavit.processing import LaVITProcessor
 from transformers import set_seed
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
-from .data import BadRecordCounter, InstructionBuilder, load_records
+from .data import BadRecordCounter, InstructionBuilder, count_stored_skips, load_records
 from .stage2_pretrain import data_collator
 from .trainer import train_and_save, whole_weights
 
@@ -86,6 +86,7 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
     dataset = builder.build(limit_records(records, script_args.max_samples))
     collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    count_stored_skips(dataset, counter, collator)
     adapters = script_args.lora or script_args.qlora
     # a 4-bit base cannot take merged adapters: QLoRA runs save the adapters next to the base model's name
     merge = adapters and script_args.merge_lora and not script_args.qlora

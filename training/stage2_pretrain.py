@@ -22,6 +22,7 @@ from .data import (
     SEQUENCE_ORDERS,
     BadRecordCounter,
     SequenceBuilder,
+    count_stored_skips,
     load_records,
     load_text_records,
     mix_text_records,
@@ -97,6 +98,7 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     counter = BadRecordCounter()
     dataset, _ = pretraining_dataset(script_args, processor.tokenizer, model.config, counter)
     collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    count_stored_skips(dataset, counter, collator)
     return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
                           script_args.visual_learning_rate, callbacks)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from datasets import Image as ImageFeature
 from datasets import Value, interleave_datasets, load_dataset
@@ -562,19 +563,21 @@ def image_dataset(records, counter: BadRecordCounter | None = None, crop_scale: 
     return _ImageRecords(records, counter, crop_scale, seed)
 
 
-def crop_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of one item's random crop: a function of the run's seed, the epoch and the item's index only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+def crop_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one item's random crop: a function of the run's seed, the epoch and the item's index only.
+    NumPy's `SeedSequence` hashes the three numbers (a torch generator seeded with nearby integers gives correlated
+    first draws: the same image got nearly the same crop in consecutive epochs)."""
+    return np.random.default_rng([seed, epoch, index])
 
 
-def random_crop(image, crop_scale: tuple[float, float], generator: torch.Generator | None = None):
+def random_crop(image, crop_scale: tuple[float, float], generator: np.random.Generator):
     """A crop covering a uniform fraction in `crop_scale` of the image area, drawn from `generator`."""
     low, high = crop_scale
-    area_fraction = low + (high - low) * float(torch.rand((), generator=generator))
+    area_fraction = low + (high - low) * float(generator.random())
     side = area_fraction**0.5
     width, height = max(1, round(image.width * side)), max(1, round(image.height * side))
-    left = int(torch.randint(0, image.width - width + 1, (), generator=generator))
-    top = int(torch.randint(0, image.height - height + 1, (), generator=generator))
+    left = int(generator.integers(0, image.width - width + 1))
+    top = int(generator.integers(0, image.height - height + 1))
     return image.crop((left, top, left + width, top + height))
 
 

@@ -1,5 +1,15 @@
 """Model-card templates and Hub export (installed as `lavit.hub_cards`)."""
 
-from .export import check_export_folder, export_loaded, export_model, model_card, push_to_hub, read_metadata
+from .export import (
+    check_export_folder,
+    export_loaded,
+    export_model,
+    model_card,
+    pickle_kind,
+    push_to_hub,
+    read_metadata,
+    unsafe_files,
+)
 
-__all__ = ["check_export_folder", "export_loaded", "export_model", "model_card", "push_to_hub", "read_metadata"]
+__all__ = ["check_export_folder", "export_loaded", "export_model", "model_card", "pickle_kind", "push_to_hub",
+           "read_metadata", "unsafe_files"]

@@ -16,6 +16,7 @@ tokenize, caption and vqa give the same output for the same input on every run (
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -43,6 +44,26 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def at_least(low, kind=int):
+    """An argparse type: a finite `kind` (int or float) >= `low`; argparse names the flag in its error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or value in (float("inf"), float("-inf")) or value < low:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} >= {low}, "
+                                             f"got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {low}"
+    return parse
+
+
+POSITIVE, GUIDANCE = at_least(1), at_least(1.0, float)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize = commands.add_parser("tokenize", help="visual tokens of images")
     tokenize.add_argument("images", nargs="+", help="image files")
     tokenize.add_argument("--model", required=True, help="a visual tokenizer or LaVIT folder (or Hub id)")
-    tokenize.add_argument("--budget", type=int, default=None, help="keep at most N tokens per image (top-k)")
+    tokenize.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens per image (top-k)")
     tokenize.add_argument("--visualize", default=None, help="write the kept patches to this PNG (-N per image)")
     add_selection_arguments(tokenize)
 
@@ -64,38 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", help="image files")
     caption.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
     caption.add_argument("--prompt", default="", help="text after the image (official: empty)")
-    caption.add_argument("--max-new-tokens", type=int, default=36)
-    caption.add_argument("--num-beams", type=int, default=2)
-    caption.add_argument("--batch-size", type=int, default=8, help="images captioned together (same results)")
+    caption.add_argument("--max-new-tokens", type=POSITIVE, default=36)
+    caption.add_argument("--num-beams", type=POSITIVE, default=2)
+    caption.add_argument("--batch-size", type=POSITIVE, default=8, help="images captioned together (same results)")
     add_selection_arguments(caption, text=True)
 
     vqa = commands.add_parser("vqa", help="answer a question about an image")
     vqa.add_argument("image", help="an image file")
     vqa.add_argument("--question", required=True)
     vqa.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
-    vqa.add_argument("--max-new-tokens", type=int, default=10)
-    vqa.add_argument("--num-beams", type=int, default=5)
+    vqa.add_argument("--max-new-tokens", type=POSITIVE, default=10)
+    vqa.add_argument("--num-beams", type=POSITIVE, default=5)
     add_selection_arguments(vqa, text=True)
 
     generate = commands.add_parser("generate", help="text-to-image")
     generate.add_argument("prompt")
     generate.add_argument("-o", "--output", required=True, help="PNG path (-N suffixes for several images)")
     generate.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
-    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--num-images", type=POSITIVE, default=1)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--guidance-scale", type=float, default=4.0, help="LM guidance (official 4.0)")
-    generate.add_argument("--decoder-guidance-scale", type=float, default=None, help="pixel decoder guidance")
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the decoder's)")
-    generate.add_argument("--height", type=int, default=None)
-    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--guidance-scale", type=GUIDANCE, default=4.0, help="LM guidance (official 4.0)")
+    generate.add_argument("--decoder-guidance-scale", type=GUIDANCE, default=None, help="pixel decoder guidance")
+    generate.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the decoder's)")
+    generate.add_argument("--height", type=POSITIVE, default=None)
+    generate.add_argument("--width", type=POSITIVE, default=None)
 
     reconstruct = commands.add_parser("reconstruct", help="image -> visual tokens -> image")
     reconstruct.add_argument("image", help="an image file")
     reconstruct.add_argument("-o", "--output", required=True, help="PNG path")
     reconstruct.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
-    reconstruct.add_argument("--budget", type=int, default=None, help="keep at most N tokens")
+    reconstruct.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens")
     reconstruct.add_argument("--seed", type=int, default=0)
-    reconstruct.add_argument("--steps", type=int, default=None)
+    reconstruct.add_argument("--steps", type=POSITIVE, default=None)
 
     add_evaluate_parser(commands)
     language_model = commands.add_parser(
@@ -122,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--model", default=None, help="unused: the source is the model")
     convert.add_argument("--pixel-decoder", choices=["highres", "lowres", "none"], default="highres")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    convert.add_argument("--num-heads", type=int, default=16, help="attention heads of the ViT, merger and decoder")
+    convert.add_argument("--num-heads", type=POSITIVE, default=16,
+                         help="attention heads of the ViT, merger and decoder")
 
     export = commands.add_parser("export", help="write a Hub-ready folder with a model card")
     export.add_argument("destination", help="output folder")
@@ -232,26 +254,41 @@ def text_generation(args) -> dict:
 
 
 def print_json(document) -> None:
-    import json
-
     print(json.dumps(document, indent=2, ensure_ascii=False))
 
 
-def require_folder(path: str) -> None:
-    """A path that does not exist must look like a Hub id (`name` or `org/name`)."""
-    if not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise CommandError(f"model folder not found: {path}")
+MODEL_KINDS = {"lavit": "a LaVIT model", "lavit_tokenizer": "a LaVIT visual tokenizer",
+               "lavit_detokenizer": "a LaVIT pixel decoder (detokenizer)"}
+
+
+def require_folder(path: str, model_types: tuple[str, ...] = ()) -> None:
+    """A path that does not exist must look like a Hub id (`name` or `org/name`); a local folder must hold a
+    `config.json` of one of `model_types` (checked before anything is built: a model of the wrong kind would be
+    built from default sizes)."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") > 1:
+            raise CommandError(f"model folder not found: {path}")
+        return
+    if not model_types:
+        return
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"{path} is not a model folder (no config.json)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise CommandError(f"{folder / 'config.json'} is not a JSON object: {error}") from error
+    if model_type not in model_types:
+        kind = MODEL_KINDS.get(model_type, f"a model of type {model_type!r}")
+        wanted = " or ".join(MODEL_KINDS[name] for name in model_types)
+        raise CommandError(f"{path} holds {kind}, but this command needs {wanted} folder")
 
 
 def load_lavit(path: str):
-    from lavit import LaVITConfig, LaVITForCausalLM, LaVITProcessor
+    from lavit import LaVITForCausalLM, LaVITProcessor
 
-    require_folder(path)
-    try:  # the config alone first: a folder of another kind fails here, before any weight is built
-        config = LaVITConfig.from_pretrained(path)
-    except ValueError as error:
-        raise CommandError(f"{path} is not a LaVIT model folder: {error}") from error
-    return LaVITForCausalLM.from_pretrained(path, config=config).eval(), LaVITProcessor.from_pretrained(path)
+    require_folder(path, ("lavit",))
+    return LaVITForCausalLM.from_pretrained(path).eval(), LaVITProcessor.from_pretrained(path)
 
 
 def open_image(path: str):
@@ -271,7 +308,7 @@ def numbered(path: str, index: int, count: int) -> Path:
 def run_tokenize(args) -> None:
     from lavit.training.preprocess import load_visual_tokenizer
 
-    require_folder(args.model)
+    require_folder(args.model, ("lavit_tokenizer", "lavit"))
     images = [open_image(path) for path in args.images]
     tokenizer = load_visual_tokenizer(args.model).eval()
     results = []
@@ -292,8 +329,6 @@ def run_tokenize(args) -> None:
 
 
 def run_caption(args) -> None:
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     images = [open_image(path) for path in args.images]  # every file is read before the model loads
     model, processor = load_lavit(args.model)
     results = []
@@ -381,10 +416,20 @@ def run_reconstruct(args) -> None:
     print(args.output)
 
 
+# the kinds of model folder each training command's model argument takes
+TRAINING_MODEL_TYPES = {"train-tokenizer": ("lavit_tokenizer",), "train": ("lavit",), "finetune": ("lavit",),
+                        "preprocess": ("lavit_tokenizer", "lavit"), "train-detokenizer": ("lavit_tokenizer", "lavit")}
+
+
 def run_training(command: str, argv: list[str]) -> None:
     module_name, _, model_flag = TRAINING_COMMANDS[command]
     # every command takes --model; a stage whose model argument has another name gets it under that name
     argv = [model_flag if arg == "--model" else arg.replace("--model=", f"{model_flag}=", 1) for arg in argv]
+    for index, arg in enumerate(argv):
+        value = argv[index + 1] if arg == model_flag and index + 1 < len(argv) else arg.partition("=")[2] \
+            if arg.startswith(f"{model_flag}=") else None
+        if value:
+            require_folder(value, TRAINING_MODEL_TYPES[command])
     sys.argv[0] = f"lavit {command}"
     importlib.import_module(module_name).main(argv)
 
@@ -420,24 +465,25 @@ def run_convert(args) -> None:
 
 
 def run_export(args) -> None:
-    import json
-
     from lavit.hub_cards import export_model
 
     metadata = None
     if args.metadata:
         try:
             metadata = json.loads(Path(args.metadata).read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CommandError(f"cannot read metadata file {args.metadata!r}: {error}") from error
-    require_folder(args.model)
+        if not isinstance(metadata, dict):
+            raise CommandError(f"metadata file {args.metadata!r} must hold a JSON object ({{\"summary\": ...}}), "
+                               f"got a {type(metadata).__name__}")
+    require_folder(args.model, ("lavit",))
     print(export_model(args.model, args.destination, metadata, args.repo_id, args.max_shard_size))
 
 
 def run_push(args) -> None:
     from lavit.hub_cards import check_export_folder, export_model, push_to_hub
 
-    require_folder(args.model)
+    require_folder(args.model, ("lavit",))
     folder = Path(args.model)
     with tempfile.TemporaryDirectory() as scratch:
         try:

@@ -25,19 +25,32 @@ LAVIT_MODEL_CLASSES = {"lavit": "LaVITForCausalLM", "lavit_tokenizer": "LaVITTok
 
 class LaVITFolderConfig(PretrainedConfig):
     """
-    Base of the configs that are saved as a folder's `config.json`. Loading refuses a folder of another model type
-    at once (instead of building the default, 7B-sized, config); saving states the transformers versions the folder's
-    code needs (`transformers_requirement`, checked on import by `transformers_compat.check_transformers_version`).
+    Base of the configs that are saved as a folder's `config.json`. Loading refuses a `config.json` of another model
+    type at once: transformers only warns, then builds this class's defaults from it (a tokenizer folder read as a
+    LaVIT model became a 9B model of default sizes), or takes a nested config of this type (a LaVIT folder read as a
+    tokenizer became a tokenizer with random weights, since the saved ones carry the LaVIT model's prefix). Saving
+    states the transformers versions the folder's code needs (`transformers_requirement`, checked on import by
+    `transformers_compat.check_transformers_version`).
     """
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        cls._check_model_type(config_dict, f"{pretrained_model_name_or_path}")
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        model_type = config_dict.get("model_type", cls.model_type)
-        if model_type != cls.model_type:
-            loader = LAVIT_MODEL_CLASSES.get(model_type, "its own class")
-            raise ValueError(f"this config.json describes a {model_type!r} model, not a {cls.model_type!r} one "
-                             f"({cls.__name__}); load that folder with {loader}")
+        cls._check_model_type(config_dict, "this config.json")
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _check_model_type(cls, config_dict: dict, source: str) -> None:
+        found = config_dict.get("model_type")
+        if found and found != cls.model_type:
+            loader = LAVIT_MODEL_CLASSES.get(found, "its own class, or AutoModel")
+            raise ValueError(f"{source} holds a config of model_type {found!r}, not {cls.model_type!r} "
+                             f"({cls.__name__}); load that folder with {loader}")
 
     def to_dict(self):
         output = super().to_dict()

@@ -106,13 +106,30 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         return load_file(safetensors_path)
     if not path.is_file():
         raise FileNotFoundError(f"official LaVIT checkpoint file not found: {path}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (pre-zip) pickle format cannot be memory-mapped
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
+    state_dict = load_tensor_pickle(path)
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)] \
+        if isinstance(state_dict, dict) else []
+    if not isinstance(state_dict, dict) or not_tensors:
+        found = f"entries that are not tensors ({not_tensors[:3]})" if not_tensors else type(state_dict).__name__
+        raise ValueError(f"{path} holds {found}, expected a plain state dict (names -> tensors)")
     return state_dict
+
+
+def load_tensor_pickle(path: Path):
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never code; memory-mapped where the file's
+    format allows, so converting a release holds one shard at a time. A file holding other objects (or no PyTorch data)
+    gets a `ValueError` that names it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) pickle format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # unpickling fails in many ways (UnpicklingError, struct.error, EOFError, ...)
+        raise ValueError(f"{path} is not a plain PyTorch state dict: it holds Python objects other than tensors, or "
+                         f"is not a PyTorch file ({type(error).__name__}); save a plain state dict or safetensors "
+                         f"where it was made") from None
 
 
 def convert_original_lm_visual_state_dict(state_dict) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ discrete ids through the LM embedding table. Expansion happens once, before the 
 changes inside a cached forward.
 """
 
+import math
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -146,9 +148,12 @@ def find_image_spans(input_ids: torch.LongTensor, attention_mask: torch.Tensor |
         for index, start in enumerate(row_starts):
             end = row_ends[index] if index < len(row_ends) else None
             following = row_starts[index + 1] if index + 1 < len(row_starts) else None
-            if end is None:  # an open [IMG] is only allowed as the last one of its row
-                if following is not None:
-                    raise ValueError(f"row {row} of input_ids: [IMG] at position {start} is never closed")
+            if end is None:  # an open [IMG] is only allowed as the last one of its row, followed by visual ids only
+                after = input_ids[row, start + 1 :][valid[row, start + 1 :]]
+                text_after = bool(((after < config.visual_token_offset) | (after >= config.visual_token_end)).any())
+                if following is not None or text_after:
+                    raise ValueError(f"row {row} of input_ids: [IMG] at position {start} is never closed (an image "
+                                     f"being generated ends its row; anything else needs [IMG] ... [/IMG])")
                 break
             if end < start or (following is not None and following < end):
                 raise ValueError(f"row {row} of input_ids: [IMG] at {start} and [/IMG] at {end} are not paired")
@@ -166,6 +171,29 @@ def find_image_spans(input_ids: torch.LongTensor, attention_mask: torch.Tensor |
         starts=torch.tensor(columns, dtype=torch.long, device=device),
         lengths=torch.tensor(lengths, dtype=torch.long, device=device),
     )
+
+
+def _real_number(name: str, value, allowed: str, inside) -> float:
+    """`value` as a float when it is a finite real number (not a bool) for which `inside(value)` holds, else a
+    `ValueError` naming the argument, the allowed range and the value."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not inside(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def check_sampling_arguments(guidance_scale, top_k, top_p, temperature, do_sample) -> None:
+    """The ranges of the image-sampling arguments (those of transformers' guidance and logits processors)."""
+    _real_number("guidance_scale", guidance_scale, "a finite number >= 1 (1 turns guidance off)", lambda v: v >= 1)
+    if top_k is not None:
+        _real_number("top_k", top_k, "None or an integer >= 0 (0 turns top-k off)", lambda v: v >= 0 and v == int(v))
+    if top_p is not None:
+        _real_number("top_p", top_p, "None or a number in (0, 1] (1 turns nucleus sampling off)",
+                     lambda v: 0 < v <= 1)
+    _real_number("temperature", temperature, "a finite number > 0", lambda v: v > 0)
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
 
 
 def sequence_positions(valid: torch.Tensor, segment_starts: torch.Tensor) -> torch.LongTensor:
@@ -464,7 +492,11 @@ class LaVITModel(LaVITPreTrainedModel):
         )
 
     def check_token_ids(self, input_ids: torch.LongTensor):
-        """Ids outside the LM vocabulary would fail deep inside the embedding lookup; name them here instead."""
+        """Ids outside the LM vocabulary would fail deep inside the embedding lookup; name them here instead (and a
+        tensor of another shape than (batch, sequence), which would give logits of another shape)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be a (batch, sequence) tensor of token ids, got shape "
+                             f"{tuple(input_ids.shape)}")
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
@@ -1001,6 +1033,8 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         """
         from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+        check_sampling_arguments(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                                 do_sample=do_sample)
         if unused_kwargs:
             logger.warning_once(f"generate_image_tokens ignores {sorted(unused_kwargs)}")
         config = self.config

@@ -22,7 +22,13 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.logging import tqdm
 
 from .configuration_lavit import LaVITDetokenizerConfig
-from .convert_original_lavit import DECODER_RULES, count_blocks, load_original_state_dict, rename_keys
+from .convert_original_lavit import (
+    DECODER_RULES,
+    count_blocks,
+    load_original_state_dict,
+    load_tensor_pickle,
+    rename_keys,
+)
 from .modeling_lavit_tokenizer import LaVITFeatureDecoder, check_packed_code_ids
 
 try:
@@ -559,7 +565,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
             negative_file = diffusers_folder / "uncond_embeddings.bin"
             if not negative_file.is_file():
                 raise FileNotFoundError(f"official LaVIT checkpoint file not found: {negative_file}")
-            negative = torch.load(negative_file, map_location="cpu", weights_only=True)
+            negative = load_tensor_pickle(negative_file)
             if not isinstance(negative, torch.Tensor):
                 raise ValueError(f"{negative_file} holds a {type(negative).__name__}, expected a tensor")
         unet_config = dict(UNet2DConditionModel.load_config(diffusers_folder, subfolder="unet"))

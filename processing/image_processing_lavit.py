@@ -111,6 +111,19 @@ def flatten_images(images) -> list:
     return [images]
 
 
+def channel_statistics(name: str, values, positive: bool) -> list[float]:
+    """Per-channel normalisation statistics: three finite numbers (RGB), and above 0 for a std (a 0 divides pixels
+    into inf/NaN); a `ValueError` naming the argument otherwise."""
+    try:
+        numbers = [] if isinstance(values, str) else [float(value) for value in values]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 3 or not all(np.isfinite(numbers)) or (positive and min(numbers) <= 0):
+        allowed = "3 finite numbers > 0 (one per RGB channel)" if positive else "3 finite numbers (one per RGB channel)"
+        raise ValueError(f"{name} must be {allowed}, got {values!r}")
+    return numbers
+
+
 class LaVITImageProcessor(BaseImageProcessor):
     r"""
     Args:
@@ -145,8 +158,8 @@ class LaVITImageProcessor(BaseImageProcessor):
         self.resize_mode = resize_mode
         self.resample = resample
         self.do_normalize = do_normalize
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
+        self.image_mean = channel_statistics("image_mean", image_mean, positive=False)
+        self.image_std = channel_statistics("image_std", image_std, positive=True)
         self.max_image_pixels = max_image_pixels
 
     @classmethod

@@ -1,6 +1,7 @@
 """A training stage for the multi-process tests: `torchrun --nproc_per_node N distributed_stage.py SETTINGS.json`;
 SETTINGS holds `stage` ("tokenizer", "pretrain" or "detokenizer"), the stage's `script` and `training` arguments."""
 
+import faulthandler
 import json
 import sys
 
@@ -13,8 +14,11 @@ from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, trai
 STAGES = {"tokenizer": (TokenizerTrainingArguments, train_tokenizer), "pretrain": (PretrainingArguments, pretrain),
           "detokenizer": (DetokenizerTrainingArguments, train_detokenizer)}
 
-settings = json.loads(open(sys.argv[1]).read())
-arguments_class, train = STAGES[settings.get("stage", "pretrain")]
-train(arguments_class(**settings["script"]), LaVITTrainingArguments(**settings["training"]))
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()  # a clean exit: gloo aborts at interpreter shutdown otherwise
+if __name__ == "__main__":
+    settings = json.loads(open(sys.argv[1]).read())
+    # a hung rank is a failure: every rank dumps its stack and exits before the test's own timeout
+    faulthandler.dump_traceback_later(settings.get("timeout", 480), exit=True)
+    arguments_class, train = STAGES[settings.get("stage", "pretrain")]
+    train(arguments_class(**settings["script"]), LaVITTrainingArguments(**settings["training"]))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit: gloo aborts at interpreter shutdown otherwise

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -121,8 +122,8 @@ def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, 
         assert text in card, text
     assert not (tmp_path / "hub.tmp").exists()
 
-    (hub / "stray.bin").write_bytes(b"pickle")
-    with pytest.raises(ValueError, match="pickle file stray.bin"):
+    (hub / "stray.bin").write_bytes(pickle.dumps({"weights": [1.0]}))
+    with pytest.raises(ValueError, match="stray.bin is a pickle"):
         check_export_folder(hub)
     (hub / "stray.bin").unlink()
     # no network in tests: the upload itself fails with one clear line, after the folder was checked

@@ -137,6 +137,7 @@ def test_packed_and_padded_batches_give_the_same_loss(lavit_model, lavit_process
                                      pad_token_id=lavit_processor.tokenizer.pad_token_id, packed=packed,
                                      max_row_length=max_row_length)
         batch = collator(rows)
+        assert int(batch.pop("skipped_records")) == 0
         assert ("attention_mask" in batch) != packed
         if packed:
             assert batch["input_ids"].shape[0] == (1 if max_row_length is None else 2)

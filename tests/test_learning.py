@@ -21,7 +21,7 @@ def logged(output_dir, key):
 def test_stage1_on_photographs_learns_reconstruction_keep_ratio_and_codebook(tmp_path):
     from lavit.processing import LaVITImageProcessor
     from lavit.training.collators import ImageCollator
-    from lavit.training.data import decode_image, load_records
+    from lavit.training.data import image_dataset, load_records
     from lavit.training.sample_data import write_photo_imagefolder
     from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
 
@@ -40,10 +40,12 @@ def test_stage1_on_photographs_learns_reconstruction_keep_ratio_and_codebook(tmp
     processor = LaVITImageProcessor.from_pretrained(final)
     # new random crops of the photographs; the selector samples as in training (a tiny selector is not confident
     # enough for the 0.5 threshold of the deterministic mode)
-    torch.manual_seed(123)
-    records = load_records(str(photos))
-    images = [decode_image(record["image"]) for record in records] * 4
-    pixel_values = ImageCollator(processor, (0.3, 1.0))(images)["pixel_values"]
+    crops = image_dataset(load_records(str(photos)), crop_scale=(0.3, 1.0), seed=123)
+    items = []
+    for epoch in range(4):
+        crops.set_epoch(epoch)
+        items += [crops[index] for index in range(len(crops))]
+    pixel_values = ImageCollator(processor)(items)["pixel_values"]
     tokens = tokenizer.tokenize(pixel_values, mode="sample", generator=torch.Generator().manual_seed(0))
     keep_ratio = float(tokens.token_counts.sum()) / tokens.keep_mask.numel()
     assert abs(keep_ratio - tokenizer.config.keep_ratio_target) < 0.05, keep_ratio

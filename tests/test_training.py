@@ -108,6 +108,7 @@ def test_visual_modules_and_rows_get_their_own_learning_rate(components, tmp_pat
     embeddings = model.get_input_embeddings().weight
     before = embeddings.detach().clone()
     batch = next(iter(trainer.get_train_dataloader()))
+    batch.pop("skipped_records")
     model.train()
     model(**batch).loss.backward()
     trainer.optimizer.step()
@@ -274,7 +275,7 @@ def test_skipped_records_reach_every_log_sink(lavit_model, tmp_path):
     """The count is added before any log callback runs: a sink registered first (as the Trainer's TensorBoard or W&B
     callbacks are) and logs.jsonl both get it, in every stage (they all log through `LaVITTrainer.log`)."""
     from lavit.training.data import BadRecordCounter
-    from lavit.training.trainer import BadRecordLoggerCallback, JsonlLoggerCallback, LaVITTrainer
+    from lavit.training.trainer import JsonlLoggerCallback, LaVITTrainer
 
     class Sink(TrainerCallback):
         def __init__(self):
@@ -286,8 +287,8 @@ def test_skipped_records_reach_every_log_sink(lavit_model, tmp_path):
     counter = BadRecordCounter()
     counter.skip("unreadable image", "record 3: cannot read")
     sink = Sink()
-    trainer = LaVITTrainer(model=lavit_model, args=training_args(tmp_path),
-                           callbacks=[sink, JsonlLoggerCallback(), BadRecordLoggerCallback(counter)])
+    trainer = LaVITTrainer(model=lavit_model, args=training_args(tmp_path), skip_counter=counter,
+                           callbacks=[sink, JsonlLoggerCallback()])
     trainer.log({"loss": 1.5})
     trainer.log({"eval_loss": 2.0})
     jsonl = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]

@@ -4,7 +4,9 @@ Every stage takes its own arguments dataclass plus a [`LaVITTrainingArguments`] 
 with the defaults LaVIT training wants), from the command line or from one JSON/YAML file.
 """
 
+import faulthandler
 import json
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +80,24 @@ class SequenceArguments(DataArguments):
         return None if skips_masked_blocks else self.max_length
 
 
+def enable_stack_dumps() -> None:
+    """Makes a stuck or failing rank show where it is: the Python stacks of all threads are printed on a fatal error,
+    on SIGTERM (what torchrun/accelerate send the other ranks when one fails or a collective times out after
+    `--ddp_timeout`) and on SIGUSR1 (`kill -USR1 PID` on a live run), then SIGTERM ends the process as before."""
+    stream = sys.__stderr__  # the process's own stderr: `sys.stderr` may be a capture without a file descriptor
+    if stream is None or not hasattr(stream, "fileno"):
+        return
+    faulthandler.enable(stream)
+    faulthandler.register(signal.SIGTERM, stream, all_threads=True, chain=True)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, stream, all_threads=True)
+
+
 def parse_arguments(dataclass_types, argv=None):
     """Parses `argv` (default: the command line) into the given dataclasses; a single `.json`/`.yaml` argument is
-    read as a config file. Launchers' `--local_rank=N` is accepted (TrainingArguments has it)."""
+    read as a config file. Launchers' `--local_rank=N` is accepted (TrainingArguments has it). Every stage's command
+    line goes through here, so it also turns on [`enable_stack_dumps`]."""
+    enable_stack_dumps()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(dataclass_types, usage="%(prog)s [OPTIONS] [TRAINER OPTIONS]  |  %(prog)s config.yaml")
     if len(argv) == 1 and argv[0].endswith(".json"):

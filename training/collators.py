@@ -7,7 +7,9 @@ length, segments fill rows greedily up to that many tokens and short rows are ri
 compute every (query, key) pair of a row, so bounded rows keep their cost at rows x length^2 instead of (batch
 tokens)^2. `packed=False` is the padded fallback: one segment per row, right padding and an attention mask. All give
 the same loss (the first token of every segment has no target, as the model also enforces).
-`ImageCollator` feeds stage 1: decoded images, optional random crops, `pixel_values`.
+`ImageCollator` feeds stage 1: decoded (and cropped) images -> `pixel_values`.
+Every batch carries `skipped_records`, the bad records met while building it (from the stored rows, the dataset and
+the collator itself), so the count reaches the trainer from dataloader workers and from cached datasets alike.
 """
 
 from dataclasses import dataclass, field
@@ -27,7 +29,9 @@ class LaVITDataCollator:
         packed: packed rows (default) or the padded fallback.
         max_row_length: packed mode: the most tokens per row (before compact images expand), or `None` for one row.
         pad_to_multiple_of: rounds the batch length up.
-    A segment whose image cannot be decoded is dropped and counted in `counter`.
+    A segment whose image cannot be decoded is dropped and counted in `counter`. Every batch carries
+    `skipped_records`: the segments dropped here plus, with `count_stored_skips`, the records its rows dropped while
+    they were built (see `training.data.count_stored_skips`).
     """
 
     image_processor: object
@@ -37,11 +41,17 @@ class LaVITDataCollator:
     max_row_length: int | None = None
     pad_to_multiple_of: int | None = None
     counter: BadRecordCounter = field(default_factory=BadRecordCounter)
+    count_stored_skips: bool = True
 
-    def segments(self, rows: list[dict]) -> list[dict]:
-        """Splits rows into segments, each with its ids, labels, decoded images and stored keep masks."""
-        segments = []
+    def segments(self, rows: list[dict]) -> tuple[list[dict], int]:
+        """Splits rows into segments, each with its ids, labels, decoded images and stored keep masks; also returns
+        the bad records met: those the rows carry (`skipped_records`, dropped while the rows were built) and the
+        segments dropped here."""
+        segments, skipped = [], 0
         for row in rows:
+            skipped += int(row.get("skipped_records") or 0) if self.count_stored_skips else 0
+            if not row["input_ids"]:  # a row that only carries the count of a batch without usable records
+                continue
             input_ids, labels = list(row["input_ids"]), list(row.get("labels") or row["input_ids"])
             images, keep_masks = list(row.get("images") or []), row.get("image_keep_mask")
             image_cursor, start = 0, 0
@@ -55,21 +65,25 @@ class LaVITDataCollator:
                 if len(segment_images) != num_images:
                     self.counter.skip("image count", f"a segment has {num_images} [IMG] but "
                                                      f"{len(segment_images)} image(s)")
+                    skipped += 1
                     continue
                 try:
                     segment["images"] = [decode_image(image, name="segment image") for image in segment_images]
                 except BadRecordError as error:
                     self.counter.skip("unreadable image", str(error))
+                    skipped += 1
                     continue
                 segments.append(segment)
-        return segments
+        return segments, skipped
 
     def __call__(self, rows: list[dict]) -> dict:
-        segments = self.segments(rows)
+        segments, skipped = self.segments(rows)
         if not segments:
             # every record of the batch was bad: an empty step (no targets) keeps the run alive
-            return {"input_ids": torch.tensor([[self.pad_token_id]]), "labels": torch.tensor([[-100]])}
+            return {"input_ids": torch.tensor([[self.pad_token_id]]), "labels": torch.tensor([[-100]]),
+                    "skipped_records": torch.tensor(skipped)}
         batch = self.pack(segments) if self.packed else self.pad(segments)
+        batch["skipped_records"] = torch.tensor(skipped)
         images = [image for segment in segments for image in segment["images"]]
         if images:
             batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -122,30 +136,23 @@ class LaVITDataCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def random_crop(image, crop_scale: tuple[float, float]):
-    """A crop covering a uniform fraction in `crop_scale` of the image area, from torch's RNG (which the Trainer
-    seeds and checkpoints, so resumed runs draw the same crops)."""
-    low, high = crop_scale
-    area_fraction = low + (high - low) * float(torch.rand(()))
-    side = area_fraction**0.5
-    width, height = max(1, round(image.width * side)), max(1, round(image.height * side))
-    left = int(torch.randint(0, image.width - width + 1, ()))
-    top = int(torch.randint(0, image.height - height + 1, ()))
-    return image.crop((left, top, left + width, top + height))
+def image_items(items: list) -> tuple[list, int]:
+    """Items of `training.data.image_dataset` (`{"image", "skipped_records"}`) -> their images and skipped count."""
+    return [item["image"] for item in items], sum(int(item["skipped_records"]) for item in items)
 
 
 @dataclass
 class ImageCollator:
-    """Stage-1 batches: decoded images (bad ones already replaced by the dataset) -> `pixel_values`, with random
-    crops covering `crop_scale` of the image area (drawn from torch's RNG, which the Trainer seeds and checkpoints)."""
+    """Stage-1 batches: items of `training.data.image_dataset` (decoded, cropped images; bad records already replaced
+    and counted) -> `pixel_values`, plus `skipped_records`, the bad records met while reading the batch (the trainer
+    takes it out before the model sees the batch)."""
 
     image_processor: object
-    crop_scale: tuple[float, float] | None = (0.5, 1.0)
 
-    def __call__(self, images: list) -> dict:
-        if self.crop_scale is not None:
-            images = [random_crop(image, self.crop_scale) for image in images]
-        return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"]}
+    def __call__(self, items: list) -> dict:
+        images, skipped = image_items(items)
+        return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
+                "skipped_records": torch.tensor(skipped)}
 
 
 def expand_compact_images(batch: dict, code_ids: list[list[int]], keep_mask: torch.Tensor, config,

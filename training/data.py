@@ -10,6 +10,9 @@ packed greedily into rows of at most `max_length` tokens. A row stores its ids, 
 the collator restarts position ids per segment so that packed segments never attend to each other.
 """
 
+import csv
+import io
+import json
 import logging
 import os
 from collections import Counter
@@ -62,6 +65,7 @@ def load_records(
     image_column: str | None = None,
     text_column: str | None = None,
     require_text: bool = True,
+    counter: BadRecordCounter | None = None,
     **load_kwargs,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """
@@ -72,8 +76,18 @@ def load_records(
     them, or anything `datasets.load_dataset` accepts (a Hub name or a local script/folder). Column names are found
     automatically (`image`/`jpg`/`png`..., `text`/`caption`/`txt`) or given explicitly. `require_text=False` accepts
     image-only data (stage 1), e.g. a plain folder of images.
+
+    A JSON Lines/CSV table (or an imagefolder's `metadata.jsonl`/`metadata.csv`) is checked line by line first: a
+    line that is not UTF-8 or not a JSON object, or an imagefolder `file_name` that leaves the folder, is skipped and
+    counted in `counter` instead of failing the whole load.
     """
     path = Path(source)
+    usable = _usable_table_records(path, counter if counter is not None else BadRecordCounter())
+    if usable is not None:
+        records = datasets.Dataset.from_list(usable)
+        records = records.to_iterable_dataset() if streaming else records
+        base_dir = path if path.is_dir() else path.parent
+        return _standardize_columns(records, source, image_column, text_column, require_text, base_dir=base_dir)
     if path.is_dir() and (path / "state.json").exists():  # written by `save_to_disk` (e.g. `lavit-preprocess`)
         records = datasets.load_from_disk(str(path))
         return records.to_iterable_dataset() if streaming else records
@@ -113,6 +127,68 @@ def _standardize_columns(records, source, image_column, text_column, require_tex
         records = records.map(lambda batch: {"image": [_resolve_path(value, root) for value in batch["image"]]},
                               batched=True)
     return records
+
+
+def _usable_table_records(path: Path, counter: BadRecordCounter) -> list[dict] | None:
+    """The usable records of a JSON Lines/CSV table or imagefolder metadata, when some records are bad (counted);
+    `None` when the source has no such table or every record is usable (`datasets` then reads it as usual)."""
+    folder = path if path.is_dir() else None
+    tables = [path / name for name in ("metadata.jsonl", "metadata.csv") if (path / name).is_file()] if folder \
+        else [path] if path.suffix in (".jsonl", ".csv") and path.is_file() else []
+    records, bad = [], 0
+    for table in tables:
+        for line_number, record, problem in _table_lines(table):
+            if problem is None and folder is not None:
+                problem = _escaping_file_name(record, folder)
+            if problem is not None:
+                counter.skip("unreadable metadata", f"{table} line {line_number}: {problem}")
+                bad += 1
+                continue
+            if folder is not None:  # an imagefolder record: its image, found like `datasets` finds it
+                record = {"image": str(folder / record.pop("file_name")), **record}
+            records.append(record)
+    return records if bad else None
+
+
+def _table_lines(table: Path):
+    """(line number, record, problem) for each line of a JSON Lines or CSV file; `problem` names a bad line."""
+    lines = table.read_bytes().splitlines()
+    header = None
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield number, None, f"not UTF-8 ({error.reason} at byte {error.start})"
+            continue
+        if table.suffix == ".csv":
+            row = next(csv.reader(io.StringIO(text)), [])
+            if header is None:
+                header = row
+                continue
+            if len(row) != len(header):
+                yield number, None, f"{len(row)} fields, the header has {len(header)}"
+                continue
+            yield number, dict(zip(header, row, strict=True)), None
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield number, None, f"not JSON ({error.msg})"
+            continue
+        yield (number, record, None) if isinstance(record, dict) else (number, None, "not a JSON object")
+
+
+def _escaping_file_name(record: dict, folder: Path) -> str | None:
+    """Why an imagefolder record's `file_name` is unusable (missing, absolute, or leaving the folder), else None."""
+    name = record.get("file_name")
+    if not isinstance(name, str) or not name:
+        return "no file_name"
+    root = folder.resolve()
+    if os.path.isabs(name) or not (root / name).resolve().is_relative_to(root):
+        return f"file_name {name!r} is outside the folder {folder}"
+    return None
 
 
 def _holds_paths(feature) -> bool:
@@ -213,6 +289,41 @@ def preprocess_images(records, visual_tokenizer, image_processor, batch_size: in
 # ---------------------------------------------------------------------------------------------------------- sequences
 
 
+def encode_text(tokenizer, text: str, control_ids=(), split_special_tokens: bool = True) -> list[int]:
+    """User text -> token ids, as text only: special tokens written in it (`[IMG]`, `[/IMG]`, `</s>`) are split like
+    any other text (`split_special_tokens`), so a caption can never produce a control id. `BadRecordError` if one of
+    `control_ids` still appears (a tokenizer that ignores `split_special_tokens`, or text rendered by a chat template,
+    whose own special tokens must stay whole)."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+    leaked = sorted(set(ids) & set(control_ids))
+    if leaked:
+        raise BadRecordError(f"the text {text[:60]!r} produces the control id(s) {leaked}")
+    return ids
+
+
+def with_skip_counts(rows: dict, skipped: int) -> dict:
+    """Stores the records a `datasets.map` batch dropped in its first output row (`skipped_records`; an empty row when
+    no record of the batch was usable), so the count lives in the dataset: cached maps, `num_proc` and dataloader
+    workers keep it, and the collator adds it to the batch that reads the row."""
+    rows["skipped_records"] = [0] * len(rows["input_ids"])
+    if skipped and not rows["input_ids"]:
+        for column in rows:
+            rows[column].append(0 if column == "skipped_records" else [])
+    if skipped:
+        rows["skipped_records"][0] = skipped
+    return rows
+
+
+def count_stored_skips(dataset, counter: BadRecordCounter, collator) -> None:
+    """Adds the records a built dataset dropped (its `skipped_records` column) to `counter`, once, for a map-style
+    dataset: exact for any cache state and process count (padding a rank's share repeats rows, not counts), and the
+    collator then leaves the column alone. A streamed dataset is built as it is read: its rows' counts reach the
+    trainer through the batches."""
+    if isinstance(dataset, datasets.Dataset) and "skipped_records" in dataset.column_names:
+        counter.counts["dropped while building rows"] += sum(dataset["skipped_records"])
+        collator.count_stored_skips = False
+
+
 @dataclass
 class SequenceBuilder:
     """
@@ -248,11 +359,15 @@ class SequenceBuilder:
             text = text[index % len(text)] if text else None
         if not isinstance(text, str) or not text.strip():
             raise BadRecordError(f"record {index}: empty or missing text")
-        text_ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        config = self.config
+        control_ids = (config.image_start_token_id, config.image_end_token_id)
+        try:
+            text_ids = encode_text(self.tokenizer, text.strip(), control_ids)
+        except BadRecordError as error:
+            raise BadRecordError(f"record {index}: {error}") from error
         if record.get("image") is None:
             ids = (text_ids + self.end_ids)[: self.max_length]
             return [{"input_ids": ids, "budget": len(ids), "image": None, "keep_mask": None}]
-        config = self.config
         code_ids = record.get("code_ids")
         if code_ids:
             visual_ids = [config.visual_token_offset + int(code) for code in code_ids]
@@ -288,13 +403,14 @@ class SequenceBuilder:
                 rows["images"].append([segment["image"] for segment in with_image])
                 rows["image_keep_mask"].append([segment["keep_mask"] for segment in with_image])
 
-        names = list(batch)
+        names, skipped = list(batch), 0
         for position, index in enumerate(indices):
             record = {name: batch[name][position] for name in names}
             try:
                 segments = self.segments_of(record, index)
             except BadRecordError as error:
                 self.counter.skip("unusable record", str(error))
+                skipped += 1
                 continue
             for segment in segments:
                 if current and used + segment["budget"] > self.max_length:
@@ -305,7 +421,7 @@ class SequenceBuilder:
         flush()
         if not any(mask is not None for masks in rows["image_keep_mask"] for mask in masks):
             del rows["image_keep_mask"]
-        return rows
+        return with_skip_counts(rows, skipped)
 
     def build(self, records, batch_size: int = 1000):
         """Applies the builder to a dataset (streaming too); the output rows replace the records."""
@@ -399,8 +515,17 @@ class InstructionBuilder:
         self.end_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def _ids(self, text: str) -> list[int]:
-        return self.processor.tokenizer(self.processor.replace_image_placeholders(text),
-                                        add_special_tokens=False)["input_ids"]
+        """Prompt or answer text -> ids: each image placeholder becomes `[IMG][/IMG]`, the rest is text only (chat
+        turns keep their template's special tokens, and a record whose text writes `[IMG]`/`[/IMG]` is bad)."""
+        processor = self.processor
+        control_ids = (processor.image_start_token_id, processor.image_end_token_id)
+        ids = []
+        for number, piece in enumerate(text.split(processor.image_token)):
+            if number:
+                ids += list(control_ids)
+            if piece:
+                ids += encode_text(processor.tokenizer, piece, control_ids, split_special_tokens=self.task != "chat")
+        return ids
 
     def example(self, record: dict, index: int) -> dict:
         if self.task == "chat":
@@ -458,35 +583,72 @@ class InstructionBuilder:
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         rows = {"input_ids": [], "labels": [], "segment_lengths": [], "images": []}
-        names = list(batch)
+        names, skipped = list(batch), 0
         for position, index in enumerate(indices):
             try:
                 example = self.example({name: batch[name][position] for name in names}, index)
             except BadRecordError as error:
                 self.counter.skip("unusable record", str(error))
+                skipped += 1
                 continue
             for key in rows:
                 rows[key].append(example[key])
-        return rows
+        return with_skip_counts(rows, skipped)
 
     def build(self, records, batch_size: int = 1000):
         return records.map(self, batched=True, batch_size=batch_size, with_indices=True,
                            remove_columns=list(records.column_names or []))
 
 
-def image_dataset(records, counter: BadRecordCounter | None = None) -> torch.utils.data.Dataset:
-    """Stage-1 view of records: items are decoded RGB images. A bad record is counted and replaced by the next
-    readable one, so every batch is full and the same on every run."""
+def image_dataset(records, counter: BadRecordCounter | None = None, crop_scale: tuple[float, float] | None = None,
+                  seed: int = 0) -> torch.utils.data.Dataset:
+    """
+    Stage-1 view of records: items are `{"image": RGB PIL image, "skipped_records": int}`. A bad record is counted and
+    replaced by the next readable one (so every batch is full and the same on every run); `skipped_records` carries
+    the count with the item, so it reaches the trainer from dataloader workers too. With `crop_scale`, each image is a
+    random crop drawn from a generator seeded by `(seed, epoch, index)` (see [`crop_generator`]): the crops of a
+    resumed run are those of the uninterrupted one, whatever the RNG state or the number of workers.
+    """
     counter = counter or BadRecordCounter()
     if isinstance(records, datasets.IterableDataset):
-        return _StreamedImageRecords(records, counter)
-    return _ImageRecords(records, counter)
+        return _StreamedImageRecords(records, counter, crop_scale, seed)
+    return _ImageRecords(records, counter, crop_scale, seed)
 
 
-class _ImageRecords(torch.utils.data.Dataset):
-    def __init__(self, records, counter: BadRecordCounter):
-        self.records, self.counter = records, counter
+def crop_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one item's random crop: a function of the run's seed, the epoch and the item's index only.
+    NumPy's `SeedSequence` hashes the three numbers (a torch generator seeded with nearby integers gives correlated
+    first draws: the same image got nearly the same crop in consecutive epochs)."""
+    return np.random.default_rng([seed, epoch, index])
 
+
+def random_crop(image, crop_scale: tuple[float, float], generator: np.random.Generator):
+    """A crop covering a uniform fraction in `crop_scale` of the image area, drawn from `generator`."""
+    low, high = crop_scale
+    area_fraction = low + (high - low) * float(generator.random())
+    side = area_fraction**0.5
+    width, height = max(1, round(image.width * side)), max(1, round(image.height * side))
+    left = int(generator.integers(0, image.width - width + 1))
+    top = int(generator.integers(0, image.height - height + 1))
+    return image.crop((left, top, left + width, top + height))
+
+
+class _EpochSeededImages:
+    """What both image views share: the epoch (set by the Trainer through `set_epoch`) and the seeded crop."""
+
+    def __init__(self, records, counter: BadRecordCounter, crop_scale, seed: int):
+        self.records, self.counter, self.crop_scale, self.seed, self.epoch = records, counter, crop_scale, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def item(self, image, index: int, skipped: int) -> dict:
+        if self.crop_scale is not None:
+            image = random_crop(image, self.crop_scale, crop_generator(self.seed, self.epoch, index))
+        return {"image": image, "skipped_records": skipped}
+
+
+class _ImageRecords(_EpochSeededImages, torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
@@ -494,19 +656,28 @@ class _ImageRecords(torch.utils.data.Dataset):
         for offset in range(len(self.records)):
             candidate = (index + offset) % len(self.records)
             try:
-                return decode_image(self.records[candidate]["image"], name=f"record {candidate}")
+                image = decode_image(self.records[candidate]["image"], name=f"record {candidate}")
             except BadRecordError as error:
                 self.counter.skip("unreadable image", str(error))
+                continue
+            return self.item(image, index, skipped=offset)
         raise ValueError("no record of the dataset holds a readable image")
 
 
-class _StreamedImageRecords(torch.utils.data.IterableDataset):
-    def __init__(self, records, counter: BadRecordCounter):
-        self.records, self.counter = records, counter
+class _StreamedImageRecords(_EpochSeededImages, torch.utils.data.IterableDataset):
+    def set_epoch(self, epoch: int):
+        super().set_epoch(epoch)
+        if hasattr(self.records, "set_epoch"):
+            self.records.set_epoch(epoch)
 
     def __iter__(self):
+        skipped = 0
         for index, record in enumerate(self.records):
             try:
-                yield decode_image(record["image"], name=f"record {index}")
+                image = decode_image(record["image"], name=f"record {index}")
             except BadRecordError as error:
                 self.counter.skip("unreadable image", str(error))
+                skipped += 1
+                continue
+            yield self.item(image, index, skipped)
+            skipped = 0

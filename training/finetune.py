@@ -18,7 +18,7 @@ from transformers import set_seed
 from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
-from .data import InstructionBuilder, load_records
+from .data import BadRecordCounter, InstructionBuilder, count_stored_skips, load_records
 from .lora import language_model_targets
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .stage2_pretrain import data_collator
@@ -85,21 +85,23 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
         model = load_model_for_finetuning(script_args, training_args)
     script_args.set_attention(model)
     processor = LaVITProcessor.from_pretrained(script_args.model)
+    counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming,
-                           script_args.image_column, script_args.text_column, require_text=False)
+                           script_args.image_column, script_args.text_column, require_text=False, counter=counter)
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
     dataset = builder.build(limit_records(records, script_args.max_samples))
     num_examples = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_examples))
     report_preset(preset, applied, num_examples, training_args)
     collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    count_stored_skips(dataset, counter, collator)
     adapters = script_args.lora or script_args.qlora
     # a 4-bit base cannot take merged adapters: QLoRA runs save the adapters next to the base model's name
     merge = adapters and script_args.merge_lora and not script_args.qlora
     warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
-    return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
-                          script_args.resume, None if adapters else script_args.visual_learning_rate,
-                          callbacks=[warning], merge_adapters=merge)
+    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
+                          None if adapters else script_args.visual_learning_rate, callbacks=[warning],
+                          merge_adapters=merge)
 
 def main(argv=None):
     script_args, training_args = parse_arguments((FinetuningArguments, LaVITTrainingArguments), argv)

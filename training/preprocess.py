@@ -4,12 +4,11 @@ Stage 2 then builds expanded sequences (`[IMG]` + the stored visual ids + `[/IMG
 without guessing image sizes, counts targets exactly for gradient accumulation and skips the frozen tokenizer's
 selector and quantizer (the LM-side merger still reads the encoder features). Runs batched through `datasets.map`,
 on a GPU when there is one; unusable images are dropped and counted. The output is written with `save_to_disk` to a
-temporary folder and renamed into place.
+temporary folder and swapped into place (`lavit.atomic.replace_folder`).
 
     lavit-preprocess --data pairs.jsonl --visual_tokenizer runs/tokenizer/final --output data/pairs_tokenized
 """
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from lavit.modeling import LaVITConfig, LaVITForCausalLM, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor
 from transformers import PretrainedConfig
+
+from lavit.atomic import fresh_staging_folder, replace_folder
 
 from .arguments import DataArguments, limit_records, parse_arguments
 from .data import BadRecordCounter, load_records, preprocess_images
@@ -45,21 +46,19 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     device = script_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_visual_tokenizer(script_args.visual_tokenizer).to(device).eval()
     image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
-    records = load_records(script_args.data, script_args.split, False, script_args.image_column,
-                           script_args.text_column, require_text=False)
     counter = BadRecordCounter()
-    tokenized = preprocess_images(limit_records(records, script_args.max_samples), tokenizer, image_processor,
-                                  script_args.batch_size, counter)
+    records = load_records(script_args.data, script_args.split, False, script_args.image_column,
+                           script_args.text_column, require_text=False, counter=counter)
+    records = limit_records(records, script_args.max_samples)
+    tokenized = preprocess_images(records, tokenizer, image_processor, script_args.batch_size, counter)
     output = Path(script_args.output)
-    staging = output.with_name(output.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = fresh_staging_folder(output)
     tokenized.save_to_disk(str(staging))
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    replace_folder(staging, output)
     counts = [len(ids) for ids in tokenized["code_ids"]]
-    print(f"{len(counts)} records tokenized, {counter.total} skipped; tokens per image: mean "
+    # counted from the data, not the counter: a cached or multi-process map leaves the counter empty
+    skipped = len(records) - len(tokenized) + counter.counts["unreadable metadata"]
+    print(f"{len(counts)} records tokenized, {skipped} skipped; tokens per image: mean "
           f"{sum(counts) / max(len(counts), 1):.1f}, min {min(counts, default=0)}, max {max(counts, default=0)}")
     return output
 

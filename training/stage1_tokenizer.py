@@ -29,7 +29,6 @@ from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, load_records
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
 from .trainer import (
-    BadRecordLoggerCallback,
     JsonlLoggerCallback,
     LaVITTrainer,
     resolve_resume,
@@ -87,8 +86,10 @@ class LaVITTokenizerTrainer(LaVITTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments) -> Path:
-    """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor)."""
+def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments,
+                    callbacks=()) -> Path:
+    """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor);
+    `callbacks` are extra `TrainerCallback`s."""
     set_seed(training_args.seed)
     preset, applied = apply_preset("tokenizer", script_args.preset, script_args, training_args)
     with whole_weights(training_args):
@@ -96,22 +97,24 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column, require_text=False)
-    dataset = image_dataset(limit_records(records, script_args.max_samples), counter)
+                           script_args.text_column, require_text=False, counter=counter)
+    crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
+    # the dataset's own counter only logs: its counts reach `counter` through the batches
+    dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
     num_images = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_images))
     if preset is not None and script_args.quantizer_start_step == 0:  # k-means needs warmed-up latents
         applied["quantizer_start_step"] = script_args.quantizer_start_step = training_args.max_steps // 4
     report_preset(preset, applied, num_images, training_args)
-    crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
     trainer = LaVITTokenizerTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=ImageCollator(image_processor, crop_scale),
+        data_collator=ImageCollator(image_processor),
         quantizer_start_step=script_args.quantizer_start_step,
-        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(counter),
-                   ShortRunWarningCallback(num_images, preset=script_args.preset)],
+        skip_counter=counter,
+        callbacks=[JsonlLoggerCallback(),
+                   ShortRunWarningCallback(num_images, preset=script_args.preset), *callbacks],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
     return save_final(trainer, training_args.output_dir, image_processor)

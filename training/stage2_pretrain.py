@@ -22,15 +22,17 @@ from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records,
 from .collators import LaVITDataCollator
 from .data import (
     SEQUENCE_ORDERS,
+    BadRecordCounter,
     RandomOrderRows,
     SequenceBuilder,
     StreamedRandomOrderRows,
+    count_stored_skips,
     load_records,
     load_text_records,
     mix_text_records,
 )
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
-from .trainer import DataEpochCallback, train_and_save, whole_weights
+from .trainer import train_and_save, whole_weights
 
 
 @dataclass
@@ -70,11 +72,12 @@ def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
     return model, LaVITProcessor(image_processor, text_tokenizer)
 
 
-def pretraining_dataset(script_args, tokenizer, config, seed: int = 0):
-    """Records -> (text mix) -> packed rows, with the builder (whose counter logs skipped records). With
-    `order="random"` the rows draw their pair orders per epoch from `seed` ([`RandomOrderRows`])."""
+def pretraining_dataset(script_args, tokenizer, config, counter: BadRecordCounter | None = None, seed: int = 0):
+    """Records -> (text mix) -> packed rows (each carrying the count of records dropped while it was built), with the
+    builder; `counter` counts the records skipped while loading. With `order="random"` the rows draw their pair
+    orders per epoch from `seed` ([`RandomOrderRows`])."""
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column)
+                           script_args.text_column, counter=counter)
     records = limit_records(records, script_args.max_samples)
     if script_args.text_data:
         texts = load_text_records(script_args.text_data, streaming=script_args.streaming)
@@ -105,15 +108,16 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
         model, processor = build_unified_model(script_args)
     preset, applied = apply_preset("pretrain", script_args.preset, script_args, training_args, model)
     script_args.set_attention(model)
-    dataset, builder = pretraining_dataset(script_args, processor.tokenizer, model.config, training_args.seed)
+    counter = BadRecordCounter()
+    dataset, _ = pretraining_dataset(script_args, processor.tokenizer, model.config, counter, training_args.seed)
     num_rows = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_rows))
     report_preset(preset, applied, num_rows, training_args)
     collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
-    callbacks = [*callbacks, DataEpochCallback(dataset), ShortRunWarningCallback(
-        row_length=script_args.max_length, preset=script_args.preset)]
-    return train_and_save(model, processor, training_args, dataset, collator, (builder.counter, collator.counter),
-                          script_args.resume, script_args.visual_learning_rate, callbacks)
+    count_stored_skips(dataset, counter, collator)
+    callbacks = [*callbacks, ShortRunWarningCallback(row_length=script_args.max_length, preset=script_args.preset)]
+    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
+                          script_args.visual_learning_rate, callbacks)
 
 def main(argv=None):
     script_args, training_args = parse_arguments((PretrainingArguments, LaVITTrainingArguments), argv)

@@ -28,11 +28,10 @@ from transformers import TrainerCallback, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from .arguments import DataArguments, LaVITTrainingArguments, limit_records, load_config_preset, parse_arguments
-from .collators import random_crop
+from .collators import image_items
 from .data import BadRecordCounter, image_dataset, load_records
 from .preprocess import load_visual_tokenizer
 from .trainer import (
-    BadRecordLoggerCallback,
     JsonlLoggerCallback,
     LaVITTrainer,
     resolve_resume,
@@ -82,19 +81,19 @@ def build_detokenizer(script_args: DetokenizerTrainingArguments, visual_tokenize
 
 @dataclass
 class DetokenizerCollator:
-    """Decoded images -> `tokenizer_pixel_values` (the tokenizer's preprocessing) and `pixel_values` (the same crop,
-    squashed to the detokenizer's resolution like the tokenizer's input, in [-1, 1] for the VAE)."""
+    """Items of `training.data.image_dataset` (decoded, cropped images) -> `tokenizer_pixel_values` (the tokenizer's
+    preprocessing) and `pixel_values` (the same crop, squashed to the detokenizer's resolution like the tokenizer's
+    input, in [-1, 1] for the VAE), plus the batch's `skipped_records`."""
 
     image_processor: LaVITImageProcessor
     image_size: int
-    crop_scale: tuple[float, float] | None = None
 
-    def __call__(self, images: list) -> dict:
-        if self.crop_scale is not None:
-            images = [random_crop(image, self.crop_scale) for image in images]
+    def __call__(self, items: list) -> dict:
+        images, skipped = image_items(items)
         return {
             "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
             "pixel_values": self.target_pixel_values(images),
+            "skipped_records": torch.tensor(skipped),
         }
 
     def target_pixel_values(self, images: list) -> torch.Tensor:
@@ -208,22 +207,23 @@ def train_detokenizer(
         detokenizer = build_detokenizer(script_args, visual_tokenizer)
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column, require_text=False)
-    dataset = image_dataset(limit_records(records, script_args.max_samples), counter)
+                           script_args.text_column, require_text=False, counter=counter)
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
+    # the dataset's own counter only logs: its counts reach `counter` through the batches
+    dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
     collator = DetokenizerCollator(LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config),
-                                   detokenizer.config.image_size, crop_scale)
+                                   detokenizer.config.image_size)
     resume = resolve_resume(script_args.resume, training_args.output_dir)
     if script_args.vae_steps > 0 and resume is None:  # a resumed run restores the fitted VAE from its checkpoint
-        losses = fit_vae(detokenizer.vae, dataset, collator.target_pixel_values, script_args.vae_steps,
-                         training_args.per_device_train_batch_size)
+        losses = fit_vae(detokenizer.vae, dataset, lambda items: collator.target_pixel_values(image_items(items)[0]),
+                         script_args.vae_steps, training_args.per_device_train_batch_size)
         print(f"VAE fitted for {len(losses)} steps: reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    callbacks = [JsonlLoggerCallback(), BadRecordLoggerCallback(counter), *callbacks]
+    callbacks = [JsonlLoggerCallback(), *callbacks]
     if script_args.ema_decay > 0:
         callbacks.append(EMACallback(detokenizer, script_args.ema_decay, resume))
     trainer = LaVITDetokenizerTrainer(
         model=detokenizer, args=training_args, train_dataset=dataset, data_collator=collator,
-        visual_tokenizer=visual_tokenizer, callbacks=callbacks,
+        visual_tokenizer=visual_tokenizer, skip_counter=counter, callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
     return save_final(trainer, training_args.output_dir)

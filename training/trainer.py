@@ -11,7 +11,7 @@
 import json
 import logging
 import os
-import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,13 +23,19 @@ from transformers.integrations.deepspeed import (
     set_hf_deepspeed_config,
     unset_hf_deepspeed_config,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
+
+from lavit.atomic import fresh_staging_folder, replace_folder
 
 from .collators import expand_compact_images
+from .data import BadRecordCounter
 
 logger = logging.getLogger(__name__)
 
 VISUAL_MODULES = ("visual_merger", "visual_projection")
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last: lists every file of the checkpoint with its size
+SKIPPED_RECORDS_FILE = "skipped_records.json"
+STALE_LOCK_SECONDS = 600
 
 
 class LaVITTrainer(Trainer):
@@ -39,15 +45,52 @@ class LaVITTrainer(Trainer):
             `visual_projection`) and of the `[IMG]`/`[/IMG]`/visual rows of the embedding and head; the LM keeps
             `args.learning_rate`. `None`: one learning rate for everything.
         logged_outputs (`tuple[str]`): scalar fields of the model output to log (averaged over the logging window).
+        skip_counter ([`BadRecordCounter`], *optional*): receives, at every log, the bad records met so far in the
+            batches of all processes (each batch carries its `skipped_records`, taken out before the model sees it).
+
+    Checkpoints are crash-safe: a checkpoint gets `checkpoint_complete.json` (its files and sizes) after everything
+    else, callbacks' files included, and older checkpoints are rotated out only after that, so a run killed at any
+    instant keeps a complete checkpoint to resume from (see [`latest_checkpoint`]).
     """
 
     def __init__(self, *args, visual_learning_rate: float | None = None, logged_outputs=("text_loss", "image_loss"),
-                 **kwargs):
+                 skip_counter: BadRecordCounter | None = None, **kwargs):
         self.visual_learning_rate = visual_learning_rate
         self.logged_outputs = tuple(logged_outputs)
         self._metric_sums: dict[str, float] = {}
         self._metric_counts: dict[str, int] = {}
+        self.skip_counter = skip_counter if skip_counter is not None else BadRecordCounter()
+        self._skipped_here = 0  # bad records in this process's batches (plus, on rank 0, those of the checkpoint)
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            check_extension_locks()
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(DataEpochCallback(self.train_dataset))
+        self.add_callback(CheckpointCompletionCallback())  # last: after every callback that writes into checkpoints
+
+    # ------------------------------------------------------------------------------------------ bad records
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:
+            if isinstance(batch, dict) and "skipped_records" in batch:
+                self._skipped_here += int(batch.pop("skipped_records").sum())
+        return batch_samples, num_items_in_batch
+
+    def skipped_records(self) -> int:
+        """Bad records met so far by all processes (a collective call: every rank must make it)."""
+        count = torch.tensor(self._skipped_here, device=self.args.device)
+        if self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return int(count)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._skipped_here = 0
+        path = Path(resume_from_checkpoint) / SKIPPED_RECORDS_FILE if isinstance(resume_from_checkpoint, str) else None
+        if path is not None and path.is_file() and self.is_world_process_zero():
+            # the batches a resumed run skips over were counted by the run that wrote the checkpoint
+            self._skipped_here = json.loads(path.read_text())["skipped_records"]
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ loss normalisation
 
@@ -155,12 +198,24 @@ class LaVITTrainer(Trainer):
             for name, total in self._metric_sums.items():
                 logs[name] = round(total / self._metric_counts[name], 6)
             self._metric_sums, self._metric_counts = {}, {}
-        # figures that callbacks contribute are added before any callback runs `on_log`, so that every sink (the
-        # console, logs.jsonl, TensorBoard, W&B...) sees them whatever the order of the callbacks
-        for callback in self.callback_handler.callbacks:
-            if hasattr(callback, "add_to_logs"):
-                callback.add_to_logs(logs)
+            self.skip_counter.counts["met in training batches"] = self.skipped_records()
+            # set here, before any callback runs: every sink (logs.jsonl, TensorBoard, W&B, log_history) gets it
+            logs["skipped_records"] = self.skip_counter.total
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        # old checkpoints are rotated out by CheckpointCompletionCallback, once the new one is complete
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        skipped = self.skipped_records()
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            (folder / SKIPPED_RECORDS_FILE).write_text(json.dumps({"skipped_records": skipped}))
 
 
 class JsonlLoggerCallback(TrainerCallback):
@@ -175,16 +230,64 @@ class JsonlLoggerCallback(TrainerCallback):
             handle.flush()
 
 
-class BadRecordLoggerCallback(TrainerCallback):
-    """Logs how many records were skipped next to the loss (`LaVITTrainer.log` calls `add_to_logs` before the log
-    callbacks run, so the count reaches every sink)."""
+class CheckpointCompletionCallback(TrainerCallback):
+    """Marks a checkpoint complete once every process has written its part (and every earlier `on_save` callback its
+    files): `checkpoint_complete.json` lists each file with its size, written to a temporary file and renamed. Then
+    rotates old checkpoints out (`save_total_limit`), never the last complete one."""
 
-    def __init__(self, *counters):
-        self.counters = counters
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if args.should_save:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            write_completion_marker(folder)
+            rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
 
-    def add_to_logs(self, logs: dict):
-        if "loss" in logs:
-            logs["skipped_records"] = sum(counter.total for counter in self.counters)
+
+def write_completion_marker(folder: Path) -> None:
+    temporary = folder / (COMPLETE_MARKER + ".tmp")
+    files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name not in (COMPLETE_MARKER, temporary.name)}
+    with open(temporary, "w") as handle:
+        json.dump({"files": files}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, folder / COMPLETE_MARKER)
+
+
+def checkpoint_problem(folder) -> str | None:
+    """Why `folder` is not a complete checkpoint (no completion marker, a listed file missing or of another size, an
+    unreadable `trainer_state.json`), or None."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} (the run stopped while writing it)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        return f"{marker} is unreadable ({error})"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path} is missing or not {size} bytes"
+    return None
+
+
+def check_extension_locks(max_idle_seconds: float = STALE_LOCK_SECONDS) -> None:
+    """Raises naming the file when the torch extensions cache (where DeepSpeed compiles its CPU ops on first use)
+    holds a `lock` that no build has touched for `max_idle_seconds`: a run killed while compiling leaves it, and every
+    later run then waits on it forever without a message."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
+        idle = time.time() - max(path.stat().st_mtime for path in lock.parent.iterdir())
+        if idle > max_idle_seconds:
+            raise RuntimeError(
+                f"{lock} is a stale build lock (nothing in {lock.parent} changed for {idle / 60:.0f} minutes): a run "
+                f"was killed while compiling the '{lock.parent.name}' extension, and every later run would wait on "
+                f"this lock forever. Remove it (rm {lock}) and start again; the extension is then rebuilt."
+            )
 
 
 class DataEpochCallback(TrainerCallback):
@@ -226,40 +329,48 @@ def whole_weights(training_args):
 
 
 def latest_checkpoint(output_dir) -> str | None:
-    """The newest *complete* checkpoint in `output_dir` (a crash while saving leaves a folder without
-    `trainer_state.json`, written last; such folders are skipped, so the previous checkpoint is not lost)."""
+    """The newest *complete* checkpoint in `output_dir` (see [`checkpoint_problem`]). A newer incomplete one (a crash
+    while it was written) is skipped with a warning that names it and says which checkpoint is used instead."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    complete = []
-    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (folder / "trainer_state.json").exists():
-            complete.append((int(step), folder))
-        elif step.isdigit():
-            logger.warning(f"ignoring the incomplete checkpoint {folder} (no trainer_state.json)")
-    return str(max(complete)[1]) if complete else None
+    folders = sorted((int(folder.name.rsplit("-", 1)[-1]), folder)
+                     for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                     if folder.is_dir() and folder.name.rsplit("-", 1)[-1].isdigit())
+    skipped = []
+    for _, folder in reversed(folders):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if skipped:
+                logger.warning(f"resuming from {folder}, the newest complete checkpoint; ignored: "
+                               + "; ".join(skipped))
+            return str(folder)
+        skipped.append(f"{folder.name} is incomplete: {problem}")
+    if skipped:
+        logger.warning("no complete checkpoint, starting from scratch; ignored: " + "; ".join(skipped))
+    return None
 
 
 def resolve_resume(resume_from_checkpoint, output_dir) -> str | None:
-    """`"auto"`/`True`: the latest complete checkpoint (or a fresh start); a path: that checkpoint; else None."""
+    """`"auto"`/`True`: the latest complete checkpoint (or a fresh start); a path: that checkpoint, which must be
+    complete; else None."""
     if resume_from_checkpoint in (None, False, "", "no", "false", "False"):
         return None
     if resume_from_checkpoint in (True, "auto", "true", "True"):
         return latest_checkpoint(output_dir)
-    if not (Path(resume_from_checkpoint) / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{resume_from_checkpoint} is not a complete checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(resume_from_checkpoint)
+    if problem is not None:
+        raise FileNotFoundError(f"{resume_from_checkpoint} is not a complete checkpoint: {problem}")
     return str(resume_from_checkpoint)
 
 
 def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: bool = False) -> Path:
     """Saves the trained model (and processor) as a Hub-ready folder `output_dir/final`, written to a temporary folder
-    first and renamed in one step, so a crash never leaves a half-written model. `merge_adapters` merges LoRA adapters
-    (`merge_and_unload`) so that the folder is a plain checkpoint."""
+    first and swapped in (`lavit.atomic.replace_folder`), so `final` always holds a whole model, old or new.
+    `merge_adapters` merges LoRA adapters (`merge_and_unload`) so that the folder is a plain checkpoint."""
     final_dir = Path(output_dir) / "final"
-    staging_dir = Path(output_dir) / "final.tmp"
-    if trainer.is_world_process_zero() and staging_dir.exists():
-        shutil.rmtree(staging_dir)
+    staging_dir = fresh_staging_folder(final_dir) if trainer.is_world_process_zero() else final_dir.with_name(
+        "final.tmp")
     trainer.accelerator.wait_for_everyone()
     if merge_adapters:
         if trainer.is_world_process_zero():
@@ -270,17 +381,17 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
         if processor is not None:
             processor.save_pretrained(staging_dir)
         (staging_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub folder
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(staging_dir, final_dir)
+        replace_folder(staging_dir, final_dir)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 
 
-def train_and_save(model, processor, training_args, dataset, collator, counters=(), resume="auto",
+def train_and_save(model, processor, training_args, dataset, collator, counter=None, resume="auto",
                    visual_learning_rate=None, callbacks=(), merge_adapters=False) -> Path:
-    """The common end of the LM stages: a `LaVITTrainer` with JSONL and skipped-record logging, training resumed
-    from the latest complete checkpoint when asked, and the final Hub-ready folder."""
+    """The common end of the LM stages: a `LaVITTrainer` with JSONL and skipped-record logging (`counter`: the
+    records skipped while loading; those of the batches are added to it), training resumed from the latest complete
+    checkpoint when asked, and the final Hub-ready folder."""
+    counter = counter if counter is not None else BadRecordCounter()
     trainer = LaVITTrainer(
         model=model,
         args=training_args,
@@ -288,7 +399,8 @@ def train_and_save(model, processor, training_args, dataset, collator, counters=
         data_collator=collator,
         processing_class=processor,
         visual_learning_rate=visual_learning_rate,
-        callbacks=[JsonlLoggerCallback(), BadRecordLoggerCallback(*counters), *callbacks],
+        skip_counter=counter,
+        callbacks=[JsonlLoggerCallback(), *callbacks],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(resume, training_args.output_dir))
     return save_final(trainer, training_args.output_dir, processor, merge_adapters=merge_adapters)

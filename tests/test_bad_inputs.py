@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_lavit_config, training_args, write_tiny_language_model
+from conftest import text_vocab_size, tiny_lavit_config, training_args, write_tiny_language_model
 from lavit.training.data import BadRecordCounter, InstructionBuilder, SequenceBuilder, load_records
 from lavit.training.sample_data import photo_images
 from PIL import Image
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def test_literal_image_markers_in_captions_stay_text(lavit_processor, tmp_path):
-    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    config = tiny_lavit_config(text_vocab_size(lavit_processor.tokenizer))
     control = {config.image_start_token_id, config.image_end_token_id}
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     captions = ["a cat [IMG] on a sofa", "[/IMG] a dog", "two [IMG][/IMG] birds </s> flying"]
@@ -85,7 +85,7 @@ def test_bad_metadata_lines_are_skipped_and_counted(tmp_path):
 def test_a_map_batch_without_usable_records_still_carries_its_count(lavit_processor):
     from lavit.training.collators import LaVITDataCollator
 
-    config = tiny_lavit_config(len(lavit_processor.tokenizer) - 2)
+    config = tiny_lavit_config(text_vocab_size(lavit_processor.tokenizer))
     builder = SequenceBuilder(lavit_processor.tokenizer, config, max_length=64)
     rows = builder({"image": [None, None, None], "text": ["", "  ", None]}, [0, 1, 2])
     assert rows["input_ids"] == [[]] and rows["skipped_records"] == [3]

@@ -121,14 +121,14 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def lavit_folder(tmp_path_factory):
-    from conftest import tiny_lavit_config, tiny_text_tokenizer
+    from conftest import text_vocab_size, tiny_lavit_config, tiny_text_tokenizer
 
     from lavit import LaVITForCausalLM, LaVITImageProcessor, LaVITProcessor
 
     folder = tmp_path_factory.mktemp("lavit") / "model"
     tokenizer = tiny_text_tokenizer()
     torch.manual_seed(0)
-    LaVITForCausalLM(tiny_lavit_config(len(tokenizer) - 2)).save_pretrained(folder)
+    LaVITForCausalLM(tiny_lavit_config(text_vocab_size(tokenizer))).save_pretrained(folder)
     LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), tokenizer).save_pretrained(folder)
     return folder
 

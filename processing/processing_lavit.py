@@ -162,6 +162,7 @@ class LaVITProcessor(ProcessorMixin):
             **tokenizer_kwargs,
         )
         encoded = tokenized["input_ids"]
+        self._check_control_ids(encoded, placeholders_per_text)
         # per-token outputs the caller asked the tokenizer for (offsets, token types, ...): cut and padded with the ids
         per_token = {key: list(values) for key, values in tokenized.items()
                      if key not in ("input_ids", "attention_mask")}
@@ -202,6 +203,21 @@ class LaVITProcessor(ProcessorMixin):
             if tokens is not None:
                 data["image_keep_mask"] = torch.stack([tokens[index][1] for index in kept_images])
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_control_ids(self, encoded: list[list[int]], placeholders_per_text: list[int]):
+        """User text is text: `[IMG]`/`[/IMG]` come only from `<image>` placeholders and no text spells a visual id
+        (`<visual_k>`). Raises `ValueError` naming the text otherwise (the ids would silently steer the model)."""
+        visual_start = self.image_end_token_id + 1
+        visual_end = visual_start + sum(1 for token in self.tokenizer.get_added_vocab() if token.startswith("<visual_"))
+        for row, (ids, placeholders) in enumerate(zip(encoded, placeholders_per_text, strict=True)):
+            starts, ends = ids.count(self.image_start_token_id), ids.count(self.image_end_token_id)
+            visual = sum(visual_start <= token < visual_end for token in ids)
+            if starts != placeholders or ends != placeholders or visual:
+                raise ValueError(
+                    f"text {row} spells LaVIT control tokens as text ({starts - placeholders} extra "
+                    f"{IMAGE_START_TOKEN}, {ends - placeholders} extra {IMAGE_END_TOKEN}, {visual} <visual_k>); "
+                    f"images enter only through {self.image_token} placeholders"
+                )
 
     def _tokenizer_kwargs(self, kwargs: dict) -> dict:
         """The arguments of the text tokenizer's `__call__` among `kwargs`; the rest are ignored with a warning."""

@@ -266,3 +266,13 @@ def test_skipped_records_are_summed_over_processes(tmp_path):
     logs = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
     skipped = [entry["skipped_records"] for entry in logs if "loss" in entry]
     assert len(skipped) == 3 and skipped[-1] == bad, skipped
+
+
+@pytest.mark.parametrize("text", ["a cat [IMG] on a sofa", "<image>[/IMG] a dog", "<image>two <visual_3> birds"])
+def test_prompt_text_never_spells_control_ids(lavit_processor, text):
+    """At inference too, user text is text: a literal [IMG], [/IMG] or visual token in a prompt is refused by name
+    instead of steering the model (the training data path reads such captions as plain text)."""
+    images = [Image.new("RGB", (8, 8))] * text.count("<image>")
+    with pytest.raises(ValueError, match="text 0 spells LaVIT control tokens"):
+        lavit_processor(images=images or None, text=text)
+    assert lavit_processor(images=images or None, text="<image>a cat" if images else "a cat")["input_ids"].numel()

@@ -158,6 +158,20 @@ def write_tiny_language_model(folder, corpus=CORPUS, vocab_size=160, hidden_size
     return write_small_language_model(folder, corpus, vocab_size, hidden_size)
 
 
+def write_stage_components(root: Path) -> dict:
+    """The inputs of the training entry points under `root`: a tiny untrained (seeded) visual tokenizer folder with
+    its image processor, a tiny LM and a photo imagefolder."""
+    from lavit.training.sample_data import write_photo_imagefolder
+
+    from lavit import LaVITImageProcessor, LaVITTokenizerModel
+
+    torch.manual_seed(0)
+    LaVITTokenizerModel(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
+    LaVITImageProcessor.from_tokenizer_config(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
+    write_tiny_language_model(root / "lm")
+    return {"tokenizer": root / "tokenizer", "lm": root / "lm", "photos": write_photo_imagefolder(root / "photos")}
+
+
 def training_settings(output_dir, **overrides) -> dict:
     """CPU, fp32, quiet training settings for the stage tests (JSON-ready, for the multi-process runs too)."""
     settings = dict(

@@ -128,11 +128,17 @@ def code_margins(model, features):
     return top2_margin(normalized @ model.quantizer.codebook.t())
 
 
+def random_keep_mask(model, batch_size: int, seed: int) -> torch.Tensor:
+    """About half of the patches of each image, its first patch always kept."""
+    keep_mask = torch.rand(batch_size, model.config.num_patches, generator=torch.Generator().manual_seed(seed)) < 0.5
+    keep_mask[:, 0] = True
+    return keep_mask
+
+
 def test_tokenizer_bf16_weights_tokenize_encode_and_decode(tokenizers):
     model, bf16 = tokenizers
     pixel_values = photo_batch(model, 4)
-    keep_mask = torch.rand(4, model.config.num_patches, generator=torch.Generator().manual_seed(0)) < 0.5
-    keep_mask[:, 0] = True
+    keep_mask = random_keep_mask(model, 4, seed=0)
     with torch.no_grad():
         reference = model.encode_features(pixel_values, keep_mask=keep_mask)
         reference_tokens = model.tokenize(pixel_values, keep_mask=keep_mask)
@@ -167,8 +173,7 @@ def test_tokenizer_bf16_selection_is_float32_selection_away_from_the_threshold(t
 def test_tokenizer_float32_weights_under_autocast(tokenizers):
     model, _ = tokenizers
     pixel_values = photo_batch(model, 4)
-    keep_mask = torch.rand(4, model.config.num_patches, generator=torch.Generator().manual_seed(1)) < 0.5
-    keep_mask[:, 0] = True
+    keep_mask = random_keep_mask(model, 4, seed=1)
     with torch.no_grad():
         reference = model.encode_features(pixel_values, keep_mask=keep_mask)
         with torch.autocast("cpu", dtype=BF16):
@@ -329,17 +334,9 @@ def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified):
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory):
     """A tiny tokenizer folder, a tiny LM and a photo dataset for the training entry points."""
-    from conftest import write_tiny_language_model
-    from lavit.training.sample_data import write_photo_imagefolder
+    from conftest import write_stage_components
 
-    from lavit import LaVITImageProcessor
-
-    root = tmp_path_factory.mktemp("stages")
-    torch.manual_seed(0)
-    LaVITTokenizerModel(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
-    LaVITImageProcessor.from_tokenizer_config(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
-    write_tiny_language_model(root / "lm")
-    return {"tokenizer": root / "tokenizer", "lm": root / "lm", "photos": write_photo_imagefolder(root / "photos")}
+    return write_stage_components(tmp_path_factory.mktemp("stages"))
 
 
 def run_stage(stage: str, inputs: dict, output_dir, bf16: bool):

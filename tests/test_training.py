@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_tokenizer_config, training_args, training_settings, write_tiny_language_model
+from conftest import REPO_ROOT, training_args, training_settings, write_stage_components
 from lavit.training.arguments import CONFIG_PRESETS, load_config_preset
-from lavit.training.sample_data import write_photo_imagefolder
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -28,16 +27,10 @@ def components(tmp_path_factory):
     from lavit.training.preprocess import PreprocessArguments, preprocess
 
     root = tmp_path_factory.mktemp("components")
-    torch.manual_seed(0)
-    LaVITTokenizerModel(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
-    from lavit.processing import LaVITImageProcessor
-
-    LaVITImageProcessor.from_tokenizer_config(tiny_tokenizer_config()).save_pretrained(root / "tokenizer")
-    write_tiny_language_model(root / "lm")
-    photos = write_photo_imagefolder(root / "photos")
-    tokenized = preprocess(PreprocessArguments(data=str(photos), visual_tokenizer=str(root / "tokenizer"),
+    components = write_stage_components(root)
+    tokenized = preprocess(PreprocessArguments(data=str(components["photos"]), visual_tokenizer=str(root / "tokenizer"),
                                                output=str(root / "photos_tokenized"), batch_size=4))
-    return {"tokenizer": root / "tokenizer", "lm": root / "lm", "photos": photos, "tokenized": tokenized}
+    return {**components, "tokenized": tokenized}
 
 
 def stage2_script(components, data="photos", **overrides):

@@ -128,7 +128,7 @@ def test_pipelines_with_batch_size_give_each_input_what_it_gives_alone(lavit_mod
     pipe = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)
     photos = [Image.fromarray(photo) for photo in real_photos()[:3]]
     prompts = ["<image>a photo of", "<image>question: what is in the picture? answer:", "<image>a"]
-    settings = dict(max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False)
+    settings = dict(generate_kwargs={"do_sample": False, "max_new_tokens": 4}, return_full_text=False)
     batched = pipe(images=photos, text=prompts, batch_size=3, **settings)
     for photo, prompt, result in zip(photos, prompts, batched, strict=True):
         assert result["generated_text"] == pipe(images=photo, text=prompt, **settings)[0]["generated_text"]

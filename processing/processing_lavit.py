@@ -207,11 +207,11 @@ class LaVITProcessor(ProcessorMixin):
     def _check_control_ids(self, encoded: list[list[int]], placeholders_per_text: list[int]):
         """User text is text: `[IMG]`/`[/IMG]` come only from `<image>` placeholders and no text spells a visual id
         (`<visual_k>`). Raises `ValueError` naming the text otherwise (the ids would silently steer the model)."""
-        visual_start = self.image_end_token_id + 1
-        visual_end = visual_start + sum(1 for token in self.tokenizer.get_added_vocab() if token.startswith("<visual_"))
         for row, (ids, placeholders) in enumerate(zip(encoded, placeholders_per_text, strict=True)):
             starts, ends = ids.count(self.image_start_token_id), ids.count(self.image_end_token_id)
-            visual = sum(visual_start <= token < visual_end for token in ids)
+            # visual tokens sit right after [/IMG]; only ids past it (rare in text) need a name lookup
+            later = [token for token in ids if token > self.image_end_token_id]
+            visual = sum(name.startswith("<visual_") for name in self.tokenizer.convert_ids_to_tokens(later))
             if starts != placeholders or ends != placeholders or visual:
                 raise ValueError(
                     f"text {row} spells LaVIT control tokens as text ({starts - placeholders} extra "

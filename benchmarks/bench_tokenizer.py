@@ -95,11 +95,11 @@ def measure(model, batch_size, device, warmup, repeats) -> dict:
         token_counts.append(model.tokenize(pixel_values, mode="sample", generator=generator).token_counts)
 
     with torch.no_grad():
-        image_features = model.get_image_features(pixel_values)
+        image_features = model.encode_patches(pixel_values)
     results = {}
     for name, fn in [
         ("whole", whole),
-        ("encoder", torch.no_grad()(lambda: model.get_image_features(pixel_values))),
+        ("encoder", torch.no_grad()(lambda: model.encode_patches(pixel_values))),
         ("post", torch.no_grad()(lambda: post_encoder(model, image_features, generator))),
     ]:
         if device.type == "cuda":

@@ -317,14 +317,12 @@ class LaVITModel(LaVITPreTrainedModel):
         tokenizer = self.visual_tokenizer
         if self.training:
             warn_on_frozen_adapters(tokenizer)
-        pixel_values = tokenizer._check_pixel_values(pixel_values)
-        image_features = tokenizer.get_image_features(pixel_values)
+        image_features = tokenizer.encode_patches(pixel_values)
         with torch.no_grad():
             keep_log_probs, keep_weights = tokenizer.select(image_features, image_keep_mask, **(image_selection or {}))
             code_ids = None
             if return_code_ids:
-                target_tokens = tokenizer.merger(image_features, keep_weights)
-                code_ids = tokenizer.quantizer(target_tokens, fit=False).code_ids  # a module call: offload hooks
+                code_ids = tokenizer.quantize(tokenizer.merge(image_features, keep_weights))
         merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
         keep_mask = keep_weights > 0.5
         features = LaVITFeaturesOutput(

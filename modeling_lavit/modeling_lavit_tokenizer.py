@@ -642,8 +642,14 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- steps
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder: (B, C, H, W) normalised pixels -> (B, N, D) patch features, CLS dropped."""
+    def encode_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        Stage 1 of 4, the frozen encoder: (B, C, H, W) normalised pixels -> (B, N, D) patch features, CLS dropped.
+
+        Raises `ValueError` naming the problem when `pixel_values` is not a finite float tensor of shape
+        (batch, channels, image_size, image_size).
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
         with torch.no_grad():
             if self.config.uses_eva_encoder:
                 hidden_states = self.vision_model(pixel_values).last_hidden_state
@@ -706,7 +712,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         keep_ratio: float | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder features (B, N, D) -> (selector log-probabilities (B, N, 2), keep weights (B, N)).
+        """Stage 2 of 4: encoder features (B, N, D) -> (selector log-probabilities (B, N, 2), keep weights (B, N)).
 
         An explicit `keep_mask` wins over the selector's decision; other arguments as in [`select_tokens`]."""
         keep_log_probs = self.selector(image_features)
@@ -715,6 +721,15 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         else:
             keep_weights = self.select_tokens(keep_log_probs, mode, max_tokens, keep_ratio, generator)
         return keep_log_probs, keep_weights
+
+    def merge(self, image_features: torch.Tensor, keep_weights: torch.Tensor) -> torch.Tensor:
+        """Stage 3 of 4: features (B, N, D) + keep weights (B, N) -> merged kept tokens, packed (T, D)."""
+        return self.merger(image_features, keep_weights)
+
+    def quantize(self, merged_tokens: torch.Tensor) -> torch.LongTensor:
+        """Stage 4 of 4: merged tokens (T, D) -> code ids (T,) of the nearest codebook entries (no codebook update)."""
+        # a module call, not `lookup`: accelerate's offload hooks load the quantizer only for its own forward
+        return self.quantizer(merged_tokens, fit=False).code_ids
 
     # ----------------------------------------------------------------------------------------------- public API
 
@@ -734,10 +749,9 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         the decoder: the first phase of the official training recipe, before VQ is switched on. `return_dict=False`
         (argument or config) returns a tuple of the non-`None` fields.
         """
-        pixel_values = self._check_pixel_values(pixel_values)
-        image_features = self.get_image_features(pixel_values)  # (B, N, D)
+        image_features = self.encode_patches(pixel_values)  # (B, N, D)
         keep_log_probs, keep_weights = self.select(image_features, keep_mask, None, None, None, None)
-        merged_tokens = self.merger(image_features, keep_weights)  # (T, D)
+        merged_tokens = self.merge(image_features, keep_weights)  # (T, D)
         quantizer_output = self.quantizer(merged_tokens, quantize=use_quantizer)
         token_counts = (keep_weights > 0.5).sum(dim=1)
         reconstructed = self.decoder(quantizer_output.quantized.to(merged_tokens.dtype), token_counts)
@@ -782,12 +796,11 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         generator: torch.Generator | None = None,
     ) -> LaVITFeaturesOutput:
         """Continuous merger outputs of the kept tokens, packed (T, D). Selection arguments as in `tokenize`."""
-        pixel_values = self._check_pixel_values(pixel_values)
-        image_features = self.get_image_features(pixel_values)
+        image_features = self.encode_patches(pixel_values)
         keep_log_probs, keep_weights = self.select(image_features, keep_mask, mode, max_tokens, keep_ratio, generator)
         keep_mask = keep_weights > 0.5
         return LaVITFeaturesOutput(
-            features=self.merger(image_features, keep_weights),
+            features=self.merge(image_features, keep_weights),
             token_counts=keep_mask.sum(dim=1),
             keep_mask=keep_mask,
             keep_probs=keep_log_probs[..., 0].exp(),
@@ -810,10 +823,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         (`"deterministic"` by default, or `"sample"` with an optional `generator`); see [`select_tokens`].
         """
         features = self.encode_features(pixel_values, keep_mask, mode, max_tokens, keep_ratio, generator)
-        # a module call, not `lookup`: accelerate's offload hooks load the quantizer only for its own forward
-        code_ids = self.quantizer(features.features, fit=False).code_ids
         return LaVITTokenizationOutput(
-            code_ids=code_ids,
+            code_ids=self.quantize(features.features),
             token_counts=features.token_counts,
             keep_mask=features.keep_mask,
             keep_probs=features.keep_probs,

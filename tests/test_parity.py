@@ -38,7 +38,7 @@ def test_encoder_selector_merger_quantizer_decoder(official):
     pixel_values, keep_mask = inputs["pixel_values"], inputs["keep_mask"]
     with torch.no_grad():
         assert_close(model.vision_model(pixel_values).last_hidden_state, expected["encoder_all_features"])
-        features = model.get_image_features(pixel_values)
+        features = model.encode_patches(pixel_values)
         assert_close(features, expected["encoder_features"])
         assert_close(model.selector(features), expected["predictor_log_probs"])
         assert_close(model.merger.forward_full_sequence(features, keep_mask), expected["merger_out_full"])
@@ -88,7 +88,7 @@ def test_exact_merger_misses_the_leaky_official_outputs(official):
     exact = LaVITTokenizerModel(model.config.__class__(**{**model.config.to_dict(), "merger_attention": "exact"}))
     exact.load_state_dict(model.state_dict())
     with torch.no_grad():
-        kept = exact.eval().merger(exact.get_image_features(inputs["pixel_values"]), inputs["keep_mask"])
+        kept = exact.eval().merger(exact.encode_patches(inputs["pixel_values"]), inputs["keep_mask"])
     assert (kept - expected["kept_features"]).abs().max() > 1e-3
 
 
@@ -142,7 +142,7 @@ def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files
     inputs, expected = parity_files["inputs"], parity_files["expected"]
     config = model.config
     assert (config.text_vocab_size, config.image_start_token_id, config.visual_token_offset) == (40, 40, 42)
-    features, code_ids = model.model.get_image_features(inputs["pixel_values"], inputs["keep_mask"],
+    features, code_ids = model.model.encode_patches(inputs["pixel_values"], inputs["keep_mask"],
                                                         return_code_ids=True)
     assert torch.equal(features.token_counts, expected["token_counts"])
     assert_close(features.features, expected["llm_visual_embeds"])

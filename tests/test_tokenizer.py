@@ -90,7 +90,7 @@ def test_batched_equals_one_image_at_a_time(attention):
 
 def test_exact_merger_equals_a_plain_per_image_reference(tiny_model):
     """Exact mode = a standard causal transformer over kept tokens with cross-attention to dropped ones."""
-    features = tiny_model.get_image_features(photo_batch(tiny_model, 1))[0]
+    features = tiny_model.encode_patches(photo_batch(tiny_model, 1))[0]
     keep = torch.zeros(tiny_model.config.num_patches, dtype=torch.bool)
     keep[[1, 4, 5, 9, 15]] = True
     merger = tiny_model.merger
@@ -258,7 +258,7 @@ def test_transformers_vision_backbones(backbone):
                          num_attention_heads=4, intermediate_size=64)
     model = LaVITTokenizerModel(tiny_tokenizer_config(vision_config=vision_config, vision_feature_layer=-2)).train()
     assert not model.vision_model.training
-    features = model.get_image_features(photo_batch(model, 2))
+    features = model.encode_patches(photo_batch(model, 2))
     assert features.shape == (2, 16, 32)
     output = model(photo_batch(model, 2))
     output.loss.backward()

@@ -1,6 +1,7 @@
 # Developer entry points. `make test` works from a fresh clone on a CPU-only machine: it creates .venv, installs the
 # package with its dev extras at the tested versions of requirements/lock.txt (torch pinned to the CPU build in the
-# same pip command) and runs the test suite. `make test-latest` does the same in .venv-latest with the newest versions
+# same pip command) and runs the test suite but its slow tests (learning, multi-process, crash; `make test-slow` runs
+# those, and CI runs both). `make test-latest` does the same in .venv-latest with the newest versions
 # pip resolves today (torch keeps its CPU pin), `make test-lowest` with the floors of pyproject.toml
 # (requirements/lowest.txt); `make lock` rewrites requirements/lock.txt from the newest environment.
 VENV ?= .venv
@@ -10,7 +11,7 @@ PYTHON := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 LOCK := requirements/lock.txt
 
-.PHONY: install test test-latest test-lowest lock lint bench demo
+.PHONY: install test test-slow test-latest test-lowest lock lint bench demo
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -28,7 +29,10 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lavit demo --output lavit-demo
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow
 
 $(LOWEST_VENV)/.installed: pyproject.toml requirements/lowest.txt
 	python3 -m venv $(LOWEST_VENV)

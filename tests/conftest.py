@@ -222,3 +222,21 @@ def tiny_detokenizer_config(conditioning="highres", **overrides):
     )
     settings.update(overrides)
     return LaVITDetokenizerConfig.from_tokenizer_config(tiny_tokenizer_config(), **settings)
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):  # module scope: each test module that asks gets its own copy
+    """A tiny (untrained, deterministic) visual tokenizer, a tiny LM and a photo dataset, pre-tokenized too."""
+    from lavit.training.preprocess import PreprocessArguments, preprocess
+
+    root = tmp_path_factory.mktemp("components")
+    components = write_stage_components(root)
+    tokenized = preprocess(PreprocessArguments(data=str(components["photos"]), visual_tokenizer=str(root / "tokenizer"),
+                                               output=str(root / "photos_tokenized"), batch_size=4))
+    return {**components, "tokenized": tokenized}
+
+
+def final_weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "model.safetensors")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, training_args
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def logged(output_dir, key):

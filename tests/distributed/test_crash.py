@@ -16,17 +16,17 @@ from conftest import REPO_ROOT, training_settings
 from lavit.training.sample_data import write_photo_imagefolder
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 TIMEOUT_S = 300
 
 
 def run_stage(settings: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
-    """Runs `tests/crash_stage.py` on `settings` in a fresh process (one thread, so that runs are comparable)."""
+    """Runs `crash_stage.py` (beside this file) on `settings` in a fresh process (one thread: comparable runs)."""
     settings_file = tmp_path / f"{name}.json"
     settings_file.write_text(json.dumps(settings))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "crash_stage.py"), str(settings_file)],
+    return subprocess.run([sys.executable, str(Path(__file__).with_name("crash_stage.py")), str(settings_file)],
                           env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 

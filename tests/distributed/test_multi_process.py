@@ -1,0 +1,118 @@
+"""Multi-process training: two processes (torchrun, accelerate, DeepSpeed ZeRO-2/3, ZeRO-3 offload) give the losses
+and the saved weights of one process on the same global batch. Slow: each test launches processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, final_weights, training_settings
+from lavit.training.arguments import CONFIG_PRESETS, load_config_preset
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def run_processes(settings: dict, tmp_path, processes: int, name: str, launcher: str = "torchrun") -> list[float]:
+    """Runs `distributed_stage.py` (beside this file) in `processes` processes (torchrun, or `accelerate launch`) and
+    returns the logged losses."""
+    settings_file = tmp_path / f"{name}.json"
+    settings_file.write_text(json.dumps(settings))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "tests")}
+    port = str(29500 + hash(name) % 500)
+    if launcher == "accelerate":  # --multi_gpu is accelerate's data-parallel launcher; use_cpu keeps it on CPU
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                   "--num_processes", str(processes), "--main_process_port", port, "--mixed_precision", "no",
+                   "--dynamo_backend", "no"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", port]
+    command += [str(Path(__file__).with_name("distributed_stage.py")), str(settings_file)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-12000:]
+    log = Path(settings["training"]["output_dir"]) / "logs.jsonl"
+    return [entry["loss"] for entry in map(json.loads, log.read_text().splitlines()) if "loss" in entry]
+
+
+def data_parallel_settings(components, output_dir, per_device_batch_size: int, **training) -> dict:
+    script = {"data": str(components["tokenized"]), "visual_tokenizer": str(components["tokenizer"]),
+              "language_model": str(components["lm"]), "max_length": 24, "order": "both", "resume": "no",
+              "visual_learning_rate": None, "packed": False}  # 22 rows: every step takes 4 distinct ones
+    training = training_settings(output_dir, logging_steps=1, max_steps=3, gradient_accumulation_steps=1,
+                                 per_device_train_batch_size=per_device_batch_size, **training)
+    return {"script": script, "training": training}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(components, tmp_path_factory):
+    """Stage 2 in one process on a global batch of 4: its losses and final weights."""
+    root = tmp_path_factory.mktemp("one_process")
+    losses = run_processes(data_parallel_settings(components, root / "run", 4), root, 1, "one")
+    return losses, final_weights(root / "run" / "final")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun_ddp", "accelerate_ddp", "deepspeed_zero2", "deepspeed_zero3",
+                                      "deepspeed_zero3_offload"])
+def test_two_processes_match_one_process_on_the_same_global_batch(components, one_process_run, tmp_path, launcher):
+    extra = {}
+    if launcher.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+        extra["deepspeed"] = str(CONFIG_PRESETS / f"{launcher.removeprefix('deepspeed_')}.json")
+    settings = data_parallel_settings(components, tmp_path / "two", 2, **extra)
+    two = run_processes(settings, tmp_path, 2, launcher, "accelerate" if launcher == "accelerate_ddp" else "torchrun")
+    one, expected = one_process_run
+    assert len(one) == len(two) == 3
+    assert one == pytest.approx(two, abs=1e-4), (one, two)
+    # the saved model is whole (ZeRO-3 gathers its shards) and holds the same weights
+    got = final_weights(tmp_path / "two" / "final")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5), name
+    shutil.rmtree(tmp_path / "two", ignore_errors=True)
+
+
+def test_tokenizer_training_under_zero3_matches_ddp(components, tmp_path):
+    """Stage 1 with the quantizer switched on mid-run (k-means init, EMA codebook, synchronised across ranks): ZeRO-3
+    shards the trained weights but gives the losses and the final weights (codebook included) of DDP."""
+    pytest.importorskip("deepspeed")
+    # fewer codes than a rank's latents: k-means gives distinct codes (duplicates tie, and float noise breaks ties)
+    settings = {**load_config_preset("tiny", "tokenizer"), "codebook_size": 16}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(settings))
+    script = {"data": str(components["photos"]), "tokenizer_config": str(tmp_path / "tokenizer.json"),
+              "quantizer_start_step": 2, "resume": "no"}
+    runs = {}
+    for launcher, extra in (("ddp", {}), ("zero3", {"deepspeed": str(CONFIG_PRESETS / "zero3.json")})):
+        training = training_settings(tmp_path / launcher, logging_steps=1, max_steps=4, per_device_train_batch_size=2,
+                                     **extra)
+        runs[launcher] = run_processes({"stage": "tokenizer", "script": script, "training": training}, tmp_path, 2,
+                                       f"tokenizer_{launcher}")
+    assert len(runs["ddp"]) == 4
+    assert runs["ddp"] == pytest.approx(runs["zero3"], abs=1e-4), runs
+    expected, got = final_weights(tmp_path / "ddp" / "final"), final_weights(tmp_path / "zero3" / "final")
+    assert expected.keys() == got.keys() and any("codebook" in name for name in expected)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5), name
+
+
+def test_detokenizer_ema_is_the_final_model_under_zero3(components, tmp_path):
+    """Under ZeRO-3 each rank holds parameter shards; the EMA (kept whole on every rank) must still become the saved
+    model: the final weights equal the EMA written with the last checkpoint, not the raw trained weights."""
+    pytest.importorskip("deepspeed")
+    from lavit.training.stage3_detokenizer import EMA_FILE
+
+    output_dir = tmp_path / "zero3"
+    script = {"data": str(components["photos"]), "visual_tokenizer": str(components["tokenizer"]),
+              "detokenizer_config": "tiny", "ema_decay": 0.5, "vae_steps": 0, "resume": "no"}
+    training = training_settings(output_dir, learning_rate=1e-2, logging_steps=1, save_steps=3, max_steps=3,
+                                 per_device_train_batch_size=2, deepspeed=str(CONFIG_PRESETS / "zero3.json"))
+    run_processes({"stage": "detokenizer", "script": script, "training": training}, tmp_path, 2, "detokenizer")
+    ema = load_file(output_dir / "checkpoint-3" / EMA_FILE)
+    final = final_weights(output_dir / "final")
+    assert ema and set(ema) <= set(final)
+    for name in ema:
+        assert torch.allclose(ema[name], final[name], atol=1e-6), name
+    raw = load_file(output_dir / "checkpoint-3" / "model.safetensors")
+    assert any(not torch.allclose(raw[name], final[name]) for name in ema)

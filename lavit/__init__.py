@@ -5,6 +5,8 @@ with `AutoModel.from_pretrained(path)`; a folder also loads without `lavit` inst
 `AutoModel.from_pretrained(path, trust_remote_code=True)`.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -16,29 +18,25 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
+# the user-facing classes; building blocks (selector, merger, quantizer, outputs...) stay importable from
+# `lavit.modeling` and `lavit.processing`
 from lavit.modeling import (
-    LaVITCausalLMOutputWithPast,
     LaVITConfig,
     LaVITDetokenizer,
     LaVITDetokenizerConfig,
-    LaVITDetokenizerOutput,
     LaVITEvaVisionConfig,
     LaVITEvaVisionModel,
-    LaVITFeatureDecoder,
-    LaVITFeaturesOutput,
     LaVITForCausalLM,
     LaVITModel,
-    LaVITTokenizationOutput,
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
-    LaVITTokenizerOutput,
-    LaVITTokenMerger,
-    LaVITTokenSelector,
-    LaVITVectorQuantizer,
 )
 from lavit.processing import LaVITImageProcessor, LaVITProcessor, LaVITTextToImagePipeline
 
-__version__ = "0.1.0"
+try:  # one source of truth: pyproject.toml's version, as installed
+    __version__ = version("lavit")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 AutoConfig.register(LaVITEvaVisionConfig.model_type, LaVITEvaVisionConfig, exist_ok=True)
 AutoConfig.register(LaVITTokenizerConfig.model_type, LaVITTokenizerConfig, exist_ok=True)
@@ -67,25 +65,14 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
-    "LaVITCausalLMOutputWithPast",
     "LaVITConfig",
     "LaVITDetokenizer",
     "LaVITDetokenizerConfig",
-    "LaVITDetokenizerOutput",
     "LaVITForCausalLM",
     "LaVITImageProcessor",
     "LaVITModel",
     "LaVITProcessor",
     "LaVITTextToImagePipeline",
-    "LaVITEvaVisionConfig",
-    "LaVITEvaVisionModel",
-    "LaVITFeatureDecoder",
-    "LaVITFeaturesOutput",
-    "LaVITTokenMerger",
-    "LaVITTokenSelector",
-    "LaVITTokenizationOutput",
     "LaVITTokenizerConfig",
     "LaVITTokenizerModel",
-    "LaVITTokenizerOutput",
-    "LaVITVectorQuantizer",
 ]

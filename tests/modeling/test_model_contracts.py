@@ -18,10 +18,11 @@ from conftest import (
     tiny_lavit_config,
     tiny_tokenizer_config,
 )
+from lavit.modeling import LaVITCausalLMOutputWithPast
 from lavit.modeling.transformers_compat import transformers_requirement
 from test_hub import BLOCK_LAVIT
 
-from lavit import LaVITCausalLMOutputWithPast, LaVITDetokenizer
+from lavit import LaVITDetokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

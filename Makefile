@@ -1,7 +1,7 @@
 # Developer entry points. `make test` works from a fresh clone on a CPU-only machine: it creates .venv, installs the
 # package with its dev extras at the tested versions of requirements/lock.txt (torch pinned to the CPU build in the
 # same pip command) and runs the test suite but its slow tests (learning, multi-process, crash; `make test-slow` runs
-# those, and CI runs both). `make test-latest` does the same in .venv-latest with the newest versions
+# those, and CI runs both). `make test-latest` runs the whole suite in .venv-latest with the newest versions
 # pip resolves today (torch keeps its CPU pin), `make test-lowest` with the floors of pyproject.toml
 # (requirements/lowest.txt); `make lock` rewrites requirements/lock.txt from the newest environment.
 VENV ?= .venv

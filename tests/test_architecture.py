@@ -1,0 +1,86 @@
+"""The architecture rules of docs/ARCHITECTURE.md, checked on the source so that the document stays true."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+REMOTE_CODE_FOLDERS = ("modeling_lavit", "processing")
+STAGE_SCRIPTS = ("stage1_tokenizer", "stage2_pretrain", "finetune", "stage3_detokenizer", "preprocess")
+MAX_FUNCTION_LINES = 60
+
+
+def python_files(*folders: str) -> list[Path]:
+    return sorted(path for folder in folders for path in (REPO_ROOT / folder).glob("*.py"))
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(level, module) of every import in `path`: level 1 for `from .x import`, 0 for absolute imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.extend((0, alias.name) for alias in node.names)
+    return found
+
+
+def test_remote_code_folders_import_only_their_siblings_of_the_project():
+    for path in python_files(*REMOTE_CODE_FOLDERS):
+        for level, module in imported_modules(path):
+            assert level <= 1, f"{path.name} imports from a parent package ({module})"
+            assert module.split(".")[0] not in ("lavit", "training", "hub_cards"), f"{path.name} imports {module}"
+
+
+def test_no_model_file_imports_the_converter():
+    """The converter sits on top of the model classes (it imports them), so Hub folders never ship it."""
+    for path in python_files("modeling_lavit"):
+        if path.name != "convert_original_lavit.py":
+            assert (1, "convert_original_lavit") not in imported_modules(path), path.name
+
+
+def test_training_scripts_never_import_scripts():
+    for path in python_files("training"):
+        for level, module in imported_modules(path):
+            assert not (level == 1 and module in STAGE_SCRIPTS), f"{path.name} imports the script {module}"
+
+
+def test_no_function_is_longer_than_the_limit():
+    long = []
+    for path in python_files(*REMOTE_CODE_FOLDERS, "training"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split these into named steps:\n" + "\n".join(long)
+
+
+def defined_names(path: Path) -> set[str]:
+    """Top-level functions and classes of `path`, and `Class.method` for their methods."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names.update(f"{node.name}.{item.name}" for item in node.body if isinstance(item, ast.FunctionDef))
+    return names
+
+
+def test_every_step_of_the_design_document_names_a_file_and_a_symbol_that_exist():
+    document = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    references = re.findall(r"`([\w/]+\.py)` +\| +`([\w.]+)`", document)
+    assert len(references) >= 20, "the data-path tables should name each step's file and symbol"
+    for file, symbol in references:
+        path = REPO_ROOT / file
+        assert path.is_file(), f"docs/ARCHITECTURE.md names {file}, which does not exist"
+        assert symbol in defined_names(path), f"docs/ARCHITECTURE.md names {symbol} in {file}, which has no such name"
+
+
+@pytest.mark.parametrize("folder", REMOTE_CODE_FOLDERS + ("training",))
+def test_every_file_of_the_package_folders_is_in_the_design_document(folder):
+    document = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    for path in python_files(folder):
+        if path.name != "__init__.py":
+            assert f"{folder}/{path.name}" in document, f"docs/ARCHITECTURE.md does not place {folder}/{path.name}"

@@ -131,6 +131,9 @@ class LaVITSelfAttention(nn.Module):
         qkv = self.qkv(hidden_states)
         if layout is not None:
             qkv = layout.pad(qkv)  # packed (T, 3D) -> (B, L, 3D)
+            # causal attention never reaches the right padding; otherwise padding slots must be hidden as keys
+            if attention_mask is None and not self.is_causal:
+                attention_mask = layout.key_mask
         query, key, value = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
         attn_output = merge_heads(self.attention_function(query, key, value, attention_mask, self.is_causal))
         if layout is not None:

@@ -210,8 +210,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     for index, (image, label) in enumerate(zip(eval_images[:3], eval_labels[:3], strict=True)):
         path = image_dir / f"kept_patches_{index}_{DIGIT_NAMES[label]}.png"
         image = image.resize((256, 256))
-        pixel_values = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-        keep_mask = model.visual_tokenizer.tokenize(pixel_values).keep_mask[0]
+        keep_mask = model.visual_tokenizer.tokenize(processor.image_processor(image)["pixel_values"]).keep_mask[0]
         save_png_atomically(draw_kept_patches(image, keep_mask, grid), path)
         written.append(path)
     pixel_values = processor.image_processor(images=eval_images[:3], return_tensors="pt")["pixel_values"]

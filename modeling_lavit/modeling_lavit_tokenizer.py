@@ -146,7 +146,6 @@ class LaVITTokenizerOutput(ModelOutput):
     codebook_usage: torch.FloatTensor | None = None
 
 
-
 class LaVITTokenSelector(nn.Module):
     """
     Token selector (paper section 3.1, official `TokenPredictor`, state-dict prefix `token_predictor.`): an MLP that
@@ -171,7 +170,6 @@ class LaVITTokenSelector(nn.Module):
         hidden_states = torch.cat([local_part, global_part], dim=-1)
         hidden_states = F.gelu(self.fc2(F.gelu(self.fc1(hidden_states))))
         return F.log_softmax(self.classifier(hidden_states), dim=-1)
-
 
 
 class LaVITTokenMerger(nn.Module):
@@ -454,7 +452,6 @@ class LaVITTokenizerPreTrainedModel(PreTrainedModel):
             init.copy_(module.ema_code_sum, codebook)
             init.ones_(module.ema_cluster_size)
             init.zeros_(module.initialized)
-
 
 
 def eva_patch_states(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -765,7 +762,6 @@ def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count:
         raise ValueError(f"code ids must be in [0, {codebook_size}), got values in "
                          f"[{int(code_ids.min())}, {int(code_ids.max())}]")
     return code_ids.long(), token_counts.long()
-
 
 
 __all__ = [

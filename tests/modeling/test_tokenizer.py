@@ -14,6 +14,10 @@ from lavit.modeling.modeling_lavit_tokenizer import (
     LaVITTokenizationOutput,
     LaVITTokenMerger,
     build_token_merger,
+    check_selection_arguments,
+    keep_at_least_one,
+    kept_token_fields,
+    top_k_keep_weights,
 )
 
 from lavit import LaVITTokenizerModel
@@ -64,6 +68,26 @@ def test_token_budgets_keep_the_most_probable_patches(tiny_model):
     assert tiny_model.tokenize(pixel_values, keep_ratio=1e-6).token_counts.tolist() == [1, 1, 1]
     with pytest.raises(ValueError, match="at most one"):
         tiny_model.tokenize(pixel_values, max_tokens=3, keep_ratio=0.5)
+
+
+def test_selection_helpers_on_hand_made_probabilities():
+    keep_probs = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.1, 0.3, 0.4]])
+    assert top_k_keep_weights(keep_probs, 2).tolist() == [[0, 1, 1, 0], [0, 0, 1, 1]]
+    assert top_k_keep_weights(keep_probs, 0).sum(1).tolist() == [1, 1]  # budgets are clipped to [1, N]
+    assert top_k_keep_weights(keep_probs, 99).sum(1).tolist() == [4, 4]
+    weights = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], requires_grad=True)
+    forced = keep_at_least_one(weights, keep_probs)
+    assert forced.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0]]  # only the empty image gets its most probable patch
+    forced.sum().backward()
+    assert torch.equal(weights.grad, torch.ones_like(weights))  # straight-through: the gradient passes unchanged
+    fields = kept_token_fields(torch.stack([keep_probs, 1 - keep_probs], -1).log(), forced)
+    assert fields["token_counts"].tolist() == [1, 1] and fields["keep_mask"].tolist() == forced.bool().tolist()
+    torch.testing.assert_close(fields["keep_probs"], keep_probs)
+    assert not any(tensor.requires_grad for tensor in fields.values())
+    for arguments, message in (((None, 0, None), "at least 1"), ((None, None, 1.5), r"\(0, 1\]"),
+                               (("random", None, None), "mode"), ((None, 3, 0.5), "at most one")):
+        with pytest.raises(ValueError, match=message):
+            check_selection_arguments(*arguments)
 
 
 def test_at_least_one_token_per_image(tiny_config):

@@ -1,6 +1,6 @@
-"""Crash-safe folder replacement: a folder written beside its target is swapped in so that, at every instant, the
-target path holds either the whole old folder or the whole new one (a `kill -9` in between never leaves it empty or
-half written).
+"""Crash-safe writes. Folder replacement: a folder written beside its target is swapped in so that, at every instant,
+the target path holds either the whole old folder or the whole new one (a `kill -9` in between never leaves it empty
+or half written). Image files: written to a temporary sibling and renamed (`save_png_atomically`).
 
 On Linux the swap is one `renameat2(RENAME_EXCHANGE)` system call. Elsewhere the old folder is first renamed to a
 backup sibling and the new one renamed into place; `recover_folder` (called before every replacement and by readers
@@ -12,6 +12,7 @@ import ctypes.util
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -75,3 +76,19 @@ def fresh_staging_folder(target) -> Path:
     if staging.exists():
         shutil.rmtree(staging)
     return staging
+
+
+def save_png_atomically(image, path) -> None:
+    """Writes the PIL `image` as a PNG to a temporary file beside `path` (parent folders are created), then renames
+    it: a crash never leaves half a file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".png", dir=directory)
+    os.close(handle)
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -306,19 +306,24 @@ def numbered(path: str, index: int, count: int) -> Path:
 
 
 def run_tokenize(args) -> None:
+    from lavit.atomic import save_png_atomically
+    from lavit.processing.image_processing_lavit import LaVITImageProcessor, draw_kept_patches
     from lavit.training.preprocess import load_visual_tokenizer
 
     require_folder(args.model, ("lavit_tokenizer", "lavit"))
     images = [open_image(path) for path in args.images]
     tokenizer = load_visual_tokenizer(args.model).eval()
+    image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
+    grid = tokenizer.config.image_size // tokenizer.config.patch_size
     results = []
     for index, (path, image) in enumerate(zip(args.images, images, strict=True)):
-        tokens = tokenizer.tokenize(tokenizer.image_to_pixel_values(image), **image_selection(args))
+        pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
+        tokens = tokenizer.tokenize(pixel_values.to(tokenizer.device, tokenizer.dtype), **image_selection(args))
         result = {"image": path, "token_count": int(tokens.token_counts[0]),
                   "num_patches": tokenizer.config.num_patches, "code_ids": tokens.code_ids.tolist()}
         if args.visualize:
             result["visualization"] = str(numbered(args.visualize, index, len(args.images)))
-            tokenizer.visualize(image, result["visualization"], keep_mask=tokens.keep_mask)
+            save_png_atomically(draw_kept_patches(image, tokens.keep_mask[0], grid), result["visualization"])
         results.append(result)
         if not args.json:
             print(f"{path}: {result['token_count']} of {result['num_patches']} tokens, code ids {result['code_ids']}")
@@ -383,7 +388,7 @@ def decoder_settings(args) -> dict:
 def run_generate(args) -> None:
     import torch
 
-    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+    from lavit.atomic import save_png_atomically
 
     model, processor = load_lavit(args.model)
     if not model.can_decode_pixels:
@@ -402,7 +407,7 @@ def run_generate(args) -> None:
 def run_reconstruct(args) -> None:
     import torch
 
-    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+    from lavit.atomic import save_png_atomically
 
     image = open_image(args.image)
     model, processor = load_lavit(args.model)

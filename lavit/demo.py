@@ -103,7 +103,7 @@ def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10
 def generate_digit_images(model, processor, image_dir: Path, written: list, names=("three", "seven")) -> str:
     """Text-to-image for two prompts with one seed (so only the prompt differs) and a sentence saying whether the
     images, and the visual tokens behind them, differ between the prompts."""
-    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+    from lavit.atomic import save_png_atomically
 
     prompts = processor(text=[f"the digit {name}" for name in names], return_tensors="pt", padding=True)
     tokens = model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(0), max_new_tokens=64)
@@ -168,8 +168,9 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
 
 def run_demo(output: Path, quick: bool = False) -> dict:
     from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITProcessor
+    from lavit.atomic import save_png_atomically
     from lavit.hub_cards import export_loaded
-    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+    from lavit.processing.image_processing_lavit import draw_kept_patches
     from lavit.training.sample_data import DIGIT_NAMES, photo_images
     from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
 
@@ -205,9 +206,12 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     image_dir = output / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    grid = model.config.tokenizer_config.image_size // model.config.tokenizer_config.patch_size
     for index, (image, label) in enumerate(zip(eval_images[:3], eval_labels[:3], strict=True)):
         path = image_dir / f"kept_patches_{index}_{DIGIT_NAMES[label]}.png"
-        model.visual_tokenizer.visualize(image.resize((256, 256)), path)
+        image = image.resize((256, 256))
+        keep_mask = model.visual_tokenizer.tokenize(processor.image_processor(image)["pixel_values"]).keep_mask[0]
+        save_png_atomically(draw_kept_patches(image, keep_mask, grid), path)
         written.append(path)
     pixel_values = processor.image_processor(images=eval_images[:3], return_tensors="pt")["pixel_values"]
     reconstructions = model.reconstruct(pixel_values, generator=torch.Generator().manual_seed(0), show_progress=True)

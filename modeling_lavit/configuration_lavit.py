@@ -116,7 +116,7 @@ class LaVITTokenizerConfig(LaVITFolderConfig):
             For transformers backbones: index into `hidden_states` of the layer whose patch features are tokenized.
             The EVA encoder always uses the output of its last block, before the final norm (as the official code).
         image_mean (`tuple[float]`, *optional*, defaults to the OpenAI CLIP mean), image_std (same, CLIP std):
-            Normalisation used by [`LaVITTokenizerModel.visualize`] to turn an image into `pixel_values`.
+            Normalisation of `LaVITImageProcessor.from_tokenizer_config`, the official preprocessing of this tokenizer.
         selection_mode (`str`, *optional*, defaults to `"deterministic"`):
             Inference policy of the selector: `"deterministic"` keeps patches with `p_keep > selector_threshold`, so
             an image always gives the same tokens; `"sample"` draws `Bernoulli(p_keep)` per patch, the behaviour of

@@ -15,8 +15,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .configuration_lavit import LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .modeling_lavit_tokenizer import LaVITTokenizerModel
+
+logger = logging.get_logger(__name__)
 
 _ATTENTION_LAYER_RULES = [
     (r"norm0\.", "self_attn_norm."),
@@ -211,6 +215,49 @@ def original_tokenizer_config(
     return LaVITTokenizerConfig(**sizes)
 
 
+def convert_tokenizer(
+    state_dict: dict[str, torch.Tensor],
+    decoder_state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    vision_num_heads: int = 16,
+    merger_num_heads: int = 16,
+    decoder_num_heads: int = 16,
+    **config_overrides,
+) -> LaVITTokenizerModel:
+    """
+    Builds a tokenizer from the official key names (`DynamicVisualTokenizer` state dict: `encoder.*`,
+    `token_predictor.*`, `causal_encoder.*`, `quantize.*`, `encode_task_layer.*`; optionally the feature decoder
+    of `tokenizer_decoder.bin` / `highres_tokenizer_decoder.bin`). Every dimension but the head counts is read
+    from tensor shapes; the merger uses the `official` attention. Unknown keys raise; the CLIP head and final norm
+    of the encoder, `vit_proj` (LM side) and the decoder's UNet projections (detokenizer side) are not used here.
+    Without `decoder_state_dict` the feature decoder is randomly initialised (with a warning). Returns the model in
+    eval mode.
+    """
+    config = original_tokenizer_config(
+        state_dict,
+        decoder_state_dict,
+        vision_num_heads=vision_num_heads,
+        merger_num_heads=merger_num_heads,
+        decoder_num_heads=decoder_num_heads,
+        **config_overrides,
+    )
+    model = LaVITTokenizerModel(config)
+    converted = convert_original_tokenizer_state_dict(state_dict, decoder_state_dict)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    derived = {"quantizer.ema_code_sum", "quantizer.ema_cluster_size", "quantizer.initialized"}
+    missing = [key for key in missing if key not in derived and (decoder_state_dict or "decoder." not in key)]
+    if missing or unexpected:
+        raise ValueError(f"official state dict does not fit: missing {missing}, unexpected {unexpected}")
+    # the EMA statistics start from the official codebook, so that further training moves it smoothly
+    with torch.no_grad():
+        model.quantizer.ema_code_sum.copy_(model.quantizer.codebook)
+        model.quantizer.ema_cluster_size.fill_(1.0)
+        model.quantizer.initialized.fill_(True)
+    if decoder_state_dict is None:
+        logger.warning("no decoder_state_dict given: the feature decoder is randomly initialised")
+    return model.eval()
+
+
 # the release's `language_model/`: a transformers causal LM (LLaMA), `model.*` + `lm_head.*`
 LM_RULES = [(r"^model\.", "model.language_model."), (r"^lm_head\.", "lm_head.")]
 
@@ -272,6 +319,7 @@ __all__ = [
     "convert_original_lm_visual_state_dict",
     "count_blocks",
     "convert_original_tokenizer_state_dict",
+    "convert_tokenizer",
     "load_original_state_dict",
     "original_tokenizer_config",
     "rename_keys",

@@ -49,7 +49,7 @@ from .modeling_lavit_tokenizer import (
     LaVITFeaturesOutput,
     LaVITTokenizationOutput,
     LaVITTokenizerModel,
-    LaVITTokenMerger,
+    build_token_merger,
 )
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
 
@@ -282,7 +282,7 @@ class LaVITModel(LaVITPreTrainedModel):
         super().__init__(config)
         self.visual_tokenizer = LaVITTokenizerModel._from_config(config.tokenizer_config)
         self.visual_tokenizer.requires_grad_(False)
-        self.visual_merger = LaVITTokenMerger(config.tokenizer_config)
+        self.visual_merger = build_token_merger(config.tokenizer_config)
         self.visual_projection = nn.Linear(config.tokenizer_config.vision_hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()

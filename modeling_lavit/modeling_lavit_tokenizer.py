@@ -4,39 +4,46 @@ image -> frozen encoder -> patch features (B, N, D) -> token selector -> keep_ma
       -> token merger -> kept features (T, D), T = sum(token_counts) -> vector quantizer -> code_ids (T,)
 code_ids -> feature decoder -> reconstructed encoder features (B, N, D)
 
+`LaVITTokenizerModel` runs these as four public stages, `encode_patches` -> `select` -> `merge` -> `quantize`; its
+`forward` (training objective), `encode_features` and `tokenize` are compositions of them. Variants are fixed when
+the model is built: the encoder's feature read-out (EVA or a transformers backbone) and the merger's attention
+(`config.merger_attention`: exact or the official leaky softmax, see [`build_token_merger`]).
+
 Variable-length tokens are stored packed: values of all images concatenated in batch order (raster order inside an
 image) plus `token_counts` (B,). Kernels may pad internally; nothing is padded in what this module returns.
+Preprocessing and drawing live in `image_processing_lavit.py`; conversion of official checkpoints in
+`convert_original_lavit.py`.
 """
 
-import os
-import tempfile
 from dataclasses import dataclass
+from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import ModelOutput, can_return_tuple
 
-from .configuration_lavit import LaVITTokenizerConfig
-from .convert_original_lavit import convert_original_tokenizer_state_dict, original_tokenizer_config
+from .attention_lavit import LaVITAttentionLayer, PaddedLayout, official_leaky_attention, sdpa_attention
+from .configuration_lavit import SELECTION_MODES, LaVITTokenizerConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
-
-logger = logging.get_logger(__name__)
-
-# eps of the official `softmax_with_policy`
-OFFICIAL_SOFTMAX_EPS = 1e-6
-VARIABLE_LENGTH_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
 class LaVITPackedTokensOutput(ModelOutput):
-    """Base of the packed outputs: `values` of all images concatenated, split per image by `token_counts`."""
+    """
+    Base of the packed outputs: `values` of all images concatenated, split per image by `token_counts`.
+
+    Args:
+        token_counts (`torch.LongTensor` of shape `(B,)`): tokens per image; `T = token_counts.sum()`.
+        keep_mask (`torch.BoolTensor` of shape `(B, N)`): which patches were kept (raster order).
+        keep_probs (`torch.FloatTensor` of shape `(B, N)`): the selector's keep probability per patch.
+    """
+
+    token_counts: torch.LongTensor | None = None
+    keep_mask: torch.BoolTensor | None = None
+    keep_probs: torch.FloatTensor | None = None
 
     def per_image(self) -> list[torch.Tensor]:
         """The packed values as one tensor per image."""
@@ -49,19 +56,14 @@ class LaVITPackedTokensOutput(ModelOutput):
 @dataclass
 class LaVITTokenizationOutput(LaVITPackedTokensOutput):
     """
-    Discrete visual tokens of a batch of images.
+    Discrete visual tokens of a batch of images; `token_counts`, `keep_mask`, `keep_probs` as in
+    [`LaVITPackedTokensOutput`].
 
     Args:
         code_ids (`torch.LongTensor` of shape `(T,)`): codebook indices of all kept tokens (no LM offset).
-        token_counts (`torch.LongTensor` of shape `(B,)`): tokens per image; `T = token_counts.sum()`.
-        keep_mask (`torch.BoolTensor` of shape `(B, N)`): which patches were kept (raster order).
-        keep_probs (`torch.FloatTensor` of shape `(B, N)`): the selector's keep probability per patch.
     """
 
     code_ids: torch.LongTensor | None = None
-    token_counts: torch.LongTensor | None = None
-    keep_mask: torch.BoolTensor | None = None
-    keep_probs: torch.FloatTensor | None = None
 
     def packed_values(self) -> torch.Tensor:
         return self.code_ids
@@ -70,21 +72,25 @@ class LaVITTokenizationOutput(LaVITPackedTokensOutput):
 @dataclass
 class LaVITFeaturesOutput(LaVITPackedTokensOutput):
     """
-    Continuous merger outputs of the kept tokens (the LM-side input of LaVIT), packed like [`LaVITTokenizationOutput`].
+    Continuous merger outputs of the kept tokens (the LM-side input of LaVIT), packed like [`LaVITTokenizationOutput`];
+    `token_counts`, `keep_mask`, `keep_probs` as in [`LaVITPackedTokensOutput`].
 
     Args:
         features (`torch.FloatTensor` of shape `(T, D)`): merged features of all kept tokens.
-        token_counts (`torch.LongTensor` of shape `(B,)`), keep_mask (`torch.BoolTensor` of shape `(B, N)`),
-        keep_probs (`torch.FloatTensor` of shape `(B, N)`): as in [`LaVITTokenizationOutput`].
     """
 
     features: torch.FloatTensor | None = None
-    token_counts: torch.LongTensor | None = None
-    keep_mask: torch.BoolTensor | None = None
-    keep_probs: torch.FloatTensor | None = None
 
     def packed_values(self) -> torch.Tensor:
         return self.features
+
+
+def kept_token_fields(keep_log_probs: torch.Tensor, keep_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fields every packed output shares, detached, from a selection: `token_counts` (B,), `keep_mask` (B, N)
+    and `keep_probs` (B, N), given the selector's (B, N, 2) log-probabilities and the (B, N) 0/1 keep weights."""
+    keep_mask = keep_weights.detach() > 0.5
+    return {"token_counts": keep_mask.sum(dim=1), "keep_mask": keep_mask,
+            "keep_probs": keep_log_probs[..., 0].detach().exp()}
 
 
 @dataclass
@@ -140,154 +146,6 @@ class LaVITTokenizerOutput(ModelOutput):
     codebook_usage: torch.FloatTensor | None = None
 
 
-def official_masked_softmax(scores: torch.Tensor, visibility: torch.Tensor, eps: float) -> torch.Tensor:
-    """
-    The official `softmax_with_policy`: not an exact masked softmax. The row maximum is taken over all keys, visible
-    or not, and every key (invisible ones too) receives `eps / N`, so rows whose visible keys score far below the
-    best invisible one drift towards uniform weights. Runs in float32 as the official code.
-    """
-    num_keys = scores.shape[-1]
-    scores = scores.float()
-    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp() * visibility.float()
-    return (weights + eps / num_keys) / (weights.sum(dim=-1, keepdim=True) + eps)
-
-
-def attend(query, key, value, mask=None, is_causal=False, leaky_softmax=False) -> torch.Tensor:
-    """
-    Scaled dot-product attention over (B, H, S, head_dim) tensors.
-
-    `mask` is a boolean "may attend" mask for SDPA, or, with `leaky_softmax=True`, the float visibility weights of
-    [`official_masked_softmax`]. A query row without any visible key gets a zero output (nothing to attend to).
-    """
-    if leaky_softmax:
-        scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
-        weights = official_masked_softmax(scores, mask, OFFICIAL_SOFTMAX_EPS)
-        return torch.matmul(weights.to(value.dtype), value)
-    # token counts change with every batch: cuDNN attention builds a plan per shape, which made such workloads
-    # erratic and up to 10x slower on H100; flash / memory-efficient kernels have no per-shape setup
-    with sdpa_kernel(VARIABLE_LENGTH_SDPA_BACKENDS):
-        if mask is None:
-            return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
-        has_keys = mask.any(dim=-1, keepdim=True)
-        attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | ~has_keys)
-    return attn_output * has_keys
-
-
-def split_heads(hidden_states: torch.Tensor, num_heads: int) -> torch.Tensor:
-    batch_size, seq_len, hidden_size = hidden_states.shape
-    return hidden_states.view(batch_size, seq_len, num_heads, hidden_size // num_heads).transpose(1, 2)
-
-
-def merge_heads(hidden_states: torch.Tensor) -> torch.Tensor:
-    return hidden_states.transpose(1, 2).flatten(2)  # (B, H, S, hd) -> (B, S, H * hd)
-
-
-class PaddedLayout:
-    """
-    Where packed variable-length tokens (T, D) sit in a right-padded batch (B, L, D). Linear layers and MLPs run on
-    the packed tokens (no work on padding); only attention kernels see the padded form.
-    """
-
-    def __init__(self, lengths: torch.Tensor, max_length: int):
-        self.valid = torch.arange(max_length, device=lengths.device) < lengths[:, None]  # (B, L)
-        valid = self.valid.flatten()
-        self.flat_index = valid.nonzero().squeeze(1)  # (T,) slot of each packed token
-        # packed row shown in each slot; padding slots repeat row 0: attention masks them (keys) or their output is
-        # dropped (queries), so a row gather is enough and no zero-filled scatter is needed
-        self.source_index = (torch.cumsum(valid, dim=0) - 1).clamp(min=0) * valid
-
-    @property
-    def key_mask(self) -> torch.Tensor:
-        """(B, 1, 1, L) "may attend" mask for attention whose keys are these padded tokens."""
-        return self.valid[:, None, None, :]
-
-    def pad(self, packed: torch.Tensor) -> torch.Tensor:
-        if packed.shape[0] == 0:
-            return packed.new_zeros(*self.valid.shape, packed.shape[-1])
-        return packed.index_select(0, self.source_index).view(*self.valid.shape, packed.shape[-1])
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        return padded.flatten(0, 1).index_select(0, self.flat_index)
-
-
-class LaVITSelfAttention(nn.Module):
-    """Self-attention with a fused qkv projection (official `token_causal_attn` and decoder `self_attn`)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, is_causal: bool, leaky_softmax: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.is_causal = is_causal
-        self.leaky_softmax = leaky_softmax
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, hidden_states, attention_mask=None, layout: PaddedLayout | None = None) -> torch.Tensor:
-        qkv = self.qkv(hidden_states)
-        if layout is not None:
-            qkv = layout.pad(qkv)  # packed (T, 3D) -> (B, L, 3D)
-        query, key, value = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
-        attn_output = merge_heads(attend(query, key, value, attention_mask, self.is_causal, self.leaky_softmax))
-        if layout is not None:
-            attn_output = layout.unpad(attn_output)
-        return self.out_proj(attn_output)
-
-
-class LaVITCrossAttention(nn.Module):
-    """Cross-attention with separate projections (official `token_cross_attn` and decoder `cross_attn`)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, leaky_softmax: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.leaky_softmax = leaky_softmax
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, hidden_states, context, attention_mask=None, layout: PaddedLayout | None = None):
-        query, key, value = self.q_proj(hidden_states), self.k_proj(context), self.v_proj(context)
-        if layout is not None:
-            query = layout.pad(query)  # the context is always dense (B, L_context, D)
-        query, key, value = (split_heads(t, self.num_heads) for t in (query, key, value))
-        attn_output = merge_heads(attend(query, key, value, attention_mask, leaky_softmax=self.leaky_softmax))
-        if layout is not None:
-            attn_output = layout.unpad(attn_output)
-        return self.out_proj(attn_output)
-
-
-class LaVITMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(hidden_states)))
-
-
-class LaVITAttentionLayer(GradientCheckpointingLayer):
-    """
-    Pre-norm block shared by the merger and the decoder: self-attention, cross-attention to a dense context
-    (B, L, D), MLP. `hidden_states` are dense (B, S, D), or packed (T, D) with their `PaddedLayout`.
-    """
-
-    def __init__(self, hidden_size, num_heads, intermediate_size, eps, is_causal, leaky_softmax=False):
-        super().__init__()
-        self.self_attn_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.self_attn = LaVITSelfAttention(hidden_size, num_heads, is_causal, leaky_softmax)
-        self.cross_attn_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.cross_attn = LaVITCrossAttention(hidden_size, num_heads, leaky_softmax)
-        self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.mlp = LaVITMLP(hidden_size, intermediate_size)
-
-    def forward(self, hidden_states, context, self_attn_mask=None, cross_attn_mask=None, layout=None):
-        hidden_states = hidden_states + self.self_attn(self.self_attn_norm(hidden_states), self_attn_mask, layout)
-        hidden_states = hidden_states + self.cross_attn(
-            self.cross_attn_norm(hidden_states), context, cross_attn_mask, layout
-        )
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
-
-
 class LaVITTokenSelector(nn.Module):
     """
     Token selector (paper section 3.1, official `TokenPredictor`, state-dict prefix `token_predictor.`): an MLP that
@@ -322,14 +180,19 @@ class LaVITTokenMerger(nn.Module):
     and an MLP; a final norm closes the stack. No positional embedding: order comes from the causal mask and the
     encoder's own position embeddings.
 
+    This class computes true masked attention (`config.merger_attention="exact"`) on the kept tokens only: they stay
+    packed and attention pads them per image. [`LaVITOfficialTokenMerger`] has the same modules and state-dict keys
+    and reproduces the official arithmetic; [`build_token_merger`] picks one from the config.
+
     `keep_weights` (B, N) are 0/1 values; in training they are straight-through Gumbel samples whose gradient reaches
     the selector through this module (kept tokens scale the stream, dropped tokens scale the merged context).
     """
 
+    attention_function = staticmethod(sdpa_attention)
+
     def __init__(self, config: LaVITTokenizerConfig):
         super().__init__()
         hidden_size = config.vision_hidden_size
-        self.leaky_softmax = config.merger_attention == "official"
         self.context_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(
             LaVITAttentionLayer(
@@ -338,7 +201,7 @@ class LaVITTokenMerger(nn.Module):
                 config.merger_intermediate_size,
                 config.layer_norm_eps,
                 is_causal=True,
-                leaky_softmax=self.leaky_softmax,
+                attention_function=self.attention_function,
             )
             for _ in range(config.merger_num_layers)
         )
@@ -347,26 +210,6 @@ class LaVITTokenMerger(nn.Module):
     def forward(self, image_features: torch.Tensor, keep_weights: torch.Tensor) -> torch.Tensor:
         """(B, N, D) features and (B, N) keep weights -> (T, D) merged kept tokens, packed in batch order."""
         keep_mask = keep_weights > 0.5
-        if self.leaky_softmax:
-            return self.forward_full_sequence(image_features, keep_weights)[keep_mask]
-        return self.forward_kept_tokens(image_features, keep_weights, keep_mask)
-
-    def forward_full_sequence(self, image_features: torch.Tensor, keep_weights: torch.Tensor) -> torch.Tensor:
-        """The official arithmetic: all N positions with the leaky masked softmax. Returns (B, N, D)."""
-        num_patches = image_features.shape[1]
-        keep = keep_weights.float()[:, None, None, :]  # (B, 1, 1, N) over keys
-        eye = torch.eye(num_patches, device=keep.device)
-        causal = torch.ones(num_patches, num_patches, device=keep.device).tril()
-        self_attn_visibility = (keep + (1.0 - keep) * eye) * causal  # kept earlier tokens, and the token itself
-        cross_attn_visibility = 1.0 - keep  # only dropped tokens
-        context = self.context_norm(image_features)
-        hidden_states = image_features
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, context, self_attn_visibility, cross_attn_visibility)
-        return self.norm(hidden_states)
-
-    def forward_kept_tokens(self, image_features, keep_weights, keep_mask) -> torch.Tensor:
-        """True masked attention on the kept tokens only. Tokens stay packed; attention pads them per image."""
         num_patches = image_features.shape[1]
         kept_counts = keep_mask.sum(dim=1)
         dropped_counts = num_patches - kept_counts
@@ -383,6 +226,44 @@ class LaVITTokenMerger(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, context, None, dropped_layout.key_mask, kept_layout)
         return self.norm(hidden_states)
+
+
+class LaVITOfficialTokenMerger(LaVITTokenMerger):
+    """
+    The token merger with the official arithmetic (`config.merger_attention="official"`, needed for converted official
+    weights): all N positions go through every block with the official leaky masked softmax
+    ([`official_leaky_attention`]), and the kept positions are taken at the end. Same modules and state-dict keys as
+    [`LaVITTokenMerger`].
+    """
+
+    attention_function = staticmethod(official_leaky_attention)
+
+    def forward(self, image_features: torch.Tensor, keep_weights: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) features and (B, N) keep weights -> (T, D) merged kept tokens, packed in batch order."""
+        return self.forward_full_sequence(image_features, keep_weights)[keep_weights > 0.5]
+
+    def forward_full_sequence(self, image_features: torch.Tensor, keep_weights: torch.Tensor) -> torch.Tensor:
+        """The official computation over all N positions, dropped ones included. Returns (B, N, D)."""
+        keep = keep_weights.float()[:, None, None, :]  # (B, 1, 1, N) over keys
+        eye = torch.eye(image_features.shape[1], device=keep.device)
+        # kept tokens and the token itself (the layers' causal attention hides the later ones); the context is only
+        # the dropped tokens
+        self_attn_visibility = keep + (1.0 - keep) * eye
+        cross_attn_visibility = 1.0 - keep
+        context = self.context_norm(image_features)
+        hidden_states = image_features
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, context, self_attn_visibility, cross_attn_visibility)
+        return self.norm(hidden_states)
+
+
+TOKEN_MERGER_CLASSES = {"exact": LaVITTokenMerger, "official": LaVITOfficialTokenMerger}
+
+
+def build_token_merger(config: LaVITTokenizerConfig) -> LaVITTokenMerger:
+    """The token merger that `config.merger_attention` names: `"exact"` -> [`LaVITTokenMerger`], `"official"` ->
+    [`LaVITOfficialTokenMerger`]. Both have the same state-dict keys."""
+    return TOKEN_MERGER_CLASSES[config.merger_attention](config)
 
 
 class LaVITVectorQuantizer(nn.Module):
@@ -573,15 +454,42 @@ class LaVITTokenizerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.initialized)
 
 
+def eva_patch_states(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The official read-out of the EVA encoder: its last block's output, before the final norm (B, 1 + N, D)."""
+    return vision_model(pixel_values).last_hidden_state
+
+
+def backbone_patch_states(vision_model: nn.Module, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    """A transformers vision backbone (CLIP, SigLIP, ...): its hidden states number `feature_layer`
+    (B, [1 +] N, D)."""
+    outputs = vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+    return outputs.hidden_states[feature_layer]
+
+
+def build_vision_encoder(config: LaVITTokenizerConfig):
+    """The frozen encoder `config.vision_config` describes, and the function `(encoder, pixel_values) -> (B, S, D)`
+    that reads its patch features: the EVA encoder's last block, or hidden state `config.vision_feature_layer` of a
+    transformers backbone."""
+    if config.uses_eva_encoder:
+        return LaVITEvaVisionModel._from_config(config.vision_config), eva_patch_states
+    encoder = AutoModel.from_config(config.vision_config)
+    return encoder, partial(backbone_patch_states, feature_layer=config.vision_feature_layer)
+
+
 class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
     """
     LaVIT's dynamic visual tokenizer: frozen encoder, token selector, token merger, vector quantizer, feature decoder.
 
+    Four public stages, `encode_patches` -> `select` -> `merge` -> `quantize`; `forward` (the training objective),
+    `encode_features` and `tokenize` compose them. Images become `pixel_values` with [`LaVITImageProcessor`]
+    (`LaVITImageProcessor.from_tokenizer_config(tokenizer.config)`: the official preprocessing).
+
     Example:
 
     ```python
-    >>> from lavit import LaVITTokenizerModel
+    >>> from lavit import LaVITImageProcessor, LaVITTokenizerModel
     >>> tokenizer = LaVITTokenizerModel.from_pretrained("path/to/visual_tokenizer")
+    >>> pixel_values = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)(images)["pixel_values"]
     >>> tokens = tokenizer.tokenize(pixel_values)          # deterministic: same image, same tokens
     >>> tokens.code_ids.shape, tokens.token_counts        # (T,), (B,) with T = token_counts.sum()
     >>> budgeted = tokenizer.tokenize(pixel_values, max_tokens=64)
@@ -590,14 +498,11 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
 
     def __init__(self, config: LaVITTokenizerConfig):
         super().__init__(config)
-        if config.uses_eva_encoder:
-            self.vision_model = LaVITEvaVisionModel._from_config(config.vision_config)
-        else:
-            self.vision_model = AutoModel.from_config(config.vision_config)
+        self.vision_model, self.read_patch_states = build_vision_encoder(config)
         # the encoder is frozen: it never receives gradients and stays in eval mode (see `train`)
         self.vision_model.requires_grad_(False)
         self.selector = LaVITTokenSelector(config)
-        self.merger = LaVITTokenMerger(config)
+        self.merger = build_token_merger(config)
         self.quantizer = LaVITVectorQuantizer(config)
         self.decoder = LaVITFeatureDecoder(config)
         self.post_init()
@@ -607,40 +512,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         self.vision_model.eval()
         return self
 
-    # ----------------------------------------------------------------------------------------------- checks
-
-    def _check_pixel_values(self, pixel_values) -> torch.Tensor:
-        size = self.config.image_size
-        channels = self.config.vision_config.num_channels
-        if not isinstance(pixel_values, torch.Tensor):
-            raise ValueError(f"pixel_values must be a torch.Tensor of shape (batch, {channels}, {size}, {size}), "
-                             f"got {type(pixel_values).__name__}")
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a floating point tensor (normalised pixels), "
-                             f"got dtype {pixel_values.dtype}")
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
-            raise ValueError(f"pixel_values must have shape (batch, {channels}, {size}, {size}), "
-                             f"got {tuple(pixel_values.shape)}")
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values is an empty batch (0 images)")
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contains NaN or infinite values")
-        return pixel_values
-
-    def _check_keep_mask(self, keep_mask, batch_size: int) -> torch.Tensor:
-        expected = (batch_size, self.config.num_patches)
-        if not isinstance(keep_mask, torch.Tensor) or tuple(keep_mask.shape) != expected:
-            got = tuple(keep_mask.shape) if isinstance(keep_mask, torch.Tensor) else type(keep_mask).__name__
-            raise ValueError(f"keep_mask must be a tensor of shape {expected} (batch, num_patches), got {got}")
-        if keep_mask.dtype != torch.bool and not ((keep_mask == 0) | (keep_mask == 1)).all():
-            raise ValueError("keep_mask must be boolean or hold only 0 and 1")
-        keep_mask = keep_mask.bool()
-        empty = (~keep_mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"keep_mask keeps no patch for image(s) {empty}; every image needs at least one token")
-        return keep_mask.to(self.device)
-
-    # ----------------------------------------------------------------------------------------------- steps
+    # ----------------------------------------------------------------------------------------------- stages
 
     def encode_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
@@ -649,15 +521,29 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         Raises `ValueError` naming the problem when `pixel_values` is not a finite float tensor of shape
         (batch, channels, image_size, image_size).
         """
-        pixel_values = self._check_pixel_values(pixel_values)
+        check_pixel_values(pixel_values, self.config.vision_config.num_channels, self.config.image_size)
         with torch.no_grad():
-            if self.config.uses_eva_encoder:
-                hidden_states = self.vision_model(pixel_values).last_hidden_state
-            else:
-                outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-                hidden_states = outputs.hidden_states[self.config.vision_feature_layer]
+            hidden_states = self.read_patch_states(self.vision_model, pixel_values)
         # CLIP-style encoders put a CLS token first; SigLIP-style ones have none
         return hidden_states[:, hidden_states.shape[1] - self.config.num_patches :]
+
+    def select(
+        self,
+        image_features: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
+        mode: str | None = None,
+        max_tokens: int | None = None,
+        keep_ratio: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2 of 4: encoder features (B, N, D) -> (selector log-probabilities (B, N, 2), keep weights (B, N)).
+
+        An explicit `keep_mask` wins over the selector's decision; other arguments as in [`select_tokens`]."""
+        keep_log_probs = self.selector(image_features)
+        if keep_mask is None:
+            return keep_log_probs, self.select_tokens(keep_log_probs, mode, max_tokens, keep_ratio, generator)
+        keep_mask = check_keep_mask(keep_mask, image_features.shape[0], self.config.num_patches)
+        return keep_log_probs, keep_mask.to(self.device, keep_log_probs.dtype)
 
     def select_tokens(
         self,
@@ -674,53 +560,20 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         order of precedence: a budget (`max_tokens`: the `max_tokens` patches with the highest keep probability;
         `keep_ratio`: the top `round(keep_ratio * N)`), else `mode` (default `config.selection_mode`):
         `"deterministic"` keeps `p_keep > config.selector_threshold`, `"sample"` draws Bernoulli(p_keep) with
-        `generator`. Every image keeps at least its most probable patch.
+        `generator`. Every image keeps at least its most probable patch. Bad arguments raise `ValueError`.
         """
+        check_selection_arguments(mode, max_tokens, keep_ratio)
         keep_probs = keep_log_probs[..., 0].exp()
-        num_patches = keep_probs.shape[1]
-        if max_tokens is not None and keep_ratio is not None:
-            raise ValueError("give at most one of max_tokens and keep_ratio")
         if self.training:
             keep_weights = F.gumbel_softmax(keep_log_probs, tau=self.config.gumbel_temperature, hard=True)[..., 0]
         elif max_tokens is not None or keep_ratio is not None:
-            if keep_ratio is not None and not 0 < keep_ratio <= 1:
-                raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-            if max_tokens is not None and max_tokens < 1:
-                raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-            budget = max_tokens if max_tokens is not None else round(keep_ratio * num_patches)
-            top_index = keep_probs.topk(min(max(budget, 1), num_patches), dim=1).indices
-            keep_weights = torch.zeros_like(keep_probs).scatter_(1, top_index, 1.0)
+            budget = max_tokens if max_tokens is not None else round(keep_ratio * keep_probs.shape[1])
+            keep_weights = top_k_keep_weights(keep_probs, budget)
+        elif (mode or self.config.selection_mode) == "sample":
+            keep_weights = torch.bernoulli(keep_probs.float(), generator=generator).to(keep_probs.dtype)
         else:
-            mode = mode or self.config.selection_mode
-            if mode == "deterministic":
-                keep_weights = (keep_probs > self.config.selector_threshold).to(keep_probs.dtype)
-            elif mode == "sample":
-                keep_weights = torch.bernoulli(keep_probs.float(), generator=generator).to(keep_probs.dtype)
-            else:
-                raise ValueError(f"mode must be 'deterministic' or 'sample', got {mode!r}")
-        # at least one token per image: force the most probable patch (straight-through keeps gradients intact)
-        most_probable = F.one_hot(keep_probs.argmax(dim=1), num_patches).to(keep_weights.dtype)
-        empty_images = (keep_weights.detach().sum(dim=1, keepdim=True) == 0).to(keep_weights.dtype)
-        return keep_weights + (1 - keep_weights.detach()) * most_probable * empty_images
-
-    def select(
-        self,
-        image_features: torch.Tensor,
-        keep_mask: torch.Tensor | None = None,
-        mode: str | None = None,
-        max_tokens: int | None = None,
-        keep_ratio: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 2 of 4: encoder features (B, N, D) -> (selector log-probabilities (B, N, 2), keep weights (B, N)).
-
-        An explicit `keep_mask` wins over the selector's decision; other arguments as in [`select_tokens`]."""
-        keep_log_probs = self.selector(image_features)
-        if keep_mask is not None:
-            keep_weights = self._check_keep_mask(keep_mask, image_features.shape[0]).to(keep_log_probs.dtype)
-        else:
-            keep_weights = self.select_tokens(keep_log_probs, mode, max_tokens, keep_ratio, generator)
-        return keep_log_probs, keep_weights
+            keep_weights = (keep_probs > self.config.selector_threshold).to(keep_probs.dtype)
+        return keep_at_least_one(keep_weights, keep_probs)
 
     def merge(self, image_features: torch.Tensor, keep_weights: torch.Tensor) -> torch.Tensor:
         """Stage 3 of 4: features (B, N, D) + keep weights (B, N) -> merged kept tokens, packed (T, D)."""
@@ -731,7 +584,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         # a module call, not `lookup`: accelerate's offload hooks load the quantizer only for its own forward
         return self.quantizer(merged_tokens, fit=False).code_ids
 
-    # ----------------------------------------------------------------------------------------------- public API
+    # ----------------------------------------------------------------------------------------------- compositions
 
     @can_return_tuple
     def forward(
@@ -742,48 +595,44 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         use_quantizer: bool = True,
     ) -> LaVITTokenizerOutput:
         """
-        Runs the whole tokenizer and computes the training objective of paper eq. 4:
-        `mean(1 - cos(x, x_rec)) + keep_ratio_weight * (rho - mean keep)^2 + commitment_weight * commitment`.
+        Runs the whole tokenizer and computes the training objective of paper eq. 4 (see [`loss_terms`]).
 
         `keep_mask` (B, N) overrides the selector. `use_quantizer=False` feeds the continuous (normalised) latents to
         the decoder: the first phase of the official training recipe, before VQ is switched on. `return_dict=False`
         (argument or config) returns a tuple of the non-`None` fields.
         """
         image_features = self.encode_patches(pixel_values)  # (B, N, D)
-        keep_log_probs, keep_weights = self.select(image_features, keep_mask, None, None, None, None)
+        keep_log_probs, keep_weights = self.select(image_features, keep_mask)
         merged_tokens = self.merge(image_features, keep_weights)  # (T, D)
         quantizer_output = self.quantizer(merged_tokens, quantize=use_quantizer)
-        token_counts = (keep_weights > 0.5).sum(dim=1)
-        reconstructed = self.decoder(quantizer_output.quantized.to(merged_tokens.dtype), token_counts)
-
+        kept = kept_token_fields(keep_log_probs, keep_weights)
+        reconstructed = self.decoder(quantizer_output.quantized.to(merged_tokens.dtype), kept["token_counts"])
         cosine = F.cosine_similarity(reconstructed.float(), image_features.float(), dim=-1)  # (B, N)
-        per_image_keep_ratio = keep_weights.float().mean(dim=1)
-        loss = reconstruction_loss = keep_ratio_loss = commitment_loss = None
-        if return_loss:
-            reconstruction_loss = (1 - cosine).mean()
-            keep_ratio_loss = ((self.config.keep_ratio_target - per_image_keep_ratio) ** 2).mean()
-            commitment_loss = quantizer_output.commitment_loss if use_quantizer else cosine.new_zeros(())
-            loss = (
-                reconstruction_loss
-                + self.config.keep_ratio_weight * keep_ratio_loss
-                + self.config.commitment_weight * commitment_loss
-            )
+        keep_ratios = keep_weights.float().mean(dim=1)
+        commitment_loss = quantizer_output.commitment_loss if use_quantizer else cosine.new_zeros(())
+        losses = self.loss_terms(cosine, keep_ratios, commitment_loss) if return_loss else {}
         return LaVITTokenizerOutput(
-            loss=loss,
-            reconstruction_loss=reconstruction_loss,
-            keep_ratio_loss=keep_ratio_loss,
-            commitment_loss=commitment_loss,
-            reconstructed_features=reconstructed,
-            image_features=image_features,
-            code_ids=quantizer_output.code_ids,
-            token_counts=token_counts,
-            keep_mask=keep_weights.detach() > 0.5,
-            keep_probs=keep_log_probs[..., 0].detach().exp(),
-            mean_keep_ratio=per_image_keep_ratio.mean().detach(),
-            reconstruction_cosine=cosine.mean().detach(),
-            perplexity=quantizer_output.perplexity,
+            **losses, reconstructed_features=reconstructed, image_features=image_features,
+            code_ids=quantizer_output.code_ids, **kept, mean_keep_ratio=keep_ratios.mean().detach(),
+            reconstruction_cosine=cosine.mean().detach(), perplexity=quantizer_output.perplexity,
             codebook_usage=quantizer_output.codebook_usage,
         )
+
+    def loss_terms(self, cosine: torch.Tensor, keep_ratios: torch.Tensor, commitment_loss: torch.Tensor) -> dict:
+        """
+        The training objective of paper eq. 4, `loss = mean(1 - cos(x, x_rec)) + keep_ratio_weight * mean((rho -
+        keep ratio)^2) + commitment_weight * commitment_loss`, and its terms before weighting, from the (B, N) cosine
+        similarities of reconstruction and target, the (B,) per-image keep ratios and the commitment loss.
+        """
+        reconstruction_loss = (1 - cosine).mean()
+        keep_ratio_loss = ((self.config.keep_ratio_target - keep_ratios) ** 2).mean()
+        loss = (
+            reconstruction_loss
+            + self.config.keep_ratio_weight * keep_ratio_loss
+            + self.config.commitment_weight * commitment_loss
+        )
+        return {"loss": loss, "reconstruction_loss": reconstruction_loss, "keep_ratio_loss": keep_ratio_loss,
+                "commitment_loss": commitment_loss}
 
     @torch.no_grad()
     def encode_features(
@@ -798,13 +647,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         """Continuous merger outputs of the kept tokens, packed (T, D). Selection arguments as in `tokenize`."""
         image_features = self.encode_patches(pixel_values)
         keep_log_probs, keep_weights = self.select(image_features, keep_mask, mode, max_tokens, keep_ratio, generator)
-        keep_mask = keep_weights > 0.5
-        return LaVITFeaturesOutput(
-            features=self.merge(image_features, keep_weights),
-            token_counts=keep_mask.sum(dim=1),
-            keep_mask=keep_mask,
-            keep_probs=keep_log_probs[..., 0].exp(),
-        )
+        return LaVITFeaturesOutput(features=self.merge(image_features, keep_weights),
+                                   **kept_token_fields(keep_log_probs, keep_weights))
 
     @torch.no_grad()
     def tokenize(
@@ -823,12 +667,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         (`"deterministic"` by default, or `"sample"` with an optional `generator`); see [`select_tokens`].
         """
         features = self.encode_features(pixel_values, keep_mask, mode, max_tokens, keep_ratio, generator)
-        return LaVITTokenizationOutput(
-            code_ids=self.quantize(features.features),
-            token_counts=features.token_counts,
-            keep_mask=features.keep_mask,
-            keep_probs=features.keep_probs,
-        )
+        return LaVITTokenizationOutput(code_ids=self.quantize(features.features), token_counts=features.token_counts,
+                                       keep_mask=features.keep_mask, keep_probs=features.keep_probs)
 
     @torch.no_grad()
     def decode_codes(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
@@ -839,74 +679,70 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         quantized = self.quantizer.codebook[code_ids]
         return self.decoder(quantized.to(self.decoder.in_proj.weight.dtype), token_counts)
 
-    def image_to_pixel_values(self, image) -> torch.Tensor:
-        """The official preprocessing: RGB, bicubic resize to the encoder size (no crop), CLIP normalisation."""
-        image = _load_rgb_image(image)
-        size = self.config.image_size
-        array = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-        mean = np.asarray(self.config.image_mean, dtype=np.float32)
-        std = np.asarray(self.config.image_std, dtype=np.float32)
-        pixel_values = torch.from_numpy((array - mean) / std).permute(2, 0, 1)[None]
-        return pixel_values.to(device=self.device, dtype=self.dtype)
 
-    @torch.no_grad()
-    def visualize(self, image, path, **selection_kwargs) -> torch.BoolTensor:
-        """
-        Writes a PNG of `image` (PIL image, file path, (H, W, C) uint8 array or (C, H, W) float tensor in [0, 1])
-        showing which patches the selector keeps, readable on dark and light images alike: the patch grid, dropped
-        patches washed towards grey and crossed out, and "n of N tokens" in the corner. Small images are enlarged
-        (nearest neighbour) to at least 256 pixels. `selection_kwargs` go to [`tokenize`]. Returns the (N,) keep mask.
-        """
-        image = _load_rgb_image(image)
-        keep_mask = self.tokenize(self.image_to_pixel_values(image), **selection_kwargs).keep_mask[0]
-        scale = max(1, -(-256 // min(image.size)))
-        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-        save_png_atomically(draw_keep_mask(image, keep_mask.cpu(), self.config.image_size // self.config.patch_size),
-                            path)
-        return keep_mask
+# --------------------------------------------------------------------------------------------------- selection
 
-    # ----------------------------------------------------------------------------------------------- conversion
 
-    @classmethod
-    def from_original_state_dict(
-        cls,
-        state_dict: dict[str, torch.Tensor],
-        *,
-        decoder_state_dict: dict[str, torch.Tensor] | None = None,
-        vision_num_heads: int = 16,
-        merger_num_heads: int = 16,
-        decoder_num_heads: int = 16,
-        **config_overrides,
-    ) -> "LaVITTokenizerModel":
-        """
-        Builds a tokenizer from the official key names (`DynamicVisualTokenizer` state dict: `encoder.*`,
-        `token_predictor.*`, `causal_encoder.*`, `quantize.*`, `encode_task_layer.*`; optionally the feature decoder
-        of `tokenizer_decoder.bin` / `highres_tokenizer_decoder.bin`). Every dimension but the head counts is read
-        from tensor shapes; the merger uses the `official` attention. Unknown keys raise; the CLIP head and final norm
-        of the encoder, `vit_proj` (LM side) and the decoder's UNet projections (detokenizer side) are not used here.
-        """
-        config = original_tokenizer_config(
-            state_dict,
-            decoder_state_dict,
-            vision_num_heads=vision_num_heads,
-            merger_num_heads=merger_num_heads,
-            decoder_num_heads=decoder_num_heads,
-            **config_overrides,
-        )
-        model = cls(config)
-        converted = convert_original_tokenizer_state_dict(state_dict, decoder_state_dict)
-        missing, unexpected = model.load_state_dict(converted, strict=False)
-        derived = {"quantizer.ema_code_sum", "quantizer.ema_cluster_size", "quantizer.initialized"}
-        missing = [key for key in missing if key not in derived and (decoder_state_dict or "decoder." not in key)]
-        if missing or unexpected:
-            raise ValueError(f"official state dict does not fit: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            model.quantizer.ema_code_sum.copy_(model.quantizer.codebook)
-            model.quantizer.ema_cluster_size.fill_(1.0)
-            model.quantizer.initialized.fill_(True)
-        if decoder_state_dict is None:
-            logger.warning("no decoder_state_dict given: the feature decoder is randomly initialised")
-        return model.eval()
+def top_k_keep_weights(keep_probs: torch.Tensor, budget: int) -> torch.Tensor:
+    """(B, N) keep weights (0/1) of the `budget` most probable patches per image (clipped to [1, N])."""
+    num_patches = keep_probs.shape[1]
+    top_index = keep_probs.topk(min(max(budget, 1), num_patches), dim=1).indices
+    return torch.zeros_like(keep_probs).scatter_(1, top_index, 1.0)
+
+
+def keep_at_least_one(keep_weights: torch.Tensor, keep_probs: torch.Tensor) -> torch.Tensor:
+    """`keep_weights` (B, N) where every image without a kept patch keeps its most probable one; straight-through,
+    so the gradient of sampled weights stays intact."""
+    most_probable = F.one_hot(keep_probs.argmax(dim=1), keep_probs.shape[1]).to(keep_weights.dtype)
+    empty_images = (keep_weights.detach().sum(dim=1, keepdim=True) == 0).to(keep_weights.dtype)
+    return keep_weights + (1 - keep_weights.detach()) * most_probable * empty_images
+
+
+# --------------------------------------------------------------------------------------------------- input checks
+
+
+def check_pixel_values(pixel_values, num_channels: int, image_size: int) -> None:
+    """Raises `ValueError` unless `pixel_values` is a finite float tensor (batch >= 1, num_channels, size, size)."""
+    expected = f"(batch, {num_channels}, {image_size}, {image_size})"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values must be a floating point tensor (normalised pixels), "
+                         f"got dtype {pixel_values.dtype}")
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (num_channels, image_size, image_size):
+        raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values is an empty batch (0 images)")
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contains NaN or infinite values")
+
+
+def check_keep_mask(keep_mask, batch_size: int, num_patches: int) -> torch.BoolTensor:
+    """`keep_mask` as a (batch_size, num_patches) bool tensor; `ValueError` for another shape, values other than 0/1,
+    or an image that keeps no patch."""
+    expected = (batch_size, num_patches)
+    if not isinstance(keep_mask, torch.Tensor) or tuple(keep_mask.shape) != expected:
+        got = tuple(keep_mask.shape) if isinstance(keep_mask, torch.Tensor) else type(keep_mask).__name__
+        raise ValueError(f"keep_mask must be a tensor of shape {expected} (batch, num_patches), got {got}")
+    if keep_mask.dtype != torch.bool and not ((keep_mask == 0) | (keep_mask == 1)).all():
+        raise ValueError("keep_mask must be boolean or hold only 0 and 1")
+    keep_mask = keep_mask.bool()
+    empty = (~keep_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"keep_mask keeps no patch for image(s) {empty}; every image needs at least one token")
+    return keep_mask
+
+
+def check_selection_arguments(mode: str | None, max_tokens: int | None, keep_ratio: float | None) -> None:
+    """Raises `ValueError` for both budgets at once, a budget out of range or an unknown `mode`."""
+    if max_tokens is not None and keep_ratio is not None:
+        raise ValueError("give at most one of max_tokens and keep_ratio")
+    if keep_ratio is not None and not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    if mode and mode not in SELECTION_MODES:
+        raise ValueError(f"mode must be 'deterministic' or 'sample', got {mode!r}")
 
 
 def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count: int, device):
@@ -928,91 +764,11 @@ def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count:
     return code_ids.long(), token_counts.long()
 
 
-def draw_keep_mask(image: Image.Image, keep_mask: torch.BoolTensor, grid: int) -> Image.Image:
-    """`image` with its `grid` x `grid` patch grid, dropped patches (keep_mask False, raster order) washed towards
-    grey with a black-and-white cross, and the token count in the top-left corner."""
-    from PIL import ImageDraw, ImageFont
-
-    width, height = image.size
-    rows = (np.arange(height) * grid // height)[:, None]
-    columns = (np.arange(width) * grid // width)[None, :]
-    dropped = ~keep_mask.view(grid, grid).numpy()[rows, columns]
-    pixels = np.asarray(image, dtype=np.float32)
-    pixels = np.where(dropped[..., None], 0.35 * pixels + 0.65 * 128, pixels)
-    # grid lines shifted by half the value range: they contrast with any colour, dark or light
-    lines = np.zeros((height, width), dtype=bool)
-    lines[np.flatnonzero(np.diff(rows[:, 0])) + 1, :] = True
-    lines[:, np.flatnonzero(np.diff(columns[0])) + 1] = True
-    pixels = np.where(lines[..., None], (pixels + 128) % 256, pixels)
-    drawn = Image.fromarray(pixels.round().astype(np.uint8))
-    draw = ImageDraw.Draw(drawn)
-    for index in np.flatnonzero(~keep_mask.numpy()):
-        row, column = divmod(int(index), grid)
-        box = (column * width / grid + 2, row * height / grid + 2, (column + 1) * width / grid - 3,
-               (row + 1) * height / grid - 3)
-        for color, line_width in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-            draw.line((box[0], box[1], box[2], box[3]), fill=color, width=line_width)
-            draw.line((box[0], box[3], box[2], box[1]), fill=color, width=line_width)
-    label = f"{int(keep_mask.sum())} of {keep_mask.numel()} tokens"
-    try:  # a scalable font where PIL has FreeType, else its small bitmap font
-        font = ImageFont.load_default(size=max(10, min(width, height) // 20))
-    except (ImportError, OSError, TypeError):
-        font = ImageFont.load_default()
-    left, top, right, bottom = draw.textbbox((4, 4), label, font=font)
-    draw.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=(0, 0, 0))
-    draw.text((4, 4), label, fill=(255, 255, 255), font=font)
-    return drawn
-
-
-def _load_rgb_image(image) -> Image.Image:
-    """The tokenizer's own minimal reader (this file cannot import the processor's `to_rgb_image` in a Hub folder
-    and in the package alike): files and PIL images get their EXIF orientation applied, as every viewer shows them."""
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                image = ImageOps.exif_transpose(opened).convert("RGB")
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read image file {os.fspath(image)!r}: {error}") from error
-    elif isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.stack([image] * 3, axis=-1)
-        if image.ndim != 3 or image.shape[-1] not in (3, 4) or image.dtype != np.uint8:
-            raise ValueError(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4) uint8 arrays, "
-                             f"got shape {image.shape} and dtype {image.dtype}")
-        image = Image.fromarray(image[..., :3])
-    elif isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] not in (1, 3) or not image.is_floating_point():
-            raise ValueError(f"tensor images must be float (C, H, W) in [0, 1] with C in (1, 3), "
-                             f"got shape {tuple(image.shape)} and dtype {image.dtype}")
-        array = (image.expand(3, -1, -1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        image = Image.fromarray(array)
-    elif isinstance(image, Image.Image):
-        image = ImageOps.exif_transpose(image).convert("RGB")
-    else:
-        raise ValueError(f"unsupported image type {type(image).__name__}")
-    if image.width == 0 or image.height == 0:
-        raise ValueError("image is empty (0 pixels)")
-    return image
-
-
-def save_png_atomically(image: Image.Image, path):
-    """Writes `image` as a PNG to a temporary file beside `path`, then renames it: a crash never leaves half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(handle)
-    try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 __all__ = [
     "LaVITFeatureDecoder",
     "LaVITFeaturesOutput",
+    "LaVITOfficialTokenMerger",
+    "LaVITPackedTokensOutput",
     "LaVITTokenMerger",
     "LaVITTokenSelector",
     "LaVITTokenizationOutput",
@@ -1020,5 +776,5 @@ __all__ = [
     "LaVITTokenizerOutput",
     "LaVITTokenizerPreTrainedModel",
     "LaVITVectorQuantizer",
-    "save_png_atomically",
+    "build_token_merger",
 ]

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -197,6 +197,67 @@ class LaVITImageProcessor(BaseImageProcessor):
                 array = (array - mean) / std
             arrays.append(array.transpose(2, 0, 1))
         return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
+
+
+# ------------------------------------------------------------------------------------------------ drawing
+
+KEPT_PATCHES_MIN_SIZE = 256  # pixels on the short side: smaller images are enlarged before drawing
+
+
+def draw_kept_patches(image, keep_mask, grid: int) -> Image.Image:
+    """
+    `image` (anything [`to_rgb_image`] reads) with the token selector's decision drawn on it, readable on dark and
+    light images alike: the `grid` x `grid` patch grid, dropped patches (`keep_mask` False, raster order) washed
+    towards grey and crossed out in black and white, and "n of N tokens" in the top-left corner. Images under 256
+    pixels on their short side are enlarged first (nearest neighbour) so that lines and crosses stay visible.
+
+    `keep_mask` is a bool tensor or array of `grid * grid` values ((N,) or (grid, grid)), e.g. one row of
+    `LaVITTokenizerModel.tokenize(...).keep_mask`; another size raises `ValueError`.
+    """
+    image = to_rgb_image(image)
+    keep_mask = torch.as_tensor(keep_mask).detach().cpu().bool().flatten().numpy()
+    if keep_mask.size != grid * grid:
+        raise ValueError(f"keep_mask must hold grid * grid = {grid * grid} values, got {keep_mask.size}")
+    scale = max(1, -(-KEPT_PATCHES_MIN_SIZE // min(image.size)))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    drawn = Image.fromarray(wash_dropped_patches(np.asarray(image, dtype=np.float32), keep_mask, grid))
+    draw = ImageDraw.Draw(drawn)
+    for index in np.flatnonzero(~keep_mask):
+        row, column = divmod(int(index), grid)
+        width, height = drawn.size
+        box = (column * width / grid + 2, row * height / grid + 2, (column + 1) * width / grid - 3,
+               (row + 1) * height / grid - 3)
+        for color, line_width in (((0, 0, 0), 3), ((255, 255, 255), 1)):
+            draw.line((box[0], box[1], box[2], box[3]), fill=color, width=line_width)
+            draw.line((box[0], box[3], box[2], box[1]), fill=color, width=line_width)
+    draw_label(draw, f"{int(keep_mask.sum())} of {keep_mask.size} tokens", min(drawn.size))
+    return drawn
+
+
+def wash_dropped_patches(pixels: np.ndarray, keep_mask: np.ndarray, grid: int) -> np.ndarray:
+    """(H, W, 3) float pixels -> uint8 pixels with dropped patches washed towards grey and the patch grid drawn."""
+    height, width = pixels.shape[:2]
+    rows = (np.arange(height) * grid // height)[:, None]
+    columns = (np.arange(width) * grid // width)[None, :]
+    dropped = ~keep_mask.reshape(grid, grid)[rows, columns]
+    pixels = np.where(dropped[..., None], 0.35 * pixels + 0.65 * 128, pixels)
+    # grid lines shifted by half the value range: they contrast with any colour, dark or light
+    lines = np.zeros((height, width), dtype=bool)
+    lines[np.flatnonzero(np.diff(rows[:, 0])) + 1, :] = True
+    lines[:, np.flatnonzero(np.diff(columns[0])) + 1] = True
+    pixels = np.where(lines[..., None], (pixels + 128) % 256, pixels)
+    return pixels.round().astype(np.uint8)
+
+
+def draw_label(draw: ImageDraw.ImageDraw, label: str, short_side: int) -> None:
+    """White text on a black box in the top-left corner, sized to the image."""
+    try:  # a scalable font where PIL has FreeType, else its small bitmap font
+        font = ImageFont.load_default(size=max(10, short_side // 20))
+    except (ImportError, OSError, TypeError):
+        font = ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox((4, 4), label, font=font)
+    draw.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=(0, 0, 0))
+    draw.text((4, 4), label, fill=(255, 255, 255), font=font)
 
 
 __all__ = ["LaVITImageProcessor"]

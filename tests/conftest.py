@@ -54,7 +54,13 @@ def real_photos() -> list[np.ndarray]:
 
 
 def photo_batch(model, count=4) -> torch.Tensor:
-    return torch.cat([model.image_to_pixel_values(photo) for photo in real_photos()[:count]])
+    """The first `count` real photos as pixel values for the visual tokenizer `model`: the official preprocessing of
+    its config (`LaVITImageProcessor.from_tokenizer_config`), on its device and in its dtype."""
+    from lavit import LaVITImageProcessor
+
+    image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
+    pixel_values = image_processor(images=real_photos()[:count], return_tensors="pt")["pixel_values"]
+    return pixel_values.to(model.device, model.dtype)
 
 
 @pytest.fixture(scope="session")

@@ -55,9 +55,9 @@ def test_auto_classes_and_saved_code_files(tmp_path):
         "AutoModel": "modeling_lavit_tokenizer.LaVITTokenizerModel",
     }
     assert config["vision_config"]["model_type"] == "lavit_eva_vision"
-    for name in ("configuration_lavit.py", "modeling_lavit_tokenizer.py", "modeling_eva_vit.py",
-                 "convert_original_lavit.py"):
+    for name in ("configuration_lavit.py", "modeling_lavit_tokenizer.py", "attention_lavit.py", "modeling_eva_vit.py"):
         assert (tmp_path / name).is_file(), name
+    assert not (tmp_path / "convert_original_lavit.py").exists()  # conversion is not part of the model's code
     assert isinstance(AutoConfig.from_pretrained(tmp_path), LaVITTokenizerConfig)
     loaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(loaded, LaVITTokenizerModel)

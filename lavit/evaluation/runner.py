@@ -222,7 +222,7 @@ def predict_image(model, processor, batch: list[EvalSample], config: EvalConfig,
                   output_dir=None) -> list[dict]:
     """Text-to-image: one image per caption, seeded by `config.seed` and the batch index (the same whatever the
     number of processes), saved as `images/<id>.png`."""
-    from lavit.modeling.modeling_lavit_tokenizer import save_png_atomically
+    from lavit.atomic import save_png_atomically
 
     settings, candidates = config.generation_settings(), config.num_candidates
     texts = [sample.text or sample.references[0] for sample in batch]

@@ -321,7 +321,7 @@ def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified):
 
     model, bf16_model = unified
     bf16_model.set_detokenizer(bf16)
-    photos = torch.cat([model.visual_tokenizer.image_to_pixel_values(photo) for photo in real_photos()[:2]])
+    photos = photo_batch(model.visual_tokenizer, 2)
     with torch.no_grad():
         reconstructed = bf16_model.reconstruct(photos.to(BF16), num_inference_steps=2, output_type="pt")
     assert reconstructed.dtype == torch.float32 and torch.isfinite(reconstructed).all()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lavit.modeling.convert_original_lavit import convert_tokenizer
 
 from lavit import LaVITTokenizerModel
 
@@ -14,7 +15,7 @@ def assert_close(actual, expected):
 
 @pytest.fixture(scope="module")
 def official(parity_files):
-    model = LaVITTokenizerModel.from_original_state_dict(
+    model = convert_tokenizer(
         parity_files["tokenizer_state_dict"],
         decoder_state_dict=parity_files["decoder_state_dict"],
         vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4,
@@ -55,7 +56,7 @@ def test_encoder_selector_merger_quantizer_decoder(official):
 
 
 def test_highres_decoder_trunk(parity_files):
-    model = LaVITTokenizerModel.from_original_state_dict(
+    model = convert_tokenizer(
         parity_files["tokenizer_state_dict"],
         decoder_state_dict=parity_files["highres_decoder_state_dict"],
         vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4,
@@ -75,11 +76,11 @@ def test_official_keys_are_all_accounted_for(parity_files):
     state_dict = dict(parity_files["tokenizer_state_dict"])
     state_dict["causal_encoder.blocks.0.typo.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="typo"):
-        LaVITTokenizerModel.from_original_state_dict(state_dict, vision_num_heads=4, merger_num_heads=4)
+        convert_tokenizer(state_dict, vision_num_heads=4, merger_num_heads=4)
     state_dict = dict(parity_files["tokenizer_state_dict"])
     del state_dict["causal_encoder.blocks.1.mlp.fc2.bias"]
     with pytest.raises(ValueError, match="missing"):
-        LaVITTokenizerModel.from_original_state_dict(state_dict, vision_num_heads=4, merger_num_heads=4)
+        convert_tokenizer(state_dict, vision_num_heads=4, merger_num_heads=4)
 
 
 def test_exact_merger_misses_the_leaky_official_outputs(official):

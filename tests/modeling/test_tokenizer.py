@@ -1,10 +1,24 @@
 """Behaviour of LaVITTokenizerModel on tiny configs (CPU, float32) and real photos from scikit-image."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from conftest import photo_batch, real_photos, tiny_tokenizer_config
-from PIL import Image
+from conftest import photo_batch, tiny_tokenizer_config
+from lavit.modeling.attention_lavit import official_leaky_attention, sdpa_attention
+from lavit.modeling.modeling_lavit_tokenizer import (
+    LaVITFeaturesOutput,
+    LaVITOfficialTokenMerger,
+    LaVITPackedTokensOutput,
+    LaVITTokenizationOutput,
+    LaVITTokenMerger,
+    build_token_merger,
+    check_selection_arguments,
+    keep_at_least_one,
+    kept_token_fields,
+    top_k_keep_weights,
+)
 
 from lavit import LaVITTokenizerModel
 
@@ -54,6 +68,26 @@ def test_token_budgets_keep_the_most_probable_patches(tiny_model):
     assert tiny_model.tokenize(pixel_values, keep_ratio=1e-6).token_counts.tolist() == [1, 1, 1]
     with pytest.raises(ValueError, match="at most one"):
         tiny_model.tokenize(pixel_values, max_tokens=3, keep_ratio=0.5)
+
+
+def test_selection_helpers_on_hand_made_probabilities():
+    keep_probs = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.1, 0.3, 0.4]])
+    assert top_k_keep_weights(keep_probs, 2).tolist() == [[0, 1, 1, 0], [0, 0, 1, 1]]
+    assert top_k_keep_weights(keep_probs, 0).sum(1).tolist() == [1, 1]  # budgets are clipped to [1, N]
+    assert top_k_keep_weights(keep_probs, 99).sum(1).tolist() == [4, 4]
+    weights = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], requires_grad=True)
+    forced = keep_at_least_one(weights, keep_probs)
+    assert forced.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0]]  # only the empty image gets its most probable patch
+    forced.sum().backward()
+    assert torch.equal(weights.grad, torch.ones_like(weights))  # straight-through: the gradient passes unchanged
+    fields = kept_token_fields(torch.stack([keep_probs, 1 - keep_probs], -1).log(), forced)
+    assert fields["token_counts"].tolist() == [1, 1] and fields["keep_mask"].tolist() == forced.bool().tolist()
+    torch.testing.assert_close(fields["keep_probs"], keep_probs)
+    assert not any(tensor.requires_grad for tensor in fields.values())
+    for arguments, message in (((None, 0, None), "at least 1"), ((None, None, 1.5), r"\(0, 1\]"),
+                               (("random", None, None), "mode"), ((None, 3, 0.5), "at most one")):
+        with pytest.raises(ValueError, match=message):
+            check_selection_arguments(*arguments)
 
 
 def test_at_least_one_token_per_image(tiny_config):
@@ -220,36 +254,47 @@ def test_bad_keep_masks_and_codes_raise_clear_errors(tiny_model):
         tiny_model.tokenize(pixel_values, mode="random")
 
 
-@pytest.mark.parametrize("brightness", [1.0, 0.04], ids=["photo", "dark-photo"])
-def test_visualize_marks_dropped_patches_visibly_on_any_image(tiny_model, tmp_path, brightness):
-    photo = (real_photos()[0] * brightness).round().astype(np.uint8)  # 512 x 512; the dark one is nearly black
-    path = tmp_path / "out" / "astronaut.png"
-    keep_mask = tiny_model.visualize(photo, path, max_tokens=4)
-    assert int(keep_mask.sum()) == 4
-    written = np.asarray(Image.open(path)).astype(int)
-    assert written.shape == photo.shape
-    grid = tiny_model.config.image_size // tiny_model.config.patch_size
-    cell_h, cell_w = photo.shape[0] // grid, photo.shape[1] // grid
-    washed = []
-    for index, kept in enumerate(keep_mask.tolist()):
-        row, col = divmod(index, grid)
-        if row == 0:
-            continue  # the token count label sits over the first row
-        point = (row * cell_h + cell_h // 4, col * cell_w + cell_w // 2)  # off the patch's cross and grid lines
-        change = np.abs(written[point] - photo[point].astype(int)).max()
-        center = written[row * cell_h + cell_h // 2 - 2 : row * cell_h + cell_h // 2 + 3,
-                         col * cell_w + cell_w // 2 - 2 : col * cell_w + cell_w // 2 + 3]
-        if kept:
-            assert change == 0  # kept patches keep their pixels
-        else:
-            washed.append(change)
-            assert center.min() <= 10 and center.max() >= 245  # a black-and-white cross: visible on any colour
-    if brightness < 0.1:
-        assert min(washed) >= 40  # dropped patches of a nearly black photo turn visibly grey
-    row_border = written[cell_h, :, 0] - photo[cell_h, :, 0].astype(int)
-    assert (np.abs(row_border) >= 100).mean() > 0.9  # grid lines stand out from dark and light pixels alike
-    with pytest.raises(ValueError, match="cannot read image file"):
-        tiny_model.visualize(tmp_path / "missing.jpg", tmp_path / "x.png")
+@pytest.mark.parametrize("attention, merger_class, attention_function", [
+    ("exact", LaVITTokenMerger, sdpa_attention),
+    ("official", LaVITOfficialTokenMerger, official_leaky_attention),
+])
+def test_merger_variant_is_picked_at_construction(attention, merger_class, attention_function):
+    config = tiny_tokenizer_config(merger_attention=attention)
+    model = LaVITTokenizerModel(config)
+    assert type(model.merger) is merger_class and type(build_token_merger(config)) is merger_class
+    for layer in model.merger.layers:
+        assert layer.self_attn.attention_function is attention_function and layer.self_attn.is_causal
+        assert layer.cross_attn.attention_function is attention_function
+    # the feature decoder always attends exactly; both mergers load the same checkpoints
+    assert all(layer.self_attn.attention_function is sdpa_attention for layer in model.decoder.layers)
+    other = LaVITTokenizerModel(tiny_tokenizer_config(merger_attention="official" if attention == "exact" else "exact"))
+    assert model.state_dict().keys() == other.state_dict().keys()
+
+
+def test_encoder_read_out_is_fixed_at_construction(tiny_model):
+    pixel_values = photo_batch(tiny_model, 2)
+    with torch.no_grad():  # EVA: its last block, CLS dropped
+        expected = tiny_model.vision_model(pixel_values).last_hidden_state[:, 1:]
+    assert torch.equal(tiny_model.encode_patches(pixel_values), expected)
+    vision_config = dict(model_type="clip_vision_model", image_size=56, patch_size=14, hidden_size=32,
+                         num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    clip = LaVITTokenizerModel(tiny_tokenizer_config(vision_config=vision_config, vision_feature_layer=-2)).eval()
+    with torch.no_grad():  # a transformers backbone: the configured hidden state, CLS dropped
+        hidden_states = clip.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    assert torch.equal(clip.encode_patches(pixel_values), hidden_states[-2][:, 1:])
+    assert not torch.equal(hidden_states[-2], hidden_states[-1])
+
+
+def test_packed_outputs_share_their_common_fields_through_the_base(tiny_model):
+    common = [field.name for field in dataclasses.fields(LaVITPackedTokensOutput)]
+    assert common == ["token_counts", "keep_mask", "keep_probs"]
+    for output_class, own in ((LaVITTokenizationOutput, "code_ids"), (LaVITFeaturesOutput, "features")):
+        assert [field.name for field in dataclasses.fields(output_class)] == [*common, own]
+    pixel_values = photo_batch(tiny_model, 2)
+    tokens, features = tiny_model.tokenize(pixel_values), tiny_model.encode_features(pixel_values)
+    for name in common:
+        assert torch.equal(getattr(tokens, name), getattr(features, name)), name
+    assert [len(rows) for rows in features.per_image()] == tokens.token_counts.tolist()
 
 
 @pytest.mark.parametrize("backbone", ["clip_vision_model", "siglip_vision_model"])

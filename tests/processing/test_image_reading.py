@@ -1,12 +1,12 @@
 """Images are read as every viewer reads them: EXIF orientation applied and every PIL mode converted the same way on
-every path (processor, tokenizer helpers, training data, CLI), checked against what `datasets`' `Image` decodes."""
+every path (processor, kept-patch drawing, training data, CLI), checked against what `datasets`' `Image` decodes."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import real_photos
 from datasets import Image as ImageFeature
-from lavit.processing.image_processing_lavit import to_rgb_image
+from lavit.processing.image_processing_lavit import LaVITImageProcessor, draw_kept_patches, to_rgb_image
 from lavit.training.data import decode_image, load_records
 from PIL import Image
 
@@ -43,8 +43,14 @@ def test_exif_orientation_is_applied_on_every_path(tmp_path, lavit_processor, la
     from_file = lavit_processor(images=[str(path)], text="<image>")["pixel_values"]
     from_reference = lavit_processor(images=[reference], text="<image>")["pixel_values"]
     assert torch.equal(from_file, from_reference)
-    tokenizer = lavit_model.visual_tokenizer  # tokenizer helpers read files themselves
-    assert torch.equal(tokenizer.image_to_pixel_values(str(path)), tokenizer.image_to_pixel_values(reference))
+    # the tokenizer's own preprocessing and the kept-patch drawing (CLI `tokenize --visualize`, demo) read files too
+    image_processor = LaVITImageProcessor.from_tokenizer_config(lavit_model.visual_tokenizer.config)
+    assert torch.equal(image_processor(images=str(path))["pixel_values"],
+                       image_processor(images=reference)["pixel_values"])
+    keep_mask = torch.arange(lavit_model.config.tokenizer_config.num_patches) % 3 == 0
+    grid = round(keep_mask.numel() ** 0.5)
+    assert np.array_equal(np.asarray(draw_kept_patches(path, keep_mask, grid)),
+                          np.asarray(draw_kept_patches(reference, keep_mask, grid)))
     # an image already made upright is not turned again
     assert to_rgb_image(to_rgb_image(path)).size == upright_size
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VAE_CONFIG, real_photos, tiny_detokenizer_config, tiny_unet_config
+from lavit.modeling.convert_original_lavit import detokenizer_from_original_state_dict
 from PIL import Image
 from test_hub import BLOCK_LAVIT
 from test_parity import assert_close
@@ -44,7 +45,7 @@ def test_official_decoder_heads_reproduce_the_fixtures(parity_files, conditionin
         negative_prompt_embeds=torch.randn(1, 7, 24) if conditioning == "lowres" else None,
         unet_config=tiny_unet_config(60 if pooled else 24, pooled), vae_config=TINY_VAE_CONFIG,
     )
-    detokenizer = LaVITDetokenizer.from_original_state_dict(parity_files[name], codebook, **settings)
+    detokenizer = detokenizer_from_original_state_dict(parity_files[name], codebook, **settings)
     assert detokenizer.config.conditioning == conditioning
     with torch.no_grad():
         features = detokenizer.reconstruct_features(expected["code_ids"], expected["token_counts"])
@@ -61,7 +62,7 @@ def test_official_decoder_heads_reproduce_the_fixtures(parity_files, conditionin
     broken = dict(parity_files[name])
     broken["blocks.0.typo.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="typo"):
-        LaVITDetokenizer.from_original_state_dict(broken, codebook, **settings)
+        detokenizer_from_original_state_dict(broken, codebook, **settings)
 
 
 @pytest.mark.parametrize("conditioning", ["lowres", "highres"])

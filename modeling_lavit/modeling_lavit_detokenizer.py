@@ -6,6 +6,7 @@ its variable number of codes, projection heads turn them into the conditions of 
 VAE latents. diffusers is an optional dependency: this file imports without it, and building a detokenizer asks for it.
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -337,7 +338,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
             num_train_timesteps = self.scheduler.config.num_train_timesteps
             timesteps = torch.randint(0, num_train_timesteps, (batch_size,), device=latents.device)
         noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
-        target = self.training_target(latents, noise, timesteps)
+        target = training_target(self.scheduler, latents, noise, timesteps)
         # 4. prediction and loss
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
         model_pred = self.predict_noise(noisy_latents, timesteps, conditions, height, width)
@@ -358,15 +359,6 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
             name: torch.where(drop_condition.view(-1, *[1] * (value.ndim - 1)), negative[name], value)
             for name, value in conditions.items()
         })
-
-    def training_target(self, latents, noise, timesteps) -> torch.Tensor:
-        """What the UNet learns to predict: the noise (`epsilon` schedulers) or the velocity (`v_prediction`)."""
-        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"training supports epsilon and v_prediction schedulers, got {prediction_type!r}")
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -426,61 +418,24 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        return self.denoise(
-            self.get_conditions(code_ids, token_counts), height, width,
-            num_inference_steps=num_inference_steps or config.num_inference_steps,
-            guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
-            scheduler=scheduler or self.scheduler, generator=generator, latents=latents,
-            batch_guidance=batch_guidance, output_type=output_type, show_progress=show_progress,
-        )
-
-    def denoise(
-        self, conditions: LaVITDetokenizerConditions, height: int, width: int, *, num_inference_steps: int,
-        guidance_scale: float, scheduler, generator=None, latents=None, batch_guidance=True, output_type="pil",
-        show_progress=False,
-    ):
-        """Conditions (checked, as `decode` makes them) -> images or latents: the sampling loop of `decode`."""
+        guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        conditions = self.get_conditions(code_ids, token_counts)
         batch_size = conditions.prompt_embeds.shape[0]
-        # 1. timesteps
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        # 2. latents, scaled to the scheduler's initial noise level
-        latents = self.prepare_latents(batch_size, height, width, generator, latents) * scheduler.init_noise_sigma
-        # 3. guidance batch: the UNet passes of a step, the unconditional half first
-        guided = guidance_scale != 1.0
-        passes = [conditions]
-        if guided:
-            negative = self.negative_conditions(batch_size, conditions.prompt_embeds.dtype)
-            passes = [negative, conditions]
-            if batch_guidance:
-                passes = [LaVITDetokenizerConditions.cat(passes)]
-        step_kwargs = {"generator": generator} if "generator" in _step_parameters(scheduler) else {}
-        # 4. loop: predict, guide, step
-        for timestep in tqdm(scheduler.timesteps, desc="denoising", disable=not show_progress):
-            model_input = scheduler.scale_model_input(latents, timestep)
-            noise_pred = torch.cat([
-                self.predict_noise(model_input.repeat(len(part.prompt_embeds) // batch_size, 1, 1, 1), timestep, part,
-                                   height, width)
-                for part in passes
-            ])
-            if guided:
-                unconditional, conditional = noise_pred.chunk(2)
-                noise_pred = unconditional + guidance_scale * (conditional - unconditional)
-            latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
-        # 5. output
-        return self.postprocess(latents, output_type)
-
-    def prepare_latents(self, batch_size: int, height: int, width: int, generator=None, latents=None) -> torch.Tensor:
-        """Initial latents (B, C, height / f, width / f) in the UNet's dtype on the model's device: drawn with
-        `generator`, or the given `latents` once their shape is checked (`ValueError` otherwise)."""
         latent_shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
-        if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            return randn_tensor(latent_shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        if tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
-        return latents.to(self.device, self.unet.dtype)
+        latents = denoise(
+            functools.partial(self.predict_noise, height=height, width=width),
+            scheduler or self.scheduler,
+            prepare_latents(latent_shape, generator, latents, self.device, self.unet.dtype),
+            conditions,
+            self.negative_conditions(batch_size, conditions.prompt_embeds.dtype) if guidance_scale != 1.0 else None,
+            num_inference_steps=num_inference_steps or config.num_inference_steps,
+            guidance_scale=guidance_scale,
+            batch_guidance=batch_guidance,
+            generator=generator,
+            show_progress=show_progress,
+        )
+        return self.postprocess(latents, output_type)
 
     def postprocess(self, latents: torch.Tensor, output_type: str = "pil"):
         """Final latents -> `output_type`: themselves (`"latent"`), (B, 3, H, W) images in [0, 1] (`"pt"`) or PIL
@@ -532,6 +487,72 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         self.config._check_unet_fits()
 
 
+def prepare_latents(latent_shape: tuple, generator=None, latents=None, device=None, dtype=None) -> torch.Tensor:
+    """Initial latents of `latent_shape` (B, C, H / f, W / f) on `device` in `dtype`: drawn with `generator` (one, or
+    one per image), or the given `latents` once their shape is checked (`ValueError` otherwise)."""
+    if latents is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+    if tuple(latents.shape) != tuple(latent_shape):
+        raise ValueError(f"latents must have shape {tuple(latent_shape)}, got {tuple(latents.shape)}")
+    return latents.to(device, dtype)
+
+
+def denoise(
+    predict_noise,
+    scheduler,
+    latents: torch.Tensor,
+    conditions: LaVITDetokenizerConditions,
+    negative: LaVITDetokenizerConditions | None = None,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    batch_guidance: bool = True,
+    generator=None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """
+    The sampling loop of [`LaVITDetokenizer.decode`]: initial latents (B, C, h, w) -> final latents, same shape.
+    `predict_noise(latents, timestep, conditions)` is the UNet's prediction; `negative` (None: no guidance) are the
+    unconditional conditions of classifier-free guidance, run in one UNet batch with the conditional ones
+    (`batch_guidance`) or after them (less memory, same result). `generator` also drives stochastic schedulers.
+    """
+    batch_size = latents.shape[0]
+    # 1. timesteps
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    # 2. latents, scaled to the scheduler's initial noise level
+    latents = latents * scheduler.init_noise_sigma
+    # 3. guidance batch: the UNet passes of a step, the unconditional half first
+    passes = [conditions] if negative is None else [negative, conditions]
+    if negative is not None and batch_guidance:
+        passes = [LaVITDetokenizerConditions.cat(passes)]
+    step_kwargs = {"generator": generator} if "generator" in _step_parameters(scheduler) else {}
+    # 4. loop: predict, guide, step
+    for timestep in tqdm(scheduler.timesteps, desc="denoising", disable=not show_progress):
+        model_input = scheduler.scale_model_input(latents, timestep)
+        noise_pred = torch.cat([
+            predict_noise(model_input.repeat(len(part.prompt_embeds) // batch_size, 1, 1, 1), timestep, part)
+            for part in passes
+        ])
+        if negative is not None:
+            unconditional, conditional = noise_pred.chunk(2)
+            noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+        latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
+    # 5. output: the final latents (the VAE decodes them in `LaVITDetokenizer.postprocess`)
+    return latents
+
+
+def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (`epsilon` schedulers) or the velocity (`v_prediction`)."""
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"training supports epsilon and v_prediction schedulers, got {prediction_type!r}")
+
+
 def scheduler_from_config(scheduler_config: dict):
     """A diffusers scheduler from a config dict whose `_class_name` names its class."""
     require_diffusers()
@@ -575,9 +596,13 @@ __all__ = [
     "LaVITHighresConditioning",
     "LaVITLowresConditioning",
     "OFFICIAL_HIGHRES_SIZES",
+    "denoise",
+    "prepare_latents",
     "public_config",
     "require_diffusers",
     "scheduler_config_dict",
     "scheduler_from_config",
     "to_pil_images",
+    "training_target",
+    "unmasked_conditions",
 ]

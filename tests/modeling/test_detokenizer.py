@@ -19,7 +19,11 @@ from lavit.modeling.convert_original_lavit import (
 from lavit.modeling.modeling_lavit_detokenizer import (
     LaVITHighresConditioning,
     LaVITLowresConditioning,
+    denoise,
+    prepare_latents,
     to_pil_images,
+    training_target,
+    unmasked_conditions,
 )
 from PIL import Image
 from test_hub import BLOCK_LAVIT
@@ -120,6 +124,56 @@ def test_decode_is_denoise_then_postprocess():
         detokenizer.decode(CODES, COUNTS, output_type="np")
     with pytest.raises(ValueError, match=r"latents must have shape \(3, 4, 8, 8\), got \(3, 4, 16, 16\)"):
         detokenizer.decode(CODES, COUNTS, height=16, width=16, latents=torch.zeros(3, 4, 16, 16))
+
+
+def test_denoise_guidance_is_the_unguided_loop_on_the_extrapolated_prediction():
+    """Pure sampling loop with a stand-in UNet whose prediction is the first prompt value of each image: guiding
+    towards `a` against `b` with scale s equals sampling unguided with `b + s * (a - b)`; both guidance batchings
+    agree and run one batch of 2B or two batches of B per step."""
+    from diffusers import DDIMScheduler
+
+    calls = []
+
+    def predict_noise(latents, timestep, conditions):
+        calls.append(latents.shape[0])
+        return torch.ones_like(latents) * conditions.prompt_embeds[:, 0, 0].view(-1, 1, 1, 1)
+
+    def conditions(values):
+        return unmasked_conditions(torch.tensor(values).view(-1, 1, 1).expand(-1, 3, 2).clone())
+
+    def sample(conditional, negative=None, **settings):
+        latents = torch.randn(2, 4, 2, 2, generator=seeded(0))
+        return denoise(predict_noise, DDIMScheduler(), latents, conditional, negative, num_inference_steps=3,
+                       **settings)
+
+    guided = sample(conditions([0.5, -1.0]), conditions([0.1, 0.2]), guidance_scale=4.0)
+    assert calls == [4] * 3
+    calls.clear()
+    sequential = sample(conditions([0.5, -1.0]), conditions([0.1, 0.2]), guidance_scale=4.0, batch_guidance=False)
+    assert calls == [2, 2] * 3
+    extrapolated = sample(conditions([0.1 + 4 * 0.4, 0.2 + 4 * -1.2]))
+    torch.testing.assert_close(guided, sequential)
+    torch.testing.assert_close(guided, extrapolated)
+    assert (guided - sample(conditions([0.5, -1.0]))).abs().max() > 1e-3
+
+
+def test_prepare_latents_and_training_target():
+    from diffusers import DDIMScheduler
+
+    shape = (2, 4, 3, 5)
+    assert torch.equal(prepare_latents(shape, seeded(1)), prepare_latents(shape, seeded(1)))
+    given = torch.randn(shape, dtype=torch.float64)
+    assert prepare_latents(shape, latents=given, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 3, 5\), got \(2, 4, 5, 3\)"):
+        prepare_latents(shape, latents=torch.zeros(2, 4, 5, 3))
+    latents, noise, timesteps = torch.randn(shape), torch.randn(shape), torch.tensor([10, 900])
+    assert training_target(DDIMScheduler(), latents, noise, timesteps) is noise
+    velocity_scheduler = DDIMScheduler(prediction_type="v_prediction")
+    velocity = training_target(velocity_scheduler, latents, noise, timesteps)
+    torch.testing.assert_close(velocity, velocity_scheduler.get_velocity(latents, noise, timesteps))
+    assert not torch.allclose(velocity, noise)
+    with pytest.raises(ValueError, match="got 'sample'"):
+        training_target(DDIMScheduler(prediction_type="sample"), latents, noise, timesteps)
 
 
 def test_detokenizer_reconstructs_what_its_tokenizer_reconstructs(tiny_model):

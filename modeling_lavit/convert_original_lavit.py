@@ -8,6 +8,7 @@ be skipped silently (the official loader uses `strict=False`).
 """
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -285,6 +286,9 @@ def original_detokenizer_config(
 ):
     """A [`LaVITDetokenizerConfig`] whose sizes are read from an official pixel decoder file (`unet_proj_1` keys:
     highres, `unet_proj`: lowres) and the codebook (head counts are not in shapes)."""
+    unknown = sorted(set(overrides) - set(inspect.signature(LaVITDetokenizerConfig.__init__).parameters))
+    if unknown:
+        raise TypeError(f"unknown LaVITDetokenizerConfig argument(s) {unknown}")
     source = "decoder state dict"
     highres = "unet_proj_1.weight" in decoder_state_dict
     if not highres and "unet_proj.weight" not in decoder_state_dict:
@@ -389,6 +393,7 @@ def convert_detokenizer(release_folder: str | os.PathLike, conditioning: str = "
     require_diffusers()
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    # 1. the release's files for this conditioning
     if conditioning not in ("highres", "lowres"):
         raise ValueError(f"conditioning must be 'highres' or 'lowres', got {conditioning!r}")
     release_folder = Path(release_folder)
@@ -401,6 +406,7 @@ def convert_detokenizer(release_folder: str | os.PathLike, conditioning: str = "
         raise ValueError("tokenizer_encoder.bin has no quantize.embedding.weight (the codebook)")
     codebook = encoder_state["quantize.embedding.weight"]
     negative = None if highres else load_negative_prompt_embeds(diffusers_folder / "uncond_embeddings.bin")
+    # 2. the UNet and VAE configs of the diffusers folder, then the model
     unet_config = dict(UNet2DConditionModel.load_config(diffusers_folder, subfolder="unet"))
     vae_config = dict(AutoencoderKL.load_config(diffusers_folder, subfolder="vae"))
     return detokenizer_from_original_state_dict(

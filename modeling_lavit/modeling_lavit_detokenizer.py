@@ -410,6 +410,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         Raises `ValueError` on sizes that are not positive multiples of `size_multiple`, an unknown `output_type`,
         `latents` of the wrong shape and invalid code ids / counts.
         """
+        # 1. check inputs (the code ids and counts are checked by `get_conditions`)
         config = self.config
         height = height or config.image_size
         width = width or config.image_size
@@ -418,6 +419,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        # 2. conditions, initial latents, sampling loop, output
         guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
         conditions = self.get_conditions(code_ids, token_counts)
         batch_size = conditions.prompt_embeds.shape[0]

@@ -96,6 +96,8 @@ def test_conditioning_class_is_picked_at_construction_and_keeps_the_official_key
     own = {key for key in detokenizer.state_dict() if not key.startswith(("unet.", "vae."))}
     assert set(converted) == own
     assert ("negative_prompt_embeds" in own) == (conditioning == "lowres")
+    with pytest.raises(TypeError, match=r"unknown LaVITDetokenizerConfig argument\(s\) \['decoder_num_head'\]"):
+        detokenizer_from_original_state_dict(parity_files[name], codebook, decoder_num_head=4)
 
 
 def test_sdxl_size_conditions_go_to_the_highres_unet_only():

@@ -426,16 +426,11 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         latent_shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
         latents = denoise(
-            functools.partial(self.predict_noise, height=height, width=width),
-            scheduler or self.scheduler,
-            prepare_latents(latent_shape, generator, latents, self.device, self.unet.dtype),
-            conditions,
+            functools.partial(self.predict_noise, height=height, width=width), scheduler or self.scheduler,
+            prepare_latents(latent_shape, generator, latents, self.device, self.unet.dtype), conditions,
             self.negative_conditions(batch_size, conditions.prompt_embeds.dtype) if guidance_scale != 1.0 else None,
-            num_inference_steps=num_inference_steps or config.num_inference_steps,
-            guidance_scale=guidance_scale,
-            batch_guidance=batch_guidance,
-            generator=generator,
-            show_progress=show_progress,
+            num_inference_steps=num_inference_steps or config.num_inference_steps, guidance_scale=guidance_scale,
+            batch_guidance=batch_guidance, generator=generator, show_progress=show_progress,
         )
         return self.postprocess(latents, output_type)
 

@@ -7,6 +7,8 @@ renamed by a rule below or listed as not used by the tokenizer; anything else is
 be skipped silently (the official loader uses `strict=False`).
 """
 
+import contextlib
+import inspect
 import json
 import os
 import re
@@ -17,7 +19,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .configuration_lavit import LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .configuration_lavit import LaVITDetokenizerConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .modeling_lavit_detokenizer import LaVITDetokenizer, public_config, require_diffusers
 from .modeling_lavit_tokenizer import LaVITTokenizerModel
 
 logger = logging.get_logger(__name__)
@@ -311,9 +314,164 @@ def check_materialized(model: nn.Module):
         raise ValueError(f"the official release does not fill {len(missing)} tensor(s): {missing[:10]}")
 
 
+# the UNet conditioning heads of the pixel decoder files -> `LaVITDetokenizer.condition`
+DETOKENIZER_HEAD_RULES = [
+    (r"^unet_proj\.", "condition.prompt_projections.0."),
+    (r"^unet_proj_1\.", "condition.prompt_projections.0."),
+    (r"^unet_proj_2\.", "condition.prompt_projections.1."),
+    (r"^unet_attnpool\.positional_embedding$", "condition.pooling.position_embedding"),
+    (r"^unet_attnpool\.(q|k|v)_proj\.", r"condition.pooling.\1_proj."),
+    (r"^unet_attnpool\.c_proj\.", "condition.pooling.out_proj."),
+]
+
+
+def original_detokenizer_config(
+    decoder_state_dict, codebook, negative_prompt_embeds=None, *, decoder_num_heads=16, pooling_num_heads=16,
+    **overrides,
+):
+    """A [`LaVITDetokenizerConfig`] whose sizes are read from an official pixel decoder file (`unet_proj_1` keys:
+    highres, `unet_proj`: lowres) and the codebook (head counts are not in shapes)."""
+    unknown = sorted(set(overrides) - set(inspect.signature(LaVITDetokenizerConfig.__init__).parameters))
+    if unknown:
+        raise TypeError(f"unknown LaVITDetokenizerConfig argument(s) {unknown}")
+    source = "decoder state dict"
+    highres = "unet_proj_1.weight" in decoder_state_dict
+    if not highres and "unet_proj.weight" not in decoder_state_dict:
+        raise ValueError("decoder state dict has neither unet_proj (lowres) nor unet_proj_1 (highres) weights")
+    projections = ["unet_proj_1", "unet_proj_2"] if highres else ["unet_proj"]
+    projection_sizes = [_require(decoder_state_dict, f"{name}.weight", source).shape[0] for name in projections]
+    sizes = dict(
+        conditioning="highres" if highres else "lowres",
+        codebook_size=codebook.shape[0],
+        code_dim=codebook.shape[1],
+        num_patches=_require(decoder_state_dict, "query_embed", source).shape[1],
+        vision_hidden_size=_require(decoder_state_dict, "decode_task_layer.2.weight", source).shape[0],
+        decoder_hidden_size=_require(decoder_state_dict, "in_proj.weight", source).shape[0],
+        decoder_num_layers=count_blocks(decoder_state_dict, r"blocks\."),
+        decoder_num_heads=decoder_num_heads,
+        decoder_intermediate_size=_require(decoder_state_dict, "blocks.0.mlp.fc1.weight", source).shape[0],
+        prompt_projection_sizes=projection_sizes,
+        pooling_num_heads=pooling_num_heads,
+    )
+    if highres:
+        sizes["pooled_projection_size"] = _require(decoder_state_dict, "unet_attnpool.c_proj.weight", source).shape[0]
+    elif negative_prompt_embeds is not None:
+        sizes["negative_context_length"] = negative_prompt_embeds.reshape(-1, projection_sizes[0]).shape[0]
+    sizes.update(overrides)
+    return LaVITDetokenizerConfig(**sizes)
+
+
+def convert_original_detokenizer_state_dict(decoder_state_dict, codebook, negative_prompt_embeds=None):
+    """An official pixel decoder file + the codebook (+ the lowres `uncond_embeddings.bin`) -> `LaVITDetokenizer`
+    keys (all but `unet.*` and `vae.*`)."""
+    converted = rename_keys(decoder_state_dict, DECODER_RULES + DETOKENIZER_HEAD_RULES, [], "decoder state dict")
+    converted["codebook"] = codebook
+    if negative_prompt_embeds is not None:
+        width = converted["condition.prompt_projections.0.weight"].shape[0]
+        converted["negative_prompt_embeds"] = negative_prompt_embeds.reshape(1, -1, width)
+    return converted
+
+
+def detokenizer_from_original_state_dict(
+    decoder_state_dict: dict[str, torch.Tensor],
+    codebook: torch.Tensor,
+    *,
+    decoder_num_heads: int = 16,
+    pooling_num_heads: int = 16,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    diffusers_folder: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config_kwargs,
+):
+    """
+    Builds a [`LaVITDetokenizer`] from an official decoder file (`tokenizer_decoder.bin`: lowres, or
+    `highres_tokenizer_decoder.bin`: highres, told apart by their keys) and the tokenizer's codebook
+    (`quantize.embedding.weight`). Sizes are read from the tensors; every key must be used (`ValueError` otherwise).
+    The UNet, VAE and scheduler are loaded from `diffusers_folder` (without building random ones first, directly in
+    `dtype`), or built from `config_kwargs` (`unet_config`, ...) and left randomly initialised.
+    """
+    # 1. config from the tensor shapes
+    config = original_detokenizer_config(decoder_state_dict, codebook, negative_prompt_embeds,
+                                         decoder_num_heads=decoder_num_heads, pooling_num_heads=pooling_num_heads,
+                                         **config_kwargs)
+    lowres = config.conditioning == "lowres"
+    if diffusers_folder is not None and lowres and negative_prompt_embeds is None:
+        raise ValueError("a lowres detokenizer loaded from a diffusers folder needs negative_prompt_embeds "
+                         "(the official pixel_decoding/uncond_embeddings.bin)")
+    # 2. the model: with a diffusers folder, built on the meta device, our weights assigned below and the UNet and
+    #    VAE replaced by the folder's, so no multi-GB random UNet is ever materialised
+    with torch.device("meta") if diffusers_folder is not None else contextlib.nullcontext():
+        model = LaVITDetokenizer(config)
+    # 3. our weights, every one of them filled
+    converted = convert_original_detokenizer_state_dict(decoder_state_dict, codebook, negative_prompt_embeds)
+    own = {key for key in model.state_dict() if not key.startswith(("unet.", "vae."))}
+    missing = own - set(converted) - ({"negative_prompt_embeds"} if negative_prompt_embeds is None else set())
+    if missing:
+        raise ValueError(f"official decoder state dict does not fit: missing {sorted(missing)}")
+    model.load_state_dict({key: value.to(dtype) for key, value in converted.items()}, strict=False,
+                          assign=diffusers_folder is not None)
+    # 4. the diffusers components
+    if diffusers_folder is None:
+        model = model.to(dtype)
+    else:
+        model.load_diffusers_components(diffusers_folder)
+    if lowres and negative_prompt_embeds is None:
+        logger.warning("no negative_prompt_embeds given: the lowres negative condition is random")
+    return model.eval()
+
+
+def convert_detokenizer(release_folder: str | os.PathLike, conditioning: str = "highres", **kwargs):
+    """
+    Builds the [`LaVITDetokenizer`] of an official LaVIT release folder:
+    `visual_tokenizer/highres_tokenizer_decoder.bin` + `highres_pixel_decoding/` (highres), or
+    `visual_tokenizer/tokenizer_decoder.bin` + `pixel_decoding/` with `uncond_embeddings.bin` (lowres); the codebook
+    from `visual_tokenizer/tokenizer_encoder.bin`. `kwargs` go to [`detokenizer_from_original_state_dict`]
+    (`decoder_num_heads`, `pooling_num_heads`, `dtype`, config overrides).
+    Needs diffusers; raises `FileNotFoundError` naming a missing file and `ValueError` on files that do not fit.
+    """
+    require_diffusers()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    # 1. the release's files for this conditioning
+    if conditioning not in ("highres", "lowres"):
+        raise ValueError(f"conditioning must be 'highres' or 'lowres', got {conditioning!r}")
+    release_folder = Path(release_folder)
+    highres = conditioning == "highres"
+    decoder_file = "highres_tokenizer_decoder.bin" if highres else "tokenizer_decoder.bin"
+    diffusers_folder = release_folder / ("highres_pixel_decoding" if highres else "pixel_decoding")
+    decoder_state = load_original_state_dict(release_folder / "visual_tokenizer" / decoder_file)
+    encoder_state = load_original_state_dict(release_folder / "visual_tokenizer" / "tokenizer_encoder.bin")
+    if "quantize.embedding.weight" not in encoder_state:
+        raise ValueError("tokenizer_encoder.bin has no quantize.embedding.weight (the codebook)")
+    codebook = encoder_state["quantize.embedding.weight"]
+    negative = None if highres else load_negative_prompt_embeds(diffusers_folder / "uncond_embeddings.bin")
+    # 2. the UNet and VAE configs of the diffusers folder, then the model
+    unet_config = dict(UNet2DConditionModel.load_config(diffusers_folder, subfolder="unet"))
+    vae_config = dict(AutoencoderKL.load_config(diffusers_folder, subfolder="vae"))
+    return detokenizer_from_original_state_dict(
+        decoder_state, codebook, negative_prompt_embeds=negative, diffusers_folder=diffusers_folder,
+        unet_config=public_config(unet_config), vae_config=public_config(vae_config),
+        image_size=vae_config.get("sample_size"), **kwargs,
+    )
+
+
+def load_negative_prompt_embeds(path: Path) -> torch.Tensor:
+    """The official lowres negative condition (`pixel_decoding/uncond_embeddings.bin`: one tensor)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"official LaVIT checkpoint file not found: {path}")
+    negative = load_tensor_pickle(path)
+    if not isinstance(negative, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(negative).__name__}, expected a tensor")
+    return negative
+
+
 __all__ = [
     "assign_tensors",
     "check_materialized",
+    "convert_detokenizer",
+    "convert_original_detokenizer_state_dict",
+    "detokenizer_from_original_state_dict",
+    "original_detokenizer_config",
     "iter_lm_checkpoint",
     "materialize_unsaved_buffers",
     "convert_original_lm_visual_state_dict",

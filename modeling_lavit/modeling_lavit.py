@@ -37,6 +37,7 @@ from .configuration_lavit import LaVITConfig
 from .convert_original_lavit import (
     assign_tensors,
     check_materialized,
+    convert_detokenizer,
     convert_original_lm_visual_state_dict,
     convert_original_tokenizer_state_dict,
     iter_lm_checkpoint,
@@ -1318,7 +1319,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         `.bin` files load with `torch.load(weights_only=True)`; a `.safetensors` file of the same name wins. Every
         official tensor is either mapped or known to be unused; the merger keeps the official attention arithmetic.
         Where the release has the matching diffusers folder (`highres_pixel_decoding/` or `pixel_decoding/`) and
-        diffusers is installed, the pixel decoder becomes `model.detokenizer` (see [`LaVITDetokenizer.from_original`]).
+        diffusers is installed, the pixel decoder becomes `model.detokenizer` (see [`convert_detokenizer`]).
         """
         model_path = Path(model_path)
         tokenizer_folder = model_path / "visual_tokenizer"
@@ -1367,7 +1368,7 @@ class LaVITForCausalLM(LaVITPreTrainedModel, GenerationMixin):
         check_materialized(model)
         diffusers_folder = model_path / ("highres_pixel_decoding" if pixel_decoder == "highres" else "pixel_decoding")
         if pixel_decoder is not None and diffusers_folder.is_dir():
-            detokenizer = LaVITDetokenizer.from_original(
+            detokenizer = convert_detokenizer(
                 model_path, conditioning=pixel_decoder, decoder_num_heads=decoder_num_heads,
                 pooling_num_heads=decoder_num_heads, dtype=dtype,
             )

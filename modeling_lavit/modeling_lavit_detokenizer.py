@@ -6,10 +6,9 @@ its variable number of codes, projection heads turn them into the conditions of 
 VAE latents. diffusers is an optional dependency: this file imports without it, and building a detokenizer asks for it.
 """
 
-import contextlib
+import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,18 +17,11 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 from transformers.utils.logging import tqdm
 
 from .configuration_lavit import LaVITDetokenizerConfig
-from .convert_original_lavit import (
-    DECODER_RULES,
-    count_blocks,
-    load_original_state_dict,
-    load_tensor_pickle,
-    rename_keys,
-)
-from .modeling_lavit_tokenizer import LaVITFeatureDecoder, check_packed_code_ids
+from .modeling_lavit_tokenizer import LaVITFeatureDecoder
 
 try:
     import diffusers
@@ -37,19 +29,11 @@ try:
 except ImportError:
     diffusers = None
 
-logger = logging.get_logger(__name__)
-
 # the official highres decoder supports these (height, width) sizes (README / notebooks of the official code)
 OFFICIAL_HIGHRES_SIZES = ((1024, 1024), (896, 1152), (832, 1216), (768, 1344), (1216, 832), (1152, 896))
 
-DETOKENIZER_HEAD_RULES = [
-    (r"^unet_proj\.", "condition.prompt_projections.0."),
-    (r"^unet_proj_1\.", "condition.prompt_projections.0."),
-    (r"^unet_proj_2\.", "condition.prompt_projections.1."),
-    (r"^unet_attnpool\.positional_embedding$", "condition.pooling.position_embedding"),
-    (r"^unet_attnpool\.(q|k|v)_proj\.", r"condition.pooling.\1_proj."),
-    (r"^unet_attnpool\.c_proj\.", "condition.pooling.out_proj."),
-]
+# `decode` returns PIL images, a (B, 3, H, W) tensor in [0, 1], or the final latents
+OUTPUT_TYPES = ("pil", "pt", "latent")
 
 
 def require_diffusers():
@@ -122,24 +106,86 @@ class LaVITAttentionPooling(nn.Module):
         return self.out_proj(pooled.transpose(1, 2).reshape(batch_size, width))
 
 
-class LaVITConditionProjection(nn.Module):
-    """Reconstructed features (B, N, D) -> UNet conditions: projections concatenated on channels (official
-    `unet_proj` / `unet_proj_1` + `unet_proj_2`), plus attention pooling for highres."""
+class LaVITConditioning(nn.Module):
+    """Reconstructed features (B, N, D) -> UNet conditions. The two official variants below share the projections
+    concatenated on channels (official `unet_proj` / `unet_proj_1` + `unet_proj_2`); each adds its own pooled
+    vector, negative condition and UNet `added_cond_kwargs`."""
 
     def __init__(self, config: LaVITDetokenizerConfig):
         super().__init__()
         self.prompt_projections = nn.ModuleList(
             nn.Linear(config.vision_hidden_size, size) for size in config.prompt_projection_sizes
         )
-        self.pooling = LaVITAttentionPooling(config) if config.conditioning == "highres" else None
+        self.num_patches = config.num_patches
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) features -> (B, N, sum(prompt_projection_sizes)) UNet `encoder_hidden_states`."""
+        return torch.cat([projection(features) for projection in self.prompt_projections], dim=-1)
+
+    def empty_prompt_embeds(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, N, width) zeros on the heads' device: the start of both negative conditions."""
+        width = sum(projection.out_features for projection in self.prompt_projections)
+        device = self.prompt_projections[0].weight.device
+        return torch.zeros(batch_size, self.num_patches, width, dtype=dtype, device=device)
+
+    def added_cond_kwargs(self, conditions: LaVITDetokenizerConditions, height: int, width: int) -> dict | None:
+        """The UNet's `added_cond_kwargs` for images of `height` x `width` pixels: none by default."""
+        return None
+
+
+def unmasked_conditions(prompt_embeds: torch.Tensor, pooled_prompt_embeds=None) -> LaVITDetokenizerConditions:
+    """Conditions whose attention mask lets the UNet see every position of `prompt_embeds`."""
+    attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+    return LaVITDetokenizerConditions(
+        prompt_embeds=prompt_embeds, attention_mask=attention_mask, pooled_prompt_embeds=pooled_prompt_embeds
+    )
+
+
+class LaVITHighresConditioning(LaVITConditioning):
+    """Official `HighresVQDecoder` heads (SDXL UNet): two projections concatenated on channels, an attention-pooled
+    vector as SDXL `text_embeds`, size conditions as `time_ids`; the negative condition is all zeros."""
+
+    def __init__(self, config: LaVITDetokenizerConfig):
+        super().__init__(config)
+        self.pooling = LaVITAttentionPooling(config)
 
     def forward(self, features: torch.Tensor) -> LaVITDetokenizerConditions:
-        prompt_embeds = torch.cat([projection(features) for projection in self.prompt_projections], dim=-1)
-        return LaVITDetokenizerConditions(
-            prompt_embeds=prompt_embeds,
-            attention_mask=torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device),
-            pooled_prompt_embeds=self.pooling(features) if self.pooling is not None else None,
+        return unmasked_conditions(self.project(features), self.pooling(features))
+
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype, negative_prompt_embeds=None):
+        """All zeros, the pooled vector included (official `HighresVQDecoder`); `negative_prompt_embeds` is unused."""
+        prompt_embeds = self.empty_prompt_embeds(batch_size, dtype)
+        pooled_prompt_embeds = prompt_embeds.new_zeros(batch_size, self.pooling.out_proj.out_features)
+        return unmasked_conditions(prompt_embeds, pooled_prompt_embeds)
+
+    def added_cond_kwargs(self, conditions: LaVITDetokenizerConditions, height: int, width: int) -> dict:
+        """SDXL `text_embeds` (the pooled vector) and `time_ids`: original size, crop top-left, target size (the
+        official code gives the output size for both sizes)."""
+        prompt_embeds = conditions.prompt_embeds
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=prompt_embeds.dtype,
+                                device=prompt_embeds.device)
+        return {"text_embeds": conditions.pooled_prompt_embeds, "time_ids": time_ids.expand(len(prompt_embeds), -1)}
+
+
+class LaVITLowresConditioning(LaVITConditioning):
+    """Official `VQDecoder` heads (SD-1.5 UNet): one projection; the negative condition is a stored embedding (SD's
+    empty prompt) in the first slots, masked elsewhere."""
+
+    def forward(self, features: torch.Tensor) -> LaVITDetokenizerConditions:
+        return unmasked_conditions(self.project(features))
+
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype, negative_prompt_embeds: torch.Tensor):
+        """`negative_prompt_embeds` (1, L, width) in the first L slots; the attention mask hides the others."""
+        length = negative_prompt_embeds.shape[1]
+        empty = self.empty_prompt_embeds(batch_size, dtype)
+        conditions = unmasked_conditions(
+            torch.cat([negative_prompt_embeds.to(dtype).expand(batch_size, -1, -1), empty[:, length:]], dim=1)
         )
+        conditions.attention_mask[:, length:] = 0
+        return conditions
+
+
+CONDITIONING_CLASSES = {"highres": LaVITHighresConditioning, "lowres": LaVITLowresConditioning}
 
 
 class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
@@ -159,7 +205,7 @@ class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
             init.copy_(module.codebook, F.normalize(torch.randn_like(module.codebook, dtype=torch.float32), dim=-1))
             if module.negative_prompt_embeds is not None:
                 init.normal_(module.negative_prompt_embeds, std=std)
-        elif isinstance(module, (LaVITFeatureDecoder, LaVITConditionProjection)):
+        elif isinstance(module, (LaVITFeatureDecoder, LaVITConditioning)):
             for submodule in module.modules():
                 if isinstance(submodule, nn.Linear):
                     init.trunc_normal_(submodule.weight, std=std)
@@ -177,8 +223,10 @@ class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
 class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
     """
     Visual code ids -> images. A copy of the tokenizer's codebook and a feature decoder reconstruct the N encoder
-    features of each image; projection heads turn them into the conditions of a diffusers `UNet2DConditionModel`,
-    which denoises `AutoencoderKL` latents with classifier-free guidance.
+    features of each image; projection heads (`LaVITHighresConditioning` or `LaVITLowresConditioning`, picked by
+    `config.conditioning`) turn them into the conditions of a diffusers `UNet2DConditionModel`, which denoises
+    `AutoencoderKL` latents with classifier-free guidance. Official weights: `convert_detokenizer` of
+    `convert_original_lavit`.
 
     Example:
 
@@ -195,8 +243,9 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         super().__init__(config)
         self.register_buffer("codebook", torch.zeros(config.codebook_size, config.code_dim))
         self.decoder = LaVITFeatureDecoder(config)
-        self.condition = LaVITConditionProjection(config)
-        # lowres negative condition (official: SD's empty-prompt embedding, learned when trained); highres uses zeros
+        self.condition = CONDITIONING_CLASSES[config.conditioning](config)
+        # the lowres negative condition (official: SD's empty-prompt embedding, learned when trained); it stays a
+        # parameter of the model, not of `condition`, so saved folders keep their key `negative_prompt_embeds`
         self.negative_prompt_embeds = None
         if config.conditioning == "lowres":
             self.negative_prompt_embeds = nn.Parameter(
@@ -231,11 +280,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
 
     def reconstruct_features(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
         """Packed code ids (T,) + counts (B,) -> reconstructed encoder features (B, N, D)."""
-        code_ids, token_counts = check_packed_code_ids(
-            code_ids, token_counts, self.config.codebook_size, self.config.num_patches, self.codebook.device
-        )
-        quantized = self.codebook[code_ids].to(self.decoder.in_proj.weight.dtype)
-        return self.decoder(quantized, token_counts)
+        return self.decoder.decode_code_ids(self.codebook, code_ids, token_counts)
 
     def get_conditions(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> LaVITDetokenizerConditions:
         """The UNet conditions of each image (official `VQDecoder` / `HighresVQDecoder` return values)."""
@@ -244,40 +289,17 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
     def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None) -> LaVITDetokenizerConditions:
         """Official unconditional branch: all zeros (highres), or the stored embedding in the first slots (lowres).
         `dtype` (default: the projection heads') matches them to conditional ones computed under autocast."""
-        config = self.config
-        width = sum(config.prompt_projection_sizes)
-        reference = self.condition.prompt_projections[0].weight
-        dtype, device = dtype or reference.dtype, reference.device
-        prompt_embeds = torch.zeros(batch_size, config.num_patches, width, dtype=dtype, device=device)
-        attention_mask = torch.ones(batch_size, config.num_patches, dtype=torch.long, device=device)
-        pooled = None
-        if config.conditioning == "highres":
-            pooled = torch.zeros(batch_size, config.pooled_projection_size, dtype=dtype, device=device)
-        else:
-            length = config.negative_context_length
-            prompt_embeds = torch.cat([self.negative_prompt_embeds.to(dtype).expand(batch_size, -1, -1),
-                                       prompt_embeds[:, length:]], dim=1)
-            attention_mask[:, length:] = 0
-        return LaVITDetokenizerConditions(
-            prompt_embeds=prompt_embeds, attention_mask=attention_mask, pooled_prompt_embeds=pooled
-        )
-
-    def _added_conditions(self, conditions: LaVITDetokenizerConditions, height: int, width: int):
-        if self.config.conditioning != "highres":
-            return None
-        batch_size = conditions.prompt_embeds.shape[0]
-        # SDXL micro-conditioning: original size, crop top-left, target size (the official code uses the output size)
-        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=conditions.prompt_embeds.dtype,
-                                device=conditions.prompt_embeds.device)
-        return {"text_embeds": conditions.pooled_prompt_embeds, "time_ids": time_ids.expand(batch_size, -1)}
+        dtype = dtype or self.condition.prompt_projections[0].weight.dtype
+        return self.condition.negative_conditions(batch_size, dtype, self.negative_prompt_embeds)
 
     def predict_noise(self, latents, timestep, conditions: LaVITDetokenizerConditions, height: int, width: int):
+        """The UNet's prediction (noise, or velocity) for `latents` of images of `height` x `width` pixels."""
         return self.unet(
             latents,
             timestep,
             encoder_hidden_states=conditions.prompt_embeds,
             encoder_attention_mask=conditions.attention_mask,
-            added_cond_kwargs=self._added_conditions(conditions, height, width),
+            added_cond_kwargs=self.condition.added_cond_kwargs(conditions, height, width),
         ).sample
 
     # ----------------------------------------------------------------------------------------------- training
@@ -299,6 +321,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         `config.condition_dropout` (or where `drop_condition` is True). `noise` and `timesteps` may be given to
         evaluate on a fixed draw.
         """
+        # 1. latents of the target images
         if latents is None:
             if pixel_values is None:
                 raise ValueError("give pixel_values (images in [-1, 1]) or latents")
@@ -306,32 +329,36 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         batch_size = latents.shape[0]
         if token_counts.shape[0] != batch_size:
             raise ValueError(f"token_counts has {token_counts.shape[0]} images, pixel_values/latents {batch_size}")
-        conditions = self.get_conditions(code_ids, token_counts)
-        if drop_condition is None and self.training and self.config.condition_dropout > 0:
-            drop_condition = torch.rand(batch_size, device=latents.device) < self.config.condition_dropout
-        if drop_condition is not None and bool(drop_condition.any()):
-            negative = self.negative_conditions(batch_size, conditions.prompt_embeds.dtype)
-            conditions = LaVITDetokenizerConditions(**{
-                name: torch.where(drop_condition.view(-1, *[1] * (value.ndim - 1)), negative[name], value)
-                for name, value in conditions.items()
-            })
+        # 2. conditions, some replaced by the negative one so that the UNet also learns the unguided prediction
+        conditions = self.drop_conditions(self.get_conditions(code_ids, token_counts), drop_condition)
+        # 3. noisy latents at random timesteps, and what the UNet should predict from them
         if noise is None:
             noise = torch.randn_like(latents)
         if timesteps is None:
             num_train_timesteps = self.scheduler.config.num_train_timesteps
             timesteps = torch.randint(0, num_train_timesteps, (batch_size,), device=latents.device)
         noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"training supports epsilon and v_prediction schedulers, got {prediction_type!r}")
+        target = training_target(self.scheduler, latents, noise, timesteps)
+        # 4. prediction and loss
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
         model_pred = self.predict_noise(noisy_latents, timesteps, conditions, height, width)
         loss = F.mse_loss(model_pred.float(), target.float())
         return LaVITDetokenizerOutput(loss=loss, model_pred=model_pred, target=target)
+
+    def drop_conditions(self, conditions: LaVITDetokenizerConditions, drop_condition: torch.BoolTensor | None = None):
+        """`conditions` with the negative condition for the images where `drop_condition` (B,) is True; without
+        it, in training mode, each image is dropped with probability `config.condition_dropout` (classifier-free
+        guidance training: a training-time behaviour, so it follows `self.training` as dropout layers do)."""
+        batch_size, device = conditions.prompt_embeds.shape[0], conditions.prompt_embeds.device
+        if drop_condition is None and self.training and self.config.condition_dropout > 0:
+            drop_condition = torch.rand(batch_size, device=device) < self.config.condition_dropout
+        if drop_condition is None or not bool(drop_condition.any()):
+            return conditions
+        negative = self.negative_conditions(batch_size, conditions.prompt_embeds.dtype)
+        return LaVITDetokenizerConditions(**{
+            name: torch.where(drop_condition.view(-1, *[1] * (value.ndim - 1)), negative[name], value)
+            for name, value in conditions.items()
+        })
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -379,49 +406,37 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
           instead of the model's own for this call; assign `detokenizer.scheduler` to change it for good.
         - `generator`: seeds the initial latents and stochastic schedulers, so the same seed gives the same images.
         - `show_progress`: a progress bar over the denoising steps.
+
+        Raises `ValueError` on sizes that are not positive multiples of `size_multiple`, an unknown `output_type`,
+        `latents` of the wrong shape and invalid code ids / counts.
         """
+        # 1. check inputs (the code ids and counts are checked by `get_conditions`)
         config = self.config
         height = height or config.image_size
         width = width or config.image_size
         multiple = self.size_multiple
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-        num_inference_steps = num_inference_steps or config.num_inference_steps
-        guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
-        if output_type not in ("pil", "pt", "latent"):
+        if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        scheduler = scheduler or self.scheduler
+        # 2. conditions, initial latents, sampling loop, output
+        guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
         conditions = self.get_conditions(code_ids, token_counts)
         batch_size = conditions.prompt_embeds.shape[0]
-        guided = guidance_scale != 1.0
-        if guided:
-            negative = self.negative_conditions(batch_size, conditions.prompt_embeds.dtype)
-
-        from diffusers.utils.torch_utils import randn_tensor
-
-        unet_dtype = self.unet.dtype
         latent_shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=unet_dtype)
-        elif tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = latents.to(self.device, unet_dtype) * scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if "generator" in _step_parameters(scheduler) else {}
-        for timestep in tqdm(scheduler.timesteps, desc="denoising", disable=not show_progress):
-            if guided and batch_guidance:
-                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-                both = self.predict_noise(model_input, timestep, LaVITDetokenizerConditions.cat([negative, conditions]),
-                                          height, width)
-                unconditional, conditional = both.chunk(2)
-            else:
-                model_input = scheduler.scale_model_input(latents, timestep)
-                conditional = self.predict_noise(model_input, timestep, conditions, height, width)
-                if guided:
-                    unconditional = self.predict_noise(model_input, timestep, negative, height, width)
-            noise_pred = unconditional + guidance_scale * (conditional - unconditional) if guided else conditional
-            latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
+        latents = denoise(
+            functools.partial(self.predict_noise, height=height, width=width), scheduler or self.scheduler,
+            prepare_latents(latent_shape, generator, latents, self.device, self.unet.dtype), conditions,
+            self.negative_conditions(batch_size, conditions.prompt_embeds.dtype) if guidance_scale != 1.0 else None,
+            num_inference_steps=num_inference_steps or config.num_inference_steps, guidance_scale=guidance_scale,
+            batch_guidance=batch_guidance, generator=generator, show_progress=show_progress,
+        )
+        return self.postprocess(latents, output_type)
+
+    def postprocess(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Final latents -> `output_type`: themselves (`"latent"`), (B, 3, H, W) images in [0, 1] (`"pt"`) or PIL
+        images (`"pil"`)."""
         if output_type == "latent":
             return latents
         images = self.decode_latents(latents)
@@ -454,78 +469,6 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         model.decoder.load_state_dict(visual_tokenizer.decoder.state_dict())
         return model
 
-    @classmethod
-    def from_original_state_dict(
-        cls,
-        decoder_state_dict: dict[str, torch.Tensor],
-        codebook: torch.Tensor,
-        *,
-        decoder_num_heads: int = 16,
-        pooling_num_heads: int = 16,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        diffusers_folder: str | os.PathLike | None = None,
-        dtype: torch.dtype = torch.float32,
-        **config_kwargs,
-    ) -> "LaVITDetokenizer":
-        """
-        Builds a detokenizer from an official decoder file (`tokenizer_decoder.bin`: lowres, or
-        `highres_tokenizer_decoder.bin`: highres, told apart by their keys) and the tokenizer's codebook
-        (`quantize.embedding.weight`). Sizes are read from the tensors; every key must be used. The UNet, VAE and
-        scheduler are loaded from `diffusers_folder` (without building random ones first, directly in `dtype`), or
-        built from `config_kwargs` (`unet_config`, ...) and left randomly initialised.
-        """
-        highres = "unet_proj_1.weight" in decoder_state_dict
-        if diffusers_folder is not None and not highres and negative_prompt_embeds is None:
-            raise ValueError("a lowres detokenizer loaded from a diffusers folder needs negative_prompt_embeds "
-                             "(the official pixel_decoding/uncond_embeddings.bin)")
-        prefix = "unet_proj_1" if highres else "unet_proj"
-        if f"{prefix}.weight" not in decoder_state_dict:
-            raise ValueError("decoder state dict has neither unet_proj (lowres) nor unet_proj_1 (highres) weights")
-        projection_sizes = [decoder_state_dict[f"{prefix}.weight"].shape[0]]
-        if highres:
-            projection_sizes.append(decoder_state_dict["unet_proj_2.weight"].shape[0])
-        decoder_in = decoder_state_dict["in_proj.weight"]
-        sizes = dict(
-            conditioning="highres" if highres else "lowres",
-            codebook_size=codebook.shape[0],
-            code_dim=codebook.shape[1],
-            num_patches=decoder_state_dict["query_embed"].shape[1],
-            vision_hidden_size=decoder_state_dict["decode_task_layer.2.weight"].shape[0],
-            decoder_hidden_size=decoder_in.shape[0],
-            decoder_num_layers=count_blocks(decoder_state_dict, r"blocks\."),
-            decoder_num_heads=decoder_num_heads,
-            decoder_intermediate_size=decoder_state_dict["blocks.0.mlp.fc1.weight"].shape[0],
-            prompt_projection_sizes=projection_sizes,
-            pooling_num_heads=pooling_num_heads,
-        )
-        if highres:
-            sizes["pooled_projection_size"] = decoder_state_dict["unet_attnpool.c_proj.weight"].shape[0]
-        elif negative_prompt_embeds is not None:
-            sizes["negative_context_length"] = negative_prompt_embeds.reshape(-1, projection_sizes[0]).shape[0]
-        sizes.update(config_kwargs)
-        # with a diffusers folder, everything is built on the meta device: our weights are assigned below and the
-        # UNet and VAE replaced by the folder's, so no multi-GB random UNet is ever materialised
-        with torch.device("meta") if diffusers_folder is not None else contextlib.nullcontext():
-            model = cls(LaVITDetokenizerConfig(**sizes))
-        converted = rename_keys(decoder_state_dict, DECODER_RULES + DETOKENIZER_HEAD_RULES, [], "decoder state dict")
-        converted["codebook"] = codebook
-        if negative_prompt_embeds is not None:
-            converted["negative_prompt_embeds"] = negative_prompt_embeds.reshape(1, -1, projection_sizes[0])
-        own = {key for key in model.state_dict() if not key.startswith(("unet.", "vae."))}
-        missing = own - set(converted) - ({"negative_prompt_embeds"} if highres or negative_prompt_embeds is None
-                                           else set())
-        if missing:
-            raise ValueError(f"official decoder state dict does not fit: missing {sorted(missing)}")
-        model.load_state_dict({key: value.to(dtype) for key, value in converted.items()}, strict=False,
-                              assign=diffusers_folder is not None)
-        if diffusers_folder is None:
-            model = model.to(dtype)
-        if diffusers_folder is not None:
-            model.load_diffusers_components(diffusers_folder)
-        if not highres and negative_prompt_embeds is None:
-            logger.warning("no negative_prompt_embeds given: the lowres negative condition is random")
-        return model.eval()
-
     def load_diffusers_components(self, folder: str | os.PathLike):
         """Loads `unet/`, `vae/` and `scheduler/` from a diffusers folder (e.g. the official `highres_pixel_decoding`)
         in place of this model's, and records their configs."""
@@ -535,46 +478,76 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=self.dtype).requires_grad_(False)
         scheduler_config = dict(diffusers.DDIMScheduler.load_config(folder, subfolder="scheduler"))
         self.scheduler = scheduler_from_config(scheduler_config)
-        self.config.unet_config = _public_config(dict(self.unet.config))
-        self.config.vae_config = _public_config(dict(self.vae.config))
+        self.config.unet_config = public_config(dict(self.unet.config))
+        self.config.vae_config = public_config(dict(self.vae.config))
         self.config.scheduler_config = scheduler_config_dict(self.scheduler)
         self.config._check_unet_fits()
 
-    @classmethod
-    def from_original(
-        cls, model_path: str | os.PathLike, conditioning: str = "highres", **kwargs
-    ) -> "LaVITDetokenizer":
-        """
-        Builds the detokenizer from an official LaVIT release folder: `visual_tokenizer/highres_tokenizer_decoder.bin`
-        + `highres_pixel_decoding/` (highres) or `visual_tokenizer/tokenizer_decoder.bin` + `pixel_decoding/` with
-        `uncond_embeddings.bin` (lowres); the codebook from `visual_tokenizer/tokenizer_encoder.bin`.
-        """
-        require_diffusers()
-        if conditioning not in ("highres", "lowres"):
-            raise ValueError(f"conditioning must be 'highres' or 'lowres', got {conditioning!r}")
-        model_path = Path(model_path)
-        highres = conditioning == "highres"
-        decoder_file = "highres_tokenizer_decoder.bin" if highres else "tokenizer_decoder.bin"
-        diffusers_folder = model_path / ("highres_pixel_decoding" if highres else "pixel_decoding")
-        decoder_state = load_original_state_dict(model_path / "visual_tokenizer" / decoder_file)
-        encoder_state = load_original_state_dict(model_path / "visual_tokenizer" / "tokenizer_encoder.bin")
-        if "quantize.embedding.weight" not in encoder_state:
-            raise ValueError("tokenizer_encoder.bin has no quantize.embedding.weight (the codebook)")
-        negative = None
-        if not highres:
-            negative_file = diffusers_folder / "uncond_embeddings.bin"
-            if not negative_file.is_file():
-                raise FileNotFoundError(f"official LaVIT checkpoint file not found: {negative_file}")
-            negative = load_tensor_pickle(negative_file)
-            if not isinstance(negative, torch.Tensor):
-                raise ValueError(f"{negative_file} holds a {type(negative).__name__}, expected a tensor")
-        unet_config = dict(UNet2DConditionModel.load_config(diffusers_folder, subfolder="unet"))
-        vae_config = dict(AutoencoderKL.load_config(diffusers_folder, subfolder="vae"))
-        return cls.from_original_state_dict(
-            decoder_state, encoder_state["quantize.embedding.weight"], negative_prompt_embeds=negative,
-            diffusers_folder=diffusers_folder, unet_config=_public_config(unet_config),
-            vae_config=_public_config(vae_config), image_size=vae_config.get("sample_size"), **kwargs,
-        )
+
+def prepare_latents(latent_shape: tuple, generator=None, latents=None, device=None, dtype=None) -> torch.Tensor:
+    """Initial latents of `latent_shape` (B, C, H / f, W / f) on `device` in `dtype`: drawn with `generator` (one, or
+    one per image), or the given `latents` once their shape is checked (`ValueError` otherwise)."""
+    if latents is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+    if tuple(latents.shape) != tuple(latent_shape):
+        raise ValueError(f"latents must have shape {tuple(latent_shape)}, got {tuple(latents.shape)}")
+    return latents.to(device, dtype)
+
+
+def denoise(
+    predict_noise,
+    scheduler,
+    latents: torch.Tensor,
+    conditions: LaVITDetokenizerConditions,
+    negative: LaVITDetokenizerConditions | None = None,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    batch_guidance: bool = True,
+    generator=None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """
+    The sampling loop of [`LaVITDetokenizer.decode`]: initial latents (B, C, h, w) -> final latents, same shape.
+    `predict_noise(latents, timestep, conditions)` is the UNet's prediction; `negative` (None: no guidance) are the
+    unconditional conditions of classifier-free guidance, run in one UNet batch with the conditional ones
+    (`batch_guidance`) or after them (less memory, same result). `generator` also drives stochastic schedulers.
+    """
+    batch_size = latents.shape[0]
+    # 1. timesteps
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    # 2. latents, scaled to the scheduler's initial noise level
+    latents = latents * scheduler.init_noise_sigma
+    # 3. guidance batch: the UNet passes of a step, the unconditional half first
+    passes = [conditions] if negative is None else [negative, conditions]
+    if negative is not None and batch_guidance:
+        passes = [LaVITDetokenizerConditions.cat(passes)]
+    step_kwargs = {"generator": generator} if "generator" in _step_parameters(scheduler) else {}
+    # 4. loop: predict, guide, step
+    for timestep in tqdm(scheduler.timesteps, desc="denoising", disable=not show_progress):
+        model_input = scheduler.scale_model_input(latents, timestep)
+        noise_pred = torch.cat([
+            predict_noise(model_input.repeat(len(part.prompt_embeds) // batch_size, 1, 1, 1), timestep, part)
+            for part in passes
+        ])
+        if negative is not None:
+            unconditional, conditional = noise_pred.chunk(2)
+            noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+        latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
+    # 5. output: the final latents (the VAE decodes them in `LaVITDetokenizer.postprocess`)
+    return latents
+
+
+def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (`epsilon` schedulers) or the velocity (`v_prediction`)."""
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"training supports epsilon and v_prediction schedulers, got {prediction_type!r}")
 
 
 def scheduler_from_config(scheduler_config: dict):
@@ -590,10 +563,10 @@ def scheduler_from_config(scheduler_config: dict):
 
 def scheduler_config_dict(scheduler) -> dict:
     """The config of a diffusers scheduler, with its class name, as `scheduler_from_config` reads it."""
-    return {"_class_name": type(scheduler).__name__, **_public_config(dict(scheduler.config))}
+    return {"_class_name": type(scheduler).__name__, **public_config(dict(scheduler.config))}
 
 
-def _public_config(config: dict) -> dict:
+def public_config(config: dict) -> dict:
     """A diffusers config without its bookkeeping entries (`_diffusers_version`, `_use_default_values`, ...)."""
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
@@ -612,12 +585,21 @@ def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
 
 __all__ = [
     "LaVITAttentionPooling",
-    "LaVITConditionProjection",
+    "LaVITConditioning",
     "LaVITDetokenizer",
     "LaVITDetokenizerConditions",
     "LaVITDetokenizerOutput",
     "LaVITDetokenizerPreTrainedModel",
+    "LaVITHighresConditioning",
+    "LaVITLowresConditioning",
     "OFFICIAL_HIGHRES_SIZES",
+    "denoise",
+    "prepare_latents",
+    "public_config",
+    "require_diffusers",
+    "scheduler_config_dict",
     "scheduler_from_config",
     "to_pil_images",
+    "training_target",
+    "unmasked_conditions",
 ]

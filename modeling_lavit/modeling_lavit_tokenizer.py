@@ -429,6 +429,15 @@ class LaVITFeatureDecoder(nn.Module):
             hidden_states = layer(hidden_states, context, None, codes_layout.key_mask)
         return self.project_out(self.norm(hidden_states))
 
+    def decode_code_ids(self, codebook: torch.Tensor, code_ids, token_counts) -> torch.Tensor:
+        """Packed code ids (T,) + counts (B,), checked (`ValueError` naming the problem), looked up in `codebook`
+        (codebook_size, code_dim) -> (B, N, D) reconstructed encoder features. The one codes -> features path of the
+        tokenizer (`decode_codes`) and the detokenizer, which keeps its own copy of the codebook."""
+        max_count = self.query_embedding.shape[1]
+        code_ids, token_counts = check_packed_code_ids(code_ids, token_counts, codebook.shape[0], max_count,
+                                                       codebook.device)
+        return self(codebook[code_ids].to(self.in_proj.weight.dtype), token_counts)
+
 
 class LaVITTokenizerPreTrainedModel(PreTrainedModel):
     config_class = LaVITTokenizerConfig
@@ -673,11 +682,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
     @torch.no_grad()
     def decode_codes(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
         """Packed code ids (T,) + counts (B,) -> reconstructed encoder features (B, N, D)."""
-        code_ids, token_counts = check_packed_code_ids(
-            code_ids, token_counts, self.config.codebook_size, self.config.num_patches, self.device
-        )
-        quantized = self.quantizer.codebook[code_ids]
-        return self.decoder(quantized.to(self.decoder.in_proj.weight.dtype), token_counts)
+        return self.decoder.decode_code_ids(self.quantizer.codebook, code_ids, token_counts)
 
 
 # --------------------------------------------------------------------------------------------------- selection

@@ -11,6 +11,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VAE_CONFIG, real_photos, tiny_detokenizer_config, tiny_unet_config
+from lavit.modeling.convert_original_lavit import (
+    convert_detokenizer,
+    convert_original_detokenizer_state_dict,
+    detokenizer_from_original_state_dict,
+)
+from lavit.modeling.modeling_lavit_detokenizer import (
+    LaVITHighresConditioning,
+    LaVITLowresConditioning,
+    denoise,
+    prepare_latents,
+    to_pil_images,
+    training_target,
+    unmasked_conditions,
+)
 from PIL import Image
 from test_hub import BLOCK_LAVIT
 from test_parity import assert_close
@@ -44,7 +58,7 @@ def test_official_decoder_heads_reproduce_the_fixtures(parity_files, conditionin
         negative_prompt_embeds=torch.randn(1, 7, 24) if conditioning == "lowres" else None,
         unet_config=tiny_unet_config(60 if pooled else 24, pooled), vae_config=TINY_VAE_CONFIG,
     )
-    detokenizer = LaVITDetokenizer.from_original_state_dict(parity_files[name], codebook, **settings)
+    detokenizer = detokenizer_from_original_state_dict(parity_files[name], codebook, **settings)
     assert detokenizer.config.conditioning == conditioning
     with torch.no_grad():
         features = detokenizer.reconstruct_features(expected["code_ids"], expected["token_counts"])
@@ -61,7 +75,162 @@ def test_official_decoder_heads_reproduce_the_fixtures(parity_files, conditionin
     broken = dict(parity_files[name])
     broken["blocks.0.typo.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="typo"):
-        LaVITDetokenizer.from_original_state_dict(broken, codebook, **settings)
+        detokenizer_from_original_state_dict(broken, codebook, **settings)
+
+
+@pytest.mark.parametrize("conditioning", ["lowres", "highres"])
+def test_conditioning_class_is_picked_at_construction_and_keeps_the_official_keys(parity_files, conditioning):
+    """One conditioning class per variant, and the converted official tensors are exactly the model's own keys
+    (`load_state_dict(strict=False)` would skip a renamed one silently)."""
+    name = "decoder_state_dict" if conditioning == "lowres" else "highres_decoder_state_dict"
+    codebook = parity_files["tokenizer_state_dict"]["quantize.embedding.weight"]
+    negative = torch.randn(1, 7, 24) if conditioning == "lowres" else None
+    pooled = 36 if conditioning == "highres" else None
+    detokenizer = detokenizer_from_original_state_dict(
+        parity_files[name], codebook, decoder_num_heads=4, pooling_num_heads=4, negative_prompt_embeds=negative,
+        unet_config=tiny_unet_config(60 if pooled else 24, pooled), vae_config=TINY_VAE_CONFIG,
+    )
+    expected_class = LaVITHighresConditioning if conditioning == "highres" else LaVITLowresConditioning
+    assert type(detokenizer.condition) is expected_class
+    converted = convert_original_detokenizer_state_dict(parity_files[name], codebook, negative)
+    own = {key for key in detokenizer.state_dict() if not key.startswith(("unet.", "vae."))}
+    assert set(converted) == own
+    assert ("negative_prompt_embeds" in own) == (conditioning == "lowres")
+    with pytest.raises(TypeError, match=r"unknown LaVITDetokenizerConfig argument\(s\) \['decoder_num_head'\]"):
+        detokenizer_from_original_state_dict(parity_files[name], codebook, decoder_num_head=4)
+
+
+def test_sdxl_size_conditions_go_to_the_highres_unet_only():
+    highres, lowres = tiny_detokenizer("highres"), tiny_detokenizer("lowres")
+    with torch.no_grad():
+        conditions = highres.get_conditions(CODES, COUNTS)
+        added = highres.condition.added_cond_kwargs(conditions, 24, 40)
+        assert lowres.condition.added_cond_kwargs(lowres.get_conditions(CODES, COUNTS), 24, 40) is None
+    # original size, crop top-left, target size: the output size for both (official code)
+    assert added["time_ids"].tolist() == [[24, 40, 0, 0, 24, 40]] * 3
+    assert added["text_embeds"] is conditions.pooled_prompt_embeds
+    negative = highres.negative_conditions(3)
+    assert not highres.condition.added_cond_kwargs(negative, 24, 40)["text_embeds"].any()
+
+
+def test_decode_is_denoise_then_postprocess():
+    detokenizer = tiny_detokenizer()
+    latents = detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="latent")
+    images = detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="pt")
+    assert torch.equal(detokenizer.postprocess(latents, "pt"), images)
+    pil_images = detokenizer.postprocess(latents, "pil")
+    assert [np.asarray(image).tolist() for image in pil_images] == [
+        np.asarray(image).tolist() for image in to_pil_images(images)
+    ]
+    with pytest.raises(ValueError, match="output_type must be 'pil', 'pt' or 'latent', got 'np'"):
+        detokenizer.decode(CODES, COUNTS, output_type="np")
+    with pytest.raises(ValueError, match=r"latents must have shape \(3, 4, 8, 8\), got \(3, 4, 16, 16\)"):
+        detokenizer.decode(CODES, COUNTS, height=16, width=16, latents=torch.zeros(3, 4, 16, 16))
+
+
+def test_denoise_guidance_is_the_unguided_loop_on_the_extrapolated_prediction():
+    """Pure sampling loop with a stand-in UNet whose prediction is the first prompt value of each image: guiding
+    towards `a` against `b` with scale s equals sampling unguided with `b + s * (a - b)`; both guidance batchings
+    agree and run one batch of 2B or two batches of B per step."""
+    from diffusers import DDIMScheduler
+
+    calls = []
+
+    def predict_noise(latents, timestep, conditions):
+        calls.append(latents.shape[0])
+        return torch.ones_like(latents) * conditions.prompt_embeds[:, 0, 0].view(-1, 1, 1, 1)
+
+    def conditions(values):
+        return unmasked_conditions(torch.tensor(values).view(-1, 1, 1).expand(-1, 3, 2).clone())
+
+    def sample(conditional, negative=None, **settings):
+        latents = torch.randn(2, 4, 2, 2, generator=seeded(0))
+        return denoise(predict_noise, DDIMScheduler(), latents, conditional, negative, num_inference_steps=3,
+                       **settings)
+
+    guided = sample(conditions([0.5, -1.0]), conditions([0.1, 0.2]), guidance_scale=4.0)
+    assert calls == [4] * 3
+    calls.clear()
+    sequential = sample(conditions([0.5, -1.0]), conditions([0.1, 0.2]), guidance_scale=4.0, batch_guidance=False)
+    assert calls == [2, 2] * 3
+    extrapolated = sample(conditions([0.1 + 4 * 0.4, 0.2 + 4 * -1.2]))
+    torch.testing.assert_close(guided, sequential)
+    torch.testing.assert_close(guided, extrapolated)
+    assert (guided - sample(conditions([0.5, -1.0]))).abs().max() > 1e-3
+
+
+def test_prepare_latents_and_training_target():
+    from diffusers import DDIMScheduler
+
+    shape = (2, 4, 3, 5)
+    assert torch.equal(prepare_latents(shape, seeded(1)), prepare_latents(shape, seeded(1)))
+    given = torch.randn(shape, dtype=torch.float64)
+    assert prepare_latents(shape, latents=given, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 3, 5\), got \(2, 4, 5, 3\)"):
+        prepare_latents(shape, latents=torch.zeros(2, 4, 5, 3))
+    latents, noise, timesteps = torch.randn(shape), torch.randn(shape), torch.tensor([10, 900])
+    assert training_target(DDIMScheduler(), latents, noise, timesteps) is noise
+    velocity_scheduler = DDIMScheduler(prediction_type="v_prediction")
+    velocity = training_target(velocity_scheduler, latents, noise, timesteps)
+    torch.testing.assert_close(velocity, velocity_scheduler.get_velocity(latents, noise, timesteps))
+    assert not torch.allclose(velocity, noise)
+    with pytest.raises(ValueError, match="got 'sample'"):
+        training_target(DDIMScheduler(prediction_type="sample"), latents, noise, timesteps)
+
+
+def test_detokenizer_reconstructs_what_its_tokenizer_reconstructs(tiny_model):
+    """The detokenizer decodes codes with its own codebook copy through the same path as the tokenizer."""
+    detokenizer = LaVITDetokenizer.from_visual_tokenizer(
+        tiny_model, conditioning="lowres", prompt_projection_sizes=[24], negative_context_length=5,
+        unet_config=tiny_unet_config(24), vae_config=TINY_VAE_CONFIG, image_size=32,
+    )
+    tokens = tiny_model.tokenize(torch.randn(2, 3, 56, 56, generator=seeded(0)))
+    with torch.no_grad():
+        features = detokenizer.reconstruct_features(tokens.code_ids, tokens.token_counts)
+    assert torch.equal(features, tiny_model.decode_codes(tokens.code_ids, tokens.token_counts))
+    for model in (detokenizer.reconstruct_features, tiny_model.decode_codes):
+        with pytest.raises(ValueError, match="token_counts sum to 2 but there are 11 code ids"):
+            model(CODES, torch.tensor([1, 1]))
+
+
+def write_lowres_release(parity_files, folder):
+    """The lowres half of an official release: `visual_tokenizer/tokenizer_{encoder,decoder}.bin` and
+    `pixel_decoding/` (tiny SD-style UNet, VAE, DDIM scheduler, `uncond_embeddings.bin`)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from lavit.modeling.configuration_lavit import SD_SCHEDULER_CONFIG
+
+    (folder / "visual_tokenizer").mkdir(parents=True)
+    codebook = parity_files["tokenizer_state_dict"]["quantize.embedding.weight"]
+    torch.save({"quantize.embedding.weight": codebook}, folder / "visual_tokenizer" / "tokenizer_encoder.bin")
+    torch.save(parity_files["decoder_state_dict"], folder / "visual_tokenizer" / "tokenizer_decoder.bin")
+    pixel_decoding = folder / "pixel_decoding"
+    torch.manual_seed(1)
+    UNet2DConditionModel(**tiny_unet_config(24)).save_pretrained(pixel_decoding / "unet")
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(pixel_decoding / "vae")
+    DDIMScheduler(**{key: value for key, value in SD_SCHEDULER_CONFIG.items() if key != "_class_name"}).save_pretrained(
+        pixel_decoding / "scheduler")
+    negative = torch.randn(7, 24)
+    torch.save(negative, pixel_decoding / "uncond_embeddings.bin")
+    return negative
+
+
+def test_convert_detokenizer_reads_a_lowres_release(parity_files, tmp_path):
+    negative = write_lowres_release(parity_files, tmp_path)
+    detokenizer = convert_detokenizer(tmp_path, "lowres", decoder_num_heads=4, pooling_num_heads=4)
+    assert detokenizer.config.conditioning == "lowres" and detokenizer.config.image_size == 32
+    assert torch.equal(detokenizer.negative_prompt_embeds, negative[None])
+    expected = parity_files["expected"]
+    with torch.no_grad():
+        conditions = detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
+    assert_close(conditions.prompt_embeds, expected["decoder_unet_cond"])
+    images = detokenizer.decode(expected["code_ids"][:5], torch.tensor([5]), num_inference_steps=2,
+                                generator=seeded(0), output_type="pt")
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="conditioning must be 'highres' or 'lowres', got 'mid'"):
+        convert_detokenizer(tmp_path, "mid")
+    (tmp_path / "pixel_decoding" / "uncond_embeddings.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="uncond_embeddings.bin"):
+        convert_detokenizer(tmp_path, "lowres", decoder_num_heads=4, pooling_num_heads=4)
 
 
 @pytest.mark.parametrize("conditioning", ["lowres", "highres"])

@@ -109,3 +109,26 @@ def test_tokenizer_without_image_tokens_is_rejected():
         LaVITProcessor(LaVITImageProcessor(), plain)
     assert LaVITProcessor.add_image_tokens(plain) == 2
     assert LaVITProcessor(LaVITImageProcessor(), plain).image_start_token_id == 2
+
+
+def test_unknown_arguments_raise_and_tokenizer_arguments_pass(lavit_processor):
+    with pytest.raises(ValueError, match=r"does not take the arguments \['max_new_tokens', 'temprature'\]"):
+        lavit_processor(text="a cat", max_new_tokens=5, temprature=0.7)
+    with pytest.raises(ValueError, match=r"reads images and text only, got \['videos'\]"):
+        lavit_processor(text="a cat", videos=[np.zeros((2, 8, 8, 3), np.uint8)])
+    with_offsets = lavit_processor(text=["a cat", "a red bus"], return_offsets_mapping=True)
+    plain = lavit_processor(text=["a cat", "a red bus"])
+    assert torch.equal(with_offsets["input_ids"], plain["input_ids"])
+    assert with_offsets["offset_mapping"].shape == (*plain["input_ids"].shape, 2)
+
+
+def test_apply_chat_template_calls_the_processor_with_what_it_accepts(lavit_processor):
+    """`apply_chat_template` passes `videos=None` and `audio=None` and its processor arguments: all accepted."""
+    photo = Image.fromarray(real_photos()[0])
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "a cat"}]}]
+    chat = lavit_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               processor_kwargs={"padding": True, "pad_to_multiple_of": 8})
+    rendered = lavit_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    direct = lavit_processor(images=[photo], text=rendered, pad_to_multiple_of=8)
+    assert torch.equal(chat["input_ids"], direct["input_ids"])
+    assert torch.equal(chat["pixel_values"], direct["pixel_values"])

@@ -538,7 +538,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         self.config.unet_config = _public_config(dict(self.unet.config))
         self.config.vae_config = _public_config(dict(self.vae.config))
         self.config.scheduler_config = scheduler_config_dict(self.scheduler)
-        self.config._check_unet_fits()
+        self.config.check_unet_fits()
 
     @classmethod
     def from_original(

@@ -132,3 +132,12 @@ def test_apply_chat_template_calls_the_processor_with_what_it_accepts(lavit_proc
     direct = lavit_processor(images=[photo], text=rendered, pad_to_multiple_of=8)
     assert torch.equal(chat["input_ids"], direct["input_ids"])
     assert torch.equal(chat["pixel_values"], direct["pixel_values"])
+
+
+def test_clip_statistics_copy_matches_the_image_processor():
+    """configuration_lavit.py keeps a copy of the CLIP statistics (Hub folders are flat: no cross-folder import)."""
+    from lavit.modeling import configuration_lavit
+    from lavit.processing import image_processing_lavit
+
+    assert configuration_lavit.OPENAI_CLIP_MEAN == image_processing_lavit.OPENAI_CLIP_MEAN
+    assert configuration_lavit.OPENAI_CLIP_STD == image_processing_lavit.OPENAI_CLIP_STD

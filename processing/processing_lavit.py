@@ -46,6 +46,52 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def fill_image_spans(ids: list[int], image_start_token_id: int, visual_ids: list[list[int]]) -> list[int]:
+    """One row of ids with each `[IMG]` followed by its image's visual ids (`visual_ids`, one list per `[IMG]`, in
+    order): compact pairs -> expanded spans."""
+    expanded, cursor = [], 0
+    for token in ids:
+        expanded.append(token)
+        if token == image_start_token_id:
+            expanded.extend(visual_ids[cursor])
+            cursor += 1
+    return expanded
+
+
+def fill_per_token_values(ids: list[int], values: list, image_start_token_id: int, span_lengths: list[int]) -> list:
+    """A per-token output of one row (offsets, token types) with one entry per visual slot `fill_image_spans` inserts
+    (`span_lengths`: visual ids per `[IMG]`): the `[IMG]` token's value, as a zero-width offset at its end for
+    offsets."""
+    expanded, cursor = [], 0
+    for token, value in zip(ids, values, strict=True):
+        expanded.append(value)
+        if token == image_start_token_id:
+            filler = (value[1], value[1]) if isinstance(value, tuple | list) else value
+            expanded.extend([filler] * span_lengths[cursor])
+            cursor += 1
+    return expanded
+
+
+def truncate_row(ids: list[int], max_length: int, image_start_token_id: int, image_end_token_id: int) -> list[int]:
+    """A row cut on the right at `max_length` tokens, before any image span the cut would split."""
+    cut = max_length
+    starts = [index for index, token in enumerate(ids[:cut]) if token == image_start_token_id]
+    if starts and image_end_token_id not in ids[starts[-1] : cut]:
+        cut = starts[-1]  # never keep an [IMG] without its [/IMG]
+    return ids[:cut]
+
+
+def pad_offsets(offsets: list, attention_mask: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per-row (start, end) character offsets, padded with (0, 0) where `attention_mask` (B, L) marks padding (on the
+    side the ids were padded)."""
+    padded = []
+    for row_offsets, row_mask in zip(offsets, attention_mask.tolist(), strict=True):
+        row_offsets = [tuple(pair) for pair in row_offsets]
+        pad = [(0, 0)] * (len(row_mask) - len(row_offsets))
+        padded.append(row_offsets + pad if row_mask[0] == 1 or not pad else pad + row_offsets)
+    return padded
+
+
 class LaVITProcessor(ProcessorMixin):
     r"""
     Args:
@@ -214,12 +260,13 @@ class LaVITProcessor(ProcessorMixin):
             row_images = list(range(image_cursor, image_cursor + placeholders_per_text[row]))
             image_cursor += len(row_images)
             if tokens is not None:
-                images_of_row = [tokens[index] for index in row_images]
+                visual_ids = [tokens[index][0] for index in row_images]
                 for values in per_token.values():
-                    values[row] = self._expand_per_token(ids, values[row], images_of_row)
-                ids = self._expand_row(ids, images_of_row)
+                    values[row] = fill_per_token_values(ids, values[row], self.image_start_token_id,
+                                                        [len(span) for span in visual_ids])
+                ids = fill_image_spans(ids, self.image_start_token_id, visual_ids)
             if max_length is not None and len(ids) > max_length:
-                ids = self._truncate(ids, max_length)
+                ids = truncate_row(ids, max_length, self.image_start_token_id, self.image_end_token_id)
                 for values in per_token.values():
                     values[row] = values[row][: len(ids)]
             encoded[row] = ids
@@ -247,7 +294,7 @@ class LaVITProcessor(ProcessorMixin):
         )
         data = dict(text_inputs)
         if offsets is not None:
-            data["offset_mapping"] = self._pad_offsets(offsets, text_inputs["attention_mask"])
+            data["offset_mapping"] = pad_offsets(offsets, text_inputs["attention_mask"])
         return data
 
     def _check_control_ids(self, encoded: list[list[int]], placeholders_per_text: list[int]):
@@ -275,16 +322,6 @@ class LaVITProcessor(ProcessorMixin):
                              f"pipelines)")
         return kwargs
 
-    @staticmethod
-    def _pad_offsets(offsets: list, attention_mask) -> list:
-        """Per-row (start, end) character offsets, padded with (0, 0) where the ids were padded."""
-        padded = []
-        for row_offsets, row_mask in zip(offsets, attention_mask.tolist(), strict=True):
-            row_offsets = [tuple(pair) for pair in row_offsets]
-            pad = [(0, 0)] * (len(row_mask) - len(row_offsets))
-            padded.append(row_offsets + pad if row_mask[0] == 1 or not pad else pad + row_offsets)
-        return padded
-
     def replacement_offsets(self, text: str) -> list[dict]:
         """Where each `<image>` of `text` (character `span`) lies once replaced by `[IMG][/IMG]` (`new_span`)."""
         replacement = IMAGE_START_TOKEN + IMAGE_END_TOKEN
@@ -310,36 +347,6 @@ class LaVITProcessor(ProcessorMixin):
         offset = self.image_end_token_id + 1
         return [((codes + offset).tolist(), mask) for codes, mask in
                 zip(output.per_image(), output.keep_mask.cpu(), strict=True)]
-
-    def _expand_row(self, ids: list[int], images: list[tuple[list[int], torch.Tensor]]) -> list[int]:
-        """Fills the compact pairs of one row, in order, with their images' visual ids."""
-        expanded, cursor = [], 0
-        for token in ids:
-            expanded.append(token)
-            if token == self.image_start_token_id:
-                expanded.extend(images[cursor][0])
-                cursor += 1
-        return expanded
-
-    def _expand_per_token(self, ids: list[int], values: list, images: list[tuple[list[int], torch.Tensor]]) -> list:
-        """A per-token output of one row (offsets, token types) with one entry per visual slot `_expand_row` inserts:
-        the `[IMG]` token's value, as a zero-width offset at its end for offsets."""
-        expanded, cursor = [], 0
-        for token, value in zip(ids, values, strict=True):
-            expanded.append(value)
-            if token == self.image_start_token_id:
-                filler = (value[1], value[1]) if isinstance(value, tuple | list) else value
-                expanded.extend([filler] * len(images[cursor][0]))
-                cursor += 1
-        return expanded
-
-    def _truncate(self, ids: list[int], max_length: int) -> list[int]:
-        """Cuts a row on the right at `max_length` tokens, before any image span the cut would split."""
-        cut = max_length
-        starts = [index for index, token in enumerate(ids[:cut]) if token == self.image_start_token_id]
-        if starts and self.image_end_token_id not in ids[starts[-1] : cut]:
-            cut = starts[-1]  # never keep an [IMG] without its [/IMG]
-        return ids[:cut]
 
     def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
                                        **kwargs):

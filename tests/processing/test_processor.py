@@ -141,3 +141,22 @@ def test_clip_statistics_copy_matches_the_image_processor():
 
     assert configuration_lavit.OPENAI_CLIP_MEAN == image_processing_lavit.OPENAI_CLIP_MEAN
     assert configuration_lavit.OPENAI_CLIP_STD == image_processing_lavit.OPENAI_CLIP_STD
+
+
+def test_span_filling_truncation_and_offset_padding_are_pure_list_functions():
+    from lavit.processing.processing_lavit import fill_image_spans, fill_per_token_values, pad_offsets, truncate_row
+
+    start, end = 100, 101  # [IMG], [/IMG]
+    ids = [5, start, end, 6, start, end]
+    assert fill_image_spans(ids, start, [[102, 103], [104]]) == [5, start, 102, 103, end, 6, start, 104, end]
+    offsets = [(0, 1), (1, 6), (6, 12), (12, 13), (13, 18), (18, 24)]
+    assert fill_per_token_values(ids, offsets, start, [2, 1]) == [
+        (0, 1), (1, 6), (6, 6), (6, 6), (6, 12), (12, 13), (13, 18), (18, 18), (18, 24)]
+    assert fill_per_token_values(ids, [0, 1, 1, 0, 1, 1], start, [2, 1]) == [0, 1, 1, 1, 1, 0, 1, 1, 1]
+    expanded = [5, start, 102, 103, end, 6]
+    assert truncate_row(expanded, 5, start, end) == expanded[:5]  # the whole span fits
+    assert truncate_row(expanded, 4, start, end) == [5]  # never [IMG] without its [/IMG]
+    assert truncate_row(expanded, 10, start, end) == expanded
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # right- and left-padded rows
+    assert pad_offsets([[(0, 1), (1, 2)], [(0, 3), (3, 4)]], mask) == [
+        [(0, 1), (1, 2), (0, 0)], [(0, 0), (0, 3), (3, 4)]]

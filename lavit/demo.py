@@ -167,41 +167,27 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
 
 
 def run_demo(output: Path, quick: bool = False) -> dict:
-    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITProcessor
+    """Builds, evaluates and exports the tiny demo LaVIT in `output` (`quick`: a few steps per stage, to check the
+    code paths); prints its progress and a summary and returns (and writes to `demo_results.json`) the results."""
     from lavit.atomic import save_png_atomically
     from lavit.hub_cards import export_loaded
     from lavit.processing.image_processing_lavit import draw_kept_patches
-    from lavit.training.sample_data import DIGIT_NAMES, photo_images
-    from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
+    from lavit.training.sample_data import DIGIT_NAMES
 
     steps = QUICK if quick else FULL
     output = Path(output)
     started = time.perf_counter()
-    print(f"[1/6] data: {steps['train_digits']} training digits, {steps['eval']} held-out digits, "
-          f"{len(photo_images())} photos (offline) -> {output / 'data'}")
-    train_folder, train_images, train_labels = write_digit_data(output / "data" / "digits_train",
-                                                                steps["train_digits"], offset=0)
-    _, eval_images, eval_labels = write_digit_data(output / "data" / "digits_eval", steps["eval"],
-                                                   offset=1797 - steps["eval"])
+    # 1. data: training and held-out digits
+    train_folder, train_images, train_labels, eval_images, eval_labels = write_demo_data(output, steps)
     runs = output / "runs"
-
+    # 2.-4. visual tokenizer, unified pretraining, VQA fine-tuning
     tokenizer_folder, pretrained, finetuned = train_digit_models(train_folder, runs, steps)
-
-    print("[5/6] pixel detokenizer: a tiny latent diffusion model conditioned on the tokens")
-    detokenizer_folder = train_detokenizer(
-        DetokenizerTrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
-                                     detokenizer_config="tiny", ema_decay=0.99, vae_steps=steps["vae"], resume="no"),
-        stage_arguments(runs / "detokenizer", steps["detokenizer"], per_device_train_batch_size=16, learning_rate=1e-3),
-    )
-
+    # 5. pixel detokenizer
+    detokenizer_folder = train_demo_detokenizer(train_folder, tokenizer_folder, runs, steps)
+    # 6. evaluation on the held-out digits, then the images
     print(f"[6/6] evaluation on {steps['eval']} held-out digits, images, Hub folder")
-    model = LaVITForCausalLM.from_pretrained(finetuned).eval()
-    processor = LaVITProcessor.from_pretrained(finetuned)
-    model.set_detokenizer(LaVITDetokenizer.from_pretrained(detokenizer_folder).eval())
-    pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
-    stage2 = evaluate(pretrained_model, processor, eval_images, eval_labels)
-    drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, train_images, train_labels)
-    tuned = evaluate(model, processor, eval_images, eval_labels)
+    model, processor, stage2, drawing_accuracy, tuned = evaluate_demo_models(
+        pretrained, finetuned, detokenizer_folder, (train_images, train_labels), (eval_images, eval_labels))
 
     image_dir = output / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -220,8 +206,63 @@ def run_demo(output: Path, quick: bool = False) -> dict:
         written.append(image_dir / f"reconstruction_{index}.png")
     generated_note = generate_digit_images(model, processor, image_dir, written)
 
+    # 7. the Hub folder with its model card, the printout and demo_results.json
     seconds = time.perf_counter() - started
-    evaluation = [
+    evaluation = evaluation_rows(stage2, drawing_accuracy, tuned)
+    hub_folder = export_loaded(model, processor, output / "hub_folder", card_metadata(steps, tuned, evaluation))
+    print_summary(evaluation, tuned, written, hub_folder, generated_note, seconds)
+    results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
+               "hub_folder": str(hub_folder),
+               "images": [str(path) for path in written]}
+    (output / "demo_results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def write_demo_data(output: Path, steps: dict) -> tuple[Path, list, list[int], list, list[int]]:
+    """Step 1: the training and held-out digit imagefolders; returns the training folder and both splits' images and
+    labels."""
+    from lavit.training.sample_data import photo_images
+
+    print(f"[1/6] data: {steps['train_digits']} training digits, {steps['eval']} held-out digits, "
+          f"{len(photo_images())} photos (offline) -> {output / 'data'}")
+    train_folder, train_images, train_labels = write_digit_data(output / "data" / "digits_train",
+                                                                steps["train_digits"], offset=0)
+    _, eval_images, eval_labels = write_digit_data(output / "data" / "digits_eval", steps["eval"],
+                                                   offset=1797 - steps["eval"])
+    return train_folder, train_images, train_labels, eval_images, eval_labels
+
+
+def train_demo_detokenizer(train_folder: Path, tokenizer_folder: Path, runs: Path, steps: dict) -> Path:
+    """Step 5: a tiny pixel detokenizer on the training digits; returns its folder."""
+    from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
+
+    print("[5/6] pixel detokenizer: a tiny latent diffusion model conditioned on the tokens")
+    return train_detokenizer(
+        DetokenizerTrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
+                                     detokenizer_config="tiny", ema_decay=0.99, vae_steps=steps["vae"], resume="no"),
+        stage_arguments(runs / "detokenizer", steps["detokenizer"], per_device_train_batch_size=16, learning_rate=1e-3),
+    )
+
+
+def evaluate_demo_models(pretrained: Path, finetuned: Path, detokenizer_folder: Path, train_data: tuple,
+                         eval_data: tuple) -> tuple:
+    """Step 6 (metrics): the fine-tuned model with its detokenizer, its processor, and the stage-2 metrics, the
+    stage-2 text-to-image accuracy and the fine-tuned metrics on the held-out digits (`evaluate`)."""
+    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITProcessor
+
+    model = LaVITForCausalLM.from_pretrained(finetuned).eval()
+    processor = LaVITProcessor.from_pretrained(finetuned)
+    model.set_detokenizer(LaVITDetokenizer.from_pretrained(detokenizer_folder).eval())
+    pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
+    stage2 = evaluate(pretrained_model, processor, *eval_data)
+    drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, *train_data)
+    tuned = evaluate(model, processor, *eval_data)
+    return model, processor, stage2, drawing_accuracy, tuned
+
+
+def evaluation_rows(stage2: dict, drawing_accuracy: float, tuned: dict) -> list[dict]:
+    """The metrics table of the printout and the model card: metric, value and the data it was measured on."""
+    return [
         {"metric": "caption accuracy (stage 2)", "value": f"{stage2['caption_accuracy']:.2f}",
          "data": f"{stage2['count']} held-out digits, chance 0.10"},
         {"metric": "text-to-image class accuracy", "value": f"{drawing_accuracy:.2f}",
@@ -231,7 +272,11 @@ def run_demo(output: Path, quick: bool = False) -> dict:
         {"metric": "visual tokens per image", "value": f"{tuned['tokens_mean']:.1f} (min {tuned['tokens_min']}, "
                                                        f"max {tuned['tokens_max']})", "data": "of 64 patches"},
     ]
-    metadata = {
+
+
+def card_metadata(steps: dict, tuned: dict, evaluation: list[dict]) -> dict:
+    """The model card fields of the demo's Hub folder (`lavit.hub_cards.export_loaded`)."""
+    return {
         "model_name": "LaVIT tiny demo",
         "summary": "A tiny LaVIT built by `lavit demo` on a CPU in minutes: it shows the code paths, not the "
                    "capabilities of the paper's 7B model.",
@@ -252,8 +297,11 @@ def run_demo(output: Path, quick: bool = False) -> dict:
                        "training. It only knows ten digit captions and one question, and its images are blurs; do not "
                        "use it for anything but checking the code paths.",
     }
-    hub_folder = export_loaded(model, processor, output / "hub_folder", metadata)
 
+
+def print_summary(evaluation: list[dict], tuned: dict, written: list, hub_folder: Path, generated_note: str,
+                  seconds: float) -> None:
+    """The closing printout: the metrics table, a few answers, the files written, and what the model can do."""
     print()
     print(f"{'metric':34} {'value':>22}   data")
     for row in evaluation:
@@ -277,8 +325,3 @@ def run_demo(output: Path, quick: bool = False) -> dict:
           f"describe images in general, follow other prompts, or draw recognisable digits. Its vision encoder is "
           f"random, its LM has two layers, and everything trained for minutes on a CPU; real quality needs the "
           f"released LaVIT weights (`lavit convert-original`) or training at scale.")
-    results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
-               "hub_folder": str(hub_folder),
-               "images": [str(path) for path in written]}
-    (output / "demo_results.json").write_text(json.dumps(results, indent=2))
-    return results

@@ -14,6 +14,9 @@ check_transformers_version()
 SELECTION_MODES = ("deterministic", "sample")
 LOSS_MODALITIES = ("both", "text", "image")
 MERGER_ATTENTION_IMPLEMENTATIONS = ("exact", "official")
+GENERATED_IMAGE_INPUTS = ("codes", "features")
+# Copied from processing/image_processing_lavit.py: the two folders are copied flat into Hub folders, so neither may
+# import the other
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -77,29 +80,15 @@ class LaVITEvaVisionConfig(PretrainedConfig):
 
     model_type = "lavit_eva_vision"
 
-    def __init__(
-        self,
-        image_size=224,
-        patch_size=14,
-        num_channels=3,
-        hidden_size=1408,
-        num_hidden_layers=40,
-        num_attention_heads=16,
-        intermediate_size=6144,
-        layer_norm_eps=1e-6,
-        initializer_range=0.02,
-        **kwargs,
-    ):
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.layer_norm_eps = layer_norm_eps
-        self.initializer_range = initializer_range
-        super().__init__(**kwargs)
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1408
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 16
+    intermediate_size: int = 6144
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
 
 
 class LaVITTokenizerConfig(LaVITFolderConfig):
@@ -152,69 +141,40 @@ class LaVITTokenizerConfig(LaVITFolderConfig):
     # a sub-config, so `attn_implementation` (and dtype) given to the tokenizer or to LaVIT reach the vision encoder
     sub_configs = {"vision_config": AutoConfig}
 
-    def __init__(
-        self,
-        vision_config=None,
-        vision_feature_layer=-1,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        selection_mode="deterministic",
-        selector_threshold=0.5,
-        gumbel_temperature=1.0,
-        merger_num_layers=12,
-        merger_num_heads=16,
-        merger_intermediate_size=6144,
-        merger_attention="exact",
-        codebook_size=16384,
-        code_dim=32,
-        codebook_decay=0.99,
-        commitment_weight=0.25,
-        kmeans_init=True,
-        kmeans_iters=10,
-        dead_code_threshold=1.0,
-        decoder_hidden_size=1408,
-        decoder_num_layers=12,
-        decoder_num_heads=16,
-        decoder_intermediate_size=6144,
-        layer_norm_eps=1e-5,
-        keep_ratio_target=1 / 3,
-        keep_ratio_weight=2.0,
-        initializer_range=0.02,
-        **kwargs,
-    ):
-        if selection_mode not in SELECTION_MODES:
-            raise ValueError(f"selection_mode must be one of {SELECTION_MODES}, got {selection_mode!r}")
-        if merger_attention not in MERGER_ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"merger_attention must be one of {MERGER_ATTENTION_IMPLEMENTATIONS}, got {merger_attention!r}"
-            )
-        self.vision_config = _build_vision_config(vision_config)
-        self.vision_feature_layer = vision_feature_layer
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-        self.selection_mode = selection_mode
-        self.selector_threshold = selector_threshold
-        self.gumbel_temperature = gumbel_temperature
-        self.merger_num_layers = merger_num_layers
-        self.merger_num_heads = merger_num_heads
-        self.merger_intermediate_size = merger_intermediate_size
-        self.merger_attention = merger_attention
-        self.codebook_size = codebook_size
-        self.code_dim = code_dim
-        self.codebook_decay = codebook_decay
-        self.commitment_weight = commitment_weight
-        self.kmeans_init = kmeans_init
-        self.kmeans_iters = kmeans_iters
-        self.dead_code_threshold = dead_code_threshold
-        self.decoder_hidden_size = decoder_hidden_size
-        self.decoder_num_layers = decoder_num_layers
-        self.decoder_num_heads = decoder_num_heads
-        self.decoder_intermediate_size = decoder_intermediate_size
-        self.layer_norm_eps = layer_norm_eps
-        self.keep_ratio_target = keep_ratio_target
-        self.keep_ratio_weight = keep_ratio_weight
-        self.initializer_range = initializer_range
-        super().__init__(**kwargs)
+    vision_config: dict | PretrainedConfig | None = None
+    vision_feature_layer: int = -1
+    image_mean: list[float] | tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: list[float] | tuple[float, ...] = OPENAI_CLIP_STD
+    selection_mode: str = "deterministic"
+    selector_threshold: float = 0.5
+    gumbel_temperature: float = 1.0
+    merger_num_layers: int = 12
+    merger_num_heads: int = 16
+    merger_intermediate_size: int = 6144
+    merger_attention: str = "exact"
+    codebook_size: int = 16384
+    code_dim: int = 32
+    codebook_decay: float = 0.99
+    commitment_weight: float = 0.25
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    dead_code_threshold: float = 1.0
+    decoder_hidden_size: int = 1408
+    decoder_num_layers: int = 12
+    decoder_num_heads: int = 16
+    decoder_intermediate_size: int = 6144
+    layer_norm_eps: float = 1e-5
+    keep_ratio_target: float = 1 / 3
+    keep_ratio_weight: float = 2.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        check_choice("selection_mode", self.selection_mode, SELECTION_MODES)
+        check_choice("merger_attention", self.merger_attention, MERGER_ATTENTION_IMPLEMENTATIONS)
+        self.vision_config = _build_vision_config(self.vision_config)
+        self.image_mean = list(self.image_mean)
+        self.image_std = list(self.image_std)
+        super().__post_init__(**kwargs)
 
     def to_dict(self):
         output = super().to_dict()
@@ -283,27 +243,27 @@ class LaVITConfig(LaVITFolderConfig):
     model_type = "lavit"
     sub_configs = {"text_config": AutoConfig, "tokenizer_config": LaVITTokenizerConfig}
 
-    def __init__(
-        self,
-        text_config=None,
-        tokenizer_config=None,
-        text_vocab_size=32000,
-        loss_modalities="both",
-        generated_image_inputs="codes",
-        tie_word_embeddings=False,
-        **kwargs,
-    ):
-        if loss_modalities not in LOSS_MODALITIES:
-            raise ValueError(f"loss_modalities must be one of {LOSS_MODALITIES}, got {loss_modalities!r}")
-        if generated_image_inputs not in ("codes", "features"):
-            raise ValueError(f"generated_image_inputs must be 'codes' or 'features', got {generated_image_inputs!r}")
-        if tokenizer_config is None:
-            tokenizer_config = LaVITTokenizerConfig()
-        elif isinstance(tokenizer_config, dict):
-            tokenizer_config = LaVITTokenizerConfig(**tokenizer_config)
-        self.tokenizer_config = tokenizer_config
-        self.text_vocab_size = text_vocab_size
-        vocab_size = text_vocab_size + 2 + tokenizer_config.codebook_size
+    text_config: dict | PretrainedConfig | None = None
+    tokenizer_config: dict | LaVITTokenizerConfig | None = None
+    text_vocab_size: int = 32000
+    loss_modalities: str = "both"
+    generated_image_inputs: str = "codes"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        check_choice("loss_modalities", self.loss_modalities, LOSS_MODALITIES)
+        check_choice("generated_image_inputs", self.generated_image_inputs, GENERATED_IMAGE_INPUTS)
+        if self.tokenizer_config is None:
+            self.tokenizer_config = LaVITTokenizerConfig()
+        elif isinstance(self.tokenizer_config, dict):
+            self.tokenizer_config = LaVITTokenizerConfig(**self.tokenizer_config)
+        self.text_config = self._build_text_config(self.text_config)
+        super().__post_init__(**kwargs)
+
+    def _build_text_config(self, text_config) -> PretrainedConfig:
+        """The LM's config from a config, a dict (`model_type` llama by default) or `None` (LLaMA-2-7B with the LaVIT
+        vocabulary); a `ValueError` when its vocabulary cannot hold the visual ids."""
+        vocab_size = self.text_vocab_size + 2 + self.tokenizer_config.codebook_size
         if text_config is None:
             text_config = CONFIG_MAPPING["llama"](
                 vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -316,14 +276,11 @@ class LaVITConfig(LaVITFolderConfig):
         if text_config.vocab_size < vocab_size:
             raise ValueError(
                 f"text_config.vocab_size is {text_config.vocab_size}, expected at least text_vocab_size "
-                f"({text_vocab_size}) + 2 ([IMG], [/IMG]) + codebook_size ({tokenizer_config.codebook_size}) = "
-                f"{vocab_size} (rows past the visual ids, e.g. from resize_token_embeddings, are allowed)"
+                f"({self.text_vocab_size}) + 2 ([IMG], [/IMG]) + codebook_size "
+                f"({self.tokenizer_config.codebook_size}) = {vocab_size} (rows past the visual ids, e.g. from "
+                f"resize_token_embeddings, are allowed)"
             )
-        self.text_config = text_config
-        self.loss_modalities = loss_modalities
-        self.generated_image_inputs = generated_image_inputs
-        self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(**kwargs)
+        return text_config
 
     @property
     def image_start_token_id(self) -> int:
@@ -421,61 +378,42 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
 
     model_type = "lavit_detokenizer"
 
-    def __init__(
-        self,
-        conditioning="highres",
-        codebook_size=16384,
-        code_dim=32,
-        num_patches=256,
-        vision_hidden_size=1408,
-        decoder_hidden_size=1408,
-        decoder_num_layers=12,
-        decoder_num_heads=16,
-        decoder_intermediate_size=6144,
-        layer_norm_eps=1e-5,
-        prompt_projection_sizes=None,
-        pooled_projection_size=1280,
-        pooling_num_heads=16,
-        negative_context_length=77,
-        unet_config=None,
-        vae_config=None,
-        scheduler_config=None,
-        image_size=None,
-        num_inference_steps=25,
-        guidance_scale=7.0,
-        condition_dropout=0.1,
-        initializer_range=0.02,
-        **kwargs,
-    ):
-        if conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
-        highres = conditioning == "highres"
-        if prompt_projection_sizes is None:
-            prompt_projection_sizes = [768, 1280] if highres else [768]
-        self.conditioning = conditioning
-        self.codebook_size = codebook_size
-        self.code_dim = code_dim
-        self.num_patches = num_patches
-        self.vision_hidden_size = vision_hidden_size
-        self.decoder_hidden_size = decoder_hidden_size
-        self.decoder_num_layers = decoder_num_layers
-        self.decoder_num_heads = decoder_num_heads
-        self.decoder_intermediate_size = decoder_intermediate_size
-        self.layer_norm_eps = layer_norm_eps
-        self.prompt_projection_sizes = list(prompt_projection_sizes)
-        self.pooled_projection_size = pooled_projection_size
-        self.pooling_num_heads = pooling_num_heads
-        self.negative_context_length = negative_context_length
-        self.unet_config = dict(unet_config or (SDXL_UNET_CONFIG if highres else SD_UNET_CONFIG))
-        self.vae_config = dict(vae_config or (SDXL_VAE_CONFIG if highres else SD_VAE_CONFIG))
-        self.scheduler_config = dict(scheduler_config or SD_SCHEDULER_CONFIG)
-        self.image_size = image_size or (1024 if highres else 512)
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.condition_dropout = condition_dropout
-        self.initializer_range = initializer_range
-        super().__init__(**kwargs)
-        self._check_unet_fits()
+    conditioning: str = "highres"
+    codebook_size: int = 16384
+    code_dim: int = 32
+    num_patches: int = 256
+    vision_hidden_size: int = 1408
+    decoder_hidden_size: int = 1408
+    decoder_num_layers: int = 12
+    decoder_num_heads: int = 16
+    decoder_intermediate_size: int = 6144
+    layer_norm_eps: float = 1e-5
+    prompt_projection_sizes: list[int] | None = None
+    pooled_projection_size: int = 1280
+    pooling_num_heads: int = 16
+    negative_context_length: int = 77
+    unet_config: dict | None = None
+    vae_config: dict | None = None
+    scheduler_config: dict | None = None
+    image_size: int | None = None
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.0
+    condition_dropout: float = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        check_choice("conditioning", self.conditioning, CONDITIONINGS)
+        # the defaults left unset are the official ones of the chosen conditioning
+        highres = self.conditioning == "highres"
+        if self.prompt_projection_sizes is None:
+            self.prompt_projection_sizes = [768, 1280] if highres else [768]
+        self.prompt_projection_sizes = list(self.prompt_projection_sizes)
+        self.unet_config = dict(self.unet_config or (SDXL_UNET_CONFIG if highres else SD_UNET_CONFIG))
+        self.vae_config = dict(self.vae_config or (SDXL_VAE_CONFIG if highres else SD_VAE_CONFIG))
+        self.scheduler_config = dict(self.scheduler_config or SD_SCHEDULER_CONFIG)
+        self.image_size = self.image_size or (1024 if highres else 512)
+        super().__post_init__(**kwargs)
+        self.check_unet_fits()
 
     @property
     def hidden_size(self) -> int:
@@ -483,7 +421,9 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
         decoder and the UNet blocks."""
         return max(self.decoder_hidden_size, *self.unet_config.get("block_out_channels", [0]))
 
-    def _check_unet_fits(self):
+    def check_unet_fits(self) -> None:
+        """Raises `ValueError` when the UNet config does not take the conditions these settings build (cross-attention
+        width, SDXL added embeddings, lowres negative context); run again after replacing `unet_config`."""
         cross_attention_dim = self.unet_config.get("cross_attention_dim", 1280)
         if sum(self.prompt_projection_sizes) != cross_attention_dim:
             raise ValueError(f"prompt_projection_sizes {self.prompt_projection_sizes} sum to "
@@ -510,6 +450,12 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
                          "decoder_num_layers", "decoder_num_heads", "decoder_intermediate_size", "layer_norm_eps")
         }
         return cls(**{**sizes, **kwargs})
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """Raises `ValueError` naming the setting when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _build_vision_config(vision_config) -> PretrainedConfig:

@@ -481,7 +481,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         self.config.unet_config = public_config(dict(self.unet.config))
         self.config.vae_config = public_config(dict(self.vae.config))
         self.config.scheduler_config = scheduler_config_dict(self.scheduler)
-        self.config._check_unet_fits()
+        self.config.check_unet_fits()
 
 
 def prepare_latents(latent_shape: tuple, generator=None, latents=None, device=None, dtype=None) -> torch.Tensor:

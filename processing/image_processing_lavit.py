@@ -170,6 +170,7 @@ class LaVITImageProcessor(BaseImageProcessor):
                    image_std=tokenizer_config.image_std, **kwargs)
 
     def resize_image(self, image: Image.Image) -> Image.Image:
+        """`image` at `size`: squashed, or resized on its shorter side and center-cropped (`resize_mode`)."""
         height, width = self.size["height"], self.size["width"]
         resample = RESAMPLING[self.resample]
         if self.resize_mode == "squash":

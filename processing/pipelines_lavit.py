@@ -9,9 +9,10 @@ the model folder has a pixel decoder (`detokenizer/`); `height`, `width`, `num_i
 Captioning and VQA use the built-in `image-text-to-text` task.
 """
 
+import torch
 from PIL import Image
 from torch import nn
-from transformers import Pipeline
+from transformers import BatchFeature, Pipeline
 
 IMAGE_GENERATION_ARGUMENTS = (
     "guidance_scale", "do_sample", "top_k", "top_p", "temperature", "min_new_tokens", "max_new_tokens",
@@ -21,13 +22,20 @@ PIXEL_DECODING_ARGUMENTS = ("height", "width", "num_inference_steps", "decoder_g
 
 
 class LaVITTextToImagePipeline(Pipeline):
+    """Text (or multimodal) prompts -> generated visual tokens, and images when the model has a pixel decoder (module
+    docstring). Arguments not in `IMAGE_GENERATION_ARGUMENTS`, `PIXEL_DECODING_ARGUMENTS`, `images` or
+    `negative_prompt` raise a `ValueError` naming them."""
+
     _load_processor = True
     _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
     _pipeline_calls_generate = True
 
-    def _sanitize_parameters(self, images=None, negative_prompt=None, **kwargs):
+    def _sanitize_parameters(
+        self, images=None, negative_prompt: str | list[str] | None = None, **kwargs
+    ) -> tuple[dict, dict, dict]:
+        """The pipeline's arguments split into preprocess, forward and postprocess ones."""
         preprocess_params = {}
         if images is not None:
             preprocess_params["images"] = images
@@ -41,11 +49,15 @@ class LaVITTextToImagePipeline(Pipeline):
             raise ValueError(f"lavit-text-to-image does not take {sorted(kwargs)}")
         return preprocess_params, forward_params, {}
 
-    def preprocess(self, prompt, images=None):
+    def preprocess(self, prompt: str | list[str], images=None) -> BatchFeature:
         """A text prompt (with `<image>` placeholders when `images` are given: multimodal prompts)."""
         return self.processor(images=images, text=prompt, return_tensors="pt")
 
-    def _forward(self, model_inputs, negative_prompt=None, **generate_kwargs):
+    def _forward(
+        self, model_inputs: BatchFeature, negative_prompt: str | list[str] | None = None, **generate_kwargs
+    ) -> dict[str, torch.Tensor]:
+        """Generates the visual tokens (and pixels, (num_prompts, images per prompt, 3, H, W) in [0, 1]) of a batch of
+        prompts: `code_ids` (num_prompts, images per prompt, longest count; padded with -1) and `token_counts`."""
         if negative_prompt is not None:
             negative = self.processor(text=negative_prompt, return_tensors="pt")
             generate_kwargs["negative_input_ids"] = negative["input_ids"].to(self.device)
@@ -70,12 +82,15 @@ class LaVITTextToImagePipeline(Pipeline):
             outputs["pixels"] = pixels.view(num_prompts, -1, *pixels.shape[1:])
         return outputs
 
-    def postprocess(self, model_outputs):
+    def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> list[dict]:
+        """One result per image: `code_ids`, `token_count` and, with pixels, `image` (PIL)."""
         code_ids, token_counts = model_outputs["code_ids"].flatten(0, 1), model_outputs["token_counts"].flatten()
         results = [{"code_ids": ids[:count].tolist(), "token_count": int(count)}
                    for ids, count in zip(code_ids, token_counts, strict=True)]
         if "pixels" in model_outputs:
             pixels = model_outputs["pixels"].flatten(0, 1)
+            # the detokenizer's `to_pil_images`, which this file cannot import: once installed, lavit.processing and
+            # lavit.modeling are separate packages (only Hub folders hold both side by side)
             arrays = (pixels.permute(0, 2, 3, 1).float().numpy() * 255).round().astype("uint8")
             for result, array in zip(results, arrays, strict=True):
                 result["image"] = Image.fromarray(array)

@@ -16,11 +16,8 @@ import inspect
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import logging
 
 from .image_processing_lavit import flatten_images
-
-logger = logging.get_logger(__name__)
 
 IMAGE_START_TOKEN = "[IMG]"
 IMAGE_END_TOKEN = "[/IMG]"
@@ -47,6 +44,52 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+
+
+def fill_image_spans(ids: list[int], image_start_token_id: int, visual_ids: list[list[int]]) -> list[int]:
+    """One row of ids with each `[IMG]` followed by its image's visual ids (`visual_ids`, one list per `[IMG]`, in
+    order): compact pairs -> expanded spans."""
+    expanded, cursor = [], 0
+    for token in ids:
+        expanded.append(token)
+        if token == image_start_token_id:
+            expanded.extend(visual_ids[cursor])
+            cursor += 1
+    return expanded
+
+
+def fill_per_token_values(ids: list[int], values: list, image_start_token_id: int, span_lengths: list[int]) -> list:
+    """A per-token output of one row (offsets, token types) with one entry per visual slot `fill_image_spans` inserts
+    (`span_lengths`: visual ids per `[IMG]`): the `[IMG]` token's value, as a zero-width offset at its end for
+    offsets."""
+    expanded, cursor = [], 0
+    for token, value in zip(ids, values, strict=True):
+        expanded.append(value)
+        if token == image_start_token_id:
+            filler = (value[1], value[1]) if isinstance(value, tuple | list) else value
+            expanded.extend([filler] * span_lengths[cursor])
+            cursor += 1
+    return expanded
+
+
+def truncate_row(ids: list[int], max_length: int, image_start_token_id: int, image_end_token_id: int) -> list[int]:
+    """A row cut on the right at `max_length` tokens, before any image span the cut would split."""
+    cut = max_length
+    starts = [index for index, token in enumerate(ids[:cut]) if token == image_start_token_id]
+    if starts and image_end_token_id not in ids[starts[-1] : cut]:
+        cut = starts[-1]  # never keep an [IMG] without its [/IMG]
+    return ids[:cut]
+
+
+def pad_offsets(offsets: list, attention_mask: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per-row (start, end) character offsets, padded with (0, 0) where `attention_mask` (B, L) marks padding (on the
+    side the ids were padded)."""
+    padded = []
+    for row_offsets, row_mask in zip(offsets, attention_mask.tolist(), strict=True):
+        row_offsets = [tuple(pair) for pair in row_offsets]
+        pad = [(0, 0)] * (len(row_mask) - len(row_offsets))
+        padded.append(row_offsets + pad if row_mask[0] == 1 or not pad else pad + row_offsets)
+    return padded
 
 
 class LaVITProcessor(ProcessorMixin):
@@ -122,41 +165,37 @@ class LaVITProcessor(ProcessorMixin):
     def __call__(
         self,
         images=None,
-        text=None,
+        text: str | list[str] | None = None,
+        videos=None,
+        audio=None,
+        *,
         padding: bool | str = True,
         truncation: bool = False,
         max_length: int | None = None,
         padding_side: str | None = None,
         add_special_tokens: bool = False,
         return_tensors: str | None = "pt",
+        return_text_replacement_offsets: bool = False,
         **kwargs,
     ) -> BatchFeature:
         """
         Text with `<image>` placeholders (one per image, in order) and images -> `input_ids`, `attention_mask` and
-        `pixel_values`. Images without text get one placeholder each (captioning prompts). `truncation` with
-        `max_length` cuts rows on the right, never between `[IMG]` and `[/IMG]`; images cut off are dropped.
-        `add_special_tokens` defaults to False: official LaVIT prompts carry no BOS. Other arguments of the text
-        tokenizer's `__call__` (e.g. `return_offsets_mapping`) go to it, so `apply_chat_template(...,
-        return_assistant_tokens_mask=True)` works; `return_text_replacement_offsets` reports where each `<image>` became
-        `[IMG][/IMG]` (character spans, for `apply_chat_template`).
+        `pixel_values` (plus `image_keep_mask` (num_images, N) with expanded spans, module docstring). Images without
+        text get one placeholder each (captioning prompts). `truncation` with `max_length` cuts rows on the right,
+        never between `[IMG]` and `[/IMG]`; images cut off are dropped. `add_special_tokens` defaults to False:
+        official LaVIT prompts carry no BOS. Other keyword arguments must be arguments of the text tokenizer's
+        `__call__` (e.g. `return_offsets_mapping`, TRL's `pad_to_multiple_of`) and go to it, so
+        `apply_chat_template(..., return_assistant_tokens_mask=True)` works; `return_text_replacement_offsets`
+        reports where each `<image>` became `[IMG][/IMG]` (character spans, for `apply_chat_template`). `videos` and
+        `audio` are there because `apply_chat_template` passes them (as `None`); LaVIT reads neither.
+
+        Raises `ValueError` naming the problem: videos or audio given, no input, a placeholder count that differs
+        from the image count, an empty text, LaVIT control tokens spelled in the text, unknown keyword arguments.
         """
-        flat_images = flatten_images(images)
-        if text is None:
-            if not flat_images:
-                raise ValueError("give text, images or both")
-            text = self.image_token * len(flat_images)
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(item, str) for item in texts):
-            raise ValueError("text must be a string or a non-empty list of strings")
-        return_replacements = kwargs.pop("return_text_replacement_offsets", False)
+        # 1. check the inputs and split the keyword arguments off to the text tokenizer
+        texts, flat_images, placeholders_per_text = self._check_inputs(images, text, videos, audio)
         tokenizer_kwargs = self._tokenizer_kwargs(kwargs)
-        placeholders_per_text = [item.count(self.image_token) for item in texts]
-        if sum(placeholders_per_text) != len(flat_images):
-            raise ValueError(f"the text holds {sum(placeholders_per_text)} {self.image_token} placeholder(s) "
-                             f"(per text: {placeholders_per_text}) but {len(flat_images)} image(s) were given")
-        empty = [index for index, item in enumerate(texts) if not item.strip()]
-        if empty:
-            raise ValueError(f"text {empty} is empty: give a prompt or an {self.image_token} placeholder")
+        # 2. tokenize the texts with each `<image>` as the compact pair `[IMG][/IMG]`
         tokenized = self.tokenizer(
             [self.replace_image_placeholders(item) for item in texts], add_special_tokens=add_special_tokens,
             **tokenizer_kwargs,
@@ -166,43 +205,97 @@ class LaVITProcessor(ProcessorMixin):
         # per-token outputs the caller asked the tokenizer for (offsets, token types, ...): cut and padded with the ids
         per_token = {key: list(values) for key, values in tokenized.items()
                      if key not in ("input_ids", "attention_mask")}
-
+        # 3. images -> pixel_values, and their visual tokens when the processor writes expanded spans
         image_inputs = self.image_processor(flat_images, return_tensors="pt") if flat_images else {}
         tokens = self._tokenize_images(image_inputs["pixel_values"]) if flat_images and self.expands_images else None
-        kept_images, image_cursor = [], 0
-        for row, ids in enumerate(encoded):
-            row_images = list(range(image_cursor, image_cursor + placeholders_per_text[row]))
-            image_cursor += len(row_images)
-            if tokens is not None:
-                images_of_row = [tokens[index] for index in row_images]
-                for values in per_token.values():
-                    values[row] = self._expand_per_token(ids, values[row], images_of_row)
-                ids = self._expand_row(ids, images_of_row)
-            if truncation and max_length is not None and len(ids) > max_length:
-                ids = self._truncate(ids, max_length)
-                for values in per_token.values():
-                    values[row] = values[row][: len(ids)]
-            encoded[row] = ids
-            kept_images.extend(row_images[: ids.count(self.image_start_token_id)])
-            if not ids:
-                raise ValueError(f"text {row} has no tokens left (empty, or truncated to max_length={max_length})")
-
-        pad_kwargs = {} if padding_side is None else {"padding_side": padding_side}
-        offsets = per_token.pop("offset_mapping", None)  # `tokenizer.pad` does not pad offsets: done below
-        text_inputs = self.tokenizer.pad(
-            {"input_ids": encoded, **per_token}, padding=padding,
-            max_length=max_length if padding == "max_length" else None, return_tensors=return_tensors, **pad_kwargs,
-        )
-        data = dict(text_inputs)
-        if offsets is not None:
-            data["offset_mapping"] = self._pad_offsets(offsets, text_inputs["attention_mask"])
-        if return_replacements:
+        # 4. fill the image spans and truncate, row by row
+        kept_images = self._build_rows(encoded, per_token, placeholders_per_text, tokens,
+                                       max_length if truncation else None)
+        # 5. pad the rows, then add the inputs of the images whose spans remain
+        data = self._pad(encoded, per_token, padding, max_length, padding_side, return_tensors)
+        if return_text_replacement_offsets:
             data["text_replacement_offsets"] = [self.replacement_offsets(item) for item in texts]
         if kept_images:
             data.update({name: value[kept_images] for name, value in image_inputs.items()})
             if tokens is not None:
                 data["image_keep_mask"] = torch.stack([tokens[index][1] for index in kept_images])
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_inputs(self, images, text, videos, audio) -> tuple[list[str], list, list[int]]:
+        """The texts, the flat list of images and the number of `<image>` placeholders in each text; a `ValueError`
+        naming the problem when they do not fit together."""
+        given = [name for name, value in (("videos", videos), ("audio", audio)) if value is not None]
+        if given:
+            raise ValueError(f"LaVITProcessor reads images and text only, got {given}")
+        flat_images = flatten_images(images)
+        if text is None:
+            if not flat_images:
+                raise ValueError("give text, images or both")
+            text = self.image_token * len(flat_images)
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(item, str) for item in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        placeholders_per_text = [item.count(self.image_token) for item in texts]
+        if sum(placeholders_per_text) != len(flat_images):
+            raise ValueError(f"the text holds {sum(placeholders_per_text)} {self.image_token} placeholder(s) "
+                             f"(per text: {placeholders_per_text}) but {len(flat_images)} image(s) were given")
+        empty = [index for index, item in enumerate(texts) if not item.strip()]
+        if empty:
+            raise ValueError(f"text {empty} is empty: give a prompt or an {self.image_token} placeholder")
+        return texts, flat_images, placeholders_per_text
+
+    def _build_rows(
+        self,
+        encoded: list[list[int]],
+        per_token: dict[str, list],
+        placeholders_per_text: list[int],
+        tokens: list[tuple[list[int], torch.Tensor]] | None,
+        max_length: int | None,
+    ) -> list[int]:
+        """Fills each row's image spans with its images' visual ids (`tokens`, expanded spans; `None`: compact pairs)
+        and cuts it to `max_length` (`None`: no cut), in place, the per-token outputs alongside; returns the indices
+        of the images whose spans remain."""
+        kept_images, image_cursor = [], 0
+        for row, ids in enumerate(encoded):
+            row_images = list(range(image_cursor, image_cursor + placeholders_per_text[row]))
+            image_cursor += len(row_images)
+            if tokens is not None:
+                visual_ids = [tokens[index][0] for index in row_images]
+                for values in per_token.values():
+                    values[row] = fill_per_token_values(ids, values[row], self.image_start_token_id,
+                                                        [len(span) for span in visual_ids])
+                ids = fill_image_spans(ids, self.image_start_token_id, visual_ids)
+            if max_length is not None and len(ids) > max_length:
+                ids = truncate_row(ids, max_length, self.image_start_token_id, self.image_end_token_id)
+                for values in per_token.values():
+                    values[row] = values[row][: len(ids)]
+            encoded[row] = ids
+            kept_images.extend(row_images[: ids.count(self.image_start_token_id)])
+            if not ids:
+                raise ValueError(f"text {row} has no tokens left (empty, or truncated to max_length={max_length})")
+        return kept_images
+
+    def _pad(
+        self,
+        encoded: list[list[int]],
+        per_token: dict[str, list],
+        padding: bool | str,
+        max_length: int | None,
+        padding_side: str | None,
+        return_tensors: str | None,
+    ) -> dict:
+        """`input_ids`, `attention_mask` and the per-token outputs, padded by the text tokenizer (offsets by hand:
+        `tokenizer.pad` leaves them as they are)."""
+        pad_kwargs = {} if padding_side is None else {"padding_side": padding_side}
+        offsets = per_token.pop("offset_mapping", None)
+        text_inputs = self.tokenizer.pad(
+            {"input_ids": encoded, **per_token}, padding=padding,
+            max_length=max_length if padding == "max_length" else None, return_tensors=return_tensors, **pad_kwargs,
+        )
+        data = dict(text_inputs)
+        if offsets is not None:
+            data["offset_mapping"] = pad_offsets(offsets, text_inputs["attention_mask"])
+        return data
 
     def _check_control_ids(self, encoded: list[list[int]], placeholders_per_text: list[int]):
         """User text is text: `[IMG]`/`[/IMG]` come only from `<image>` placeholders and no text spells a visual id
@@ -220,23 +313,14 @@ class LaVITProcessor(ProcessorMixin):
                 )
 
     def _tokenizer_kwargs(self, kwargs: dict) -> dict:
-        """The arguments of the text tokenizer's `__call__` among `kwargs`; the rest are ignored with a warning."""
+        """`kwargs` when all are arguments of the text tokenizer's `__call__`; a `ValueError` naming the others."""
         accepted = inspect.signature(type(self.tokenizer).__call__).parameters
-        unknown = sorted(name for name, value in kwargs.items() if name not in accepted and value is not None)
+        unknown = sorted(name for name in kwargs if name not in accepted)
         if unknown:
-            logger.warning(f"LaVITProcessor ignores the arguments {unknown} (generation options belong to "
-                           f"generate, or to generate_kwargs in pipelines)")
-        return {name: value for name, value in kwargs.items() if name in accepted}
-
-    @staticmethod
-    def _pad_offsets(offsets: list, attention_mask) -> list:
-        """Per-row (start, end) character offsets, padded with (0, 0) where the ids were padded."""
-        padded = []
-        for row_offsets, row_mask in zip(offsets, attention_mask.tolist(), strict=True):
-            row_offsets = [tuple(pair) for pair in row_offsets]
-            pad = [(0, 0)] * (len(row_mask) - len(row_offsets))
-            padded.append(row_offsets + pad if row_mask[0] == 1 or not pad else pad + row_offsets)
-        return padded
+            raise ValueError(f"LaVITProcessor does not take the arguments {unknown}: it takes its own and the text "
+                             f"tokenizer's (generation options belong to generate, or to generate_kwargs in "
+                             f"pipelines)")
+        return kwargs
 
     def replacement_offsets(self, text: str) -> list[dict]:
         """Where each `<image>` of `text` (character `span`) lies once replaced by `[IMG][/IMG]` (`new_span`)."""
@@ -263,36 +347,6 @@ class LaVITProcessor(ProcessorMixin):
         offset = self.image_end_token_id + 1
         return [((codes + offset).tolist(), mask) for codes, mask in
                 zip(output.per_image(), output.keep_mask.cpu(), strict=True)]
-
-    def _expand_row(self, ids: list[int], images: list[tuple[list[int], torch.Tensor]]) -> list[int]:
-        """Fills the compact pairs of one row, in order, with their images' visual ids."""
-        expanded, cursor = [], 0
-        for token in ids:
-            expanded.append(token)
-            if token == self.image_start_token_id:
-                expanded.extend(images[cursor][0])
-                cursor += 1
-        return expanded
-
-    def _expand_per_token(self, ids: list[int], values: list, images: list[tuple[list[int], torch.Tensor]]) -> list:
-        """A per-token output of one row (offsets, token types) with one entry per visual slot `_expand_row` inserts:
-        the `[IMG]` token's value, as a zero-width offset at its end for offsets."""
-        expanded, cursor = [], 0
-        for token, value in zip(ids, values, strict=True):
-            expanded.append(value)
-            if token == self.image_start_token_id:
-                filler = (value[1], value[1]) if isinstance(value, tuple | list) else value
-                expanded.extend([filler] * len(images[cursor][0]))
-                cursor += 1
-        return expanded
-
-    def _truncate(self, ids: list[int], max_length: int) -> list[int]:
-        """Cuts a row on the right at `max_length` tokens, before any image span the cut would split."""
-        cut = max_length
-        starts = [index for index, token in enumerate(ids[:cut]) if token == self.image_start_token_id]
-        if starts and self.image_end_token_id not in ids[starts[-1] : cut]:
-            cut = starts[-1]  # never keep an [IMG] without its [/IMG]
-        return ids[:cut]
 
     def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
                                        **kwargs):

@@ -276,3 +276,37 @@ def test_prompt_text_never_spells_control_ids(lavit_processor, text):
     with pytest.raises(ValueError, match="text 0 spells LaVIT control tokens"):
         lavit_processor(images=images or None, text=text)
     assert lavit_processor(images=images or None, text="<image>a cat" if images else "a cat")["input_ids"].numel()
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize(("config_class", "setting", "value"), [
+    ("LaVITTokenizerConfig", "selection_mode", "greedy"), ("LaVITTokenizerConfig", "merger_attention", "flash"),
+    ("LaVITConfig", "loss_modalities", "all"), ("LaVITConfig", "generated_image_inputs", "pixels"),
+    ("LaVITDetokenizerConfig", "conditioning", "midres"),
+])
+def test_config_choices_are_checked_by_name(config_class, setting, value):
+    import lavit
+
+    with pytest.raises(ValueError, match=rf"{setting} must be one of .*, got '{value}'"):
+        getattr(lavit, config_class)(**{setting: value})
+
+
+def test_configs_keep_defaults_derived_from_their_settings_and_check_the_unet():
+    from lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITTokenizerConfig
+
+    config = LaVITConfig(tokenizer_config={"codebook_size": 64}, text_vocab_size=100,
+                         text_config={"vocab_size": 166, "hidden_size": 32, "num_hidden_layers": 1,
+                                      "num_attention_heads": 2, "intermediate_size": 64})
+    assert isinstance(config.tokenizer_config, LaVITTokenizerConfig) and config.visual_token_end == 166
+    assert LaVITConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match=r"text_config.vocab_size is 165, expected at least .* = 166"):
+        LaVITConfig(tokenizer_config={"codebook_size": 64}, text_vocab_size=100, text_config={"vocab_size": 165})
+    lowres = LaVITDetokenizerConfig(conditioning="lowres")
+    assert (lowres.prompt_projection_sizes, lowres.image_size, lowres.unet_config["cross_attention_dim"]) == (
+        [768], 512, 768)
+    lowres.unet_config["cross_attention_dim"] = 1024
+    with pytest.raises(ValueError, match=r"prompt_projection_sizes \[768\] sum to 768, but the UNet's "
+                                         r"cross_attention_dim is 1024"):
+        lowres.check_unet_fits()

@@ -1,5 +1,6 @@
 """Pipelines on a saved model folder: built-in image-text-to-text (plain and chat) and lavit-text-to-image."""
 
+import pytest
 import torch
 from conftest import real_photos
 from PIL import Image
@@ -43,3 +44,5 @@ def test_text_to_image_pipeline_returns_code_ids(lavit_model, lavit_processor, t
                                                  num_images_per_prompt=2)
     assert [result["code_ids"] for result in results] == [ids.tolist() for ids in expected.per_image()]
     assert all(result["token_count"] == len(result["code_ids"]) for result in results)
+    with pytest.raises(ValueError, match=r"does not take \['guidance'\]"):
+        pipe("a red bus", guidance=4.0)

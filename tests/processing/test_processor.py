@@ -109,3 +109,54 @@ def test_tokenizer_without_image_tokens_is_rejected():
         LaVITProcessor(LaVITImageProcessor(), plain)
     assert LaVITProcessor.add_image_tokens(plain) == 2
     assert LaVITProcessor(LaVITImageProcessor(), plain).image_start_token_id == 2
+
+
+def test_unknown_arguments_raise_and_tokenizer_arguments_pass(lavit_processor):
+    with pytest.raises(ValueError, match=r"does not take the arguments \['max_new_tokens', 'temprature'\]"):
+        lavit_processor(text="a cat", max_new_tokens=5, temprature=0.7)
+    with pytest.raises(ValueError, match=r"reads images and text only, got \['videos'\]"):
+        lavit_processor(text="a cat", videos=[np.zeros((2, 8, 8, 3), np.uint8)])
+    with_offsets = lavit_processor(text=["a cat", "a red bus"], return_offsets_mapping=True)
+    plain = lavit_processor(text=["a cat", "a red bus"])
+    assert torch.equal(with_offsets["input_ids"], plain["input_ids"])
+    assert with_offsets["offset_mapping"].shape == (*plain["input_ids"].shape, 2)
+
+
+def test_apply_chat_template_calls_the_processor_with_what_it_accepts(lavit_processor):
+    """`apply_chat_template` passes `videos=None` and `audio=None` and its processor arguments: all accepted."""
+    photo = Image.fromarray(real_photos()[0])
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "a cat"}]}]
+    chat = lavit_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               processor_kwargs={"padding": True, "pad_to_multiple_of": 8})
+    rendered = lavit_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    direct = lavit_processor(images=[photo], text=rendered, pad_to_multiple_of=8)
+    assert torch.equal(chat["input_ids"], direct["input_ids"])
+    assert torch.equal(chat["pixel_values"], direct["pixel_values"])
+
+
+def test_clip_statistics_copy_matches_the_image_processor():
+    """configuration_lavit.py keeps a copy of the CLIP statistics (Hub folders are flat: no cross-folder import)."""
+    from lavit.modeling import configuration_lavit
+    from lavit.processing import image_processing_lavit
+
+    assert configuration_lavit.OPENAI_CLIP_MEAN == image_processing_lavit.OPENAI_CLIP_MEAN
+    assert configuration_lavit.OPENAI_CLIP_STD == image_processing_lavit.OPENAI_CLIP_STD
+
+
+def test_span_filling_truncation_and_offset_padding_are_pure_list_functions():
+    from lavit.processing.processing_lavit import fill_image_spans, fill_per_token_values, pad_offsets, truncate_row
+
+    start, end = 100, 101  # [IMG], [/IMG]
+    ids = [5, start, end, 6, start, end]
+    assert fill_image_spans(ids, start, [[102, 103], [104]]) == [5, start, 102, 103, end, 6, start, 104, end]
+    offsets = [(0, 1), (1, 6), (6, 12), (12, 13), (13, 18), (18, 24)]
+    assert fill_per_token_values(ids, offsets, start, [2, 1]) == [
+        (0, 1), (1, 6), (6, 6), (6, 6), (6, 12), (12, 13), (13, 18), (18, 18), (18, 24)]
+    assert fill_per_token_values(ids, [0, 1, 1, 0, 1, 1], start, [2, 1]) == [0, 1, 1, 1, 1, 0, 1, 1, 1]
+    expanded = [5, start, 102, 103, end, 6]
+    assert truncate_row(expanded, 5, start, end) == expanded[:5]  # the whole span fits
+    assert truncate_row(expanded, 4, start, end) == [5]  # never [IMG] without its [/IMG]
+    assert truncate_row(expanded, 10, start, end) == expanded
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # right- and left-padded rows
+    assert pad_offsets([[(0, 1), (1, 2)], [(0, 3), (3, 4)]], mask) == [
+        [(0, 1), (1, 2), (0, 0)], [(0, 0), (0, 3), (3, 4)]]

@@ -2,9 +2,10 @@
 sampling helpers shared with text generation.
 
 `LaVITImageGenerationMixin` gives [`LaVITForCausalLM`] its image side: `generate_image_tokens` (visual ids after
-`[IMG]` until `[/IMG]`, with classifier-free guidance), `decode_image_tokens` / `generate_images` / `reconstruct`
-through the pixel decoder, and the attach / save / load plumbing of that decoder (kept beside the model, in its own
-`detokenizer/` sub-folder). Its settings are one typed [`LaVITImageGenerationConfig`].
+`[IMG]` until `[/IMG]`, with classifier-free guidance; its settings are one typed [`LaVITImageGenerationConfig`]) and
+`generate_images`; its base `LaVITPixelDecodingMixin` holds `decode_image_tokens` / `reconstruct` through the pixel
+decoder and the attach / save / load plumbing of that decoder (kept beside the model, in its own `detokenizer/`
+sub-folder).
 """
 
 import math
@@ -219,6 +220,15 @@ class LaVITImageGenerationConfig:
         if self.cache_implementation not in ("dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}")
 
+    @classmethod
+    def resolve(cls, generation_config: "LaVITImageGenerationConfig | None", kwargs: dict):
+        """`generation_config` (default: the defaults) with `kwargs` replacing its fields; raises `TypeError` for
+        another kind of config or unknown names."""
+        if generation_config is not None and not isinstance(generation_config, cls):
+            raise TypeError(f"generation_config must be a LaVITImageGenerationConfig, got "
+                            f"{type(generation_config).__name__}")
+        return (generation_config or cls()).updated(**kwargs)
+
     def updated(self, **kwargs) -> "LaVITImageGenerationConfig":
         """A copy with `kwargs` replacing fields; raises `TypeError` naming unknown names."""
         names = [field.name for field in fields(self)]
@@ -247,15 +257,16 @@ class ImageTokenSampler:
     before `min_new_tokens`, then the warpers and one draw per row from its own stream (or argmax).
     """
 
-    def __init__(self, settings: LaVITImageGenerationConfig, min_new_tokens: int, generators=None):
-        # generators: one per conditional row (see `row_generators`), required when `settings.do_sample`
+    def __init__(self, settings: LaVITImageGenerationConfig, min_new_tokens: int, generator: torch.Generator | None,
+                 num_images: int, device: torch.device):
         self.guidance_scale = settings.guidance_scale
         self.branches = 2 if settings.guidance_scale != 1.0 else 1  # conditional and unconditional rows
         self.min_new_tokens = min_new_tokens
         self.do_sample = settings.do_sample
-        self.generators = generators
-        self.warpers = []
+        self.generators, self.warpers = None, []
         if settings.do_sample:
+            # one random stream per image (`num_images` conditional rows), seeded by one draw from `generator` here
+            self.generators = row_generators(generator, num_images, settings.num_images_per_prompt, device)
             if settings.temperature != 1.0:
                 self.warpers.append(TemperatureLogitsWarper(settings.temperature))
             if settings.top_k:
@@ -276,15 +287,17 @@ class ImageTokenSampler:
         return scores.argmax(dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------- the mixin
+# ----------------------------------------------------------------------------------------------- the mixins
 
 
-class LaVITImageGenerationMixin:
+class LaVITPixelDecodingMixin:
     """
-    The image side of [`LaVITForCausalLM`]: visual-token generation, pixel decoding through the detokenizer, and the
-    detokenizer's attach / save / load plumbing. Expects `config`, `model` (a `LaVITModel`), `lm_head`,
-    `get_input_embeddings` and `device`, as `LaVITForCausalLM` has them.
+    The pixel side of [`LaVITForCausalLM`]: the detokenizer kept beside the model (not a submodule: it is not trained
+    with the LM, lives in its own `detokenizer/` sub-folder and stays out of the LM's state dict, optimizer and
+    device map), its attach / save / load plumbing, and decoding visual tokens to pixels. Expects `config`,
+    `visual_tokenizer`, `device` and `_detokenizer`, as `LaVITForCausalLM` has them.
     """
+
 
     @property
     def detokenizer(self) -> LaVITDetokenizer | None:
@@ -346,9 +359,77 @@ class LaVITImageGenerationMixin:
         """`PreTrainedModel.from_pretrained`, plus the `detokenizer/` sub-folder when the folder has one (and
         diffusers is installed); `load_detokenizer=False` skips it."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if load_detokenizer and isinstance(model, LaVITImageGenerationMixin):
+        if load_detokenizer and isinstance(model, LaVITPixelDecodingMixin):
             model.set_detokenizer(_load_detokenizer(pretrained_model_name_or_path, kwargs))
         return model
+
+
+    # ------------------------------------------------------------------------------------------- pixels
+
+    def _require_detokenizer(self) -> LaVITDetokenizer:
+        if self._detokenizer is None:
+            raise ValueError("no pixel decoder: load a folder with a `detokenizer/` sub-folder, or call "
+                             "model.set_detokenizer(LaVITDetokenizer.from_pretrained(...))")
+        if self._detokenizer.device != self.device:
+            self._detokenizer.to(self.device)  # it is not a submodule, so `model.to(...)` did not move it
+        return self._detokenizer
+
+    @torch.no_grad()
+    def decode_image_tokens(
+        self,
+        token_ids: torch.Tensor,
+        token_counts: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        **decode_kwargs,
+    ):
+        """
+        Visual tokens -> PIL images through the detokenizer (`decode_kwargs` go to [`LaVITDetokenizer.decode`]).
+        `token_ids` is either packed code ids (T,) with `token_counts` (B,), as `generate_image_tokens` returns, or
+        LM sequences (B, L) (as `generate(..., generation_mode="image")` returns): each row's visual ids after its
+        last `[IMG]` form one image. One `generator` is split into one stream per image (see `row_generators`,
+        with consecutive groups of `num_images_per_prompt` images per prompt), so an image's pixels do not depend on
+        the other images decoded with it.
+        """
+        if token_counts is None:
+            token_ids, token_counts = self._last_image_codes(token_ids)
+        if not isinstance(generator, list):
+            generator = row_generators(generator, token_counts.numel(), num_images_per_prompt, self.device)
+        return self._require_detokenizer().decode(token_ids, token_counts, generator=generator, **decode_kwargs)
+
+    def _last_image_codes(self, sequences: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Packed code ids and counts of the visual ids after each LM sequence's last `[IMG]`."""
+        if sequences.ndim != 2:
+            raise ValueError(f"without token_counts, token_ids must be LM sequences (batch, length), "
+                             f"got shape {tuple(sequences.shape)}")
+        config = self.config
+        is_start = sequences == config.image_start_token_id
+        if not bool(is_start.any(dim=1).all()):
+            raise ValueError("every sequence needs an [IMG] token before its visual ids")
+        columns = torch.arange(sequences.shape[1], device=sequences.device)
+        last_start = torch.where(is_start, columns, -1).max(dim=1, keepdim=True).values
+        is_visual = (sequences >= config.visual_token_offset) & (sequences < config.visual_token_end)
+        is_visual &= columns > last_start
+        return sequences[is_visual] - config.visual_token_offset, is_visual.sum(dim=1)
+
+    @torch.no_grad()
+    def reconstruct(self, pixel_values: torch.FloatTensor, image_selection: dict | None = None, **decode_kwargs):
+        """
+        Image -> visual tokens -> image: what the discrete tokens keep. `pixel_values` as the processor returns them;
+        `image_selection` (e.g. `{"max_tokens": 64}`) goes to the visual tokenizer, `decode_kwargs` to
+        [`LaVITDetokenizer.decode`].
+        """
+        tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.device), **(image_selection or {}))
+        return self._require_detokenizer().decode(tokens.code_ids, tokens.token_counts, **decode_kwargs)
+
+
+
+class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
+    """
+    The image side of [`LaVITForCausalLM`]: visual-token generation after `[IMG]` (with classifier-free guidance)
+    and, through [`LaVITPixelDecodingMixin`], pixels. Expects `config`, `model` (a `LaVITModel`), `lm_head`,
+    `get_input_embeddings` and `device`, as `LaVITForCausalLM` has them.
+    """
 
     # ------------------------------------------------------------------------------------------- visual tokens
 
@@ -382,23 +463,18 @@ class LaVITImageGenerationMixin:
         - Every row samples with its own random stream, seeded by one draw from `generator` (or from torch's global
           generator) plus the row's index among its prompt's images: a prompt gets the same images alone or batched
           with others, whatever the padding side.
-        - `streamer` (e.g. `transformers.TextStreamer`): receives the prompt ids, then the LM ids of every step
-          (`[/IMG]` for finished rows), then `end()`, as in `generate`.
+        - `streamer` (e.g. `transformers.TextStreamer`): the prompt ids, each step's LM ids, then `end()`.
         """
         # 1. settings: the typed config, keyword arguments overriding its fields
-        if generation_config is not None and not isinstance(generation_config, LaVITImageGenerationConfig):
-            raise TypeError(f"generation_config must be a LaVITImageGenerationConfig, got "
-                            f"{type(generation_config).__name__}")
-        settings = (generation_config or LaVITImageGenerationConfig()).updated(**kwargs)
+        settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs)
         min_new_tokens, max_new_tokens = settings.token_limits(self.config.tokenizer_config.num_patches)
         # 2. prompts: embeddings ending with [IMG]; with guidance the unconditional rows follow in the same batch
         inputs_embeds, attention_mask = self._image_generation_batch(
             input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,
             image_selection, settings,
         )
-        # 3. the KV cache and the decoding step
-        cache, attention_mask = self._image_decoding_cache(settings, attention_mask, max_new_tokens)
-        decode = self._image_decoding_step(settings)
+        # 3. the KV cache and the (compiled) decoding step
+        cache, attention_mask, decode = self._image_decoding_setup(settings, attention_mask, max_new_tokens)
         # 4. prefill: the prompt fills the cache; its last hidden state scores the first visual token
         position_ids = positions_from_mask(attention_mask[:, : inputs_embeds.shape[1]])
         hidden_states = self.model.language_model(
@@ -406,11 +482,8 @@ class LaVITImageGenerationMixin:
             **cache_kwargs(cache),
         ).last_hidden_state[:, -1]
         # 5. the sampler: guidance, minimum length, warpers, one random stream per row
-        generators = None
-        if settings.do_sample:
-            batch_size = input_ids.shape[0] * settings.num_images_per_prompt
-            generators = row_generators(generator, batch_size, settings.num_images_per_prompt, hidden_states.device)
-        sampler = ImageTokenSampler(settings, min_new_tokens, generators)
+        num_images = input_ids.shape[0] * settings.num_images_per_prompt
+        sampler = ImageTokenSampler(settings, min_new_tokens, generator, num_images, hidden_states.device)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         # 6. decode step by step until every row has closed its image
@@ -474,14 +547,16 @@ class LaVITImageGenerationMixin:
         attention_mask = F.pad(prepared.attention_mask, (0, 1), value=1)
         return inputs_embeds, attention_mask
 
-    def _image_decoding_cache(self, settings: LaVITImageGenerationConfig, attention_mask, max_new_tokens: int):
-        """The KV cache and the attention mask decoding starts from: a static cache is preallocated for the prompt and
-        every step, with the mask at full length (filled in step by step), so every step has the same shapes."""
+    def _image_decoding_setup(self, settings: LaVITImageGenerationConfig, attention_mask, max_new_tokens: int):
+        """The KV cache, the attention mask decoding starts from and the decoding step: a static cache is
+        preallocated for the prompt and every step, with the mask at full length (filled in step by step), so every
+        step has the same shapes."""
+        decode = self._image_decoding_step(settings)
         if settings.cache_implementation == "static":
             total_length = attention_mask.shape[1] + max_new_tokens
             cache = StaticCache(config=self.config.text_config, max_cache_len=total_length)
-            return cache, F.pad(attention_mask, (0, max_new_tokens), value=0)
-        return DynamicCache(config=self.config), attention_mask
+            return cache, F.pad(attention_mask, (0, max_new_tokens), value=0), decode
+        return DynamicCache(config=self.config), attention_mask, decode
 
     def _image_decoding_step(self, settings: LaVITImageGenerationConfig):
         """The language model, or with `compile_decoding` its compiled form: with the static cache every step has the
@@ -544,54 +619,6 @@ class LaVITImageGenerationMixin:
         prompt = input_ids.repeat_interleave(images.shape[0] // input_ids.shape[0], dim=0)
         return torch.cat([prompt.to(images.device), images], dim=1)
 
-    # ------------------------------------------------------------------------------------------- pixels
-
-    def _require_detokenizer(self) -> LaVITDetokenizer:
-        if self._detokenizer is None:
-            raise ValueError("no pixel decoder: load a folder with a `detokenizer/` sub-folder, or call "
-                             "model.set_detokenizer(LaVITDetokenizer.from_pretrained(...))")
-        if self._detokenizer.device != self.device:
-            self._detokenizer.to(self.device)  # it is not a submodule, so `model.to(...)` did not move it
-        return self._detokenizer
-
-    @torch.no_grad()
-    def decode_image_tokens(
-        self,
-        token_ids: torch.Tensor,
-        token_counts: torch.Tensor | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        num_images_per_prompt: int = 1,
-        **decode_kwargs,
-    ):
-        """
-        Visual tokens -> PIL images through the detokenizer (`decode_kwargs` go to [`LaVITDetokenizer.decode`]).
-        `token_ids` is either packed code ids (T,) with `token_counts` (B,), as `generate_image_tokens` returns, or
-        LM sequences (B, L) (as `generate(..., generation_mode="image")` returns): each row's visual ids after its
-        last `[IMG]` form one image. One `generator` is split into one stream per image (see `row_generators`,
-        with consecutive groups of `num_images_per_prompt` images per prompt), so an image's pixels do not depend on
-        the other images decoded with it.
-        """
-        if token_counts is None:
-            token_ids, token_counts = self._last_image_codes(token_ids)
-        if not isinstance(generator, list):
-            generator = row_generators(generator, token_counts.numel(), num_images_per_prompt, self.device)
-        return self._require_detokenizer().decode(token_ids, token_counts, generator=generator, **decode_kwargs)
-
-    def _last_image_codes(self, sequences: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Packed code ids and counts of the visual ids after each LM sequence's last `[IMG]`."""
-        if sequences.ndim != 2:
-            raise ValueError(f"without token_counts, token_ids must be LM sequences (batch, length), "
-                             f"got shape {tuple(sequences.shape)}")
-        config = self.config
-        is_start = sequences == config.image_start_token_id
-        if not bool(is_start.any(dim=1).all()):
-            raise ValueError("every sequence needs an [IMG] token before its visual ids")
-        columns = torch.arange(sequences.shape[1], device=sequences.device)
-        last_start = torch.where(is_start, columns, -1).max(dim=1, keepdim=True).values
-        is_visual = (sequences >= config.visual_token_offset) & (sequences < config.visual_token_end)
-        is_visual &= columns > last_start
-        return sequences[is_visual] - config.visual_token_offset, is_visual.sum(dim=1)
-
     @torch.no_grad()
     def generate_images(
         self,
@@ -622,16 +649,6 @@ class LaVITImageGenerationMixin:
             num_inference_steps=num_inference_steps, guidance_scale=decoder_guidance_scale, output_type=output_type,
             show_progress=show_progress,
         )
-
-    @torch.no_grad()
-    def reconstruct(self, pixel_values: torch.FloatTensor, image_selection: dict | None = None, **decode_kwargs):
-        """
-        Image -> visual tokens -> image: what the discrete tokens keep. `pixel_values` as the processor returns them;
-        `image_selection` (e.g. `{"max_tokens": 64}`) goes to the visual tokenizer, `decode_kwargs` to
-        [`LaVITDetokenizer.decode`].
-        """
-        tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.device), **(image_selection or {}))
-        return self._require_detokenizer().decode(tokens.code_ids, tokens.token_counts, **decode_kwargs)
 
 
 def _pipeline_source_file(source_folder: str | os.PathLike | None = None) -> Path | None:
@@ -680,6 +697,7 @@ __all__ = [
     "ImageTokenSampler",
     "LaVITImageGenerationConfig",
     "LaVITImageGenerationMixin",
+    "LaVITPixelDecodingMixin",
     "RowSeededSamplingLogitsProcessor",
     "SuppressImageTokensLogitsProcessor",
     "check_sampling_arguments",

@@ -68,10 +68,12 @@ class LaVITMultimodalInputs(ExpandedImagePlaceholders):
 
 def find_image_spans(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, config: LaVITConfig):
     """Locates and validates the image spans. A row may end with an unclosed `[IMG]` (an image being generated)."""
+    # 1. the columns of every attended [IMG] and [/IMG], row by row
     start_id, end_id = config.image_start_token_id, config.image_end_token_id
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     starts_by_row = _columns_by_row(input_ids == start_id, valid)
     ends_by_row = _columns_by_row(input_ids == end_id, valid)
+    # 2. pair them in order: each [IMG] with the next [/IMG], visual ids only in between
     rows, columns, lengths = [], [], []
     for row in sorted(set(starts_by_row) | set(ends_by_row)):
         row_starts, row_ends = starts_by_row.get(row, []), ends_by_row.get(row, [])

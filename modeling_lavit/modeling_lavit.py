@@ -146,6 +146,7 @@ class LaVITModel(LaVITPreTrainedModel):
         The kept tokens come from `image_keep_mask` (num_images, N) when given, else from the frozen selector with
         `image_selection` (`mode`, `max_tokens`, `keep_ratio`, `generator`; see `LaVITTokenizerModel.select_tokens`).
         """
+        # 1. the frozen tokenizer's stages: patch features, kept tokens and (targets) their code ids
         tokenizer = self.visual_tokenizer
         if self.training:
             warn_on_frozen_adapters(tokenizer)
@@ -155,6 +156,7 @@ class LaVITModel(LaVITPreTrainedModel):
             code_ids = None
             if return_code_ids:
                 code_ids = tokenizer.quantize(tokenizer.merge(image_features, keep_weights))
+        # 2. the trainable LM-side merger and projection make the LM inputs
         merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
         keep_mask = keep_weights > 0.5
         features = LaVITFeaturesOutput(
@@ -492,22 +494,16 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
             raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
                              "visual tokens, which moves every target after it; give labels (unshifted) instead")
+        # 1. the base model: placeholders expanded, embedded, through the LM
         outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            pixel_values=pixel_values,
-            image_keep_mask=image_keep_mask,
-            image_selection=image_selection,
-            labels=labels,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, pixel_values=pixel_values, image_keep_mask=image_keep_mask,
+            image_selection=image_selection, labels=labels, use_cache=use_cache, return_dict=True, **kwargs,
         )
+        # 2. the shared head over the kept positions
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        # 3. one next-token loss over text and image targets
         loss = text_loss = image_loss = None
         if outputs.labels is not None or shift_labels is not None:
             loss, text_loss, image_loss = self.next_token_loss(
@@ -515,15 +511,9 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 shift_labels=shift_labels,
             )
         return LaVITCausalLMOutputWithPast(
-            loss=loss,
-            text_loss=text_loss,
-            image_loss=image_loss,
-            logits=logits,
-            labels=outputs.labels,
-            image_token_counts=outputs.image_token_counts,
-            **cache_kwargs(output_cache(outputs)),
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            loss=loss, text_loss=text_loss, image_loss=image_loss, logits=logits, labels=outputs.labels,
+            image_token_counts=outputs.image_token_counts, **cache_kwargs(output_cache(outputs)),
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
 
     def next_token_loss(self, logits, labels, num_items_in_batch=None, loss_modalities="both", shift_labels=None):
@@ -532,8 +522,9 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         `loss` sums the supervised targets and divides by `num_items_in_batch` (or their count); the per-modality
         losses are detached means for logging. `shift_labels` (targets already shifted) win over `labels`.
         """
+        # 1. targets: position t predicts token t + 1, restricted to the chosen modalities
         if shift_labels is None:
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         if logits.shape[1] != shift_labels.shape[1]:
             raise ValueError(f"logits cover {logits.shape[1]} positions but labels {shift_labels.shape[1]}; "
                              f"compute the loss with logits_to_keep=0")
@@ -545,6 +536,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             targets = targets.masked_fill(~is_image_target, -100)
         elif loss_modalities != "both":
             raise ValueError(f"loss_modalities must be 'both', 'text' or 'image', got {loss_modalities!r}")
+        # 2. summed cross-entropy over the targets, divided by their number in the whole accumulated batch
         token_losses = F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100, reduction="none"
         ).view_as(targets)
@@ -556,6 +548,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         else:
             num_items_in_batch = max(num_items_in_batch, 1)  # a step without targets (all records bad) gives 0
         loss = token_losses.sum() / num_items_in_batch
+        # 3. detached per-modality means, for logging
         detached = token_losses.detach()
         per_modality = []
         for selected in (supervised & ~is_image_target, supervised & is_image_target):
@@ -672,6 +665,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         is extended by `[IMG]`, `[/IMG]` and one row per code; new rows start at the mean of the text rows plus
         small noise. The LM-side merger starts as a copy of the tokenizer's merger; the visual projection is new.
         """
+        # 1. the config: the LM's, with the vocabulary extended by [IMG], [/IMG] and the codes
         text_config = language_model.config.get_text_config()
         text_vocab_size = text_config.vocab_size if text_vocab_size is None else text_vocab_size
         new_text_config = text_config.__class__(**{
@@ -681,9 +675,11 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             text_config=new_text_config, tokenizer_config=visual_tokenizer.config, text_vocab_size=text_vocab_size,
             **config_kwargs,
         )
+        # 2. the visual side: the frozen tokenizer, and the LM-side merger starting as its copy
         model = cls(config).to(dtype=language_model.dtype)
         model.model.visual_tokenizer.load_state_dict(visual_tokenizer.state_dict())
         model.model.visual_merger.load_state_dict(visual_tokenizer.merger.state_dict())
+        # 3. the LM's weights, except the embedding (and head) rows that grow
         decoder = language_model.get_decoder()
         input_embeddings = language_model.get_input_embeddings().weight
         embedding_key = next(name for name, param in decoder.named_parameters() if param is input_embeddings)
@@ -692,6 +688,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         missing, unexpected = model.model.language_model.load_state_dict(lm_state, strict=False)
         if unexpected or [key for key in missing if key != embedding_key]:
             raise ValueError(f"language model does not fit its config: missing {missing}, unexpected {unexpected}")
+        # 4. the grown rows: text rows copied, new rows at the text rows' mean plus noise
         with torch.no_grad():
             std = text_config.initializer_range
             _extend_rows(model.get_input_embeddings().weight, old_embeddings[:text_vocab_size], std)

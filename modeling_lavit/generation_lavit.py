@@ -500,6 +500,7 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt embeddings and mask: `num_images_per_prompt` conditional rows per prompt, then (with
         guidance) as many unconditional rows."""
+        # 1. the prompts, each repeated for its images
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         conditional = self._image_generation_prompt(
@@ -509,6 +510,7 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         conditional = tuple(t.repeat_interleave(per_prompt, dim=0) for t in conditional)
         if settings.guidance_scale == 1.0:
             return conditional
+        # 2. the unconditional branch: the negative prompt (default `[IMG]` alone), one per prompt or shared
         batch_size = conditional[0].shape[0]
         if negative_input_ids is None:
             negative_input_ids = input_ids.new_full((1, 1), self.config.image_start_token_id)
@@ -582,6 +584,7 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         finished = torch.zeros(batch_size, dtype=torch.bool, device=hidden_states.device)
         generated = []
         for step in range(max_new_tokens + 1):
+            # 1. pick each row's token; finished rows repeat [/IMG], and every row closes at the limit
             next_tokens = sampler(self.lm_head(hidden_states)[:, allowed_columns].float(), step)
             if step == max_new_tokens:
                 next_tokens = torch.zeros_like(next_tokens)
@@ -592,6 +595,7 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
             finished = finished | (next_tokens == 0)
             if bool(finished.all()) or step == max_new_tokens:
                 break
+            # 2. feed the tokens back (to both guidance branches): one more attended column, one more position
             next_ids = (next_tokens + config.image_end_token_id)[:, None].repeat(sampler.branches, 1)
             if static:
                 attention_mask[:, prompt_length + step] = 1

@@ -443,14 +443,15 @@ def run_convert(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from lavit import LaVITForCausalLM, LaVITImageProcessor, LaVITProcessor
+    from lavit import LaVITImageProcessor, LaVITProcessor
     from lavit.hub_cards import export_loaded
+    from lavit.modeling.convert_original_lavit import convert_release
 
     source = Path(args.source)
     if not (source / "language_model").is_dir() or not (source / "visual_tokenizer").is_dir():
         raise CommandError(f"{source} is not an official LaVIT release folder (language_model/ and "
                            f"visual_tokenizer/ expected)")
-    model = LaVITForCausalLM.from_original(
+    model, _ = convert_release(
         source, pixel_decoder=None if args.pixel_decoder == "none" else args.pixel_decoder,
         dtype=getattr(torch, args.dtype) if args.dtype else None, vision_num_heads=args.num_heads,
         merger_num_heads=args.num_heads, decoder_num_heads=args.num_heads,

@@ -2,6 +2,7 @@
 import each other as `from .module import X`."""
 
 from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .generation_lavit import LaVITImageGenerationConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
 from .modeling_lavit import LaVITCausalLMOutputWithPast, LaVITForCausalLM, LaVITModel, LaVITPreTrainedModel
 from .modeling_lavit_detokenizer import LaVITDetokenizer, LaVITDetokenizerOutput
@@ -23,6 +24,7 @@ __all__ = [
     "LaVITDetokenizerConfig",
     "LaVITDetokenizerOutput",
     "LaVITForCausalLM",
+    "LaVITImageGenerationConfig",
     "LaVITModel",
     "LaVITPreTrainedModel",
     "LaVITEvaVisionConfig",

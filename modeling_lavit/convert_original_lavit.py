@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 from transformers.utils import logging
 
-from .configuration_lavit import LaVITDetokenizerConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .modeling_lavit import LaVITForCausalLM
 from .modeling_lavit_detokenizer import LaVITDetokenizer, public_config, require_diffusers
 from .modeling_lavit_tokenizer import LaVITTokenizerModel
 
@@ -465,20 +467,147 @@ def load_negative_prompt_embeds(path: Path) -> torch.Tensor:
     return negative
 
 
+
+# ----------------------------------------------------------------------------------------------- a whole release
+
+
+def convert_release(
+    model_path: str | os.PathLike,
+    *,
+    pixel_decoder: str | None = "highres",
+    dtype: torch.dtype | None = None,
+    vision_num_heads: int = 16,
+    merger_num_heads: int = 16,
+    decoder_num_heads: int = 16,
+):
+    """
+    Builds the model from an official LaVIT release folder (`rain1011/LaVIT-7B-v1` / `-v2` layout):
+    `language_model/` (HF LLaMA with the 48386-row vocabulary, plus `visual_weight.bin`: LM-side merger and
+    `vit_proj`) and `visual_tokenizer/` (`eva_vitg_psz14.bin`, `tokenizer_encoder.bin`, and the feature decoder
+    `highres_tokenizer_decoder.bin` or `tokenizer_decoder.bin` picked by `pixel_decoder`, or none with `None`).
+    `.bin` files load with `torch.load(weights_only=True)`; a `.safetensors` file of the same name wins. Every
+    official tensor is either mapped or known to be unused; the merger keeps the official attention arithmetic.
+
+    Returns `(model, detokenizer)`: a [`LaVITForCausalLM`] in eval mode, and the pixel decoder where the release has
+    the matching diffusers folder (`highres_pixel_decoding/` or `pixel_decoding/`) and diffusers is installed (see
+    [`convert_detokenizer`]), else `None`; it is also attached as `model.detokenizer`.
+    Raises `ValueError` for a `pixel_decoder` other than `"highres"`, `"lowres"` or `None` and for tensors that do
+    not fit; `FileNotFoundError` for missing checkpoint files.
+    """
+    model_path = Path(model_path)
+    # 1. the tokenizer's official tensors, and the configuration read from their shapes
+    tokenizer_state, decoder_state = _load_release_tokenizer(model_path / "visual_tokenizer", pixel_decoder)
+    config = _release_config(model_path, tokenizer_state, decoder_state, vision_num_heads, merger_num_heads,
+                             decoder_num_heads)
+    # 2. built on the meta device and filled file by file (LM shard by shard, memory-mapped): peak memory stays
+    # near the size of the weights, and a bf16 release is never held in float32
+    with torch.device("meta"):
+        model = LaVITForCausalLM(config)
+    for shard in iter_lm_checkpoint(model_path / "language_model"):
+        if dtype is None:  # the release's own dtype
+            dtype = next(value.dtype for value in shard.values() if value.is_floating_point())
+        assign_tensors(model, shard, dtype)
+    # 3. the frozen visual tokenizer
+    assign_tensors(model.model.visual_tokenizer, convert_original_tokenizer_state_dict(tokenizer_state, decoder_state),
+                   dtype)
+    del tokenizer_state, decoder_state
+    # 4. the LM-side merger and projection
+    _assign_lm_visual_weights(model, model_path / "language_model" / "visual_weight.bin", dtype)
+    # 5. what no file holds: the quantizer's EMA state, unsaved buffers, tied weights; then every tensor is filled
+    fill_derived_tokenizer_tensors(model.model.visual_tokenizer, dtype)
+    materialize_unsaved_buffers(model)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    check_materialized(model)
+    # 6. the pixel decoder, where the release has its diffusers folder
+    detokenizer = _release_detokenizer(model_path, pixel_decoder, decoder_num_heads, dtype)
+    if detokenizer is not None:
+        model.set_detokenizer(detokenizer)
+    return model.eval(), detokenizer
+
+
+def _load_release_tokenizer(tokenizer_folder: Path, pixel_decoder: str | None):
+    """The official tokenizer state dict (EVA encoder under `encoder.`) and the chosen feature decoder's, or None."""
+    tokenizer_state = {f"encoder.{key}": value
+                       for key, value in load_original_state_dict(tokenizer_folder / "eva_vitg_psz14.bin").items()}
+    tokenizer_state.update(load_original_state_dict(tokenizer_folder / "tokenizer_encoder.bin"))
+    if pixel_decoder is None:
+        return tokenizer_state, None
+    if pixel_decoder not in ("highres", "lowres"):
+        raise ValueError(f"pixel_decoder must be 'highres', 'lowres' or None, got {pixel_decoder!r}")
+    name = "highres_tokenizer_decoder.bin" if pixel_decoder == "highres" else "tokenizer_decoder.bin"
+    return tokenizer_state, load_original_state_dict(tokenizer_folder / name)
+
+
+def _release_config(model_path: Path, tokenizer_state, decoder_state, vision_num_heads, merger_num_heads,
+                    decoder_num_heads):
+    """The [`LaVITConfig`] of a release: the tokenizer's sizes from its tensors, the LM's from `language_model/`."""
+    tokenizer_config = original_tokenizer_config(
+        tokenizer_state, decoder_state, vision_num_heads=vision_num_heads, merger_num_heads=merger_num_heads,
+        decoder_num_heads=decoder_num_heads,
+    )
+    text_config = AutoConfig.from_pretrained(model_path / "language_model")
+    return LaVITConfig(
+        text_config=text_config, tokenizer_config=tokenizer_config,
+        text_vocab_size=text_config.vocab_size - 2 - tokenizer_config.codebook_size,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+
+
+def _assign_lm_visual_weights(model: nn.Module, path: Path, dtype: torch.dtype | None):
+    """Fills `model.model.visual_merger` and `visual_projection` from `visual_weight.bin`, which must hold exactly
+    them."""
+    lm_visual_state = convert_original_lm_visual_state_dict(load_original_state_dict(path))
+    expected = {key for key in model.model.state_dict() if key.startswith(("visual_merger.", "visual_projection."))}
+    if set(lm_visual_state) != expected:
+        raise ValueError(f"visual_weight.bin does not fit: missing {sorted(expected - set(lm_visual_state))}, "
+                         f"unexpected {sorted(set(lm_visual_state) - expected)}")
+    assign_tensors(model.model, lm_visual_state, dtype)
+
+
+def fill_derived_tokenizer_tensors(visual_tokenizer: nn.Module, dtype: torch.dtype | None):
+    """After a conversion on the meta device: the quantizer's EMA state starts from the official codebook, and a
+    feature decoder that no official file filled is initialised at random (with a warning)."""
+    quantizer = visual_tokenizer.quantizer
+    quantizer.ema_code_sum = quantizer.codebook.clone()
+    quantizer.ema_cluster_size = torch.ones(quantizer.codebook_size, dtype=quantizer.codebook.dtype)
+    quantizer.initialized = torch.tensor(True)
+    if any(parameter.is_meta for parameter in visual_tokenizer.decoder.parameters()):
+        logger.warning("no feature decoder in the release folder: the feature decoder is randomly initialised")
+        decoder = type(visual_tokenizer.decoder)(visual_tokenizer.config)
+        decoder.apply(visual_tokenizer._init_weights)
+        visual_tokenizer.decoder = decoder.to(dtype)
+
+
+def _release_detokenizer(model_path: Path, pixel_decoder: str | None, decoder_num_heads: int, dtype):
+    """The release's pixel decoder for `pixel_decoder`, or None where its diffusers folder is missing."""
+    if pixel_decoder is None:
+        return None
+    diffusers_folder = model_path / ("highres_pixel_decoding" if pixel_decoder == "highres" else "pixel_decoding")
+    if not diffusers_folder.is_dir():
+        return None
+    return convert_detokenizer(
+        model_path, conditioning=pixel_decoder, decoder_num_heads=decoder_num_heads,
+        pooling_num_heads=decoder_num_heads, dtype=dtype,
+    )
+
+
 __all__ = [
     "assign_tensors",
     "check_materialized",
     "convert_detokenizer",
     "convert_original_detokenizer_state_dict",
-    "detokenizer_from_original_state_dict",
-    "original_detokenizer_config",
-    "iter_lm_checkpoint",
-    "materialize_unsaved_buffers",
     "convert_original_lm_visual_state_dict",
-    "count_blocks",
     "convert_original_tokenizer_state_dict",
+    "convert_release",
     "convert_tokenizer",
+    "count_blocks",
+    "detokenizer_from_original_state_dict",
+    "fill_derived_tokenizer_tensors",
+    "iter_lm_checkpoint",
     "load_original_state_dict",
+    "materialize_unsaved_buffers",
+    "original_detokenizer_config",
     "original_tokenizer_config",
     "rename_keys",
 ]

@@ -389,14 +389,15 @@ def test_training_stage_with_bf16_flag(stage, stage_inputs, tmp_path):
 
 
 def test_official_conversion_loaded_in_bf16(parity_files, tmp_path):
-    """`LaVITForCausalLM.from_original(..., dtype=torch.bfloat16)` on the official parity fixtures: bf16 throughout
+    """`convert_release(..., dtype=torch.bfloat16)` on the official parity fixtures: bf16 throughout
     (the official fp32 LayerNorms and codebook included) and the official LM visual embeddings within bf16
     tolerance."""
+    from lavit.modeling.convert_original_lavit import convert_release
     from test_parity import write_official_release
 
     write_official_release(parity_files, tmp_path)
     heads = dict(vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
-    model = LaVITForCausalLM.from_original(tmp_path, dtype=BF16, **heads)
+    model, _ = convert_release(tmp_path, dtype=BF16, **heads)
     # every saved tensor; the rotary frequencies (recomputed, never saved) stay float32 as transformers keeps them
     tensors = [*model.state_dict().values(), *model.detokenizer.state_dict().values()]
     assert {tensor.dtype for tensor in tensors if tensor.is_floating_point()} == {BF16}

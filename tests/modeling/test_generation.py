@@ -152,3 +152,63 @@ def test_image_generation_bad_inputs(lavit_model, lavit_processor):
         lavit_model.generate_image_tokens(empty, attention_mask=torch.zeros_like(empty))
     with pytest.raises(ValueError, match="is empty"):
         lavit_processor(text="")
+
+
+def test_image_generation_config_is_the_keyword_arguments(lavit_model, lavit_processor):
+    from lavit.modeling.generation_lavit import LaVITImageGenerationConfig
+
+    prompts = lavit_processor(text=["a photo of a cat", "a red bus"], padding=True)
+    settings = dict(guidance_scale=3.0, top_k=8, min_new_tokens=2, max_new_tokens=7, num_images_per_prompt=2)
+    by_keywords = lavit_model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(0), **settings)
+    by_config = lavit_model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(0),
+                                                  generation_config=LaVITImageGenerationConfig(**settings))
+    assert by_config.code_ids.tolist() == by_keywords.code_ids.tolist()
+    assert by_config.token_counts.tolist() == by_keywords.token_counts.tolist()
+    # keyword arguments win over the config's fields
+    config = LaVITImageGenerationConfig(do_sample=False, min_new_tokens=4, max_new_tokens=4)
+    overridden = lavit_model.generate_image_tokens(**prompts, generation_config=config, max_new_tokens=2,
+                                                   min_new_tokens=2)
+    assert overridden.token_counts.tolist() == [2, 2]
+    assert config.max_new_tokens == 4  # the given config is not changed
+
+
+def test_unknown_image_generation_arguments_raise(lavit_model, lavit_processor):
+    from lavit.modeling.generation_lavit import LaVITImageGenerationConfig
+
+    prompt = lavit_processor(text="a cat")
+    with pytest.raises(TypeError, match=r"image generation does not take \['max_new_token'\]"):
+        lavit_model.generate_image_tokens(**prompt, max_new_token=3)
+    with pytest.raises(TypeError, match="num_beams"):
+        lavit_model.generate_images(**prompt, num_beams=2)
+    with pytest.raises(TypeError, match="must be a LaVITImageGenerationConfig, got GenerationConfig"):
+        lavit_model.generate_image_tokens(**prompt, generation_config=lavit_model.generation_config)
+    with pytest.raises(TypeError, match="num_beams"):
+        LaVITImageGenerationConfig(num_beams=2)
+    with pytest.raises(ValueError, match="cache_implementation must be 'dynamic' or 'static', got 'paged'"):
+        LaVITImageGenerationConfig(cache_implementation="paged")
+    with pytest.raises(ValueError, match="image_inputs must be 'features' or 'codes'"):
+        LaVITImageGenerationConfig(image_inputs="pixels")
+    with pytest.raises(ValueError, match="num_images_per_prompt must be at least 1"):
+        LaVITImageGenerationConfig(num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be in"):
+        LaVITImageGenerationConfig(max_new_tokens=0).token_limits(16)
+    assert LaVITImageGenerationConfig().token_limits(16) == (16, 16)
+    assert LaVITImageGenerationConfig().token_limits(256) == (20, 256)
+
+
+def test_modeling_files_import_upwards_only():
+    """The converter sits on top (no model file imports it); image generation does not import the model file."""
+    import ast
+    from pathlib import Path
+
+    import lavit.modeling
+
+    folder = Path(lavit.modeling.__file__).parent
+
+    def sibling_imports(name):
+        tree = ast.parse((folder / name).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert "convert_original_lavit" not in sibling_imports("modeling_lavit.py")
+    assert "modeling_lavit" not in sibling_imports("generation_lavit.py")
+    assert sibling_imports("image_placeholders_lavit.py") == {"configuration_lavit"}

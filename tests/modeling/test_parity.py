@@ -136,10 +136,10 @@ def write_diffusers_folder(folder):
 
 
 def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files, tmp_path):
-    from lavit import LaVITForCausalLM
+    from lavit.modeling.convert_original_lavit import convert_release
 
     language_model = write_official_release(parity_files, tmp_path)
-    model = LaVITForCausalLM.from_original(tmp_path, vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
+    model, _ = convert_release(tmp_path, vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
     inputs, expected = parity_files["inputs"], parity_files["expected"]
     config = model.config
     assert (config.text_vocab_size, config.image_start_token_id, config.visual_token_offset) == (40, 40, 42)

@@ -1,0 +1,712 @@
+"""LaVIT image generation (paper section 3.2, official `generate_image_tokens` / `multimodal_synthesis`) and the
+sampling helpers shared with text generation.
+
+`LaVITImageGenerationMixin` gives [`LaVITForCausalLM`] its image side: `generate_image_tokens` (visual ids after
+`[IMG]` until `[/IMG]`, with classifier-free guidance; its settings are one typed [`LaVITImageGenerationConfig`]) and
+`generate_images`; its base `LaVITPixelDecodingMixin` holds `decode_image_tokens` / `reconstruct` through the pixel
+decoder and the attach / save / load plumbing of that decoder (kept beside the model, in its own `detokenizer/`
+sub-folder).
+"""
+
+import math
+import numbers
+import os
+import shutil
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.generation import (
+    LogitsProcessor,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import logging
+
+from .image_placeholders_lavit import positions_from_mask
+from .modeling_lavit_detokenizer import LaVITDetokenizer
+from .modeling_lavit_tokenizer import LaVITTokenizationOutput
+from .transformers_compat import cache_kwargs
+
+logger = logging.get_logger(__name__)
+
+DETOKENIZER_FOLDER = "detokenizer"
+TEXT_TO_IMAGE_TASK = "lavit-text-to-image"
+PIPELINE_FILE = "pipelines_lavit.py"
+
+
+# ----------------------------------------------------------------------------------------------- sampling helpers
+
+
+def _real_number(name: str, value, allowed: str, inside) -> float:
+    """`value` as a float when it is a finite real number (not a bool) for which `inside(value)` holds, else a
+    `ValueError` naming the argument, the allowed range and the value."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not inside(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def check_sampling_arguments(guidance_scale, top_k, top_p, temperature, do_sample) -> None:
+    """The ranges of the image-sampling arguments (those of transformers' guidance and logits processors)."""
+    _real_number("guidance_scale", guidance_scale, "a finite number >= 1 (1 turns guidance off)", lambda v: v >= 1)
+    if top_k is not None:
+        _real_number("top_k", top_k, "None or an integer >= 0 (0 turns top-k off)", lambda v: v >= 0 and v == int(v))
+    if top_p is not None:
+        _real_number("top_p", top_p, "None or a number in (0, 1] (1 turns nucleus sampling off)",
+                     lambda v: 0 < v <= 1)
+    _real_number("temperature", temperature, "a finite number > 0", lambda v: v > 0)
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+
+
+def row_generators(
+    generator: torch.Generator | None, batch_size: int, rows_per_prompt: int, device: torch.device
+) -> list[torch.Generator]:
+    """
+    One random stream per row: seeded by one draw from `generator` (torch's global generator when None) plus the
+    row's index among its prompt's rows. A row's samples then depend on the seed and on its own prompt only, never on
+    the other prompts of the batch (one shared stream would hand each row the draws left by the rows before it).
+    """
+    seed_device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))
+    return [torch.Generator(device=device).manual_seed(seed + row % rows_per_prompt) for row in range(batch_size)]
+
+
+def sample_rows(probs: torch.FloatTensor, generators: list[torch.Generator]) -> torch.LongTensor:
+    """One multinomial draw per row of `probs` (B, V), each from its own generator."""
+    return torch.cat([torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators, strict=True)])
+
+
+def left_padded(input_ids: torch.LongTensor, attention_mask: torch.Tensor, pad_token_id: int):
+    """The same rows padded on the left: each row's real tokens (mask 1), in order, end at the last column."""
+    real = attention_mask.bool()
+    counts = real.sum(dim=1, keepdim=True)
+    columns = real.long().cumsum(dim=1) - 1 + (input_ids.shape[1] - counts)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    new_ids = torch.full_like(input_ids, pad_token_id)
+    new_ids[rows[real], columns[real]] = input_ids[real]
+    new_mask = torch.zeros_like(attention_mask)
+    new_mask[rows[real], columns[real]] = attention_mask[real]
+    return new_ids, new_mask
+
+
+def _concat_left_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks left-padded (embeddings, mask) batches along the batch axis, padding all to the longest."""
+    length = max(embeds.shape[1] for embeds, _ in parts)
+    all_embeds, all_masks = [], []
+    for embeds, mask in parts:
+        missing = length - embeds.shape[1]
+        all_embeds.append(F.pad(embeds, (0, 0, missing, 0)))
+        all_masks.append(F.pad(mask, (missing, 0)))
+    return torch.cat(all_embeds), torch.cat(all_masks)
+
+
+class SuppressImageTokensLogitsProcessor(LogitsProcessor):
+    """Text mode: `[IMG]`, `[/IMG]` and every visual id get -inf (the official `suppress_tokens=range(32000, V)`)."""
+
+    def __init__(self, text_vocab_size: int, visual_token_end: int):
+        self.text_vocab_size = text_vocab_size
+        self.visual_token_end = visual_token_end
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.text_vocab_size : self.visual_token_end] = -float("inf")
+        return scores
+
+
+class RowSeededSamplingLogitsProcessor(LogitsProcessor):
+    """
+    Draws each row's next token from its own random stream (see `row_generators`; `rows_per_prompt` rows per prompt,
+    as `num_return_sequences` expands them) and leaves only that token at 0, every other score at -inf, so the
+    sampler of `generate` picks it. Put it after the warpers.
+    """
+
+    def __init__(self, generator: torch.Generator, rows_per_prompt: int = 1):
+        self.generator = generator
+        self.rows_per_prompt = rows_per_prompt
+        self.generators = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:
+            self.generators = row_generators(self.generator, scores.shape[0], self.rows_per_prompt, scores.device)
+        tokens = sample_rows(scores.float().softmax(dim=-1), self.generators)
+        chosen = torch.full_like(scores, -float("inf"))
+        return chosen.scatter_(1, tokens[:, None], 0.0)
+
+
+def row_seeded_sampling_processors(kwargs: dict, generator: torch.Generator, default_config) -> list[LogitsProcessor]:
+    """The warpers and per-row sampler that text `generate(generator=...)` appends to its logits processors; the
+    warpers `generate` would add itself are switched off in `kwargs` (they now run before the sampler). Settings come
+    from `kwargs`, then `kwargs["generation_config"]`, then `default_config` (the model's generation config)."""
+    config = kwargs.get("generation_config") or default_config
+
+    def setting(name):
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    if not setting("do_sample") or (setting("num_beams") or 1) > 1:
+        return []  # greedy and beam search draw nothing
+    unsupported = [name for name in ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+                   if setting(name) not in (None, 0.0, 1.0)]
+    if unsupported:
+        raise ValueError(f"generate(generator=...) samples after temperature, top_k, top_p and min_p; "
+                         f"{unsupported} are not supported with it (drop the generator to use them)")
+    warpers = []
+    if setting("temperature") not in (None, 1.0):
+        warpers.append(TemperatureLogitsWarper(setting("temperature")))
+    if setting("top_k"):
+        warpers.append(TopKLogitsWarper(setting("top_k")))
+    if setting("top_p") is not None and setting("top_p") < 1.0:
+        warpers.append(TopPLogitsWarper(setting("top_p")))
+    if setting("min_p") is not None:
+        warpers.append(MinPLogitsWarper(setting("min_p")))
+    kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None)
+    rows_per_prompt = setting("num_return_sequences") or 1
+    return warpers + [RowSeededSamplingLogitsProcessor(generator, rows_per_prompt)]
+
+
+# ----------------------------------------------------------------------------------------------- image settings
+
+
+@dataclass
+class LaVITImageGenerationConfig:
+    """
+    Settings of [`LaVITImageGenerationMixin.generate_image_tokens`] (defaults: the official ones). Every field can
+    also be given to `generate_image_tokens` as a keyword argument; an unknown name raises a `TypeError`, a value out
+    of range a `ValueError` naming it.
+
+    Args:
+        guidance_scale (`float`, defaults to 4.0): classifier-free guidance on log-probabilities (official: 4.0 for
+            text, 5.0 for multimodal prompts); 1 turns it off.
+        do_sample (`bool`), top_k (`int`), top_p (`float`), temperature (`float`): multinomial sampling after the
+            temperature, top-k and top-p warpers (official 1.0, 50, 1.0), or greedy with `do_sample=False`.
+        min_new_tokens (`int`, *optional*): at least this many visual tokens (default: 20 as the official code,
+            capped by the maximum).
+        max_new_tokens (`int`, *optional*): at most this many (default and upper bound: the tokenizer's number of
+            patches, the most its decoder reads); the image is closed at the limit.
+        num_images_per_prompt (`int`, defaults to 1): images per prompt, rows in prompt order.
+        image_inputs (`str`, defaults to `"codes"`): how prompt images enter: discrete ids (`"codes"`, the official
+            multimodal synthesis) or continuous features (`"features"`).
+        cache_implementation (`str`, defaults to `"dynamic"`): `"static"` preallocates the KV cache for the prompt and
+            every step and keeps the attention mask at full length, so every decoding step has the same shapes.
+        compile_decoding (`bool`, defaults to `False`): `torch.compile` the decoding step (the first call compiles;
+            with the static cache on CUDA it is replayed as a CUDA graph). Both speed settings give the same tokens.
+    """
+
+    guidance_scale: float = 4.0
+    do_sample: bool = True
+    top_k: int | None = 50
+    top_p: float | None = 1.0
+    temperature: float = 1.0
+    min_new_tokens: int | None = None
+    max_new_tokens: int | None = None
+    num_images_per_prompt: int = 1
+    image_inputs: str = "codes"
+    cache_implementation: str = "dynamic"
+    compile_decoding: bool = False
+
+    def __post_init__(self):
+        check_sampling_arguments(self.guidance_scale, self.top_k, self.top_p, self.temperature, self.do_sample)
+        if self.num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {self.num_images_per_prompt}")
+        if self.image_inputs not in ("codes", "features"):
+            raise ValueError(f"image_inputs must be 'features' or 'codes', got {self.image_inputs!r}")
+        if self.cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}")
+
+    @classmethod
+    def resolve(cls, generation_config: "LaVITImageGenerationConfig | None", kwargs: dict):
+        """`generation_config` (default: the defaults) with `kwargs` replacing its fields; raises `TypeError` for
+        another kind of config or unknown names."""
+        if generation_config is not None and not isinstance(generation_config, cls):
+            raise TypeError(f"generation_config must be a LaVITImageGenerationConfig, got "
+                            f"{type(generation_config).__name__}")
+        return (generation_config or cls()).updated(**kwargs)
+
+    def updated(self, **kwargs) -> "LaVITImageGenerationConfig":
+        """A copy with `kwargs` replacing fields; raises `TypeError` naming unknown names."""
+        names = [field.name for field in fields(self)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"image generation does not take {unknown}; its settings are {names} (see "
+                            f"LaVITImageGenerationConfig)")
+        return replace(self, **kwargs)
+
+    def token_limits(self, max_tokens_limit: int) -> tuple[int, int]:
+        """(min_new_tokens, max_new_tokens) with their defaults, checked against the decoder's `max_tokens_limit`."""
+        max_new_tokens = max_tokens_limit if self.max_new_tokens is None else self.max_new_tokens
+        if not 1 <= max_new_tokens <= max_tokens_limit:
+            raise ValueError(f"max_new_tokens must be in [1, {max_tokens_limit}] (the decoder reads at most "
+                             f"{max_tokens_limit} tokens), got {max_new_tokens}")
+        min_new_tokens = min(20, max_new_tokens) if self.min_new_tokens is None else self.min_new_tokens
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+        return min_new_tokens, max_new_tokens
+
+
+class ImageTokenSampler:
+    """
+    Picks each step's visual token from the head's `[/IMG]` + code columns (column 0: `[/IMG]`, 1 + k: code k):
+    guidance on log-probabilities (`uncond + scale * (cond - uncond)`, conditional rows first), `[/IMG]` forbidden
+    before `min_new_tokens`, then the warpers and one draw per row from its own stream (or argmax).
+    """
+
+    def __init__(self, settings: LaVITImageGenerationConfig, min_new_tokens: int, generator: torch.Generator | None,
+                 num_images: int, device: torch.device):
+        self.guidance_scale = settings.guidance_scale
+        self.branches = 2 if settings.guidance_scale != 1.0 else 1  # conditional and unconditional rows
+        self.min_new_tokens = min_new_tokens
+        self.do_sample = settings.do_sample
+        self.generators, self.warpers = None, []
+        if settings.do_sample:
+            # one random stream per image (`num_images` conditional rows), seeded by one draw from `generator` here
+            self.generators = row_generators(generator, num_images, settings.num_images_per_prompt, device)
+            if settings.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k:
+                self.warpers.append(TopKLogitsWarper(settings.top_k))
+            if settings.top_p is not None and settings.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(settings.top_p))
+
+    def __call__(self, scores: torch.FloatTensor, step: int) -> torch.LongTensor:
+        if self.branches == 2:
+            conditional_scores, unconditional_scores = scores.log_softmax(dim=-1).chunk(2)
+            scores = unconditional_scores + self.guidance_scale * (conditional_scores - unconditional_scores)
+        if step < self.min_new_tokens:
+            scores[:, 0] = -float("inf")
+        for warper in self.warpers:
+            scores = warper(None, scores)
+        if self.do_sample:
+            return sample_rows(scores.softmax(dim=-1), self.generators)
+        return scores.argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------- the mixins
+
+
+class LaVITPixelDecodingMixin:
+    """
+    The pixel side of [`LaVITForCausalLM`]: the detokenizer kept beside the model (not a submodule: it is not trained
+    with the LM, lives in its own `detokenizer/` sub-folder and stays out of the LM's state dict, optimizer and
+    device map), its attach / save / load plumbing, and decoding visual tokens to pixels. Expects `config`,
+    `visual_tokenizer`, `device` and `_detokenizer`, as `LaVITForCausalLM` has them.
+    """
+
+
+    @property
+    def detokenizer(self) -> LaVITDetokenizer | None:
+        """The pixel decoder ([`LaVITDetokenizer`]) used by `generate_images`, `reconstruct` and the pipelines."""
+        return self._detokenizer
+
+    def set_detokenizer(self, detokenizer: LaVITDetokenizer | None):
+        if detokenizer is not None and detokenizer.config.codebook_size != self.config.tokenizer_config.codebook_size:
+            raise ValueError(f"the detokenizer decodes {detokenizer.config.codebook_size} codes, the model's visual "
+                             f"tokenizer has {self.config.tokenizer_config.codebook_size}")
+        object.__setattr__(self, "_detokenizer", detokenizer)
+
+    @property
+    def can_decode_pixels(self) -> bool:
+        return self._detokenizer is not None
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, plus what a LaVIT folder needs beyond the model's own code files: the
+        `pipelines_lavit.py` of the text-to-image pipeline and the pixel decoder in `detokenizer/` with its code. The
+        folder is complete on every save path (lavit installed or not: a folder loaded with `trust_remote_code`,
+        `Trainer` checkpoints, a PEFT-merged model), because all of them call this method.
+        """
+        pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
+        if self._auto_class is not None:
+            self._register_folder_entries(pipeline_file is not None)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        if pipeline_file is not None:
+            shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
+        if self._detokenizer is not None:
+            if self._auto_class is not None:
+                # loaded from its sub-folder by class, not through an Auto class: without these, a process that runs
+                # the remote code would write the detokenizer's weights but not its code files and `auto_map`
+                type(self._detokenizer).register_for_auto_class("AutoModel")
+                type(self._detokenizer.config).register_for_auto_class()
+            self._detokenizer.save_pretrained(Path(save_directory) / DETOKENIZER_FOLDER, *args, **kwargs)
+
+    def _register_folder_entries(self, with_pipeline: bool):
+        """The config's `auto_map` for every head of the folder (transformers writes only the saved class's entry)
+        and, `with_pipeline`, the custom text-to-image pipeline."""
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": "modeling_lavit.LaVITModel",
+            "AutoModelForCausalLM": "modeling_lavit.LaVITForCausalLM",
+            "AutoModelForImageTextToText": "modeling_lavit.LaVITForCausalLM",
+            "AutoModelForMultimodalLM": "modeling_lavit.LaVITForCausalLM",
+        }
+        if with_pipeline:
+            # `pipeline("lavit-text-to-image", model=folder, trust_remote_code=True)` without `lavit` installed
+            self.config.custom_pipelines = {TEXT_TO_IMAGE_TASK: {
+                "impl": "pipelines_lavit.LaVITTextToImagePipeline", "pt": ["AutoModelForCausalLM"], "tf": [],
+                "type": "multimodal",
+            }}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, load_detokenizer: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the `detokenizer/` sub-folder when the folder has one (and
+        diffusers is installed); `load_detokenizer=False` skips it."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if load_detokenizer and isinstance(model, LaVITPixelDecodingMixin):
+            model.set_detokenizer(_load_detokenizer(pretrained_model_name_or_path, kwargs))
+        return model
+
+
+    # ------------------------------------------------------------------------------------------- pixels
+
+    def _require_detokenizer(self) -> LaVITDetokenizer:
+        if self._detokenizer is None:
+            raise ValueError("no pixel decoder: load a folder with a `detokenizer/` sub-folder, or call "
+                             "model.set_detokenizer(LaVITDetokenizer.from_pretrained(...))")
+        if self._detokenizer.device != self.device:
+            self._detokenizer.to(self.device)  # it is not a submodule, so `model.to(...)` did not move it
+        return self._detokenizer
+
+    @torch.no_grad()
+    def decode_image_tokens(
+        self,
+        token_ids: torch.Tensor,
+        token_counts: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        **decode_kwargs,
+    ):
+        """
+        Visual tokens -> PIL images through the detokenizer (`decode_kwargs` go to [`LaVITDetokenizer.decode`]).
+        `token_ids` is either packed code ids (T,) with `token_counts` (B,), as `generate_image_tokens` returns, or
+        LM sequences (B, L) (as `generate(..., generation_mode="image")` returns): each row's visual ids after its
+        last `[IMG]` form one image. One `generator` is split into one stream per image (see `row_generators`,
+        with consecutive groups of `num_images_per_prompt` images per prompt), so an image's pixels do not depend on
+        the other images decoded with it.
+        """
+        if token_counts is None:
+            token_ids, token_counts = self._last_image_codes(token_ids)
+        if not isinstance(generator, list):
+            generator = row_generators(generator, token_counts.numel(), num_images_per_prompt, self.device)
+        return self._require_detokenizer().decode(token_ids, token_counts, generator=generator, **decode_kwargs)
+
+    def _last_image_codes(self, sequences: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Packed code ids and counts of the visual ids after each LM sequence's last `[IMG]`."""
+        if sequences.ndim != 2:
+            raise ValueError(f"without token_counts, token_ids must be LM sequences (batch, length), "
+                             f"got shape {tuple(sequences.shape)}")
+        config = self.config
+        is_start = sequences == config.image_start_token_id
+        if not bool(is_start.any(dim=1).all()):
+            raise ValueError("every sequence needs an [IMG] token before its visual ids")
+        columns = torch.arange(sequences.shape[1], device=sequences.device)
+        last_start = torch.where(is_start, columns, -1).max(dim=1, keepdim=True).values
+        is_visual = (sequences >= config.visual_token_offset) & (sequences < config.visual_token_end)
+        is_visual &= columns > last_start
+        return sequences[is_visual] - config.visual_token_offset, is_visual.sum(dim=1)
+
+    @torch.no_grad()
+    def reconstruct(self, pixel_values: torch.FloatTensor, image_selection: dict | None = None, **decode_kwargs):
+        """
+        Image -> visual tokens -> image: what the discrete tokens keep. `pixel_values` as the processor returns them;
+        `image_selection` (e.g. `{"max_tokens": 64}`) goes to the visual tokenizer, `decode_kwargs` to
+        [`LaVITDetokenizer.decode`].
+        """
+        tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.device), **(image_selection or {}))
+        return self._require_detokenizer().decode(tokens.code_ids, tokens.token_counts, **decode_kwargs)
+
+
+
+class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
+    """
+    The image side of [`LaVITForCausalLM`]: visual-token generation after `[IMG]` (with classifier-free guidance)
+    and, through [`LaVITPixelDecodingMixin`], pixels. Expects `config`, `model` (a `LaVITModel`), `lm_head`,
+    `get_input_embeddings` and `device`, as `LaVITForCausalLM` has them.
+    """
+
+    # ------------------------------------------------------------------------------------------- visual tokens
+
+    @torch.no_grad()
+    def generate_image_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        *,
+        negative_input_ids: torch.LongTensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        image_keep_mask: torch.Tensor | None = None,
+        image_selection: dict | None = None,
+        streamer=None,
+        generation_config: LaVITImageGenerationConfig | None = None,
+        **kwargs,
+    ) -> LaVITTokenizationOutput:
+        """
+        Text-to-image and multimodal-to-image: continues each prompt after `[IMG]` with visual ids only, until
+        `[/IMG]`. Returns the code ids of every generated image, packed with `token_counts` like
+        [`LaVITTokenizerModel.tokenize`] (rows in prompt order, `num_images_per_prompt` per prompt).
+
+        - `input_ids`: text (and image placeholders with `pixel_values`); an `[IMG]` is appended where a prompt does
+          not already end with one.
+        - Settings: `generation_config` ([`LaVITImageGenerationConfig`]: guidance, sampling, lengths, cache and
+          compilation), whose fields can also be given as keyword arguments (they win); unknown ones raise.
+        - Classifier-free guidance (`guidance_scale != 1`): the unconditional branch is `negative_input_ids` + `[IMG]`,
+          or `[IMG]` alone (official); both branches run as one batch in every forward.
+        - Every row samples with its own random stream, seeded by one draw from `generator` (or from torch's global
+          generator) plus the row's index among its prompt's images: a prompt gets the same images alone or batched
+          with others, whatever the padding side.
+        - `streamer` (e.g. `transformers.TextStreamer`): the prompt ids, each step's LM ids, then `end()`.
+        """
+        # 1. settings: the typed config, keyword arguments overriding its fields
+        settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs)
+        min_new_tokens, max_new_tokens = settings.token_limits(self.config.tokenizer_config.num_patches)
+        # 2. prompts: embeddings ending with [IMG]; with guidance the unconditional rows follow in the same batch
+        inputs_embeds, attention_mask = self._image_generation_batch(
+            input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,
+            image_selection, settings,
+        )
+        # 3. the KV cache and the (compiled) decoding step
+        cache, attention_mask, decode = self._image_decoding_setup(settings, attention_mask, max_new_tokens)
+        # 4. prefill: the prompt fills the cache; its last hidden state scores the first visual token
+        position_ids = positions_from_mask(attention_mask[:, : inputs_embeds.shape[1]])
+        hidden_states = self.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            **cache_kwargs(cache),
+        ).last_hidden_state[:, -1]
+        # 5. the sampler: guidance, minimum length, warpers, one random stream per row
+        num_images = input_ids.shape[0] * settings.num_images_per_prompt
+        sampler = ImageTokenSampler(settings, min_new_tokens, generator, num_images, hidden_states.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        # 6. decode step by step until every row has closed its image
+        generated = self._decode_visual_tokens(
+            decode, cache, sampler, hidden_states, attention_mask, position_ids, max_new_tokens, streamer
+        )
+        # 7. pack: code + 1 per step, 0 from [/IMG] on
+        kept = generated > 0
+        return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
+
+    def _image_generation_batch(
+        self, input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,
+        image_selection, settings: LaVITImageGenerationConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt embeddings and mask: `num_images_per_prompt` conditional rows per prompt, then (with
+        guidance) as many unconditional rows."""
+        # 1. the prompts, each repeated for its images
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        conditional = self._image_generation_prompt(
+            input_ids, attention_mask, pixel_values, image_keep_mask, image_selection, settings.image_inputs
+        )
+        per_prompt = settings.num_images_per_prompt
+        conditional = tuple(t.repeat_interleave(per_prompt, dim=0) for t in conditional)
+        if settings.guidance_scale == 1.0:
+            return conditional
+        # 2. the unconditional branch: the negative prompt (default `[IMG]` alone), one per prompt or shared
+        batch_size = conditional[0].shape[0]
+        if negative_input_ids is None:
+            negative_input_ids = input_ids.new_full((1, 1), self.config.image_start_token_id)
+        if negative_attention_mask is None:
+            negative_attention_mask = torch.ones_like(negative_input_ids)
+        unconditional = self._image_generation_prompt(negative_input_ids, negative_attention_mask)
+        if unconditional[0].shape[0] == 1:
+            unconditional = tuple(t.expand(batch_size, *t.shape[1:]) for t in unconditional)
+        elif unconditional[0].shape[0] * per_prompt == batch_size:
+            unconditional = tuple(t.repeat_interleave(per_prompt, dim=0) for t in unconditional)
+        else:
+            raise ValueError(f"negative_input_ids has {negative_input_ids.shape[0]} rows; expected 1 or "
+                             f"{input_ids.shape[0]} (one per prompt)")
+        return _concat_left_padded([conditional, unconditional])
+
+    def _image_generation_prompt(
+        self, input_ids, attention_mask, pixel_values=None, image_keep_mask=None, image_selection=None,
+        image_inputs="codes",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt embeddings ending with `[IMG]` and their attention mask."""
+        config = self.config
+        attention_mask = attention_mask.clone()
+        if input_ids.numel() == 0 or not bool(attention_mask.bool().any(dim=1).all()):
+            raise ValueError("every prompt needs at least one token (an empty prompt gives nothing to condition on)")
+        # a prompt that already ends with [IMG]: that token is dropped here and appended again below for every row
+        last_column = attention_mask.shape[1] - 1 - attention_mask.flip(1).bool().long().argmax(dim=1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        ends_open = input_ids[rows, last_column] == config.image_start_token_id
+        attention_mask[rows[ends_open], last_column[ends_open]] = 0
+        prepared = self.model.prepare_multimodal_inputs(
+            input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection,
+            padding_side="left", image_inputs=image_inputs,
+        )
+        start = self.get_input_embeddings()(input_ids.new_full((input_ids.shape[0], 1), config.image_start_token_id))
+        inputs_embeds = torch.cat([prepared.inputs_embeds, start], dim=1)
+        attention_mask = F.pad(prepared.attention_mask, (0, 1), value=1)
+        return inputs_embeds, attention_mask
+
+    def _image_decoding_setup(self, settings: LaVITImageGenerationConfig, attention_mask, max_new_tokens: int):
+        """The KV cache, the attention mask decoding starts from and the decoding step: a static cache is
+        preallocated for the prompt and every step, with the mask at full length (filled in step by step), so every
+        step has the same shapes."""
+        decode = self._image_decoding_step(settings)
+        if settings.cache_implementation == "static":
+            total_length = attention_mask.shape[1] + max_new_tokens
+            cache = StaticCache(config=self.config.text_config, max_cache_len=total_length)
+            return cache, F.pad(attention_mask, (0, max_new_tokens), value=0), decode
+        return DynamicCache(config=self.config), attention_mask, decode
+
+    def _image_decoding_step(self, settings: LaVITImageGenerationConfig):
+        """The language model, or with `compile_decoding` its compiled form: with the static cache every step has the
+        same shapes, so on CUDA the step is captured as a CUDA graph (one launch instead of one per kernel: a 7B step
+        at batch 2 is launch-bound, not compute-bound)."""
+        language_model = self.model.language_model
+        if not settings.compile_decoding:
+            return language_model
+        graphs = settings.cache_implementation == "static" and self.device.type == "cuda"
+        return torch.compile(language_model, dynamic=False, mode="reduce-overhead" if graphs else None)
+
+    def _decode_visual_tokens(
+        self, decode, cache, sampler, hidden_states, attention_mask, position_ids, max_new_tokens: int, streamer
+    ) -> torch.LongTensor:
+        """(B, steps) code + 1 per step, 0 from `[/IMG]` on; a row still open at `max_new_tokens` is closed."""
+        config = self.config
+        # [/IMG] and the visual ids are one contiguous block of the vocabulary: only those columns are scored. The
+        # head runs as a module (not F.linear on its `.weight`), so an offloaded head is loaded by its accelerate hook
+        allowed_columns = slice(config.image_end_token_id, config.visual_token_end)
+        prompt_length = position_ids.shape[1]
+        static = attention_mask.shape[1] > prompt_length  # preallocated: the mask already spans every step
+        batch_size = hidden_states.shape[0] // sampler.branches
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=hidden_states.device)
+        generated = []
+        for step in range(max_new_tokens + 1):
+            # 1. pick each row's token; finished rows repeat [/IMG], and every row closes at the limit
+            next_tokens = sampler(self.lm_head(hidden_states)[:, allowed_columns].float(), step)
+            if step == max_new_tokens:
+                next_tokens = torch.zeros_like(next_tokens)
+            next_tokens = next_tokens.masked_fill(finished, 0)
+            generated.append(next_tokens)
+            if streamer is not None:
+                streamer.put((next_tokens + config.image_end_token_id).cpu())
+            finished = finished | (next_tokens == 0)
+            if bool(finished.all()) or step == max_new_tokens:
+                break
+            # 2. feed the tokens back (to both guidance branches): one more attended column, one more position
+            next_ids = (next_tokens + config.image_end_token_id)[:, None].repeat(sampler.branches, 1)
+            if static:
+                attention_mask[:, prompt_length + step] = 1
+            else:
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            position_ids = position_ids[:, -1:] + 1
+            hidden_states = decode(
+                input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **cache_kwargs(cache),
+            ).last_hidden_state[:, -1]
+        if streamer is not None:
+            streamer.end()
+        return torch.stack(generated, dim=1)
+
+    def _image_sequences(self, input_ids: torch.LongTensor, tokens: LaVITTokenizationOutput) -> torch.LongTensor:
+        """Prompt ids + `[IMG]` + generated visual ids + `[/IMG]` per generated image, right-padded."""
+        config = self.config
+        rows = []
+        for image_ids in tokens.per_image():
+            rows.append(torch.cat([
+                image_ids.new_tensor([config.image_start_token_id]), image_ids + config.visual_token_offset,
+                image_ids.new_tensor([config.image_end_token_id]),
+            ]))
+        images = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.model.pad_token_id)
+        prompt = input_ids.repeat_interleave(images.shape[0] // input_ids.shape[0], dim=0)
+        return torch.cat([prompt.to(images.device), images], dim=1)
+
+    @torch.no_grad()
+    def generate_images(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        show_progress: bool = False,
+        **generation_kwargs,
+    ):
+        """
+        Text-to-image and image+text-to-image: [`generate_image_tokens`] (LM sampling with its own
+        `guidance_scale`, official 4.0 for text and 5.0 for multimodal prompts; every argument of it is accepted),
+        then [`LaVITDetokenizer.decode`] with `decoder_guidance_scale` (default: the detokenizer's, official 7.0).
+        One `generator` seeds both, so a seed fixes the images. Returns `num_images_per_prompt` images per prompt.
+        """
+        tokens = self.generate_image_tokens(
+            input_ids, attention_mask, pixel_values, generator=generator, **generation_kwargs
+        )
+        return self.decode_image_tokens(
+            tokens.code_ids, tokens.token_counts, generator=generator,
+            num_images_per_prompt=tokens.token_counts.numel() // input_ids.shape[0], height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=decoder_guidance_scale, output_type=output_type,
+            show_progress=show_progress,
+        )
+
+
+def _pipeline_source_file(source_folder: str | os.PathLike | None = None) -> Path | None:
+    """
+    `pipelines_lavit.py`: beside this file in a model folder, in the `processing` package of an install, or in the
+    folder (local or Hub) the model was loaded from: remote code runs from transformers' module cache, which holds only
+    the files the model's code imports, and the pipeline is not one of them.
+    """
+    from transformers.utils import cached_file
+
+    here = Path(__file__).resolve().parent
+    for candidate in (here / PIPELINE_FILE, here.parent / "processing" / PIPELINE_FILE):
+        if candidate.is_file():
+            return candidate
+    if source_folder:
+        found = cached_file(str(source_folder), PIPELINE_FILE, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        if found is not None:
+            return Path(found)
+    logger.warning(f"{PIPELINE_FILE} not found: the saved folder will not run the {TEXT_TO_IMAGE_TASK} pipeline")
+    return None
+
+
+def _load_detokenizer(pretrained_model_name_or_path, kwargs) -> LaVITDetokenizer | None:
+    """The `detokenizer/` sub-folder of a local or Hub model folder, or None where there is none."""
+    from transformers.utils import cached_file
+
+    hub_kwargs = {name: kwargs[name] for name in ("cache_dir", "force_download", "local_files_only", "token",
+                                                  "revision") if name in kwargs}
+    config_file = cached_file(
+        pretrained_model_name_or_path, "config.json", subfolder=DETOKENIZER_FOLDER,
+        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+    )
+    if config_file is None:
+        return None
+    try:
+        return LaVITDetokenizer.from_pretrained(
+            pretrained_model_name_or_path, subfolder=DETOKENIZER_FOLDER, dtype=kwargs.get("dtype"), **hub_kwargs
+        ).eval()
+    except ImportError as error:
+        logger.warning(f"the folder has a pixel decoder (detokenizer/) but it is not loaded: {error}")
+        return None
+
+
+__all__ = [
+    "ImageTokenSampler",
+    "LaVITImageGenerationConfig",
+    "LaVITImageGenerationMixin",
+    "LaVITPixelDecodingMixin",
+    "RowSeededSamplingLogitsProcessor",
+    "SuppressImageTokensLogitsProcessor",
+    "check_sampling_arguments",
+    "left_padded",
+    "row_generators",
+    "row_seeded_sampling_processors",
+    "sample_rows",
+]

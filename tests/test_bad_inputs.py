@@ -250,7 +250,7 @@ def test_skipped_records_are_summed_over_processes(tmp_path):
     rank), and the collator's skips of each rank are summed. Six rows of one segment each: both ranks get three (a
     record that accelerate repeats to even out the ranks is read, and counted, twice)."""
     from conftest import training_settings
-    from test_multi_process import run_processes
+    from processes import run_processes
 
     from lavit import LaVITTokenizerModel
 

@@ -170,7 +170,7 @@ def test_quick_demo_builds_a_hub_folder_that_loads_without_lavit(tmp_path):
 
 
 def test_convert_original_release_to_a_hub_folder(capsys, tmp_path, parity_files):
-    from test_parity import write_official_release
+    from official_release import write_official_release
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 

@@ -1,40 +1,16 @@
 """Multi-process training: two processes (torchrun, accelerate, DeepSpeed ZeRO-2/3, ZeRO-3 offload) give the losses
 and the saved weights of one process on the same global batch. Slow: each test launches processes."""
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, final_weights, training_settings
+from conftest import final_weights, training_settings
 from lavit.training.arguments import CONFIG_PRESETS, load_config_preset
+from processes import run_processes
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-def run_processes(settings: dict, tmp_path, processes: int, name: str, launcher: str = "torchrun") -> list[float]:
-    """Runs `distributed_stage.py` (beside this file) in `processes` processes (torchrun, or `accelerate launch`) and
-    returns the logged losses."""
-    settings_file = tmp_path / f"{name}.json"
-    settings_file.write_text(json.dumps(settings))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "tests")}
-    port = str(29500 + hash(name) % 500)
-    if launcher == "accelerate":  # --multi_gpu is accelerate's data-parallel launcher; use_cpu keeps it on CPU
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                   "--num_processes", str(processes), "--main_process_port", port, "--mixed_precision", "no",
-                   "--dynamo_backend", "no"]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", port]
-    command += [str(Path(__file__).with_name("distributed_stage.py")), str(settings_file)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-12000:]
-    log = Path(settings["training"]["output_dir"]) / "logs.jsonl"
-    return [entry["loss"] for entry in map(json.loads, log.read_text().splitlines()) if "loss" in entry]
 
 
 def data_parallel_settings(components, output_dir, per_device_batch_size: int, **training) -> dict:

@@ -393,7 +393,7 @@ def test_official_conversion_loaded_in_bf16(parity_files, tmp_path):
     (the official fp32 LayerNorms and codebook included) and the official LM visual embeddings within bf16
     tolerance."""
     from lavit.modeling.convert_original_lavit import convert_release
-    from test_parity import write_official_release
+    from official_release import write_official_release
 
     write_official_release(parity_files, tmp_path)
     heads = dict(vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)

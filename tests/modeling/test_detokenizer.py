@@ -25,9 +25,9 @@ from lavit.modeling.modeling_lavit_detokenizer import (
     training_target,
     unmasked_conditions,
 )
+from official_release import assert_close
 from PIL import Image
 from test_hub import BLOCK_LAVIT
-from test_parity import assert_close
 
 from lavit import LaVITDetokenizer
 

@@ -214,7 +214,7 @@ def test_convert_an_official_width_release_file_by_file_in_bf16(tmp_path):
 def test_conversion_without_a_feature_decoder_initialises_one(parity_files, tmp_path):
     """pixel_decoder=None: no official file fills the feature decoder, so it starts random (not left on meta)."""
     from lavit.modeling.convert_original_lavit import convert_release
-    from test_parity import write_official_release
+    from official_release import write_official_release
 
     write_official_release(parity_files, tmp_path)
     model, _ = convert_release(tmp_path, pixel_decoder=None, vision_num_heads=4, merger_num_heads=4,

@@ -28,6 +28,7 @@ from .trainer import train_and_save, whole_weights
 
 def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`)."""
+    # 0. Seed first (LoRA's initial adapters depend on it); a preset fills in what the run left at its defaults.
     set_seed(training_args.seed)
     preset, applied = apply_preset("finetune", script_args.preset, script_args, training_args)
 
@@ -35,12 +36,15 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     with whole_weights(training_args):
         model = load_model_for_finetuning(script_args, training_args)
     script_args.set_attention(model)
+    # the processor of the pretrained folder: its vocabulary layout is the model's
     processor = LaVITProcessor.from_pretrained(script_args.model)
 
     # 2. One row per example, labels on the answers only; bad records dropped and counted.
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming,
                            script_args.image_column, script_args.text_column, require_text=False, counter=counter)
+    # caption: the image then its caption; vqa: the official `Question: {q} Answer:` template; chat: the processor's
+    # chat template, every assistant turn supervised
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
     dataset = builder.build(limit_records(records, script_args.max_samples))
     num_examples = len(dataset) if has_length(dataset) else None
@@ -49,10 +53,12 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
 
     # 3. The collator of stage 2: examples packed into rows whose positions restart per example.
     collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
 
-    # 4. Train and save. Adapters train at one learning rate; a 4-bit base cannot take merged adapters, so QLoRA
-    #    runs save the adapters next to the base model's name.
+    # 4. Train and save. Adapters sit in the LM and train at one learning rate (the visual learning rate is for full
+    #    fine-tuning); a 4-bit base cannot take merged adapters, so QLoRA runs save the adapters next to the base
+    #    model's name.
     adapters = script_args.lora or script_args.qlora
     merge = adapters and script_args.merge_lora and not script_args.qlora
     warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
@@ -62,10 +68,12 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
 
 
 def main(script_args: FinetuningArguments, training_args: LaVITTrainingArguments):
+    # the folder `lavit caption` / `lavit vqa` take as --model
     print(f"fine-tuned model saved to {finetune(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):
+    # the same parser for `lavit finetune` (a sub-command of `subparsers`) and for this script run alone
     return make_stage_parser((FinetuningArguments, LaVITTrainingArguments), subparsers, "finetune",
                              "caption / VQA / chat fine-tuning, full or LoRA")
 
@@ -75,5 +83,6 @@ def cli(args=None):
     main(*make_parser().parse_args_and_config(args))
 
 
+# `python -m ...` and console scripts; launchers (torchrun, accelerate, deepspeed) run this module on every rank
 if __name__ == "__main__":
     cli()

@@ -30,11 +30,13 @@ def preprocess(script_args: PreprocessArguments) -> Path:
         raise ValueError("give --visual_tokenizer and --output")
 
     # 1. The frozen tokenizer (alone, or the one inside a LaVIT folder), on a GPU when there is one.
+    #    Pre-tokenizing is inference: no gradients, no Trainer, the whole batch on one device.
     device = script_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_visual_tokenizer(script_args.visual_tokenizer).to(device).eval()
     image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
 
     # 2. Keep masks and code ids of every readable image, in batches; unreadable images are dropped and counted.
+    #    Never streamed: the output is a whole dataset written with `save_to_disk`.
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, False, script_args.image_column,
                            script_args.text_column, require_text=False, counter=counter)
@@ -57,10 +59,12 @@ def preprocess(script_args: PreprocessArguments) -> Path:
 
 
 def main(script_args: PreprocessArguments):
+    # the folder to give stage 2 as --data
     print(f"pre-tokenized dataset saved to {preprocess(script_args)}")
 
 
 def make_parser(subparsers=None):
+    # the same parser for `lavit preprocess` (a sub-command of `subparsers`) and for this script run alone
     return make_stage_parser((PreprocessArguments,), subparsers, "preprocess",
                              "store keep masks and code ids of a dataset")
 
@@ -70,5 +74,6 @@ def cli(args=None):
     main(*make_parser().parse_args_and_config(args))
 
 
+# `python -m ...` and console scripts; launchers (torchrun, accelerate, deepspeed) run this module on every rank
 if __name__ == "__main__":
     cli()

@@ -34,12 +34,15 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
                     callbacks=()) -> Path:
     """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor);
     `callbacks` are extra `TrainerCallback`s."""
+    # 0. Seed first: the new tokenizer's random weights and the crops depend on it. A preset fills in only the
+    #    settings the run left at their defaults (flags you give win).
     set_seed(training_args.seed)
     preset, applied = apply_preset("tokenizer", script_args.preset, script_args, training_args)
 
     # 1. The tokenizer: new from a config preset, or continued. Every rank builds it whole (ZeRO-3 shards it later).
     with whole_weights(training_args):
         model = build_tokenizer(script_args)
+    # the image processor is derived from the tokenizer's config, so training and inference see the same pixels
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
 
     # 2. The images, decoded lazily; a bad record is replaced by the next readable one and counted. The dataset's own
@@ -47,6 +50,7 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column, require_text=False, counter=counter)
+    # random crops, each drawn from (seed, epoch, index): a resumed run sees the crops of the uninterrupted one
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
     dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
 
@@ -57,7 +61,9 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         applied["quantizer_start_step"] = script_args.quantizer_start_step = training_args.max_steps // 4
     report_preset(preset, applied, num_images, training_args)
 
-    # 4. Train, resuming from the newest complete checkpoint unless told otherwise.
+    # 4. Train, resuming from the newest complete checkpoint unless told otherwise. The trainer switches VQ on at
+    #    `quantizer_start_step` and logs the tokenizer's statistics (keep ratio, codebook usage) with the loss;
+    #    logs.jsonl gets every log line, and the warning names the numbers when the run is too short to learn.
     trainer = LaVITTokenizerTrainer(
         model=model,
         args=training_args,
@@ -75,10 +81,12 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
 
 
 def main(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments):
+    # the folder to give stage 2 as --visual_tokenizer
     print(f"trained tokenizer saved to {train_tokenizer(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):
+    # the same parser for `lavit train-tokenizer` (a sub-command of `subparsers`) and for this script run alone
     return make_stage_parser((TokenizerTrainingArguments, LaVITTrainingArguments), subparsers, "train-tokenizer",
                              "stage 1: train the visual tokenizer")
 
@@ -88,5 +96,6 @@ def cli(args=None):
     main(*make_parser().parse_args_and_config(args))
 
 
+# `python -m ...` and console scripts; launchers (torchrun, accelerate, deepspeed) run this module on every rank
 if __name__ == "__main__":
     cli()

@@ -38,9 +38,12 @@ def pretraining_dataset(script_args: PretrainingArguments, tokenizer, config, co
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column, counter=counter)
     records = limit_records(records, script_args.max_samples)
+    # text-only records keep the LM's language skills (the official mix is about 2 text : 1 image-text)
     if script_args.text_data:
         texts = load_text_records(script_args.text_data, streaming=script_args.streaming)
         records = mix_text_records(records, texts, script_args.text_ratio, seed=0)
+    # records -> segments -> rows of at most max_length tokens; images whose token count is not stored yet count as
+    # `image_token_estimate` tokens, so a row never overflows once the frozen tokenizer expands them
     builder = SequenceBuilder(tokenizer, config, script_args.max_length, script_args.order,
                               script_args.image_token_estimate)
     rows = builder.build(records)
@@ -54,6 +57,7 @@ def pretraining_dataset(script_args: PretrainingArguments, tokenizer, config, co
 def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArguments, callbacks=()) -> Path:
     """Runs stage 2 and returns the folder of the trained model (`output_dir/final`, with its processor);
     `callbacks` are extra `TrainerCallback`s."""
+    # 0. Seed first (the pair orders of every epoch are drawn from it).
     set_seed(training_args.seed)
     if training_args.ddp_find_unused_parameters is None:
         # a text-only step leaves the visual modules without gradients
@@ -63,6 +67,8 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     #    assembly copies weights between models, which ZeRO-3 partitioned parameters do not hold.
     with whole_weights(training_args):
         model, processor = build_unified_model(script_args)
+    # a preset reads the model (its row length follows the tokenizer's patch count); the attention kernel is the
+    # LM's only: the visual tokenizer keeps its own
     preset, applied = apply_preset("pretrain", script_args.preset, script_args, training_args, model)
     script_args.set_attention(model)
 
@@ -76,6 +82,7 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     # 3. The collator splits rows into segments; its row length fits the attention kernel (SDPA computes every pair
     #    of a row, flex/flash attention skip the masked blocks and take one row per batch).
     collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
 
     # 4. Train (the visual modules and rows at their own learning rate), resume, save the final folder.
@@ -85,10 +92,12 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
 
 
 def main(script_args: PretrainingArguments, training_args: LaVITTrainingArguments):
+    # the folder to give fine-tuning as --model
     print(f"trained model saved to {pretrain(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):
+    # the same parser for `lavit train` (a sub-command of `subparsers`) and for this script run alone
     return make_stage_parser((PretrainingArguments, LaVITTrainingArguments), subparsers, "train",
                              "stage 2: unified pretraining")
 
@@ -98,5 +107,6 @@ def cli(args=None):
     main(*make_parser().parse_args_and_config(args))
 
 
+# `python -m ...` and console scripts; launchers (torchrun, accelerate, deepspeed) run this module on every rank
 if __name__ == "__main__":
     cli()

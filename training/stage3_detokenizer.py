@@ -37,6 +37,7 @@ def train_detokenizer(
     """Trains the detokenizer and returns its folder (`output_dir/final`, EMA weights when EMA is on)."""
     if not script_args.visual_tokenizer:
         raise ValueError("--visual_tokenizer is required (the frozen tokenizer whose codes are decoded)")
+    # 0. Seed first: the new detokenizer's weights, the crops, the diffusion noise and the dropped conditions.
     set_seed(training_args.seed)
 
     # 1. The frozen tokenizer and the detokenizer sharing its codebook, whole on every rank.
@@ -51,6 +52,7 @@ def train_detokenizer(
                            script_args.text_column, require_text=False, counter=counter)
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
     dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
+    # the tokenizer's own preprocessing for its input, the squashed [-1, 1] image for the VAE's target
     collator = DetokenizerCollator(LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config),
                                    detokenizer.config.image_size)
 
@@ -63,6 +65,8 @@ def train_detokenizer(
         print(f"VAE fitted for {len(losses)} steps: reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
     # 4. Train the detokenizer on the tokenizer's codes, with the EMA of its weights checkpointed alongside.
+    #    The trainer tokenizes each batch with the frozen tokenizer outside the trained model, so DDP and DeepSpeed
+    #    wrap the detokenizer only; the EMA callback restores its averages from the checkpoint on resume.
     callbacks = [JsonlLoggerCallback(), *callbacks]
     if script_args.ema_decay > 0:
         callbacks.append(EMACallback(detokenizer, script_args.ema_decay, resume))
@@ -77,10 +81,12 @@ def train_detokenizer(
 
 
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):
+    # attach it to a LaVIT model with `model.set_detokenizer(LaVITDetokenizer.from_pretrained(folder))`
     print(f"trained detokenizer saved to {train_detokenizer(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):
+    # the same parser for `lavit train-detokenizer` (a sub-command of `subparsers`) and for this script run alone
     return make_stage_parser((DetokenizerTrainingArguments, LaVITTrainingArguments), subparsers, "train-detokenizer",
                              "train the pixel detokenizer")
 
@@ -90,5 +96,6 @@ def cli(args=None):
     main(*make_parser().parse_args_and_config(args))
 
 
+# `python -m ...` and console scripts; launchers (torchrun, accelerate, deepspeed) run this module on every rank
 if __name__ == "__main__":
     cli()

@@ -5,7 +5,10 @@
   adds after the Trainer counted the labels): the frozen tokenizer expands them before the count;
 - parameter groups with their own learning rate for the visual modules and the visual rows of the embedding and
   head (paper: about 1e-4 for the visual part, 1e-5 for the LM);
-- extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs.
+- extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs;
+- the bad records met in the batches of all processes, logged as `skipped_records` and kept in checkpoints.
+`LaVITTokenizerTrainer` (stage 1) switches VQ on at a step; `LaVITDetokenizerTrainer` tokenizes each batch with the
+frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume live in `training.checkpoints`.
 """
 
 import json

@@ -22,12 +22,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+# each training command is a stage script whose `make_parser(commands)` adds the command under this name
 TRAINING_COMMANDS = {
-    "train-tokenizer": ("lavit.training.stage1_tokenizer", "stage 1: train the visual tokenizer", "--model"),
-    "train": ("lavit.training.stage2_pretrain", "stage 2: unified pretraining", "--model"),
-    "finetune": ("lavit.training.finetune", "caption / VQA / chat fine-tuning, full or LoRA", "--model"),
-    "preprocess": ("lavit.training.preprocess", "store keep masks and code ids of a dataset", "--visual_tokenizer"),
-    "train-detokenizer": ("lavit.training.stage3_detokenizer", "train the pixel detokenizer", "--visual_tokenizer"),
+    "train-tokenizer": "lavit.training.stage1_tokenizer",
+    "train": "lavit.training.stage2_pretrain",
+    "finetune": "lavit.training.finetune",
+    "preprocess": "lavit.training.preprocess",
+    "train-detokenizer": "lavit.training.stage3_detokenizer",
+}
+# the model folder each training command reads (the stage's argument) and the kinds of folder it takes
+TRAINING_MODEL_ARGUMENTS = {
+    "train-tokenizer": ("model", ("lavit_tokenizer",)),
+    "train": ("model", ("lavit",)),
+    "finetune": ("model", ("lavit",)),
+    "preprocess": ("visual_tokenizer", ("lavit_tokenizer", "lavit")),
+    "train-detokenizer": ("visual_tokenizer", ("lavit_tokenizer", "lavit")),
 }
 
 
@@ -65,10 +74,24 @@ POSITIVE, GUIDANCE = at_least(1), at_least(1.0, float)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lavit.training.arguments import LaVITArgumentParser
+
     parser = argparse.ArgumentParser(prog="lavit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # sub-commands are HfArgumentParsers (trl's CLI shape): a training stage adds its own dataclass parser
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=LaVITArgumentParser)
+    add_image_parsers(commands)
+    add_generation_parsers(commands)
+    add_evaluate_parser(commands)
+    add_language_model_parser(commands)
+    for module_name in TRAINING_COMMANDS.values():
+        importlib.import_module(module_name).make_parser(commands)
+    add_publishing_parsers(commands)
+    return parser
 
+
+def add_image_parsers(commands) -> None:
+    """demo, and the commands that read images: tokenize, caption, vqa."""
     demo = commands.add_parser("demo", help="build a tiny LaVIT end to end, offline (minutes on a CPU)")
     demo.add_argument("--output", default="lavit-demo", help="folder for the runs, images and the Hub folder")
     demo.add_argument("--quick", action="store_true", help="a few steps per stage (about a minute; used by CI)")
@@ -98,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--num-beams", type=POSITIVE, default=5)
     add_selection_arguments(vqa, text=True)
 
+
+def add_generation_parsers(commands) -> None:
+    """The commands that draw images: generate, reconstruct."""
     generate = commands.add_parser("generate", help="text-to-image")
     generate.add_argument("prompt")
     generate.add_argument("-o", "--output", required=True, help="PNG path (-N suffixes for several images)")
@@ -118,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--seed", type=int, default=0)
     reconstruct.add_argument("--steps", type=POSITIVE, default=None)
 
-    add_evaluate_parser(commands)
+
+def add_language_model_parser(commands) -> None:
     language_model = commands.add_parser(
         "new-language-model", help="write a small random LLaMA + a BPE tokenizer trained on your texts (stage 2 "
                                    "without the Hub)")
@@ -134,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     language_model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     language_model.add_argument("--model", default=None, help="unused: the command writes a new model")
 
-    for name, (_, description, _) in TRAINING_COMMANDS.items():
-        commands.add_parser(name, help=f"{description} (--help lists its flags)", add_help=False)
 
+def add_publishing_parsers(commands) -> None:
+    """convert-original, export, push."""
     convert = commands.add_parser("convert-original", help="an official LaVIT release folder -> a LaVIT Hub folder")
     convert.add_argument("source", help="official release folder (language_model/, visual_tokenizer/, ...)")
     convert.add_argument("destination", help="output folder")
@@ -158,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--model", required=True, help="a LaVIT model folder (exported first when needed)")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
-    return parser
 
 
 def add_evaluate_parser(commands) -> None:
@@ -308,7 +334,7 @@ def numbered(path: str, index: int, count: int) -> Path:
 def run_tokenize(args) -> None:
     from lavit.atomic import save_png_atomically
     from lavit.processing.image_processing_lavit import LaVITImageProcessor, draw_kept_patches
-    from lavit.training.preprocess import load_visual_tokenizer
+    from lavit.training.models import load_visual_tokenizer
 
     require_folder(args.model, ("lavit_tokenizer", "lavit"))
     images = [open_image(path) for path in args.images]
@@ -421,22 +447,18 @@ def run_reconstruct(args) -> None:
     print(args.output)
 
 
-# the kinds of model folder each training command's model argument takes
-TRAINING_MODEL_TYPES = {"train-tokenizer": ("lavit_tokenizer",), "train": ("lavit",), "finetune": ("lavit",),
-                        "preprocess": ("lavit_tokenizer", "lavit"), "train-detokenizer": ("lavit_tokenizer", "lavit")}
-
-
 def run_training(command: str, argv: list[str]) -> None:
-    module_name, _, model_flag = TRAINING_COMMANDS[command]
-    # every command takes --model; a stage whose model argument has another name gets it under that name
-    argv = [model_flag if arg == "--model" else arg.replace("--model=", f"{model_flag}=", 1) for arg in argv]
-    for index, arg in enumerate(argv):
-        value = argv[index + 1] if arg == model_flag and index + 1 < len(argv) else arg.partition("=")[2] \
-            if arg.startswith(f"{model_flag}=") else None
-        if value:
-            require_folder(value, TRAINING_MODEL_TYPES[command])
-    sys.argv[0] = f"lavit {command}"
-    importlib.import_module(module_name).main(argv)
+    """Runs a training stage with the parser of `python -m lavit.training.<stage>` (flags, or one config file),
+    named `lavit COMMAND`; the model folder it reads is checked before anything is built."""
+    from lavit.training.arguments import LaVITArgumentParser
+
+    stage = importlib.import_module(TRAINING_COMMANDS[command])
+    commands = argparse.ArgumentParser(prog="lavit").add_subparsers(parser_class=LaVITArgumentParser)
+    arguments = stage.make_parser(commands).parse_args_and_config(argv)
+    name, model_types = TRAINING_MODEL_ARGUMENTS[command]
+    if getattr(arguments[0], name):
+        require_folder(getattr(arguments[0], name), model_types)
+    stage.main(*arguments)
 
 
 def run_convert(args) -> None:

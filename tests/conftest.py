@@ -233,7 +233,8 @@ def tiny_detokenizer_config(conditioning="highres", **overrides):
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):  # module scope: each test module that asks gets its own copy
     """A tiny (untrained, deterministic) visual tokenizer, a tiny LM and a photo dataset, pre-tokenized too."""
-    from lavit.training.preprocess import PreprocessArguments, preprocess
+    from lavit.training.arguments import PreprocessArguments
+    from lavit.training.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("components")
     components = write_stage_components(root)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import text_vocab_size, tiny_lavit_config, training_args, write_tiny_language_model
-from lavit.training.data import BadRecordCounter, InstructionBuilder, SequenceBuilder, load_records
+from lavit.training.data import BadRecordCounter, load_records
 from lavit.training.sample_data import photo_images
+from lavit.training.sequences import InstructionBuilder, SequenceBuilder
 from PIL import Image
 from test_cli import error_lines, run
 from test_hub import trained_tiny_model

@@ -1,9 +1,13 @@
-"""Argument dataclasses shared by the stages, and the parser behind their command lines.
+"""The arguments of every stage and the parser behind their command lines.
 
-Every stage takes its own arguments dataclass plus a [`LaVITTrainingArguments`] (the usual `TrainingArguments`,
-with the defaults LaVIT training wants), from the command line or from one JSON/YAML file.
+Every stage takes its own arguments dataclass (`TokenizerTrainingArguments`, `PretrainingArguments`,
+`FinetuningArguments`, `DetokenizerTrainingArguments`, `PreprocessArguments`) plus, when it trains, a
+[`LaVITTrainingArguments`] (the usual `TrainingArguments`, with the defaults LaVIT training wants). A stage's
+`make_parser` returns a [`LaVITArgumentParser`] of those dataclasses, which reads the command line or one JSON/YAML
+file; `lavit <stage>` and `python -m lavit.training.<stage>` use that same parser.
 """
 
+import argparse
 import faulthandler
 import json
 import signal
@@ -11,9 +15,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+
+from .presets import preset_field
+from .sequences import SEQUENCE_ORDERS
 
 
 @dataclass
@@ -80,41 +86,7 @@ class SequenceArguments(DataArguments):
         return None if skips_masked_blocks else self.max_length
 
 
-def enable_stack_dumps() -> None:
-    """Makes a stuck or failing rank show where it is: the Python stacks of all threads are printed on a fatal error,
-    on SIGTERM (what torchrun/accelerate send the other ranks when one fails or a collective times out after
-    `--ddp_timeout`) and on SIGUSR1 (`kill -USR1 PID` on a live run), then SIGTERM ends the process as before."""
-    stream = sys.__stderr__  # the process's own stderr: `sys.stderr` may be a capture without a file descriptor
-    if stream is None or not hasattr(stream, "fileno"):
-        return
-    faulthandler.enable(stream)
-    faulthandler.register(signal.SIGTERM, stream, all_threads=True, chain=True)
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, stream, all_threads=True)
-
-
-def parse_arguments(dataclass_types, argv=None):
-    """Parses `argv` (default: the command line) into the given dataclasses; a single `.json`/`.yaml` argument is
-    read as a config file. Launchers' `--local_rank=N` is accepted (TrainingArguments has it). Every stage's command
-    line goes through here, so it also turns on [`enable_stack_dumps`]."""
-    enable_stack_dumps()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(dataclass_types, usage="%(prog)s [OPTIONS] [TRAINER OPTIONS]  |  %(prog)s config.yaml")
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
-
-
-def limit_records(records, max_samples: int | None):
-    """The first `max_samples` records (streaming too)."""
-    if max_samples is None:
-        return records
-    if isinstance(records, datasets.Dataset):
-        max_samples = min(max_samples, len(records))
-    return records.take(max_samples)
-
+# ------------------------------------------------------------------------------------------------ stages
 
 CONFIG_PRESETS = Path(__file__).parent / "configs"
 
@@ -134,3 +106,138 @@ def load_config_preset(name_or_path: str, kind: str) -> dict:
         raise FileNotFoundError(f"{kind}_config {name_or_path!r} is neither a file nor a preset "
                                 f"{config_preset_names(kind)}")
     return json.loads(path.read_text())
+
+
+@dataclass
+class TokenizerTrainingArguments(DataArguments):
+    model: str | None = field(default=None, metadata={"help": "A LaVITTokenizerModel folder to continue training."})
+    tokenizer_config: str | None = field(default=None, metadata={
+        "help": f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
+                f"64 px, 8 px patches, 64 codes; 'small': the same with 256 codes, for small data; 'paper': the "
+                f"released LaVIT sizes)."})
+    vision_model: str | None = field(default=None, metadata={
+        "help": "A transformers vision model (folder or Hub id, e.g. a CLIP/SigLIP vision tower) to use as the "
+                "frozen encoder of a new tokenizer."})
+    quantizer_start_step: int = field(default=0, metadata={
+        "help": "Steps trained without quantization before VQ (k-means init + EMA) is switched on."})
+    crop_scale: float = field(default=0.5, metadata={
+        "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
+    preset: str | None = preset_field("tokenizer")
+
+
+@dataclass
+class PretrainingArguments(SequenceArguments):
+    model: str | None = field(default=None, metadata={"help": "A LaVIT model folder to continue training."})
+    visual_tokenizer: str | None = field(default=None, metadata={"help": "A stage-1 tokenizer folder (new model)."})
+    language_model: str | None = field(default=None, metadata={"help": "A causal LM folder or Hub id (new model)."})
+    text_tokenizer: str | None = field(default=None, metadata={"help": "Text tokenizer (default: the LM's)."})
+    text_data: str | None = field(default=None, metadata={"help": "Text-only corpus mixed into the pairs."})
+    text_ratio: float = field(default=0.0, metadata={"help": "Fraction of text-only records in the mixture."})
+    max_length: int = field(default=2048, metadata={"help": "Tokens per packed row, visual tokens included."})
+    order: str = field(default="random", metadata={"help": f"Pair order: one of {SEQUENCE_ORDERS}; 'random' draws "
+                                                          f"each pair's order anew every epoch from --seed."})
+    image_to_text_ratio: float = field(default=0.5, metadata={"help": "P(image-to-text) with order=random."})
+    image_token_estimate: int | None = field(default=None, metadata={
+        "help": "Tokens counted per image whose count is unknown (not pre-tokenized) while packing; default: all "
+                "patches (rows never exceed max_length)."})
+    visual_learning_rate: float | None = field(default=1e-4, metadata={
+        "help": "Learning rate of the visual modules and visual vocabulary rows (the LM uses --learning_rate)."})
+    preset: str | None = preset_field("pretrain")
+
+
+@dataclass
+class FinetuningArguments(SequenceArguments):
+    model: str = field(default=None, metadata={"help": "The LaVIT model folder (or Hub id) to fine-tune."})
+    task: str = field(default="caption", metadata={"help": "'caption' (image, text), 'vqa' (image, question, "
+                                                           "answer) or 'chat' (messages, images)."})
+    max_length: int = field(default=512, metadata={"help": "Text tokens per example (before visual tokens)."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    qlora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit LM (bitsandbytes, CUDA only)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
+        "help": "Adapted modules: comma-separated names (of the language model only) or a regex over full names."})
+    merge_lora: bool = field(default=True, metadata={"help": "Merge the adapters into the final checkpoint."})
+    visual_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the visual modules and rows in full fine-tuning (default: --learning_rate)."})
+    preset: str | None = preset_field("finetune")
+
+
+@dataclass
+class DetokenizerTrainingArguments(DataArguments):
+    visual_tokenizer: str = field(default=None, metadata={
+        "help": "The frozen visual tokenizer: a LaVITTokenizerModel folder or a LaVIT model folder."})
+    detokenizer: str | None = field(default=None, metadata={"help": "A LaVITDetokenizer folder to continue training."})
+    detokenizer_config: str | None = field(default=None, metadata={
+        "help": "A new detokenizer: a config JSON file or a preset name in training/configs ('tiny', 'paper')."})
+    diffusers_model: str | None = field(default=None, metadata={
+        "help": "A diffusers folder whose unet/, vae/ and scheduler/ replace the new detokenizer's (e.g. SDXL)."})
+    train_feature_decoder: bool = field(default=False, metadata={
+        "help": "Also train the feature decoder (copied from the tokenizer; frozen by default)."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the trained weights (0 turns EMA off)."})
+    crop_scale: float = field(default=1.0, metadata={
+        "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
+    vae_steps: int = field(default=0, metadata={
+        "help": "Fit the VAE to the images for N steps before the diffusion training: for small experiments "
+                "without a pretrained VAE (a random VAE decodes any latent to noise)."})
+
+
+@dataclass
+class PreprocessArguments(DataArguments):
+    visual_tokenizer: str = field(default=None, metadata={
+        "help": "A tokenizer folder, or a LaVIT model folder (its visual_tokenizer is used)."})
+    output: str = field(default=None, metadata={"help": "Folder to write the pre-tokenized dataset to."})
+    batch_size: int = field(default=64, metadata={"help": "Images per tokenizer batch."})
+    device: str | None = field(default=None, metadata={"help": "Device of the tokenizer (default: cuda if any)."})
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def enable_stack_dumps() -> None:
+    """Makes a stuck or failing rank show where it is: the Python stacks of all threads are printed on a fatal error,
+    on SIGTERM (what torchrun/accelerate send the other ranks when one fails or a collective times out after
+    `--ddp_timeout`) and on SIGUSR1 (`kill -USR1 PID` on a live run), then SIGTERM ends the process as before."""
+    stream = sys.__stderr__  # the process's own stderr: `sys.stderr` may be a capture without a file descriptor
+    if stream is None or not hasattr(stream, "fileno"):
+        return
+    faulthandler.enable(stream)
+    faulthandler.register(signal.SIGTERM, stream, all_threads=True, chain=True)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, stream, all_threads=True)
+
+
+class LaVITArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` of a stage's dataclasses, with one more input form: a single `.json`/`.yaml` argument is
+    read as a config file (keys: the flags' names). Flags take both spellings (`--max_steps`, `--max-steps`)."""
+
+    def parse_args_and_config(self, args=None) -> tuple:
+        """Parses `args` (default: the command line) into the dataclasses, in the order given to the parser.
+        Launchers' `--local_rank=N` is accepted (TrainingArguments has it). Every stage's command line goes through
+        here, so it also turns on [`enable_stack_dumps`].
+
+        Raises:
+            SystemExit: (argparse, status 2) an unknown flag, a bad value or a missing required flag.
+            ValueError: a config file key that no dataclass has.
+        """
+        enable_stack_dumps()
+        args = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        if len(args) == 1 and args[0].endswith(".json"):
+            return self.parse_json_file(args[0])
+        if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+            return self.parse_yaml_file(args[0])
+        return self.parse_args_into_dataclasses(args)
+
+
+def make_stage_parser(dataclass_types: tuple, subparsers: argparse._SubParsersAction | None, command: str,
+                      help: str) -> LaVITArgumentParser:
+    """A stage's parser: a sub-command `command` of `subparsers` (made with `parser_class=LaVITArgumentParser`, as in
+    the `lavit` command line), or a parser of its own. A short usage line: `--help` then lists the stage's own options
+    first and the `TrainingArguments` under their own heading."""
+    trainer_options = " [TRAINER OPTIONS]" if LaVITTrainingArguments in dataclass_types else ""
+    usage = f"%(prog)s [OPTIONS]{trainer_options}  |  %(prog)s config.yaml"
+    settings = {"dataclass_types": dataclass_types, "usage": usage}
+    if subparsers is None:
+        return LaVITArgumentParser(**settings)
+    return subparsers.add_parser(command, help=f"{help} (--help lists its flags)", **settings)

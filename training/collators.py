@@ -7,14 +7,18 @@ length, segments fill rows greedily up to that many tokens and short rows are ri
 compute every (query, key) pair of a row, so bounded rows keep their cost at rows x length^2 instead of (batch
 tokens)^2. `packed=False` is the padded fallback: one segment per row, right padding and an attention mask. All give
 the same loss (the first token of every segment has no target, as the model also enforces).
-`ImageCollator` feeds stage 1: decoded (and cropped) images -> `pixel_values`.
+`ImageCollator` feeds stage 1: decoded (and cropped) images -> `pixel_values`; `DetokenizerCollator` feeds the
+detokenizer: the same images for the tokenizer and, at the decoder's resolution, for the VAE.
 Every batch carries `skipped_records`, the bad records met while building it (from the stored rows, the dataset and
 the collator itself), so the count reaches the trainer from dataloader workers and from cached datasets alike.
 """
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from lavit.processing import LaVITImageProcessor
+from PIL import Image
 
 from .data import BadRecordCounter, BadRecordError, decode_image
 
@@ -136,6 +140,14 @@ class LaVITDataCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def lm_collator(processor, config, packed: bool, max_row_length: int | None = None) -> LaVITDataCollator:
+    """The [`LaVITDataCollator`] of the LM stages (stage 2, fine-tuning) for a model's `config` and its
+    [`LaVITProcessor`]: its image processor, `[IMG]` id and padding id (0 when the text tokenizer has none)."""
+    return LaVITDataCollator(processor.image_processor, config.image_start_token_id,
+                             pad_token_id=processor.tokenizer.pad_token_id or 0, packed=packed,
+                             max_row_length=max_row_length)
+
+
 def image_items(items: list) -> tuple[list, int]:
     """Items of `training.data.image_dataset` (`{"image", "skipped_records"}`) -> their images and skipped count."""
     return [item["image"] for item in items], sum(int(item["skipped_records"]) for item in items)
@@ -153,6 +165,30 @@ class ImageCollator:
         images, skipped = image_items(items)
         return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
                 "skipped_records": torch.tensor(skipped)}
+
+
+@dataclass
+class DetokenizerCollator:
+    """Items of `training.data.image_dataset` (decoded, cropped images) -> `tokenizer_pixel_values` (the tokenizer's
+    preprocessing) and `pixel_values` (the same crop, squashed to the detokenizer's resolution like the tokenizer's
+    input, in [-1, 1] for the VAE), plus the batch's `skipped_records`."""
+
+    image_processor: LaVITImageProcessor
+    image_size: int
+
+    def __call__(self, items: list) -> dict:
+        images, skipped = image_items(items)
+        return {
+            "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
+            "pixel_values": self.target_pixel_values(images),
+            "skipped_records": torch.tensor(skipped),
+        }
+
+    def target_pixel_values(self, images: list) -> torch.Tensor:
+        """Images -> (B, 3, image_size, image_size) in [-1, 1], the VAE's input."""
+        targets = [np.asarray(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC),
+                              dtype=np.float32) for image in images]
+        return torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def expand_compact_images(batch: dict, code_ids: list[list[int]], keep_mask: torch.Tensor, config,

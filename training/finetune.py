@@ -4,109 +4,85 @@ The loss covers the answers only (captions, VQA answers, assistant turns). With 
 projections; `--merge_lora` (default) merges them with `merge_and_unload`, so the final folder is a plain LaVIT
 checkpoint that loads without PEFT.
 
-    lavit-finetune --model runs/stage2/final --data vqa.jsonl --task vqa --lora --output_dir runs/vqa
+    lavit finetune --model runs/stage2/final --data vqa.jsonl --task vqa --lora --output_dir runs/vqa
+    python -m lavit.training.finetune finetune.yaml          # the same flags as keys of a YAML/JSON file
+    accelerate launch --multi_gpu --num_processes 8 -m lavit.training.finetune finetune.yaml
+    deepspeed --num_gpus 8 --module lavit.training.finetune --deepspeed training/configs/zero2.json \\
+        --model runs/stage2/final --data vqa.jsonl --task vqa --output_dir runs/vqa
 """
 
-import importlib.util
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from lavit.modeling import LaVITForCausalLM
 from lavit.processing import LaVITProcessor
 from transformers import set_seed
 from transformers.trainer_utils import has_length
 
-from .arguments import LaVITTrainingArguments, SequenceArguments, limit_records, parse_arguments
-from .data import BadRecordCounter, InstructionBuilder, count_stored_skips, load_records
-from .lora import language_model_targets
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
-from .stage2_pretrain import data_collator
+from .arguments import FinetuningArguments, LaVITTrainingArguments, make_stage_parser
+from .collators import lm_collator
+from .data import BadRecordCounter, limit_records, load_records
+from .models import load_model_for_finetuning
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
+from .sequences import InstructionBuilder, count_stored_skips
 from .trainer import train_and_save, whole_weights
-
-# kept in full precision under QLoRA: the frozen tokenizer's quantizer must see exact features
-QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection", "lm_head"]
-
-
-@dataclass
-class FinetuningArguments(SequenceArguments):
-    model: str = field(default=None, metadata={"help": "The LaVIT model folder (or Hub id) to fine-tune."})
-    task: str = field(default="caption", metadata={"help": "'caption' (image, text), 'vqa' (image, question, "
-                                                           "answer) or 'chat' (messages, images)."})
-    max_length: int = field(default=512, metadata={"help": "Text tokens per example (before visual tokens)."})
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
-    qlora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit LM (bitsandbytes, CUDA only)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
-        "help": "Adapted modules: comma-separated names (of the language model only) or a regex over full names."})
-    merge_lora: bool = field(default=True, metadata={"help": "Merge the adapters into the final checkpoint."})
-    visual_learning_rate: float | None = field(default=None, metadata={
-        "help": "Learning rate of the visual modules and rows in full fine-tuning (default: --learning_rate)."})
-    preset: str | None = preset_field("finetune")
-
-
-def load_model_for_finetuning(script_args: FinetuningArguments, training_args) -> LaVITForCausalLM:
-    if not script_args.model:
-        raise ValueError("give --model, the LaVIT folder to fine-tune")
-    if script_args.task not in ("caption", "vqa", "chat"):
-        raise ValueError(f"--task must be 'caption', 'vqa' or 'chat', got {script_args.task!r}")
-    if not script_args.qlora:
-        model = LaVITForCausalLM.from_pretrained(script_args.model)
-    else:
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise RuntimeError("--qlora needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)")
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QLORA_SKIPPED_MODULES,
-        )
-        model = LaVITForCausalLM.from_pretrained(script_args.model, quantization_config=quantization)
-        model = prepare_model_for_kbit_training(model, training_args.gradient_checkpointing)
-    if script_args.lora or script_args.qlora:
-        from peft import LoraConfig, get_peft_model
-
-        lora_config = LoraConfig(
-            r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
-            target_modules=language_model_targets(script_args.lora_target_modules), task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora_config)
-    return model
 
 
 def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments) -> Path:
     """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`)."""
+    # 0. Seed first (LoRA's initial adapters depend on it); a preset fills in what the run left at its defaults.
     set_seed(training_args.seed)
     preset, applied = apply_preset("finetune", script_args.preset, script_args, training_args)
+
+    # 1. The model (4-bit under QLoRA, with adapters under LoRA) and the processor saved with it.
     with whole_weights(training_args):
         model = load_model_for_finetuning(script_args, training_args)
     script_args.set_attention(model)
+    # the processor of the pretrained folder: its vocabulary layout is the model's
     processor = LaVITProcessor.from_pretrained(script_args.model)
+
+    # 2. One row per example, labels on the answers only; bad records dropped and counted.
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming,
                            script_args.image_column, script_args.text_column, require_text=False, counter=counter)
+    # caption: the image then its caption; vqa: the official `Question: {q} Answer:` template; chat: the processor's
+    # chat template, every assistant turn supervised
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
     dataset = builder.build(limit_records(records, script_args.max_samples))
     num_examples = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_examples))
     report_preset(preset, applied, num_examples, training_args)
-    collator = data_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+
+    # 3. The collator of stage 2: examples packed into rows whose positions restart per example.
+    collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
+
+    # 4. Train and save. Adapters sit in the LM and train at one learning rate (the visual learning rate is for full
+    #    fine-tuning); a 4-bit base cannot take merged adapters, so QLoRA runs save the adapters next to the base
+    #    model's name.
     adapters = script_args.lora or script_args.qlora
-    # a 4-bit base cannot take merged adapters: QLoRA runs save the adapters next to the base model's name
     merge = adapters and script_args.merge_lora and not script_args.qlora
     warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
     return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
                           None if adapters else script_args.visual_learning_rate, callbacks=[warning],
                           merge_adapters=merge)
 
-def main(argv=None):
-    script_args, training_args = parse_arguments((FinetuningArguments, LaVITTrainingArguments), argv)
+
+def main(script_args: FinetuningArguments, training_args: LaVITTrainingArguments):
+    # the folder `lavit caption` / `lavit vqa` take as --model
     print(f"fine-tuned model saved to {finetune(script_args, training_args)}")
 
 
+def make_parser(subparsers=None):
+    # the same parser for `lavit finetune` (a sub-command of `subparsers`) and for this script run alone
+    return make_stage_parser((FinetuningArguments, LaVITTrainingArguments), subparsers, "finetune",
+                             "caption / VQA / chat fine-tuning, full or LoRA")
+
+
+def cli(args=None):
+    """`lavit-finetune ARGS` and `python -m lavit.training.finetune ARGS`."""
+    main(*make_parser().parse_args_and_config(args))
+
+
+# `python -m ...` and console scripts; launchers (torchrun, accelerate, deepspeed) run this module on every rank
 if __name__ == "__main__":
-    main()
+    cli()

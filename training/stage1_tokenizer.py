@@ -5,107 +5,65 @@ features from the kept, merged, quantized tokens, with the keep ratio pulled tow
 authors: `quantizer_start_step` steps without quantization (the decoder reads continuous latents), then VQ is
 switched on, its codebook initialised by k-means on the warmed-up latents and updated by EMA (dead codes restart).
 
-    lavit-train-tokenizer --data photos/ --tokenizer_config tiny --output_dir runs/tokenizer --max_steps 2000
-    python -m lavit.training.stage1_tokenizer config.yaml
+    lavit train-tokenizer --data photos/ --tokenizer_config tiny --output_dir runs/tokenizer --max_steps 2000
+    python -m lavit.training.stage1_tokenizer --data photos/ --tokenizer_config tiny --output_dir runs/tokenizer
+    python -m lavit.training.stage1_tokenizer config.yaml          # the same flags as keys of a YAML/JSON file
+    # several GPUs: DDP through accelerate or torchrun, or DeepSpeed (ZeRO configs in training/configs/)
+    accelerate launch --multi_gpu --num_processes 8 -m lavit.training.stage1_tokenizer config.yaml
+    deepspeed --num_gpus 8 --module lavit.training.stage1_tokenizer --deepspeed training/configs/zero2.json \\
+        --data photos/ --tokenizer_config paper --output_dir runs/tokenizer --bf16
 """
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lavit.modeling import LaVITTokenizerConfig, LaVITTokenizerModel
 from lavit.processing import LaVITImageProcessor
-from transformers import AutoModel, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import has_length
 
-from .arguments import (
-    DataArguments,
-    LaVITTrainingArguments,
-    config_preset_names,
-    limit_records,
-    load_config_preset,
-    parse_arguments,
-)
+from .arguments import LaVITTrainingArguments, TokenizerTrainingArguments, make_stage_parser
+from .callbacks import JsonlLoggerCallback
+from .checkpoints import resolve_resume
 from .collators import ImageCollator
-from .data import BadRecordCounter, image_dataset, load_records
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_field, report_preset
-from .trainer import (
-    JsonlLoggerCallback,
-    LaVITTrainer,
-    resolve_resume,
-    save_final,
-    whole_weights,
-)
-
-TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
-                     "mean_keep_ratio", "codebook_usage", "perplexity")
-
-
-@dataclass
-class TokenizerTrainingArguments(DataArguments):
-    model: str | None = field(default=None, metadata={"help": "A LaVITTokenizerModel folder to continue training."})
-    tokenizer_config: str | None = field(default=None, metadata={
-        "help": f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
-                f"64 px, 8 px patches, 64 codes; 'small': the same with 256 codes, for small data; 'paper': the "
-                f"released LaVIT sizes)."})
-    vision_model: str | None = field(default=None, metadata={
-        "help": "A transformers vision model (folder or Hub id, e.g. a CLIP/SigLIP vision tower) to use as the "
-                "frozen encoder of a new tokenizer."})
-    quantizer_start_step: int = field(default=0, metadata={
-        "help": "Steps trained without quantization before VQ (k-means init + EMA) is switched on."})
-    crop_scale: float = field(default=0.5, metadata={
-        "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
-    preset: str | None = preset_field("tokenizer")
-
-
-def build_tokenizer(script_args: TokenizerTrainingArguments) -> LaVITTokenizerModel:
-    if script_args.model:
-        return LaVITTokenizerModel.from_pretrained(script_args.model)
-    if not script_args.tokenizer_config:
-        raise ValueError("give --model (a tokenizer to continue) or --tokenizer_config (a new one)")
-    settings = load_config_preset(script_args.tokenizer_config, "tokenizer")
-    vision_model = None
-    if script_args.vision_model:
-        vision_model = AutoModel.from_pretrained(script_args.vision_model)
-        vision_model = getattr(vision_model, "vision_model", vision_model)  # a full CLIP/SigLIP: its vision tower
-        settings["vision_config"] = vision_model.config.to_dict()
-    model = LaVITTokenizerModel(LaVITTokenizerConfig(**settings))
-    if vision_model is not None:
-        model.vision_model.load_state_dict(vision_model.state_dict())
-    return model
-
-
-class LaVITTokenizerTrainer(LaVITTrainer):
-    """Stage-1 trainer: the loss of eq. 4, VQ switched on at `quantizer_start_step`, tokenizer statistics logged."""
-
-    def __init__(self, *args, quantizer_start_step: int = 0, **kwargs):
-        self.quantizer_start_step = quantizer_start_step
-        super().__init__(*args, logged_outputs=TOKENIZER_METRICS, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, "use_quantizer": self.state.global_step >= self.quantizer_start_step}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+from .data import BadRecordCounter, image_dataset, limit_records, load_records
+from .models import build_tokenizer
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
+from .trainer import LaVITTokenizerTrainer, save_final, whole_weights
 
 
 def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments,
                     callbacks=()) -> Path:
     """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor);
     `callbacks` are extra `TrainerCallback`s."""
+    # 0. Seed first: the new tokenizer's random weights and the crops depend on it. A preset fills in only the
+    #    settings the run left at their defaults (flags you give win).
     set_seed(training_args.seed)
     preset, applied = apply_preset("tokenizer", script_args.preset, script_args, training_args)
+
+    # 1. The tokenizer: new from a config preset, or continued. Every rank builds it whole (ZeRO-3 shards it later).
     with whole_weights(training_args):
         model = build_tokenizer(script_args)
+    # the image processor is derived from the tokenizer's config, so training and inference see the same pixels
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
+
+    # 2. The images, decoded lazily; a bad record is replaced by the next readable one and counted. The dataset's own
+    #    counter only logs: its counts reach `counter` through the batches (dataloader workers included).
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column, require_text=False, counter=counter)
+    # random crops, each drawn from (seed, epoch, index): a resumed run sees the crops of the uninterrupted one
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
-    # the dataset's own counter only logs: its counts reach `counter` through the batches
     dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
+
+    # 3. A preset scales the steps to the data; VQ waits a quarter of them, since k-means needs warmed-up latents.
     num_images = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_images))
-    if preset is not None and script_args.quantizer_start_step == 0:  # k-means needs warmed-up latents
+    if preset is not None and script_args.quantizer_start_step == 0:
         applied["quantizer_start_step"] = script_args.quantizer_start_step = training_args.max_steps // 4
     report_preset(preset, applied, num_images, training_args)
+
+    # 4. Train, resuming from the newest complete checkpoint unless told otherwise. The trainer switches VQ on at
+    #    `quantizer_start_step` and logs the tokenizer's statistics (keep ratio, codebook usage) with the loss;
+    #    logs.jsonl gets every log line, and the warning names the numbers when the run is too short to learn.
     trainer = LaVITTokenizerTrainer(
         model=model,
         args=training_args,
@@ -117,14 +75,27 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
                    ShortRunWarningCallback(num_images, preset=script_args.preset), *callbacks],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
+
+    # 5. The final folder, with the image processor that matches the tokenizer's input size.
     return save_final(trainer, training_args.output_dir, image_processor)
 
 
-def main(argv=None):
-    script_args, training_args = parse_arguments((TokenizerTrainingArguments, LaVITTrainingArguments), argv)
-    final_dir = train_tokenizer(script_args, training_args)
-    print(f"trained tokenizer saved to {final_dir}")
+def main(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments):
+    # the folder to give stage 2 as --visual_tokenizer
+    print(f"trained tokenizer saved to {train_tokenizer(script_args, training_args)}")
 
 
+def make_parser(subparsers=None):
+    # the same parser for `lavit train-tokenizer` (a sub-command of `subparsers`) and for this script run alone
+    return make_stage_parser((TokenizerTrainingArguments, LaVITTrainingArguments), subparsers, "train-tokenizer",
+                             "stage 1: train the visual tokenizer")
+
+
+def cli(args=None):
+    """`lavit-train-tokenizer ARGS` and `python -m lavit.training.stage1_tokenizer ARGS`."""
+    main(*make_parser().parse_args_and_config(args))
+
+
+# `python -m ...` and console scripts; launchers (torchrun, accelerate, deepspeed) run this module on every rank
 if __name__ == "__main__":
-    main()
+    cli()

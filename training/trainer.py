@@ -1,41 +1,47 @@
-"""What every LaVIT stage shares: the `Trainer` subclass, checkpoint discovery, logging and the final save.
+"""The LaVIT `Trainer` subclasses (one per kind of stage), the toy VAE fit, and the final save every stage shares.
 
 `LaVITTrainer` adds to `transformers.Trainer`:
 - exact loss normalisation under gradient accumulation for compact image placeholders (whose targets the model
   adds after the Trainer counted the labels): the frozen tokenizer expands them before the count;
 - parameter groups with their own learning rate for the visual modules and the visual rows of the embedding and
   head (paper: about 1e-4 for the visual part, 1e-5 for the LM);
-- extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs.
+- extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs;
+- the bad records met in the batches of all processes, logged as `skipped_records` and kept in checkpoints.
+`LaVITTokenizerTrainer` (stage 1) switches VQ on at a step; `LaVITDetokenizerTrainer` tokenizes each batch with the
+frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume live in `training.checkpoints`.
 """
 
 import json
 import logging
-import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from lavit.modeling.modeling_lavit import find_image_spans
-from transformers import Trainer, TrainerCallback
+import torch.nn.functional as F
+from lavit.modeling import LaVITTokenizerModel
+from lavit.modeling.image_placeholders_lavit import find_image_spans
+from tqdm.auto import tqdm
+from transformers import Trainer
 from transformers.integrations.deepspeed import (
     is_deepspeed_zero3_enabled,
     set_hf_deepspeed_config,
     unset_hf_deepspeed_config,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lavit.atomic import fresh_staging_folder, replace_folder
 
+from .callbacks import DataEpochCallback, JsonlLoggerCallback
+from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resolve_resume
 from .collators import expand_compact_images
 from .data import BadRecordCounter
 
 logger = logging.getLogger(__name__)
 
 VISUAL_MODULES = ("visual_merger", "visual_projection")
-COMPLETE_MARKER = "checkpoint_complete.json"  # written last: lists every file of the checkpoint with its size
 SKIPPED_RECORDS_FILE = "skipped_records.json"
-STALE_LOCK_SECONDS = 600
+TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
+                     "mean_keep_ratio", "codebook_usage", "perplexity")
 
 
 class LaVITTrainer(Trainer):
@@ -218,95 +224,63 @@ class LaVITTrainer(Trainer):
             (folder / SKIPPED_RECORDS_FILE).write_text(json.dumps({"skipped_records": skipped}))
 
 
-class JsonlLoggerCallback(TrainerCallback):
-    """Appends every log entry (with its step) as one JSON line to `<output_dir>/logs.jsonl`, flushed at once."""
+class LaVITTokenizerTrainer(LaVITTrainer):
+    """Stage-1 trainer: the loss of eq. 4, VQ switched on at `quantizer_start_step`, tokenizer statistics logged."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.output_dir) / "logs.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-            handle.flush()
+    def __init__(self, *args, quantizer_start_step: int = 0, **kwargs):
+        self.quantizer_start_step = quantizer_start_step
+        super().__init__(*args, logged_outputs=TOKENIZER_METRICS, **kwargs)
 
-
-class CheckpointCompletionCallback(TrainerCallback):
-    """Marks a checkpoint complete once every process has written its part (and every earlier `on_save` callback its
-    files): `checkpoint_complete.json` lists each file with its size, written to a temporary file and renamed. Then
-    rotates old checkpoints out (`save_total_limit`), never the last complete one."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if args.should_save:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            write_completion_marker(folder)
-            rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, "use_quantizer": self.state.global_step >= self.quantizer_start_step}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def write_completion_marker(folder: Path) -> None:
-    temporary = folder / (COMPLETE_MARKER + ".tmp")
-    files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
-             if path.is_file() and path.name not in (COMPLETE_MARKER, temporary.name)}
-    with open(temporary, "w") as handle:
-        json.dump({"files": files}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / COMPLETE_MARKER)
+class LaVITDetokenizerTrainer(LaVITTrainer):
+    """Tokenizes each batch with the frozen visual tokenizer (outside the trained model, so DDP/DeepSpeed never wrap
+    it), then trains the detokenizer on the codes."""
+
+    def __init__(self, *args, visual_tokenizer: LaVITTokenizerModel, **kwargs):
+        super().__init__(*args, logged_outputs=(), **kwargs)
+        self.visual_tokenizer = visual_tokenizer.eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values = inputs.pop("tokenizer_pixel_values")
+        if self.visual_tokenizer.device != pixel_values.device:
+            self.visual_tokenizer.to(pixel_values.device)
+        with torch.no_grad():
+            tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.visual_tokenizer.dtype))
+        inputs = {**inputs, "code_ids": tokens.code_ids, "token_counts": tokens.token_counts}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def checkpoint_problem(folder) -> str | None:
-    """Why `folder` is not a complete checkpoint (no completion marker, a listed file missing or of another size, an
-    unreadable `trainer_state.json`), or None."""
-    folder = Path(folder)
-    marker = folder / COMPLETE_MARKER
-    if not marker.is_file():
-        return f"no {COMPLETE_MARKER} (the run stopped while writing it)"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        return f"{marker} is unreadable ({error})"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{path} is missing or not {size} bytes"
-    return None
-
-
-def check_extension_locks(max_idle_seconds: float = STALE_LOCK_SECONDS) -> None:
-    """Raises naming the file when the torch extensions cache (where DeepSpeed compiles its CPU ops on first use)
-    holds a `lock` that no build has touched for `max_idle_seconds`: a run killed while compiling leaves it, and every
-    later run then waits on it forever without a message."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
-        idle = time.time() - max(path.stat().st_mtime for path in lock.parent.iterdir())
-        if idle > max_idle_seconds:
-            raise RuntimeError(
-                f"{lock} is a stale build lock (nothing in {lock.parent} changed for {idle / 60:.0f} minutes): a run "
-                f"was killed while compiling the '{lock.parent.name}' extension, and every later run would wait on "
-                f"this lock forever. Remove it (rm {lock}) and start again; the extension is then rebuilt."
-            )
-
-
-class DataEpochCallback(TrainerCallback):
-    """Tells a training dataset with `set_epoch` (e.g. [`RandomOrderRows`]) which epoch starts: the Trainer's count,
-    steps done // steps per epoch, so a resumed run continues the epoch it stopped in (accelerate forwards
-    `set_epoch` to the dataset only for some samplers). A dataset without a length counts its passes."""
-
-    def __init__(self, dataset):
-        self.dataset, self.passes = dataset, 0
-
-    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if not hasattr(self.dataset, "set_epoch"):
-            return
-        if has_length(train_dataloader):
-            steps_per_epoch = max(-(-len(train_dataloader) // args.gradient_accumulation_steps), 1)
-            self.dataset.set_epoch(state.global_step // steps_per_epoch)
-        else:
-            self.dataset.set_epoch(self.passes)
-        self.passes += 1
+def fit_vae(vae, dataset, collate_fn, steps: int, batch_size: int, learning_rate: float = 1e-3,
+            kl_weight: float = 1e-6) -> list[float]:
+    """Trains `vae` as an autoencoder of the dataset's images (`collate_fn` turns a list of them into the VAE's
+    input) with reconstruction MSE + a small KL term, and freezes it again; returns the losses. A plain loop: a few
+    hundred steps on small images."""
+    vae.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn)
+    losses = []
+    progress = tqdm(total=steps, desc="fitting the VAE", unit="step")  # minutes on a CPU: never silent
+    while len(losses) < steps:
+        for batch in loader:
+            pixel_values = batch.to(vae.device, vae.dtype)
+            posterior = vae.encode(pixel_values).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            loss = F.mse_loss(reconstruction, pixel_values) + kl_weight * posterior.kl().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            progress.update()
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            if len(losses) == steps:
+                break
+    progress.close()
+    vae.requires_grad_(False).eval()
+    return losses
 
 
 @contextmanager
@@ -326,42 +300,6 @@ def whole_weights(training_args):
         yield
     finally:
         set_hf_deepspeed_config(training_args.hf_deepspeed_config)
-
-
-def latest_checkpoint(output_dir) -> str | None:
-    """The newest *complete* checkpoint in `output_dir` (see [`checkpoint_problem`]). A newer incomplete one (a crash
-    while it was written) is skipped with a warning that names it and says which checkpoint is used instead."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    folders = sorted((int(folder.name.rsplit("-", 1)[-1]), folder)
-                     for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                     if folder.is_dir() and folder.name.rsplit("-", 1)[-1].isdigit())
-    skipped = []
-    for _, folder in reversed(folders):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            if skipped:
-                logger.warning(f"resuming from {folder}, the newest complete checkpoint; ignored: "
-                               + "; ".join(skipped))
-            return str(folder)
-        skipped.append(f"{folder.name} is incomplete: {problem}")
-    if skipped:
-        logger.warning("no complete checkpoint, starting from scratch; ignored: " + "; ".join(skipped))
-    return None
-
-
-def resolve_resume(resume_from_checkpoint, output_dir) -> str | None:
-    """`"auto"`/`True`: the latest complete checkpoint (or a fresh start); a path: that checkpoint, which must be
-    complete; else None."""
-    if resume_from_checkpoint in (None, False, "", "no", "false", "False"):
-        return None
-    if resume_from_checkpoint in (True, "auto", "true", "True"):
-        return latest_checkpoint(output_dir)
-    problem = checkpoint_problem(resume_from_checkpoint)
-    if problem is not None:
-        raise FileNotFoundError(f"{resume_from_checkpoint} is not a complete checkpoint: {problem}")
-    return str(resume_from_checkpoint)
 
 
 def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: bool = False) -> Path:

@@ -18,7 +18,7 @@ import safetensors.torch
 import transformers.modeling_utils
 import transformers.trainer_callback
 from distributed_stage import STAGES
-from lavit.training import trainer as lavit_trainer
+from lavit.training import checkpoints
 from lavit.training.arguments import LaVITTrainingArguments
 from transformers import TrainerCallback
 
@@ -68,14 +68,14 @@ def install_kill(point: str, step: int) -> list:
         safetensors.torch.save_file = half_weights
         transformers.modeling_utils.safe_save_file = half_weights
     elif point == "before_marker":
-        write_marker = lavit_trainer.write_completion_marker
+        write_marker = checkpoints.write_completion_marker
 
         def no_marker(folder):
             if Path(folder).name == f"checkpoint-{step}":
                 die()
             write_marker(folder)
 
-        lavit_trainer.write_completion_marker = no_marker
+        checkpoints.write_completion_marker = no_marker
     else:
         raise ValueError(f"unknown kill point {point!r}")
     return []

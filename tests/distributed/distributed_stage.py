@@ -6,10 +6,15 @@ import json
 import sys
 
 import torch.distributed
-from lavit.training.arguments import LaVITTrainingArguments
-from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
-from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
-from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
+from lavit.training.arguments import (
+    DetokenizerTrainingArguments,
+    LaVITTrainingArguments,
+    PretrainingArguments,
+    TokenizerTrainingArguments,
+)
+from lavit.training.stage1_tokenizer import train_tokenizer
+from lavit.training.stage2_pretrain import pretrain
+from lavit.training.stage3_detokenizer import train_detokenizer
 
 STAGES = {"tokenizer": (TokenizerTrainingArguments, train_tokenizer), "pretrain": (PretrainingArguments, pretrain),
           "detokenizer": (DetokenizerTrainingArguments, train_detokenizer)}

@@ -164,7 +164,7 @@ def test_a_stale_extension_build_lock_is_named_instead_of_waited_on(tmp_path, mo
     """A run killed while DeepSpeed compiled a CPU op leaves `<extensions>/<op>/lock`; later runs would wait on it
     forever. A lock in a folder nothing touched for 10 minutes stops the run with the file to remove; a fresh one (a
     build in progress elsewhere) does not."""
-    from lavit.training.trainer import STALE_LOCK_SECONDS, check_extension_locks
+    from lavit.training.checkpoints import STALE_LOCK_SECONDS, check_extension_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     build = tmp_path / "py311_cpu" / "cpu_adam"

@@ -77,7 +77,7 @@ def test_detokenizer_ema_is_the_final_model_under_zero3(components, tmp_path):
     """Under ZeRO-3 each rank holds parameter shards; the EMA (kept whole on every rank) must still become the saved
     model: the final weights equal the EMA written with the last checkpoint, not the raw trained weights."""
     pytest.importorskip("deepspeed")
-    from lavit.training.stage3_detokenizer import EMA_FILE
+    from lavit.training.callbacks import EMA_FILE
 
     output_dir = tmp_path / "zero3"
     script = {"data": str(components["photos"]), "visual_tokenizer": str(components["tokenizer"]),

@@ -8,15 +8,9 @@ import pytest
 import torch
 from conftest import text_vocab_size, tiny_lavit_config
 from lavit.training.collators import LaVITDataCollator
-from lavit.training.data import (
-    BadRecordCounter,
-    InstructionBuilder,
-    SequenceBuilder,
-    load_records,
-    load_text_records,
-    mix_text_records,
-)
+from lavit.training.data import BadRecordCounter, load_records, load_text_records, mix_text_records
 from lavit.training.sample_data import photo_images
+from lavit.training.sequences import InstructionBuilder, SequenceBuilder
 from PIL import Image
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -20,10 +20,11 @@ def logged(output_dir, key):
 
 def test_stage1_on_photographs_learns_reconstruction_keep_ratio_and_codebook(tmp_path):
     from lavit.processing import LaVITImageProcessor
+    from lavit.training.arguments import TokenizerTrainingArguments
     from lavit.training.collators import ImageCollator
     from lavit.training.data import image_dataset, load_records
     from lavit.training.sample_data import write_photo_imagefolder
-    from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
+    from lavit.training.stage1_tokenizer import train_tokenizer
 
     from lavit import LaVITTokenizerModel
 

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def test_a_preset_fills_what_the_run_left_at_defaults_and_scales_steps_to_the_data(tmp_path):
+    from lavit.training.arguments import PretrainingArguments
     from lavit.training.presets import PRESETS, apply_preset, apply_preset_steps, get_preset
-    from lavit.training.stage2_pretrain import PretrainingArguments
 
     script = PretrainingArguments(data="unused", preset="small-data", max_length=512)
     arguments = training_args(tmp_path, learning_rate=5e-5, per_device_train_batch_size=8)
@@ -50,8 +50,8 @@ def test_a_preset_fills_what_the_run_left_at_defaults_and_scales_steps_to_the_da
 
 def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_processor):
     import datasets
-    from lavit.training.data import RandomOrderRows, SequenceBuilder, StreamedRandomOrderRows
     from lavit.training.sample_data import PHOTO_CLASSES, photo_caption
+    from lavit.training.sequences import RandomOrderRows, SequenceBuilder, StreamedRandomOrderRows
 
     config = tiny_lavit_config(text_vocab_size(lavit_processor.tokenizer))
     # the builder never decodes images: their paths are enough
@@ -89,7 +89,8 @@ def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_proces
 
 
 def test_stage2_tells_its_dataset_the_epoch(tmp_path, components_for_stage2):
-    from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
+    from lavit.training.arguments import PretrainingArguments
+    from lavit.training.stage2_pretrain import pretrain
 
     seen = []
 
@@ -216,9 +217,9 @@ class StopAtFirstStep(TrainerCallback):
 def test_stage2_defaults_on_400_pairs_warn_that_they_take_six_steps(tmp_path, caplog):
     """The first-contact example: 400 captioned images with the defaults pack into about 15 rows of 2048 tokens,
     2 steps per epoch at batch 8, 6 steps in 3 epochs; the run says so when it starts."""
-    from lavit.training.arguments import load_config_preset
+    from lavit.training.arguments import PretrainingArguments, load_config_preset
     from lavit.training.sample_data import write_photo_crops_imagefolder
-    from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
+    from lavit.training.stage2_pretrain import pretrain
 
     from lavit import LaVITTokenizerConfig, LaVITTokenizerModel
 

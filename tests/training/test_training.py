@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def stage2_script(components, data="photos", **overrides):
-    from lavit.training.stage2_pretrain import PretrainingArguments
+    from lavit.training.arguments import PretrainingArguments
 
     settings = dict(data=str(components[data]), visual_tokenizer=str(components["tokenizer"]),
                     language_model=str(components["lm"]), max_length=96, resume="auto", visual_learning_rate=None)
@@ -64,7 +64,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_run(components, tmp_path):
 
 
 def test_visual_modules_and_rows_get_their_own_learning_rate(components, tmp_path):
-    from lavit.training.stage2_pretrain import build_unified_model, data_collator, pretraining_dataset
+    from lavit.training.collators import lm_collator
+    from lavit.training.models import build_unified_model
+    from lavit.training.stage2_pretrain import pretraining_dataset
     from lavit.training.trainer import LaVITTrainer
 
     script = stage2_script(components, visual_learning_rate=1e-2)
@@ -72,7 +74,7 @@ def test_visual_modules_and_rows_get_their_own_learning_rate(components, tmp_pat
     dataset, _ = pretraining_dataset(script, processor.tokenizer, model.config)
     trainer = LaVITTrainer(model=model, args=training_args(tmp_path, max_steps=1, weight_decay=0.0,
                                                            adam_beta2=0.999, learning_rate=1e-4),
-                           train_dataset=dataset, data_collator=data_collator(processor, model.config, True),
+                           train_dataset=dataset, data_collator=lm_collator(processor, model.config, True),
                            visual_learning_rate=1e-2)
     trainer.create_optimizer()
     rates = {group["lr"] for group in trainer.optimizer.param_groups}
@@ -93,7 +95,8 @@ def test_visual_modules_and_rows_get_their_own_learning_rate(components, tmp_pat
 
 
 def test_lora_finetuning_merges_into_a_plain_checkpoint(components, tmp_path):
-    from lavit.training.finetune import FinetuningArguments, finetune
+    from lavit.training.arguments import FinetuningArguments
+    from lavit.training.finetune import finetune
     from lavit.training.stage2_pretrain import pretrain
 
     base = pretrain(stage2_script(components), training_args(tmp_path / "stage2", max_steps=2))
@@ -111,7 +114,9 @@ def test_lora_finetuning_merges_into_a_plain_checkpoint(components, tmp_path):
 
 
 def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components, tmp_path):
-    from lavit.training.stage3_detokenizer import EMA_FILE, DetokenizerTrainingArguments, train_detokenizer
+    from lavit.training.arguments import DetokenizerTrainingArguments
+    from lavit.training.callbacks import EMA_FILE
+    from lavit.training.stage3_detokenizer import train_detokenizer
     from transformers import AutoModel
 
     def script():
@@ -144,8 +149,9 @@ def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components
 def test_skipped_records_reach_every_log_sink(lavit_model, tmp_path):
     """The count is added before any log callback runs: a sink registered first (as the Trainer's TensorBoard or W&B
     callbacks are) and logs.jsonl both get it, in every stage (they all log through `LaVITTrainer.log`)."""
+    from lavit.training.callbacks import JsonlLoggerCallback
     from lavit.training.data import BadRecordCounter
-    from lavit.training.trainer import JsonlLoggerCallback, LaVITTrainer
+    from lavit.training.trainer import LaVITTrainer
 
     class Sink(TrainerCallback):
         def __init__(self):

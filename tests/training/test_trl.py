@@ -172,7 +172,7 @@ def test_lavit_trainer_is_exact_with_compact_placeholders_on_raw_images(lavit_mo
     import datasets
     from conftest import training_args
     from lavit.training.collators import LaVITDataCollator
-    from lavit.training.data import SequenceBuilder
+    from lavit.training.sequences import SequenceBuilder
     from lavit.training.trainer import LaVITTrainer
 
     model = lavit_model.double().train()

@@ -1,0 +1,82 @@
+"""The stage scripts' shape: one parser per stage, shared by `lavit <stage>` and `python -m lavit.training.<stage>`;
+flags in both spellings or one config file; scripts never import scripts."""
+
+import argparse
+import ast
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+from lavit.training.arguments import LaVITArgumentParser, PretrainingArguments
+
+from lavit.cli import TRAINING_COMMANDS, build_parser, main
+
+STAGE_SCRIPTS = {module.rsplit(".", 1)[1] for module in TRAINING_COMMANDS.values()}
+
+
+def options_of(help_text: str) -> str:
+    """A `--help` text without its usage line (which names the program)."""
+    return help_text.split("options:", 1)[1]
+
+
+@pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))
+def test_a_stage_parser_is_the_same_under_lavit_and_alone(command):
+    stage = importlib.import_module(TRAINING_COMMANDS[command])
+    commands = argparse.ArgumentParser(prog="lavit").add_subparsers(parser_class=LaVITArgumentParser)
+    under_lavit, alone = stage.make_parser(commands), stage.make_parser()
+    assert isinstance(alone, LaVITArgumentParser) and under_lavit.prog == f"lavit {command}"
+    assert options_of(under_lavit.format_help()) == options_of(alone.format_help())
+    assert command in commands.choices  # the script names its command as the CLI does
+    listing = build_parser().format_help()
+    assert command in listing and "(--help lists its flags)" in listing
+
+
+def test_python_m_runs_the_stage_parser(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lavit.training.preprocess", "--help"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = argparse.ArgumentParser(prog="lavit").add_subparsers(parser_class=LaVITArgumentParser)
+    expected = importlib.import_module(TRAINING_COMMANDS["preprocess"]).make_parser(commands).format_help()
+    assert options_of(result.stdout).split() == options_of(expected).split()  # the width of the terminal aside
+
+
+def test_flags_take_both_spellings_and_a_config_file_gives_the_same_arguments(tmp_path):
+    from lavit.training.stage2_pretrain import make_parser
+
+    flags = {"data": "pairs.jsonl", "max_length": 128, "image_to_text_ratio": 0.25, "output_dir": str(tmp_path),
+             "max_steps": 7, "per_device_train_batch_size": 2}
+    underscores = [item for name, value in flags.items() for item in (f"--{name}", str(value))]
+    dashes = [item.replace("_", "-") if item.startswith("--") else item for item in underscores]
+    (tmp_path / "stage2.json").write_text(json.dumps(flags))
+    parsed = [make_parser().parse_args_and_config(argv) for argv in (underscores, dashes, [tmp_path / "stage2.json"])]
+    for script_args, training_args in parsed:
+        assert isinstance(script_args, PretrainingArguments)
+        assert (script_args.max_length, script_args.image_to_text_ratio) == (128, 0.25)
+        assert (training_args.max_steps, training_args.per_device_train_batch_size) == (7, 2)
+    (tmp_path / "typo.json").write_text(json.dumps({**flags, "max_lenght": 64}))
+    with pytest.raises(ValueError, match="max_lenght"):
+        make_parser().parse_args_and_config([tmp_path / "typo.json"])
+
+
+def test_a_training_command_checks_the_folder_of_its_model_argument(capsys, tmp_path):
+    folder = tmp_path / "detokenizer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "lavit_detokenizer"}))
+    code = main(["preprocess", "--data", "pairs.jsonl", "--visual_tokenizer", str(folder), "--output", "out"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds a LaVIT pixel decoder (detokenizer), but this command needs a LaVIT visual " \
+                          "tokenizer or a LaVIT model folder" in err
+    # one flag name per input: the stage's own, no --model alias rewritten into it
+    code = main(["preprocess", "--data", "pairs.jsonl", "--model", str(folder), "--output", "out"])
+    assert code == 1 and "arguments are not used by the HfArgumentParser: ['--model'" in capsys.readouterr().err
+
+
+def test_scripts_never_import_scripts():
+    for path in sorted((REPO_ROOT / "training").glob("*.py")):
+        imported = {node.module for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        imported = {name.rsplit(".", 1)[-1] for name in imported}
+        assert not imported & STAGE_SCRIPTS, f"{path.name} imports the stage script(s) {imported & STAGE_SCRIPTS}"

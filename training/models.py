@@ -1,0 +1,136 @@
+"""The models each stage trains or reads: built new from settings, loaded from a folder, or assembled from parts.
+
+Every builder takes the stage's arguments dataclass (`training.arguments`) and raises a `ValueError` naming the flags
+to give when they do not say which model to use.
+"""
+
+import importlib.util
+
+import torch
+from lavit.modeling import (
+    LaVITConfig,
+    LaVITDetokenizer,
+    LaVITForCausalLM,
+    LaVITTokenizerConfig,
+    LaVITTokenizerModel,
+)
+from lavit.processing import LaVITImageProcessor, LaVITProcessor
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from .arguments import load_config_preset
+from .lora import lora_config
+
+# kept in full precision under QLoRA: the frozen tokenizer's quantizer must see exact features
+QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection", "lm_head"]
+FINETUNING_TASKS = ("caption", "vqa", "chat")
+
+
+def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
+    """A tokenizer folder, or the frozen tokenizer inside a LaVIT model folder."""
+    model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
+    if model_type == LaVITConfig.model_type:
+        return LaVITForCausalLM.from_pretrained(path, load_detokenizer=False).model.visual_tokenizer
+    return LaVITTokenizerModel.from_pretrained(path)
+
+
+def build_tokenizer(script_args) -> LaVITTokenizerModel:
+    """Stage 1's tokenizer: `--model` to continue one, else a new one from `--tokenizer_config`, whose frozen encoder
+    is `--vision_model` (a CLIP/SigLIP vision tower, weights copied) when given."""
+    if script_args.model:
+        return LaVITTokenizerModel.from_pretrained(script_args.model)
+    if not script_args.tokenizer_config:
+        raise ValueError("give --model (a tokenizer to continue) or --tokenizer_config (a new one)")
+    settings = load_config_preset(script_args.tokenizer_config, "tokenizer")
+    vision_model = None
+    if script_args.vision_model:
+        vision_model = AutoModel.from_pretrained(script_args.vision_model)
+        vision_model = getattr(vision_model, "vision_model", vision_model)  # a full CLIP/SigLIP: its vision tower
+        settings["vision_config"] = vision_model.config.to_dict()
+    model = LaVITTokenizerModel(LaVITTokenizerConfig(**settings))
+    if vision_model is not None:
+        model.vision_model.load_state_dict(vision_model.state_dict())
+    return model
+
+
+def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
+    """A LaVIT model and its processor: loaded from `--model`, or assembled from a tokenizer and a text LM."""
+    if script_args.model:
+        return LaVITForCausalLM.from_pretrained(script_args.model), LaVITProcessor.from_pretrained(script_args.model)
+    if not (script_args.visual_tokenizer and script_args.language_model):
+        raise ValueError("give --model (a LaVIT folder) or both --visual_tokenizer and --language_model")
+    text_tokenizer = AutoTokenizer.from_pretrained(script_args.text_tokenizer or script_args.language_model)
+    visual_tokenizer = LaVITTokenizerModel.from_pretrained(script_args.visual_tokenizer)
+    # the visual codes become new rows of the LM's vocabulary, after [IMG] and [/IMG]
+    text_vocab_size = LaVITProcessor.add_image_tokens(text_tokenizer, visual_tokenizer.config.codebook_size)
+    if text_tokenizer.pad_token is None:
+        text_tokenizer.pad_token = text_tokenizer.eos_token
+    language_model = AutoModelForCausalLM.from_pretrained(script_args.language_model)
+    model = LaVITForCausalLM.from_components(visual_tokenizer, language_model, text_vocab_size=text_vocab_size)
+    image_processor = LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config)
+    return model, LaVITProcessor(image_processor, text_tokenizer)
+
+
+def load_model_for_finetuning(script_args, training_args) -> LaVITForCausalLM:
+    """The LaVIT model of `--model`, in 4 bits under `--qlora`, with LoRA adapters on its LM under `--lora`/`--qlora`
+    (a `peft.PeftModel` then).
+
+    Raises:
+        ValueError: no `--model`, or a `--task` that is not one of `FINETUNING_TASKS`.
+        RuntimeError: `--qlora` without a CUDA GPU or without bitsandbytes.
+    """
+    if not script_args.model:
+        raise ValueError("give --model, the LaVIT folder to fine-tune")
+    if script_args.task not in FINETUNING_TASKS:
+        raise ValueError(f"--task must be 'caption', 'vqa' or 'chat', got {script_args.task!r}")
+    if script_args.qlora:
+        model = load_4bit_model(script_args.model, training_args.gradient_checkpointing)
+    else:
+        model = LaVITForCausalLM.from_pretrained(script_args.model)
+    if script_args.lora or script_args.qlora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(script_args.lora_target_modules, r=script_args.lora_r,
+                                                  lora_alpha=script_args.lora_alpha,
+                                                  lora_dropout=script_args.lora_dropout))
+    return model
+
+
+def load_4bit_model(path: str, gradient_checkpointing: bool) -> LaVITForCausalLM:
+    """A LaVIT model whose LM is quantized to 4-bit NF4 (bitsandbytes; the visual modules and the head stay in full
+    precision), prepared for k-bit training by PEFT."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("--qlora needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QLORA_SKIPPED_MODULES,
+    )
+    model = LaVITForCausalLM.from_pretrained(path, quantization_config=quantization)
+    return prepare_model_for_kbit_training(model, gradient_checkpointing)
+
+
+def build_detokenizer(script_args, visual_tokenizer: LaVITTokenizerModel) -> LaVITDetokenizer:
+    """The detokenizer to train: `--detokenizer` to continue one, else a new one from `--detokenizer_config` sharing
+    the tokenizer's codebook and feature decoder (its UNet, VAE and scheduler from `--diffusers_model` when given).
+    The codebook is frozen, the feature decoder too unless `--train_feature_decoder`.
+
+    Raises:
+        ValueError: neither flag is given, or the detokenizer's codebook is not the tokenizer's.
+    """
+    if script_args.detokenizer:
+        detokenizer = LaVITDetokenizer.from_pretrained(script_args.detokenizer)
+    else:
+        if not script_args.detokenizer_config:
+            raise ValueError("give --detokenizer (a detokenizer to continue) or --detokenizer_config (a new one)")
+        settings = load_config_preset(script_args.detokenizer_config, "detokenizer")
+        detokenizer = LaVITDetokenizer.from_visual_tokenizer(visual_tokenizer, **settings)
+        if script_args.diffusers_model:
+            detokenizer.load_diffusers_components(script_args.diffusers_model)
+    if not torch.equal(detokenizer.codebook.cpu(), visual_tokenizer.quantizer.codebook.cpu()):
+        raise ValueError("the detokenizer's codebook differs from the visual tokenizer's: they were not trained "
+                         "together")
+    detokenizer.codebook.requires_grad_(False)
+    detokenizer.decoder.requires_grad_(script_args.train_feature_decoder)
+    return detokenizer

@@ -3,7 +3,7 @@ with every figure next to its target.
 
 Steps (in this order; a step that fails or runs out of time is recorded and the next one runs):
   env          device, versions, a bf16 8192^3 matmul (the measured peak, beside the 989 TFLOP/s datasheet figure)
-  tests        pytest tests/test_gpu.py
+  tests        pytest tests/gpu/test_gpu.py
   tokenizer    bench_tokenizer.py: official size (EVA ViT-g/14 + 12-block merger + 16384 codes), batch 128, bf16
   caption      bench_causal_lm.py --parts caption: LLaMA-2-7B-size LaVIT, bf16: caption throughput at batch 32 vs a
                fixed 576-token image (and the prefill alone)
@@ -118,7 +118,7 @@ def steps(dry_run: bool, results: Path) -> list[dict]:
                         detokenizer="--output", training_flex="--json")
     chosen = [
         dict(name="env", command=[*python, "-c", ENV_PROBE], timeout=timeouts["env"]),
-        dict(name="tests", command=[*python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+        dict(name="tests", command=[*python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu/test_gpu.py"],
              timeout=timeouts["tests"]),
     ]
     for name in scripts:

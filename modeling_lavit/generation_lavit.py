@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import shutil
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -224,10 +224,18 @@ class LaVITImageGenerationConfig:
     def resolve(cls, generation_config: "LaVITImageGenerationConfig | None", kwargs: dict):
         """`generation_config` (default: the defaults) with `kwargs` replacing its fields; raises `TypeError` for
         another kind of config or unknown names."""
-        if generation_config is not None and not isinstance(generation_config, cls):
-            raise TypeError(f"generation_config must be a LaVITImageGenerationConfig, got "
-                            f"{type(generation_config).__name__}")
-        return (generation_config or cls()).updated(**kwargs)
+        if generation_config is None:
+            return cls().updated(**kwargs)
+        if not isinstance(generation_config, cls):
+            # a model loaded with trust_remote_code runs the folder's copy of this module, whose class is another
+            # object than `lavit.LaVITImageGenerationConfig`: the same settings are taken by name
+            if type(generation_config).__name__ != cls.__name__ or not is_dataclass(generation_config):
+                kind = type(generation_config)
+                raise TypeError(f"generation_config must be a LaVITImageGenerationConfig, got "
+                                f"{kind.__module__}.{kind.__qualname__}")
+            generation_config = cls().updated(**{field.name: getattr(generation_config, field.name)
+                                                 for field in fields(generation_config)})
+        return generation_config.updated(**kwargs)
 
     def updated(self, **kwargs) -> "LaVITImageGenerationConfig":
         """A copy with `kwargs` replacing fields; raises `TypeError` naming unknown names."""

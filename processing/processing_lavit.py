@@ -21,6 +21,8 @@ from .image_processing_lavit import flatten_images
 
 IMAGE_START_TOKEN = "[IMG]"
 IMAGE_END_TOKEN = "[/IMG]"
+# the selection arguments of LaVITTokenizerModel.tokenize (processing cannot import the modeling files once installed)
+IMAGE_SELECTION_ARGUMENTS = ("mode", "max_tokens", "keep_ratio", "generator")
 
 
 def visual_token(code: int) -> str:
@@ -149,9 +151,13 @@ class LaVITProcessor(ProcessorMixin):
         """
         Makes the processor write expanded image spans (module docstring): `visual_tokenizer` is a LaVIT model or its
         frozen [`LaVITTokenizerModel`] (`model.visual_tokenizer`); `image_selection` (`max_tokens`, `keep_ratio`,
-        `mode`) goes to its `tokenize`. `None` goes back to compact placeholders. The tokenizer is not saved with
-        the processor (pass it again after loading).
+        `mode`, `generator`) goes to its `tokenize`, other names raise `ValueError`. `None` goes back to compact
+        placeholders. The tokenizer is not saved with the processor (pass it again after loading).
         """
+        unknown = sorted(set(image_selection) - set(IMAGE_SELECTION_ARGUMENTS))
+        if unknown:
+            raise ValueError(f"set_visual_tokenizer does not take {unknown}; image selection takes "
+                             f"{list(IMAGE_SELECTION_ARGUMENTS)}")
         tokenizer = getattr(visual_tokenizer, "visual_tokenizer", visual_tokenizer)
         if tokenizer is not None and not hasattr(tokenizer, "tokenize"):
             raise ValueError(f"set_visual_tokenizer needs a LaVIT model or its visual tokenizer, got "
@@ -318,8 +324,7 @@ class LaVITProcessor(ProcessorMixin):
         unknown = sorted(name for name in kwargs if name not in accepted)
         if unknown:
             raise ValueError(f"LaVITProcessor does not take the arguments {unknown}: it takes its own and the text "
-                             f"tokenizer's (generation options belong to generate, or to generate_kwargs in "
-                             f"pipelines)")
+                             f"tokenizer's (generation options belong to generate, or to the pipeline call)")
         return kwargs
 
     def replacement_offsets(self, text: str) -> list[dict]:

@@ -172,6 +172,23 @@ def test_image_generation_config_is_the_keyword_arguments(lavit_model, lavit_pro
     assert config.max_new_tokens == 4  # the given config is not changed
 
 
+def test_image_generation_config_from_another_copy_of_the_code_is_taken_by_name(lavit_model, lavit_processor,
+                                                                               lavit_folder):
+    """A model loaded with trust_remote_code runs its folder's copy of generation_lavit.py, whose config class is
+    another object than `lavit.LaVITImageGenerationConfig`: either config gives the tokens of the same keywords."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    folder_config_class = get_class_from_dynamic_module("generation_lavit.LaVITImageGenerationConfig", lavit_folder)
+    assert folder_config_class.__module__ != "lavit.modeling.generation_lavit"  # the folder's copy
+    prompt = lavit_processor(text=["a photo of a cat", "a red bus"], padding=True)
+    settings = dict(guidance_scale=2.0, top_k=8, min_new_tokens=2, max_new_tokens=5)
+    by_config = lavit_model.generate_image_tokens(**prompt, generator=torch.Generator().manual_seed(0),
+                                                  generation_config=folder_config_class(**settings))
+    by_keywords = lavit_model.generate_image_tokens(**prompt, generator=torch.Generator().manual_seed(0), **settings)
+    assert by_config.code_ids.tolist() == by_keywords.code_ids.tolist()
+    assert by_config.token_counts.tolist() == by_keywords.token_counts.tolist()
+
+
 def test_unknown_image_generation_arguments_raise(lavit_model, lavit_processor):
     from lavit.modeling.generation_lavit import LaVITImageGenerationConfig
 
@@ -180,7 +197,7 @@ def test_unknown_image_generation_arguments_raise(lavit_model, lavit_processor):
         lavit_model.generate_image_tokens(**prompt, max_new_token=3)
     with pytest.raises(TypeError, match="num_beams"):
         lavit_model.generate_images(**prompt, num_beams=2)
-    with pytest.raises(TypeError, match="must be a LaVITImageGenerationConfig, got GenerationConfig"):
+    with pytest.raises(TypeError, match=r"must be a LaVITImageGenerationConfig, got transformers\..*GenerationConfig"):
         lavit_model.generate_image_tokens(**prompt, generation_config=lavit_model.generation_config)
     with pytest.raises(TypeError, match="num_beams"):
         LaVITImageGenerationConfig(num_beams=2)

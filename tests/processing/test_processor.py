@@ -160,3 +160,13 @@ def test_span_filling_truncation_and_offset_padding_are_pure_list_functions():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]])  # right- and left-padded rows
     assert pad_offsets([[(0, 1), (1, 2)], [(0, 3), (3, 4)]], mask) == [
         [(0, 1), (1, 2), (0, 0)], [(0, 0), (0, 3), (3, 4)]]
+
+
+def test_set_visual_tokenizer_refuses_unknown_selection_arguments(lavit_processor, lavit_model):
+    """A misspelt selection argument fails when it is given, not at the next processor call."""
+    with pytest.raises(ValueError, match=r"does not take \['max_tokenz'\]"):
+        lavit_processor.set_visual_tokenizer(lavit_model, max_tokenz=3)
+    lavit_processor.set_visual_tokenizer(lavit_model, max_tokens=3)
+    ids = lavit_processor(text="<image>a cat", images=real_photos()[0])["input_ids"][0].tolist()
+    start, end = (ids.index(lavit_processor.tokenizer.convert_tokens_to_ids(token)) for token in ("[IMG]", "[/IMG]"))
+    assert end - start - 1 == 3  # the budget reached the visual tokenizer

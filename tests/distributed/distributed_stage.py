@@ -26,4 +26,8 @@ if __name__ == "__main__":
     arguments_class, train = STAGES[settings.get("stage", "pretrain")]
     train(arguments_class(**settings["script"]), LaVITTrainingArguments(**settings["training"]))
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a clean exit: gloo aborts at interpreter shutdown otherwise
+        # a clean exit: gloo aborts at interpreter shutdown otherwise; the barrier keeps a rank that finished first
+        # from tearing its connections down while the other still talks to it (seen once as SIGABRT under ZeRO-3
+        # offload, after both ranks had saved)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

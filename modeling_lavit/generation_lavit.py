@@ -141,6 +141,21 @@ class RowSeededSamplingLogitsProcessor(LogitsProcessor):
         return chosen.scatter_(1, tokens[:, None], 0.0)
 
 
+def sampling_warpers(temperature=None, top_k=None, top_p=None, min_p=None) -> list[LogitsProcessor]:
+    """transformers' warpers for the settings that change the distribution, in `generate`'s order: temperature,
+    top-k, top-p, min-p (`None`, 1.0, top-k 0 and top-p 1.0 leave it as it is)."""
+    warpers = []
+    if temperature not in (None, 1.0):
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p))
+    return warpers
+
+
 def row_seeded_sampling_processors(kwargs: dict, generator: torch.Generator, default_config) -> list[LogitsProcessor]:
     """The warpers and per-row sampler that text `generate(generator=...)` appends to its logits processors; the
     warpers `generate` would add itself are switched off in `kwargs` (they now run before the sampler). Settings come
@@ -157,15 +172,7 @@ def row_seeded_sampling_processors(kwargs: dict, generator: torch.Generator, def
     if unsupported:
         raise ValueError(f"generate(generator=...) samples after temperature, top_k, top_p and min_p; "
                          f"{unsupported} are not supported with it (drop the generator to use them)")
-    warpers = []
-    if setting("temperature") not in (None, 1.0):
-        warpers.append(TemperatureLogitsWarper(setting("temperature")))
-    if setting("top_k"):
-        warpers.append(TopKLogitsWarper(setting("top_k")))
-    if setting("top_p") is not None and setting("top_p") < 1.0:
-        warpers.append(TopPLogitsWarper(setting("top_p")))
-    if setting("min_p") is not None:
-        warpers.append(MinPLogitsWarper(setting("min_p")))
+    warpers = sampling_warpers(setting("temperature"), setting("top_k"), setting("top_p"), setting("min_p"))
     kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None)
     rows_per_prompt = setting("num_return_sequences") or 1
     return warpers + [RowSeededSamplingLogitsProcessor(generator, rows_per_prompt)]
@@ -275,12 +282,7 @@ class ImageTokenSampler:
         if settings.do_sample:
             # one random stream per image (`num_images` conditional rows), seeded by one draw from `generator` here
             self.generators = row_generators(generator, num_images, settings.num_images_per_prompt, device)
-            if settings.temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_k:
-                self.warpers.append(TopKLogitsWarper(settings.top_k))
-            if settings.top_p is not None and settings.top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(settings.top_p))
+            self.warpers = sampling_warpers(settings.temperature, settings.top_k, settings.top_p)
 
     def __call__(self, scores: torch.FloatTensor, step: int) -> torch.LongTensor:
         if self.branches == 2:
@@ -305,7 +307,6 @@ class LaVITPixelDecodingMixin:
     device map), its attach / save / load plumbing, and decoding visual tokens to pixels. Expects `config`,
     `visual_tokenizer`, `device` and `_detokenizer`, as `LaVITForCausalLM` has them.
     """
-
 
     @property
     def detokenizer(self) -> LaVITDetokenizer | None:
@@ -371,7 +372,6 @@ class LaVITPixelDecodingMixin:
             model.set_detokenizer(_load_detokenizer(pretrained_model_name_or_path, kwargs))
         return model
 
-
     # ------------------------------------------------------------------------------------------- pixels
 
     def _require_detokenizer(self) -> LaVITDetokenizer:
@@ -429,7 +429,6 @@ class LaVITPixelDecodingMixin:
         """
         tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.device), **(image_selection or {}))
         return self._require_detokenizer().decode(tokens.code_ids, tokens.token_counts, **decode_kwargs)
-
 
 
 class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
@@ -717,4 +716,5 @@ __all__ = [
     "row_generators",
     "row_seeded_sampling_processors",
     "sample_rows",
+    "sampling_warpers",
 ]

@@ -467,7 +467,6 @@ def load_negative_prompt_embeds(path: Path) -> torch.Tensor:
     return negative
 
 
-
 # ----------------------------------------------------------------------------------------------- a whole release
 
 

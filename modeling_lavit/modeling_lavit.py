@@ -50,7 +50,6 @@ from .transformers_compat import cache_kwargs, output_cache, takes_cache
 logger = logging.get_logger(__name__)
 
 
-
 @dataclass
 class LaVITModelOutputWithPast(BaseModelOutputWithPast):
     """
@@ -86,8 +85,6 @@ class LaVITCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_loss: torch.FloatTensor | None = None
     labels: torch.LongTensor | None = None
     image_token_counts: torch.LongTensor | None = None
-
-
 
 
 class LaVITPreTrainedModel(PreTrainedModel):
@@ -413,7 +410,6 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         object.__setattr__(self, "_detokenizer", None)
         self.post_init()
 
-
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
@@ -691,7 +687,6 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 old_head = language_model.get_output_embeddings().weight
                 _extend_rows(model.lm_head.weight, old_head[:text_vocab_size], std)
         return model
-
 
 
 def _with_prompt_ids(outputs, input_ids: torch.LongTensor, new_tokens_from: int):

@@ -29,6 +29,7 @@ def visual_token(code: int) -> str:
     """The text tokenizer's special token for visual code `code` (LM id `text_vocab_size + 2 + code`)."""
     return f"<visual_{code}>"
 
+
 # Vicuna-v1 style turns (the format of the official video LaVIT SFT model); images render as the placeholder; the
 # assistant's text is a `{% generation %}` block, so `return_assistant_tokens_mask=True` marks it
 DEFAULT_CHAT_TEMPLATE = (

@@ -1,6 +1,6 @@
 """Crash-safe writes. Folder replacement: a folder written beside its target is swapped in so that, at every instant,
 the target path holds either the whole old folder or the whole new one (a `kill -9` in between never leaves it empty
-or half written). Image files: written to a temporary sibling and renamed (`save_png_atomically`).
+or half written). Files: written to a temporary sibling, flushed and renamed (`write_atomically`).
 
 On Linux the swap is one `renameat2(RENAME_EXCHANGE)` system call. Elsewhere the old folder is first renamed to a
 backup sibling and the new one renamed into place; `recover_folder` (called before every replacement and by readers
@@ -78,17 +78,26 @@ def fresh_staging_folder(target) -> Path:
     return staging
 
 
-def save_png_atomically(image, path) -> None:
-    """Writes the PIL `image` as a PNG to a temporary file beside `path` (parent folders are created), then renames
-    it: a crash never leaves half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=directory)
+def write_atomically(path, write, suffix: str = ".tmp") -> None:
+    """
+    Calls `write(temporary)` with the path of a new temporary file beside `path` (parent folders are created),
+    flushes it to disk, then renames it onto `path`: a crash never leaves half a file at `path`, and a failed write
+    removes the temporary file. The temporary name starts with `path`'s name and ends with `suffix`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        image.save(temporary, format="PNG")
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def save_png_atomically(image, path) -> None:
+    """Writes the PIL `image` as a PNG at `path` through [`write_atomically`]."""
+    write_atomically(path, lambda temporary: image.save(temporary, format="PNG"), suffix=".png")

@@ -16,6 +16,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from lavit.atomic import write_atomically
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: lists every file of the checkpoint with its size
@@ -37,14 +39,11 @@ class CheckpointCompletionCallback(TrainerCallback):
 
 
 def write_completion_marker(folder: Path) -> None:
-    temporary = folder / (COMPLETE_MARKER + ".tmp")
+    # the marker (and a temporary one a crash left) never lists itself
     files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
-             if path.is_file() and path.name not in (COMPLETE_MARKER, temporary.name)}
-    with open(temporary, "w") as handle:
-        json.dump({"files": files}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / COMPLETE_MARKER)
+             if path.is_file() and not path.name.startswith(COMPLETE_MARKER)}
+    marker = json.dumps({"files": files})
+    write_atomically(folder / COMPLETE_MARKER, lambda temporary: Path(temporary).write_text(marker))
 
 
 def checkpoint_problem(folder) -> str | None:

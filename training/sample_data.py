@@ -4,11 +4,12 @@ quickstart and as a format example; needs the `dev` extras (scikit-learn, scikit
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from lavit.atomic import write_atomically
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # colours for the digits: the class is in the shape, the colour varies the pixels
@@ -28,9 +29,7 @@ def write_imagefolder(folder, images: list[Image.Image], texts: list[str], extra
         file_name = f"{index:05d}.png"
         image.save(folder / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": text, **((extra or [{}] * len(texts))[index])}))
-    temporary = folder / "metadata.jsonl.tmp"
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, folder / "metadata.jsonl")
+    write_atomically(folder / "metadata.jsonl", lambda temporary: Path(temporary).write_text("\n".join(lines) + "\n"))
     return folder
 
 

@@ -311,3 +311,98 @@ def test_configs_keep_defaults_derived_from_their_settings_and_check_the_unet():
     with pytest.raises(ValueError, match=r"prompt_projection_sizes \[768\] sum to 768, but the UNet's "
                                          r"cross_attention_dim is 1024"):
         lowres.check_unet_fits()
+
+
+# ------------------------------------------------------------------------------------------------------ data paths
+
+
+def write_source(kind: str, folder, arrays) -> str:
+    """Writes `arrays` as a data source of `kind` (a key of `SOURCE_LOADERS`) under `folder`; returns its name there.
+    Tables name their images relative to themselves; a bad line is added where the format reads lines."""
+    import io
+    import tarfile
+
+    import datasets
+
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for index, array in enumerate(arrays):
+        Image.fromarray(array).save(images / f"{index}.png")
+    rows = [{"image": f"images/{index}.png", "text": f"photo {index}"} for index in range(len(arrays))]
+    if kind == "imagefolder":
+        lines = [json.dumps({"file_name": f"{index}.png", "text": f"photo {index}"}) for index in range(len(arrays))]
+        (images / "metadata.jsonl").write_bytes("\n".join(lines).encode() + b"\n{not json\n")
+        return "images"
+    if kind in ("webdataset", ".tar"):
+        shards = folder / "shards"
+        shards.mkdir()
+        with tarfile.open(shards / "shard-000.tar", "w") as shard:
+            for index in range(len(arrays)):
+                for suffix, payload in (("png", (images / f"{index}.png").read_bytes()), ("txt", b"a photo")):
+                    info = tarfile.TarInfo(f"{index:04d}.{suffix}")
+                    info.size = len(payload)
+                    shard.addfile(info, io.BytesIO(payload))
+        return "shards" if kind == "webdataset" else "shards/shard-000.tar"
+    if kind == "saved":
+        datasets.Dataset.from_list([{"image": (images / f"{index}.png").read_bytes(), "text": "a photo"}
+                                    for index in range(len(arrays))]).save_to_disk(str(folder / "saved"))
+        return "saved"
+    name = f"pairs{kind}"
+    if kind in (".json", ".jsonl"):
+        text = json.dumps(rows) if kind == ".json" else "\n".join(map(json.dumps, rows)) + "\n{not json\n"
+        (folder / name).write_text(text)
+    elif kind == ".csv":
+        (folder / name).write_text("image,text\n" + "".join(f"{row['image']},{row['text']}\n" for row in rows)
+                                   + "x,y,z\n")
+    else:
+        import pandas
+
+        pandas.DataFrame(rows).to_parquet(folder / name)
+    return name
+
+
+@pytest.mark.parametrize("kind", sorted(__import__("lavit.training.data", fromlist=["x"]).SOURCE_LOADERS))
+def test_every_data_format_reads_the_same_through_every_path_spelling(tmp_path, monkeypatch, kind):
+    """The bug: a relative imagefolder with one bad metadata line lost every image (its folder was joined twice), so
+    fine-tuning trained on nothing. Every kind of local source (enumerated from the loader's own registry) gives the
+    same readable records named absolutely, relatively from another working directory, with `..`, and through a
+    symbolic link."""
+    from lavit.training.data import decode_image
+
+    arrays = [array[:64, :64] for array in list(photo_images().values())[:3]]
+    data = tmp_path / "data"
+    name = write_source(kind, data, arrays)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    spellings = {"absolute": (tmp_path, str(data / name)), "relative": (tmp_path, f"data/{name}"),
+                 "dotdot": (tmp_path / "elsewhere", f"../data/{name}"), "symlink": (tmp_path, f"link/{name}"),
+                 "dot": (data, f"./{name}")}
+    for spelling, (cwd, source) in spellings.items():
+        monkeypatch.chdir(cwd)
+        records = load_records(source, require_text=False)
+        assert len(records) == len(arrays), (kind, spelling)
+        sizes = {decode_image(record["image"]).size for record in records}
+        assert sizes == {(64, 64)}, (kind, spelling)
+
+
+def test_a_local_path_typo_is_reported_at_once_and_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
+    from lavit.training.data import local_source
+
+    (tmp_path / "photos" / "train").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for typo in ("photos/trian", "./photos/trian", "pairs.jsonl", "~/no-such-folder-h24d", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=f"data path '{typo}' does not exist"):
+            load_records(typo)
+    with pytest.raises(FileNotFoundError, match="did you mean 'photos/train'"):
+        load_records("photos/trian")
+    assert local_source("someone/captions") is None and local_source("mnist") is None  # Hub ids
+    assert local_source("photos/train") == (tmp_path / "photos" / "train").resolve()
+
+
+def test_imagefolder_metadata_keyed_filename_names_file_name(tmp_path):
+    from lavit.training.data import TooManyBadRecordsError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"filename": "a.png", "text": "x"}) + "\n")
+    with pytest.raises(TooManyBadRecordsError, match="no usable record.*rename 'filename' to 'file_name'"):
+        load_records(str(tmp_path))

@@ -7,6 +7,7 @@ record, never the run. LaVIT sequences built from these records live in `trainin
 """
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -28,25 +29,61 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".tar": "webdataset"}
 
 
+# the largest share of a run's records that may be skipped: beyond it (or with no usable record) a run stops with the
+# counts instead of training on what is left
+MAX_SKIPPED_SHARE = 0.5
+
+
 class BadRecordError(ValueError):
     """A record that cannot be used (unreadable image, empty text); callers skip it and count it."""
 
 
+class TooManyBadRecordsError(ValueError):
+    """A run (or a table) with no usable record, or more skipped records than `MAX_SKIPPED_SHARE` of those seen."""
+
+
 @dataclass
 class BadRecordCounter:
-    """Counts skipped records by reason and logs the first few of each, so a bad dataset is visible but not fatal."""
+    """
+    The one owner of a run's record counts: records skipped (by reason, the first few of each logged) and records
+    used, and the one place that enforces `max_skipped_share` ([`BadRecordCounter.check`]). Every stage makes one,
+    loading counts into it, the trainer adds what the batches met, and the stage checks it before saving anything.
+    """
 
     log_first: int = 3
+    max_skipped_share: float = MAX_SKIPPED_SHARE
     counts: Counter = field(default_factory=Counter)
+    used: int = 0
+    examples: dict = field(default_factory=dict)
 
     def skip(self, reason: str, detail: str):
         self.counts[reason] += 1
+        self.examples.setdefault(reason, detail)
         if self.counts[reason] <= self.log_first:
             logger.warning(f"skipping a bad record ({reason}): {detail}")
+
+    def merge(self, other: "BadRecordCounter"):
+        """Adds the skips of `other` (e.g. one table's), keeping the first example of each reason."""
+        self.counts.update(other.counts)
+        for reason, detail in other.examples.items():
+            self.examples.setdefault(reason, detail)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def check(self, what: str):
+        """Raises [`TooManyBadRecordsError`] naming the counts when no record was used, or when the skipped records
+        are more than `max_skipped_share` of those seen (used + skipped)."""
+        seen = self.used + self.total
+        if self.used > 0 and self.total <= self.max_skipped_share * seen:
+            return
+        reasons = "; ".join(f"{count} {reason} (e.g. {self.examples.get(reason, 'not logged')})"
+                            for reason, count in self.counts.most_common())
+        problem = "no usable record" if self.used == 0 else \
+            f"more than {self.max_skipped_share:.0%} of the records are unusable"
+        raise TooManyBadRecordsError(f"{what}: {problem}: {self.used} used, {self.total} skipped of {seen}"
+                                     f"{': ' + reasons if reasons else ''}. Nothing was saved: fix the data")
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
@@ -67,37 +104,90 @@ def load_records(
 
     `source` is a local `imagefolder` (images + `metadata.jsonl` with `file_name` and `text`), a JSON/JSONL/CSV/Parquet
     file whose image column holds paths (relative to the file) or bytes, a `.tar` WebDataset shard or a folder of
-    them, or anything `datasets.load_dataset` accepts (a Hub name or a local script/folder). Column names are found
-    automatically (`image`/`jpg`/`png`..., `text`/`caption`/`txt`) or given explicitly. `require_text=False` accepts
-    image-only data (stage 1), e.g. a plain folder of images.
+    them, a folder written by `save_to_disk` (e.g. `lavit preprocess`), or anything `datasets.load_dataset` accepts (a
+    Hub name). The kind of a local source is [`source_kind`], its loader `SOURCE_LOADERS[kind]`. A local path means the
+    same relative (to the working directory), absolute, with `..` or through a symlink: it is resolved once, here; a
+    value that looks like a local path but does not exist is reported as such (never tried on the Hub). Column names
+    are found automatically (`image`/`jpg`/`png`..., `text`/`caption`/`txt`) or given explicitly. `require_text=False`
+    accepts image-only data (stage 1), e.g. a plain folder of images.
 
     A JSON Lines/CSV table (or an imagefolder's `metadata.jsonl`/`metadata.csv`) is checked line by line first: a
     line that is not UTF-8 or not a JSON object, or an imagefolder `file_name` that leaves the folder, is skipped and
-    counted in `counter` instead of failing the whole load.
+    counted in `counter` instead of failing the whole load; a table with nothing usable, or more bad lines than
+    `MAX_SKIPPED_SHARE`, raises [`TooManyBadRecordsError`].
     """
-    path = Path(source)
-    usable = _usable_table_records(path, counter if counter is not None else BadRecordCounter())
+    path = local_source(source)
+    if path is None:  # a `datasets` Hub name
+        records = load_dataset(source, split=split, streaming=streaming, **load_kwargs)
+        return _standardize_columns(records, source, image_column, text_column, require_text, base_dir=Path.cwd())
+    counter = counter if counter is not None else BadRecordCounter()
+    usable = _usable_table_records(path, counter)
     if usable is not None:
         records = datasets.Dataset.from_list(usable)
         records = records.to_iterable_dataset() if streaming else records
-        base_dir = path if path.is_dir() else path.parent
-        return _standardize_columns(records, source, image_column, text_column, require_text, base_dir=base_dir)
-    if path.is_dir() and (path / "state.json").exists():  # written by `save_to_disk` (e.g. `lavit-preprocess`)
-        records = datasets.load_from_disk(str(path))
-        return records.to_iterable_dataset() if streaming else records
-    if path.is_dir() and sorted(path.glob("*.tar")):
-        records = load_dataset("webdataset", data_files=[str(p) for p in sorted(path.glob("*.tar"))], split=split,
-                               streaming=streaming, **load_kwargs)
-    elif path.is_dir():
-        records = load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **load_kwargs)
-    elif path.suffix in TABLE_BUILDERS:
-        if not path.exists():
-            raise FileNotFoundError(f"data file {source!r} does not exist")
-        records = load_dataset(TABLE_BUILDERS[path.suffix], data_files=str(path), split=split, streaming=streaming,
-                               **load_kwargs)
     else:
-        records = load_dataset(source, split=split, streaming=streaming, **load_kwargs)
-    return _standardize_columns(records, source, image_column, text_column, require_text, base_dir=path.parent)
+        records = SOURCE_LOADERS[source_kind(path)](path, split=split, streaming=streaming, **load_kwargs)
+        if source_kind(path) == "saved":
+            return records
+    base_dir = path if path.is_dir() else path.parent
+    return _standardize_columns(records, source, image_column, text_column, require_text, base_dir=base_dir)
+
+
+def local_source(source: str) -> Path | None:
+    """The resolved local path of a data source (absolute, `..` and symlinks resolved), or `None` for a `datasets`
+    Hub name. A value that looks like a path (it starts with `.`, `/` or `~`, names a data file, or its parent
+    folder exists here) but does not exist raises `FileNotFoundError` at once, naming the closest existing name."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.resolve()
+    looks_local = source.startswith((".", "/", "~", "\\")) or path.suffix in TABLE_BUILDERS \
+        or source.count("/") > 1 or (len(path.parts) > 1 and path.parent.is_dir())
+    if not looks_local:
+        return None
+    parent = next((folder for folder in path.parents if folder.is_dir()), Path("."))
+    close = difflib.get_close_matches(path.name, [child.name for child in parent.iterdir()], n=1) \
+        if parent == path.parent else []
+    hint = f"; did you mean {str(path.parent / close[0])!r}?" if close else f" ({parent.resolve()} exists)"
+    raise FileNotFoundError(f"data path {source!r} does not exist{hint}")
+
+
+def source_kind(path: Path) -> str:
+    """The kind of a local data source (a key of `SOURCE_LOADERS`): `saved` (a `save_to_disk` folder),
+    `webdataset` (a folder of `.tar` shards), `imagefolder` (any other folder), or a data file's suffix."""
+    if path.is_dir():
+        if (path / "state.json").exists():
+            return "saved"
+        return "webdataset" if any(path.glob("*.tar")) else "imagefolder"
+    if path.suffix not in TABLE_BUILDERS:
+        raise ValueError(f"data file {str(path)!r}: unknown format {path.suffix!r}; give one of "
+                         f"{', '.join(TABLE_BUILDERS)}, an image folder or a datasets Hub name")
+    return path.suffix
+
+
+def _load_saved(path: Path, split: str, streaming: bool, **load_kwargs):
+    records = datasets.load_from_disk(str(path))
+    return records.to_iterable_dataset() if streaming else records
+
+
+def _load_shards(path: Path, split: str, streaming: bool, **load_kwargs):
+    return load_dataset("webdataset", data_files=[str(shard) for shard in sorted(path.glob("*.tar"))], split=split,
+                        streaming=streaming, **load_kwargs)
+
+
+def _load_imagefolder(path: Path, split: str, streaming: bool, **load_kwargs):
+    return load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **load_kwargs)
+
+
+def _table_loader(builder: str):
+    def load(path: Path, split: str, streaming: bool, **load_kwargs):
+        return load_dataset(builder, data_files=str(path), split=split, streaming=streaming, **load_kwargs)
+
+    return load
+
+
+# every kind of local source and its loader (tests enumerate it: a new kind is tested for every path spelling)
+SOURCE_LOADERS = {"saved": _load_saved, "webdataset": _load_shards, "imagefolder": _load_imagefolder,
+                  **{suffix: _table_loader(builder) for suffix, builder in TABLE_BUILDERS.items()}}
 
 
 def _standardize_columns(records, source, image_column, text_column, require_text, base_dir: Path):
@@ -125,23 +215,27 @@ def _standardize_columns(records, source, image_column, text_column, require_tex
 
 def _usable_table_records(path: Path, counter: BadRecordCounter) -> list[dict] | None:
     """The usable records of a JSON Lines/CSV table or imagefolder metadata, when some records are bad (counted);
-    `None` when the source has no such table or every record is usable (`datasets` then reads it as usual)."""
+    `None` when the source has no such table or every record is usable (`datasets` then reads it as usual). Raises
+    [`TooManyBadRecordsError`] when a table has no usable record or too many bad ones."""
     folder = path if path.is_dir() else None
     tables = [path / name for name in ("metadata.jsonl", "metadata.csv") if (path / name).is_file()] if folder \
         else [path] if path.suffix in (".jsonl", ".csv") and path.is_file() else []
-    records, bad = [], 0
+    records, checked = [], BadRecordCounter(log_first=counter.log_first)
     for table in tables:
         for line_number, record, problem in _table_lines(table):
             if problem is None and folder is not None:
                 problem = _escaping_file_name(record, folder)
             if problem is not None:
-                counter.skip("unreadable metadata", f"{table} line {line_number}: {problem}")
-                bad += 1
+                checked.skip("unreadable metadata", f"{table} line {line_number}: {problem}")
                 continue
             if folder is not None:  # an imagefolder record: its image, found like `datasets` finds it
                 record = {"image": str(folder / record.pop("file_name")), **record}
             records.append(record)
-    return records if bad else None
+    checked.used = len(records)
+    if checked.total:
+        checked.check(f"data {str(path)!r}")
+    counter.merge(checked)
+    return records if checked.total else None
 
 
 def _table_lines(table: Path):
@@ -178,7 +272,9 @@ def _escaping_file_name(record: dict, folder: Path) -> str | None:
     """Why an imagefolder record's `file_name` is unusable (missing, absolute, or leaving the folder), else None."""
     name = record.get("file_name")
     if not isinstance(name, str) or not name:
-        return "no file_name"
+        near = difflib.get_close_matches("file_name", [str(key) for key in record], n=1, cutoff=0.6)
+        fix = f"rename {near[0]!r} to 'file_name'" if near else f"its fields: {', '.join(map(str, record)) or 'none'}"
+        return f"no 'file_name' field naming its image ({fix})"
     root = folder.resolve()
     if os.path.isabs(name) or not (root / name).resolve().is_relative_to(root):
         return f"file_name {name!r} is outside the folder {folder}"
@@ -206,8 +302,10 @@ def _resolve_path(value, root: str):
 def load_text_records(source: str, split: str = "train", streaming: bool = False, text_column: str = "text",
                       **load_kwargs):
     """Text-only records (`text` column) from a `.txt`/JSON/CSV/Parquet file or any `load_dataset` source."""
-    path = Path(source)
-    builder = "text" if path.suffix == ".txt" else TABLE_BUILDERS.get(path.suffix)
+    path = local_source(source) if Path(source).suffix != ".txt" else Path(source)
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"text file {source!r} does not exist")
+    builder = None if path is None else "text" if path.suffix == ".txt" else TABLE_BUILDERS.get(path.suffix)
     if builder is not None:
         records = load_dataset(builder, data_files=str(path), split=split, streaming=streaming, **load_kwargs)
     else:

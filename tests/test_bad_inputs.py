@@ -406,3 +406,42 @@ def test_imagefolder_metadata_keyed_filename_names_file_name(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"filename": "a.png", "text": "x"}) + "\n")
     with pytest.raises(TooManyBadRecordsError, match="no usable record.*rename 'filename' to 'file_name'"):
         load_records(str(tmp_path))
+
+
+def stage_argv(command: str, tmp_path, lavit_folder) -> list[str]:
+    """The arguments that make `lavit COMMAND` read `tmp_path/mostly_bad` (one stage of `TRAINING_COMMANDS` each)."""
+    from conftest import training_settings
+
+    inputs = {"train-tokenizer": ["--tokenizer_config", "tiny"],
+              "train": ["--visual_tokenizer", tmp_path / "tokenizer", "--language_model", tmp_path / "lm",
+                        "--max_length", "64"],
+              "finetune": ["--model", lavit_folder, "--task", "caption"],
+              "train-detokenizer": ["--visual_tokenizer", tmp_path / "tokenizer", "--detokenizer_config", "tiny"],
+              "preprocess": ["--visual_tokenizer", tmp_path / "tokenizer", "--output", tmp_path / "run" / "final"]}
+    settings = training_settings(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, logging_steps=1)
+    training = [] if command == "preprocess" else [
+        f"--{name}={value}" for name, value in settings.items() if name not in ("disable_tqdm", "report_to")]
+    return [command, "--data", str(tmp_path / "mostly_bad"), *map(str, inputs[command]), *training,
+            *([] if command == "preprocess" else ["--resume", "no", "--report_to", "none"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(__import__("lavit.cli", fromlist=["x"]).TRAINING_COMMANDS))
+def test_every_stage_stops_with_the_counts_when_most_records_are_bad(command, tmp_path, capsys, lavit_folder):
+    """Three of four images are corrupt: every stage (enumerated from the CLI's own list) stops before saving, with a
+    line giving the counts, instead of writing a model trained on what is left."""
+    from conftest import write_stage_components
+
+    write_stage_components(tmp_path)
+    folder = tmp_path / "mostly_bad"
+    folder.mkdir()
+    Image.fromarray(list(photo_images().values())[0]).save(folder / "good.png")
+    for index in range(3):
+        (folder / f"bad{index}.png").write_bytes(b"\x89PNG broken")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": name, "text": "a photo"}) + "\n"
+                                                   for name in ("good.png", "bad0.png", "bad1.png", "bad2.png")))
+    code, _, err = run(capsys, *stage_argv(command, tmp_path, lavit_folder))
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1, err[-2000:]
+    assert "TooManyBadRecordsError" in lines[0] and "unusable" in lines[0] and "skipped of" in lines[0], lines
+    assert not (tmp_path / "run" / "final").exists()

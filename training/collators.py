@@ -10,7 +10,8 @@ the same loss (the first token of every segment has no target, as the model also
 `ImageCollator` feeds stage 1: decoded (and cropped) images -> `pixel_values`; `DetokenizerCollator` feeds the
 detokenizer: the same images for the tokenizer and, at the decoder's resolution, for the VAE.
 Every batch carries `skipped_records`, the bad records met while building it (from the stored rows, the dataset and
-the collator itself), so the count reaches the trainer from dataloader workers and from cached datasets alike.
+the collator itself), and `used_records`, the records (segments, images) it holds, so both counts reach the trainer
+from dataloader workers and from cached datasets alike (it enforces `training.data.MAX_SKIPPED_SHARE` with them).
 """
 
 from dataclasses import dataclass, field
@@ -85,9 +86,9 @@ class LaVITDataCollator:
         if not segments:
             # every record of the batch was bad: an empty step (no targets) keeps the run alive
             return {"input_ids": torch.tensor([[self.pad_token_id]]), "labels": torch.tensor([[-100]]),
-                    "skipped_records": torch.tensor(skipped)}
+                    "skipped_records": torch.tensor(skipped), "used_records": torch.tensor(0)}
         batch = self.pack(segments) if self.packed else self.pad(segments)
-        batch["skipped_records"] = torch.tensor(skipped)
+        batch["skipped_records"], batch["used_records"] = torch.tensor(skipped), torch.tensor(len(segments))
         images = [image for segment in segments for image in segment["images"]]
         if images:
             batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -164,7 +165,7 @@ class ImageCollator:
     def __call__(self, items: list) -> dict:
         images, skipped = image_items(items)
         return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
-                "skipped_records": torch.tensor(skipped)}
+                "skipped_records": torch.tensor(skipped), "used_records": torch.tensor(len(images))}
 
 
 @dataclass
@@ -182,6 +183,7 @@ class DetokenizerCollator:
             "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
             "pixel_values": self.target_pixel_values(images),
             "skipped_records": torch.tensor(skipped),
+            "used_records": torch.tensor(len(images)),
         }
 
     def target_pixel_values(self, images: list) -> torch.Tensor:

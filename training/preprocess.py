@@ -42,6 +42,10 @@ def preprocess(script_args: PreprocessArguments) -> Path:
                            script_args.text_column, require_text=False, counter=counter)
     records = limit_records(records, script_args.max_samples)
     tokenized = preprocess_images(records, tokenizer, image_processor, script_args.batch_size, counter)
+    # skips are counted from the data, not the map's calls: a cached or multi-process map leaves them uncounted;
+    # nothing is written when too few records are usable
+    counter.counts["unreadable image"], counter.used = len(records) - len(tokenized), len(tokenized)
+    counter.check("preprocess")
 
     # 3. Written beside the output and swapped in: a killed run never leaves half a dataset under `--output`.
     output = Path(script_args.output)
@@ -49,10 +53,9 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     tokenized.save_to_disk(str(staging))
     replace_folder(staging, output)
 
-    # 4. The summary. Skips are counted from the data, not the counter: a cached or multi-process map leaves the
-    #    counter empty.
+    # 4. The summary.
     counts = [len(ids) for ids in tokenized["code_ids"]]
-    skipped = len(records) - len(tokenized) + counter.counts["unreadable metadata"]
+    skipped = counter.total
     print(f"{len(counts)} records tokenized, {skipped} skipped; tokens per image: mean "
           f"{sum(counts) / max(len(counts), 1):.1f}, min {min(counts, default=0)}, max {max(counts, default=0)}")
     return output

@@ -66,7 +66,8 @@ class LaVITTrainer(Trainer):
         self._metric_sums: dict[str, float] = {}
         self._metric_counts: dict[str, int] = {}
         self.skip_counter = skip_counter if skip_counter is not None else BadRecordCounter()
-        self._skipped_here = 0  # bad records in this process's batches (plus, on rank 0, those of the checkpoint)
+        # bad and used records of this process's batches (plus, on rank 0, those of the checkpoint resumed from)
+        self._skipped_here, self._used_here = 0, 0
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
             check_extension_locks()
@@ -81,21 +82,31 @@ class LaVITTrainer(Trainer):
         for batch in batch_samples:
             if isinstance(batch, dict) and "skipped_records" in batch:
                 self._skipped_here += int(batch.pop("skipped_records").sum())
+            if isinstance(batch, dict) and "used_records" in batch:
+                self._used_here += int(batch.pop("used_records").sum())
         return batch_samples, num_items_in_batch
 
-    def skipped_records(self) -> int:
-        """Bad records met so far by all processes (a collective call: every rank must make it)."""
-        count = torch.tensor(self._skipped_here, device=self.args.device)
+    def record_counts(self) -> tuple[int, int]:
+        """(bad, used) records met so far by all processes (a collective call: every rank must make it)."""
+        counts = torch.tensor([self._skipped_here, self._used_here], device=self.args.device)
         if self.args.world_size > 1:
-            count = self.accelerator.reduce(count, reduction="sum")
-        return int(count)
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return int(counts[0]), int(counts[1])
+
+    def check_records(self):
+        """Stops the run (every rank) before anything final is saved when its batches held no usable record, or more
+        bad records than the counter's share (`training.data.MAX_SKIPPED_SHARE`): the one check of every stage."""
+        skipped, self.skip_counter.used = self.record_counts()
+        self.skip_counter.counts["met in training batches"] = skipped
+        self.skip_counter.check("training")
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        self._skipped_here = 0
+        self._skipped_here, self._used_here = 0, 0
         path = Path(resume_from_checkpoint) / SKIPPED_RECORDS_FILE if isinstance(resume_from_checkpoint, str) else None
         if path is not None and path.is_file() and self.is_world_process_zero():
             # the batches a resumed run skips over were counted by the run that wrote the checkpoint
-            self._skipped_here = json.loads(path.read_text())["skipped_records"]
+            counts = json.loads(path.read_text())
+            self._skipped_here, self._used_here = counts["skipped_records"], counts.get("used_records", 0)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ loss normalisation
@@ -204,7 +215,7 @@ class LaVITTrainer(Trainer):
             for name, total in self._metric_sums.items():
                 logs[name] = round(total / self._metric_counts[name], 6)
             self._metric_sums, self._metric_counts = {}, {}
-            self.skip_counter.counts["met in training batches"] = self.skipped_records()
+            self.skip_counter.counts["met in training batches"] = self.record_counts()[0]
             # set here, before any callback runs: every sink (logs.jsonl, TensorBoard, W&B, log_history) gets it
             logs["skipped_records"] = self.skip_counter.total
         super().log(logs, start_time)
@@ -218,10 +229,10 @@ class LaVITTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        skipped = self.skipped_records()
+        skipped, used = self.record_counts()
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            (folder / SKIPPED_RECORDS_FILE).write_text(json.dumps({"skipped_records": skipped}))
+            (folder / SKIPPED_RECORDS_FILE).write_text(json.dumps({"skipped_records": skipped, "used_records": used}))
 
 
 class LaVITTokenizerTrainer(LaVITTrainer):
@@ -306,6 +317,8 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
     """Saves the trained model (and processor) as a Hub-ready folder `output_dir/final`, written to a temporary folder
     first and swapped in (`lavit.atomic.replace_folder`), so `final` always holds a whole model, old or new.
     `merge_adapters` merges LoRA adapters (`merge_and_unload`) so that the folder is a plain checkpoint."""
+    if isinstance(trainer, LaVITTrainer):
+        trainer.check_records()  # a run that trained on nothing, or on too little of its data, saves no model
     final_dir = Path(output_dir) / "final"
     staging_dir = fresh_staging_folder(final_dir) if trainer.is_world_process_zero() else final_dir.with_name(
         "final.tmp")

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lavit.command_inputs import CommandError, PerItem, load_lavit_model, one_line, resolve_model_folder
+
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
 TRAINING_COMMANDS = {
     "train-tokenizer": "lavit.training.stage1_tokenizer",
@@ -41,16 +43,6 @@ TRAINING_MODEL_ARGUMENTS = {
 
 
 DEBUG_VARIABLE = "LAVIT_DEBUG"
-
-
-class CommandError(Exception):
-    """A user error: printed as one line."""
-
-
-def one_line(error: BaseException) -> str:
-    """`Type: first line of the message` of an exception, for the one-line error of a failed command."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def at_least(low, kind=int):
@@ -114,7 +106,7 @@ def add_image_parsers(commands) -> None:
     add_selection_arguments(caption, text=True)
 
     vqa = commands.add_parser("vqa", help="answer a question about an image")
-    vqa.add_argument("image", help="an image file")
+    vqa.add_argument("images", nargs="+", help="image files (the same question for each)")
     vqa.add_argument("--question", required=True)
     vqa.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
     vqa.add_argument("--max-new-tokens", type=POSITIVE, default=10)
@@ -125,7 +117,7 @@ def add_image_parsers(commands) -> None:
 def add_generation_parsers(commands) -> None:
     """The commands that draw images: generate, reconstruct."""
     generate = commands.add_parser("generate", help="text-to-image")
-    generate.add_argument("prompt")
+    generate.add_argument("prompts", nargs="+", help="one or more prompts")
     generate.add_argument("-o", "--output", required=True, help="PNG path (-N suffixes for several images)")
     generate.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
     generate.add_argument("--num-images", type=POSITIVE, default=1)
@@ -137,8 +129,8 @@ def add_generation_parsers(commands) -> None:
     generate.add_argument("--width", type=POSITIVE, default=None)
 
     reconstruct = commands.add_parser("reconstruct", help="image -> visual tokens -> image")
-    reconstruct.add_argument("image", help="an image file")
-    reconstruct.add_argument("-o", "--output", required=True, help="PNG path")
+    reconstruct.add_argument("images", nargs="+", help="image files")
+    reconstruct.add_argument("-o", "--output", required=True, help="PNG path (-N suffixes for several images)")
     reconstruct.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
     reconstruct.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens")
     reconstruct.add_argument("--seed", type=int, default=0)
@@ -291,12 +283,11 @@ def require_folder(path: str, model_types: tuple[str, ...] = ()) -> None:
     """A path that does not exist must look like a Hub id (`name` or `org/name`); a local folder must hold a
     `config.json` of one of `model_types` (checked before anything is built: a model of the wrong kind would be
     built from default sizes)."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        if path.startswith((".", "/", "~")) or path.count("/") > 1:
-            raise CommandError(f"model folder not found: {path}")
+    folder, adapter = resolve_model_folder(path)
+    if folder is None or not model_types:
         return
-    if not model_types:
+    if adapter is not None:  # a PEFT adapter: the base model it names must be of the kind
+        require_folder(adapter["base_model_name_or_path"], model_types)
         return
     if not (folder / "config.json").is_file():
         raise CommandError(f"{path} is not a model folder (no config.json)")
@@ -311,10 +302,8 @@ def require_folder(path: str, model_types: tuple[str, ...] = ()) -> None:
 
 
 def load_lavit(path: str):
-    from lavit import LaVITForCausalLM, LaVITProcessor
-
     require_folder(path, ("lavit",))
-    return LaVITForCausalLM.from_pretrained(path).eval(), LaVITProcessor.from_pretrained(path)
+    return load_lavit_model(path)
 
 
 def open_image(path: str):
@@ -337,58 +326,66 @@ def run_tokenize(args) -> None:
     from lavit.training.models import load_visual_tokenizer
 
     require_folder(args.model, ("lavit_tokenizer", "lavit"))
-    images = [open_image(path) for path in args.images]
-    tokenizer = load_visual_tokenizer(args.model).eval()
-    image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
-    grid = tokenizer.config.image_size // tokenizer.config.patch_size
-    results = []
-    for index, (path, image) in enumerate(zip(args.images, images, strict=True)):
-        pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
+    items = PerItem("tokenize", "image", args.images, args.json)
+    images = items.each(open_image)  # every file is read before the model loads
+    if images:
+        tokenizer = load_visual_tokenizer(args.model).eval()
+        image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
+        grid = tokenizer.config.image_size // tokenizer.config.patch_size
+
+    def tokenize(index):
+        pixel_values = image_processor(images=images[index], return_tensors="pt")["pixel_values"]
         tokens = tokenizer.tokenize(pixel_values.to(tokenizer.device, tokenizer.dtype), **image_selection(args))
-        result = {"image": path, "token_count": int(tokens.token_counts[0]),
-                  "num_patches": tokenizer.config.num_patches, "code_ids": tokens.code_ids.tolist()}
+        result = {"token_count": int(tokens.token_counts[0]), "num_patches": tokenizer.config.num_patches,
+                  "code_ids": tokens.code_ids.tolist()}
+        text = f"{args.images[index]}: {result['token_count']} of {result['num_patches']} tokens, code ids " \
+               f"{result['code_ids']}"
         if args.visualize:
             result["visualization"] = str(numbered(args.visualize, index, len(args.images)))
-            save_png_atomically(draw_kept_patches(image, tokens.keep_mask[0], grid), result["visualization"])
-        results.append(result)
-        if not args.json:
-            print(f"{path}: {result['token_count']} of {result['num_patches']} tokens, code ids {result['code_ids']}")
-            if args.visualize:
-                print(f"  kept patches -> {result['visualization']}")
-    if args.json:
-        print_json(results)
+            save_png_atomically(draw_kept_patches(images[index], tokens.keep_mask[0], grid), result["visualization"])
+            text += f"\n  kept patches -> {result['visualization']}"
+        items.done(index, result, text)
+
+    items.each_index(tokenize, list(images))
+    items.finish()
 
 
 def run_caption(args) -> None:
-    images = [open_image(path) for path in args.images]  # every file is read before the model loads
-    model, processor = load_lavit(args.model)
-    results = []
-    for first in range(0, len(images), args.batch_size):
-        paths, batch = args.images[first : first + args.batch_size], images[first : first + args.batch_size]
+    items = PerItem("caption", "image", args.images, args.json)
+    images = items.each(open_image)  # every file is read before the model loads
+    if images:
+        model, processor = load_lavit(args.model)
+
+    def caption(indices):
+        batch = [images[index] for index in indices]
         inputs = processor(images=batch, text=["<image>" + args.prompt] * len(batch), return_tensors="pt")
         output = model.generate(**inputs, **selection_inputs(model, inputs["pixel_values"], args),
                                 max_new_tokens=args.max_new_tokens, **text_generation(args))
         texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for path, text in zip(paths, texts, strict=True):
-            results.append({"image": path, "caption": text.strip()})
-            if not args.json:
-                print(f"{path}: {text.strip()}")
-    if args.json:
-        print_json(results)
+        for index, text in zip(indices, texts, strict=True):
+            items.done(index, {"caption": text.strip()}, f"{args.images[index]}: {text.strip()}")
+
+    items.each_batch(caption, args.batch_size)
+    items.finish()
 
 
 def run_vqa(args) -> None:
-    image = open_image(args.image)
-    model, processor = load_lavit(args.model)
-    inputs = processor(images=[image], text=f"<image>Question: {args.question} Answer:",
-                       return_tensors="pt")
-    output = model.generate(**inputs, image_selection=image_selection(args), max_new_tokens=args.max_new_tokens,
-                            length_penalty=0.0, **text_generation(args))
-    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
-    if args.json:
-        print_json({"image": args.image, "question": args.question, "answer": answer})
-    else:
-        print(answer)
+    items = PerItem("vqa", "image", args.images, args.json)
+    images = items.each(open_image)
+    if images:
+        model, processor = load_lavit(args.model)
+
+    def answer(index):
+        inputs = processor(images=[images[index]], text=f"<image>Question: {args.question} Answer:",
+                           return_tensors="pt")
+        output = model.generate(**inputs, image_selection=image_selection(args), max_new_tokens=args.max_new_tokens,
+                                length_penalty=0.0, **text_generation(args))
+        text = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+        items.done(index, {"question": args.question, "answer": text},
+                   text if len(args.images) == 1 else f"{args.images[index]}: {text}")
+
+    items.each_index(answer, list(images))
+    items.finish(single_as_object=True)
 
 
 def run_new_language_model(args) -> None:
@@ -396,11 +393,17 @@ def run_new_language_model(args) -> None:
 
     if not args.data and not args.texts:
         raise CommandError("give --data (image-text data) and/or --texts (text files): the tokenizer trains on them")
-    texts = corpus_from_data(args.data, args.texts)
+    items = PerItem("new-language-model", "text_file", args.texts)
+    texts = corpus_from_data(args.data) + [text for part in items.each(lambda path: corpus_from_data(None, [path]))
+                                           .values() for text in part]
+    if not texts:
+        items.finish()
+        raise CommandError("no texts to train the tokenizer on")
     folder = write_small_language_model(args.output, texts, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                                         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
                                         seed=args.seed)
     print(f"{folder}  ({len(texts)} texts; stage 2: --language_model {folder})")
+    items.finish()
 
 
 def decoder_settings(args) -> dict:
@@ -419,15 +422,22 @@ def run_generate(args) -> None:
     model, processor = load_lavit(args.model)
     if not model.can_decode_pixels:
         raise CommandError(f"{args.model} has no pixel decoder (detokenizer/ sub-folder): it cannot draw images")
-    images = model.generate_images(
-        **processor(text=args.prompt, return_tensors="pt"), num_images_per_prompt=args.num_images,
-        guidance_scale=args.guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed), **decoder_settings(args),
-    )
-    for index, image in enumerate(images):
-        target = numbered(args.output, index, len(images))
-        save_png_atomically(image, target)
-        print(f"{target}")
+    items = PerItem("generate", "prompt", args.prompts)
+    total = len(args.prompts) * args.num_images
+
+    def draw(index):
+        images = model.generate_images(
+            **processor(text=args.prompts[index], return_tensors="pt"), num_images_per_prompt=args.num_images,
+            guidance_scale=args.guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
+            generator=torch.Generator().manual_seed(args.seed), **decoder_settings(args),
+        )
+        targets = [numbered(args.output, index * args.num_images + number, total) for number in range(len(images))]
+        for image, target in zip(images, targets, strict=True):
+            save_png_atomically(image, target)
+        items.done(index, {"images": list(map(str, targets))}, "\n".join(map(str, targets)))
+
+    items.each_index(draw, range(len(args.prompts)))
+    items.finish()
 
 
 def run_reconstruct(args) -> None:
@@ -435,16 +445,26 @@ def run_reconstruct(args) -> None:
 
     from lavit.atomic import save_png_atomically
 
-    image = open_image(args.image)
+    items = PerItem("reconstruct", "image", args.images)
+    images = items.each(open_image)
+    if not images:
+        items.finish()
     model, processor = load_lavit(args.model)
     if not model.can_decode_pixels:
         raise CommandError(f"{args.model} has no pixel decoder (detokenizer/ sub-folder)")
-    pixel_values = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    selection = {"max_tokens": args.budget} if args.budget else {}
-    generator = torch.Generator().manual_seed(args.seed)
-    image = model.reconstruct(pixel_values, image_selection=selection, generator=generator, **decoder_settings(args))[0]
-    save_png_atomically(image, args.output)
-    print(args.output)
+
+    def reconstruct(index):
+        pixel_values = processor.image_processor(images=[images[index]], return_tensors="pt")["pixel_values"]
+        selection = {"max_tokens": args.budget} if args.budget else {}
+        generator = torch.Generator().manual_seed(args.seed)
+        image = model.reconstruct(pixel_values, image_selection=selection, generator=generator,
+                                  **decoder_settings(args))[0]
+        target = numbered(args.output, index, len(args.images))
+        save_png_atomically(image, target)
+        items.done(index, {"output": str(target)}, str(target))
+
+    items.each_index(reconstruct, list(images))
+    items.finish()
 
 
 def run_training(command: str, argv: list[str]) -> None:
@@ -539,7 +559,6 @@ def evaluation_config(args, task_benchmark):
 def run_evaluate(args) -> None:
     import torch
 
-    from lavit import LaVITForCausalLM, LaVITProcessor
     from lavit.evaluation import BENCHMARKS, evaluate, load_samples, record_results
     from lavit.evaluation.runner import distributed_state
 
@@ -554,8 +573,8 @@ def run_evaluate(args) -> None:
                            args.columns, args.image_pattern)[: args.limit]
     require_folder(args.model)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model = LaVITForCausalLM.from_pretrained(args.model, **dtype).eval().to(distributed_state().device)
-    results = evaluate(model, LaVITProcessor.from_pretrained(args.model), samples, config, args.output)
+    model, processor = load_lavit_model(args.model, **dtype)  # a model folder, Hub id or PEFT adapter folder
+    results = evaluate(model.to(distributed_state().device), processor, samples, config, args.output)
     if results is None:  # not the main process
         return
     for name, value in results["metrics"].items():

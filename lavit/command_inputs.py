@@ -1,0 +1,179 @@
+"""What the `lavit` commands share about their inputs: the one error line (which keeps the reason a library gives on
+its second line), [`PerItem`] (each input of a many-input command on its own, so a bad one costs only itself), and
+[`resolve_model_folder`] / [`load_lavit_model`] (a `--model` found as the user meant it: a training run's folder, a
+PEFT adapter folder, a typo in a local path)."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+MAX_ERROR_CHARS = 800
+
+
+class CommandError(Exception):
+    """A user error: printed as one line."""
+
+
+class InputsFailed(CommandError):
+    """Some inputs of a many-input command failed (each already reported on its own line)."""
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: message` on one line. Every line of the message is kept, joined (libraries often put the reason on the
+    line after a generic first one), ANSI colours and repeated blanks removed, cut at `MAX_ERROR_CHARS`."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name
+
+
+class PerItem:
+    """
+    The runner of every command given many inputs (images, prompts, texts). Each input is worked on alone: a bad
+    one is reported at once on its own line (`lavit COMMAND: error: INPUT: reason`) and the others still run. The
+    `--json` document lists one entry per input, in input order: the result, or `{KEY: input, "error": reason}`.
+    [`PerItem.finish`] prints that document and raises [`InputsFailed`] (exit status 1) when any input failed.
+
+    Args:
+        command: the command's name, for the error lines.
+        key: the JSON field naming an input (`"image"`, `"prompt"`, ...).
+        inputs: the inputs as the user gave them.
+        as_json: print one JSON document at the end instead of a text line per result.
+    """
+
+    def __init__(self, command: str, key: str, inputs: list, as_json: bool = False):
+        self.command, self.key, self.inputs, self.as_json = command, key, list(inputs), as_json
+        self.results: list[dict | None] = [None] * len(self.inputs)
+        self.failed: set[int] = set()
+
+    def pending(self) -> list[int]:
+        """Indices of the inputs that have not failed."""
+        return [index for index in range(len(self.inputs)) if index not in self.failed]
+
+    def fail(self, index: int, error: BaseException | str):
+        reason = error if isinstance(error, str) else one_line(error)
+        self.failed.add(index)
+        self.results[index] = {self.key: str(self.inputs[index]), "error": reason}
+        if len(self.inputs) > 1:  # a lone input's failure is the command's one error line (see `finish`)
+            print(f"lavit {self.command}: error: {self.inputs[index]}: {reason}", file=sys.stderr)
+
+    def each(self, work) -> dict:
+        """`work(input)` for each pending input; a failure fails that input only. Returns `{index: value}` of those
+        that worked."""
+        return self.each_index(lambda index: work(self.inputs[index]), self.pending())
+
+    def each_index(self, work, indices) -> dict:
+        """`work(index)` for each of `indices`; a failure fails that input only. Returns `{index: value}`."""
+        done = {}
+        for index in indices:
+            try:
+                done[index] = work(index)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:
+                self.fail(index, error)
+        return done
+
+    def batches(self, size: int) -> list[list[int]]:
+        """The pending inputs' indices in batches of `size` (a failed batch fails its inputs: see `each_batch`)."""
+        pending = self.pending()
+        return [pending[first : first + size] for first in range(0, len(pending), size)]
+
+    def each_batch(self, work, size: int):
+        """`work(indices)` for batches of pending inputs; an error fails every input of its batch only."""
+        for indices in self.batches(size):
+            try:
+                work(indices)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:
+                for index in indices:
+                    self.fail(index, error)
+
+    def done(self, index: int, result: dict, text: str | None = None):
+        """Records the result of input `index`, printed now as `text` unless the output is JSON."""
+        self.results[index] = {self.key: str(self.inputs[index]), **result}
+        if not self.as_json and text is not None:
+            print(text)
+
+    def finish(self, single_as_object: bool = False):
+        if self.as_json:
+            document = self.results[0] if single_as_object and len(self.results) == 1 else self.results
+            print(json.dumps(document, indent=2, ensure_ascii=False))
+        if self.failed and len(self.inputs) == 1:
+            raise InputsFailed(f"{self.inputs[0]}: {self.results[0]['error']}")
+        if self.failed:
+            raise InputsFailed(f"{len(self.failed)} of {len(self.inputs)} inputs failed (each named above); the "
+                               f"others were done")
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+
+
+def looks_like_local_path(value: str) -> bool:
+    """A value that can only mean a local path (a Hub id is `name` or `org/name`): it starts with `.`, `/` or `~`,
+    has more than one `/`, or its first folder exists here."""
+    path = Path(value).expanduser()
+    return value.startswith((".", "/", "~", "\\")) or value.count("/") > 1 or (
+        len(path.parts) > 1 and path.parent.is_dir())
+
+
+def newest_complete_checkpoint(folder: Path) -> Path | None:
+    try:
+        from lavit.training.checkpoints import latest_checkpoint
+    except ImportError:  # training extras missing: no checkpoint to point at
+        return None
+    checkpoint = latest_checkpoint(str(folder))
+    return Path(checkpoint) if checkpoint else None
+
+
+def resolve_model_folder(path: str) -> tuple[Path | None, dict | None]:
+    """
+    The local model folder a `--model` value means, and its PEFT adapter config when it is an adapter folder (its
+    `adapter_config.json` names the base model); `(None, None)` for a Hub id. Raises [`CommandError`] naming the fix
+    for a local path that does not exist, and for a training run's folder (it points at `final/` or the newest
+    complete checkpoint).
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if looks_like_local_path(path):
+            raise CommandError(f"model folder not found: {path} (no such local folder)")
+        return None, None
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        try:
+            adapter = json.loads((folder / "adapter_config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CommandError(f"{folder / 'adapter_config.json'} is not valid JSON: {error}") from error
+        if not isinstance(adapter, dict) or not adapter.get("base_model_name_or_path"):
+            raise CommandError(f"{path} is a PEFT adapter folder whose adapter_config.json names no "
+                               f"base_model_name_or_path: set it to the model the adapter was trained on")
+        return folder, adapter
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        candidates = [folder / "final"] if (folder / "final" / "config.json").is_file() else []
+        checkpoint = newest_complete_checkpoint(folder)
+        candidates += [checkpoint] if checkpoint else []
+        if candidates:
+            raise CommandError(f"{path} is a training run's folder, not a model folder: use --model "
+                               f"{' or --model '.join(map(str, candidates))}")
+    return folder, None
+
+
+def load_lavit_model(path: str, **kwargs):
+    """`LaVITForCausalLM` and `LaVITProcessor` of a model folder, a Hub id, or a PEFT adapter folder (the base model
+    named in its `adapter_config.json`, with the adapters merged; the processor of the adapter folder when it has
+    one, else the base's)."""
+    from lavit import LaVITForCausalLM, LaVITProcessor
+
+    folder, adapter = resolve_model_folder(path)
+    if adapter is None:
+        return LaVITForCausalLM.from_pretrained(path, **kwargs).eval(), LaVITProcessor.from_pretrained(path)
+    from peft import PeftModel
+
+    base = adapter["base_model_name_or_path"]
+    model = LaVITForCausalLM.from_pretrained(base, **kwargs)
+    model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
+    has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    return model, LaVITProcessor.from_pretrained(folder if has_processor else base)

@@ -445,3 +445,83 @@ def test_every_stage_stops_with_the_counts_when_most_records_are_bad(command, tm
     assert code == 1 and len(lines) == 1, err[-2000:]
     assert "TooManyBadRecordsError" in lines[0] and "unusable" in lines[0] and "skipped of" in lines[0], lines
     assert not (tmp_path / "run" / "final").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ many inputs
+
+
+def many_input_arguments() -> list[tuple[str, str]]:
+    """(command, argument) for every argument of a `lavit` command that takes several inputs (nargs `+` or `*`),
+    found from the parser. The training stages take their inputs as records of `--data` (tested per stage above)."""
+    import argparse
+
+    from lavit.cli import TRAINING_COMMANDS, build_parser
+
+    commands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    return [(name, action.dest) for name, parser in commands.choices.items() if name not in TRAINING_COMMANDS
+            for action in parser._actions if action.nargs in ("+", "*")]
+
+
+def good_bad_good(command: str, tmp_path, folder, photo) -> tuple[list, str, list]:
+    """The arguments that give `command` a good, a bad and a good input, the bad input, and the files the good ones
+    write."""
+    bad_image = tmp_path / "notanimage.png"
+    bad_image.write_text("not an image")
+    images = [photo, bad_image, photo]
+    model = ["--model", folder]
+    cases = {
+        "tokenize": (["tokenize", *images, *model], []),
+        "caption": (["caption", *images, *model, "--max-new-tokens", 2], []),
+        "vqa": (["vqa", *images, "--question", "what is it?", *model, "--max-new-tokens", 2], []),
+        "generate": (["generate", "a red bus", "a [IMG] bus", "a blue bus", "-o", tmp_path / "gen.png", *model,
+                      "--steps", 2, "--height", 16, "--width", 16], ["gen-0.png", "gen-2.png"]),
+        "reconstruct": (["reconstruct", *images, "-o", tmp_path / "rec.png", *model, "--steps", 2],
+                        ["rec-0.png", "rec-2.png"]),
+    }
+    if command == "new-language-model":
+        for name in ("a.txt", "b.txt"):
+            (tmp_path / name).write_text("a photo of a cat\na red bus on a street\n" * 20)
+        return (["new-language-model", tmp_path / "lm", "--texts", tmp_path / "a.txt", tmp_path / "missing.txt",
+                 tmp_path / "b.txt", "--vocab-size", 300], str(tmp_path / "missing.txt"), ["lm/config.json"])
+    assert command in cases, f"lavit {command} takes several inputs: add a good+bad+good case here"
+    argv, files = cases[command]
+    return argv, str(argv[2]), files
+
+
+@pytest.fixture
+def decoding_folder(lavit_model, lavit_processor, tmp_path):
+    """A saved tiny LaVIT folder with a pixel decoder."""
+    from conftest import tiny_detokenizer_config
+
+    from lavit import LaVITDetokenizer
+
+    torch.manual_seed(0)
+    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
+    lavit_model.save_pretrained(tmp_path / "decoding")
+    lavit_processor.save_pretrained(tmp_path / "decoding")
+    return tmp_path / "decoding"
+
+
+@pytest.mark.parametrize(("command", "argument"), many_input_arguments())
+def test_every_many_input_command_does_the_good_inputs_and_names_the_bad_one(command, argument, tmp_path, capsys,
+                                                                             decoding_folder, photo_file):
+    """`lavit caption good.png notanimage.png good2.png` printed one error and no caption. Every command that takes
+    several inputs (from the parser) does both good ones, reports the bad one with its reason, exits 1; with `--json`
+    the document has one entry per input, the bad one with an `error` field."""
+    from lavit.cli import build_parser
+
+    argv, bad, files = good_bad_good(command, tmp_path, decoding_folder, photo_file)
+    code, out, err = run(capsys, *argv)
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 2, err[-3000:]
+    assert lines[0].startswith(f"lavit {command}: error: {bad}: ") and len(lines[0]) > len(bad) + 40, lines
+    assert "1 of 3 inputs failed" in lines[1]
+    for name in files:
+        assert (tmp_path / name).is_file(), name
+    if not files:
+        assert [line.split(": ")[0] for line in out.splitlines() if line.startswith(str(photo_file))] == [
+            str(photo_file)] * 2, out
+    if "--json" in build_parser()._subparsers._group_actions[0].choices[command]._option_string_actions:
+        code, out, _ = run(capsys, *argv, "--json")
+        document = json.loads(out)
+        assert code == 1 and len(document) == 3 and [("error" in entry) for entry in document] == [False, True, False]

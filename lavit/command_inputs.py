@@ -169,11 +169,47 @@ def load_lavit_model(path: str, **kwargs):
 
     folder, adapter = resolve_model_folder(path)
     if adapter is None:
-        return LaVITForCausalLM.from_pretrained(path, **kwargs).eval(), LaVITProcessor.from_pretrained(path)
+        model = from_pretrained_explained(LaVITForCausalLM, path, **kwargs)
+        return model.eval(), LaVITProcessor.from_pretrained(path)
     from peft import PeftModel
 
     base = adapter["base_model_name_or_path"]
-    model = LaVITForCausalLM.from_pretrained(base, **kwargs)
+    model = from_pretrained_explained(LaVITForCausalLM, base, **kwargs)
     model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
     has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()
     return model, LaVITProcessor.from_pretrained(folder if has_processor else base)
+
+
+def from_pretrained_explained(model_class, path, **kwargs):
+    """`model_class.from_pretrained(path)`; when transformers refuses weights whose shapes differ from the config
+    ("look at the above report", a report that may not be shown), the error names the parameters and shapes."""
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except RuntimeError as error:
+        if "above report" not in str(error) or not Path(path).is_dir():
+            raise
+        mismatches = weight_mismatches(Path(path), model_class)
+        listed = "; ".join(mismatches[:3]) + (f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
+        raise CommandError(f"{path}: the weights do not fit the model its config.json describes"
+                           f"{': ' + listed if listed else ''}; the config.json does not belong to these weights "
+                           f"(or was edited): restore it") from error
+
+
+def weight_mismatches(folder: Path, model_class) -> list[str]:
+    """`name: shape in FILE, shape from config.json` for each stored weight whose shape differs from the model that
+    the folder's config.json builds (built on the meta device: no memory)."""
+    import torch
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape)
+                    for name, tensor in model_class(model_class.config_class.from_pretrained(folder)).state_dict()
+                    .items()}
+    found = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as weights:
+            for name in weights.keys():
+                shape = tuple(weights.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    found.append(f"{name} is {list(shape)} in {file.name} but {list(expected[name])} from config.json")
+    return found

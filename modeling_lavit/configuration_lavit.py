@@ -45,7 +45,14 @@ class LaVITFolderConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         cls._check_model_type(config_dict, "this config.json")
-        return super().from_dict(config_dict, **kwargs)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except (TypeError, AttributeError, ValueError) as error:
+            # a wrong type fails deep inside (`"abc" + 2`, a derived property set): name the field instead
+            problems = config_field_problems(cls, config_dict)
+            if not problems:
+                raise
+            raise ValueError(f"config.json of {cls.__name__}: {'; '.join(problems)}") from error
 
     @classmethod
     def _check_model_type(cls, config_dict: dict, source: str) -> None:
@@ -450,6 +457,32 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
                          "decoder_num_layers", "decoder_num_heads", "decoder_intermediate_size", "layer_norm_eps")
         }
         return cls(**{**sizes, **kwargs})
+
+
+def config_field_problems(config_class, config_dict: dict, prefix: str = "") -> list[str]:
+    """What is wrong with the fields of `config_dict` for `config_class`, by name: a derived value given as a setting
+    (a property such as `patch_size`), a value of the wrong type for a plain `int`/`float`/`bool`/`str` field, and
+    the same inside LaVIT sub-configs. Used to explain a failed load, not to validate ranges."""
+    problems = []
+    annotations = {}
+    for klass in reversed(config_class.__mro__):
+        annotations.update(getattr(klass, "__annotations__", {}))
+    for name, value in config_dict.items():
+        # a property of a LaVIT config (not of `PretrainedConfig`, whose own properties are saved and read back)
+        if any(isinstance(vars(klass).get(name), property) for klass in config_class.__mro__
+               if klass.__module__ == __name__):
+            problems.append(f"{prefix}{name} is derived from other settings, not a setting: remove it")
+            continue
+        expected = annotations.get(name)
+        sub_config = getattr(config_class, "sub_configs", {}).get(name)
+        if isinstance(value, dict) and isinstance(sub_config, type) and issubclass(sub_config, LaVITFolderConfig):
+            problems += config_field_problems(sub_config, value, f"{prefix}{name}.")
+        elif expected in (int, float, bool, str) and value is not None and not (
+                isinstance(value, expected) or (expected is float and isinstance(value, int))) or (
+                expected in (int, float) and isinstance(value, bool)):
+            problems.append(f"{prefix}{name} must be {'a' if expected is not int else 'an'} {expected.__name__}, "
+                            f"got {value!r}: fix it in config.json")
+    return problems
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

@@ -694,6 +694,10 @@ def _load_detokenizer(pretrained_model_name_or_path, kwargs) -> LaVITDetokenizer
         _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub_kwargs,
     )
     if config_file is None:
+        local = os.path.join(str(pretrained_model_name_or_path), DETOKENIZER_FOLDER)
+        if os.path.isdir(local) and os.listdir(local):  # a partial copy: say so rather than "no pixel decoder"
+            raise ValueError(f"{local} has no config.json: the pixel decoder folder is incomplete; copy the whole "
+                             f"{DETOKENIZER_FOLDER}/ folder again (or remove it to use the model without pixels)")
         return None
     try:
         return LaVITDetokenizer.from_pretrained(

@@ -239,9 +239,17 @@ class LaVITProcessor(ProcessorMixin):
             if not flat_images:
                 raise ValueError("give text, images or both")
             text = self.image_token * len(flat_images)
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, list | tuple) else None
         if not texts or not all(isinstance(item, str) for item in texts):
-            raise ValueError("text must be a string or a non-empty list of strings")
+            wrong = text if texts is None else next((item for item in texts or [] if not isinstance(item, str)), None)
+            raise ValueError(f"text must be a string or a non-empty list of strings, got {type(wrong).__name__} "
+                             f"{wrong!r:.60}")
+        for row, item in enumerate(texts):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:  # e.g. undecodable bytes of a command line (surrogate escapes)
+                raise ValueError(f"text {row} is not valid text: {item[max(error.start - 20, 0):error.end + 20]!r} "
+                                 f"holds undecodable byte(s) at character {error.start}; give UTF-8 text") from error
         placeholders_per_text = [item.count(self.image_token) for item in texts]
         if sum(placeholders_per_text) != len(flat_images):
             raise ValueError(f"the text holds {sum(placeholders_per_text)} {self.image_token} placeholder(s) "

@@ -525,3 +525,98 @@ def test_every_many_input_command_does_the_good_inputs_and_names_the_bad_one(com
         code, out, _ = run(capsys, *argv, "--json")
         document = json.loads(out)
         assert code == 1 and len(document) == 3 and [("error" in entry) for entry in document] == [False, True, False]
+
+
+# ------------------------------------------------------------------------------------------------------ messages
+
+
+def edited_copy(folder, target, edit) -> str:
+    """A copy of the model `folder` at `target` whose config.json went through `edit(config)`."""
+    import shutil
+
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+def unclear_message_cases(tmp_path, folder, photo) -> dict:
+    """The probe's unclear messages: name -> (argv, what the one error line must say)."""
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "partial")
+    (tmp_path / "partial" / "detokenizer" / "config.json").unlink()
+    (tmp_path / "runs" / "caption").mkdir(parents=True)
+    shutil.copytree(folder, tmp_path / "runs" / "caption" / "final")
+    (tmp_path / "photos" / "train").mkdir(parents=True)
+    caption = ["caption", photo, "--model"]
+    wider = edited_copy(folder, tmp_path / "wider", lambda config: config["text_config"].update(
+        intermediate_size=config["text_config"]["intermediate_size"] + 8))
+    return {
+        "non-UTF-8 prompt": ([*caption, folder, "--prompt", b"a \xff bus".decode("utf-8", "surrogateescape")],
+                             r"text 0 is not valid text: .* undecodable byte\(s\) at character 9; give UTF-8 text"),
+        "config field of the wrong type": (
+            [*caption, edited_copy(folder, tmp_path / "abc", lambda config: config.update(text_vocab_size="abc"))],
+            r"text_vocab_size must be an int, got 'abc': fix it in config.json"),
+        "derived value in a config": (
+            [*caption, edited_copy(folder, tmp_path / "patch", lambda config: config["tokenizer_config"].update(
+                patch_size=14))], r"tokenizer_config.patch_size is derived from other settings, not a setting"),
+        "weights that do not fit the config": (
+            [*caption, wider], r"weights do not fit the model its config.json describes: model\.language_model\..* is "
+                               r"\[\d+, \d+\] in model.safetensors but \[\d+, \d+\] from config.json"),
+        "missing detokenizer/config.json": (["generate", "a bus", "-o", tmp_path / "x.png", "--model",
+                                             tmp_path / "partial"],
+                                            r"detokenizer has no config.json: the pixel decoder folder is incomplete"),
+        "a run folder as --model": ([*caption, tmp_path / "runs" / "caption"],
+                                    r"is a training run's folder, not a model folder: use --model .*caption/final"),
+        "a model path typo": ([*caption, tmp_path / "runs" / "captoin"], r"model folder not found: .*captoin"),
+        "a data path typo": (["finetune", "--model", folder, "--data", "photos/trian", "--output_dir",
+                              tmp_path / "run"], r"data path 'photos/trian' does not exist; did you mean "
+                                                 r"'photos/train'\?"),
+    }
+
+
+@pytest.mark.parametrize("case", ["non-UTF-8 prompt", "config field of the wrong type", "derived value in a config",
+                                  "weights that do not fit the config", "missing detokenizer/config.json",
+                                  "a run folder as --model", "a model path typo", "a data path typo"])
+def test_each_unclear_message_of_the_probe_now_names_the_problem(case, tmp_path, capsys, decoding_folder, photo_file,
+                                                                 monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    argv, expected = unclear_message_cases(tmp_path, decoding_folder, photo_file)[case]
+    code, _, err = run(capsys, *argv)
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1, err[-2000:]
+    assert re.search(expected, lines[0]), lines[0]
+
+
+def test_one_line_keeps_the_reason_on_later_lines():
+    from lavit.command_inputs import one_line
+
+    error = ValueError("Error(s) in loading state_dict for X:\n\tsize mismatch for w: [2, 3] vs [2, 4]\n\n")
+    assert one_line(error) == "ValueError: Error(s) in loading state_dict for X: size mismatch for w: [2, 3] vs [2, 4]"
+    assert one_line(RuntimeError("\x1b[1mbold\x1b[0m " + "x" * 2000)).endswith("...")
+    assert len(one_line(RuntimeError("x" * 2000))) < 900
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (5, "text must be a string or a non-empty list of strings, got int 5"),
+    ([["a"]], "got list"),
+    ("caf\udce9", "text 0 is not valid text"),
+])
+def test_text_inputs_are_checked_by_the_processor(lavit_processor, value, message):
+    with pytest.raises(ValueError, match=message):
+        lavit_processor(text=value)
+
+
+def test_annotations_name_their_file_and_field(tmp_path):
+    from lavit.evaluation.data import read_karpathy
+
+    (tmp_path / "latin1.json").write_bytes(b'[{"image": "a.png", "caption": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"latin1.json is not UTF-8 text \(byte 0xe9 at offset 35\)"):
+        read_karpathy(tmp_path / "latin1.json")
+    (tmp_path / "number.json").write_text(json.dumps([{"image": "a.png", "caption": 5}]))
+    with pytest.raises(ValueError, match=r"number.json\[0\]: the caption must be a string or a list of strings, got 5"):
+        read_karpathy(tmp_path / "number.json")

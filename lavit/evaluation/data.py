@@ -64,7 +64,10 @@ def _load_json(path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+                         f"save it as UTF-8") from error
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
 
@@ -88,6 +91,9 @@ def read_coco_captions(annotations, images_dir=None) -> list[EvalSample]:
     captions: dict[Any, list[str]] = {}
     for index, annotation in enumerate(data["annotations"]):
         _require(annotation, ("image_id", "caption"), f"{annotations}: annotations[{index}]")
+        if not isinstance(annotation["caption"], str):
+            raise ValueError(f"{annotations}: annotations[{index}]: the caption must be a string, got "
+                             f"{annotation['caption']!r:.80}")
         captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
     samples = []
     for index, image in enumerate(data["images"]):
@@ -126,7 +132,10 @@ def read_karpathy(annotations, images_dir=None, split: str | None = "test") -> l
         captions = record.get("caption", record.get("text"))
         if captions is None:
             raise ValueError(f"{annotations}[{index}] has neither 'caption' nor 'text'")
-        captions = [captions] if isinstance(captions, str) else list(captions)
+        captions = [captions] if isinstance(captions, str) else captions
+        if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
+            raise ValueError(f"{annotations}[{index}]: the caption must be a string or a list of strings, got "
+                             f"{captions!r:.80}")
         key = record.get("image_id", Path(record["image"]).stem)
         samples.append(EvalSample(str(key), _image_path(images_dir, record["image"]), references=captions))
     return samples

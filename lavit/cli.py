@@ -322,14 +322,14 @@ def numbered(path: str, index: int, count: int) -> Path:
 
 def run_tokenize(args) -> None:
     from lavit.atomic import save_png_atomically
+    from lavit.command_inputs import load_visual_tokenizer_of
     from lavit.processing.image_processing_lavit import LaVITImageProcessor, draw_kept_patches
-    from lavit.training.models import load_visual_tokenizer
 
     require_folder(args.model, ("lavit_tokenizer", "lavit"))
     items = PerItem("tokenize", "image", args.images, args.json)
     images = items.each(open_image)  # every file is read before the model loads
     if images:
-        tokenizer = load_visual_tokenizer(args.model).eval()
+        tokenizer = load_visual_tokenizer_of(args.model).eval()
         image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
         grid = tokenizer.config.image_size // tokenizer.config.patch_size
 
@@ -525,6 +525,12 @@ def run_export(args) -> None:
             raise CommandError(f"metadata file {args.metadata!r} must hold a JSON object ({{\"summary\": ...}}), "
                                f"got a {type(metadata).__name__}")
     require_folder(args.model, ("lavit",))
+    if resolve_model_folder(args.model)[1] is not None:  # a PEFT adapter folder: the merged model is exported
+        from lavit.hub_cards import export_loaded
+
+        print(export_loaded(*load_lavit_model(args.model), args.destination, metadata, args.repo_id,
+                            args.max_shard_size))
+        return
     print(export_model(args.model, args.destination, metadata, args.repo_id, args.max_shard_size))
 
 

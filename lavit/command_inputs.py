@@ -213,3 +213,12 @@ def weight_mismatches(folder: Path, model_class) -> list[str]:
                 if name in expected and expected[name] != shape:
                     found.append(f"{name} is {list(shape)} in {file.name} but {list(expected[name])} from config.json")
     return found
+
+
+def load_visual_tokenizer_of(path: str):
+    """The visual tokenizer of a tokenizer or LaVIT folder, a Hub id, or a PEFT adapter folder (its merged model's)."""
+    from lavit.training.models import load_visual_tokenizer
+
+    if resolve_model_folder(path)[1] is not None:
+        return load_lavit_model(path)[0].model.visual_tokenizer
+    return load_visual_tokenizer(path)

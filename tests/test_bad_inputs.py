@@ -620,3 +620,37 @@ def test_annotations_name_their_file_and_field(tmp_path):
     (tmp_path / "number.json").write_text(json.dumps([{"image": "a.png", "caption": 5}]))
     with pytest.raises(ValueError, match=r"number.json\[0\]: the caption must be a string or a list of strings, got 5"):
         read_karpathy(tmp_path / "number.json")
+
+
+def test_an_adapter_folder_loads_in_every_model_command(tmp_path, capsys, decoding_folder, photo_file):
+    """The README's TRL + LoRA recipe saves a PEFT adapter folder (adapter_config.json, no config.json): `lavit
+    caption` and `vqa` load it as its base model with the adapters merged (`evaluate`, `generate`, `reconstruct` and
+    `export` use the same loader) and caption what the merged model captions; `tokenize` takes it too."""
+    from lavit.training.lora import lora_config
+    from peft import get_peft_model
+
+    from lavit import LaVITForCausalLM, LaVITProcessor
+
+    model = get_peft_model(LaVITForCausalLM.from_pretrained(decoding_folder), lora_config(r=4))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # adapters that change the answers
+    model.save_pretrained(tmp_path / "adapter")
+    LaVITProcessor.from_pretrained(decoding_folder).save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    LaVITProcessor.from_pretrained(decoding_folder).save_pretrained(tmp_path / "merged")
+    captions = {}
+    for name in ("adapter", "merged", "base"):
+        folder = decoding_folder if name == "base" else tmp_path / name
+        code, out, err = run(capsys, "caption", photo_file, "--model", folder, "--max-new-tokens", 4, "--json")
+        assert code == 0, err[-2000:]
+        captions[name] = json.loads(out)[0]["caption"]
+    assert captions["adapter"] == captions["merged"] != captions["base"], captions
+    for argv in (["vqa", photo_file, "--question", "what?"], ["tokenize", photo_file]):
+        code, _, err = run(capsys, *argv, "--model", tmp_path / "adapter", "--max-new-tokens" if argv[0] == "vqa"
+                           else "--seed", 2 if argv[0] == "vqa" else 0)
+        assert code == 0, err[-2000:]

@@ -22,7 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lavit.command_inputs import CommandError, PerItem, load_lavit_model, one_line, resolve_model_folder
+from lavit.command_inputs import (
+    DEBUG_VARIABLE,
+    CommandError,
+    PerItem,
+    load_lavit_model,
+    one_line,
+    resolve_model_folder,
+)
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
 TRAINING_COMMANDS = {
@@ -42,7 +49,6 @@ TRAINING_MODEL_ARGUMENTS = {
 }
 
 
-DEBUG_VARIABLE = "LAVIT_DEBUG"
 
 
 def at_least(low, kind=int):

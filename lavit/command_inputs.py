@@ -4,11 +4,13 @@ its second line), [`PerItem`] (each input of a many-input command on its own, so
 PEFT adapter folder, a typo in a local path)."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 MAX_ERROR_CHARS = 800
+DEBUG_VARIABLE = "LAVIT_DEBUG"  # set: internal errors raise with their traceback instead of one line
 
 
 class CommandError(Exception):
@@ -28,6 +30,17 @@ def one_line(error: BaseException) -> str:
         text = text[: MAX_ERROR_CHARS - 3] + "..."
     name = type(error).__name__
     return f"{name}: {text}" if text else name
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def error_line(error: BaseException) -> str:
+    """The one line of a failed command or input: a user error as it is, any other with the traceback hint."""
+    if isinstance(error, CommandError):
+        return str(error)
+    return f"{one_line(error)} (set {DEBUG_VARIABLE}=1 for the traceback)"
 
 
 class PerItem:
@@ -54,7 +67,7 @@ class PerItem:
         return [index for index in range(len(self.inputs)) if index not in self.failed]
 
     def fail(self, index: int, error: BaseException | str):
-        reason = error if isinstance(error, str) else one_line(error)
+        reason = error if isinstance(error, str) else error_line(error)
         self.failed.add(index)
         self.results[index] = {self.key: str(self.inputs[index]), "error": reason}
         if len(self.inputs) > 1:  # a lone input's failure is the command's one error line (see `finish`)
@@ -74,6 +87,8 @@ class PerItem:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as error:
+                if debugging():
+                    raise
                 self.fail(index, error)
         return done
 
@@ -90,6 +105,8 @@ class PerItem:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as error:
+                if debugging():
+                    raise
                 for index in indices:
                     self.fail(index, error)
 

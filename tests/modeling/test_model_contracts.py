@@ -140,8 +140,8 @@ def test_cli_turns_any_internal_failure_into_one_line(lavit_folder, tmp_path, ca
     monkeypatch.setattr(LaVITForCausalLM, "generate", fail)
     code = main(["caption", str(photo), "--model", str(lavit_folder)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lavit")]
-    assert code == 1 and err == ["lavit caption: error: AttributeError: 'NoneType' object has no attribute 'shape' "
-                                 "(set LAVIT_DEBUG=1 for the traceback)"]
+    assert code == 1 and err == [f"lavit caption: error: {photo}: AttributeError: 'NoneType' object has no attribute "
+                                 "'shape' (set LAVIT_DEBUG=1 for the traceback)"]
     monkeypatch.setenv("LAVIT_DEBUG", "1")
     with pytest.raises(AttributeError):
         main(["caption", str(photo), "--model", str(lavit_folder)])

@@ -541,11 +541,13 @@ def run_export(args) -> None:
 
 
 def run_push(args) -> None:
-    from lavit.hub_cards import check_export_folder, export_model, push_to_hub
+    from lavit.hub_cards import check_export_folder, export_loaded, export_model, push_to_hub
 
     require_folder(args.model, ("lavit",))
     folder = Path(args.model)
     with tempfile.TemporaryDirectory() as scratch:
+        if resolve_model_folder(args.model)[1] is not None:  # a PEFT adapter folder: the merged model is pushed
+            folder = export_loaded(*load_lavit_model(args.model), Path(scratch) / "export", repo_id=args.repo_id)
         try:
             check_export_folder(folder)
         except ValueError:

@@ -655,3 +655,7 @@ def test_an_adapter_folder_loads_in_every_model_command(tmp_path, capsys, decodi
         code, _, err = run(capsys, *argv, "--model", tmp_path / "adapter", "--max-new-tokens" if argv[0] == "vqa"
                            else "--seed", 2 if argv[0] == "vqa" else 0)
         assert code == 0, err[-2000:]
+    code, _, err = run(capsys, "export", tmp_path / "hub", "--model", tmp_path / "adapter")
+    assert code == 0, err[-2000:]
+    exported = LaVITForCausalLM.from_pretrained(tmp_path / "hub").state_dict()
+    assert all(torch.equal(exported[name], tensor) for name, tensor in merged.state_dict().items())

@@ -659,3 +659,18 @@ def test_an_adapter_folder_loads_in_every_model_command(tmp_path, capsys, decodi
     assert code == 0, err[-2000:]
     exported = LaVITForCausalLM.from_pretrained(tmp_path / "hub").state_dict()
     assert all(torch.equal(exported[name], tensor) for name, tensor in merged.state_dict().items())
+
+
+def test_the_skipped_share_is_enforced_in_one_place():
+    from lavit.training.data import BadRecordCounter, TooManyBadRecordsError
+
+    counter = BadRecordCounter(used=2)
+    counter.skip("unreadable image", "record 3: truncated")
+    counter.skip("unreadable image", "record 4: truncated")
+    counter.check("data")  # exactly half: kept
+    counter.skip("empty text", "record 5")
+    with pytest.raises(TooManyBadRecordsError, match=r"data: more than 50% of the records are unusable: 2 used, 3 "
+                                                     r"skipped of 5: 2 unreadable image \(e.g. record 3: truncated\)"):
+        counter.check("data")
+    with pytest.raises(TooManyBadRecordsError, match="no usable record: 0 used, 0 skipped of 0"):
+        BadRecordCounter().check("training")

@@ -45,9 +45,10 @@ class TooManyBadRecordsError(ValueError):
 @dataclass
 class BadRecordCounter:
     """
-    The one owner of a run's record counts: records skipped (by reason, the first few of each logged) and records
-    used, and the one place that enforces `max_skipped_share` ([`BadRecordCounter.check`]). Every stage makes one,
-    loading counts into it, the trainer adds what the batches met, and the stage checks it before saving anything.
+    Record counts: records skipped (by reason, the first few of each logged) and records used, and the one place that
+    enforces `max_skipped_share` ([`BadRecordCounter.check`]). Every stage makes one for its run: `load_records`
+    checks each table it reads line by line and adds its skips; the trainer logs the total and, before `final/` is
+    saved, checks what its batches met (`LaVITTrainer.check_records`); `preprocess` checks before writing.
     """
 
     log_first: int = 3
@@ -78,8 +79,8 @@ class BadRecordCounter:
         seen = self.used + self.total
         if self.used > 0 and self.total <= self.max_skipped_share * seen:
             return
-        reasons = "; ".join(f"{count} {reason} (e.g. {self.examples.get(reason, 'not logged')})"
-                            for reason, count in self.counts.most_common())
+        reasons = "; ".join(f"{count} {reason}" + (f" (e.g. {self.examples[reason]})" if reason in self.examples
+                                                    else "") for reason, count in self.counts.most_common())
         problem = "no usable record" if self.used == 0 else \
             f"more than {self.max_skipped_share:.0%} of the records are unusable"
         raise TooManyBadRecordsError(f"{what}: {problem}: {self.used} used, {self.total} skipped of {seen}"

@@ -13,6 +13,7 @@ frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume
 
 import json
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,10 +96,13 @@ class LaVITTrainer(Trainer):
 
     def check_records(self):
         """Stops the run (every rank) before anything final is saved when its batches held no usable record, or more
-        bad records than the counter's share (`training.data.MAX_SKIPPED_SHARE`): the one check of every stage."""
-        skipped, self.skip_counter.used = self.record_counts()
-        self.skip_counter.counts["met in training batches"] = skipped
-        self.skip_counter.check("training")
+        bad records than the counter's share (`training.data.MAX_SKIPPED_SHARE`). The share is of what the batches
+        met (both counts grow with every epoch read); records dropped while loading were checked against their
+        table then (a short run reads a fraction of the data, so they are not compared with its batches)."""
+        skipped, used = self.record_counts()
+        batches = BadRecordCounter(max_skipped_share=self.skip_counter.max_skipped_share, used=used,
+                                   counts=Counter({"met in training batches": skipped}))
+        batches.check("training")
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._skipped_here, self._used_here = 0, 0

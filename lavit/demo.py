@@ -11,12 +11,13 @@
    folder with a model card (`lavit export`).
 """
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from lavit.atomic import write_json_atomically
 
 DIGIT_QUESTION = "what digit is this?"
 FULL = {"tokenizer": 1500, "pretrain": 1500, "finetune": 600, "vae": 300, "detokenizer": 600, "train_digits": 1200,
@@ -214,7 +215,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
                "hub_folder": str(hub_folder),
                "images": [str(path) for path in written]}
-    (output / "demo_results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomically(output / "demo_results.json", results)
     return results
 
 

@@ -123,7 +123,7 @@ def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, 
     assert not (tmp_path / "hub.tmp").exists()
 
     (hub / "stray.bin").write_bytes(pickle.dumps({"weights": [1.0]}))
-    with pytest.raises(ValueError, match="stray.bin is a pickle"):
+    with pytest.raises(ValueError, match="stray.bin: not a kind of file lavit publishes"):
         check_export_folder(hub)
     (hub / "stray.bin").unlink()
     # no network in tests: the upload itself fails with one clear line, after the folder was checked

@@ -214,8 +214,8 @@ def require_safetensors_weights(folder) -> None:
 
 
 def rephrase_pickle_error(message: str) -> str:
-    """A loader's message about an unsafe pickle (PyTorch's and transformers' suggest `weights_only=False`, which
-    would run the file's code) -> what lavit says instead."""
+    """A loader's message about an unsafe pickle (PyTorch's and transformers' suggest turning the safe loader off,
+    which would run the file's code) -> what lavit says instead."""
     if "weights_only" not in message and "Weights only load failed" not in message:
         return message
     return ("the weights are a pickle that holds more than tensors; lavit does not load it (unpickling it can run "
@@ -247,29 +247,37 @@ def convert_to_safetensors(source, destination) -> Path:
     Other pickles (`training_args.bin`, optimizer states) are left out. `destination` is written beside itself and
     swapped in (`lavit.atomic.replace_folder`).
     """
-    from huggingface_hub import save_torch_state_dict
-
     from lavit.atomic import fresh_staging_folder, replace_folder
     from lavit.paths import check_destination
 
     source, destination = Path(source), Path(destination)
     check_destination(destination, {"source": source}, name="the converted folder")
     staging = fresh_staging_folder(destination)
-    for directory in [source, *sorted(path for path in source.rglob("*") if path.is_dir())]:
-        target = staging / directory.relative_to(source)
-        target.mkdir(parents=True, exist_ok=True)
-        weights = [path for path in sorted(directory.iterdir()) if path.suffix.lower() in PICKLED_WEIGHT_SUFFIXES]
-        state_dict = {}
-        for path in weights:
-            if path.name != "training_args.bin":
-                state_dict.update(_load_pickled_tensors(path))
-        if state_dict:
-            prefix = "diffusion_pytorch_model" if (directory / "diffusion_pytorch_model.bin").is_file() else "model"
-            save_torch_state_dict(state_dict, target, filename_pattern=prefix + "{suffix}.safetensors")
-        for path in sorted(directory.iterdir()):
-            if path.is_file() and path not in weights and not path.name.endswith(".bin.index.json"):
-                shutil.copy2(path, target / path.name)
+    try:
+        for directory in [source, *sorted(path for path in source.rglob("*") if path.is_dir())]:
+            _convert_directory(directory, staging / directory.relative_to(source))
+    except BaseException:
+        shutil.rmtree(staging)  # made by this call: nothing half converted is left behind
+        raise
     return replace_folder(staging, destination)
+
+
+def _convert_directory(directory: Path, target: Path) -> None:
+    """One folder of [`convert_to_safetensors`]: its pickled weights as safetensors, its other files copied."""
+    from huggingface_hub import save_torch_state_dict
+
+    target.mkdir(parents=True, exist_ok=True)
+    weights = [path for path in sorted(directory.iterdir()) if path.suffix.lower() in PICKLED_WEIGHT_SUFFIXES]
+    state_dict = {}
+    for path in weights:
+        if path.name != "training_args.bin":
+            state_dict.update(_load_pickled_tensors(path))
+    if state_dict:
+        prefix = "diffusion_pytorch_model" if (directory / "diffusion_pytorch_model.bin").is_file() else "model"
+        save_torch_state_dict(state_dict, target, filename_pattern=prefix + "{suffix}.safetensors")
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path not in weights and not path.name.endswith(".bin.index.json"):
+            shutil.copy2(path, target / path.name)
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lavit.file_kinds import rephrase_pickle_error, require_safetensors_weights
-from lavit.paths import InputPath, OutputPath, check_paths
+from lavit.atomic import NotLavitFolderError
+from lavit.file_kinds import PickledWeightsError, rephrase_pickle_error, require_safetensors_weights
+from lavit.paths import InputPath, OutputPath, PathConflictError, check_paths
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
 TRAINING_COMMANDS = {
@@ -622,7 +623,7 @@ def main(argv=None) -> int:
         else:
             check_paths(args)  # no destination is, holds or lies inside an input (lavit.paths)
             RUNNERS[command](args)
-    except CommandError as error:
+    except (CommandError, PathConflictError, NotLavitFolderError, PickledWeightsError) as error:  # user errors
         print(f"lavit {command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -101,15 +101,14 @@ def check_destination(destination, inputs: Mapping[str, object], name: str = "th
 
 
 def declared_paths(arguments) -> list[tuple[str, str, object]]:
-    """`(flag, role, value)` of every path argument of a parsed `argparse.Namespace` (roles from the values'
+    """`(name, role, value)` of every path argument of a parsed `argparse.Namespace` (roles from the values'
     types) or of a stage's arguments dataclass (roles from its fields' metadata)."""
-    if dataclasses.is_dataclass(arguments):
-        items = [(field.name, field.metadata.get(PATH_ROLE), getattr(arguments, field.name))
+    if dataclasses.is_dataclass(arguments):  # every field is a flag
+        items = [(f"--{field.name}", field.metadata.get(PATH_ROLE), getattr(arguments, field.name))
                  for field in dataclasses.fields(arguments)]
-    else:
-        items = [(name, _value_role(value), value) for name, value in vars(arguments).items()]
-    return [(f"--{name.replace('_', '-')}", role, value) for name, role, value in items
-            if role is not None and value not in (None, "", [])]
+    else:  # a Namespace does not tell flags from positional arguments: the plain name
+        items = [(name.replace("_", "-"), _value_role(value), value) for name, value in vars(arguments).items()]
+    return [(name, role, value) for name, role, value in items if role is not None and value not in (None, "", [])]
 
 
 def _value_role(value) -> str | None:

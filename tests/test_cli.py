@@ -71,8 +71,11 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(capsys, tmp_path, lavit_fol
     code, _, err = run(capsys, "train", "--data", tmp_path / "nowhere", "--model", lavit_folder,
                        "--output_dir", tmp_path / "run", "--max_steps", "1", "--use_cpu")
     assert code == 1 and len(error_lines(err)) == 1
-    code, _, err = run(capsys, "convert-original", tmp_path, tmp_path / "out")
+    (tmp_path / "not-a-release").mkdir()
+    code, _, err = run(capsys, "convert-original", tmp_path / "not-a-release", tmp_path / "out")
     assert code == 1 and "not an official LaVIT release folder" in err
+    code, _, err = run(capsys, "convert-original", tmp_path, tmp_path / "out")  # the output inside the source
+    assert code == 1 and len(error_lines(err)) == 1 and "lies inside the input source" in err
 
 
 def test_tokenize_with_budget_and_visualization(capsys, tmp_path, photo_file):

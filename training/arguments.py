@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from lavit.atomic import require_lavit_folder
 from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
 from .presets import preset_field
@@ -50,6 +51,9 @@ class LaVITTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # the run ends by replacing `output_dir/final`: a folder there that lavit did not make is refused now, not
+        # after the training
+        require_lavit_folder(Path(self.output_dir) / "final", "replace")
         if not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # pinned memory needs an accelerator (torch warns on every epoch)
 

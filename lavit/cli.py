@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from lavit.atomic import NotLavitFolderError
-from lavit.file_kinds import PickledWeightsError, rephrase_pickle_error, require_safetensors_weights
+from lavit.file_kinds import PickledWeightsError, rephrase_pickle_error, require_safetensors_inputs
 from lavit.paths import InputPath, OutputPath, PathConflictError, check_paths
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
@@ -316,7 +316,6 @@ def require_folder(path: str, model_types: tuple[str, ...] = ()) -> None:
         if path.startswith((".", "/", "~")) or path.count("/") > 1:
             raise CommandError(f"model folder not found: {path}")
         return
-    require_safetensors_weights(folder)  # pickled weights are never loaded (lavit.file_kinds)
     if not model_types:
         return
     if not (folder / "config.json").is_file():
@@ -622,6 +621,7 @@ def main(argv=None) -> int:
             run_training(command, rest)  # its parser checks the paths (LaVITArgumentParser)
         else:
             check_paths(args)  # no destination is, holds or lies inside an input (lavit.paths)
+            require_safetensors_inputs(args)  # no model folder with pickled weights is loaded (lavit.file_kinds)
             RUNNERS[command](args)
     except (CommandError, PathConflictError, NotLavitFolderError, PickledWeightsError) as error:  # user errors
         print(f"lavit {command}: error: {error}", file=sys.stderr)

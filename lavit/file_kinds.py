@@ -15,8 +15,9 @@ Anything else (pickles under any name or compression, NumPy files, archives, unk
 refused with its name, and so is a link whose target leaves the folder; a link inside it is checked as its target.
 Nothing is ever unpickled or executed to check it.
 
-Loading ([`require_safetensors_weights`]): a model folder whose weights are pickles (`pytorch_model.bin`, `*.pt`,
-`*.pth`, `*.ckpt`, `*.pkl`) is refused with the command that converts it, for a source the user trusts:
+Loading ([`require_safetensors_inputs`], run by every `lavit` command and stage parser on its input model folders;
+[`require_safetensors_weights`] for library code): a model folder whose weights are pickles (`pytorch_model.bin`,
+`*.pt`, `*.pth`, `*.ckpt`, `*.pkl`) is refused with the command that converts it, for a source the user trusts:
 
     python -m lavit.file_kinds convert TRUSTED_FOLDER NEW_FOLDER
 
@@ -213,6 +214,18 @@ def require_safetensors_weights(folder) -> None:
         )
 
 
+def require_safetensors_inputs(*arguments) -> None:
+    """[`require_safetensors_weights`] for every input of a command (parsed `Namespace`s or stage dataclasses, roles
+    as in `lavit.paths`) that is a model folder (has a `config.json`)."""
+    from lavit.paths import INPUT, declared_paths
+
+    for parsed in arguments:
+        for _, role, value in declared_paths(parsed):
+            for path in value if isinstance(value, (list, tuple)) else [value]:
+                if role == INPUT and (Path(path).expanduser() / "config.json").is_file():
+                    require_safetensors_weights(path)
+
+
 def rephrase_pickle_error(message: str) -> str:
     """A loader's message about an unsafe pickle (PyTorch's and transformers' suggest turning the safe loader off,
     which would run the file's code) -> what lavit says instead."""
@@ -299,4 +312,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["PickledWeightsError", "convert_to_safetensors", "file_problem", "folder_problems", "pickled_weights",
-           "rephrase_pickle_error", "require_safetensors_weights", "shipped_code"]
+           "rephrase_pickle_error", "require_safetensors_inputs", "require_safetensors_weights", "shipped_code"]

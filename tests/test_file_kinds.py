@@ -136,6 +136,8 @@ def test_pickled_weights_are_refused_with_the_command_that_converts_them(lavit_f
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "pytorch_model.bin" in err[0], err
         assert "python -m lavit.file_kinds convert" in err[0] and "weights_only=False" not in err[0]
+    assert main(["finetune", "--data", str(photo), "--model", str(folder), "--output_dir", str(tmp_path / "run")]) == 1
+    assert "python -m lavit.file_kinds convert" in capsys.readouterr().err  # the stages' parser checks it too
     with pytest.raises(ValueError, match="holds its weights as pickles"):
         export_model(folder, tmp_path / "hub")
     # the conversion the message names, for a trusted folder: the same weights, now safetensors

@@ -22,6 +22,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from lavit.atomic import require_lavit_folder
+from lavit.file_kinds import require_safetensors_inputs
 from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
 from .presets import preset_field
@@ -243,6 +244,7 @@ class LaVITArgumentParser(HfArgumentParser):
         else:
             parsed = self.parse_args_into_dataclasses(args)
         check_paths(*parsed)  # no output folder is, holds or lies inside an input (`lavit.paths`)
+        require_safetensors_inputs(*parsed)  # no model folder with pickled weights is loaded (`lavit.file_kinds`)
         return parsed
 
     @staticmethod

@@ -16,7 +16,13 @@ from lavit.modeling import LaVITForCausalLM
 from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor
 
-from lavit.atomic import MARKER_FILE, fresh_staging_folder, replace_folder, write_json_atomically
+from lavit.atomic import (
+    MARKER_FILE,
+    fresh_staging_folder,
+    replace_folder,
+    require_replaceable,
+    write_json_atomically,
+)
 from lavit.file_kinds import folder_problems, require_safetensors_weights
 from lavit.paths import check_destination
 
@@ -120,6 +126,7 @@ def export_model(source, output_dir, metadata: dict | None = None, repo_id: str 
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model folder (no config.json)")
     check_destination(output_dir, {"source": source}, name="the export folder")
+    require_replaceable(output_dir)  # before the model is loaded
     require_safetensors_weights(source)
     model = LaVITForCausalLM.from_pretrained(source)
     processor = LaVITProcessor.from_pretrained(source)

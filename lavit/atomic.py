@@ -131,14 +131,21 @@ def replace_folder(staging, target) -> Path:
     return target
 
 
+def require_replaceable(target) -> Path:
+    """Raises [`NotLavitFolderError`] unless [`replace_folder`] may replace `target` through its staging sibling
+    `<target>.tmp` (each absent, or made by lavit); returns the staging path. For commands to call before long work."""
+    target = Path(target)
+    staging = target.with_name(target.name + ".tmp")
+    require_lavit_folder(target, "replace")
+    require_lavit_folder(staging, "empty and reuse")
+    return staging
+
+
 def fresh_staging_folder(target) -> Path:
     """The new, empty sibling folder `<target>.tmp` (marked as lavit's) to write a replacement of `target` into.
     A leftover `<target>.tmp` of an earlier lavit run is removed first; one lavit did not make is refused
     ([`NotLavitFolderError`]), as is a `target` lavit did not make (checked now, before anything is written)."""
-    target = Path(target)
-    require_lavit_folder(target, "replace")
-    staging = target.with_name(target.name + ".tmp")
-    require_lavit_folder(staging, "empty and reuse")
+    staging = require_replaceable(target)
     if os.path.lexists(staging):
         shutil.rmtree(staging)
     return mark_folder(staging)

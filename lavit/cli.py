@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lavit.atomic import NotLavitFolderError
+from lavit.atomic import NotLavitFolderError, require_replaceable
 from lavit.file_kinds import PickledWeightsError, rephrase_pickle_error, require_safetensors_inputs
 from lavit.paths import InputPath, OutputPath, PathConflictError, check_paths
 
@@ -489,6 +489,7 @@ def run_convert(args) -> None:
     from lavit.hub_cards import export_loaded
     from lavit.modeling.convert_original_lavit import convert_release
 
+    require_replaceable(args.destination)  # refused before the conversion, not after it
     source = Path(args.source)
     if not (source / "language_model").is_dir() or not (source / "visual_tokenizer").is_dir():
         raise CommandError(f"{source} is not an official LaVIT release folder (language_model/ and "

@@ -339,3 +339,18 @@ def test_a_training_run_refuses_a_users_final_folder_before_training(tmp_path, c
     assert len(err) == 1 and "not made by lavit" in err[0] and (final / "mine.txt").is_file()
     mark_folder(final)  # a final folder of an earlier lavit run: training may replace it
     LaVITTrainingArguments(output_dir=str(tmp_path / "run"))
+
+
+def test_checkpoint_rotation_deletes_only_complete_checkpoints_lavit_wrote(tmp_path):
+    from lavit.training.checkpoints import rotate_complete_checkpoints, write_completion_marker
+
+    for step in (1, 2, 3, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * step)
+        write_completion_marker(folder)
+    (tmp_path / "checkpoint-0").mkdir()  # a user's folder (or a crashed, incomplete one): no completion marker
+    (tmp_path / "checkpoint-0" / "mine.txt").write_text("the user's")
+    rotate_complete_checkpoints(tmp_path, 2, best_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-0", "checkpoint-1", "checkpoint-4"]
+    assert (tmp_path / "checkpoint-0" / "mine.txt").is_file()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lavit.atomic import NotLavitFolderError, require_replaceable
 from lavit.file_kinds import PickledWeightsError, rephrase_pickle_error, require_safetensors_inputs
-from lavit.paths import InputPath, OutputPath, PathConflictError, check_paths
+from lavit.paths import InputPath, OutputPath, PathConflictError, check_destination, check_paths
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
 TRAINING_COMMANDS = {
@@ -357,6 +357,8 @@ def run_tokenize(args) -> None:
     from lavit.training.models import load_visual_tokenizer
 
     require_folder(args.model, ("lavit_tokenizer", "lavit"))
+    for index in range(len(args.images)) if args.visualize else ():  # the numbered files too: out-1.png may be an input
+        check_destination(numbered(args.visualize, index, len(args.images)), {"images": args.images}, "--visualize")
     images = [open_image(path) for path in args.images]
     tokenizer = load_visual_tokenizer(args.model).eval()
     image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)

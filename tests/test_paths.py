@@ -354,3 +354,13 @@ def test_checkpoint_rotation_deletes_only_complete_checkpoints_lavit_wrote(tmp_p
     rotate_complete_checkpoints(tmp_path, 2, best_checkpoint=str(tmp_path / "checkpoint-1"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-0", "checkpoint-1", "checkpoint-4"]
     assert (tmp_path / "checkpoint-0" / "mine.txt").is_file()
+
+
+def test_numbered_outputs_are_checked_each(tmp_path, capsys):
+    """`--visualize out.png` with two images writes out-0.png and out-1.png: neither may be one of the images."""
+    images = [tmp_path / "a.png", tmp_path / "out-1.png"]
+    for image in images:
+        image.write_bytes(b"the user's")
+    assert main(["tokenize", *map(str, images), "--model", "org/name", "--visualize", str(tmp_path / "out.png")]) == 1
+    assert "could destroy it" in capsys.readouterr().err
+    assert all(image.read_bytes() == b"the user's" for image in images)

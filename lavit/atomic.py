@@ -9,7 +9,8 @@ that want it) moves the backup back if a crash fell between the two renames.
 lavit replaces, swaps or deletes only folders it made itself: every folder it makes to swap in carries its marker
 file `.lavit_folder.json` (`mark_folder`), and a folder without it (a user's `hub.old/`, `final/`, `out.tmp/`) is
 never deleted or renamed: the operation stops with [`NotLavitFolderError`], which says what to do instead. Names
-such as `*.old` or `*.tmp` are never taken as proof.
+such as `*.old` or `*.tmp` are never taken as proof. The marker of a folder swapped in lists the files lavit wrote, so
+a file the user added later also stops the replacement.
 
 Files written by `write_atomically` get the permissions a plain `open(path, "w")` would give: a new file
 `0o666` less the process umask, a replaced file keeps its own mode.
@@ -53,12 +54,32 @@ class NotLavitFolderError(FileExistsError):
     """A folder lavit would have to replace, rename or delete, but did not make (it has no marker)."""
 
 
-def mark_folder(folder, kind: str = "folder") -> Path:
-    """Creates `folder` (and parents) if needed and records in it that lavit made it (`kind`: what it holds)."""
+def mark_folder(folder, kind: str = "folder", files: list[str] | None = None) -> Path:
+    """Creates `folder` (and parents) if needed and records in it that lavit made it (`kind`: what it holds;
+    `files`: the files lavit wrote in it, so that a file added later is not deleted with the folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(folder / MARKER_FILE, {"made_by": "lavit", "kind": kind, "lavit_version": _version()})
+    marker = {"made_by": "lavit", "kind": kind, "lavit_version": _version()}
+    if files is not None:
+        marker["files"] = files
+    write_json_atomically(folder / MARKER_FILE, marker)
     return folder
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
+                  if (path.is_file() or path.is_symlink()) and path.name != MARKER_FILE)
+
+
+def _read_marker(folder: Path) -> dict | None:
+    marker = folder / MARKER_FILE
+    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return content if isinstance(content, dict) and content.get("made_by") == "lavit" else None
 
 
 def _version() -> str:
@@ -70,23 +91,26 @@ def _version() -> str:
 
 def is_lavit_folder(folder) -> bool:
     """True when `folder` is a real folder (not a link) holding lavit's marker: lavit made it and may replace it."""
-    folder, marker = Path(folder), Path(folder) / MARKER_FILE
-    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("made_by") == "lavit"
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
+    return _read_marker(Path(folder)) is not None
 
 
 def require_lavit_folder(path, action: str) -> None:
     """Raises [`NotLavitFolderError`] when `path` exists but is not a folder lavit made (`action`: what lavit was
     about to do with it)."""
     path = Path(path)
-    if os.path.lexists(path) and not is_lavit_folder(path):
+    if not os.path.lexists(path):
+        return
+    marker = _read_marker(path)
+    if marker is None:
         raise NotLavitFolderError(
             f"{path} exists and was not made by lavit (no {MARKER_FILE} in it), so lavit will not {action} it: "
             f"choose another destination, or move or delete {path} yourself"
+        )
+    added = sorted(set(_files_in(path)) - set(marker.get("files", _files_in(path))))
+    if added:
+        raise NotLavitFolderError(
+            f"{path} holds files lavit did not write ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''}), "
+            f"so lavit will not {action} it: move them out of {path}, or choose another destination"
         )
 
 
@@ -115,8 +139,8 @@ def replace_folder(staging, target) -> Path:
     staging, target = Path(staging), Path(target)
     recover_folder(target)
     require_lavit_folder(target, "replace")
-    if not is_lavit_folder(staging):
-        mark_folder(staging)
+    mark_folder(staging, _read_marker(staging).get("kind", "folder") if is_lavit_folder(staging) else "folder",
+                files=_files_in(staging))  # what lavit wrote: a file added later keeps the folder from deletion
     if not os.path.lexists(target):
         os.replace(staging, target)
         return target

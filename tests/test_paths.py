@@ -198,6 +198,13 @@ def test_replace_folder_touches_only_marked_folders(tmp_path):
     (staging / "a.txt").write_text("new")
     replace_folder(staging, target)
     assert is_lavit_folder(target) and (target / MARKER_FILE).is_file()
+    # a file the user added to lavit's folder keeps the folder from being replaced (and deleted)
+    (target / "notes.txt").write_text("the user's")
+    with pytest.raises(NotLavitFolderError, match=r"holds files lavit did not write \(notes.txt\)"):
+        fresh_staging_folder(target)
+    (target / "notes.txt").unlink()
+    replace_folder(fresh_staging_folder(target), target)  # lavit's own files only: replaced
+    assert not (target / "a.txt").exists() and is_lavit_folder(target)
     # a backup of the user's, a staging folder of the user's, a link to a lavit folder: all refused, all kept
     user = tmp_path / "target.old"
     user.mkdir()

@@ -20,7 +20,7 @@ What lavit deletes or swaps is decided elsewhere, by its own marker (`lavit.atom
 import argparse
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 INPUT, OUTPUT, CHECKPOINT = "input", "output", "checkpoint"
@@ -117,7 +117,7 @@ def _value_role(value) -> str | None:
     return roles.pop() if len(roles) == 1 else None
 
 
-def check_paths(*arguments: Iterable) -> None:
+def check_paths(*arguments) -> None:
     """The guard of one command: every `OUTPUT` of `arguments` (parsed Namespaces or dataclasses) against every
     `INPUT` of them ([`check_destination`]). Raises [`PathConflictError`]."""
     paths = [path for parsed in arguments for path in declared_paths(parsed)]

@@ -5,11 +5,8 @@ from .export import (
     export_loaded,
     export_model,
     model_card,
-    pickle_kind,
     push_to_hub,
     read_metadata,
-    unsafe_files,
 )
 
-__all__ = ["check_export_folder", "export_loaded", "export_model", "model_card", "pickle_kind", "push_to_hub",
-           "read_metadata", "unsafe_files"]
+__all__ = ["check_export_folder", "export_loaded", "export_model", "model_card", "push_to_hub", "read_metadata"]

@@ -8,23 +8,23 @@ of `{metric, value, data}`; rows written by `lavit evaluate --record` also carry
 `dataset_name`, `dataset_split` and `metric_type` and become the card's `model-index`), `limitations`.
 """
 
-import bz2
-import io
 import json
-import lzma
-import os
-import pickletools
-import zipfile
-import zlib
 from pathlib import Path
 
-import numpy as np
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
 from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor
 
-from lavit.atomic import fresh_staging_folder, replace_folder
+from lavit.atomic import (
+    MARKER_FILE,
+    fresh_staging_folder,
+    replace_folder,
+    require_replaceable,
+    write_json_atomically,
+)
+from lavit.file_kinds import folder_problems, require_safetensors_weights
+from lavit.paths import check_destination
 
 TEMPLATE = Path(__file__).parent / "templates" / "lavit_model_card.md"
 METADATA_FILE = "lavit_run.json"
@@ -125,8 +125,9 @@ def export_model(source, output_dir, metadata: dict | None = None, repo_id: str 
     source, output_dir = Path(source), Path(output_dir)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model folder (no config.json)")
-    if output_dir.resolve() == source.resolve():
-        raise ValueError("the export folder must differ from the source folder")
+    check_destination(output_dir, {"source": source}, name="the export folder")
+    require_replaceable(output_dir)  # before the model is loaded
+    require_safetensors_weights(source)
     model = LaVITForCausalLM.from_pretrained(source)
     processor = LaVITProcessor.from_pretrained(source)
     metadata = {**read_metadata(source), **(metadata or {})}
@@ -145,15 +146,15 @@ def export_loaded(model: LaVITForCausalLM, processor: LaVITProcessor, output_dir
     staging = fresh_staging_folder(output_dir)
     model.save_pretrained(staging, max_shard_size=max_shard_size)
     processor.save_pretrained(staging)
-    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    write_json_atomically(staging / METADATA_FILE, metadata)
     model_card(model, metadata, repo_id or metadata.get("repo_id", str(output_dir))).save(staging / "README.md")
     check_export_folder(staging)
     return replace_folder(staging, output_dir)  # the old folder stays whole until the new one replaces it at once
 
 
 def check_export_folder(folder) -> None:
-    """Raises a `ValueError` naming every problem of a Hub folder: missing files, missing weights, pickles (found by
-    content, whatever their names), links that leave the folder."""
+    """Raises a `ValueError` naming every problem of a Hub folder: missing files, missing weights, and any file that
+    is not of a kind lavit publishes, checked by content (`lavit.file_kinds`: the allowlist), or links out of it."""
     folder = Path(folder)
     problems = [f"missing {name}" for name in REQUIRED_FILES if not (folder / name).is_file()]
     has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
@@ -168,99 +169,9 @@ def check_export_folder(folder) -> None:
         for name in ("config.json", "modeling_lavit_detokenizer.py"):
             if not (detokenizer / name).is_file():
                 problems.append(f"missing detokenizer/{name}")
-    problems += unsafe_files(folder)
+    problems += folder_problems(folder)
     if problems:
         raise ValueError(f"{folder} is not a complete LaVIT Hub folder: " + "; ".join(problems))
-
-
-def unsafe_files(folder) -> list[str]:
-    """Problems of the files under `folder`, walked without following links: a link whose target is outside the
-    folder (uploading it would publish that target), and pickled data under any name (`pickle_kind`)."""
-    folder = Path(folder)
-    root = folder.resolve()
-    problems = []
-    for directory, subdirectories, files in os.walk(folder):
-        for name in sorted(subdirectories + files):
-            path = Path(directory) / name
-            relative = path.relative_to(folder)
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
-                problems.append(f"{relative} links outside the folder (to {os.readlink(path)})")
-            elif name in files and path.is_file():
-                kind = pickle_kind(path)
-                if kind is not None:
-                    problems.append(f"{relative} is a pickle ({kind}): it could run code when loaded; weights must be "
-                                    f"safetensors")
-    return problems
-
-
-PICKLE_SCAN_BYTES = 1 << 16
-ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
-# compressed containers (joblib writes zlib, gzip, bz2 and xz): magic bytes -> a decompressor of a stream's start
-DECOMPRESSORS = {b"\x1f\x8b": lambda: zlib.decompressobj(wbits=31), b"BZh": bz2.BZ2Decompressor,
-                 b"\xfd7zXZ\x00": lzma.LZMADecompressor, b"\x78": zlib.decompressobj}
-
-
-def pickle_kind(path) -> str | None:
-    """What kind of pickle the file at `path` holds, judged by its bytes, never by its name (a plain pickle, a
-    `torch.save` zip with `data.pkl`, a NumPy object array, a compressed pickle as joblib writes), or None."""
-    with open(path, "rb") as handle:
-        head = handle.read(PICKLE_SCAN_BYTES)
-    return _zip_pickle_kind(Path(path)) if head.startswith(ZIP_MAGIC) else _bytes_pickle_kind(head)
-
-
-def _bytes_pickle_kind(head: bytes, compressed: bool = False) -> str | None:
-    if head.startswith(NPY_MAGIC):
-        return "NumPy object array" if _npy_holds_objects(head) else None
-    if _parses_as_pickle(head):
-        return "compressed pickle data" if compressed else "pickle data"
-    for magic, decompressor in DECOMPRESSORS.items():
-        if compressed or not head.startswith(magic):
-            continue
-        try:
-            inner = decompressor().decompress(head)
-        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
-            continue
-        kind = _bytes_pickle_kind(inner, compressed=True)
-        if kind is not None:
-            return kind
-    return None
-
-
-def _parses_as_pickle(head: bytes, min_opcodes: int = 8) -> bool:
-    """A pickle stream: PROTO and a valid opcode, or (protocols 0 and 1) valid opcodes up to STOP or `min_opcodes`
-    of them. `pickletools.genops` only reads the stream: nothing is executed."""
-    try:
-        for count, (opcode, _, _) in enumerate(pickletools.genops(io.BytesIO(head)), start=1):
-            if opcode.name == "STOP" or count >= min_opcodes or (count >= 3 and head.startswith(b"\x80")):
-                return True
-    except (ValueError, EOFError, UnicodeDecodeError):
-        return False
-    return False
-
-
-def _npy_holds_objects(head: bytes) -> bool:
-    stream = io.BytesIO(head)
-    try:
-        version = np.lib.format.read_magic(stream)
-        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return header(stream)[2].hasobject
-    except (ValueError, OSError):
-        return True  # an unreadable header: do not vouch for it
-
-
-def _zip_pickle_kind(path: Path) -> str | None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
-                if member.filename.endswith(".pkl"):
-                    return f"torch.save/zip archive with {member.filename}"
-                with archive.open(member) as handle:
-                    kind = _bytes_pickle_kind(handle.read(PICKLE_SCAN_BYTES))
-                if kind is not None:
-                    return f"zip archive member {member.filename}: {kind}"
-    except zipfile.BadZipFile:
-        return None
-    return None
 
 
 def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False,
@@ -270,9 +181,9 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     check_export_folder(folder)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                               ignore_patterns=[MARKER_FILE])  # lavit's own bookkeeping, not part of the model
     return str(commit)
 
 
-__all__ = ["check_export_folder", "export_loaded", "export_model", "model_card", "pickle_kind", "push_to_hub",
-           "read_metadata", "unsafe_files"]
+__all__ = ["check_export_folder", "export_loaded", "export_model", "model_card", "push_to_hub", "read_metadata"]

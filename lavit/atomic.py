@@ -5,14 +5,26 @@ or half written). Files: written to a temporary sibling, flushed and renamed (`w
 On Linux the swap is one `renameat2(RENAME_EXCHANGE)` system call. Elsewhere the old folder is first renamed to a
 backup sibling and the new one renamed into place; `recover_folder` (called before every replacement and by readers
 that want it) moves the backup back if a crash fell between the two renames.
+
+lavit replaces, swaps or deletes only folders it made itself: every folder it makes to swap in carries its marker
+file `.lavit_folder.json` (`mark_folder`), and a folder without it (a user's `hub.old/`, `final/`, `out.tmp/`) is
+never deleted or renamed: the operation stops with [`NotLavitFolderError`], which says what to do instead. Names
+such as `*.old` or `*.tmp` are never taken as proof. The marker of a folder swapped in lists the files lavit wrote, so
+a file the user added later also stops the replacement.
+
+Files written by `write_atomically` get the permissions a plain `open(path, "w")` would give: a new file
+`0o666` less the process umask, a replaced file keeps its own mode.
 """
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -35,6 +47,73 @@ def _exchange(first: Path, second: Path) -> bool:
     return True
 
 
+MARKER_FILE = ".lavit_folder.json"  # in every folder lavit made to swap in; never uploaded (`push_to_hub`)
+
+
+class NotLavitFolderError(FileExistsError):
+    """A folder lavit would have to replace, rename or delete, but did not make (it has no marker)."""
+
+
+def mark_folder(folder, kind: str = "folder", files: list[str] | None = None) -> Path:
+    """Creates `folder` (and parents) if needed and records in it that lavit made it (`kind`: what it holds;
+    `files`: the files lavit wrote in it, so that a file added later is not deleted with the folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = {"made_by": "lavit", "kind": kind, "lavit_version": _version()}
+    if files is not None:
+        marker["files"] = files
+    write_json_atomically(folder / MARKER_FILE, marker)
+    return folder
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
+                  if (path.is_file() or path.is_symlink()) and path.name != MARKER_FILE)
+
+
+def _read_marker(folder: Path) -> dict | None:
+    marker = folder / MARKER_FILE
+    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return content if isinstance(content, dict) and content.get("made_by") == "lavit" else None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lavit")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def is_lavit_folder(folder) -> bool:
+    """True when `folder` is a real folder (not a link) holding lavit's marker: lavit made it and may replace it."""
+    return _read_marker(Path(folder)) is not None
+
+
+def require_lavit_folder(path, action: str) -> None:
+    """Raises [`NotLavitFolderError`] when `path` exists but is not a folder lavit made (`action`: what lavit was
+    about to do with it)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    marker = _read_marker(path)
+    if marker is None:
+        raise NotLavitFolderError(
+            f"{path} exists and was not made by lavit (no {MARKER_FILE} in it), so lavit will not {action} it: "
+            f"choose another destination, or move or delete {path} yourself"
+        )
+    added = sorted(set(_files_in(path)) - set(marker.get("files", _files_in(path))))
+    if added:
+        raise NotLavitFolderError(
+            f"{path} holds files lavit did not write ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''}), "
+            f"so lavit will not {action} it: move them out of {path}, or choose another destination"
+        )
+
+
 def backup_path(target) -> Path:
     target = Path(target)
     return target.with_name(target.name + ".old")
@@ -44,38 +123,56 @@ def recover_folder(target) -> None:
     """Puts the backup of an interrupted two-rename replacement back in place; removes a leftover backup when the
     target is whole."""
     target, backup = Path(target), backup_path(target)
-    if backup.exists() and not target.exists():
+    if not os.path.lexists(backup) or not is_lavit_folder(backup):
+        return  # no backup, or a folder of the user's that happens to have the name: not ours to touch
+    if not os.path.lexists(target):
         os.replace(backup, target)
         logger.warning(f"{target}: restored the previous folder (an earlier replacement was interrupted)")
-    elif backup.exists():
+    else:
         shutil.rmtree(backup)
 
 
 def replace_folder(staging, target) -> Path:
-    """Moves the complete folder `staging` to `target`, replacing any folder there; `staging` must be a sibling of
-    `target` (same file system). Returns `target`."""
+    """Moves the complete folder `staging` to `target`, replacing a folder lavit made there (a folder of the user's is
+    refused: [`NotLavitFolderError`]); `staging` must be a sibling of `target` (same file system) and gets lavit's
+    marker if it has none, so that the next replacement may replace it. Returns `target`."""
     staging, target = Path(staging), Path(target)
     recover_folder(target)
-    if not target.exists():
+    require_lavit_folder(target, "replace")
+    mark_folder(staging, _read_marker(staging).get("kind", "folder") if is_lavit_folder(staging) else "folder",
+                files=_files_in(staging))  # what lavit wrote: a file added later keeps the folder from deletion
+    if not os.path.lexists(target):
         os.replace(staging, target)
         return target
     if _exchange(staging, target):
         shutil.rmtree(staging)  # now the old folder
         return target
     backup = backup_path(target)
+    require_lavit_folder(backup, f"use as the backup of {target} and delete")
     os.replace(target, backup)
     os.replace(staging, target)
     shutil.rmtree(backup)
     return target
 
 
-def fresh_staging_folder(target) -> Path:
-    """The (emptied) sibling folder `<target>.tmp` to write a replacement of `target` into."""
+def require_replaceable(target) -> Path:
+    """Raises [`NotLavitFolderError`] unless [`replace_folder`] may replace `target` through its staging sibling
+    `<target>.tmp` (each absent, or made by lavit); returns the staging path. For commands to call before long work."""
     target = Path(target)
     staging = target.with_name(target.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
+    require_lavit_folder(target, "replace")
+    require_lavit_folder(staging, "empty and reuse")
     return staging
+
+
+def fresh_staging_folder(target) -> Path:
+    """The new, empty sibling folder `<target>.tmp` (marked as lavit's) to write a replacement of `target` into.
+    A leftover `<target>.tmp` of an earlier lavit run is removed first; one lavit did not make is refused
+    ([`NotLavitFolderError`]), as is a `target` lavit did not make (checked now, before anything is written)."""
+    staging = require_replaceable(target)
+    if os.path.lexists(staging):
+        shutil.rmtree(staging)
+    return mark_folder(staging)
 
 
 def write_atomically(path, write, suffix: str = ".tmp") -> None:
@@ -86,8 +183,7 @@ def write_atomically(path, write, suffix: str = ".tmp") -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    temporary = _new_file_beside(path, suffix)
     try:
         write(temporary)
         with open(temporary, "rb") as written:
@@ -96,6 +192,32 @@ def write_atomically(path, write, suffix: str = ".tmp") -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _new_file_beside(path: Path, suffix: str) -> str:
+    """Creates an empty, new temporary file beside `path` with the mode `open(path, "w")` would give: `0o666` less
+    the umask (the kernel applies it, as for any new file), or the mode of the file `path` it will replace."""
+    while True:
+        temporary = path.with_name(f"{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    if path.is_file():
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
+    return str(temporary)
+
+
+def write_text_atomically(path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` through [`write_atomically`]."""
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path, document, indent: int | None = 2) -> None:
+    """Writes `document` as JSON (UTF-8, non-ASCII kept) to `path` through [`write_atomically`]: a crash or a full
+    disk leaves the previous file or none, never invalid JSON."""
+    write_text_atomically(path, json.dumps(document, indent=indent, ensure_ascii=False) + "\n")
 
 
 def save_png_atomically(image, path) -> None:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lavit.atomic import NotLavitFolderError, require_replaceable
 from lavit.command_inputs import (
     DEBUG_VARIABLE,
     CommandError,
@@ -30,6 +31,8 @@ from lavit.command_inputs import (
     one_line,
     resolve_model_folder,
 )
+from lavit.file_kinds import PickledWeightsError, require_safetensors_inputs
+from lavit.paths import InputPath, OutputPath, PathConflictError, check_destination, check_paths
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
 TRAINING_COMMANDS = {
@@ -91,20 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
 def add_image_parsers(commands) -> None:
     """demo, and the commands that read images: tokenize, caption, vqa."""
     demo = commands.add_parser("demo", help="build a tiny LaVIT end to end, offline (minutes on a CPU)")
-    demo.add_argument("--output", default="lavit-demo", help="folder for the runs, images and the Hub folder")
+    demo.add_argument("--output", type=OutputPath, default="lavit-demo",
+                      help="folder for the runs, images and the Hub folder")
     demo.add_argument("--quick", action="store_true", help="a few steps per stage (about a minute; used by CI)")
-    demo.add_argument("--model", default=None, help="unused: the demo builds its own model")
+    demo.add_argument("--model", type=InputPath, default=None, help="unused: the demo builds its own model")
 
     tokenize = commands.add_parser("tokenize", help="visual tokens of images")
-    tokenize.add_argument("images", nargs="+", help="image files")
-    tokenize.add_argument("--model", required=True, help="a visual tokenizer or LaVIT folder (or Hub id)")
+    tokenize.add_argument("images", type=InputPath, nargs="+", help="image files")
+    tokenize.add_argument("--model", type=InputPath, required=True,
+                          help="a visual tokenizer or LaVIT folder (or Hub id)")
     tokenize.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens per image (top-k)")
-    tokenize.add_argument("--visualize", default=None, help="write the kept patches to this PNG (-N per image)")
+    tokenize.add_argument("--visualize", type=OutputPath, default=None,
+                          help="write the kept patches to this PNG (-N per image)")
     add_selection_arguments(tokenize)
 
     caption = commands.add_parser("caption", help="caption images")
-    caption.add_argument("images", nargs="+", help="image files")
-    caption.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
+    caption.add_argument("images", type=InputPath, nargs="+", help="image files")
+    caption.add_argument("--model", type=InputPath, required=True, help="a LaVIT folder or Hub id")
     caption.add_argument("--prompt", default="", help="text after the image (official: empty)")
     caption.add_argument("--max-new-tokens", type=POSITIVE, default=36)
     caption.add_argument("--num-beams", type=POSITIVE, default=2)
@@ -112,9 +118,9 @@ def add_image_parsers(commands) -> None:
     add_selection_arguments(caption, text=True)
 
     vqa = commands.add_parser("vqa", help="answer a question about an image")
-    vqa.add_argument("images", nargs="+", help="image files (the same question for each)")
+    vqa.add_argument("images", type=InputPath, nargs="+", help="image files (the same question for each)")
     vqa.add_argument("--question", required=True)
-    vqa.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
+    vqa.add_argument("--model", type=InputPath, required=True, help="a LaVIT folder or Hub id")
     vqa.add_argument("--max-new-tokens", type=POSITIVE, default=10)
     vqa.add_argument("--num-beams", type=POSITIVE, default=5)
     add_selection_arguments(vqa, text=True)
@@ -124,8 +130,10 @@ def add_generation_parsers(commands) -> None:
     """The commands that draw images: generate, reconstruct."""
     generate = commands.add_parser("generate", help="text-to-image")
     generate.add_argument("prompts", nargs="+", help="one or more prompts")
-    generate.add_argument("-o", "--output", required=True, help="PNG path (-N suffixes for several images)")
-    generate.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
+    generate.add_argument("-o", "--output", type=OutputPath, required=True,
+                          help="PNG path (-N suffixes for several images)")
+    generate.add_argument("--model", type=InputPath, required=True,
+                          help="a LaVIT folder with a detokenizer/ (or Hub id)")
     generate.add_argument("--num-images", type=POSITIVE, default=1)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--guidance-scale", type=GUIDANCE, default=4.0, help="LM guidance (official 4.0)")
@@ -135,9 +143,11 @@ def add_generation_parsers(commands) -> None:
     generate.add_argument("--width", type=POSITIVE, default=None)
 
     reconstruct = commands.add_parser("reconstruct", help="image -> visual tokens -> image")
-    reconstruct.add_argument("images", nargs="+", help="image files")
-    reconstruct.add_argument("-o", "--output", required=True, help="PNG path (-N suffixes for several images)")
-    reconstruct.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
+    reconstruct.add_argument("images", type=InputPath, nargs="+", help="image files")
+    reconstruct.add_argument("-o", "--output", type=OutputPath, required=True,
+                             help="PNG path (-N suffixes for several images)")
+    reconstruct.add_argument("--model", type=InputPath, required=True,
+                             help="a LaVIT folder with a detokenizer/ (or Hub id)")
     reconstruct.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens")
     reconstruct.add_argument("--seed", type=int, default=0)
     reconstruct.add_argument("--steps", type=POSITIVE, default=None)
@@ -147,40 +157,45 @@ def add_language_model_parser(commands) -> None:
     language_model = commands.add_parser(
         "new-language-model", help="write a small random LLaMA + a BPE tokenizer trained on your texts (stage 2 "
                                    "without the Hub)")
-    language_model.add_argument("output", help="folder for the LM and its tokenizer (--language_model of stage 2)")
-    language_model.add_argument("--data", default=None, help="image-text data: its captions (and VQA questions and "
-                                                             "answers) train the tokenizer")
-    language_model.add_argument("--texts", nargs="+", default=[], help="text files (.txt lines, or JSON/CSV/Parquet "
-                                                                       "with a 'text' column)")
+    language_model.add_argument("output", type=OutputPath,
+                                help="folder for the LM and its tokenizer (--language_model of stage 2)")
+    language_model.add_argument("--data", type=InputPath, default=None,
+                                help="image-text data: its captions (and VQA questions and "
+                                     "answers) train the tokenizer")
+    language_model.add_argument("--texts", type=InputPath, nargs="+", default=[],
+                                help="text files (.txt lines, or JSON/CSV/Parquet "
+                                     "with a 'text' column)")
     language_model.add_argument("--vocab-size", type=int, default=1000, help="the most BPE tokens")
     language_model.add_argument("--hidden-size", type=int, default=64)
     language_model.add_argument("--num-layers", type=int, default=2)
     language_model.add_argument("--num-heads", type=int, default=4)
     language_model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    language_model.add_argument("--model", default=None, help="unused: the command writes a new model")
+    language_model.add_argument("--model", type=InputPath, default=None, help="unused: the command writes a new model")
 
 
 def add_publishing_parsers(commands) -> None:
     """convert-original, export, push."""
     convert = commands.add_parser("convert-original", help="an official LaVIT release folder -> a LaVIT Hub folder")
-    convert.add_argument("source", help="official release folder (language_model/, visual_tokenizer/, ...)")
-    convert.add_argument("destination", help="output folder")
-    convert.add_argument("--model", default=None, help="unused: the source is the model")
+    convert.add_argument("source", type=InputPath,
+                         help="official release folder (language_model/, visual_tokenizer/, ...)")
+    convert.add_argument("destination", type=OutputPath, help="output folder")
+    convert.add_argument("--model", type=InputPath, default=None, help="unused: the source is the model")
     convert.add_argument("--pixel-decoder", choices=["highres", "lowres", "none"], default="highres")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     convert.add_argument("--num-heads", type=POSITIVE, default=16,
                          help="attention heads of the ViT, merger and decoder")
 
     export = commands.add_parser("export", help="write a Hub-ready folder with a model card")
-    export.add_argument("destination", help="output folder")
-    export.add_argument("--model", required=True, help="a LaVIT model folder")
-    export.add_argument("--metadata", default=None, help="JSON file of run metadata for the model card")
+    export.add_argument("destination", type=OutputPath, help="output folder")
+    export.add_argument("--model", type=InputPath, required=True, help="a LaVIT model folder")
+    export.add_argument("--metadata", type=InputPath, default=None, help="JSON file of run metadata for the model card")
     export.add_argument("--repo-id", default=None, help="the Hub id used in the card's examples")
     export.add_argument("--max-shard-size", default="5GB")
 
     push = commands.add_parser("push", help="upload a model folder to the Hub")
     push.add_argument("repo_id")
-    push.add_argument("--model", required=True, help="a LaVIT model folder (exported first when needed)")
+    push.add_argument("--model", type=InputPath, required=True,
+                      help="a LaVIT model folder (exported first when needed)")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
 
@@ -192,16 +207,20 @@ def add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="zero-shot evaluation on a benchmark (resumable, data-parallel)")
     evaluate.add_argument("benchmark", choices=sorted(BENCHMARKS), help="a paper benchmark, or caption|vqa|"
                           "text-to-image with --format")
-    evaluate.add_argument("--model", required=True, help="a LaVIT folder or Hub id")
-    evaluate.add_argument("--output", required=True, help="folder for predictions-*.jsonl, images/ and results.json")
+    evaluate.add_argument("--model", type=InputPath, required=True, help="a LaVIT folder or Hub id")
+    evaluate.add_argument("--output", type=OutputPath, required=True,
+                          help="folder for predictions-*.jsonl, images/ and results.json")
     evaluate.add_argument("--format", choices=FORMATS, default=None, help="annotation format (default: the "
                           "benchmark's)")
-    evaluate.add_argument("--annotations", default=None, help="annotation JSON (captions, answers or questions)")
-    evaluate.add_argument("--questions", default=None, help="VQAv2/OK-VQA questions JSON")
-    evaluate.add_argument("--images", default=None, help="image folder (paths in the annotations are relative to it)")
+    evaluate.add_argument("--annotations", type=InputPath, default=None,
+                          help="annotation JSON (captions, answers or questions)")
+    evaluate.add_argument("--questions", type=InputPath, default=None, help="VQAv2/OK-VQA questions JSON")
+    evaluate.add_argument("--images", type=InputPath, default=None,
+                          help="image folder (paths in the annotations are relative to it)")
     evaluate.add_argument("--image-pattern", default=None, help="VQAv2 image file name, e.g. "
                           "'COCO_val2014_{image_id:012d}.jpg'")
-    evaluate.add_argument("--dataset", default=None, help="a datasets Hub id or folder (--format datasets)")
+    evaluate.add_argument("--dataset", type=InputPath, default=None,
+                          help="a datasets Hub id or folder (--format datasets)")
     evaluate.add_argument("--columns", default=None, help="role=column pairs: id, image, question, answers, "
                           "captions, text")
     evaluate.add_argument("--split", default=None, help="Karpathy split or datasets split (default: the benchmark's)")
@@ -215,9 +234,10 @@ def add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="text-to-image sampling seed")
     evaluate.add_argument("--num-candidates", type=int, default=1, help="text-to-image: images per caption, the "
                           "closest to it under --clip-model kept (official 4)")
-    evaluate.add_argument("--fid-features", default=None, help="vision model (path/Hub id) for FID features "
-                          "(default: torchmetrics' Inception, needs torch-fidelity)")
-    evaluate.add_argument("--clip-model", default=None, help="CLIP model (path/Hub id) for CLIP score")
+    evaluate.add_argument("--fid-features", type=InputPath, default=None,
+                          help="vision model (path/Hub id) for FID features "
+                               "(default: torchmetrics' Inception, needs torch-fidelity)")
+    evaluate.add_argument("--clip-model", type=InputPath, default=None, help="CLIP model (path/Hub id) for CLIP score")
     evaluate.add_argument("--no-java", action="store_true", help="skip the Java tools (PTB tokenizer, METEOR, SPICE)")
     evaluate.add_argument("--record", action="store_true", help="add the scores to MODEL/lavit_run.json for the "
                           "model card (`lavit export`)")
@@ -332,6 +352,8 @@ def run_tokenize(args) -> None:
     from lavit.processing.image_processing_lavit import LaVITImageProcessor, draw_kept_patches
 
     require_folder(args.model, ("lavit_tokenizer", "lavit"))
+    for index in range(len(args.images)) if args.visualize else ():  # the numbered files too: out-1.png may be an input
+        check_destination(numbered(args.visualize, index, len(args.images)), {"images": args.images}, "--visualize")
     items = PerItem("tokenize", "image", args.images, args.json)
     images = items.each(open_image)  # every file is read before the model loads
     if images:
@@ -495,6 +517,7 @@ def run_convert(args) -> None:
     from lavit.hub_cards import export_loaded
     from lavit.modeling.convert_original_lavit import convert_release
 
+    require_replaceable(args.destination)  # refused before the conversion, not after it
     source = Path(args.source)
     if not (source / "language_model").is_dir() or not (source / "visual_tokenizer").is_dir():
         raise CommandError(f"{source} is not an official LaVIT release folder (language_model/ and "
@@ -631,10 +654,12 @@ def main(argv=None) -> int:
         command, rest = args.command, None
     try:
         if rest is not None:
-            run_training(command, rest)
+            run_training(command, rest)  # its parser checks the paths (LaVITArgumentParser)
         else:
+            check_paths(args)  # no destination is, holds or lies inside an input (lavit.paths)
+            require_safetensors_inputs(args)  # no model folder with pickled weights is loaded (lavit.file_kinds)
             RUNNERS[command](args)
-    except CommandError as error:
+    except (CommandError, PathConflictError, NotLavitFolderError, PickledWeightsError) as error:  # user errors
         print(f"lavit {command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from lavit.file_kinds import rephrase_pickle_error
+
 MAX_ERROR_CHARS = 800
 DEBUG_VARIABLE = "LAVIT_DEBUG"  # set: internal errors raise with their traceback instead of one line
 
@@ -24,7 +26,7 @@ class InputsFailed(CommandError):
 def one_line(error: BaseException) -> str:
     """`Type: message` on one line. Every line of the message is kept, joined (libraries often put the reason on the
     line after a generic first one), ANSI colours and repeated blanks removed, cut at `MAX_ERROR_CHARS`."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", rephrase_pickle_error(str(error)))
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 3] + "..."

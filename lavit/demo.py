@@ -11,12 +11,13 @@
    folder with a model card (`lavit export`).
 """
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from lavit.atomic import require_replaceable, write_json_atomically
 
 DIGIT_QUESTION = "what digit is this?"
 FULL = {"tokenizer": 1500, "pretrain": 1500, "finetune": 600, "vae": 300, "detokenizer": 600, "train_digits": 1200,
@@ -176,6 +177,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
 
     steps = QUICK if quick else FULL
     output = Path(output)
+    require_replaceable(output / "hub_folder")  # a folder of the user's there is refused now, not at the end
     started = time.perf_counter()
     # 1. data: training and held-out digits
     train_folder, train_images, train_labels, eval_images, eval_labels = write_demo_data(output, steps)
@@ -214,7 +216,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
                "hub_folder": str(hub_folder),
                "images": [str(path) for path in written]}
-    (output / "demo_results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomically(output / "demo_results.json", results)
     return results
 
 

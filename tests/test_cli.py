@@ -71,8 +71,11 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(capsys, tmp_path, lavit_fol
     code, _, err = run(capsys, "train", "--data", tmp_path / "nowhere", "--model", lavit_folder,
                        "--output_dir", tmp_path / "run", "--max_steps", "1", "--use_cpu")
     assert code == 1 and len(error_lines(err)) == 1
-    code, _, err = run(capsys, "convert-original", tmp_path, tmp_path / "out")
+    (tmp_path / "not-a-release").mkdir()
+    code, _, err = run(capsys, "convert-original", tmp_path / "not-a-release", tmp_path / "out")
     assert code == 1 and "not an official LaVIT release folder" in err
+    code, _, err = run(capsys, "convert-original", tmp_path, tmp_path / "out")  # the output inside the source
+    assert code == 1 and len(error_lines(err)) == 1 and "lies inside the input source" in err
 
 
 def test_tokenize_with_budget_and_visualization(capsys, tmp_path, photo_file):
@@ -123,7 +126,7 @@ def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, 
     assert not (tmp_path / "hub.tmp").exists()
 
     (hub / "stray.bin").write_bytes(pickle.dumps({"weights": [1.0]}))
-    with pytest.raises(ValueError, match="stray.bin is a pickle"):
+    with pytest.raises(ValueError, match="stray.bin: not a kind of file lavit publishes"):
         check_export_folder(hub)
     (hub / "stray.bin").unlink()
     # no network in tests: the upload itself fails with one clear line, after the folder was checked

@@ -8,15 +8,22 @@ file; `lavit <stage>` and `python -m lavit.training.<stage>` use that same parse
 """
 
 import argparse
+import copy
+import dataclasses
 import faulthandler
 import json
 import signal
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+
+from lavit.atomic import require_lavit_folder
+from lavit.file_kinds import require_safetensors_inputs
+from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
 from .presets import preset_field
 from .sequences import SEQUENCE_ORDERS
@@ -39,24 +46,31 @@ class LaVITTrainingArguments(TrainingArguments):
     # `--help` lists a stage's own options first, then these under their own heading
     _argument_group_name = "Trainer options (transformers.TrainingArguments)"
 
+    # declared again only to give it its role: the guard of `lavit.paths` checks it against the stage's inputs
+    output_dir: str | None = path_field(OUTPUT, default=None, help=(
+        "Folder of the run: checkpoints, logs.jsonl and the final model (`final/`)."))
+
     def __post_init__(self):
         super().__post_init__()
+        # the run ends by replacing `output_dir/final`: a folder there that lavit did not make is refused now, not
+        # after the training
+        require_lavit_folder(Path(self.output_dir) / "final", "replace")
         if not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # pinned memory needs an accelerator (torch warns on every epoch)
 
 
 @dataclass
 class DataArguments:
-    data: str = field(metadata={"help": "Image-text data: an imagefolder with metadata.jsonl, a JSON/JSONL/CSV/Parquet "
-                                        "file, WebDataset .tar shards (a file or a folder), or a load_dataset name."})
+    data: str = path_field(INPUT, help="Image-text data: an imagefolder with metadata.jsonl, a JSON/JSONL/CSV/Parquet "
+                                       "file, WebDataset .tar shards (a file or a folder), or a load_dataset name.")
     split: str = field(default="train", metadata={"help": "Split to train on."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data instead of downloading it first "
                                                              "(needs --max_steps)."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (found automatically)."})
     text_column: str | None = field(default=None, metadata={"help": "Text column (found automatically)."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
-    resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint in "
-                                                          "output_dir; 'no': start fresh; or a checkpoint path."})
+    resume: str = path_field(CHECKPOINT, default="auto", help="'auto': continue from the latest complete checkpoint "
+                                                              "in output_dir; 'no': start fresh; or a checkpoint path.")
 
 
 @dataclass
@@ -110,14 +124,14 @@ def load_config_preset(name_or_path: str, kind: str) -> dict:
 
 @dataclass
 class TokenizerTrainingArguments(DataArguments):
-    model: str | None = field(default=None, metadata={"help": "A LaVITTokenizerModel folder to continue training."})
-    tokenizer_config: str | None = field(default=None, metadata={
-        "help": f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
+    model: str | None = path_field(INPUT, default=None, help="A LaVITTokenizerModel folder to continue training.")
+    tokenizer_config: str | None = path_field(INPUT, default=None, help=(
+        f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
                 f"64 px, 8 px patches, 64 codes; 'small': the same with 256 codes, for small data; 'paper': the "
-                f"released LaVIT sizes)."})
-    vision_model: str | None = field(default=None, metadata={
-        "help": "A transformers vision model (folder or Hub id, e.g. a CLIP/SigLIP vision tower) to use as the "
-                "frozen encoder of a new tokenizer."})
+                f"released LaVIT sizes)."))
+    vision_model: str | None = path_field(INPUT, default=None, help=(
+        "A transformers vision model (folder or Hub id, e.g. a CLIP/SigLIP vision tower) to use as the "
+        "frozen encoder of a new tokenizer."))
     quantizer_start_step: int = field(default=0, metadata={
         "help": "Steps trained without quantization before VQ (k-means init + EMA) is switched on."})
     crop_scale: float = field(default=0.5, metadata={
@@ -127,11 +141,11 @@ class TokenizerTrainingArguments(DataArguments):
 
 @dataclass
 class PretrainingArguments(SequenceArguments):
-    model: str | None = field(default=None, metadata={"help": "A LaVIT model folder to continue training."})
-    visual_tokenizer: str | None = field(default=None, metadata={"help": "A stage-1 tokenizer folder (new model)."})
-    language_model: str | None = field(default=None, metadata={"help": "A causal LM folder or Hub id (new model)."})
-    text_tokenizer: str | None = field(default=None, metadata={"help": "Text tokenizer (default: the LM's)."})
-    text_data: str | None = field(default=None, metadata={"help": "Text-only corpus mixed into the pairs."})
+    model: str | None = path_field(INPUT, default=None, help="A LaVIT model folder to continue training.")
+    visual_tokenizer: str | None = path_field(INPUT, default=None, help="A stage-1 tokenizer folder (new model).")
+    language_model: str | None = path_field(INPUT, default=None, help="A causal LM folder or Hub id (new model).")
+    text_tokenizer: str | None = path_field(INPUT, default=None, help="Text tokenizer (default: the LM's).")
+    text_data: str | None = path_field(INPUT, default=None, help="Text-only corpus mixed into the pairs.")
     text_ratio: float = field(default=0.0, metadata={"help": "Fraction of text-only records in the mixture."})
     max_length: int = field(default=2048, metadata={"help": "Tokens per packed row, visual tokens included."})
     order: str = field(default="random", metadata={"help": f"Pair order: one of {SEQUENCE_ORDERS}; 'random' draws "
@@ -147,7 +161,7 @@ class PretrainingArguments(SequenceArguments):
 
 @dataclass
 class FinetuningArguments(SequenceArguments):
-    model: str = field(default=None, metadata={"help": "The LaVIT model folder (or Hub id) to fine-tune."})
+    model: str = path_field(INPUT, default=None, help="The LaVIT model folder (or Hub id) to fine-tune.")
     task: str = field(default="caption", metadata={"help": "'caption' (image, text), 'vqa' (image, question, "
                                                            "answer) or 'chat' (messages, images)."})
     max_length: int = field(default=512, metadata={"help": "Text tokens per example (before visual tokens)."})
@@ -166,13 +180,13 @@ class FinetuningArguments(SequenceArguments):
 
 @dataclass
 class DetokenizerTrainingArguments(DataArguments):
-    visual_tokenizer: str = field(default=None, metadata={
-        "help": "The frozen visual tokenizer: a LaVITTokenizerModel folder or a LaVIT model folder."})
-    detokenizer: str | None = field(default=None, metadata={"help": "A LaVITDetokenizer folder to continue training."})
-    detokenizer_config: str | None = field(default=None, metadata={
-        "help": "A new detokenizer: a config JSON file or a preset name in training/configs ('tiny', 'paper')."})
-    diffusers_model: str | None = field(default=None, metadata={
-        "help": "A diffusers folder whose unet/, vae/ and scheduler/ replace the new detokenizer's (e.g. SDXL)."})
+    visual_tokenizer: str = path_field(INPUT, default=None, help=(
+        "The frozen visual tokenizer: a LaVITTokenizerModel folder or a LaVIT model folder."))
+    detokenizer: str | None = path_field(INPUT, default=None, help="A LaVITDetokenizer folder to continue training.")
+    detokenizer_config: str | None = path_field(INPUT, default=None, help=(
+        "A new detokenizer: a config JSON file or a preset name in training/configs ('tiny', 'paper')."))
+    diffusers_model: str | None = path_field(INPUT, default=None, help=(
+        "A diffusers folder whose unet/, vae/ and scheduler/ replace the new detokenizer's (e.g. SDXL)."))
     train_feature_decoder: bool = field(default=False, metadata={
         "help": "Also train the feature decoder (copied from the tokenizer; frozen by default)."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the trained weights (0 turns EMA off)."})
@@ -185,9 +199,9 @@ class DetokenizerTrainingArguments(DataArguments):
 
 @dataclass
 class PreprocessArguments(DataArguments):
-    visual_tokenizer: str = field(default=None, metadata={
-        "help": "A tokenizer folder, or a LaVIT model folder (its visual_tokenizer is used)."})
-    output: str = field(default=None, metadata={"help": "Folder to write the pre-tokenized dataset to."})
+    visual_tokenizer: str = path_field(INPUT, default=None, help=(
+        "A tokenizer folder, or a LaVIT model folder (its visual_tokenizer is used)."))
+    output: str = path_field(OUTPUT, default=None, help="Folder to write the pre-tokenized dataset to.")
     batch_size: int = field(default=64, metadata={"help": "Images per tokenizer batch."})
     device: str | None = field(default=None, metadata={"help": "Device of the tokenizer (default: cuda if any)."})
 
@@ -224,10 +238,27 @@ class LaVITArgumentParser(HfArgumentParser):
         enable_stack_dumps()
         args = sys.argv[1:] if args is None else [str(arg) for arg in args]
         if len(args) == 1 and args[0].endswith(".json"):
-            return self.parse_json_file(args[0])
-        if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-            return self.parse_yaml_file(args[0])
-        return self.parse_args_into_dataclasses(args)
+            parsed = self.parse_json_file(args[0])
+        elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+            parsed = self.parse_yaml_file(args[0])
+        else:
+            parsed = self.parse_args_into_dataclasses(args)
+        check_paths(*parsed)  # no output folder is, holds or lies inside an input (`lavit.paths`)
+        require_safetensors_inputs(*parsed)  # no model folder with pickled weights is loaded (`lavit.file_kinds`)
+        return parsed
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field: dataclasses.Field):
+        """A field declared with a path role (`lavit.paths.path_field`) becomes an argument of the role's type
+        (`InputPath`, ...), so that `lavit.paths.path_role` reads the role of every parser's arguments alike."""
+        role = field.metadata.get(PATH_ROLE)
+        if role is None:
+            return HfArgumentParser._parse_dataclass_field(parser, field)
+        plain = copy.copy(field)  # HfArgumentParser passes the metadata on to `add_argument`, which knows no role
+        plain.metadata = types.MappingProxyType({key: value for key, value in field.metadata.items()
+                                                 if key != PATH_ROLE})
+        HfArgumentParser._parse_dataclass_field(parser, plain)
+        next(action for action in reversed(parser._actions) if action.dest == field.name).type = PATH_TYPES[role]
 
 
 def make_stage_parser(dataclass_types: tuple, subparsers: argparse._SubParsersAction | None, command: str,

@@ -9,12 +9,13 @@ lock, the other way a killed run can stop the next one.
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lavit.atomic import write_atomically
 
@@ -27,7 +28,7 @@ STALE_LOCK_SECONDS = 600
 class CheckpointCompletionCallback(TrainerCallback):
     """Marks a checkpoint complete once every process has written its part (and every earlier `on_save` callback its
     files): `checkpoint_complete.json` lists each file with its size, written to a temporary file and renamed. Then
-    rotates old checkpoints out (`save_total_limit`), never the last complete one."""
+    rotates old checkpoints out (`save_total_limit`), never the last complete one ([`rotate_complete_checkpoints`])."""
 
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -35,7 +36,7 @@ class CheckpointCompletionCallback(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             write_completion_marker(folder)
-            rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
+            rotate_complete_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
 
 
 def write_completion_marker(folder: Path) -> None:
@@ -64,17 +65,40 @@ def checkpoint_problem(folder) -> str | None:
     return None
 
 
+def numbered_checkpoints(output_dir) -> list[Path]:
+    """The `checkpoint-<step>` folders (not links) of `output_dir`, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return [folder for _, folder in sorted(
+        (int(folder.name.rsplit("-", 1)[-1]), folder) for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if folder.is_dir() and not folder.is_symlink() and folder.name.rsplit("-", 1)[-1].isdigit())]
+
+
+def rotate_complete_checkpoints(output_dir, limit: int | None, best_checkpoint: str | None = None) -> None:
+    """Deletes the oldest checkpoints beyond `limit`, counting and deleting only complete ones: their completion
+    marker says lavit wrote them (transformers' rotation deletes any folder named `checkpoint-*`, a user's own
+    included). The newest complete checkpoint and `best_checkpoint` are kept; incomplete folders are left alone."""
+    if not limit or limit <= 0:
+        return
+    complete = [folder for folder in numbered_checkpoints(output_dir) if checkpoint_problem(folder) is None]
+    protected = {complete[-1].resolve()} if complete else set()
+    if best_checkpoint is not None:
+        protected.add(Path(best_checkpoint).resolve())
+    excess = len(complete) - max(limit, len(protected))
+    for folder in complete:
+        if excess <= 0:
+            break
+        if folder.resolve() not in protected:
+            shutil.rmtree(folder)
+            excess -= 1
+
+
 def latest_checkpoint(output_dir) -> str | None:
     """The newest *complete* checkpoint in `output_dir` (see [`checkpoint_problem`]). A newer incomplete one (a crash
     while it was written) is skipped with a warning that names it and says which checkpoint is used instead."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    folders = sorted((int(folder.name.rsplit("-", 1)[-1]), folder)
-                     for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                     if folder.is_dir() and folder.name.rsplit("-", 1)[-1].isdigit())
     skipped = []
-    for _, folder in reversed(folders):
+    for folder in reversed(numbered_checkpoints(output_dir)):
         problem = checkpoint_problem(folder)
         if problem is None:
             if skipped:

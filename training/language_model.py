@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lavit.atomic import fresh_staging_folder, replace_folder
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 VQA_TEXT = "Question: {question} Answer: {answer}"  # the fine-tuning template (`training.data.VQA_TEMPLATE`)
 
@@ -30,7 +32,7 @@ def write_small_language_model(
     `AutoTokenizer` load. No image tokens: stage 2 adds them.
 
     Args:
-        folder: output folder (created).
+        folder: output folder: created, or replaced when lavit made it (`lavit.atomic.replace_folder`).
         texts: the corpus of the tokenizer (captions, questions, answers...); at least one non-empty string.
         vocab_size: the most BPE tokens (a small corpus may give fewer).
         hidden_size, num_hidden_layers, num_attention_heads: LLaMA sizes (key/value heads: half the heads).
@@ -48,6 +50,7 @@ def write_small_language_model(
     if hidden_size % num_attention_heads or num_attention_heads % 2:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
                          f"({num_attention_heads}), an even number")
+    staging = fresh_staging_folder(folder)  # refuses, before any work, a `folder` that lavit did not make
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
@@ -55,7 +58,7 @@ def write_small_language_model(
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
     )
-    tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(staging)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -63,8 +66,8 @@ def write_small_language_model(
         num_key_value_heads=num_attention_heads // 2, max_position_embeddings=max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return Path(folder)
+    LlamaForCausalLM(config).save_pretrained(staging)
+    return replace_folder(staging, folder)  # a whole folder, or the previous one
 
 
 def corpus_from_data(data: str | None = None, text_files: list[str] = ()) -> list[str]:

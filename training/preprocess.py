@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from lavit.processing import LaVITImageProcessor
 
-from lavit.atomic import fresh_staging_folder, replace_folder
+from lavit.atomic import fresh_staging_folder, replace_folder, require_replaceable
+from lavit.paths import check_paths
 
 from .arguments import PreprocessArguments, make_stage_parser
 from .data import BadRecordCounter, limit_records, load_records, preprocess_images
@@ -28,6 +29,8 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     """Pre-tokenizes `--data` with the frozen tokenizer and returns the output folder (`--output`)."""
     if not script_args.visual_tokenizer or not script_args.output:
         raise ValueError("give --visual_tokenizer and --output")
+    check_paths(script_args)  # the output is not, does not hold and does not lie inside the data or the tokenizer
+    require_replaceable(script_args.output)  # refused now, not after the whole dataset is tokenized
 
     # 1. The frozen tokenizer (alone, or the one inside a LaVIT folder), on a GPU when there is one.
     #    Pre-tokenizing is inference: no gradients, no Trainer, the whole batch on one device.

@@ -30,7 +30,7 @@ from transformers.integrations.deepspeed import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lavit.atomic import fresh_staging_folder, replace_folder
+from lavit.atomic import fresh_staging_folder, replace_folder, write_json_atomically
 
 from .callbacks import DataEpochCallback, JsonlLoggerCallback
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resolve_resume
@@ -236,7 +236,7 @@ class LaVITTrainer(Trainer):
         skipped, used = self.record_counts()
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            (folder / SKIPPED_RECORDS_FILE).write_text(json.dumps({"skipped_records": skipped, "used_records": used}))
+            write_json_atomically(folder / SKIPPED_RECORDS_FILE, {"skipped_records": skipped, "used_records": used})
 
 
 class LaVITTokenizerTrainer(LaVITTrainer):

@@ -35,7 +35,9 @@ class LaVITLmms(lmms):
                              f"batch_size, max_new_tokens)")
         from lavit import LaVITForCausalLM, LaVITProcessor
         from lavit.evaluation.runner import distributed_state
+        from lavit.file_kinds import require_safetensors_weights
 
+        require_safetensors_weights(pretrained)  # pickled weights are never loaded
         state = distributed_state()
         self._device = torch.device(device) if device else state.device
         settings = {"dtype": getattr(torch, dtype)} if dtype else {}

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from lavit.atomic import write_json_atomically
+
 from .data import EvalSample, check_samples, load_image
 from .metrics import caption_metrics, clip_score, clip_similarities, fid_score, vqa_metrics
 
@@ -321,7 +323,7 @@ def score(samples: list[EvalSample], config: EvalConfig, output_dir) -> dict:
         "count": len(samples), **scores, "generation": config.generation_settings(),
         "evaluation": card_rows(scores["metrics"], config, len(samples)),
     }
-    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    write_json_atomically(output_dir / RESULTS_FILE, results)
     return results
 
 
@@ -357,7 +359,7 @@ def record_results(model_folder, results: dict) -> Path:
             if (row.get("metric"), row.get("dataset_name")) not in replaced]
     metadata["evaluation"] = kept + new_rows
     path = Path(model_folder) / METADATA_FILE
-    path.write_text(json.dumps(metadata, indent=2))
+    write_json_atomically(path, metadata)  # a crash or a full disk never leaves invalid JSON
     return path
 
 

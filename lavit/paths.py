@@ -1,0 +1,132 @@
+"""What each path argument is for, and the one guard that keeps lavit from writing over what it reads.
+
+Every argument that names a file or folder declares its role where it is declared:
+
+- `argparse` commands (`lavit/cli.py`): `type=InputPath` (read) or `type=OutputPath` (written or replaced). The parsed
+  value is still a `str`; its class carries the role.
+- dataclass fields of the training stages (`training/arguments.py`): `metadata={PATH_ROLE: INPUT}` (or `OUTPUT`,
+  `CHECKPOINT`); `LaVITArgumentParser` gives the argument the matching type, so both kinds of parser are read alike.
+
+[`check_paths`] takes the parsed arguments of one command (a `Namespace` or the stage's dataclasses) and refuses,
+before anything is read or written, a destination that *is*, *lies inside* or *contains* one of the command's
+inputs, comparing resolved paths (symlinks, `..`, `~`, relative to the working directory). [`check_destination`]
+is the same test for library code that knows its own inputs (`export_model`, pipelines' `save_pretrained`).
+Inputs that do not exist on disk (Hub ids) cannot be overwritten and are not compared; a `CHECKPOINT` (`--resume`)
+is read from inside the output folder by design and is not compared either.
+
+What lavit deletes or swaps is decided elsewhere, by its own marker (`lavit.atomic.is_lavit_folder`).
+"""
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+INPUT, OUTPUT, CHECKPOINT = "input", "output", "checkpoint"
+PATH_ROLE = "lavit_path"  # the key of a dataclass field's metadata that declares its role
+
+
+class PathConflictError(ValueError):
+    """A destination that is, contains or lies inside one of the command's inputs."""
+
+
+class InputPath(str):
+    """`argparse` type of a path the command reads."""
+
+    role = INPUT
+
+
+class OutputPath(str):
+    """`argparse` type of a path the command writes, replaces or fills."""
+
+    role = OUTPUT
+
+
+class CheckpointPath(str):
+    """`argparse` type of a checkpoint read from inside the output folder (`--resume`); never compared."""
+
+    role = CHECKPOINT
+
+
+PATH_TYPES = {INPUT: InputPath, OUTPUT: OutputPath, CHECKPOINT: CheckpointPath}
+
+
+def path_role(action: argparse.Action) -> str | None:
+    """The declared role of a parser argument (`INPUT`, `OUTPUT`, `CHECKPOINT`), or None for a non-path argument."""
+    return getattr(action.type, "role", None)
+
+
+def path_field(role: str, **field_kwargs) -> dataclasses.Field:
+    """A dataclass field holding a path of `role` (`help=` goes into its metadata, as `HfArg` does)."""
+    metadata = {PATH_ROLE: role}
+    if "help" in field_kwargs:
+        metadata["help"] = field_kwargs.pop("help")
+    return dataclasses.field(metadata=metadata, **field_kwargs)
+
+
+def resolved(path) -> Path:
+    """`path` as the file system will see it: `~` expanded, made absolute from the working directory, symlinks and
+    `..` resolved (as far as the path exists)."""
+    return Path(path).expanduser().resolve()  # `..` after symlinks: `link/..` is the link target's parent
+
+
+def _relation(destination: Path, source: Path) -> str | None:
+    if destination == source:
+        return "is"
+    if destination.is_relative_to(source):
+        return "lies inside"
+    if source.is_relative_to(destination):
+        return "contains"
+    return None
+
+
+def check_destination(destination, inputs: Mapping[str, object], name: str = "the destination") -> Path:
+    """
+    Raises [`PathConflictError`] when `destination` is, lies inside or contains one of `inputs` (name -> a path, or a
+    list of paths; None and paths that do not exist are skipped). Returns the resolved destination.
+    """
+    target = resolved(destination)
+    for input_name, values in inputs.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is None or value == "" or not os.path.lexists(Path(value).expanduser()):
+                continue
+            relation = _relation(target, resolved(value))
+            if relation is not None:
+                raise PathConflictError(
+                    f"{name} {destination} ({target}) {relation} the input {input_name} {value}: writing there could "
+                    f"destroy it; choose a destination outside every input"
+                )
+    return target
+
+
+def declared_paths(arguments) -> list[tuple[str, str, object]]:
+    """`(name, role, value)` of every path argument of a parsed `argparse.Namespace` (roles from the values'
+    types) or of a stage's arguments dataclass (roles from its fields' metadata)."""
+    if dataclasses.is_dataclass(arguments):  # every field is a flag
+        items = [(f"--{field.name}", field.metadata.get(PATH_ROLE), getattr(arguments, field.name))
+                 for field in dataclasses.fields(arguments)]
+    else:  # a Namespace does not tell flags from positional arguments: the plain name
+        items = [(name.replace("_", "-"), _value_role(value), value) for name, value in vars(arguments).items()]
+    return [(name, role, value) for name, role, value in items if role is not None and value not in (None, "", [])]
+
+
+def _value_role(value) -> str | None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    roles = {getattr(type(item), "role", None) for item in values}
+    return roles.pop() if len(roles) == 1 else None
+
+
+def check_paths(*arguments) -> None:
+    """The guard of one command: every `OUTPUT` of `arguments` (parsed Namespaces or dataclasses) against every
+    `INPUT` of them ([`check_destination`]). Raises [`PathConflictError`]."""
+    paths = [path for parsed in arguments for path in declared_paths(parsed)]
+    inputs = {flag: value for flag, role, value in paths if role == INPUT}
+    for flag, role, value in paths:
+        if role == OUTPUT:
+            check_destination(value, inputs, name=flag)
+
+
+__all__ = ["CHECKPOINT", "INPUT", "OUTPUT", "PATH_ROLE", "CheckpointPath", "InputPath", "OutputPath",
+           "PathConflictError", "check_destination", "check_paths", "declared_paths", "path_field", "path_role",
+           "resolved"]

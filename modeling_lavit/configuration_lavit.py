@@ -17,6 +17,7 @@ from .validation_lavit import (
     POSITIVE_INT,
     PROBABILITY,
     Choice,
+    Each,
     Range,
     check_fields,
 )
@@ -193,13 +194,14 @@ class LaVITTokenizerConfig(LaVITFolderConfig):
     initializer_range: float = 0.02
 
     field_ranges = {
-        "vision_feature_layer": Range(integer=True), "image_mean": Range(), "image_std": POSITIVE_FLOAT,
+        "vision_feature_layer": Range(integer=True), "image_mean": Each(Range(), 3),
+        "image_std": Each(POSITIVE_FLOAT, 3),
         "selection_mode": Choice(SELECTION_MODES), "selector_threshold": PROBABILITY,
         "gumbel_temperature": POSITIVE_FLOAT, "merger_attention": Choice(MERGER_ATTENTION_IMPLEMENTATIONS),
         **dict.fromkeys(("merger_num_layers", "merger_num_heads", "merger_intermediate_size", "codebook_size",
                          "code_dim", "decoder_hidden_size", "decoder_num_layers", "decoder_num_heads",
                          "decoder_intermediate_size"), POSITIVE_INT),
-        "codebook_decay": Range(0, 1, high_open=True), "commitment_weight": NON_NEGATIVE_FLOAT,
+        "codebook_decay": PROBABILITY, "commitment_weight": NON_NEGATIVE_FLOAT,
         "kmeans_iters": NON_NEGATIVE_INT, "dead_code_threshold": NON_NEGATIVE_FLOAT, "layer_norm_eps": EPSILON,
         "keep_ratio_target": OPEN_FRACTION, "keep_ratio_weight": NON_NEGATIVE_FLOAT,
         "initializer_range": NON_NEGATIVE_FLOAT,
@@ -443,10 +445,11 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
         "conditioning": Choice(CONDITIONINGS),
         **dict.fromkeys(("codebook_size", "code_dim", "num_patches", "vision_hidden_size", "decoder_hidden_size",
                          "decoder_num_layers", "decoder_num_heads", "decoder_intermediate_size",
-                         "prompt_projection_sizes", "pooled_projection_size", "pooling_num_heads",
+                         "pooled_projection_size", "pooling_num_heads",
                          "negative_context_length", "num_inference_steps"), POSITIVE_INT),
         "image_size": Range(1, integer=True, note="default: 1024 highres, 512 lowres"),
-        "layer_norm_eps": EPSILON, "guidance_scale": GUIDANCE_SCALE, "condition_dropout": PROBABILITY,
+        "prompt_projection_sizes": Each(POSITIVE_INT), "layer_norm_eps": EPSILON, "guidance_scale": GUIDANCE_SCALE,
+        "condition_dropout": PROBABILITY,
         "initializer_range": NON_NEGATIVE_FLOAT,
     }
 

@@ -30,7 +30,15 @@ from .image_placeholders_lavit import positions_from_mask
 from .modeling_lavit_detokenizer import LaVITDetokenizer
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .transformers_compat import cache_kwargs
-from .validation_lavit import GUIDANCE_SCALE, POSITIVE_FLOAT, POSITIVE_INT, Choice, Range, check_fields
+from .validation_lavit import (
+    GUIDANCE_SCALE,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    Choice,
+    Range,
+    check_fields,
+    check_generation_budget,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -455,6 +463,7 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         # 1. settings: the typed config, keyword arguments overriding its fields
         settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs)
         min_new_tokens, max_new_tokens = settings.token_limits(self.config.tokenizer_config.num_patches)
+        self._check_image_generation_budget(settings, input_ids.shape[0], input_ids.shape[1], max_new_tokens)
         # 2. prompts: embeddings ending with [IMG]; with guidance the unconditional rows follow in the same batch
         inputs_embeds, attention_mask = self._image_generation_batch(
             input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,
@@ -480,6 +489,13 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         # 7. pack: code + 1 per step, 0 from [/IMG] on
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
+
+    def _check_image_generation_budget(self, settings, batch_size: int, prompt_length: int, max_new_tokens: int):
+        """[`check_generation_budget`] of image generation: the prompt (+ `[IMG]`), the visual tokens and `[/IMG]`,
+        for every image of every prompt, twice with guidance (the unconditional rows)."""
+        rows = batch_size * settings.num_images_per_prompt * (1 if settings.guidance_scale == 1 else 2)
+        check_generation_budget(self.config.text_config, prompt_length + 1, max_new_tokens + 1, rows,
+                                self.dtype.itemsize, self.device, what="generate_image_tokens")
 
     def _image_generation_batch(
         self, input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,

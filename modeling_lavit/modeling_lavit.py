@@ -46,6 +46,7 @@ from .image_placeholders_lavit import (
 )
 from .modeling_lavit_tokenizer import LaVITFeaturesOutput, LaVITTokenizerModel, build_token_merger, kept_token_fields
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
+from .validation_lavit import check_generation_budget
 
 logger = logging.get_logger(__name__)
 
@@ -620,7 +621,10 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         if generator is not None:
             logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
         kwargs["logits_processor"] = logits_processor
-        # 2. decode from left-padded ids (text) or from the expanded prompt's embeddings (images)
+        # 2. decode from left-padded ids (text) or from the expanded prompt's embeddings (images), each request
+        # bounded by the context length and the memory before anything is allocated
+        if input_ids is not None:
+            self.check_text_generation_budget(input_ids.shape[0], input_ids.shape[1], kwargs)
         if not self.model.has_image_inputs(input_ids, pixel_values):
             if pixel_values is not None:  # images without ids to place them: the forward's clear error
                 check_input_kinds(input_ids, kwargs.get("inputs_embeds"), pixel_values, False)
@@ -635,11 +639,27 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
                 inputs_embeds=kwargs.pop("inputs_embeds", None),
             )
+            self.check_text_generation_budget(*prepared.inputs_embeds.shape[:2], kwargs)
             outputs = super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                        prompt_embeds=prepared.inputs_embeds, **kwargs)
             new_tokens_from = 0
         # 3. the returned sequences start with the given ids, as for text-only models
         return _with_prompt_ids(outputs, input_ids, new_tokens_from)
+
+    def check_text_generation_budget(self, batch_size: int, prompt_length: int, kwargs: dict) -> None:
+        """[`check_generation_budget`] of a text `generate` call: its new tokens resolved from `kwargs` (or the
+        generation config) as transformers resolves them, its rows `batch x max(num_beams, num_return_sequences)`."""
+        config = kwargs.get("generation_config") or self.generation_config
+
+        def setting(name):
+            return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+
+        max_new_tokens = setting("max_new_tokens")
+        if max_new_tokens is None:  # `max_length` counts the prompt
+            max_new_tokens = max((setting("max_length") or 20) - prompt_length, 1)
+        rows = batch_size * max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
+        check_generation_budget(self.config.text_config, prompt_length, max_new_tokens, rows,
+                                self.dtype.itemsize, self.device, what="generate")
 
     # ----------------------------------------------------------------------------------------------- construction
 

@@ -148,6 +148,29 @@ class Choice:
         return text
 
 
+@dataclass(frozen=True)
+class Each:
+    """A list (or tuple) whose every item is in `spec` (`image_std`, `prompt_projection_sizes`); `length` if fixed."""
+
+    spec: Range | Choice
+    length: int | None = None
+
+    def describe(self) -> str:
+        count = f"{self.length} " if self.length else ""
+        return f"a list of {count}items, each {self.spec.describe()}"
+
+    def contains(self, value) -> bool:
+        return (isinstance(value, (list, tuple)) and (self.length is None or len(value) == self.length)
+                and all(self.spec.contains(item) for item in value))
+
+    def check(self, name: str, value):
+        if not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        for index, item in enumerate(value):
+            self.spec.check(f"{name}[{index}]", item)
+        return value
+
+
 # the common ranges, named once
 POSITIVE_INT = Range(1, integer=True)
 NON_NEGATIVE_INT = Range(0, integer=True)
@@ -160,16 +183,10 @@ EPSILON = Range(0, 1, low_open=True)
 SEED = Range(0, SEED_MAX, integer=True, note="what torch, numpy and random accept")
 
 
-def check_fields(owner, specs: dict, prefix: str = "") -> None:
-    """Checks every attribute of `owner` named in `specs` ({name: Range | Choice}); a `list`/`tuple` value is
-    checked item by item (`image_mean`, `prompt_projection_sizes`)."""
+def check_fields(owner, specs: dict) -> None:
+    """Checks every attribute of `owner` named in `specs` ({name: Range | Choice | Each})."""
     for name, spec in specs.items():
-        value = getattr(owner, name)
-        if isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                spec.check(f"{prefix}{name}[{index}]", item)
-        else:
-            spec.check(f"{prefix}{name}", value)
+        spec.check(name, getattr(owner, name))
 
 
 def check_arguments(specs: dict, values: dict) -> None:
@@ -262,5 +279,5 @@ def check_generation_budget(
 
 
 __all__ = [
-    "Choice", "Range", "SEED", "check_arguments", "check_fields", "check_generation_budget", "check_memory",
+    "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_generation_budget", "check_memory",
 ]

@@ -614,17 +614,14 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             return self._image_sequences(input_ids, tokens)
         # 1. logits processors: no image ids in text; with `generator`, the warpers and one stream per row
         logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        logits_processor.append(
-            SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
-        )
+        config = self.config
+        logits_processor.append(SuppressImageTokensLogitsProcessor(config.text_vocab_size, config.visual_token_end))
         generator = kwargs.pop("generator", None)
         if generator is not None:
             logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
         kwargs["logits_processor"] = logits_processor
-        # 2. decode from left-padded ids (text) or from the expanded prompt's embeddings (images), each request
-        # bounded by the context length and the memory before anything is allocated
-        if input_ids is not None:
-            self.check_text_generation_budget(input_ids.shape[0], input_ids.shape[1], kwargs)
+        # 2. bound the request, then decode from left-padded ids (text) or the expanded prompt's embeddings (images)
+        self.check_text_generation_budget(input_ids, kwargs)
         if not self.model.has_image_inputs(input_ids, pixel_values):
             if pixel_values is not None:  # images without ids to place them: the forward's clear error
                 check_input_kinds(input_ids, kwargs.get("inputs_embeds"), pixel_values, False)
@@ -639,16 +636,22 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
                 inputs_embeds=kwargs.pop("inputs_embeds", None),
             )
-            self.check_text_generation_budget(*prepared.inputs_embeds.shape[:2], kwargs)
+            self.check_text_generation_budget(prepared.inputs_embeds, kwargs)
             outputs = super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                        prompt_embeds=prepared.inputs_embeds, **kwargs)
             new_tokens_from = 0
         # 3. the returned sequences start with the given ids, as for text-only models
         return _with_prompt_ids(outputs, input_ids, new_tokens_from)
 
-    def check_text_generation_budget(self, batch_size: int, prompt_length: int, kwargs: dict) -> None:
-        """[`check_generation_budget`] of a text `generate` call: its new tokens resolved from `kwargs` (or the
-        generation config) as transformers resolves them, its rows `batch x max(num_beams, num_return_sequences)`."""
+    def check_text_generation_budget(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
+        """[`check_generation_budget`] of a text `generate` call before anything is allocated: `prompt` (ids or
+        embeddings, `(batch, length, ...)`; default: `kwargs["inputs_embeds"]`), its new tokens resolved from
+        `kwargs` (or the generation config) as transformers resolves them, and its rows
+        `batch x max(num_beams, num_return_sequences)`."""
+        prompt = prompt if prompt is not None else kwargs.get("inputs_embeds")
+        if prompt is None:
+            return
+        batch_size, prompt_length = prompt.shape[:2]
         config = kwargs.get("generation_config") or self.generation_config
 
         def setting(name):

@@ -180,6 +180,7 @@ def add_publishing_parsers(commands) -> None:
 def add_evaluate_parser(commands) -> None:
     from lavit.evaluation.benchmarks import BENCHMARKS
     from lavit.evaluation.data import FORMATS
+    from lavit.evaluation.runner import EvalConfig
 
     evaluate = commands.add_parser("evaluate", help="zero-shot evaluation on a benchmark (resumable, data-parallel)")
     evaluate.add_argument("benchmark", choices=sorted(BENCHMARKS), help="a paper benchmark, or caption|vqa|"
@@ -198,15 +199,16 @@ def add_evaluate_parser(commands) -> None:
                           "captions, text")
     evaluate.add_argument("--split", default=None, help="Karpathy split or datasets split (default: the benchmark's)")
     evaluate.add_argument("--limit", type=POSITIVE, default=None, help="only the first N samples")
-    evaluate.add_argument("--batch-size", type=POSITIVE, default=8)
+    evaluate.add_argument("--batch-size", type=EvalConfig.field_ranges["batch_size"], default=8)
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     evaluate.add_argument("--prompt", default="", help="caption: text after the image (official: empty)")
     evaluate.add_argument("--num-beams", type=POSITIVE, default=None, help="override the official setting")
     evaluate.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="override the official setting")
     evaluate.add_argument("--steps", type=POSITIVE, default=None, help="text-to-image decoder steps (official 50)")
     evaluate.add_argument("--seed", type=SEED, default=0, help="text-to-image sampling seed")
-    evaluate.add_argument("--num-candidates", type=POSITIVE, default=1, help="text-to-image: images per caption, the "
-                          "closest to it under --clip-model kept (official 4)")
+    evaluate.add_argument("--num-candidates", type=EvalConfig.field_ranges["num_candidates"], default=1,
+                          help="text-to-image: images per caption, the closest to it under --clip-model kept "
+                          "(official 4)")
     evaluate.add_argument("--fid-features", default=None, help="vision model (path/Hub id) for FID features "
                           "(default: torchmetrics' Inception, needs torch-fidelity)")
     evaluate.add_argument("--clip-model", default=None, help="CLIP model (path/Hub id) for CLIP score")

@@ -156,25 +156,36 @@ def test_stage_config_files_are_checked_field_by_field(tmp_path):
 
 
 def config_classes():
-    """The typed LaVIT configs (every exported `PretrainedConfig`) and the image-generation settings."""
+    """The typed LaVIT configs (every `PretrainedConfig` of `lavit.modeling`) and every settings dataclass (`*Config`)
+    of `lavit.modeling` and `lavit.evaluation` (image generation, evaluation)."""
     import lavit.modeling
     from transformers import PretrainedConfig
 
-    exported = [getattr(lavit.modeling, name) for name in lavit.modeling.__all__]
-    return [cls for cls in exported if isinstance(cls, type) and (issubclass(cls, PretrainedConfig)
-                                                                  or cls.__name__ == "LaVITImageGenerationConfig")]
+    import lavit.evaluation
+
+    exported = [getattr(module, name) for module in (lavit.modeling, lavit.evaluation) for name in module.__all__]
+    return [cls for cls in exported if isinstance(cls, type) and (issubclass(cls, PretrainedConfig) or (
+        dataclasses.is_dataclass(cls) and cls.__name__.endswith("Config")))]
+
+
+def make(cls, **settings):
+    """`cls(**settings)`, its required fields given their first declared choice."""
+    required = {data_field.name: cls.field_ranges[data_field.name].choices[0] for data_field in dataclasses.fields(cls)
+                if data_field.init and data_field.default is dataclasses.MISSING
+                and data_field.default_factory is dataclasses.MISSING}
+    return cls(**{**required, **settings})
 
 
 def typed_fields(cls) -> dict[str, type]:
-    """The fields a LaVIT class declares itself (not transformers' own) whose type is numeric or a name: those need
-    a declared range."""
+    """The fields a LaVIT class declares itself (not transformers' own) whose type is numeric (`int`, `float`,
+    optional or in a list): each needs a declared range. Name fields with fixed choices declare a `Choice` too."""
     own = {}
     for klass in reversed(cls.__mro__):
         if "lavit" in klass.__module__:
             own.update(vars(klass).get("__annotations__", {}))
     own = {name: kind for name, kind in own.items()
            if name in {data_field.name for data_field in dataclasses.fields(cls)}}
-    numeric = (int, float, str, bool)
+    numeric = (int, float)
     return {name: kind for name, kind in own.items()
             if any(arg in numeric for arg in (typing.get_args(kind) or (kind,)))
             or any(arg in numeric for inner in typing.get_args(kind) for arg in typing.get_args(inner))}
@@ -183,13 +194,11 @@ def typed_fields(cls) -> dict[str, type]:
 def test_every_config_field_declares_its_range():
     classes = config_classes()
     assert {cls.__name__ for cls in classes} >= {"LaVITConfig", "LaVITTokenizerConfig", "LaVITEvaVisionConfig",
-                                                 "LaVITDetokenizerConfig", "LaVITImageGenerationConfig"}
+                                                 "LaVITDetokenizerConfig", "LaVITImageGenerationConfig", "EvalConfig"}
     missing = []
     for cls in classes:
         ranges = getattr(cls, "field_ranges", {})
-        for name, kind in typed_fields(cls).items():
-            if kind is not bool and name not in ranges and name not in ("tie_word_embeddings", "kmeans_init"):
-                missing.append(f"{cls.__name__}.{name}")
+        missing += [f"{cls.__name__}.{name}" for name in typed_fields(cls) if name not in ranges]
     assert not missing, f"config fields without a declared range in field_ranges: {missing}"
 
 
@@ -198,11 +207,11 @@ def test_bad_config_values_are_refused_by_name(cls):
     """Every ranged field of every config, given each bad value (items of list fields too): a `ValueError` or
     `TypeError` of one line naming the field, or a config whose field holds a value of its range."""
     for name, spec in cls.field_ranges.items():
-        is_list = isinstance(getattr(cls(), name), list)
+        default = getattr(make(cls), name)
         for bad in BAD_VALUES:
-            value = [bad] * len(getattr(cls(), name)) if is_list else bad
+            value = [bad] * len(default) if isinstance(default, list) else bad
             try:
-                config = cls(**{name: value})
+                config = make(cls, **{name: value})
             except (ValueError, TypeError) as error:
                 message = str(error)
                 assert name in message and "\n" not in message.strip(), (cls.__name__, name, bad, message)

@@ -57,18 +57,42 @@ def value_flags():
             for flag, action in flags(parser)]
 
 
-def test_every_numeric_flag_of_every_command_declares_its_range():
-    commands = command_parsers()
-    assert {"caption", "evaluate", "new-language-model", "train", "finetune", "train-detokenizer"} <= set(commands)
+def undeclared_numeric_flags(parsers: dict) -> list[str]:
+    """Flags taking a number (`type=int`/`float`, or a numeric default) without a declared `Range`/`Choice`."""
+
     def numeric(action):
         default_is_number = isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
         return action.type in (int, float) or (default_is_number and action.choices is None)
 
-    undeclared = [f"lavit {command} {flag}" for command, flag, action in value_flags()
-                  if numeric(action) and not isinstance(action.type, DECLARED)]
+    return [f"lavit {command} {flag}" for command, parser in parsers.items() for flag, action in flags(parser)
+            if numeric(action) and not isinstance(action.type, DECLARED)]
+
+
+def test_every_numeric_flag_of_every_command_declares_its_range():
+    commands = command_parsers()
+    assert {"caption", "evaluate", "new-language-model", "train", "finetune", "train-detokenizer"} <= set(commands)
+    undeclared = undeclared_numeric_flags(commands)
     assert not undeclared, f"numeric flags without a declared Range: {undeclared}"
     ranged = [flag for _, flag, action in value_flags() if isinstance(action.type, DECLARED)]
     assert len(ranged) > 100  # the training stages' Trainer options included
+
+
+def test_a_new_numeric_flag_or_stage_field_without_a_range_is_found():
+    """The check above fails for the next argument someone adds without a range: a plain `type=int` flag, and a new
+    stage dataclass field (its flag gets HfArgumentParser's `type=int`)."""
+    from lavit.training.arguments import LaVITTrainingArguments, make_stage_parser
+
+    @dataclasses.dataclass
+    class NewStageArguments:
+        data: str = "d"
+        new_count: int = 3
+        new_ratio: float | None = None
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-size", type=int, default=4)
+    stage = make_stage_parser((NewStageArguments, LaVITTrainingArguments), None, "new-stage", "a new stage")
+    found = undeclared_numeric_flags({"new": parser, "new-stage": stage})
+    assert found == ["lavit new --new-size", "lavit new-stage --new_count", "lavit new-stage --new_ratio"]
 
 
 @pytest.mark.parametrize("text", BAD_TEXTS)

@@ -13,9 +13,12 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import typing
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lavit.modeling.validation_lavit import Choice, Range
 
 from lavit.cli import build_parser, main
@@ -270,3 +273,39 @@ def test_range_and_choice_agree_as_flag_types_and_checkers():
                 assert spec.describe() in str(error)
             else:
                 assert spec.contains(value) and spec.check("x", value) == value
+
+
+def in_declared_range(value, low, high, integer, low_open, high_open) -> bool:
+    """The range written out once more, as the docs state it, for the property test below."""
+    if isinstance(value, bool) or (integer and not isinstance(value, int)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if integer and not -(2**63) <= value < 2**63:
+        return False
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    return above and below
+
+
+@settings(max_examples=300, deadline=None)
+@given(low=st.one_of(st.none(), st.integers(-5, 5)), width=st.one_of(st.none(), st.integers(0, 10)),
+       integer=st.booleans(), low_open=st.booleans(), high_open=st.booleans(),
+       value=st.one_of(st.integers(-(2**80), 2**80), st.integers(-20, 20), st.floats(), st.booleans()))
+def test_a_range_holds_exactly_its_values_as_checker_and_as_flag(low, width, integer, low_open, high_open, value):
+    high = None if width is None else (low or 0) + width
+    spec = Range(low, high, integer=integer, low_open=low_open, high_open=high_open)
+    expected = in_declared_range(value, low, high, integer, low_open, high_open)
+    assert spec.contains(value) == expected
+    if not expected:
+        with pytest.raises(ValueError, match=rf"^x must be {re.escape(spec.describe())}, got "):
+            spec.check("x", value)
+    if isinstance(value, bool):
+        return
+    try:  # the flag's text: accepted exactly when the number it spells is in range
+        parsed = spec(str(value))
+    except argparse.ArgumentTypeError as error:
+        assert not expected and spec.describe() in str(error)
+    else:
+        assert expected or (not integer and spec.contains(float(str(value))))
+        assert parsed == value or not integer

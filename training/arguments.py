@@ -88,6 +88,7 @@ class LaVITTrainingArguments(TrainingArguments):
     _argument_group_name = "Trainer options (transformers.TrainingArguments)"
 
     def __post_init__(self):
+        check_argument_ranges(self)  # before transformers' own checks, which name fewer ranges
         super().__post_init__()
         if not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # pinned memory needs an accelerator (torch warns on every epoch)
@@ -106,6 +107,9 @@ class DataArguments:
                                                             RANGE: POSITIVE_INT})
     resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint in "
                                                           "output_dir; 'no': start fresh; or a checkpoint path."})
+
+    def __post_init__(self):
+        check_argument_ranges(self)  # every stage's arguments, from flags, config files or Python
 
 
 @dataclass
@@ -284,15 +288,12 @@ class LaVITArgumentParser(HfArgumentParser):
         """
         enable_stack_dumps()
         args = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        # a config file skips the flags' `type=`: the dataclasses check their declared ranges themselves
         if len(args) == 1 and args[0].endswith(".json"):
-            parsed = self.parse_json_file(args[0])
-        elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-            parsed = self.parse_yaml_file(args[0])
-        else:
-            parsed = self.parse_args_into_dataclasses(args)
-        for arguments in parsed:  # a config file's values did not pass the flags' `type=`
-            check_argument_ranges(arguments)
-        return parsed
+            return self.parse_json_file(args[0])
+        if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+            return self.parse_yaml_file(args[0])
+        return self.parse_args_into_dataclasses(args)
 
     @staticmethod
     def _parse_dataclass_field(parser, data_field: dataclasses.Field):

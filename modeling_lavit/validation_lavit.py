@@ -201,13 +201,16 @@ def check_arguments(specs: dict, values: dict) -> None:
 
 
 def available_memory(device=None) -> int | None:
-    """Bytes a new allocation on `device` can take: free accelerator memory, or on the CPU the smaller of the
-    memory the system has available and the address-space limit of this process (`RLIMIT_AS`); `None` if unknown."""
+    """Bytes a new allocation on `device` can take: free CUDA memory (with what torch's allocator caches), or
+    elsewhere the smaller of the memory the system has available and what the address-space limit of this process
+    (`RLIMIT_AS`) leaves; `None` if unknown."""
     import torch
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.mem_get_info(device)[0]
+        # free memory of the device, plus what torch's caching allocator holds without using
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     limits = []
     try:
         with open("/proc/meminfo") as meminfo:

@@ -32,6 +32,8 @@ from lavit.command_inputs import (
     resolve_model_folder,
 )
 from lavit.file_kinds import PickledWeightsError, require_safetensors_inputs
+from lavit.modeling.validation_lavit import GUIDANCE_SCALE, OPEN_FRACTION, POSITIVE_FLOAT, POSITIVE_INT
+from lavit.modeling.validation_lavit import SEED as SEED_RANGE
 from lavit.paths import InputPath, OutputPath, PathConflictError, check_destination, check_paths
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
@@ -54,24 +56,8 @@ TRAINING_MODEL_ARGUMENTS = {
 
 
 
-def at_least(low, kind=int):
-    """An argparse type: a finite `kind` (int or float) >= `low`; argparse names the flag in its error."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value != value or value in (float("inf"), float("-inf")) or value < low:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} >= {low}, "
-                                             f"got {text!r}")
-        return value
-
-    parse.__name__ = f"{kind.__name__} >= {low}"
-    return parse
-
-
-POSITIVE, GUIDANCE = at_least(1), at_least(1.0, float)
+# every numeric flag's range, declared once (`lavit.modeling.validation_lavit`): its `type=` checks it
+POSITIVE, GUIDANCE, SEED = POSITIVE_INT, GUIDANCE_SCALE, SEED_RANGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +121,7 @@ def add_generation_parsers(commands) -> None:
     generate.add_argument("--model", type=InputPath, required=True,
                           help="a LaVIT folder with a detokenizer/ (or Hub id)")
     generate.add_argument("--num-images", type=POSITIVE, default=1)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=SEED, default=0)
     generate.add_argument("--guidance-scale", type=GUIDANCE, default=4.0, help="LM guidance (official 4.0)")
     generate.add_argument("--decoder-guidance-scale", type=GUIDANCE, default=None, help="pixel decoder guidance")
     generate.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the decoder's)")
@@ -149,11 +135,13 @@ def add_generation_parsers(commands) -> None:
     reconstruct.add_argument("--model", type=InputPath, required=True,
                              help="a LaVIT folder with a detokenizer/ (or Hub id)")
     reconstruct.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens")
-    reconstruct.add_argument("--seed", type=int, default=0)
+    reconstruct.add_argument("--seed", type=SEED, default=0)
     reconstruct.add_argument("--steps", type=POSITIVE, default=None)
 
 
 def add_language_model_parser(commands) -> None:
+    from lavit.training.language_model import SIZE_RANGES
+
     language_model = commands.add_parser(
         "new-language-model", help="write a small random LLaMA + a BPE tokenizer trained on your texts (stage 2 "
                                    "without the Hub)")
@@ -165,11 +153,12 @@ def add_language_model_parser(commands) -> None:
     language_model.add_argument("--texts", type=InputPath, nargs="+", default=[],
                                 help="text files (.txt lines, or JSON/CSV/Parquet "
                                      "with a 'text' column)")
-    language_model.add_argument("--vocab-size", type=int, default=1000, help="the most BPE tokens")
-    language_model.add_argument("--hidden-size", type=int, default=64)
-    language_model.add_argument("--num-layers", type=int, default=2)
-    language_model.add_argument("--num-heads", type=int, default=4)
-    language_model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    language_model.add_argument("--vocab-size", type=SIZE_RANGES["vocab_size"], default=1000,
+                                help="the most BPE tokens")
+    language_model.add_argument("--hidden-size", type=SIZE_RANGES["hidden_size"], default=64)
+    language_model.add_argument("--num-layers", type=SIZE_RANGES["num_hidden_layers"], default=2)
+    language_model.add_argument("--num-heads", type=SIZE_RANGES["num_attention_heads"], default=4)
+    language_model.add_argument("--seed", type=SEED, default=0, help="seed of the random weights")
     language_model.add_argument("--model", type=InputPath, default=None, help="unused: the command writes a new model")
 
 
@@ -203,6 +192,7 @@ def add_publishing_parsers(commands) -> None:
 def add_evaluate_parser(commands) -> None:
     from lavit.evaluation.benchmarks import BENCHMARKS
     from lavit.evaluation.data import FORMATS
+    from lavit.evaluation.runner import EvalConfig
 
     evaluate = commands.add_parser("evaluate", help="zero-shot evaluation on a benchmark (resumable, data-parallel)")
     evaluate.add_argument("benchmark", choices=sorted(BENCHMARKS), help="a paper benchmark, or caption|vqa|"
@@ -224,16 +214,17 @@ def add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--columns", default=None, help="role=column pairs: id, image, question, answers, "
                           "captions, text")
     evaluate.add_argument("--split", default=None, help="Karpathy split or datasets split (default: the benchmark's)")
-    evaluate.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=POSITIVE, default=None, help="only the first N samples")
+    evaluate.add_argument("--batch-size", type=EvalConfig.field_ranges["batch_size"], default=8)
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     evaluate.add_argument("--prompt", default="", help="caption: text after the image (official: empty)")
-    evaluate.add_argument("--num-beams", type=int, default=None, help="override the official setting")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="override the official setting")
-    evaluate.add_argument("--steps", type=int, default=None, help="text-to-image decoder steps (official 50)")
-    evaluate.add_argument("--seed", type=int, default=0, help="text-to-image sampling seed")
-    evaluate.add_argument("--num-candidates", type=int, default=1, help="text-to-image: images per caption, the "
-                          "closest to it under --clip-model kept (official 4)")
+    evaluate.add_argument("--num-beams", type=POSITIVE, default=None, help="override the official setting")
+    evaluate.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="override the official setting")
+    evaluate.add_argument("--steps", type=POSITIVE, default=None, help="text-to-image decoder steps (official 50)")
+    evaluate.add_argument("--seed", type=SEED, default=0, help="text-to-image sampling seed")
+    evaluate.add_argument("--num-candidates", type=EvalConfig.field_ranges["num_candidates"], default=1,
+                          help="text-to-image: images per caption, the closest to it under --clip-model kept "
+                          "(official 4)")
     evaluate.add_argument("--fid-features", type=InputPath, default=None,
                           help="vision model (path/Hub id) for FID features "
                                "(default: torchmetrics' Inception, needs torch-fidelity)")
@@ -253,9 +244,9 @@ def add_selection_arguments(parser, text: bool = False) -> None:
                              "drawn from --seed); default: the tokenizer's own selection_mode")
     if text:
         parser.add_argument("--do-sample", action="store_true", help="sample the text (default: beam search)")
-        parser.add_argument("--temperature", type=float, default=1.0, help="with --do-sample")
-        parser.add_argument("--top-p", type=float, default=1.0, help="with --do-sample")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (sampled selection, "
+        parser.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0, help="with --do-sample")
+        parser.add_argument("--top-p", type=OPEN_FRACTION, default=1.0, help="with --do-sample")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of every random draw (sampled selection, "
                                                             "--do-sample), fixed per image")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
 

@@ -7,6 +7,20 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .transformers_compat import check_transformers_version, transformers_requirement
+from .validation_lavit import (
+    EPSILON,
+    GUIDANCE_SCALE,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    OPEN_FRACTION,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    PROBABILITY,
+    Choice,
+    Each,
+    Range,
+    check_fields,
+)
 
 # the first LaVIT file a remote-code folder imports: outside the tested transformers range, fail here with one message
 check_transformers_version()
@@ -97,6 +111,17 @@ class LaVITEvaVisionConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
+    # the declared range of every field, checked when the config is built or loaded
+    field_ranges = {
+        **dict.fromkeys(("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                         "num_attention_heads", "intermediate_size"), POSITIVE_INT),
+        "layer_norm_eps": EPSILON, "initializer_range": NON_NEGATIVE_FLOAT,
+    }
+
+    def __post_init__(self, **kwargs):
+        check_fields(self, self.field_ranges)
+        super().__post_init__(**kwargs)
+
 
 class LaVITTokenizerConfig(LaVITFolderConfig):
     r"""
@@ -175,9 +200,22 @@ class LaVITTokenizerConfig(LaVITFolderConfig):
     keep_ratio_weight: float = 2.0
     initializer_range: float = 0.02
 
+    field_ranges = {
+        "vision_feature_layer": Range(integer=True), "image_mean": Each(Range(), 3),
+        "image_std": Each(POSITIVE_FLOAT, 3),
+        "selection_mode": Choice(SELECTION_MODES), "selector_threshold": PROBABILITY,
+        "gumbel_temperature": POSITIVE_FLOAT, "merger_attention": Choice(MERGER_ATTENTION_IMPLEMENTATIONS),
+        **dict.fromkeys(("merger_num_layers", "merger_num_heads", "merger_intermediate_size", "codebook_size",
+                         "code_dim", "decoder_hidden_size", "decoder_num_layers", "decoder_num_heads",
+                         "decoder_intermediate_size"), POSITIVE_INT),
+        "codebook_decay": PROBABILITY, "commitment_weight": NON_NEGATIVE_FLOAT,
+        "kmeans_iters": NON_NEGATIVE_INT, "dead_code_threshold": NON_NEGATIVE_FLOAT, "layer_norm_eps": EPSILON,
+        "keep_ratio_target": OPEN_FRACTION, "keep_ratio_weight": NON_NEGATIVE_FLOAT,
+        "initializer_range": NON_NEGATIVE_FLOAT,
+    }
+
     def __post_init__(self, **kwargs):
-        check_choice("selection_mode", self.selection_mode, SELECTION_MODES)
-        check_choice("merger_attention", self.merger_attention, MERGER_ATTENTION_IMPLEMENTATIONS)
+        check_fields(self, self.field_ranges)
         self.vision_config = _build_vision_config(self.vision_config)
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
@@ -257,9 +295,11 @@ class LaVITConfig(LaVITFolderConfig):
     generated_image_inputs: str = "codes"
     tie_word_embeddings: bool = False
 
+    field_ranges = {"text_vocab_size": POSITIVE_INT, "loss_modalities": Choice(LOSS_MODALITIES),
+                    "generated_image_inputs": Choice(GENERATED_IMAGE_INPUTS)}
+
     def __post_init__(self, **kwargs):
-        check_choice("loss_modalities", self.loss_modalities, LOSS_MODALITIES)
-        check_choice("generated_image_inputs", self.generated_image_inputs, GENERATED_IMAGE_INPUTS)
+        check_fields(self, self.field_ranges)
         if self.tokenizer_config is None:
             self.tokenizer_config = LaVITTokenizerConfig()
         elif isinstance(self.tokenizer_config, dict):
@@ -408,8 +448,20 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
     condition_dropout: float = 0.1
     initializer_range: float = 0.02
 
+    field_ranges = {
+        "conditioning": Choice(CONDITIONINGS),
+        **dict.fromkeys(("codebook_size", "code_dim", "num_patches", "vision_hidden_size", "decoder_hidden_size",
+                         "decoder_num_layers", "decoder_num_heads", "decoder_intermediate_size",
+                         "pooled_projection_size", "pooling_num_heads",
+                         "negative_context_length", "num_inference_steps"), POSITIVE_INT),
+        "image_size": Range(1, integer=True, note="default: 1024 highres, 512 lowres"),
+        "prompt_projection_sizes": Each(POSITIVE_INT), "layer_norm_eps": EPSILON, "guidance_scale": GUIDANCE_SCALE,
+        "condition_dropout": PROBABILITY,
+        "initializer_range": NON_NEGATIVE_FLOAT,
+    }
+
     def __post_init__(self, **kwargs):
-        check_choice("conditioning", self.conditioning, CONDITIONINGS)
+        self.field_ranges["conditioning"].check("conditioning", self.conditioning)
         # the defaults left unset are the official ones of the chosen conditioning
         highres = self.conditioning == "highres"
         if self.prompt_projection_sizes is None:
@@ -418,7 +470,8 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
         self.unet_config = dict(self.unet_config or (SDXL_UNET_CONFIG if highres else SD_UNET_CONFIG))
         self.vae_config = dict(self.vae_config or (SDXL_VAE_CONFIG if highres else SD_VAE_CONFIG))
         self.scheduler_config = dict(self.scheduler_config or SD_SCHEDULER_CONFIG)
-        self.image_size = self.image_size or (1024 if highres else 512)
+        self.image_size = (1024 if highres else 512) if self.image_size is None else self.image_size
+        check_fields(self, self.field_ranges)
         super().__post_init__(**kwargs)
         self.check_unet_fits()
 
@@ -483,12 +536,6 @@ def config_field_problems(config_class, config_dict: dict, prefix: str = "") -> 
             problems.append(f"{prefix}{name} must be {'a' if expected is not int else 'an'} {expected.__name__}, "
                             f"got {value!r}: fix it in config.json")
     return problems
-
-
-def check_choice(name: str, value, choices: tuple) -> None:
-    """Raises `ValueError` naming the setting when `value` is not one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _build_vision_config(vision_config) -> PretrainedConfig:

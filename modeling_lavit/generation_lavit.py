@@ -8,8 +8,6 @@ decoder and the attach / save / load plumbing of that decoder (kept beside the m
 sub-folder).
 """
 
-import math
-import numbers
 import os
 import shutil
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -32,6 +30,15 @@ from .image_placeholders_lavit import positions_from_mask
 from .modeling_lavit_detokenizer import LaVITDetokenizer
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .transformers_compat import cache_kwargs
+from .validation_lavit import (
+    GUIDANCE_SCALE,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    Choice,
+    Range,
+    check_fields,
+    check_generation_budget,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -41,29 +48,6 @@ PIPELINE_FILE = "pipelines_lavit.py"
 
 
 # ----------------------------------------------------------------------------------------------- sampling helpers
-
-
-def _real_number(name: str, value, allowed: str, inside) -> float:
-    """`value` as a float when it is a finite real number (not a bool) for which `inside(value)` holds, else a
-    `ValueError` naming the argument, the allowed range and the value."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not inside(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)
-
-
-def check_sampling_arguments(guidance_scale, top_k, top_p, temperature, do_sample) -> None:
-    """The ranges of the image-sampling arguments (those of transformers' guidance and logits processors)."""
-    _real_number("guidance_scale", guidance_scale, "a finite number >= 1 (1 turns guidance off)", lambda v: v >= 1)
-    if top_k is not None:
-        _real_number("top_k", top_k, "None or an integer >= 0 (0 turns top-k off)", lambda v: v >= 0 and v == int(v))
-    if top_p is not None:
-        _real_number("top_p", top_p, "None or a number in (0, 1] (1 turns nucleus sampling off)",
-                     lambda v: 0 < v <= 1)
-    _real_number("temperature", temperature, "a finite number > 0", lambda v: v > 0)
-    if not isinstance(do_sample, bool):
-        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
 
 
 def row_generators(
@@ -218,14 +202,18 @@ class LaVITImageGenerationConfig:
     cache_implementation: str = "dynamic"
     compile_decoding: bool = False
 
+    # the declared range of every field (those of transformers' guidance and logits processors for sampling)
+    field_ranges = {
+        "guidance_scale": GUIDANCE_SCALE, "top_k": Range(0, integer=True, optional=True, note="0 turns top-k off"),
+        "top_p": Range(0, 1, low_open=True, optional=True, note="1 turns nucleus sampling off"),
+        "temperature": POSITIVE_FLOAT, "min_new_tokens": Range(0, integer=True, optional=True),
+        "max_new_tokens": Range(1, integer=True, optional=True), "num_images_per_prompt": POSITIVE_INT,
+        "image_inputs": Choice(("codes", "features")), "cache_implementation": Choice(("dynamic", "static")),
+        "do_sample": Choice((True, False)), "compile_decoding": Choice((True, False)),
+    }
+
     def __post_init__(self):
-        check_sampling_arguments(self.guidance_scale, self.top_k, self.top_p, self.temperature, self.do_sample)
-        if self.num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {self.num_images_per_prompt}")
-        if self.image_inputs not in ("codes", "features"):
-            raise ValueError(f"image_inputs must be 'features' or 'codes', got {self.image_inputs!r}")
-        if self.cache_implementation not in ("dynamic", "static"):
-            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}")
+        check_fields(self, self.field_ranges)
 
     @classmethod
     def resolve(cls, generation_config: "LaVITImageGenerationConfig | None", kwargs: dict):
@@ -475,6 +463,7 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         # 1. settings: the typed config, keyword arguments overriding its fields
         settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs)
         min_new_tokens, max_new_tokens = settings.token_limits(self.config.tokenizer_config.num_patches)
+        self._check_image_generation_budget(settings, input_ids.shape[0], input_ids.shape[1], max_new_tokens)
         # 2. prompts: embeddings ending with [IMG]; with guidance the unconditional rows follow in the same batch
         inputs_embeds, attention_mask = self._image_generation_batch(
             input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,
@@ -500,6 +489,13 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         # 7. pack: code + 1 per step, 0 from [/IMG] on
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
+
+    def _check_image_generation_budget(self, settings, batch_size: int, prompt_length: int, max_new_tokens: int):
+        """[`check_generation_budget`] of image generation: the prompt (+ `[IMG]`), the visual tokens and `[/IMG]`,
+        for every image of every prompt, twice with guidance (the unconditional rows)."""
+        rows = batch_size * settings.num_images_per_prompt * (1 if settings.guidance_scale == 1 else 2)
+        check_generation_budget(self.config.text_config, prompt_length + 1, max_new_tokens + 1, rows,
+                                self.dtype.itemsize, self.device, what="generate_image_tokens")
 
     def _image_generation_batch(
         self, input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,
@@ -715,7 +711,6 @@ __all__ = [
     "LaVITPixelDecodingMixin",
     "RowSeededSamplingLogitsProcessor",
     "SuppressImageTokensLogitsProcessor",
-    "check_sampling_arguments",
     "left_padded",
     "row_generators",
     "row_seeded_sampling_processors",

@@ -46,6 +46,7 @@ from .image_placeholders_lavit import (
 )
 from .modeling_lavit_tokenizer import LaVITFeaturesOutput, LaVITTokenizerModel, build_token_merger, kept_token_fields
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
+from .validation_lavit import check_generation_budget
 
 logger = logging.get_logger(__name__)
 
@@ -613,14 +614,14 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             return self._image_sequences(input_ids, tokens)
         # 1. logits processors: no image ids in text; with `generator`, the warpers and one stream per row
         logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        logits_processor.append(
-            SuppressImageTokensLogitsProcessor(self.config.text_vocab_size, self.config.visual_token_end)
-        )
+        config = self.config
+        logits_processor.append(SuppressImageTokensLogitsProcessor(config.text_vocab_size, config.visual_token_end))
         generator = kwargs.pop("generator", None)
         if generator is not None:
             logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
         kwargs["logits_processor"] = logits_processor
-        # 2. decode from left-padded ids (text) or from the expanded prompt's embeddings (images)
+        # 2. bound the request, then decode from left-padded ids (text) or the expanded prompt's embeddings (images)
+        self.check_text_generation_budget(input_ids, kwargs)
         if not self.model.has_image_inputs(input_ids, pixel_values):
             if pixel_values is not None:  # images without ids to place them: the forward's clear error
                 check_input_kinds(input_ids, kwargs.get("inputs_embeds"), pixel_values, False)
@@ -635,11 +636,33 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
                 inputs_embeds=kwargs.pop("inputs_embeds", None),
             )
+            self.check_text_generation_budget(prepared.inputs_embeds, kwargs)
             outputs = super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                        prompt_embeds=prepared.inputs_embeds, **kwargs)
             new_tokens_from = 0
         # 3. the returned sequences start with the given ids, as for text-only models
         return _with_prompt_ids(outputs, input_ids, new_tokens_from)
+
+    def check_text_generation_budget(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
+        """[`check_generation_budget`] of a text `generate` call before anything is allocated: `prompt` (ids or
+        embeddings, `(batch, length, ...)`; default: `kwargs["inputs_embeds"]`), its new tokens resolved from
+        `kwargs` (or the generation config) as transformers resolves them, and its rows
+        `batch x max(num_beams, num_return_sequences)`."""
+        prompt = prompt if prompt is not None else kwargs.get("inputs_embeds")
+        if prompt is None:
+            return
+        batch_size, prompt_length = prompt.shape[:2]
+        config = kwargs.get("generation_config") or self.generation_config
+
+        def setting(name):
+            return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+
+        max_new_tokens = setting("max_new_tokens")
+        if max_new_tokens is None:  # `max_length` counts the prompt
+            max_new_tokens = max((setting("max_length") or 20) - prompt_length, 1)
+        rows = batch_size * max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
+        check_generation_budget(self.config.text_config, prompt_length, max_new_tokens, rows,
+                                self.dtype.itemsize, self.device, what="generate")
 
     # ----------------------------------------------------------------------------------------------- construction
 

@@ -22,6 +22,7 @@ from transformers.utils.logging import tqdm
 
 from .configuration_lavit import LaVITDetokenizerConfig
 from .modeling_lavit_tokenizer import LaVITFeatureDecoder
+from .validation_lavit import GUIDANCE_SCALE, Range, check_memory
 
 try:
     import diffusers
@@ -410,17 +411,18 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         Raises `ValueError` on sizes that are not positive multiples of `size_multiple`, an unknown `output_type`,
         `latents` of the wrong shape and invalid code ids / counts.
         """
-        # 1. check inputs (the code ids and counts are checked by `get_conditions`)
+        # 1. check inputs and what they will allocate (the code ids and counts are checked by `get_conditions`)
         config = self.config
-        height = height or config.image_size
-        width = width or config.image_size
-        multiple = self.size_multiple
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        height = config.image_size if height is None else height
+        width = config.image_size if width is None else width
+        num_inference_steps = num_inference_steps or config.num_inference_steps
+        guidance_scale = GUIDANCE_SCALE.check("guidance_scale", config.guidance_scale if guidance_scale is None
+                                              else guidance_scale)
+        self.check_decode_request(height, width, num_inference_steps, len(token_counts) * (1 + (guidance_scale != 1)),
+                                  scheduler or self.scheduler)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         # 2. conditions, initial latents, sampling loop, output
-        guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
         conditions = self.get_conditions(code_ids, token_counts)
         batch_size = conditions.prompt_embeds.shape[0]
         latent_shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
@@ -429,10 +431,31 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
             functools.partial(self.predict_noise, height=height, width=width), scheduler or self.scheduler,
             prepare_latents(latent_shape, generator, latents, self.device, self.unet.dtype), conditions,
             self.negative_conditions(batch_size, conditions.prompt_embeds.dtype) if guidance_scale != 1.0 else None,
-            num_inference_steps=num_inference_steps or config.num_inference_steps, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             batch_guidance=batch_guidance, generator=generator, show_progress=show_progress,
         )
         return self.postprocess(latents, output_type)
+
+    def check_decode_request(self, height, width, num_inference_steps, unet_rows: int, scheduler) -> None:
+        """
+        Bounds a `decode` request before anything is allocated: sides that are multiples of `size_multiple` up to
+        twice `config.image_size` (the stated limit: the UNet was trained at that size), at most the scheduler's
+        training timesteps as steps, and the memory of `unet_rows` UNet rows at that size (the pixels and the
+        feature maps of the UNet's first block, a lower bound) against the memory there is.
+        """
+        multiple, limit = self.size_multiple, 2 * self.config.image_size
+        side = Range(multiple, limit, integer=True, note=f"a multiple of {multiple}, at most 2 x image_size")
+        for name, value in (("height", height), ("width", width)):
+            if not side.contains(value) or value % multiple:
+                raise ValueError(f"{name} must be {side.describe()}, got {value!r}")
+        train_timesteps = getattr(scheduler.config, "num_train_timesteps", None)
+        Range(1, train_timesteps, integer=True, note="the scheduler's training timesteps").check(
+            "num_inference_steps", num_inference_steps)
+        latent_pixels = (height // self.vae_scale_factor) * (width // self.vae_scale_factor)
+        feature_bytes = latent_pixels * self.unet.config.block_out_channels[0] * 4 * self.unet.dtype.itemsize
+        check_memory(f"decoding {unet_rows} UNet rows of {height}x{width} pixels",
+                     unet_rows * (3 * height * width * 4 + feature_bytes), self.device,
+                     "decode fewer images at once, or smaller ones")
 
     def postprocess(self, latents: torch.Tensor, output_type: str = "pil"):
         """Final latents -> `output_type`: themselves (`"latent"`), (B, 3, H, W) images in [0, 1] (`"pt"`) or PIL

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .attention_lavit import LaVITAttentionLayer, PaddedLayout, official_leaky_attention, sdpa_attention
 from .configuration_lavit import SELECTION_MODES, LaVITTokenizerConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
+from .validation_lavit import OPEN_FRACTION, POSITIVE_INT, Choice, check_arguments
 
 
 @dataclass
@@ -738,16 +739,15 @@ def check_keep_mask(keep_mask, batch_size: int, num_patches: int) -> torch.BoolT
     return keep_mask
 
 
+# the declared ranges of the image-selection arguments (`tokenize`, `image_selection={...}` of the LaVIT model)
+SELECTION_RANGES = {"mode": Choice(SELECTION_MODES), "max_tokens": POSITIVE_INT, "keep_ratio": OPEN_FRACTION}
+
+
 def check_selection_arguments(mode: str | None, max_tokens: int | None, keep_ratio: float | None) -> None:
-    """Raises `ValueError` for both budgets at once, a budget out of range or an unknown `mode`."""
+    """Raises `ValueError` for both budgets at once, or an argument out of its range in `SELECTION_RANGES`."""
     if max_tokens is not None and keep_ratio is not None:
         raise ValueError("give at most one of max_tokens and keep_ratio")
-    if keep_ratio is not None and not 0 < keep_ratio <= 1:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    if mode and mode not in SELECTION_MODES:
-        raise ValueError(f"mode must be 'deterministic' or 'sample', got {mode!r}")
+    check_arguments(SELECTION_RANGES, {"mode": mode or None, "max_tokens": max_tokens, "keep_ratio": keep_ratio})
 
 
 def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count: int, device):

@@ -19,6 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lavit.modeling.validation_lavit import (
+    EPSILON,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    OPEN_FRACTION,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    PROBABILITY,
+    SEED,
+    Choice,
+    Range,
+    check_arguments,
+)
 from transformers import HfArgumentParser, TrainingArguments
 
 from lavit.atomic import require_lavit_folder
@@ -27,6 +40,40 @@ from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PATH_ROLE, PATH_TYPES, check_
 
 from .presets import preset_field
 from .sequences import SEQUENCE_ORDERS
+
+# a field's declared range: `field(metadata={"range": Range(...)})`; the parser makes it the flag's `type=` and checks
+# the parsed dataclasses with it (config files too)
+RANGE = "range"
+LEARNING_RATE = Range(0, 10)
+STEPS = Range(1, 2**31 - 1, integer=True)
+BATCH_SIZE = Range(1, 2**20, integer=True)
+# the ranges of the Trainer's own numeric options (transformers.TrainingArguments), declared here as lavit passes them
+TRAINER_RANGES = {
+    "per_device_train_batch_size": BATCH_SIZE, "per_device_eval_batch_size": BATCH_SIZE,
+    "num_train_epochs": Range(0, 1e6, low_open=True), "learning_rate": LEARNING_RATE,
+    "max_steps": Range(1, 2**31 - 1, integer=True, also=(-1,), note="-1: train for --num_train_epochs"),
+    "warmup_steps": Range(0, note="a number < 1: a fraction of training"), "weight_decay": NON_NEGATIVE_FLOAT,
+    "adam_beta1": Range(0, 1, high_open=True), "adam_beta2": Range(0, 1, high_open=True), "adam_epsilon": EPSILON,
+    "gradient_accumulation_steps": BATCH_SIZE, "max_grad_norm": NON_NEGATIVE_FLOAT,
+    "label_smoothing_factor": Range(0, 1, high_open=True), "neftune_noise_alpha": POSITIVE_FLOAT,
+    "torch_empty_cache_steps": STEPS, "logging_steps": POSITIVE_FLOAT, "eval_steps": POSITIVE_FLOAT,
+    "eval_delay": NON_NEGATIVE_FLOAT, "eval_accumulation_steps": STEPS, "save_steps": POSITIVE_FLOAT,
+    "save_total_limit": POSITIVE_INT, "seed": SEED, "data_seed": SEED,
+    "dataloader_num_workers": Range(0, 1024, integer=True),
+    "dataloader_prefetch_factor": Range(1, 1024, integer=True), "ddp_bucket_cap_mb": Range(1, 2**20, integer=True),
+    "ddp_timeout": Range(1, 10**9, integer=True, note="seconds"), "local_rank": Range(-1, integer=True),
+}
+
+
+def declared_range(data_field: dataclasses.Field):
+    """The `Range`/`Choice` of a stage argument: its field's `range` metadata, or the Trainer option's."""
+    return data_field.metadata.get(RANGE, TRAINER_RANGES.get(data_field.name))
+
+
+def check_argument_ranges(arguments) -> None:
+    """Raises `ValueError` naming the first field of the dataclass `arguments` outside its declared range."""
+    check_arguments({data_field.name: spec for data_field in dataclasses.fields(arguments)
+                     if (spec := declared_range(data_field)) is not None}, vars(arguments))
 
 
 @dataclass
@@ -51,6 +98,7 @@ class LaVITTrainingArguments(TrainingArguments):
         "Folder of the run: checkpoints, logs.jsonl and the final model (`final/`)."))
 
     def __post_init__(self):
+        check_argument_ranges(self)  # before transformers' own checks, which name fewer ranges
         super().__post_init__()
         # the run ends by replacing `output_dir/final`: a folder there that lavit did not make is refused now, not
         # after the training
@@ -68,9 +116,13 @@ class DataArguments:
                                                              "(needs --max_steps)."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (found automatically)."})
     text_column: str | None = field(default=None, metadata={"help": "Text column (found automatically)."})
-    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records.",
+                                                            RANGE: POSITIVE_INT})
     resume: str = path_field(CHECKPOINT, default="auto", help="'auto': continue from the latest complete checkpoint "
                                                               "in output_dir; 'no': start fresh; or a checkpoint path.")
+
+    def __post_init__(self):
+        check_argument_ranges(self)  # every stage's arguments, from flags, config files or Python
 
 
 @dataclass
@@ -82,7 +134,7 @@ class SequenceArguments(DataArguments):
     packed_row_length: int | None = field(default=None, metadata={
         "help": "Packed mode: the most tokens per row; 0 puts all segments of a batch in one row. Default: one row "
                 "for flex_attention/flash attention (they skip masked blocks), else --max_length (SDPA and eager "
-                "compute every pair of a row)."})
+                "compute every pair of a row).", RANGE: NON_NEGATIVE_INT})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel of the LM: 'sdpa' (default), 'flex_attention', 'flash_attention_2', 'eager'."})
 
@@ -133,9 +185,11 @@ class TokenizerTrainingArguments(DataArguments):
         "A transformers vision model (folder or Hub id, e.g. a CLIP/SigLIP vision tower) to use as the "
         "frozen encoder of a new tokenizer."))
     quantizer_start_step: int = field(default=0, metadata={
-        "help": "Steps trained without quantization before VQ (k-means init + EMA) is switched on."})
+        "help": "Steps trained without quantization before VQ (k-means init + EMA) is switched on.",
+        RANGE: NON_NEGATIVE_INT})
     crop_scale: float = field(default=0.5, metadata={
-        "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
+        "help": "Random crops keep between this fraction and all of the image area (1 disables crops).",
+        RANGE: OPEN_FRACTION})
     preset: str | None = preset_field("tokenizer")
 
 
@@ -146,16 +200,21 @@ class PretrainingArguments(SequenceArguments):
     language_model: str | None = path_field(INPUT, default=None, help="A causal LM folder or Hub id (new model).")
     text_tokenizer: str | None = path_field(INPUT, default=None, help="Text tokenizer (default: the LM's).")
     text_data: str | None = path_field(INPUT, default=None, help="Text-only corpus mixed into the pairs.")
-    text_ratio: float = field(default=0.0, metadata={"help": "Fraction of text-only records in the mixture."})
-    max_length: int = field(default=2048, metadata={"help": "Tokens per packed row, visual tokens included."})
+    text_ratio: float = field(default=0.0, metadata={"help": "Fraction of text-only records in the mixture.",
+                                                     RANGE: Range(0, 1, high_open=True)})
+    max_length: int = field(default=2048, metadata={"help": "Tokens per packed row, visual tokens included.",
+                                                    RANGE: POSITIVE_INT})
     order: str = field(default="random", metadata={"help": f"Pair order: one of {SEQUENCE_ORDERS}; 'random' draws "
-                                                          f"each pair's order anew every epoch from --seed."})
-    image_to_text_ratio: float = field(default=0.5, metadata={"help": "P(image-to-text) with order=random."})
+                                                          f"each pair's order anew every epoch from --seed.",
+                                                   RANGE: Choice(SEQUENCE_ORDERS)})
+    image_to_text_ratio: float = field(default=0.5, metadata={"help": "P(image-to-text) with order=random.",
+                                                              RANGE: PROBABILITY})
     image_token_estimate: int | None = field(default=None, metadata={
         "help": "Tokens counted per image whose count is unknown (not pre-tokenized) while packing; default: all "
-                "patches (rows never exceed max_length)."})
+                "patches (rows never exceed max_length).", RANGE: POSITIVE_INT})
     visual_learning_rate: float | None = field(default=1e-4, metadata={
-        "help": "Learning rate of the visual modules and visual vocabulary rows (the LM uses --learning_rate)."})
+        "help": "Learning rate of the visual modules and visual vocabulary rows (the LM uses --learning_rate).",
+        RANGE: LEARNING_RATE})
     preset: str | None = preset_field("pretrain")
 
 
@@ -163,18 +222,21 @@ class PretrainingArguments(SequenceArguments):
 class FinetuningArguments(SequenceArguments):
     model: str = path_field(INPUT, default=None, help="The LaVIT model folder (or Hub id) to fine-tune.")
     task: str = field(default="caption", metadata={"help": "'caption' (image, text), 'vqa' (image, question, "
-                                                           "answer) or 'chat' (messages, images)."})
-    max_length: int = field(default=512, metadata={"help": "Text tokens per example (before visual tokens)."})
+                                                           "answer) or 'chat' (messages, images).",
+                                                   RANGE: Choice(("caption", "vqa", "chat"))})
+    max_length: int = field(default=512, metadata={"help": "Text tokens per example (before visual tokens).",
+                                                   RANGE: POSITIVE_INT})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     qlora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit LM (bitsandbytes, CUDA only)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", RANGE: POSITIVE_INT})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator.", RANGE: POSITIVE_INT})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout.", RANGE: Range(0, 1, high_open=True)})
     lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
         "help": "Adapted modules: comma-separated names (of the language model only) or a regex over full names."})
     merge_lora: bool = field(default=True, metadata={"help": "Merge the adapters into the final checkpoint."})
     visual_learning_rate: float | None = field(default=None, metadata={
-        "help": "Learning rate of the visual modules and rows in full fine-tuning (default: --learning_rate)."})
+        "help": "Learning rate of the visual modules and rows in full fine-tuning (default: --learning_rate).",
+        RANGE: LEARNING_RATE})
     preset: str | None = preset_field("finetune")
 
 
@@ -189,12 +251,14 @@ class DetokenizerTrainingArguments(DataArguments):
         "A diffusers folder whose unet/, vae/ and scheduler/ replace the new detokenizer's (e.g. SDXL)."))
     train_feature_decoder: bool = field(default=False, metadata={
         "help": "Also train the feature decoder (copied from the tokenizer; frozen by default)."})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the trained weights (0 turns EMA off)."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the trained weights (0 turns EMA off).",
+                                                       RANGE: Range(0, 1, high_open=True)})
     crop_scale: float = field(default=1.0, metadata={
-        "help": "Random crops keep between this fraction and all of the image area (1 disables crops)."})
+        "help": "Random crops keep between this fraction and all of the image area (1 disables crops).",
+        RANGE: OPEN_FRACTION})
     vae_steps: int = field(default=0, metadata={
         "help": "Fit the VAE to the images for N steps before the diffusion training: for small experiments "
-                "without a pretrained VAE (a random VAE decodes any latent to noise)."})
+                "without a pretrained VAE (a random VAE decodes any latent to noise).", RANGE: NON_NEGATIVE_INT})
 
 
 @dataclass
@@ -202,7 +266,7 @@ class PreprocessArguments(DataArguments):
     visual_tokenizer: str = path_field(INPUT, default=None, help=(
         "A tokenizer folder, or a LaVIT model folder (its visual_tokenizer is used)."))
     output: str = path_field(OUTPUT, default=None, help="Folder to write the pre-tokenized dataset to.")
-    batch_size: int = field(default=64, metadata={"help": "Images per tokenizer batch."})
+    batch_size: int = field(default=64, metadata={"help": "Images per tokenizer batch.", RANGE: BATCH_SIZE})
     device: str | None = field(default=None, metadata={"help": "Device of the tokenizer (default: cuda if any)."})
 
 
@@ -237,6 +301,7 @@ class LaVITArgumentParser(HfArgumentParser):
         """
         enable_stack_dumps()
         args = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        # a config file skips the flags' `type=`: the dataclasses check their declared ranges themselves
         if len(args) == 1 and args[0].endswith(".json"):
             parsed = self.parse_json_file(args[0])
         elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
@@ -248,17 +313,28 @@ class LaVITArgumentParser(HfArgumentParser):
         return parsed
 
     @staticmethod
-    def _parse_dataclass_field(parser, field: dataclasses.Field):
-        """A field declared with a path role (`lavit.paths.path_field`) becomes an argument of the role's type
-        (`InputPath`, ...), so that `lavit.paths.path_role` reads the role of every parser's arguments alike."""
-        role = field.metadata.get(PATH_ROLE)
-        if role is None:
-            return HfArgumentParser._parse_dataclass_field(parser, field)
-        plain = copy.copy(field)  # HfArgumentParser passes the metadata on to `add_argument`, which knows no role
-        plain.metadata = types.MappingProxyType({key: value for key, value in field.metadata.items()
-                                                 if key != PATH_ROLE})
-        HfArgumentParser._parse_dataclass_field(parser, plain)
-        next(action for action in reversed(parser._actions) if action.dest == field.name).type = PATH_TYPES[role]
+    def _parse_dataclass_field(parser, data_field: dataclasses.Field):
+        """HfArgumentParser's flag for `data_field`, with the field's declaration as the flag's `type=`: a path role
+        (`lavit.paths.path_field`) becomes the role's type (`InputPath`, ...), so `lavit.paths.path_role` reads every
+        parser's arguments alike; a declared range (`validation_lavit.Range`) checks the value."""
+        role = data_field.metadata.get(PATH_ROLE)
+        spec = declared_range(data_field)
+        HfArgumentParser._parse_dataclass_field(parser, _without_declarations(data_field))
+        if role is not None:
+            parser._option_string_actions[f"--{data_field.name}"].type = PATH_TYPES[role]
+        elif spec is not None:
+            parser._option_string_actions[f"--{data_field.name}"].type = spec
+
+
+def _without_declarations(data_field: dataclasses.Field) -> dataclasses.Field:
+    """A copy of `data_field` whose metadata lacks lavit's declarations (path role, range): HfArgumentParser passes
+    the metadata on to `add_argument`, which knows neither."""
+    if PATH_ROLE not in data_field.metadata and RANGE not in data_field.metadata:
+        return data_field
+    copied = copy.copy(data_field)
+    copied.metadata = types.MappingProxyType({key: value for key, value in data_field.metadata.items()
+                                              if key not in (PATH_ROLE, RANGE)})
+    return copied
 
 
 def make_stage_parser(dataclass_types: tuple, subparsers: argparse._SubParsersAction | None, command: str,

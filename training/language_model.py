@@ -9,10 +9,18 @@ for small data on a CPU. Its weights are random: it learns language only from th
 from pathlib import Path
 
 import torch
+from lavit.modeling.validation_lavit import SEED, Range, check_arguments
 
 from lavit.atomic import fresh_staging_folder, replace_folder
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+# the declared ranges of `write_small_language_model`'s sizes (also the `type=` of `lavit new-language-model`'s flags)
+SIZE_RANGES = {
+    "vocab_size": Range(len(SPECIAL_TOKENS) + 1, 2**24, integer=True, note="the special tokens and at least one more"),
+    "hidden_size": Range(2, 2**16, integer=True), "num_hidden_layers": Range(1, 1024, integer=True),
+    "num_attention_heads": Range(2, 1024, integer=True, note="an even number that divides hidden_size"),
+    "max_position_embeddings": Range(1, 2**20, integer=True), "seed": SEED,
+}
 VQA_TEXT = "Question: {question} Answer: {answer}"  # the fine-tuning template (`training.data.VQA_TEMPLATE`)
 
 
@@ -39,11 +47,15 @@ def write_small_language_model(
         max_position_embeddings: the longest row the LM reads, visual tokens included.
         seed: seed of the random weights.
     Raises:
-        ValueError: `texts` holds no text, or the sizes do not fit (`hidden_size` not divisible by the heads).
+        ValueError: `texts` holds no text, a size outside its range in `SIZE_RANGES`, or sizes that do not fit
+            (`hidden_size` not divisible by the heads).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    check_arguments(SIZE_RANGES, {"vocab_size": vocab_size, "hidden_size": hidden_size, "seed": seed,
+                                  "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
+                                  "max_position_embeddings": max_position_embeddings})
     texts = [text.strip() for text in texts if isinstance(text, str) and text.strip()]
     if not texts:
         raise ValueError("write_small_language_model needs at least one non-empty text to train its tokenizer on")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lavit.atomic import write_json_atomically
+from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields
 
 from .data import EvalSample, check_samples, load_image
 from .metrics import caption_metrics, clip_score, clip_similarities, fid_score, vqa_metrics
@@ -71,11 +72,13 @@ class EvalConfig:
     dataset_type: str = "custom"
     split: str | None = None
 
+    # the declared range of every numeric or choice field (the `lavit evaluate` flags declare the same)
+    field_ranges = {"task": Choice(tuple(TASK_TYPES)), "vqa_metric": Choice(("vqa_accuracy", "exact_match")),
+                    "batch_size": Range(1, 2**20, integer=True), "seed": SEED,
+                    "num_candidates": Range(1, 1024, integer=True)}
+
     def __post_init__(self):
-        if self.task not in TASK_TYPES:
-            raise ValueError(f"task must be one of {list(TASK_TYPES)}, got {self.task!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_fields(self, self.field_ranges)
         if self.num_candidates < 1 or (self.num_candidates > 1 and not self.clip_model):
             raise ValueError(f"num_candidates must be 1, or more with a clip_model to pick among them; got "
                              f"{self.num_candidates} with clip_model={self.clip_model!r}")

@@ -201,14 +201,14 @@ def test_unknown_image_generation_arguments_raise(lavit_model, lavit_processor):
         lavit_model.generate_image_tokens(**prompt, generation_config=lavit_model.generation_config)
     with pytest.raises(TypeError, match="num_beams"):
         LaVITImageGenerationConfig(num_beams=2)
-    with pytest.raises(ValueError, match="cache_implementation must be 'dynamic' or 'static', got 'paged'"):
+    with pytest.raises(ValueError, match=r"cache_implementation must be one of \['dynamic', 'static'\], got 'paged'"):
         LaVITImageGenerationConfig(cache_implementation="paged")
-    with pytest.raises(ValueError, match="image_inputs must be 'features' or 'codes'"):
+    with pytest.raises(ValueError, match="image_inputs must be one of"):
         LaVITImageGenerationConfig(image_inputs="pixels")
-    with pytest.raises(ValueError, match="num_images_per_prompt must be at least 1"):
+    with pytest.raises(ValueError, match="num_images_per_prompt must be an integer >= 1, got 0"):
         LaVITImageGenerationConfig(num_images_per_prompt=0)
-    with pytest.raises(ValueError, match="max_new_tokens must be in"):
-        LaVITImageGenerationConfig(max_new_tokens=0).token_limits(16)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, or None, got 0"):
+        LaVITImageGenerationConfig(max_new_tokens=0)
     assert LaVITImageGenerationConfig().token_limits(16) == (16, 16)
     assert LaVITImageGenerationConfig().token_limits(256) == (20, 256)
 

@@ -84,8 +84,9 @@ def test_selection_helpers_on_hand_made_probabilities():
     assert fields["token_counts"].tolist() == [1, 1] and fields["keep_mask"].tolist() == forced.bool().tolist()
     torch.testing.assert_close(fields["keep_probs"], keep_probs)
     assert not any(tensor.requires_grad for tensor in fields.values())
-    for arguments, message in (((None, 0, None), "at least 1"), ((None, None, 1.5), r"\(0, 1\]"),
-                               (("random", None, None), "mode"), ((None, 3, 0.5), "at most one")):
+    for arguments, message in (((None, 0, None), "max_tokens must be an integer >= 1"),
+                               ((None, None, 1.5), r"\(0, 1\]"), (("random", None, None), "mode"),
+                               ((None, 3, 0.5), "at most one")):
         with pytest.raises(ValueError, match=message):
             check_selection_arguments(*arguments)
 

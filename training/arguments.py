@@ -56,7 +56,9 @@ class DataArguments:
     text_column: str | None = field(default=None, metadata={"help": "Text column (found automatically)."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
     resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint in "
-                                                          "output_dir; 'no': start fresh; or a checkpoint path."})
+                                                          "output_dir (made by this same run); 'no': start fresh; "
+                                                          "'weights_only': also a checkpoint without optimizer state "
+                                                          "(save_only_model); or a checkpoint path."})
 
 
 @dataclass

@@ -62,7 +62,7 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     adapters = script_args.lora or script_args.qlora
     merge = adapters and script_args.merge_lora and not script_args.qlora
     warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
-    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
+    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
                           None if adapters else script_args.visual_learning_rate, callbacks=[warning],
                           merge_adapters=merge)
 

@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lavit.atomic import fresh_staging_folder, replace_folder
 
 from .callbacks import DataEpochCallback, JsonlLoggerCallback
-from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resolve_resume
+from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
 from .collators import expand_compact_images
 from .data import BadRecordCounter
 
@@ -324,12 +324,11 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
     return final_dir
 
 
-def train_and_save(model, processor, training_args, dataset, collator, counter=None, resume="auto",
+def train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
                    visual_learning_rate=None, callbacks=(), merge_adapters=False) -> Path:
     """The common end of the LM stages: a `LaVITTrainer` with JSONL and skipped-record logging (`counter`: the
-    records skipped while loading; those of the batches are added to it), training resumed from the latest complete
-    checkpoint when asked, and the final Hub-ready folder."""
-    counter = counter if counter is not None else BadRecordCounter()
+    records skipped while loading; those of the batches are added to it), training resumed as `script_args.resume`
+    asks (in an output folder tied to this run, see [`resumable_run`]), and the final Hub-ready folder."""
     trainer = LaVITTrainer(
         model=model,
         args=training_args,
@@ -340,5 +339,6 @@ def train_and_save(model, processor, training_args, dataset, collator, counter=N
         skip_counter=counter,
         callbacks=[JsonlLoggerCallback(), *callbacks],
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(resume, training_args.output_dir))
-    return save_final(trainer, training_args.output_dir, processor, merge_adapters=merge_adapters)
+    with resumable_run(script_args, training_args) as resume:
+        trainer.train(resume_from_checkpoint=resume)
+        return save_final(trainer, training_args.output_dir, processor, merge_adapters=merge_adapters)

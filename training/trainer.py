@@ -34,7 +34,7 @@ from lavit.atomic import fresh_staging_folder, replace_folder
 from .callbacks import DataEpochCallback, JsonlLoggerCallback
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
 from .collators import expand_compact_images
-from .data import BadRecordCounter
+from .data import BadRecordCounter, WorkerBatches
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,14 @@ class LaVITTrainer(Trainer):
         self._metric_counts: dict[str, int] = {}
         self.skip_counter = skip_counter if skip_counter is not None else BadRecordCounter()
         self._skipped_here = 0  # bad records in this process's batches (plus, on rank 0, those of the checkpoint)
+        streamed = isinstance(kwargs.get("train_dataset"), torch.utils.data.IterableDataset)
+        if streamed and kwargs.get("args") is not None and kwargs["args"].accelerator_config.dispatch_batches is None:
+            # every process reads the stream itself: accelerate's dispatcher concatenates the batches of all
+            # processes, which rows of different lengths (and the 0-d `skipped_records`) cannot be
+            kwargs["args"].accelerator_config.dispatch_batches = False
         super().__init__(*args, **kwargs)
+        if streamed:  # whole batches per dataloader worker: the batches of the run without workers
+            self.train_dataset = WorkerBatches(self.train_dataset, self.args.train_batch_size)
         if self.is_deepspeed_enabled:
             check_extension_locks()
         if hasattr(self.train_dataset, "set_epoch"):

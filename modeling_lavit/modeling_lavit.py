@@ -481,6 +481,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        self.check_item_count(input_ids, attention_mask, labels, num_items_in_batch)
         shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
             raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
@@ -506,6 +507,26 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             image_token_counts=outputs.image_token_counts, **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
+
+    def check_item_count(self, input_ids, attention_mask, labels, num_items_in_batch) -> None:
+        """
+        Raises when `num_items_in_batch` cannot be the number of targets: it is counted from the `labels` given (by
+        `transformers.Trainer`), but a compact `[IMG][/IMG]` span with a supervised `[IMG]` gets its visual targets
+        here, so the loss would be divided by too few items (about 3x off with the default processor). Fixes: a
+        processor that writes expanded spans (`processor.set_visual_tokenizer(model)`), or `LaVITTrainer`, which
+        expands before counting.
+        """
+        if num_items_in_batch is None or labels is None or input_ids is None:
+            return
+        spans = find_image_spans(input_ids, attention_mask, self.config)
+        compact = (spans.lengths == 0) & (labels[spans.rows, spans.starts] != -100)
+        if bool(compact.any()):
+            raise ValueError(
+                f"num_items_in_batch counts only the labels given, but {int(compact.sum())} image(s) of this batch "
+                f"are compact [IMG][/IMG] placeholders whose visual targets the model adds, so the loss would be "
+                f"divided by too few targets. Write expanded image spans with processor.set_visual_tokenizer(model) "
+                f"(then transformers.Trainer and TRL count every target), or train with "
+                f"lavit.training.trainer.LaVITTrainer")
 
     def next_token_loss(self, logits, labels, num_items_in_batch=None, loss_modalities="both", shift_labels=None):
         """
@@ -631,6 +652,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             outputs = super().generate(input_ids=left_ids, attention_mask=left_mask, **kwargs)
             new_tokens_from = input_ids.shape[1]
         else:
+            # lengths in the units the user sees: the ids given plus new tokens, not the hidden visual tokens
+            kwargs.update(lengths_in_given_ids(kwargs, self.generation_config, input_ids.shape[1]))
             prepared = self.model.prepare_multimodal_inputs(
                 input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
                 inputs_embeds=kwargs.pop("inputs_embeds", None),
@@ -687,6 +710,34 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 old_head = language_model.get_output_embeddings().weight
                 _extend_rows(model.lm_head.weight, old_head[:text_vocab_size], std)
         return model
+
+
+def lengths_in_given_ids(kwargs: dict, default_config, prompt_length: int) -> dict:
+    """
+    `max_length` and `min_length` as the user counts them, as `max_new_tokens` / `min_new_tokens`: the returned
+    sequences hold the `prompt_length` ids the user gave (compact `[IMG][/IMG]` spans, padding included, as for
+    text-only models) plus the new tokens. Decoding starts from embeddings that also hold each image's visual tokens,
+    which `transformers` would count against `max_length` (a 20-token limit gave 9 ids, a 10-token one an error).
+    Each setting is taken from `kwargs`, then `kwargs["generation_config"]`, then `default_config`; lengths given as
+    new tokens are left alone. Returns the settings to update (`max_length`/`min_length` become None).
+    """
+    def setting(name):
+        sources = (kwargs.get(name), getattr(kwargs.get("generation_config"), name, None),
+                   getattr(default_config, name, None))
+        return next((value for value in sources if value is not None), None)
+
+    updates = {}
+    max_length = setting("max_length")
+    if setting("max_new_tokens") is None and max_length is not None:
+        if max_length <= prompt_length:
+            raise ValueError(f"max_length={max_length} leaves no room after the prompt's {prompt_length} ids (an "
+                             f"image counts as its [IMG] [/IMG] pair, not its visual tokens); give a larger "
+                             f"max_length, or max_new_tokens")
+        updates.update(max_new_tokens=max_length - prompt_length, max_length=None)
+    min_length = setting("min_length")
+    if setting("min_new_tokens") is None and min_length:
+        updates.update(min_new_tokens=max(0, min_length - prompt_length), min_length=None)
+    return updates
 
 
 def _with_prompt_ids(outputs, input_ids: torch.LongTensor, new_tokens_from: int):

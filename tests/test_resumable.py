@@ -274,3 +274,38 @@ def test_a_checkpoint_saved_without_optimizer_state_is_resumed_only_when_asked(c
         driver.run(tmp_path / "out", save_only_model=True)
     driver.run(tmp_path / "out", save_only_model=True, resume="weights_only")
     assert "weights_only" in caplog.text and (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ ids
+
+
+@pytest.mark.parametrize("image_ids, caption_ids", [(["a1", "b2"], ["a1", "b2"]), ([1, 2], ["1", "2"]),
+                                                    (["1", "2"], [1, 2]), ([1, 2], [1, 2])])
+def test_coco_ids_of_any_type_keep_their_captions(tmp_path, image_ids, caption_ids):
+    from lavit.evaluation.data import read_coco_captions, read_vqav2
+
+    coco = {"images": [{"id": key, "file_name": f"{index}.jpg"} for index, key in enumerate(image_ids)],
+            "annotations": [{"image_id": key, "caption": f"caption of {index}"}
+                            for index, key in enumerate(caption_ids)]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    samples = read_coco_captions(tmp_path / "coco.json", tmp_path)
+    assert [sample.references for sample in samples] == [["caption of 0"], ["caption of 1"]]
+    assert [sample.id for sample in samples] == [str(key) for key in image_ids]
+    questions = {"data_subtype": "val2014", "questions": [{"question_id": key, "image_id": 7, "question": "q?"}
+                                                          for key in image_ids]}
+    answers = {"annotations": [{"question_id": key, "answers": [{"answer": f"answer {index}"}]}
+                               for index, key in enumerate(caption_ids)]}
+    (tmp_path / "questions.json").write_text(json.dumps(questions))
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    samples = read_vqav2(tmp_path / "questions.json", tmp_path / "answers.json", tmp_path)
+    assert [sample.references for sample in samples] == [["answer 0"], ["answer 1"]]
+
+
+def test_every_id_gets_its_own_image_file():
+    from lavit.evaluation.runner import image_file_name
+
+    ids = ["a/b", "a_b", "a b", "a?b", "x", ".x", "_x", "COCO_val2014_000000000042", "../up", "..", "é", "e"]
+    names = [image_file_name(key) for key in ids]
+    assert len(set(names)) == len(ids), names
+    assert all("/" not in name and not name.startswith(".") for name in names), names
+    assert image_file_name("COCO_val2014_000000000042") == "COCO_val2014_000000000042.png"  # plain ids stay readable

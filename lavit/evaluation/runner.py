@@ -278,8 +278,8 @@ def predict_vqa(model, processor, batch: list[EvalSample], config: EvalConfig, i
 def image_file_name(sample_id: str) -> str:
     """A file name per id, one-to-one: an id that is not a plain file name (`/`, spaces, ...) gets a hash of itself
     after its cleaned form, so `a/b` and `a_b` never share a file."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)
-    if name != sample_id or name.startswith("."):
+    name = re.sub(r"^\.|[^A-Za-z0-9._-]", "_", sample_id)  # no hidden files, no folders
+    if name != sample_id:
         name = f"{name}-{hashlib.sha256(sample_id.encode()).hexdigest()[:12]}"
     return name + ".png"
 

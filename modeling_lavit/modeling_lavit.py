@@ -480,8 +480,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 `labels`.
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        self.check_item_count(input_ids, attention_mask, labels, num_items_in_batch)
+        num_items_in_batch = self.checked_item_count(input_ids, attention_mask, labels, kwargs.pop("num_items_in_batch",
+                                                                                                    None))
         shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
             raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
@@ -508,16 +508,16 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
 
-    def check_item_count(self, input_ids, attention_mask, labels, num_items_in_batch) -> None:
+    def checked_item_count(self, input_ids, attention_mask, labels, num_items_in_batch):
         """
-        Raises when `num_items_in_batch` cannot be the number of targets: it is counted from the `labels` given (by
-        `transformers.Trainer`), but a compact `[IMG][/IMG]` span with a supervised `[IMG]` gets its visual targets
-        here, so the loss would be divided by too few items (about 3x off with the default processor). Fixes: a
-        processor that writes expanded spans (`processor.set_visual_tokenizer(model)`), or `LaVITTrainer`, which
-        expands before counting.
+        `num_items_in_batch`, or raises when it cannot be the number of targets: it is counted from the `labels`
+        given (by `transformers.Trainer`), but a compact `[IMG][/IMG]` span with a supervised `[IMG]` gets its visual
+        targets here, so the loss would be divided by too few items (about 3x off with the default processor).
+        Fixes: a processor that writes expanded spans (`processor.set_visual_tokenizer(model)`), or `LaVITTrainer`,
+        which expands before counting.
         """
         if num_items_in_batch is None or labels is None or input_ids is None:
-            return
+            return num_items_in_batch
         spans = find_image_spans(input_ids, attention_mask, self.config)
         compact = (spans.lengths == 0) & (labels[spans.rows, spans.starts] != -100)
         if bool(compact.any()):
@@ -527,6 +527,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 f"divided by too few targets. Write expanded image spans with processor.set_visual_tokenizer(model) "
                 f"(then transformers.Trainer and TRL count every target), or train with "
                 f"lavit.training.trainer.LaVITTrainer")
+        return num_items_in_batch
 
     def next_token_loss(self, logits, labels, num_items_in_batch=None, loss_modalities="both", shift_labels=None):
         """
@@ -652,8 +653,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             outputs = super().generate(input_ids=left_ids, attention_mask=left_mask, **kwargs)
             new_tokens_from = input_ids.shape[1]
         else:
-            # lengths in the units the user sees: the ids given plus new tokens, not the hidden visual tokens
-            kwargs.update(lengths_in_given_ids(kwargs, self.generation_config, input_ids.shape[1]))
+            kwargs.update(lengths_in_given_ids(kwargs, self.generation_config, input_ids.shape[1]))  # user's units
             prepared = self.model.prepare_multimodal_inputs(
                 input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
                 inputs_embeds=kwargs.pop("inputs_embeds", None),

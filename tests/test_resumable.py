@@ -215,10 +215,8 @@ def driver(request, tmp_path):
     return TrainingDriver(tmp_path, request.getfixturevalue("components"))
 
 
-KINDS = [pytest.param(kind, marks=[pytest.mark.slow] if kind == "training" else []) for kind in DRIVERS]
-
-
-@pytest.mark.parametrize("driver", KINDS, indirect=True)
+@pytest.mark.slow  # several runs per kind (evaluation about 10 s alone, training about 40 s)
+@pytest.mark.parametrize("driver", list(DRIVERS), indirect=True)
 def test_a_resumable_output_refuses_to_mix_and_to_share_and_resumes_exactly(driver, tmp_path):
     # 1. The uninterrupted run, and an interrupted one resumed: the same result.
     driver.run(tmp_path / "whole")
@@ -309,3 +307,28 @@ def test_every_id_gets_its_own_image_file():
     assert len(set(names)) == len(ids), names
     assert all("/" not in name and not name.startswith(".") for name in names), names
     assert image_file_name("COCO_val2014_000000000042") == "COCO_val2014_000000000042.png"  # plain ids stay readable
+
+
+def test_cli_evaluate_into_the_same_output_with_other_settings_is_refused_before_recording(
+        tmp_path, lavit_model, lavit_processor, capsys):
+    """The issue's case: `lavit evaluate --record` again into the same --output with another --num-beams reported the
+    first run's predictions under the second's settings and wrote them into the model card."""
+    from lavit.cli import main
+
+    folder = tmp_path / "model"
+    lavit_model.save_pretrained(folder)
+    lavit_processor.save_pretrained(folder)
+    (tmp_path / "images").mkdir()
+    for name in "ab":
+        Image.new("RGB", (40, 40), "red" if name == "a" else "blue").save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "test.json").write_text(json.dumps([{"image": f"{name}.png", "caption": ["a photo"]} for name in "ab"]))
+    argv = ["evaluate", "coco-karpathy", "--model", str(folder), "--annotations", str(tmp_path / "test.json"),
+            "--images", str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--no-java",
+            "--max-new-tokens", "2", "--record"]
+    assert main(argv) == 0
+    card = (folder / "lavit_run.json").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--num-beams", "3"]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "num_beams" in error and "another --output" in error, error
+    assert (folder / "lavit_run.json").read_text() == card  # nothing recorded

@@ -391,7 +391,8 @@ def whole_stream(records):
 class WorkerBatches(torch.utils.data.IterableDataset):
     """
     A streamed training set split between DataLoader workers by whole batches: worker w of n keeps batches w, w + n,
-    w + 2n, ... of the stream (`batch_size` items each). The DataLoader takes one batch from each worker in turn, so
+    w + 2n, ... of the stream (`batch_size` items each: the batch of all processes, which accelerate's
+    `IterableDatasetShard` then splits between them). The DataLoader takes one batch from each worker in turn, so
     it yields the batches of the run without workers, whatever the number of workers and their start method (fork,
     spawn). Every worker reads the whole stream; each decodes and collates only its own batches. `set_epoch` reaches
     the stream.

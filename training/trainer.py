@@ -73,8 +73,10 @@ class LaVITTrainer(Trainer):
             # processes, which rows of different lengths (and the 0-d `skipped_records`) cannot be
             kwargs["args"].accelerator_config.dispatch_batches = False
         super().__init__(*args, **kwargs)
-        if streamed:  # whole batches per dataloader worker: the batches of the run without workers
-            self.train_dataset = WorkerBatches(self.train_dataset, self.args.train_batch_size)
+        if streamed:  # whole batches per dataloader worker: the batches of the run without workers. A batch is
+            # that of all processes: accelerate's IterableDatasetShard then hands each process its part of it
+            processes = 1 if self.args.accelerator_config.split_batches else self.args.world_size
+            self.train_dataset = WorkerBatches(self.train_dataset, self.args.train_batch_size * processes)
         if self.is_deepspeed_enabled:
             check_extension_locks()
         if hasattr(self.train_dataset, "set_epoch"):

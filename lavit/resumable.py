@@ -23,12 +23,14 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lavit.atomic import write_atomically
 
 FINGERPRINT_FILE = "lavit_resume.json"
+FRESH_START_KEY = "fresh_start_ns"  # when a run last started over in the folder (not part of the fingerprint)
 LOCK_FILE = ".lavit.lock"
 OWNER_FILE = ".lavit.lock.owner"
 SAMPLED_VALUES = 4096  # values hashed per tensor: enough to see any training step, cheap for 7B models
@@ -155,16 +157,18 @@ class ResumableOutput:
     Entering takes the lock (or raises [`OutputLockedError`] naming its owner), then reads the recorded fingerprint:
     none yet and no content (`has_content(folder)` false): records this one; the same: resumes; another, or content
     without a fingerprint: raises [`ResumeMismatchError`] naming the differences and `fresh_hint` (how to start
-    fresh, e.g. "give another --output").
+    fresh, e.g. "give another --output"). `fresh=True` (the user asked to start over in this folder) records this
+    fingerprint with the time (`fresh_start_ns`): a reader resumes nothing older (see `fresh_start_ns`).
     """
 
     def __init__(self, folder, kind: str, fingerprint: dict, fresh_hint: str = "give another output folder",
-                 has_content: Callable[[Path], bool] | None = None):
+                 has_content: Callable[[Path], bool] | None = None, fresh: bool = False):
         if kind not in RESUMABLE_OUTPUTS:
             raise KeyError(f"{kind!r} is not a registered resumable output ({sorted(RESUMABLE_OUTPUTS)})")
         self.folder, self.kind, self.fresh_hint = Path(folder), kind, fresh_hint
         self.fingerprint = json.loads(json.dumps({"kind": kind, **fingerprint}, sort_keys=True, default=str))
         self.has_content = has_content or (lambda folder: False)
+        self.fresh = fresh
         self.lock = None
 
     def __enter__(self):
@@ -207,20 +211,27 @@ class ResumableOutput:
         except (OSError, ValueError, KeyError, TypeError):
             return "owner unknown"
 
+    def record(self, **extra) -> None:
+        text = json.dumps({**self.fingerprint, **extra}, indent=2, sort_keys=True)
+        write_atomically(self.folder / FINGERPRINT_FILE, lambda temporary: Path(temporary).write_text(text))
+
     def check_or_record(self) -> None:
         path = self.folder / FINGERPRINT_FILE
+        if self.fresh:  # the run starts over: it owns the folder from now (`fresh_start_ns` tells what came before)
+            self.record(**{FRESH_START_KEY: time.time_ns()})
+            return
         if not path.is_file():
             if self.has_content(self.folder):
                 raise ResumeMismatchError(
                     f"{self.folder} holds a {self.kind} output without {FINGERPRINT_FILE} (written by an older lavit "
                     f"or by hand): lavit cannot tell which model, settings and data made it, so it does not resume "
                     f"it; {self.fresh_hint}")
-            text = json.dumps(self.fingerprint, indent=2, sort_keys=True)
-            write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+            self.record()
             return
         try:
             recorded = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
+            recorded.pop(FRESH_START_KEY, None)
+        except (OSError, ValueError, AttributeError) as error:
             raise ResumeMismatchError(f"{path} is unreadable ({error}); {self.fresh_hint}") from error
         changed = differences(recorded, self.fingerprint)
         if changed:
@@ -230,5 +241,14 @@ class ResumableOutput:
 
 
 __all__ = ["FINGERPRINT_FILE", "RESUMABLE_OUTPUTS", "OutputLockedError", "ResumableOutput", "ResumeMismatchError",
-           "differences", "digest", "files_fingerprint", "folder_fingerprint", "model_fingerprint",
+           "differences", "digest", "files_fingerprint", "folder_fingerprint", "fresh_start_ns", "model_fingerprint",
            "register_resumable_output"]
+
+
+def fresh_start_ns(folder) -> int:
+    """When a run last started over in `folder` (`ResumableOutput(fresh=True)`), in ns since the epoch; 0 if never:
+    output written before then belongs to an earlier run and is never resumed."""
+    try:
+        return int(json.loads((Path(folder) / FINGERPRINT_FILE).read_text()).get(FRESH_START_KEY, 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0

@@ -332,3 +332,17 @@ def test_cli_evaluate_into_the_same_output_with_other_settings_is_refused_before
     error = capsys.readouterr().err.strip()
     assert "num_beams" in error and "another --output" in error, error
     assert (folder / "lavit_run.json").read_text() == card  # nothing recorded
+
+
+@pytest.mark.slow
+def test_resume_no_starts_a_folder_over_and_its_older_checkpoints_are_never_resumed(components, tmp_path):
+    """`--resume no` into a folder of another run is the user's explicit fresh start: allowed, and the checkpoints
+    written before it (here the other run's checkpoint-4, newer by step) are never resumed by a later `auto`."""
+    driver = TrainingDriver(tmp_path, components)
+    driver.run(tmp_path / "whole")
+    driver.run(tmp_path / "out", "other settings")  # checkpoints 2 and 4 of another run
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(tmp_path / "out", interrupt_after=3, resume="no")  # rewrites checkpoint-2, dies at step 3
+    driver.run(tmp_path / "out")  # auto: resumes its own checkpoint-2, not the other run's checkpoint-4
+    expected, got = driver.result(tmp_path / "whole"), driver.result(tmp_path / "out")
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

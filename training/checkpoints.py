@@ -28,6 +28,7 @@ from lavit.resumable import (
     differences,
     files_fingerprint,
     folder_fingerprint,
+    fresh_start_ns,
     register_resumable_output,
 )
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: lists every file of the checkpoint with its size
 STALE_LOCK_SECONDS = 600
+NO_RESUME = (None, False, "", "no", "false", "False")  # --resume values that start over
 WEIGHTS_ONLY = "weights_only"  # --resume value that accepts a checkpoint without optimizer/schedule/random state
 RESUMABLE_KIND = register_resumable_output(
     "training", "every training stage's --output_dir: checkpoint-N/ folders that --resume auto continues")
@@ -90,9 +92,11 @@ def latest_checkpoint(output_dir) -> str | None:
     folders = sorted((int(folder.name.rsplit("-", 1)[-1]), folder)
                      for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                      if folder.is_dir() and folder.name.rsplit("-", 1)[-1].isdigit())
-    skipped = []
+    skipped, started_over = [], fresh_start_ns(output_dir)
     for _, folder in reversed(folders):
         problem = checkpoint_problem(folder)
+        if problem is None and (folder / COMPLETE_MARKER).stat().st_mtime_ns < started_over:
+            problem = "written by an earlier run, before this folder was started over with --resume no"
         if problem is None:
             if skipped:
                 logger.warning(f"resuming from {folder}, the newest complete checkpoint; ignored: "
@@ -108,7 +112,7 @@ def resolve_resume(resume_from_checkpoint, output_dir) -> str | None:
     """`"auto"`/`True`: the latest complete checkpoint (or a fresh start); `"weights_only"`: the same, also when it
     cannot reproduce the run (see [`reproducibility_problem`]); a path: that checkpoint, which must be complete; else
     None. A checkpoint without its optimizer, schedule and random state raises unless `"weights_only"` says so."""
-    if resume_from_checkpoint in (None, False, "", "no", "false", "False"):
+    if resume_from_checkpoint in NO_RESUME:
         return None
     if resume_from_checkpoint in (True, "auto", "true", "True", WEIGHTS_ONLY):
         checkpoint = latest_checkpoint(output_dir)
@@ -179,12 +183,13 @@ def resumable_run(script_args, training_args):
     The checkpoint to resume from (or None), for the duration of a stage's training. On the main process the
     `output_dir` is a [`lavit.resumable.ResumableOutput`] of kind "training": locked against a second run, and
     refused when its checkpoints were made from other models, data or settings (`--output_dir` of its own starts
-    fresh). The other processes only resolve the checkpoint (a launcher stops them when the main process fails).
+    fresh). `--resume no` starts over in the folder: checkpoints older than that are never resumed. The other
+    processes only resolve the checkpoint (a launcher stops them when the main process fails).
     """
     output_dir = Path(training_args.output_dir)
     if training_args.process_index == 0:
         guard = ResumableOutput(output_dir, RESUMABLE_KIND, run_fingerprint(script_args, training_args), FRESH_HINT,
-                                has_content=has_checkpoints)
+                                has_content=has_checkpoints, fresh=script_args.resume in NO_RESUME)
     else:
         guard = nullcontext()
     with guard:

@@ -480,8 +480,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 `labels`.
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
-        num_items_in_batch = self.checked_item_count(input_ids, attention_mask, labels, kwargs.pop("num_items_in_batch",
-                                                                                                    None))
+        num_items_in_batch = self.checked_item_count(input_ids, attention_mask, labels, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
             raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
@@ -508,14 +507,16 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
 
-    def checked_item_count(self, input_ids, attention_mask, labels, num_items_in_batch):
+    def checked_item_count(self, input_ids, attention_mask, labels, kwargs: dict):
         """
-        `num_items_in_batch`, or raises when it cannot be the number of targets: it is counted from the `labels`
+        `num_items_in_batch` taken out of the forward's `kwargs`, or raises when it cannot be the number of targets:
+        it is counted from the `labels`
         given (by `transformers.Trainer`), but a compact `[IMG][/IMG]` span with a supervised `[IMG]` gets its visual
         targets here, so the loss would be divided by too few items (about 3x off with the default processor).
         Fixes: a processor that writes expanded spans (`processor.set_visual_tokenizer(model)`), or `LaVITTrainer`,
         which expands before counting.
         """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if num_items_in_batch is None or labels is None or input_ids is None:
             return num_items_in_batch
         spans = find_image_spans(input_ids, attention_mask, self.config)

@@ -64,9 +64,17 @@ def test_loss_is_one_cross_entropy_with_per_modality_parts(lavit_model, lavit_pr
     num_text = int((targets != -100).sum()) - num_image
     mixed = (both.text_loss * num_text + both.image_loss * num_image) / (num_text + num_image)
     assert torch.allclose(both.loss, mixed, atol=1e-5)
-    # with num_items_in_batch the loss is the sum divided by it (gradient accumulation across micro-batches)
-    scaled = lavit_model(**batch, labels=labels, num_items_in_batch=torch.tensor(1000))
+    # with num_items_in_batch the loss is the sum divided by it (gradient accumulation across micro-batches); the
+    # count must include every target, so the ids hold expanded spans: with compact ones the model refuses it
+    prepared = lavit_model.model.prepare_multimodal_inputs(
+        batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"], labels=labels)
+    keep_mask = lavit_model.visual_tokenizer.tokenize(batch["pixel_values"]).keep_mask
+    scaled = lavit_model(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, labels=prepared.labels,
+                         pixel_values=batch["pixel_values"], image_keep_mask=keep_mask,
+                         num_items_in_batch=torch.tensor(1000))
     assert torch.allclose(scaled.loss, both.loss * (num_text + num_image) / 1000, atol=1e-6)
+    with pytest.raises(ValueError, match="3 image.s. of this batch are compact"):
+        lavit_model(**batch, labels=labels, num_items_in_batch=torch.tensor(1000))
 
 
 def test_unsupervised_image_keeps_only_text_targets(lavit_model, lavit_processor):

@@ -481,7 +481,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 `labels`.
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        num_items_in_batch = self.checked_item_count(input_ids, attention_mask, labels, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
             raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
@@ -507,6 +507,29 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             image_token_counts=outputs.image_token_counts, **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
+
+    def checked_item_count(self, input_ids, attention_mask, labels, kwargs: dict):
+        """
+        `num_items_in_batch` taken out of the forward's `kwargs`, or raises when it cannot be the number of targets:
+        it is counted from the `labels`
+        given (by `transformers.Trainer`), but a compact `[IMG][/IMG]` span with a supervised `[IMG]` gets its visual
+        targets here, so the loss would be divided by too few items (about 3x off with the default processor).
+        Fixes: a processor that writes expanded spans (`processor.set_visual_tokenizer(model)`), or `LaVITTrainer`,
+        which expands before counting.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if num_items_in_batch is None or labels is None or input_ids is None:
+            return num_items_in_batch
+        spans = find_image_spans(input_ids, attention_mask, self.config)
+        compact = (spans.lengths == 0) & (labels[spans.rows, spans.starts] != -100)
+        if bool(compact.any()):
+            raise ValueError(
+                f"num_items_in_batch counts only the labels given, but {int(compact.sum())} image(s) of this batch "
+                f"are compact [IMG][/IMG] placeholders whose visual targets the model adds, so the loss would be "
+                f"divided by too few targets. Write expanded image spans with processor.set_visual_tokenizer(model) "
+                f"(then transformers.Trainer and TRL count every target), or train with "
+                f"lavit.training.trainer.LaVITTrainer")
+        return num_items_in_batch
 
     def next_token_loss(self, logits, labels, num_items_in_batch=None, loss_modalities="both", shift_labels=None):
         """
@@ -613,13 +636,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             )
             return self._image_sequences(input_ids, tokens)
         # 1. logits processors: no image ids in text; with `generator`, the warpers and one stream per row
-        logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        config = self.config
-        logits_processor.append(SuppressImageTokensLogitsProcessor(config.text_vocab_size, config.visual_token_end))
-        generator = kwargs.pop("generator", None)
-        if generator is not None:
-            logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
-        kwargs["logits_processor"] = logits_processor
+        kwargs["logits_processor"] = self._text_logits_processors(kwargs)
         # 2. bound the request, then decode from left-padded ids (text) or the expanded prompt's embeddings (images)
         self.check_text_generation_budget(input_ids, kwargs)
         if not self.model.has_image_inputs(input_ids, pixel_values):
@@ -632,6 +649,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             outputs = super().generate(input_ids=left_ids, attention_mask=left_mask, **kwargs)
             new_tokens_from = input_ids.shape[1]
         else:
+            kwargs.update(lengths_in_given_ids(kwargs, self.generation_config, input_ids.shape[1]))  # user's units
             prepared = self.model.prepare_multimodal_inputs(
                 input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
                 inputs_embeds=kwargs.pop("inputs_embeds", None),
@@ -642,6 +660,17 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             new_tokens_from = 0
         # 3. the returned sequences start with the given ids, as for text-only models
         return _with_prompt_ids(outputs, input_ids, new_tokens_from)
+
+    def _text_logits_processors(self, kwargs: dict) -> LogitsProcessorList:
+        """The caller's `logits_processor` (popped from `kwargs`), then the suppression of image ids in text and, with
+        a `generator` (popped too), the warpers and one random stream per row."""
+        logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        config = self.config
+        logits_processor.append(SuppressImageTokensLogitsProcessor(config.text_vocab_size, config.visual_token_end))
+        generator = kwargs.pop("generator", None)
+        if generator is not None:
+            logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
+        return logits_processor
 
     def check_text_generation_budget(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
         """[`check_generation_budget`] of a text `generate` call before anything is allocated: `prompt` (ids or
@@ -710,6 +739,34 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 old_head = language_model.get_output_embeddings().weight
                 _extend_rows(model.lm_head.weight, old_head[:text_vocab_size], std)
         return model
+
+
+def lengths_in_given_ids(kwargs: dict, default_config, prompt_length: int) -> dict:
+    """
+    `max_length` and `min_length` as the user counts them, as `max_new_tokens` / `min_new_tokens`: the returned
+    sequences hold the `prompt_length` ids the user gave (compact `[IMG][/IMG]` spans, padding included, as for
+    text-only models) plus the new tokens. Decoding starts from embeddings that also hold each image's visual tokens,
+    which `transformers` would count against `max_length` (a 20-token limit gave 9 ids, a 10-token one an error).
+    Each setting is taken from `kwargs`, then `kwargs["generation_config"]`, then `default_config`; lengths given as
+    new tokens are left alone. Returns the settings to update (`max_length`/`min_length` become None).
+    """
+    def setting(name):
+        sources = (kwargs.get(name), getattr(kwargs.get("generation_config"), name, None),
+                   getattr(default_config, name, None))
+        return next((value for value in sources if value is not None), None)
+
+    updates = {}
+    max_length = setting("max_length")
+    if setting("max_new_tokens") is None and max_length is not None:
+        if max_length <= prompt_length:
+            raise ValueError(f"max_length={max_length} leaves no room after the prompt's {prompt_length} ids (an "
+                             f"image counts as its [IMG] [/IMG] pair, not its visual tokens); give a larger "
+                             f"max_length, or max_new_tokens")
+        updates.update(max_new_tokens=max_length - prompt_length, max_length=None)
+    min_length = setting("min_length")
+    if setting("min_new_tokens") is None and min_length:
+        updates.update(min_new_tokens=max(0, min_length - prompt_length), min_length=None)
+    return updates
 
 
 def _with_prompt_ids(outputs, input_ids: torch.LongTensor, new_tokens_from: int):

@@ -119,7 +119,10 @@ class DataArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records.",
                                                             RANGE: POSITIVE_INT})
     resume: str = path_field(CHECKPOINT, default="auto", help="'auto': continue from the latest complete checkpoint "
-                                                              "in output_dir; 'no': start fresh; or a checkpoint path.")
+                                                              "in output_dir (made by this same run); 'no': start "
+                                                              "fresh; 'weights_only': also a checkpoint without "
+                                                              "optimizer state (save_only_model); or a checkpoint "
+                                                              "path.")
 
     def __post_init__(self):
         check_argument_ranges(self)  # every stage's arguments, from flags, config files or Python

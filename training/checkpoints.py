@@ -2,15 +2,19 @@
 after every other file; resuming picks the newest complete one.
 
 A run killed at any instant (SIGKILL, OOM, node loss) therefore leaves a checkpoint to resume from, and a resumed run
-continues the uninterrupted one (tests/distributed/test_crash.py). Also here: the check for a stale DeepSpeed build
-lock, the other way a killed run can stop the next one.
+continues the uninterrupted one (tests/distributed/test_crash.py). The output folder records what made its
+checkpoints (`resumable_run`: models, data, settings) and has one writer at a time; a checkpoint without optimizer,
+schedule or random state (`save_only_model`) is resumed only with `--resume weights_only`. Also here: the check
+for a stale DeepSpeed build lock, the other way a killed run can stop the next one.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,11 +22,26 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lavit.atomic import write_atomically
+from lavit.resumable import (
+    FINGERPRINT_FILE,
+    ResumableOutput,
+    ResumeMismatchError,
+    differences,
+    files_fingerprint,
+    folder_fingerprint,
+    fresh_start_ns,
+    register_resumable_output,
+)
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: lists every file of the checkpoint with its size
 STALE_LOCK_SECONDS = 600
+NO_RESUME = (None, False, "", "no", "false", "False")  # --resume values that start over
+WEIGHTS_ONLY = "weights_only"  # --resume value that accepts a checkpoint without optimizer/schedule/random state
+RESUMABLE_KIND = register_resumable_output(
+    "training", "every training stage's --output_dir: checkpoint-N/ folders that --resume auto continues")
+FRESH_HINT = "give another --output_dir to start fresh (or remove this folder yourself)"
 
 
 class CheckpointCompletionCallback(TrainerCallback):
@@ -97,9 +116,11 @@ def rotate_complete_checkpoints(output_dir, limit: int | None, best_checkpoint: 
 def latest_checkpoint(output_dir) -> str | None:
     """The newest *complete* checkpoint in `output_dir` (see [`checkpoint_problem`]). A newer incomplete one (a crash
     while it was written) is skipped with a warning that names it and says which checkpoint is used instead."""
-    skipped = []
+    skipped, started_over = [], fresh_start_ns(output_dir)
     for folder in reversed(numbered_checkpoints(output_dir)):
         problem = checkpoint_problem(folder)
+        if problem is None and (folder / COMPLETE_MARKER).stat().st_mtime_ns < started_over:
+            problem = "written by an earlier run, before this folder was started over with --resume no"
         if problem is None:
             if skipped:
                 logger.warning(f"resuming from {folder}, the newest complete checkpoint; ignored: "
@@ -112,16 +133,107 @@ def latest_checkpoint(output_dir) -> str | None:
 
 
 def resolve_resume(resume_from_checkpoint, output_dir) -> str | None:
-    """`"auto"`/`True`: the latest complete checkpoint (or a fresh start); a path: that checkpoint, which must be
-    complete; else None."""
-    if resume_from_checkpoint in (None, False, "", "no", "false", "False"):
+    """`"auto"`/`True`: the latest complete checkpoint (or a fresh start); `"weights_only"`: the same, also when it
+    cannot reproduce the run (see [`reproducibility_problem`]); a path: that checkpoint, which must be complete; else
+    None. A checkpoint without its optimizer, schedule and random state raises unless `"weights_only"` says so."""
+    if resume_from_checkpoint in NO_RESUME:
         return None
-    if resume_from_checkpoint in (True, "auto", "true", "True"):
-        return latest_checkpoint(output_dir)
-    problem = checkpoint_problem(resume_from_checkpoint)
+    if resume_from_checkpoint in (True, "auto", "true", "True", WEIGHTS_ONLY):
+        checkpoint = latest_checkpoint(output_dir)
+    else:
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem is not None:
+            raise FileNotFoundError(f"{resume_from_checkpoint} is not a complete checkpoint: {problem}")
+        checkpoint = str(resume_from_checkpoint)
+    problem = reproducibility_problem(checkpoint) if checkpoint is not None else None
+    if problem is not None and resume_from_checkpoint != WEIGHTS_ONLY:
+        raise ValueError(
+            f"{checkpoint} {problem}: resuming it would restart the optimizer and the learning-rate schedule, so "
+            f"the run would not continue the interrupted one. Resume its weights anyway with --resume {WEIGHTS_ONLY}, "
+            f"or start fresh with --resume no")
     if problem is not None:
-        raise FileNotFoundError(f"{resume_from_checkpoint} is not a complete checkpoint: {problem}")
-    return str(resume_from_checkpoint)
+        logger.warning(f"--resume {WEIGHTS_ONLY}: {checkpoint} {problem}; continuing from its weights and step with a "
+                       f"new optimizer and schedule")
+    return checkpoint
+
+
+def reproducibility_problem(folder) -> str | None:
+    """Why the checkpoint `folder` cannot continue its run exactly (`save_only_model` keeps only the weights and the
+    trainer state), or None: it needs the optimizer (`optimizer.pt`, or DeepSpeed's `global_step*`), the schedule
+    (`scheduler.pt`) and the random state (`rng_state*.pth`)."""
+    folder = Path(folder)
+    missing = [what for what, present in (
+        ("optimizer", (folder / "optimizer.pt").is_file() or any(folder.glob("global_step*"))),
+        ("learning-rate schedule", (folder / "scheduler.pt").is_file() or any(folder.glob("global_step*"))),
+        ("random state", any(folder.glob("rng_state*.pth"))),
+    ) if not present]
+    return f"has no {', '.join(missing)} state (saved with save_only_model)" if missing else None
+
+
+# ------------------------------------------------------------------------------------------------ what made a run
+
+# the arguments that change what a step computes; the length of training, logging and saving may change on resume
+FINGERPRINT_TRAINING_ARGS = (
+    "seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "lr_scheduler_type", "warmup_steps", "warmup_ratio", "optim", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "bf16", "fp16", "gradient_checkpointing", "deepspeed",
+)
+# script arguments that are models (identified by content) or data (identified by files)
+MODEL_ARGS = ("model", "visual_tokenizer", "language_model", "text_tokenizer", "vision_model", "detokenizer",
+              "diffusers_model", "tokenizer_config", "detokenizer_config")
+DATA_ARGS = ("data", "text_data")
+# what may change between an interrupted run and its resume (how to resume, how the data is read)
+RUN_ONLY_ARGS = ("resume", "streaming")
+
+
+def run_fingerprint(script_args, training_args) -> dict:
+    """What a stage's checkpoints depend on: the models it starts from, the data and every other setting."""
+    arguments = {item.name: getattr(script_args, item.name) for item in dataclasses.fields(script_args)}
+    return {
+        "models": {name: folder_fingerprint(arguments.pop(name)) for name in MODEL_ARGS if name in arguments},
+        "data": {name: files_fingerprint(arguments.pop(name)) for name in DATA_ARGS if name in arguments},
+        "settings": {name: value for name, value in arguments.items() if name not in RUN_ONLY_ARGS},
+        "training": {name: getattr(training_args, name, None) for name in FINGERPRINT_TRAINING_ARGS},
+    }
+
+
+def has_checkpoints(output_dir: Path) -> bool:
+    return any(folder.is_dir() for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+
+
+@contextmanager
+def resumable_run(script_args, training_args):
+    """
+    The checkpoint to resume from (or None), for the duration of a stage's training. On the main process the
+    `output_dir` is a [`lavit.resumable.ResumableOutput`] of kind "training": locked against a second run, and
+    refused when its checkpoints were made from other models, data or settings (`--output_dir` of its own starts
+    fresh). `--resume no` starts over in the folder: checkpoints older than that are never resumed. The other
+    processes only resolve the checkpoint (a launcher stops them when the main process fails).
+    """
+    output_dir = Path(training_args.output_dir)
+    if training_args.process_index == 0:
+        guard = ResumableOutput(output_dir, RESUMABLE_KIND, run_fingerprint(script_args, training_args), FRESH_HINT,
+                                has_content=has_checkpoints, fresh=script_args.resume in NO_RESUME)
+    else:
+        guard = nullcontext()
+    with guard:
+        resume = resolve_resume(script_args.resume, output_dir)
+        if resume is not None and Path(resume).parent.resolve() != output_dir.resolve() and isinstance(
+                guard, ResumableOutput):
+            check_foreign_checkpoint(Path(resume), guard)
+        yield resume
+
+
+def check_foreign_checkpoint(checkpoint: Path, guard: ResumableOutput) -> None:
+    """A checkpoint given by path from another run folder must come from a run with this fingerprint."""
+    recorded = checkpoint.parent / FINGERPRINT_FILE
+    if not recorded.is_file():
+        logger.warning(f"{checkpoint.parent} has no {FINGERPRINT_FILE}: lavit cannot check that {checkpoint} was "
+                       f"made from this run's models, data and settings")
+        return
+    changed = differences(json.loads(recorded.read_text()), guard.fingerprint)
+    if changed:
+        raise ResumeMismatchError(f"{checkpoint} was made by another run ({'; '.join(changed)}); {FRESH_HINT}")
 
 
 def check_extension_locks(max_idle_seconds: float = STALE_LOCK_SECONDS) -> None:

@@ -463,7 +463,7 @@ class _StreamedImageRecords(_EpochSeededImages, torch.utils.data.IterableDataset
 
     def __iter__(self):
         skipped = 0
-        for index, record in enumerate(self.records):
+        for index, record in enumerate(whole_stream(self.records)):
             try:
                 image = decode_image(record["image"], name=f"record {index}")
             except BadRecordError as error:
@@ -472,3 +472,44 @@ class _StreamedImageRecords(_EpochSeededImages, torch.utils.data.IterableDataset
                 continue
             yield self.item(image, index, skipped)
             skipped = 0
+
+
+# ------------------------------------------------------------------------------------------------ streams and workers
+
+
+def whole_stream(records):
+    """Every record of a stream in order, also inside a DataLoader worker: `datasets` hands each worker a share of a
+    streamed dataset's shards (batches would then depend on the number of workers); `iter` reads all of them."""
+    if not isinstance(records, datasets.IterableDataset):
+        yield from records
+        return
+    for batch in records.iter(batch_size=1):
+        yield {key: values[0] for key, values in batch.items()}
+
+
+class WorkerBatches(torch.utils.data.IterableDataset):
+    """
+    A streamed training set split between DataLoader workers by whole batches: worker w of n keeps batches w, w + n,
+    w + 2n, ... of the stream (`batch_size` items each: the batch of all processes, which accelerate's
+    `IterableDatasetShard` then splits between them). The DataLoader takes one batch from each worker in turn, so
+    it yields the batches of the run without workers, whatever the number of workers and their start method (fork,
+    spawn). Every worker reads the whole stream; each decodes and collates only its own batches. `set_epoch` reaches
+    the stream.
+    """
+
+    def __init__(self, dataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def set_epoch(self, epoch: int):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        items = whole_stream(self.dataset)
+        if worker is None:
+            yield from items
+            return
+        for index, item in enumerate(items):
+            if (index // self.batch_size) % worker.num_workers == worker.id:
+                yield item

@@ -26,8 +26,9 @@ from .sequences import InstructionBuilder, count_stored_skips
 from .trainer import train_and_save, whole_weights
 
 
-def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments) -> Path:
-    """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`)."""
+def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments, callbacks=()) -> Path:
+    """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`); `callbacks` are
+    extra `TrainerCallback`s."""
     # 0. Seed first (LoRA's initial adapters depend on it); a preset fills in what the run left at its defaults.
     set_seed(training_args.seed)
     preset, applied = apply_preset("finetune", script_args.preset, script_args, training_args)
@@ -62,8 +63,8 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     adapters = script_args.lora or script_args.qlora
     merge = adapters and script_args.merge_lora and not script_args.qlora
     warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
-    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
-                          None if adapters else script_args.visual_learning_rate, callbacks=[warning],
+    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
+                          None if adapters else script_args.visual_learning_rate, callbacks=[warning, *callbacks],
                           merge_adapters=merge)
 
 

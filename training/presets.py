@@ -150,6 +150,8 @@ class ShortRunWarningCallback(TrainerCallback):
             data += f" -> {len(train_dataloader.dataset)} rows"
             data += f" of up to {self.row_length} tokens" if self.row_length else ""
         epochs = f"{state.num_train_epochs} epoch" + ("s" if state.num_train_epochs != 1 else "")
+        if batches is None:  # streamed: the Trainer counts sys.maxsize epochs over a stream of unknown length
+            epochs = "streamed data of unknown length"
         per_epoch = f", {batches} batches of {args.per_device_train_batch_size} per epoch" if batches else ""
         changes = [] if self.preset else [
             f"--preset {SMALL_DATA} (steps, learning rate and row length scaled to the data)"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lavit.modeling.configuration_lavit import LaVITConfig
 
-from .data import BadRecordCounter, BadRecordError
+from .data import BadRecordCounter, BadRecordError, whole_stream
 
 SEQUENCE_ORDERS = ("random", "both", "image_to_text", "text_to_image")
 
@@ -218,7 +218,7 @@ class StreamedRandomOrderRows(RandomOrderRows, torch.utils.data.IterableDataset)
 
     def __iter__(self):
         self.rows.set_epoch(self.epoch)  # the stream's own shuffling follows the epoch too
-        for index, row in enumerate(self.rows):
+        for index, row in enumerate(whole_stream(self.rows)):
             yield self.ordered(row, index)
 
 

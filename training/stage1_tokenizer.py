@@ -22,7 +22,7 @@ from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, TokenizerTrainingArguments, make_stage_parser
 from .callbacks import JsonlLoggerCallback
-from .checkpoints import resolve_resume
+from .checkpoints import resumable_run
 from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, limit_records, load_records
 from .models import build_tokenizer
@@ -74,10 +74,11 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         callbacks=[JsonlLoggerCallback(),
                    ShortRunWarningCallback(num_images, preset=script_args.preset), *callbacks],
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(script_args.resume, training_args.output_dir))
-
-    # 5. The final folder, with the image processor that matches the tokenizer's input size.
-    return save_final(trainer, training_args.output_dir, image_processor)
+    # 5. The final folder, with the image processor that matches the tokenizer's input size. The output folder is
+    #    locked, and tied to this run's models, data and settings, until then.
+    with resumable_run(script_args, training_args) as resume:
+        trainer.train(resume_from_checkpoint=resume)
+        return save_final(trainer, training_args.output_dir, image_processor)
 
 
 def main(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments):

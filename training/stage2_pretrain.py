@@ -87,7 +87,7 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
 
     # 4. Train (the visual modules and rows at their own learning rate), resume, save the final folder.
     callbacks = [*callbacks, ShortRunWarningCallback(row_length=script_args.max_length, preset=script_args.preset)]
-    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args.resume,
+    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
                           script_args.visual_learning_rate, callbacks)
 
 

@@ -24,7 +24,7 @@ from transformers import set_seed
 
 from .arguments import DetokenizerTrainingArguments, LaVITTrainingArguments, make_stage_parser
 from .callbacks import EMACallback, JsonlLoggerCallback
-from .checkpoints import resolve_resume
+from .checkpoints import resumable_run
 from .collators import DetokenizerCollator, image_items
 from .data import BadRecordCounter, image_dataset, limit_records, load_records
 from .models import build_detokenizer, load_visual_tokenizer
@@ -56,9 +56,17 @@ def train_detokenizer(
     collator = DetokenizerCollator(LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config),
                                    detokenizer.config.image_size)
 
+    # 3.-5. The output folder is locked, and tied to this run's models, data and settings, until the final save.
+    with resumable_run(script_args, training_args) as resume:
+        return fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter,
+                             resume, callbacks)
+
+
+def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter, resume,
+                  callbacks) -> Path:
+    """Steps 3-5 of `train_detokenizer`: the VAE fit of a fresh run, the training and the final folder."""
     # 3. Small experiments without a pretrained VAE fit one first (a random VAE decodes any latent to noise); a
     #    resumed run restores the fitted VAE from its checkpoint instead.
-    resume = resolve_resume(script_args.resume, training_args.output_dir)
     if script_args.vae_steps > 0 and resume is None:
         losses = fit_vae(detokenizer.vae, dataset, lambda items: collator.target_pixel_values(image_items(items)[0]),
                          script_args.vae_steps, training_args.per_device_train_batch_size)

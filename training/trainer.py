@@ -33,9 +33,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lavit.atomic import fresh_staging_folder, replace_folder, write_json_atomically
 
 from .callbacks import DataEpochCallback, JsonlLoggerCallback
-from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resolve_resume
+from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
 from .collators import expand_compact_images
-from .data import BadRecordCounter
+from .data import BadRecordCounter, WorkerBatches
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,16 @@ class LaVITTrainer(Trainer):
         self.skip_counter = skip_counter if skip_counter is not None else BadRecordCounter()
         # bad and used records of this process's batches (plus, on rank 0, those of the checkpoint resumed from)
         self._skipped_here, self._used_here = 0, 0
+        streamed = isinstance(kwargs.get("train_dataset"), torch.utils.data.IterableDataset)
+        if streamed and kwargs.get("args") is not None and kwargs["args"].accelerator_config.dispatch_batches is None:
+            # every process reads the stream itself: accelerate's dispatcher concatenates the batches of all
+            # processes, which rows of different lengths (and the 0-d `skipped_records`) cannot be
+            kwargs["args"].accelerator_config.dispatch_batches = False
         super().__init__(*args, **kwargs)
+        if streamed:  # whole batches per dataloader worker: the batches of the run without workers. A batch is
+            # that of all processes: accelerate's IterableDatasetShard then hands each process its part of it
+            processes = 1 if self.args.accelerator_config.split_batches else self.args.world_size
+            self.train_dataset = WorkerBatches(self.train_dataset, self.args.train_batch_size * processes)
         if self.is_deepspeed_enabled:
             check_extension_locks()
         if hasattr(self.train_dataset, "set_epoch"):
@@ -341,12 +350,11 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
     return final_dir
 
 
-def train_and_save(model, processor, training_args, dataset, collator, counter=None, resume="auto",
+def train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
                    visual_learning_rate=None, callbacks=(), merge_adapters=False) -> Path:
     """The common end of the LM stages: a `LaVITTrainer` with JSONL and skipped-record logging (`counter`: the
-    records skipped while loading; those of the batches are added to it), training resumed from the latest complete
-    checkpoint when asked, and the final Hub-ready folder."""
-    counter = counter if counter is not None else BadRecordCounter()
+    records skipped while loading; those of the batches are added to it), training resumed as `script_args.resume`
+    asks (in an output folder tied to this run, see [`resumable_run`]), and the final Hub-ready folder."""
     trainer = LaVITTrainer(
         model=model,
         args=training_args,
@@ -357,5 +365,6 @@ def train_and_save(model, processor, training_args, dataset, collator, counter=N
         skip_counter=counter,
         callbacks=[JsonlLoggerCallback(), *callbacks],
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(resume, training_args.output_dir))
-    return save_final(trainer, training_args.output_dir, processor, merge_adapters=merge_adapters)
+    with resumable_run(script_args, training_args) as resume:
+        trainer.train(resume_from_checkpoint=resume)
+        return save_final(trainer, training_args.output_dir, processor, merge_adapters=merge_adapters)

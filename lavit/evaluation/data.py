@@ -59,6 +59,12 @@ def load_image(image):
     return to_rgb_image(image, name=str(image) if isinstance(image, str | os.PathLike) else "image")
 
 
+def sample_key(value) -> str:
+    """The one form of an id: ids are matched between files (a caption's `image_id` to an image's `id`) and to
+    predictions as text, so `1` and `"1"` are the same id whichever file writes which."""
+    return str(value)
+
+
 def _load_json(path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -94,12 +100,12 @@ def read_coco_captions(annotations, images_dir=None) -> list[EvalSample]:
         if not isinstance(annotation["caption"], str):
             raise ValueError(f"{annotations}: annotations[{index}]: the caption must be a string, got "
                              f"{annotation['caption']!r:.80}")
-        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+        captions.setdefault(sample_key(annotation["image_id"]), []).append(annotation["caption"])
     samples = []
     for index, image in enumerate(data["images"]):
         _require(image, ("id", "file_name"), f"{annotations}: images[{index}]")
-        samples.append(EvalSample(str(image["id"]), _image_path(images_dir, image["file_name"]),
-                                  references=captions.get(image["id"], [])))
+        samples.append(EvalSample(sample_key(image["id"]), _image_path(images_dir, image["file_name"]),
+                                  references=captions.get(sample_key(image["id"]), [])))
     return samples
 
 
@@ -159,15 +165,16 @@ def read_vqav2(questions, annotations=None, images_dir=None, image_pattern: str 
     if annotations is not None:
         for index, annotation in enumerate(_load_json(annotations).get("annotations", [])):
             _require(annotation, ("question_id", "answers"), f"{annotations}: annotations[{index}]")
-            answers[annotation["question_id"]] = [answer["answer"] for answer in annotation["answers"]]
+            answers[sample_key(annotation["question_id"])] = [answer["answer"] for answer in annotation["answers"]]
     samples = []
     for index, question in enumerate(data["questions"]):
         _require(question, ("question_id", "image_id", "question"), f"{questions}: questions[{index}]")
-        if annotations is not None and question["question_id"] not in answers:
+        if annotations is not None and sample_key(question["question_id"]) not in answers:
             raise ValueError(f"question {question['question_id']} has no annotation in {annotations}")
         samples.append(EvalSample(
-            str(question["question_id"]), _image_path(images_dir, image_pattern.format(image_id=question["image_id"])),
-            question=question["question"], references=answers.get(question["question_id"], []),
+            sample_key(question["question_id"]),
+            _image_path(images_dir, image_pattern.format(image_id=question["image_id"])),
+            question=question["question"], references=answers.get(sample_key(question["question_id"]), []),
         ))
     return samples
 

@@ -12,9 +12,16 @@ Protocol (official LaVIT `evaluate.py`, see the README's Evaluation section):
   the best of 4 images by CLIP similarity to the caption (`num_candidates=4` with a `clip_model`).
 
 Sharding: the samples not yet in the predictions are cut into batches in data order and batch k runs on process
-k mod N, so every batch (hence every prediction) is the same whatever the number of processes.
+k mod N. Every prediction depends on its sample, the model and the settings only (text rows are independent of their
+neighbours; text-to-image draws every caption's images from `seed` alone), so it is the same whatever the batching,
+the number of processes or an interruption.
+
+Resuming: the output folder is a `lavit.resumable.ResumableOutput` of kind "evaluation": it records the model's
+identity and the settings, and each prediction records its sample's input digest (`"input"`), so a rerun with another
+model, other settings or other data is refused instead of mixed; one run writes to it at a time.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -25,8 +32,16 @@ import torch
 
 from lavit.atomic import write_json_atomically
 from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields
+from lavit.resumable import (
+    OutputLockedError,
+    ResumableOutput,
+    ResumeMismatchError,
+    digest,
+    model_fingerprint,
+    register_resumable_output,
+)
 
-from .data import EvalSample, check_samples, load_image
+from .data import DatasetImage, EvalSample, check_samples, load_image
 from .metrics import caption_metrics, clip_score, clip_similarities, fid_score, vqa_metrics
 
 RESULTS_FILE = "results.json"
@@ -41,6 +56,10 @@ TEXT_TO_IMAGE_GENERATION = dict(guidance_scale=1.5, top_k=300, top_p=1.0, temper
                                 decoder_guidance_scale=1.5, num_inference_steps=50)
 VQA_PROMPT = "Question: {question} Answer:"
 VIZWIZ_JUDGE_QUESTION = 'Is the question: "{question}" answerable?'
+
+RESUMABLE_KIND = register_resumable_output(
+    "evaluation", "lavit evaluate --output: predictions-*.jsonl (and images/), one line per sample, appended")
+FRESH_HINT = "give another --output to start fresh (or remove this folder yourself)"
 
 TASK_TYPES = {"caption": "image-to-text", "vqa": "visual-question-answering", "text-to-image": "text-to-image"}
 
@@ -143,11 +162,52 @@ class PredictionWriter:
         self.close()
 
 
+def sample_digest(sample: EvalSample) -> str:
+    """What a prediction is made from: the id, the image (a file by resolved path, size and modification time; a
+    dataset row by the dataset's fingerprint; an in-memory image by its pixels), the question and the prompt text."""
+    image = sample.image
+    if isinstance(image, str | os.PathLike):
+        path = Path(image).resolve()
+        stat = path.stat() if path.is_file() else None
+        image = [str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+    elif isinstance(image, DatasetImage):
+        image = [getattr(image.dataset, "_fingerprint", None), image.column, image.index]
+    elif hasattr(image, "tobytes"):
+        image = hashlib.sha256(image.tobytes()).hexdigest()
+    return digest([sample.id, image, sample.question, sample.text])
+
+
 def pending_batches(samples: list[EvalSample], output_dir, batch_size: int) -> list[list[EvalSample]]:
-    """The samples without a prediction in `output_dir`, in data order, cut into batches."""
+    """The samples without a prediction in `output_dir`, in data order, cut into batches. A prediction made from
+    other input under the same id (another image, question or prompt) raises a `ResumeMismatchError`."""
     done = read_predictions(output_dir)
+    changed = [sample.id for sample in samples
+               if sample.id in done and done[sample.id].get("input") != sample_digest(sample)]
+    if changed:
+        raise ResumeMismatchError(
+            f"{len(changed)} prediction(s) in {output_dir} were made from other data under the same id (another "
+            f"image, question or prompt), e.g. {changed[:3]}; {FRESH_HINT}")
     pending = [sample for sample in samples if sample.id not in done]
     return [pending[start:start + batch_size] for start in range(0, len(pending), batch_size)]
+
+
+def output_fingerprint(model, processor, config: EvalConfig) -> dict:
+    """What every prediction of an evaluation output depends on besides its sample: the model (weights and dtype),
+    the processor and the settings that change predictions (not the batch size, nor the scoring options)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_processor = getattr(processor, "image_processor", None)
+    return {
+        "model": model_fingerprint(model),
+        "processor": digest([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+                             image_processor.to_dict() if image_processor is not None else None]),
+        "settings": {"task": config.task, "generation": config.generation_settings(), "prompt": config.prompt,
+                     "vizwiz_two_stage": config.vizwiz_two_stage, "seed": config.seed,
+                     "num_candidates": config.num_candidates, "clip_model": config.clip_model},
+    }
+
+
+def has_predictions(output_dir: Path) -> bool:
+    return any(path.stat().st_size > 0 for path in Path(output_dir).glob(PREDICTIONS_GLOB))
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -220,19 +280,24 @@ def predict_vqa(model, processor, batch: list[EvalSample], config: EvalConfig, i
 
 
 def image_file_name(sample_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id) + ".png"
+    """A file name per id, one-to-one: an id that is not a plain file name (`/`, spaces, ...) gets a hash of itself
+    after its cleaned form, so `a/b` and `a_b` never share a file."""
+    name = re.sub(r"^\.|[^A-Za-z0-9._-]", "_", sample_id)  # no hidden files, no folders
+    if name != sample_id:
+        name = f"{name}-{hashlib.sha256(sample_id.encode()).hexdigest()[:12]}"
+    return name + ".png"
 
 
 def predict_image(model, processor, batch: list[EvalSample], config: EvalConfig, index: int,
                   output_dir=None) -> list[dict]:
-    """Text-to-image: one image per caption, seeded by `config.seed` and the batch index (the same whatever the
-    number of processes), saved as `images/<id>.png`."""
+    """Text-to-image: one image per caption, each drawn from `config.seed` alone (the same whatever the batch, the
+    number of processes or a resume), saved as `images/<id>.png` (`image_file_name`)."""
     from lavit.atomic import save_png_atomically
 
     settings, candidates = config.generation_settings(), config.num_candidates
     texts = [sample.text or sample.references[0] for sample in batch]
     inputs = processor(text=texts, return_tensors="pt", padding=True).to(model.device)
-    generator = torch.Generator(model.device).manual_seed(config.seed * 1_000_003 + index)
+    generator = torch.Generator(model.device).manual_seed(config.seed)  # one stream per image from it
     images = model.generate_images(**inputs, generator=generator, num_images_per_prompt=candidates, **settings)
     records = []
     for row, (sample, text) in enumerate(zip(batch, texts, strict=True)):
@@ -262,14 +327,15 @@ def run_batches(model, processor, batches: list[tuple[int, list[EvalSample]]], c
     with PredictionWriter(path) as writer, tqdm(total=total, desc=f"{config.name} {config.task}",
                                                 disable=not show_progress) as progress:
         for index, batch in batches:
+            inputs = {sample.id: sample_digest(sample) for sample in batch}
             for record in predict(model, processor, batch, config, index, **extra):
-                writer.write(record)
+                writer.write({**record, "input": inputs[record["id"]]})
             progress.update(len(batch))
     return total
 
 
 def shard(batches: list, process_index: int, num_processes: int) -> list[tuple[int, list]]:
-    """Batch k goes to process k mod `num_processes`; pairs keep the batch index (it seeds text-to-image)."""
+    """Batch k goes to process k mod `num_processes`; pairs keep the batch index."""
     return [(index, batch) for index, batch in enumerate(batches) if index % num_processes == process_index]
 
 
@@ -292,16 +358,41 @@ def evaluate(model, processor, samples: list[EvalSample], config: EvalConfig, ou
     state = distributed_state()
     check_samples(samples, config.task)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    batches = pending_batches(samples, output_dir, config.batch_size)
-    state.wait_for_everyone()  # every process plans from the same predictions before any writes
-    mine = shard(batches, state.process_index, state.num_processes)
-    run_batches(model, processor, mine, config, output_dir, state.process_index,
-                show_progress and state.is_local_main_process)
-    state.wait_for_everyone()
-    results = score(samples, config, output_dir) if state.is_main_process else None
-    state.wait_for_everyone()
+    guard = ResumableOutput(output_dir, RESUMABLE_KIND, output_fingerprint(model, processor, config), FRESH_HINT,
+                            has_content=has_predictions)
+    # the main process locks the folder and checks what made it; every process learns the outcome (no rank waits
+    # at a barrier for a rank that stopped)
+    problem = None
+    if state.is_main_process:
+        try:
+            guard.__enter__()
+        except (ResumeMismatchError, OutputLockedError) as error:
+            problem = (type(error).__name__, str(error))
+    problem = broadcast_from_main(problem, state)
+    if problem is not None:
+        raise {"ResumeMismatchError": ResumeMismatchError, "OutputLockedError": OutputLockedError}[problem[0]](
+            problem[1])
+    try:
+        batches = pending_batches(samples, output_dir, config.batch_size)
+        state.wait_for_everyone()  # every process plans from the same predictions before any writes
+        mine = shard(batches, state.process_index, state.num_processes)
+        run_batches(model, processor, mine, config, output_dir, state.process_index,
+                    show_progress and state.is_local_main_process)
+        state.wait_for_everyone()
+        results = score(samples, config, output_dir) if state.is_main_process else None
+        state.wait_for_everyone()
+    finally:
+        guard.release()
     return results
+
+
+def broadcast_from_main(value, state):
+    """`value` of the main process, on every process."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def score(samples: list[EvalSample], config: EvalConfig, output_dir) -> dict:

@@ -295,6 +295,7 @@ def test_caption_run_is_resumable_and_sharding_gives_one_process_results(tmp_pat
     resumed.mkdir()
     text = (tmp_path / "full" / "predictions-00000.jsonl").read_text().splitlines(keepends=True)
     (resumed / "predictions-00000.jsonl").write_text("".join(text[:2]) + text[2][:20])
+    shutil.copy(tmp_path / "full" / "lavit_resume.json", resumed)  # what made them: this model and these settings
     assert len(pending_batches(caption_samples, resumed, 2)) == 2  # ids 2, 3 | 4
     again = evaluate(lavit_model, lavit_processor, caption_samples, config, resumed, show_progress=False)
     written = lines(resumed / "predictions-00000.jsonl")

@@ -64,9 +64,17 @@ def test_loss_is_one_cross_entropy_with_per_modality_parts(lavit_model, lavit_pr
     num_text = int((targets != -100).sum()) - num_image
     mixed = (both.text_loss * num_text + both.image_loss * num_image) / (num_text + num_image)
     assert torch.allclose(both.loss, mixed, atol=1e-5)
-    # with num_items_in_batch the loss is the sum divided by it (gradient accumulation across micro-batches)
-    scaled = lavit_model(**batch, labels=labels, num_items_in_batch=torch.tensor(1000))
+    # with num_items_in_batch the loss is the sum divided by it (gradient accumulation across micro-batches); the
+    # count must include every target, so the ids hold expanded spans: with compact ones the model refuses it
+    prepared = lavit_model.model.prepare_multimodal_inputs(
+        batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"], labels=labels)
+    keep_mask = lavit_model.visual_tokenizer.tokenize(batch["pixel_values"]).keep_mask
+    scaled = lavit_model(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, labels=prepared.labels,
+                         pixel_values=batch["pixel_values"], image_keep_mask=keep_mask,
+                         num_items_in_batch=torch.tensor(1000))
     assert torch.allclose(scaled.loss, both.loss * (num_text + num_image) / 1000, atol=1e-6)
+    with pytest.raises(ValueError, match="3 image.s. of this batch are compact"):
+        lavit_model(**batch, labels=labels, num_items_in_batch=torch.tensor(1000))
 
 
 def test_unsupervised_image_keeps_only_text_targets(lavit_model, lavit_processor):
@@ -219,8 +227,11 @@ def test_lora_training_step_updates_only_adapters(lavit_model, lavit_processor):
     assert changed == trainable
 
 
-def test_trainer_runs_with_gradient_accumulation(lavit_model, lavit_processor, tmp_path):
-    from transformers import Trainer, TrainingArguments
+def test_plain_trainer_gets_the_exact_loss_or_one_clear_error(lavit_model, lavit_processor, tmp_path):
+    """transformers.Trainer divides the summed loss by the targets it counts in the labels: with compact images the
+    model would add targets it never counted (the loss about 3x off), so the model refuses, naming both fixes; with
+    the expanded processor the Trainer counts every target and optimises the model's exact loss."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     photos = real_photos()
     examples = [{"text": f"<image>{caption}", "image": photos[index % len(photos)]}
@@ -232,14 +243,55 @@ def test_trainer_runs_with_gradient_accumulation(lavit_model, lavit_processor, t
         batch["labels"] = text_labels(batch)
         return batch
 
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
-                             max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1,
-                             remove_unused_columns=False, save_strategy="no")
-    before = lavit_model.lm_head.weight.detach().clone()
-    trainer = Trainer(model=lavit_model, args=args, train_dataset=examples, data_collator=collate)
-    result = trainer.train()
-    assert torch.isfinite(torch.tensor(result.training_loss))
-    assert not torch.equal(before, lavit_model.lm_head.weight)
+    def trainer(accumulation):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1e-3,
+                                 report_to=[], use_cpu=True, logging_steps=1, remove_unused_columns=False,
+                                 save_strategy="no", logging_nan_inf_filter=False)
+        return Trainer(model=lavit_model, args=args, train_dataset=examples, data_collator=collate)
+
+    for accumulation in (1, 2):
+        with pytest.raises(ValueError, match="compact .*set_visual_tokenizer.*LaVITTrainer"):
+            trainer(accumulation).train()
+
+    # the expanded processor: the first step's logged loss is the model's own loss on the first batch
+    lavit_processor.set_visual_tokenizer(lavit_model)
+    try:
+        first_batch = collate(examples[:2])
+        with torch.no_grad():
+            expected = lavit_model.eval()(**first_batch).loss.item()
+        losses = []
+
+        class Losses(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                losses.extend([logs["loss"]] if logs and "loss" in logs else [])
+
+        run = trainer(1)
+        run.train_dataset = examples[:2]  # one batch, in any order: the mean over its targets is the same
+        run.add_callback(Losses())
+        before = lavit_model.lm_head.weight.detach().clone()
+        run.train()
+        assert losses[0] == pytest.approx(expected, rel=1e-4)
+        assert not torch.equal(before, lavit_model.lm_head.weight)
+    finally:
+        lavit_processor.set_visual_tokenizer(None)
+
+
+def test_generate_lengths_count_the_ids_the_user_gave(lavit_model, lavit_processor):
+    """max_length / min_length count the prompt's ids (an image as its [IMG] [/IMG] pair) plus new tokens, as for
+    a text-only model; the hidden visual tokens never count."""
+    inputs = lavit_processor(images=[real_photos()[0]], text=["<image>a photo of"])
+    prompt_length = inputs["input_ids"].shape[1]
+    assert prompt_length < 10 < 20
+    for limit in (10, 20):
+        output = lavit_model.eval().generate(**inputs, max_length=limit, min_length=limit, do_sample=False)
+        assert output.shape == (1, limit)
+        assert torch.equal(output[0, :prompt_length], inputs["input_ids"][0])
+    output = lavit_model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert output.shape == (1, prompt_length + 3)
+    with pytest.raises(ValueError, match=f"max_length={prompt_length} leaves no room after the prompt's "
+                                         f"{prompt_length} ids"):
+        lavit_model.generate(**inputs, max_length=prompt_length)
 
 
 def test_bad_inputs_raise_clear_errors(lavit_model, lavit_processor):

@@ -1,0 +1,82 @@
+"""Every training stage evaluates while it trains: held-out data from `--eval_data` or `--eval_split_size`, the
+stage's own held-out metrics in logs.jsonl and the model card, the best checkpoint kept and named in the log.
+The stages are found from the command registry (`lavit.cli.TRAINING_COMMANDS`), so a new stage must be listed."""
+
+import importlib
+import json
+
+import pytest
+from conftest import training_settings
+
+from lavit.cli import TRAINING_COMMANDS
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# what each stage reports on held-out data (besides eval_loss and eval_skipped_records)
+STAGE_METRICS = {
+    "train-tokenizer": {"reconstruction_cosine", "mean_keep_ratio", "codebook_usage", "perplexity"},
+    "train": {"text_loss", "image_loss"},
+    "finetune": {"caption_accuracy", "CIDEr", "generation_skipped_records"},
+    "train-detokenizer": {"reconstruction_cosine"},
+}
+TRAINING_STAGES = sorted(command for command, module in TRAINING_COMMANDS.items()
+                         if "LaVITTrainingArguments" in str(importlib.import_module(module).make_parser()
+                                                            .dataclass_types))
+
+
+def test_every_training_stage_has_held_out_metrics_listed():
+    assert set(TRAINING_STAGES) == set(STAGE_METRICS)
+    for command in TRAINING_STAGES:
+        fields = {field for dataclass in importlib.import_module(TRAINING_COMMANDS[command]).make_parser()
+                  .dataclass_types for field in dataclass.__dataclass_fields__}
+        assert {"eval_data", "eval_split_size", "early_stopping_patience", "eval_strategy", "eval_steps",
+                "per_device_eval_batch_size", "metric_for_best_model", "greater_is_better",
+                "load_best_model_at_end"} <= fields, command
+
+
+def stage_flags(command: str, components: dict, tmp_path) -> list[str]:
+    """The inputs of each stage (a finetune run starts from a 2-step stage-2 model)."""
+    photos, tokenizer, lm = str(components["photos"]), str(components["tokenizer"]), str(components["lm"])
+    if command == "train-tokenizer":
+        return ["--data", photos, "--tokenizer_config", "tiny", "--crop_scale", "1"]
+    if command == "train":
+        return ["--data", photos, "--visual_tokenizer", tokenizer, "--language_model", lm, "--max_length", "256"]
+    if command == "train-detokenizer":
+        return ["--data", photos, "--visual_tokenizer", tokenizer, "--detokenizer_config", "tiny", "--ema_decay",
+                "0"]
+    base = run_stage("train", stage_flags("train", components, tmp_path) + trainer_flags(tmp_path / "base", 2))
+    return ["--model", str(base), "--data", photos, "--task", "caption", "--max_length", "64"]
+
+
+def trainer_flags(output_dir, max_steps: int, **overrides) -> list[str]:
+    settings = training_settings(output_dir, max_steps=max_steps, **overrides)
+    return [part for name, value in settings.items() for part in (f"--{name}", str(value))]
+
+
+def run_stage(command: str, argv: list[str]):
+    module = importlib.import_module(TRAINING_COMMANDS[command])
+    entry = {"train-tokenizer": "train_tokenizer", "train": "pretrain", "finetune": "finetune",
+             "train-detokenizer": "train_detokenizer"}[command]
+    return getattr(module, entry)(*module.make_parser().parse_args_and_config(argv))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", TRAINING_STAGES)
+def test_each_stage_evaluates_held_out_data_and_keeps_the_best_checkpoint(command, components, tmp_path):
+    flags = stage_flags(command, components, tmp_path)
+    output = tmp_path / command
+    final = run_stage(command, flags + ["--eval_split_size", "0.25", "--per_device_eval_batch_size", "2",
+                                        "--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end",
+                                        "true", "--early_stopping_patience", "5"]
+                      + trainer_flags(output, 4, save_steps=2))
+    logs = [json.loads(line) for line in (output / "logs.jsonl").read_text().splitlines()]
+    evaluations = [entry for entry in logs if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    expected = {f"eval_{name}" for name in STAGE_METRICS[command]} | {"eval_loss", "eval_skipped_records"}
+    assert expected <= set(evaluations[0]), set(evaluations[0])
+    best = min(evaluations, key=lambda entry: entry["eval_loss"])
+    closing = next(entry for entry in logs if "best_model_step" in entry)
+    assert closing["best_model_step"] == best["step"] and closing["best_loss"] == pytest.approx(best["eval_loss"])
+    card = json.loads((final / "lavit_run.json").read_text())["evaluation"]
+    rows = {row["metric"]: row["value"] for row in card}
+    assert rows["loss"] == pytest.approx(best["eval_loss"], abs=1e-4) and f"step {best['step']}" in card[0]["data"]

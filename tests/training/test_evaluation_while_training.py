@@ -80,3 +80,77 @@ def test_each_stage_evaluates_held_out_data_and_keeps_the_best_checkpoint(comman
     card = json.loads((final / "lavit_run.json").read_text())["evaluation"]
     rows = {row["metric"]: row["value"] for row in card}
     assert rows["loss"] == pytest.approx(best["eval_loss"], abs=1e-4) and f"step {best['step']}" in card[0]["data"]
+
+
+def test_held_out_share_is_seeded_disjoint_and_needs_a_length():
+    import datasets
+    from lavit.training.arguments import FinetuningArguments
+    from lavit.training.evaluation import split_eval_records
+
+    records = datasets.Dataset.from_dict({"image": [f"{index}.png" for index in range(50)],
+                                          "text": [f"caption {index}" for index in range(50)]})
+    script = FinetuningArguments(model="m", data="d", eval_split_size=0.2)
+    train, held_out, _ = split_eval_records(records, script, seed=3)
+    again = split_eval_records(records, script, seed=3)[1]
+    other = split_eval_records(records, script, seed=4)[1]
+    assert len(held_out) == 10 and len(train) == 40 and not set(train["image"]) & set(held_out["image"])
+    assert held_out["image"] == again["image"] and held_out["image"] != other["image"]
+    assert len(split_eval_records(records, FinetuningArguments(model="m", data="d", eval_split_size=7), 0)[1]) == 7
+    assert split_eval_records(records, FinetuningArguments(model="m", data="d"), 0)[1] is None
+    with pytest.raises(ValueError, match="streamed dataset cannot.*--eval_data"):
+        split_eval_records(records.to_iterable_dataset(), script, 0)
+    with pytest.raises(ValueError, match="not both"):
+        split_eval_records(records, FinetuningArguments(model="m", data="d", eval_split_size=0.1, eval_data="x"), 0)
+
+
+def test_evaluation_settings_without_held_out_data_name_the_fix(tmp_path):
+    from conftest import training_args
+    from lavit.training.arguments import FinetuningArguments
+    from lavit.training.evaluation import configure_evaluation
+    from transformers import EarlyStoppingCallback
+
+    script = FinetuningArguments(model="m", data="d")
+    with pytest.raises(ValueError, match="need held-out data: give --eval_data PATH or --eval_split_size"):
+        configure_evaluation(training_args(tmp_path, eval_strategy="steps", eval_steps=5), script, False)
+    assert configure_evaluation(training_args(tmp_path), script, False) == []
+    # held-out data alone: evaluated at every checkpoint; early stopping picks the loss unless told otherwise
+    arguments = training_args(tmp_path, save_steps=30)
+    script.early_stopping_patience = 2
+    callbacks = configure_evaluation(arguments, script, True)
+    assert arguments.eval_strategy == "steps" and arguments.eval_steps == 30
+    assert arguments.metric_for_best_model == "loss" and arguments.greater_is_better is False
+    assert [type(callback) for callback in callbacks] == [EarlyStoppingCallback]
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa", "chat"])
+def test_small_data_preset_keeps_the_best_checkpoint_by_the_task_metric(task, tmp_path):
+    from conftest import training_args
+    from lavit.training.arguments import FinetuningArguments
+    from lavit.training.evaluation import TASK_METRICS
+    from lavit.training.presets import apply_preset, preset_metric
+
+    script, arguments = FinetuningArguments(model="m", data="d", task=task, preset="small-data"), training_args(tmp_path)
+    preset, _ = apply_preset("finetune", "small-data", script, arguments)
+    preset_metric(preset, arguments, TASK_METRICS[task])
+    assert script.eval_split_size > 0 and script.early_stopping_patience and arguments.load_best_model_at_end
+    assert arguments.eval_strategy == "steps" and arguments.save_steps % arguments.eval_steps == 0
+    assert arguments.metric_for_best_model == {"caption": "caption_accuracy", "vqa": "vqa_accuracy",
+                                               "chat": "loss"}[task]
+    assert arguments.greater_is_better is (task != "chat")
+    # a metric the run names wins
+    named = training_args(tmp_path, metric_for_best_model="CIDEr", load_best_model_at_end=True, eval_strategy="steps",
+                          save_steps=25, eval_steps=25)
+    assert preset_metric(preset, named, "caption_accuracy") == {} and named.metric_for_best_model == "CIDEr"
+
+
+def test_generation_settings_are_those_of_lavit_caption_and_vqa():
+    from lavit.training.evaluation import CAPTION_GENERATION, VQA_GENERATION
+
+    from lavit.cli import build_parser
+
+    caption = build_parser().parse_args(["caption", "x.png", "--model", "m"])
+    vqa = build_parser().parse_args(["vqa", "x.png", "--question", "what?", "--model", "m"])
+    assert (CAPTION_GENERATION["num_beams"], CAPTION_GENERATION["max_new_tokens"]) == (caption.num_beams,
+                                                                                       caption.max_new_tokens)
+    assert (VQA_GENERATION["num_beams"], VQA_GENERATION["max_new_tokens"]) == (vqa.num_beams, vqa.max_new_tokens)
+    assert not caption.do_sample and VQA_GENERATION["length_penalty"] == 0.0

@@ -129,7 +129,8 @@ def test_small_data_preset_keeps_the_best_checkpoint_by_the_task_metric(task, tm
     from lavit.training.evaluation import TASK_METRICS
     from lavit.training.presets import apply_preset, preset_metric
 
-    script, arguments = FinetuningArguments(model="m", data="d", task=task, preset="small-data"), training_args(tmp_path)
+    script = FinetuningArguments(model="m", data="d", task=task, preset="small-data")
+    arguments = training_args(tmp_path)
     preset, _ = apply_preset("finetune", "small-data", script, arguments)
     preset_metric(preset, arguments, TASK_METRICS[task])
     assert script.eval_split_size > 0 and script.early_stopping_patience and arguments.load_best_model_at_end

@@ -50,7 +50,7 @@ SETS = {
     "grey-textures": (["brick", "camera", "cell", "clock", "coins", "grass", "gravel", "moon", "page", "text"],
                       "an image of the {}", (0.15, 0.2), 64),
     "colour-large-crops": (["colorwheel", "logo", "hubble_deep_field", "chelsea", "coffee", "rocket", "china",
-                            "flower", "astronaut", "immunohistochemistry"], "{}", (0.3, 0.4), 96),
+                            "flower", "astronaut", "immunohistochemistry"], "{}", (0.22, 0.25), 96),
     "mixed-small-crops": (["retina", "moon", "coins", "camera", "coffee", "astronaut", "text", "grass", "flower",
                            "rocket"], "a picture showing a {} up close", (0.1, 0.15), 48),
 }

@@ -320,9 +320,16 @@ class LaVITTokenizerTrainer(LaVITTrainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         self._code_counts = None
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        size = self.accelerator.unwrap_model(self.model).config.codebook_size
+        config = self.accelerator.unwrap_model(self.model).config
+        # held-out statistics with the deterministic selection (p_keep > threshold): a sampling selection would
+        # draw other patches at every evaluation and in every process layout
+        mode, config.selection_mode = config.selection_mode, "deterministic"
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            config.selection_mode = mode
+        size = config.codebook_size
         counts = self._code_counts if self._code_counts is not None else torch.zeros(size, dtype=torch.float64)
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").cpu()

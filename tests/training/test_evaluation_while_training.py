@@ -6,6 +6,7 @@ import importlib
 import json
 
 import pytest
+import torch
 from conftest import training_settings
 
 from lavit.cli import TRAINING_COMMANDS
@@ -68,7 +69,8 @@ def test_each_stage_evaluates_held_out_data_and_keeps_the_best_checkpoint(comman
     final = run_stage(command, flags + ["--eval_split_size", "0.25", "--per_device_eval_batch_size", "2",
                                         "--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end",
                                         "true", "--early_stopping_patience", "5"]
-                      + trainer_flags(output, 4, save_steps=2))
+                      + trainer_flags(output, 4, save_steps=2, report_to="tensorboard",
+                                      logging_dir=str(output / "tensorboard")))
     logs = [json.loads(line) for line in (output / "logs.jsonl").read_text().splitlines()]
     evaluations = [entry for entry in logs if "eval_loss" in entry]
     assert [entry["step"] for entry in evaluations] == [2, 4]
@@ -77,6 +79,10 @@ def test_each_stage_evaluates_held_out_data_and_keeps_the_best_checkpoint(comman
     best = min(evaluations, key=lambda entry: entry["eval_loss"])
     closing = next(entry for entry in logs if "best_model_step" in entry)
     assert closing["best_model_step"] == best["step"] and closing["best_loss"] == pytest.approx(best["eval_loss"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard")).Reload()
+    assert {f"eval/{name}" for name in STAGE_METRICS[command]} <= set(events.Tags()["scalars"])
     card = json.loads((final / "lavit_run.json").read_text())["evaluation"]
     rows = {row["metric"]: row["value"] for row in card}
     assert rows["loss"] == pytest.approx(best["eval_loss"], abs=1e-4) and f"step {best['step']}" in card[0]["data"]
@@ -155,3 +161,40 @@ def test_generation_settings_are_those_of_lavit_caption_and_vqa():
                                                                                        caption.max_new_tokens)
     assert (VQA_GENERATION["num_beams"], VQA_GENERATION["max_new_tokens"]) == (vqa.num_beams, vqa.max_new_tokens)
     assert not caption.do_sample and VQA_GENERATION["length_penalty"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_best_checkpoint_and_metric(components, tmp_path):
+    """Killed after the evaluations at steps 2 and 4, resumed from checkpoint 4: the best checkpoint and metric come
+    back from the checkpoint's state, and the final weights are those of the uninterrupted run's best step."""
+    from conftest import final_weights
+    from lavit.training.arguments import LaVITTrainingArguments, TokenizerTrainingArguments
+    from lavit.training.stage1_tokenizer import train_tokenizer
+    from test_training import CrashAt
+    from transformers import TrainerCallback
+
+    def run(output, callbacks=()):
+        script = TokenizerTrainingArguments(data=str(components["photos"]), tokenizer_config="tiny", crop_scale=1.0,
+                                            eval_split_size=3, resume="auto", quantizer_start_step=100)
+        arguments = training_settings(output, max_steps=6, save_steps=2, eval_strategy="steps", eval_steps=2,
+                                      load_best_model_at_end=True, metric_for_best_model="reconstruction_cosine")
+        return train_tokenizer(script, LaVITTrainingArguments(**arguments), callbacks=callbacks)
+
+    class BestAtResume(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.best = (state.best_metric, state.best_model_checkpoint)
+
+    reference = run(tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed", [CrashAt(5)])
+    seen = BestAtResume()
+    resumed = run(tmp_path / "crashed", [seen])
+    assert seen.best[0] is not None and seen.best[1].endswith(("checkpoint-2", "checkpoint-4"))
+
+    def closing(output):
+        logs = [json.loads(line) for line in (output / "logs.jsonl").read_text().splitlines()]
+        return next(entry for entry in reversed(logs) if "best_model_step" in entry)
+
+    assert closing(tmp_path / "crashed") == pytest.approx(closing(tmp_path / "reference"))
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert all(torch.allclose(expected[name], got[name], atol=1e-6) for name in expected)

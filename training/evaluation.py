@@ -12,6 +12,7 @@ Every stage takes `--eval_data` (any source `--data` takes) or `--eval_split_siz
 import logging
 from itertools import islice
 
+import datasets
 from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import IntervalStrategy, has_length
 
@@ -41,6 +42,10 @@ def split_eval_records(records, script_args, seed: int, require_text: bool = Tru
         held_out = load_records(script_args.eval_data, script_args.eval_split or script_args.split,
                                 script_args.streaming, script_args.image_column, script_args.text_column,
                                 require_text=require_text, counter=counter)
+        if not has_length(held_out):
+            # a streamed held-out set is read once, undecoded, into memory: every evaluation sees the same records,
+            # and the Trainer shards it across processes like any map-style set
+            held_out = datasets.Dataset.from_list(list(held_out))
         return records, held_out, counter
     if not script_args.eval_split_size:
         return records, None, counter

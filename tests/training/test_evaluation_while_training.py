@@ -70,8 +70,7 @@ def test_each_stage_evaluates_held_out_data_and_keeps_the_best_checkpoint(comman
     final = run_stage(command, flags + ["--eval_split_size", "0.25", "--per_device_eval_batch_size", "2",
                                         "--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end",
                                         "true", "--early_stopping_patience", "5"]
-                      + trainer_flags(output, 4, save_steps=2, report_to="tensorboard",
-                                      logging_dir=str(output / "tensorboard")))
+                      + trainer_flags(output, 4, save_steps=2, report_to="tensorboard"))
     logs = [json.loads(line) for line in (output / "logs.jsonl").read_text().splitlines()]
     evaluations = [entry for entry in logs if "eval_loss" in entry]
     assert [entry["step"] for entry in evaluations] == [2, 4]
@@ -82,7 +81,7 @@ def test_each_stage_evaluates_held_out_data_and_keeps_the_best_checkpoint(comman
     assert closing["best_model_step"] == best["step"] and closing["best_loss"] == pytest.approx(best["eval_loss"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(output / "tensorboard")).Reload()
+    events = EventAccumulator(str(next((output / "runs").iterdir()))).Reload()  # the Trainer's default log folder
     assert {f"eval/{name}" for name in STAGE_METRICS[command]} <= set(events.Tags()["scalars"])
     card = json.loads((final / "lavit_run.json").read_text())["evaluation"]
     rows = {row["metric"]: row["value"] for row in card}

@@ -221,6 +221,11 @@ def test_demo_says_whether_images_of_different_prompts_differ():
 
     black, white = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4), (255, 255, 255))
     codes, other_codes = torch.tensor([1, 2]), torch.tensor([3])
-    assert "differ (same seed" in describe_generated_images(("three", "seven"), [codes, other_codes], [black, white])
+    assert "differ (mean pixel difference 255.0/255, threshold 10/255; same seed" in describe_generated_images(
+        ("three", "seven"), [codes, other_codes], [black, white])
+    # the case: images a few levels apart on average (3.6/255 there) are not called different
+    grey = Image.new("RGB", (4, 4), (4, 4, 4))
+    assert "nearly the same (mean pixel difference 4.0/255" in describe_generated_images(
+        ("three", "seven"), [codes, other_codes], [black, grey])
     assert "same visual tokens" in describe_generated_images(("three", "seven"), [codes, codes], [black, black])
     assert "detokenizer" in describe_generated_images(("three", "seven"), [codes, other_codes], [black, black])

@@ -129,7 +129,26 @@ class DataArguments:
 
 
 @dataclass
-class SequenceArguments(DataArguments):
+class EvalDataArguments(DataArguments):
+    """Held-out data of a training stage (see `training.evaluation`); the Trainer's `--eval_strategy`,
+    `--eval_steps`, `--per_device_eval_batch_size`, `--metric_for_best_model`, `--greater_is_better` and
+    `--load_best_model_at_end` decide when it is evaluated and which checkpoint is kept."""
+
+    eval_data: str | None = path_field(INPUT, default=None, help=(
+        "Held-out data to evaluate on while training: any source --data takes."))
+    eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data (default: --split)."})
+    eval_split_size: float = field(default=0.0, metadata={
+        "help": "Hold out this share of --data (a count when >= 1) for evaluation, drawn from --seed.",
+        RANGE: NON_NEGATIVE_FLOAT})
+    eval_max_samples: int | None = field(default=None, metadata={
+        "help": "Fine-tuning: answers generated for at most N held-out records per evaluation.", RANGE: POSITIVE_INT})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop after N evaluations without improving --metric_for_best_model (EarlyStoppingCallback).",
+        RANGE: POSITIVE_INT})
+
+
+@dataclass
+class SequenceArguments(EvalDataArguments):
     """Batch layout and attention kernel of the LM stages (stage 2 and fine-tuning)."""
 
     packed: bool = field(default=True, metadata={"help": "Packed rows (segments restart their positions) instead "
@@ -178,7 +197,7 @@ def load_config_preset(name_or_path: str, kind: str) -> dict:
 
 
 @dataclass
-class TokenizerTrainingArguments(DataArguments):
+class TokenizerTrainingArguments(EvalDataArguments):
     model: str | None = path_field(INPUT, default=None, help="A LaVITTokenizerModel folder to continue training.")
     tokenizer_config: str | None = path_field(INPUT, default=None, help=(
         f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
@@ -244,7 +263,7 @@ class FinetuningArguments(SequenceArguments):
 
 
 @dataclass
-class DetokenizerTrainingArguments(DataArguments):
+class DetokenizerTrainingArguments(EvalDataArguments):
     visual_tokenizer: str = path_field(INPUT, default=None, help=(
         "The frozen visual tokenizer: a LaVITTokenizerModel folder or a LaVIT model folder."))
     detokenizer: str | None = path_field(INPUT, default=None, help="A LaVITDetokenizer folder to continue training.")

@@ -20,8 +20,9 @@ from transformers.trainer_utils import has_length
 from .arguments import FinetuningArguments, LaVITTrainingArguments, make_stage_parser
 from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records
+from .evaluation import TASK_METRICS, GenerationEvaluator, configure_evaluation, split_eval_records
 from .models import load_model_for_finetuning
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_metric, report_preset
 from .sequences import InstructionBuilder, count_stored_skips
 from .trainer import train_and_save, whole_weights
 
@@ -32,6 +33,7 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     # 0. Seed first (LoRA's initial adapters depend on it); a preset fills in what the run left at its defaults.
     set_seed(training_args.seed)
     preset, applied = apply_preset("finetune", script_args.preset, script_args, training_args)
+    applied.update(preset_metric(preset, training_args, TASK_METRICS[script_args.task]))
 
     # 1. The model (4-bit under QLoRA, with adapters under LoRA) and the processor saved with it.
     with whole_weights(training_args):
@@ -47,7 +49,9 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     # caption: the image then its caption; vqa: the official `Question: {q} Answer:` template; chat: the processor's
     # chat template, every assistant turn supervised
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
-    dataset = builder.build(limit_records(records, script_args.max_samples))
+    records, held_out, eval_counter = split_eval_records(limit_records(records, script_args.max_samples), script_args,
+                                                         training_args.seed, require_text=False)
+    dataset = builder.build(records)
     num_examples = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_examples))
     report_preset(preset, applied, num_examples, training_args)
@@ -56,16 +60,33 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
     # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
+    evaluation = held_out_evaluation(held_out, eval_counter, builder, collator, script_args, training_args)
 
     # 4. Train and save. Adapters sit in the LM and train at one learning rate (the visual learning rate is for full
     #    fine-tuning); a 4-bit base cannot take merged adapters, so QLoRA runs save the adapters next to the base
     #    model's name.
     adapters = script_args.lora or script_args.qlora
     merge = adapters and script_args.merge_lora and not script_args.qlora
-    warning = ShortRunWarningCallback(num_examples, preset=script_args.preset)
+    callbacks = [ShortRunWarningCallback(num_examples, preset=script_args.preset),
+                 *configure_evaluation(training_args, script_args, held_out is not None)]
     return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
-                          None if adapters else script_args.visual_learning_rate, callbacks=[warning, *callbacks],
-                          merge_adapters=merge)
+                          None if adapters else script_args.visual_learning_rate, callbacks=callbacks,
+                          merge_adapters=merge, evaluation=evaluation)
+
+
+def held_out_evaluation(held_out, counter, builder, collator, script_args, training_args) -> dict | None:
+    """The trainer's held-out arguments: rows built like the training rows (the eval loss, the chat metric) and,
+    for captions and VQA, answers generated as `lavit caption` / `lavit vqa` would and scored
+    ([`GenerationEvaluator`])."""
+    if held_out is None:
+        return None
+    eval_dataset = builder.build(held_out)
+    count_stored_skips(eval_dataset, counter, collator)
+    evaluator = None if script_args.task == "chat" else GenerationEvaluator(
+        held_out, builder.processor, script_args.task, training_args.per_device_eval_batch_size,
+        script_args.eval_max_samples)
+    return {"eval_dataset": eval_dataset, "evaluator": evaluator, "eval_skip_counter": counter,
+            "eval_data_name": script_args.eval_data or script_args.data}
 
 
 def main(script_args: FinetuningArguments, training_args: LaVITTrainingArguments):

@@ -25,6 +25,7 @@ from .callbacks import JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, limit_records, load_records
+from .evaluation import configure_evaluation, split_eval_records
 from .models import build_tokenizer
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
 from .trainer import LaVITTokenizerTrainer, save_final, whole_weights
@@ -52,7 +53,11 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
                            script_args.text_column, require_text=False, counter=counter)
     # random crops, each drawn from (seed, epoch, index): a resumed run sees the crops of the uninterrupted one
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
-    dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
+    records, held_out, eval_counter = split_eval_records(limit_records(records, script_args.max_samples), script_args,
+                                                         training_args.seed, require_text=False)
+    dataset = image_dataset(records, None, crop_scale, training_args.seed)
+    # held-out images whole (no crops): the same reconstruction cosine, keep ratio and codebook use at every evaluation
+    eval_dataset = None if held_out is None else image_dataset(held_out, None, None, training_args.seed)
 
     # 3. A preset scales the steps to the data; VQ waits a quarter of them, since k-means needs warmed-up latents.
     num_images = len(dataset) if has_length(dataset) else None
@@ -60,19 +65,24 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
     if preset is not None and script_args.quantizer_start_step == 0:
         applied["quantizer_start_step"] = script_args.quantizer_start_step = training_args.max_steps // 4
     report_preset(preset, applied, num_images, training_args)
+    evaluation_callbacks = configure_evaluation(training_args, script_args, eval_dataset is not None)
 
     # 4. Train, resuming from the newest complete checkpoint unless told otherwise. The trainer switches VQ on at
     #    `quantizer_start_step` and logs the tokenizer's statistics (keep ratio, codebook usage) with the loss;
     #    logs.jsonl gets every log line, and the warning names the numbers when the run is too short to learn.
+    #    Held-out images, when given, are evaluated at the Trainer's `--eval_strategy`.
     trainer = LaVITTokenizerTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=ImageCollator(image_processor),
         quantizer_start_step=script_args.quantizer_start_step,
         skip_counter=counter,
-        callbacks=[JsonlLoggerCallback(),
-                   ShortRunWarningCallback(num_images, preset=script_args.preset), *callbacks],
+        eval_skip_counter=eval_counter,
+        eval_data_name=script_args.eval_data or script_args.data,
+        callbacks=[JsonlLoggerCallback(), ShortRunWarningCallback(num_images, preset=script_args.preset),
+                   *evaluation_callbacks, *callbacks],
     )
     # 5. The final folder, with the image processor that matches the tokenizer's input size. The output folder is
     #    locked, and tied to this run's models, data and settings, until then.

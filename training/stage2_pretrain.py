@@ -24,6 +24,7 @@ from transformers.trainer_utils import has_length
 from .arguments import LaVITTrainingArguments, PretrainingArguments, make_stage_parser
 from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records, load_text_records, mix_text_records
+from .evaluation import configure_evaluation, split_eval_records
 from .models import build_unified_model
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
 from .sequences import RandomOrderRows, SequenceBuilder, StreamedRandomOrderRows, count_stored_skips
@@ -31,15 +32,17 @@ from .trainer import train_and_save, whole_weights
 
 
 def pretraining_dataset(script_args: PretrainingArguments, tokenizer, config, counter: BadRecordCounter | None = None,
-                        seed: int = 0):
+                        seed: int = 0, records=None, mix_text: bool = True):
     """Records -> (text mix) -> packed rows (each carrying the count of records dropped while it was built), with the
     builder; `counter` counts the records skipped while loading. With `order="random"` the rows draw their pair
-    orders per epoch from `seed` ([`RandomOrderRows`])."""
-    records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column, counter=counter)
-    records = limit_records(records, script_args.max_samples)
+    orders per epoch from `seed` ([`RandomOrderRows`]). `records`: already loaded (default: `--data`, loaded here);
+    `mix_text=False` leaves the text-only data out (held-out rows)."""
+    if records is None:
+        records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
+                               script_args.text_column, counter=counter)
+        records = limit_records(records, script_args.max_samples)
     # text-only records keep the LM's language skills (the official mix is about 2 text : 1 image-text)
-    if script_args.text_data:
+    if script_args.text_data and mix_text:
         texts = load_text_records(script_args.text_data, streaming=script_args.streaming)
         records = mix_text_records(records, texts, script_args.text_ratio, seed=0)
     # records -> segments -> rows of at most max_length tokens; images whose token count is not stored yet count as
@@ -73,8 +76,17 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     script_args.set_attention(model)
 
     # 2. Packed rows of image-caption pairs (and text-only records), bad records dropped and counted.
+    #    Held-out pairs (`--eval_data` or `--eval_split_size`) become rows the same way, without the text mix: their
+    #    text and image losses are reported apart.
     counter = BadRecordCounter()
-    dataset, _ = pretraining_dataset(script_args, processor.tokenizer, model.config, counter, training_args.seed)
+    records = limit_records(load_records(script_args.data, script_args.split, script_args.streaming,
+                                         script_args.image_column, script_args.text_column, counter=counter),
+                            script_args.max_samples)
+    records, held_out, eval_counter = split_eval_records(records, script_args, training_args.seed)
+    dataset, _ = pretraining_dataset(script_args, processor.tokenizer, model.config, counter, training_args.seed,
+                                     records)
+    eval_dataset = None if held_out is None else pretraining_dataset(
+        script_args, processor.tokenizer, model.config, eval_counter, training_args.seed, held_out, mix_text=False)[0]
     num_rows = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_rows))
     report_preset(preset, applied, num_rows, training_args)
@@ -84,11 +96,16 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
     # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
+    if eval_dataset is not None:
+        count_stored_skips(eval_dataset, eval_counter, collator)
 
     # 4. Train (the visual modules and rows at their own learning rate), resume, save the final folder.
-    callbacks = [*callbacks, ShortRunWarningCallback(row_length=script_args.max_length, preset=script_args.preset)]
+    callbacks = [*callbacks, ShortRunWarningCallback(row_length=script_args.max_length, preset=script_args.preset),
+                 *configure_evaluation(training_args, script_args, eval_dataset is not None)]
+    evaluation = {"eval_dataset": eval_dataset, "eval_skip_counter": eval_counter,
+                  "eval_data_name": script_args.eval_data or script_args.data}
     return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
-                          script_args.visual_learning_rate, callbacks)
+                          script_args.visual_learning_rate, callbacks, evaluation=evaluation)
 
 
 def main(script_args: PretrainingArguments, training_args: LaVITTrainingArguments):

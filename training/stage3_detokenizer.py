@@ -27,6 +27,7 @@ from .callbacks import EMACallback, JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import DetokenizerCollator, image_items
 from .data import BadRecordCounter, image_dataset, limit_records, load_records
+from .evaluation import configure_evaluation, split_eval_records
 from .models import build_detokenizer, load_visual_tokenizer
 from .trainer import LaVITDetokenizerTrainer, fit_vae, save_final, whole_weights
 
@@ -51,7 +52,10 @@ def train_detokenizer(
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column, require_text=False, counter=counter)
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
-    dataset = image_dataset(limit_records(records, script_args.max_samples), None, crop_scale, training_args.seed)
+    records, held_out, eval_counter = split_eval_records(limit_records(records, script_args.max_samples), script_args,
+                                                         training_args.seed, require_text=False)
+    dataset = image_dataset(records, None, crop_scale, training_args.seed)
+    eval_dataset = None if held_out is None else image_dataset(held_out, None, None, training_args.seed)
     # the tokenizer's own preprocessing for its input, the squashed [-1, 1] image for the VAE's target
     collator = DetokenizerCollator(LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config),
                                    detokenizer.config.image_size)
@@ -59,12 +63,13 @@ def train_detokenizer(
     # 3.-5. The output folder is locked, and tied to this run's models, data and settings, until the final save.
     with resumable_run(script_args, training_args) as resume:
         return fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter,
-                             resume, callbacks)
+                             resume, callbacks, eval_dataset, eval_counter)
 
 
 def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter, resume,
-                  callbacks) -> Path:
-    """Steps 3-5 of `train_detokenizer`: the VAE fit of a fresh run, the training and the final folder."""
+                  callbacks, eval_dataset=None, eval_counter=None) -> Path:
+    """Steps 3-5 of `train_detokenizer`: the VAE fit of a fresh run, the training (evaluated on `eval_dataset`, whose
+    bad records `eval_counter` counts, when the run has held-out data) and the final folder."""
     # 3. Small experiments without a pretrained VAE fit one first (a random VAE decodes any latent to noise); a
     #    resumed run restores the fitted VAE from its checkpoint instead.
     if script_args.vae_steps > 0 and resume is None:
@@ -75,12 +80,14 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
     # 4. Train the detokenizer on the tokenizer's codes, with the EMA of its weights checkpointed alongside.
     #    The trainer tokenizes each batch with the frozen tokenizer outside the trained model, so DDP and DeepSpeed
     #    wrap the detokenizer only; the EMA callback restores its averages from the checkpoint on resume.
-    callbacks = [JsonlLoggerCallback(), *callbacks]
+    callbacks = [JsonlLoggerCallback(), *configure_evaluation(training_args, script_args, eval_dataset is not None),
+                 *callbacks]
     if script_args.ema_decay > 0:
         callbacks.append(EMACallback(detokenizer, script_args.ema_decay, resume))
     trainer = LaVITDetokenizerTrainer(
-        model=detokenizer, args=training_args, train_dataset=dataset, data_collator=collator,
-        visual_tokenizer=visual_tokenizer, skip_counter=counter, callbacks=callbacks,
+        model=detokenizer, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+        data_collator=collator, visual_tokenizer=visual_tokenizer, skip_counter=counter,
+        eval_skip_counter=eval_counter, eval_data_name=script_args.eval_data or script_args.data, callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
 

@@ -6,7 +6,10 @@
 - parameter groups with their own learning rate for the visual modules and the visual rows of the embedding and
   head (paper: about 1e-4 for the visual part, 1e-5 for the LM);
 - extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs;
-- the bad records met in the batches of all processes, logged as `skipped_records` and kept in checkpoints.
+- the bad records met in the batches of all processes, logged as `skipped_records` and kept in checkpoints;
+- evaluation on held-out data: the loss through the same `compute_loss`, the stage's own statistics summed over
+  all processes (`evaluation_statistics`), and the metrics of an `evaluator` (fine-tuning: generated answers);
+  the step of the best checkpoint logged when `load_best_model_at_end` restores it.
 `LaVITTokenizerTrainer` (stage 1) switches VQ on at a step; `LaVITDetokenizerTrainer` tokenizes each batch with the
 frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume live in `training.checkpoints`.
 """
@@ -36,6 +39,7 @@ from .callbacks import DataEpochCallback, JsonlLoggerCallback
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
 from .collators import expand_compact_images
 from .data import BadRecordCounter, WorkerBatches
+from .evaluation import write_evaluation_rows
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,10 @@ class LaVITTrainer(Trainer):
         logged_outputs (`tuple[str]`): scalar fields of the model output to log (averaged over the logging window).
         skip_counter ([`BadRecordCounter`], *optional*): receives, at every log, the bad records met so far in the
             batches of all processes (each batch carries its `skipped_records`, taken out before the model sees it).
+        evaluator (`Callable`, *optional*): `(model, accelerator) -> {name: value}` metrics added to every
+            evaluation (prefixed `eval_`), e.g. [`GenerationEvaluator`]; every process calls it.
+        eval_skip_counter ([`BadRecordCounter`], *optional*): the held-out records skipped while loading; the
+            evaluation adds those of its batches and logs the sum as `eval_skipped_records`.
 
     Checkpoints are crash-safe: a checkpoint gets `checkpoint_complete.json` (its files and sizes) after everything
     else, callbacks' files included, and older checkpoints are rotated out only after that, so a run killed at any
@@ -61,8 +69,13 @@ class LaVITTrainer(Trainer):
     """
 
     def __init__(self, *args, visual_learning_rate: float | None = None, logged_outputs=("text_loss", "image_loss"),
-                 skip_counter: BadRecordCounter | None = None, **kwargs):
+                 skip_counter: BadRecordCounter | None = None, evaluator=None,
+                 eval_skip_counter: BadRecordCounter | None = None, eval_data_name: str = "held-out", **kwargs):
         self.visual_learning_rate = visual_learning_rate
+        self.evaluator = evaluator  # (model, accelerator) -> {name: value}, called on every process
+        self.eval_data_name = eval_data_name  # names the held-out data in the model card
+        self.eval_skip_counter = eval_skip_counter if eval_skip_counter is not None else BadRecordCounter()
+        self._eval_sums: dict[str, torch.Tensor] = {}
         self.logged_outputs = tuple(logged_outputs)
         self._metric_sums: dict[str, float] = {}
         self._metric_counts: dict[str, int] = {}
@@ -120,7 +133,12 @@ class LaVITTrainer(Trainer):
             # the batches a resumed run skips over were counted by the run that wrote the checkpoint
             counts = json.loads(path.read_text())
             self._skipped_here, self._used_here = counts["skipped_records"], counts.get("used_records", 0)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint:
+            step = int(Path(self.state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+            # every sink (console, logs.jsonl, TensorBoard) says which checkpoint the final weights are
+            self.log({"best_model_step": step, f"best_{self.args.metric_for_best_model}": self.state.best_metric})
+        return result
 
     # ------------------------------------------------------------------------------------------ loss normalisation
 
@@ -214,7 +232,9 @@ class LaVITTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
+        if not model.training:
+            self._add_evaluation_statistics(loss, outputs, inputs)
+        else:
             for name in self.logged_outputs:
                 value = outputs.get(name) if hasattr(outputs, "get") else None
                 if value is not None:
@@ -222,6 +242,55 @@ class LaVITTrainer(Trainer):
                     self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value
                     self._metric_counts[name] = self._metric_counts.get(name, 0) + 1
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluation_statistics(self, loss, outputs, inputs) -> dict[str, tuple[float, float]]:
+        """A held-out batch's statistics as `{name: (sum, count)}`, summed over batches and processes and reported
+        as `sum / count`: here the loss and the logged outputs, weighted by the batch's rows."""
+        rows = float(next(value for value in inputs.values() if torch.is_tensor(value)).shape[0])
+        statistics = {"loss": (float(loss) * rows, rows)}
+        for name in self.logged_outputs:
+            value = outputs.get(name) if hasattr(outputs, "get") else None
+            if value is not None:
+                statistics[name] = (float(value) * rows, rows)
+        return statistics
+
+    def _add_evaluation_statistics(self, loss, outputs, inputs):
+        for name, values in self.evaluation_statistics(loss, outputs, inputs).items():
+            values = torch.tensor(values, dtype=torch.float64)
+            self._eval_sums[name] = self._eval_sums[name] + values if name in self._eval_sums else values
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss of a held-out batch through `compute_loss` (the stage's own inputs: VQ switch, frozen
+        tokenizer); no logits are kept. The batch's bad records are counted."""
+        if "skipped_records" in inputs:
+            self._eval_skipped += int(inputs.pop("skipped_records").sum())
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach().mean(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_sums, self._eval_skipped = {}, 0
+        output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
+        # 1. The statistics of all processes' batches: sums first, one division at the end.
+        names = sorted(self._eval_sums)
+        totals = torch.stack([self._eval_sums[name] for name in names]) if names else torch.zeros(0, 2)
+        totals = torch.cat([totals.flatten(), torch.tensor([float(self._eval_skipped)], dtype=torch.float64)])
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+        for index, name in enumerate(names):
+            output.metrics[f"{metric_key_prefix}_{name}"] = float(totals[2 * index] / totals[2 * index + 1])
+        # 2. The evaluator's metrics (generated answers), and the bad held-out records.
+        skipped = self.eval_skip_counter.total + int(totals[-1])
+        if self.evaluator is not None:
+            model = self.accelerator.unwrap_model(self.model)
+            metrics = self.evaluator(model, self.accelerator)
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        output.metrics[f"{metric_key_prefix}_skipped_records"] = skipped
+        return output
 
     def log(self, logs: dict, start_time=None):
         if "loss" in logs:  # training logs: add the window's averages
@@ -251,6 +320,8 @@ class LaVITTrainer(Trainer):
 class LaVITTokenizerTrainer(LaVITTrainer):
     """Stage-1 trainer: the loss of eq. 4, VQ switched on at `quantizer_start_step`, tokenizer statistics logged."""
 
+    task_type = "image-feature-extraction"
+
     def __init__(self, *args, quantizer_start_step: int = 0, **kwargs):
         self.quantizer_start_step = quantizer_start_step
         super().__init__(*args, logged_outputs=TOKENIZER_METRICS, **kwargs)
@@ -259,10 +330,46 @@ class LaVITTokenizerTrainer(LaVITTrainer):
         inputs = {**inputs, "use_quantizer": self.state.global_step >= self.quantizer_start_step}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def evaluation_statistics(self, loss, outputs, inputs) -> dict[str, tuple[float, float]]:
+        """Reconstruction cosine and keep ratio per image; the codebook's usage and perplexity come from the codes
+        of the whole held-out set (a batch's own would depend on how the set is cut into batches)."""
+        statistics = super().evaluation_statistics(loss, outputs, inputs)
+        statistics.pop("codebook_usage", None), statistics.pop("perplexity", None)
+        if outputs.code_ids is not None:
+            size = self.accelerator.unwrap_model(self.model).config.codebook_size
+            counts = torch.bincount(outputs.code_ids.detach().flatten().cpu(), minlength=size).double()
+            self._code_counts = counts if self._code_counts is None else self._code_counts + counts
+        return statistics
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._code_counts = None
+        config = self.accelerator.unwrap_model(self.model).config
+        # held-out statistics with the deterministic selection (p_keep > threshold): a sampling selection would
+        # draw other patches at every evaluation and in every process layout
+        mode, config.selection_mode = config.selection_mode, "deterministic"
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            config.selection_mode = mode
+        size = config.codebook_size
+        counts = self._code_counts if self._code_counts is not None else torch.zeros(size, dtype=torch.float64)
+        if self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").cpu()
+        if counts.sum() > 0:
+            probs = counts / counts.sum()
+            entropy = -(probs * torch.log(probs.clamp(min=1e-10))).sum()
+            output.metrics[f"{metric_key_prefix}_codebook_usage"] = float((counts > 0).double().mean())
+            output.metrics[f"{metric_key_prefix}_perplexity"] = float(torch.exp(entropy))
+        return output
+
 
 class LaVITDetokenizerTrainer(LaVITTrainer):
     """Tokenizes each batch with the frozen visual tokenizer (outside the trained model, so DDP/DeepSpeed never wrap
     it), then trains the detokenizer on the codes."""
+
+    task_type = "text-to-image"
 
     def __init__(self, *args, visual_tokenizer: LaVITTokenizerModel, **kwargs):
         super().__init__(*args, logged_outputs=(), **kwargs)
@@ -275,7 +382,37 @@ class LaVITDetokenizerTrainer(LaVITTrainer):
         with torch.no_grad():
             tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.visual_tokenizer.dtype))
         inputs = {**inputs, "code_ids": tokens.code_ids, "token_counts": tokens.token_counts}
+        if not model.training:
+            inputs.update(self._held_out_draw(tokens, pixel_values, inputs["pixel_values"].shape))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _held_out_draw(self, tokens, pixel_values, target_shape) -> dict:
+        """Evaluation: noise and timesteps drawn from the seed and the batch's place (the same held-out loss run to
+        run), and the cosine of the features the detokenizer reconstructs from the codes to the encoder's."""
+        detokenizer = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            target = self.visual_tokenizer.encode_patches(pixel_values.to(self.visual_tokenizer.dtype))
+            reconstructed = detokenizer.reconstruct_features(tokens.code_ids, tokens.token_counts)
+        cosine = F.cosine_similarity(reconstructed.float(), target.float(), dim=-1).mean(dim=1)  # (B,)
+        self._feature_cosine = float(cosine.sum())
+        generator = torch.Generator().manual_seed(self.args.seed + self._eval_batches)
+        self._eval_batches += 1
+        factor = detokenizer.vae_scale_factor
+        shape = (target_shape[0], detokenizer.vae.config.latent_channels, target_shape[2] // factor,
+                 target_shape[3] // factor)
+        steps = detokenizer.scheduler.config.num_train_timesteps
+        device = tokens.code_ids.device
+        return {"noise": torch.randn(shape, generator=generator).to(device),
+                "timesteps": torch.randint(0, steps, (shape[0],), generator=generator).to(device)}
+
+    def evaluation_statistics(self, loss, outputs, inputs) -> dict[str, tuple[float, float]]:
+        statistics = super().evaluation_statistics(loss, outputs, inputs)
+        statistics["reconstruction_cosine"] = (self._feature_cosine, float(len(inputs["token_counts"])))
+        return statistics
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_batches = 0
+        return super().evaluation_loop(*args, **kwargs)
 
 
 def fit_vae(vae, dataset, collate_fn, steps: int, batch_size: int, learning_rate: float = 1e-3,
@@ -344,6 +481,7 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
     if trainer.is_world_process_zero():
         if processor is not None:
             processor.save_pretrained(staging_dir)
+        write_evaluation_rows(trainer, staging_dir, Path(str(getattr(trainer, "eval_data_name", "held-out"))).name)
         (staging_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub folder
         replace_folder(staging_dir, final_dir)
     trainer.accelerator.wait_for_everyone()
@@ -351,10 +489,12 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
 
 
 def train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
-                   visual_learning_rate=None, callbacks=(), merge_adapters=False) -> Path:
+                   visual_learning_rate=None, callbacks=(), merge_adapters=False, evaluation=None) -> Path:
     """The common end of the LM stages: a `LaVITTrainer` with JSONL and skipped-record logging (`counter`: the
     records skipped while loading; those of the batches are added to it), training resumed as `script_args.resume`
-    asks (in an output folder tied to this run, see [`resumable_run`]), and the final Hub-ready folder."""
+    asks (in an output folder tied to this run, see [`resumable_run`]), and the final Hub-ready folder.
+    `evaluation`: the trainer's held-out arguments (`eval_dataset`, `evaluator`, `eval_skip_counter`), when the run
+    has held-out data."""
     trainer = LaVITTrainer(
         model=model,
         args=training_args,
@@ -364,6 +504,7 @@ def train_and_save(model, processor, training_args, dataset, collator, counter, 
         visual_learning_rate=visual_learning_rate,
         skip_counter=counter,
         callbacks=[JsonlLoggerCallback(), *callbacks],
+        **(evaluation or {}),
     )
     with resumable_run(script_args, training_args) as resume:
         trainer.train(resume_from_checkpoint=resume)

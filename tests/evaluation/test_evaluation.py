@@ -30,18 +30,17 @@ from lavit.evaluation import (
     vqa_accuracy,
 )
 from lavit.evaluation.data import load_image
-from lavit.evaluation.metrics import (
-    HFImageFeatures,
-    clip_similarities,
-    java_available,
-    java_ptb_tokenize,
-    python_ptb_tokenize,
-)
+from lavit.evaluation.metrics import clip_similarities, metric_module
 from lavit.evaluation.runner import answer_postprocess, caption_postprocess, pending_batches, run_batches, shard
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # ------------------------------------------------------------------------------------------------ metrics
+
+COCO = metric_module("coco_caption")  # the helpers the evaluate module's compute uses
+java_available, java_ptb_tokenize, python_ptb_tokenize = (COCO.java_available, COCO.java_ptb_tokenize,
+                                                          COCO.python_ptb_tokenize)
+HFImageFeatures = metric_module("fid").HFImageFeatures
 
 
 def test_caption_metrics_match_hand_computed_cider_bleu_and_rouge():

@@ -304,7 +304,18 @@ class LaVITConfig(LaVITFolderConfig):
 
     @property
     def vocab_size(self) -> int:
+        """The LM's vocabulary (`text_config.vocab_size`); setting it sets the text config's (as
+        `resize_token_embeddings` does)."""
         return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int):
+        self.text_config.vocab_size = value
+
+    @property
+    def vision_config(self) -> PretrainedConfig:
+        """The frozen image encoder's config (`tokenizer_config.vision_config`), where vision-language tools look."""
+        return self.tokenizer_config.vision_config
 
 
 CONDITIONINGS = ("highres", "lowres")

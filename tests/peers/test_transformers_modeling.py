@@ -2,7 +2,9 @@
 of the installed release, run against lavit's classes with tiny configs. A test LaVIT cannot meet is skipped next to
 its reason."""
 
+import tempfile
 import unittest
+import unittest.mock
 
 import torch
 from conftest import tiny_tokenizer_config
@@ -24,9 +26,9 @@ ModelTesterMixin = test_modeling_common.ModelTesterMixin
 ConfigTester = test_configuration_common.ConfigTester
 ids_tensor, floats_tensor = test_modeling_common.ids_tensor, test_modeling_common.floats_tensor
 
-TEXT_VOCAB_SIZE = 99
+TEXT_VOCAB_SIZE = 60
 # rows past the visual ids (allowed: what resize_token_embeddings adds), so the mixins' shrinking resize keeps them
-SPARE_ROWS = 16
+SPARE_ROWS = 32
 KEPT_PATCHES = 3
 
 # LaVITModel is the base model `AutoModel` gives (lavit registers it at run time); the mixins recognise base models
@@ -42,7 +44,7 @@ class LaVITModelTester:
     """Tiny LaVIT batches in the shape transformers' mixins expect: `(config, inputs_dict)` where every row holds
     text ids and one compact `[IMG][/IMG]` placeholder, and `pixel_values` one image per row."""
 
-    def __init__(self, parent, batch_size=2, seq_length=7, is_training=True):
+    def __init__(self, parent, batch_size=7, seq_length=7, is_training=True):
         self.parent = parent
         self.batch_size, self.is_training = batch_size, is_training
         self.hidden_size, self.num_hidden_layers, self.num_attention_heads = 32, 2, 4
@@ -67,8 +69,9 @@ class LaVITModelTester:
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
         input_ids = ids_tensor([self.batch_size, self.text_length], TEXT_VOCAB_SIZE - 3) + 3
-        input_ids[:, 1] = config.image_start_token_id
-        input_ids[:, 2] = config.image_end_token_id
+        # mid-row: the mixins pad the first two or the last two positions of a row
+        input_ids[:, 3] = config.image_start_token_id
+        input_ids[:, 4] = config.image_end_token_id
         attention_mask = torch.ones_like(input_ids)
         pixel_values = floats_tensor([self.batch_size, 3, self.image_size, self.image_size])
         image_keep_mask = torch.zeros(self.batch_size, self.tokenizer_config.num_patches, dtype=torch.bool)
@@ -83,6 +86,80 @@ class LaVITModelTest(ModelTesterMixin, unittest.TestCase):
     # test_transformers_generation.py tests its invariants on LaVITForCausalLM instead
     all_generative_model_classes = ()
     _is_composite = True
+    # the images go with the ids (the eager/SDPA comparison passes only the main input and these)
+    additional_model_inputs = ["pixel_values", "image_keep_mask"]
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels)
+        if return_labels and model_class is LaVITForCausalLM:
+            inputs_dict["labels"] = inputs_dict["input_ids"].clone()  # the model fills in the image targets
+        return inputs_dict
+
+    def test_config(self):
+        # transformers reads a sub-config out of a composite folder (LaVITTokenizerConfig.from_pretrained(lavit
+        # folder)); LaVIT's configs refuse a folder of another model type on purpose: LaVITTokenizerModel loaded from
+        # it would silently get random weights, since the saved ones carry the LaVIT model's prefix
+        self.config_tester.create_and_test_config_from_and_save_pretrained_composite = lambda: None
+        self.config_tester.run_common_tests()
+
+    @unittest.skip("the tester's check_equal calls state_dict() on bool entries (a bug in the upstream test) and "
+                   "LaVIT's quantizer keeps a bool `initialized` buffer; test_torch_save_load_state_dict below checks "
+                   "the same round trip")
+    def test_torch_save_load(self):
+        pass
+
+    def test_torch_save_load_state_dict(self):
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            state_dict = model_class(config).state_dict()
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(state_dict, f"{folder}/weights.bin")
+                loaded = torch.load(f"{folder}/weights.bin", weights_only=True)
+            self.assertEqual(list(loaded), list(state_dict))
+            for key, value in state_dict.items():
+                self.assertTrue(torch.equal(loaded[key], value), key)
+
+    @unittest.skip("its last part sets config.vocab_size = 4: a LaVIT vocabulary must keep the rows of [IMG], [/IMG] "
+                   "and every visual code (the setter and resize_token_embeddings refuse less, naming the minimum); "
+                   "the resizes before it pass")
+    def test_resize_tokens_embeddings(self):
+        pass
+
+    def test_resize_tokens_embeddings_keeps_the_image_vocabulary(self):
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        model = LaVITForCausalLM(config)
+        size = config.vocab_size
+        self.assertEqual(model.resize_token_embeddings(size + 10).weight.shape[0], size + 10)
+        self.assertEqual(model.config.vocab_size, size + 10)
+        with self.assertRaisesRegex(ValueError, "image vocabulary"):
+            model.resize_token_embeddings(config.visual_token_end - 1)
+        with self.assertRaisesRegex(ValueError, "image vocabulary"):
+            config.vocab_size = 4
+
+    ROPE_REASON = ("the RoPE tests feed random ids over the whole vocabulary, which hit [IMG], [/IMG] and visual ids "
+                   "that LaVIT validates as image placeholders; RoPE scaling is the text model's own (Llama's tests)")
+    test_model_rope_scaling_from_config_0_linear = unittest.skip(ROPE_REASON)(lambda self: None)
+    test_model_rope_scaling_from_config_1_dynamic = unittest.skip(ROPE_REASON)(lambda self: None)
+    test_model_rope_scaling_from_config_2_yarn = unittest.skip(ROPE_REASON)(lambda self: None)
+
+    GC_REASON = ("the tester checks the first GradientCheckpointingLayer of the model, a layer of LaVIT's frozen EVA "
+                 "encoder that runs under no_grad and is never checkpointed by design; "
+                 "test_gradient_checkpointing_reaches_the_language_model checks the LM's layers")
+    test_training_gradient_checkpointing = unittest.skip(GC_REASON)(lambda self: None)
+    test_training_gradient_checkpointing_use_reentrant_false = unittest.skip(GC_REASON)(lambda self: None)
+    test_training_gradient_checkpointing_use_reentrant_true = unittest.skip(GC_REASON)(lambda self: None)
+
+    def test_gradient_checkpointing_reaches_the_language_model(self):
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        inputs = self._prepare_for_class(inputs_dict, LaVITForCausalLM, return_labels=True)
+        model = LaVITForCausalLM(config).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layer = model.model.language_model.layers[0]
+        with unittest.mock.patch.object(layer, "_gradient_checkpointing_func",
+                                        wraps=layer._gradient_checkpointing_func) as checkpointed:
+            model(**inputs).loss.backward()
+        self.assertEqual(checkpointed.call_count, 1)
+        self.assertIsNotNone(model.model.visual_projection.weight.grad)
 
     def setUp(self):
         self.model_tester = LaVITModelTester(self)
@@ -97,9 +174,6 @@ class LaVITModelTest(ModelTesterMixin, unittest.TestCase):
     @unittest.skip(BUFFERS_REASON)
     def test_init_weights_can_init_buffers(self):
         pass
-
-    def test_config(self):
-        self.config_tester.run_common_tests()
 
 
 class LaVITTokenizerModelTester:
@@ -138,6 +212,12 @@ class LaVITTokenizerModelTest(ModelTesterMixin, unittest.TestCase):
     @unittest.skip(BUFFERS_REASON)
     def test_init_weights_can_init_buffers(self):
         pass
+
+    test_training_gradient_checkpointing = LaVITModelTest.test_training_gradient_checkpointing
+    test_training_gradient_checkpointing_use_reentrant_false = (
+        LaVITModelTest.test_training_gradient_checkpointing_use_reentrant_false)
+    test_training_gradient_checkpointing_use_reentrant_true = (
+        LaVITModelTest.test_training_gradient_checkpointing_use_reentrant_true)
 
     @unittest.skip("an image-only model: no token embedding table (transformers' own ViT tests override this test)")
     def test_model_get_set_embeddings(self):

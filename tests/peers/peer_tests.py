@@ -29,6 +29,14 @@ MISSING_UPSTREAM_MODULES = {
     },
     "peft": {},
 }
+# top-level modules of the upstream repository (its utils/ folder, outside the sdist) that the common files import
+MISSING_TOP_LEVEL_MODULES = {
+    "transformers": {
+        # maps a test image's URL to a CI cache; offline, the tests that need those images skip or fail on the URL
+        "fetch_hub_objects_for_ci": {"url_to_local_path": lambda url, **kwargs: url},
+    },
+    "peft": {},
+}
 
 
 def upstream_tests(name: str) -> str:
@@ -44,6 +52,10 @@ def upstream_tests(name: str) -> str:
         spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
         spec.submodule_search_locations = [str(folder)]
         sys.modules[package] = importlib.util.module_from_spec(spec)
+        for module_name, attributes in MISSING_TOP_LEVEL_MODULES[name].items():
+            if module_name not in sys.modules:
+                sys.modules[module_name] = types.ModuleType(module_name)
+                vars(sys.modules[module_name]).update(attributes)
         for dotted, attributes in MISSING_UPSTREAM_MODULES[name].items():
             if not (folder / (dotted.replace(".", "/") + ".py")).is_file():
                 _register_stub(package, dotted, attributes)

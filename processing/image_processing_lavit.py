@@ -220,8 +220,9 @@ class LaVITImageProcessor(BaseImageProcessor):
             rgb = self.resize_image(to_rgb_image(image, self.max_image_pixels, name=f"image {index}"),
                                     settings["size"], settings["resample"])
             array = np.asarray(rgb, dtype=np.float32)
-            if settings["do_rescale"]:
-                array = array * np.float32(settings["rescale_factor"])
+            if settings["do_rescale"]:  # dividing by 255 (as the official code) keeps its pixels bit-exact
+                scale = 1 / settings["rescale_factor"]
+                array = array / np.float32(round(scale)) if abs(scale - round(scale)) < 1e-6 else array / scale
             if settings["do_normalize"]:
                 array = (array - mean) / std
             arrays.append(array.transpose(2, 0, 1))

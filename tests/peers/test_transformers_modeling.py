@@ -7,6 +7,7 @@ import unittest
 import unittest.mock
 
 import torch
+import transformers
 from conftest import tiny_tokenizer_config
 from peer_tests import upstream_tests
 
@@ -218,6 +219,12 @@ class LaVITTokenizerModelTest(ModelTesterMixin, unittest.TestCase):
         LaVITModelTest.test_training_gradient_checkpointing_use_reentrant_false)
     test_training_gradient_checkpointing_use_reentrant_true = (
         LaVITModelTest.test_training_gradient_checkpointing_use_reentrant_true)
+
+    @unittest.skipIf(transformers.__version__.startswith("5.24."),
+                     "transformers 5.24's recursive_check subtracts bool tensors (5.25 compares them); LaVIT's "
+                     "outputs carry the bool keep_mask")
+    def test_model_outputs_equivalence(self):
+        super().test_model_outputs_equivalence()
 
     @unittest.skip("an image-only model: no token embedding table (transformers' own ViT tests override this test)")
     def test_model_get_set_embeddings(self):

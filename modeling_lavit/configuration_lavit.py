@@ -311,9 +311,9 @@ class LaVITConfig(LaVITFolderConfig):
     @vocab_size.setter
     def vocab_size(self, value: int):
         if value < self.visual_token_end:
-            raise ValueError(f"vocab_size {value} would drop rows of the image vocabulary: ids [{self.text_vocab_size}, "
-                             f"{self.visual_token_end}) are [IMG], [/IMG] and the visual codes, so at least "
-                             f"{self.visual_token_end} rows are needed")
+            raise ValueError(f"vocab_size {value} would drop rows of the image vocabulary: ids "
+                             f"[{self.text_vocab_size}, {self.visual_token_end}) are [IMG], [/IMG] and the visual "
+                             f"codes, so at least {self.visual_token_end} rows are needed")
         self.text_config.vocab_size = value
 
     @property

@@ -250,8 +250,9 @@ def test_trl_dpo_trainer_end_to_end(lavit_model, lavit_processor, tmp_path):
     args = trl.DPOConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
                          learning_rate=1e-2, use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
                          seed=0, dataloader_num_workers=0)
-    trainer = trl.DPOTrainer(model=lavit_model.train(), args=args, train_dataset=preference_dataset(),
-                             processing_class=lavit_processor)
+    # the reference model is given: TRL would otherwise load it from the (unsaved) model's path
+    trainer = trl.DPOTrainer(model=lavit_model.train(), ref_model=copy.deepcopy(lavit_model).eval(), args=args,
+                             train_dataset=preference_dataset(), processing_class=lavit_processor)
     trainer.train()
     changed = {name for name, param in lavit_model.named_parameters() if not torch.equal(param, before[name])}
     assert any(".language_model." in name for name in changed)

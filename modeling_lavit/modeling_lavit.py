@@ -609,6 +609,10 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         is_first_iteration=False,
         **kwargs,
     ):
+        if prompt_embeds is not None and kwargs.get("next_sequence_length") is not None and cache is not None:
+            # transformers >= 5.25 counts the new positions in ids; here the ids follow the prompt's embeddings, so the
+            # positions past the cache are the prompt's length plus the ids' minus the cache's (assisted decoding)
+            kwargs["next_sequence_length"] = prompt_embeds.shape[1] + input_ids.shape[1] - cache.get_seq_length()
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             attention_mask=attention_mask,

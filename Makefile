@@ -4,6 +4,9 @@
 # those, and CI runs both). `make test-latest` runs the whole suite in .venv-latest with the newest versions
 # pip resolves today (torch keeps its CPU pin), `make test-lowest` with the floors of pyproject.toml
 # (requirements/lowest.txt); `make lock` rewrites requirements/lock.txt from the newest environment.
+# `make test-peers` runs the peers' own test suites (transformers' model, config, processor and image-processor
+# mixins, PEFT's tester) against lavit: it downloads the test files of the installed versions from the package index
+# into .peers/ (git-ignored, never vendored); `PEERS_VENV=.venv-latest make test-peers` runs them on the newest.
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
 LOWEST_VENV ?= .venv-lowest
@@ -11,7 +14,9 @@ PYTHON := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 LOCK := requirements/lock.txt
 
-.PHONY: install test test-slow test-latest test-lowest lock lint bench demo
+PEERS_VENV ?= $(VENV)
+
+.PHONY: install test test-slow test-peers test-latest test-lowest lock lint bench demo
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -29,10 +34,14 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lavit demo --output lavit-demo
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" --ignore=tests/peers
+
+test-peers: $(PEERS_VENV)/.installed
+	$(PEERS_VENV)/bin/python tests/peers/download_peer_tests.py --cache .peers
+	HF_HUB_OFFLINE=1 $(PEERS_VENV)/bin/python -m pytest -q tests/peers
 
 test-slow: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow --ignore=tests/peers
 
 $(LOWEST_VENV)/.installed: pyproject.toml requirements/lowest.txt
 	python3 -m venv $(LOWEST_VENV)

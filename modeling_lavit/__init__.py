@@ -4,7 +4,13 @@ import each other as `from .module import X`."""
 from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
 from .generation_lavit import LaVITImageGenerationConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
-from .modeling_lavit import LaVITCausalLMOutputWithPast, LaVITForCausalLM, LaVITModel, LaVITPreTrainedModel
+from .modeling_lavit import (
+    LaVITCausalLMOutputWithPast,
+    LaVITForCausalLM,
+    LaVITImageFeaturesOutput,
+    LaVITModel,
+    LaVITPreTrainedModel,
+)
 from .modeling_lavit_detokenizer import LaVITDetokenizer, LaVITDetokenizerOutput
 from .modeling_lavit_tokenizer import (
     LaVITFeatureDecoder,
@@ -24,6 +30,7 @@ __all__ = [
     "LaVITDetokenizerConfig",
     "LaVITDetokenizerOutput",
     "LaVITForCausalLM",
+    "LaVITImageFeaturesOutput",
     "LaVITImageGenerationConfig",
     "LaVITModel",
     "LaVITPreTrainedModel",

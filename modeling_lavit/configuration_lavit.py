@@ -351,7 +351,22 @@ class LaVITConfig(LaVITFolderConfig):
 
     @property
     def vocab_size(self) -> int:
+        """The LM's vocabulary (`text_config.vocab_size`); setting it sets the text config's (as
+        `resize_token_embeddings` does)."""
         return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int):
+        if value < self.visual_token_end:
+            raise ValueError(f"vocab_size {value} would drop rows of the image vocabulary: ids "
+                             f"[{self.text_vocab_size}, {self.visual_token_end}) are [IMG], [/IMG] and the visual "
+                             f"codes, so at least {self.visual_token_end} rows are needed")
+        self.text_config.vocab_size = value
+
+    @property
+    def vision_config(self) -> PretrainedConfig:
+        """The frozen image encoder's config (`tokenizer_config.vision_config`), where vision-language tools look."""
+        return self.tokenizer_config.vision_config
 
 
 CONDITIONINGS = ("highres", "lowres")

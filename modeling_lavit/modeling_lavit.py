@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation import LogitsProcessorList
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_lavit import LaVITConfig
@@ -44,11 +44,33 @@ from .image_placeholders_lavit import (
     positions_from_mask,
     restarts_inside_rows,
 )
-from .modeling_lavit_tokenizer import LaVITFeaturesOutput, LaVITTokenizerModel, build_token_merger, kept_token_fields
+from .modeling_lavit_tokenizer import LaVITTokenizerModel, build_token_merger, kept_token_fields
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
 from .validation_lavit import check_generation_budget
 
 logger = logging.get_logger(__name__)
+
+
+@dataclass
+class LaVITImageFeaturesOutput(BaseModelOutputWithPooling):
+    """
+    Output of [`LaVITModel.get_image_features`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(num_images, N, D)`): the frozen encoder's patch features.
+        pooler_output (`tuple(torch.FloatTensor)`): one `(n_i, H)` tensor per image, the LM-input embeddings of its
+            kept tokens (`n_i = token_counts[i]`, content-dependent).
+        hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states`): the frozen encoder's.
+        features (`torch.FloatTensor` of shape `(T, H)`): `pooler_output` packed, `T = token_counts.sum()`.
+        code_ids (`torch.LongTensor` of shape `(T,)`, with `return_code_ids`): the frozen tokenizer's codes.
+        token_counts, keep_mask, keep_probs: as in [`LaVITFeaturesOutput`].
+    """
+
+    features: torch.FloatTensor | None = None
+    code_ids: torch.LongTensor | None = None
+    token_counts: torch.LongTensor | None = None
+    keep_mask: torch.BoolTensor | None = None
+    keep_probs: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -130,25 +152,35 @@ class LaVITModel(LaVITPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- images
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         image_keep_mask: torch.Tensor | None = None,
         image_selection: dict | None = None,
         return_code_ids: bool = False,
-    ) -> tuple[LaVITFeaturesOutput, torch.LongTensor | None]:
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> LaVITImageFeaturesOutput:
         """
-        Images -> LM-input embeddings of their kept tokens, packed (T, H), with `token_counts` and `keep_mask`; and,
-        with `return_code_ids`, the frozen tokenizer's code ids (T,) of the same tokens (the targets).
+        Images (num_images, 3, H, W) -> the LM-input embeddings of their kept tokens, as transformers' vision-language
+        models return them: `pooler_output` one (n_i, H) tensor per image (n_i varies with the content), the same
+        packed in `features` (T, H) with `token_counts`, `keep_mask` and `keep_probs`; `last_hidden_state` the frozen
+        encoder's patch features (num_images, N, D) and, with `output_hidden_states` (argument or config), its
+        `hidden_states`; with `return_code_ids`, the frozen tokenizer's code ids (T,) of the same tokens (the targets).
 
         The kept tokens come from `image_keep_mask` (num_images, N) when given, else from the frozen selector with
         `image_selection` (`mode`, `max_tokens`, `keep_ratio`, `generator`; see `LaVITTokenizerModel.select_tokens`).
+        `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
         """
         # 1. the frozen tokenizer's stages: patch features, kept tokens and (targets) their code ids
         tokenizer = self.visual_tokenizer
         if self.training:
             warn_on_frozen_adapters(tokenizer)
-        image_features = tokenizer.encode_patches(pixel_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        encoder_outputs = tokenizer.encode_image(pixel_values, output_hidden_states=output_hidden_states)
+        image_features = encoder_outputs.last_hidden_state
         with torch.no_grad():
             keep_log_probs, keep_weights = tokenizer.select(image_features, image_keep_mask, **(image_selection or {}))
             code_ids = None
@@ -156,9 +188,12 @@ class LaVITModel(LaVITPreTrainedModel):
                 code_ids = tokenizer.quantize(tokenizer.merge(image_features, keep_weights))
         # 2. the trainable LM-side merger and projection make the LM inputs
         merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
-        features = LaVITFeaturesOutput(features=self.visual_projection(merged),
-                                       **kept_token_fields(keep_log_probs, keep_weights))
-        return features, code_ids
+        features = self.visual_projection(merged)
+        kept = kept_token_fields(keep_log_probs, keep_weights)
+        return LaVITImageFeaturesOutput(
+            last_hidden_state=image_features, pooler_output=torch.split(features, kept["token_counts"].tolist()),
+            hidden_states=encoder_outputs.hidden_states, features=features, code_ids=code_ids, **kept,
+        )
 
     def prepare_multimodal_inputs(
         self,
@@ -239,10 +274,10 @@ class LaVITModel(LaVITPreTrainedModel):
             return tokens.token_counts, tokens.code_ids, None
         if image_inputs == "features":
             needs_codes = needs_targets and not bool((spans.lengths > 0).all())
-            features, code_ids = self.get_image_features(
-                pixel_values, image_keep_mask, image_selection, return_code_ids=needs_codes
+            features = self.get_image_features(
+                pixel_values, image_keep_mask, image_selection, return_code_ids=needs_codes, return_dict=True
             )
-            return features.token_counts, code_ids, features.features
+            return features.token_counts, features.code_ids, features.features
         raise ValueError(f"image_inputs must be 'features' or 'codes', got {image_inputs!r}")
 
     def _feature_slots(self, expanded, spans, labels, position_ids, attention_mask) -> torch.BoolTensor | None:
@@ -281,6 +316,19 @@ class LaVITModel(LaVITPreTrainedModel):
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
+
+    def placeholder_ids_from_embeddings(self, inputs_embeds: torch.FloatTensor) -> torch.LongTensor:
+        """
+        (B, S) ids for `inputs_embeds` given without `input_ids`: `[IMG]` and `[/IMG]` where a row equals their
+        embedding (as LLaVA finds its image tokens), the pad id elsewhere (those positions keep the given embeddings).
+        Compact placeholders only: an expanded span's visual ids cannot be read back from embeddings, give input_ids.
+        """
+        table = self.get_input_embeddings().weight
+        ids = torch.full(inputs_embeds.shape[:2], self.pad_token_id, dtype=torch.long, device=inputs_embeds.device)
+        for token_id in (self.config.image_start_token_id, self.config.image_end_token_id):
+            is_token = (inputs_embeds == table[token_id].to(inputs_embeds)).all(dim=-1)
+            ids = ids.masked_fill(is_token, token_id)
+        return ids
 
     def has_image_inputs(self, input_ids: torch.LongTensor | None, pixel_values) -> bool:
         """Whether `input_ids` need the image expansion: images given, or image spans among the ids."""
@@ -348,6 +396,8 @@ class LaVITModel(LaVITPreTrainedModel):
         """The language model's `input_ids` / `inputs_embeds` / `attention_mask` / `position_ids`, the (expanded)
         labels and the images' token counts."""
         prefill = cache is None or cache.get_seq_length() == 0
+        if input_ids is None and inputs_embeds is not None and pixel_values is not None:
+            input_ids = self.placeholder_ids_from_embeddings(inputs_embeds)
         # decoding steps read new ids as they are; only a prefill (or an image batch) is expanded
         has_images = self.has_image_inputs(input_ids, pixel_values) and (prefill or pixel_values is not None)
         check_input_kinds(input_ids, inputs_embeds, pixel_values, has_images)
@@ -374,8 +424,8 @@ def check_input_kinds(input_ids, inputs_embeds, pixel_values, has_images: bool):
     if input_ids is None and inputs_embeds is None:
         raise ValueError("give input_ids or inputs_embeds")
     if input_ids is None and pixel_values is not None:
-        raise ValueError("pixel_values need input_ids: their [IMG] [/IMG] placeholders say where each image goes "
-                         "(inputs_embeds cannot); give input_ids together with inputs_embeds")
+        raise ValueError("pixel_values need input_ids or inputs_embeds: their [IMG] [/IMG] placeholders say where "
+                         "each image goes")
     if input_ids is not None and inputs_embeds is not None and not has_images:
         raise ValueError("give exactly one of input_ids and inputs_embeds (both only with image placeholders)")
 
@@ -583,6 +633,10 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         is_first_iteration=False,
         **kwargs,
     ):
+        if prompt_embeds is not None and kwargs.get("next_sequence_length") is not None and cache is not None:
+            # transformers >= 5.25 counts the new positions in ids; here the ids follow the prompt's embeddings, so the
+            # positions past the cache are the prompt's length plus the ids' minus the cache's (assisted decoding)
+            kwargs["next_sequence_length"] = prompt_embeds.shape[1] + input_ids.shape[1] - cache.get_seq_length()
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             attention_mask=attention_mask,
@@ -799,4 +853,6 @@ def warn_on_frozen_adapters(visual_tokenizer: nn.Module):
                             f"r'.*language_model.*\\.(q_proj|v_proj)', or lavit.training.lora.lora_config)")
 
 
-__all__ = ["LaVITCausalLMOutputWithPast", "LaVITForCausalLM", "LaVITModel", "LaVITPreTrainedModel"]
+__all__ = [
+    "LaVITCausalLMOutputWithPast", "LaVITForCausalLM", "LaVITImageFeaturesOutput", "LaVITModel", "LaVITPreTrainedModel",
+]

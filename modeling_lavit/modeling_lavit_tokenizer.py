@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .attention_lavit import LaVITAttentionLayer, PaddedLayout, official_leaky_attention, sdpa_attention
@@ -129,6 +130,8 @@ class LaVITTokenizerOutput(ModelOutput):
         mean_keep_ratio (`torch.FloatTensor`): fraction of patches kept in the batch.
         reconstruction_cosine (`torch.FloatTensor`): mean cosine similarity of reconstruction and target.
         perplexity, codebook_usage (`torch.FloatTensor`): codebook statistics of the batch.
+        hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states`): the frozen encoder's embeddings and
+            layer outputs, (B, S, D) each.
     """
 
     loss: torch.FloatTensor | None = None
@@ -145,6 +148,7 @@ class LaVITTokenizerOutput(ModelOutput):
     reconstruction_cosine: torch.FloatTensor | None = None
     perplexity: torch.FloatTensor | None = None
     codebook_usage: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class LaVITTokenSelector(nn.Module):
@@ -464,16 +468,20 @@ class LaVITTokenizerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.initialized)
 
 
-def eva_patch_states(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The official read-out of the EVA encoder: its last block's output, before the final norm (B, 1 + N, D)."""
-    return vision_model(pixel_values).last_hidden_state
+def eva_patch_states(vision_model: nn.Module, pixel_values: torch.Tensor, output_hidden_states: bool = False
+                     ) -> BaseModelOutput:
+    """The official read-out of the EVA encoder: `last_hidden_state` is its last block's output, before the final
+    norm (B, 1 + N, D); `hidden_states` its embeddings and every block's output when asked."""
+    return vision_model(pixel_values, output_hidden_states=output_hidden_states)
 
 
-def backbone_patch_states(vision_model: nn.Module, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
-    """A transformers vision backbone (CLIP, SigLIP, ...): its hidden states number `feature_layer`
-    (B, [1 +] N, D)."""
+def backbone_patch_states(vision_model: nn.Module, pixel_values: torch.Tensor, feature_layer: int,
+                          output_hidden_states: bool = False) -> BaseModelOutput:
+    """A transformers vision backbone (CLIP, SigLIP, ...): `last_hidden_state` is its hidden states number
+    `feature_layer` (B, [1 +] N, D); `hidden_states` all of them when asked."""
     outputs = vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-    return outputs.hidden_states[feature_layer]
+    return BaseModelOutput(last_hidden_state=outputs.hidden_states[feature_layer],
+                           hidden_states=outputs.hidden_states if output_hidden_states else None)
 
 
 def build_vision_encoder(config: LaVITTokenizerConfig):
@@ -531,11 +539,18 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         Raises `ValueError` naming the problem when `pixel_values` is not a finite float tensor of shape
         (batch, channels, image_size, image_size).
         """
+        return self.encode_image(pixel_values).last_hidden_state
+
+    def encode_image(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutput:
+        """[`encode_patches`] as the encoder's output: `last_hidden_state` the (B, N, D) patch features, CLS dropped;
+        with `output_hidden_states`, `hidden_states` the encoder's (embeddings, then every layer; (B, S, D) each)."""
         check_pixel_values(pixel_values, self.config.vision_config.num_channels, self.config.image_size)
         with torch.no_grad():
-            hidden_states = self.read_patch_states(self.vision_model, pixel_values)
+            outputs = self.read_patch_states(self.vision_model, pixel_values, output_hidden_states=output_hidden_states)
         # CLIP-style encoders put a CLS token first; SigLIP-style ones have none
-        return hidden_states[:, hidden_states.shape[1] - self.config.num_patches :]
+        states = outputs.last_hidden_state
+        outputs.last_hidden_state = states[:, states.shape[1] - self.config.num_patches :]
+        return outputs
 
     def select(
         self,
@@ -603,15 +618,20 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         keep_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         use_quantizer: bool = True,
+        output_hidden_states: bool | None = None,
     ) -> LaVITTokenizerOutput:
         """
         Runs the whole tokenizer and computes the training objective of paper eq. 4 (see [`loss_terms`]).
 
         `keep_mask` (B, N) overrides the selector. `use_quantizer=False` feeds the continuous (normalised) latents to
-        the decoder: the first phase of the official training recipe, before VQ is switched on. `return_dict=False`
+        the decoder: the first phase of the official training recipe, before VQ is switched on.
+        `output_hidden_states` (argument or config) adds the frozen encoder's hidden states. `return_dict=False`
         (argument or config) returns a tuple of the non-`None` fields.
         """
-        image_features = self.encode_patches(pixel_values)  # (B, N, D)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        encoder_outputs = self.encode_image(pixel_values, output_hidden_states=output_hidden_states)
+        image_features = encoder_outputs.last_hidden_state  # (B, N, D)
         keep_log_probs, keep_weights = self.select(image_features, keep_mask)
         merged_tokens = self.merge(image_features, keep_weights)  # (T, D)
         quantizer_output = self.quantizer(merged_tokens, quantize=use_quantizer)
@@ -625,7 +645,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
             **losses, reconstructed_features=reconstructed, image_features=image_features,
             code_ids=quantizer_output.code_ids, **kept, mean_keep_ratio=keep_ratios.mean().detach(),
             reconstruction_cosine=cosine.mean().detach(), perplexity=quantizer_output.perplexity,
-            codebook_usage=quantizer_output.codebook_usage,
+            codebook_usage=quantizer_output.codebook_usage, hidden_states=encoder_outputs.hidden_states,
         )
 
     def loss_terms(self, cosine: torch.Tensor, keep_ratios: torch.Tensor, commitment_loss: torch.Tensor) -> dict:

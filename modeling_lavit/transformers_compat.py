@@ -11,6 +11,7 @@ of a deep `TypeError`.
 
 import functools
 import inspect
+import warnings
 
 import transformers
 from packaging.version import Version
@@ -64,6 +65,9 @@ def takes_cache(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         if LEGACY_CACHE_NAME in kwargs:
+            if CACHE_NAME != LEGACY_CACHE_NAME:  # the warning transformers' own models give for the old name
+                warnings.warn(f"`{LEGACY_CACHE_NAME}` is deprecated, use `cache` (as transformers' models since 5.24)",
+                              FutureWarning, stacklevel=2)
             kwargs["cache"] = pop_cache(kwargs.get("cache"), kwargs)
         return function(*args, **kwargs)
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import ChannelDimension
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -131,6 +132,8 @@ class LaVITImageProcessor(BaseImageProcessor):
         resize_mode (`str`, *optional*, defaults to `"squash"`): `"squash"` resizes to `size` ignoring the aspect
             ratio (official); `"shortest_edge_crop"` resizes the shorter side to the target and center-crops.
         resample (`str`, *optional*, defaults to `"bicubic"`): `"bicubic"`, `"bilinear"`, `"lanczos"` or `"nearest"`.
+        do_rescale (`bool`, *optional*, defaults to `True`), rescale_factor (`float`, *optional*, defaults to 1/255):
+            images are read as 8-bit RGB (0-255) and multiplied by `rescale_factor`.
         do_normalize (`bool`, *optional*, defaults to `True`), image_mean, image_std (OpenAI CLIP statistics).
         max_image_pixels (`int`, *optional*, defaults to 178956970): larger inputs are rejected (PIL's own
             decompression-bomb limit).
@@ -143,6 +146,8 @@ class LaVITImageProcessor(BaseImageProcessor):
         size: dict | None = None,
         resize_mode: str = "squash",
         resample: str = "bicubic",
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
         do_normalize: bool = True,
         image_mean=OPENAI_CLIP_MEAN,
         image_std=OPENAI_CLIP_STD,
@@ -157,6 +162,8 @@ class LaVITImageProcessor(BaseImageProcessor):
             raise ValueError(f"resample must be one of {sorted(RESAMPLING)}, got {resample!r}")
         self.resize_mode = resize_mode
         self.resample = resample
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
         self.image_mean = channel_statistics("image_mean", image_mean, positive=False)
         self.image_std = channel_statistics("image_std", image_std, positive=True)
@@ -169,10 +176,11 @@ class LaVITImageProcessor(BaseImageProcessor):
         return cls(size={"height": size, "width": size}, image_mean=tokenizer_config.image_mean,
                    image_std=tokenizer_config.image_std, **kwargs)
 
-    def resize_image(self, image: Image.Image) -> Image.Image:
-        """`image` at `size`: squashed, or resized on its shorter side and center-cropped (`resize_mode`)."""
-        height, width = self.size["height"], self.size["width"]
-        resample = RESAMPLING[self.resample]
+    def resize_image(self, image: Image.Image, size: dict | None = None, resample: str | None = None) -> Image.Image:
+        """`image` at `size` (default: the processor's): squashed, or resized on its shorter side and center-cropped
+        (`resize_mode`)."""
+        size, resample = size or self.size, RESAMPLING[resample or self.resample]
+        height, width = size["height"], size["width"]
         if self.resize_mode == "squash":
             return image.resize((width, height), resample)
         scale = max(width / image.width, height / image.height)
@@ -181,23 +189,48 @@ class LaVITImageProcessor(BaseImageProcessor):
         left, top = (resized.width - width) // 2, (resized.height - height) // 2
         return resized.crop((left, top, left + width, top + height))
 
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        """Images (see [`to_rgb_image`]; nested lists are flattened in order) -> `pixel_values` (B, 3, H, W)."""
-        if kwargs:
-            raise ValueError(f"unknown image processor arguments {sorted(kwargs)}")
+    def preprocess(self, images, return_tensors: str | None = "pt", do_convert_rgb: bool | None = None,
+                   input_data_format=None, data_format="channels_first", **kwargs) -> BatchFeature:
+        """
+        Images (see [`to_rgb_image`]; nested lists are flattened in order) -> `pixel_values` (B, 3, H, W).
+
+        The standard image-processor arguments of transformers override the processor's settings for this call:
+        `size`, `resample`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`. Every image is
+        converted to RGB (`do_convert_rgb=False` is refused: the encoder reads three channels) and its layout is
+        read from its shape (`input_data_format` is accepted for that reason); the output is channels-first.
+        """
+        # 1. this call's settings: the processor's, overridden by the standard arguments given
+        unknown = sorted(set(kwargs) - set(CALL_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown image processor arguments {unknown}; it takes {sorted(CALL_SETTINGS)}")
+        if do_convert_rgb is False or data_format not in (None, "channels_first", ChannelDimension.FIRST):
+            raise ValueError("LaVITImageProcessor always converts images to RGB and writes channels-first "
+                             "pixel_values (the encoder's input); do_convert_rgb=False and other data_format values "
+                             "are not supported")
+        settings = {name: getattr(self, name) for name in CALL_SETTINGS}
+        settings.update({name: value for name, value in kwargs.items() if value is not None})
         flat = flatten_images(images)
         if not flat:
             raise ValueError("no images given")
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
+        mean = np.asarray(channel_statistics("image_mean", settings["image_mean"], positive=False), dtype=np.float32)
+        std = np.asarray(channel_statistics("image_std", settings["image_std"], positive=True), dtype=np.float32)
+        # 2. read, resize, rescale and normalise each image
         arrays = []
         for index, image in enumerate(flat):
-            rgb = self.resize_image(to_rgb_image(image, self.max_image_pixels, name=f"image {index}"))
-            array = np.asarray(rgb, dtype=np.float32) / 255.0
-            if self.do_normalize:
+            rgb = self.resize_image(to_rgb_image(image, self.max_image_pixels, name=f"image {index}"),
+                                    settings["size"], settings["resample"])
+            array = np.asarray(rgb, dtype=np.float32)
+            if settings["do_rescale"]:  # dividing by 255 (as the official code) keeps its pixels bit-exact
+                scale = 1 / settings["rescale_factor"]
+                array = array / np.float32(round(scale)) if abs(scale - round(scale)) < 1e-6 else array / scale
+            if settings["do_normalize"]:
                 array = (array - mean) / std
             arrays.append(array.transpose(2, 0, 1))
         return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
+
+
+# the standard image-processor arguments (transformers' `ImagesKwargs` names) a call may override
+CALL_SETTINGS = ("size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 
 
 # ------------------------------------------------------------------------------------------------ drawing

@@ -15,7 +15,7 @@ import inspect
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .image_processing_lavit import flatten_images
 
@@ -23,6 +23,14 @@ IMAGE_START_TOKEN = "[IMG]"
 IMAGE_END_TOKEN = "[/IMG]"
 # the selection arguments of LaVITTokenizerModel.tokenize (processing cannot import the modeling files once installed)
 IMAGE_SELECTION_ARGUMENTS = ("mode", "max_tokens", "keep_ratio", "generator")
+# text arguments transformers' processors take that are the processor's, not the text tokenizer's
+PROCESSOR_ONLY_TEXT_KWARGS = ("return_mm_token_type_ids", "sanitize_control_tokens")
+
+
+class LaVITProcessorKwargs(ProcessingKwargs, total=False):
+    # official LaVIT prompts carry no BOS; rows are padded to the longest
+    _defaults = {"text_kwargs": {"padding": True, "add_special_tokens": False},
+                 "common_kwargs": {"return_tensors": "pt"}}
 
 
 def visual_token(code: int) -> str:
@@ -105,6 +113,8 @@ class LaVITProcessor(ProcessorMixin):
         image_token (`str`, *optional*, defaults to `"<image>"`): the placeholder users write in text.
     """
 
+    valid_processor_kwargs = LaVITProcessorKwargs
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>"):
         self.image_token = image_token
         if chat_template is None:
@@ -169,64 +179,80 @@ class LaVITProcessor(ProcessorMixin):
         """Each `<image>` placeholder -> the compact pair `[IMG][/IMG]` that the model expands."""
         return text.replace(self.image_token, IMAGE_START_TOKEN + IMAGE_END_TOKEN)
 
-    def __call__(
-        self,
-        images=None,
-        text: str | list[str] | None = None,
-        videos=None,
-        audio=None,
-        *,
-        padding: bool | str = True,
-        truncation: bool = False,
-        max_length: int | None = None,
-        padding_side: str | None = None,
-        add_special_tokens: bool = False,
-        return_tensors: str | None = "pt",
-        return_text_replacement_offsets: bool = False,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text: str | list[str] | None = None,
+                 **kwargs: Unpack[LaVITProcessorKwargs]) -> BatchFeature:
         """
         Text with `<image>` placeholders (one per image, in order) and images -> `input_ids`, `attention_mask` and
         `pixel_values` (plus `image_keep_mask` (num_images, N) with expanded spans, module docstring). Images without
-        text get one placeholder each (captioning prompts). `truncation` with `max_length` cuts rows on the right,
-        never between `[IMG]` and `[/IMG]`; images cut off are dropped. `add_special_tokens` defaults to False:
-        official LaVIT prompts carry no BOS. Other keyword arguments must be arguments of the text tokenizer's
-        `__call__` (e.g. `return_offsets_mapping`, TRL's `pad_to_multiple_of`) and go to it, so
-        `apply_chat_template(..., return_assistant_tokens_mask=True)` works; `return_text_replacement_offsets`
-        reports where each `<image>` became `[IMG][/IMG]` (character spans, for `apply_chat_template`). `videos` and
-        `audio` are there because `apply_chat_template` passes them (as `None`); LaVIT reads neither.
+        text get one placeholder each (captioning prompts).
+
+        Keyword arguments are transformers' processor arguments, flat or structured (`text_kwargs`, `images_kwargs`,
+        `common_kwargs`): the text tokenizer's (`padding=True`, `truncation`, `max_length`, `padding_side`,
+        `add_special_tokens=False`: official LaVIT prompts carry no BOS; any other argument of its `__call__`, e.g.
+        `return_offsets_mapping`, so `apply_chat_template(..., return_assistant_tokens_mask=True)` works) and the
+        image processor's (`size`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, ...). `truncation`
+        with `max_length` cuts rows on the right, never between `[IMG]` and `[/IMG]`; images cut off are dropped.
+        `return_text_replacement_offsets` reports where each `<image>` became `[IMG][/IMG]` (character spans, for
+        `apply_chat_template`). `videos` and `audio` (and their arguments) are there because `apply_chat_template`
+        passes them; LaVIT reads neither.
 
         Raises `ValueError` naming the problem: videos or audio given, no input, a placeholder count that differs
         from the image count, an empty text, LaVIT control tokens spelled in the text, unknown keyword arguments.
         """
-        # 1. check the inputs and split the keyword arguments off to the text tokenizer
+        # 1. check the inputs and sort the keyword arguments by modality
+        videos, audio = kwargs.pop("videos", None), kwargs.pop("audio", None)
         texts, flat_images, placeholders_per_text = self._check_inputs(images, text, videos, audio)
-        tokenizer_kwargs = self._tokenizer_kwargs(kwargs)
+        text_kwargs, images_kwargs, return_offsets = self._call_kwargs(kwargs)
+        padding, truncation = text_kwargs.pop("padding", True), text_kwargs.pop("truncation", False)
+        max_length, padding_side = text_kwargs.pop("max_length", None), text_kwargs.pop("padding_side", None)
+        return_tensors = text_kwargs.pop("return_tensors", "pt")
         # 2. tokenize the texts with each `<image>` as the compact pair `[IMG][/IMG]`
-        tokenized = self.tokenizer(
-            [self.replace_image_placeholders(item) for item in texts], add_special_tokens=add_special_tokens,
-            **tokenizer_kwargs,
-        )
+        tokenized = self.tokenizer([self.replace_image_placeholders(item) for item in texts], **text_kwargs)
         encoded = tokenized["input_ids"]
         self._check_control_ids(encoded, placeholders_per_text)
         # per-token outputs the caller asked the tokenizer for (offsets, token types, ...): cut and padded with the ids
         per_token = {key: list(values) for key, values in tokenized.items()
                      if key not in ("input_ids", "attention_mask")}
         # 3. images -> pixel_values, and their visual tokens when the processor writes expanded spans
-        image_inputs = self.image_processor(flat_images, return_tensors="pt") if flat_images else {}
+        image_inputs = self.image_processor(flat_images, **{**images_kwargs, "return_tensors": "pt"}) \
+            if flat_images else {}
         tokens = self._tokenize_images(image_inputs["pixel_values"]) if flat_images and self.expands_images else None
         # 4. fill the image spans and truncate, row by row
         kept_images = self._build_rows(encoded, per_token, placeholders_per_text, tokens,
                                        max_length if truncation else None)
         # 5. pad the rows, then add the inputs of the images whose spans remain
         data = self._pad(encoded, per_token, padding, max_length, padding_side, return_tensors)
-        if return_text_replacement_offsets:
+        if return_offsets:
             data["text_replacement_offsets"] = [self.replacement_offsets(item) for item in texts]
         if kept_images:
             data.update({name: value[kept_images] for name, value in image_inputs.items()})
             if tokens is not None:
                 data["image_keep_mask"] = torch.stack([tokens[index][1] for index in kept_images])
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _call_kwargs(self, kwargs: dict) -> tuple[dict, dict, bool]:
+        """(text tokenizer arguments, image processor arguments, return_text_replacement_offsets) from the call's
+        keyword arguments, merged by transformers' `_merge_kwargs` with the defaults; a `ValueError` naming unknown
+        ones (transformers would only warn and drop them)."""
+        tokenizer_only = inspect.signature(type(self.tokenizer).__call__).parameters
+        known = {name for kind in LaVITProcessorKwargs.__annotations__.values()
+                 for name in getattr(kind, "__annotations__", {})}
+        known |= set(LaVITProcessorKwargs.__annotations__) | {"common_kwargs"}
+        known |= set(getattr(self.image_processor, "valid_kwargs", ImagesKwargs).__annotations__)
+        extra = {name: kwargs.pop(name) for name in list(kwargs) if name not in known and name in tokenizer_only}
+        unknown = sorted(name for name in kwargs if name not in known)
+        if unknown:
+            raise ValueError(f"LaVITProcessor does not take the arguments {unknown}: it takes transformers' processor "
+                             f"arguments and the text tokenizer's (generation options belong to generate, or to the "
+                             f"pipeline call)")
+        merged = self._merge_kwargs(LaVITProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = {**merged["text_kwargs"], **extra}
+        return_offsets = bool(merged.get("return_text_replacement_offsets")
+                              or text_kwargs.pop("return_text_replacement_offsets", False))
+        for name in PROCESSOR_ONLY_TEXT_KWARGS:
+            text_kwargs.pop(name, None)
+        images_kwargs = {name: value for name, value in merged["images_kwargs"].items() if name != "return_tensors"}
+        return text_kwargs, images_kwargs, return_offsets
 
     def _check_inputs(self, images, text, videos, audio) -> tuple[list[str], list, list[int]]:
         """The texts, the flat list of images and the number of `<image>` placeholders in each text; a `ValueError`
@@ -327,15 +353,6 @@ class LaVITProcessor(ProcessorMixin):
                     f"images enter only through {self.image_token} placeholders"
                 )
 
-    def _tokenizer_kwargs(self, kwargs: dict) -> dict:
-        """`kwargs` when all are arguments of the text tokenizer's `__call__`; a `ValueError` naming the others."""
-        accepted = inspect.signature(type(self.tokenizer).__call__).parameters
-        unknown = sorted(name for name in kwargs if name not in accepted)
-        if unknown:
-            raise ValueError(f"LaVITProcessor does not take the arguments {unknown}: it takes its own and the text "
-                             f"tokenizer's (generation options belong to generate, or to the pipeline call)")
-        return kwargs
-
     def replacement_offsets(self, text: str) -> list[dict]:
         """Where each `<image>` of `text` (character `span`) lies once replaced by `[IMG][/IMG]` (`new_span`)."""
         replacement = IMAGE_START_TOKEN + IMAGE_END_TOKEN
@@ -372,9 +389,18 @@ class LaVITProcessor(ProcessorMixin):
             generated_outputs, skip_special_tokens=skip_special_tokens, generation_mode=generation_mode, **kwargs
         )
 
+    def to_dict(self) -> dict:
+        """`ProcessorMixin.to_dict` plus the `auto_map` a saved folder carries (registered for `AutoProcessor`), so a
+        processor and its reloaded copy describe themselves alike."""
+        output = super().to_dict()
+        if self._auto_class is not None:
+            output["auto_map"] = {self._auto_class: f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"}
+        return output
+
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "image_keep_mask"]
+        """What `__call__` returns: `image_keep_mask` only with expanded spans (`set_visual_tokenizer`)."""
+        return ["input_ids", "attention_mask", "pixel_values"] + (["image_keep_mask"] if self.expands_images else [])
 
 
 class _NotSaved:

@@ -403,7 +403,8 @@ def test_official_conversion_loaded_in_bf16(parity_files, tmp_path):
     assert {tensor.dtype for tensor in tensors if tensor.is_floating_point()} == {BF16}
     inputs, expected = parity_files["inputs"], parity_files["expected"]
     with torch.no_grad():
-        features, code_ids = model.model.get_image_features(inputs["pixel_values"].to(BF16), inputs["keep_mask"],
-                                                            return_code_ids=True)
+        features = model.model.get_image_features(inputs["pixel_values"].to(BF16), inputs["keep_mask"],
+                                                   return_code_ids=True)
+    code_ids = features.code_ids
     assert features.features.dtype == BF16 and code_ids.shape == expected["code_ids"].shape
     assert relative_error(features.features, expected["llm_visual_embeds"]) < RELATIVE

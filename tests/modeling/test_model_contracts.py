@@ -220,8 +220,13 @@ def test_inputs_embeds_with_images_in_forward_and_generate(lavit_model, lavit_pr
     torch.testing.assert_close(lavit_model(**batch, inputs_embeds=embeds).logits, reference.logits)
     scaled = lavit_model(**batch, inputs_embeds=embeds * 2).logits  # the given embeddings are used, not the ids
     assert not torch.allclose(scaled, reference.logits)
-    with pytest.raises(ValueError, match="pixel_values need input_ids"):
-        lavit_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    # without input_ids the placeholders are found by their embeddings (as LLaVA finds its image tokens)
+    alone = lavit_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"]).logits
+    torch.testing.assert_close(alone, reference.logits)
+    with pytest.raises(ValueError, match="image placeholder"):  # no placeholder embedding among them: named
+        lavit_model(inputs_embeds=embeds * 2, attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"])
     expected = lavit_model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert torch.equal(lavit_model.generate(**batch, inputs_embeds=embeds, max_new_tokens=4, do_sample=False), expected)
 

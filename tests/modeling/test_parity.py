@@ -96,11 +96,10 @@ def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files
     inputs, expected = parity_files["inputs"], parity_files["expected"]
     config = model.config
     assert (config.text_vocab_size, config.image_start_token_id, config.visual_token_offset) == (40, 40, 42)
-    features, code_ids = model.model.get_image_features(inputs["pixel_values"], inputs["keep_mask"],
-                                                        return_code_ids=True)
+    features = model.model.get_image_features(inputs["pixel_values"], inputs["keep_mask"], return_code_ids=True)
     assert torch.equal(features.token_counts, expected["token_counts"])
     assert_close(features.features, expected["llm_visual_embeds"])
-    assert torch.equal(code_ids, expected["code_ids"])
+    assert torch.equal(features.code_ids, expected["code_ids"])
     # the LM input sequence: [IMG] + the continuous embeddings + [/IMG], exactly as the official understanding path
     first = int(expected["token_counts"][0])
     prepared = model.model.prepare_multimodal_inputs(

@@ -228,3 +228,40 @@ def test_messages_format_with_assistant_only_loss_supervises_the_answers_only(la
     answers = [tokenizer.decode(row[row != -100]) for row in batch["labels"]]
     assert answers == [f"{text}{tokenizer.eos_token}" for text in CAPTIONS[:2]]
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
+def preference_dataset():
+    """TRL's conversational preference format with one image per example: the right caption is chosen."""
+    from datasets import Dataset
+
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture?"}]}]
+    answers = [[{"role": "assistant", "content": [{"type": "text", "text": text}]}] for text in CAPTIONS]
+    return Dataset.from_dict({
+        "prompt": [question] * len(CAPTIONS), "chosen": answers, "rejected": answers[1:] + answers[:1],
+        "images": [[Image.fromarray(photo)] for photo in real_photos()[: len(CAPTIONS)]],
+    })
+
+
+def test_trl_dpo_trainer_end_to_end(lavit_model, lavit_processor, tmp_path):
+    """TRL's DPOTrainer on images: the weights the LM trains change, the frozen visual tokenizer does not, and the
+    saved model reloads and generates as the trained one."""
+    lavit_processor.set_visual_tokenizer(lavit_model)
+    before = {name: param.detach().clone() for name, param in lavit_model.named_parameters()}
+    args = trl.DPOConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
+                         learning_rate=1e-2, use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
+                         seed=0, dataloader_num_workers=0)
+    # the reference model is given: TRL would otherwise load it from the (unsaved) model's path
+    trainer = trl.DPOTrainer(model=lavit_model.train(), ref_model=copy.deepcopy(lavit_model).eval(), args=args,
+                             train_dataset=preference_dataset(), processing_class=lavit_processor)
+    trainer.train()
+    changed = {name for name, param in lavit_model.named_parameters() if not torch.equal(param, before[name])}
+    assert any(".language_model." in name for name in changed)
+    assert not any(name.startswith("model.visual_tokenizer.") for name in changed)
+    folder = tmp_path / "final"
+    trainer.save_model(str(folder))
+    from lavit import LaVITForCausalLM
+
+    inputs = lavit_processor(images=[Image.fromarray(real_photos()[0])], text="<image>what is in the picture?")
+    reloaded = LaVITForCausalLM.from_pretrained(folder).eval()
+    assert torch.equal(reloaded.generate(**inputs, max_new_tokens=4, do_sample=False),
+                       lavit_model.eval().generate(**inputs, max_new_tokens=4, do_sample=False))

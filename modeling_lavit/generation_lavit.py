@@ -67,13 +67,19 @@ def check_sampling_arguments(guidance_scale, top_k, top_p, temperature, do_sampl
 
 
 def row_generators(
-    generator: torch.Generator | None, batch_size: int, rows_per_prompt: int, device: torch.device
+    generator: torch.Generator | list[torch.Generator] | None, batch_size: int, rows_per_prompt: int,
+    device: torch.device,
 ) -> list[torch.Generator]:
     """
     One random stream per row: seeded by one draw from `generator` (torch's global generator when None) plus the
     row's index among its prompt's rows. A row's samples then depend on the seed and on its own prompt only, never on
     the other prompts of the batch (one shared stream would hand each row the draws left by the rows before it).
+    A list of `batch_size` generators (diffusers' one per image) seeds each row's stream by one draw from its own.
     """
+    if isinstance(generator, list):
+        if len(generator) != batch_size:
+            raise ValueError(f"generator is a list of {len(generator)} generators; give one per image ({batch_size})")
+        return [row_generators(gen, 1, 1, device)[0] for gen in generator]
     seed_device = generator.device if generator is not None else "cpu"
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))
     return [torch.Generator(device=device).manual_seed(seed + row % rows_per_prompt) for row in range(batch_size)]

@@ -5,7 +5,7 @@ from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVi
 from .generation_lavit import LaVITImageGenerationConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
 from .modeling_lavit import LaVITCausalLMOutputWithPast, LaVITForCausalLM, LaVITModel, LaVITPreTrainedModel
-from .modeling_lavit_detokenizer import LaVITDetokenizer, LaVITDetokenizerOutput
+from .modeling_lavit_detokenizer import LaVITConditionEncoder, LaVITDetokenizer, LaVITDetokenizerOutput
 from .modeling_lavit_tokenizer import (
     LaVITFeatureDecoder,
     LaVITFeaturesOutput,
@@ -16,9 +16,11 @@ from .modeling_lavit_tokenizer import (
     LaVITTokenSelector,
     LaVITVectorQuantizer,
 )
+from .pipeline_lavit import LaVITPipeline
 
 __all__ = [
     "LaVITCausalLMOutputWithPast",
+    "LaVITConditionEncoder",
     "LaVITConfig",
     "LaVITDetokenizer",
     "LaVITDetokenizerConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "LaVITForCausalLM",
     "LaVITImageGenerationConfig",
     "LaVITModel",
+    "LaVITPipeline",
     "LaVITPreTrainedModel",
     "LaVITEvaVisionConfig",
     "LaVITEvaVisionModel",

@@ -392,7 +392,8 @@ class LaVITPipeline(DiffusionPipeline):
                     noise_pred = unconditional + self.guidance_scale * (conditional - unconditional)
                 latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    tensors = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, step, timestep, tensors)
                     latents = outputs.pop("latents", latents)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)

@@ -127,7 +127,7 @@ def add_generation_parsers(commands) -> None:
     generate = commands.add_parser("generate", help="text-to-image")
     generate.add_argument("prompt")
     generate.add_argument("-o", "--output", required=True, help="PNG path (-N suffixes for several images)")
-    generate.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
+    generate.add_argument("--model", required=True, help="a LaVITPipeline folder (or Hub id)")
     generate.add_argument("--num-images", type=POSITIVE, default=1)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--guidance-scale", type=GUIDANCE, default=4.0, help="LM guidance (official 4.0)")
@@ -139,7 +139,7 @@ def add_generation_parsers(commands) -> None:
     reconstruct = commands.add_parser("reconstruct", help="image -> visual tokens -> image")
     reconstruct.add_argument("image", help="an image file")
     reconstruct.add_argument("-o", "--output", required=True, help="PNG path")
-    reconstruct.add_argument("--model", required=True, help="a LaVIT folder with a detokenizer/ (or Hub id)")
+    reconstruct.add_argument("--model", required=True, help="a LaVITPipeline folder (or Hub id)")
     reconstruct.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens")
     reconstruct.add_argument("--seed", type=int, default=0)
     reconstruct.add_argument("--steps", type=POSITIVE, default=None)
@@ -317,6 +317,23 @@ def load_lavit(path: str):
     return LaVITForCausalLM.from_pretrained(path).eval(), LaVITProcessor.from_pretrained(path)
 
 
+def load_pipeline(path: str):
+    """A `LaVITPipeline` folder (or Hub id), or a LaVIT model folder of lavit <= 0.x with its `detokenizer/`."""
+    from lavit import LaVITPipeline
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        require_folder(path, ("lavit",))
+        if not (folder / "detokenizer").is_dir():
+            raise CommandError(f"{path} is a language model without a pixel decoder: give a LaVITPipeline folder "
+                               f"(model_index.json) to draw images")
+    else:
+        require_folder(path)
+    pipe = LaVITPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(desc="denoising")
+    return pipe
+
+
 def open_image(path: str):
     from lavit.processing.image_processing_lavit import to_rgb_image
 
@@ -404,7 +421,7 @@ def run_new_language_model(args) -> None:
 
 
 def decoder_settings(args) -> dict:
-    settings = {"num_inference_steps": args.steps, "show_progress": True}
+    settings = {"num_inference_steps": args.steps}
     for name in ("height", "width"):
         if getattr(args, name, None):
             settings[name] = getattr(args, name)
@@ -416,14 +433,12 @@ def run_generate(args) -> None:
 
     from lavit.atomic import save_png_atomically
 
-    model, processor = load_lavit(args.model)
-    if not model.can_decode_pixels:
-        raise CommandError(f"{args.model} has no pixel decoder (detokenizer/ sub-folder): it cannot draw images")
-    images = model.generate_images(
-        **processor(text=args.prompt, return_tensors="pt"), num_images_per_prompt=args.num_images,
-        guidance_scale=args.guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed), **decoder_settings(args),
-    )
+    pipe = load_pipeline(args.model)
+    images = pipe(
+        args.prompt, num_images_per_prompt=args.num_images, token_guidance_scale=args.guidance_scale,
+        guidance_scale=args.decoder_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
+        **decoder_settings(args),
+    ).images
     for index, image in enumerate(images):
         target = numbered(args.output, index, len(images))
         save_png_atomically(image, target)
@@ -436,13 +451,11 @@ def run_reconstruct(args) -> None:
     from lavit.atomic import save_png_atomically
 
     image = open_image(args.image)
-    model, processor = load_lavit(args.model)
-    if not model.can_decode_pixels:
-        raise CommandError(f"{args.model} has no pixel decoder (detokenizer/ sub-folder)")
-    pixel_values = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    pipe = load_pipeline(args.model)
     selection = {"max_tokens": args.budget} if args.budget else {}
     generator = torch.Generator().manual_seed(args.seed)
-    image = model.reconstruct(pixel_values, image_selection=selection, generator=generator, **decoder_settings(args))[0]
+    image = pipe.reconstruct([image], image_selection=selection, generator=generator,
+                             **decoder_settings(args)).images[0]
     save_png_atomically(image, args.output)
     print(args.output)
 
@@ -465,7 +478,7 @@ def run_convert(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from lavit import LaVITImageProcessor, LaVITProcessor
+    from lavit import LaVITImageProcessor, LaVITPipeline, LaVITProcessor
     from lavit.hub_cards import export_loaded
     from lavit.modeling.convert_original_lavit import convert_release
 
@@ -473,7 +486,7 @@ def run_convert(args) -> None:
     if not (source / "language_model").is_dir() or not (source / "visual_tokenizer").is_dir():
         raise CommandError(f"{source} is not an official LaVIT release folder (language_model/ and "
                            f"visual_tokenizer/ expected)")
-    model, _ = convert_release(
+    model, detokenizer = convert_release(
         source, pixel_decoder=None if args.pixel_decoder == "none" else args.pixel_decoder,
         dtype=getattr(torch, args.dtype) if args.dtype else None, vision_num_heads=args.num_heads,
         merger_num_heads=args.num_heads, decoder_num_heads=args.num_heads,
@@ -489,7 +502,9 @@ def run_convert(args) -> None:
                            f"`lavit convert-original`; every official tensor was mapped or is known to be unused.",
                 "training_stages": [{"name": "official training",
                                      "description": "by the LaVIT authors (see the paper); no training here"}]}
-    print(export_loaded(model, processor, args.destination, metadata))
+    # with the release's pixel decoder, the folder is a LaVITPipeline's (the language model is one of its components)
+    pipeline = LaVITPipeline.from_detokenizer(model, processor, detokenizer) if detokenizer is not None else None
+    print(export_loaded(model, processor, args.destination, metadata, pipeline=pipeline))
 
 
 def run_export(args) -> None:
@@ -504,14 +519,16 @@ def run_export(args) -> None:
         if not isinstance(metadata, dict):
             raise CommandError(f"metadata file {args.metadata!r} must hold a JSON object ({{\"summary\": ...}}), "
                                f"got a {type(metadata).__name__}")
-    require_folder(args.model, ("lavit",))
+    if not (Path(args.model) / "model_index.json").is_file():
+        require_folder(args.model, ("lavit",))
     print(export_model(args.model, args.destination, metadata, args.repo_id, args.max_shard_size))
 
 
 def run_push(args) -> None:
     from lavit.hub_cards import check_export_folder, export_model, push_to_hub
 
-    require_folder(args.model, ("lavit",))
+    if not (Path(args.model) / "model_index.json").is_file():
+        require_folder(args.model, ("lavit",))
     folder = Path(args.model)
     with tempfile.TemporaryDirectory() as scratch:
         try:
@@ -554,8 +571,13 @@ def run_evaluate(args) -> None:
                            args.columns, args.image_pattern)[: args.limit]
     require_folder(args.model)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model = LaVITForCausalLM.from_pretrained(args.model, **dtype).eval().to(distributed_state().device)
-    results = evaluate(model, LaVITProcessor.from_pretrained(args.model), samples, config, args.output)
+    if config.task == "text-to-image":  # images come from the LaVITPipeline, whose processor it holds
+        model = load_pipeline(args.model).to(distributed_state().device, **dtype)
+        processor = model.processor
+    else:
+        model = LaVITForCausalLM.from_pretrained(args.model, **dtype).eval().to(distributed_state().device)
+        processor = LaVITProcessor.from_pretrained(args.model)
+    results = evaluate(model, processor, samples, config, args.output)
     if results is None:  # not the main process
         return
     for name, value in results["metrics"].items():

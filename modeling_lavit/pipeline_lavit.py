@@ -9,8 +9,10 @@ them into UNet conditions, and the `unet` denoises `vae` latents with the `sched
     >>> image = pipe("a red bus", generator=torch.Generator().manual_seed(0)).images[0]
 
 With `lavit` installed, `LaVITPipeline.from_pretrained(folder, torch_dtype=...)` loads the same folder without
-`trust_remote_code`. A saved folder holds `model_index.json`, this file with the modeling files it needs, and one
-sub-folder per component (each with its own code files), so it loads where `lavit` is not installed.
+`trust_remote_code`, and also a folder of lavit <= 0.x (a language model folder with a `detokenizer/` sub-folder);
+`LaVITPipeline.from_pretrained(old).save_pretrained(new)` converts one. A saved folder holds `model_index.json`, this
+file with the modeling files it needs, and one sub-folder per component (each with its own code files), so it loads
+where `lavit` is not installed.
 """
 
 import inspect
@@ -42,6 +44,8 @@ except ImportError:  # this file imports without diffusers; building a pipeline 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PIPELINE_MODULE = "pipeline_lavit"
+# where folders written by lavit <= 0.x keep the whole pixel decoder, beside the language model's files
+LEGACY_DETOKENIZER_FOLDER = "detokenizer"
 # components whose classes come with the folder's code, and the file of each in its sub-folder
 CUSTOM_COMPONENT_MODULES = {
     "language_model": "modeling_lavit", "processor": "processing_lavit",
@@ -144,10 +148,24 @@ class LaVITPipeline(DiffusionPipeline):
         dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
         trust_remote_code = kwargs.get("trust_remote_code", False)
         loaders = _component_loaders(trust_remote_code)
+        if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
+            return cls._from_released_folder(folder, dtype, loaders, kwargs)
         for name in CUSTOM_COMPONENT_MODULES:
             if name not in kwargs:
                 kwargs[name] = loaders[name](folder / name, dtype)
         return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def _from_released_folder(cls, folder: Path, dtype, loaders: dict, kwargs: dict) -> "LaVITPipeline":
+        """A folder of lavit <= 0.x: the language model's folder (with its processor) and the whole pixel decoder in
+        its `detokenizer/` sub-folder. Components given in `kwargs` replace the folder's."""
+        from .modeling_lavit_detokenizer import LaVITDetokenizer
+
+        detokenizer = LaVITDetokenizer.from_pretrained(folder / LEGACY_DETOKENIZER_FOLDER, dtype=dtype).eval()
+        pipe = cls.from_detokenizer(loaders["language_model"](folder, dtype), loaders["processor"](folder, dtype),
+                                    detokenizer)
+        components = {name: kwargs[name] for name in pipe.components if name in kwargs}
+        return cls(**{**pipe.components, **components}) if components else pipe
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -401,6 +419,22 @@ class LaVITPipeline(DiffusionPipeline):
         return latents
 
 
+def image_tokens_from_sequences(sequences: torch.LongTensor, config) -> LaVITTokenizationOutput:
+    """Packed visual tokens of LM sequences (B, L) (as `generate(..., generation_mode="image")` returns them): each
+    row's visual ids after its last `[IMG]` form one image. `config` is the language model's."""
+    if sequences.ndim != 2:
+        raise ValueError(f"sequences must be LM sequences (batch, length), got shape {tuple(sequences.shape)}")
+    is_start = sequences == config.image_start_token_id
+    if not bool(is_start.any(dim=1).all()):
+        raise ValueError("every sequence needs an [IMG] token before its visual ids")
+    columns = torch.arange(sequences.shape[1], device=sequences.device)
+    last_start = torch.where(is_start, columns, -1).max(dim=1, keepdim=True).values
+    is_visual = (sequences >= config.visual_token_offset) & (sequences < config.visual_token_end)
+    is_visual &= columns > last_start
+    return LaVITTokenizationOutput(code_ids=sequences[is_visual] - config.visual_token_offset,
+                                   token_counts=is_visual.sum(dim=1))
+
+
 def _component_loaders(trust_remote_code: bool) -> dict:
     """How `LaVITPipeline.from_pretrained` loads each custom component: `(folder, dtype) -> component`."""
     from transformers import AutoProcessor
@@ -429,4 +463,4 @@ def copy_code_files(module_file: Path, folder: Path):
             pending.append(path.parent / f"{name}.py")
 
 
-__all__ = ["LaVITPipeline", "copy_code_files"]
+__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences"]

@@ -15,6 +15,8 @@ with float32 within a bf16 tolerance. What is compared:
     up to their first near-tie.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import (
@@ -319,13 +321,17 @@ def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified):
     assert 0 <= float(images.min()) and float(images.max()) <= 1
     assert relative_error(images, reference) < 0.1  # 3 guided denoising steps and a VAE, all in bf16
 
+    # reconstruction through a bf16 LaVITPipeline (the language model's visual tokenizer, then the decoder)
+    from lavit import LaVITImageProcessor, LaVITPipeline
+
     model, bf16_model = unified
-    bf16_model.set_detokenizer(bf16)
-    photos = photo_batch(model.visual_tokenizer, 2)
-    with torch.no_grad():
-        reconstructed = bf16_model.reconstruct(photos.to(BF16), num_inference_steps=2, output_type="pt")
+    image_processor = LaVITImageProcessor.from_tokenizer_config(model.config.tokenizer_config)
+    processor = SimpleNamespace(image_processor=image_processor)  # reconstruction reads images only
+    pipe = LaVITPipeline.from_detokenizer(bf16_model, processor, bf16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.condition_encoder.dtype == BF16 and pipe.unet.dtype == BF16
+    reconstructed = pipe.reconstruct(real_photos()[:2], num_inference_steps=2, output_type="pt").images
     assert reconstructed.dtype == torch.float32 and torch.isfinite(reconstructed).all()
-    bf16_model.set_detokenizer(None)
 
 
 # ------------------------------------------------------------------------------------------------ training stages
@@ -397,9 +403,9 @@ def test_official_conversion_loaded_in_bf16(parity_files, tmp_path):
 
     write_official_release(parity_files, tmp_path)
     heads = dict(vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
-    model, _ = convert_release(tmp_path, dtype=BF16, **heads)
+    model, detokenizer = convert_release(tmp_path, dtype=BF16, **heads)
     # every saved tensor; the rotary frequencies (recomputed, never saved) stay float32 as transformers keeps them
-    tensors = [*model.state_dict().values(), *model.detokenizer.state_dict().values()]
+    tensors = [*model.state_dict().values(), *detokenizer.state_dict().values()]
     assert {tensor.dtype for tensor in tensors if tensor.is_floating_point()} == {BF16}
     inputs, expected = parity_files["inputs"], parity_files["expected"]
     with torch.no_grad():

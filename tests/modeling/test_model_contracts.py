@@ -81,13 +81,15 @@ def test_every_save_path_without_lavit_gives_a_complete_folder(lavit_folder, tmp
         + ["pipeline Image"]
 
 
-def test_folder_states_its_transformers_range_and_refuses_others(lavit_model, lavit_folder, tmp_path):
+def test_folder_states_its_transformers_range_and_refuses_others(lavit_model, lavit_folder, pipeline_folder,
+                                                                 tmp_path):
     from lavit.hub_cards import model_card
 
     config = json.loads((lavit_folder / "config.json").read_text())
     assert config["transformers_requirement"] == transformers_requirement()
     assert f"pip install '{transformers_requirement()}'" in str(model_card(lavit_model, {}))
-    assert json.loads((lavit_folder / "detokenizer" / "config.json").read_text())["transformers_requirement"]
+    for name in ("language_model", "condition_encoder"):
+        assert json.loads((pipeline_folder / name / "config.json").read_text())["transformers_requirement"]
     result = run_without_lavit(f"""
         import transformers
         transformers.__version__ = "4.57.1"  # a release outside the range, as a user's machine may have

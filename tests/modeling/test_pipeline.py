@@ -293,3 +293,50 @@ def test_pipeline_folder_loads_where_lavit_cannot_be_imported(pipe, tmp_path):
                             env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "images.pt", weights_only=True), expected, atol=1e-6, rtol=0)
+
+
+def test_released_folders_load_and_convert_with_one_command(pipe, lavit_processor, text_tokenizer, tmp_path):
+    """A folder of lavit <= 0.x: the language model's folder, its processor, the whole decoder in `detokenizer/`."""
+    torch.manual_seed(0)
+    language_model = LaVITForCausalLM(tiny_lavit_config(text_vocab_size(text_tokenizer))).eval()
+    torch.manual_seed(0)
+    detokenizer = LaVITDetokenizer(tiny_detokenizer_config()).eval()
+    released = tmp_path / "released"
+    language_model.save_pretrained(released)
+    lavit_processor.save_pretrained(released)
+    detokenizer.save_pretrained(released / "detokenizer")
+    expected = images(pipe, ["a red bus", "a cat"])
+    loaded = LaVITPipeline.from_pretrained(released)
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(images(loaded, ["a red bus", "a cat"]), expected, atol=1e-6, rtol=0)
+    # the documented conversion: load, then save in the pipeline's layout
+    LaVITPipeline.from_pretrained(released).save_pretrained(tmp_path / "converted")
+    converted = LaVITPipeline.from_pretrained(tmp_path / "converted")
+    converted.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(images(converted, ["a red bus", "a cat"]), expected, atol=1e-6, rtol=0)
+
+
+def test_any_to_any_sequences_decode_through_the_pipeline(pipe, lavit_processor):
+    """`generate(generation_mode="image")` (the `any-to-any` pipeline's image mode) returns tokens; the pipeline draws
+    them."""
+    from lavit.modeling.pipeline_lavit import image_tokens_from_sequences
+
+    model = pipe.language_model
+    assert not hasattr(model, "detokenizer") and not hasattr(model, "generate_images")
+    inputs = lavit_processor(text="a red bus")
+    sequences = model.generate(**inputs, generation_mode="image", max_new_tokens=5, min_new_tokens=5,
+                               generator=seeded(1), num_images_per_prompt=2)
+    config = model.config
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(sequences[:, :prompt_length], inputs["input_ids"].repeat(2, 1))
+    assert (sequences[:, prompt_length] == config.image_start_token_id).all()
+    assert (sequences[:, -1] == config.image_end_token_id).all()
+    tokens = image_tokens_from_sequences(sequences, config)
+    codes = sequences[:, prompt_length + 1 : -1] - config.visual_token_offset
+    assert torch.equal(tokens.code_ids, codes.flatten()) and tokens.token_counts.tolist() == [5, 5]
+    drawn = pipe.decode_visual_tokens(tokens, generator=seeded(2), output_type="pt").images
+    direct = pipe(prompt="a red bus", generator=seeded(1), num_images_per_prompt=2, max_new_tokens=5,
+                  min_new_tokens=5, output_type="pt").images
+    assert drawn.shape == direct.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"\[IMG\]"):
+        image_tokens_from_sequences(inputs["input_ids"], config)

@@ -255,56 +255,39 @@ class LaVITPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        image=None,
-        num_images_per_prompt: int = 1,
-        token_guidance_scale: float | None = None,
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end=None,
+        self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, image=None,
+        num_images_per_prompt: int = 1, token_guidance_scale: float | None = None, guidance_scale: float | None = None,
+        num_inference_steps: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+        output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        token_generation_config: LaVITImageGenerationConfig | None = None,
-        **token_generation_kwargs,
+        token_generation_config: LaVITImageGenerationConfig | None = None, **token_generation_kwargs,
     ):
         r"""
-        Prompt -> images.
-
-        Args:
-            prompt (`str` or `list[str]`): text prompts; with `image`, each `<image>` in a prompt takes the next image
-                (LaVIT's image+text-to-image).
+        Prompt -> images. Args:
+            prompt (`str` or `list[str]`): text prompts; with `image`, each `<image>` in a prompt takes the next image.
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch of the language model's
                 guidance (default: `[IMG]` alone, the official recipe); one, or one per prompt.
             image (images, *optional*): the prompt images (paths, PIL images, arrays or tensors).
             num_images_per_prompt (`int`): images per prompt, in prompt order.
             token_guidance_scale (`float`, *optional*): classifier-free guidance of the language model on visual-token
                 log-probabilities (default 4.0; official 4.0 for text and 5.0 for image+text prompts).
-            guidance_scale (`float`, *optional*): classifier-free guidance of the diffusion decoder (default: the
-                condition encoder's `config.guidance_scale`, official 7.0); 1 turns it off.
-            num_inference_steps (`int`, *optional*): denoising steps (default `config.num_inference_steps`).
+            guidance_scale (`float`, *optional*): classifier-free guidance of the diffusion decoder (default:
+                `condition_encoder.config.guidance_scale`, official 7.0); 1 turns it off.
+            num_inference_steps (`int`, *optional*), height, width (`int`, *optional*, multiples of `size_multiple`):
+                denoising steps and output size (defaults: the condition encoder's config).
             generator (`torch.Generator` or one per image): seeds the visual tokens and the initial latents; one
                 generator gives every image its own stream, so a prompt gets the same images alone or in a batch.
-            latents (`torch.Tensor`, *optional*): initial latents `(B, C, H / 8, W / 8)` instead of drawn ones.
-            height, width (`int`, *optional*): output size (default `config.image_size`), multiples of
-                `size_multiple`.
-            output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1]) or `"latent"`.
-            return_dict (`bool`): an `ImagePipelineOutput`, or a tuple `(images,)`.
-            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, timestep, tensors)` after
-                every denoising step with the tensors named in `callback_on_step_end_tensor_inputs`; the dict it
-                returns replaces them (e.g. edited `latents`); setting `pipe._interrupt = True` stops the loop.
+            latents (`torch.Tensor`, *optional*): initial latents `(B, C, H / f, W / f)` instead of drawn ones.
+            output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1]) or `"latent"`; return_dict (`bool`): an
+                `ImagePipelineOutput`, or a tuple `(images,)`.
+            callback_on_step_end (`Callable`, *optional*): `callback(pipe, step, timestep, tensors)` after every
+                denoising step, with the tensors named in `callback_on_step_end_tensor_inputs`; the dict it returns
+                replaces them (e.g. edited `latents`); setting `pipe._interrupt = True` stops the loop.
             token_generation_config ([`LaVITImageGenerationConfig`], *optional*) and `token_generation_kwargs`: the
                 language model's sampling (`do_sample`, `top_k`, `top_p`, `temperature`), token budget
                 (`min_new_tokens`, `max_new_tokens`), `image_inputs`, `cache_implementation`, `compile_decoding`.
-
-        Returns `ImagePipelineOutput` (`.images`) or `(images,)`. Reconstruction (image -> tokens -> image) is
-        [`reconstruct`].
+        Reconstruction (image -> tokens -> image) is [`reconstruct`].
         """
         # 1. check inputs and settings
         height = height or self.default_size

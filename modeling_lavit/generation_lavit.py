@@ -310,14 +310,15 @@ class LaVITFolderMixin:
     model's: `LaVITPipeline` (a diffusers pipeline with this model as its `language_model`) decodes them.
     """
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, max_shard_size: int | str = "50GB", **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the pipeline file and `auto_map` entries. The folder is complete on
         every save path (lavit installed or not: a folder loaded with `trust_remote_code`, `Trainer` checkpoints, a
-        PEFT-merged model), because all of them call this method."""
+        PEFT-merged model), because all of them call this method. `max_shard_size` is named so that callers that
+        look for it in the signature (`DiffusionPipeline.save_pretrained`) pass it on."""
         pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
         if self._auto_class is not None:
             self._register_folder_entries(pipeline_file is not None)
-        super().save_pretrained(save_directory, *args, **kwargs)
+        super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
         if pipeline_file is not None and kwargs.get("is_main_process", True):
             shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
 

@@ -105,22 +105,26 @@ def test_caption_vqa_generate_reconstruct_on_a_model_folder(capsys, tmp_path, ph
     assert code == 0 and Image.open(tmp_path / "again.png").size == (32, 32)
 
 
-def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, tmp_path, lavit_folder):
+def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, tmp_path, pipeline_folder):
     metadata = tmp_path / "run.json"
     metadata.write_text(json.dumps({
         "model_name": "LaVIT test", "training_data": "three photos", "datasets": ["skimage-photos"],
         "evaluation": [{"metric": "caption accuracy", "value": "0.50", "data": "held-out photos"}],
         "token_statistics": "12.0 tokens per image",
     }))
-    code, out, _ = run(capsys, "export", tmp_path / "hub", "--model", lavit_folder, "--metadata", metadata,
+    code, out, _ = run(capsys, "export", tmp_path / "hub", "--model", pipeline_folder, "--metadata", metadata,
                        "--repo-id", "someone/lavit-test", "--max-shard-size", "200KB")
     assert code == 0
     hub = tmp_path / "hub"
     check_export_folder(hub)
-    assert (hub / "model.safetensors.index.json").is_file()  # sharded
-    assert (hub / "detokenizer" / "config.json").is_file()
+    assert (hub / "language_model" / "model.safetensors.index.json").is_file()  # sharded
+    assert (hub / "model_index.json").is_file() and (hub / "condition_encoder" / "config.json").is_file()
+    (hub / "unet" / "config.json").rename(hub / "unet" / "moved.json")
+    with pytest.raises(ValueError, match="missing unet/config.json"):
+        check_export_folder(hub)
+    (hub / "unet" / "moved.json").rename(hub / "unet" / "config.json")
     card = (hub / "README.md").read_text()
-    for text in ("library_name: transformers", "skimage-photos", "# LaVIT test", "## Intended uses",
+    for text in ("library_name: transformers", "DiffusionPipeline.from_pretrained", 'subfolder="language_model"', "skimage-photos", "# LaVIT test", "## Intended uses",
                  "## Training data", "three photos", "## Visual token statistics", "| caption accuracy | 0.50 |",
                  "## Limitations", "trust_remote_code=True", "someone/lavit-test", "@inproceedings{jin2024unified"):
         assert text in card, text

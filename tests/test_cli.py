@@ -124,7 +124,8 @@ def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, 
         check_export_folder(hub)
     (hub / "unet" / "moved.json").rename(hub / "unet" / "config.json")
     card = (hub / "README.md").read_text()
-    for text in ("library_name: transformers", "DiffusionPipeline.from_pretrained", 'subfolder="language_model"', "skimage-photos", "# LaVIT test", "## Intended uses",
+    for text in ("library_name: transformers", "DiffusionPipeline.from_pretrained", 'subfolder="language_model"',
+                 "skimage-photos", "# LaVIT test", "## Intended uses",
                  "## Training data", "three photos", "## Visual token statistics", "| caption accuracy | 0.50 |",
                  "## Limitations", "trust_remote_code=True", "someone/lavit-test", "@inproceedings{jin2024unified"):
         assert text in card, text

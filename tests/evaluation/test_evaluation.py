@@ -378,7 +378,7 @@ def test_text_to_image_run_scores_fid_and_clip(tmp_path, lavit_model, lavit_proc
     assert results["generation"]["guidance_scale"] == 1.5 and results["generation"]["top_k"] == 300
     # the same seed and batches give the same images
     rerun = tmp_path / "rerun"
-    evaluate(lavit_model, lavit_processor, samples, config, rerun, show_progress=False)
+    evaluate(pipe, lavit_processor, samples, config, rerun, show_progress=False)
     for sample in samples:
         first = np.array(Image.open(tmp_path / "t2i" / records[sample.id]["image"]))
         assert np.array_equal(first, np.array(Image.open(rerun / records[sample.id]["image"])))

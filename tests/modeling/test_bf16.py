@@ -15,8 +15,6 @@ with float32 within a bf16 tolerance. What is compared:
     up to their first near-tie.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import (
@@ -303,7 +301,7 @@ def detokenizers(tmp_path_factory):
     return model, bf16_copy(model, tmp_path_factory.mktemp("detokenizer"))
 
 
-def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified):
+def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified, lavit_processor):
     detokenizer, bf16 = detokenizers
     code_ids, token_counts = torch.tensor([1, 5, 7, 2, 9, 30, 4]), torch.tensor([3, 4])
     settings = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt")
@@ -322,16 +320,16 @@ def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified):
     assert relative_error(images, reference) < 0.1  # 3 guided denoising steps and a VAE, all in bf16
 
     # reconstruction through a bf16 LaVITPipeline (the language model's visual tokenizer, then the decoder)
-    from lavit import LaVITImageProcessor, LaVITPipeline
+    from lavit import LaVITPipeline
 
-    model, bf16_model = unified
-    image_processor = LaVITImageProcessor.from_tokenizer_config(model.config.tokenizer_config)
-    processor = SimpleNamespace(image_processor=image_processor)  # reconstruction reads images only
-    pipe = LaVITPipeline.from_detokenizer(bf16_model, processor, bf16)
+    _, bf16_model = unified
+    pipe = LaVITPipeline.from_detokenizer(bf16_model, lavit_processor, bf16)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.condition_encoder.dtype == BF16 and pipe.unet.dtype == BF16
     reconstructed = pipe.reconstruct(real_photos()[:2], num_inference_steps=2, output_type="pt").images
-    assert reconstructed.dtype == torch.float32 and torch.isfinite(reconstructed).all()
+    # as diffusers pipelines: "pt" images keep the VAE's dtype; "np" / "pil" are float32 / uint8
+    assert reconstructed.dtype == BF16 and torch.isfinite(reconstructed).all()
+    assert 0 <= float(reconstructed.min()) and float(reconstructed.max()) <= 1
 
 
 # ------------------------------------------------------------------------------------------------ training stages

@@ -45,12 +45,13 @@ def word_processor(text_vocab_size: int, codebook_size: int, image_size: int) ->
 
 
 def interleaved_seconds(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of two functions timed turn by turn (after one warm-up each), so that the drifts of a shared
-    machine hit both alike."""
+    """Median seconds of two functions timed turn by turn, the order swapped every round (after one warm-up each), so
+    that the drifts of a shared machine and the cost of going second hit both alike."""
     first(), second()
     times = ([], [])
-    for _ in range(repeats):
-        for function, record in zip((first, second), times, strict=True):
+    for round_index in range(repeats):
+        pairs = list(zip((first, second), times, strict=True))
+        for function, record in pairs if round_index % 2 == 0 else reversed(pairs):
             start = time.perf_counter()
             function()
             record.append(time.perf_counter() - start)

@@ -194,9 +194,10 @@ class LaVITPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
                              f"got {unknown}")
 
-    def encode_prompt(self, prompt, negative_prompt=None, image=None) -> dict:
-        """Prompts (and their images) -> the language model's inputs, with the negative prompt of its guidance."""
-        device = self._execution_device
+    def encode_prompt(self, prompt, negative_prompt=None, image=None, device=None) -> dict:
+        """Prompts (and their images) -> the language model's inputs on `device`, with the negative prompt of its
+        guidance."""
+        device = device or self._execution_device
         inputs = self.processor(text=prompt, images=image, padding=True, return_tensors="pt")
         inputs = {name: value.to(device) for name, value in inputs.items()}
         if negative_prompt is not None:
@@ -213,22 +214,23 @@ class LaVITPipeline(DiffusionPipeline):
             hook.pre_forward(language_model)
         return language_model.generate_image_tokens(**inputs, generator=generator, **token_generation_kwargs)
 
-    def encode_visual_tokens(self, tokens: LaVITTokenizationOutput) -> LaVITDetokenizerConditions:
+    def encode_visual_tokens(self, tokens: LaVITTokenizationOutput, device=None) -> LaVITDetokenizerConditions:
         """Stage 2: visual tokens -> UNet conditions; with decoder guidance the negative ones first, in one batch."""
-        conditions = self.condition_encoder(tokens.code_ids.to(self._execution_device),
-                                            tokens.token_counts.to(self._execution_device))
+        device = device or self._execution_device
+        conditions = self.condition_encoder(tokens.code_ids.to(device), tokens.token_counts.to(device))
         if not self.do_classifier_free_guidance:
             return conditions
         negative = self.condition_encoder.negative_conditions(len(tokens.token_counts),
                                                               conditions.prompt_embeds.dtype)
         return LaVITDetokenizerConditions.cat([negative, conditions])
 
-    def prepare_latents(self, batch_size, height, width, generators: list[torch.Generator], latents=None):
-        """Initial latents (B, C, H / f, W / f) drawn with one generator per image, or the given `latents` once
-        their shape is checked."""
+    def prepare_latents(self, batch_size, height, width, generators: list[torch.Generator], latents=None,
+                        device=None):
+        """Initial latents (B, C, H / f, W / f) on `device` drawn with one generator per image, or the given
+        `latents` once their shape is checked."""
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        device, dtype = self._execution_device, self.unet.dtype
+        device, dtype = device or self._execution_device, self.unet.dtype
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -242,11 +244,13 @@ class LaVITPipeline(DiffusionPipeline):
         """Latents -> images in [-1, 1]. A float16 VAE whose config asks for it (`force_upcast`: the SD VAEs overflow
         in float16) decodes in float32, as diffusers' SD/SDXL pipelines do; bfloat16 decodes as it is."""
         vae = self.vae
-        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and vae.config.get("force_upcast", False)
         if upcast:
             vae.to(torch.float32)
         shift = vae.config.get("shift_factor") or 0.0
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+        latents = latents.to(torch.float32 if upcast else dtype)
+        images = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
         if upcast:
             vae.to(torch.float16)
         return images
@@ -299,7 +303,7 @@ class LaVITPipeline(DiffusionPipeline):
             token_generation_config, {**token_generation_kwargs, "num_images_per_prompt": num_images_per_prompt}
         )
         # 2. stage 1: the language model writes the visual tokens of every image
-        inputs = self.encode_prompt(prompt, negative_prompt, image)
+        inputs = self.encode_prompt(prompt, negative_prompt, image, self._execution_device)
         tokens = self.generate_visual_tokens(inputs, generator, {"generation_config": settings})
         # 3. stages 2 and 3: conditions, denoising, pixels
         return self.decode_visual_tokens(
@@ -350,13 +354,14 @@ class LaVITPipeline(DiffusionPipeline):
         self._guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
         self._interrupt = False
         # 2. conditions (negative ones first with guidance) and initial latents
-        conditions = self.encode_visual_tokens(tokens)
+        device = self._execution_device  # found by walking every module: once per call
+        conditions = self.encode_visual_tokens(tokens, device)
         batch_size = len(tokens.token_counts)
         if not isinstance(generator, list):
             # one random stream per image (see `row_generators`): an image's noise depends on the seed and on its
             # own prompt only, never on the other images of the batch
-            generator = row_generators(generator, batch_size, num_images_per_prompt, self._execution_device)
-        latents = self.prepare_latents(batch_size, height, width, generator, latents)
+            generator = row_generators(generator, batch_size, num_images_per_prompt, device)
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
         # 3. timesteps, then the denoising loop (the generators also drive stochastic schedulers)
         self.scheduler.set_timesteps(num_inference_steps or config.num_inference_steps, device=latents.device)
         latents = self.denoise(latents, conditions, height, width, generator, callback_on_step_end,

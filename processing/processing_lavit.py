@@ -364,8 +364,8 @@ class LaVITProcessor(ProcessorMixin):
 
     def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
                                        **kwargs):
-        """`any-to-any` pipeline hook: images come back from `LaVITForCausalLM.decode_image_tokens` already decoded
-        (PIL images); text is decoded by the tokenizer."""
+        """`any-to-any` pipeline hook: images come back already decoded (PIL images, drawn by `LaVITPipeline` from the
+        sequences `generate(..., generation_mode="image")` returns); text is decoded by the tokenizer."""
         if generation_mode == "image":
             return list(generated_outputs)
         return super().post_process_multimodal_output(

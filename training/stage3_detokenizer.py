@@ -81,7 +81,8 @@ def train_detokenizer(
 
 
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):
-    # attach it to a LaVIT model with `model.set_detokenizer(LaVITDetokenizer.from_pretrained(folder))`
+    # draw with it through a pipeline: `LaVITPipeline.from_detokenizer(model, processor,
+    # LaVITDetokenizer.from_pretrained(folder))`, whose `save_pretrained` writes the pipeline's layout
     print(f"trained detokenizer saved to {train_detokenizer(script_args, training_args)}")
 
 

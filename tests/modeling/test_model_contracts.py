@@ -104,11 +104,11 @@ def test_folder_states_its_transformers_range_and_refuses_others(lavit_model, la
     assert message.startswith(f"LaVIT needs {transformers_requirement()}; transformers 4.57.1 is installed")
 
 
-def test_a_folder_of_another_model_type_is_refused_before_building(lavit_folder):
+def test_a_folder_of_another_model_type_is_refused_before_building(lavit_folder, pipeline_folder):
     from lavit import LaVITForCausalLM, LaVITTokenizerModel
 
     with pytest.raises(ValueError, match="model_type 'lavit_detokenizer', not 'lavit'.*LaVITDetokenizer"):
-        LaVITForCausalLM.from_pretrained(lavit_folder / "detokenizer")
+        LaVITForCausalLM.from_pretrained(pipeline_folder / "condition_encoder")
     with pytest.raises(ValueError, match="model_type 'lavit', not 'lavit_detokenizer'.*LaVITForCausalLM"):
         LaVITDetokenizer.from_pretrained(lavit_folder)
     # the visual tokenizer nested in a LaVIT folder is refused too: its weights there carry the LaVIT model's prefix,

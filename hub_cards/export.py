@@ -23,13 +23,20 @@ from lavit.atomic import (
     require_replaceable,
     write_json_atomically,
 )
-from lavit.file_kinds import folder_problems, require_safetensors_weights
+from lavit.file_kinds import SAFETENSORS_WEIGHTS, folder_problems, require_safetensors_weights
 from lavit.paths import check_destination
 
 TEMPLATE = Path(__file__).parent / "templates" / "lavit_model_card.md"
 METADATA_FILE = "lavit_run.json"
 REQUIRED_FILES = ("config.json", "configuration_lavit.py", "modeling_lavit.py", "modeling_lavit_tokenizer.py",
                   "processor_config.json", "processing_lavit.py", "image_processing_lavit.py", "README.md")
+# the sub-folders of a `LaVITPipeline` Hub folder and the files each needs
+PIPELINE_FOLDERS = {
+    "language_model": ("config.json", "configuration_lavit.py", "modeling_lavit.py", "modeling_lavit_tokenizer.py"),
+    "processor": ("processor_config.json", "processing_lavit.py", "image_processing_lavit.py"),
+    "condition_encoder": ("config.json", "modeling_lavit_detokenizer.py"),
+    "unet": ("config.json",), "vae": ("config.json",), "scheduler": ("scheduler_config.json",),
+}
 NOT_RECORDED = "Not recorded for this model."
 DEFAULT_INTENDED_USES = (
     "Research on unified vision-language models: image captioning, visual question answering, multimodal chat, "
@@ -69,8 +76,10 @@ def eval_results(rows: list[dict]) -> list[EvalResult] | None:
     return results or None
 
 
-def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/this/folder") -> ModelCard:
-    """Renders the model card of `model` from the run's metadata (see the module docstring)."""
+def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/this/folder",
+               pipeline=None) -> ModelCard:
+    """Renders the model card of `model` (the `language_model` of `pipeline` for a `LaVITPipeline` folder) from the
+    run's metadata (see the module docstring)."""
     config = model.config
     tokenizer = model.visual_tokenizer
     components = {
@@ -80,11 +89,11 @@ def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/
         "visual tokenizer (selector, merger, quantizer, decoder)": _parameters(tokenizer) + " in all",
         "LM-side merger and projection": _parameters(model.model.visual_merger),
     }
-    if model.detokenizer is not None:
-        detokenizer = model.detokenizer
-        components["pixel decoder (detokenizer/)"] = (
-            f"{detokenizer.config.conditioning} conditioning, UNet {_parameters(detokenizer.unet)}, "
-            f"{detokenizer.config.image_size} px"
+    if pipeline is not None:
+        condition_encoder = pipeline.condition_encoder
+        components["pixel decoder (LaVITPipeline: condition_encoder/, unet/, vae/, scheduler/)"] = (
+            f"{condition_encoder.config.conditioning} conditioning, UNet {_parameters(pipeline.unet)}, "
+            f"{condition_encoder.config.image_size} px, {type(pipeline.scheduler).__name__}"
         )
     card_data = ModelCardData(
         library_name="transformers",
@@ -106,7 +115,7 @@ def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/
         codebook_size=config.tokenizer_config.codebook_size,
         intended_uses=metadata.get("intended_uses", DEFAULT_INTENDED_USES),
         repo_id=repo_id,
-        has_detokenizer=model.detokenizer is not None,
+        has_detokenizer=pipeline is not None,
         training_data=metadata.get("training_data", NOT_RECORDED),
         training_stages=metadata.get("training_stages", [{"name": "training", "description": NOT_RECORDED}]),
         token_statistics=metadata.get("token_statistics", NOT_RECORDED),
@@ -119,59 +128,82 @@ def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/
 def export_model(source, output_dir, metadata: dict | None = None, repo_id: str | None = None,
                  max_shard_size: str = "5GB") -> Path:
     """
-    Writes the Hub folder of the LaVIT model folder `source` to `output_dir` (see [`export_loaded`]); the source's
-    `lavit_run.json` is updated by `metadata`.
+    Writes the Hub folder of the LaVIT model or `LaVITPipeline` folder `source` to `output_dir` (see
+    [`export_loaded`]); the source's `lavit_run.json` is updated by `metadata`.
     """
     source, output_dir = Path(source), Path(output_dir)
-    if not (source / "config.json").is_file():
+    is_pipeline = (source / "model_index.json").is_file() or (source / "detokenizer" / "config.json").is_file()
+    if not is_pipeline and not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model folder (no config.json)")
     check_destination(output_dir, {"source": source}, name="the export folder")
     require_replaceable(output_dir)  # before the model is loaded
     require_safetensors_weights(source)
+    metadata = {**read_metadata(source), **(metadata or {})}
+    if is_pipeline:  # a LaVITPipeline folder, or a folder of lavit <= 0.x with its decoder in detokenizer/
+        from lavit import LaVITPipeline
+
+        pipe = LaVITPipeline.from_pretrained(source)
+        return export_loaded(pipe.language_model, pipe.processor, output_dir, metadata, repo_id, max_shard_size,
+                             pipeline=pipe)
     model = LaVITForCausalLM.from_pretrained(source)
     processor = LaVITProcessor.from_pretrained(source)
-    metadata = {**read_metadata(source), **(metadata or {})}
     return export_loaded(model, processor, output_dir, metadata, repo_id, max_shard_size)
 
 
 def export_loaded(model: LaVITForCausalLM, processor: LaVITProcessor, output_dir, metadata: dict | None = None,
-                  repo_id: str | None = None, max_shard_size: str = "5GB") -> Path:
+                  repo_id: str | None = None, max_shard_size: str = "5GB", pipeline=None) -> Path:
     """
     Writes a Hub folder: weights in safetensors shards of at most `max_shard_size`, code files and `auto_map`,
-    processor, `detokenizer/` when the model has one, `lavit_run.json` (the metadata) and the rendered model card. The
-    folder is written beside `output_dir` and renamed into place, so an interrupted export leaves no half folder.
+    processor, `lavit_run.json` (the metadata) and the rendered model card. With `pipeline` (a `LaVITPipeline` whose
+    `language_model` is `model`) the folder is the pipeline's (`model_index.json`, one sub-folder per component), so
+    it draws images with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`. The folder is written
+    beside `output_dir` and renamed into place, so an interrupted export leaves no half folder.
     """
     output_dir = Path(output_dir)
     metadata = dict(metadata or {})
     staging = fresh_staging_folder(output_dir)
-    model.save_pretrained(staging, max_shard_size=max_shard_size)
-    processor.save_pretrained(staging)
+    if pipeline is not None:
+        pipeline.save_pretrained(staging, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        processor.save_pretrained(staging)
     write_json_atomically(staging / METADATA_FILE, metadata)
-    model_card(model, metadata, repo_id or metadata.get("repo_id", str(output_dir))).save(staging / "README.md")
+    card = model_card(model, metadata, repo_id or metadata.get("repo_id", str(output_dir)), pipeline)
+    card.save(staging / "README.md")
     check_export_folder(staging)
     return replace_folder(staging, output_dir)  # the old folder stays whole until the new one replaces it at once
 
 
 def check_export_folder(folder) -> None:
-    """Raises a `ValueError` naming every problem of a Hub folder: missing files, missing weights, and any file that
-    is not of a kind lavit publishes, checked by content (`lavit.file_kinds`: the allowlist), or links out of it."""
+    """Raises a `ValueError` naming every problem of a Hub folder (a LaVIT model's, or a `LaVITPipeline`'s with
+    `model_index.json`): missing files, missing weights, and any file that is not of a kind lavit publishes, checked
+    by content (`lavit.file_kinds`: the allowlist), or links out of it."""
     folder = Path(folder)
-    problems = [f"missing {name}" for name in REQUIRED_FILES if not (folder / name).is_file()]
-    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-    if not has_weights:
-        problems.append("missing weights (model.safetensors or model.safetensors.index.json)")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        problems += [f"missing shard {shard}" for shard in sorted(shards) if not (folder / shard).is_file()]
-    detokenizer = folder / "detokenizer"
-    if detokenizer.is_dir():
-        for name in ("config.json", "modeling_lavit_detokenizer.py"):
-            if not (detokenizer / name).is_file():
-                problems.append(f"missing detokenizer/{name}")
+    if (folder / "model_index.json").is_file():
+        problems = [f"missing {name}" for name in ("README.md", "pipeline_lavit.py") if not (folder / name).is_file()]
+        for name, required in PIPELINE_FOLDERS.items():
+            problems += missing_files(folder, required, name, weights=name not in ("processor", "scheduler"))
+    else:
+        problems = missing_files(folder, REQUIRED_FILES)
     problems += folder_problems(folder)
     if problems:
         raise ValueError(f"{folder} is not a complete LaVIT Hub folder: " + "; ".join(problems))
+
+
+def missing_files(folder: Path, required, subfolder: str = "", weights: bool = True) -> list[str]:
+    """The `required` files and (with `weights`) the safetensors weights missing from `folder / subfolder`."""
+    where = folder / subfolder
+    prefix = f"{subfolder}/" if subfolder else ""
+    problems = [f"missing {prefix}{name}" for name in required if not (where / name).is_file()]
+    if not weights:
+        return problems
+    if not any((where / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        problems.append(f"missing weights ({prefix}model.safetensors or {prefix}model.safetensors.index.json)")
+    for index in (where / name for name in SAFETENSORS_WEIGHTS if name.endswith(".index.json")):
+        if index.is_file():
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+            problems += [f"missing shard {prefix}{shard}" for shard in sorted(shards) if not (where / shard).is_file()]
+    return problems
 
 
 def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False,

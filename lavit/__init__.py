@@ -21,6 +21,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 # the user-facing classes; building blocks (selector, merger, quantizer, outputs...) stay importable from
 # `lavit.modeling` and `lavit.processing`
 from lavit.modeling import (
+    LaVITConditionEncoder,
     LaVITConfig,
     LaVITDetokenizer,
     LaVITDetokenizerConfig,
@@ -29,6 +30,7 @@ from lavit.modeling import (
     LaVITForCausalLM,
     LaVITImageGenerationConfig,
     LaVITModel,
+    LaVITPipeline,
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
 )
@@ -57,6 +59,7 @@ LaVITTokenizerConfig.register_for_auto_class()
 LaVITTokenizerModel.register_for_auto_class("AutoModel")
 LaVITDetokenizerConfig.register_for_auto_class()
 LaVITDetokenizer.register_for_auto_class("AutoModel")
+LaVITConditionEncoder.register_for_auto_class("AutoModel")
 LaVITConfig.register_for_auto_class()
 LaVITForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 LaVITImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -66,6 +69,7 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "LaVITConditionEncoder",
     "LaVITConfig",
     "LaVITDetokenizer",
     "LaVITDetokenizerConfig",
@@ -73,6 +77,7 @@ __all__ = [
     "LaVITImageGenerationConfig",
     "LaVITImageProcessor",
     "LaVITModel",
+    "LaVITPipeline",
     "LaVITProcessor",
     "LaVITTextToImagePipeline",
     "LaVITTokenizerConfig",

@@ -119,7 +119,7 @@ def add_generation_parsers(commands) -> None:
     generate.add_argument("-o", "--output", type=OutputPath, required=True,
                           help="PNG path (-N suffixes for several images)")
     generate.add_argument("--model", type=InputPath, required=True,
-                          help="a LaVIT folder with a detokenizer/ (or Hub id)")
+                          help="a LaVITPipeline folder (or Hub id)")
     generate.add_argument("--num-images", type=POSITIVE, default=1)
     generate.add_argument("--seed", type=SEED, default=0)
     generate.add_argument("--guidance-scale", type=GUIDANCE, default=4.0, help="LM guidance (official 4.0)")
@@ -133,7 +133,7 @@ def add_generation_parsers(commands) -> None:
     reconstruct.add_argument("-o", "--output", type=OutputPath, required=True,
                              help="PNG path (-N suffixes for several images)")
     reconstruct.add_argument("--model", type=InputPath, required=True,
-                             help="a LaVIT folder with a detokenizer/ (or Hub id)")
+                             help="a LaVITPipeline folder (or Hub id)")
     reconstruct.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens")
     reconstruct.add_argument("--seed", type=SEED, default=0)
     reconstruct.add_argument("--steps", type=POSITIVE, default=None)
@@ -323,6 +323,23 @@ def load_lavit(path: str):
     return load_lavit_model(path)
 
 
+def load_pipeline(path: str):
+    """A `LaVITPipeline` folder (or Hub id), or a LaVIT model folder of lavit <= 0.x with its `detokenizer/`."""
+    from lavit import LaVITPipeline
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        require_folder(path, ("lavit",))
+        if not (folder / "detokenizer").is_dir():
+            raise CommandError(f"{path} is a language model without a pixel decoder: give a LaVITPipeline folder "
+                               f"(model_index.json) to draw images")
+    else:
+        require_folder(path)
+    pipe = LaVITPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(desc="denoising")
+    return pipe
+
+
 def open_image(path: str):
     from lavit.processing.image_processing_lavit import to_rgb_image
 
@@ -426,7 +443,7 @@ def run_new_language_model(args) -> None:
 
 
 def decoder_settings(args) -> dict:
-    settings = {"num_inference_steps": args.steps, "show_progress": True}
+    settings = {"num_inference_steps": args.steps}
     for name in ("height", "width"):
         if getattr(args, name, None):
             settings[name] = getattr(args, name)
@@ -438,18 +455,16 @@ def run_generate(args) -> None:
 
     from lavit.atomic import save_png_atomically
 
-    model, processor = load_lavit(args.model)
-    if not model.can_decode_pixels:
-        raise CommandError(f"{args.model} has no pixel decoder (detokenizer/ sub-folder): it cannot draw images")
+    pipe = load_pipeline(args.model)
     items = PerItem("generate", "prompt", args.prompts)
     total = len(args.prompts) * args.num_images
 
     def draw(index):
-        images = model.generate_images(
-            **processor(text=args.prompts[index], return_tensors="pt"), num_images_per_prompt=args.num_images,
-            guidance_scale=args.guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
-            generator=torch.Generator().manual_seed(args.seed), **decoder_settings(args),
-        )
+        images = pipe(
+            args.prompts[index], num_images_per_prompt=args.num_images, token_guidance_scale=args.guidance_scale,
+            guidance_scale=args.decoder_guidance_scale, generator=torch.Generator().manual_seed(args.seed),
+            **decoder_settings(args),
+        ).images
         targets = [numbered(args.output, index * args.num_images + number, total) for number in range(len(images))]
         for image, target in zip(images, targets, strict=True):
             save_png_atomically(image, target)
@@ -468,16 +483,13 @@ def run_reconstruct(args) -> None:
     images = items.each(open_image)
     if not images:
         items.finish()
-    model, processor = load_lavit(args.model)
-    if not model.can_decode_pixels:
-        raise CommandError(f"{args.model} has no pixel decoder (detokenizer/ sub-folder)")
+    pipe = load_pipeline(args.model)
 
     def reconstruct(index):
-        pixel_values = processor.image_processor(images=[images[index]], return_tensors="pt")["pixel_values"]
         selection = {"max_tokens": args.budget} if args.budget else {}
         generator = torch.Generator().manual_seed(args.seed)
-        image = model.reconstruct(pixel_values, image_selection=selection, generator=generator,
-                                  **decoder_settings(args))[0]
+        image = pipe.reconstruct([images[index]], image_selection=selection, generator=generator,
+                                 **decoder_settings(args)).images[0]
         target = numbered(args.output, index, len(args.images))
         save_png_atomically(image, target)
         items.done(index, {"output": str(target)}, str(target))
@@ -504,7 +516,7 @@ def run_convert(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from lavit import LaVITImageProcessor, LaVITProcessor
+    from lavit import LaVITImageProcessor, LaVITPipeline, LaVITProcessor
     from lavit.hub_cards import export_loaded
     from lavit.modeling.convert_original_lavit import convert_release
 
@@ -513,7 +525,7 @@ def run_convert(args) -> None:
     if not (source / "language_model").is_dir() or not (source / "visual_tokenizer").is_dir():
         raise CommandError(f"{source} is not an official LaVIT release folder (language_model/ and "
                            f"visual_tokenizer/ expected)")
-    model, _ = convert_release(
+    model, detokenizer = convert_release(
         source, pixel_decoder=None if args.pixel_decoder == "none" else args.pixel_decoder,
         dtype=getattr(torch, args.dtype) if args.dtype else None, vision_num_heads=args.num_heads,
         merger_num_heads=args.num_heads, decoder_num_heads=args.num_heads,
@@ -529,7 +541,9 @@ def run_convert(args) -> None:
                            f"`lavit convert-original`; every official tensor was mapped or is known to be unused.",
                 "training_stages": [{"name": "official training",
                                      "description": "by the LaVIT authors (see the paper); no training here"}]}
-    print(export_loaded(model, processor, args.destination, metadata))
+    # with the release's pixel decoder, the folder is a LaVITPipeline's (the language model is one of its components)
+    pipeline = LaVITPipeline.from_detokenizer(model, processor, detokenizer) if detokenizer is not None else None
+    print(export_loaded(model, processor, args.destination, metadata, pipeline=pipeline))
 
 
 def run_export(args) -> None:
@@ -544,20 +558,22 @@ def run_export(args) -> None:
         if not isinstance(metadata, dict):
             raise CommandError(f"metadata file {args.metadata!r} must hold a JSON object ({{\"summary\": ...}}), "
                                f"got a {type(metadata).__name__}")
-    require_folder(args.model, ("lavit",))
-    if resolve_model_folder(args.model)[1] is not None:  # a PEFT adapter folder: the merged model is exported
-        from lavit.hub_cards import export_loaded
+    if not (Path(args.model) / "model_index.json").is_file():
+        require_folder(args.model, ("lavit",))
+        if resolve_model_folder(args.model)[1] is not None:  # a PEFT adapter folder: the merged model is exported
+            from lavit.hub_cards import export_loaded
 
-        print(export_loaded(*load_lavit_model(args.model), args.destination, metadata, args.repo_id,
-                            args.max_shard_size))
-        return
+            print(export_loaded(*load_lavit_model(args.model), args.destination, metadata, args.repo_id,
+                                args.max_shard_size))
+            return
     print(export_model(args.model, args.destination, metadata, args.repo_id, args.max_shard_size))
 
 
 def run_push(args) -> None:
     from lavit.hub_cards import check_export_folder, export_loaded, export_model, push_to_hub
 
-    require_folder(args.model, ("lavit",))
+    if not (Path(args.model) / "model_index.json").is_file():
+        require_folder(args.model, ("lavit",))
     folder = Path(args.model)
     with tempfile.TemporaryDirectory() as scratch:
         if resolve_model_folder(args.model)[1] is not None:  # a PEFT adapter folder: the merged model is pushed
@@ -601,8 +617,13 @@ def run_evaluate(args) -> None:
                            args.columns, args.image_pattern)[: args.limit]
     require_folder(args.model)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model, processor = load_lavit_model(args.model, **dtype)  # a model folder, Hub id or PEFT adapter folder
-    results = evaluate(model.to(distributed_state().device), processor, samples, config, args.output)
+    if config.task == "text-to-image":  # images come from the LaVITPipeline, whose processor it holds
+        model = load_pipeline(args.model).to(distributed_state().device, **dtype)
+        processor = model.processor
+    else:  # a model folder, Hub id or PEFT adapter folder
+        model, processor = load_lavit_model(args.model, **dtype)
+        model = model.to(distributed_state().device)
+    results = evaluate(model, processor, samples, config, args.output)
     if results is None:  # not the main process
         return
     for name, value in results["metrics"].items():

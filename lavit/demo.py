@@ -101,15 +101,15 @@ def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10
     return float((similarity.argmax(dim=1) == torch.arange(10).repeat_interleave(per_class)).float().mean())
 
 
-def generate_digit_images(model, processor, image_dir: Path, written: list, names=("three", "seven")) -> str:
-    """Text-to-image for two prompts with one seed (so only the prompt differs) and a sentence saying whether the
-    images, and the visual tokens behind them, differ between the prompts."""
+def generate_digit_images(pipe, image_dir: Path, written: list, names=("three", "seven")) -> str:
+    """Text-to-image for two prompts with one seed (so only the prompt differs) through the `LaVITPipeline`, and a
+    sentence saying whether the images, and the visual tokens behind them, differ between the prompts."""
     from lavit.atomic import save_png_atomically
 
-    prompts = processor(text=[f"the digit {name}" for name in names], return_tensors="pt", padding=True)
-    tokens = model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(0), max_new_tokens=64)
-    images = model.decode_image_tokens(tokens.code_ids, tokens.token_counts, generator=torch.Generator().manual_seed(0),
-                                       show_progress=True)
+    prompts = pipe.processor(text=[f"the digit {name}" for name in names], return_tensors="pt", padding=True)
+    tokens = pipe.language_model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(0),
+                                                       max_new_tokens=64)
+    images = pipe.decode_visual_tokens(tokens, generator=torch.Generator().manual_seed(0)).images
     for name, image in zip(names, images, strict=True):
         save_png_atomically(image, image_dir / f"generated_{name}.png")
         written.append(image_dir / f"generated_{name}.png")
@@ -196,8 +196,9 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     detokenizer_folder = train_demo_detokenizer(train_folder, tokenizer_folder, runs, steps)
     # 6. evaluation on the held-out digits, then the images
     print(f"[6/6] evaluation on {steps['eval']} held-out digits, images, Hub folder")
-    model, processor, stage2, drawing_accuracy, tuned = evaluate_demo_models(
+    pipe, stage2, drawing_accuracy, tuned = evaluate_demo_models(
         pretrained, finetuned, detokenizer_folder, (train_images, train_labels), (eval_images, eval_labels))
+    model, processor = pipe.language_model, pipe.processor
 
     image_dir = output / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -209,17 +210,17 @@ def run_demo(output: Path, quick: bool = False) -> dict:
         keep_mask = model.visual_tokenizer.tokenize(processor.image_processor(image)["pixel_values"]).keep_mask[0]
         save_png_atomically(draw_kept_patches(image, keep_mask, grid), path)
         written.append(path)
-    pixel_values = processor.image_processor(images=eval_images[:3], return_tensors="pt")["pixel_values"]
-    reconstructions = model.reconstruct(pixel_values, generator=torch.Generator().manual_seed(0), show_progress=True)
+    reconstructions = pipe.reconstruct(eval_images[:3], generator=torch.Generator().manual_seed(0)).images
     for index, image in enumerate(reconstructions):
         save_png_atomically(image, image_dir / f"reconstruction_{index}.png")
         written.append(image_dir / f"reconstruction_{index}.png")
-    generated_note = generate_digit_images(model, processor, image_dir, written)
+    generated_note = generate_digit_images(pipe, image_dir, written)
 
     # 7. the Hub folder with its model card, the printout and demo_results.json
     seconds = time.perf_counter() - started
     evaluation = evaluation_rows(stage2, drawing_accuracy, tuned)
-    hub_folder = export_loaded(model, processor, output / "hub_folder", card_metadata(steps, tuned, evaluation))
+    hub_folder = export_loaded(model, processor, output / "hub_folder", card_metadata(steps, tuned, evaluation),
+                               pipeline=pipe)
     print_summary(evaluation, tuned, written, hub_folder, generated_note, seconds)
     results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
                "hub_folder": str(hub_folder),
@@ -256,18 +257,20 @@ def train_demo_detokenizer(train_folder: Path, tokenizer_folder: Path, runs: Pat
 
 def evaluate_demo_models(pretrained: Path, finetuned: Path, detokenizer_folder: Path, train_data: tuple,
                          eval_data: tuple) -> tuple:
-    """Step 6 (metrics): the fine-tuned model with its detokenizer, its processor, and the stage-2 metrics, the
-    stage-2 text-to-image accuracy and the fine-tuned metrics on the held-out digits (`evaluate`)."""
-    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITProcessor
+    """Step 6 (metrics): the `LaVITPipeline` of the fine-tuned model (with its processor and the trained pixel
+    decoder), and the stage-2 metrics, the stage-2 text-to-image accuracy and the fine-tuned metrics on the held-out
+    digits (`evaluate`)."""
+    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITPipeline, LaVITProcessor
 
     model = LaVITForCausalLM.from_pretrained(finetuned).eval()
     processor = LaVITProcessor.from_pretrained(finetuned)
-    model.set_detokenizer(LaVITDetokenizer.from_pretrained(detokenizer_folder).eval())
+    pipe = LaVITPipeline.from_detokenizer(model, processor, LaVITDetokenizer.from_pretrained(detokenizer_folder))
+    pipe.set_progress_bar_config(desc="denoising")
     pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
     stage2 = evaluate(pretrained_model, processor, *eval_data)
     drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, *train_data)
     tuned = evaluate(model, processor, *eval_data)
-    return model, processor, stage2, drawing_accuracy, tuned
+    return pipe, stage2, drawing_accuracy, tuned
 
 
 def evaluation_rows(stage2: dict, drawing_accuracy: float, tuned: dict) -> list[dict]:

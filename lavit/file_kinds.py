@@ -222,7 +222,8 @@ def require_safetensors_inputs(*arguments) -> None:
     for parsed in arguments:
         for _, role, value in declared_paths(parsed):
             for path in value if isinstance(value, (list, tuple)) else [value]:
-                if role == INPUT and (Path(path).expanduser() / "config.json").is_file():
+                folder = Path(path).expanduser()  # a model folder, or a pipeline folder with one per component
+                if role == INPUT and any((folder / name).is_file() for name in ("config.json", "model_index.json")):
                     require_safetensors_weights(path)
 
 

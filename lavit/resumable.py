@@ -66,16 +66,26 @@ def digest(value) -> str:
 def model_fingerprint(model) -> dict:
     """A loaded model's identity: where it came from (`name_or_path`, the Hub commit) and a hash of every parameter
     and buffer (name, shape, dtype and `SAMPLED_VALUES` evenly strided values), so two models with the same name but
-    other weights differ."""
+    other weights differ. A diffusers pipeline (a `LaVITPipeline`) is hashed over its components: the modules'
+    weights and the others' configs (a swapped scheduler is another pipeline)."""
     import torch
 
+    if hasattr(model, "named_parameters"):
+        modules, others = {"": model}, {}
+    else:
+        components = getattr(model, "components", {})
+        modules = {f"{name}.": part for name, part in components.items() if hasattr(part, "named_parameters")}
+        others = {name: part for name, part in components.items() if name not in {key[:-1] for key in modules}}
     hasher = hashlib.sha256()
     with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            flat = tensor.detach().reshape(-1)
-            sampled = flat[:: max(1, flat.numel() // SAMPLED_VALUES)][:SAMPLED_VALUES].float().cpu()
-            hasher.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            hasher.update(sampled.numpy().tobytes())
+        for prefix, module in modules.items():
+            for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+                flat = tensor.detach().reshape(-1)
+                sampled = flat[:: max(1, flat.numel() // SAMPLED_VALUES)][:SAMPLED_VALUES].float().cpu()
+                hasher.update(f"{prefix}{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                hasher.update(sampled.numpy().tobytes())
+    for name, part in sorted(others.items()):
+        hasher.update(f"{name}:{type(part).__name__}:{dict(getattr(part, 'config', {}) or {})}".encode())
     config = getattr(model, "config", None)
     return {"name_or_path": str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
             "commit": getattr(config, "_commit_hash", None), "weights": hasher.hexdigest()[:16]}

@@ -11,7 +11,7 @@ from .modeling_lavit import (
     LaVITModel,
     LaVITPreTrainedModel,
 )
-from .modeling_lavit_detokenizer import LaVITDetokenizer, LaVITDetokenizerOutput
+from .modeling_lavit_detokenizer import LaVITConditionEncoder, LaVITDetokenizer, LaVITDetokenizerOutput
 from .modeling_lavit_tokenizer import (
     LaVITFeatureDecoder,
     LaVITFeaturesOutput,
@@ -22,9 +22,11 @@ from .modeling_lavit_tokenizer import (
     LaVITTokenSelector,
     LaVITVectorQuantizer,
 )
+from .pipeline_lavit import LaVITPipeline
 
 __all__ = [
     "LaVITCausalLMOutputWithPast",
+    "LaVITConditionEncoder",
     "LaVITConfig",
     "LaVITDetokenizer",
     "LaVITDetokenizerConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "LaVITImageFeaturesOutput",
     "LaVITImageGenerationConfig",
     "LaVITModel",
+    "LaVITPipeline",
     "LaVITPreTrainedModel",
     "LaVITEvaVisionConfig",
     "LaVITEvaVisionModel",

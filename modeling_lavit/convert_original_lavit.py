@@ -489,7 +489,8 @@ def convert_release(
 
     Returns `(model, detokenizer)`: a [`LaVITForCausalLM`] in eval mode, and the pixel decoder where the release has
     the matching diffusers folder (`highres_pixel_decoding/` or `pixel_decoding/`) and diffusers is installed (see
-    [`convert_detokenizer`]), else `None`; it is also attached as `model.detokenizer`.
+    [`convert_detokenizer`]), else `None` (`LaVITPipeline.from_detokenizer(model, processor, detokenizer)` puts them
+    together).
     Raises `ValueError` for a `pixel_decoder` other than `"highres"`, `"lowres"` or `None` and for tensors that do
     not fit; `FileNotFoundError` for missing checkpoint files.
     """
@@ -520,8 +521,6 @@ def convert_release(
     check_materialized(model)
     # 6. the pixel decoder, where the release has its diffusers folder
     detokenizer = _release_detokenizer(model_path, pixel_decoder, decoder_num_heads, dtype)
-    if detokenizer is not None:
-        model.set_detokenizer(detokenizer)
     return model.eval(), detokenizer
 
 

@@ -2,10 +2,9 @@
 sampling helpers shared with text generation.
 
 `LaVITImageGenerationMixin` gives [`LaVITForCausalLM`] its image side: `generate_image_tokens` (visual ids after
-`[IMG]` until `[/IMG]`, with classifier-free guidance; its settings are one typed [`LaVITImageGenerationConfig`]) and
-`generate_images`; its base `LaVITPixelDecodingMixin` holds `decode_image_tokens` / `reconstruct` through the pixel
-decoder and the attach / save / load plumbing of that decoder (kept beside the model, in its own `detokenizer/`
-sub-folder).
+`[IMG]` until `[/IMG]`, with classifier-free guidance; its settings are one typed [`LaVITImageGenerationConfig`]);
+its base `LaVITFolderMixin` completes saved folders. The model knows no pixels: `LaVITPipeline` (pipeline_lavit.py)
+turns the tokens into images.
 """
 
 import os
@@ -27,7 +26,6 @@ from transformers.generation import (
 from transformers.utils import logging
 
 from .image_placeholders_lavit import positions_from_mask
-from .modeling_lavit_detokenizer import LaVITDetokenizer
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .transformers_compat import cache_kwargs
 from .validation_lavit import (
@@ -42,7 +40,6 @@ from .validation_lavit import (
 
 logger = logging.get_logger(__name__)
 
-DETOKENIZER_FOLDER = "detokenizer"
 TEXT_TO_IMAGE_TASK = "lavit-text-to-image"
 PIPELINE_FILE = "pipelines_lavit.py"
 
@@ -51,13 +48,19 @@ PIPELINE_FILE = "pipelines_lavit.py"
 
 
 def row_generators(
-    generator: torch.Generator | None, batch_size: int, rows_per_prompt: int, device: torch.device
+    generator: torch.Generator | list[torch.Generator] | None, batch_size: int, rows_per_prompt: int,
+    device: torch.device,
 ) -> list[torch.Generator]:
     """
     One random stream per row: seeded by one draw from `generator` (torch's global generator when None) plus the
     row's index among its prompt's rows. A row's samples then depend on the seed and on its own prompt only, never on
     the other prompts of the batch (one shared stream would hand each row the draws left by the rows before it).
+    A list of `batch_size` generators (diffusers' one per image) seeds each row's stream by one draw from its own.
     """
+    if isinstance(generator, list):
+        if len(generator) != batch_size:
+            raise ValueError(f"generator is a list of {len(generator)} generators; give one per image ({batch_size})")
+        return [row_generators(gen, 1, 1, device)[0] for gen in generator]
     seed_device = generator.device if generator is not None else "cpu"
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))
     return [torch.Generator(device=device).manual_seed(seed + row % rows_per_prompt) for row in range(batch_size)]
@@ -288,51 +291,24 @@ class ImageTokenSampler:
 # ----------------------------------------------------------------------------------------------- the mixins
 
 
-class LaVITPixelDecodingMixin:
+class LaVITFolderMixin:
     """
-    The pixel side of [`LaVITForCausalLM`]: the detokenizer kept beside the model (not a submodule: it is not trained
-    with the LM, lives in its own `detokenizer/` sub-folder and stays out of the LM's state dict, optimizer and
-    device map), its attach / save / load plumbing, and decoding visual tokens to pixels. Expects `config`,
-    `visual_tokenizer`, `device` and `_detokenizer`, as `LaVITForCausalLM` has them.
+    What a saved [`LaVITForCausalLM`] folder needs beyond the model's own code files: the config's `auto_map` for
+    every head and the `pipelines_lavit.py` of the `lavit-text-to-image` transformers pipeline. Pixels are not the
+    model's: `LaVITPipeline` (a diffusers pipeline with this model as its `language_model`) decodes them.
     """
 
-    @property
-    def detokenizer(self) -> LaVITDetokenizer | None:
-        """The pixel decoder ([`LaVITDetokenizer`]) used by `generate_images`, `reconstruct` and the pipelines."""
-        return self._detokenizer
-
-    def set_detokenizer(self, detokenizer: LaVITDetokenizer | None):
-        if detokenizer is not None and detokenizer.config.codebook_size != self.config.tokenizer_config.codebook_size:
-            raise ValueError(f"the detokenizer decodes {detokenizer.config.codebook_size} codes, the model's visual "
-                             f"tokenizer has {self.config.tokenizer_config.codebook_size}")
-        object.__setattr__(self, "_detokenizer", detokenizer)
-
-    @property
-    def can_decode_pixels(self) -> bool:
-        return self._detokenizer is not None
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """
-        `PreTrainedModel.save_pretrained`, plus what a LaVIT folder needs beyond the model's own code files: the
-        `pipelines_lavit.py` of the text-to-image pipeline and the pixel decoder in `detokenizer/` with its code. The
-        folder is complete on every save path (lavit installed or not: a folder loaded with `trust_remote_code`,
-        `Trainer` checkpoints, a PEFT-merged model), because all of them call this method.
-        """
+    def save_pretrained(self, save_directory, *args, max_shard_size: int | str = "50GB", **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the pipeline file and `auto_map` entries. The folder is complete on
+        every save path (lavit installed or not: a folder loaded with `trust_remote_code`, `Trainer` checkpoints, a
+        PEFT-merged model), because all of them call this method. `max_shard_size` is named so that callers that
+        look for it in the signature (`DiffusionPipeline.save_pretrained`) pass it on."""
         pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
         if self._auto_class is not None:
             self._register_folder_entries(pipeline_file is not None)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
-            return
-        if pipeline_file is not None:
+        super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        if pipeline_file is not None and kwargs.get("is_main_process", True):
             shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
-        if self._detokenizer is not None:
-            if self._auto_class is not None:
-                # loaded from its sub-folder by class, not through an Auto class: without these, a process that runs
-                # the remote code would write the detokenizer's weights but not its code files and `auto_map`
-                type(self._detokenizer).register_for_auto_class("AutoModel")
-                type(self._detokenizer.config).register_for_auto_class()
-            self._detokenizer.save_pretrained(Path(save_directory) / DETOKENIZER_FOLDER, *args, **kwargs)
 
     def _register_folder_entries(self, with_pipeline: bool):
         """The config's `auto_map` for every head of the folder (transformers writes only the saved class's entry)
@@ -351,78 +327,11 @@ class LaVITPixelDecodingMixin:
                 "type": "multimodal",
             }}
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, load_detokenizer: bool = True, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus the `detokenizer/` sub-folder when the folder has one (and
-        diffusers is installed); `load_detokenizer=False` skips it."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if load_detokenizer and isinstance(model, LaVITPixelDecodingMixin):
-            model.set_detokenizer(_load_detokenizer(pretrained_model_name_or_path, kwargs))
-        return model
 
-    # ------------------------------------------------------------------------------------------- pixels
-
-    def _require_detokenizer(self) -> LaVITDetokenizer:
-        if self._detokenizer is None:
-            raise ValueError("no pixel decoder: load a folder with a `detokenizer/` sub-folder, or call "
-                             "model.set_detokenizer(LaVITDetokenizer.from_pretrained(...))")
-        if self._detokenizer.device != self.device:
-            self._detokenizer.to(self.device)  # it is not a submodule, so `model.to(...)` did not move it
-        return self._detokenizer
-
-    @torch.no_grad()
-    def decode_image_tokens(
-        self,
-        token_ids: torch.Tensor,
-        token_counts: torch.Tensor | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        num_images_per_prompt: int = 1,
-        **decode_kwargs,
-    ):
-        """
-        Visual tokens -> PIL images through the detokenizer (`decode_kwargs` go to [`LaVITDetokenizer.decode`]).
-        `token_ids` is either packed code ids (T,) with `token_counts` (B,), as `generate_image_tokens` returns, or
-        LM sequences (B, L) (as `generate(..., generation_mode="image")` returns): each row's visual ids after its
-        last `[IMG]` form one image. One `generator` is split into one stream per image (see `row_generators`,
-        with consecutive groups of `num_images_per_prompt` images per prompt), so an image's pixels do not depend on
-        the other images decoded with it.
-        """
-        if token_counts is None:
-            token_ids, token_counts = self._last_image_codes(token_ids)
-        if not isinstance(generator, list):
-            generator = row_generators(generator, token_counts.numel(), num_images_per_prompt, self.device)
-        return self._require_detokenizer().decode(token_ids, token_counts, generator=generator, **decode_kwargs)
-
-    def _last_image_codes(self, sequences: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Packed code ids and counts of the visual ids after each LM sequence's last `[IMG]`."""
-        if sequences.ndim != 2:
-            raise ValueError(f"without token_counts, token_ids must be LM sequences (batch, length), "
-                             f"got shape {tuple(sequences.shape)}")
-        config = self.config
-        is_start = sequences == config.image_start_token_id
-        if not bool(is_start.any(dim=1).all()):
-            raise ValueError("every sequence needs an [IMG] token before its visual ids")
-        columns = torch.arange(sequences.shape[1], device=sequences.device)
-        last_start = torch.where(is_start, columns, -1).max(dim=1, keepdim=True).values
-        is_visual = (sequences >= config.visual_token_offset) & (sequences < config.visual_token_end)
-        is_visual &= columns > last_start
-        return sequences[is_visual] - config.visual_token_offset, is_visual.sum(dim=1)
-
-    @torch.no_grad()
-    def reconstruct(self, pixel_values: torch.FloatTensor, image_selection: dict | None = None, **decode_kwargs):
-        """
-        Image -> visual tokens -> image: what the discrete tokens keep. `pixel_values` as the processor returns them;
-        `image_selection` (e.g. `{"max_tokens": 64}`) goes to the visual tokenizer, `decode_kwargs` to
-        [`LaVITDetokenizer.decode`].
-        """
-        tokens = self.visual_tokenizer.tokenize(pixel_values.to(self.device), **(image_selection or {}))
-        return self._require_detokenizer().decode(tokens.code_ids, tokens.token_counts, **decode_kwargs)
-
-
-class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
+class LaVITImageGenerationMixin(LaVITFolderMixin):
     """
-    The image side of [`LaVITForCausalLM`]: visual-token generation after `[IMG]` (with classifier-free guidance)
-    and, through [`LaVITPixelDecodingMixin`], pixels. Expects `config`, `model` (a `LaVITModel`), `lm_head`,
+    The image side of [`LaVITForCausalLM`]: visual-token generation after `[IMG]` (with classifier-free guidance).
+    The tokens become pixels in `LaVITPipeline`. Expects `config`, `model` (a `LaVITModel`), `lm_head`,
     `get_input_embeddings` and `device`, as `LaVITForCausalLM` has them.
     """
 
@@ -437,7 +346,7 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         *,
         negative_input_ids: torch.LongTensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         image_keep_mask: torch.Tensor | None = None,
         image_selection: dict | None = None,
         streamer=None,
@@ -626,37 +535,6 @@ class LaVITImageGenerationMixin(LaVITPixelDecodingMixin):
         prompt = input_ids.repeat_interleave(images.shape[0] // input_ids.shape[0], dim=0)
         return torch.cat([prompt.to(images.device), images], dim=1)
 
-    @torch.no_grad()
-    def generate_images(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        decoder_guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "pil",
-        show_progress: bool = False,
-        **generation_kwargs,
-    ):
-        """
-        Text-to-image and image+text-to-image: [`generate_image_tokens`] (LM sampling with its own
-        `guidance_scale`, official 4.0 for text and 5.0 for multimodal prompts; every argument of it is accepted),
-        then [`LaVITDetokenizer.decode`] with `decoder_guidance_scale` (default: the detokenizer's, official 7.0).
-        One `generator` seeds both, so a seed fixes the images. Returns `num_images_per_prompt` images per prompt.
-        """
-        tokens = self.generate_image_tokens(
-            input_ids, attention_mask, pixel_values, generator=generator, **generation_kwargs
-        )
-        return self.decode_image_tokens(
-            tokens.code_ids, tokens.token_counts, generator=generator,
-            num_images_per_prompt=tokens.token_counts.numel() // input_ids.shape[0], height=height, width=width,
-            num_inference_steps=num_inference_steps, guidance_scale=decoder_guidance_scale, output_type=output_type,
-            show_progress=show_progress,
-        )
-
 
 def _pipeline_source_file(source_folder: str | os.PathLike | None = None) -> Path | None:
     """
@@ -679,36 +557,11 @@ def _pipeline_source_file(source_folder: str | os.PathLike | None = None) -> Pat
     return None
 
 
-def _load_detokenizer(pretrained_model_name_or_path, kwargs) -> LaVITDetokenizer | None:
-    """The `detokenizer/` sub-folder of a local or Hub model folder, or None where there is none."""
-    from transformers.utils import cached_file
-
-    hub_kwargs = {name: kwargs[name] for name in ("cache_dir", "force_download", "local_files_only", "token",
-                                                  "revision") if name in kwargs}
-    config_file = cached_file(
-        pretrained_model_name_or_path, "config.json", subfolder=DETOKENIZER_FOLDER,
-        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub_kwargs,
-    )
-    if config_file is None:
-        local = os.path.join(str(pretrained_model_name_or_path), DETOKENIZER_FOLDER)
-        if os.path.isdir(local) and os.listdir(local):  # a partial copy: say so rather than "no pixel decoder"
-            raise ValueError(f"{local} has no config.json: the pixel decoder folder is incomplete; copy the whole "
-                             f"{DETOKENIZER_FOLDER}/ folder again (or remove it to use the model without pixels)")
-        return None
-    try:
-        return LaVITDetokenizer.from_pretrained(
-            pretrained_model_name_or_path, subfolder=DETOKENIZER_FOLDER, dtype=kwargs.get("dtype"), **hub_kwargs
-        ).eval()
-    except ImportError as error:
-        logger.warning(f"the folder has a pixel decoder (detokenizer/) but it is not loaded: {error}")
-        return None
-
-
 __all__ = [
     "ImageTokenSampler",
     "LaVITImageGenerationConfig",
     "LaVITImageGenerationMixin",
-    "LaVITPixelDecodingMixin",
+    "LaVITFolderMixin",
     "RowSeededSamplingLogitsProcessor",
     "SuppressImageTokensLogitsProcessor",
     "left_padded",

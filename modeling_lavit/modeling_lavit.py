@@ -456,9 +456,6 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         super().__init__(config)
         self.model = LaVITModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.vocab_size, bias=False)
-        # the pixel decoder is kept beside the model, not inside it: it is not trained with the LM, lives in its own
-        # `detokenizer/` sub-folder and stays out of the LM's state dict, optimizer and device map
-        object.__setattr__(self, "_detokenizer", None)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -683,7 +680,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         """
         if kwargs.pop("generation_mode", None) == "image":
             # the `any-to-any` pipeline's image mode: sequences ending with `[IMG] v_1 .. v_n [/IMG]`, which
-            # `decode_image_tokens` turns into pixels
+            # `LaVITPipeline.decode_visual_tokens(image_tokens_from_sequences(...))` turns into pixels
             tokens = self.generate_image_tokens(
                 input_ids, attention_mask, pixel_values, image_keep_mask=image_keep_mask,
                 image_selection=image_selection, **kwargs,

@@ -189,6 +189,42 @@ class LaVITLowresConditioning(LaVITConditioning):
 CONDITIONING_CLASSES = {"highres": LaVITHighresConditioning, "lowres": LaVITLowresConditioning}
 
 
+class LaVITConditionsMixin:
+    """
+    Visual code ids -> UNet conditions: a copy of the tokenizer's codebook, a feature decoder that reconstructs the N
+    encoder features of each image, and the projection heads (`LaVITHighresConditioning` or
+    `LaVITLowresConditioning`, picked by `config.conditioning`). Shared by [`LaVITDetokenizer`] (the whole decoder in
+    one model, as training uses it) and [`LaVITConditionEncoder`] (the `condition_encoder` of `LaVITPipeline`); both
+    keep these modules under the same names, so their weights have the same keys.
+    """
+
+    def _build_condition_modules(self, config: LaVITDetokenizerConfig):
+        self.register_buffer("codebook", torch.zeros(config.codebook_size, config.code_dim))
+        self.decoder = LaVITFeatureDecoder(config)
+        self.condition = CONDITIONING_CLASSES[config.conditioning](config)
+        # the lowres negative condition (official: SD's empty-prompt embedding, learned when trained); it stays a
+        # parameter of the model, not of `condition`, so saved folders keep their key `negative_prompt_embeds`
+        self.negative_prompt_embeds = None
+        if config.conditioning == "lowres":
+            self.negative_prompt_embeds = nn.Parameter(
+                torch.zeros(1, config.negative_context_length, sum(config.prompt_projection_sizes))
+            )
+
+    def reconstruct_features(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
+        """Packed code ids (T,) + counts (B,) -> reconstructed encoder features (B, N, D)."""
+        return self.decoder.decode_code_ids(self.codebook, code_ids, token_counts)
+
+    def get_conditions(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> LaVITDetokenizerConditions:
+        """The UNet conditions of each image (official `VQDecoder` / `HighresVQDecoder` return values)."""
+        return self.condition(self.reconstruct_features(code_ids, token_counts))
+
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None) -> LaVITDetokenizerConditions:
+        """Official unconditional branch: all zeros (highres), or the stored embedding in the first slots (lowres).
+        `dtype` (default: the projection heads') matches them to conditional ones computed under autocast."""
+        dtype = dtype or self.condition.prompt_projections[0].weight.dtype
+        return self.condition.negative_conditions(batch_size, dtype, self.negative_prompt_embeds)
+
+
 class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
     config_class = LaVITDetokenizerConfig
     base_model_prefix = "detokenizer"
@@ -202,7 +238,7 @@ class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # the diffusers UNet and VAE keep their own initialisation; only LaVIT's modules are set here
         std = self.config.initializer_range
-        if isinstance(module, LaVITDetokenizer):
+        if isinstance(module, LaVITConditionsMixin):
             init.copy_(module.codebook, F.normalize(torch.randn_like(module.codebook, dtype=torch.float32), dim=-1))
             if module.negative_prompt_embeds is not None:
                 init.normal_(module.negative_prompt_embeds, std=std)
@@ -221,7 +257,7 @@ class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
                     init.trunc_normal_(submodule.position_embedding, std=std)
 
 
-class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
+class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
     """
     Visual code ids -> images. A copy of the tokenizer's codebook and a feature decoder reconstruct the N encoder
     features of each image; projection heads (`LaVITHighresConditioning` or `LaVITLowresConditioning`, picked by
@@ -242,16 +278,7 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
     def __init__(self, config: LaVITDetokenizerConfig):
         require_diffusers()
         super().__init__(config)
-        self.register_buffer("codebook", torch.zeros(config.codebook_size, config.code_dim))
-        self.decoder = LaVITFeatureDecoder(config)
-        self.condition = CONDITIONING_CLASSES[config.conditioning](config)
-        # the lowres negative condition (official: SD's empty-prompt embedding, learned when trained); it stays a
-        # parameter of the model, not of `condition`, so saved folders keep their key `negative_prompt_embeds`
-        self.negative_prompt_embeds = None
-        if config.conditioning == "lowres":
-            self.negative_prompt_embeds = nn.Parameter(
-                torch.zeros(1, config.negative_context_length, sum(config.prompt_projection_sizes))
-            )
+        self._build_condition_modules(config)
         self.unet = UNet2DConditionModel.from_config(config.unet_config)
         self.vae = AutoencoderKL.from_config(config.vae_config)
         self.vae.requires_grad_(False)
@@ -276,22 +303,6 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         # a swapped-in scheduler is part of the model: the next from_pretrained rebuilds it
         self.config.scheduler_config = scheduler_config_dict(self.scheduler)
         super().save_pretrained(save_directory, *args, **kwargs)
-
-    # ----------------------------------------------------------------------------------------------- conditions
-
-    def reconstruct_features(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
-        """Packed code ids (T,) + counts (B,) -> reconstructed encoder features (B, N, D)."""
-        return self.decoder.decode_code_ids(self.codebook, code_ids, token_counts)
-
-    def get_conditions(self, code_ids: torch.Tensor, token_counts: torch.Tensor) -> LaVITDetokenizerConditions:
-        """The UNet conditions of each image (official `VQDecoder` / `HighresVQDecoder` return values)."""
-        return self.condition(self.reconstruct_features(code_ids, token_counts))
-
-    def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None) -> LaVITDetokenizerConditions:
-        """Official unconditional branch: all zeros (highres), or the stored embedding in the first slots (lowres).
-        `dtype` (default: the projection heads') matches them to conditional ones computed under autocast."""
-        dtype = dtype or self.condition.prompt_projections[0].weight.dtype
-        return self.condition.negative_conditions(batch_size, dtype, self.negative_prompt_embeds)
 
     def predict_noise(self, latents, timestep, conditions: LaVITDetokenizerConditions, height: int, width: int):
         """The UNet's prediction (noise, or velocity) for `latents` of images of `height` x `width` pixels."""
@@ -507,6 +518,32 @@ class LaVITDetokenizer(LaVITDetokenizerPreTrainedModel):
         self.config.check_unet_fits()
 
 
+class LaVITConditionEncoder(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
+    """
+    The `condition_encoder` of `LaVITPipeline`: packed visual code ids (T,) + counts (B,) -> the UNet conditions of
+    each image ([`LaVITDetokenizerConditions`]), as a text encoder turns a prompt into a diffusers UNet's
+    `encoder_hidden_states`. It holds the codebook, the feature decoder and the projection heads of a
+    [`LaVITDetokenizer`] (same weight names); the UNet, VAE and scheduler are the pipeline's own components.
+    Its config's `unet_config` / `vae_config` / `scheduler_config` describe the decoder it was trained with.
+    """
+
+    def __init__(self, config: LaVITDetokenizerConfig):
+        super().__init__(config)
+        self._build_condition_modules(config)
+        self.post_init()
+
+    def forward(self, code_ids: torch.LongTensor, token_counts: torch.LongTensor) -> LaVITDetokenizerConditions:
+        return self.get_conditions(code_ids, token_counts)
+
+    @classmethod
+    def from_detokenizer(cls, detokenizer: LaVITDetokenizer) -> "LaVITConditionEncoder":
+        """The condition modules of a [`LaVITDetokenizer`] (its codebook, feature decoder, heads), weights copied."""
+        encoder = cls(detokenizer.config.__class__.from_dict(detokenizer.config.to_dict()))
+        own_keys = encoder.state_dict().keys()
+        encoder.load_state_dict({key: value for key, value in detokenizer.state_dict().items() if key in own_keys})
+        return encoder.to(detokenizer.dtype).eval()
+
+
 def prepare_latents(latent_shape: tuple, generator=None, latents=None, device=None, dtype=None) -> torch.Tensor:
     """Initial latents of `latent_shape` (B, C, H / f, W / f) on `device` in `dtype`: drawn with `generator` (one, or
     one per image), or the given `latents` once their shape is checked (`ValueError` otherwise)."""
@@ -608,7 +645,9 @@ def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
 
 __all__ = [
     "LaVITAttentionPooling",
+    "LaVITConditionEncoder",
     "LaVITConditioning",
+    "LaVITConditionsMixin",
     "LaVITDetokenizer",
     "LaVITDetokenizerConditions",
     "LaVITDetokenizerOutput",

@@ -127,6 +127,14 @@ class LaVITProcessor(ProcessorMixin):
         self.image_start_token_id = tokenizer.convert_tokens_to_ids(IMAGE_START_TOKEN)
         self.image_end_token_id = tokenizer.convert_tokens_to_ids(IMAGE_END_TOKEN)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # running as a folder's remote code (diffusers loads `LaVITPipeline`'s processor this way, without passing
+        # `trust_remote_code` on), this class's image processor is the same folder's code the user already trusted
+        if not __name__.startswith("lavit."):
+            kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @staticmethod
     def add_image_tokens(tokenizer, codebook_size: int = 0) -> int:
         """
@@ -381,8 +389,8 @@ class LaVITProcessor(ProcessorMixin):
 
     def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
                                        **kwargs):
-        """`any-to-any` pipeline hook: images come back from `LaVITForCausalLM.decode_image_tokens` already decoded
-        (PIL images); text is decoded by the tokenizer."""
+        """`any-to-any` pipeline hook: images come back already decoded (PIL images, drawn by `LaVITPipeline` from the
+        sequences `generate(..., generation_mode="image")` returns); text is decoded by the tokenizer."""
         if generation_mode == "image":
             return list(generated_outputs)
         return super().post_process_multimodal_output(

@@ -147,14 +147,22 @@ def lavit_model(text_tokenizer):
 
 @pytest.fixture
 def lavit_folder(lavit_model, lavit_processor, tmp_path):
-    """A saved tiny LaVIT folder with a pixel decoder (`detokenizer/`) and a processor."""
-    from lavit import LaVITDetokenizer
-
-    torch.manual_seed(0)
-    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
+    """A saved tiny LaVIT model folder with its processor."""
     folder = tmp_path / "lavit"
     lavit_model.save_pretrained(folder)
     lavit_processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def pipeline_folder(lavit_model, lavit_processor, tmp_path):
+    """A saved tiny `LaVITPipeline` folder (the model of `lavit_folder` and a tiny pixel decoder)."""
+    from lavit import LaVITDetokenizer, LaVITPipeline
+
+    torch.manual_seed(0)
+    pipe = LaVITPipeline.from_detokenizer(lavit_model, lavit_processor, LaVITDetokenizer(tiny_detokenizer_config()))
+    folder = tmp_path / "pipeline"
+    pipe.save_pretrained(folder)
     return folder
 
 

@@ -457,15 +457,16 @@ def good_bad_good(command: str, tmp_path, folder, photo) -> tuple[list, str, lis
 
 @pytest.fixture
 def decoding_folder(lavit_model, lavit_processor, tmp_path):
-    """A saved tiny LaVIT folder with a pixel decoder."""
+    """A saved tiny LaVIT folder with a pixel decoder, in the released layout (the model's folder with the decoder in
+    `detokenizer/`), which `LaVITPipeline` and the commands still load."""
     from conftest import tiny_detokenizer_config
 
     from lavit import LaVITDetokenizer
 
     torch.manual_seed(0)
-    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
     lavit_model.save_pretrained(tmp_path / "decoding")
     lavit_processor.save_pretrained(tmp_path / "decoding")
+    LaVITDetokenizer(tiny_detokenizer_config()).eval().save_pretrained(tmp_path / "decoding" / "detokenizer")
     return tmp_path / "decoding"
 
 

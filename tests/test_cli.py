@@ -14,6 +14,7 @@ from lavit.hub_cards import check_export_folder, export_model
 from PIL import Image
 from test_hub import BLOCK_LAVIT, trained_tiny_model
 
+from lavit import LaVITPipeline
 from lavit.cli import TRAINING_COMMANDS, main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -89,37 +90,45 @@ def test_tokenize_with_budget_and_visualization(capsys, tmp_path, photo_file):
     assert (tmp_path / "kept-0.png").is_file() and (tmp_path / "kept-1.png").is_file()
 
 
-def test_caption_vqa_generate_reconstruct_on_a_model_folder(capsys, tmp_path, photo_file, lavit_folder):
+def test_caption_vqa_generate_reconstruct_on_a_model_folder(capsys, tmp_path, photo_file, lavit_folder,
+                                                            pipeline_folder):
     code, out, _ = run(capsys, "caption", photo_file, "--model", lavit_folder, "--max-new-tokens", 3)
     assert code == 0 and out.startswith(f"{photo_file}: ")
     code, out, _ = run(capsys, "vqa", photo_file, "--question", "what is it?", "--model", lavit_folder,
                        "--max-new-tokens", 2)
     assert code == 0 and len(out.splitlines()) == 1
-    code, out, _ = run(capsys, "generate", "a red bus", "-o", tmp_path / "bus.png", "--model", lavit_folder,
+    code, _, err = run(capsys, "generate", "a red bus", "-o", tmp_path / "bus.png", "--model", lavit_folder)
+    assert code == 1 and "without a pixel decoder" in err  # a language model alone draws no pixels
+    code, out, _ = run(capsys, "generate", "a red bus", "-o", tmp_path / "bus.png", "--model", pipeline_folder,
                        "--num-images", 2, "--steps", 2, "--height", 16, "--width", 24)
     assert code == 0
     assert [Image.open(tmp_path / f"bus-{index}.png").size for index in range(2)] == [(24, 16)] * 2
-    code, out, _ = run(capsys, "reconstruct", photo_file, "-o", tmp_path / "again.png", "--model", lavit_folder,
+    code, out, _ = run(capsys, "reconstruct", photo_file, "-o", tmp_path / "again.png", "--model", pipeline_folder,
                        "--budget", 4, "--steps", 2)
     assert code == 0 and Image.open(tmp_path / "again.png").size == (32, 32)
 
 
-def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, tmp_path, lavit_folder):
+def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, tmp_path, pipeline_folder):
     metadata = tmp_path / "run.json"
     metadata.write_text(json.dumps({
         "model_name": "LaVIT test", "training_data": "three photos", "datasets": ["skimage-photos"],
         "evaluation": [{"metric": "caption accuracy", "value": "0.50", "data": "held-out photos"}],
         "token_statistics": "12.0 tokens per image",
     }))
-    code, out, _ = run(capsys, "export", tmp_path / "hub", "--model", lavit_folder, "--metadata", metadata,
+    code, out, _ = run(capsys, "export", tmp_path / "hub", "--model", pipeline_folder, "--metadata", metadata,
                        "--repo-id", "someone/lavit-test", "--max-shard-size", "200KB")
     assert code == 0
     hub = tmp_path / "hub"
     check_export_folder(hub)
-    assert (hub / "model.safetensors.index.json").is_file()  # sharded
-    assert (hub / "detokenizer" / "config.json").is_file()
+    assert (hub / "language_model" / "model.safetensors.index.json").is_file()  # sharded
+    assert (hub / "model_index.json").is_file() and (hub / "condition_encoder" / "config.json").is_file()
+    (hub / "unet" / "config.json").rename(hub / "unet" / "moved.json")
+    with pytest.raises(ValueError, match="missing unet/config.json"):
+        check_export_folder(hub)
+    (hub / "unet" / "moved.json").rename(hub / "unet" / "config.json")
     card = (hub / "README.md").read_text()
-    for text in ("library_name: transformers", "skimage-photos", "# LaVIT test", "## Intended uses",
+    for text in ("library_name: transformers", "DiffusionPipeline.from_pretrained", 'subfolder="language_model"',
+                 "skimage-photos", "# LaVIT test", "## Intended uses",
                  "## Training data", "three photos", "## Visual token statistics", "| caption accuracy | 0.50 |",
                  "## Limitations", "trust_remote_code=True", "someone/lavit-test", "@inproceedings{jin2024unified"):
         assert text in card, text
@@ -156,13 +165,13 @@ def test_quick_demo_builds_a_hub_folder_that_loads_without_lavit(tmp_path):
         assert Image.open(path).size[0] > 0
     script = BLOCK_LAVIT + textwrap.dedent(f"""
         import torch
-        from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
+        from diffusers import DiffusionPipeline
+        from transformers import AutoModel
         folder = {results["hub_folder"]!r}
-        assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "LaVITModel"
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-        images = model.generate_images(**processor(text="the digit one", return_tensors="pt"), max_new_tokens=8,
-                                       num_inference_steps=2)
+        language_model = AutoModel.from_pretrained(folder, subfolder="language_model", trust_remote_code=True)
+        assert type(language_model).__name__ == "LaVITModel"
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+        images = pipe("the digit one", max_new_tokens=8, num_inference_steps=2).images
         print(images[0].size)
     """)
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
@@ -190,12 +199,15 @@ def test_convert_original_release_to_a_hub_folder(capsys, tmp_path, parity_files
     assert code == 0, err
     converted = tmp_path / "converted"
     check_export_folder(converted)
-    assert (converted / "detokenizer" / "config.json").is_file()
+    # the release has a pixel decoder: the folder is a LaVITPipeline's, the language model one of its components
+    assert json.loads((converted / "model_index.json").read_text())["_class_name"] == ["pipeline_lavit",
+                                                                                       "LaVITPipeline"]
     assert "converted from the official release" in (converted / "README.md").read_text()
-    model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True)
-    assert model.can_decode_pixels and model.config.text_vocab_size == 40
+    model = AutoModelForCausalLM.from_pretrained(converted, subfolder="language_model", trust_remote_code=True)
+    assert model.config.text_vocab_size == 40
+    pipe = LaVITPipeline.from_pretrained(converted)
     expected = parity_files["expected"]
-    conditions = model.detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
+    conditions = pipe.condition_encoder(expected["code_ids"], expected["token_counts"])
     torch.testing.assert_close(conditions.pooled_prompt_embeds, expected["highres_pooled_prompt_embeds"],
                                atol=1e-5, rtol=1e-5)
 

@@ -107,7 +107,7 @@ def test_lavit_folder_loads_every_auto_class_without_lavit(lavit_model, lavit_pr
         "AutoModelForMultimodalLM": "modeling_lavit.LaVITForCausalLM",
     }
     assert config["custom_pipelines"]["lavit-text-to-image"]["impl"] == "pipelines_lavit.LaVITTextToImagePipeline"
-    for name in ("modeling_lavit.py", "modeling_lavit_detokenizer.py", "pipelines_lavit.py", "processing_lavit.py",
+    for name in ("modeling_lavit.py", "pipelines_lavit.py", "processing_lavit.py",
                  "image_processing_lavit.py", "generation_config.json",
                  "tokenizer.json", "processor_config.json", "chat_template.jinja"):
         assert (folder / name).is_file(), name

@@ -12,7 +12,7 @@ def test_top_level_exports_the_user_classes_and_each_is_registered_with_an_auto_
     assert set(lavit.__all__) == {
         "LaVITConfig", "LaVITTokenizerConfig", "LaVITDetokenizerConfig", "LaVITTokenizerModel", "LaVITModel",
         "LaVITForCausalLM", "LaVITImageGenerationConfig", "LaVITDetokenizer", "LaVITImageProcessor", "LaVITProcessor",
-        "LaVITTextToImagePipeline",
+        "LaVITTextToImagePipeline", "LaVITPipeline", "LaVITConditionEncoder",
     }
     pairs = ((lavit.LaVITTokenizerConfig, lavit.LaVITTokenizerModel),
              (lavit.LaVITDetokenizerConfig, lavit.LaVITDetokenizer), (lavit.LaVITConfig, lavit.LaVITModel))

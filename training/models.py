@@ -29,7 +29,7 @@ def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
     """A tokenizer folder, or the frozen tokenizer inside a LaVIT model folder."""
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
     if model_type == LaVITConfig.model_type:
-        return LaVITForCausalLM.from_pretrained(path, load_detokenizer=False).model.visual_tokenizer
+        return LaVITForCausalLM.from_pretrained(path).model.visual_tokenizer
     return LaVITTokenizerModel.from_pretrained(path)
 
 

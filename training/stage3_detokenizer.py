@@ -96,7 +96,8 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
 
 
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):
-    # attach it to a LaVIT model with `model.set_detokenizer(LaVITDetokenizer.from_pretrained(folder))`
+    # draw with it through a pipeline: `LaVITPipeline.from_detokenizer(model, processor,
+    # LaVITDetokenizer.from_pretrained(folder))`, whose `save_pretrained` writes the pipeline's layout
     print(f"trained detokenizer saved to {train_detokenizer(script_args, training_args)}")
 
 

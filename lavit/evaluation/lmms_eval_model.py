@@ -41,7 +41,7 @@ class LaVITLmms(lmms):
         state = distributed_state()
         self._device = torch.device(device) if device else state.device
         settings = {"dtype": getattr(torch, dtype)} if dtype else {}
-        self.model = LaVITForCausalLM.from_pretrained(pretrained, load_detokenizer=False, **settings)
+        self.model = LaVITForCausalLM.from_pretrained(pretrained, **settings)
         self.model.eval().to(self._device)
         self.processor = LaVITProcessor.from_pretrained(pretrained)
         self.batch_size = int(batch_size)

@@ -290,15 +290,17 @@ def image_file_name(sample_id: str) -> str:
 
 def predict_image(model, processor, batch: list[EvalSample], config: EvalConfig, index: int,
                   output_dir=None) -> list[dict]:
-    """Text-to-image: one image per caption, each drawn from `config.seed` alone (the same whatever the batch, the
-    number of processes or a resume), saved as `images/<id>.png` (`image_file_name`)."""
+    """Text-to-image through a `LaVITPipeline` (`model`): one image per caption, each drawn from `config.seed` alone
+    (the same whatever the batch, the number of processes or a resume), saved as `images/<id>.png`
+    (`image_file_name`)."""
     from lavit.atomic import save_png_atomically
 
     settings, candidates = config.generation_settings(), config.num_candidates
     texts = [sample.text or sample.references[0] for sample in batch]
-    inputs = processor(text=texts, return_tensors="pt", padding=True).to(model.device)
     generator = torch.Generator(model.device).manual_seed(config.seed)  # one stream per image from it
-    images = model.generate_images(**inputs, generator=generator, num_images_per_prompt=candidates, **settings)
+    images = model(texts, generator=generator, num_images_per_prompt=candidates,
+                   token_guidance_scale=settings.pop("guidance_scale", None),
+                   guidance_scale=settings.pop("decoder_guidance_scale", None), **settings).images
     records = []
     for row, (sample, text) in enumerate(zip(batch, texts, strict=True)):
         options = images[row * candidates:(row + 1) * candidates]

@@ -351,17 +351,18 @@ def test_vizwiz_two_stage_vqa_run_on_a_datasets_dataset(tmp_path, lavit_model, l
 
 
 def test_text_to_image_run_scores_fid_and_clip(tmp_path, lavit_model, lavit_processor, caption_samples):
-    from lavit import LaVITDetokenizer
+    from lavit import LaVITDetokenizer, LaVITPipeline
 
     torch.manual_seed(0)
-    lavit_model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
+    pipe = LaVITPipeline.from_detokenizer(lavit_model, lavit_processor, LaVITDetokenizer(tiny_detokenizer_config()))
+    pipe.set_progress_bar_config(disable=True)
     tiny_clip(tmp_path / "clip")
     samples = [EvalSample(s.id, s.image, text=text) for s, text in
                zip(caption_samples[:4], ["a cat", "a red bus", "two dogs", "a rocket"], strict=True)]
     config = EvalConfig("text-to-image", generation={"num_inference_steps": 2, "max_new_tokens": 6}, batch_size=2,
                         num_candidates=2, fid_features=str(tmp_path / "clip"), clip_model=str(tmp_path / "clip"),
                         name="t2i")
-    results = evaluate(lavit_model, lavit_processor, samples, config, tmp_path / "t2i", show_progress=False)
+    results = evaluate(pipe, lavit_processor, samples, config, tmp_path / "t2i", show_progress=False)
     records = read_predictions(tmp_path / "t2i")
     kept = [Image.open(tmp_path / "t2i" / records[s.id]["image"]) for s in samples]
     assert [image.size for image in kept] == [(32, 32)] * 4
@@ -377,7 +378,7 @@ def test_text_to_image_run_scores_fid_and_clip(tmp_path, lavit_model, lavit_proc
     assert results["generation"]["guidance_scale"] == 1.5 and results["generation"]["top_k"] == 300
     # the same seed and batches give the same images
     rerun = tmp_path / "rerun"
-    evaluate(lavit_model, lavit_processor, samples, config, rerun, show_progress=False)
+    evaluate(pipe, lavit_processor, samples, config, rerun, show_progress=False)
     for sample in samples:
         first = np.array(Image.open(tmp_path / "t2i" / records[sample.id]["image"]))
         assert np.array_equal(first, np.array(Image.open(rerun / records[sample.id]["image"])))

@@ -301,7 +301,7 @@ def detokenizers(tmp_path_factory):
     return model, bf16_copy(model, tmp_path_factory.mktemp("detokenizer"))
 
 
-def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified):
+def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified, lavit_processor):
     detokenizer, bf16 = detokenizers
     code_ids, token_counts = torch.tensor([1, 5, 7, 2, 9, 30, 4]), torch.tensor([3, 4])
     settings = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt")
@@ -319,13 +319,17 @@ def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified):
     assert 0 <= float(images.min()) and float(images.max()) <= 1
     assert relative_error(images, reference) < 0.1  # 3 guided denoising steps and a VAE, all in bf16
 
-    model, bf16_model = unified
-    bf16_model.set_detokenizer(bf16)
-    photos = photo_batch(model.visual_tokenizer, 2)
-    with torch.no_grad():
-        reconstructed = bf16_model.reconstruct(photos.to(BF16), num_inference_steps=2, output_type="pt")
-    assert reconstructed.dtype == torch.float32 and torch.isfinite(reconstructed).all()
-    bf16_model.set_detokenizer(None)
+    # reconstruction through a bf16 LaVITPipeline (the language model's visual tokenizer, then the decoder)
+    from lavit import LaVITPipeline
+
+    _, bf16_model = unified
+    pipe = LaVITPipeline.from_detokenizer(bf16_model, lavit_processor, bf16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.condition_encoder.dtype == BF16 and pipe.unet.dtype == BF16
+    reconstructed = pipe.reconstruct(real_photos()[:2], num_inference_steps=2, output_type="pt").images
+    # as diffusers pipelines: "pt" images keep the VAE's dtype; "np" / "pil" are float32 / uint8
+    assert reconstructed.dtype == BF16 and torch.isfinite(reconstructed).all()
+    assert 0 <= float(reconstructed.min()) and float(reconstructed.max()) <= 1
 
 
 # ------------------------------------------------------------------------------------------------ training stages
@@ -397,9 +401,9 @@ def test_official_conversion_loaded_in_bf16(parity_files, tmp_path):
 
     write_official_release(parity_files, tmp_path)
     heads = dict(vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
-    model, _ = convert_release(tmp_path, dtype=BF16, **heads)
+    model, detokenizer = convert_release(tmp_path, dtype=BF16, **heads)
     # every saved tensor; the rotary frequencies (recomputed, never saved) stay float32 as transformers keeps them
-    tensors = [*model.state_dict().values(), *model.detokenizer.state_dict().values()]
+    tensors = [*model.state_dict().values(), *detokenizer.state_dict().values()]
     assert {tensor.dtype for tensor in tensors if tensor.is_floating_point()} == {BF16}
     inputs, expected = parity_files["inputs"], parity_files["expected"]
     with torch.no_grad():

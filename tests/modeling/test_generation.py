@@ -196,7 +196,7 @@ def test_unknown_image_generation_arguments_raise(lavit_model, lavit_processor):
     with pytest.raises(TypeError, match=r"image generation does not take \['max_new_token'\]"):
         lavit_model.generate_image_tokens(**prompt, max_new_token=3)
     with pytest.raises(TypeError, match="num_beams"):
-        lavit_model.generate_images(**prompt, num_beams=2)
+        lavit_model.generate_image_tokens(**prompt, num_beams=2)
     with pytest.raises(TypeError, match=r"must be a LaVITImageGenerationConfig, got transformers\..*GenerationConfig"):
         lavit_model.generate_image_tokens(**prompt, generation_config=lavit_model.generation_config)
     with pytest.raises(TypeError, match="num_beams"):

@@ -39,8 +39,8 @@ def run_without_lavit(script: str, tmp_path) -> subprocess.CompletedProcess:
 
 
 def test_every_save_path_without_lavit_gives_a_complete_folder(lavit_folder, tmp_path):
-    """Re-saved remote code, Trainer checkpoint and final save, PEFT-merged model: each keeps the pipeline file and
-    the detokenizer's code, so the text-to-image pipeline and the detokenizer load from it."""
+    """Re-saved remote code, Trainer checkpoint and final save, PEFT-merged model: each keeps the pipeline file, so
+    the text-to-image pipeline loads from it. (Pixels are `LaVITPipeline`'s: an LM folder holds no decoder.)"""
     result = run_without_lavit(f"""
         import os
         import torch
@@ -69,25 +69,27 @@ def test_every_save_path_without_lavit_gives_a_complete_folder(lavit_folder, tmp
 
         for name in ("resaved", "run/checkpoint-1", "final", "merged"):
             folder = os.path.join(out, name)
-            detokenizer = AutoModel.from_pretrained(folder + "/detokenizer", trust_remote_code=True)
-            print(name, os.path.isfile(folder + "/pipelines_lavit.py"), type(detokenizer).__name__)
+            reloaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
+            print(name, os.path.isfile(folder + "/pipelines_lavit.py"), type(reloaded).__name__)
         images = pipeline("lavit-text-to-image", model=out + "/resaved", trust_remote_code=True)(
-            "a red bus", max_new_tokens=4, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
-        print("pipeline", type(images[0]["image"]).__name__)
+            "a red bus", max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+        print("pipeline", len(images[0]["code_ids"]) == images[0]["token_count"])
     """, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()[-5:]
-    assert lines == [f"{name} True LaVITDetokenizer" for name in ("resaved", "run/checkpoint-1", "final", "merged")] \
-        + ["pipeline Image"]
+    assert lines == [f"{name} True LaVITModel" for name in ("resaved", "run/checkpoint-1", "final", "merged")] \
+        + ["pipeline True"]
 
 
-def test_folder_states_its_transformers_range_and_refuses_others(lavit_model, lavit_folder, tmp_path):
+def test_folder_states_its_transformers_range_and_refuses_others(lavit_model, lavit_folder, pipeline_folder,
+                                                                 tmp_path):
     from lavit.hub_cards import model_card
 
     config = json.loads((lavit_folder / "config.json").read_text())
     assert config["transformers_requirement"] == transformers_requirement()
     assert f"pip install '{transformers_requirement()}'" in str(model_card(lavit_model, {}))
-    assert json.loads((lavit_folder / "detokenizer" / "config.json").read_text())["transformers_requirement"]
+    for name in ("language_model", "condition_encoder"):
+        assert json.loads((pipeline_folder / name / "config.json").read_text())["transformers_requirement"]
     result = run_without_lavit(f"""
         import transformers
         transformers.__version__ = "4.57.1"  # a release outside the range, as a user's machine may have
@@ -102,11 +104,11 @@ def test_folder_states_its_transformers_range_and_refuses_others(lavit_model, la
     assert message.startswith(f"LaVIT needs {transformers_requirement()}; transformers 4.57.1 is installed")
 
 
-def test_a_folder_of_another_model_type_is_refused_before_building(lavit_folder):
+def test_a_folder_of_another_model_type_is_refused_before_building(lavit_folder, pipeline_folder):
     from lavit import LaVITForCausalLM, LaVITTokenizerModel
 
     with pytest.raises(ValueError, match="model_type 'lavit_detokenizer', not 'lavit'.*LaVITDetokenizer"):
-        LaVITForCausalLM.from_pretrained(lavit_folder / "detokenizer")
+        LaVITForCausalLM.from_pretrained(pipeline_folder / "condition_encoder")
     with pytest.raises(ValueError, match="model_type 'lavit', not 'lavit_detokenizer'.*LaVITForCausalLM"):
         LaVITDetokenizer.from_pretrained(lavit_folder)
     # the visual tokenizer nested in a LaVIT folder is refused too: its weights there carry the LaVIT model's prefix,

@@ -217,10 +217,10 @@ def test_conversion_without_a_feature_decoder_initialises_one(parity_files, tmp_
     from official_release import write_official_release
 
     write_official_release(parity_files, tmp_path)
-    model, _ = convert_release(tmp_path, pixel_decoder=None, vision_num_heads=4, merger_num_heads=4,
-                               decoder_num_heads=4)
+    model, detokenizer = convert_release(tmp_path, pixel_decoder=None, vision_num_heads=4, merger_num_heads=4,
+                                         decoder_num_heads=4)
     decoder = model.model.visual_tokenizer.decoder
-    assert model.detokenizer is None
+    assert detokenizer is None
     assert all(not parameter.is_meta and torch.isfinite(parameter).all() for parameter in decoder.parameters())
     assert 0.01 < float(decoder.query_embedding.std()) < 0.05  # the config's initializer range, not garbage
     expected = parity_files["expected"]

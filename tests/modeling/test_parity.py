@@ -92,7 +92,7 @@ def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files
     from lavit.modeling.convert_original_lavit import convert_release
 
     language_model = write_official_release(parity_files, tmp_path)
-    model, _ = convert_release(tmp_path, vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
+    model, detokenizer = convert_release(tmp_path, vision_num_heads=4, merger_num_heads=4, decoder_num_heads=4)
     inputs, expected = parity_files["inputs"], parity_files["expected"]
     config = model.config
     assert (config.text_vocab_size, config.image_start_token_id, config.visual_token_offset) == (40, 40, 42)
@@ -114,11 +114,11 @@ def test_from_original_release_reproduces_the_llm_visual_embeddings(parity_files
     # the pixel decoder: official heads, and the UNet/VAE/scheduler of the diffusers folder
     from diffusers import UNet2DConditionModel
 
-    conditions = model.detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
+    conditions = detokenizer.get_conditions(expected["code_ids"], expected["token_counts"])
     assert_close(conditions.prompt_embeds, expected["highres_prompt_embeds"])
     assert_close(conditions.pooled_prompt_embeds, expected["highres_pooled_prompt_embeds"])
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "highres_pixel_decoding", subfolder="unet")
-    assert torch.equal(model.detokenizer.unet.conv_out.weight, unet.conv_out.weight)
-    assert type(model.detokenizer.scheduler).__name__ == "DDIMScheduler"
-    images = model.detokenizer.decode(expected["code_ids"][:4], torch.tensor([4]), num_inference_steps=2)
+    assert torch.equal(detokenizer.unet.conv_out.weight, unet.conv_out.weight)
+    assert type(detokenizer.scheduler).__name__ == "DDIMScheduler"
+    images = detokenizer.decode(expected["code_ids"][:4], torch.tensor([4]), num_inference_steps=2)
     assert images[0].size == (32, 32)

@@ -1,0 +1,458 @@
+"""`LaVITPipeline`: LaVIT's text-to-image and image+text-to-image as a diffusers pipeline (paper section 3.2).
+
+Two stages, each a component: the language model (`language_model`, a [`LaVITForCausalLM`]) writes visual tokens
+after `[IMG]`; the `condition_encoder` ([`LaVITConditionEncoder`]: codebook, feature decoder, projection heads) turns
+them into UNet conditions, and the `unet` denoises `vae` latents with the `scheduler`, as in any diffusers pipeline.
+
+    >>> from diffusers import DiffusionPipeline
+    >>> pipe = DiffusionPipeline.from_pretrained("path/to/lavit-pipeline", trust_remote_code=True)
+    >>> image = pipe("a red bus", generator=torch.Generator().manual_seed(0)).images[0]
+
+With `lavit` installed, `LaVITPipeline.from_pretrained(folder, torch_dtype=...)` loads the same folder without
+`trust_remote_code`, and also a folder of lavit <= 0.x (a language model folder with a `detokenizer/` sub-folder);
+`LaVITPipeline.from_pretrained(old).save_pretrained(new)` converts one. A saved folder holds `model_index.json`, this
+file with the modeling files it needs, and one sub-folder per component (each with its own code files), so it loads
+where `lavit` is not installed.
+"""
+
+import inspect
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+# diffusers copies only the files a module imports directly (`from .x import`) into its module cache when it loads
+# remote code from a local folder: every modeling file the pipeline and its components need is imported here
+from .attention_lavit import LaVITAttentionLayer  # noqa: F401
+from .configuration_lavit import LaVITConfig  # noqa: F401
+from .generation_lavit import LaVITImageGenerationConfig, row_generators
+from .image_placeholders_lavit import find_image_spans  # noqa: F401
+from .modeling_eva_vit import LaVITEvaVisionModel  # noqa: F401
+from .modeling_lavit_detokenizer import LaVITConditionEncoder, LaVITDetokenizerConditions, require_diffusers
+from .modeling_lavit_tokenizer import LaVITTokenizationOutput
+from .transformers_compat import cache_kwargs  # noqa: F401
+from .validation_lavit import Range  # noqa: F401
+
+try:
+    from diffusers import DiffusionPipeline, ImagePipelineOutput
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError:  # this file imports without diffusers; building a pipeline asks for it
+    DiffusionPipeline, ImagePipelineOutput = object, None
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+PIPELINE_MODULE = "pipeline_lavit"
+# where folders written by lavit <= 0.x keep the whole pixel decoder, beside the language model's files
+LEGACY_DETOKENIZER_FOLDER = "detokenizer"
+# components whose classes come with the folder's code, and the file of each in its sub-folder
+CUSTOM_COMPONENT_MODULES = {
+    "language_model": "modeling_lavit", "processor": "processing_lavit",
+    "condition_encoder": "modeling_lavit_detokenizer",
+}
+
+
+class LaVITPipeline(DiffusionPipeline):
+    r"""
+    LaVIT image generation: prompt (text, or text with `<image>` and `image`) -> visual tokens (language model) ->
+    UNet conditions (condition encoder) -> latents (UNet + scheduler, classifier-free guidance) -> pixels (VAE).
+
+    Args:
+        language_model ([`LaVITForCausalLM`]): writes the visual tokens; its own classifier-free guidance is
+            `token_guidance_scale`.
+        processor ([`LaVITProcessor`]): prompts (and prompt images) -> model inputs.
+        condition_encoder ([`LaVITConditionEncoder`]): visual code ids -> UNet conditions.
+        unet (`UNet2DConditionModel`), vae (`AutoencoderKL`), scheduler (any diffusers scheduler): the latent
+            diffusion decoder; its classifier-free guidance is `guidance_scale`.
+    """
+
+    model_cpu_offload_seq = "language_model->condition_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    def __init__(self, language_model, processor, condition_encoder, unet, vae, scheduler):
+        require_diffusers()
+        super().__init__()
+        self.register_modules(language_model=language_model, processor=processor,
+                              condition_encoder=condition_encoder, unet=unet, vae=vae, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_detokenizer(cls, language_model, processor, detokenizer) -> "LaVITPipeline":
+        """A pipeline from a language model and a whole [`LaVITDetokenizer`] (the layout of released lavit folders and
+        of stage-3 training): its condition modules become the `condition_encoder`, its UNet, VAE and scheduler the
+        pipeline's own."""
+        return cls(language_model=language_model, processor=processor,
+                   condition_encoder=LaVITConditionEncoder.from_detokenizer(detokenizer), unet=detokenizer.unet,
+                   vae=detokenizer.vae, scheduler=detokenizer.scheduler)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE downsampling times the UNet's."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return self.condition_encoder.config.image_size
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a step-end callback to stop denoising after that step."""
+        return self._interrupt
+
+    # ----------------------------------------------------------------------------------------------- folders
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, then the code a folder needs to load where `lavit` is not installed:
+        this file and the modeling files it imports at the top, and each custom component's files in its sub-folder;
+        `model_index.json` names them by file, as diffusers' remote-code loading reads them."""
+        super().save_pretrained(save_directory, **kwargs)
+        save_directory = Path(save_directory)
+        copy_code_files(Path(__file__), save_directory)
+        index_file = save_directory / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        for name, module_name in CUSTOM_COMPONENT_MODULES.items():
+            component = getattr(self, name)
+            copy_code_files(Path(inspect.getfile(type(component))), save_directory / name)
+            index[name] = [module_name, type(component).__name__]
+        temporary = index_file.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, index_file)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained` for this class: the language model, processor and condition encoder
+        load with the classes this process already has (no `trust_remote_code` needed where `lavit` is installed),
+        the UNet, VAE and scheduler through diffusers. `torch_dtype` applies to every model."""
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            hub_kwargs = {name: kwargs[name] for name in ("cache_dir", "revision", "token", "local_files_only")
+                          if name in kwargs}
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
+        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        trust_remote_code = kwargs.get("trust_remote_code", False)
+        loaders = _component_loaders(trust_remote_code)
+        if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
+            return cls._from_released_folder(folder, dtype, loaders, kwargs)
+        for name in CUSTOM_COMPONENT_MODULES:
+            if name not in kwargs:
+                kwargs[name] = loaders[name](folder / name, dtype)
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def _from_released_folder(cls, folder: Path, dtype, loaders: dict, kwargs: dict) -> "LaVITPipeline":
+        """A folder of lavit <= 0.x: the language model's folder (with its processor) and the whole pixel decoder in
+        its `detokenizer/` sub-folder. Components given in `kwargs` replace the folder's."""
+        from .modeling_lavit_detokenizer import LaVITDetokenizer
+
+        if not (folder / LEGACY_DETOKENIZER_FOLDER / "config.json").is_file():  # a partial copy: say what is missing
+            raise ValueError(f"{folder / LEGACY_DETOKENIZER_FOLDER} has no config.json: the pixel decoder folder is "
+                             f"incomplete; copy the whole {LEGACY_DETOKENIZER_FOLDER}/ folder again")
+        detokenizer = LaVITDetokenizer.from_pretrained(folder / LEGACY_DETOKENIZER_FOLDER, dtype=dtype).eval()
+        pipe = cls.from_detokenizer(loaders["language_model"](folder, dtype), loaders["processor"](folder, dtype),
+                                    detokenizer)
+        components = {name: kwargs[name] for name in pipe.components if name in kwargs}
+        return cls(**{**pipe.components, **components}) if components else pipe
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        # this class and its custom components are already imported: the folder's copies of their code are not run
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][1]
+        for name in CUSTOM_COMPONENT_MODULES:
+            config.pop(name, None)
+        return loaded
+
+    # ----------------------------------------------------------------------------------------------- stages
+
+    def check_inputs(self, prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs):
+        if prompt is None or (not isinstance(prompt, str) and not (
+                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        multiple = self.size_multiple
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
+                             f"got {unknown}")
+
+    def encode_prompt(self, prompt, negative_prompt=None, image=None, device=None) -> dict:
+        """Prompts (and their images) -> the language model's inputs on `device`, with the negative prompt of its
+        guidance."""
+        device = device or self._execution_device
+        inputs = self.processor(text=prompt, images=image, padding=True, return_tensors="pt")
+        inputs = {name: value.to(device) for name, value in inputs.items()}
+        if negative_prompt is not None:
+            negative = self.processor(text=negative_prompt, padding=True, return_tensors="pt")
+            inputs["negative_input_ids"] = negative["input_ids"].to(device)
+            inputs["negative_attention_mask"] = negative["attention_mask"].to(device)
+        return inputs
+
+    def generate_visual_tokens(self, inputs: dict, generator, token_generation_kwargs: dict):
+        """Stage 1: the language model's visual tokens, packed (`code_ids (T,)`, `token_counts (B,)`)."""
+        language_model = self.language_model
+        hook = getattr(language_model, "_hf_hook", None)
+        if hook is not None:  # model offload: its hook moves the model at `forward`, which generation does not call
+            hook.pre_forward(language_model)
+        return language_model.generate_image_tokens(**inputs, generator=generator, **token_generation_kwargs)
+
+    def encode_visual_tokens(self, tokens: LaVITTokenizationOutput, device=None) -> LaVITDetokenizerConditions:
+        """Stage 2: visual tokens -> UNet conditions; with decoder guidance the negative ones first, in one batch."""
+        device = device or self._execution_device
+        conditions = self.condition_encoder(tokens.code_ids.to(device), tokens.token_counts.to(device))
+        if not self.do_classifier_free_guidance:
+            return conditions
+        negative = self.condition_encoder.negative_conditions(len(tokens.token_counts),
+                                                              conditions.prompt_embeds.dtype)
+        return LaVITDetokenizerConditions.cat([negative, conditions])
+
+    def prepare_latents(self, batch_size, height, width, generators: list[torch.Generator], latents=None,
+                        device=None):
+        """Initial latents (B, C, H / f, W / f) on `device` drawn with one generator per image, or the given
+        `latents` once their shape is checked."""
+        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        device, dtype = device or self._execution_device, self.unet.dtype
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            return latents.to(device, dtype)
+        return randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+
+    def added_cond_kwargs(self, conditions: LaVITDetokenizerConditions, height: int, width: int):
+        return self.condition_encoder.condition.added_cond_kwargs(conditions, height, width)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]. A float16 VAE whose config asks for it (`force_upcast`: the SD VAEs overflow
+        in float16) decodes in float32, as diffusers' SD/SDXL pipelines do; bfloat16 decodes as it is."""
+        vae = self.vae
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and vae.config.get("force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        shift = vae.config.get("shift_factor") or 0.0
+        latents = latents.to(torch.float32 if upcast else dtype)
+        images = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+        return images
+
+    # ----------------------------------------------------------------------------------------------- call
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, image=None,
+        num_images_per_prompt: int = 1, token_guidance_scale: float | None = None, guidance_scale: float | None = None,
+        num_inference_steps: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+        output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        token_generation_config: LaVITImageGenerationConfig | None = None, **token_generation_kwargs,
+    ):
+        r"""
+        Prompt -> images. Args:
+            prompt (`str` or `list[str]`): text prompts; with `image`, each `<image>` in a prompt takes the next image.
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch of the language model's
+                guidance (default: `[IMG]` alone, the official recipe); one, or one per prompt.
+            image (images, *optional*): the prompt images (paths, PIL images, arrays or tensors).
+            num_images_per_prompt (`int`): images per prompt, in prompt order.
+            token_guidance_scale (`float`, *optional*): classifier-free guidance of the language model on visual-token
+                log-probabilities (default 4.0; official 4.0 for text and 5.0 for image+text prompts).
+            guidance_scale (`float`, *optional*): classifier-free guidance of the diffusion decoder (default:
+                `condition_encoder.config.guidance_scale`, official 7.0); 1 turns it off.
+            num_inference_steps (`int`, *optional*), height, width (`int`, *optional*, multiples of `size_multiple`):
+                denoising steps and output size (defaults: the condition encoder's config).
+            generator (`torch.Generator` or one per image): seeds the visual tokens and the initial latents; one
+                generator gives every image its own stream, so a prompt gets the same images alone or in a batch.
+            latents (`torch.Tensor`, *optional*): initial latents `(B, C, H / f, W / f)` instead of drawn ones.
+            output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1]) or `"latent"`; return_dict (`bool`): an
+                `ImagePipelineOutput`, or a tuple `(images,)`.
+            callback_on_step_end (`Callable`, *optional*): `callback(pipe, step, timestep, tensors)` after every
+                denoising step, with the tensors named in `callback_on_step_end_tensor_inputs`; the dict it returns
+                replaces them (e.g. edited `latents`); setting `pipe._interrupt = True` stops the loop.
+            token_generation_config ([`LaVITImageGenerationConfig`], *optional*) and `token_generation_kwargs`: the
+                language model's sampling (`do_sample`, `top_k`, `top_p`, `temperature`), token budget
+                (`min_new_tokens`, `max_new_tokens`), `image_inputs`, `cache_implementation`, `compile_decoding`.
+        Reconstruction (image -> tokens -> image) is [`reconstruct`].
+        """
+        # 1. check inputs and settings
+        height = height or self.default_size
+        width = width or self.default_size
+        self.check_inputs(prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs)
+        if token_guidance_scale is not None:
+            token_generation_kwargs["guidance_scale"] = token_guidance_scale
+        settings = LaVITImageGenerationConfig.resolve(
+            token_generation_config, {**token_generation_kwargs, "num_images_per_prompt": num_images_per_prompt}
+        )
+        # 2. stage 1: the language model writes the visual tokens of every image
+        inputs = self.encode_prompt(prompt, negative_prompt, image, self._execution_device)
+        tokens = self.generate_visual_tokens(inputs, generator, {"generation_config": settings})
+        # 3. stages 2 and 3: conditions, denoising, pixels
+        return self.decode_visual_tokens(
+            tokens, num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, generator=generator, latents=latents, height=height,
+            width=width, output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
+    @torch.no_grad()
+    def reconstruct(self, image, image_selection: dict | None = None, **decode_kwargs):
+        """
+        Image -> visual tokens (the language model's visual tokenizer; `image_selection`, e.g. `{"max_tokens": 64}`,
+        picks how many) -> image: what the discrete tokens keep. `decode_kwargs` are those of [`decode_visual_tokens`]
+        (`guidance_scale`, `num_inference_steps`, `generator`, `height`, `width`, `output_type`, ...).
+        """
+        pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        visual_tokenizer = self.language_model.visual_tokenizer
+        hook = getattr(self.language_model, "_hf_hook", None)
+        if hook is not None:
+            hook.pre_forward(self.language_model)
+        tokens = visual_tokenizer.tokenize(pixel_values.to(visual_tokenizer.device, visual_tokenizer.dtype),
+                                           **(image_selection or {}))
+        return self.decode_visual_tokens(tokens, **decode_kwargs)
+
+    @torch.no_grad()
+    def decode_visual_tokens(
+        self,
+        tokens: LaVITTokenizationOutput,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        generator=None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+    ):
+        """Packed visual tokens (`code_ids (T,)`, `token_counts (B,)`, as the language model or the visual tokenizer
+        gives them) -> images: the decoder half of `__call__` (same arguments)."""
+        # 1. settings
+        config = self.condition_encoder.config
+        height, width = height or self.default_size, width or self.default_size
+        self.check_inputs("", None, height, width, output_type, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        self._interrupt = False
+        # 2. conditions (negative ones first with guidance) and initial latents
+        device = self._execution_device  # found by walking every module: once per call
+        conditions = self.encode_visual_tokens(tokens, device)
+        batch_size = len(tokens.token_counts)
+        if not isinstance(generator, list):
+            # one random stream per image (see `row_generators`): an image's noise depends on the seed and on its
+            # own prompt only, never on the other images of the batch
+            generator = row_generators(generator, batch_size, num_images_per_prompt, device)
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
+        # 3. timesteps, then the denoising loop (the generators also drive stochastic schedulers)
+        self.scheduler.set_timesteps(num_inference_steps or config.num_inference_steps, device=latents.device)
+        latents = self.denoise(latents, conditions, height, width, generator, callback_on_step_end,
+                               callback_on_step_end_tensor_inputs)
+        # 4. pixels
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def denoise(self, latents, conditions, height, width, generator, callback_on_step_end,
+                callback_on_step_end_tensor_inputs) -> torch.Tensor:
+        """The sampling loop: scale, predict (both guidance halves in one UNet batch), guide, step, call back."""
+        scheduler = self.scheduler
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        prompt_embeds = conditions.prompt_embeds
+        self._num_timesteps = len(scheduler.timesteps)
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for step, timestep in enumerate(scheduler.timesteps):
+                if self.interrupt:
+                    break
+                branches = 2 if self.do_classifier_free_guidance else 1
+                model_input = scheduler.scale_model_input(latents, timestep).repeat(branches, 1, 1, 1)
+                noise_pred = self.unet(
+                    model_input, timestep, encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=conditions.attention_mask,
+                    added_cond_kwargs=self.added_cond_kwargs(conditions, height, width), return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    unconditional, conditional = noise_pred.chunk(2)
+                    noise_pred = unconditional + self.guidance_scale * (conditional - unconditional)
+                latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, step, timestep, tensors)
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+        return latents
+
+
+def image_tokens_from_sequences(sequences: torch.LongTensor, config) -> LaVITTokenizationOutput:
+    """Packed visual tokens of LM sequences (B, L) (as `generate(..., generation_mode="image")` returns them): each
+    row's visual ids after its last `[IMG]` form one image. `config` is the language model's."""
+    if sequences.ndim != 2:
+        raise ValueError(f"sequences must be LM sequences (batch, length), got shape {tuple(sequences.shape)}")
+    is_start = sequences == config.image_start_token_id
+    if not bool(is_start.any(dim=1).all()):
+        raise ValueError("every sequence needs an [IMG] token before its visual ids")
+    columns = torch.arange(sequences.shape[1], device=sequences.device)
+    last_start = torch.where(is_start, columns, -1).max(dim=1, keepdim=True).values
+    is_visual = (sequences >= config.visual_token_offset) & (sequences < config.visual_token_end)
+    is_visual &= columns > last_start
+    return LaVITTokenizationOutput(code_ids=sequences[is_visual] - config.visual_token_offset,
+                                   token_counts=is_visual.sum(dim=1))
+
+
+def _component_loaders(trust_remote_code: bool) -> dict:
+    """How `LaVITPipeline.from_pretrained` loads each custom component: `(folder, dtype) -> component`."""
+    from transformers import AutoProcessor
+
+    from .modeling_lavit import LaVITForCausalLM
+
+    return {
+        "language_model": lambda folder, dtype: LaVITForCausalLM.from_pretrained(folder, dtype=dtype).eval(),
+        "processor": lambda folder, dtype: AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code),
+        "condition_encoder": lambda folder, dtype: LaVITConditionEncoder.from_pretrained(folder, dtype=dtype).eval(),
+    }
+
+
+def copy_code_files(module_file: Path, folder: Path):
+    """`module_file` and every file it imports relatively (`from .x import`), transitively, into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pending, seen = [module_file], set()
+    while pending:
+        path = pending.pop()
+        if path.name in seen:
+            continue
+        seen.add(path.name)
+        if path.resolve() != (folder / path.name).resolve():
+            shutil.copyfile(path, folder / path.name)
+        for name in re.findall(r"^\s*from\s+\.(\w+)\s+import", path.read_text(), flags=re.MULTILINE):
+            pending.append(path.parent / f"{name}.py")
+
+
+__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences"]

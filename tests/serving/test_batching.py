@@ -1,0 +1,84 @@
+"""Requests batched by the server get what `generate` gives each alone (greedy and seeded sampling, mixed n,
+max_tokens, stop strings and visual token budgets), with no Ray: the engine and the preparer run in this process."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lavit.serving.engine import LaVITEngine, RequestPreparer
+from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
+
+
+def data_url(seed: int, size=40) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat(text, images=(), **settings) -> ChatCompletionRequest:
+    content = [{"type": "image_url", "image_url": {"url": data_url(seed)}} for seed in images]
+    content.append({"type": "text", "text": text})
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": content}], **settings)
+
+
+REQUESTS = [
+    chat("a photo of a cat", temperature=0, max_tokens=6),
+    chat("two dogs play", images=[1], temperature=0.8, top_p=0.9, seed=3, n=2, max_tokens=9),
+    chat("what is in the picture?", images=[2, 3], temperature=1.0, seed=11, max_tokens=4, image_max_tokens=5),
+    chat("a man rides", temperature=1.3, top_k=20, seed=5, max_tokens=7, stop=["e"]),
+    chat("the quick brown fox", images=[4], temperature=0, n=3, max_tokens=5, image_max_tokens=3),
+]
+
+
+@pytest.fixture
+def engine_and_preparer(lavit_folder):
+    torch.manual_seed(0)
+    return LaVITEngine(str(lavit_folder), device="cpu"), RequestPreparer(str(lavit_folder), ServeLimits())
+
+
+def alone(engine, job) -> list[str]:
+    """The job's answers from `generate` alone (the reference), cut as the server cuts them."""
+    ids = torch.tensor([job.input_ids])
+    images = {} if job.pixel_values is None else {
+        "pixel_values": job.pixel_values,
+        "image_selection": {} if job.image_max_tokens is None else {"max_tokens": job.image_max_tokens}}
+    output = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images,
+                                   max_new_tokens=job.max_tokens, **job.sampling.reference_kwargs(job.n))
+    answers = []
+    for row in output[:, ids.shape[1]:]:
+        tokens = []
+        for token in row.tolist():
+            if token in engine.eos_token_ids:
+                break
+            tokens.append(token)
+        text = engine.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in job.stop if stop in text]
+        answers.append(text[: min(cuts)] if cuts else text)
+    return answers * job.n if job.sampling.greedy else answers
+
+
+def test_batched_rows_equal_each_request_alone(engine_and_preparer):
+    engine, preparer = engine_and_preparer
+    jobs = [preparer.chat_job(request) for request in REQUESTS]
+    steps = []
+    rows = engine.run_batch(jobs, steps.append)
+    expected = [answer for job in jobs for answer in alone(engine, job)]
+    assert [row.text for row in rows] == expected
+    # streamed deltas add up to the same texts, and every row is finished exactly once
+    streamed = ["" for _ in rows]
+    finished = [0 for _ in rows]
+    for deltas in steps:
+        for index, delta in enumerate(deltas):
+            if delta is not None:
+                streamed[index] += delta[0]
+                finished[index] += delta[1] is not None
+    assert streamed == expected and finished == [1] * len(rows)
+    assert all(row.finish_reason in ("stop", "length") for row in rows)
+    # a different batch order and batch mates change nothing
+    reordered = engine.run_batch(jobs[::-1][:3], lambda deltas: None)
+    assert [row.text for row in reordered] == [answer for job in jobs[::-1][:3] for answer in alone(engine, job)]

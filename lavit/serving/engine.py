@@ -3,6 +3,7 @@ and images (`LaVITEngine`, on each model replica). Both are plain Python: Ray Se
 `ImageJob`s between them, so a test can run them in one process.
 """
 
+import asyncio
 import base64
 import io
 import secrets
@@ -150,6 +151,29 @@ class LaVITEngine:
             stopping_criteria=[streamer], pad_token_id=pad,
         )
         return texts
+
+    async def stream(self, jobs: list[ChatJob]):
+        """`run_batch` in a thread, as an async generator of one item per job and step: the `n` deltas of the job's
+        rows (`(text_delta, finish_reason)` or None), or `StopIteration` once all its rows have finished (the shape
+        Ray Serve's streaming `@serve.batch` takes)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        runner = asyncio.ensure_future(asyncio.to_thread(
+            self.run_batch, jobs, lambda deltas: loop.call_soon_threadsafe(queue.put_nowait, deltas)))
+        starts = [sum(job.n for job in jobs[:index]) for index in range(len(jobs))]
+        done = [False] * len(jobs)
+        while not (runner.done() and queue.empty()):
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait([getter, runner], return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            deltas, items = getter.result(), []
+            for index, (job, start) in enumerate(zip(jobs, starts, strict=True)):
+                rows = deltas[start : start + job.n]
+                items.append(StopIteration if done[index] else rows)
+                done[index] = done[index] or all(row is None or row[1] is not None for row in rows)
+            yield items
+        runner.result()  # a failure inside generate is raised here
 
     def _image_inputs(self, jobs: list[ChatJob]) -> dict:
         """Every row's images; one selection for the batch when the jobs agree on the visual token budget, else each

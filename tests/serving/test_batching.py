@@ -1,23 +1,12 @@
 """Requests batched by the server get what `generate` gives each alone (greedy and seeded sampling, mixed n,
 max_tokens, stop strings and visual token budgets), with no Ray: the engine and the preparer run in this process."""
 
-import base64
-import io
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from serving_helpers import data_url, write_tiny_lavit
 
 from lavit.serving.engine import LaVITEngine, RequestPreparer
 from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
-
-
-def data_url(seed: int, size=40) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def chat(text, images=(), **settings) -> ChatCompletionRequest:
@@ -35,10 +24,14 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture
-def engine_and_preparer(lavit_folder):
-    torch.manual_seed(0)
-    return LaVITEngine(str(lavit_folder), device="cpu"), RequestPreparer(str(lavit_folder), ServeLimits())
+@pytest.fixture(scope="module")
+def served_folder(tmp_path_factory):
+    return write_tiny_lavit(tmp_path_factory.mktemp("served") / "tiny-lavit")
+
+
+@pytest.fixture(scope="module")
+def engine_and_preparer(served_folder):
+    return LaVITEngine(str(served_folder), device="cpu"), RequestPreparer(str(served_folder), ServeLimits())
 
 
 def alone(engine, job) -> list[str]:

@@ -1,0 +1,32 @@
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_tiny_lavit(folder):
+    """A tiny LaVIT folder (seeded, untrained) with a pixel decoder and a processor, as `lavit serve` reads it."""
+    from conftest import text_vocab_size, tiny_detokenizer_config, tiny_lavit_config, tiny_text_tokenizer
+
+    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITImageProcessor, LaVITProcessor
+
+    tokenizer = tiny_text_tokenizer()
+    torch.manual_seed(0)
+    model = LaVITForCausalLM(tiny_lavit_config(text_vocab_size(tokenizer))).eval()
+    model.set_detokenizer(LaVITDetokenizer(tiny_detokenizer_config()).eval())
+    model.save_pretrained(folder)
+    LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), tokenizer).save_pretrained(folder)
+    return folder
+
+
+def png_bytes(seed: int, size=40) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(seed: int, size=40) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(seed, size)).decode()

@@ -151,6 +151,9 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
         while not stop:
             time.sleep(0.2)
     finally:
+        # deleting the application first lets every replica finish the requests it accepted (up to
+        # graceful_shutdown_timeout_s) while the HTTP proxy still holds their connections
+        serve.delete("lavit", _blocking=True)
         serve.shutdown()
         ray.shutdown()
 

@@ -2,8 +2,7 @@
 max_tokens, stop strings and visual token budgets), with no Ray: the engine and the preparer run in this process."""
 
 import pytest
-import torch
-from serving_helpers import data_url, write_tiny_lavit
+from serving_helpers import alone, data_url, write_tiny_lavit
 
 from lavit.serving.engine import LaVITEngine, RequestPreparer
 from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
@@ -32,27 +31,6 @@ def served_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine_and_preparer(served_folder):
     return LaVITEngine(str(served_folder), device="cpu"), RequestPreparer(str(served_folder), ServeLimits())
-
-
-def alone(engine, job) -> list[str]:
-    """The job's answers from `generate` alone (the reference), cut as the server cuts them."""
-    ids = torch.tensor([job.input_ids])
-    images = {} if job.pixel_values is None else {
-        "pixel_values": job.pixel_values,
-        "image_selection": {} if job.image_max_tokens is None else {"max_tokens": job.image_max_tokens}}
-    output = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images,
-                                   max_new_tokens=job.max_tokens, **job.sampling.reference_kwargs(job.n))
-    answers = []
-    for row in output[:, ids.shape[1]:]:
-        tokens = []
-        for token in row.tolist():
-            if token in engine.eos_token_ids:
-                break
-            tokens.append(token)
-        text = engine.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        cuts = [text.find(stop) for stop in job.stop if stop in text]
-        answers.append(text[: min(cuts)] if cuts else text)
-    return answers * job.n if job.sampling.greedy else answers
 
 
 def test_batched_rows_equal_each_request_alone(engine_and_preparer):

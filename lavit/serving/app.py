@@ -100,13 +100,13 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(sse_chunks(updates, header, len(job.input_ids), include_usage),
                                      media_type="text/event-stream")
-        texts, reasons, completion_tokens = [""] * job.n, [None] * job.n, 0
-        async for deltas in updates:
-            for index, delta in enumerate(deltas):
-                if delta is not None:
-                    texts[index] += delta[0]
-                    reasons[index] = delta[1] or reasons[index]
-                    completion_tokens += 1
+        try:
+            texts, reasons, completion_tokens = await collect(updates, job.n)
+        except OpenAIError as error:
+            if error.code != "replica_lost":
+                raise
+            # the answer so far is dropped and the request runs again from the start, on a live replica
+            texts, reasons, completion_tokens = await collect(backend.chat(job), job.n)
         choices = [completion_choice(index, text, reasons[index] or "length") for index, text in enumerate(texts)]
         return {**header, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(job.input_ids), completion_tokens)}
@@ -120,6 +120,18 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
         return {"created": int(time.time()), "data": [{"b64_json": image} for image in images]}
 
     return app
+
+
+async def collect(updates: AsyncIterator[list], n: int) -> tuple[list[str], list[str | None], int]:
+    """The `n` answers, their finish reasons and the number of generated tokens of a whole chat request."""
+    texts, reasons, completion_tokens = [""] * n, [None] * n, 0
+    async for deltas in updates:
+        for index, delta in enumerate(deltas):
+            if delta is not None:
+                texts[index] += delta[0]
+                reasons[index] = delta[1] or reasons[index]
+                completion_tokens += 1
+    return texts, reasons, completion_tokens
 
 
 async def sse_chunks(updates: AsyncIterator[list], header: dict, prompt_tokens: int, include_usage: bool):

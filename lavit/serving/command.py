@@ -33,11 +33,15 @@ def run(args) -> None:
     import torch
 
     from .deployments import ServeSettings, run_server
+    from .engine import RequestPreparer
+    from .schemas import ServeLimits
 
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # replicas run elsewhere
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(torch.cuda.is_available())
     limits = {name: value for name, value in (("max_tokens", args.max_tokens), ("max_n", args.max_n),
                                               ("max_images_per_request", args.max_images)) if value is not None}
+    # the folder, its processor and the limits are checked here, before Ray starts: a bad one is one line
+    RequestPreparer(model, ServeLimits(**limits), args.allowed_local_media_path)
     settings = ServeSettings(
         model=model, model_name=args.served_model_name, replicas=args.replicas, max_replicas=args.max_replicas,
         gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, dtype=args.dtype,

@@ -8,6 +8,7 @@ import base64
 import io
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,8 @@ class RequestPreparer:
 
         from lavit import LaVITProcessor
 
+        if allowed_local_media_path is not None and not Path(allowed_local_media_path).is_dir():
+            raise ValueError(f"--allowed-local-media-path {allowed_local_media_path} is not a folder")
         self.processor = LaVITProcessor.from_pretrained(model_path)
         self.config = AutoConfig.from_pretrained(model_path)
         self.limits, self.allowed_local_media_path = limits, allowed_local_media_path

@@ -169,3 +169,13 @@ def test_the_openai_client_gets_answers_and_errors(client):
     images = api.images.generate(model="tiny", prompt="a cat", n=2, extra_body={"seed": 1, "num_inference_steps": 1})
     assert [base64.b64decode(item.b64_json)[:8] for item in images.data] == [b"\x89PNG\r\n\x1a\n"] * 2
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_lavit_serve_refuses_a_bad_folder_before_starting_ray(tmp_path, served_folder, capsys):
+    from lavit.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 1
+    assert main(["serve", str(served_folder), "--allowed-local-media-path", str(tmp_path / "nowhere")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("lavit serve: error:") for line in lines), lines
+    assert "nowhere is not a folder" in lines[1]

@@ -179,21 +179,25 @@ class LaVITEngine:
         runner.result()  # a failure inside generate is raised here
 
     def _image_inputs(self, jobs: list[ChatJob]) -> dict:
-        """Every row's images; one selection for the batch when the jobs agree on the visual token budget, else each
-        image's keep mask from its own job's budget (same tokens as the job alone)."""
-        per_row = [(job.pixel_values, job.image_max_tokens) for job in jobs for _ in range(job.n)
-                   if job.pixel_values is not None]
+        """Every row's images. One selection for the whole batch when the selector is deterministic and the jobs agree
+        on the visual token budget; else each image's keep mask from its own job (its budget, or a sampled selection
+        drawn from the job's seed, as `lavit caption --seed` draws it): the same tokens as the job alone."""
+        per_row = [job for job in jobs for _ in range(job.n) if job.pixel_values is not None]
         if not per_row:
             return {}
-        pixel_values = torch.cat([pixels for pixels, _ in per_row]).to(self.device, self.model.dtype)
-        budgets = {budget for _, budget in per_row}
-        if len(budgets) == 1:
+        pixel_values = torch.cat([job.pixel_values for job in per_row]).to(self.device, self.model.dtype)
+        tokenizer = self.model.visual_tokenizer
+        budgets = {job.image_max_tokens for job in per_row}
+        sampled = tokenizer.config.selection_mode == "sample" and None in budgets
+        if len(budgets) == 1 and not sampled:
             budget = budgets.pop()
             return {"pixel_values": pixel_values, "image_selection": {} if budget is None else {"max_tokens": budget}}
-        tokenizer = self.model.visual_tokenizer
-        masks = [tokenizer.tokenize(pixels.to(self.device, self.model.dtype),
-                                    **({} if budget is None else {"max_tokens": budget})).keep_mask
-                 for pixels, budget in per_row]
+        masks = []
+        for job in per_row:
+            selection = ({"max_tokens": job.image_max_tokens} if job.image_max_tokens is not None
+                         else {"generator": torch.Generator(self.device).manual_seed(job.sampling.seed)})
+            for image in job.pixel_values.to(self.device, self.model.dtype):
+                masks.append(tokenizer.tokenize(image[None], **selection).keep_mask)
         return {"pixel_values": pixel_values, "image_keep_mask": torch.cat(masks)}
 
     def render_images(self, job: ImageJob) -> list[str]:

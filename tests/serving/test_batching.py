@@ -53,3 +53,20 @@ def test_batched_rows_equal_each_request_alone(engine_and_preparer):
     # a different batch order and batch mates change nothing
     reordered = engine.run_batch(jobs[::-1][:3], lambda deltas: None)
     assert [row.text for row in reordered] == [answer for job in jobs[::-1][:3] for answer in alone(engine, job)]
+
+
+def test_a_sampling_selector_draws_from_each_request_seed(engine_and_preparer):
+    engine, preparer = engine_and_preparer
+    config = engine.model.visual_tokenizer.config
+    jobs = [preparer.chat_job(request) for request in REQUESTS]
+
+    def texts(batch):
+        return [row.text for row in engine.run_batch(batch, lambda deltas: None)]
+
+    previous, config.selection_mode = config.selection_mode, "sample"
+    try:
+        each_alone = [text for job in jobs for text in texts([job])]
+        assert texts(jobs) == each_alone
+        assert texts(jobs[::-1]) == [text for job in jobs[::-1] for text in texts([job])]
+    finally:
+        config.selection_mode = previous

@@ -43,6 +43,9 @@ class LocalBackend:
                 if items[0] is not StopIteration:
                     yield items[0]
 
+    async def complete(self, job: ChatJob) -> tuple[list[str], list[str | None], int]:
+        return await collect(self.chat(job), job.n)
+
     async def images(self, job: ImageJob) -> list[str]:
         async with self.lock:
             return await asyncio.to_thread(self.engine.render_images, job)
@@ -95,18 +98,12 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
         job = await asyncio.to_thread(preparer.chat_job, request)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         header = {"id": completion_id, "created": created, "model": model_name}
-        updates = backend.chat(job)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(sse_chunks(updates, header, len(job.input_ids), include_usage),
+            return StreamingResponse(sse_chunks(backend.chat(job), header, len(job.input_ids), include_usage),
                                      media_type="text/event-stream")
-        try:
-            texts, reasons, completion_tokens = await collect(updates, job.n)
-        except OpenAIError as error:
-            if error.code != "replica_lost":
-                raise
-            # the answer so far is dropped and the request runs again from the start, on a live replica
-            texts, reasons, completion_tokens = await collect(backend.chat(job), job.n)
+        # the whole answer in one message from the replica (its rows are still batched with the streams)
+        texts, reasons, completion_tokens = await backend.complete(job)
         choices = [completion_choice(index, text, reasons[index] or "length") for index, text in enumerate(texts)]
         return {**header, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(job.input_ids), completion_tokens)}
@@ -151,6 +148,10 @@ async def sse_chunks(updates: AsyncIterator[list], header: dict, prompt_tokens: 
                 yield f"data: {json.dumps({**chunk, 'choices': choices})}\n\n"
     except OpenAIError as error:
         yield f"data: {json.dumps(error.body())}\n\n"
+        return
+    except Exception as error:  # anything else that broke the answer: an error event, never a silent cut
+        body = OpenAIError(f"the answer failed: {type(error).__name__}", None, status=500, error_type="server_error")
+        yield f"data: {json.dumps(body.body())}\n\n"
         return
     if include_usage:
         yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(prompt_tokens, completion_tokens)})}\n\n"

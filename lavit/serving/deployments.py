@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from ray import serve
 from ray.exceptions import RayActorError
 
-from .app import create_app
+from .app import collect, create_app
 from .engine import ChatJob, ImageJob, LaVITEngine, RequestPreparer
 from .schemas import OpenAIError, ServeLimits
 
@@ -64,13 +64,17 @@ class LaVITModelDeployment:
         async for deltas in self.chat_batch(job):
             yield deltas
 
+    async def complete(self, job: ChatJob) -> tuple[list[str], list[str | None], int]:
+        """The whole answer of a non-streaming request in one reply (no message per step), batched all the same."""
+        return await collect(self.chat_batch(job), job.n)
+
     async def images(self, job: ImageJob) -> list[str]:
         return await asyncio.to_thread(self.engine.render_images, job)
 
 
 class RayBackend:
-    """The ingress's way to the model replicas. A replica lost before it sent anything is retried on another; one lost
-    mid-stream ends the request with a clean 503 (`replica_lost`), which the non-streaming path retries once."""
+    """The ingress's way to the model replicas. A replica lost before it sent anything (any non-streaming request) is
+    retried once on another; one lost mid-stream ends the stream with a clean error event (`replica_lost`, 503)."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -87,10 +91,16 @@ class RayBackend:
                 if started or attempt == 1:
                     raise replica_lost(error) from error
 
+    async def complete(self, job: ChatJob) -> tuple[list[str], list[str | None], int]:
+        return await self._retried("complete", job)
+
     async def images(self, job: ImageJob) -> list[str]:
+        return await self._retried("images", job)
+
+    async def _retried(self, method: str, job):
         for attempt in range(2):
             try:
-                return await self.handle.images.remote(job)
+                return await getattr(self.handle, method).remote(job)
             except RayActorError as error:
                 if attempt == 1:
                     raise replica_lost(error) from error

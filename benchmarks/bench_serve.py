@@ -81,6 +81,29 @@ def run_level(api, model_name: str, clients: int, requests: int, max_tokens: int
                                                                            round(0.95 * (len(latencies) - 1)))]}
 
 
+def engine_levels(model: str, sizes: list[int], max_tokens: int, images: list[str]) -> list[dict]:
+    """The model replica's part alone, in this process: `sizes[i]` requests as one `run_batch` vs one by one (what
+    batching saves when HTTP, Ray and request parsing cost nothing)."""
+    from lavit.serving.engine import LaVITEngine, RequestPreparer
+    from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
+
+    engine, preparer = LaVITEngine(model, device="cpu"), RequestPreparer(model, ServeLimits())
+    jobs = [preparer.chat_job(ChatCompletionRequest(
+        model="lavit", max_tokens=max_tokens, temperature=0.8, seed=index,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[index % 4]}},
+                                               {"type": "text", "text": TEXTS[index % len(TEXTS)]}]}]))
+        for index in range(max(sizes))]
+    engine.run_batch(jobs[:2], lambda deltas: None)  # warm-up
+    rows = []
+    for size in sizes:
+        for mode, batches in (("batched", [jobs[:size]]), ("single", [[job] for job in jobs[:size]])):
+            started = time.perf_counter()
+            for batch in batches:
+                engine.run_batch(batch, lambda deltas: None)
+            rows.append({"mode": mode, "requests": size, "requests_per_s": size / (time.perf_counter() - started)})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a LaVIT folder (default: build a tiny one)")
@@ -92,6 +115,8 @@ def main():
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--engine-only", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the replica's engine alone in this process (CPU)")
     parser.add_argument("--json", default="benchmarks/results/serve_tiny_cpu.json")
     args = parser.parse_args()
 
@@ -132,9 +157,15 @@ def main():
         serve.shutdown()
         ray.shutdown()
     print_table(rows)
+    engine_rows = []
+    if args.engine_only and args.gpus_per_replica == 0:
+        engine_rows = engine_levels(model, [int(item) for item in args.clients.split(",")], args.max_tokens, images)
+        print("\nthe engine alone (one process, no HTTP/Ray):\n| requests | mode | requests/s |\n|---|---|---|")
+        for row in engine_rows:
+            print(f"| {row['requests']} | {row['mode']} | {row['requests_per_s']:.2f} |")
     result = {"model": args.model or "tiny (built)", "max_tokens": args.max_tokens,
               "max_batch_size": args.max_batch_size, "machine": platform.platform(), "cpus_for_ray": args.num_cpus,
-              "gpus_per_replica": args.gpus_per_replica, "rows": rows,
+              "gpus_per_replica": args.gpus_per_replica, "rows": rows, "engine_rows": engine_rows,
               "caveat": "shared machine (other jobs running): compare modes within this run only"}
     write_atomically(args.json, lambda path: Path(path).write_text(json.dumps(result, indent=2)))
     print(f"wrote {args.json}")

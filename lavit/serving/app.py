@@ -26,6 +26,7 @@ from .schemas import (
     check_limits,
     completion_choice,
     error_param,
+    most_specific,
     usage,
 )
 
@@ -62,7 +63,7 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
+        first = most_specific(error.errors())
         if first["type"] == "json_invalid":
             return JSONResponse(OpenAIError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                                             None).body(), status_code=400)

@@ -149,18 +149,30 @@ def check_limits(request: ChatCompletionRequest | ImageGenerationRequest, limits
 
 
 def error_param(location: tuple) -> str | None:
-    """pydantic's error location (`("body", "messages", 0, "content")`) as an OpenAI `param`:
-    `messages[0].content`; union and discriminator tags pydantic adds (`str`, `list[...]`, `image_url`) are dropped."""
-    parts = [item for item in location if item != "body"]
-    text = ""
-    for item in parts:
+    """pydantic's error location as an OpenAI `param`: `("body", "messages", 0, "content", "list[tagged-union[...]]",
+    1, "image_url", "image_url", "url")` -> `messages[0].content[1].image_url.url`. The markers pydantic adds for
+    unions (`str`, `list[...]`) and the tag of a tagged union's member are dropped."""
+    text, tag_next = "", False
+    for item in location[1:] if location[:1] == ("body",) else location:
         if isinstance(item, int):
             text += f"[{item}]"
-        elif any(mark in item for mark in ("[", "]", "-")) or item in ("str", "int", "float", "bool"):
+        elif "tagged-union" in item:
+            tag_next = True
+            continue
+        elif tag_next:  # the member's tag (`image_url`), right after its index
+            tag_next = False
+            continue
+        elif any(mark in item for mark in "[]-") or item in ("str", "int", "float", "bool"):
             continue
         else:
             text += f".{item}" if text else item
     return text or None
+
+
+def most_specific(errors: list[dict]) -> dict:
+    """Of pydantic's errors for one body, the one deepest in the body: for a list given where a union allows a
+    string or a list, the error inside the list, not "should be a valid string"."""
+    return max(errors, key=lambda error: len(error["loc"]))
 
 
 def completion_choice(index: int, text: str, finish_reason: str) -> dict:

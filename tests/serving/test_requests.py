@@ -87,6 +87,22 @@ def test_malformed_json_unknown_fields_and_unknown_model(client, model):
     assert error["code"] == "model_not_found"
 
 
+NESTED = {
+    "messages[0].content[0].image_url": [{"type": "image_url"}],
+    "messages[0].content[1].image_url.url": [{"type": "text", "text": "a"},
+                                             {"type": "image_url", "image_url": {"url": 3}}],
+    "messages[0].content[0].text": [{"type": "text", "text": 3}],
+    "messages[0].content[0]": [{"type": "video"}],
+    "messages[0].content": 5,
+}
+
+
+@pytest.mark.parametrize("param", list(NESTED))
+def test_errors_inside_messages_name_the_part(client, param):
+    body = {**GOOD[ChatCompletionRequest], "messages": [{"role": "user", "content": NESTED[param]}]}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, param)
+
+
 def image_message(*urls, text="describe"):
     content = [{"type": "image_url", "image_url": {"url": url}} for url in urls] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]

@@ -73,6 +73,14 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
+        if length is None and request.method == "POST":  # a chunked body: read up to the limit, no further
+            body = b""
+            async for piece in request.stream():
+                body += piece
+                if len(body) > limits.max_body_bytes:
+                    break
+            request._body = body  # Starlette hands the body read here to the route
+            length = str(len(body)) if len(body) <= limits.max_body_bytes else f"more than {limits.max_body_bytes}"
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
             error = OpenAIError(f"the body is {length} bytes; this server takes at most {limits.max_body_bytes}",
                                 None, status=413)

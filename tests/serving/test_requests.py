@@ -3,6 +3,7 @@ of `lavit serve` with the engine in this process (no Ray), through the official 
 the request. Out-of-range values and wrong types are enumerated from the request models' JSON schemas."""
 
 import base64
+import json
 
 import openai
 import pytest
@@ -145,6 +146,12 @@ def test_limits_are_enforced_before_work(client):
                  "response_format")
     huge = {**chat, "messages": [{"role": "user", "content": "x" * 300_000}]}
     assert_error(client.post("/v1/chat/completions", json=huge), 413, None)
+    chunked = (piece for piece in [json.dumps(huge).encode()[:150_000], json.dumps(huge).encode()[150_000:]])
+    assert_error(client.post("/v1/chat/completions", content=chunked, headers={"content-type": "application/json"}),
+                 413, None)
+    small = (piece for piece in [json.dumps(chat).encode()[:10], json.dumps(chat).encode()[10:]])
+    assert client.post("/v1/chat/completions", content=small, headers={"content-type": "application/json"}).json()[
+        "choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_prompts_past_the_context(client):

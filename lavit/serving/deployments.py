@@ -9,7 +9,7 @@ One machine: `lavit serve MODEL` (`run_server`). A cluster: `serve deploy` a con
 import asyncio
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -166,6 +166,3 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
         serve.delete("lavit", _blocking=True)
         serve.shutdown()
         ray.shutdown()
-
-
-SETTING_NAMES = [item.name for item in fields(ServeSettings)]

@@ -8,7 +8,7 @@ def make_parser(commands) -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="an OpenAI-compatible server on Ray Serve (chat, images, batching)")
     serve.add_argument("model", help="a LaVIT folder or Hub id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
     serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
     serve.add_argument("--replicas", type=int, default=1, help="model replicas (the least, with --max-replicas)")
     serve.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")

@@ -8,6 +8,7 @@
     lavit train-tokenizer | train | finetune | preprocess | train-detokenizer ARGS...   (the training stages)
     lavit convert-original SRC DST                  lavit export DST --model M      lavit push REPO_ID --model M
     lavit evaluate BENCHMARK --model M --annotations FILE --images DIR --output OUT   (the paper's benchmarks)
+    lavit serve MODEL [--port 8000] [--replicas N]  an OpenAI-compatible server (Ray Serve)
 
 Whatever fails (bad arguments, unreadable files, an error inside a library) ends with one line on stderr and a
 non-zero exit status, never a traceback; `LAVIT_DEBUG=1 lavit ...` shows the traceback of an internal error.
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in TRAINING_COMMANDS.values():
         importlib.import_module(module_name).make_parser(commands)
     add_publishing_parsers(commands)
+    importlib.import_module("lavit.serving.command").make_parser(commands)
     return parser
 
 
@@ -643,7 +645,8 @@ def run_demo(args) -> None:
 
 RUNNERS = {"tokenize": run_tokenize, "caption": run_caption, "vqa": run_vqa, "generate": run_generate,
            "reconstruct": run_reconstruct, "convert-original": run_convert, "export": run_export, "push": run_push,
-           "demo": run_demo, "evaluate": run_evaluate, "new-language-model": run_new_language_model}
+           "demo": run_demo, "evaluate": run_evaluate, "new-language-model": run_new_language_model,
+           "serve": lambda args: importlib.import_module("lavit.serving.command").run(args)}
 
 
 def dashed_flag(arg: str) -> str:

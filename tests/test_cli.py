@@ -49,7 +49,7 @@ def test_help_lists_every_command_and_each_command_has_help(capsys):
     assert exit_info.value.code == 0
     listing = capsys.readouterr().out
     for command in ("demo", "tokenize", "caption", "vqa", "generate", "reconstruct", "convert-original", "export",
-                    "push", "new-language-model", *TRAINING_COMMANDS):
+                    "push", "new-language-model", "serve", *TRAINING_COMMANDS):
         assert command in listing, command
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])

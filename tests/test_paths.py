@@ -34,7 +34,7 @@ from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PathConflictError, check_dest
 # lavit's own string arguments that are not paths (a new argument must be given a role or be added here)
 TEXT_ARGUMENTS = {
     "prompt", "prompts", "question", "repo_id", "token", "max_shard_size", "image_pattern", "columns", "split",
-    "eval_split",
+    "eval_split", "host", "served_model_name",
     "image_column",
     "text_column", "attn_implementation", "order", "task", "lora_target_modules", "device", "preset",
 }

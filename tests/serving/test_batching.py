@@ -1,0 +1,72 @@
+"""Requests batched by the server get what `generate` gives each alone (greedy and seeded sampling, mixed n,
+max_tokens, stop strings and visual token budgets), with no Ray: the engine and the preparer run in this process."""
+
+import pytest
+from serving_helpers import alone, data_url, write_tiny_lavit
+
+from lavit.serving.engine import LaVITEngine, RequestPreparer
+from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
+
+
+def chat(text, images=(), **settings) -> ChatCompletionRequest:
+    content = [{"type": "image_url", "image_url": {"url": data_url(seed)}} for seed in images]
+    content.append({"type": "text", "text": text})
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": content}], **settings)
+
+
+REQUESTS = [
+    chat("a photo of a cat", temperature=0, max_tokens=6),
+    chat("two dogs play", images=[1], temperature=0.8, top_p=0.9, seed=3, n=2, max_tokens=9),
+    chat("what is in the picture?", images=[2, 3], temperature=1.0, seed=11, max_tokens=4, image_max_tokens=5),
+    chat("a man rides", temperature=1.3, top_k=20, seed=5, max_tokens=7, stop=["e"]),
+    chat("the quick brown fox", images=[4], temperature=0, n=3, max_tokens=5, image_max_tokens=3),
+]
+
+
+@pytest.fixture(scope="module")
+def served_folder(tmp_path_factory):
+    return write_tiny_lavit(tmp_path_factory.mktemp("served") / "tiny-lavit")
+
+
+@pytest.fixture(scope="module")
+def engine_and_preparer(served_folder):
+    return LaVITEngine(str(served_folder), device="cpu"), RequestPreparer(str(served_folder), ServeLimits())
+
+
+def test_batched_rows_equal_each_request_alone(engine_and_preparer):
+    engine, preparer = engine_and_preparer
+    jobs = [preparer.chat_job(request) for request in REQUESTS]
+    steps = []
+    rows = engine.run_batch(jobs, steps.append)
+    expected = [answer for job in jobs for answer in alone(engine, job)]
+    assert [row.text for row in rows] == expected
+    # streamed deltas add up to the same texts, and every row is finished exactly once
+    streamed = ["" for _ in rows]
+    finished = [0 for _ in rows]
+    for deltas in steps:
+        for index, delta in enumerate(deltas):
+            if delta is not None:
+                streamed[index] += delta[0]
+                finished[index] += delta[1] is not None
+    assert streamed == expected and finished == [1] * len(rows)
+    assert all(row.finish_reason in ("stop", "length") for row in rows)
+    # a different batch order and batch mates change nothing
+    reordered = engine.run_batch(jobs[::-1][:3], lambda deltas: None)
+    assert [row.text for row in reordered] == [answer for job in jobs[::-1][:3] for answer in alone(engine, job)]
+
+
+def test_a_sampling_selector_draws_from_each_request_seed(engine_and_preparer):
+    engine, preparer = engine_and_preparer
+    config = engine.model.visual_tokenizer.config
+    jobs = [preparer.chat_job(request) for request in REQUESTS]
+
+    def texts(batch):
+        return [row.text for row in engine.run_batch(batch, lambda deltas: None)]
+
+    previous, config.selection_mode = config.selection_mode, "sample"
+    try:
+        each_alone = [text for job in jobs for text in texts([job])]
+        assert texts(jobs) == each_alone
+        assert texts(jobs[::-1]) == [text for job in jobs[::-1] for text in texts([job])]
+    finally:
+        config.selection_mode = previous

@@ -1,0 +1,204 @@
+"""Every bad request gets a 4xx with an OpenAI error body naming the field, before any work starts: the FastAPI app
+of `lavit serve` with the engine in this process (no Ray), through the official `openai` client where it can send
+the request. Out-of-range values and wrong types are enumerated from the request models' JSON schemas."""
+
+import base64
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from serving_helpers import data_url, png_bytes, write_tiny_lavit
+
+from lavit.serving.app import LocalBackend, create_app
+from lavit.serving.engine import LaVITEngine, RequestPreparer
+from lavit.serving.schemas import ChatCompletionRequest, ImageGenerationRequest, ServeLimits
+
+LIMITS = ServeLimits(max_body_bytes=200_000, max_image_pixels=64 * 64, max_images_per_request=2, max_n=3,
+                     max_tokens=16, max_image_n=2, max_image_side=64)
+ENDPOINTS = {ChatCompletionRequest: "/v1/chat/completions", ImageGenerationRequest: "/v1/images/generations"}
+GOOD = {
+    ChatCompletionRequest: {"model": "tiny", "messages": [{"role": "user", "content": "a photo"}], "max_tokens": 3},
+    ImageGenerationRequest: {"model": "tiny", "prompt": "a cat", "num_inference_steps": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def served_folder(tmp_path_factory):
+    return write_tiny_lavit(tmp_path_factory.mktemp("served") / "tiny-lavit")
+
+
+@pytest.fixture(scope="module")
+def client(served_folder, tmp_path_factory):
+    allowed = tmp_path_factory.mktemp("allowed")
+    (allowed / "photo.png").write_bytes(png_bytes(0))
+    (allowed / "notes.png").write_text("not an image")
+    preparer = RequestPreparer(str(served_folder), LIMITS, allowed_local_media_path=str(allowed))
+    app = create_app(preparer, LocalBackend(LaVITEngine(str(served_folder), device="cpu")), "tiny", LIMITS)
+    with TestClient(app) as http:
+        http.allowed, http.folder = allowed, served_folder
+        yield http
+
+
+def assert_error(response, status: int, param):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"], error
+    return error
+
+
+def out_of_range_cases():
+    """(model, field, value) for every bound in the request models' schemas, just past it."""
+    for model in ENDPOINTS:
+        for name, schema in model.model_json_schema()["properties"].items():
+            for option in schema.get("anyOf", [schema]):
+                for key, step in (("minimum", -1), ("exclusiveMinimum", 0), ("maximum", 1), ("exclusiveMaximum", 0)):
+                    if key in option:
+                        bad = option[key] + step * (1 if option.get("type") == "integer" else 0.5)
+                        yield pytest.param(model, name, bad, id=f"{model.__name__}.{name}.{key}")
+
+
+@pytest.mark.parametrize(("model", "name", "value"), list(out_of_range_cases()))
+def test_out_of_range_values_name_the_field(client, model, name, value):
+    assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
+
+
+def wrong_type_cases():
+    for model in ENDPOINTS:
+        for name in model.model_fields:
+            yield pytest.param(model, name, id=f"{model.__name__}.{name}")
+
+
+@pytest.mark.parametrize(("model", "name"), list(wrong_type_cases()))
+def test_wrong_types_name_the_field(client, model, name):
+    # an object fits no field but the object ones, and a number fits none of those
+    takes_object = "$ref" in str(model.model_json_schema()["properties"][name])
+    value = 12345 if takes_object else {"not": "this"}
+    assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
+
+
+@pytest.mark.parametrize("model", list(ENDPOINTS))
+def test_malformed_json_unknown_fields_and_unknown_model(client, model):
+    url = ENDPOINTS[model]
+    response = client.post(url, content=b'{"model": "tiny", "messages": [',
+                           headers={"content-type": "application/json"})
+    assert "not valid JSON" in assert_error(response, 400, None)["message"]
+    assert_error(client.post(url, json={**GOOD[model], "temprature": 0.5}), 400, "temprature")
+    error = assert_error(client.post(url, json={**GOOD[model], "model": "gpt-4o"}), 404, "model")
+    assert error["code"] == "model_not_found"
+
+
+NESTED = {
+    "messages[0].content[0].image_url": [{"type": "image_url"}],
+    "messages[0].content[1].image_url.url": [{"type": "text", "text": "a"},
+                                             {"type": "image_url", "image_url": {"url": 3}}],
+    "messages[0].content[0].text": [{"type": "text", "text": 3}],
+    "messages[0].content[0]": [{"type": "video"}],
+    "messages[0].content": 5,
+}
+
+
+@pytest.mark.parametrize("param", list(NESTED))
+def test_errors_inside_messages_name_the_part(client, param):
+    body = {**GOOD[ChatCompletionRequest], "messages": [{"role": "user", "content": NESTED[param]}]}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, param)
+
+
+def image_message(*urls, text="describe"):
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in urls] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def test_images_that_are_not_images_or_not_allowed(client):
+    param = "messages[0].content[1].image_url"
+    not_png = "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()
+    cases = {
+        not_png: "not a readable image",
+        "data:image/png;base64,@@@": "not valid base64",
+        "data:image/png,rawbytes": "data URL must look like",
+        "https://example.com/cat.png": "remote image URLs",
+        data_url(1, size=80): "pixels",  # 6400 > the 64*64 limit, refused from the header
+        str(client.allowed / "notes.png"): "not a readable image",
+        str(client.allowed / ".." / "elsewhere.png"): "outside the folder",
+        "/etc/hostname": "outside the folder",
+    }
+    for url, words in cases.items():
+        error = assert_error(client.post("/v1/chat/completions", json={
+            **GOOD[ChatCompletionRequest], "messages": image_message(data_url(0), url)}), 400, param)
+        assert words in error["message"], (url, error)
+    ok = client.post("/v1/chat/completions", json={**GOOD[ChatCompletionRequest], "messages": image_message(
+        data_url(0), f"file://{client.allowed / 'photo.png'}")})
+    assert ok.status_code == 200, ok.text
+
+
+def test_limits_are_enforced_before_work(client):
+    chat = GOOD[ChatCompletionRequest]
+    assert_error(client.post("/v1/chat/completions", json={**chat, "n": 4}), 400, "n")
+    assert_error(client.post("/v1/chat/completions", json={**chat, "max_tokens": 17}), 400, "max_tokens")
+    assert_error(client.post("/v1/chat/completions", json={**chat, "stop": list("abcde")}), 400, "stop")
+    three = image_message(data_url(0), data_url(1), data_url(2))
+    assert_error(client.post("/v1/chat/completions", json={**chat, "messages": three}), 400, "messages")
+    images = GOOD[ImageGenerationRequest]
+    assert_error(client.post("/v1/images/generations", json={**images, "n": 3}), 400, "n")
+    assert_error(client.post("/v1/images/generations", json={**images, "size": "128x64"}), 400, "size")
+    assert_error(client.post("/v1/images/generations", json={**images, "size": "big"}), 400, "size")
+    assert_error(client.post("/v1/images/generations", json={**images, "response_format": "url"}), 400,
+                 "response_format")
+    huge = {**chat, "messages": [{"role": "user", "content": "x" * 300_000}]}
+    assert_error(client.post("/v1/chat/completions", json=huge), 413, None)
+    chunked = (piece for piece in [json.dumps(huge).encode()[:150_000], json.dumps(huge).encode()[150_000:]])
+    assert_error(client.post("/v1/chat/completions", content=chunked, headers={"content-type": "application/json"}),
+                 413, None)
+    small = (piece for piece in [json.dumps(chat).encode()[:10], json.dumps(chat).encode()[10:]])
+    assert client.post("/v1/chat/completions", content=small, headers={"content-type": "application/json"}).json()[
+        "choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_prompts_past_the_context(client):
+    # the tiny model's context is 512 positions; an image takes up to 16 visual tokens
+    long_text = " ".join(["a photo of a cat"] * 120)
+    error = assert_error(client.post("/v1/chat/completions", json={
+        **GOOD[ChatCompletionRequest], "messages": [{"role": "user", "content": long_text}]}), 400, "messages")
+    assert error["code"] == "context_length_exceeded" and "512" in error["message"]
+    # a prompt that fits, with an answer that does not: refused, naming the same field; one token less passes
+    preparer = RequestPreparer(str(client.folder), LIMITS)
+    per_word = prompt_length(preparer, 2) - prompt_length(preparer, 1)
+    words = (preparer.context_length - 4 - prompt_length(preparer, 1)) // per_word + 1
+    room = preparer.context_length - prompt_length(preparer, words)
+    assert 0 < room <= LIMITS.max_tokens
+    messages = [{"role": "user", "content": " ".join(["cat"] * words)}]
+    request = {**GOOD[ChatCompletionRequest], "messages": messages, "temperature": 0}
+    assert_error(client.post("/v1/chat/completions", json={**request, "max_tokens": room + 1}), 400, "messages")
+    assert client.post("/v1/chat/completions", json={**request, "max_tokens": room}).status_code == 200
+
+
+def prompt_length(preparer, words: int) -> int:
+    messages = [{"role": "user", "content": " ".join(["cat"] * words)}]
+    prompt = preparer.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(preparer.processor(text=prompt)["input_ids"][0])
+
+
+def test_the_openai_client_gets_answers_and_errors(client):
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    assert [model.id for model in api.models.list().data] == ["tiny"]
+    answer = api.chat.completions.create(model="tiny", messages=image_message(data_url(3)), max_tokens=4,
+                                         temperature=0)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in api.chat.completions.create(
+        model="tiny", messages=image_message(data_url(3)), max_tokens=4, temperature=0, stream=True))
+    assert streamed == answer.choices[0].message.content and answer.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as raised:
+        api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], top_p=1.5)
+    assert raised.value.body["param"] == "top_p"
+    images = api.images.generate(model="tiny", prompt="a cat", n=2, extra_body={"seed": 1, "num_inference_steps": 1})
+    assert [base64.b64decode(item.b64_json)[:8] for item in images.data] == [b"\x89PNG\r\n\x1a\n"] * 2
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_lavit_serve_refuses_a_bad_folder_before_starting_ray(tmp_path, served_folder, capsys):
+    from lavit.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 1
+    assert main(["serve", str(served_folder), "--allowed-local-media-path", str(tmp_path / "nowhere")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("lavit serve: error:") for line in lines), lines
+    assert "nowhere is not a folder" in lines[1]

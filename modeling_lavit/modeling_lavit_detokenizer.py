@@ -426,7 +426,7 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
         config = self.config
         height = config.image_size if height is None else height
         width = config.image_size if width is None else width
-        num_inference_steps = num_inference_steps or config.num_inference_steps
+        num_inference_steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = GUIDANCE_SCALE.check("guidance_scale", config.guidance_scale if guidance_scale is None
                                               else guidance_scale)
         self.check_decode_request(height, width, num_inference_steps, len(token_counts) * (1 + (guidance_scale != 1)),
@@ -448,25 +448,10 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
         return self.postprocess(latents, output_type)
 
     def check_decode_request(self, height, width, num_inference_steps, unet_rows: int, scheduler) -> None:
-        """
-        Bounds a `decode` request before anything is allocated: sides that are multiples of `size_multiple` up to
-        twice `config.image_size` (the stated limit: the UNet was trained at that size), at most the scheduler's
-        training timesteps as steps, and the memory of `unet_rows` UNet rows at that size (the pixels and the
-        feature maps of the UNet's first block, a lower bound) against the memory there is.
-        """
-        multiple, limit = self.size_multiple, 2 * self.config.image_size
-        side = Range(multiple, limit, integer=True, note=f"a multiple of {multiple}, at most 2 x image_size")
-        for name, value in (("height", height), ("width", width)):
-            if not side.contains(value) or value % multiple:
-                raise ValueError(f"{name} must be {side.describe()}, got {value!r}")
-        train_timesteps = getattr(scheduler.config, "num_train_timesteps", None)
-        Range(1, train_timesteps, integer=True, note="the scheduler's training timesteps").check(
-            "num_inference_steps", num_inference_steps)
-        latent_pixels = (height // self.vae_scale_factor) * (width // self.vae_scale_factor)
-        feature_bytes = latent_pixels * self.unet.config.block_out_channels[0] * 4 * self.unet.dtype.itemsize
-        check_memory(f"decoding {unet_rows} UNet rows of {height}x{width} pixels",
-                     unet_rows * (3 * height * width * 4 + feature_bytes), self.device,
-                     "decode fewer images at once, or smaller ones")
+        """[`check_decode_request`] for this decoder."""
+        check_decode_request(height, width, num_inference_steps, unet_rows, size_multiple=self.size_multiple,
+                             image_size=self.config.image_size, vae_scale_factor=self.vae_scale_factor,
+                             unet=self.unet, scheduler=scheduler, device=self.device)
 
     def postprocess(self, latents: torch.Tensor, output_type: str = "pil"):
         """Final latents -> `output_type`: themselves (`"latent"`), (B, 3, H, W) images in [0, 1] (`"pt"`) or PIL
@@ -665,3 +650,27 @@ __all__ = [
     "training_target",
     "unmasked_conditions",
 ]
+
+
+def check_decode_request(height, width, num_inference_steps, unet_rows: int, *, size_multiple: int, image_size: int,
+                         vae_scale_factor: int, unet, scheduler, device) -> None:
+    """
+    Bounds a pixel-decoding request before anything is allocated (the one check of `LaVITDetokenizer.decode` and of
+    `LaVITPipeline`): sides that are multiples of `size_multiple` up to twice `image_size` (the stated limit: the UNet
+    was trained at that size), at most the scheduler's training timesteps as steps, and the memory of `unet_rows` UNet
+    rows at that size (the pixels and the feature maps of the UNet's first block, a lower bound) against the memory
+    there is.
+    """
+    limit = 2 * image_size
+    side = Range(size_multiple, limit, integer=True, note=f"a multiple of {size_multiple}, at most 2 x image_size")
+    for name, value in (("height", height), ("width", width)):
+        if not side.contains(value) or value % size_multiple:
+            raise ValueError(f"{name} must be {side.describe()}, got {value!r}")
+    train_timesteps = getattr(scheduler.config, "num_train_timesteps", None)
+    Range(1, train_timesteps, integer=True, note="the scheduler's training timesteps").check(
+        "num_inference_steps", num_inference_steps)
+    latent_pixels = (height // vae_scale_factor) * (width // vae_scale_factor)
+    feature_bytes = latent_pixels * unet.config.block_out_channels[0] * 4 * unet.dtype.itemsize
+    check_memory(f"decoding {unet_rows} UNet rows of {height}x{width} pixels",
+                 unet_rows * (3 * height * width * 4 + feature_bytes), device,
+                 "decode fewer images at once, or smaller ones")

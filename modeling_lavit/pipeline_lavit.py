@@ -31,10 +31,15 @@ from .configuration_lavit import LaVITConfig  # noqa: F401
 from .generation_lavit import LaVITImageGenerationConfig, row_generators
 from .image_placeholders_lavit import find_image_spans  # noqa: F401
 from .modeling_eva_vit import LaVITEvaVisionModel  # noqa: F401
-from .modeling_lavit_detokenizer import LaVITConditionEncoder, LaVITDetokenizerConditions, require_diffusers
+from .modeling_lavit_detokenizer import (
+    LaVITConditionEncoder,
+    LaVITDetokenizerConditions,
+    check_decode_request,
+    require_diffusers,
+)
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .transformers_compat import cache_kwargs  # noqa: F401
-from .validation_lavit import Range  # noqa: F401
+from .validation_lavit import GUIDANCE_SCALE
 
 try:
     from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -188,15 +193,25 @@ class LaVITPipeline(DiffusionPipeline):
         if prompt is None or (not isinstance(prompt, str) and not (
                 isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        multiple = self.size_multiple
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        # sizes, steps and guidance: `check_decode_request`, the decoders' one bound
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
                              f"got {unknown}")
+
+    def check_decode_request(self, height, width, num_inference_steps, images: int, guidance_scale) -> None:
+        """Bounds the decoding of `images` images before anything is allocated (`check_decode_request`: sizes, steps
+        and memory, the decoder's own limits); called before the language model runs, so a request the decoder
+        cannot serve costs no token generation."""
+        config = self.condition_encoder.config
+        guidance = config.guidance_scale if guidance_scale is None else guidance_scale
+        GUIDANCE_SCALE.check("guidance_scale", guidance)
+        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        check_decode_request(height, width, steps, images * (1 + (guidance != 1)), size_multiple=self.size_multiple,
+                             image_size=config.image_size, vae_scale_factor=self.vae_scale_factor, unet=self.unet,
+                             scheduler=self.scheduler, device=self.unet.device)
 
     def encode_prompt(self, prompt, negative_prompt=None, image=None, device=None) -> dict:
         """Prompts (and their images) -> the language model's inputs on `device`, with the negative prompt of its
@@ -297,10 +312,12 @@ class LaVITPipeline(DiffusionPipeline):
                 (`min_new_tokens`, `max_new_tokens`), `image_inputs`, `cache_implementation`, `compile_decoding`.
         Reconstruction (image -> tokens -> image) is [`reconstruct`].
         """
-        # 1. check inputs and settings
-        height = height or self.default_size
-        width = width or self.default_size
+        # 1. check inputs and settings (None is the default; 0 is a size, and refused)
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         self.check_inputs(prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs)
+        prompts = 1 if isinstance(prompt, str) else len(prompt)
+        self.check_decode_request(height, width, num_inference_steps, prompts * num_images_per_prompt, guidance_scale)
         if token_guidance_scale is not None:
             token_generation_kwargs["guidance_scale"] = token_guidance_scale
         settings = LaVITImageGenerationConfig.resolve(
@@ -353,8 +370,11 @@ class LaVITPipeline(DiffusionPipeline):
         gives them) -> images: the decoder half of `__call__` (same arguments)."""
         # 1. settings
         config = self.condition_encoder.config
-        height, width = height or self.default_size, width or self.default_size
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         self.check_inputs("", None, height, width, output_type, callback_on_step_end_tensor_inputs)
+        self.check_decode_request(height, width, num_inference_steps, len(tokens.token_counts) * num_images_per_prompt,
+                                  guidance_scale)
         self._guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
         self._interrupt = False
         # 2. conditions (negative ones first with guidance) and initial latents
@@ -367,7 +387,8 @@ class LaVITPipeline(DiffusionPipeline):
             generator = row_generators(generator, batch_size, num_images_per_prompt, device)
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
         # 3. timesteps, then the denoising loop (the generators also drive stochastic schedulers)
-        self.scheduler.set_timesteps(num_inference_steps or config.num_inference_steps, device=latents.device)
+        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        self.scheduler.set_timesteps(steps, device=latents.device)
         latents = self.denoise(latents, conditions, height, width, generator, callback_on_step_end,
                                callback_on_step_end_tensor_inputs)
         # 4. pixels

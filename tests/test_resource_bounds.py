@@ -49,23 +49,35 @@ def test_text_generation_is_bounded_by_the_context_and_the_memory(lavit_model, l
     assert output.shape[1] <= inputs["input_ids"].shape[1] + 3
 
 
-def test_image_generation_and_decoding_are_bounded(lavit_folder):
-    from lavit import LaVITForCausalLM, LaVITProcessor
+def test_image_generation_and_decoding_are_bounded(pipeline_folder):
+    """Both pixel decoders (the `LaVITPipeline` and the detokenizer it is made from) go through one bound: sides,
+    steps (0 is refused, not taken for the default), guidance and memory are checked before anything runs."""
+    from conftest import tiny_detokenizer_config
 
-    model = LaVITForCausalLM.from_pretrained(lavit_folder).eval()
-    prompt = LaVITProcessor.from_pretrained(lavit_folder)(text="a red bus", return_tensors="pt")
+    from lavit import LaVITDetokenizer, LaVITPipeline
+
+    pipe = LaVITPipeline.from_pretrained(pipeline_folder)
     with pytest.raises(MemoryError, match="generate_image_tokens .* needs about"):
-        model.generate_image_tokens(**prompt, num_images_per_prompt=HUGE)
-    detokenizer = model.detokenizer
+        pipe.language_model.generate_image_tokens(**pipe.processor(text="a red bus", return_tensors="pt"),
+                                                  num_images_per_prompt=HUGE)
+    detokenizer = LaVITDetokenizer(tiny_detokenizer_config()).eval()
     codes, counts = torch.tensor([1, 2, 3]), torch.tensor([3])
     limit = 2 * detokenizer.config.image_size
-    with pytest.raises(ValueError, match=rf"height must be an integer in \[\d+, {limit}\] \(a multiple of"):
-        detokenizer.decode(codes, counts, height=HUGE)
-    with pytest.raises(ValueError, match=r"num_inference_steps must be an integer in \[1, 1000\]"):
-        detokenizer.decode(codes, counts, num_inference_steps=HUGE)
     many = 10**6  # images of 3 tokens each, at the largest side: about 100 GB of pixels alone
+    for decode in (lambda **kwargs: detokenizer.decode(codes, counts, **kwargs),
+                   lambda **kwargs: pipe("a red bus", **kwargs)):
+        for height in (HUGE, 0, -64):
+            with pytest.raises(ValueError, match=rf"height must be an integer in \[\d+, {limit}\] \(a multiple of"):
+                decode(height=height)
+        for steps in (HUGE, 0):
+            with pytest.raises(ValueError, match=r"num_inference_steps must be an integer in \[1, 1000\]"):
+                decode(num_inference_steps=steps)
+        with pytest.raises(ValueError, match="guidance_scale"):
+            decode(guidance_scale=float("nan"))
     with pytest.raises(MemoryError, match=f"decoding {2 * many} UNet rows"):
         detokenizer.decode(codes.repeat(many), counts.repeat(many), height=limit, width=limit, guidance_scale=2.0)
+    with pytest.raises(MemoryError, match=f"decoding {2 * many} UNet rows"):
+        pipe("a red bus", num_images_per_prompt=many, height=limit, width=limit, guidance_scale=2.0)
 
 
 def test_the_budget_check_takes_resolved_lengths(lavit_model):
@@ -107,22 +119,22 @@ for argv in json.loads(sys.argv[1]):
 
 
 @pytest.mark.slow
-def test_every_kind_of_request_fails_fast_under_a_memory_cap(lavit_folder, photo_file, tmp_path):
+def test_every_kind_of_request_fails_fast_under_a_memory_cap(lavit_folder, pipeline_folder, photo_file, tmp_path):
     """Each request of `lavit` commands whose memory follows from its arguments, run under a 4 GiB address-space cap
     (one process, the requests one after the other): each stops within seconds with the bound's one line, where
     unchecked it would try to allocate gigabytes (and fail with the allocator's message, or be killed)."""
-    model, image = str(lavit_folder), str(photo_file)
+    model, pipeline, image = str(lavit_folder), str(pipeline_folder), str(photo_file)
     requests = {
         "caption tokens": (["caption", image, "--model", model, "--max-new-tokens", str(HUGE)], "context length"),
         "caption beams": (["caption", image, "--model", model, "--num-beams", str(HUGE)], "KV cache"),
         "vqa tokens": (["vqa", image, "--question", "what?", "--model", model, "--max-new-tokens", str(HUGE)],
                        "context length"),
-        "images per prompt": (["generate", "a bus", "-o", str(tmp_path / "a.png"), "--model", model, "--num-images",
-                               str(HUGE)], "generate_image_tokens"),
-        "image side": (["generate", "a bus", "-o", str(tmp_path / "b.png"), "--model", model, "--height",
+        "images per prompt": (["generate", "a bus", "-o", str(tmp_path / "a.png"), "--model", pipeline,
+                               "--num-images", str(HUGE)], "UNet rows"),
+        "image side": (["generate", "a bus", "-o", str(tmp_path / "b.png"), "--model", pipeline, "--height",
                         str(HUGE)], "height must be"),
-        "denoising steps": (["reconstruct", image, "-o", str(tmp_path / "c.png"), "--model", model, "--steps",
-                             str(HUGE)], "num_inference_steps must be"),
+        "denoising steps": (["reconstruct", image, "-o", str(tmp_path / "c.png"), "--model", pipeline,
+                             "--steps", str(HUGE)], "num_inference_steps must be"),
     }
     result = subprocess.run(
         [sys.executable, "-c", CAPPED.format(cap=4 * 2**30), json.dumps([argv for argv, _ in requests.values()])],

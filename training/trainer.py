@@ -49,6 +49,14 @@ TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss"
                      "mean_keep_ratio", "codebook_usage", "perplexity")
 
 
+def take_record_counts(batch) -> tuple[int, int]:
+    """Takes the collators' record counts (`skipped_records`, `used_records`: 0-d tensors, not model inputs) out of a
+    batch, for every path a batch takes to the model (training and evaluation), and returns them."""
+    if not isinstance(batch, dict):
+        return 0, 0
+    return tuple(int(batch.pop(name).sum()) if name in batch else 0 for name in ("skipped_records", "used_records"))
+
+
 class LaVITTrainer(Trainer):
     """
     Args (besides those of `transformers.Trainer`):
@@ -103,10 +111,9 @@ class LaVITTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batch_samples:
-            if isinstance(batch, dict) and "skipped_records" in batch:
-                self._skipped_here += int(batch.pop("skipped_records").sum())
-            if isinstance(batch, dict) and "used_records" in batch:
-                self._used_here += int(batch.pop("used_records").sum())
+            skipped, used = take_record_counts(batch)
+            self._skipped_here += skipped
+            self._used_here += used
         return batch_samples, num_items_in_batch
 
     def record_counts(self) -> tuple[int, int]:
@@ -264,8 +271,7 @@ class LaVITTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The loss of a held-out batch through `compute_loss` (the stage's own inputs: VQ switch, frozen
         tokenizer); no logits are kept. The batch's bad records are counted."""
-        if "skipped_records" in inputs:
-            self._eval_skipped += int(inputs.pop("skipped_records").sum())
+        self._eval_skipped += take_record_counts(inputs)[0]
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)

@@ -137,7 +137,7 @@ def test_dict_and_tuple_outputs_and_every_output_type_agree(pipe):
                                output.images, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="output_type"):
         pipe("a red bus", output_type="jpeg", **TOKENS)
-    with pytest.raises(ValueError, match=f"multiples of {pipe.size_multiple}"):
+    with pytest.raises(ValueError, match=f"a multiple of {pipe.size_multiple}"):
         pipe("a red bus", height=pipe.size_multiple + 1, **TOKENS)
 
 

@@ -68,7 +68,7 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     adapters = script_args.lora or script_args.qlora
     merge = adapters and script_args.merge_lora and not script_args.qlora
     callbacks = [ShortRunWarningCallback(num_examples, preset=script_args.preset),
-                 *configure_evaluation(training_args, script_args, held_out is not None)]
+                 *configure_evaluation(training_args, script_args, held_out is not None), *callbacks]
     return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
                           None if adapters else script_args.visual_learning_rate, callbacks=callbacks,
                           merge_adapters=merge, evaluation=evaluation)

@@ -49,13 +49,36 @@ class LocalBackend:
 
     async def images(self, job: ImageJob) -> list[str]:
         async with self.lock:
-            return await asyncio.to_thread(self.engine.render_images, job)
+            return image_result((await asyncio.to_thread(self.engine.render_images, [job]))[0])
 
 
-def create_app(preparer: RequestPreparer, backend, model_name: str, limits: ServeLimits) -> FastAPI:
+def image_result(result: list[str] | Exception) -> list[str]:
+    """A job's images, or its failure raised (`LaVITEngine.render_images` returns them in the job's place)."""
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def timed_out(request_timeout_s: float) -> OpenAIError:
+    return OpenAIError(f"the request took longer than this server's limit of {request_timeout_s:g} s "
+                       "(--request-timeout): ask for fewer tokens or images, or retry later", None, status=408,
+                       error_type="timeout_error", code="request_timeout")
+
+
+def create_app(preparer: RequestPreparer, backend, model_name: str, limits: ServeLimits,
+               request_timeout_s: float | None = None) -> FastAPI:
     """The OpenAI-compatible app: every request is parsed, checked against `limits` and prepared (images read,
-    prompt length checked) before `backend` gets any work."""
+    prompt length checked) before `backend` gets any work. A request still running `request_timeout_s` after it
+    arrived is cancelled and answered with a 408 OpenAI error body (a stream: an error event, then the end)."""
     app = FastAPI(title="lavit serve")
+
+    async def within_time(work, started: float):
+        if request_timeout_s is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, request_timeout_s - (time.monotonic() - started))
+        except TimeoutError as error:
+            raise timed_out(request_timeout_s) from error
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, error: OpenAIError):
@@ -102,27 +125,30 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
+        started = time.monotonic()
         check_model(request.model)
         check_limits(request, limits)
-        job = await asyncio.to_thread(preparer.chat_job, request)
+        job = await within_time(asyncio.to_thread(preparer.chat_job, request), started)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         header = {"id": completion_id, "created": created, "model": model_name}
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(sse_chunks(backend.chat(job), header, len(job.input_ids), include_usage),
-                                     media_type="text/event-stream")
+            deadline = None if request_timeout_s is None else started + request_timeout_s
+            return StreamingResponse(sse_chunks(backend.chat(job), header, len(job.input_ids), include_usage,
+                                                deadline, request_timeout_s), media_type="text/event-stream")
         # the whole answer in one message from the replica (its rows are still batched with the streams)
-        texts, reasons, completion_tokens = await backend.complete(job)
+        texts, reasons, completion_tokens = await within_time(backend.complete(job), started)
         choices = [completion_choice(index, text, reasons[index] or "length") for index, text in enumerate(texts)]
         return {**header, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(job.input_ids), completion_tokens)}
 
     @app.post("/v1/images/generations")
     async def image_generations(request: ImageGenerationRequest):
+        started = time.monotonic()
         check_model(request.model)
         check_limits(request, limits)
         job = await asyncio.to_thread(preparer.image_job, request)
-        images = await backend.images(job)
+        images = await within_time(backend.images(job), started)
         return {"created": int(time.time()), "data": [{"b64_json": image} for image in images]}
 
     return app
@@ -140,13 +166,21 @@ async def collect(updates: AsyncIterator[list], n: int) -> tuple[list[str], list
     return texts, reasons, completion_tokens
 
 
-async def sse_chunks(updates: AsyncIterator[list], header: dict, prompt_tokens: int, include_usage: bool):
-    """Server-sent events of `chat.completion.chunk`s, one per step, then `[DONE]`; a replica lost mid-stream ends the
-    stream with an error event (the answer so far cannot be replayed elsewhere)."""
+async def sse_chunks(updates: AsyncIterator[list], header: dict, prompt_tokens: int, include_usage: bool,
+                     deadline: float | None = None, request_timeout_s: float | None = None):
+    """Server-sent events of `chat.completion.chunk`s, one per step, then `[DONE]`; a replica lost mid-stream, or the
+    `deadline` (`time.monotonic()`) passed, ends the stream with an error event (the answer so far stays sent)."""
     chunk = {**header, "object": "chat.completion.chunk"}
     completion_tokens = 0
+    updates = aiter(updates)
     try:
-        async for deltas in updates:
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                # a step that does not come before the deadline is cancelled: the replica stops decoding for no one
+                deltas = await asyncio.wait_for(anext(updates), remaining)
+            except StopAsyncIteration:
+                break
             choices = []
             for index, delta in enumerate(deltas):
                 if delta is not None:
@@ -155,6 +189,9 @@ async def sse_chunks(updates: AsyncIterator[list], header: dict, prompt_tokens: 
                                     "finish_reason": delta[1], "logprobs": None})
             if choices:
                 yield f"data: {json.dumps({**chunk, 'choices': choices})}\n\n"
+    except TimeoutError:
+        yield f"data: {json.dumps(timed_out(request_timeout_s).body())}\n\n"
+        return
     except OpenAIError as error:
         yield f"data: {json.dumps(error.body())}\n\n"
         return

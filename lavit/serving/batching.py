@@ -92,8 +92,9 @@ class RowTexts(BaseStreamer, StoppingCriteria):
     `on_step(deltas)` is called after each step with one `(text_delta, finish_reason)` per row (`None` once a row has
     finished before)."""
 
-    def __init__(self, tokenizer, rows: list[RowText], eos_token_ids: set[int], on_step):
+    def __init__(self, tokenizer, rows: list[RowText], eos_token_ids: set[int], on_step, cancelled=None):
         self.tokenizer, self.rows, self.eos_token_ids, self.on_step = tokenizer, rows, eos_token_ids, on_step
+        self.cancelled = cancelled  # a `threading.Event`: set, every row stops (no one reads the answers any more)
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -116,6 +117,8 @@ class RowTexts(BaseStreamer, StoppingCriteria):
             self.on_step(deltas)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.cancelled is not None and self.cancelled.is_set():
+            return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
 
     def _add(self, row: RowText, token: int):

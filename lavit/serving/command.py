@@ -17,7 +17,10 @@ def make_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
     serve.add_argument("--replicas", type=POSITIVE_INT, default=1,
                        help="model replicas (the least, with --max-replicas)")
-    serve.add_argument("--max-replicas", type=POSITIVE_INT, default=None, help="autoscale up to this many replicas")
+    serve.add_argument("--max-replicas", type=POSITIVE_INT, default=None,
+                       help="autoscale between --replicas and this many replicas on ongoing requests")
+    serve.add_argument("--target-ongoing-requests", type=POSITIVE_INT, default=16,
+                       help="autoscaling aims at this many ongoing requests per replica")
     serve.add_argument("--gpus-per-replica", type=NON_NEGATIVE_FLOAT, default=None,
                        help="GPUs per model replica (default: 1 when this machine has a GPU, else 0: CPU)")
     serve.add_argument("--cpus-per-replica", type=POSITIVE_FLOAT, default=1.0)
@@ -35,7 +38,7 @@ def make_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--max-n", type=POSITIVE_INT, default=None, help="the most choices a request may ask (8)")
     serve.add_argument("--max-images", type=POSITIVE_INT, default=None, help="the most images per request (8)")
     serve.add_argument("--request-timeout", type=POSITIVE_FLOAT, default=600.0,
-                       help="seconds before a request gets a 408")
+                       help="seconds after which a request still running is cancelled and gets a 408")
     return serve
 
 
@@ -54,9 +57,9 @@ def run(args) -> None:
     RequestPreparer(model, ServeLimits(**limits), args.allowed_local_media_path)
     settings = ServeSettings(
         model=model, model_name=args.served_model_name, replicas=args.replicas, max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests, request_timeout_s=args.request_timeout,
         gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, dtype=args.dtype,
         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout,
         allowed_local_media_path=args.allowed_local_media_path, limits=limits,
     )
-    run_server(settings, host=args.host, port=args.port, num_cpus=args.num_cpus,
-               request_timeout_s=args.request_timeout)
+    run_server(settings, host=args.host, port=args.port, num_cpus=args.num_cpus)

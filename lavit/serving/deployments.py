@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from ray import serve
 from ray.exceptions import RayActorError
 
-from .app import collect, create_app
+from .app import collect, create_app, image_result
 from .engine import ChatJob, ImageJob, LaVITEngine, RequestPreparer
 from .schemas import OpenAIError, ServeLimits
 
@@ -29,12 +29,15 @@ class ServeSettings:
     model_name: str | None = None  # the `model` clients send (default: the folder name or Hub id)
     replicas: int = 1
     max_replicas: int | None = None  # > replicas: autoscale between the two on ongoing requests
-    target_ongoing_requests: int = 16
+    target_ongoing_requests: int = 16  # per replica, what the autoscaler aims at
+    autoscaling: dict = field(default_factory=dict)  # more Ray Serve `autoscaling_config` fields (upscale_delay_s, ...)
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     dtype: str | None = None
     max_batch_size: int = 16  # 1: one request at a time
+    max_image_batch_size: int = 4  # image requests drawn in one pipeline call
     batch_wait_timeout_s: float = 0.02
+    request_timeout_s: float = 600.0  # a request still running then gets a 408
     allowed_local_media_path: str | None = None
     limits: dict = field(default_factory=dict)  # `ServeLimits` fields
 
@@ -49,10 +52,12 @@ class LaVITModelDeployment:
     independent: each answer is the one it would get alone)."""
 
     def __init__(self, model: str, device: str | None, dtype: str | None, max_batch_size: int,
-                 batch_wait_timeout_s: float):
+                 batch_wait_timeout_s: float, max_image_batch_size: int = 4):
         self.engine = LaVITEngine(model, device=device, dtype=dtype)
         self.chat_batch.set_max_batch_size(max_batch_size)
         self.chat_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.image_batch.set_max_batch_size(max_image_batch_size)
+        self.image_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def chat_batch(self, jobs: list[ChatJob]):
@@ -68,8 +73,14 @@ class LaVITModelDeployment:
         """The whole answer of a non-streaming request in one reply (no message per step), batched all the same."""
         return await collect(self.chat_batch(job), job.n)
 
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def image_batch(self, jobs: list[ImageJob]) -> list[list[str] | Exception]:
+        return await asyncio.to_thread(self.engine.render_images, jobs)
+
     async def images(self, job: ImageJob) -> list[str]:
-        return await asyncio.to_thread(self.engine.render_images, job)
+        """The job's images, drawn in one pipeline call with the concurrent image requests of the same size and
+        settings (each image from its own seeded stream: the same images alone or batched)."""
+        return image_result(await self.image_batch(job))
 
 
 class RayBackend:
@@ -124,26 +135,37 @@ class LaVITIngress:
         self.limits = limits
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.preparer, self.backend, self.settings.served_name(), self.limits)
+        return create_app(self.preparer, self.backend, self.settings.served_name(), self.limits,
+                          self.settings.request_timeout_s)
 
 
 def build_app(args: dict):
     """The Ray Serve application for `ServeSettings(**args)` (the `import_path` of a `serve deploy` config)."""
     settings = ServeSettings(**args)
     ServeLimits(**settings.limits)  # unknown limit names fail here, not on the replicas
-    scaling = {"num_replicas": settings.replicas}
-    if settings.max_replicas and settings.max_replicas > settings.replicas:
-        scaling = {"autoscaling_config": {"min_replicas": settings.replicas, "max_replicas": settings.max_replicas,
-                                          "target_ongoing_requests": settings.target_ongoing_requests}}
     device = "cuda" if settings.gpus_per_replica > 0 else "cpu"
     model = LaVITModelDeployment.options(
-        ray_actor_options={"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica}, **scaling,
-    ).bind(settings.model, device, settings.dtype, settings.max_batch_size, settings.batch_wait_timeout_s)
+        ray_actor_options={"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica},
+        **replica_scaling(settings),
+    ).bind(settings.model, device, settings.dtype, settings.max_batch_size, settings.batch_wait_timeout_s,
+           settings.max_image_batch_size)
     return LaVITIngress.options(ray_actor_options={"num_cpus": 0}).bind(model, asdict(settings))
 
 
+def replica_scaling(settings: ServeSettings) -> dict:
+    """A fixed number of model replicas, or (`max_replicas` above `replicas`) Ray Serve's autoscaler between the two,
+    aiming at `target_ongoing_requests` per replica."""
+    if not settings.max_replicas or settings.max_replicas <= settings.replicas:
+        if settings.autoscaling:
+            raise ValueError("autoscaling settings need max_replicas above replicas")
+        return {"num_replicas": settings.replicas}
+    return {"autoscaling_config": {**settings.autoscaling, "min_replicas": settings.replicas,
+                                   "max_replicas": settings.max_replicas,
+                                   "target_ongoing_requests": settings.target_ongoing_requests}}
+
+
 def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-               num_gpus: int | None = None, request_timeout_s: float = 600.0, ready=None) -> None:
+               num_gpus: int | None = None, ready=None) -> None:
     """`lavit serve`: a local Ray instance, the application at http://host:port/, until SIGINT or SIGTERM; then the
     accepted requests finish before the replicas go (Ray Serve's graceful shutdown)."""
     import ray
@@ -153,7 +175,8 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.append(True))
     try:
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+        # the app answers a late request itself (408, OpenAI body); the proxy's own limit is only a backstop
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s + 30})
         serve.run(build_app(asdict(settings)), name="lavit", route_prefix="/")
         print(f"lavit serve: {settings.served_name()} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         if ready is not None:

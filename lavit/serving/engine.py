@@ -7,12 +7,14 @@ import asyncio
 import base64
 import io
 import secrets
+import threading
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import torch
 
-from lavit.modeling.generation_lavit import SuppressImageTokensLogitsProcessor
+from lavit.modeling.generation_lavit import SuppressImageTokensLogitsProcessor, row_generators
 
 from .batching import RowSampler, RowText, RowTexts, SamplingSettings
 from .media import read_image_url
@@ -42,6 +44,15 @@ class ImageJob:
     seed: int
     size: tuple[int, int] | None
     settings: dict
+
+    def generators(self, device) -> list[torch.Generator]:
+        """One random stream per image, drawn from the request's seed: the pipeline's `generator` list, so the
+        request's images are the same alone or batched with other requests."""
+        return row_generators(torch.Generator().manual_seed(self.seed), self.n, self.n, device)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys share one pipeline call (same size and decoding settings)."""
+        return self.size, tuple(sorted(self.settings.items()))
 
 
 def component_paths(model_path: str) -> tuple[str, str]:
@@ -146,9 +157,10 @@ class LaVITEngine:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos if eos is not None
                                                                     else self.processor.tokenizer.eos_token_id])
 
-    def run_batch(self, jobs: list[ChatJob], on_step) -> list[RowText]:
+    def run_batch(self, jobs: list[ChatJob], on_step, cancelled: threading.Event | None = None) -> list[RowText]:
         """Decodes every job's `n` rows in one `generate`; `on_step(deltas)` gets one `(text_delta, finish_reason)`
-        (or None) per row after each step, rows in job order. Returns the rows."""
+        (or None) per row after each step, rows in job order; `cancelled` set stops every row at the next step.
+        Returns the rows."""
         # 1. rows: each job's prompt repeated `n` times, left-padded together; its images once per row
         rows = [job.input_ids for job in jobs for _ in range(job.n)]
         length = max(len(ids) for ids in rows)
@@ -158,7 +170,7 @@ class LaVITEngine:
         image_inputs = self._image_inputs(jobs)
         # 2. per-row sampling and stopping (see batching.py)
         texts = [RowText(job.max_tokens, job.stop) for job in jobs for _ in range(job.n)]
-        streamer = RowTexts(self.processor.tokenizer, texts, self.eos_token_ids, on_step)
+        streamer = RowTexts(self.processor.tokenizer, texts, self.eos_token_ids, on_step, cancelled)
         # LaVIT's generate puts its image-token suppression after the processors it is given: the sampler draws from
         # the suppressed scores, as `generate(generator=...)` does, so it suppresses them first itself
         suppress = SuppressImageTokensLogitsProcessor(self.model.config.text_vocab_size,
@@ -175,24 +187,27 @@ class LaVITEngine:
         """`run_batch` in a thread, as an async generator of one item per job and step: the `n` deltas of the job's
         rows (`(text_delta, finish_reason)` or None), or `StopIteration` once all its rows have finished (the shape
         Ray Serve's streaming `@serve.batch` takes)."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         runner = asyncio.ensure_future(asyncio.to_thread(
-            self.run_batch, jobs, lambda deltas: loop.call_soon_threadsafe(queue.put_nowait, deltas)))
+            self.run_batch, jobs, lambda deltas: loop.call_soon_threadsafe(queue.put_nowait, deltas), cancelled))
         starts = [sum(job.n for job in jobs[:index]) for index in range(len(jobs))]
         done = [False] * len(jobs)
-        while not (runner.done() and queue.empty()):
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait([getter, runner], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                continue
-            deltas, items = getter.result(), []
-            for index, (job, start) in enumerate(zip(jobs, starts, strict=True)):
-                rows = deltas[start : start + job.n]
-                items.append(StopIteration if done[index] else rows)
-                done[index] = done[index] or all(row is None or row[1] is not None for row in rows)
-            yield items
-        runner.result()  # a failure inside generate is raised here
+        try:
+            while not (runner.done() and queue.empty()):
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait([getter, runner], return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                deltas, items = getter.result(), []
+                for index, (job, start) in enumerate(zip(jobs, starts, strict=True)):
+                    rows = deltas[start : start + job.n]
+                    items.append(StopIteration if done[index] else rows)
+                    done[index] = done[index] or all(row is None or row[1] is not None for row in rows)
+                yield items
+            runner.result()  # a failure inside generate is raised here
+        finally:  # the reader left (a timeout, a closed connection): the rows stop rather than decode for no one
+            cancelled.set()
 
     def _image_inputs(self, jobs: list[ChatJob]) -> dict:
         """Every row's images. One selection for the whole batch when the selector is deterministic and the jobs agree
@@ -216,23 +231,50 @@ class LaVITEngine:
                 masks.append(tokenizer.tokenize(image[None], **selection).keep_mask)
         return {"pixel_values": pixel_values, "image_keep_mask": torch.cat(masks)}
 
-    def render_images(self, job: ImageJob) -> list[str]:
-        """`job.n` images for the prompt, as base64 PNGs, drawn by the `LaVITPipeline` (the one place that asks
-        for pixels). The request's `guidance_scale` is the language model's (the pipeline's `token_guidance_scale`),
-        its `decoder_guidance_scale` the diffusion decoder's (the pipeline's `guidance_scale`)."""
+    def render_images(self, jobs: list[ImageJob]) -> list[list[str] | Exception]:
+        """Each job's `n` images as base64 PNGs, drawn by the `LaVITPipeline` (the one place that asks for pixels):
+        jobs with the same size and settings in one pipeline call, every image from its own generator (`ImageJob.
+        generators`), so a job gets what it gets alone. A job's failure is returned in its place; a group the pipeline
+        refuses as a whole (its memory bound) is drawn one job at a time."""
         if self.pipeline is None:
-            raise OpenAIError("this model is a language model folder without a pixel decoder: serve a LaVITPipeline "
-                              "folder (model_index.json) to draw images", "model", status=400)
-        height, width = job.size or (None, None)
-        settings = dict(job.settings)
-        images = self.pipeline(
-            job.prompt, num_images_per_prompt=job.n, generator=torch.Generator(self.device).manual_seed(job.seed),
-            height=height, width=width, token_guidance_scale=settings.pop("guidance_scale", None),
-            guidance_scale=settings.pop("decoder_guidance_scale", None), **settings,
-        ).images
-        encoded = []
-        for image in images:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+            error = OpenAIError("this model is a language model folder without a pixel decoder: serve a "
+                                "LaVITPipeline folder (model_index.json) to draw images", "model", status=400)
+            return [error] * len(jobs)
+        results = {}
+        for _, group in groupby(sorted(range(len(jobs)), key=lambda i: repr(jobs[i].batch_key())),
+                                key=lambda i: repr(jobs[i].batch_key())):
+            group = list(group)
+            try:
+                drawn = self._draw([jobs[i] for i in group])
+            except Exception as error:
+                drawn = ([error] if len(group) == 1 else
+                         [item for i in group for item in self.render_images([jobs[i]])])
+            results.update(zip(group, drawn, strict=True))
+        return [results[i] for i in range(len(jobs))]
+
+    def _draw(self, jobs: list[ImageJob]) -> list[list[str]]:
+        """One pipeline call for jobs that share size and settings: each job's prompt once per image. The request's
+        `guidance_scale` is the language model's (the pipeline's `token_guidance_scale`), its
+        `decoder_guidance_scale` the diffusion decoder's (the pipeline's `guidance_scale`)."""
+        height, width = jobs[0].size or (None, None)
+        settings = dict(jobs[0].settings)
+        try:
+            images = self.pipeline(
+                [job.prompt for job in jobs for _ in range(job.n)], num_images_per_prompt=1,
+                generator=[generator for job in jobs for generator in job.generators(self.device)],
+                height=height, width=width, token_guidance_scale=settings.pop("guidance_scale", None),
+                guidance_scale=settings.pop("decoder_guidance_scale", None), **settings,
+            ).images
+        except ValueError as error:  # the decoder's own bounds (size, memory): the request's, not the server's
+            raise OpenAIError(f"the image cannot be drawn: {str(error).splitlines()[0]}", None) from error
+        encoded, start = [], 0
+        for job in jobs:
+            encoded.append([png_base64(image) for image in images[start : start + job.n]])
+            start += job.n
         return encoded
+
+
+def png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,5 +1,6 @@
 import base64
 import io
+import socket
 
 import numpy as np
 import torch
@@ -52,3 +53,9 @@ def alone(engine, job) -> list[str]:
         cuts = [text.find(stop) for stop in job.stop if stop in text]
         answers.append(text[: min(cuts)] if cuts else text)
     return answers * job.n if job.sampling.greedy else answers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -4,8 +4,8 @@ max_tokens, stop strings and visual token budgets), with no Ray: the engine and 
 import pytest
 from serving_helpers import alone, data_url, write_tiny_lavit
 
-from lavit.serving.engine import LaVITEngine, RequestPreparer
-from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
+from lavit.serving.engine import LaVITEngine, RequestPreparer, png_base64
+from lavit.serving.schemas import ChatCompletionRequest, OpenAIError, ServeLimits
 
 
 def chat(text, images=(), **settings) -> ChatCompletionRequest:
@@ -70,3 +70,30 @@ def test_a_sampling_selector_draws_from_each_request_seed(engine_and_preparer):
         assert texts(jobs[::-1]) == [text for job in jobs[::-1] for text in texts([job])]
     finally:
         config.selection_mode = previous
+
+
+def test_batched_image_requests_equal_each_alone(engine_and_preparer):
+    """Image requests of mixed prompts, `n`, seeds and settings in one `render_images` call: each gets the images
+    the pipeline draws for its prompt alone with its seed's generators (the two settings groups are two calls)."""
+    from lavit.serving.schemas import ImageGenerationRequest
+
+    engine, preparer = engine_and_preparer
+    requests = [
+        ImageGenerationRequest(prompt="a red bus", n=2, seed=4, num_inference_steps=2),
+        ImageGenerationRequest(prompt="a cat on a long sofa by the window", seed=9, num_inference_steps=2),
+        ImageGenerationRequest(prompt="a red bus", seed=5, num_inference_steps=3, guidance_scale=2.0),
+        ImageGenerationRequest(prompt="two dogs", n=2, seed=4, num_inference_steps=2),
+    ]
+    jobs = [preparer.image_job(request) for request in requests]
+    batched = engine.render_images(jobs)
+    for job, images in zip(jobs, batched, strict=True):
+        settings = dict(job.settings)
+        alone_images = engine.pipeline(
+            job.prompt, num_images_per_prompt=job.n, generator=job.generators(engine.device),
+            token_guidance_scale=settings.pop("guidance_scale", None), **settings).images
+        assert images == [png_base64(image) for image in alone_images], job
+    assert batched[0] != batched[3] and batched[0][0] != batched[0][1]  # prompts and images apart draw apart
+    # a failure stays with its request: one bad size among good ones
+    bad = preparer.image_job(ImageGenerationRequest(prompt="a cat", size="37x37", num_inference_steps=2))
+    mixed = engine.render_images([jobs[1], bad])
+    assert mixed[0] == batched[1] and isinstance(mixed[1], OpenAIError)

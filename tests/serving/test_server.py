@@ -4,7 +4,6 @@ test, a replica killed mid-flight, and a graceful shutdown (SIGTERM) that finish
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,19 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import psutil
 import pytest
-from serving_helpers import alone, data_url, write_tiny_lavit
+from serving_helpers import alone, data_url, free_port, write_tiny_lavit
 
 from lavit.serving.engine import LaVITEngine, RequestPreparer
 from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
 
 pytestmark = pytest.mark.slow
 STARTUP_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ def make_parser(commands) -> argparse.ArgumentParser:
                        help="default: bfloat16 on GPUs, float32 on CPUs")
     serve.add_argument("--max-batch-size", type=POSITIVE_INT, default=16,
                        help="requests batched together (1: one at a time)")
+    serve.add_argument("--max-image-batch-size", type=POSITIVE_INT, default=4,
+                       help="image requests drawn in one pipeline call (same size and settings)")
     serve.add_argument("--batch-wait-timeout", type=NON_NEGATIVE_FLOAT, default=0.02,
                        help="seconds to wait to fill a batch")
     serve.add_argument("--allowed-local-media-path", type=InputPath, default=None,
@@ -59,7 +61,8 @@ def run(args) -> None:
         model=model, model_name=args.served_model_name, replicas=args.replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests, request_timeout_s=args.request_timeout,
         gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, dtype=args.dtype,
-        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout,
+        max_batch_size=args.max_batch_size, max_image_batch_size=args.max_image_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout,
         allowed_local_media_path=args.allowed_local_media_path, limits=limits,
     )
     run_server(settings, host=args.host, port=args.port, num_cpus=args.num_cpus)

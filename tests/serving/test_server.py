@@ -63,10 +63,16 @@ def client(server, timeout=120) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def reference(server):
-    """`generate` alone on the same folder in this process."""
-    engine = LaVITEngine(str(server["folder"]), device="cpu")
-    preparer = RequestPreparer(str(server["folder"]), ServeLimits(max_tokens=400))
+def local(server):
+    """The engine and the preparer on the same folder in this process (the references)."""
+    return (LaVITEngine(str(server["folder"]), device="cpu"),
+            RequestPreparer(str(server["folder"]), ServeLimits(max_tokens=400)))
+
+
+@pytest.fixture(scope="module")
+def reference(local):
+    """`generate` alone."""
+    engine, preparer = local
     return lambda body: alone(engine, preparer.chat_job(ChatCompletionRequest(model="tiny-lavit", **body)))
 
 
@@ -111,13 +117,29 @@ def test_streaming_gives_the_same_text(server):
     assert streamed == ask(api, BODIES[5]).choices[0].message.content
 
 
-def test_images_and_errors_over_http(server):
+IMAGE_BODIES = [
+    {"prompt": "a red bus", "n": 2, "extra_body": {"seed": 4, "num_inference_steps": 2}},
+    {"prompt": "a cat on a long sofa", "extra_body": {"seed": 7, "num_inference_steps": 2}},
+    {"prompt": "a red bus", "extra_body": {"seed": 1, "num_inference_steps": 2, "guidance_scale": 2.0}},
+    {"prompt": "two dogs", "n": 2, "extra_body": {"seed": 4, "num_inference_steps": 2}},
+]
+
+
+def test_concurrent_image_requests_get_what_each_gets_alone(server, local):
+    from lavit.serving.schemas import ImageGenerationRequest
+
+    engine, preparer = local
+    api = client(server)
+    with ThreadPoolExecutor(len(IMAGE_BODIES)) as pool:  # all at once: batched into pipeline calls
+        answers = list(pool.map(lambda body: api.images.generate(model="tiny-lavit", **body), IMAGE_BODIES))
+    for body, answer in zip(IMAGE_BODIES, answers, strict=True):
+        request = ImageGenerationRequest(prompt=body["prompt"], n=body.get("n", 1), **body["extra_body"])
+        assert [item.b64_json for item in answer.data] == engine.render_images([preparer.image_job(request)])[0]
+
+
+def test_errors_over_http(server):
     api = client(server)
     assert [model.id for model in api.models.list().data] == ["tiny-lavit"]
-    settings = {"seed": 4, "num_inference_steps": 2}
-    first = api.images.generate(model="tiny-lavit", prompt="a red bus", n=2, extra_body=settings)
-    again = api.images.generate(model="tiny-lavit", prompt="a red bus", n=2, extra_body=settings)
-    assert len(first.data) == 2 and [item.b64_json for item in first.data] == [item.b64_json for item in again.data]
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="gpt-4o", messages=user("hi"))
     with pytest.raises(openai.BadRequestError) as raised:

@@ -3,6 +3,7 @@
 import importlib
 import re
 
+import pytest
 import yaml
 from conftest import REPO_ROOT
 
@@ -19,3 +20,15 @@ def test_readme_cluster_config_builds_the_application():
         module, _, name = application.import_path.partition(":")
         builder = getattr(importlib.import_module(module), name)
         assert isinstance(builder(application.args), Application)
+
+
+def test_replica_scaling_is_fixed_or_autoscaled():
+    from lavit.serving.deployments import ServeSettings, replica_scaling
+
+    assert replica_scaling(ServeSettings(model="m", replicas=2)) == {"num_replicas": 2}
+    scaled = replica_scaling(ServeSettings(model="m", replicas=1, max_replicas=4, target_ongoing_requests=3,
+                                           autoscaling={"downscale_delay_s": 5.0}))
+    assert scaled == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
+                                             "downscale_delay_s": 5.0}}
+    with pytest.raises(ValueError, match="max_replicas"):
+        replica_scaling(ServeSettings(model="m", autoscaling={"downscale_delay_s": 5.0}))

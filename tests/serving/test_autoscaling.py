@@ -1,6 +1,8 @@
-"""Autoscaling of the model replicas, for real: `build_app` (what `lavit serve --max-replicas` and a `serve deploy`
-config run) on a local Ray instance with 1 to 2 replicas aiming at 1 ongoing request each. A bounded load (8 clients,
-a fixed number of requests, a time limit) brings up the second replica; once the load stops it goes away again."""
+"""The model replicas under Ray's own control, for real: `build_app` (what `lavit serve --max-replicas` and a
+`serve deploy` config run) on a local Ray instance driven from this process, 1 to 2 replicas aiming at 1 ongoing
+request each. A bounded load (8 clients, a fixed number of requests, a time limit) brings up the second replica; once
+the load stops it goes away again. Then every replica is killed through Ray's API (`ray.kill`) with requests in
+flight: each completes (retried) or gets a clean error, none hangs, and the server serves again."""
 
 import threading
 import time
@@ -82,3 +84,48 @@ def test_replicas_scale_up_under_load_and_back_down(autoscaled):
     assert answered and all(reason in ("stop", "length") for reason in answered)
     print(f"autoscaling: 2 replicas {up_s:.1f} s into the load, back to 1 {down_s:.1f} s after it "
           f"({len(answered)} requests answered)")
+
+
+def outcome(api, index: int, started: threading.Event) -> str:
+    """How a request ended: "200", its status code, or "stream error" (an error event ended the stream)."""
+    body = {"model": "tiny-lavit", "messages": [{"role": "user", "content": "two dogs play"}], "max_tokens": 300,
+            "temperature": 1.0, "seed": index}
+    try:
+        if index % 2 == 0:
+            api.chat.completions.create(**body)
+        else:
+            for _ in api.chat.completions.create(**body, stream=True):
+                started.set()
+        return "200"
+    except openai.APIStatusError as error:
+        return str(error.status_code)
+    except openai.APIConnectionError:
+        return "connection error"
+    except openai.APIError as error:  # an error event ended the stream: the clean one names its cause
+        if (error.body or {}).get("code") != "replica_lost":
+            return f"stream error {error.body}"
+        return "stream error"
+
+
+def test_replicas_killed_through_ray_never_hang_a_request(autoscaled):
+    import ray
+
+    from lavit.serving.deployments import MODEL_DEPLOYMENT
+
+    api, running = autoscaled
+    started = threading.Event()
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(outcome, api, index, started) for index in range(6)]
+        assert started.wait(timeout=60), "no request started"
+        replicas = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
+                    if f"#{MODEL_DEPLOYMENT}#" in actor["name"]]
+        assert replicas
+        for actor in replicas:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+        outcomes = [future.result(timeout=180) for future in futures]  # a hang fails here
+    assert all(item in ("200", "stream error") or item.startswith("5") for item in outcomes), outcomes
+    # Ray Serve starts a new replica; the server answers again
+    answer = api.chat.completions.create(model="tiny-lavit", messages=[{"role": "user", "content": "a cat"}],
+                                         max_tokens=3, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    print(f"outcomes after killing {len(replicas)} replica(s) through ray.kill: {outcomes}")

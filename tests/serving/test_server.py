@@ -172,7 +172,11 @@ def outcome(api, body, streaming: threading.Event) -> str:
         return "200"
     except openai.APIStatusError as error:
         return str(error.status_code)
-    except openai.APIError:  # the error event that ends a stream whose replica was lost
+    except openai.APIConnectionError:
+        return "connection error"
+    except openai.APIError as error:  # an error event ended the stream: the clean one names its cause
+        if (error.body or {}).get("code") != "replica_lost":
+            return f"stream error {error.body}"  # the error event that ends a stream whose replica was lost
         return "stream error"
 
 

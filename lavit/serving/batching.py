@@ -10,6 +10,7 @@ greedy over the batch (`do_sample=False`) with two per-row pieces:
   its own `max_tokens`, at EOS or at a stop string, after which `generate` pads it (and stops when all are done).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,10 +78,12 @@ class RowSampler(LogitsProcessor):
 
 @dataclass
 class RowText:
-    """One output row: its tokens, the text handed out so far, and why it finished (`"stop"`, `"length"`)."""
+    """One output row: its tokens, the text handed out so far, and why it finished (`"stop"`, `"length"`, or
+    `"cancelled"` once `cancelled()` says no one reads it any more: a timeout, a closed connection)."""
 
     max_tokens: int
     stop: list[str]
+    cancelled: Callable[[], bool] = bool
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0
@@ -92,9 +95,8 @@ class RowTexts(BaseStreamer, StoppingCriteria):
     `on_step(deltas)` is called after each step with one `(text_delta, finish_reason)` per row (`None` once a row has
     finished before)."""
 
-    def __init__(self, tokenizer, rows: list[RowText], eos_token_ids: set[int], on_step, cancelled=None):
+    def __init__(self, tokenizer, rows: list[RowText], eos_token_ids: set[int], on_step):
         self.tokenizer, self.rows, self.eos_token_ids, self.on_step = tokenizer, rows, eos_token_ids, on_step
-        self.cancelled = cancelled  # a `threading.Event`: set, every row stops (no one reads the answers any more)
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -117,8 +119,9 @@ class RowTexts(BaseStreamer, StoppingCriteria):
             self.on_step(deltas)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        if self.cancelled is not None and self.cancelled.is_set():
-            return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        for row in self.rows:  # a cancelled row stops here; `generate` ends once every row has
+            if row.finish_reason is None and row.cancelled():
+                row.finish_reason = "cancelled"
         return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
 
     def _add(self, row: RowText, token: int):

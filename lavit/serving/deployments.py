@@ -66,12 +66,20 @@ class LaVITModelDeployment:
 
     async def chat(self, job: ChatJob):
         """Streams the job's per-step deltas (call with `handle.options(stream=True)`)."""
-        async for deltas in self.chat_batch(job):
-            yield deltas
+        try:
+            async for deltas in self.chat_batch(job):
+                yield deltas
+        except (asyncio.CancelledError, GeneratorExit):  # the caller gave up (timeout, closed connection)
+            job.cancelled = True  # its rows stop; the rows batched with it go on
+            raise
 
     async def complete(self, job: ChatJob) -> tuple[list[str], list[str | None], int]:
         """The whole answer of a non-streaming request in one reply (no message per step), batched all the same."""
-        return await collect(self.chat_batch(job), job.n)
+        try:
+            return await collect(self.chat_batch(job), job.n)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def image_batch(self, jobs: list[ImageJob]) -> list[list[str] | Exception]:

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import secrets
-import threading
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -32,6 +31,7 @@ class ChatJob:
     max_tokens: int
     stop: list[str]
     image_max_tokens: int | None
+    cancelled: bool = False  # set where the request is given up (timeout, closed connection): its rows stop
 
 
 @dataclass
@@ -157,9 +157,9 @@ class LaVITEngine:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos if eos is not None
                                                                     else self.processor.tokenizer.eos_token_id])
 
-    def run_batch(self, jobs: list[ChatJob], on_step, cancelled: threading.Event | None = None) -> list[RowText]:
+    def run_batch(self, jobs: list[ChatJob], on_step) -> list[RowText]:
         """Decodes every job's `n` rows in one `generate`; `on_step(deltas)` gets one `(text_delta, finish_reason)`
-        (or None) per row after each step, rows in job order; `cancelled` set stops every row at the next step.
+        (or None) per row after each step, rows in job order; a job whose `cancelled` is set stops at the next step.
         Returns the rows."""
         # 1. rows: each job's prompt repeated `n` times, left-padded together; its images once per row
         rows = [job.input_ids for job in jobs for _ in range(job.n)]
@@ -169,8 +169,9 @@ class LaVITEngine:
         attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in rows], device=self.device)
         image_inputs = self._image_inputs(jobs)
         # 2. per-row sampling and stopping (see batching.py)
-        texts = [RowText(job.max_tokens, job.stop) for job in jobs for _ in range(job.n)]
-        streamer = RowTexts(self.processor.tokenizer, texts, self.eos_token_ids, on_step, cancelled)
+        texts = [RowText(job.max_tokens, job.stop, cancelled=lambda job=job: job.cancelled)
+                 for job in jobs for _ in range(job.n)]
+        streamer = RowTexts(self.processor.tokenizer, texts, self.eos_token_ids, on_step)
         # LaVIT's generate puts its image-token suppression after the processors it is given: the sampler draws from
         # the suppressed scores, as `generate(generator=...)` does, so it suppresses them first itself
         suppress = SuppressImageTokensLogitsProcessor(self.model.config.text_vocab_size,
@@ -187,9 +188,9 @@ class LaVITEngine:
         """`run_batch` in a thread, as an async generator of one item per job and step: the `n` deltas of the job's
         rows (`(text_delta, finish_reason)` or None), or `StopIteration` once all its rows have finished (the shape
         Ray Serve's streaming `@serve.batch` takes)."""
-        loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         runner = asyncio.ensure_future(asyncio.to_thread(
-            self.run_batch, jobs, lambda deltas: loop.call_soon_threadsafe(queue.put_nowait, deltas), cancelled))
+            self.run_batch, jobs, lambda deltas: loop.call_soon_threadsafe(queue.put_nowait, deltas)))
         starts = [sum(job.n for job in jobs[:index]) for index in range(len(jobs))]
         done = [False] * len(jobs)
         try:
@@ -207,7 +208,8 @@ class LaVITEngine:
                 yield items
             runner.result()  # a failure inside generate is raised here
         finally:  # the reader left (a timeout, a closed connection): the rows stop rather than decode for no one
-            cancelled.set()
+            for job in jobs:
+                job.cancelled = True
 
     def _image_inputs(self, jobs: list[ChatJob]) -> dict:
         """Every row's images. One selection for the whole batch when the selector is deterministic and the jobs agree

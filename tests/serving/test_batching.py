@@ -97,3 +97,21 @@ def test_batched_image_requests_equal_each_alone(engine_and_preparer):
     bad = preparer.image_job(ImageGenerationRequest(prompt="a cat", size="37x37", num_inference_steps=2))
     mixed = engine.render_images([jobs[1], bad])
     assert mixed[0] == batched[1] and isinstance(mixed[1], OpenAIError)
+
+
+def test_a_cancelled_request_stops_and_its_batch_mates_go_on(engine_and_preparer):
+    """A job given up mid-batch (timeout, closed connection: `job.cancelled`) stops at the next step; the rows
+    batched with it still get what they get alone."""
+    engine, preparer = engine_and_preparer
+    given_up = preparer.chat_job(chat("a photo of a cat", temperature=1.0, seed=1, max_tokens=60))
+    others = [preparer.chat_job(request) for request in REQUESTS[1:3]]
+    steps = []
+
+    def on_step(deltas):
+        steps.append(deltas)
+        if len(steps) == 2:
+            given_up.cancelled = True
+
+    rows = engine.run_batch([given_up, *others], on_step)
+    assert rows[0].finish_reason == "cancelled" and len(rows[0].tokens) == 2
+    assert [row.text for row in rows[1:]] == [answer for job in others for answer in alone(engine, job)]

@@ -2,12 +2,13 @@
 `serve deploy` config run) on a local Ray instance driven from this process, 1 to 2 replicas aiming at 1 ongoing
 request each. A bounded load (8 clients, a fixed number of requests, a time limit) brings up the second replica; once
 the load stops it goes away again. Then every replica is killed through Ray's API (`ray.kill`) with requests in
-flight: each completes (retried) or gets a clean error, none hangs, and the server serves again."""
+flight: each completes (retried) or gets a clean error, none hangs, and the server serves again. Last, a second
+application with a 1 s time limit answers longer requests with a 408 OpenAI error body."""
 
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import openai
 import pytest
@@ -42,8 +43,13 @@ def autoscaled(tmp_path_factory):
         def running() -> int:
             return serve.status().applications["lavit"].deployments[MODEL_DEPLOYMENT].replica_states.get("RUNNING", 0)
 
+        def deploy(name: str, **changes) -> openai.OpenAI:
+            serve.run(build_app(asdict(replace(settings, **changes))), name=name, route_prefix=f"/{name}")
+            return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{name}/v1", api_key="unused", max_retries=0,
+                                 timeout=120)
+
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                            timeout=120), running
+                            timeout=120), running, deploy
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -59,7 +65,7 @@ def wait_for(condition, limit_s: float) -> float:
 
 
 def test_replicas_scale_up_under_load_and_back_down(autoscaled):
-    api, running = autoscaled
+    api, running, _ = autoscaled
     assert running() == 1
     stop, answered = threading.Event(), []
 
@@ -112,13 +118,13 @@ def test_replicas_killed_through_ray_never_hang_a_request(autoscaled):
 
     from lavit.serving.deployments import MODEL_DEPLOYMENT
 
-    api, running = autoscaled
+    api, running, _ = autoscaled
     started = threading.Event()
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(outcome, api, index, started) for index in range(6)]
         assert started.wait(timeout=60), "no request started"
         replicas = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
-                    if f"#{MODEL_DEPLOYMENT}#" in actor["name"]]
+                    if f"#{MODEL_DEPLOYMENT}#" in actor["name"] and "strict" not in actor["name"]]
         assert replicas
         for actor in replicas:
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
@@ -129,3 +135,14 @@ def test_replicas_killed_through_ray_never_hang_a_request(autoscaled):
                                          max_tokens=3, temperature=0)
     assert answer.choices[0].finish_reason in ("stop", "length")
     print(f"outcomes after killing {len(replicas)} replica(s) through ray.kill: {outcomes}")
+
+
+def test_a_request_past_the_time_limit_gets_a_408_on_ray(autoscaled):
+    *_, deploy = autoscaled
+    api = deploy("strict", replicas=1, max_replicas=None, autoscaling={}, request_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as raised:  # 8 rows of up to 400 tokens: far past 1 s
+        api.chat.completions.create(model="tiny-lavit", messages=[{"role": "user", "content": "a cat"}], n=8,
+                                    max_tokens=400, temperature=1.0, seed=0)
+    assert raised.value.status_code == 408 and time.monotonic() - started < 10
+    assert raised.value.body["code"] == "request_timeout"

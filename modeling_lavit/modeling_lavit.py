@@ -627,8 +627,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         """
         # 1. targets as for the logits, then only the supervised positions
         targets, is_image_target = self._loss_targets(labels, shift_labels, loss_modalities, hidden_states.shape[1])
+        targets, is_image_target = targets.to(hidden_states.device), is_image_target.to(hidden_states.device)
         supervised = targets != -100
-        targets = targets.to(hidden_states.device)
         hidden_states, targets = hidden_states[supervised], targets[supervised]
         is_image_target = is_image_target[supervised]
         # 2. summed cross-entropy per modality, divided by the targets of the whole accumulated batch

@@ -16,6 +16,7 @@ frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume
 
 import json
 import logging
+import os
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +101,7 @@ class LaVITTrainer(Trainer):
             # processes, which rows of different lengths (and the 0-d `skipped_records`) cannot be
             kwargs["args"].accelerator_config.dispatch_batches = False
         if kwargs.get("args") is not None and kwargs["args"].use_liger_kernel:
+            check_liger_device(kwargs["args"].device)
             register_liger_kernel()  # the Trainer applies Liger by model type in `train()`: LaVIT's must be known
         super().__init__(*args, **kwargs)
         if streamed:  # whole batches per dataloader worker: the batches of the run without workers. A batch is
@@ -436,6 +438,14 @@ class LaVITDetokenizerTrainer(LaVITTrainer):
     def evaluation_loop(self, *args, **kwargs):
         self._eval_batches = 0
         return super().evaluation_loop(*args, **kwargs)
+
+
+def check_liger_device(device: torch.device) -> None:
+    """Liger's kernels are Triton kernels: a CUDA (or ROCm, XPU, NPU) device, or Triton's interpreter
+    (`TRITON_INTERPRET=1`, slow, for tests) on the CPU. Raises `ValueError` with the fix otherwise."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--use_liger_kernel needs a GPU: Liger's kernels are Triton kernels, which do not run on the "
+                         "CPU; drop --use_liger_kernel there")
 
 
 def kahan_adamw(optimizer_kwargs: dict) -> tuple[type, dict]:

@@ -102,3 +102,13 @@ def test_liger_kernels_through_use_liger_kernel_keep_the_loss():
     assert modules["norms"] and modules["liger_norms"] == modules["norms"]
     assert modules["mlps"] and modules["liger_mlps"] == modules["mlps"]
     assert modules["visual_liger"] == [] and report["rope_patched"] and report["fused_loss_set"]
+
+
+def test_use_liger_kernel_on_the_cpu_is_refused_with_the_fix(lavit_model, tmp_path, monkeypatch):
+    from lavit.training.trainer import LaVITTrainer
+    from transformers import TrainingArguments
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, use_liger_kernel=True, report_to="none")
+    with pytest.raises(ValueError, match="--use_liger_kernel needs a GPU.*drop --use_liger_kernel"):
+        LaVITTrainer(model=lavit_model, args=args, train_dataset=[])

@@ -2,7 +2,8 @@
 image-token generation with classifier-free guidance on vs off. Random weights; all variants in one process.
 
   caption     model.generate(input_ids, pixel_values): visual tokenizer + placeholder expansion + LM prefill + greedy
-              decoding of --new-tokens tokens (tokenizer included in the time)
+              decoding of --new-tokens tokens (tokenizer included in the time); dynamic cache, and on CUDA also the
+              static cache (transformers compiles the decoding step: LaVIT's CUDA default), for both LMs
   prefill     one forward with logits_to_keep=1 (what generate does first), tokenizer included
   fixed576    the same LM and the same calls on a 576-image-token + 10-text-token prompt (LLaVA-1.5 style), fed as
               embeddings, without any vision encoder (so the baseline is favoured)
@@ -112,6 +113,9 @@ def main():
     generator = torch.Generator().manual_seed(0)
     hidden_size = model.config.text_config.hidden_size
     greedy = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    # the dynamic cache (eager decoding), and on CUDA the static cache with which transformers compiles the decoding
+    # step (LaVIT's `generate` default there); both LMs get the same cache
+    caches = ["dynamic", "static"] if device.type == "cuda" else ["dynamic"]
     rows = []
     with torch.no_grad():
         for batch_size in batch_sizes:
@@ -125,24 +129,27 @@ def main():
             fixed_embeds = torch.randn(batch_size, fixed_length, hidden_size, generator=generator).to(device, dtype)
             fixed_mask = torch.ones(batch_size, fixed_length, dtype=torch.long, device=device)
 
-            def run_lavit_caption(inputs=inputs):
-                model.generate(**inputs, **greedy)
-
-            def run_fixed_caption(embeds=fixed_embeds, mask=fixed_mask):
-                GenerationMixin.generate(model, inputs_embeds=embeds, attention_mask=mask, **greedy)
-
             def run_lavit_prefill(inputs=inputs):
                 model(**inputs, logits_to_keep=1, use_cache=True)
 
             def run_fixed_prefill(embeds=fixed_embeds, mask=fixed_mask):
                 model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1, use_cache=True)
 
-            for name, fn, prompt_tokens in (
-                ("lavit caption", run_lavit_caption, lavit_prompt_tokens),
-                ("fixed576 caption", run_fixed_caption, fixed_length),
-                ("lavit prefill", run_lavit_prefill, lavit_prompt_tokens),
-                ("fixed576 prefill", run_fixed_prefill, fixed_length),
-            ):
+            runs = []
+            for cache in caches:
+                def run_lavit_caption(inputs=inputs, cache=cache):
+                    model.generate(**inputs, **greedy, cache_implementation=cache)
+
+                def run_fixed_caption(embeds=fixed_embeds, mask=fixed_mask, cache=cache):
+                    GenerationMixin.generate(model, inputs_embeds=embeds, attention_mask=mask, **greedy,
+                                             cache_implementation=cache)
+
+                suffix = "" if cache == "dynamic" else f" {cache}"
+                runs += [(f"lavit caption{suffix}", run_lavit_caption, lavit_prompt_tokens),
+                         (f"fixed576 caption{suffix}", run_fixed_caption, fixed_length)]
+            runs += [("lavit prefill", run_lavit_prefill, lavit_prompt_tokens),
+                     ("fixed576 prefill", run_fixed_prefill, fixed_length)]
+            for name, fn, prompt_tokens in runs:
                 times = timed(fn, device, args.warmup, args.repeats)
                 median = statistics.median(times)
                 rows.append(dict(name=name, batch_size=batch_size, median_s=median, min_s=min(times),
@@ -177,7 +184,7 @@ def main():
               f"{row.get('tokens_per_s', float('nan')):>9.1f}")
     by_key = {(row["name"], row["batch_size"]): row for row in rows}
     for batch_size in batch_sizes:
-        for kind in ("caption", "prefill"):
+        for kind in ["prefill"] + [f"caption{'' if cache == 'dynamic' else ' ' + cache}" for cache in caches]:
             ratio = by_key[(f"lavit {kind}", batch_size)]["images_per_s"] / by_key[(f"fixed576 {kind}",
                                                                                     batch_size)]["images_per_s"]
             print(f"lavit / fixed576 {kind} throughput at batch {batch_size}: {ratio:.2f}x")

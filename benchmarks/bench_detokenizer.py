@@ -2,7 +2,8 @@
 (LaVITDetokenizer.decode), with the classifier-free-guidance halves batched vs sequential vs off, and with fewer steps
 / a faster scheduler. Random weights (speed does not depend on them); all variants in one process.
 
-  tokens      generate_image_tokens: --image-tokens visual tokens (min = max), LM guidance 4.0, batch 1
+  tokens      generate_image_tokens: --image-tokens visual tokens (min = max), LM guidance 4.0, batch 1, with the
+              device's defaults (CUDA: static cache + compiled step) and, beside it, dynamic cache uncompiled
   features    codebook lookup + feature decoder + conditioning heads
   unet        the denoising loop (UNet calls + scheduler steps)
   vae         latents -> pixels
@@ -65,13 +66,16 @@ def build_detokenizer(size, conditioning, lm_config, device, dtype) -> LaVITDeto
 
 
 def time_token_generation(size, image_tokens, device, dtype, repeats):
-    """Seconds to sample one image's visual tokens with LM guidance 4.0; the tokens; the LM config. The LM is freed
-    before the decoders are built."""
+    """Seconds to sample one image's visual tokens with LM guidance 4.0, with the device's default settings (on CUDA
+    the static cache and a compiled step: what `LaVITPipeline` runs) and with the dynamic cache, uncompiled; the
+    tokens; the LM config. The LM is freed before the decoders are built."""
     model = build_model("tiny" if size == "tiny" else "7b", device, dtype)
     model.config.text_config.pad_token_id = 0
     prompt = torch.randint(3, model.config.text_vocab_size, (1, 12), device=device)
     settings = dict(min_new_tokens=image_tokens, max_new_tokens=image_tokens, guidance_scale=4.0)
-    seconds = timed(lambda: model.generate_image_tokens(prompt, **settings), device, repeats)
+    eager = dict(settings, cache_implementation="dynamic", compile_decoding=False)
+    seconds = {"default": timed(lambda: model.generate_image_tokens(prompt, **settings), device, repeats),
+               "eager": timed(lambda: model.generate_image_tokens(prompt, **eager), device, repeats)}
     return seconds, model.generate_image_tokens(prompt, **settings), model.config
 
 
@@ -103,7 +107,9 @@ def main():
     torch.manual_seed(0)
     from diffusers import DPMSolverMultistepScheduler
 
-    tokens_s, tokens, lm_config = time_token_generation(args.size, args.image_tokens, device, dtype, args.repeats)
+    token_seconds, tokens, lm_config = time_token_generation(args.size, args.image_tokens, device, dtype,
+                                                             args.repeats)
+    tokens_s = token_seconds["default"]
     code_ids, token_counts = tokens.code_ids, tokens.token_counts
     rows = []
     for conditioning in ["lowres"] + (["highres"] if args.highres else []):
@@ -120,7 +126,8 @@ def main():
             parts = stage_times(detokenizer, code_ids, token_counts, steps, guidance, batched, scheduler, device,
                                 args.repeats)
             total = tokens_s + parts["features_s"] + parts["unet_s"] + parts["vae_s"]
-            rows.append({"decoder": conditioning, "variant": name, "tokens_s": tokens_s, **parts,
+            rows.append({"decoder": conditioning, "variant": name, "tokens_s": tokens_s,
+                         "tokens_eager_s": token_seconds["eager"], **parts,
                          "total_s": total, "images_per_s": 1 / total})
         del detokenizer
     print(f"{'decoder':8} {'variant':38} {'tokens':>8} {'features':>9} {'unet':>8} {'vae':>8} {'total s':>8} "

@@ -14,6 +14,10 @@ run on pixels is not timed). Variants:
   packed 1 row    all segments in one row of rows x row-length tokens, FlexAttention (CUDA only: FlexAttention has
                   no CPU backward)
 
+Options after a layout, e.g. "packed 1 row +liger +bf16": "+liger" trains with `use_liger_kernel` (Liger's RMSNorm,
+RoPE, SwiGLU and the fused linear cross-entropy over the head; liger-kernel), "+bf16" with pure bf16 weights and
+Kahan-summed AdamW (torch-optimi) instead of AMP.
+
 tokens/s counts real tokens only (padding excluded), so the variants are compared on the same useful work.
 MFU = (6 N + 12 L H s) tokens/s / peak, with N the LM's parameters (embedding and head included), L layers, H the
 hidden size and s each token's segment length (attention inside its segment, non-causal count), as in
@@ -63,6 +67,8 @@ SMALL_TOKENIZER = dict(
     decoder_hidden_size=64, decoder_num_layers=1, decoder_num_heads=4, decoder_intermediate_size=128,
 )
 EOS_TOKEN_ID = 2
+# variant options after the layout: Liger's kernels (use_liger_kernel), pure bf16 weights (the stages' --dtype bfloat16)
+OPTIONS = ("liger", "bf16")
 
 
 def build_model(size: str, attn_implementation: str, dtype: torch.dtype, device) -> LaVITForCausalLM:
@@ -139,7 +145,8 @@ class StepTimer(TrainerCallback):
 
 
 def run_variant(args, variant: dict, gradient_checkpointing: bool, steps: list[list[dict]], device) -> dict:
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    pure_bf16 = args.precision == "bf16" or "bf16" in variant["options"]
+    dtype = torch.bfloat16 if pure_bf16 else torch.float32
     model = build_model(args.size, variant["attention"], dtype, device)
     config = model.config
     collator = PreTokenizedCollator(None, config.image_start_token_id, pad_token_id=0, packed=variant["packed"],
@@ -150,20 +157,23 @@ def run_variant(args, variant: dict, gradient_checkpointing: bool, steps: list[l
         training_args = LaVITTrainingArguments(
             output_dir=output_dir, max_steps=len(steps), per_device_train_batch_size=1, learning_rate=1e-4,
             warmup_steps=0, save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
-            use_cpu=device.type == "cpu", bf16=args.precision != "fp32", gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, seed=0,
-            deepspeed=args.deepspeed,
+            use_cpu=device.type == "cpu", bf16=args.precision == "amp" and not pure_bf16,
+            gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+            dataloader_num_workers=0, seed=0, deepspeed=args.deepspeed, use_liger_kernel="liger" in variant["options"],
         )
-        trainer = LaVITTrainer(model=model, args=training_args, train_dataset=steps, data_collator=collator,
-                               callbacks=[timer])
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        try:
+        trainer = None
+        try:  # Liger's kernels apply in `train()`; pure bf16 takes torch-optimi's AdamW (kahan_adamw)
+            trainer = LaVITTrainer(model=model, args=training_args, train_dataset=steps, data_collator=collator,
+                                   callbacks=[timer])
             trainer.train()
             error = None
         except torch.OutOfMemoryError:
             error = "out of memory"
+        except ImportError as missing:  # liger-kernel or torch-optimi not installed
+            error = f"not installed: {missing}"
         peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         del trainer
     del model
@@ -171,7 +181,8 @@ def run_variant(args, variant: dict, gradient_checkpointing: bool, steps: list[l
     if device.type == "cuda":
         torch.cuda.empty_cache()
     row = dict(variant=variant["name"], attention=variant["attention"], gradient_checkpointing=gradient_checkpointing,
-               peak_memory_gib=peak_gib, error=error)
+               weights="bf16" if pure_bf16 else "fp32", liger="liger" in variant["options"], peak_memory_gib=peak_gib,
+               error=error)
     if error is None:
         times = timer.step_times(args.warmup)
         batch = collator([steps[args.warmup]])
@@ -222,9 +233,16 @@ def main():
         "packed 1 row": dict(packed=True, max_row_length=None, pad_to_multiple_of=tokens_per_step,
                              attention="flex_attention"),
     }
-    chosen = [dict(name=name, **variants[name]) for name in args.variants.split(",")]
-    if device.type != "cuda":
-        chosen = [variant for variant in chosen if variant["attention"] != "flex_attention"]
+    chosen = []
+    for name in args.variants.split(","):  # a layout, then options: "packed 1 row +liger +bf16"
+        layout, *options = name.split(" +")
+        unknown = sorted(set(options) - set(OPTIONS))
+        if layout not in variants or unknown:
+            parser.error(f"--variants: {name!r}: layouts {sorted(variants)}, options {OPTIONS}")
+        chosen.append(dict(name=name, options=options, **variants[layout]))
+    if device.type != "cuda":  # FlexAttention has no CPU backward; Liger's Triton kernels need a GPU
+        chosen = [variant for variant in chosen
+                  if variant["attention"] != "flex_attention" and "liger" not in variant["options"]]
 
     reference = build_model(args.size, "sdpa", torch.float32, "meta")
     lm_parameters = sum(parameter.numel() for parameter in reference.model.language_model.parameters())
@@ -246,15 +264,15 @@ def main():
 
     print(f"\nLM {lm_parameters / 1e9:.3f}B parameters, {args.precision}, {real_tokens:.0f} real tokens per step "
           f"(rows {args.rows} x {args.row_length}), device {device.type}")
-    print(f"{'variant':<16}{'attention':<16}{'ckpt':>5}{'batch':>12}{'padding':>9}{'step ms':>10}{'tokens/s':>12}"
+    print(f"{'variant':<28}{'attention':<16}{'ckpt':>5}{'batch':>12}{'padding':>9}{'step ms':>10}{'tokens/s':>12}"
           f"{'MFU %':>8}{'peak GiB':>10}")
     for row in results:
         if row["error"]:
-            print(f"{row['variant']:<16}{row['attention']:<16}{'on' if row['gradient_checkpointing'] else 'off':>5}"
+            print(f"{row['variant']:<28}{row['attention']:<16}{'on' if row['gradient_checkpointing'] else 'off':>5}"
                   f"  {row['error']}")
             continue
         shape = "x".join(map(str, row["batch_shape"]))
-        print(f"{row['variant']:<16}{row['attention']:<16}{'on' if row['gradient_checkpointing'] else 'off':>5}"
+        print(f"{row['variant']:<28}{row['attention']:<16}{'on' if row['gradient_checkpointing'] else 'off':>5}"
               f"{shape:>12}{row['padding_fraction'] * 100:>8.1f}%{row['step_s'] * 1e3:>10.1f}"
               f"{row['tokens_per_s']:>12.0f}{row['mfu'] * 100:>8.1f}{row['peak_memory_gib']:>10.1f}")
     by_key = {(row["variant"], row["gradient_checkpointing"]): row for row in results if not row["error"]}

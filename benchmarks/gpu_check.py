@@ -12,7 +12,12 @@ Steps (in this order; a step that fails or runs out of time is recorded and the 
   training     bench_training.py: stage 2 on the ~1.17B LM, padded vs packed rows (SDPA), tokens/s and MFU
   detokenizer  bench_detokenizer.py: 512x512 synthesis (7B LM tokens with guidance + SD-1.5-size UNet + VAE), CFG
                halves batched vs sequential
-  training_flex  as training, all segments in one packed row with FlexAttention (compiles; last, gets what is left)
+  training_flex  as training, all segments in one packed row with FlexAttention (compiles; gets what is left)
+  training_kernels  as training_flex, with Liger's kernels (use_liger_kernel), with pure bf16 weights (Kahan-summed
+               AdamW) instead of AMP, and with both: each beside the FlexAttention row of training_flex (issue 30)
+Issue 30's other pairs run inside the steps above: caption (dynamic cache vs the static cache that transformers
+compiles, LaVIT's CUDA default, for both LMs), image_tokens (dynamic / static / static + compiled), detokenizer
+(token generation with the CUDA defaults vs dynamic uncompiled).
 Targets (issue 16): tokenizer whole path >= 3x the official code's 301 img/s (H100, batch 128); caption >= 4x the
 fixed-576 LM at batch 32; image-token generation with CFG >= 100 tokens/s at batch 1 (7B); packed >= 1.3x padded;
 MFU >= 45%; seconds per 512x512 image (reported, no target). Random weights everywhere (speed does not depend on them).
@@ -67,6 +72,9 @@ else:
 print("ENV " + json.dumps(result))
 """
 
+# issue 30's training options beside the FlexAttention row (bench_training.py's "+option" syntax)
+KERNEL_VARIANTS = "packed 1 row +liger,packed 1 row +bf16,packed 1 row +liger +bf16"
+
 # every benchmark runs with cuDNN SDPA off (see the module docstring), then as its own __main__
 LAUNCH = ("import runpy, sys, torch; torch.backends.cuda.enable_cudnn_sdp(False); sys.argv = sys.argv[1:]; "
           "runpy.run_path(sys.argv[0], run_name='__main__')")
@@ -92,9 +100,12 @@ def steps(dry_run: bool, results: Path) -> list[dict]:
             # FlexAttention has no CPU backward: on the CPU this step only checks that it runs and is skipped
             training_flex=["--size", "tiny", "--rows", "1", "--row-length", "256", "--steps", "1", "--warmup", "1",
                            "--gradient-checkpointing", "off", "--variants", "packed 1 row"],
+            # Liger needs a GPU too: on the CPU only the pure-bf16 row runs
+            training_kernels=["--size", "tiny", "--rows", "1", "--row-length", "256", "--steps", "1", "--warmup", "1",
+                              "--gradient-checkpointing", "off", "--variants", f"packed rows +bf16,{KERNEL_VARIANTS}"],
         )
         timeouts = dict(env=60, tests=120, tokenizer=120, caption=120, image_tokens=120, training=120, detokenizer=120,
-                        training_flex=120)
+                        training_flex=120, training_kernels=120)
     else:
         training = ["--size", "1b", "--rows", "4", "--row-length", "2048", "--steps", "4", "--warmup", "2",
                     "--gradient-checkpointing", "off", "--peak-tflops", str(H100_DENSE_BF16_TFLOPS)]
@@ -108,14 +119,16 @@ def steps(dry_run: bool, results: Path) -> list[dict]:
                           "--warmup", "2", "--repeats", "3"],
             training=[*training, "--variants", "padded,packed rows"],
             detokenizer=["--size", "official", "--dtype", "bfloat16", "--image-tokens", "85", "--repeats", "2"],
-            training_flex=[*training, "--variants", "packed 1 row"],  # compiles FlexAttention: last
+            training_flex=[*training, "--variants", "packed 1 row"],  # compiles FlexAttention: late
+            training_kernels=[*training, "--variants", KERNEL_VARIANTS],  # last: a rerun's `--only training_kernels`
         )
-        timeouts = dict(env=60, tests=120, tokenizer=90, caption=90, image_tokens=150, training=100,
-                        detokenizer=120, training_flex=120)
+        timeouts = dict(env=60, tests=150, tokenizer=90, caption=120, image_tokens=150, training=100,
+                        detokenizer=150, training_flex=120, training_kernels=240)
     scripts = dict(tokenizer="bench_tokenizer.py", caption="bench_causal_lm.py", image_tokens="bench_causal_lm.py",
-                   training="bench_training.py", detokenizer="bench_detokenizer.py", training_flex="bench_training.py")
+                   training="bench_training.py", detokenizer="bench_detokenizer.py", training_flex="bench_training.py",
+                   training_kernels="bench_training.py")
     output_flags = dict(tokenizer="--out", caption="--json", image_tokens="--json", training="--json",
-                        detokenizer="--output", training_flex="--json")
+                        detokenizer="--output", training_flex="--json", training_kernels="--json")
     chosen = [
         dict(name="env", command=[*python, "-c", ENV_PROBE], timeout=timeouts["env"]),
         dict(name="tests", command=[*python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu/test_gpu.py"],
@@ -194,6 +207,17 @@ def causal_lm_figures(result: dict, earlier: dict) -> list[dict]:
                             detail=dict(lavit_images_per_s=lavit["images_per_s"],
                                         fixed576_images_per_s=fixed["images_per_s"],
                                         lavit_prompt_tokens=lavit["prompt_tokens_per_image"])))
+    lavit_static, fixed_static = (_row(rows, name=f"{kind} caption static", batch_size=batch)
+                                  for kind in ("lavit", "fixed576"))
+    if lavit_static and fixed_static:
+        ratio = lavit_static["images_per_s"] / fixed_static["images_per_s"]
+        figures.append(dict(name=f"caption vs fixed 576 tokens, both static cache + compiled, batch {batch} (x)",
+                            value=ratio, target=">= 4", met=ratio >= 4,
+                            detail=dict(lavit_images_per_s=lavit_static["images_per_s"],
+                                        fixed576_images_per_s=fixed_static["images_per_s"])))
+    if lavit and lavit_static:  # the CUDA default of `generate` against the dynamic cache
+        figures.append(dict(name=f"lavit caption static + compiled / dynamic, batch {batch} (x)",
+                            value=lavit_static["images_per_s"] / lavit["images_per_s"], target="reported", met=None))
     image_rows = [row for row in rows if row["name"].startswith("image tokens cfg=4")]
     for row in image_rows:
         figures.append(dict(name=f"{row['name']}, batch 1 (tokens/s)", value=row["tokens_per_s"], target=">= 100",
@@ -202,12 +226,22 @@ def causal_lm_figures(result: dict, earlier: dict) -> list[dict]:
 
 
 def training_figures(result: dict, earlier: dict) -> list[dict]:
-    """Packed / padded speed-up and MFU; the padded row of the `training` step serves `training_flex` too."""
+    """Packed / padded speed-up and MFU; the padded row of the `training` step serves the later steps too. A row
+    with options ("packed 1 row +liger") is also compared with its layout's row without them (this step's or an
+    earlier one's)."""
     rows = [row for row in result["results"] if not row.get("error")]
-    earlier_rows = earlier.get("training", {}).get("result", {}).get("results", [])
-    padded = _row(rows, variant="padded") or _row(earlier_rows, variant="padded", error=None)
+    earlier_rows = [row for step in ("training", "training_flex")
+                    for row in earlier.get(step, {}).get("result", {}).get("results", []) if not row.get("error")]
+    padded = _row(rows, variant="padded") or _row(earlier_rows, variant="padded")
     figures = []
     for row in rows:
+        layout = row["variant"].split(" +")[0]
+        base = (_row(rows, variant=layout) or _row(earlier_rows, variant=layout)) if layout != row["variant"] else None
+        if base:
+            figures.append(dict(name=f"{row['variant']} / {layout} tokens/s (x)",
+                                value=row["tokens_per_s"] / base["tokens_per_s"], target="reported", met=None,
+                                detail=dict(peak_memory_gib=row["peak_memory_gib"],
+                                            base_peak_memory_gib=base["peak_memory_gib"])))
         if row["variant"] == "padded":
             continue
         if padded:
@@ -228,21 +262,23 @@ def detokenizer_figures(result: dict, earlier: dict) -> list[dict]:
     for row in result["rows"]:
         figures.append(dict(name=f"{row['decoder']} {row['height']}x{row['width']}: {row['variant']} (s per image)",
                             value=row["total_s"], target="reported", met=None,
-                            detail={key: row[key] for key in ("tokens_s", "features_s", "unet_s", "vae_s")}))
+                            detail={key: row.get(key) for key in ("tokens_s", "tokens_eager_s", "features_s",
+                                                                   "unet_s", "vae_s")}))
     return figures
 
 
 FIGURES = dict(tokenizer=tokenizer_figures, caption=causal_lm_figures, image_tokens=causal_lm_figures,
-               training=training_figures, detokenizer=detokenizer_figures, training_flex=training_figures)
+               training=training_figures, detokenizer=detokenizer_figures, training_flex=training_figures,
+               training_kernels=training_figures)
 
 
 def print_table(figures: list[dict]):
-    print(f"\n{'step':<14}{'figure':<78}{'value':>12}  {'target':<26}met")
+    print(f"\n{'step':<18}{'figure':<78}{'value':>12}  {'target':<26}met")
     for figure in figures:
         value = figure["value"]
         shown = f"{value * 100:.1f}%" if figure["name"].startswith("MFU") else f"{value:.2f}"
         met = {True: "yes", False: "NO", None: "-"}[figure["met"]]
-        print(f"{figure['step']:<14}{figure['name'][:76]:<78}{shown:>12}  {figure['target']:<26}{met}")
+        print(f"{figure['step']:<18}{figure['name'][:76]:<78}{shown:>12}  {figure['target']:<26}{met}")
 
 
 def main():

@@ -26,6 +26,7 @@ from transformers.generation import (
 from transformers.utils import logging
 
 from .image_placeholders_lavit import positions_from_mask
+from .kernels_lavit import speed_defaults
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .transformers_compat import cache_kwargs
 from .validation_lavit import (
@@ -187,10 +188,12 @@ class LaVITImageGenerationConfig:
         num_images_per_prompt (`int`, defaults to 1): images per prompt, rows in prompt order.
         image_inputs (`str`, defaults to `"codes"`): how prompt images enter: discrete ids (`"codes"`, the official
             multimodal synthesis) or continuous features (`"features"`).
-        cache_implementation (`str`, defaults to `"dynamic"`): `"static"` preallocates the KV cache for the prompt and
-            every step and keeps the attention mask at full length, so every decoding step has the same shapes.
-        compile_decoding (`bool`, defaults to `False`): `torch.compile` the decoding step (the first call compiles;
-            with the static cache on CUDA it is replayed as a CUDA graph). Both speed settings give the same tokens.
+        cache_implementation (`str`, *optional*): `"static"` preallocates the KV cache for the prompt and every step
+            and keeps the attention mask at full length, so every decoding step has the same shapes; `"dynamic"`
+            grows it. Default: the device's (`kernels_lavit.speed_defaults`: static on CUDA, else dynamic).
+        compile_decoding (`bool`, *optional*): `torch.compile` the decoding step (the first call compiles; with the
+            static cache on CUDA it is replayed as a CUDA graph). Default: the device's (on CUDA only). Both speed
+            settings give the same tokens.
     """
 
     guidance_scale: float = 4.0
@@ -202,8 +205,8 @@ class LaVITImageGenerationConfig:
     max_new_tokens: int | None = None
     num_images_per_prompt: int = 1
     image_inputs: str = "codes"
-    cache_implementation: str = "dynamic"
-    compile_decoding: bool = False
+    cache_implementation: str | None = None
+    compile_decoding: bool | None = None
 
     # the declared range of every field (those of transformers' guidance and logits processors for sampling)
     field_ranges = {
@@ -211,8 +214,9 @@ class LaVITImageGenerationConfig:
         "top_p": Range(0, 1, low_open=True, optional=True, note="1 turns nucleus sampling off"),
         "temperature": POSITIVE_FLOAT, "min_new_tokens": Range(0, integer=True, optional=True),
         "max_new_tokens": Range(1, integer=True, optional=True), "num_images_per_prompt": POSITIVE_INT,
-        "image_inputs": Choice(("codes", "features")), "cache_implementation": Choice(("dynamic", "static")),
-        "do_sample": Choice((True, False)), "compile_decoding": Choice((True, False)),
+        "image_inputs": Choice(("codes", "features")), "do_sample": Choice((True, False)),
+        "cache_implementation": Choice(("dynamic", "static"), optional=True),
+        "compile_decoding": Choice((True, False), optional=True),
     }
 
     def __post_init__(self):
@@ -243,6 +247,15 @@ class LaVITImageGenerationConfig:
             raise TypeError(f"image generation does not take {unknown}; its settings are {names} (see "
                             f"LaVITImageGenerationConfig)")
         return replace(self, **kwargs)
+
+    def for_device(self, device) -> "LaVITImageGenerationConfig":
+        """A copy whose unset speed settings (`cache_implementation`, `compile_decoding`) are `device`'s defaults
+        ([`speed_defaults`]: the static cache and compiled decoding on CUDA)."""
+        defaults = speed_defaults(device)
+        return replace(
+            self, cache_implementation=self.cache_implementation or defaults.cache_implementation,
+            compile_decoding=defaults.compile_decoding if self.compile_decoding is None else self.compile_decoding,
+        )
 
     def token_limits(self, max_tokens_limit: int) -> tuple[int, int]:
         """(min_new_tokens, max_new_tokens) with their defaults, checked against the decoder's `max_tokens_limit`."""
@@ -370,7 +383,7 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
         - `streamer` (e.g. `transformers.TextStreamer`): the prompt ids, each step's LM ids, then `end()`.
         """
         # 1. settings: the typed config, keyword arguments overriding its fields
-        settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs)
+        settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs).for_device(self.device)
         min_new_tokens, max_new_tokens = settings.token_limits(self.config.tokenizer_config.num_patches)
         self._check_image_generation_budget(settings, input_ids.shape[0], input_ids.shape[1], max_new_tokens)
         # 2. prompts: embeddings ending with [IMG]; with guidance the unconditional rows follow in the same batch

@@ -44,6 +44,7 @@ from .image_placeholders_lavit import (
     positions_from_mask,
     restarts_inside_rows,
 )
+from .kernels_lavit import speed_defaults
 from .modeling_lavit_tokenizer import LaVITTokenizerModel, build_token_merger, kept_token_fields
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
 from .validation_lavit import check_generation_budget
@@ -526,10 +527,13 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 (position t predicts `shift_labels[:, t]`), as sequence/context-parallel training passes them; they
                 win over `labels`. Text only: with image placeholders, whose expansion moves every later target, give
                 `labels`.
+            skip_logits (`bool`, *optional*, in `kwargs`): return no logits (the Trainer's evaluation with
+                `use_liger_kernel`); default: skipped in training with targets when `linear_cross_entropy` is set.
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
         num_items_in_batch = self.checked_item_count(input_ids, attention_mask, labels, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
+        skip_logits = kwargs.pop("skip_logits", None)
         if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
             raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
                              "visual tokens, which moves every target after it; give labels (unshifted) instead")
@@ -539,21 +543,32 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             inputs_embeds=inputs_embeds, pixel_values=pixel_values, image_keep_mask=image_keep_mask,
             image_selection=image_selection, labels=labels, use_cache=use_cache, return_dict=True, **kwargs,
         )
-        # 2. the shared head over the kept positions
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
-        # 3. one next-token loss over text and image targets
-        loss = text_loss = image_loss = None
-        if outputs.labels is not None or shift_labels is not None:
-            loss, text_loss, image_loss = self.next_token_loss(
-                logits, outputs.labels, num_items_in_batch, loss_modalities or self.config.loss_modalities,
-                shift_labels=shift_labels,
-            )
+        # 2. the shared head and one next-token loss over text and image targets
+        loss, text_loss, image_loss, logits = self._head_and_loss(
+            outputs, logits_to_keep, skip_logits, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
+            loss_modalities=loss_modalities or self.config.loss_modalities,
+        )
         return LaVITCausalLMOutputWithPast(
             loss=loss, text_loss=text_loss, image_loss=image_loss, logits=logits, labels=outputs.labels,
             image_token_counts=outputs.image_token_counts, **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
+
+    def _head_and_loss(self, outputs: LaVITModelOutputWithPast, logits_to_keep, skip_logits, **loss_settings):
+        """(loss, text_loss, image_loss, logits) of the base model's outputs: the logits over the kept positions and
+        the loss from them, or, in training with `linear_cross_entropy` set (or `skip_logits`), the loss straight from
+        the hidden states and no logits (as Liger's forwards)."""
+        has_targets = outputs.labels is not None or loss_settings["shift_labels"] is not None
+        if skip_logits is None:
+            skip_logits = self.training and has_targets and self.linear_cross_entropy is not None
+        if skip_logits and has_targets and self.linear_cross_entropy is not None:
+            return *self.fused_next_token_loss(outputs.last_hidden_state, outputs.labels, **loss_settings), None
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        losses = (None, None, None)
+        if has_targets:
+            losses = self.next_token_loss(logits, outputs.labels, **loss_settings)
+        return *losses, None if skip_logits else logits
 
     def checked_item_count(self, input_ids, attention_mask, labels, kwargs: dict):
         """
@@ -585,10 +600,57 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         losses are detached means for logging. `shift_labels` (targets already shifted) win over `labels`.
         """
         # 1. targets: position t predicts token t + 1, restricted to the chosen modalities
+        targets, is_image_target = self._loss_targets(labels, shift_labels, loss_modalities, logits.shape[1])
+        # 2. summed cross-entropy over the targets, divided by their number in the whole accumulated batch
+        token_losses = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100, reduction="none"
+        ).view_as(targets)
+        supervised = targets != -100
+        loss = token_losses.sum() / _item_count(num_items_in_batch, supervised, token_losses.device)
+        # 3. detached per-modality means, for logging
+        detached = token_losses.detach()
+        per_modality = []
+        for selected in (supervised & ~is_image_target, supervised & is_image_target):
+            per_modality.append(detached[selected].mean() if bool(selected.any()) else None)
+        return loss, per_modality[0], per_modality[1]
+
+    # `(hidden (N, H), head weight (V, H), targets (N,)) -> summed cross-entropy` without materialising the (N, V)
+    # logits, e.g. Liger's fused linear cross-entropy (set by `kernels_lavit.apply_liger_kernel_to_lavit`)
+    linear_cross_entropy = None
+
+    def fused_next_token_loss(self, hidden_states, labels, num_items_in_batch=None, loss_modalities="both",
+                              shift_labels=None):
+        """
+        [`next_token_loss`] from the hidden states `(B, L, H)` through `linear_cross_entropy`, so no `(B, L, vocab)`
+        logits exist. Only supervised positions enter, text targets and image targets in two calls (each position in
+        one), which gives the per-modality losses at no extra cost. Same returns, same values within float rounding.
+        """
+        # 1. targets as for the logits, then only the supervised positions
+        targets, is_image_target = self._loss_targets(labels, shift_labels, loss_modalities, hidden_states.shape[1])
+        targets, is_image_target = targets.to(hidden_states.device), is_image_target.to(hidden_states.device)
+        supervised = targets != -100
+        hidden_states, targets = hidden_states[supervised], targets[supervised]
+        is_image_target = is_image_target[supervised]
+        # 2. summed cross-entropy per modality, divided by the targets of the whole accumulated batch
+        total = hidden_states[:0].sum().float()  # zero, attached to the graph (a batch without targets)
+        per_modality = []
+        for selected in (~is_image_target, is_image_target):
+            count = int(selected.sum())
+            if count == 0:
+                per_modality.append(None)
+                continue
+            summed = self.linear_cross_entropy(hidden_states[selected], self.lm_head.weight, targets[selected])
+            total = total + summed.float()
+            per_modality.append(summed.detach().float() / count)  # 3. detached means, for logging
+        loss = total / _item_count(num_items_in_batch, supervised, total.device)
+        return loss, per_modality[0], per_modality[1]
+
+    def _loss_targets(self, labels, shift_labels, loss_modalities: str, positions: int):
+        """(targets (B, L): the next token of every position, -100 where it is not scored; is_image_target (B, L))."""
         if shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-        if logits.shape[1] != shift_labels.shape[1]:
-            raise ValueError(f"logits cover {logits.shape[1]} positions but labels {shift_labels.shape[1]}; "
+        if positions != shift_labels.shape[1]:
+            raise ValueError(f"logits cover {positions} positions but labels {shift_labels.shape[1]}; "
                              f"compute the loss with logits_to_keep=0")
         targets = shift_labels
         is_image_target = (targets >= self.config.text_vocab_size) & (targets < self.config.visual_token_end)
@@ -598,24 +660,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             targets = targets.masked_fill(~is_image_target, -100)
         elif loss_modalities != "both":
             raise ValueError(f"loss_modalities must be 'both', 'text' or 'image', got {loss_modalities!r}")
-        # 2. summed cross-entropy over the targets, divided by their number in the whole accumulated batch
-        token_losses = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100, reduction="none"
-        ).view_as(targets)
-        supervised = targets != -100
-        if num_items_in_batch is None:
-            num_items_in_batch = supervised.sum().clamp(min=1)
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(token_losses.device).clamp(min=1)
-        else:
-            num_items_in_batch = max(num_items_in_batch, 1)  # a step without targets (all records bad) gives 0
-        loss = token_losses.sum() / num_items_in_batch
-        # 3. detached per-modality means, for logging
-        detached = token_losses.detach()
-        per_modality = []
-        for selected in (supervised & ~is_image_target, supervised & is_image_target):
-            per_modality.append(detached[selected].mean() if bool(selected.any()) else None)
-        return loss, per_modality[0], per_modality[1]
+        return targets, is_image_target
 
     # ----------------------------------------------------------------------------------------------- text generation
 
@@ -686,8 +731,10 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 image_selection=image_selection, **kwargs,
             )
             return self._image_sequences(input_ids, tokens)
-        # 1. logits processors: no image ids in text; with `generator`, the warpers and one stream per row
+        # 1. logits processors: no image ids in text; with `generator`, the warpers and one stream per row. On CUDA,
+        #    the static cache and compiled decoding unless the caller chose a cache
         kwargs["logits_processor"] = self._text_logits_processors(kwargs)
+        kwargs.update(self.default_cache_settings(kwargs))
         # 2. bound the request, then decode from left-padded ids (text) or the expanded prompt's embeddings (images)
         self.check_text_generation_budget(input_ids, kwargs)
         if not self.model.has_image_inputs(input_ids, pixel_values):
@@ -722,6 +769,23 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         if generator is not None:
             logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
         return logits_processor
+
+    def default_cache_settings(self, kwargs: dict, device=None) -> dict:
+        """The settings `generate` adds to `kwargs` on `device` (default: the model's; [`speed_defaults`]): on CUDA
+        the static KV cache, with which transformers compiles the decoding step (`disable_compile=True` turns that
+        off). None where the call, its generation config or the model's choose a cache, pass one, or decode with an
+        assistant (assisted decoding keeps the dynamic cache)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        chosen = kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None)
+        given = any(kwargs.get(name) is not None for name in ("past_key_values", "cache", "assistant_model",
+                                                               "prompt_lookup_num_tokens"))
+        defaults = speed_defaults(self.device if device is None else device)
+        if chosen or given or defaults.cache_implementation == "dynamic":
+            return {}
+        settings = {"cache_implementation": defaults.cache_implementation}
+        if not defaults.compile_decoding:
+            settings["disable_compile"] = True
+        return settings
 
     def check_text_generation_budget(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
         """[`check_generation_budget`] of a text `generate` call before anything is allocated: `prompt` (ids or
@@ -818,6 +882,16 @@ def lengths_in_given_ids(kwargs: dict, default_config, prompt_length: int) -> di
     if setting("min_new_tokens") is None and min_length:
         updates.update(min_new_tokens=max(0, min_length - prompt_length), min_length=None)
     return updates
+
+
+def _item_count(num_items_in_batch, supervised: torch.Tensor, device):
+    """The loss's divisor: `num_items_in_batch` (the targets of the whole accumulated batch) or the supervised
+    targets here, at least 1 (a step without targets, all records bad, gives 0)."""
+    if num_items_in_batch is None:
+        num_items_in_batch = supervised.sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device).clamp(min=1)
+    return max(num_items_in_batch, 1)
 
 
 def _with_prompt_ids(outputs, input_ids: torch.LongTensor, new_tokens_from: int):

@@ -30,6 +30,7 @@ from .attention_lavit import LaVITAttentionLayer  # noqa: F401
 from .configuration_lavit import LaVITConfig  # noqa: F401
 from .generation_lavit import LaVITImageGenerationConfig, row_generators
 from .image_placeholders_lavit import find_image_spans  # noqa: F401
+from .kernels_lavit import speed_defaults  # noqa: F401
 from .modeling_eva_vit import LaVITEvaVisionModel  # noqa: F401
 from .modeling_lavit_detokenizer import (
     LaVITConditionEncoder,

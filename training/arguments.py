@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lavit.modeling.kernels_lavit import speed_defaults
 from lavit.modeling.validation_lavit import (
     EPSILON,
     NON_NEGATIVE_FLOAT,
@@ -41,6 +42,8 @@ from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PATH_ROLE, PATH_TYPES, check_
 from .presets import preset_field
 from .sequences import SEQUENCE_ORDERS
 
+# the weights the LM stages can train: float32 (AMP with --bf16) or pure bf16 (`SequenceArguments.dtype`)
+WEIGHT_DTYPES = ("float32", "bfloat16")
 # a field's declared range: `field(metadata={"range": Range(...)})`; the parser makes it the flag's `type=` and checks
 # the parsed dataclasses with it (config files too)
 RANGE = "range"
@@ -149,7 +152,7 @@ class EvalDataArguments(DataArguments):
 
 @dataclass
 class SequenceArguments(EvalDataArguments):
-    """Batch layout and attention kernel of the LM stages (stage 2 and fine-tuning)."""
+    """Batch layout, attention kernel and weight precision of the LM stages (stage 2 and fine-tuning)."""
 
     packed: bool = field(default=True, metadata={"help": "Packed rows (segments restart their positions) instead "
                                                          "of one padded row per segment."})
@@ -158,12 +161,33 @@ class SequenceArguments(EvalDataArguments):
                 "for flex_attention/flash attention (they skip masked blocks), else --max_length (SDPA and eager "
                 "compute every pair of a row).", RANGE: NON_NEGATIVE_INT})
     attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel of the LM: 'sdpa' (default), 'flex_attention', 'flash_attention_2', 'eager'."})
+        "help": "Attention kernel of the LM: 'sdpa', 'flex_attention', 'flash_attention_2', 'eager'. Default: "
+                "flex_attention for packed rows on CUDA, else the model's own (sdpa)."})
+    dtype: str = field(default="float32", metadata={
+        "help": "Weights of the trained model: 'float32' (with --bf16 the Trainer computes in bf16 over float32 "
+                "weights, AMP) or 'bfloat16' (pure bf16 weights, gradients and AdamW states: about 10 instead of 16 "
+                "bytes per parameter; AdamW then sums its updates with Kahan compensation, torch-optimi, so small "
+                "updates are not rounded away).", RANGE: Choice(WEIGHT_DTYPES)})
 
-    def set_attention(self, model):
-        """Switches the LM to `attn_implementation` (the visual tokenizer keeps its own attention)."""
-        if self.attn_implementation:
-            model.get_decoder().set_attn_implementation(self.attn_implementation)
+    def set_attention(self, model, device=None):
+        """Switches the LM to `attn_implementation`, or for packed rows to the device's default (FlexAttention on
+        CUDA, `lavit.modeling.kernels_lavit.speed_defaults`); the visual tokenizer keeps its own attention."""
+        kernel = self.attn_implementation
+        if kernel is None and self.packed:
+            kernel = speed_defaults(device).packed_attn_implementation
+            if kernel == "flex_attention" and not getattr(model.get_decoder(), "_supports_flex_attn", False):
+                kernel = None  # a language model without FlexAttention keeps its own kernel
+        if kernel:
+            model.get_decoder().set_attn_implementation(kernel)
+
+    def set_dtype(self, model):
+        """The trained model's weights in `dtype` (pure bf16 training; see [`kahan_adamw`] for its optimizer)."""
+        if self.dtype == "float32":
+            return
+        if getattr(self, "qlora", False):
+            raise ValueError("--dtype bfloat16 does not apply to --qlora (its LM is 4-bit and computes in bf16 "
+                             "already): drop --dtype")
+        model.to(getattr(torch, self.dtype))
 
     def row_length(self, model) -> int | None:
         """The collator's `max_row_length` for this model's attention kernel."""

@@ -38,7 +38,8 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     # 1. The model (4-bit under QLoRA, with adapters under LoRA) and the processor saved with it.
     with whole_weights(training_args):
         model = load_model_for_finetuning(script_args, training_args)
-    script_args.set_attention(model)
+    script_args.set_dtype(model)
+    script_args.set_attention(model, training_args.device)
     # the processor of the pretrained folder: its vocabulary layout is the model's
     processor = LaVITProcessor.from_pretrained(script_args.model)
 

@@ -73,7 +73,8 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     # a preset reads the model (its row length follows the tokenizer's patch count); the attention kernel is the
     # LM's only: the visual tokenizer keeps its own
     preset, applied = apply_preset("pretrain", script_args.preset, script_args, training_args, model)
-    script_args.set_attention(model)
+    script_args.set_dtype(model)
+    script_args.set_attention(model, training_args.device)
 
     # 2. Packed rows of image-caption pairs (and text-only records), bad records dropped and counted.
     #    Held-out pairs (`--eval_data` or `--eval_split_size`) become rows the same way, without the text mix: their

@@ -16,6 +16,7 @@ frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume
 
 import json
 import logging
+import os
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from lavit.modeling import LaVITTokenizerModel
 from lavit.modeling.image_placeholders_lavit import find_image_spans
+from lavit.modeling.kernels_lavit import register_liger_kernel
 from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.integrations.deepspeed import (
@@ -32,6 +34,7 @@ from transformers.integrations.deepspeed import (
     unset_hf_deepspeed_config,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import OptimizerNames
 
 from lavit.atomic import fresh_staging_folder, replace_folder, write_json_atomically
 
@@ -44,6 +47,8 @@ from .evaluation import write_evaluation_rows
 logger = logging.getLogger(__name__)
 
 VISUAL_MODULES = ("visual_merger", "visual_projection")
+# AdamW without compensation: with bf16 weights it becomes `kahan_adamw`
+PLAIN_ADAMW = (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED)
 SKIPPED_RECORDS_FILE = "skipped_records.json"
 TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
                      "mean_keep_ratio", "codebook_usage", "perplexity")
@@ -95,6 +100,9 @@ class LaVITTrainer(Trainer):
             # every process reads the stream itself: accelerate's dispatcher concatenates the batches of all
             # processes, which rows of different lengths (and the 0-d `skipped_records`) cannot be
             kwargs["args"].accelerator_config.dispatch_batches = False
+        if kwargs.get("args") is not None and kwargs["args"].use_liger_kernel:
+            check_liger_device(kwargs["args"].device)
+            register_liger_kernel()  # the Trainer applies Liger by model type in `train()`: LaVIT's must be known
         super().__init__(*args, **kwargs)
         if streamed:  # whole batches per dataloader worker: the batches of the run without workers. A batch is
             # that of all processes: accelerate's IterableDatasetShard then hands each process its part of it
@@ -184,6 +192,17 @@ class LaVITTrainer(Trainer):
         return bool((compact & (batch["labels"][spans.rows, spans.starts] != -100)).any())
 
     # ------------------------------------------------------------------------------------------ optimizer
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        """transformers' optimizer for `args.optim`, except that bf16 trainable weights (`--dtype bfloat16`) with a
+        plain AdamW (`adamw_torch`, `adamw_torch_fused`: the default) get [`kahan_adamw`]."""
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if model is None or args.optim not in PLAIN_ADAMW:
+            return optimizer_cls, optimizer_kwargs
+        if any(parameter.requires_grad and parameter.dtype == torch.bfloat16 for parameter in model.parameters()):
+            return kahan_adamw(optimizer_kwargs)
+        return optimizer_cls, optimizer_kwargs
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.visual_learning_rate is None:
@@ -419,6 +438,32 @@ class LaVITDetokenizerTrainer(LaVITTrainer):
     def evaluation_loop(self, *args, **kwargs):
         self._eval_batches = 0
         return super().evaluation_loop(*args, **kwargs)
+
+
+def check_liger_device(device: torch.device) -> None:
+    """Liger's kernels are Triton kernels: a CUDA (or ROCm, XPU, NPU) device, or Triton's interpreter
+    (`TRITON_INTERPRET=1`, slow, for tests) on the CPU. Raises `ValueError` with the fix otherwise."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--use_liger_kernel needs a GPU: Liger's kernels are Triton kernels, which do not run on the "
+                         "CPU; drop --use_liger_kernel there")
+
+
+def kahan_adamw(optimizer_kwargs: dict) -> tuple[type, dict]:
+    """AdamW for bf16 weights: torch-optimi's, whose updates are summed with Kahan compensation (a bf16 buffer per
+    weight keeps what rounding dropped), as pure-bf16 training needs: bf16 keeps 8 bits of mantissa, so a plain
+    AdamW rounds away every update below about 1/256 of its weight. `optimizer_kwargs`: transformers' AdamW
+    settings (lr, betas, eps); weight decay comes with the parameter groups, decoupled as in `torch.optim.AdamW`.
+
+    Raises:
+        ImportError: torch-optimi is not installed (`pip install "lavit[bf16]"`).
+    """
+    try:
+        from optimi import AdamW
+    except ImportError as error:
+        raise ImportError("--dtype bfloat16 trains with torch-optimi's Kahan-summed AdamW: pip install "
+                          "'lavit[bf16]' (or choose another --optim)") from error
+    settings = {name: optimizer_kwargs[name] for name in ("lr", "betas", "eps") if name in optimizer_kwargs}
+    return AdamW, {**settings, "kahan_sum": True}
 
 
 def fit_vae(vae, dataset, collate_fn, steps: int, batch_size: int, learning_rate: float = 1e-3,

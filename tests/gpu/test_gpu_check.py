@@ -5,7 +5,9 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -38,3 +40,26 @@ def test_a_step_past_its_timeout_is_killed_and_recorded():
     assert "started" in outcome["output_tail"] and "[sleeper] started" in log.getvalue()
     failing = gpu_check.run_step(dict(name="failing", command=[sys.executable, "-c", "raise SystemExit(3)"]), 30, log)
     assert failing["status"] == "failed (exit status 3)"
+
+
+def test_every_benchmark_step_has_its_figures():
+    names = [step["name"] for step in gpu_check.steps(False, Path("results"))]
+    assert names == [step["name"] for step in gpu_check.steps(True, Path("results"))]
+    assert set(names) - {"env", "tests"} == set(gpu_check.FIGURES)
+
+
+@pytest.mark.slow  # two training benchmarks on the CPU (about a minute)
+def test_dry_run_measures_each_training_option_beside_its_layout(tmp_path):
+    """Issue 30's options run beside the row without them: on the CPU the pure-bf16 row (Liger and FlexAttention need
+    a GPU and are left out there) against the packed rows of the `training` step."""
+    completed = subprocess.run(
+        [sys.executable, "-P", str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only",
+         "training,training_kernels", "--out", str(tmp_path)], capture_output=True, text=True, timeout=400,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all(step["status"] == "ok" for step in report["steps"].values()), report["steps"]
+    rows = report["steps"]["training_kernels"]["result"]["results"]
+    assert [(row["variant"], row["weights"], row["liger"]) for row in rows] == [("packed rows +bf16", "bf16", False)]
+    figures = {figure["name"]: figure for figure in report["figures"]}
+    assert figures["packed rows +bf16 / packed rows tokens/s (x)"]["value"] > 0

@@ -201,7 +201,8 @@ def test_unknown_image_generation_arguments_raise(lavit_model, lavit_processor):
         lavit_model.generate_image_tokens(**prompt, generation_config=lavit_model.generation_config)
     with pytest.raises(TypeError, match="num_beams"):
         LaVITImageGenerationConfig(num_beams=2)
-    with pytest.raises(ValueError, match=r"cache_implementation must be one of \['dynamic', 'static'\], got 'paged'"):
+    with pytest.raises(ValueError,
+                       match=r"cache_implementation must be one of \['dynamic', 'static'\] or None, got 'paged'"):
         LaVITImageGenerationConfig(cache_implementation="paged")
     with pytest.raises(ValueError, match="image_inputs must be one of"):
         LaVITImageGenerationConfig(image_inputs="pixels")

@@ -143,9 +143,9 @@ class LaVITLmms(lmms):
         for request in tqdm(requests, disable=self.rank != 0, desc="lavit loglikelihood"):
             context, continuation = request.args[0], self._continuation(request)
             visuals = self._visuals(request)
-            prompt = self._inputs([context], [visuals])
+            context, prompt_length = self._prompt_length(context, continuation, visuals)
             full = self._inputs([context + continuation], [visuals])
-            count = full["input_ids"].shape[1] - prompt["input_ids"].shape[1]
+            count = full["input_ids"].shape[1] - prompt_length
             if count <= 0:
                 raise ValueError(f"lavit: the continuation {continuation!r} adds no token to the context")
             with torch.no_grad():
@@ -154,6 +154,20 @@ class LaVITLmms(lmms):
             loss = torch.nn.functional.cross_entropy(logits, targets)
             results.append((float(loss), bool((logits.argmax(dim=-1) == targets).all())))
         return results
+
+    def _prompt_length(self, context: str, continuation: str, visuals: list) -> tuple[str, int]:
+        """(the context, its length in tokens). An empty one (lmms-eval's contract allows it: `acc_mutual_info`'s
+        unconditional requests) conditions on the start tokens the tokenizer adds, else on its `bos_token`."""
+        if context or visuals:
+            return context, self._inputs([context], [visuals])["input_ids"].shape[1]
+        tokenizer = self.processor.tokenizer
+        own = len(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        added = self._inputs([continuation], [[]])["input_ids"].shape[1] - own
+        if added > 0:
+            return context, added
+        if tokenizer.bos_token is None:
+            raise ValueError("lavit: an empty context needs a start token to condition on; the tokenizer has none")
+        return self._prompt_length(tokenizer.bos_token, continuation, visuals)
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("lavit: multi-round generation is not supported; use single-round tasks")

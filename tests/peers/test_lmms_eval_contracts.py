@@ -254,3 +254,27 @@ def test_simple_evaluate_scores_the_answered_output_types(output_types, task_man
                 scores.append(float(direct_answer(lavit_model, lavit_processor, image, context) == ANSWERS[doc_id]))
         metric = "exact_match" if "generate" in output_type else "acc"
         assert results["results"][name][f"{metric},none"] == pytest.approx(sum(scores) / len(scores)), name
+
+
+def test_videos_and_audio_are_refused_and_unconditional_pairs_are_answered(lm, lavit_model, lavit_processor):
+    """A task's video (a path) or audio (a dict) is refused naming the task and document: a score computed without
+    it would not be the task's. `acc_mutual_info` adds bare (context, continuation) requests: answered text-only."""
+    from lmms_eval.api.instance import Instance
+
+    lm.task_dict = {"clips": {"test": [{"video": "clip.mp4", "audio": {"array": [0.0], "sampling_rate": 16000}}]}}
+    for key, kind in (("video", "str"), ("audio", "dict")):
+        request = Instance(request_type="generate_until", idx=0, metadata={"task": "clips", "doc_id": 0, "repeats": 1},
+                           arguments=("Describe it.", {"max_new_tokens": 2}, lambda doc, key=key: [doc[key]], 0,
+                                      "clips", "test"))
+        with pytest.raises(ValueError, match=rf"task 'clips' document 0 gives a {kind} visual .* images only"):
+            lm.generate_until([request])
+    bare = Instance(request_type="loglikelihood", arguments=("", " a cat"), idx=0,
+                    metadata={"task": "clips", "doc_id": 0, "repeats": 1})
+    [(loss, greedy)] = lm.loglikelihood([bare])
+    # conditioned on the start token alone (this tokenizer adds none itself: its bos_token is written out)
+    ids = lavit_processor(text=lavit_processor.tokenizer.bos_token + " a cat", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 2 and int(ids[0, 0]) == lavit_processor.tokenizer.bos_token_id
+    with torch.no_grad():
+        logits = lavit_model(input_ids=ids).logits[0, :-1]
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])), rel=1e-4)
+    assert isinstance(greedy, bool)

@@ -5,8 +5,10 @@
 # pip resolves today (torch keeps its CPU pin), `make test-lowest` with the floors of pyproject.toml
 # (requirements/lowest.txt); `make lock` rewrites requirements/lock.txt from the newest environment.
 # `make test-peers` runs the peers' own test suites (transformers' model, config, processor and image-processor
-# mixins, PEFT's tester) against lavit: it downloads the test files of the installed versions from the package index
-# into .peers/ (git-ignored, never vendored); `PEERS_VENV=.venv-latest make test-peers` runs them on the newest.
+# mixins, PEFT's tester) and the lmms-eval and TRL contract tests against lavit: it downloads the test files of the
+# installed versions from the package index into .peers/ (git-ignored, never vendored) and adds lmms-eval to the
+# environment (requirements/peers*.txt: without its ~45 dependencies, with the few its model and task API import);
+# `PEERS_VENV=.venv-latest make test-peers` runs them on the newest.
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
 LOWEST_VENV ?= .venv-lowest
@@ -36,9 +38,14 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" --ignore=tests/peers
 
-test-peers: $(PEERS_VENV)/.installed
+$(PEERS_VENV)/.peers-installed: $(PEERS_VENV)/.installed requirements/peers.txt requirements/peers-no-deps.txt
+	$(PEERS_VENV)/bin/python -m pip install --quiet --no-warn-conflicts --no-deps -r requirements/peers-no-deps.txt
+	$(PEERS_VENV)/bin/python -m pip install --quiet --no-warn-conflicts "$(TORCH_PIN)" -r requirements/peers.txt
+	touch $@
+
+test-peers: $(PEERS_VENV)/.peers-installed
 	$(PEERS_VENV)/bin/python tests/peers/download_peer_tests.py --cache .peers
-	HF_HUB_OFFLINE=1 $(PEERS_VENV)/bin/python -m pytest -q tests/peers
+	HF_HUB_OFFLINE=1 $(PEERS_VENV)/bin/python -m pytest -q -rs tests/peers tests/evaluation/test_lmms_eval.py
 
 test-slow: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow --ignore=tests/peers

@@ -1,5 +1,5 @@
 """An lmms-eval model for LaVIT: `lmms-eval --model lavit --model_args pretrained=FOLDER --tasks ...` runs its image
-tasks (text generation from images and text, and log-likelihood of a continuation).
+tasks (text generation from images and text; the loss of each continuation for multiple-choice tasks).
 
 lmms-eval finds the model through the `lmms_eval.models` entry point that `pip install lavit` declares
 ([`manifest`]); its prompts arrive as text with `<image>` placeholders or none (then the images go first, as in the
@@ -72,10 +72,31 @@ class LaVITLmms(lmms):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
+    def _doc(self, request: Instance):
+        """The task's document a request was built from: `args` end with (doc_id, task, split) (lmms-eval's
+        `ConfigurableTask.construct_requests`); `None` for the bare (context, continuation) of `acc_mutual_info`."""
+        if len(request.args) < 6:
+            return None
+        doc_id, task, split = request.args[-3:]
+        return self.task_dict[task][split][doc_id]
+
     def _visuals(self, request: Instance) -> list:
-        doc_to_visual, doc_id, task, split = request.args[2:6]
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-        return [visual.convert("RGB") for visual in visuals if hasattr(visual, "convert")]  # images only
+        """The request's images (`doc_to_visual` is `args[2]`); videos and audio are refused, not dropped: a score
+        computed without them would not be the task's."""
+        doc = self._doc(request)
+        visuals = (request.args[2](doc) or []) if doc is not None else []
+        for visual in visuals:
+            if not hasattr(visual, "convert"):
+                task, doc_id = request.args[-2], request.args[-3]
+                raise ValueError(f"lavit: task {task!r} document {doc_id} gives a {type(visual).__name__} visual (a "
+                                 f"video or audio); LaVIT reads images only: evaluate it on image tasks")
+        return [visual.convert("RGB") for visual in visuals]
+
+    def _continuation(self, request: Instance) -> str:
+        """A log-likelihood request's continuation: `args[1]` is the text itself (`multiple_choice` tasks) or the
+        task's `doc_to_target` (`loglikelihood` tasks), applied to the request's document."""
+        target = request.args[1]
+        return target if isinstance(target, str) else str(target(self._doc(request)))
 
     def _batches(self, requests: list[Instance]) -> list[list[Instance]]:
         """Consecutive requests with the same generation settings (a task's), at most `batch_size` each."""
@@ -114,24 +135,39 @@ class LaVITLmms(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """Sum of the continuation's token log-probabilities after the context (and images), and whether greedy
-        decoding would produce it."""
+        """(the continuation's mean negative log-likelihood per token after the context and images, whether greedy
+        decoding would produce it). The loss, not a log-probability, whatever `lmms.loglikelihood`'s docstring says:
+        lmms-eval's `multiple_choice` tasks pick the choice with the LOWEST value (`np.argmin`), as its Hugging Face
+        models return their `loss`; a log-probability would make them pick the least likely choice."""
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="lavit loglikelihood"):
-            context, continuation = request.args[0], request.args[1]
+            context, continuation = request.args[0], self._continuation(request)
             visuals = self._visuals(request)
-            prompt = self._inputs([context], [visuals])
+            context, prompt_length = self._prompt_length(context, continuation, visuals)
             full = self._inputs([context + continuation], [visuals])
-            count = full["input_ids"].shape[1] - prompt["input_ids"].shape[1]
+            count = full["input_ids"].shape[1] - prompt_length
             if count <= 0:
                 raise ValueError(f"lavit: the continuation {continuation!r} adds no token to the context")
             with torch.no_grad():
                 logits = self.model(**full).logits[0, -count - 1:-1].float()
             targets = full["input_ids"][0, -count:]
-            log_probs = logits.log_softmax(dim=-1)
-            total = float(log_probs.gather(1, targets[:, None]).sum())
-            results.append((total, bool((logits.argmax(dim=-1) == targets).all())))
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            results.append((float(loss), bool((logits.argmax(dim=-1) == targets).all())))
         return results
+
+    def _prompt_length(self, context: str, continuation: str, visuals: list) -> tuple[str, int]:
+        """(the context, its length in tokens). An empty one (lmms-eval's contract allows it: `acc_mutual_info`'s
+        unconditional requests) conditions on the start tokens the tokenizer adds, else on its `bos_token`."""
+        if context or visuals:
+            return context, self._inputs([context], [visuals])["input_ids"].shape[1]
+        tokenizer = self.processor.tokenizer
+        own = len(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        added = self._inputs([continuation], [[]])["input_ids"].shape[1] - own
+        if added > 0:
+            return context, added
+        if tokenizer.bos_token is None:
+            raise ValueError("lavit: an empty context needs a start token to condition on; the tokenizer has none")
+        return self._prompt_length(tokenizer.bos_token, continuation, visuals)
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("lavit: multi-round generation is not supported; use single-round tasks")

@@ -94,7 +94,7 @@ def test_lmms_eval_runs_a_local_image_task_with_the_lavit_model(task_folder, mod
     assert results["results"]["lavit_photo_vqa"]["exact_match,none"] == pytest.approx(sum(matches) / 3)
 
 
-def test_loglikelihood_is_the_continuation_log_probability(model_folder, lavit_model, lavit_processor):
+def test_loglikelihood_is_the_continuation_loss(model_folder, lavit_model, lavit_processor):
     from lmms_eval.api.instance import Instance
 
     from lavit.evaluation.lmms_eval_model import LaVITLmms
@@ -105,7 +105,7 @@ def test_loglikelihood_is_the_continuation_log_probability(model_folder, lavit_m
     request = Instance(request_type="loglikelihood", arguments=("Question: what is it? Answer:", " a cat",
                                                                lambda doc: [doc["image"]], 0, "photos", "test"),
                        idx=0, metadata={"task": "photos", "doc_id": 0, "repeats": 1})
-    [(log_probability, _)] = adapter.loglikelihood([request])
+    [(loss, _)] = adapter.loglikelihood([request])
 
     prompt = lavit_processor(images=[image], text="<image>Question: what is it? Answer:", return_tensors="pt")
     full = lavit_processor(images=[image], text="<image>Question: what is it? Answer: a cat", return_tensors="pt")
@@ -113,9 +113,10 @@ def test_loglikelihood_is_the_continuation_log_probability(model_folder, lavit_m
     with torch.no_grad():
         logits = lavit_model(**full).logits[0]
     log_probs = logits.log_softmax(dim=-1)
-    expected = sum(float(log_probs[-count - 1 + offset, full["input_ids"][0, -count + offset]])
-                   for offset in range(count))
-    assert count > 0 and log_probability == pytest.approx(expected, rel=1e-4)
+    # the mean negative log-probability of the continuation's tokens: lmms-eval's multiple-choice tasks take the lowest
+    expected = -sum(float(log_probs[-count - 1 + offset, full["input_ids"][0, -count + offset]])
+                    for offset in range(count)) / count
+    assert count > 0 and loss == pytest.approx(expected, rel=1e-4)
 
     # generation requests are batched only with neighbours of the same settings (one task's)
     def generation_request(settings):

@@ -43,6 +43,11 @@ class OutputPath(str):
     role = OUTPUT
 
 
+class OutputFile(OutputPath):
+    """`argparse` type of a file the command writes; several outputs get numbered names (`out-0.png`, `out-1.png`:
+    [`numbered_outputs`]), each checked as the named one ([`check_output_files`])."""
+
+
 class CheckpointPath(str):
     """`argparse` type of a checkpoint read from inside the output folder (`--resume`); never compared."""
 
@@ -100,6 +105,26 @@ def check_destination(destination, inputs: Mapping[str, object], name: str = "th
     return target
 
 
+def numbered_outputs(path, count: int) -> list[Path]:
+    """The files a command writes for `count` outputs named `path`: `path` itself for one, else `stem-N.suffix`."""
+    path = Path(path)
+    return [path] if count == 1 else [path.with_name(f"{path.stem}-{index}{path.suffix}") for index in range(count)]
+
+
+def check_output_files(path, count: int, inputs: Mapping[str, object], name: str) -> list[Path]:
+    """The one rule of every file output, the derived names included, checked before any work: each of the
+    `count` files ([`numbered_outputs`]) must lie outside every input ([`check_destination`]) and must not be a
+    file lavit did not write ([`lavit.atomic.require_lavit_file`]: a rerun replaces lavit's own images, never the
+    user's). Returns the files."""
+    from lavit.atomic import require_lavit_file
+
+    files = numbered_outputs(path, count)
+    for file in files:
+        check_destination(file, inputs, name=name)
+        require_lavit_file(file, name)
+    return files
+
+
 def declared_paths(arguments) -> list[tuple[str, str, object]]:
     """`(name, role, value)` of every path argument of a parsed `argparse.Namespace` (roles from the values'
     types) or of a stage's arguments dataclass (roles from its fields' metadata)."""
@@ -127,6 +152,7 @@ def check_paths(*arguments) -> None:
             check_destination(value, inputs, name=flag)
 
 
-__all__ = ["CHECKPOINT", "INPUT", "OUTPUT", "PATH_ROLE", "CheckpointPath", "InputPath", "OutputPath",
-           "PathConflictError", "check_destination", "check_paths", "declared_paths", "path_field", "path_role",
+__all__ = ["CHECKPOINT", "INPUT", "OUTPUT", "PATH_ROLE", "CheckpointPath", "InputPath", "OutputFile", "OutputPath",
+           "PathConflictError", "check_destination", "check_output_files", "check_paths",
+           "declared_paths", "numbered_outputs", "path_field", "path_role",
            "resolved"]

@@ -45,6 +45,7 @@ from .image_placeholders_lavit import (
     restarts_inside_rows,
 )
 from .modeling_lavit_tokenizer import LaVITTokenizerModel, build_token_merger, kept_token_fields
+from .saving_lavit import SaveBesideSourcesMixin
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
 from .validation_lavit import check_generation_budget
 
@@ -110,7 +111,7 @@ class LaVITCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_token_counts: torch.LongTensor | None = None
 
 
-class LaVITPreTrainedModel(PreTrainedModel):
+class LaVITPreTrainedModel(SaveBesideSourcesMixin, PreTrainedModel):
     config_class = LaVITConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")

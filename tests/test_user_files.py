@@ -233,3 +233,86 @@ def test_tokenize_visualize_reruns_over_its_own_images(tmp_path, lavit_folder, c
     for _ in range(2):
         assert main(argv) == 0, capsys.readouterr().err
     assert all(is_lavit_file(path) for path in numbered_outputs(tmp_path / "kept.png", 2))
+
+
+# ------------------------------------------------------------------------------------------------ D3
+
+
+def lavit_saving_classes() -> list[type]:
+    """Every class of lavit's model files that can be saved (found from the modules of `lavit.modeling`)."""
+    import importlib
+    import pkgutil
+
+    import lavit.modeling
+    from diffusers import DiffusionPipeline
+    from transformers import PreTrainedModel
+
+    found = set()
+    for module_info in pkgutil.iter_modules(lavit.modeling.__path__):
+        module = importlib.import_module(f"lavit.modeling.{module_info.name}")
+        found |= {value for value in vars(module).values() if isinstance(value, type) and value.__module__ ==
+                  module.__name__ and issubclass(value, (PreTrainedModel, DiffusionPipeline))}
+    return sorted(found, key=lambda cls: cls.__name__)
+
+
+def test_every_save_pretrained_of_lavit_goes_through_the_source_guard():
+    from lavit.modeling.saving_lavit import SaveBesideSourcesMixin
+
+    classes = lavit_saving_classes()
+    assert {"LaVITForCausalLM", "LaVITPipeline", "LaVITDetokenizer", "LaVITTokenizerModel"} <= {
+        cls.__name__ for cls in classes}
+    unguarded = [cls.__name__ for cls in classes if SaveBesideSourcesMixin not in cls.__mro__ and
+                 "save_beside_sources" not in inspect.getsource(cls.save_pretrained)]
+    assert not unguarded
+
+
+def weights(*models) -> dict:
+    return {f"{index}.{name}": tensor.detach().clone() for index, model in enumerate(models)
+            for name, tensor in model.state_dict().items()}
+
+
+def saved_objects(tmp_path, lavit_model, lavit_processor):
+    """(name, the object saved to a folder, how to load it back, its weights) of every kind lavit saves."""
+    from conftest import tiny_detokenizer_config
+
+    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITPipeline, LaVITTokenizerModel
+
+    detokenizer = LaVITDetokenizer(tiny_detokenizer_config())
+    pipe = LaVITPipeline.from_detokenizer(lavit_model, lavit_processor, detokenizer)
+    pipe_weights = lambda loaded: weights(loaded.language_model, loaded.unet, loaded.vae,  # noqa: E731
+                                          loaded.condition_encoder)
+    return [("language model", lavit_model, LaVITForCausalLM.from_pretrained, weights),
+            ("visual tokenizer", lavit_model.visual_tokenizer, LaVITTokenizerModel.from_pretrained, weights),
+            ("detokenizer", detokenizer, LaVITDetokenizer.from_pretrained, weights),
+            ("pipeline", pipe, LaVITPipeline.from_pretrained, pipe_weights)]
+
+
+def test_save_pretrained_into_its_own_folder_keeps_every_weight_and_never_mixes_folders(
+        tmp_path, lavit_model, lavit_processor):
+    for name, obj, load, state in saved_objects(tmp_path, lavit_model, lavit_processor):
+        folder = tmp_path / name.replace(" ", "_") / "model"
+        shard = {"max_shard_size": "40KB"} if name != "pipeline" else {}
+        obj.save_pretrained(folder, **shard)
+        expected = state(obj)
+        loaded = load(folder)
+        # into the folder it was loaded from, sharded differently: every weight survives, no stale shard is left
+        loaded.save_pretrained(folder, **({"max_shard_size": "25KB"} if name != "pipeline" else {}))
+        again = state(load(folder))
+        assert again.keys() == expected.keys() and all(again[key].equal(expected[key]) for key in expected), name
+        assert not [path for path in folder.parent.iterdir() if path.name != "model"], name  # no staging left
+        indexes = list(folder.rglob("*.safetensors.index.json"))
+        listed = {file for index in indexes for file in __import__("json").loads(index.read_text())["weight_map"]
+                  .values()}
+        shards = {path.name for path in folder.rglob("model-*.safetensors")}
+        assert shards == listed, name
+        # into a folder of files inside its source, or into a folder that holds its source: refused, nothing written
+        before = snapshot(folder.parent)
+        inner = next(path for path in sorted(folder.rglob("*")) if path.is_dir()) if name == "pipeline" else None
+        for destination in [folder.parent, *([inner] if inner else [])]:
+            from lavit.modeling.saving_lavit import SourceFolderError
+
+            with pytest.raises(SourceFolderError, match="the folder this .* was loaded from"):
+                loaded.save_pretrained(destination)
+            assert snapshot(folder.parent) == before, (name, destination)
+        loaded.save_pretrained(folder / "checkpoint-1")  # a new folder inside its source: allowed
+        assert state(load(folder / "checkpoint-1")).keys() == expected.keys()

@@ -240,6 +240,8 @@ def add_evaluate_parser(commands) -> None:
                                "(default: torchmetrics' Inception, needs torch-fidelity)")
     evaluate.add_argument("--clip-model", type=InputPath, default=None, help="CLIP model (path/Hub id) for CLIP score")
     evaluate.add_argument("--no-java", action="store_true", help="skip the Java tools (PTB tokenizer, METEOR, SPICE)")
+    evaluate.add_argument("--allow-unmatched", action="store_true", help="drop (and count) captions of no image "
+                          "and answers of no question instead of stopping")
     evaluate.add_argument("--record", action="store_true", help="add the scores to MODEL/lavit_run.json for the "
                           "model card (`lavit export`)")
 
@@ -638,7 +640,7 @@ def run_evaluate(args) -> None:
         raise CommandError(f"--record writes into the model folder, but {args.model} is not a local folder")
     config = evaluation_config(args, benchmark)
     samples = load_samples(data_format, args.annotations, args.questions, args.images, config.split, args.dataset,
-                           args.columns, args.image_pattern)[: args.limit]
+                           args.columns, args.image_pattern, args.allow_unmatched)[: args.limit]
     require_folder(args.model)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     if config.task == "text-to-image":  # images come from the LaVITPipeline, whose processor it holds

@@ -15,6 +15,7 @@ import argparse
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass
 
 # the largest count any setting takes: sizes and steps must fit torch's int64 (and numpy's) without overflow
@@ -189,6 +190,42 @@ def check_fields(owner, specs: dict) -> None:
         spec.check(name, getattr(owner, name))
 
 
+# the ranges of the fields of a config LaVIT holds but does not define (the language model's `text_config`, the
+# diffusers configs of the pixel decoder), by name; every other number in them must be finite
+NESTED_FIELD_RANGES = (
+    (re.compile(r"^(vocab_size|hidden_size|intermediate_size|num_hidden_layers|num_attention_heads|"
+                r"num_key_value_heads|max_position_embeddings|head_dim|num_train_timesteps|sample_size|"
+                r"layers_per_block|(in|out|latent)_channels|norm_num_groups|cross_attention_dim|block_out_channels|"
+                r"attention_head_dim|transformer_layers_per_block|addition_time_embed_dim|"
+                r"projection_class_embeddings_input_dim)$"), POSITIVE_INT),
+    (re.compile(r"(^|_)(eps|epsilon)$"), EPSILON),
+    (re.compile(r"dropout|pdrop"), PROBABILITY),
+    (re.compile(r"^(rope_theta|scaling_factor)$"), POSITIVE_FLOAT),
+    (re.compile(r"^initializer_range$"), NON_NEGATIVE_FLOAT),
+)
+FINITE = Range()
+
+
+def check_nested_config(name: str, settings) -> None:
+    """Checks every number of a nested config (`settings`: its dict, or the config object) by the rules of
+    `NESTED_FIELD_RANGES`, nested dicts and lists included: `text_config.rms_norm_eps must be a finite number in
+    (0, 1], got nan`. `None` (unset) is left alone."""
+    if hasattr(settings, "to_dict"):
+        settings = settings.to_dict()
+    for key, value in settings.items():
+        path = f"{name}.{key}"
+        spec = next((spec for pattern, spec in NESTED_FIELD_RANGES if pattern.search(str(key))), FINITE)
+        if isinstance(value, dict):
+            check_nested_config(path, value)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                if (isinstance(item, (int, float)) and not isinstance(item, bool)) or spec is not FINITE:
+                    spec.check(f"{path}[{index}]", item)
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or (spec is not FINITE
+                                                                                  and value is not None):
+            spec.check(path, value)  # a number, or anything else where a number is declared ("abc", true)
+
+
 def check_arguments(specs: dict, values: dict) -> None:
     """Checks the keyword arguments in `values` that `specs` declares (a missing or `None` one is left to its
     default)."""
@@ -282,5 +319,6 @@ def check_generation_budget(
 
 
 __all__ = [
-    "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_generation_budget", "check_memory",
+    "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_nested_config",
+    "check_generation_budget", "check_memory",
 ]

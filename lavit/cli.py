@@ -42,7 +42,7 @@ from lavit.paths import (
     PathConflictError,
     check_output_files,
     check_paths,
-    numbered_outputs,
+    numbered_output,
 )
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
@@ -359,7 +359,7 @@ def open_image(path: str):
 
 
 def numbered(path: str, index: int, count: int) -> Path:
-    return numbered_outputs(path, count)[index]
+    return numbered_output(path, index, count)
 
 
 # every file argument (`OutputFile`) of a command -> (its flag, the value, how many files it names, the inputs): all

@@ -293,7 +293,7 @@ def kv_cache_bytes(text_config, rows: int, length: int, dtype_bytes: int) -> int
 
 def check_generation_budget(
     text_config, prompt_length: int, max_new_tokens: int, rows: int, dtype_bytes: int = 4, device=None,
-    what: str = "generate",
+    what: str = "generate", given_length: int | None = None,
 ) -> None:
     """
     Bounds a generation request before anything is allocated. `prompt_length`: tokens of the (longest) prompt as the
@@ -302,16 +302,22 @@ def check_generation_budget(
 
     Raises `ValueError` when `prompt_length + max_new_tokens` exceeds the LM's context length
     (`max_position_embeddings`), and `MemoryError` when the KV cache of that request does not fit the memory there is.
+    `given_length`: the prompt's length in the ids the caller gave, when its images were expanded into their visual
+    tokens since (the message counts both, so the numbers add up for the caller).
     """
     POSITIVE_INT.check("max_new_tokens", max_new_tokens)
     POSITIVE_INT.check("rows", rows)
     context = getattr(text_config, "max_position_embeddings", None)
     total = prompt_length + max_new_tokens
     if context is not None and total > context:
+        visual = prompt_length - given_length if given_length is not None else 0
+        counted = (f" ({given_length} given ids + {visual} for its images' visual tokens, [IMG] and [/IMG], as the "
+                   f"language model reads them)" if visual > 0 else "")
+        fewer = " or fewer visual tokens (image_selection={'max_tokens': N})" if visual > 0 else ""
         raise ValueError(
-            f"{what}: a prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} is {total} tokens, more "
-            f"than the model's context length of {context} (max_position_embeddings): give max_new_tokens <= "
-            f"{max(context - prompt_length, 0)}"
+            f"{what}: a prompt of {prompt_length} tokens{counted} + max_new_tokens={max_new_tokens} is {total} "
+            f"tokens, more than the model's context length of {context} (max_position_embeddings): give "
+            f"max_new_tokens <= {max(context - prompt_length, 0)}{fewer}"
         )
     check_memory(f"{what} ({rows} sequences of up to {total} tokens: the KV cache)",
                  kv_cache_bytes(text_config, rows, total, dtype_bytes), device,

@@ -93,3 +93,31 @@ def test_issue_examples_a_config_json_with_a_bad_text_config_does_not_load(tmp_p
     (tmp_path / "config.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=rf"text_config\.{field} must be"):
         LaVITConfig.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ U1
+
+
+def test_the_context_length_message_counts_the_visual_tokens(lavit_model, lavit_processor):
+    """`generate` on an image prompt: the numbers of the message add up in the caller's units (the ids given, plus
+    the visual tokens the images became), and the advice names both fixes."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    inputs = lavit_processor(images=[image], text="<image>a photo of", return_tensors="pt")
+    context = lavit_model.config.text_config.max_position_embeddings
+    given = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError) as error:
+        lavit_model.generate(**inputs, max_new_tokens=context)
+    message = str(error.value)
+    found = re.search(r"a prompt of (\d+) tokens \((\d+) given ids \+ (\d+) for its images' visual tokens", message)
+    assert found, message
+    prompt, given_ids, visual = map(int, found.groups())
+    assert given_ids == given and prompt == given_ids + visual and visual > 0
+    assert f"give max_new_tokens <= {context - prompt}" in message and "max_tokens" in message
+    with pytest.raises(ValueError) as error:  # a text prompt: no visual tokens to count
+        lavit_model.generate(**lavit_processor(text="a cat", return_tensors="pt"), max_new_tokens=context)
+    assert "given ids" not in str(error.value) and "context length" in str(error.value)

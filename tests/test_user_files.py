@@ -183,6 +183,20 @@ def test_every_file_output_is_checked_by_the_one_rule():
     assert set(file_output_commands()) == set(FILE_OUTPUTS) == set(SEVERAL_OUTPUTS)
 
 
+def test_a_huge_count_of_outputs_is_checked_from_the_folder_listing(tmp_path):
+    """The check lists the folder instead of naming every output (10**15 images are refused later, by the memory
+    bound); it finds exactly the numbered names below the count."""
+    for name in ("out-3.png", "out-03.png", "out-x.png", "out-7.png", "out-3.jpg", "other-1.png"):
+        (tmp_path / name).write_bytes(b"the user's")
+    with pytest.raises(NotLavitFileError, match="out-3.png"):
+        check_output_files(tmp_path / "out.png", 10**15, {}, "--output")
+    check_output_files(tmp_path / "out.png", 3, {}, "--output")  # out-0 .. out-2: none there
+    (tmp_path / "out-3.png").unlink()
+    check_output_files(tmp_path / "out.png", 7, {}, "--output")
+    with pytest.raises(NotLavitFileError, match="out-7.png"):
+        check_output_files(tmp_path / "out.png", 8, {}, "--output")
+
+
 @pytest.mark.parametrize("command", sorted(SEVERAL_OUTPUTS))
 def test_no_derived_output_overwrites_a_users_file(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)

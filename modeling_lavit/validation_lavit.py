@@ -59,6 +59,7 @@ class Range:
     optional: bool = False
     also: tuple = ()
     note: str = ""
+    integer_from: float | None = None  # values from here on must be whole (a share below 1, a count from 1 on)
 
     @property
     def __name__(self) -> str:  # argparse names a type by its `__name__` in some messages
@@ -77,6 +78,8 @@ class Range:
             text = f"{kind} {'<' if self.high_open else '<='} {_bound(high)}"
         else:
             text = kind
+        if self.integer_from is not None:
+            text += f", whole from {_bound(self.integer_from)} on"
         if self.also:
             text += f", or {' or '.join(_bound(value) for value in self.also)}"
         if self.optional:
@@ -97,6 +100,8 @@ class Range:
         if not math.isfinite(value) or (self.integer and not -INT64_MAX - 1 <= value <= INT64_MAX):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.integer_from is not None and value >= self.integer_from and not float(value).is_integer():
             return False
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
@@ -182,6 +187,7 @@ OPEN_FRACTION = Range(0, 1, low_open=True)  # a share that cannot be empty: (0, 
 GUIDANCE_SCALE = Range(1, note="1 turns guidance off")
 EPSILON = Range(0, 1, low_open=True)
 SEED = Range(0, SEED_MAX, integer=True, note="what torch, numpy and random accept")
+SHARE_OR_COUNT = Range(0, integer_from=1, note="a share below 1, a count from 1 on, 0 for none")
 
 
 def check_fields(owner, specs: dict) -> None:

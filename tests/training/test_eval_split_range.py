@@ -40,3 +40,26 @@ def test_every_size_of_the_range_splits_or_is_refused_by_name(size):
         assert (size if size >= 1 else math.ceil(size * 10)) in (10, 11, 10**9)  # nothing left to train on
     else:
         assert len(train) >= 1 and len(held_out) >= 1 and len(train) + len(held_out) == 10
+
+
+# ------------------------------------------------------------------------------------------------ --max_length
+
+
+def stages_with_max_length() -> list[str]:
+    return [name for name, parser in command_parsers().items()
+            if any(action.dest == "max_length" for action in parser._actions)]
+
+
+def test_every_stage_refuses_a_max_length_beyond_the_context_before_reading_data(lavit_folder, tmp_path, capsys):
+    """Each stage with `--max_length` (found from the parsers), given a model whose context is 512 tokens: one line
+    naming the flag, the context length and the largest value that fits, before the data is read (here it does not
+    even exist)."""
+    stages = stages_with_max_length()
+    assert set(stages) == {"train", "finetune"}
+    for stage in stages:
+        argv = [stage, "--model", str(lavit_folder), "--data", str(tmp_path / "missing"), "--max_length", "100000",
+                "--output_dir", str(tmp_path / stage), "--resume", "no"]
+        assert main(argv) == 1, stage
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lavit ")]  # no bars
+        assert len(err) == 1 and "--max_length 100000" in err[0] and "context length of 512" in err[0], (stage, err)
+        assert "give --max_length <= " in err[0] and "missing" not in err[0]

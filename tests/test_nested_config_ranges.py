@@ -121,3 +121,30 @@ def test_the_context_length_message_counts_the_visual_tokens(lavit_model, lavit_
     with pytest.raises(ValueError) as error:  # a text prompt: no visual tokens to count
         lavit_model.generate(**lavit_processor(text="a cat", return_tensors="pt"), max_new_tokens=context)
     assert "given ids" not in str(error.value) and "context length" in str(error.value)
+
+
+def test_image_generation_from_an_image_prompt_counts_its_visual_tokens(lavit_model, lavit_processor):
+    """`generate_image_tokens` on a prompt holding an image: a context that fits the ids as given but not the image's
+    visual tokens is refused before decoding, with the numbers of both."""
+    import re
+
+    import numpy as np
+    from lavit.modeling.generation_lavit import LaVITImageGenerationConfig
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    inputs = lavit_processor(images=[image], text="<image>draw it again", return_tensors="pt")
+    settings = LaVITImageGenerationConfig.resolve(None, {"guidance_scale": 1.0})
+    max_new_tokens = settings.token_limits(lavit_model.config.tokenizer_config.num_patches)[1]
+    given = inputs["input_ids"].shape[1]
+    text_config = lavit_model.config.text_config
+    original = text_config.max_position_embeddings
+    text_config.max_position_embeddings = given + 1 + max_new_tokens + 1  # the ids as given fit exactly
+    try:
+        with pytest.raises(ValueError) as error:
+            lavit_model.generate_image_tokens(**inputs, guidance_scale=1.0)
+    finally:
+        text_config.max_position_embeddings = original
+    found = re.search(r"a prompt of (\d+) tokens \((\d+) given ids \+ (\d+) for its images' visual tokens",
+                      str(error.value))
+    assert found and int(found[2]) == given + 1 and int(found[1]) == int(found[2]) + int(found[3]), str(error.value)

@@ -72,13 +72,13 @@ def save_beside_sources(save: Callable[[Path], None], save_directory, sources: l
 
 
 def _move_into(staging: Path, target: Path) -> None:
-    """Moves every file of `staging` onto the same path under `target`, then removes the weight files of folders it
-    wrote that this save did not write (a previous save's shards)."""
+    """Moves every file of `staging` onto the same path under `target`, then, in each folder where this save wrote
+    weights, removes the weight files it did not write (a previous save's shards)."""
     written = sorted(path.relative_to(staging) for path in staging.rglob("*") if path.is_file())
     for relative in written:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / relative, target / relative)
-    for folder in {relative.parent for relative in written}:
+    for folder in {relative.parent for relative in written if WEIGHT_FILE.match(relative.name)}:
         for stale in (target / folder).iterdir():
             if WEIGHT_FILE.match(stale.name) and stale.is_file() and stale.relative_to(target) not in written:
                 stale.unlink()

@@ -382,7 +382,7 @@ def stage_argv(command: str, tmp_path, lavit_folder) -> list[str]:
     inputs = {"train-tokenizer": ["--tokenizer_config", "tiny"],
               "train": ["--visual_tokenizer", tmp_path / "tokenizer", "--language_model", tmp_path / "lm",
                         "--max_length", "64"],
-              "finetune": ["--model", lavit_folder, "--task", "caption"],
+              "finetune": ["--model", lavit_folder, "--task", "caption", "--max_length", "64"],
               "train-detokenizer": ["--visual_tokenizer", tmp_path / "tokenizer", "--detokenizer_config", "tiny"],
               "preprocess": ["--visual_tokenizer", tmp_path / "tokenizer", "--output", tmp_path / "run" / "final"]}
     settings = training_settings(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, logging_steps=1)

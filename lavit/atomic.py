@@ -9,8 +9,9 @@ that want it) moves the backup back if a crash fell between the two renames.
 lavit replaces, swaps or deletes only folders it made itself: every folder it makes to swap in carries its marker
 file `.lavit_folder.json` (`mark_folder`), and a folder without it (a user's `hub.old/`, `final/`, `out.tmp/`) is
 never deleted or renamed: the operation stops with [`NotLavitFolderError`], which says what to do instead. Names
-such as `*.old` or `*.tmp` are never taken as proof. The marker of a folder swapped in lists the files lavit wrote, so
-a file the user added later also stops the replacement.
+such as `*.old` or `*.tmp` are never taken as proof. The marker of a folder swapped in records each file lavit wrote
+with its size and SHA-256, so a file the user added later, or one of lavit's files the user edited since, also stops
+the replacement (the error names the files and the fix).
 
 Files written by `write_atomically` get the permissions a plain `open(path, "w")` would give: a new file
 `0o666` less the process umask, a replaced file keeps its own mode.
@@ -18,6 +19,7 @@ Files written by `write_atomically` get the permissions a plain `open(path, "w")
 
 import ctypes
 import ctypes.util
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -56,14 +58,57 @@ class NotLavitFolderError(FileExistsError):
 
 def mark_folder(folder, kind: str = "folder", files: list[str] | None = None) -> Path:
     """Creates `folder` (and parents) if needed and records in it that lavit made it (`kind`: what it holds;
-    `files`: the files lavit wrote in it, so that a file added later is not deleted with the folder)."""
+    `files`: the files lavit wrote in it, recorded with their content ([`file_record`]) so that a file added or
+    edited later is not deleted with the folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker = {"made_by": "lavit", "kind": kind, "lavit_version": _version()}
     if files is not None:
-        marker["files"] = files
+        marker["files"] = {name: file_record(folder / name) for name in files}
     write_json_atomically(folder / MARKER_FILE, marker)
     return folder
+
+
+def file_record(path: Path) -> dict:
+    """What identifies the content of the file lavit wrote at `path`: its size and SHA-256, and its modification and
+    change times (the times only spare re-hashing a file whose size and times are unchanged; the change time cannot
+    be set back by hand, as `touch -r` sets the modification time back)."""
+    if path.is_symlink():
+        return {"link": os.readlink(path)}
+    status = path.stat()
+    with open(path, "rb") as handle:
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"size": status.st_size, "sha256": sha256, "mtime_ns": status.st_mtime_ns, "ctime_ns": status.st_ctime_ns}
+
+
+def _unchanged(path: Path, record) -> bool:
+    """True when the file at `path` still holds what lavit wrote (`record` from [`file_record`]; a marker of lavit
+    <= 0.x recorded names only, and its files count as unchanged)."""
+    if not isinstance(record, dict):
+        return True
+    if "link" in record or path.is_symlink():
+        return path.is_symlink() and os.readlink(path) == record.get("link")
+    status = path.stat()
+    if status.st_size != record.get("size"):
+        return False
+    if (status.st_mtime_ns, status.st_ctime_ns) == (record.get("mtime_ns"), record.get("ctime_ns")):
+        return True
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest() == record.get("sha256")
+
+
+def changed_files(folder) -> list[str]:
+    """The files of the lavit folder `folder` that lavit did not write there, or that changed since it wrote them
+    (empty for a folder whose marker lists no files: lavit wrote nothing in it yet)."""
+    folder = Path(folder)
+    marker = _read_marker(folder) or {}
+    recorded = marker.get("files")
+    if recorded is None:
+        return []
+    if isinstance(recorded, list):  # a marker of lavit <= 0.x: names only
+        recorded = dict.fromkeys(recorded)
+    return [name for name in _files_in(folder) if name not in recorded or not _unchanged(folder / name,
+                                                                                            recorded[name])]
 
 
 def _files_in(folder: Path) -> list[str]:
@@ -106,11 +151,12 @@ def require_lavit_folder(path, action: str) -> None:
             f"{path} exists and was not made by lavit (no {MARKER_FILE} in it), so lavit will not {action} it: "
             f"choose another destination, or move or delete {path} yourself"
         )
-    added = sorted(set(_files_in(path)) - set(marker.get("files", _files_in(path))))
-    if added:
+    changed = changed_files(path)
+    if changed:
         raise NotLavitFolderError(
-            f"{path} holds files lavit did not write ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''}), "
-            f"so lavit will not {action} it: move them out of {path}, or choose another destination"
+            f"{path} holds files lavit did not write or that changed since lavit wrote them "
+            f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}), so lavit will not {action} it: "
+            f"move them out of {path} (or copy the folder elsewhere), or choose another destination"
         )
 
 
@@ -128,7 +174,7 @@ def recover_folder(target) -> None:
     if not os.path.lexists(target):
         os.replace(backup, target)
         logger.warning(f"{target}: restored the previous folder (an earlier replacement was interrupted)")
-    else:
+    elif not changed_files(backup):  # a file written or edited there since is the user's: the backup stays
         shutil.rmtree(backup)
 
 
@@ -220,6 +266,44 @@ def write_json_atomically(path, document, indent: int | None = 2) -> None:
     write_text_atomically(path, json.dumps(document, indent=indent, ensure_ascii=False) + "\n")
 
 
+PNG_SOFTWARE = "lavit"  # the PNG `Software` text of every image lavit writes: what lets a rerun replace it
+
+
+class NotLavitFileError(NotLavitFolderError):
+    """A file lavit would have to overwrite, but did not write (or one the user changed since)."""
+
+
+def is_lavit_file(path) -> bool:
+    """True when `path` is a regular file (not a link) that lavit wrote: a PNG whose `Software` text is lavit's."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and str(image.text.get("Software", "")).split(" ")[0] == PNG_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return False
+
+
+def require_lavit_file(path, name: str = "the output") -> None:
+    """Raises [`NotLavitFileError`] when `path` exists and is not a file lavit wrote (`name`: the argument it
+    comes from, for the message)."""
+    path = Path(path)
+    if os.path.lexists(path) and not is_lavit_file(path):
+        raise NotLavitFileError(
+            f"{path} ({name}) exists and was not written by lavit, so lavit will not overwrite it: choose another "
+            f"{name}, or move or delete {path} yourself"
+        )
+
+
 def save_png_atomically(image, path) -> None:
-    """Writes the PIL `image` as a PNG at `path` through [`write_atomically`]."""
-    write_atomically(path, lambda temporary: image.save(temporary, format="PNG"), suffix=".png")
+    """Writes the PIL `image` as a PNG at `path` through [`write_atomically`], with lavit's `Software` text; a file
+    at `path` that lavit did not write is refused ([`NotLavitFileError`])."""
+    from PIL.PngImagePlugin import PngInfo
+
+    require_lavit_file(path)
+    info = PngInfo()
+    info.add_text("Software", f"{PNG_SOFTWARE} {_version()}")
+    write_atomically(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info), suffix=".png")

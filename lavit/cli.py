@@ -35,7 +35,15 @@ from lavit.command_inputs import (
 from lavit.file_kinds import PickledWeightsError, require_safetensors_inputs
 from lavit.modeling.validation_lavit import GUIDANCE_SCALE, OPEN_FRACTION, POSITIVE_FLOAT, POSITIVE_INT
 from lavit.modeling.validation_lavit import SEED as SEED_RANGE
-from lavit.paths import InputPath, OutputPath, PathConflictError, check_destination, check_paths
+from lavit.paths import (
+    InputPath,
+    OutputFile,
+    OutputPath,
+    PathConflictError,
+    check_output_files,
+    check_paths,
+    numbered_output,
+)
 
 # each training command is a stage script whose `make_parser(commands)` adds the command under this name
 TRAINING_COMMANDS = {
@@ -92,7 +100,7 @@ def add_image_parsers(commands) -> None:
     tokenize.add_argument("--model", type=InputPath, required=True,
                           help="a visual tokenizer or LaVIT folder (or Hub id)")
     tokenize.add_argument("--budget", type=POSITIVE, default=None, help="keep at most N tokens per image (top-k)")
-    tokenize.add_argument("--visualize", type=OutputPath, default=None,
+    tokenize.add_argument("--visualize", type=OutputFile, default=None,
                           help="write the kept patches to this PNG (-N per image)")
     add_selection_arguments(tokenize)
 
@@ -118,7 +126,7 @@ def add_generation_parsers(commands) -> None:
     """The commands that draw images: generate, reconstruct."""
     generate = commands.add_parser("generate", help="text-to-image")
     generate.add_argument("prompts", nargs="+", help="one or more prompts")
-    generate.add_argument("-o", "--output", type=OutputPath, required=True,
+    generate.add_argument("-o", "--output", type=OutputFile, required=True,
                           help="PNG path (-N suffixes for several images)")
     generate.add_argument("--model", type=InputPath, required=True,
                           help="a LaVITPipeline folder (or Hub id)")
@@ -132,7 +140,7 @@ def add_generation_parsers(commands) -> None:
 
     reconstruct = commands.add_parser("reconstruct", help="image -> visual tokens -> image")
     reconstruct.add_argument("images", type=InputPath, nargs="+", help="image files")
-    reconstruct.add_argument("-o", "--output", type=OutputPath, required=True,
+    reconstruct.add_argument("-o", "--output", type=OutputFile, required=True,
                              help="PNG path (-N suffixes for several images)")
     reconstruct.add_argument("--model", type=InputPath, required=True,
                              help="a LaVITPipeline folder (or Hub id)")
@@ -232,6 +240,8 @@ def add_evaluate_parser(commands) -> None:
                                "(default: torchmetrics' Inception, needs torch-fidelity)")
     evaluate.add_argument("--clip-model", type=InputPath, default=None, help="CLIP model (path/Hub id) for CLIP score")
     evaluate.add_argument("--no-java", action="store_true", help="skip the Java tools (PTB tokenizer, METEOR, SPICE)")
+    evaluate.add_argument("--allow-unmatched", action="store_true", help="drop (and count) captions of no image "
+                          "and answers of no question instead of stopping")
     evaluate.add_argument("--record", action="store_true", help="add the scores to MODEL/lavit_run.json for the "
                           "model card (`lavit export`)")
 
@@ -349,8 +359,24 @@ def open_image(path: str):
 
 
 def numbered(path: str, index: int, count: int) -> Path:
-    path = Path(path)
-    return path if count == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
+    return numbered_output(path, index, count)
+
+
+# every file argument (`OutputFile`) of a command -> (its flag, the value, how many files it names, the inputs): all
+# of them checked before any work (`lavit.paths.check_output_files`)
+FILE_OUTPUTS = {
+    "tokenize": lambda args: ("--visualize", args.visualize, len(args.images), {"images": args.images}),
+    "generate": lambda args: ("--output", args.output, len(args.prompts) * args.num_images, {"--model": args.model}),
+    "reconstruct": lambda args: ("--output", args.output, len(args.images), {"images": args.images,
+                                                                              "--model": args.model}),
+}
+
+
+def check_file_outputs(command: str, args) -> None:
+    if command in FILE_OUTPUTS:
+        name, path, count, inputs = FILE_OUTPUTS[command](args)
+        if path:
+            check_output_files(path, count, inputs, name)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -362,8 +388,6 @@ def run_tokenize(args) -> None:
     from lavit.processing.image_processing_lavit import LaVITImageProcessor, draw_kept_patches
 
     require_folder(args.model, ("lavit_tokenizer", "lavit"))
-    for index in range(len(args.images)) if args.visualize else ():  # the numbered files too: out-1.png may be an input
-        check_destination(numbered(args.visualize, index, len(args.images)), {"images": args.images}, "--visualize")
     items = PerItem("tokenize", "image", args.images, args.json)
     images = items.each(open_image)  # every file is read before the model loads
     if images:
@@ -616,7 +640,7 @@ def run_evaluate(args) -> None:
         raise CommandError(f"--record writes into the model folder, but {args.model} is not a local folder")
     config = evaluation_config(args, benchmark)
     samples = load_samples(data_format, args.annotations, args.questions, args.images, config.split, args.dataset,
-                           args.columns, args.image_pattern)[: args.limit]
+                           args.columns, args.image_pattern, args.allow_unmatched)[: args.limit]
     require_folder(args.model)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     if config.task == "text-to-image":  # images come from the LaVITPipeline, whose processor it holds
@@ -672,6 +696,7 @@ def main(argv=None) -> int:
             run_training(command, rest)  # its parser checks the paths (LaVITArgumentParser)
         else:
             check_paths(args)  # no destination is, holds or lies inside an input (lavit.paths)
+            check_file_outputs(command, args)  # nor overwrites a file lavit did not write, numbered ones included
             require_safetensors_inputs(args)  # no model folder with pickled weights is loaded (lavit.file_kinds)
             RUNNERS[command](args)
     except (CommandError, PathConflictError, NotLavitFolderError, PickledWeightsError) as error:  # user errors

@@ -43,6 +43,11 @@ class OutputPath(str):
     role = OUTPUT
 
 
+class OutputFile(OutputPath):
+    """`argparse` type of a file the command writes; several outputs get numbered names (`out-0.png`, `out-1.png`:
+    [`numbered_outputs`]), each checked as the named one ([`check_output_files`])."""
+
+
 class CheckpointPath(str):
     """`argparse` type of a checkpoint read from inside the output folder (`--resume`); never compared."""
 
@@ -100,6 +105,47 @@ def check_destination(destination, inputs: Mapping[str, object], name: str = "th
     return target
 
 
+def numbered_output(path, index: int, count: int) -> Path:
+    """The file output `index` of `count` named `path`: `path` itself for one, else `stem-N.suffix`."""
+    path = Path(path)
+    return path if count == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
+
+
+def numbered_outputs(path, count: int) -> list[Path]:
+    """The files a command writes for `count` outputs named `path` ([`numbered_output`])."""
+    return [numbered_output(path, index, count) for index in range(count)]
+
+
+def check_output_files(path, count: int, inputs: Mapping[str, object], name: str) -> None:
+    """The one rule of every file output, the derived names included, checked before any work: each of the
+    `count` files ([`numbered_outputs`]) must lie outside every input ([`check_destination`]) and must not be a
+    file lavit did not write ([`lavit.atomic.require_lavit_file`]: a rerun replaces lavit's own images, never the
+    user's)."""
+    from lavit.atomic import require_lavit_file
+
+    for file in existing_numbered_outputs(path, count):  # a name with nothing there destroys nothing
+        check_destination(file, inputs, name=name)
+        require_lavit_file(file, name)
+
+
+def existing_numbered_outputs(path, count: int) -> list[Path]:
+    """The files of [`numbered_outputs`] that exist, found from the folder's listing (a count of 10**12 images is
+    refused later, by the memory bound, not by listing 10**12 names here)."""
+    path = Path(path)
+    if count == 1:
+        return [path] if os.path.lexists(path) else []
+    if not path.parent.is_dir():
+        return []
+    prefix, found = f"{path.stem}-", []
+    for entry in path.parent.iterdir():
+        number = entry.name[len(prefix): len(entry.name) - len(path.suffix)] if path.suffix else entry.name[
+            len(prefix):]
+        if (entry.name.startswith(prefix) and entry.name.endswith(path.suffix) and number.isdigit()
+                and str(int(number)) == number and int(number) < count):
+            found.append(entry)
+    return sorted(found)
+
+
 def declared_paths(arguments) -> list[tuple[str, str, object]]:
     """`(name, role, value)` of every path argument of a parsed `argparse.Namespace` (roles from the values'
     types) or of a stage's arguments dataclass (roles from its fields' metadata)."""
@@ -127,6 +173,8 @@ def check_paths(*arguments) -> None:
             check_destination(value, inputs, name=flag)
 
 
-__all__ = ["CHECKPOINT", "INPUT", "OUTPUT", "PATH_ROLE", "CheckpointPath", "InputPath", "OutputPath",
-           "PathConflictError", "check_destination", "check_paths", "declared_paths", "path_field", "path_role",
+__all__ = ["CHECKPOINT", "INPUT", "OUTPUT", "PATH_ROLE", "CheckpointPath", "InputPath", "OutputFile", "OutputPath",
+           "PathConflictError", "check_destination", "check_output_files", "check_paths",
+           "declared_paths", "existing_numbered_outputs", "numbered_output",
+           "numbered_outputs", "path_field", "path_role",
            "resolved"]

@@ -20,6 +20,7 @@ from .validation_lavit import (
     Each,
     Range,
     check_fields,
+    check_nested_config,
 )
 
 # the first LaVIT file a remote-code folder imports: outside the tested transformers range, fail here with one message
@@ -318,8 +319,10 @@ class LaVITConfig(LaVITFolderConfig):
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
             )
         elif isinstance(text_config, dict):
+            check_nested_config("text_config", text_config)  # before the config class computes with the values
             text_config = dict(text_config)
             text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
+        check_nested_config("text_config", text_config)
         if text_config.vocab_size < vocab_size:
             raise ValueError(
                 f"text_config.vocab_size is {text_config.vocab_size}, expected at least text_vocab_size "
@@ -487,6 +490,8 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
         self.scheduler_config = dict(self.scheduler_config or SD_SCHEDULER_CONFIG)
         self.image_size = (1024 if highres else 512) if self.image_size is None else self.image_size
         check_fields(self, self.field_ranges)
+        for name in ("unet_config", "vae_config", "scheduler_config"):
+            check_nested_config(name, getattr(self, name))
         super().__post_init__(**kwargs)
         self.check_unet_fits()
 

@@ -412,12 +412,15 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))
 
-    def _check_image_generation_budget(self, settings, batch_size: int, prompt_length: int, max_new_tokens: int):
+    def _check_image_generation_budget(self, settings, batch_size: int, prompt_length: int, max_new_tokens: int,
+                                       given_length: int | None = None):
         """[`check_generation_budget`] of image generation: the prompt (+ `[IMG]`), the visual tokens and `[/IMG]`,
-        for every image of every prompt, twice with guidance (the unconditional rows)."""
+        for every image of every prompt, twice with guidance (the unconditional rows); `given_length`: the caller's
+        ids' length when `prompt_length` counts the prompt's images in visual tokens."""
         rows = batch_size * settings.num_images_per_prompt * (1 if settings.guidance_scale == 1 else 2)
         check_generation_budget(self.config.text_config, prompt_length + 1, max_new_tokens + 1, rows,
-                                self.dtype.itemsize, self.device, what="generate_image_tokens")
+                                self.dtype.itemsize, self.device, what="generate_image_tokens",
+                                given_length=None if given_length is None else given_length + 1)
 
     def _image_generation_batch(
         self, input_ids, attention_mask, pixel_values, negative_input_ids, negative_attention_mask, image_keep_mask,
@@ -431,6 +434,10 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
         conditional = self._image_generation_prompt(
             input_ids, attention_mask, pixel_values, image_keep_mask, image_selection, settings.image_inputs
         )
+        if conditional[0].shape[1] > input_ids.shape[1] + 1:  # the prompt's images, now in their visual tokens
+            self._check_image_generation_budget(
+                settings, input_ids.shape[0], conditional[0].shape[1] - 1,
+                settings.token_limits(self.config.tokenizer_config.num_patches)[1], given_length=input_ids.shape[1])
         per_prompt = settings.num_images_per_prompt
         conditional = tuple(t.repeat_interleave(per_prompt, dim=0) for t in conditional)
         if settings.guidance_scale == 1.0:

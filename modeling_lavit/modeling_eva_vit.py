@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_lavit import LaVITEvaVisionConfig
+from .saving_lavit import SaveBesideSourcesMixin
 
 
 class LaVITEvaEmbeddings(nn.Module):
@@ -80,7 +81,7 @@ class LaVITEvaLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
-class LaVITEvaPreTrainedModel(PreTrainedModel):
+class LaVITEvaPreTrainedModel(SaveBesideSourcesMixin, PreTrainedModel):
     config_class = LaVITEvaVisionConfig
     base_model_prefix = "vision_model"
     main_input_name = "pixel_values"

@@ -46,6 +46,7 @@ from .image_placeholders_lavit import (
 )
 from .kernels_lavit import speed_defaults
 from .modeling_lavit_tokenizer import LaVITTokenizerModel, build_token_merger, kept_token_fields
+from .saving_lavit import SaveBesideSourcesMixin
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
 from .validation_lavit import check_generation_budget
 
@@ -111,7 +112,7 @@ class LaVITCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_token_counts: torch.LongTensor | None = None
 
 
-class LaVITPreTrainedModel(PreTrainedModel):
+class LaVITPreTrainedModel(SaveBesideSourcesMixin, PreTrainedModel):
     config_class = LaVITConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -736,8 +737,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         kwargs["logits_processor"] = self._text_logits_processors(kwargs)
         kwargs.update(self.default_cache_settings(kwargs))
         # 2. bound the request, then decode from left-padded ids (text) or the expanded prompt's embeddings (images)
-        self.check_text_generation_budget(input_ids, kwargs)
         if not self.model.has_image_inputs(input_ids, pixel_values):
+            self.check_text_generation_budget(input_ids, kwargs)  # image prompts: once expanded, in real tokens
             if pixel_values is not None:  # images without ids to place them: the forward's clear error
                 check_input_kinds(input_ids, kwargs.get("inputs_embeds"), pixel_values, False)
             if input_ids is None or attention_mask is None:
@@ -752,7 +753,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 input_ids, attention_mask, None, pixel_values, image_keep_mask, image_selection, padding_side="left",
                 inputs_embeds=kwargs.pop("inputs_embeds", None),
             )
-            self.check_text_generation_budget(prepared.inputs_embeds, kwargs)
+            self.check_text_generation_budget(prepared.inputs_embeds, kwargs, given_length=input_ids.shape[1])
             outputs = super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                        prompt_embeds=prepared.inputs_embeds, **kwargs)
             new_tokens_from = 0
@@ -787,11 +788,13 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             settings["disable_compile"] = True
         return settings
 
-    def check_text_generation_budget(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
+    def check_text_generation_budget(self, prompt: torch.Tensor | None, kwargs: dict,
+                                     given_length: int | None = None) -> None:
         """[`check_generation_budget`] of a text `generate` call before anything is allocated: `prompt` (ids or
         embeddings, `(batch, length, ...)`; default: `kwargs["inputs_embeds"]`), its new tokens resolved from
         `kwargs` (or the generation config) as transformers resolves them, and its rows
-        `batch x max(num_beams, num_return_sequences)`."""
+        `batch x max(num_beams, num_return_sequences)`; `given_length`: the caller's ids' length, when `prompt` holds
+        the images' visual tokens (the message counts both)."""
         prompt = prompt if prompt is not None else kwargs.get("inputs_embeds")
         if prompt is None:
             return
@@ -806,7 +809,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             max_new_tokens = max((setting("max_length") or 20) - prompt_length, 1)
         rows = batch_size * max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
         check_generation_budget(self.config.text_config, prompt_length, max_new_tokens, rows,
-                                self.dtype.itemsize, self.device, what="generate")
+                                self.dtype.itemsize, self.device, what="generate", given_length=given_length)
 
     # ----------------------------------------------------------------------------------------------- construction
 

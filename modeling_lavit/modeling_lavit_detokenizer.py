@@ -22,6 +22,7 @@ from transformers.utils.logging import tqdm
 
 from .configuration_lavit import LaVITDetokenizerConfig
 from .modeling_lavit_tokenizer import LaVITFeatureDecoder
+from .saving_lavit import SaveBesideSourcesMixin
 from .validation_lavit import GUIDANCE_SCALE, Range, check_memory
 
 try:
@@ -225,7 +226,7 @@ class LaVITConditionsMixin:
         return self.condition.negative_conditions(batch_size, dtype, self.negative_prompt_embeds)
 
 
-class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
+class LaVITDetokenizerPreTrainedModel(SaveBesideSourcesMixin, PreTrainedModel):
     config_class = LaVITDetokenizerConfig
     base_model_prefix = "detokenizer"
     main_input_name = "code_ids"

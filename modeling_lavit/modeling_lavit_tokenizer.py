@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .attention_lavit import LaVITAttentionLayer, PaddedLayout, official_leaky_attention, sdpa_attention
 from .configuration_lavit import SELECTION_MODES, LaVITTokenizerConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
+from .saving_lavit import SaveBesideSourcesMixin
 from .validation_lavit import OPEN_FRACTION, POSITIVE_INT, Choice, check_arguments
 
 
@@ -444,7 +445,7 @@ class LaVITFeatureDecoder(nn.Module):
         return self(codebook[code_ids].to(self.in_proj.weight.dtype), token_counts)
 
 
-class LaVITTokenizerPreTrainedModel(PreTrainedModel):
+class LaVITTokenizerPreTrainedModel(SaveBesideSourcesMixin, PreTrainedModel):
     config_class = LaVITTokenizerConfig
     base_model_prefix = "tokenizer"
     main_input_name = "pixel_values"

@@ -39,6 +39,7 @@ from .modeling_lavit_detokenizer import (
     require_diffusers,
 )
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
+from .saving_lavit import loaded_from, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
 from .validation_lavit import GUIDANCE_SCALE
 
@@ -125,7 +126,15 @@ class LaVITPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """`DiffusionPipeline.save_pretrained`, then the code a folder needs to load where `lavit` is not installed:
         this file and the modeling files it imports at the top, and each custom component's files in its sub-folder;
-        `model_index.json` names them by file, as diffusers' remote-code loading reads them."""
+        `model_index.json` names them by file, as diffusers' remote-code loading reads them. Into the folder the
+        pipeline was loaded from, it is written beside it first (`saving_lavit.save_beside_sources`)."""
+        own = loaded_from(self)
+        sources = own + [folder for folder in loaded_from(*self.components.values())  # parts of its own folder
+                         if not any(folder.is_relative_to(source) for source in own)]
+        save_beside_sources(lambda folder: self._save_folder(folder, **kwargs), save_directory, sources,
+                            type(self).__name__)
+
+    def _save_folder(self, save_directory: Path, **kwargs):
         super().save_pretrained(save_directory, **kwargs)
         save_directory = Path(save_directory)
         copy_code_files(Path(__file__), save_directory)

@@ -15,6 +15,7 @@ import argparse
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass
 
 # the largest count any setting takes: sizes and steps must fit torch's int64 (and numpy's) without overflow
@@ -58,6 +59,7 @@ class Range:
     optional: bool = False
     also: tuple = ()
     note: str = ""
+    integer_from: float | None = None  # values from here on must be whole (a share below 1, a count from 1 on)
 
     @property
     def __name__(self) -> str:  # argparse names a type by its `__name__` in some messages
@@ -76,6 +78,8 @@ class Range:
             text = f"{kind} {'<' if self.high_open else '<='} {_bound(high)}"
         else:
             text = kind
+        if self.integer_from is not None:
+            text += f", whole from {_bound(self.integer_from)} on"
         if self.also:
             text += f", or {' or '.join(_bound(value) for value in self.also)}"
         if self.optional:
@@ -96,6 +100,8 @@ class Range:
         if not math.isfinite(value) or (self.integer and not -INT64_MAX - 1 <= value <= INT64_MAX):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.integer_from is not None and value >= self.integer_from and not float(value).is_integer():
             return False
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
@@ -181,12 +187,49 @@ OPEN_FRACTION = Range(0, 1, low_open=True)  # a share that cannot be empty: (0, 
 GUIDANCE_SCALE = Range(1, note="1 turns guidance off")
 EPSILON = Range(0, 1, low_open=True)
 SEED = Range(0, SEED_MAX, integer=True, note="what torch, numpy and random accept")
+SHARE_OR_COUNT = Range(0, integer_from=1, note="a share below 1, a count from 1 on, 0 for none")
 
 
 def check_fields(owner, specs: dict) -> None:
     """Checks every attribute of `owner` named in `specs` ({name: Range | Choice | Each})."""
     for name, spec in specs.items():
         spec.check(name, getattr(owner, name))
+
+
+# the ranges of the fields of a config LaVIT holds but does not define (the language model's `text_config`, the
+# diffusers configs of the pixel decoder), by name; every other number in them must be finite
+NESTED_FIELD_RANGES = (
+    (re.compile(r"^(vocab_size|hidden_size|intermediate_size|num_hidden_layers|num_attention_heads|"
+                r"num_key_value_heads|max_position_embeddings|head_dim|num_train_timesteps|sample_size|"
+                r"layers_per_block|(in|out|latent)_channels|norm_num_groups|cross_attention_dim|block_out_channels|"
+                r"attention_head_dim|transformer_layers_per_block|addition_time_embed_dim|"
+                r"projection_class_embeddings_input_dim)$"), POSITIVE_INT),
+    (re.compile(r"(^|_)(eps|epsilon)$"), EPSILON),
+    (re.compile(r"dropout|pdrop"), PROBABILITY),
+    (re.compile(r"^(rope_theta|scaling_factor)$"), POSITIVE_FLOAT),
+    (re.compile(r"^initializer_range$"), NON_NEGATIVE_FLOAT),
+)
+FINITE = Range()
+
+
+def check_nested_config(name: str, settings) -> None:
+    """Checks every number of a nested config (`settings`: its dict, or the config object) by the rules of
+    `NESTED_FIELD_RANGES`, nested dicts and lists included: `text_config.rms_norm_eps must be a finite number in
+    (0, 1], got nan`. `None` (unset) is left alone."""
+    if hasattr(settings, "to_dict"):
+        settings = settings.to_dict()
+    for key, value in settings.items():
+        path = f"{name}.{key}"
+        spec = next((spec for pattern, spec in NESTED_FIELD_RANGES if pattern.search(str(key))), FINITE)
+        if isinstance(value, dict):
+            check_nested_config(path, value)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                if (isinstance(item, (int, float)) and not isinstance(item, bool)) or spec is not FINITE:
+                    spec.check(f"{path}[{index}]", item)
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or (spec is not FINITE
+                                                                                  and value is not None):
+            spec.check(path, value)  # a number, or anything else where a number is declared ("abc", true)
 
 
 def check_arguments(specs: dict, values: dict) -> None:
@@ -256,7 +299,7 @@ def kv_cache_bytes(text_config, rows: int, length: int, dtype_bytes: int) -> int
 
 def check_generation_budget(
     text_config, prompt_length: int, max_new_tokens: int, rows: int, dtype_bytes: int = 4, device=None,
-    what: str = "generate",
+    what: str = "generate", given_length: int | None = None,
 ) -> None:
     """
     Bounds a generation request before anything is allocated. `prompt_length`: tokens of the (longest) prompt as the
@@ -265,16 +308,22 @@ def check_generation_budget(
 
     Raises `ValueError` when `prompt_length + max_new_tokens` exceeds the LM's context length
     (`max_position_embeddings`), and `MemoryError` when the KV cache of that request does not fit the memory there is.
+    `given_length`: the prompt's length in the ids the caller gave, when its images were expanded into their visual
+    tokens since (the message counts both, so the numbers add up for the caller).
     """
     POSITIVE_INT.check("max_new_tokens", max_new_tokens)
     POSITIVE_INT.check("rows", rows)
     context = getattr(text_config, "max_position_embeddings", None)
     total = prompt_length + max_new_tokens
     if context is not None and total > context:
+        visual = prompt_length - given_length if given_length is not None else 0
+        counted = (f" ({given_length} given ids + {visual} for its images' visual tokens, [IMG] and [/IMG], as the "
+                   f"language model reads them)" if visual > 0 else "")
+        fewer = " or fewer visual tokens (image_selection={'max_tokens': N})" if visual > 0 else ""
         raise ValueError(
-            f"{what}: a prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} is {total} tokens, more "
-            f"than the model's context length of {context} (max_position_embeddings): give max_new_tokens <= "
-            f"{max(context - prompt_length, 0)}"
+            f"{what}: a prompt of {prompt_length} tokens{counted} + max_new_tokens={max_new_tokens} is {total} "
+            f"tokens, more than the model's context length of {context} (max_position_embeddings): give "
+            f"max_new_tokens <= {max(context - prompt_length, 0)}{fewer}"
         )
     check_memory(f"{what} ({rows} sequences of up to {total} tokens: the KV cache)",
                  kv_cache_bytes(text_config, rows, total, dtype_bytes), device,
@@ -282,5 +331,6 @@ def check_generation_budget(
 
 
 __all__ = [
-    "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_generation_budget", "check_memory",
+    "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_nested_config",
+    "check_generation_budget", "check_memory",
 ]

@@ -382,7 +382,7 @@ def stage_argv(command: str, tmp_path, lavit_folder) -> list[str]:
     inputs = {"train-tokenizer": ["--tokenizer_config", "tiny"],
               "train": ["--visual_tokenizer", tmp_path / "tokenizer", "--language_model", tmp_path / "lm",
                         "--max_length", "64"],
-              "finetune": ["--model", lavit_folder, "--task", "caption"],
+              "finetune": ["--model", lavit_folder, "--task", "caption", "--max_length", "64"],
               "train-detokenizer": ["--visual_tokenizer", tmp_path / "tokenizer", "--detokenizer_config", "tiny"],
               "preprocess": ["--visual_tokenizer", tmp_path / "tokenizer", "--output", tmp_path / "run" / "final"]}
     settings = training_settings(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, logging_steps=1)
@@ -539,9 +539,9 @@ def unclear_message_cases(tmp_path, folder, photo) -> dict:
         "a run folder as --model": ([*caption, tmp_path / "runs" / "caption"],
                                     r"is a training run's folder, not a model folder: use --model .*caption/final"),
         "a model path typo": ([*caption, tmp_path / "runs" / "captoin"], r"model folder not found: .*captoin"),
-        "a data path typo": (["finetune", "--model", folder, "--data", "photos/trian", "--output_dir",
-                              tmp_path / "run"], r"data path 'photos/trian' does not exist; did you mean "
-                                                 r"'photos/train'\?"),
+        "a data path typo": (["finetune", "--model", folder, "--data", "photos/trian", "--max_length", "64",
+                              "--output_dir", tmp_path / "run"],  # 64: the tiny model's context is 512
+                             r"data path 'photos/trian' does not exist; did you mean 'photos/train'\?"),
     }
 
 

@@ -202,7 +202,7 @@ def test_replace_folder_touches_only_marked_folders(tmp_path):
     assert is_lavit_folder(target) and (target / MARKER_FILE).is_file()
     # a file the user added to lavit's folder keeps the folder from being replaced (and deleted)
     (target / "notes.txt").write_text("the user's")
-    with pytest.raises(NotLavitFolderError, match=r"holds files lavit did not write \(notes.txt\)"):
+    with pytest.raises(NotLavitFolderError, match=r"did not write or that changed since lavit wrote them \(notes"):
         fresh_staging_folder(target)
     (target / "notes.txt").unlink()
     replace_folder(fresh_staging_folder(target), target)  # lavit's own files only: replaced

@@ -29,6 +29,7 @@ from lavit.modeling.validation_lavit import (
     POSITIVE_INT,
     PROBABILITY,
     SEED,
+    SHARE_OR_COUNT,
     Choice,
     Range,
     check_arguments,
@@ -142,7 +143,7 @@ class EvalDataArguments(DataArguments):
     eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data (default: --split)."})
     eval_split_size: float = field(default=0.0, metadata={
         "help": "Hold out this share of --data (a count when >= 1) for evaluation, drawn from --seed.",
-        RANGE: NON_NEGATIVE_FLOAT})
+        RANGE: SHARE_OR_COUNT})
     eval_max_samples: int | None = field(default=None, metadata={
         "help": "Fine-tuning: answers generated for at most N held-out records per evaluation.", RANGE: POSITIVE_INT})
     early_stopping_patience: int | None = field(default=None, metadata={

@@ -220,14 +220,21 @@ def _usable_table_records(path: Path, counter: BadRecordCounter) -> list[dict] |
     [`TooManyBadRecordsError`] when a table has no usable record or too many bad ones."""
     folder = path if path.is_dir() else None
     tables = [path / name for name in ("metadata.jsonl", "metadata.csv") if (path / name).is_file()] if folder \
-        else [path] if path.suffix in (".jsonl", ".csv") and path.is_file() else []
+        else [path] if path.suffix in (".jsonl", ".json", ".csv") and path.is_file() else []
     records, checked = [], BadRecordCounter(log_first=counter.log_first)
     for table in tables:
+        readable = []
         for line_number, record, problem in _table_lines(table):
             if problem is None and folder is not None:
                 problem = _escaping_file_name(record, folder)
             if problem is not None:
                 checked.skip("unreadable metadata", f"{table} line {line_number}: {problem}")
+                continue
+            readable.append((line_number, record))
+        mistyped = _mistyped_fields([record for _, record in readable])
+        for index, (line_number, record) in enumerate(readable):
+            if index in mistyped:
+                checked.skip("a field of the wrong type", f"{table} line {line_number}: {mistyped[index]}")
                 continue
             if folder is not None:  # an imagefolder record: its image, found like `datasets` finds it
                 record = {"image": str(folder / record.pop("file_name")), **record}
@@ -239,8 +246,52 @@ def _usable_table_records(path: Path, counter: BadRecordCounter) -> list[dict] |
     return records if checked.total else None
 
 
+# the columns holding a record's text or its image path(s), as `_standardize_columns` finds them: text, or a list of
+# texts (several captions, several images)
+TEXT_COLUMNS = ("text", "caption", "txt", "captions", "sentence")
+PATH_COLUMNS = ("image", "images", "img", "image_path", "file_name", "path")
+
+
+def _json_kind(value) -> str:
+    """The kind of a JSON value as Arrow types a column: text, number, bool, null, object, or `list of KIND`."""
+    if isinstance(value, list):
+        kinds = {_json_kind(item) for item in value if item is not None}
+        return f"list of {kinds.pop() if len(kinds) == 1 else 'mixed' if kinds else 'null'}"
+    return {str: "text", bool: "bool", type(None): "null", dict: "object"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _mistyped_fields(records: list[dict]) -> dict[int, str]:
+    """{index: problem} of the records with a field whose type cannot share its column with the others': each column
+    holds the kind most of its records have (a text or image-path column: text, or lists of texts; integers and
+    floats are both numbers; nulls fit any column). `datasets` would stop the whole load with an Arrow error
+    instead."""
+    kinds: dict[str, Counter] = {}
+    for record in records:
+        for key, value in record.items():
+            kinds.setdefault(key, Counter())[_json_kind(value)] += 1
+    expected = {}
+    for key, counts in kinds.items():
+        allowed = [kind for kind, _ in counts.most_common() if kind != "null" and (
+            key not in TEXT_COLUMNS + PATH_COLUMNS or kind in ("text", "list of text"))]
+        expected[key] = tuple(allowed[:1]) or (("text",) if key in TEXT_COLUMNS + PATH_COLUMNS else ())
+    problems = {}
+    for index, record in enumerate(records):
+        for key, value in record.items():
+            kind = _json_kind(value)
+            if kind != "null" and expected[key] and kind not in expected[key]:
+                problems[index] = (f"field {key!r} is {kind} ({json.dumps(value)[:40]}), expected "
+                                   f"{' or '.join(expected[key])}")
+                break
+    return problems
+
+
 def _table_lines(table: Path):
-    """(line number, record, problem) for each line of a JSON Lines or CSV file; `problem` names a bad line."""
+    """(line number, record, problem) for each line of a JSON Lines or CSV file, or each item of a JSON file's list
+    (numbered from 1); `problem` names a bad line."""
+    if table.suffix == ".json":
+        yield from _json_items(table)
+        return
     lines = table.read_bytes().splitlines()
     header = None
     for number, raw in enumerate(lines, start=1):
@@ -267,6 +318,18 @@ def _table_lines(table: Path):
             yield number, None, f"not JSON ({error.msg})"
             continue
         yield (number, record, None) if isinstance(record, dict) else (number, None, "not a JSON object")
+
+
+def _json_items(table: Path):
+    """(item number, record, problem) of a JSON file holding a list of records; nothing for any other JSON (a
+    `datasets` `field=` layout is left to `datasets`)."""
+    try:
+        data = json.loads(table.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # `datasets` reports the file's own problem
+    if isinstance(data, list):
+        for number, record in enumerate(data, start=1):
+            yield (number, record, None) if isinstance(record, dict) else (number, None, "not a JSON object")
 
 
 def _escaping_file_name(record: dict, folder: Path) -> str | None:

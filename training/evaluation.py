@@ -10,6 +10,7 @@ Every stage takes `--eval_data` (any source `--data` takes) or `--eval_split_siz
 """
 
 import logging
+import math
 from itertools import islice
 
 import datasets
@@ -54,6 +55,11 @@ def split_eval_records(records, script_args, seed: int, require_text: bool = Tru
                          "--eval_data instead")
     size = script_args.eval_split_size
     size = int(size) if size >= 1 else size  # a share (0.2) or a count (100)
+    held_out = size if size >= 1 else math.ceil(size * len(records))
+    if not 1 <= held_out < len(records):  # both parts must hold a record
+        raise ValueError(f"--eval_split_size {script_args.eval_split_size} holds out {held_out} of the "
+                         f"{len(records)} records of --data: give a share in (0, 1) or a count in "
+                         f"[1, {len(records) - 1}] that leaves both parts a record")
     parts = records.train_test_split(test_size=size, seed=seed, shuffle=True)
     return parts["train"], parts["test"], counter
 

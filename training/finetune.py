@@ -23,7 +23,7 @@ from .data import BadRecordCounter, limit_records, load_records
 from .evaluation import TASK_METRICS, GenerationEvaluator, configure_evaluation, split_eval_records
 from .models import load_model_for_finetuning
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_metric, report_preset
-from .sequences import InstructionBuilder, count_stored_skips
+from .sequences import InstructionBuilder, check_max_length, count_stored_skips
 from .trainer import train_and_save, whole_weights
 
 
@@ -40,6 +40,8 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
         model = load_model_for_finetuning(script_args, training_args)
     script_args.set_dtype(model)
     script_args.set_attention(model, training_args.device)
+    # --max_length counts text; an image adds [IMG], up to num_patches visual tokens and [/IMG]
+    check_max_length(script_args.max_length, model.config, model.config.tokenizer_config.num_patches + 2)
     # the processor of the pretrained folder: its vocabulary layout is the model's
     processor = LaVITProcessor.from_pretrained(script_args.model)
 

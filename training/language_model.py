@@ -31,7 +31,7 @@ def write_small_language_model(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 4,
-    max_position_embeddings: int = 1024,
+    max_position_embeddings: int = 2048,
     seed: int = 0,
 ) -> Path:
     """
@@ -44,7 +44,8 @@ def write_small_language_model(
         texts: the corpus of the tokenizer (captions, questions, answers...); at least one non-empty string.
         vocab_size: the most BPE tokens (a small corpus may give fewer).
         hidden_size, num_hidden_layers, num_attention_heads: LLaMA sizes (key/value heads: half the heads).
-        max_position_embeddings: the longest row the LM reads, visual tokens included.
+        max_position_embeddings: the longest row the LM reads, visual tokens included (default: stage 2's default
+            `--max_length`, which a run checks against it).
         seed: seed of the random weights.
     Raises:
         ValueError: `texts` holds no text, a size outside its range in `SIZE_RANGES`, or sizes that do not fit

@@ -34,6 +34,19 @@ def encode_text(tokenizer, text: str, control_ids=(), split_special_tokens: bool
     return ids
 
 
+def check_max_length(max_length: int, config: LaVITConfig, image_tokens: int = 0) -> None:
+    """Refuses, at the start of a run, rows of `max_length` tokens (plus `image_tokens`: the visual tokens of an
+    image, for stages whose `--max_length` counts text only) that the language model cannot read: one line naming
+    the flag, the model's context length and the largest `--max_length` that fits."""
+    context = getattr(config.text_config, "max_position_embeddings", None)
+    total = max_length + image_tokens
+    if context is not None and total > context:
+        visual = f" + {image_tokens} tokens of an image ([IMG], its visual tokens, [/IMG])" if image_tokens else ""
+        raise ValueError(f"--max_length {max_length}{visual} is {total} tokens, more than the model's context length "
+                         f"of {context} (text_config.max_position_embeddings): give --max_length <= "
+                         f"{max(context - image_tokens, 0)}")
+
+
 def with_skip_counts(rows: dict, skipped: int) -> dict:
     """Stores the records a `datasets.map` batch dropped in its first output row (`skipped_records`; an empty row when
     no record of the batch was usable), so the count lives in the dataset: cached maps, `num_proc` and dataloader

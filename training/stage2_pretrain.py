@@ -27,7 +27,13 @@ from .data import BadRecordCounter, limit_records, load_records, load_text_recor
 from .evaluation import configure_evaluation, split_eval_records
 from .models import build_unified_model
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
-from .sequences import RandomOrderRows, SequenceBuilder, StreamedRandomOrderRows, count_stored_skips
+from .sequences import (
+    RandomOrderRows,
+    SequenceBuilder,
+    StreamedRandomOrderRows,
+    check_max_length,
+    count_stored_skips,
+)
 from .trainer import train_and_save, whole_weights
 
 
@@ -73,6 +79,7 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     # a preset reads the model (its row length follows the tokenizer's patch count); the attention kernel is the
     # LM's only: the visual tokenizer keeps its own
     preset, applied = apply_preset("pretrain", script_args.preset, script_args, training_args, model)
+    check_max_length(script_args.max_length, model.config)  # a row holds its visual tokens
     script_args.set_dtype(model)
     script_args.set_attention(model, training_args.device)
 

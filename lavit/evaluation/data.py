@@ -12,10 +12,13 @@ dataset whose columns are mapped to roles. Every reader returns a list of [`Eval
 """
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,10 +62,35 @@ def load_image(image):
     return to_rgb_image(image, name=str(image) if isinstance(image, str | os.PathLike) else "image")
 
 
-def sample_key(value) -> str:
+def sample_key(value, where: str = "an id") -> str:
     """The one form of an id: ids are matched between files (a caption's `image_id` to an image's `id`) and to
-    predictions as text, so `1` and `"1"` are the same id whichever file writes which."""
-    return str(value)
+    predictions as text, so `1`, `1.0` and `"1"` are the same id whichever file writes which. Any other value (a
+    fraction, a bool, a list, null) is refused with a `ValueError` naming `where` (e.g. `file: annotations[3]`)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise ValueError(f"{where}: an id must be an integer or a string, got {value!r:.80}: fix the file")
+
+
+class UnmatchedRecordsError(ValueError):
+    """Records of one file that match no record of the other (a caption of no image, an answer of no question)."""
+
+
+def check_matched(unmatched: dict[str, list], where: str, allow_unmatched: bool = False) -> None:
+    """The rule of every join of annotation files (captions to images, answers to questions): `unmatched` maps a
+    description of each side's unmatched records to their ids. Any unmatched record stops the load with one line
+    counting each side ([`UnmatchedRecordsError`]): a metric on the matched rest would silently be computed on
+    fewer samples. With `allow_unmatched` (`lavit evaluate --allow-unmatched`) they are dropped, with a warning
+    giving the counts."""
+    found = {what: keys for what, keys in unmatched.items() if keys}
+    if not found:
+        return
+    summary = "; ".join(f"{len(keys)} {what} (e.g. {keys[:3]})" for what, keys in found.items())
+    if not allow_unmatched:
+        raise UnmatchedRecordsError(f"{where}: {summary}; a metric on the rest would silently count fewer "
+                                    f"samples: fix the file, or pass --allow-unmatched to drop them")
+    logger.warning(f"{where}: dropped {summary} (--allow-unmatched)")
 
 
 def _load_json(path) -> Any:
@@ -88,9 +116,10 @@ def _image_path(images_dir, relative: str) -> str:
     return os.path.join(images_dir, relative) if images_dir is not None else relative
 
 
-def read_coco_captions(annotations, images_dir=None) -> list[EvalSample]:
+def read_coco_captions(annotations, images_dir=None, allow_unmatched: bool = False) -> list[EvalSample]:
     """COCO caption JSON (`{"images": [{id, file_name}], "annotations": [{image_id, caption}]}`): one sample per
-    image with its captions, id = the image id."""
+    image with its captions, id = the image id. A caption of no image, or an image without captions, stops the load
+    ([`check_matched`])."""
     data = _load_json(annotations)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{annotations} is not a COCO caption file ('images' and 'annotations' expected)")
@@ -100,13 +129,19 @@ def read_coco_captions(annotations, images_dir=None) -> list[EvalSample]:
         if not isinstance(annotation["caption"], str):
             raise ValueError(f"{annotations}: annotations[{index}]: the caption must be a string, got "
                              f"{annotation['caption']!r:.80}")
-        captions.setdefault(sample_key(annotation["image_id"]), []).append(annotation["caption"])
+        captions.setdefault(sample_key(annotation["image_id"], f"{annotations}: annotations[{index}].image_id"),
+                            []).append(annotation["caption"])
     samples = []
     for index, image in enumerate(data["images"]):
         _require(image, ("id", "file_name"), f"{annotations}: images[{index}]")
-        samples.append(EvalSample(sample_key(image["id"]), _image_path(images_dir, image["file_name"]),
+        samples.append(EvalSample(sample_key(image["id"], f"{annotations}: images[{index}].id"),
+                                  _image_path(images_dir, image["file_name"]),
                                   references=captions.get(sample_key(image["id"]), [])))
-    return samples
+    image_ids = {sample.id for sample in samples}
+    check_matched({"caption(s) whose image_id matches no image": [key for key in captions if key not in image_ids],
+                   "image(s) without any caption": [sample.id for sample in samples if not sample.references]},
+                  str(annotations), allow_unmatched)
+    return [sample for sample in samples if sample.references]
 
 
 def read_karpathy(annotations, images_dir=None, split: str | None = "test") -> list[EvalSample]:
@@ -147,7 +182,8 @@ def read_karpathy(annotations, images_dir=None, split: str | None = "test") -> l
     return samples
 
 
-def read_vqav2(questions, annotations=None, images_dir=None, image_pattern: str | None = None) -> list[EvalSample]:
+def read_vqav2(questions, annotations=None, images_dir=None, image_pattern: str | None = None,
+               allow_unmatched: bool = False) -> list[EvalSample]:
     """
     VQAv2 / OK-VQA: the questions JSON (`{"questions": [{question_id, image_id, question}], "data_subtype"}`) and,
     when given, the annotations JSON (`{"annotations": [{question_id, answers: [{answer}]}]}`). Image files are
@@ -165,17 +201,24 @@ def read_vqav2(questions, annotations=None, images_dir=None, image_pattern: str 
     if annotations is not None:
         for index, annotation in enumerate(_load_json(annotations).get("annotations", [])):
             _require(annotation, ("question_id", "answers"), f"{annotations}: annotations[{index}]")
-            answers[sample_key(annotation["question_id"])] = [answer["answer"] for answer in annotation["answers"]]
+            answers[sample_key(annotation["question_id"], f"{annotations}: annotations[{index}].question_id")] = [
+                answer["answer"] for answer in annotation["answers"]]
     samples = []
     for index, question in enumerate(data["questions"]):
         _require(question, ("question_id", "image_id", "question"), f"{questions}: questions[{index}]")
-        if annotations is not None and sample_key(question["question_id"]) not in answers:
-            raise ValueError(f"question {question['question_id']} has no annotation in {annotations}")
+        sample_key(question["question_id"], f"{questions}: questions[{index}].question_id")
         samples.append(EvalSample(
             sample_key(question["question_id"]),
             _image_path(images_dir, image_pattern.format(image_id=question["image_id"])),
             question=question["question"], references=answers.get(sample_key(question["question_id"]), []),
         ))
+    if annotations is not None:
+        question_ids = {sample.id for sample in samples}
+        check_matched({f"question(s) without an annotation in {annotations}": [
+                           sample.id for sample in samples if sample.id not in answers],
+                       f"annotation(s) of no question in {questions}": [
+                           key for key in answers if key not in question_ids]}, str(questions), allow_unmatched)
+        samples = [sample for sample in samples if sample.id in answers]
     return samples
 
 
@@ -281,11 +324,14 @@ FORMATS = ("coco", "karpathy", "vqav2", "gqa", "vizwiz", "datasets")
 
 
 def load_samples(format: str, annotations=None, questions=None, images=None, split: str | None = None,
-                 dataset=None, columns=None, image_pattern: str | None = None) -> list[EvalSample]:
+                 dataset=None, columns=None, image_pattern: str | None = None,
+                 allow_unmatched: bool = False) -> list[EvalSample]:
     """
     One entry point for every format: `annotations` (the JSON file of `coco`, `karpathy`, `gqa`, `vizwiz`, and the
     answers of `vqav2`), `questions` (`vqav2`; also accepted for `gqa`), `images` (the image folder), `split`
-    (`karpathy`: which images; `datasets`: which split), `dataset` and `columns` (`datasets`).
+    (`karpathy`: which images; `datasets`: which split), `dataset` and `columns` (`datasets`). Formats that join two
+    lists (`coco`: captions to images; `vqav2`: answers to questions) refuse unmatched records unless
+    `allow_unmatched` ([`check_matched`]).
     """
     def need(value, flag):
         if value is None:
@@ -293,11 +339,11 @@ def load_samples(format: str, annotations=None, questions=None, images=None, spl
         return value
 
     if format == "coco":
-        return read_coco_captions(need(annotations, "annotations"), images)
+        return read_coco_captions(need(annotations, "annotations"), images, allow_unmatched)
     if format == "karpathy":
         return read_karpathy(need(annotations, "annotations"), images, split or "test")
     if format == "vqav2":
-        return read_vqav2(need(questions, "questions"), annotations, images, image_pattern)
+        return read_vqav2(need(questions, "questions"), annotations, images, image_pattern, allow_unmatched)
     if format == "gqa":
         return read_gqa(need(questions or annotations, "questions (or annotations)"), images)
     if format == "vizwiz":
@@ -323,6 +369,12 @@ def check_samples(samples: list[EvalSample], task: str) -> None:
                or (isinstance(sample.image, str | os.PathLike) and not os.path.isfile(sample.image))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) not found, e.g. {missing[:3]} (check the images folder)")
+    with_references = [sample.id for sample in samples if sample.references]
+    if with_references and len(with_references) < len(samples):  # a metric over part of the samples: refused
+        without = [sample.id for sample in samples if not sample.references]
+        raise UnmatchedRecordsError(f"{len(without)} of {len(samples)} samples have no references, e.g. "
+                                    f"{without[:3]}: scores would count only the others; give references for "
+                                    f"every sample, or none (a test split)")
     if task == "vqa":
         without = [sample.id for sample in samples if not sample.question]
         if without:
@@ -333,5 +385,6 @@ def check_samples(samples: list[EvalSample], task: str) -> None:
             raise ValueError(f"{len(without)} text-to-image sample(s) have no caption, e.g. {without[:3]}")
 
 
-__all__ = ["FORMATS", "DatasetImage", "EvalSample", "check_samples", "load_image", "load_samples", "parse_columns",
+__all__ = ["FORMATS", "DatasetImage", "EvalSample", "UnmatchedRecordsError", "check_matched", "check_samples",
+           "load_image", "load_samples", "parse_columns",
            "read_coco_captions", "read_gqa", "read_hf_dataset", "read_karpathy", "read_vizwiz", "read_vqav2"]

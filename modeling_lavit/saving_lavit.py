@@ -1,0 +1,99 @@
+"""Where a LaVIT object may be saved, relative to the folders it was loaded from (every `save_pretrained` lavit
+defines goes through [`save_beside_sources`]).
+
+transformers and diffusers let `obj.save_pretrained(folder)` write into the very folder `obj` was loaded from (a
+notebook adds tokens and saves back), and users rely on it, so it stays allowed; but the files written there are the
+files the object may still be reading: safetensors are memory-mapped when loaded, a disk-offloaded model reads its
+weights from them while it saves, and a save that shards differently writes a new `model-00001-of-00003` over an old
+shard that still holds tensors of a later one. Such a save is written into a staging folder beside the source first,
+then each file is moved into place (`os.replace`: whoever still maps an old file keeps reading the old content, no
+file is ever half written), and the weight files of the previous save that the new one does not have are removed,
+as the library's own save removes them (a stale `model.safetensors` beside a new shard index would be loaded instead
+of it).
+
+A destination that contains a source folder, or is a folder of files inside one, is refused with
+[`SourceFolderError`]: it would mix the files of two folders (a pipeline saved into its own `language_model/`, a
+model saved over the pipeline folder holding it). A new or empty folder inside a source (a `Trainer` checkpoint in
+the model's folder) holds none of the source's files and is allowed. Sources that are not local folders (Hub ids) are
+not compared.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+# the weight files a save writes and the library's own save removes when it shards differently
+WEIGHT_FILE = re.compile(r"^(model|diffusion_pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|safetensors\.index\.json)$")
+
+
+class SourceFolderError(ValueError):
+    """`save_pretrained` into a folder that lies inside, or contains, a folder the object was loaded from."""
+
+
+def loaded_from(*objects) -> list[Path]:
+    """The local folders `objects` (models, pipelines, processors, tokenizers) were loaded from: their
+    `name_or_path` or `config._name_or_path`, kept where it is an existing folder."""
+    folders = []
+    for obj in objects:
+        config = getattr(obj, "config", None)
+        for value in (getattr(obj, "name_or_path", None), getattr(config, "_name_or_path", None)):
+            if isinstance(value, (str, os.PathLike)) and str(value) and Path(value).expanduser().is_dir():
+                folders.append(Path(value).expanduser().resolve())
+    return folders
+
+
+def save_beside_sources(save: Callable[[Path], None], save_directory, sources: list[Path], what: str) -> None:
+    """Runs `save(folder)` for `save_directory`: directly, or through a staging folder when `save_directory` is one
+    of `sources`; refuses one that lies inside or contains a source ([`SourceFolderError`]). `what` names the
+    object in the message."""
+    target = Path(save_directory).expanduser().resolve()
+    for source in sources:
+        inside = target != source and target.is_relative_to(source) and target.is_dir() and any(target.iterdir())
+        if inside or (target != source and source.is_relative_to(target)):
+            relation = "lies inside" if inside else "contains"
+            raise SourceFolderError(
+                f"save_directory {save_directory} ({target}) {relation} {source}, the folder this {what} was loaded "
+                f"from: saving there would mix the files of the two folders; save into {source} itself or into a "
+                f"folder outside it"
+            )
+    if target not in sources:
+        save(Path(save_directory))
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        save(staging)
+        _move_into(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into(staging: Path, target: Path) -> None:
+    """Moves every file of `staging` onto the same path under `target`, then, in each folder where this save wrote
+    weights, removes the weight files it did not write (a previous save's shards)."""
+    written = sorted(path.relative_to(staging) for path in staging.rglob("*") if path.is_file())
+    for relative in written:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / relative, target / relative)
+    for folder in {relative.parent for relative in written if WEIGHT_FILE.match(relative.name)}:
+        for stale in (target / folder).iterdir():
+            if WEIGHT_FILE.match(stale.name) and stale.is_file() and stale.relative_to(target) not in written:
+                stale.unlink()
+
+
+
+
+
+class SaveBesideSourcesMixin:
+    """The first base of every lavit model class: its `save_pretrained` goes through [`save_beside_sources`], with
+    the folder the model was loaded from as the source."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        parent = super()
+        save_beside_sources(lambda folder: parent.save_pretrained(folder, *args, **kwargs), save_directory,
+                            loaded_from(self), type(self).__name__)
+
+__all__ = ["SaveBesideSourcesMixin", "SourceFolderError", "loaded_from", "save_beside_sources"]

@@ -488,6 +488,24 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
         model.decoder.load_state_dict(visual_tokenizer.decoder.state_dict())
         return model
 
+    @classmethod
+    def from_components(cls, condition_encoder: "LaVITConditionEncoder", unet, vae, scheduler) -> "LaVITDetokenizer":
+        """The whole decoder of a `LaVITPipeline` (its `condition_encoder`, `unet`, `vae`, `scheduler`) in one model,
+        as stage-3 training continues it; the modules are taken, not copied (the inverse of
+        `LaVITConditionEncoder.from_detokenizer`)."""
+        config = condition_encoder.config.__class__.from_dict(condition_encoder.config.to_dict())
+        config.unet_config, config.vae_config = public_config(dict(unet.config)), public_config(dict(vae.config))
+        config.scheduler_config = scheduler_config_dict(scheduler)
+        with torch.device("meta"):  # every weight is replaced below: nothing is allocated twice
+            model = cls(config)
+        model.unet, model.vae, model.scheduler = unet, vae.requires_grad_(False), scheduler
+        loaded = model.load_state_dict(condition_encoder.state_dict(), strict=False, assign=True)
+        missing = [key for key in loaded.missing_keys if not key.startswith(("unet.", "vae."))]
+        if missing or loaded.unexpected_keys:
+            raise ValueError(f"the condition encoder's weights do not fit the detokenizer: missing {missing}, "
+                             f"unexpected {loaded.unexpected_keys}")
+        return model.train(condition_encoder.training)
+
     def load_diffusers_components(self, folder: str | os.PathLike):
         """Loads `unet/`, `vae/` and `scheduler/` from a diffusers folder (e.g. the official `highres_pixel_decoding`)
         in place of this model's, and records their configs."""

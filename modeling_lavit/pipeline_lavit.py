@@ -27,7 +27,7 @@ import torch
 # diffusers copies only the files a module imports directly (`from .x import`) into its module cache when it loads
 # remote code from a local folder: every modeling file the pipeline and its components need is imported here
 from .attention_lavit import LaVITAttentionLayer  # noqa: F401
-from .configuration_lavit import LaVITConfig  # noqa: F401
+from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig  # noqa: F401
 from .generation_lavit import LaVITImageGenerationConfig, row_generators
 from .image_placeholders_lavit import find_image_spans  # noqa: F401
 from .modeling_eva_vit import LaVITEvaVisionModel  # noqa: F401
@@ -74,6 +74,9 @@ class LaVITPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "language_model->condition_encoder->unet->vae"
+    # a decoder alone (what stage-3 training writes without a language model) draws given visual tokens
+    # (`decode_visual_tokens`); `from_pretrained(folder, language_model=..., processor=...)` completes it
+    _optional_components = ["language_model", "processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(self, language_model, processor, condition_encoder, unet, vae, scheduler):
@@ -133,6 +136,8 @@ class LaVITPipeline(DiffusionPipeline):
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         for name, module_name in CUSTOM_COMPONENT_MODULES.items():
             component = getattr(self, name)
+            if component is None:
+                continue
             copy_code_files(Path(inspect.getfile(type(component))), save_directory / name)
             index[name] = [module_name, type(component).__name__]
         temporary = index_file.with_suffix(".json.tmp")
@@ -156,9 +161,11 @@ class LaVITPipeline(DiffusionPipeline):
         loaders = _component_loaders(trust_remote_code)
         if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
             return cls._from_released_folder(folder, dtype, loaders, kwargs)
+        if not (folder / "model_index.json").is_file() and _is_detokenizer_folder(folder):
+            return cls._from_detokenizer_folder(folder, dtype, kwargs)
         for name in CUSTOM_COMPONENT_MODULES:
-            if name not in kwargs:
-                kwargs[name] = loaders[name](folder / name, dtype)
+            if name not in kwargs:  # an optional component the folder does not have stays None
+                kwargs[name] = loaders[name](folder / name, dtype) if (folder / name).is_dir() else None
         return super().from_pretrained(folder, **kwargs)
 
     @classmethod
@@ -173,6 +180,17 @@ class LaVITPipeline(DiffusionPipeline):
         detokenizer = LaVITDetokenizer.from_pretrained(folder / LEGACY_DETOKENIZER_FOLDER, dtype=dtype).eval()
         pipe = cls.from_detokenizer(loaders["language_model"](folder, dtype), loaders["processor"](folder, dtype),
                                     detokenizer)
+        components = {name: kwargs[name] for name in pipe.components if name in kwargs}
+        return cls(**{**pipe.components, **components}) if components else pipe
+
+    @classmethod
+    def _from_detokenizer_folder(cls, folder: Path, dtype, kwargs: dict) -> "LaVITPipeline":
+        """A `LaVITDetokenizer` folder (what `lavit train-detokenizer` of lavit <= 0.x wrote): the pipeline's decoder,
+        with the `language_model` and `processor` given in `kwargs` (or none: the decoder alone)."""
+        from .modeling_lavit_detokenizer import LaVITDetokenizer
+
+        detokenizer = LaVITDetokenizer.from_pretrained(folder, dtype=dtype).eval()
+        pipe = cls.from_detokenizer(kwargs.get("language_model"), kwargs.get("processor"), detokenizer)
         components = {name: kwargs[name] for name in pipe.components if name in kwargs}
         return cls(**{**pipe.components, **components}) if components else pipe
 
@@ -200,6 +218,13 @@ class LaVITPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
                              f"got {unknown}")
+
+    def require_language_model(self, use: str) -> None:
+        """A pipeline without its language model (a decoder alone) draws given visual tokens only."""
+        if self.language_model is None or self.processor is None:
+            raise ValueError(f"{use} needs the pipeline's language_model and processor, and this pipeline has none: "
+                             f"load it with LaVITPipeline.from_pretrained(folder, language_model=LaVITForCausalLM."
+                             f"from_pretrained(model), processor=LaVITProcessor.from_pretrained(model))")
 
     def check_decode_request(self, height, width, num_inference_steps, images: int, guidance_scale) -> None:
         """Bounds the decoding of `images` images before anything is allocated (`check_decode_request`: sizes, steps
@@ -316,6 +341,7 @@ class LaVITPipeline(DiffusionPipeline):
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         self.check_inputs(prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs)
+        self.require_language_model("prompt -> images")
         prompts = 1 if isinstance(prompt, str) else len(prompt)
         self.check_decode_request(height, width, num_inference_steps, prompts * num_images_per_prompt, guidance_scale)
         if token_guidance_scale is not None:
@@ -341,6 +367,7 @@ class LaVITPipeline(DiffusionPipeline):
         picks how many) -> image: what the discrete tokens keep. `decode_kwargs` are those of [`decode_visual_tokens`]
         (`guidance_scale`, `num_inference_steps`, `generator`, `height`, `width`, `output_type`, ...).
         """
+        self.require_language_model("reconstruct (its visual tokenizer)")
         pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
         visual_tokenizer = self.language_model.visual_tokenizer
         hook = getattr(self.language_model, "_hf_hook", None)
@@ -459,6 +486,12 @@ def _component_loaders(trust_remote_code: bool) -> dict:
         "processor": lambda folder, dtype: AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code),
         "condition_encoder": lambda folder, dtype: LaVITConditionEncoder.from_pretrained(folder, dtype=dtype).eval(),
     }
+
+
+def _is_detokenizer_folder(folder: Path) -> bool:
+    config_file = folder / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    return model_type == LaVITDetokenizerConfig.model_type
 
 
 def copy_code_files(module_file: Path, folder: Path):

@@ -356,3 +356,38 @@ def test_the_pipeline_imports_every_model_file_directly():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
     shipped = {path.stem for path in folder.glob("*.py")} - {"__init__", "pipeline_lavit", "convert_original_lavit"}
     assert shipped <= imported, f"pipeline_lavit.py must import {sorted(shipped - imported)} directly"
+
+
+def test_a_decoder_alone_and_detokenizer_folders_load_and_take_a_language_model(pipe, tmp_path):
+    """A pipeline without its language model (what `lavit train-detokenizer` writes when it has none) saves and loads
+    with both loaders and draws given visual tokens; `from_pretrained(folder, language_model=..., processor=...)`
+    completes it, and also reads a `LaVITDetokenizer` folder (what that command wrote in lavit <= 0.x)."""
+    from lavit.modeling.modeling_lavit_tokenizer import LaVITTokenizationOutput
+
+    tokens = LaVITTokenizationOutput(code_ids=torch.tensor([1, 2, 3, 4, 5]), token_counts=torch.tensor([2, 3]))
+    expected = pipe.decode_visual_tokens(tokens, generator=seeded(0), output_type="pt").images
+    whole = images(pipe)
+    decoder = LaVITPipeline(**{**pipe.components, "language_model": None, "processor": None})
+    decoder.save_pretrained(tmp_path / "decoder")
+    index = json.loads((tmp_path / "decoder" / "model_index.json").read_text())
+    assert index["language_model"] == index["processor"] == [None, None]
+    for loaded in (LaVITPipeline.from_pretrained(tmp_path / "decoder"),
+                   DiffusionPipeline.from_pretrained(tmp_path / "decoder", trust_remote_code=True)):
+        assert loaded.language_model is None
+        loaded.set_progress_bar_config(disable=True)
+        drawn = loaded.decode_visual_tokens(tokens, generator=seeded(0), output_type="pt").images
+        torch.testing.assert_close(drawn, expected, atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match="needs the pipeline's language_model and processor"):
+            loaded("a red bus")
+    given = dict(language_model=pipe.language_model, processor=pipe.processor)
+    completed = LaVITPipeline.from_pretrained(tmp_path / "decoder", **given)
+    completed.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(images(completed), whole, atol=1e-6, rtol=0)
+    # a detokenizer folder of lavit <= 0.x: the same decoder (same seed), converted by one load + save
+    torch.manual_seed(0)
+    LaVITDetokenizer(tiny_detokenizer_config()).save_pretrained(tmp_path / "detokenizer")
+    LaVITPipeline.from_pretrained(tmp_path / "detokenizer", **given).save_pretrained(tmp_path / "converted")
+    for folder in ("detokenizer", "converted"):
+        loaded = LaVITPipeline.from_pretrained(tmp_path / folder, **given)
+        loaded.set_progress_bar_config(disable=True)
+        torch.testing.assert_close(images(loaded), whole, atol=1e-6, rtol=0)

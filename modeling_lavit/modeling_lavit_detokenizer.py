@@ -123,10 +123,9 @@ class LaVITConditioning(nn.Module):
         """(B, N, D) features -> (B, N, sum(prompt_projection_sizes)) UNet `encoder_hidden_states`."""
         return torch.cat([projection(features) for projection in self.prompt_projections], dim=-1)
 
-    def empty_prompt_embeds(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, N, width) zeros on the heads' device: the start of both negative conditions."""
+    def empty_prompt_embeds(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(B, N, width) zeros: the start of both negative conditions."""
         width = sum(projection.out_features for projection in self.prompt_projections)
-        device = self.prompt_projections[0].weight.device
         return torch.zeros(batch_size, self.num_patches, width, dtype=dtype, device=device)
 
     def added_cond_kwargs(self, conditions: LaVITDetokenizerConditions, height: int, width: int) -> dict | None:
@@ -153,9 +152,10 @@ class LaVITHighresConditioning(LaVITConditioning):
     def forward(self, features: torch.Tensor) -> LaVITDetokenizerConditions:
         return unmasked_conditions(self.project(features), self.pooling(features))
 
-    def negative_conditions(self, batch_size: int, dtype: torch.dtype, negative_prompt_embeds=None):
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype, device: torch.device,
+                            negative_prompt_embeds=None):
         """All zeros, the pooled vector included (official `HighresVQDecoder`); `negative_prompt_embeds` is unused."""
-        prompt_embeds = self.empty_prompt_embeds(batch_size, dtype)
+        prompt_embeds = self.empty_prompt_embeds(batch_size, dtype, device)
         pooled_prompt_embeds = prompt_embeds.new_zeros(batch_size, self.pooling.out_proj.out_features)
         return unmasked_conditions(prompt_embeds, pooled_prompt_embeds)
 
@@ -175,12 +175,13 @@ class LaVITLowresConditioning(LaVITConditioning):
     def forward(self, features: torch.Tensor) -> LaVITDetokenizerConditions:
         return unmasked_conditions(self.project(features))
 
-    def negative_conditions(self, batch_size: int, dtype: torch.dtype, negative_prompt_embeds: torch.Tensor):
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype, device: torch.device,
+                            negative_prompt_embeds: torch.Tensor):
         """`negative_prompt_embeds` (1, L, width) in the first L slots; the attention mask hides the others."""
         length = negative_prompt_embeds.shape[1]
-        empty = self.empty_prompt_embeds(batch_size, dtype)
+        empty = self.empty_prompt_embeds(batch_size, dtype, device)
         conditions = unmasked_conditions(
-            torch.cat([negative_prompt_embeds.to(dtype).expand(batch_size, -1, -1), empty[:, length:]], dim=1)
+            torch.cat([negative_prompt_embeds.to(device, dtype).expand(batch_size, -1, -1), empty[:, length:]], dim=1)
         )
         conditions.attention_mask[:, length:] = 0
         return conditions
@@ -218,11 +219,14 @@ class LaVITConditionsMixin:
         """The UNet conditions of each image (official `VQDecoder` / `HighresVQDecoder` return values)."""
         return self.condition(self.reconstruct_features(code_ids, token_counts))
 
-    def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None) -> LaVITDetokenizerConditions:
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None,
+                            device: torch.device | None = None) -> LaVITDetokenizerConditions:
         """Official unconditional branch: all zeros (highres), or the stored embedding in the first slots (lowres).
-        `dtype` (default: the projection heads') matches them to conditional ones computed under autocast."""
+        `dtype` and `device` (default: the codebook's device, the projection heads' dtype) match them to conditional
+        ones (computed under autocast, or by offloaded heads)."""
         dtype = dtype or self.condition.prompt_projections[0].weight.dtype
-        return self.condition.negative_conditions(batch_size, dtype, self.negative_prompt_embeds)
+        device = device or self.codebook.device
+        return self.condition.negative_conditions(batch_size, dtype, device, self.negative_prompt_embeds)
 
 
 class LaVITDetokenizerPreTrainedModel(PreTrainedModel):
@@ -535,8 +539,16 @@ class LaVITConditionEncoder(LaVITConditionsMixin, LaVITDetokenizerPreTrainedMode
         self._build_condition_modules(config)
         self.post_init()
 
-    def forward(self, code_ids: torch.LongTensor, token_counts: torch.LongTensor) -> LaVITDetokenizerConditions:
-        return self.get_conditions(code_ids, token_counts)
+    def forward(self, code_ids: torch.LongTensor, token_counts: torch.LongTensor,
+                with_negative: bool = False) -> LaVITDetokenizerConditions:
+        """The conditions of the B images; `with_negative`: the B negative ones first, then those (2B rows: the
+        batch of classifier-free guidance). Both come from `forward`, where offloading hooks put the weights."""
+        conditions = self.get_conditions(code_ids, token_counts)
+        if not with_negative:
+            return conditions
+        prompt_embeds = conditions.prompt_embeds
+        negative = self.negative_conditions(len(token_counts), prompt_embeds.dtype, prompt_embeds.device)
+        return LaVITDetokenizerConditions.cat([negative, conditions])
 
     @classmethod
     def from_detokenizer(cls, detokenizer: LaVITDetokenizer) -> "LaVITConditionEncoder":

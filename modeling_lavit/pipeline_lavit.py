@@ -205,6 +205,22 @@ class LaVITPipeline(DiffusionPipeline):
             config.pop(name, None)
         return loaded
 
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """diffusers' sequential offload (each submodule's weights brought to `device` for its forward only); with no
+        accelerator and no `device`, diffusers' own error. With `device="cpu"` the hooks execute on
+        `torch.device("cpu")`: diffusers names it `cpu:0`, and torch copies a CPU parameter moved "to" `cpu:0` into a
+        plain tensor, which accelerate's hook cannot offload after the forward."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self._offload_device.type != "cpu":
+            return
+        self._offload_device = torch.device("cpu")
+        for component in self.components.values():
+            for module in component.modules() if isinstance(component, torch.nn.Module) else ():
+                hook = getattr(module, "_hf_hook", None)
+                for part in getattr(hook, "hooks", [hook]):  # a `SequentialHook` chains several
+                    if getattr(part, "execution_device", None) is not None:
+                        part.execution_device = self._offload_device
+
     # ----------------------------------------------------------------------------------------------- stages
 
     def check_inputs(self, prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs):
@@ -261,12 +277,8 @@ class LaVITPipeline(DiffusionPipeline):
     def encode_visual_tokens(self, tokens: LaVITTokenizationOutput, device=None) -> LaVITDetokenizerConditions:
         """Stage 2: visual tokens -> UNet conditions; with decoder guidance the negative ones first, in one batch."""
         device = device or self._execution_device
-        conditions = self.condition_encoder(tokens.code_ids.to(device), tokens.token_counts.to(device))
-        if not self.do_classifier_free_guidance:
-            return conditions
-        negative = self.condition_encoder.negative_conditions(len(tokens.token_counts),
-                                                              conditions.prompt_embeds.dtype)
-        return LaVITDetokenizerConditions.cat([negative, conditions])
+        return self.condition_encoder(tokens.code_ids.to(device), tokens.token_counts.to(device),
+                                      with_negative=self.do_classifier_free_guidance)
 
     def prepare_latents(self, batch_size, height, width, generators: list[torch.Generator], latents=None,
                         device=None):
@@ -373,8 +385,8 @@ class LaVITPipeline(DiffusionPipeline):
         hook = getattr(self.language_model, "_hf_hook", None)
         if hook is not None:
             hook.pre_forward(self.language_model)
-        tokens = visual_tokenizer.tokenize(pixel_values.to(visual_tokenizer.device, visual_tokenizer.dtype),
-                                           **(image_selection or {}))
+        device = self._execution_device  # not the tokenizer's: offloaded weights wait on the meta device
+        tokens = visual_tokenizer.tokenize(pixel_values.to(device, visual_tokenizer.dtype), **(image_selection or {}))
         return self.decode_visual_tokens(tokens, **decode_kwargs)
 
     @torch.no_grad()

@@ -6,23 +6,19 @@ its variable number of codes, projection heads turn them into the conditions of 
 VAE latents. diffusers is an optional dependency: this file imports without it, and building a detokenizer asks for it.
 """
 
-import functools
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
-from transformers.utils.logging import tqdm
 
 from .configuration_lavit import LaVITDetokenizerConfig
-from .modeling_lavit_tokenizer import LaVITFeatureDecoder
-from .validation_lavit import GUIDANCE_SCALE, Range, check_memory
+from .modeling_lavit_tokenizer import LaVITFeatureDecoder, LaVITTokenizationOutput
+from .validation_lavit import Range, check_memory
 
 try:
     import diffusers
@@ -32,9 +28,6 @@ except ImportError:
 
 # the official highres decoder supports these (height, width) sizes (README / notebooks of the official code)
 OFFICIAL_HIGHRES_SIZES = ((1024, 1024), (896, 1152), (832, 1216), (768, 1344), (1216, 832), (1152, 896))
-
-# `decode` returns PIL images, a (B, 3, H, W) tensor in [0, 1], or the final latents
-OUTPUT_TYPES = ("pil", "pt", "latent")
 
 
 def require_diffusers():
@@ -392,6 +385,15 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- sampling
 
+    def as_pipeline(self, scheduler=None):
+        """This decoder as a `LaVITPipeline` without a language model, nothing copied: its condition encoder is a view
+        of this model's condition modules ([`LaVITConditionEncoder.viewing`]), its UNet, VAE and scheduler (or
+        `scheduler`) are this model's. The pipeline owns the sampling loop; `decode` draws through it."""
+        from .pipeline_lavit import LaVITPipeline
+
+        return LaVITPipeline(language_model=None, processor=None, condition_encoder=LaVITConditionEncoder.viewing(self),
+                             unet=self.unet, vae=self.vae, scheduler=scheduler or self.scheduler)
+
     @torch.no_grad()
     def decode(
         self,
@@ -403,81 +405,34 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         scheduler=None,
-        batch_guidance: bool = True,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         show_progress: bool = False,
     ):
         """
-        Packed code ids (T,) + counts (B,) -> B images (`output_type="pil"`: PIL images; `"pt"`: a (B, 3, H, W)
-        tensor in [0, 1]; `"latent"`: the final latents).
-
-        - `height`, `width`: output size (default `config.image_size`), multiples of `size_multiple`; highres
-          conditioning passes them as SDXL size conditions, so the official aspect ratios work (see
-          `OFFICIAL_HIGHRES_SIZES`).
-        - `guidance_scale` (default `config.guidance_scale`): classifier-free guidance against the official negative
-          condition; 1 turns it off. With `batch_guidance` the conditional and unconditional halves run as one UNet
-          batch; `False` runs them one after the other (same result, less memory).
-        - `scheduler`: any diffusers scheduler (e.g. `DPMSolverMultistepScheduler.from_config(d.scheduler.config)`)
-          instead of the model's own for this call; assign `detokenizer.scheduler` to change it for good.
-        - `generator`: seeds the initial latents and stochastic schedulers, so the same seed gives the same images.
-        - `show_progress`: a progress bar over the denoising steps.
+        Packed code ids (T,) + counts (B,) -> B images, drawn by `LaVITPipeline.decode_visual_tokens` (the one
+        sampling loop, see [`as_pipeline`]) with the same arguments: `height`, `width` (multiples of `size_multiple`;
+        highres conditioning passes them as SDXL size conditions, see `OFFICIAL_HIGHRES_SIZES`), `num_inference_steps`,
+        `guidance_scale` (defaults: this model's config; 1 turns guidance off), `latents`, `output_type` (`"pil"`,
+        `"np"`, `"pt"`: a (B, 3, H, W) float32 tensor in [0, 1], `"latent"`). `scheduler`: any diffusers scheduler
+        for this call (assign `detokenizer.scheduler` to change it for good); `show_progress`: a progress bar.
+        `generator`: one seeds the whole batch as one stream (the initial latents of all images in one draw, as
+        `decode` always did; a pipeline gives each image its own stream), or one per image.
 
         Raises `ValueError` on sizes that are not positive multiples of `size_multiple`, an unknown `output_type`,
         `latents` of the wrong shape and invalid code ids / counts.
         """
-        # 1. check inputs and what they will allocate (the code ids and counts are checked by `get_conditions`)
-        config = self.config
-        height = config.image_size if height is None else height
-        width = config.image_size if width is None else width
-        num_inference_steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = GUIDANCE_SCALE.check("guidance_scale", config.guidance_scale if guidance_scale is None
-                                              else guidance_scale)
-        self.check_decode_request(height, width, num_inference_steps, len(token_counts) * (1 + (guidance_scale != 1)),
-                                  scheduler or self.scheduler)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        # 2. conditions, initial latents, sampling loop, output
-        conditions = self.get_conditions(code_ids, token_counts)
-        batch_size = conditions.prompt_embeds.shape[0]
-        latent_shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
-                        width // self.vae_scale_factor)
-        latents = denoise(
-            functools.partial(self.predict_noise, height=height, width=width), scheduler or self.scheduler,
-            prepare_latents(latent_shape, generator, latents, self.device, self.unet.dtype), conditions,
-            self.negative_conditions(batch_size, conditions.prompt_embeds.dtype) if guidance_scale != 1.0 else None,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            batch_guidance=batch_guidance, generator=generator, show_progress=show_progress,
-        )
-        return self.postprocess(latents, output_type)
-
-    def check_decode_request(self, height, width, num_inference_steps, unet_rows: int, scheduler) -> None:
-        """[`check_decode_request`] for this decoder."""
-        check_decode_request(height, width, num_inference_steps, unet_rows, size_multiple=self.size_multiple,
-                             image_size=self.config.image_size, vae_scale_factor=self.vae_scale_factor,
-                             unet=self.unet, scheduler=scheduler, device=self.device)
-
-    def postprocess(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Final latents -> `output_type`: themselves (`"latent"`), (B, 3, H, W) images in [0, 1] (`"pt"`) or PIL
-        images (`"pil"`)."""
-        if output_type == "latent":
-            return latents
-        images = self.decode_latents(latents)
-        return images if output_type == "pt" else to_pil_images(images)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images (B, 3, H, W) in [0, 1]. A float16 VAE that asks for it (`force_upcast`, the SD
-        VAE overflows in float16) decodes in float32."""
-        vae = self.vae
-        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        shift = vae.config.get("shift_factor") or 0.0
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-        if upcast:
-            vae.to(torch.float16)
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        pipe = self.as_pipeline(scheduler)
+        pipe.set_progress_bar_config(disable=not show_progress, desc="denoising")
+        if isinstance(generator, torch.Generator):
+            # one generator for every row draws what one draw of the whole batch draws (latents have 16k values)
+            generator = [generator] * len(token_counts)
+        tokens = LaVITTokenizationOutput(code_ids=code_ids, token_counts=token_counts)
+        images = pipe.decode_visual_tokens(
+            tokens, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generator,
+            latents=latents, height=height, width=width, output_type=output_type,
+        ).images
+        return images.float() if output_type == "pt" else images
 
     # ----------------------------------------------------------------------------------------------- construction
 
@@ -551,68 +506,23 @@ class LaVITConditionEncoder(LaVITConditionsMixin, LaVITDetokenizerPreTrainedMode
         return LaVITDetokenizerConditions.cat([negative, conditions])
 
     @classmethod
+    def viewing(cls, detokenizer: LaVITDetokenizer) -> "LaVITConditionEncoder":
+        """A condition encoder on the condition modules of `detokenizer` themselves (no copy, no allocation: it sees
+        their current weights and mode), for drawing with a detokenizer through the pipeline."""
+        with torch.device("meta"):
+            encoder = cls(detokenizer.config)
+        encoder.decoder, encoder.condition = detokenizer.decoder, detokenizer.condition
+        encoder.codebook, encoder.negative_prompt_embeds = detokenizer.codebook, detokenizer.negative_prompt_embeds
+        encoder.training = detokenizer.training
+        return encoder
+
+    @classmethod
     def from_detokenizer(cls, detokenizer: LaVITDetokenizer) -> "LaVITConditionEncoder":
         """The condition modules of a [`LaVITDetokenizer`] (its codebook, feature decoder, heads), weights copied."""
         encoder = cls(detokenizer.config.__class__.from_dict(detokenizer.config.to_dict()))
         own_keys = encoder.state_dict().keys()
         encoder.load_state_dict({key: value for key, value in detokenizer.state_dict().items() if key in own_keys})
         return encoder.to(detokenizer.dtype).eval()
-
-
-def prepare_latents(latent_shape: tuple, generator=None, latents=None, device=None, dtype=None) -> torch.Tensor:
-    """Initial latents of `latent_shape` (B, C, H / f, W / f) on `device` in `dtype`: drawn with `generator` (one, or
-    one per image), or the given `latents` once their shape is checked (`ValueError` otherwise)."""
-    if latents is None:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-    if tuple(latents.shape) != tuple(latent_shape):
-        raise ValueError(f"latents must have shape {tuple(latent_shape)}, got {tuple(latents.shape)}")
-    return latents.to(device, dtype)
-
-
-def denoise(
-    predict_noise,
-    scheduler,
-    latents: torch.Tensor,
-    conditions: LaVITDetokenizerConditions,
-    negative: LaVITDetokenizerConditions | None = None,
-    *,
-    num_inference_steps: int,
-    guidance_scale: float = 1.0,
-    batch_guidance: bool = True,
-    generator=None,
-    show_progress: bool = False,
-) -> torch.Tensor:
-    """
-    The sampling loop of [`LaVITDetokenizer.decode`]: initial latents (B, C, h, w) -> final latents, same shape.
-    `predict_noise(latents, timestep, conditions)` is the UNet's prediction; `negative` (None: no guidance) are the
-    unconditional conditions of classifier-free guidance, run in one UNet batch with the conditional ones
-    (`batch_guidance`) or after them (less memory, same result). `generator` also drives stochastic schedulers.
-    """
-    batch_size = latents.shape[0]
-    # 1. timesteps
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
-    # 2. latents, scaled to the scheduler's initial noise level
-    latents = latents * scheduler.init_noise_sigma
-    # 3. guidance batch: the UNet passes of a step, the unconditional half first
-    passes = [conditions] if negative is None else [negative, conditions]
-    if negative is not None and batch_guidance:
-        passes = [LaVITDetokenizerConditions.cat(passes)]
-    step_kwargs = {"generator": generator} if "generator" in _step_parameters(scheduler) else {}
-    # 4. loop: predict, guide, step
-    for timestep in tqdm(scheduler.timesteps, desc="denoising", disable=not show_progress):
-        model_input = scheduler.scale_model_input(latents, timestep)
-        noise_pred = torch.cat([
-            predict_noise(model_input.repeat(len(part.prompt_embeds) // batch_size, 1, 1, 1), timestep, part)
-            for part in passes
-        ])
-        if negative is not None:
-            unconditional, conditional = noise_pred.chunk(2)
-            noise_pred = unconditional + guidance_scale * (conditional - unconditional)
-        latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
-    # 5. output: the final latents (the VAE decodes them in `LaVITDetokenizer.postprocess`)
-    return latents
 
 
 def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -646,18 +556,6 @@ def public_config(config: dict) -> dict:
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
-def _step_parameters(scheduler) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(scheduler.step).parameters)
-
-
-def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> PIL images."""
-    arrays = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(array) for array in arrays]
-
-
 __all__ = [
     "LaVITAttentionPooling",
     "LaVITConditionEncoder",
@@ -670,13 +568,10 @@ __all__ = [
     "LaVITHighresConditioning",
     "LaVITLowresConditioning",
     "OFFICIAL_HIGHRES_SIZES",
-    "denoise",
-    "prepare_latents",
     "public_config",
     "require_diffusers",
     "scheduler_config_dict",
     "scheduler_from_config",
-    "to_pil_images",
     "training_target",
     "unmasked_conditions",
 ]

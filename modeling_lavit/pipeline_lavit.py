@@ -101,9 +101,14 @@ class LaVITPipeline(DiffusionPipeline):
         """Image sides must be multiples of this: the VAE downsampling times the UNet's."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    @property
-    def default_size(self) -> int:
-        return self.condition_encoder.config.image_size
+    def decode_settings(self, height=None, width=None, num_inference_steps=None, guidance_scale=None) -> tuple:
+        """`(height, width, num_inference_steps, guidance_scale)` of a decoding request: the one place where the
+        defaults (the condition encoder's config: the size and steps the decoder was trained or released with, its
+        guidance) replace None; 0 is a value, and refused by `check_decode_request`."""
+        config = self.condition_encoder.config
+        return (config.image_size if height is None else height, config.image_size if width is None else width,
+                config.num_inference_steps if num_inference_steps is None else num_inference_steps,
+                config.guidance_scale if guidance_scale is None else guidance_scale)
 
     @property
     def guidance_scale(self) -> float:
@@ -243,16 +248,14 @@ class LaVITPipeline(DiffusionPipeline):
                              f"from_pretrained(model), processor=LaVITProcessor.from_pretrained(model))")
 
     def check_decode_request(self, height, width, num_inference_steps, images: int, guidance_scale) -> None:
-        """Bounds the decoding of `images` images before anything is allocated (`check_decode_request`: sizes, steps
-        and memory, the decoder's own limits); called before the language model runs, so a request the decoder
-        cannot serve costs no token generation."""
-        config = self.condition_encoder.config
-        guidance = config.guidance_scale if guidance_scale is None else guidance_scale
-        GUIDANCE_SCALE.check("guidance_scale", guidance)
-        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        check_decode_request(height, width, steps, images * (1 + (guidance != 1)), size_multiple=self.size_multiple,
-                             image_size=config.image_size, vae_scale_factor=self.vae_scale_factor, unet=self.unet,
-                             scheduler=self.scheduler, device=self.unet.device)
+        """Bounds the decoding of `images` images (settings resolved by `decode_settings`) before anything is
+        allocated (`check_decode_request`: sizes, steps and memory, the decoder's own limits); called before the
+        language model runs, so a request the decoder cannot serve costs no token generation."""
+        GUIDANCE_SCALE.check("guidance_scale", guidance_scale)
+        check_decode_request(height, width, num_inference_steps, images * (1 + (guidance_scale != 1)),
+                             size_multiple=self.size_multiple, image_size=self.condition_encoder.config.image_size,
+                             vae_scale_factor=self.vae_scale_factor, unet=self.unet, scheduler=self.scheduler,
+                             device=self._execution_device)
 
     def encode_prompt(self, prompt, negative_prompt=None, image=None, device=None) -> dict:
         """Prompts (and their images) -> the language model's inputs on `device`, with the negative prompt of its
@@ -350,8 +353,8 @@ class LaVITPipeline(DiffusionPipeline):
         Reconstruction (image -> tokens -> image) is [`reconstruct`].
         """
         # 1. check inputs and settings (None is the default; 0 is a size, and refused)
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
+        height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
+                                                                                  guidance_scale)
         self.check_inputs(prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs)
         self.require_language_model("prompt -> images")
         prompts = 1 if isinstance(prompt, str) else len(prompt)
@@ -408,13 +411,12 @@ class LaVITPipeline(DiffusionPipeline):
         """Packed visual tokens (`code_ids (T,)`, `token_counts (B,)`, as the language model or the visual tokenizer
         gives them) -> images: the decoder half of `__call__` (same arguments)."""
         # 1. settings
-        config = self.condition_encoder.config
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
+        height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
+                                                                                  guidance_scale)
         self.check_inputs("", None, height, width, output_type, callback_on_step_end_tensor_inputs)
         self.check_decode_request(height, width, num_inference_steps, len(tokens.token_counts) * num_images_per_prompt,
                                   guidance_scale)
-        self._guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        self._guidance_scale = guidance_scale
         self._interrupt = False
         # 2. conditions (negative ones first with guidance) and initial latents
         device = self._execution_device  # found by walking every module: once per call
@@ -426,8 +428,7 @@ class LaVITPipeline(DiffusionPipeline):
             generator = row_generators(generator, batch_size, num_images_per_prompt, device)
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
         # 3. timesteps, then the denoising loop (the generators also drive stochastic schedulers)
-        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        self.scheduler.set_timesteps(steps, device=latents.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         latents = self.denoise(latents, conditions, height, width, generator, callback_on_step_end,
                                callback_on_step_end_tensor_inputs)
         # 4. pixels

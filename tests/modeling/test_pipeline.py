@@ -407,6 +407,10 @@ def test_a_decoder_alone_and_detokenizer_folders_load_and_take_a_language_model(
         torch.testing.assert_close(drawn, expected, atol=1e-6, rtol=0)
         with pytest.raises(ValueError, match="needs the pipeline's language_model and processor"):
             loaded("a red bus")
+    from lavit.hub_cards import export_model
+
+    with pytest.raises(ValueError, match="a pixel decoder without a language model"):
+        export_model(tmp_path / "decoder", tmp_path / "export")
     given = dict(language_model=pipe.language_model, processor=pipe.processor)
     completed = LaVITPipeline.from_pretrained(tmp_path / "decoder", **given)
     completed.set_progress_bar_config(disable=True)

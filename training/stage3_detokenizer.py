@@ -22,6 +22,7 @@ the LaVIT model given as `--visual_tokenizer`; without one the pipeline holds th
 
 from pathlib import Path
 
+from lavit.modeling import LaVITDetokenizer
 from lavit.processing import LaVITImageProcessor
 from transformers import set_seed
 
@@ -98,8 +99,8 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
 
     # 5. The final folder, a pipeline's: the EMA weights (copied into the model when training ended) as its decoder
     #    components, beside the language model of `language_model_folder`.
-    return save_final(trainer, training_args.output_dir, save_model=lambda model, folder: trained_pipeline(
-        model, language_model_folder).save_pretrained(folder))
+    return save_final(trainer, training_args.output_dir, convert=lambda saved, folder: trained_pipeline(
+        LaVITDetokenizer.from_pretrained(saved), language_model_folder).save_pretrained(folder))
 
 
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):

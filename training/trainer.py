@@ -16,6 +16,7 @@ frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume
 
 import json
 import logging
+import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -469,24 +470,26 @@ def whole_weights(training_args):
         set_hf_deepspeed_config(training_args.hf_deepspeed_config)
 
 
-def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: bool = False, save_model=None) -> Path:
+def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: bool = False, convert=None) -> Path:
     """Saves the trained model (and processor) as a Hub-ready folder `output_dir/final`, written to a temporary folder
     first and swapped in (`lavit.atomic.replace_folder`), so `final` always holds a whole model, old or new.
     `merge_adapters` merges LoRA adapters (`merge_and_unload`) so that the folder is a plain checkpoint;
-    `save_model(model, folder)` (main process) writes the unwrapped model in another layout (stage 3: a pipeline)."""
+    `convert(saved, folder)` (main process) writes `folder` in another layout (stage 3: a pipeline's) from the model
+    saved in `saved` (gathered whole, ZeRO-3 included), a sub-folder of the staging folder deleted afterwards."""
     if isinstance(trainer, LaVITTrainer):
         trainer.check_records()  # a run that trained on nothing, or on too little of its data, saves no model
     final_dir = Path(output_dir) / "final"
     staging_dir = fresh_staging_folder(final_dir) if trainer.is_world_process_zero() else final_dir.with_name(
         "final.tmp")
     trainer.accelerator.wait_for_everyone()
-    if merge_adapters or save_model is not None:
+    if merge_adapters:
         if trainer.is_world_process_zero():
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            if merge_adapters:
-                model.merge_and_unload().save_pretrained(staging_dir)
-            else:
-                save_model(model, staging_dir)
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(staging_dir)
+    elif convert is not None:
+        trainer.save_model(str(staging_dir / "trained"))  # gathers ZeRO-3 shards; only the main process writes
+        if trainer.is_world_process_zero():
+            convert(staging_dir / "trained", staging_dir)
+            shutil.rmtree(staging_dir / "trained")  # made just above, inside lavit's own staging folder
     else:
         trainer.save_model(str(staging_dir))  # gathers ZeRO-3 shards; only the main process writes
     if trainer.is_world_process_zero():

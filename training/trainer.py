@@ -488,7 +488,8 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
     elif convert is not None:
         trainer.save_model(str(staging_dir / "trained"))  # gathers ZeRO-3 shards; only the main process writes
         if trainer.is_world_process_zero():
-            convert(staging_dir / "trained", staging_dir)
+            with whole_weights(trainer.args):  # loaded on this rank alone: never partitioned by ZeRO-3
+                convert(staging_dir / "trained", staging_dir)
             shutil.rmtree(staging_dir / "trained")  # made just above, inside lavit's own staging folder
     else:
         trainer.save_model(str(staging_dir))  # gathers ZeRO-3 shards; only the main process writes

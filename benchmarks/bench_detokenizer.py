@@ -1,6 +1,7 @@
 """Speed of image synthesis: visual-token generation (LaVITForCausalLM.generate_image_tokens) + pixel decoding
-(LaVITDetokenizer.decode), with the classifier-free-guidance halves batched vs sequential vs off, and with fewer steps
-/ a faster scheduler. Random weights (speed does not depend on them); all variants in one process.
+(LaVITDetokenizer.decode, i.e. the sampling loop of LaVITPipeline), with classifier-free guidance batched (the
+pipeline's one way) vs off, and with fewer steps / a faster scheduler.
+Random weights (speed does not depend on them); all variants in one process.
 
   tokens      generate_image_tokens: --image-tokens visual tokens (min = max), LM guidance 4.0, batch 1, with the
               device's defaults (CUDA: static cache + compiled step) and, beside it, dynamic cache uncompiled
@@ -79,16 +80,17 @@ def time_token_generation(size, image_tokens, device, dtype, repeats):
     return seconds, model.generate_image_tokens(prompt, **settings), model.config
 
 
-def stage_times(detokenizer, code_ids, token_counts, steps, guidance, batch_guidance, scheduler, device, repeats):
+def stage_times(detokenizer, code_ids, token_counts, steps, guidance, scheduler, device, repeats):
     """Seconds of the feature, UNet and VAE parts of one `decode` call."""
     side = detokenizer.config.image_size
     features = timed(lambda: detokenizer.get_conditions(code_ids, token_counts), device, repeats)
-    decode = dict(num_inference_steps=steps, guidance_scale=guidance, batch_guidance=batch_guidance,
-                  scheduler=scheduler, generator=torch.Generator(device).manual_seed(0))
+    decode = dict(num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
+                  generator=torch.Generator(device).manual_seed(0))
     to_latents = timed(lambda: detokenizer.decode(code_ids, token_counts, output_type="latent", **decode), device,
                        repeats)
     latents = detokenizer.decode(code_ids, token_counts, output_type="latent", **decode)
-    vae = timed(lambda: detokenizer.decode_latents(latents), device, repeats)
+    pipe = detokenizer.as_pipeline()
+    vae = timed(lambda: pipe.decode_latents(latents), device, repeats)
     return {"features_s": features, "unet_s": to_latents - features, "vae_s": vae, "height": side, "width": side}
 
 
@@ -117,14 +119,12 @@ def main():
         fast = DPMSolverMultistepScheduler.from_config(detokenizer.scheduler.config)
         ddim, dpm = args.steps, max(1, round(0.4 * args.steps))
         variants = [
-            (f"DDIM {ddim} steps, CFG 7 batched", ddim, 7.0, True, None),
-            (f"DDIM {ddim} steps, CFG 7 sequential", ddim, 7.0, False, None),
-            (f"DDIM {ddim} steps, no CFG", ddim, 1.0, True, None),
-            (f"DPM-Solver++ {dpm} steps, CFG 7 batched", dpm, 7.0, True, fast),
+            (f"DDIM {ddim} steps, CFG 7 batched", ddim, 7.0, None),
+            (f"DDIM {ddim} steps, no CFG", ddim, 1.0, None),
+            (f"DPM-Solver++ {dpm} steps, CFG 7 batched", dpm, 7.0, fast),
         ]
-        for name, steps, guidance, batched, scheduler in variants:
-            parts = stage_times(detokenizer, code_ids, token_counts, steps, guidance, batched, scheduler, device,
-                                args.repeats)
+        for name, steps, guidance, scheduler in variants:
+            parts = stage_times(detokenizer, code_ids, token_counts, steps, guidance, scheduler, device, args.repeats)
             total = tokens_s + parts["features_s"] + parts["unet_s"] + parts["vae_s"]
             rows.append({"decoder": conditioning, "variant": name, "tokens_s": tokens_s,
                          "tokens_eager_s": token_seconds["eager"], **parts,

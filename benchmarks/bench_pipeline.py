@@ -1,6 +1,8 @@
 """Seconds per image of `LaVITPipeline.__call__` vs the path it replaces (`LaVITForCausalLM.generate_image_tokens`
-then `LaVITDetokenizer.decode`, what `generate_images` ran), side by side in one process on the same weights, prompts
-and seeds. Classifier-free guidance is batched in both stages of both paths (LM guidance 4, decoder guidance 7).
+then the sampling loop `LaVITDetokenizer.decode` had of its own, what `generate_images` ran: `released_decode` below,
+the loop as it was at commit ec012e8, kept here only as the baseline now that the pipeline owns the one loop), side by
+side in one process on the same weights, prompts and seeds.
+Classifier-free guidance is batched in both stages of both paths (LM guidance 4, decoder guidance 7).
 Random weights: speed does not depend on them. The two paths give the same pixels (checked on every run).
 
 Sizes: `tiny` = the CPU tiny preset of `bench_causal_lm.py` + the tiny decoder of `bench_detokenizer.py` at 64x64.
@@ -23,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_causal_lm import build_model  # noqa: E402
 from bench_detokenizer import build_detokenizer  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from lavit.modeling.generation_lavit import row_generators  # noqa: E402
+from lavit.modeling.modeling_lavit_detokenizer import LaVITDetokenizerConditions  # noqa: E402
 
 from lavit import LaVITImageProcessor, LaVITPipeline, LaVITProcessor  # noqa: E402
 
@@ -42,6 +46,30 @@ def word_processor(text_vocab_size: int, codebook_size: int, image_size: int) ->
                                         eos_token="</s>", pad_token="</s>")
     LaVITProcessor.add_image_tokens(tokenizer, codebook_size)
     return LaVITProcessor(LaVITImageProcessor(size={"height": image_size, "width": image_size}), tokenizer)
+
+
+@torch.no_grad()
+def released_decode(detokenizer, code_ids, token_counts, generator, guidance_scale: float, steps: int) -> torch.Tensor:
+    """Code ids -> (B, 3, H, W) images in [0, 1] by the released path: the detokenizer's conditions, its own DDIM loop
+    with both guidance halves in one UNet batch, its VAE."""
+    conditions = detokenizer.get_conditions(code_ids, token_counts)
+    batch_size, side = len(token_counts), detokenizer.config.image_size
+    negative = detokenizer.negative_conditions(batch_size, conditions.prompt_embeds.dtype)
+    guided = LaVITDetokenizerConditions.cat([negative, conditions])
+    shape = (batch_size, detokenizer.unet.config.in_channels, side // detokenizer.vae_scale_factor,
+             side // detokenizer.vae_scale_factor)
+    scheduler = detokenizer.scheduler
+    scheduler.set_timesteps(steps)
+    latents = randn_tensor(shape, generator=generator, dtype=detokenizer.unet.dtype) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, timestep).repeat(2, 1, 1, 1)
+        noise_pred = detokenizer.predict_noise(model_input, timestep, guided, side, side)
+        unconditional, conditional = noise_pred.chunk(2)
+        noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+        latents = scheduler.step(noise_pred, timestep, latents, generator=generator).prev_sample
+    vae = detokenizer.vae
+    images = vae.decode(latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def interleaved_seconds(first, second, repeats: int) -> tuple[float, float]:
@@ -83,8 +111,7 @@ def main():
         visual = language_model.generate_image_tokens(**inputs, generator=generator, guidance_scale=4.0,
                                                       num_images_per_prompt=per_prompt, **tokens)
         streams = row_generators(generator, per_prompt, per_prompt, device)
-        return detokenizer.decode(visual.code_ids, visual.token_counts, generator=streams, guidance_scale=7.0,
-                                  num_inference_steps=args.steps, output_type="pt")
+        return released_decode(detokenizer, visual.code_ids, visual.token_counts, streams, 7.0, args.steps)
 
     def pipeline(per_prompt: int):
         return pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_images_per_prompt=per_prompt,

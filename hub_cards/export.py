@@ -143,6 +143,10 @@ def export_model(source, output_dir, metadata: dict | None = None, repo_id: str 
         from lavit import LaVITPipeline
 
         pipe = LaVITPipeline.from_pretrained(source)
+        if pipe.language_model is None:  # the decoder alone (stage 3 without --model): a card needs the model
+            raise ValueError(f"{source} is a pixel decoder without a language model: save it with one first "
+                             f"(LaVITPipeline.from_pretrained(folder, language_model=..., processor=...)"
+                             f".save_pretrained(new)), then export that folder")
         return export_loaded(pipe.language_model, pipe.processor, output_dir, metadata, repo_id, max_shard_size,
                              pipeline=pipe)
     model = LaVITForCausalLM.from_pretrained(source)

@@ -193,7 +193,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     # 2.-4. visual tokenizer, unified pretraining, VQA fine-tuning
     tokenizer_folder, pretrained, finetuned = train_digit_models(train_folder, runs, steps)
     # 5. pixel detokenizer
-    detokenizer_folder = train_demo_detokenizer(train_folder, tokenizer_folder, runs, steps)
+    detokenizer_folder = train_demo_detokenizer(train_folder, tokenizer_folder, finetuned, runs, steps)
     # 6. evaluation on the held-out digits, then the images
     print(f"[6/6] evaluation on {steps['eval']} held-out digits, images, Hub folder")
     pipe, stage2, drawing_accuracy, tuned = evaluate_demo_models(
@@ -243,14 +243,17 @@ def write_demo_data(output: Path, steps: dict) -> tuple[Path, list, list[int], l
     return train_folder, train_images, train_labels, eval_images, eval_labels
 
 
-def train_demo_detokenizer(train_folder: Path, tokenizer_folder: Path, runs: Path, steps: dict) -> Path:
-    """Step 5: a tiny pixel detokenizer on the training digits; returns its folder."""
+def train_demo_detokenizer(train_folder: Path, tokenizer_folder: Path, finetuned: Path, runs: Path,
+                           steps: dict) -> Path:
+    """Step 5: a tiny pixel detokenizer on the training digits; returns its folder, a `LaVITPipeline`'s whose language
+    model is the fine-tuned one."""
     from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
 
     print("[5/6] pixel detokenizer: a tiny latent diffusion model conditioned on the tokens")
     return train_detokenizer(
         DetokenizerTrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
-                                     detokenizer_config="tiny", ema_decay=0.99, vae_steps=steps["vae"], resume="no"),
+                                     detokenizer_config="tiny", model=str(finetuned), ema_decay=0.99,
+                                     vae_steps=steps["vae"], resume="no"),
         stage_arguments(runs / "detokenizer", steps["detokenizer"], per_device_train_batch_size=16, learning_rate=1e-3),
     )
 
@@ -260,11 +263,10 @@ def evaluate_demo_models(pretrained: Path, finetuned: Path, detokenizer_folder: 
     """Step 6 (metrics): the `LaVITPipeline` of the fine-tuned model (with its processor and the trained pixel
     decoder), and the stage-2 metrics, the stage-2 text-to-image accuracy and the fine-tuned metrics on the held-out
     digits (`evaluate`)."""
-    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITPipeline, LaVITProcessor
+    from lavit import LaVITForCausalLM, LaVITPipeline
 
-    model = LaVITForCausalLM.from_pretrained(finetuned).eval()
-    processor = LaVITProcessor.from_pretrained(finetuned)
-    pipe = LaVITPipeline.from_detokenizer(model, processor, LaVITDetokenizer.from_pretrained(detokenizer_folder))
+    pipe = LaVITPipeline.from_pretrained(detokenizer_folder)  # stage 3 saved it with the fine-tuned language model
+    model, processor = pipe.language_model, pipe.processor
     pipe.set_progress_bar_config(desc="denoising")
     pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
     stage2 = evaluate(pretrained_model, processor, *eval_data)

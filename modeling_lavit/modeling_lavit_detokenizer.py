@@ -6,24 +6,20 @@ its variable number of codes, projection heads turn them into the conditions of 
 VAE latents. diffusers is an optional dependency: this file imports without it, and building a detokenizer asks for it.
 """
 
-import functools
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
-from transformers.utils.logging import tqdm
 
 from .configuration_lavit import LaVITDetokenizerConfig
-from .modeling_lavit_tokenizer import LaVITFeatureDecoder
+from .modeling_lavit_tokenizer import LaVITFeatureDecoder, LaVITTokenizationOutput
 from .saving_lavit import SaveBesideSourcesMixin
-from .validation_lavit import GUIDANCE_SCALE, Range, check_memory
+from .validation_lavit import Range, check_memory
 
 try:
     import diffusers
@@ -33,9 +29,6 @@ except ImportError:
 
 # the official highres decoder supports these (height, width) sizes (README / notebooks of the official code)
 OFFICIAL_HIGHRES_SIZES = ((1024, 1024), (896, 1152), (832, 1216), (768, 1344), (1216, 832), (1152, 896))
-
-# `decode` returns PIL images, a (B, 3, H, W) tensor in [0, 1], or the final latents
-OUTPUT_TYPES = ("pil", "pt", "latent")
 
 
 def require_diffusers():
@@ -124,10 +117,9 @@ class LaVITConditioning(nn.Module):
         """(B, N, D) features -> (B, N, sum(prompt_projection_sizes)) UNet `encoder_hidden_states`."""
         return torch.cat([projection(features) for projection in self.prompt_projections], dim=-1)
 
-    def empty_prompt_embeds(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, N, width) zeros on the heads' device: the start of both negative conditions."""
+    def empty_prompt_embeds(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(B, N, width) zeros: the start of both negative conditions."""
         width = sum(projection.out_features for projection in self.prompt_projections)
-        device = self.prompt_projections[0].weight.device
         return torch.zeros(batch_size, self.num_patches, width, dtype=dtype, device=device)
 
     def added_cond_kwargs(self, conditions: LaVITDetokenizerConditions, height: int, width: int) -> dict | None:
@@ -154,9 +146,10 @@ class LaVITHighresConditioning(LaVITConditioning):
     def forward(self, features: torch.Tensor) -> LaVITDetokenizerConditions:
         return unmasked_conditions(self.project(features), self.pooling(features))
 
-    def negative_conditions(self, batch_size: int, dtype: torch.dtype, negative_prompt_embeds=None):
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype, device: torch.device,
+                            negative_prompt_embeds=None):
         """All zeros, the pooled vector included (official `HighresVQDecoder`); `negative_prompt_embeds` is unused."""
-        prompt_embeds = self.empty_prompt_embeds(batch_size, dtype)
+        prompt_embeds = self.empty_prompt_embeds(batch_size, dtype, device)
         pooled_prompt_embeds = prompt_embeds.new_zeros(batch_size, self.pooling.out_proj.out_features)
         return unmasked_conditions(prompt_embeds, pooled_prompt_embeds)
 
@@ -176,12 +169,13 @@ class LaVITLowresConditioning(LaVITConditioning):
     def forward(self, features: torch.Tensor) -> LaVITDetokenizerConditions:
         return unmasked_conditions(self.project(features))
 
-    def negative_conditions(self, batch_size: int, dtype: torch.dtype, negative_prompt_embeds: torch.Tensor):
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype, device: torch.device,
+                            negative_prompt_embeds: torch.Tensor):
         """`negative_prompt_embeds` (1, L, width) in the first L slots; the attention mask hides the others."""
         length = negative_prompt_embeds.shape[1]
-        empty = self.empty_prompt_embeds(batch_size, dtype)
+        empty = self.empty_prompt_embeds(batch_size, dtype, device)
         conditions = unmasked_conditions(
-            torch.cat([negative_prompt_embeds.to(dtype).expand(batch_size, -1, -1), empty[:, length:]], dim=1)
+            torch.cat([negative_prompt_embeds.to(device, dtype).expand(batch_size, -1, -1), empty[:, length:]], dim=1)
         )
         conditions.attention_mask[:, length:] = 0
         return conditions
@@ -219,11 +213,14 @@ class LaVITConditionsMixin:
         """The UNet conditions of each image (official `VQDecoder` / `HighresVQDecoder` return values)."""
         return self.condition(self.reconstruct_features(code_ids, token_counts))
 
-    def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None) -> LaVITDetokenizerConditions:
+    def negative_conditions(self, batch_size: int, dtype: torch.dtype | None = None,
+                            device: torch.device | None = None) -> LaVITDetokenizerConditions:
         """Official unconditional branch: all zeros (highres), or the stored embedding in the first slots (lowres).
-        `dtype` (default: the projection heads') matches them to conditional ones computed under autocast."""
+        `dtype` and `device` (default: the codebook's device, the projection heads' dtype) match them to conditional
+        ones (computed under autocast, or by offloaded heads)."""
         dtype = dtype or self.condition.prompt_projections[0].weight.dtype
-        return self.condition.negative_conditions(batch_size, dtype, self.negative_prompt_embeds)
+        device = device or self.codebook.device
+        return self.condition.negative_conditions(batch_size, dtype, device, self.negative_prompt_embeds)
 
 
 class LaVITDetokenizerPreTrainedModel(SaveBesideSourcesMixin, PreTrainedModel):
@@ -389,6 +386,15 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- sampling
 
+    def as_pipeline(self, scheduler=None):
+        """This decoder as a `LaVITPipeline` without a language model, nothing copied: its condition encoder is a view
+        of this model's condition modules ([`LaVITConditionEncoder.viewing`]), its UNet, VAE and scheduler (or
+        `scheduler`) are this model's. The pipeline owns the sampling loop; `decode` draws through it."""
+        from .pipeline_lavit import LaVITPipeline
+
+        return LaVITPipeline(language_model=None, processor=None, condition_encoder=LaVITConditionEncoder.viewing(self),
+                             unet=self.unet, vae=self.vae, scheduler=scheduler or self.scheduler)
+
     @torch.no_grad()
     def decode(
         self,
@@ -400,81 +406,34 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         scheduler=None,
-        batch_guidance: bool = True,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         show_progress: bool = False,
     ):
         """
-        Packed code ids (T,) + counts (B,) -> B images (`output_type="pil"`: PIL images; `"pt"`: a (B, 3, H, W)
-        tensor in [0, 1]; `"latent"`: the final latents).
-
-        - `height`, `width`: output size (default `config.image_size`), multiples of `size_multiple`; highres
-          conditioning passes them as SDXL size conditions, so the official aspect ratios work (see
-          `OFFICIAL_HIGHRES_SIZES`).
-        - `guidance_scale` (default `config.guidance_scale`): classifier-free guidance against the official negative
-          condition; 1 turns it off. With `batch_guidance` the conditional and unconditional halves run as one UNet
-          batch; `False` runs them one after the other (same result, less memory).
-        - `scheduler`: any diffusers scheduler (e.g. `DPMSolverMultistepScheduler.from_config(d.scheduler.config)`)
-          instead of the model's own for this call; assign `detokenizer.scheduler` to change it for good.
-        - `generator`: seeds the initial latents and stochastic schedulers, so the same seed gives the same images.
-        - `show_progress`: a progress bar over the denoising steps.
+        Packed code ids (T,) + counts (B,) -> B images, drawn by `LaVITPipeline.decode_visual_tokens` (the one
+        sampling loop, see [`as_pipeline`]) with the same arguments: `height`, `width` (multiples of `size_multiple`;
+        highres conditioning passes them as SDXL size conditions, see `OFFICIAL_HIGHRES_SIZES`), `num_inference_steps`,
+        `guidance_scale` (defaults: this model's config; 1 turns guidance off), `latents`, `output_type` (`"pil"`,
+        `"np"`, `"pt"`: a (B, 3, H, W) float32 tensor in [0, 1], `"latent"`). `scheduler`: any diffusers scheduler
+        for this call (assign `detokenizer.scheduler` to change it for good); `show_progress`: a progress bar.
+        `generator`: one seeds the whole batch as one stream (the initial latents of all images in one draw, as
+        `decode` always did; a pipeline gives each image its own stream), or one per image.
 
         Raises `ValueError` on sizes that are not positive multiples of `size_multiple`, an unknown `output_type`,
         `latents` of the wrong shape and invalid code ids / counts.
         """
-        # 1. check inputs and what they will allocate (the code ids and counts are checked by `get_conditions`)
-        config = self.config
-        height = config.image_size if height is None else height
-        width = config.image_size if width is None else width
-        num_inference_steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = GUIDANCE_SCALE.check("guidance_scale", config.guidance_scale if guidance_scale is None
-                                              else guidance_scale)
-        self.check_decode_request(height, width, num_inference_steps, len(token_counts) * (1 + (guidance_scale != 1)),
-                                  scheduler or self.scheduler)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        # 2. conditions, initial latents, sampling loop, output
-        conditions = self.get_conditions(code_ids, token_counts)
-        batch_size = conditions.prompt_embeds.shape[0]
-        latent_shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
-                        width // self.vae_scale_factor)
-        latents = denoise(
-            functools.partial(self.predict_noise, height=height, width=width), scheduler or self.scheduler,
-            prepare_latents(latent_shape, generator, latents, self.device, self.unet.dtype), conditions,
-            self.negative_conditions(batch_size, conditions.prompt_embeds.dtype) if guidance_scale != 1.0 else None,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            batch_guidance=batch_guidance, generator=generator, show_progress=show_progress,
-        )
-        return self.postprocess(latents, output_type)
-
-    def check_decode_request(self, height, width, num_inference_steps, unet_rows: int, scheduler) -> None:
-        """[`check_decode_request`] for this decoder."""
-        check_decode_request(height, width, num_inference_steps, unet_rows, size_multiple=self.size_multiple,
-                             image_size=self.config.image_size, vae_scale_factor=self.vae_scale_factor,
-                             unet=self.unet, scheduler=scheduler, device=self.device)
-
-    def postprocess(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Final latents -> `output_type`: themselves (`"latent"`), (B, 3, H, W) images in [0, 1] (`"pt"`) or PIL
-        images (`"pil"`)."""
-        if output_type == "latent":
-            return latents
-        images = self.decode_latents(latents)
-        return images if output_type == "pt" else to_pil_images(images)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images (B, 3, H, W) in [0, 1]. A float16 VAE that asks for it (`force_upcast`, the SD
-        VAE overflows in float16) decodes in float32."""
-        vae = self.vae
-        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        shift = vae.config.get("shift_factor") or 0.0
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-        if upcast:
-            vae.to(torch.float16)
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        pipe = self.as_pipeline(scheduler)
+        pipe.set_progress_bar_config(disable=not show_progress, desc="denoising")
+        if isinstance(generator, torch.Generator):
+            # one generator for every row draws what one draw of the whole batch draws (latents have 16k values)
+            generator = [generator] * len(token_counts)
+        tokens = LaVITTokenizationOutput(code_ids=code_ids, token_counts=token_counts)
+        images = pipe.decode_visual_tokens(
+            tokens, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generator,
+            latents=latents, height=height, width=width, output_type=output_type,
+        ).images
+        return images.float() if output_type == "pt" else images
 
     # ----------------------------------------------------------------------------------------------- construction
 
@@ -488,6 +447,24 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
             model.codebook.copy_(visual_tokenizer.quantizer.codebook)
         model.decoder.load_state_dict(visual_tokenizer.decoder.state_dict())
         return model
+
+    @classmethod
+    def from_components(cls, condition_encoder: "LaVITConditionEncoder", unet, vae, scheduler) -> "LaVITDetokenizer":
+        """The whole decoder of a `LaVITPipeline` (its `condition_encoder`, `unet`, `vae`, `scheduler`) in one model,
+        as stage-3 training continues it; the modules are taken, not copied (the inverse of
+        `LaVITConditionEncoder.from_detokenizer`)."""
+        config = condition_encoder.config.__class__.from_dict(condition_encoder.config.to_dict())
+        config.unet_config, config.vae_config = public_config(dict(unet.config)), public_config(dict(vae.config))
+        config.scheduler_config = scheduler_config_dict(scheduler)
+        with torch.device("meta"):  # every weight is replaced below: nothing is allocated twice
+            model = cls(config)
+        model.unet, model.vae, model.scheduler = unet, vae.requires_grad_(False), scheduler
+        loaded = model.load_state_dict(condition_encoder.state_dict(), strict=False, assign=True)
+        missing = [key for key in loaded.missing_keys if not key.startswith(("unet.", "vae."))]
+        if missing or loaded.unexpected_keys:
+            raise ValueError(f"the condition encoder's weights do not fit the detokenizer: missing {missing}, "
+                             f"unexpected {loaded.unexpected_keys}")
+        return model.train(condition_encoder.training)
 
     def load_diffusers_components(self, folder: str | os.PathLike):
         """Loads `unet/`, `vae/` and `scheduler/` from a diffusers folder (e.g. the official `highres_pixel_decoding`)
@@ -518,8 +495,27 @@ class LaVITConditionEncoder(LaVITConditionsMixin, LaVITDetokenizerPreTrainedMode
         self._build_condition_modules(config)
         self.post_init()
 
-    def forward(self, code_ids: torch.LongTensor, token_counts: torch.LongTensor) -> LaVITDetokenizerConditions:
-        return self.get_conditions(code_ids, token_counts)
+    def forward(self, code_ids: torch.LongTensor, token_counts: torch.LongTensor,
+                with_negative: bool = False) -> LaVITDetokenizerConditions:
+        """The conditions of the B images; `with_negative`: the B negative ones first, then those (2B rows: the
+        batch of classifier-free guidance). Both come from `forward`, where offloading hooks put the weights."""
+        conditions = self.get_conditions(code_ids, token_counts)
+        if not with_negative:
+            return conditions
+        prompt_embeds = conditions.prompt_embeds
+        negative = self.negative_conditions(len(token_counts), prompt_embeds.dtype, prompt_embeds.device)
+        return LaVITDetokenizerConditions.cat([negative, conditions])
+
+    @classmethod
+    def viewing(cls, detokenizer: LaVITDetokenizer) -> "LaVITConditionEncoder":
+        """A condition encoder on the condition modules of `detokenizer` themselves (no copy, no allocation: it sees
+        their current weights and mode), for drawing with a detokenizer through the pipeline."""
+        with torch.device("meta"):
+            encoder = cls(detokenizer.config)
+        encoder.decoder, encoder.condition = detokenizer.decoder, detokenizer.condition
+        encoder.codebook, encoder.negative_prompt_embeds = detokenizer.codebook, detokenizer.negative_prompt_embeds
+        encoder.training = detokenizer.training
+        return encoder
 
     @classmethod
     def from_detokenizer(cls, detokenizer: LaVITDetokenizer) -> "LaVITConditionEncoder":
@@ -528,62 +524,6 @@ class LaVITConditionEncoder(LaVITConditionsMixin, LaVITDetokenizerPreTrainedMode
         own_keys = encoder.state_dict().keys()
         encoder.load_state_dict({key: value for key, value in detokenizer.state_dict().items() if key in own_keys})
         return encoder.to(detokenizer.dtype).eval()
-
-
-def prepare_latents(latent_shape: tuple, generator=None, latents=None, device=None, dtype=None) -> torch.Tensor:
-    """Initial latents of `latent_shape` (B, C, H / f, W / f) on `device` in `dtype`: drawn with `generator` (one, or
-    one per image), or the given `latents` once their shape is checked (`ValueError` otherwise)."""
-    if latents is None:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-    if tuple(latents.shape) != tuple(latent_shape):
-        raise ValueError(f"latents must have shape {tuple(latent_shape)}, got {tuple(latents.shape)}")
-    return latents.to(device, dtype)
-
-
-def denoise(
-    predict_noise,
-    scheduler,
-    latents: torch.Tensor,
-    conditions: LaVITDetokenizerConditions,
-    negative: LaVITDetokenizerConditions | None = None,
-    *,
-    num_inference_steps: int,
-    guidance_scale: float = 1.0,
-    batch_guidance: bool = True,
-    generator=None,
-    show_progress: bool = False,
-) -> torch.Tensor:
-    """
-    The sampling loop of [`LaVITDetokenizer.decode`]: initial latents (B, C, h, w) -> final latents, same shape.
-    `predict_noise(latents, timestep, conditions)` is the UNet's prediction; `negative` (None: no guidance) are the
-    unconditional conditions of classifier-free guidance, run in one UNet batch with the conditional ones
-    (`batch_guidance`) or after them (less memory, same result). `generator` also drives stochastic schedulers.
-    """
-    batch_size = latents.shape[0]
-    # 1. timesteps
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
-    # 2. latents, scaled to the scheduler's initial noise level
-    latents = latents * scheduler.init_noise_sigma
-    # 3. guidance batch: the UNet passes of a step, the unconditional half first
-    passes = [conditions] if negative is None else [negative, conditions]
-    if negative is not None and batch_guidance:
-        passes = [LaVITDetokenizerConditions.cat(passes)]
-    step_kwargs = {"generator": generator} if "generator" in _step_parameters(scheduler) else {}
-    # 4. loop: predict, guide, step
-    for timestep in tqdm(scheduler.timesteps, desc="denoising", disable=not show_progress):
-        model_input = scheduler.scale_model_input(latents, timestep)
-        noise_pred = torch.cat([
-            predict_noise(model_input.repeat(len(part.prompt_embeds) // batch_size, 1, 1, 1), timestep, part)
-            for part in passes
-        ])
-        if negative is not None:
-            unconditional, conditional = noise_pred.chunk(2)
-            noise_pred = unconditional + guidance_scale * (conditional - unconditional)
-        latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
-    # 5. output: the final latents (the VAE decodes them in `LaVITDetokenizer.postprocess`)
-    return latents
 
 
 def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -617,18 +557,6 @@ def public_config(config: dict) -> dict:
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
-def _step_parameters(scheduler) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(scheduler.step).parameters)
-
-
-def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> PIL images."""
-    arrays = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(array) for array in arrays]
-
-
 __all__ = [
     "LaVITAttentionPooling",
     "LaVITConditionEncoder",
@@ -641,13 +569,10 @@ __all__ = [
     "LaVITHighresConditioning",
     "LaVITLowresConditioning",
     "OFFICIAL_HIGHRES_SIZES",
-    "denoise",
-    "prepare_latents",
     "public_config",
     "require_diffusers",
     "scheduler_config_dict",
     "scheduler_from_config",
-    "to_pil_images",
     "training_target",
     "unmasked_conditions",
 ]

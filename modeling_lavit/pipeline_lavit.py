@@ -27,7 +27,7 @@ import torch
 # diffusers copies only the files a module imports directly (`from .x import`) into its module cache when it loads
 # remote code from a local folder: every modeling file the pipeline and its components need is imported here
 from .attention_lavit import LaVITAttentionLayer  # noqa: F401
-from .configuration_lavit import LaVITConfig  # noqa: F401
+from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig  # noqa: F401
 from .generation_lavit import LaVITImageGenerationConfig, row_generators
 from .image_placeholders_lavit import find_image_spans  # noqa: F401
 from .kernels_lavit import speed_defaults  # noqa: F401
@@ -76,6 +76,9 @@ class LaVITPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "language_model->condition_encoder->unet->vae"
+    # a decoder alone (what stage-3 training writes without a language model) draws given visual tokens
+    # (`decode_visual_tokens`); `from_pretrained(folder, language_model=..., processor=...)` completes it
+    _optional_components = ["language_model", "processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(self, language_model, processor, condition_encoder, unet, vae, scheduler):
@@ -100,9 +103,14 @@ class LaVITPipeline(DiffusionPipeline):
         """Image sides must be multiples of this: the VAE downsampling times the UNet's."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    @property
-    def default_size(self) -> int:
-        return self.condition_encoder.config.image_size
+    def decode_settings(self, height=None, width=None, num_inference_steps=None, guidance_scale=None) -> tuple:
+        """`(height, width, num_inference_steps, guidance_scale)` of a decoding request: the one place where the
+        defaults (the condition encoder's config: the size and steps the decoder was trained or released with, its
+        guidance) replace None; 0 is a value, and refused by `check_decode_request`."""
+        config = self.condition_encoder.config
+        return (config.image_size if height is None else height, config.image_size if width is None else width,
+                config.num_inference_steps if num_inference_steps is None else num_inference_steps,
+                config.guidance_scale if guidance_scale is None else guidance_scale)
 
     @property
     def guidance_scale(self) -> float:
@@ -143,6 +151,8 @@ class LaVITPipeline(DiffusionPipeline):
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         for name, module_name in CUSTOM_COMPONENT_MODULES.items():
             component = getattr(self, name)
+            if component is None:
+                continue
             copy_code_files(Path(inspect.getfile(type(component))), save_directory / name)
             index[name] = [module_name, type(component).__name__]
         temporary = index_file.with_suffix(".json.tmp")
@@ -166,9 +176,11 @@ class LaVITPipeline(DiffusionPipeline):
         loaders = _component_loaders(trust_remote_code)
         if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
             return cls._from_released_folder(folder, dtype, loaders, kwargs)
+        if not (folder / "model_index.json").is_file() and _is_detokenizer_folder(folder):
+            return cls._from_detokenizer_folder(folder, dtype, kwargs)
         for name in CUSTOM_COMPONENT_MODULES:
-            if name not in kwargs:
-                kwargs[name] = loaders[name](folder / name, dtype)
+            if name not in kwargs:  # an optional component the folder does not have stays None
+                kwargs[name] = loaders[name](folder / name, dtype) if (folder / name).is_dir() else None
         return super().from_pretrained(folder, **kwargs)
 
     @classmethod
@@ -187,6 +199,17 @@ class LaVITPipeline(DiffusionPipeline):
         return cls(**{**pipe.components, **components}) if components else pipe
 
     @classmethod
+    def _from_detokenizer_folder(cls, folder: Path, dtype, kwargs: dict) -> "LaVITPipeline":
+        """A `LaVITDetokenizer` folder (what `lavit train-detokenizer` of lavit <= 0.x wrote): the pipeline's decoder,
+        with the `language_model` and `processor` given in `kwargs` (or none: the decoder alone)."""
+        from .modeling_lavit_detokenizer import LaVITDetokenizer
+
+        detokenizer = LaVITDetokenizer.from_pretrained(folder, dtype=dtype).eval()
+        pipe = cls.from_detokenizer(kwargs.get("language_model"), kwargs.get("processor"), detokenizer)
+        components = {name: kwargs[name] for name in pipe.components if name in kwargs}
+        return cls(**{**pipe.components, **components}) if components else pipe
+
+    @classmethod
     def load_config(cls, *args, **kwargs):
         # this class and its custom components are already imported: the folder's copies of their code are not run
         loaded = super().load_config(*args, **kwargs)
@@ -196,6 +219,22 @@ class LaVITPipeline(DiffusionPipeline):
         for name in CUSTOM_COMPONENT_MODULES:
             config.pop(name, None)
         return loaded
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """diffusers' sequential offload (each submodule's weights brought to `device` for its forward only); with no
+        accelerator and no `device`, diffusers' own error. With `device="cpu"` the hooks execute on
+        `torch.device("cpu")`: diffusers names it `cpu:0`, and torch copies a CPU parameter moved "to" `cpu:0` into a
+        plain tensor, which accelerate's hook cannot offload after the forward."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self._offload_device.type != "cpu":
+            return
+        self._offload_device = torch.device("cpu")
+        for component in self.components.values():
+            for module in component.modules() if isinstance(component, torch.nn.Module) else ():
+                hook = getattr(module, "_hf_hook", None)
+                for part in getattr(hook, "hooks", [hook]):  # a `SequentialHook` chains several
+                    if getattr(part, "execution_device", None) is not None:
+                        part.execution_device = self._offload_device
 
     # ----------------------------------------------------------------------------------------------- stages
 
@@ -211,17 +250,22 @@ class LaVITPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
                              f"got {unknown}")
 
+    def require_language_model(self, use: str) -> None:
+        """A pipeline without its language model (a decoder alone) draws given visual tokens only."""
+        if self.language_model is None or self.processor is None:
+            raise ValueError(f"{use} needs the pipeline's language_model and processor, and this pipeline has none: "
+                             f"load it with LaVITPipeline.from_pretrained(folder, language_model=LaVITForCausalLM."
+                             f"from_pretrained(model), processor=LaVITProcessor.from_pretrained(model))")
+
     def check_decode_request(self, height, width, num_inference_steps, images: int, guidance_scale) -> None:
-        """Bounds the decoding of `images` images before anything is allocated (`check_decode_request`: sizes, steps
-        and memory, the decoder's own limits); called before the language model runs, so a request the decoder
-        cannot serve costs no token generation."""
-        config = self.condition_encoder.config
-        guidance = config.guidance_scale if guidance_scale is None else guidance_scale
-        GUIDANCE_SCALE.check("guidance_scale", guidance)
-        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        check_decode_request(height, width, steps, images * (1 + (guidance != 1)), size_multiple=self.size_multiple,
-                             image_size=config.image_size, vae_scale_factor=self.vae_scale_factor, unet=self.unet,
-                             scheduler=self.scheduler, device=self.unet.device)
+        """Bounds the decoding of `images` images (settings resolved by `decode_settings`) before anything is
+        allocated (`check_decode_request`: sizes, steps and memory, the decoder's own limits); called before the
+        language model runs, so a request the decoder cannot serve costs no token generation."""
+        GUIDANCE_SCALE.check("guidance_scale", guidance_scale)
+        check_decode_request(height, width, num_inference_steps, images * (1 + (guidance_scale != 1)),
+                             size_multiple=self.size_multiple, image_size=self.condition_encoder.config.image_size,
+                             vae_scale_factor=self.vae_scale_factor, unet=self.unet, scheduler=self.scheduler,
+                             device=self._execution_device)
 
     def encode_prompt(self, prompt, negative_prompt=None, image=None, device=None) -> dict:
         """Prompts (and their images) -> the language model's inputs on `device`, with the negative prompt of its
@@ -246,12 +290,8 @@ class LaVITPipeline(DiffusionPipeline):
     def encode_visual_tokens(self, tokens: LaVITTokenizationOutput, device=None) -> LaVITDetokenizerConditions:
         """Stage 2: visual tokens -> UNet conditions; with decoder guidance the negative ones first, in one batch."""
         device = device or self._execution_device
-        conditions = self.condition_encoder(tokens.code_ids.to(device), tokens.token_counts.to(device))
-        if not self.do_classifier_free_guidance:
-            return conditions
-        negative = self.condition_encoder.negative_conditions(len(tokens.token_counts),
-                                                              conditions.prompt_embeds.dtype)
-        return LaVITDetokenizerConditions.cat([negative, conditions])
+        return self.condition_encoder(tokens.code_ids.to(device), tokens.token_counts.to(device),
+                                      with_negative=self.do_classifier_free_guidance)
 
     def prepare_latents(self, batch_size, height, width, generators: list[torch.Generator], latents=None,
                         device=None):
@@ -323,9 +363,10 @@ class LaVITPipeline(DiffusionPipeline):
         Reconstruction (image -> tokens -> image) is [`reconstruct`].
         """
         # 1. check inputs and settings (None is the default; 0 is a size, and refused)
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
+        height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
+                                                                                  guidance_scale)
         self.check_inputs(prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs)
+        self.require_language_model("prompt -> images")
         prompts = 1 if isinstance(prompt, str) else len(prompt)
         self.check_decode_request(height, width, num_inference_steps, prompts * num_images_per_prompt, guidance_scale)
         if token_guidance_scale is not None:
@@ -351,13 +392,14 @@ class LaVITPipeline(DiffusionPipeline):
         picks how many) -> image: what the discrete tokens keep. `decode_kwargs` are those of [`decode_visual_tokens`]
         (`guidance_scale`, `num_inference_steps`, `generator`, `height`, `width`, `output_type`, ...).
         """
+        self.require_language_model("reconstruct (its visual tokenizer)")
         pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
         visual_tokenizer = self.language_model.visual_tokenizer
         hook = getattr(self.language_model, "_hf_hook", None)
         if hook is not None:
             hook.pre_forward(self.language_model)
-        tokens = visual_tokenizer.tokenize(pixel_values.to(visual_tokenizer.device, visual_tokenizer.dtype),
-                                           **(image_selection or {}))
+        device = self._execution_device  # not the tokenizer's: offloaded weights wait on the meta device
+        tokens = visual_tokenizer.tokenize(pixel_values.to(device, visual_tokenizer.dtype), **(image_selection or {}))
         return self.decode_visual_tokens(tokens, **decode_kwargs)
 
     @torch.no_grad()
@@ -379,13 +421,12 @@ class LaVITPipeline(DiffusionPipeline):
         """Packed visual tokens (`code_ids (T,)`, `token_counts (B,)`, as the language model or the visual tokenizer
         gives them) -> images: the decoder half of `__call__` (same arguments)."""
         # 1. settings
-        config = self.condition_encoder.config
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
+        height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
+                                                                                  guidance_scale)
         self.check_inputs("", None, height, width, output_type, callback_on_step_end_tensor_inputs)
         self.check_decode_request(height, width, num_inference_steps, len(tokens.token_counts) * num_images_per_prompt,
                                   guidance_scale)
-        self._guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        self._guidance_scale = guidance_scale
         self._interrupt = False
         # 2. conditions (negative ones first with guidance) and initial latents
         device = self._execution_device  # found by walking every module: once per call
@@ -397,8 +438,7 @@ class LaVITPipeline(DiffusionPipeline):
             generator = row_generators(generator, batch_size, num_images_per_prompt, device)
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
         # 3. timesteps, then the denoising loop (the generators also drive stochastic schedulers)
-        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        self.scheduler.set_timesteps(steps, device=latents.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         latents = self.denoise(latents, conditions, height, width, generator, callback_on_step_end,
                                callback_on_step_end_tensor_inputs)
         # 4. pixels
@@ -469,6 +509,12 @@ def _component_loaders(trust_remote_code: bool) -> dict:
         "processor": lambda folder, dtype: AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code),
         "condition_encoder": lambda folder, dtype: LaVITConditionEncoder.from_pretrained(folder, dtype=dtype).eval(),
     }
+
+
+def _is_detokenizer_folder(folder: Path) -> bool:
+    config_file = folder / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    return model_type == LaVITDetokenizerConfig.model_type
 
 
 def copy_code_files(module_file: Path, folder: Path):

@@ -252,6 +252,15 @@ def components(tmp_path_factory):  # module scope: each test module that asks ge
 
 
 def final_weights(folder) -> dict:
+    """The weights of a final folder: a model's, or those of a pipeline folder's decoder (what stage 3 writes) under
+    the names of the `LaVITDetokenizer` it was trained as (condition modules unprefixed, `unet.*`, `vae.*`)."""
     from safetensors.torch import load_file
 
-    return load_file(Path(folder) / "model.safetensors")
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        return load_file(folder / "model.safetensors")
+    weights = load_file(folder / "condition_encoder" / "model.safetensors")
+    for name in ("unet", "vae"):
+        part = load_file(folder / name / "diffusion_pytorch_model.safetensors")
+        weights.update({f"{name}.{key}": value for key, value in part.items()})
+    return weights

@@ -291,7 +291,13 @@ class FinetuningArguments(SequenceArguments):
 class DetokenizerTrainingArguments(EvalDataArguments):
     visual_tokenizer: str = path_field(INPUT, default=None, help=(
         "The frozen visual tokenizer: a LaVITTokenizerModel folder or a LaVIT model folder."))
-    detokenizer: str | None = path_field(INPUT, default=None, help="A LaVITDetokenizer folder to continue training.")
+    detokenizer: str | None = path_field(INPUT, default=None, help=(
+        "The decoder to continue training: a LaVITPipeline folder (what this stage writes) or a LaVITDetokenizer "
+        "folder (lavit <= 0.x)."))
+    model: str | None = path_field(INPUT, default=None, help=(
+        "A LaVIT model folder (language model + processor) that becomes the language_model of the saved pipeline "
+        "(default: --visual_tokenizer when it is a LaVIT model folder; without either, the pipeline holds the "
+        "decoder alone)."))
     detokenizer_config: str | None = path_field(INPUT, default=None, help=(
         "A new detokenizer: a config JSON file or a preset name in training/configs ('tiny', 'paper')."))
     diffusers_model: str | None = path_field(INPUT, default=None, help=(

@@ -5,12 +5,14 @@ to give when they do not say which model to use.
 """
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from lavit.modeling import (
     LaVITConfig,
     LaVITDetokenizer,
     LaVITForCausalLM,
+    LaVITPipeline,
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
 )
@@ -120,7 +122,7 @@ def build_detokenizer(script_args, visual_tokenizer: LaVITTokenizerModel) -> LaV
         ValueError: neither flag is given, or the detokenizer's codebook is not the tokenizer's.
     """
     if script_args.detokenizer:
-        detokenizer = LaVITDetokenizer.from_pretrained(script_args.detokenizer)
+        detokenizer = load_detokenizer(script_args.detokenizer)
     else:
         if not script_args.detokenizer_config:
             raise ValueError("give --detokenizer (a detokenizer to continue) or --detokenizer_config (a new one)")
@@ -134,3 +136,46 @@ def build_detokenizer(script_args, visual_tokenizer: LaVITTokenizerModel) -> LaV
     detokenizer.codebook.requires_grad_(False)
     detokenizer.decoder.requires_grad_(script_args.train_feature_decoder)
     return detokenizer
+
+
+def load_detokenizer(folder: str) -> LaVITDetokenizer:
+    """The whole pixel decoder of a `LaVITPipeline` folder (what stage 3 writes; its language model is not loaded),
+    or a `LaVITDetokenizer` folder of lavit <= 0.x."""
+    if (Path(folder) / "model_index.json").is_file():
+        pipe = LaVITPipeline.from_pretrained(folder, language_model=None, processor=None)
+        return LaVITDetokenizer.from_components(pipe.condition_encoder, pipe.unet, pipe.vae, pipe.scheduler)
+    return LaVITDetokenizer.from_pretrained(folder)
+
+
+def pipeline_language_model_folder(script_args) -> str | None:
+    """The LaVIT model folder whose language model and processor stage 3 saves beside the trained decoder: `--model`,
+    else `--visual_tokenizer` when it is a LaVIT model folder, else None (the pipeline holds the decoder alone).
+
+    Raises:
+        ValueError: `--model` is not a LaVIT model folder."""
+    for folder in (script_args.model, script_args.visual_tokenizer):
+        if folder and PretrainedConfig.get_config_dict(folder)[0].get("model_type") == LaVITConfig.model_type:
+            return folder
+        if folder and folder == script_args.model:
+            raise ValueError(f"--model {folder} is not a LaVIT model folder (config.json of model_type "
+                             f"{LaVITConfig.model_type!r}); give the folder of a trained LaVITForCausalLM")
+    return None
+
+
+def trained_pipeline(detokenizer: LaVITDetokenizer, language_model_folder: str | None) -> LaVITPipeline:
+    """The trained decoder as a `LaVITPipeline`, with the language model and processor of `language_model_folder`
+    (None: the decoder alone).
+
+    Raises:
+        ValueError: the language model's visual tokenizer has another codebook than the decoder (its visual tokens
+            would be decoded as other codes)."""
+    language_model = processor = None
+    if language_model_folder is not None:
+        language_model = LaVITForCausalLM.from_pretrained(language_model_folder).eval()
+        processor = LaVITProcessor.from_pretrained(language_model_folder)
+        codebook = language_model.visual_tokenizer.quantizer.codebook
+        if not torch.equal(codebook.cpu().float(), detokenizer.codebook.cpu().float()):
+            raise ValueError(f"the language model of {language_model_folder} reads another visual tokenizer (its "
+                             f"codebook differs from the trained decoder's): give --model a LaVIT model built on "
+                             f"--visual_tokenizer")
+    return LaVITPipeline.from_detokenizer(language_model, processor, detokenizer.eval())

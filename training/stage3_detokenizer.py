@@ -4,10 +4,13 @@ The visual tokenizer stays frozen: each image is tokenized on the fly, the detok
 from the codes (the feature decoder is copied from the tokenizer and frozen unless `--train_feature_decoder`), and the
 projection heads and diffusion UNet learn to denoise the image's VAE latents (noise-prediction loss). Each image's
 condition is dropped with probability `condition_dropout` for classifier-free guidance, and an EMA of the trained
-weights is kept, checkpointed, and written as the final model.
+weights is kept, checkpointed, and written as the final model: a `LaVITPipeline` folder (`model_index.json`, one
+sub-folder per component) whose decoder components are the trained ones and whose language model is `--model` (or
+the LaVIT model given as `--visual_tokenizer`; without one the pipeline holds the decoder alone, and
+`LaVITPipeline.from_pretrained(final, language_model=..., processor=...)` completes it).
 
     lavit train-detokenizer --visual_tokenizer runs/tokenizer/final --data photos/ --detokenizer_config tiny \\
-        --output_dir runs/detokenizer --max_steps 2000
+        --output_dir runs/detokenizer --max_steps 2000 --model runs/finetune/final
     # start from a pretrained latent diffusion model (its unet/ vae/ scheduler/ sub-folders, e.g. SDXL)
     lavit train-detokenizer ... --detokenizer_config paper --diffusers_model path/to/sdxl
     python -m lavit.training.stage3_detokenizer detokenizer.yaml     # the same flags as keys of a YAML/JSON file
@@ -19,6 +22,7 @@ weights is kept, checkpointed, and written as the final model.
 
 from pathlib import Path
 
+from lavit.modeling import LaVITDetokenizer
 from lavit.processing import LaVITImageProcessor
 from transformers import set_seed
 
@@ -28,14 +32,15 @@ from .checkpoints import resumable_run
 from .collators import DetokenizerCollator, image_items
 from .data import BadRecordCounter, image_dataset, limit_records, load_records
 from .evaluation import configure_evaluation, split_eval_records
-from .models import build_detokenizer, load_visual_tokenizer
+from .models import build_detokenizer, load_visual_tokenizer, pipeline_language_model_folder, trained_pipeline
 from .trainer import LaVITDetokenizerTrainer, fit_vae, save_final, whole_weights
 
 
 def train_detokenizer(
     script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments, callbacks=()
 ) -> Path:
-    """Trains the detokenizer and returns its folder (`output_dir/final`, EMA weights when EMA is on)."""
+    """Trains the detokenizer and returns its folder (`output_dir/final`: a `LaVITPipeline` folder, EMA weights when
+    EMA is on)."""
     if not script_args.visual_tokenizer:
         raise ValueError("--visual_tokenizer is required (the frozen tokenizer whose codes are decoded)")
     # 0. Seed first: the new detokenizer's weights, the crops, the diffusion noise and the dropped conditions.
@@ -45,6 +50,7 @@ def train_detokenizer(
     with whole_weights(training_args):
         visual_tokenizer = load_visual_tokenizer(script_args.visual_tokenizer)
         detokenizer = build_detokenizer(script_args, visual_tokenizer)
+    language_model_folder = pipeline_language_model_folder(script_args)  # checked now, loaded for the final save
 
     # 2. The images (bad records replaced and counted, as in stage 1); each batch holds them twice: for the tokenizer,
     #    and at the decoder's resolution for the VAE.
@@ -63,11 +69,11 @@ def train_detokenizer(
     # 3.-5. The output folder is locked, and tied to this run's models, data and settings, until the final save.
     with resumable_run(script_args, training_args) as resume:
         return fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter,
-                             resume, callbacks, eval_dataset, eval_counter)
+                             resume, callbacks, eval_dataset, eval_counter, language_model_folder)
 
 
 def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter, resume,
-                  callbacks, eval_dataset=None, eval_counter=None) -> Path:
+                  callbacks, eval_dataset=None, eval_counter=None, language_model_folder=None) -> Path:
     """Steps 3-5 of `train_detokenizer`: the VAE fit of a fresh run, the training (evaluated on `eval_dataset`, whose
     bad records `eval_counter` counts, when the run has held-out data) and the final folder."""
     # 3. Small experiments without a pretrained VAE fit one first (a random VAE decodes any latent to noise); a
@@ -91,14 +97,14 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
     )
     trainer.train(resume_from_checkpoint=resume)
 
-    # 5. The final folder: the EMA weights, copied into the model when training ended.
-    return save_final(trainer, training_args.output_dir)
+    # 5. The final folder, a pipeline's: the EMA weights (copied into the model when training ended) as its decoder
+    #    components, beside the language model of `language_model_folder`.
+    return save_final(trainer, training_args.output_dir, convert=lambda saved, folder: trained_pipeline(
+        LaVITDetokenizer.from_pretrained(saved), language_model_folder).save_pretrained(folder))
 
 
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):
-    # draw with it through a pipeline: `LaVITPipeline.from_detokenizer(model, processor,
-    # LaVITDetokenizer.from_pretrained(folder))`, whose `save_pretrained` writes the pipeline's layout
-    print(f"trained detokenizer saved to {train_detokenizer(script_args, training_args)}")
+    print(f"trained pixel decoder saved as a LaVITPipeline folder: {train_detokenizer(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):

@@ -17,6 +17,7 @@ frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -514,10 +515,12 @@ def whole_weights(training_args):
         set_hf_deepspeed_config(training_args.hf_deepspeed_config)
 
 
-def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: bool = False) -> Path:
+def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: bool = False, convert=None) -> Path:
     """Saves the trained model (and processor) as a Hub-ready folder `output_dir/final`, written to a temporary folder
     first and swapped in (`lavit.atomic.replace_folder`), so `final` always holds a whole model, old or new.
-    `merge_adapters` merges LoRA adapters (`merge_and_unload`) so that the folder is a plain checkpoint."""
+    `merge_adapters` merges LoRA adapters (`merge_and_unload`) so that the folder is a plain checkpoint;
+    `convert(saved, folder)` (main process) writes `folder` in another layout (stage 3: a pipeline's) from the model
+    saved in `saved` (gathered whole, ZeRO-3 included), a sub-folder of the staging folder deleted afterwards."""
     if isinstance(trainer, LaVITTrainer):
         trainer.check_records()  # a run that trained on nothing, or on too little of its data, saves no model
     final_dir = Path(output_dir) / "final"
@@ -527,6 +530,12 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
     if merge_adapters:
         if trainer.is_world_process_zero():
             trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(staging_dir)
+    elif convert is not None:
+        trainer.save_model(str(staging_dir / "trained"))  # gathers ZeRO-3 shards; only the main process writes
+        if trainer.is_world_process_zero():
+            with whole_weights(trainer.args):  # loaded on this rank alone: never partitioned by ZeRO-3
+                convert(staging_dir / "trained", staging_dir)
+            shutil.rmtree(staging_dir / "trained")  # made just above, inside lavit's own staging folder
     else:
         trainer.save_model(str(staging_dir))  # gathers ZeRO-3 shards; only the main process writes
     if trainer.is_world_process_zero():

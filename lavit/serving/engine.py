@@ -148,6 +148,9 @@ class LaVITEngine:
         if (Path(model_path) / "model_index.json").is_file():
             self.pipeline = LaVITPipeline.from_pretrained(model_path, torch_dtype=torch_dtype).to(device)
             self.pipeline.set_progress_bar_config(disable=True)
+            if self.pipeline.language_model is None:
+                raise ValueError(f"{model_path} is a pixel decoder without a language model: serve a pipeline "
+                                 f"folder with one (LaVITPipeline.from_pretrained(folder, language_model=...))")
             self.model, self.processor = self.pipeline.language_model.eval(), self.pipeline.processor
         else:
             self.model = LaVITForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()

@@ -310,11 +310,12 @@ def test_detokenizer_decode_and_reconstruct_in_bf16(detokenizers, unified, lavit
         with Float32Outputs(min_numel=reference.numel()) as upcasts:
             latents = bf16.decode(code_ids, token_counts, generator=torch.Generator().manual_seed(0),
                                   **{**settings, "output_type": "latent"})
-        images = bf16.decode_latents(latents)
-    # the UNet loop stays bf16; the pixels come back as float32 in [0, 1]; a bf16 VAE is not upcast (diffusers
+        decoded = bf16.as_pipeline().decode_latents(latents)
+        images = bf16.decode(code_ids, token_counts, generator=torch.Generator().manual_seed(0), **settings)
+    # the UNet loop stays bf16; `decode` gives float32 pixels in [0, 1]; a bf16 VAE is not upcast (diffusers
     # upcasts only float16 VAEs that ask for it)
     assert upcasts.found == [], upcasts.found
-    assert latents.dtype == BF16 and bf16.vae.dtype == BF16
+    assert latents.dtype == BF16 and bf16.vae.dtype == BF16 and decoded.dtype == BF16
     assert images.dtype == torch.float32 and images.shape == reference.shape
     assert 0 <= float(images.min()) and float(images.max()) <= 1
     assert relative_error(images, reference) < 0.1  # 3 guided denoising steps and a VAE, all in bf16
@@ -388,7 +389,7 @@ def test_training_stage_with_bf16_flag(stage, stage_inputs, tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[0] == pytest.approx(reference[0], rel=5e-2), (losses, reference)
     assert losses[1] == pytest.approx(reference[1], rel=1e-1), (losses, reference)
-    weights = load_file(next(final.glob("*.safetensors")))
+    weights = load_file(next(final.rglob("*.safetensors")))  # a pipeline folder (stage 3) keeps them in sub-folders
     assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +20,9 @@ from lavit.modeling.convert_original_lavit import (
 from lavit.modeling.modeling_lavit_detokenizer import (
     LaVITHighresConditioning,
     LaVITLowresConditioning,
-    denoise,
-    prepare_latents,
-    to_pil_images,
     training_target,
-    unmasked_conditions,
 )
+from lavit.modeling.modeling_lavit_tokenizer import LaVITTokenizationOutput
 from official_release import assert_close
 from PIL import Image
 from test_hub import BLOCK_LAVIT
@@ -113,61 +111,63 @@ def test_sdxl_size_conditions_go_to_the_highres_unet_only():
     assert not highres.condition.added_cond_kwargs(negative, 24, 40)["text_embeds"].any()
 
 
-def test_decode_is_denoise_then_postprocess():
+def test_decode_pixels_equal_its_own_loop_before_the_pipeline_owned_it():
+    """`decode` draws through the pipeline's sampling loop; `fixtures/detokenizer_decode_pixels.safetensors` was
+    written by the loop `decode` had of its own (commit in its metadata) on the same tiny models and seeds: one
+    generator for the batch, a list of them, another size, no guidance, a stochastic scheduler."""
+    from diffusers import EulerAncestralDiscreteScheduler
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(__file__).parent / "fixtures" / "detokenizer_decode_pixels.safetensors"
+    with safe_open(path, "pt") as handle:
+        assert "before the pipeline owned it" in handle.metadata()["made_by"]
+    reference = load_file(path)
+    for conditioning in ("highres", "lowres"):
+        detokenizer = tiny_detokenizer(conditioning)
+        ancestral = EulerAncestralDiscreteScheduler.from_config(detokenizer.scheduler.config)
+        drawn = {
+            "guided": detokenizer.decode(CODES, COUNTS, guidance_scale=5.0, generator=seeded(3), output_type="pt"),
+            "default": detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="pt"),
+            "wide_unguided": detokenizer.decode(CODES, COUNTS, height=24, width=40, num_inference_steps=2,
+                                                guidance_scale=1.0, generator=seeded(1), output_type="pt"),
+            "latent": detokenizer.decode(CODES, COUNTS, generator=[seeded(5), seeded(6), seeded(7)],
+                                         output_type="latent"),
+            "ancestral": detokenizer.decode(CODES, COUNTS, scheduler=ancestral, generator=seeded(2), output_type="pt",
+                                            num_inference_steps=3),
+        }
+        for name, images in drawn.items():
+            torch.testing.assert_close(images, reference[f"{conditioning}_{name}"], atol=1e-5, rtol=0,
+                                       msg=lambda message, key=f"{conditioning} {name}": f"{key}: {message}")
+
+
+def test_decode_is_the_pipeline_on_the_same_modules():
+    """One sampling loop: `decode` and a pipeline made of the detokenizer give the same images and latents; the
+    pipeline's condition encoder is a view of the detokenizer's modules (no copy)."""
     detokenizer = tiny_detokenizer()
-    latents = detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="latent")
-    images = detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="pt")
-    assert torch.equal(detokenizer.postprocess(latents, "pt"), images)
-    pil_images = detokenizer.postprocess(latents, "pil")
+    pipe = detokenizer.as_pipeline()
+    assert pipe.condition_encoder.decoder is detokenizer.decoder and pipe.unet is detokenizer.unet
+    assert pipe.condition_encoder.codebook is detokenizer.codebook
+    generators = [seeded(seed) for seed in range(3)]
+    tokens = LaVITTokenizationOutput(code_ids=CODES, token_counts=COUNTS)
+    latents = detokenizer.decode(CODES, COUNTS, generator=generators, output_type="latent")
+    generators = [seeded(seed) for seed in range(3)]
+    assert torch.equal(pipe.decode_visual_tokens(tokens, generator=generators, output_type="latent").images, latents)
+    images = detokenizer.decode(CODES, COUNTS, latents=latents, num_inference_steps=1, output_type="pt")
+    pil_images = detokenizer.decode(CODES, COUNTS, latents=latents, num_inference_steps=1)
     assert [np.asarray(image).tolist() for image in pil_images] == [
-        np.asarray(image).tolist() for image in to_pil_images(images)
+        (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).tolist() for image in images
     ]
-    with pytest.raises(ValueError, match="output_type must be 'pil', 'pt' or 'latent', got 'np'"):
-        detokenizer.decode(CODES, COUNTS, output_type="np")
+    with pytest.raises(ValueError, match="output_type must be one of"):
+        detokenizer.decode(CODES, COUNTS, output_type="jpeg")
     with pytest.raises(ValueError, match=r"latents must have shape \(3, 4, 8, 8\), got \(3, 4, 16, 16\)"):
         detokenizer.decode(CODES, COUNTS, height=16, width=16, latents=torch.zeros(3, 4, 16, 16))
 
 
-def test_denoise_guidance_is_the_unguided_loop_on_the_extrapolated_prediction():
-    """Pure sampling loop with a stand-in UNet whose prediction is the first prompt value of each image: guiding
-    towards `a` against `b` with scale s equals sampling unguided with `b + s * (a - b)`; both guidance batchings
-    agree and run one batch of 2B or two batches of B per step."""
-    from diffusers import DDIMScheduler
-
-    calls = []
-
-    def predict_noise(latents, timestep, conditions):
-        calls.append(latents.shape[0])
-        return torch.ones_like(latents) * conditions.prompt_embeds[:, 0, 0].view(-1, 1, 1, 1)
-
-    def conditions(values):
-        return unmasked_conditions(torch.tensor(values).view(-1, 1, 1).expand(-1, 3, 2).clone())
-
-    def sample(conditional, negative=None, **settings):
-        latents = torch.randn(2, 4, 2, 2, generator=seeded(0))
-        return denoise(predict_noise, DDIMScheduler(), latents, conditional, negative, num_inference_steps=3,
-                       **settings)
-
-    guided = sample(conditions([0.5, -1.0]), conditions([0.1, 0.2]), guidance_scale=4.0)
-    assert calls == [4] * 3
-    calls.clear()
-    sequential = sample(conditions([0.5, -1.0]), conditions([0.1, 0.2]), guidance_scale=4.0, batch_guidance=False)
-    assert calls == [2, 2] * 3
-    extrapolated = sample(conditions([0.1 + 4 * 0.4, 0.2 + 4 * -1.2]))
-    torch.testing.assert_close(guided, sequential)
-    torch.testing.assert_close(guided, extrapolated)
-    assert (guided - sample(conditions([0.5, -1.0]))).abs().max() > 1e-3
-
-
-def test_prepare_latents_and_training_target():
+def test_training_target():
     from diffusers import DDIMScheduler
 
     shape = (2, 4, 3, 5)
-    assert torch.equal(prepare_latents(shape, seeded(1)), prepare_latents(shape, seeded(1)))
-    given = torch.randn(shape, dtype=torch.float64)
-    assert prepare_latents(shape, latents=given, dtype=torch.float32).dtype == torch.float32
-    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 3, 5\), got \(2, 4, 5, 3\)"):
-        prepare_latents(shape, latents=torch.zeros(2, 4, 5, 3))
     latents, noise, timesteps = torch.randn(shape), torch.randn(shape), torch.tensor([10, 900])
     assert training_target(DDIMScheduler(), latents, noise, timesteps) is noise
     velocity_scheduler = DDIMScheduler(prediction_type="v_prediction")
@@ -272,14 +272,11 @@ def test_decode_shapes_aspect_ratios_and_seed_determinism():
 
 
 @pytest.mark.parametrize("conditioning", ["lowres", "highres"])
-def test_batched_guidance_equals_two_separate_passes(conditioning):
+def test_guidance_changes_the_images(conditioning):
     detokenizer = tiny_detokenizer(conditioning)
-    batched = detokenizer.decode(CODES, COUNTS, guidance_scale=5.0, generator=seeded(3), output_type="pt")
-    separate = detokenizer.decode(CODES, COUNTS, guidance_scale=5.0, generator=seeded(3), output_type="pt",
-                                  batch_guidance=False)
-    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)
+    guided = detokenizer.decode(CODES, COUNTS, guidance_scale=5.0, generator=seeded(3), output_type="pt")
     unguided = detokenizer.decode(CODES, COUNTS, guidance_scale=1.0, generator=seeded(3), output_type="pt")
-    assert (unguided - batched).abs().max() > 1e-4
+    assert (unguided - guided).abs().max() > 1e-4
 
 
 def test_any_diffusers_scheduler_can_be_swapped_in_and_is_saved(tmp_path):

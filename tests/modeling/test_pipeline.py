@@ -6,8 +6,8 @@ tree). Its invariants that apply here, each tested below with our own code:
 - a batch gives each prompt what it gets alone (`test_inference_batch_single_identical`)
 - save / load gives equal images, `torch_dtype` reaches every model (`test_save_load_local`, `test_to_dtype`)
 - dict and tuple outputs agree (`test_dict_tuple_outputs_equivalent`), every `output_type`
-- `to(...)` and model CPU offload give the images of the pipeline kept whole (`test_to_device`,
-  `test_model_cpu_offload_forward_pass`)
+- `to(...)`, model and sequential CPU offload give the images of the pipeline kept whole (`test_to_device`,
+  `test_model_cpu_offload_forward_pass`, `test_sequential_cpu_offload_forward_pass`)
 - `num_images_per_prompt`, with one generator or a list of them (`test_num_images_per_prompt`)
 - step-end callbacks see the tensors they ask for, can edit the latents and can stop the loop
   (`test_callback_inputs`, `test_callback_cfg`)
@@ -20,9 +20,9 @@ Invariants that do not apply, and why:
 - `test_attention_slicing_forward_pass`, `test_xformers_attention_forwardGenerator_pass`, `test_layerwise_casting`,
   `test_group_offloading`, FreeU/fused-QKV/VAE slicing/tiling: properties of the UNet and VAE, which are diffusers'
   own classes tested by diffusers; the pipeline adds nothing to them.
-- `test_float16_inference`, `test_save_load_float16`, `enable_sequential_cpu_offload` and offload to an accelerator:
-  need a GPU (diffusers' offload moves models between the CPU and an accelerator; on CPU only
-  `enable_model_cpu_offload(device="cpu")` runs, which is tested here). `tests/gpu/` holds the GPU checks.
+- `test_float16_inference`, `test_save_load_float16` and offload to an accelerator: need a GPU (diffusers' offload
+  moves models between the CPU and an accelerator; on CPU, `enable_model_cpu_offload(device="cpu")` and
+  `enable_sequential_cpu_offload(device="cpu")` run, and are tested here). `tests/gpu/` holds the GPU checks.
 - `test_encode_prompt_works_in_isolation`, `test_pipeline_call_signature` for `prompt_embeds`: LaVIT's prompt is not
   embedded once and reused; the language model samples visual tokens from it, so stage 1 takes prompts (or the
   visual tokens, through `decode_visual_tokens`).
@@ -175,6 +175,34 @@ def test_to_and_model_offload_give_the_images_of_the_whole_pipeline(pipe, tmp_pa
     pipe.enable_model_cpu_offload(device="cpu")
     assert all(hasattr(getattr(pipe, name), "_hf_hook") for name in ("language_model", "condition_encoder", "unet"))
     torch.testing.assert_close(images(pipe), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("conditioning", ["highres", "lowres"])
+def test_sequential_offload_gives_the_images_of_the_whole_pipeline(lavit_processor, text_tokenizer, conditioning):
+    """Sequential CPU offload (accelerate hooks on every submodule: weights on the meta device between forwards) on
+    the CPU, the only execution device a CPU machine has: the images of the pipeline kept whole, from prompts and in
+    reconstruction; without a device, diffusers' own error on a machine without an accelerator."""
+    torch.manual_seed(0)
+    language_model = LaVITForCausalLM(tiny_lavit_config(text_vocab_size(text_tokenizer))).eval()
+    torch.manual_seed(0)
+    detokenizer = LaVITDetokenizer(tiny_detokenizer_config(conditioning)).eval()
+    pipe = LaVITPipeline.from_detokenizer(language_model, lavit_processor, detokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    photos = [Image.fromarray(photo) for photo in real_photos()[:2]]
+
+    def drawn():
+        reconstructed = pipe.reconstruct(photos, image_selection={"max_tokens": 4}, generator=seeded(1),
+                                         output_type="pt").images
+        return images(pipe, ["a red bus", "a cat"], guidance_scale=5.0), reconstructed
+
+    expected = drawn()
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        with pytest.raises(RuntimeError, match="requires accelerator, but not found"):
+            pipe.enable_sequential_cpu_offload()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert pipe.unet.conv_in.weight.device.type == "meta"  # offloaded between forwards
+    for got, want in zip(drawn(), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_callbacks_see_edit_and_stop_the_denoising(pipe):
@@ -356,3 +384,42 @@ def test_the_pipeline_imports_every_model_file_directly():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
     shipped = {path.stem for path in folder.glob("*.py")} - {"__init__", "pipeline_lavit", "convert_original_lavit"}
     assert shipped <= imported, f"pipeline_lavit.py must import {sorted(shipped - imported)} directly"
+
+
+def test_a_decoder_alone_and_detokenizer_folders_load_and_take_a_language_model(pipe, tmp_path):
+    """A pipeline without its language model (what `lavit train-detokenizer` writes when it has none) saves and loads
+    with both loaders and draws given visual tokens; `from_pretrained(folder, language_model=..., processor=...)`
+    completes it, and also reads a `LaVITDetokenizer` folder (what that command wrote in lavit <= 0.x)."""
+    from lavit.modeling.modeling_lavit_tokenizer import LaVITTokenizationOutput
+
+    tokens = LaVITTokenizationOutput(code_ids=torch.tensor([1, 2, 3, 4, 5]), token_counts=torch.tensor([2, 3]))
+    expected = pipe.decode_visual_tokens(tokens, generator=seeded(0), output_type="pt").images
+    whole = images(pipe)
+    decoder = LaVITPipeline(**{**pipe.components, "language_model": None, "processor": None})
+    decoder.save_pretrained(tmp_path / "decoder")
+    index = json.loads((tmp_path / "decoder" / "model_index.json").read_text())
+    assert index["language_model"] == index["processor"] == [None, None]
+    for loaded in (LaVITPipeline.from_pretrained(tmp_path / "decoder"),
+                   DiffusionPipeline.from_pretrained(tmp_path / "decoder", trust_remote_code=True)):
+        assert loaded.language_model is None
+        loaded.set_progress_bar_config(disable=True)
+        drawn = loaded.decode_visual_tokens(tokens, generator=seeded(0), output_type="pt").images
+        torch.testing.assert_close(drawn, expected, atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match="needs the pipeline's language_model and processor"):
+            loaded("a red bus")
+    from lavit.hub_cards import export_model
+
+    with pytest.raises(ValueError, match="a pixel decoder without a language model"):
+        export_model(tmp_path / "decoder", tmp_path / "export")
+    given = dict(language_model=pipe.language_model, processor=pipe.processor)
+    completed = LaVITPipeline.from_pretrained(tmp_path / "decoder", **given)
+    completed.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(images(completed), whole, atol=1e-6, rtol=0)
+    # a detokenizer folder of lavit <= 0.x: the same decoder (same seed), converted by one load + save
+    torch.manual_seed(0)
+    LaVITDetokenizer(tiny_detokenizer_config()).save_pretrained(tmp_path / "detokenizer")
+    LaVITPipeline.from_pretrained(tmp_path / "detokenizer", **given).save_pretrained(tmp_path / "converted")
+    for folder in ("detokenizer", "converted"):
+        loaded = LaVITPipeline.from_pretrained(tmp_path / folder, **given)
+        loaded.set_progress_bar_config(disable=True)
+        torch.testing.assert_close(images(loaded), whole, atol=1e-6, rtol=0)

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import final_weights, training_args
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lavit import LaVITForCausalLM, LaVITTokenizerModel
+from lavit import LaVITForCausalLM, LaVITPipeline, LaVITTokenizerModel
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -114,10 +115,10 @@ def test_lora_finetuning_merges_into_a_plain_checkpoint(components, tmp_path):
 
 
 def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components, tmp_path):
+    from lavit.modeling.modeling_lavit_tokenizer import LaVITTokenizationOutput
     from lavit.training.arguments import DetokenizerTrainingArguments
     from lavit.training.callbacks import EMA_FILE
     from lavit.training.stage3_detokenizer import train_detokenizer
-    from transformers import AutoModel
 
     def script():
         return DetokenizerTrainingArguments(
@@ -141,9 +142,57 @@ def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components
     raw = load_file(tmp_path / "reference" / "checkpoint-6" / "model.safetensors")
     name = "unet.conv_out.weight"
     assert not torch.allclose(raw[name], got[name])
-    detokenizer = AutoModel.from_pretrained(resumed, trust_remote_code=True)
-    images = detokenizer.decode(torch.tensor([1, 2, 3]), torch.tensor([3]), num_inference_steps=2)
-    assert images[0].size == (32, 32)
+    # the final folder is a pipeline's; a tokenizer folder carries no language model, so it holds the decoder alone
+    for pipe in (LaVITPipeline.from_pretrained(resumed), DiffusionPipeline.from_pretrained(resumed,
+                                                                                            trust_remote_code=True)):
+        assert type(pipe).__name__ == "LaVITPipeline" and pipe.language_model is None
+        pipe.set_progress_bar_config(disable=True)
+        tokens = LaVITTokenizationOutput(code_ids=torch.tensor([1, 2, 3]), token_counts=torch.tensor([3]))
+        images = pipe.decode_visual_tokens(tokens, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        assert images.images[0].size == (32, 32)
+        with pytest.raises(ValueError, match="needs the pipeline's language_model and processor"):
+            pipe("a photo")
+
+
+def test_detokenizer_training_writes_a_pipeline_with_the_language_model(components, tmp_path):
+    """`--model` (a LaVIT model folder) becomes the pipeline's language model: the final folder loads with both
+    loaders and draws the same images from a prompt; it continues training as `--detokenizer`."""
+    from types import SimpleNamespace
+
+    from lavit.training.arguments import DetokenizerTrainingArguments
+    from lavit.training.models import build_unified_model, load_detokenizer, pipeline_language_model_folder
+    from lavit.training.stage3_detokenizer import train_detokenizer
+
+    model, processor = build_unified_model(SimpleNamespace(
+        model=None, visual_tokenizer=str(components["tokenizer"]), language_model=str(components["lm"]),
+        text_tokenizer=None))
+    model.save_pretrained(tmp_path / "lavit")
+    processor.save_pretrained(tmp_path / "lavit")
+    arguments = dict(data=str(components["photos"]), visual_tokenizer=str(components["tokenizer"]), resume="no",
+                     ema_decay=0.9)
+    final = train_detokenizer(
+        DetokenizerTrainingArguments(detokenizer_config="tiny", model=str(tmp_path / "lavit"), **arguments),
+        training_args(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3))
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["language_model"] == ["modeling_lavit", "LaVITForCausalLM"]
+    assert index["condition_encoder"] == ["modeling_lavit_detokenizer", "LaVITConditionEncoder"]
+    drawn = []
+    for pipe in (LaVITPipeline.from_pretrained(final), DiffusionPipeline.from_pretrained(final,
+                                                                                         trust_remote_code=True)):
+        pipe.set_progress_bar_config(disable=True)
+        drawn.append(pipe("a photo", generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                          max_new_tokens=4, min_new_tokens=2, output_type="pt").images)
+    assert drawn[0].shape == (1, 3, 32, 32)
+    torch.testing.assert_close(drawn[0], drawn[1], atol=1e-6, rtol=0)
+    # `--detokenizer` takes the pipeline folder back: the decoder it trains is the one saved, weight for weight
+    saved, loaded = final_weights(final), load_detokenizer(str(final)).state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[key], loaded[key]) for key in saved)
+    continued = train_detokenizer(
+        DetokenizerTrainingArguments(detokenizer=str(final), **arguments),
+        training_args(tmp_path / "continued", max_steps=1, per_device_train_batch_size=2))
+    assert json.loads((continued / "model_index.json").read_text())["language_model"] == [None, None]
+    with pytest.raises(ValueError, match="is not a LaVIT model folder"):
+        pipeline_language_model_folder(SimpleNamespace(model=str(components["lm"]), visual_tokenizer=None))
 
 
 def test_skipped_records_reach_every_log_sink(lavit_model, tmp_path):

@@ -520,7 +520,7 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
     first and swapped in (`lavit.atomic.replace_folder`), so `final` always holds a whole model, old or new.
     `merge_adapters` merges LoRA adapters (`merge_and_unload`) so that the folder is a plain checkpoint;
     `convert(saved, folder)` (main process) writes `folder` in another layout (stage 3: a pipeline's) from the model
-    saved in `saved` (gathered whole, ZeRO-3 included), a sub-folder of the staging folder deleted afterwards."""
+    saved in `saved` (gathered whole, ZeRO-3 included), a staging sibling of `final` deleted afterwards."""
     if isinstance(trainer, LaVITTrainer):
         trainer.check_records()  # a run that trained on nothing, or on too little of its data, saves no model
     final_dir = Path(output_dir) / "final"
@@ -531,11 +531,15 @@ def save_final(trainer: Trainer, output_dir, processor=None, merge_adapters: boo
         if trainer.is_world_process_zero():
             trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(staging_dir)
     elif convert is not None:
-        trainer.save_model(str(staging_dir / "trained"))  # gathers ZeRO-3 shards; only the main process writes
+        # the trained model goes to a sibling staging folder: a folder is never saved into one holding its source
+        trained_dir = fresh_staging_folder(final_dir.with_name("final-trained")) if trainer.is_world_process_zero() \
+            else final_dir.with_name("final-trained.tmp")
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(trained_dir))  # gathers ZeRO-3 shards; only the main process writes
         if trainer.is_world_process_zero():
             with whole_weights(trainer.args):  # loaded on this rank alone: never partitioned by ZeRO-3
-                convert(staging_dir / "trained", staging_dir)
-            shutil.rmtree(staging_dir / "trained")  # made just above, inside lavit's own staging folder
+                convert(trained_dir, staging_dir)
+            shutil.rmtree(trained_dir)  # lavit's own staging folder, made just above
     else:
         trainer.save_model(str(staging_dir))  # gathers ZeRO-3 shards; only the main process writes
     if trainer.is_world_process_zero():

@@ -159,6 +159,15 @@ class SequenceArguments(EvalDataArguments):
                 "compute every pair of a row).", RANGE: NON_NEGATIVE_INT})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel of the LM: 'sdpa' (default), 'flex_attention', 'flash_attention_2', 'eager'."})
+    crop_scale: float = field(default=1.0, metadata={
+        "help": "Random crops of each training image keep between this fraction and all of its area (1 disables "
+                "crops; pre-tokenized images are never cropped); held-out images stay whole.", RANGE: OPEN_FRACTION})
+    horizontal_flip: bool = field(default=False, metadata={
+        "help": "Mirror each training image left-right half of the time (not pre-tokenized ones)."})
+
+    def collator_augmentation(self) -> dict:
+        """The training images' augmentation, as [`lm_collator`]'s keyword arguments."""
+        return {"crop_scale": self.crop_scale, "horizontal_flip": self.horizontal_flip}
 
     def set_attention(self, model):
         """Switches the LM to `attn_implementation` (the visual tokenizer keeps its own attention)."""

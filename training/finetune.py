@@ -57,7 +57,8 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     report_preset(preset, applied, num_examples, training_args)
 
     # 3. The collator of stage 2: examples packed into rows whose positions restart per example.
-    collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model),
+                           **script_args.collator_augmentation())
     # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
     evaluation = held_out_evaluation(held_out, eval_counter, builder, collator, script_args, training_args)

@@ -169,6 +169,15 @@ class SequenceArguments(EvalDataArguments):
                 "weights, AMP) or 'bfloat16' (pure bf16 weights, gradients and AdamW states: about 10 instead of 16 "
                 "bytes per parameter; AdamW then sums its updates with Kahan compensation, torch-optimi, so small "
                 "updates are not rounded away).", RANGE: Choice(WEIGHT_DTYPES)})
+    crop_scale: float = field(default=1.0, metadata={
+        "help": "Random crops of each training image keep between this fraction and all of its area (1 disables "
+                "crops; pre-tokenized images are never cropped); held-out images stay whole.", RANGE: OPEN_FRACTION})
+    horizontal_flip: bool = field(default=False, metadata={
+        "help": "Mirror each training image left-right half of the time (not pre-tokenized ones)."})
+
+    def collator_augmentation(self) -> dict:
+        """The training images' augmentation, as [`lm_collator`]'s keyword arguments."""
+        return {"crop_scale": self.crop_scale, "horizontal_flip": self.horizontal_flip}
 
     def set_attention(self, model, device=None):
         """Switches the LM to `attn_implementation`, or for packed rows to the device's default (FlexAttention on

@@ -14,14 +14,14 @@ the collator itself), and `used_records`, the records (segments, images) it hold
 from dataloader workers and from cached datasets alike (it enforces `training.data.MAX_SKIPPED_SHARE` with them).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from lavit.processing import LaVITImageProcessor
 from PIL import Image
 
-from .data import BadRecordCounter, BadRecordError, decode_image
+from .data import BadRecordCounter, BadRecordError, augment_image, decode_image
 
 
 @dataclass
@@ -34,6 +34,10 @@ class LaVITDataCollator:
         packed: packed rows (default) or the padded fallback.
         max_row_length: packed mode: the most tokens per row (before compact images expand), or `None` for one row.
         pad_to_multiple_of: rounds the batch length up.
+        crop_scale, horizontal_flip: training images are random crops keeping this range of their area (`None`: whole)
+            and mirrored half of the time, drawn from torch's RNG (seeded by the Trainer, per worker by the
+            DataLoader); images with a stored keep mask (pre-tokenized) stay whole, as their stored tokens describe
+            them. [`without_augmentation`] is the collator of held-out batches.
     A segment whose image cannot be decoded is dropped and counted in `counter`. Every batch carries
     `skipped_records`: the segments dropped here plus, with `count_stored_skips`, the records its rows dropped while
     they were built (see `training.data.count_stored_skips`).
@@ -47,6 +51,23 @@ class LaVITDataCollator:
     pad_to_multiple_of: int | None = None
     counter: BadRecordCounter = field(default_factory=BadRecordCounter)
     count_stored_skips: bool = True
+    crop_scale: tuple[float, float] | None = None
+    horizontal_flip: bool = False
+
+    def without_augmentation(self) -> "LaVITDataCollator":
+        """This collator with whole, unmirrored images (held-out batches); the same skip counter."""
+        return replace(self, crop_scale=None, horizontal_flip=False)
+
+    def augmented(self, segments: list[dict]) -> list:
+        """The images of `segments` in reading order, each augmented unless it has a stored keep mask."""
+        images = [(image, mask) for segment in segments
+                  for image, mask in zip(segment["images"], segment["keep_masks"] or [None] * len(segment["images"]),
+                                         strict=True)]
+        if self.crop_scale is None and not self.horizontal_flip:
+            return [image for image, _ in images]
+        generator = np.random.default_rng(int(torch.randint(2**62, ())))
+        return [image if mask is not None else augment_image(image, self.crop_scale, self.horizontal_flip, generator)
+                for image, mask in images]
 
     def segments(self, rows: list[dict]) -> tuple[list[dict], int]:
         """Splits rows into segments, each with its ids, labels, decoded images and stored keep masks; also returns
@@ -89,7 +110,7 @@ class LaVITDataCollator:
                     "skipped_records": torch.tensor(skipped), "used_records": torch.tensor(0)}
         batch = self.pack(segments) if self.packed else self.pad(segments)
         batch["skipped_records"], batch["used_records"] = torch.tensor(skipped), torch.tensor(len(segments))
-        images = [image for segment in segments for image in segment["images"]]
+        images = self.augmented(segments)
         if images:
             batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
             keep_masks = [mask for segment in segments for mask in segment["keep_masks"]]
@@ -141,12 +162,16 @@ class LaVITDataCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def lm_collator(processor, config, packed: bool, max_row_length: int | None = None) -> LaVITDataCollator:
+def lm_collator(processor, config, packed: bool, max_row_length: int | None = None, crop_scale: float = 1.0,
+                horizontal_flip: bool = False) -> LaVITDataCollator:
     """The [`LaVITDataCollator`] of the LM stages (stage 2, fine-tuning) for a model's `config` and its
-    [`LaVITProcessor`]: its image processor, `[IMG]` id and padding id (0 when the text tokenizer has none)."""
+    [`LaVITProcessor`]: its image processor, `[IMG]` id and padding id (0 when the text tokenizer has none);
+    training images cropped to between `crop_scale` and all of their area (1: no crops) and mirrored when
+    `horizontal_flip`."""
     return LaVITDataCollator(processor.image_processor, config.image_start_token_id,
                              pad_token_id=processor.tokenizer.pad_token_id or 0, packed=packed,
-                             max_row_length=max_row_length)
+                             max_row_length=max_row_length, crop_scale=None if crop_scale >= 1 else (crop_scale, 1.0),
+                             horizontal_flip=horizontal_flip)
 
 
 def image_items(items: list) -> tuple[list, int]:

@@ -487,6 +487,17 @@ def random_crop(image, crop_scale: tuple[float, float], generator: np.random.Gen
     return image.crop((left, top, left + width, top + height))
 
 
+def augment_image(image, crop_scale: tuple[float, float] | None, horizontal_flip: bool,
+                  generator: np.random.Generator):
+    """A random crop of `image` (its share of the area uniform in `crop_scale`; `None`: the whole image), mirrored
+    left-right half of the time when `horizontal_flip`, drawn from `generator`."""
+    if crop_scale is not None:
+        image = random_crop(image, crop_scale, generator)
+    if horizontal_flip and generator.random() < 0.5:
+        image = image.transpose(0)  # PIL.Image.Transpose.FLIP_LEFT_RIGHT
+    return image
+
+
 class _EpochSeededImages:
     """What both image views share: the epoch (set by the Trainer through `set_epoch`) and the seeded crop."""
 

@@ -20,9 +20,9 @@ from transformers.trainer_utils import has_length
 from .arguments import FinetuningArguments, LaVITTrainingArguments, make_stage_parser
 from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records
-from .evaluation import TASK_METRICS, GenerationEvaluator, configure_evaluation, split_eval_records
+from .evaluation import GenerationEvaluator, configure_evaluation, split_eval_records
 from .models import load_model_for_finetuning
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, preset_metric, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
 from .sequences import InstructionBuilder, check_max_length, count_stored_skips
 from .trainer import train_and_save, whole_weights
 
@@ -33,7 +33,6 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     # 0. Seed first (LoRA's initial adapters depend on it); a preset fills in what the run left at its defaults.
     set_seed(training_args.seed)
     preset, applied = apply_preset("finetune", script_args.preset, script_args, training_args)
-    applied.update(preset_metric(preset, training_args, TASK_METRICS[script_args.task]))
 
     # 1. The model (4-bit under QLoRA, with adapters under LoRA) and the processor saved with it.
     with whole_weights(training_args):
@@ -60,7 +59,8 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     report_preset(preset, applied, num_examples, training_args)
 
     # 3. The collator of stage 2: examples packed into rows whose positions restart per example.
-    collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model),
+                           **script_args.collator_augmentation())
     # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
     evaluation = held_out_evaluation(held_out, eval_counter, builder, collator, script_args, training_args)

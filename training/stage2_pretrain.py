@@ -101,7 +101,8 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
 
     # 3. The collator splits rows into segments; its row length fits the attention kernel (SDPA computes every pair
     #    of a row, flex/flash attention skip the masked blocks and take one row per batch).
-    collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model))
+    collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model),
+                           **script_args.collator_augmentation())
     # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
     count_stored_skips(dataset, counter, collator)
     if eval_dataset is not None:

@@ -115,6 +115,16 @@ class LaVITTrainer(Trainer):
             self.add_callback(DataEpochCallback(self.train_dataset))
         self.add_callback(CheckpointCompletionCallback())  # last: after every callback that writes into checkpoints
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        # held-out batches show whole images: the collator's training augmentation (crops, flips) is left out
+        collator = self.data_collator
+        if hasattr(collator, "without_augmentation"):
+            self.data_collator = collator.without_augmentation()
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
+
     # ------------------------------------------------------------------------------------------ bad records
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):

@@ -90,7 +90,7 @@ def readme_commands(heading: str) -> list[list[str]]:
 
 def test_small_data_readme_commands_caption_held_out_photos(tmp_path, monkeypatch, capsys):
     """The README's small-data commands, as a user copies them, on 400 crops of ten photographs: captions of 100
-    crops from parts of the photos never trained on name the right photo far above chance (about 2 to 3 minutes
+    crops from parts of the photos never trained on name the right photo far above chance (about 2.5 to 4 minutes
     on 2 cores)."""
     from lavit.training.sample_data import PHOTO_CLASSES, write_photo_crops_imagefolder
 
@@ -116,5 +116,9 @@ def test_small_data_readme_commands_caption_held_out_photos(tmp_path, monkeypatc
     accuracy = sum(truth[entry["image"]] in entry["caption"].split() for entry in captions) / len(captions)
     with capsys.disabled():
         print(f"\nsmall-data recipe: held-out caption accuracy {accuracy:.2f} (chance 0.10), {seconds / 60:.1f} min")
-    # 100 held-out crops, ten classes: 35 or more right has probability below 1e-10 at chance; 0.68 observed
+    # 100 held-out crops, ten classes: 35 or more right has probability below 1e-10 at chance. Observed with the
+    # preset as it is: 0.64 with the commands as written, 0.64 with --seed 1 and with --seed 7 on every command
+    # (README, 'Small data'). The bar lies 0.29 under that, more than the largest swing seen between two machines
+    # (0.57 here, 0.32 on CI, before the preset cropped images and kept checkpoints by loss); at a true 0.5 the 100
+    # crops alone fall under it with probability 1e-3, at 0.64 with 1e-9
     assert accuracy >= 0.35, (accuracy, [entry["caption"] for entry in captions[:10]])

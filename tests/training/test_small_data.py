@@ -88,6 +88,36 @@ def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_proces
     assert [row["input_ids"] for row in streamed] == [rows[index]["input_ids"] for index in range(len(rows))]
 
 
+def test_small_data_training_images_are_cropped_and_mirrored_from_the_seed_held_out_ones_never(lavit_processor):
+    import dataclasses
+
+    from lavit.training.arguments import FinetuningArguments, PretrainingArguments, SequenceArguments
+    from lavit.training.collators import lm_collator
+    from lavit.training.presets import PRESETS, SMALL_DATA
+
+    config = tiny_lavit_config(text_vocab_size(lavit_processor.tokenizer))
+    photo = Image.fromarray(real_photos()[0]).resize((96, 96))
+    ids = [config.image_start_token_id, config.image_end_token_id, 5, 6]
+    rows = [{"input_ids": ids, "images": [photo]}, {"input_ids": ids, "images": [photo]}]
+    # the LM stages' collators, with what each stage's preset sets, from the stage's own arguments
+    for stage, arguments in (("pretrain", PretrainingArguments(data="d")), ("finetune", FinetuningArguments(data="d"))):
+        assert {spec.name for spec in dataclasses.fields(SequenceArguments)} >= {"crop_scale", "horizontal_flip"}
+        for setting in ("crop_scale", "horizontal_flip"):
+            setattr(arguments, setting, PRESETS[stage][SMALL_DATA].settings[setting])
+        collator = lm_collator(lavit_processor, config, True, **arguments.collator_augmentation())
+        torch.manual_seed(0)
+        first, second = collator(rows)["pixel_values"], collator(rows)["pixel_values"]
+        assert not torch.equal(first[0], first[1]) and not torch.equal(first, second)  # a draw per image and batch
+        torch.manual_seed(0)
+        assert torch.equal(collator(rows)["pixel_values"], first)  # the Trainer's seed decides them
+        whole = lm_collator(lavit_processor, config, True)(rows)["pixel_values"]
+        assert torch.equal(collator.without_augmentation()(rows)["pixel_values"], whole)
+        assert collator.without_augmentation().counter is collator.counter
+        # a pre-tokenized image keeps its pixels: its stored keep mask and codes describe the whole image
+        stored = [{**row, "image_keep_mask": [[True] * config.tokenizer_config.num_patches]} for row in rows]
+        assert torch.equal(collator(stored)["pixel_values"], whole)
+
+
 def test_stage2_tells_its_dataset_the_epoch(tmp_path, components_for_stage2):
     from lavit.training.arguments import PretrainingArguments
     from lavit.training.stage2_pretrain import pretrain

@@ -149,6 +149,7 @@ def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, 
         export_model(tmp_path, tmp_path / "other")
 
 
+@pytest.mark.slow  # the whole quick demo: every stage trained, about 1.5 minutes on 2 idle cores
 def test_quick_demo_builds_a_hub_folder_that_loads_without_lavit(tmp_path):
     output = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "lavit.cli", "demo", "--quick", "--output", str(output)],

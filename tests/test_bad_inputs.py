@@ -213,6 +213,7 @@ def photo_file(tmp_path):
 # ------------------------------------------------------------------------------------------------------ publishing
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_skipped_records_are_summed_over_processes(tmp_path):
     """Two processes (torchrun, gloo): load-time skips are counted once, the rows' stored counts once (not once per
     rank), and the collator's skips of each rank are summed. Six rows of one segment each: both ranks get three (a

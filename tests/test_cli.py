@@ -108,6 +108,7 @@ def test_caption_vqa_generate_reconstruct_on_a_model_folder(capsys, tmp_path, ph
     assert code == 0 and Image.open(tmp_path / "again.png").size == (32, 32)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_export_writes_a_complete_card_and_push_checks_before_uploading(capsys, tmp_path, pipeline_folder):
     metadata = tmp_path / "run.json"
     metadata.write_text(json.dumps({

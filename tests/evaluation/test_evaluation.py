@@ -306,6 +306,7 @@ def test_caption_run_is_resumable_and_sharding_gives_one_process_results(tmp_pat
     assert len(lines(resumed / "predictions-00000.jsonl")) == 5
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_accelerate_launch_with_two_processes_gives_the_one_process_results(tmp_path, lavit_model, lavit_processor):
     folder = tmp_path / "model"
     lavit_model.save_pretrained(folder)

@@ -377,6 +377,7 @@ def run_stage(stage: str, inputs: dict, output_dir, bf16: bool):
     return [entry["loss"] for entry in log if "loss" in entry], final
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 @pytest.mark.parametrize("stage", ["tokenizer", "pretrain", "lora", "detokenizer"])
 def test_training_stage_with_bf16_flag(stage, stage_inputs, tmp_path):
     """`--bf16` (float32 master weights under bf16 autocast), two steps: finite losses, the first (same weights, data

@@ -281,6 +281,7 @@ def test_guidance_changes_the_images(conditioning):
     assert (unguided - guided).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_any_diffusers_scheduler_can_be_swapped_in_and_is_saved(tmp_path):
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
@@ -299,6 +300,7 @@ def test_any_diffusers_scheduler_can_be_swapped_in_and_is_saved(tmp_path):
     torch.testing.assert_close(loaded.decode(CODES, COUNTS, generator=seeded(0), output_type="pt"), euler)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_saved_folder_loads_with_remote_code_where_lavit_cannot_be_imported(tmp_path):
     detokenizer = tiny_detokenizer("lowres")
     folder = tmp_path / "detokenizer"
@@ -327,6 +329,7 @@ def test_saved_folder_loads_with_remote_code_where_lavit_cannot_be_imported(tmp_
     torch.testing.assert_close(torch.load(tmp_path / "images.pt", weights_only=True), expected)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_training_steps_lower_the_loss_on_real_photos():
     detokenizer = tiny_detokenizer().train()
     photos = [Image.fromarray(photo).resize((32, 32), Image.Resampling.BICUBIC) for photo in real_photos()[:4]]

@@ -182,6 +182,7 @@ print("RSS_KIB", baseline, peak_kib(), code)
 """
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_convert_an_official_width_release_file_by_file_in_bf16(tmp_path):
     """Every official tensor is mapped (the converter raises on any other), the Hub folder is bf16, and the
     conversion's peak resident memory above the imported libraries stays within 1.3x the weights (no float32

@@ -177,6 +177,7 @@ def sampling_lavit_folder(lavit_model, lavit_processor, tmp_path):
     return folder
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_caption_vqa_and_tokenize_repeat_their_output_and_print_json(capsys, tmp_path, sampling_lavit_folder):
     files = []
     for index, photo in enumerate(real_photos()):
@@ -220,6 +221,7 @@ def test_a_stage_help_starts_with_its_own_options(capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_a_short_cpu_run_warns_with_its_numbers_and_nothing_else(tmp_path):
     """A subprocess, as a user runs it: the warning names the steps and what to change; DeepSpeed's accelerator
     detection and pinned memory say nothing on a CPU run that uses neither."""

@@ -40,6 +40,7 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt("killed")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_resume_after_a_crash_gives_the_uninterrupted_run(components, tmp_path):
     from lavit.training.stage2_pretrain import pretrain
 
@@ -114,6 +115,7 @@ def test_lora_finetuning_merges_into_a_plain_checkpoint(components, tmp_path):
     LaVITForCausalLM.from_pretrained(finetuned)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components, tmp_path):
     from lavit.modeling.modeling_lavit_tokenizer import LaVITTokenizationOutput
     from lavit.training.arguments import DetokenizerTrainingArguments

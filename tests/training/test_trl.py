@@ -246,6 +246,7 @@ def preference_dataset():
     })
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_trl_dpo_trainer_end_to_end(lavit_model, lavit_processor, tmp_path):
     """TRL's DPOTrainer on images: the weights the LM trains change, the frozen visual tokenizer does not, and the
     saved model reloads and generates as the trained one."""

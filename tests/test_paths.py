@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -363,6 +364,32 @@ def test_checkpoint_rotation_deletes_only_complete_checkpoints_lavit_wrote(tmp_p
     rotate_complete_checkpoints(tmp_path, 2, best_checkpoint=str(tmp_path / "checkpoint-1"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-0", "checkpoint-1", "checkpoint-4"]
     assert (tmp_path / "checkpoint-0" / "mine.txt").is_file()
+
+
+@pytest.mark.parametrize("change", ["added", "edited_same_size", "edited_time_set_back", "none"])
+def test_checkpoint_rotation_keeps_a_checkpoint_the_user_changed_after_lavit_completed_it(tmp_path, change):
+    """A complete checkpoint with a file added or written to after its completion marker holds the user's work:
+    rotation leaves it (with a warning), whatever the size or modification time of the change says."""
+    from lavit.training.checkpoints import rotate_complete_checkpoints, write_completion_marker
+
+    for step in (1, 2, 3):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 8)
+        write_completion_marker(folder)
+    oldest = tmp_path / "checkpoint-1" / "model.safetensors"
+    if change == "added":
+        (tmp_path / "checkpoint-1" / "notes.txt").write_text("the user's")
+    elif change.startswith("edited"):
+        before = oldest.stat()
+        time.sleep(0.01)
+        oldest.write_bytes(b"y" * 8)  # same size
+        if change == "edited_time_set_back":
+            os.utime(oldest, ns=(before.st_atime_ns, before.st_mtime_ns))
+    rotate_complete_checkpoints(tmp_path, 2)
+    kept = sorted(path.name for path in tmp_path.iterdir())
+    assert kept == (["checkpoint-2", "checkpoint-3"] if change == "none" else
+                    ["checkpoint-1", "checkpoint-2", "checkpoint-3"])
 
 
 def test_numbered_outputs_are_checked_each(tmp_path, capsys):

@@ -59,11 +59,23 @@ class CheckpointCompletionCallback(TrainerCallback):
 
 
 def write_completion_marker(folder: Path) -> None:
-    # the marker (and a temporary one a crash left) never lists itself
-    files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
+    # the marker (and a temporary one a crash left) never lists itself; each file's size says the checkpoint is
+    # whole, its modification and change times that nobody edited it since (the change time cannot be set back)
+    files = {str(path.relative_to(folder)): _file_state(path) for path in sorted(folder.rglob("*"))
              if path.is_file() and not path.name.startswith(COMPLETE_MARKER)}
     marker = json.dumps({"files": files})
     write_atomically(folder / COMPLETE_MARKER, lambda temporary: Path(temporary).write_text(marker))
+
+
+def _file_state(path: Path) -> dict:
+    status = path.stat()
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "ctime_ns": status.st_ctime_ns}
+
+
+def _listed_files(folder: Path) -> dict:
+    """The completion marker's files: name -> state (a marker of lavit <= 0.x recorded sizes only)."""
+    files = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+    return {name: state if isinstance(state, dict) else {"size": state} for name, state in files.items()}
 
 
 def checkpoint_problem(folder) -> str | None:
@@ -74,14 +86,25 @@ def checkpoint_problem(folder) -> str | None:
     if not marker.is_file():
         return f"no {COMPLETE_MARKER} (the run stopped while writing it)"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        files = _listed_files(folder)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         return f"{marker} is unreadable ({error})"
-    for name, size in files.items():
+    for name, state in files.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{path} is missing or not {size} bytes"
+        if not path.is_file() or path.stat().st_size != state.get("size"):
+            return f"{path} is missing or not {state.get('size')} bytes"
     return None
+
+
+def changed_since_complete(folder) -> list[str]:
+    """The files of the complete checkpoint `folder` added, or written to, after lavit completed it (a marker of
+    lavit <= 0.x, without times, counts only added files)."""
+    folder = Path(folder)
+    listed = _listed_files(folder)
+    present = {str(path.relative_to(folder)) for path in folder.rglob("*")
+               if (path.is_file() or path.is_symlink()) and not path.name.startswith(COMPLETE_MARKER)}
+    return sorted(name for name in present if name not in listed or (
+        "ctime_ns" in listed[name] and _file_state(folder / name) != listed[name]))
 
 
 def numbered_checkpoints(output_dir) -> list[Path]:
@@ -97,7 +120,8 @@ def numbered_checkpoints(output_dir) -> list[Path]:
 def rotate_complete_checkpoints(output_dir, limit: int | None, best_checkpoint: str | None = None) -> None:
     """Deletes the oldest checkpoints beyond `limit`, counting and deleting only complete ones: their completion
     marker says lavit wrote them (transformers' rotation deletes any folder named `checkpoint-*`, a user's own
-    included). The newest complete checkpoint and `best_checkpoint` are kept; incomplete folders are left alone."""
+    included). The newest complete checkpoint and `best_checkpoint` are kept; incomplete folders are left alone, and
+    so is a checkpoint with a file added or edited since it was completed ([`changed_since_complete`])."""
     if not limit or limit <= 0:
         return
     complete = [folder for folder in numbered_checkpoints(output_dir) if checkpoint_problem(folder) is None]
@@ -108,9 +132,15 @@ def rotate_complete_checkpoints(output_dir, limit: int | None, best_checkpoint: 
     for folder in complete:
         if excess <= 0:
             break
-        if folder.resolve() not in protected:
+        if folder.resolve() in protected:
+            continue
+        changed = changed_since_complete(folder)
+        if changed:  # the user's files, or a checkpoint edited by hand: kept, and counted against the limit
+            logger.warning(f"{folder} is not rotated out: {', '.join(changed[:5])} changed or appeared after lavit "
+                           f"completed it; move it out or delete it yourself")
+        else:
             shutil.rmtree(folder)
-            excess -= 1
+        excess -= 1
 
 
 def latest_checkpoint(output_dir) -> str | None:

@@ -182,17 +182,49 @@ def folder_problems(folder) -> list[str]:
     return problems
 
 
+def pickled_weight_names(names) -> list[str]:
+    """Of a model's files (`/`-separated paths relative to its folder), the pickled weights loading would read: those
+    of the folder or of a component sub-folder (e.g. `detokenizer/`, `unet/`) with no safetensors weights beside
+    them."""
+    folders = {}
+    for name in names:
+        parent, _, base = name.rpartition("/")
+        if "/" not in parent:  # loading reads the folder and its sub-folders, not deeper
+            folders.setdefault(parent, []).append(base)
+    return [f"{parent}/{base}" if parent else base for parent, files in sorted(folders.items())
+            if not any(base in SAFETENSORS_WEIGHTS for base in files)
+            for base in sorted(files) if Path(base).suffix.lower() in PICKLED_WEIGHT_SUFFIXES
+            and base != "training_args.bin"]
+
+
 def pickled_weights(folder) -> list[str]:
-    """The names of pickled weight files of a model folder (and its sub-folders, e.g. `detokenizer/`) that loading
-    would read: those of a folder with no safetensors weights beside them."""
+    """The names of pickled weight files of a local model folder that loading would read ([`pickled_weight_names`])."""
     folder = Path(folder)
-    found = []
-    for directory in [folder, *sorted(path for path in folder.iterdir() if path.is_dir())]:
-        if any((directory / name).is_file() for name in SAFETENSORS_WEIGHTS):
-            continue
-        found += sorted(str(path.relative_to(folder)) for path in directory.iterdir()
-                        if path.suffix.lower() in PICKLED_WEIGHT_SUFFIXES and path.name != "training_args.bin")
-    return found
+    entries = [*folder.iterdir(), *(path for directory in folder.iterdir() if directory.is_dir()
+                                    for path in directory.iterdir())]
+    return pickled_weight_names(path.relative_to(folder).as_posix() for path in entries if path.is_file())
+
+
+def hub_files(repo_id: str) -> list[str] | None:
+    """The files of the Hub model `repo_id` (those of its cached snapshot when offline), or None where they cannot
+    be known (not a repo id, not cached, no network): the loader then says what is wrong."""
+    try:
+        from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo_id)
+    except Exception:  # noqa: BLE001 (not a repo id, or no huggingface_hub: nothing to look up)
+        return None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().list_repo_files(repo_id)
+        except Exception:  # noqa: BLE001 (no network, no access: the cached snapshot, else the loader's message)
+            pass
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not in the cache)
+        return None
+    return [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
 
 
 class PickledWeightsError(ValueError):
@@ -200,30 +232,43 @@ class PickledWeightsError(ValueError):
 
 
 def require_safetensors_weights(folder) -> None:
-    """Raises [`PickledWeightsError`] (naming the files and the conversion command) when the local model folder
-    `folder` holds its weights as pickles; a folder that does not exist (a Hub id) is left to the loader."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
+    """Raises [`PickledWeightsError`] (naming the files and the conversion command) when the model `folder` holds its
+    weights as pickles: a local folder, or a Hub id whose files say so ([`hub_files`]; one that cannot be looked up is
+    left to the loader)."""
+    local = Path(folder).expanduser()
+    if local.is_dir():
+        pickles, where, fix = pickled_weights(local), local, CONVERT_COMMAND.format(folder=local)
+    elif not os.path.lexists(local) and (files := hub_files(str(folder))) is not None:
+        pickles, where = pickled_weight_names(files), f"the Hub model {folder}"
+        fix = (f"hf download {folder} --local-dir {local.name}, then "
+               f"{CONVERT_COMMAND.format(folder=local.name)}, and give that folder")
+    else:
         return
-    pickles = pickled_weights(folder)
     if pickles:
         raise PickledWeightsError(
-            f"{folder} holds its weights as pickles ({', '.join(pickles)}), which lavit does not load (unpickling "
-            f"can run code); if you trust where they come from, convert them once: "
-            f"{CONVERT_COMMAND.format(folder=folder)}"
+            f"{where} holds its weights as pickles ({', '.join(pickles)}), which lavit does not load (unpickling "
+            f"can run code); if you trust where they come from, convert them once: {fix}"
         )
+
+
+MODEL_FLAG_WORDS = ("model", "tokenizer")  # the flags that name a model (a folder or a Hub id), not data
 
 
 def require_safetensors_inputs(*arguments) -> None:
     """[`require_safetensors_weights`] for every input of a command (parsed `Namespace`s or stage dataclasses, roles
-    as in `lavit.paths`) that is a model folder (has a `config.json`)."""
+    as in `lavit.paths`) that is a model folder (has a `config.json` or `model_index.json`), or, for a flag naming a
+    model, a Hub id."""
     from lavit.paths import INPUT, declared_paths
 
     for parsed in arguments:
-        for _, role, value in declared_paths(parsed):
+        for flag, role, value in declared_paths(parsed):
+            names_a_model = any(word in flag for word in MODEL_FLAG_WORDS)
             for path in value if isinstance(value, (list, tuple)) else [value]:
                 folder = Path(path).expanduser()  # a model folder, or a pipeline folder with one per component
-                if role == INPUT and any((folder / name).is_file() for name in ("config.json", "model_index.json")):
+                if role != INPUT:
+                    continue
+                if any((folder / name).is_file() for name in ("config.json", "model_index.json")) or (
+                        names_a_model and not os.path.lexists(folder)):
                     require_safetensors_weights(path)
 
 

@@ -151,6 +151,43 @@ def test_pickled_weights_are_refused_with_the_command_that_converts_them(lavit_f
     assert main(["export", str(tmp_path / "hub"), "--model", str(tmp_path / "converted")]) == 0
 
 
+def hub_cache_with(cache: Path, repo_id: str, folder: Path) -> None:
+    """`folder` as the cached snapshot of the Hub model `repo_id`, in huggingface_hub's cache layout under `cache`."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+@pytest.mark.slow  # three commands in a fresh process
+def test_a_hub_model_with_pickled_weights_is_refused_by_every_command_and_stage(lavit_folder, tmp_path):
+    """A Hub id is checked like a local folder: from its cached snapshot offline (the Hub's file list online), by
+    the one check every command and stage parser runs on the flags that name a model; a safetensors repo loads."""
+    cache = tmp_path / "hub-cache"
+    hub_cache_with(cache, "someone/pickled", pickled_model_folder(lavit_folder, tmp_path))
+    hub_cache_with(cache, "someone/safe", lavit_folder)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(real_photos()[0]).save(photo)
+    commands = [["caption", str(photo)], ["finetune", "--data", str(photo), "--output_dir", str(tmp_path / "run")],
+                ["train-detokenizer", "--data", str(photo), "--visual_tokenizer", str(lavit_folder), "--output_dir",
+                 str(tmp_path / "run3")]]
+    script = f"""
+from lavit.cli import main
+for argv in {commands!r}:
+    print("rc", main([*argv, "--model", "someone/pickled"]), flush=True)
+print("rc", main(["caption", {str(photo)!r}, "--model", "someone/safe"]), flush=True)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                            cwd=cache)  # not beside the fixture's folder named `lavit`, which `-c` would import
+    codes = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("rc ")]
+    assert codes == ["1", "1", "1", "0"], (result.stdout, result.stderr[-3000:])
+    refusals = [line for line in result.stderr.splitlines() if "the Hub model someone/pickled" in line]
+    assert len(refusals) == 3 and all("pytorch_model.bin" in line and "hf download someone/pickled" in line
+                                      and "python -m lavit.file_kinds convert" in line for line in refusals), refusals
+
+
 def test_a_malicious_pickle_is_never_run_and_no_message_suggests_weights_only_false(lavit_folder, tmp_path,
                                                                                        capfd):
     folder = pickled_model_folder(lavit_folder, tmp_path, payload=Payload())

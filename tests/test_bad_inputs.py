@@ -106,6 +106,7 @@ class SkippedRecords(TrainerCallback):
             self.values.append(logs["skipped_records"])
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 @pytest.mark.parametrize("bad_metadata", [False, True])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skipped_records_are_exact_with_workers_and_a_warm_cache(tmp_path, workers, bad_metadata):

@@ -269,6 +269,7 @@ def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_caption_run_is_resumable_and_sharding_gives_one_process_results(tmp_path, lavit_model, lavit_processor,
                                                                          caption_samples):
     config = EvalConfig("caption", generation=SHORT_CAPTIONS, batch_size=2, use_java=False, name="photos")
@@ -351,6 +352,7 @@ def test_vizwiz_two_stage_vqa_run_on_a_datasets_dataset(tmp_path, lavit_model, l
     assert results["generation"]["length_penalty"] == 0.0 and results["generation"]["num_beams"] == 2
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_text_to_image_run_scores_fid_and_clip(tmp_path, lavit_model, lavit_processor, caption_samples):
     from lavit import LaVITDetokenizer, LaVITPipeline
 

@@ -111,6 +111,7 @@ def test_sdxl_size_conditions_go_to_the_highres_unet_only():
     assert not highres.condition.added_cond_kwargs(negative, 24, 40)["text_embeds"].any()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_decode_pixels_equal_its_own_loop_before_the_pipeline_owned_it():
     """`decode` draws through the pipeline's sampling loop; `fixtures/detokenizer_decode_pixels.safetensors` was
     written by the loop `decode` had of its own (commit in its metadata) on the same tiny models and seeds: one

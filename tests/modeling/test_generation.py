@@ -104,6 +104,7 @@ def test_batched_cfg_equals_two_separate_passes(lavit_model, lavit_processor):
     assert unguided.code_ids.tolist() != expected  # guidance changes the result
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_static_cache_gives_the_tokens_of_the_dynamic_cache(lavit_model, lavit_processor):
     prompts = lavit_processor(text=["a photo of a cat", "a red bus on the street"], padding=True)
     for settings in (dict(do_sample=False, guidance_scale=3.0), dict(do_sample=True, guidance_scale=4.0, top_k=8)):

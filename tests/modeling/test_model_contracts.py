@@ -38,6 +38,7 @@ def run_without_lavit(script: str, tmp_path) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------------------------------------------ folders
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_every_save_path_without_lavit_gives_a_complete_folder(lavit_folder, tmp_path):
     """Re-saved remote code, Trainer checkpoint and final save, PEFT-merged model: each keeps the pipeline file, so
     the text-to-image pipeline loads from it. (Pixels are `LaVITPipeline`'s: an LM folder holds no decoder.)"""

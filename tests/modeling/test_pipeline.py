@@ -141,6 +141,7 @@ def test_dict_and_tuple_outputs_and_every_output_type_agree(pipe):
         pipe("a red bus", height=pipe.size_multiple + 1, **TOKENS)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_save_load_round_trip_gives_equal_images_and_dtypes(pipe, tmp_path):
     expected = images(pipe, num_images_per_prompt=2)
     pipe.save_pretrained(tmp_path / "pipe")
@@ -163,6 +164,7 @@ def test_save_load_round_trip_gives_equal_images_and_dtypes(pipe, tmp_path):
         assert getattr(half, name).dtype == torch.bfloat16, name
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_to_and_model_offload_give_the_images_of_the_whole_pipeline(pipe, tmp_path):
     expected = images(pipe)
     assert pipe.to("cpu") is pipe

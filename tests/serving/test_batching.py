@@ -72,6 +72,7 @@ def test_a_sampling_selector_draws_from_each_request_seed(engine_and_preparer):
         config.selection_mode = previous
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_batched_image_requests_equal_each_alone(engine_and_preparer):
     """Image requests of mixed prompts, `n`, seeds and settings in one `render_images` call: each gets the images
     the pipeline draws for its prompt alone with its seed's generators (the two settings groups are two calls)."""

@@ -156,6 +156,7 @@ def test_detokenizer_training_resumes_with_its_ema_and_loads_anywhere(components
             pipe("a photo")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
 def test_detokenizer_training_writes_a_pipeline_with_the_language_model(components, tmp_path):
     """`--model` (a LaVIT model folder) becomes the pipeline's language model: the final folder loads with both
     loaders and draws the same images from a prompt; it continues training as `--detokenizer`."""

@@ -1,5 +1,5 @@
 """Trainer callbacks shared by the stages: the JSON Lines log, the epoch of seeded datasets, the EMA of the
-detokenizer's weights."""
+detokenizer's weights, the stop of a run resumed at its last step."""
 
 import contextlib
 import json
@@ -87,3 +87,20 @@ class EMACallback(TrainerCallback):
             self.ema.optimization_step = int(handle.metadata()["optimization_step"])
         for name, shadow in zip(self.names, self.ema.shadow_params, strict=True):
             shadow.copy_(tensors[name])
+
+
+class TrainingComplete(Exception):
+    """A run resumed from the checkpoint of its last step: nothing is left to train (see [`StopAtMaxStepsCallback`])."""
+
+
+class StopAtMaxStepsCallback(TrainerCallback):
+    """
+    Stops a run resumed from a checkpoint of step `max_steps` before it takes a step: the `Trainer` tests the step
+    count only after a step, so resuming from the last checkpoint in the middle of an epoch (a run killed between
+    its last checkpoint and its final save) trains one step more than asked and saves other weights (transformers
+    5.25). Raises [`TrainingComplete`], which `LaVITTrainer.train` turns into the end of the run.
+    """
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if 0 < state.max_steps <= state.global_step:
+            raise TrainingComplete

@@ -34,12 +34,12 @@ from transformers.integrations.deepspeed import (
     set_hf_deepspeed_config,
     unset_hf_deepspeed_config,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.training_args import OptimizerNames
 
 from lavit.atomic import fresh_staging_folder, replace_folder, write_json_atomically
 
-from .callbacks import DataEpochCallback, JsonlLoggerCallback
+from .callbacks import DataEpochCallback, JsonlLoggerCallback, StopAtMaxStepsCallback, TrainingComplete
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
 from .collators import expand_compact_images
 from .data import BadRecordCounter, WorkerBatches
@@ -159,12 +159,30 @@ class LaVITTrainer(Trainer):
             # the batches a resumed run skips over were counted by the run that wrote the checkpoint
             counts = json.loads(path.read_text())
             self._skipped_here, self._used_here = counts["skipped_records"], counts.get("used_records", 0)
-        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        if not any(isinstance(callback, StopAtMaxStepsCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(StopAtMaxStepsCallback)
+        try:
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+        except TrainingComplete:
+            result = self.end_completed_run()
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint:
             step = int(Path(self.state.best_model_checkpoint).name.rsplit("-", 1)[-1])
             # every sink (console, logs.jsonl, TensorBoard) says which checkpoint the final weights are
             self.log({"best_model_step": step, f"best_{self.args.metric_for_best_model}": self.state.best_metric})
         return result
+
+    def end_completed_run(self) -> TrainOutput:
+        """The end of a run resumed from the checkpoint of its last step, whose model, optimizer and callbacks' state
+        the `Trainer` has restored: what the `Trainer` does after its last step (the best checkpoint's weights when
+        `load_best_model_at_end` asks for them, the callbacks' end of training: e.g. the EMA weights copied in), and
+        no step more."""
+        logger.info(f"the checkpoint of step {self.state.global_step} ends this run (max_steps "
+                    f"{self.state.max_steps}): nothing left to train")
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()  # the Trainer's own end of training calls this private method too
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        self.is_in_train = False
+        return TrainOutput(self.state.global_step, 0.0, {})
 
     # ------------------------------------------------------------------------------------------ loss normalisation
 

@@ -4,6 +4,7 @@ checkpoint counts only when complete, and a replaced folder is always whole (old
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, training_settings
+from conftest import REPO_ROOT, final_weights, training_settings
 from lavit.training.sample_data import write_photo_imagefolder
 from safetensors.torch import load_file
 
@@ -220,8 +221,37 @@ def test_stages_2_and_3_killed_mid_write_resume_bit_identical(components, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-6000:]
     assert "checkpoint-4 is incomplete" in resumed.stderr
     assert losses(tmp_path / "run") == losses(tmp_path / "reference")
-    expected = load_file(tmp_path / "reference" / "final" / "model.safetensors")
-    got = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    expected = final_weights(tmp_path / "reference" / "final")  # stage 3: a pipeline folder
+    got = final_weights(tmp_path / "run" / "final")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "detokenizer"])
+def test_a_run_killed_between_its_last_checkpoint_and_its_final_save_ends_as_the_uninterrupted_run(
+        photos, components, tmp_path, stage):
+    """The last checkpoint (step max_steps, in the middle of an epoch) is complete but `final` is missing: the resumed
+    run trains no step more (the Trainer alone takes one) and saves the uninterrupted run's weights, EMA included."""
+    if stage == "tokenizer":
+        settings = tokenizer_settings(photos, tmp_path / "run")
+    else:
+        training = training_settings(tmp_path / "run", max_steps=4, save_steps=2, logging_steps=1,
+                                     per_device_train_batch_size=2)
+        settings = {"stage": stage, "script": {**STAGE_SCRIPTS[stage](components), "resume": "auto"},
+                    "training": training}
+    max_steps = settings["training"]["max_steps"]
+    reference = run_stage(settings, tmp_path, "reference")
+    assert reference.returncode == 0, reference.stderr[-6000:]
+    expected = final_weights(tmp_path / "run" / "final")
+    expected_losses = losses(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "final")  # what a kill after the last checkpoint leaves: no final folder
+
+    resumed = run_stage(settings, tmp_path, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert not (tmp_path / "run" / f"checkpoint-{max_steps + 1}").exists()
+    assert losses(tmp_path / "run") == expected_losses
+    got = final_weights(tmp_path / "run" / "final")
     assert got.keys() == expected.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name

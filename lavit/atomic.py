@@ -267,14 +267,24 @@ def write_json_atomically(path, document, indent: int | None = 2) -> None:
 
 
 PNG_SOFTWARE = "lavit"  # the PNG `Software` text of every image lavit writes: what lets a rerun replace it
+PNG_PIXELS_HASH = "lavit:pixels-sha256"  # beside it, the hash of the pixels lavit wrote: an edit loses the licence
 
 
 class NotLavitFileError(NotLavitFolderError):
     """A file lavit would have to overwrite, but did not write (or one the user changed since)."""
 
 
+def _pixels_sha256(image) -> str:
+    """SHA-256 of a PIL image's mode, size and pixels: what an edit changes, whatever text chunks an editor keeps."""
+    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
 def is_lavit_file(path) -> bool:
-    """True when `path` is a regular file (not a link) that lavit wrote: a PNG whose `Software` text is lavit's."""
+    """True when `path` is a regular file (not a link) that lavit wrote and nobody changed since: a PNG whose
+    `Software` text is lavit's and whose pixels still match the hash lavit wrote into it (an editor that keeps
+    the text chunks of a PNG would otherwise pass the user's edit off as lavit's)."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         return False
@@ -282,7 +292,9 @@ def is_lavit_file(path) -> bool:
 
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and str(image.text.get("Software", "")).split(" ")[0] == PNG_SOFTWARE
+            if image.format != "PNG" or str(image.text.get("Software", "")).split(" ")[0] != PNG_SOFTWARE:
+                return False
+            return image.text.get(PNG_PIXELS_HASH) == _pixels_sha256(image)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return False
 
@@ -293,8 +305,8 @@ def require_lavit_file(path, name: str = "the output") -> None:
     path = Path(path)
     if os.path.lexists(path) and not is_lavit_file(path):
         raise NotLavitFileError(
-            f"{path} ({name}) exists and was not written by lavit, so lavit will not overwrite it: choose another "
-            f"{name}, or move or delete {path} yourself"
+            f"{path} ({name}) exists and was not written by lavit (or was changed since), so lavit will not "
+            f"overwrite it: choose another {name}, or move or delete {path} yourself"
         )
 
 
@@ -306,4 +318,5 @@ def save_png_atomically(image, path) -> None:
     require_lavit_file(path)
     info = PngInfo()
     info.add_text("Software", f"{PNG_SOFTWARE} {_version()}")
+    info.add_text(PNG_PIXELS_HASH, _pixels_sha256(image))
     write_atomically(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info), suffix=".png")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import lavit.atomic as atomic
 from lavit.atomic import (
@@ -225,9 +226,18 @@ def test_lavit_replaces_its_own_images_and_refuses_the_users(tmp_path):
     save_png_atomically(image, ours)
     image.save(users)  # a plain PNG: no lavit Software text
     text.write_text("not an image")
-    assert is_lavit_file(ours) and not is_lavit_file(users) and not is_lavit_file(text)
+    edited = tmp_path / "edited.png"  # lavit's image edited in a program that keeps the PNG's text chunks
+    save_png_atomically(image, edited)
+    with Image.open(edited) as written:
+        info = PngInfo()
+        for key, value in written.text.items():
+            info.add_text(key, value)
+        changed = written.convert("RGB")
+    changed.putpixel((0, 0), (255, 0, 0))
+    changed.save(edited, pnginfo=info)
+    assert is_lavit_file(ours) and not any(map(is_lavit_file, (users, text, edited)))
     save_png_atomically(Image.new("RGB", (4, 4)), ours)  # a rerun replaces lavit's own file
-    for path in (users, text):
+    for path in (users, text, edited):
         before = path.read_bytes()
         with pytest.raises(NotLavitFileError, match="not written by lavit"):
             save_png_atomically(image, path)

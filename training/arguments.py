@@ -370,9 +370,33 @@ class LaVITArgumentParser(HfArgumentParser):
             parsed = self.parse_yaml_file(args[0])
         else:
             parsed = self.parse_args_into_dataclasses(args)
+        given = self.given_flags(args)
+        for arguments in parsed:  # what the run set itself, whatever the value: a preset leaves it alone
+            if not isinstance(arguments, TrainingArguments):
+                arguments.given_flags = given
         check_paths(*parsed)  # no output folder is, holds or lies inside an input (`lavit.paths`)
         require_safetensors_inputs(*parsed)  # no model folder with pickled weights is loaded (`lavit.file_kinds`)
         return parsed
+
+    def given_flags(self, args: list[str]) -> frozenset[str]:
+        """The fields `args` sets (flags in any spelling or abbreviation argparse takes, `--no_X`, or a config
+        file's keys), by field name."""
+        if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
+            import yaml
+
+            return frozenset(yaml.safe_load(Path(args[0]).read_text()) or {})
+        given = set()
+        for token in args:
+            if not token.startswith("--"):
+                continue
+            flag = token.split("=", 1)[0]
+            if flag in self._option_string_actions:
+                given.add(self._option_string_actions[flag].dest)
+                continue
+            abbreviated = {action.dest for option, action in self._option_string_actions.items()
+                           if option.startswith(flag)}
+            given |= abbreviated if len(abbreviated) == 1 else set()
+        return frozenset(given)
 
     @staticmethod
     def _parse_dataclass_field(parser, data_field: dataclasses.Field):

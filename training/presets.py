@@ -2,8 +2,9 @@
 
 A preset fills in the settings a run leaves at their defaults (learning rates, batch size, row length, crops) and
 scales the number of optimizer steps to the data: `epochs` passes over the training rows, at least `min_steps` and
-at most `max_steps`. Whatever a run sets itself wins (`--max_steps` included); a flag given with its default value
-cannot be told apart from an unset one.
+at most `max_steps`. Whatever a run sets itself wins (`--max_steps` included), on the command line or in a config
+file even at the flag's default value (the stage parser records the flags given); in Python, a field left at its
+default counts as unset.
 """
 
 import dataclasses
@@ -113,6 +114,8 @@ def apply_preset(stage: str, name: str | None, script_args, training_args, model
     for setting, value in (preset.settings.items() if preset else ()):
         arguments = script_args if hasattr(script_args, setting) else training_args
         value = value(model) if callable(value) else value
+        if setting in getattr(script_args, "given_flags", ()):  # given on the command line, even at its default
+            continue
         if getattr(arguments, setting) == _default_of(arguments, setting):
             setattr(arguments, setting, value)
             applied[setting] = value

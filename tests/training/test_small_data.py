@@ -48,6 +48,54 @@ def test_a_preset_fills_what_the_run_left_at_defaults_and_scales_steps_to_the_da
     assert set(PRESETS) == {"tokenizer", "pretrain", "finetune"}
 
 
+@pytest.mark.parametrize("form", ["flags", "dashed_abbreviated", "config_file"])
+def test_a_preset_leaves_every_setting_the_run_gave_even_at_its_default(tmp_path, form):
+    """Every setting of every stage's preset, given on the command line (or in a config file) at its default value,
+    is the run's choice: the preset leaves it, as it leaves one given at any other value."""
+    import yaml
+    from lavit.training.arguments import (
+        FinetuningArguments,
+        LaVITTrainingArguments,
+        PretrainingArguments,
+        TokenizerTrainingArguments,
+        make_stage_parser,
+    )
+    from lavit.training.presets import PRESETS, apply_preset
+
+    stages = {"tokenizer": TokenizerTrainingArguments, "pretrain": PretrainingArguments,
+              "finetune": FinetuningArguments}
+    assert set(stages) == set(PRESETS)
+    model = type("Model", (), {"config": tiny_lavit_config(100)})()
+    for stage, arguments_class in stages.items():
+        parser = make_stage_parser((arguments_class, LaVITTrainingArguments), None, stage, "")
+        defaults = {}
+        for setting in PRESETS[stage]["small-data"].settings:
+            owner = arguments_class if setting in arguments_class.__dataclass_fields__ else LaVITTrainingArguments
+            default = owner.__dataclass_fields__[setting].default
+            if default is not None:  # a flag cannot give None
+                defaults[setting] = getattr(default, "value", default)
+        given = {"data": "unused", "output_dir": str(tmp_path / stage), "preset": "small-data", **defaults}
+        if stage != "tokenizer":
+            given["model" if stage == "finetune" else "language_model"] = "org/name"
+        if form == "config_file":
+            path = tmp_path / f"{stage}.yaml"
+            path.write_text(yaml.safe_dump(given))
+            argv = [str(path)]
+        else:
+            # `--max-len` for `--max_length`: argparse's abbreviations, in the dashed spelling
+            flag = (lambda name: "--" + name.replace("_", "-")[:-2]) if form == "dashed_abbreviated" else (
+                lambda name: f"--{name}")
+            argv = [part for name, value in given.items() for part in (
+                f"--{name}" if name in ("data", "output_dir", "preset", "model", "language_model") or len(name) < 8
+                else flag(name), str(value))]
+        script, training = parser.parse_args_and_config(argv)
+        _, applied = apply_preset(stage, "small-data", script, training, model)
+        assert not set(applied) & set(defaults), (stage, form, applied)
+        for setting, value in defaults.items():
+            owner = script if hasattr(script, setting) else training
+            assert getattr(getattr(owner, setting), "value", getattr(owner, setting)) == value, (stage, setting)
+
+
 def test_random_order_draws_each_pair_order_per_epoch_from_the_seed(lavit_processor):
     import datasets
     from lavit.training.sample_data import PHOTO_CLASSES, photo_caption

@@ -163,7 +163,11 @@ def build_app(args: dict):
 def replica_scaling(settings: ServeSettings) -> dict:
     """A fixed number of model replicas, or (`max_replicas` above `replicas`) Ray Serve's autoscaler between the two,
     aiming at `target_ongoing_requests` per replica."""
-    if not settings.max_replicas or settings.max_replicas <= settings.replicas:
+    if settings.max_replicas and settings.max_replicas < settings.replicas:
+        raise ValueError(f"--max-replicas {settings.max_replicas} is below --replicas {settings.replicas} (the "
+                         f"autoscaler's least): give --max-replicas of at least {settings.replicas}, or leave it out "
+                         f"for a fixed number")
+    if not settings.max_replicas or settings.max_replicas == settings.replicas:
         if settings.autoscaling:
             raise ValueError("autoscaling settings need max_replicas above replicas")
         return {"num_replicas": settings.replicas}

@@ -38,8 +38,9 @@ class OpenAIError(Exception):
 
 
 class Strict(BaseModel):
-    # unknown fields are refused (OpenAI answers "Unrecognized request argument"), so a typo is never ignored
-    model_config = ConfigDict(extra="forbid")
+    # unknown fields are refused (OpenAI answers "Unrecognized request argument"), so a typo is never ignored; values
+    # are taken as their JSON type only (strict): `"n": true` or `"n": "2"` is refused, not read as 1 or 2
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageURL(Strict):

@@ -32,3 +32,6 @@ def test_replica_scaling_is_fixed_or_autoscaled():
                                              "downscale_delay_s": 5.0}}
     with pytest.raises(ValueError, match="max_replicas"):
         replica_scaling(ServeSettings(model="m", autoscaling={"downscale_delay_s": 5.0}))
+    with pytest.raises(ValueError, match="--max-replicas 1 is below --replicas 2"):
+        replica_scaling(ServeSettings(model="m", replicas=2, max_replicas=1))
+    assert replica_scaling(ServeSettings(model="m", replicas=2, max_replicas=2)) == {"num_replicas": 2}

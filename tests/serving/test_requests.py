@@ -77,6 +77,28 @@ def test_wrong_types_name_the_field(client, model, name):
     assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
 
 
+def json_type_cases():
+    """(model, field, value) with a value of every JSON type the field's schema does not take that a lax parser
+    would coerce (`true` as 1, `"2"` as 2, `1` as true, `1.5` as an integer...)."""
+    candidates = {"boolean": True, "string": "2", "integer": 2, "number": 1.5}
+    for model in ENDPOINTS:
+        for name, schema in model.model_json_schema()["properties"].items():
+            options = schema.get("anyOf", [schema])
+            if any("$ref" in option or "items" in option and "$ref" in str(option) for option in options) and \
+                    name not in ("content",):
+                continue  # object and list-of-object fields: covered by test_wrong_types_name_the_field
+            taken = {option.get("type") for option in options}
+            taken |= {"integer"} if "number" in taken else set()
+            for kind, value in candidates.items():
+                if kind not in taken:
+                    yield pytest.param(model, name, value, id=f"{model.__name__}.{name}.{kind}")
+
+
+@pytest.mark.parametrize(("model", "name", "value"), list(json_type_cases()))
+def test_values_of_another_json_type_are_refused_not_coerced(client, model, name, value):
+    assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
+
+
 @pytest.mark.parametrize("model", list(ENDPOINTS))
 def test_malformed_json_unknown_fields_and_unknown_model(client, model):
     url = ENDPOINTS[model]

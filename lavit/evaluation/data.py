@@ -65,9 +65,10 @@ def load_image(image):
 def sample_key(value, where: str = "an id") -> str:
     """The one form of an id: ids are matched between files (a caption's `image_id` to an image's `id`) and to
     predictions as text, so `1`, `1.0` and `"1"` are the same id whichever file writes which. Any other value (a
-    fraction, a bool, a list, null) is refused with a `ValueError` naming `where` (e.g. `file: annotations[3]`)."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+    fraction, a float past 2**53, where JSON numbers stop holding every integer, a bool, a list, null) is refused
+    with a `ValueError` naming `where` (e.g. `file: annotations[3]`)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        value = int(value)  # beyond 2**53 a float is not the integer the file wrote: refused below
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return str(value)
     raise ValueError(f"{where}: an id must be an integer or a string, got {value!r:.80}: fix the file")

@@ -80,7 +80,7 @@ def test_unmatched_records_stop_the_load_with_their_count(tmp_path, caplog, form
 def test_ids_are_integers_or_strings_and_a_whole_float_is_the_integer(tmp_path, format):
     samples = load(tmp_path, format, [3, 4], [3.0, "4"])
     assert [(sample.id, len(sample.references)) for sample in samples] == [("3", 1), ("4", 1)]
-    for bad in (3.5, True, None, [3], {"id": 3}):
+    for bad in (3.5, 2.0**53 + 2, True, None, [3], {"id": 3}):  # 2**53 + 2: a float that may be another integer
         with pytest.raises(ValueError, match=r"(image_id|question_id): an id must be an integer or a string, got"):
             load(tmp_path, format, [3], [bad])
         with pytest.raises(ValueError, match=r"\.(id|question_id): an id must be"):

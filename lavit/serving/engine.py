@@ -245,8 +245,10 @@ class LaVITEngine:
             error = OpenAIError("this model is a language model folder without a pixel decoder: serve a "
                                 "LaVITPipeline folder (model_index.json) to draw images", "model", status=400)
             return [error] * len(jobs)
-        results = {}
-        for _, group in groupby(sorted(range(len(jobs)), key=lambda i: repr(jobs[i].batch_key())),
+        errors = {i: self.size_error(job) for i, job in enumerate(jobs)}
+        results = {i: error for i, error in errors.items() if error is not None}
+        drawable = [i for i in range(len(jobs)) if i not in results]
+        for _, group in groupby(sorted(drawable, key=lambda i: repr(jobs[i].batch_key())),
                                 key=lambda i: repr(jobs[i].batch_key())):
             group = list(group)
             try:
@@ -256,6 +258,19 @@ class LaVITEngine:
                          [item for i in group for item in self.render_images([jobs[i]])])
             results.update(zip(group, drawn, strict=True))
         return [results[i] for i in range(len(jobs))]
+
+    def size_error(self, job: ImageJob) -> OpenAIError | None:
+        """The decoder's own bound on the job's `size` (multiples, largest side) as an error naming `size`, checked
+        with the other settings at their defaults so that nothing else can fail here; None when it can be drawn."""
+        if job.size is None:
+            return None
+        try:
+            height, width, steps, guidance_scale = self.pipeline.decode_settings(*job.size)
+            self.pipeline.check_decode_request(height, width, steps, images=1, guidance_scale=guidance_scale)
+        except ValueError as error:
+            return OpenAIError(f"size {width}x{height} cannot be drawn by this model: {str(error).splitlines()[0]}",
+                               "size")
+        return None
 
     def _draw(self, jobs: list[ImageJob]) -> list[list[str]]:
         """One pipeline call for jobs that share size and settings: each job's prompt once per image. The request's

@@ -97,7 +97,18 @@ def test_batched_image_requests_equal_each_alone(engine_and_preparer):
     # a failure stays with its request: one bad size among good ones
     bad = preparer.image_job(ImageGenerationRequest(prompt="a cat", size="37x37", num_inference_steps=2))
     mixed = engine.render_images([jobs[1], bad])
-    assert mixed[0] == batched[1] and isinstance(mixed[1], OpenAIError)
+    assert mixed[0] == batched[1] and isinstance(mixed[1], OpenAIError) and mixed[1].param == "size"
+
+
+def test_a_size_the_decoder_cannot_draw_is_an_error_naming_size(engine_and_preparer):
+    """Sizes past the decoder's own bounds (its multiple, its largest side) fail before any drawing, naming `size`."""
+    from lavit.serving.schemas import ImageGenerationRequest
+
+    engine, preparer = engine_and_preparer
+    sizes = ["1x1", "9x7", "1024x1", "37x37"]
+    jobs = [preparer.image_job(ImageGenerationRequest(prompt="a cat", size=size)) for size in sizes]
+    for size, error in zip(sizes, engine.render_images(jobs), strict=True):
+        assert isinstance(error, OpenAIError) and error.param == "size" and size in error.message, (size, error)
 
 
 def test_a_cancelled_request_stops_and_its_batch_mates_go_on(engine_and_preparer):

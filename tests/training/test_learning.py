@@ -116,9 +116,9 @@ def test_small_data_readme_commands_caption_held_out_photos(tmp_path, monkeypatc
     accuracy = sum(truth[entry["image"]] in entry["caption"].split() for entry in captions) / len(captions)
     with capsys.disabled():
         print(f"\nsmall-data recipe: held-out caption accuracy {accuracy:.2f} (chance 0.10), {seconds / 60:.1f} min")
-    # 100 held-out crops, ten classes: 35 or more right has probability below 1e-10 at chance. Observed with the
-    # preset as it is: 0.64 with the commands as written, 0.64 with --seed 1 and with --seed 7 on every command
-    # (README, 'Small data'). The bar lies 0.29 under that, more than the largest swing seen between two machines
-    # (0.57 here, 0.32 on CI, before the preset cropped images and kept checkpoints by loss); at a true 0.5 the 100
-    # crops alone fall under it with probability 1e-3, at 0.64 with 1e-9
-    assert accuracy >= 0.35, (accuracy, [entry["caption"] for entry in captions[:10]])
+    # 100 held-out crops, ten classes: 25 or more right has probability 1.3e-5 at chance. Observed with the preset
+    # as it is: 0.64 with one torch thread at seeds 42, 1 and 7, 0.41 with two threads (seed 42); before the preset
+    # cropped images and kept checkpoints by loss, 0.57 here and 0.32 on CI's machine. Machines and thread counts
+    # change the rounding, and a few hundred steps on 400 crops carry it that far: the bar asks for learning far
+    # above chance, not for the README's figure (a true 0.41 falls under it with probability 3e-4)
+    assert accuracy >= 0.25, (accuracy, [entry["caption"] for entry in captions[:10]])

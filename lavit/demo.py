@@ -161,18 +161,25 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
     ]
     language_model = write_small_language_model(runs / "language_model", corpus, vocab_size=120, hidden_size=64)
     pretrained = pretrain(
-        PretrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
-                             language_model=str(language_model), preset="small-data", resume="no"),
+        whole_digits(PretrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
+                                          language_model=str(language_model), preset="small-data", resume="no")),
         stage_arguments(runs / "pretrain", steps["pretrain"]),
     )
 
     print("[4/6] fine-tuning: visual question answering")
     finetuned = finetune(
-        FinetuningArguments(model=str(pretrained), data=str(train_folder), task="vqa", preset="small-data",
-                            resume="no"),
+        whole_digits(FinetuningArguments(model=str(pretrained), data=str(train_folder), task="vqa",
+                                         preset="small-data", resume="no")),
         stage_arguments(runs / "finetune", steps["finetune"]),
     )
     return tokenizer_folder, pretrained, finetuned
+
+
+def whole_digits(arguments):
+    """The preset's random crops and mirror images off, as a run that gives `--crop_scale 1 --horizontal_flip
+    false`: a mirrored or half-cropped digit is another digit or none, and the LM also learns to draw them."""
+    arguments.given_flags = frozenset({"crop_scale", "horizontal_flip"})
+    return arguments
 
 
 def run_demo(output: Path, quick: bool = False) -> dict:

@@ -1,6 +1,7 @@
 import base64
 import io
 import socket
+import threading
 
 import numpy as np
 import torch
@@ -59,3 +60,24 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def request_outcome(api, body: dict, streaming: threading.Event) -> str:
+    """How a chat request (`body`: the `openai` client's `create` arguments) ended: "200", its status code,
+    "connection error", or "stream error" (the clean error event that ends a stream whose replica was lost; any
+    other error event is returned with its body). `streaming` is set once a stream yields."""
+    import openai
+
+    try:
+        answer = api.chat.completions.create(**body)
+        for _ in answer if body.get("stream") else ():
+            streaming.set()
+        return "200"
+    except openai.APIStatusError as error:
+        return str(error.status_code)
+    except openai.APIConnectionError:
+        return "connection error"
+    except openai.APIError as error:  # an error event ended the stream: the clean one names its cause
+        if (error.body or {}).get("code") != "replica_lost":
+            return f"stream error {error.body}"
+        return "stream error"

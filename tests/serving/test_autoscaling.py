@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 
 import openai
 import pytest
-from serving_helpers import free_port, write_tiny_lavit
+from serving_helpers import free_port, request_outcome, write_tiny_lavit
 
 pytestmark = pytest.mark.slow
 SCALE_UP_S, SCALE_DOWN_S = 120, 120
@@ -92,27 +92,6 @@ def test_replicas_scale_up_under_load_and_back_down(autoscaled):
           f"({len(answered)} requests answered)")
 
 
-def outcome(api, index: int, started: threading.Event) -> str:
-    """How a request ended: "200", its status code, or "stream error" (an error event ended the stream)."""
-    body = {"model": "tiny-lavit", "messages": [{"role": "user", "content": "two dogs play"}], "max_tokens": 300,
-            "temperature": 1.0, "seed": index}
-    try:
-        if index % 2 == 0:
-            api.chat.completions.create(**body)
-        else:
-            for _ in api.chat.completions.create(**body, stream=True):
-                started.set()
-        return "200"
-    except openai.APIStatusError as error:
-        return str(error.status_code)
-    except openai.APIConnectionError:
-        return "connection error"
-    except openai.APIError as error:  # an error event ended the stream: the clean one names its cause
-        if (error.body or {}).get("code") != "replica_lost":
-            return f"stream error {error.body}"
-        return "stream error"
-
-
 def test_replicas_killed_through_ray_never_hang_a_request(autoscaled):
     import ray
 
@@ -121,7 +100,10 @@ def test_replicas_killed_through_ray_never_hang_a_request(autoscaled):
     api, running, _ = autoscaled
     started = threading.Event()
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(outcome, api, index, started) for index in range(6)]
+        body = {"model": "tiny-lavit", "messages": [{"role": "user", "content": "two dogs play"}],
+                "max_tokens": 300, "temperature": 1.0}
+        futures = [pool.submit(request_outcome, api, {**body, "seed": index, "stream": index % 2 == 1}, started)
+                   for index in range(6)]
         assert started.wait(timeout=60), "no request started"
         replicas = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
                     if f"#{MODEL_DEPLOYMENT}#" in actor["name"] and "strict" not in actor["name"]]

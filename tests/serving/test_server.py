@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import psutil
 import pytest
-from serving_helpers import alone, data_url, free_port, write_tiny_lavit
+from serving_helpers import alone, data_url, free_port, request_outcome, write_tiny_lavit
 
 from lavit.serving.engine import LaVITEngine, RequestPreparer
 from lavit.serving.schemas import ChatCompletionRequest, ServeLimits
@@ -161,31 +161,13 @@ def replica_processes(server) -> list[psutil.Process]:
     return [child for child in children if "ServeReplica:lavit:LaVITModel" in " ".join(child.cmdline())]
 
 
-def outcome(api, body, streaming: threading.Event) -> str:
-    """How a request ended: "200", a status code, or "stream error" (an error event mid-stream)."""
-    try:
-        if not body.get("stream"):
-            ask(api, body)
-            return "200"
-        for _ in ask(api, body):
-            streaming.set()
-        return "200"
-    except openai.APIStatusError as error:
-        return str(error.status_code)
-    except openai.APIConnectionError:
-        return "connection error"
-    except openai.APIError as error:  # an error event ended the stream: the clean one names its cause
-        if (error.body or {}).get("code") != "replica_lost":
-            return f"stream error {error.body}"  # the error event that ends a stream whose replica was lost
-        return "stream error"
-
-
 def test_a_killed_replica_never_hangs_a_request(server):
     api = client(server, timeout=90)
     body = {"messages": user("a photo of a cat"), "max_tokens": 400, "temperature": 1.0}
     streaming = threading.Event()
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(outcome, api, {**body, "seed": index, "stream": index % 2 == 1}, streaming)
+        futures = [pool.submit(request_outcome, api, {**body, "model": "tiny-lavit", "seed": index,
+                                                      "stream": index % 2 == 1}, streaming)
                    for index in range(8)]
         assert streaming.wait(timeout=60), "no request started"
         replicas = replica_processes(server)

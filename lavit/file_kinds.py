@@ -262,11 +262,11 @@ def require_safetensors_inputs(*arguments) -> None:
 
     for parsed in arguments:
         for flag, role, value in declared_paths(parsed):
+            if role != INPUT:
+                continue
             names_a_model = any(word in flag for word in MODEL_FLAG_WORDS)
             for path in value if isinstance(value, (list, tuple)) else [value]:
                 folder = Path(path).expanduser()  # a model folder, or a pipeline folder with one per component
-                if role != INPUT:
-                    continue
                 if any((folder / name).is_file() for name in ("config.json", "model_index.json")) or (
                         names_a_model and not os.path.lexists(folder)):
                     require_safetensors_weights(path)

@@ -113,6 +113,7 @@ class LaVITTrainer(Trainer):
             check_extension_locks()
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(DataEpochCallback(self.train_dataset))
+        self.add_callback(StopAtMaxStepsCallback())  # a run resumed at its last step takes no step more
         self.add_callback(CheckpointCompletionCallback())  # last: after every callback that writes into checkpoints
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -159,8 +160,6 @@ class LaVITTrainer(Trainer):
             # the batches a resumed run skips over were counted by the run that wrote the checkpoint
             counts = json.loads(path.read_text())
             self._skipped_here, self._used_here = counts["skipped_records"], counts.get("used_records", 0)
-        if not any(isinstance(callback, StopAtMaxStepsCallback) for callback in self.callback_handler.callbacks):
-            self.add_callback(StopAtMaxStepsCallback)
         try:
             result = super().train(resume_from_checkpoint, *args, **kwargs)
         except TrainingComplete:

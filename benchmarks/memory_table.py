@@ -15,7 +15,7 @@ Byte counts per parameter:
                         trained weights, whole on every GPU
   LoRA (r=16, q/v)      bf16 frozen weights (2 per parameter) + the adapters at 16 bytes per parameter
 
-    python benchmarks/memory_table.py          # prints the markdown table of the README
+    python benchmarks/memory_table.py          # prints the markdown table of docs/sizes.md
 """
 
 import torch

@@ -147,7 +147,7 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
     from lavit.training.stage1_tokenizer import TokenizerTrainingArguments, train_tokenizer
     from lavit.training.stage2_pretrain import PretrainingArguments, pretrain
 
-    # every stage: `--preset small-data` (README, "Small data") with the demo's step counts
+    # every stage: `--preset small-data` (docs/training.md, "Small data") with the demo's step counts
     print("[2/6] stage 1: visual tokenizer (the 'small' config: 64 px, 8 px patches, 256 codes)")
     # the 64 codes of the 'tiny' config are too few for the codes of a digit to tell its class
     tokenizer_folder = train_tokenizer(
@@ -334,7 +334,8 @@ def print_summary(evaluation: list[dict], tuned: dict, written: list, hub_folder
     print("\nwritten:")
     for path in written:
         print(f"  {path}")
-    print(f"  {hub_folder}  (loads with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True))")
+    print(f"  {hub_folder}  (DiffusionPipeline.from_pretrained(folder, trust_remote_code=True); the LM: "
+          "AutoModelForCausalLM.from_pretrained(folder, subfolder='language_model', trust_remote_code=True))")
     print(f"\n{generated_note}")
     print(f"\ndone in {seconds / 60:.1f} min.")
     accuracy = tuned["vqa_accuracy"]

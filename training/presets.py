@@ -49,7 +49,7 @@ def row_length_for_patches(model) -> int:
 
 SMALL_DATA = "small-data"
 # a few hundred images teach the LM the exact token strings of each one; crops and mirror images of them make it
-# learn what the strings of one subject share (held-out crops of unseen parts of a photo: 0.57 -> see README)
+# learn what the strings of one subject share (held-out crops of unseen parts of a photo: 0.57 -> see docs/training.md)
 SMALL_DATA_AUGMENTATION = {"crop_scale": 0.5, "horizontal_flip": True}
 PRESETS = {
     "tokenizer": {SMALL_DATA: TrainingPreset(
@@ -86,7 +86,7 @@ def preset_field(stage: str):
     """The `preset` field of a stage's arguments: `--preset NAME`, checked by the parser, every preset in `--help`."""
     names = "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS[stage].items())
     return dataclasses.field(default=None, metadata={
-        "help": f"Settings for a kind of run, scaled to the data size; flags you give win. {names}. See README, "
+        "help": f"Settings for a kind of run, scaled to the data size; flags you give win. {names}. See docs/training.md, "
                 f"'Small data'.", "choices": sorted(PRESETS[stage])})
 
 

@@ -2,7 +2,7 @@
 predictions appended to JSONL as they are made (resumable), data-parallel across `accelerate launch` processes, then
 the metrics into `results.json` and model-card rows.
 
-Protocol (official LaVIT `evaluate.py`, see the README's Evaluation section):
+Protocol (official LaVIT `evaluate.py`, see docs/evaluation.md):
 - caption: prompt = the image alone; beam search 2, 8..36 new tokens; the caption is cut at its first `.`.
 - vqa: `"Question: {q} Answer:"` after the image; beam search 5, 2..10 new tokens, no length normalisation; the answer
   is the first line cut at `question:`, `Long answer:`, `,` and `.`, then LaVIT's answer rules

@@ -3,7 +3,7 @@ images, prompt length) in front of the model deployment (replicas, each with a `
 requests with `@serve.batch` into one `generate`).
 
 One machine: `lavit serve MODEL` (`run_server`). A cluster: `serve deploy` a config whose `import_path` is
-`lavit.serving.deployments:build_app` and whose `args` are `ServeSettings` fields (README, "Serve").
+`lavit.serving.deployments:build_app` and whose `args` are `ServeSettings` fields (docs/serving.md).
 """
 
 import asyncio

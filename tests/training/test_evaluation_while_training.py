@@ -131,7 +131,7 @@ def test_evaluation_settings_without_held_out_data_name_the_fix(tmp_path):
 @pytest.mark.parametrize("task", ["caption", "vqa", "chat"])
 def test_small_data_preset_keeps_the_checkpoint_of_the_lowest_held_out_loss(task, tmp_path):
     """By the loss, for every task: the task metric of a tenth of a few hundred examples is too coarse and noisy to
-    pick checkpoints (it kept checkpoints trained half as long; README, 'Small data'); a metric the run names wins."""
+    pick checkpoints (it kept checkpoints trained half as long; docs/training.md, 'Small data'); a metric the run names wins."""
     from conftest import training_args
     from lavit.training.arguments import FinetuningArguments
     from lavit.training.evaluation import configure_evaluation
@@ -232,7 +232,7 @@ def test_streamed_held_out_data_with_a_bad_record_is_evaluated_and_counted(comma
     "the whole small-data recipe on a new folder takes 10-25 minutes on 2 cores, more than CI's share for one test; "
     "run it with LAVIT_RECIPE_TESTS=1 (benchmarks/small_data_recipe.py measures all three folders)"))
 def test_small_data_recipe_holds_on_a_folder_it_was_not_tuned_on(tmp_path):
-    """The README's small-data commands on one of benchmarks/small_data_recipe.py's folders (ten grey-scale
+    """The small-data commands of docs/training.md on one of benchmarks/small_data_recipe.py's folders (ten grey-scale
     scikit-image photographs, crops of 15-20% of the side, "an image of the brick"): held-out accuracy >= 0.5 (chance
     0.1; 0.70 measured, 0.62 before the preset cropped images and kept checkpoints by loss). Minutes on 2 cores,
     many more when the machine is shared."""

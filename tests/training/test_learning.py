@@ -1,5 +1,5 @@
 """Proof that the stages learn (CPU, tiny models, real images): stage 1 on photographs, stage 2 + fine-tuning on
-handwritten digits, and the README's small-data commands on photo crops."""
+handwritten digits, and the small-data commands of docs/training.md on photo crops."""
 
 import glob
 import json
@@ -81,15 +81,15 @@ def test_stage2_and_finetuning_on_digits_answer_and_draw_above_chance(tmp_path):
     assert vqa_accuracy >= 0.2, vqa_accuracy
 
 
-def readme_commands(heading: str) -> list[list[str]]:
-    """The `lavit ...` lines of the first bash block after `heading` in the README, as argument lists."""
-    section = (REPO_ROOT / "README.md").read_text().split(heading, 1)[1]
+def documented_commands(heading: str) -> list[list[str]]:
+    """The `lavit ...` lines of the first bash block after `heading` in docs/training.md, as argument lists."""
+    section = (REPO_ROOT / "docs" / "training.md").read_text().split(heading, 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     return [shlex.split(line) for line in block.splitlines() if line.startswith("lavit ")]
 
 
-def test_small_data_readme_commands_caption_held_out_photos(tmp_path, monkeypatch, capsys):
-    """The README's small-data commands, as a user copies them, on 400 crops of ten photographs: captions of 100
+def test_small_data_documented_commands_caption_held_out_photos(tmp_path, monkeypatch, capsys):
+    """The small-data commands of docs/training.md, as a user copies them, on 400 crops of ten photographs: captions of 100
     crops from parts of the photos never trained on name the right photo far above chance (about 2.5 to 4 minutes
     on 2 cores)."""
     from lavit.training.sample_data import PHOTO_CLASSES, write_photo_crops_imagefolder
@@ -99,7 +99,7 @@ def test_small_data_readme_commands_caption_held_out_photos(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     write_photo_crops_imagefolder("photos/train", 400)
     write_photo_crops_imagefolder("photos/held_out", 100, held_out=True)
-    *training, caption = readme_commands("### Small data")
+    *training, caption = documented_commands("## Small data")
     assert [argv[1] for argv in training] == ["new-language-model", "train-tokenizer", "train", "finetune"]
     assert caption[:2] == ["lavit", "caption"] and "--json" in caption
     started = time.perf_counter()
@@ -120,5 +120,5 @@ def test_small_data_readme_commands_caption_held_out_photos(tmp_path, monkeypatc
     # as it is: 0.64 with one torch thread at seeds 42, 1 and 7, 0.41 with two threads (seed 42); before the preset
     # cropped images and kept checkpoints by loss, 0.57 here and 0.32 on CI's machine. Machines and thread counts
     # change the rounding, and a few hundred steps on 400 crops carry it that far: the bar asks for learning far
-    # above chance, not for the README's figure (a true 0.41 falls under it with probability 3e-4)
+    # above chance, not for the documented figure (a true 0.41 falls under it with probability 3e-4)
     assert accuracy >= 0.25, (accuracy, [entry["caption"] for entry in captions[:10]])

@@ -594,7 +594,7 @@ def test_annotations_name_their_file_and_field(tmp_path):
 
 @pytest.mark.slow
 def test_an_adapter_folder_loads_in_every_model_command(tmp_path, capsys, decoding_folder, photo_file):
-    """The TRL + LoRA recipe (README, docs/unified_model.md) saves a PEFT adapter folder (adapter_config.json, no config.json): `lavit
+    """The TRL + LoRA recipe (README) saves a PEFT adapter folder (adapter_config.json, no config.json): `lavit
     caption` and `vqa` load it as its base model with the adapters merged (`evaluate`, `generate`, `reconstruct` and
     `export` use the same loader) and caption what the merged model captions; `tokenize` takes it too."""
     from lavit.training.lora import lora_config

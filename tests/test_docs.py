@@ -129,15 +129,22 @@ def test_every_skip_comment_belongs_to_a_block():
 def demo_folder(tmp_path_factory) -> Path:
     """A folder holding `lavit-demo/` as `lavit demo` writes it (its Hub folder and digit imagefolders), untrained:
     the demo's configs ('small' tokenizer, 'tiny' decoder, a 2-layer LLaMA with a BPE tokenizer on its corpus)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lavit import (LaVITDetokenizer, LaVITForCausalLM, LaVITImageProcessor, LaVITPipeline, LaVITProcessor,
-                       LaVITTokenizerConfig, LaVITTokenizerModel)
-    from lavit.demo import DIGIT_QUESTION, write_digit_data
     from lavit.hub_cards import export_loaded
     from lavit.training.arguments import load_config_preset
     from lavit.training.language_model import write_small_language_model
     from lavit.training.sample_data import DIGIT_NAMES, digit_caption
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lavit import (
+        LaVITDetokenizer,
+        LaVITForCausalLM,
+        LaVITImageProcessor,
+        LaVITPipeline,
+        LaVITProcessor,
+        LaVITTokenizerConfig,
+        LaVITTokenizerModel,
+    )
+    from lavit.demo import DIGIT_QUESTION, write_digit_data
 
     root = tmp_path_factory.mktemp("docs") / "lavit-demo"
     write_digit_data(root / "data" / "digits_train", 32, offset=0)

@@ -86,8 +86,8 @@ def preset_field(stage: str):
     """The `preset` field of a stage's arguments: `--preset NAME`, checked by the parser, every preset in `--help`."""
     names = "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS[stage].items())
     return dataclasses.field(default=None, metadata={
-        "help": f"Settings for a kind of run, scaled to the data size; flags you give win. {names}. See docs/training.md, "
-                f"'Small data'.", "choices": sorted(PRESETS[stage])})
+        "help": f"Settings for a kind of run, scaled to the data size; flags you give win. {names}. "
+                f"See docs/training.md, 'Small data'.", "choices": sorted(PRESETS[stage])})
 
 
 def get_preset(stage: str, name: str | None) -> TrainingPreset | None:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may ask for; requests beyond these get a 4xx before any work starts (stated in docs/serving.md)."""
+    """What one request may ask for; requests beyond these get a 4xx before any work starts (see docs/serving.md)."""
 
     max_body_bytes: int = 16 * 2**20
     max_image_pixels: int = 4096 * 4096

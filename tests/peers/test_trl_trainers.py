@@ -8,7 +8,8 @@ folder reloads to the trained weights and generates the trained model's tokens. 
 image dataset format TRL reads (SFT: prompt-completion and messages, with and without LoRA; DPO: preferences).
 
 With compact `[IMG][/IMG]` placeholders (a processor without the visual tokenizer) TRL 1.16's SFT loss fails on a
-length mismatch: TRL's collator must see the LM's sequence, so every case sets `set_visual_tokenizer` (docs/unified_model.md: Trainer and TRL).
+length mismatch: TRL's collator must see the LM's sequence, so every case sets `set_visual_tokenizer`
+(docs/unified_model.md).
 """
 
 import copy

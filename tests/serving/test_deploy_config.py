@@ -1,4 +1,5 @@
-"""The `serve deploy` config of docs/serving.md is a valid Ray Serve config whose import path builds lavit's application."""
+"""The `serve deploy` config of docs/serving.md is a valid Ray Serve config whose import path builds lavit's
+application."""
 
 import importlib
 import re

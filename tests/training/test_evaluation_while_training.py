@@ -131,7 +131,8 @@ def test_evaluation_settings_without_held_out_data_name_the_fix(tmp_path):
 @pytest.mark.parametrize("task", ["caption", "vqa", "chat"])
 def test_small_data_preset_keeps_the_checkpoint_of_the_lowest_held_out_loss(task, tmp_path):
     """By the loss, for every task: the task metric of a tenth of a few hundred examples is too coarse and noisy to
-    pick checkpoints (it kept checkpoints trained half as long; docs/training.md, 'Small data'); a metric the run names wins."""
+    pick checkpoints (it kept checkpoints trained half as long; docs/training.md, 'Small data'); a metric the run names
+    wins."""
     from conftest import training_args
     from lavit.training.arguments import FinetuningArguments
     from lavit.training.evaluation import configure_evaluation

@@ -89,8 +89,8 @@ def documented_commands(heading: str) -> list[list[str]]:
 
 
 def test_small_data_documented_commands_caption_held_out_photos(tmp_path, monkeypatch, capsys):
-    """The small-data commands of docs/training.md, as a user copies them, on 400 crops of ten photographs: captions of 100
-    crops from parts of the photos never trained on name the right photo far above chance (about 2.5 to 4 minutes
+    """The small-data commands of docs/training.md, as a user copies them, on 400 crops of ten photographs: captions of
+    100 crops from parts of the photos never trained on name the right photo far above chance (about 2.5 to 4 minutes
     on 2 cores)."""
     from lavit.training.sample_data import PHOTO_CLASSES, write_photo_crops_imagefolder
 

@@ -16,7 +16,6 @@
 The block-running test is slow (about 30-60 s for all blocks on 2 cores); the rest is fast.
 """
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -72,6 +71,14 @@ def written_paths(page: Path) -> list[str]:
             if "/" in word and "://" not in word or word in {"Makefile", "pyproject.toml"}:
                 words.append(word)
     return words
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    """The front page tells a new user to run `make test`, the command `.ci/run` runs."""
+    commands = [line.split("#", 1)[0].strip() for block in code_blocks(REPO_ROOT / "README.md")
+                if block["language"] == "bash" for line in block["code"].splitlines()]
+    assert "make test" in commands, commands
+    assert "make test" in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
 
 
 def test_pages_are_found():
@@ -175,4 +182,3 @@ def test_python_block_runs(page, block, demo_folder, tmp_path, monkeypatch):
     torch.manual_seed(0)
     exec(compile(block["code"], f"{page.name}:{block['line']}", "exec"), {"__name__": "__main__"})
     assert Path.cwd() == tmp_path, "a block must not change the working directory"
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"

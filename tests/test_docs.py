@@ -9,7 +9,7 @@
   is substituted in the block's text.
 - A block that cannot run here (a GPU, the official release files, a running server, a download) is preceded by
   `<!-- docs-test: skip (the reason) -->`; every block, skipped or not, must compile, and every skip has a reason.
-- Every relative link resolves (relative to its page), and every path written in code (`training/configs/zero2.json`,
+- Every relative link resolves (relative to its page; a `#heading` too), and every path written in code (`training/configs/zero2.json`,
   in backticks or in a code block) that starts at a top-level entry of the repository exists; no page points
   outside the repository (`../`, absolute file links, the project's `shared/` folder beside it).
 
@@ -86,18 +86,28 @@ def test_pages_are_found():
     assert {"README.md", "ARCHITECTURE.md", "training.md", "cli.md"} <= names, names
 
 
+def anchors(page: Path) -> set[str]:
+    """The `#fragment` of each heading of `page` as GitHub writes it: lower case, punctuation dropped, spaces -> '-'."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO_ROOT)))
 def test_relative_links_resolve_inside_the_repository(page):
     problems = []
-    for match in LINK.finditer(page.read_text()):
-        target = (match.group(1) or match.group(2)).split("#", 1)[0]
-        if not target or re.match(r"[a-z][a-z0-9+.-]*:", target):  # an anchor, or https:, mailto:
+    for match in LINK.finditer(FENCE.sub("", page.read_text())):
+        target, _, fragment = (match.group(1) or match.group(2)).partition("#")
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
             continue
-        resolved = (page.parent / target).resolve()
-        if not resolved.is_relative_to(REPO_ROOT):
+        resolved = (page.parent / target).resolve() if target else page
+        if target.startswith(("/", "~")):
+            problems.append(f"{target}: an absolute path (link relative to the page)")
+        elif not resolved.is_relative_to(REPO_ROOT):
             problems.append(f"{target}: outside the repository")
         elif not resolved.exists():
             problems.append(f"{target}: no such file")
+        elif fragment and resolved.suffix == ".md" and fragment not in anchors(resolved):
+            problems.append(f"{target}#{fragment}: no such heading")
     assert not problems, f"{page.name}: {problems}"
 
 

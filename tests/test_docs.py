@@ -9,9 +9,9 @@
   is substituted in the block's text.
 - A block that cannot run here (a GPU, the official release files, a running server, a download) is preceded by
   `<!-- docs-test: skip (the reason) -->`; every block, skipped or not, must compile, and every skip has a reason.
-- Every relative link resolves (relative to its page; a `#heading` too), and every path written in code (`training/configs/zero2.json`,
-  in backticks or in a code block) that starts at a top-level entry of the repository exists; no page points
-  outside the repository (`../`, absolute file links, the project's `shared/` folder beside it).
+- Every relative link resolves (relative to its page; a `#heading` too), and every path written in code
+  (`training/configs/zero2.json`, in backticks or in a code block) that starts at a top-level entry of the repository
+  exists; no page points outside the repository (`../`, absolute file links, the project's `shared/` folder).
 
 The block-running test is slow (about 30-60 s for all blocks on 2 cores); the rest is fast.
 """

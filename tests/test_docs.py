@@ -26,7 +26,7 @@ from conftest import REPO_ROOT
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->\s*\Z", re.S)
+SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 
@@ -37,7 +37,8 @@ def code_blocks(page: Path) -> list[dict]:
     text = page.read_text()
     blocks = []
     for match in FENCE.finditer(text):
-        skip = SKIP.search(text[:match.start()].rstrip())
+        before = text[:match.start()].rstrip().rpartition("\n")[2]  # the line right before the block
+        skip = SKIP.fullmatch(before.strip())
         reason = None
         if skip is not None:
             reason = skip.group(1).strip().removeprefix("(").removesuffix(")").strip()
@@ -56,8 +57,9 @@ def tracked_top_level() -> set[str]:
     try:
         files = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True,
                                check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):  # not a git checkout: what is there but hidden tool folders
-        return {entry.name for entry in REPO_ROOT.iterdir() if entry.name not in {".venv", ".git", ".peers"}}
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: what is there but what git ignores
+        ignored = {line.strip("/") for line in (REPO_ROOT / ".gitignore").read_text().split() if "*" not in line}
+        return {entry.name for entry in REPO_ROOT.iterdir() if entry.name not in ignored | {".git"}}
     return {name.split("/", 1)[0] for name in files}
 
 

@@ -335,7 +335,7 @@ def print_summary(evaluation: list[dict], tuned: dict, written: list, hub_folder
     for path in written:
         print(f"  {path}")
     print(f"  {hub_folder}  (DiffusionPipeline.from_pretrained(folder, trust_remote_code=True); the LM: "
-          "AutoModelForCausalLM.from_pretrained(folder, subfolder='language_model', trust_remote_code=True))")
+          f"AutoModelForCausalLM.from_pretrained('{hub_folder / 'language_model'}', trust_remote_code=True))")
     print(f"\n{generated_note}")
     print(f"\ndone in {seconds / 60:.1f} min.")
     accuracy = tuned["vqa_accuracy"]

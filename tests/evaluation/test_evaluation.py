@@ -523,3 +523,11 @@ def test_cli_evaluate_reports_each_bad_sample_and_exits_1(tmp_path, lavit_folder
     assert main([str(arg) for arg in [*argv, "--output", tmp_path / "out", "--json"]]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["count"] == 2 and [entry["id"] for entry in document["failed"]] == ["bad", "c"]
+
+
+def test_duplicate_ids_name_their_file_and_the_ids(tmp_path):
+    write_json(tmp_path / "dup.json", [{"image": "a.png", "caption": "x", "image_id": 7},
+                                       {"image": "b.png", "caption": "y", "image_id": 8},
+                                       {"image": "c.png", "caption": "z", "image_id": 7}])
+    with pytest.raises(ValueError, match=r"dup.json: 1 id\(s\) appear more than once, e.g. \['7'\]"):
+        load_samples("karpathy", annotations=tmp_path / "dup.json")

@@ -5,6 +5,8 @@ with `AutoModel.from_pretrained(path)`; a folder also loads without `lavit` inst
 `AutoModel.from_pretrained(path, trust_remote_code=True)`.
 """
 
+import importlib
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from transformers import (
@@ -34,7 +36,12 @@ from lavit.modeling import (
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
 )
-from lavit.processing import LaVITImageProcessor, LaVITProcessor, LaVITTextToImagePipeline
+
+# processing/saving_lavit.py is a link to the model side's file, so Hub folders (which hold both sides flat) get it
+# beside the processor's code; installed, both packages share one module (one guard, one `SourceFolderError`)
+sys.modules.setdefault("lavit.processing.saving_lavit", importlib.import_module("lavit.modeling.saving_lavit"))
+
+from lavit.processing import LaVITImageProcessor, LaVITProcessor, LaVITTextToImagePipeline  # noqa: E402
 
 try:  # one source of truth: pyproject.toml's version, as installed
     __version__ = version("lavit")

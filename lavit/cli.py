@@ -244,6 +244,7 @@ def add_evaluate_parser(commands) -> None:
                           "and answers of no question instead of stopping")
     evaluate.add_argument("--record", action="store_true", help="add the scores to MODEL/lavit_run.json for the "
                           "model card (`lavit export`)")
+    evaluate.add_argument("--json", action="store_true", help="print the results (failed samples included) as JSON")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -629,6 +630,7 @@ def evaluation_config(args, task_benchmark):
 def run_evaluate(args) -> None:
     import torch
 
+    from lavit.command_inputs import report_failed_samples
     from lavit.evaluation import BENCHMARKS, evaluate, load_samples, record_results
     from lavit.evaluation.runner import distributed_state
 
@@ -652,11 +654,14 @@ def run_evaluate(args) -> None:
     results = evaluate(model, processor, samples, config, args.output)
     if results is None:  # not the main process
         return
-    for name, value in results["metrics"].items():
+    if args.json:
+        print_json(results)
+    for name, value in ({} if args.json else results["metrics"]).items():
         print(f"{name}: {value:.2f}")
-    for name, reason in results["unavailable"].items():
+    for name, reason in ({} if args.json else results["unavailable"]).items():
         print(f"{name}: not computed ({reason})")
-    print(Path(args.output) / "results.json")
+    print(Path(args.output) / "results.json", file=sys.stderr if args.json else sys.stdout)
+    report_failed_samples(results, args.record)  # each bad sample on its own line; exit 1 if any
     if args.record:
         print(record_results(args.model, results))
 

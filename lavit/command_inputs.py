@@ -129,6 +129,20 @@ class PerItem:
                                f"others were done")
 
 
+def report_failed_samples(results: dict, record: bool = False, command: str = "evaluate") -> None:
+    """The samples an evaluation could not run (`results["failed"]`), as [`PerItem`] reports its inputs: one line
+    each (`lavit evaluate: error: sample ID: reason`), then [`InputsFailed`] (exit status 1); the others were
+    scored. Scores over part of the data are not recorded into the model card (`record`)."""
+    failed = results.get("failed", [])
+    for entry in failed:
+        print(f"lavit {command}: error: sample {entry['id']}: {entry['error']}", file=sys.stderr)
+    if failed:
+        skipped = "; --record skipped (scores of part of the data)" if record else ""
+        raise InputsFailed(f"{len(failed)} of {len(failed) + results['count']} samples failed (each named above); "
+                           f"the others were scored{skipped}: fix them and run again into the same --output (only "
+                           f"they run again)")
+
+
 # ------------------------------------------------------------------------------------------------ model folders
 
 

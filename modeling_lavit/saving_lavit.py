@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,22 +34,50 @@ class SourceFolderError(ValueError):
     """`save_pretrained` into a folder that lies inside, or contains, a folder the object was loaded from."""
 
 
+SOURCE_ATTRIBUTE = "_lavit_loaded_from"  # where an object that records no path of its own (an image processor) was read
+
+
+def remember_source(obj, pretrained_model_name_or_path):
+    """Records on `obj` the folder it was loaded from, for objects whose library keeps no `name_or_path` (image
+    processors); returns `obj`. A `from_pretrained(..., return_unused_kwargs=True)` tuple is handled."""
+    target = obj[0] if isinstance(obj, tuple) else obj
+    setattr(target, SOURCE_ATTRIBUTE, str(pretrained_model_name_or_path))
+    return obj
+
+
 def loaded_from(*objects) -> list[Path]:
     """The local folders `objects` (models, pipelines, processors, tokenizers) were loaded from: their
-    `name_or_path` or `config._name_or_path`, kept where it is an existing folder."""
+    `name_or_path`, `config._name_or_path` or recorded source ([`remember_source`]), kept where it is an existing
+    folder."""
     folders = []
     for obj in objects:
         config = getattr(obj, "config", None)
-        for value in (getattr(obj, "name_or_path", None), getattr(config, "_name_or_path", None)):
+        for value in (getattr(obj, "name_or_path", None), getattr(config, "_name_or_path", None),
+                      getattr(obj, SOURCE_ATTRIBUTE, None)):
             if isinstance(value, (str, os.PathLike)) and str(value) and Path(value).expanduser().is_dir():
                 folders.append(Path(value).expanduser().resolve())
     return folders
 
 
+_SAVING = threading.local()  # set while a save checked by `save_beside_sources` runs
+
+
 def save_beside_sources(save: Callable[[Path], None], save_directory, sources: list[Path], what: str) -> None:
     """Runs `save(folder)` for `save_directory`: directly, or through a staging folder when `save_directory` is one
     of `sources`; refuses one that lies inside or contains a source ([`SourceFolderError`]). `what` names the
-    object in the message."""
+    object in the message. The parts an object saves with itself (a pipeline's model and processor, a processor's
+    image processor) write where the outer save, already checked, tells them."""
+    if getattr(_SAVING, "active", False):
+        save(Path(save_directory))
+        return
+    _SAVING.active = True
+    try:
+        _checked_save(save, save_directory, sources, what)
+    finally:
+        _SAVING.active = False
+
+
+def _checked_save(save: Callable[[Path], None], save_directory, sources: list[Path], what: str) -> None:
     target = Path(save_directory).expanduser().resolve()
     for source in sources:
         inside = target != source and target.is_relative_to(source) and target.is_dir() and any(target.iterdir())
@@ -88,12 +117,19 @@ def _move_into(staging: Path, target: Path) -> None:
 
 
 class SaveBesideSourcesMixin:
-    """The first base of every lavit model class: its `save_pretrained` goes through [`save_beside_sources`], with
-    the folder the model was loaded from as the source."""
+    """The first base of every lavit class that saves (models, processors, image processors, the transformers
+    pipeline): its `save_pretrained` goes through [`save_beside_sources`], with the folders it and its parts
+    (`source_objects`) were loaded from as the sources."""
+
+    def source_objects(self) -> list:
+        """The objects whose folders this one was loaded from: itself (a processor adds its tokenizer and image
+        processor, a pipeline its model and processor)."""
+        return [self]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         parent = super()
         save_beside_sources(lambda folder: parent.save_pretrained(folder, *args, **kwargs), save_directory,
-                            loaded_from(self), type(self).__name__)
+                            loaded_from(*self.source_objects()), type(self).__name__)
 
-__all__ = ["SaveBesideSourcesMixin", "SourceFolderError", "loaded_from", "save_beside_sources"]
+
+__all__ = ["SaveBesideSourcesMixin", "SourceFolderError", "loaded_from", "remember_source", "save_beside_sources"]

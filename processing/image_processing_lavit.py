@@ -13,6 +13,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ChannelDimension
 
+from .saving_lavit import SOURCE_ATTRIBUTE, SaveBesideSourcesMixin, remember_source
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("squash", "shortest_edge_crop")
@@ -125,7 +127,7 @@ def channel_statistics(name: str, values, positive: bool) -> list[float]:
     return numbers
 
 
-class LaVITImageProcessor(BaseImageProcessor):
+class LaVITImageProcessor(SaveBesideSourcesMixin, BaseImageProcessor):
     r"""
     Args:
         size (`dict`, *optional*, defaults to `{"height": 224, "width": 224}`): output size (the encoder's input).
@@ -168,6 +170,19 @@ class LaVITImageProcessor(BaseImageProcessor):
         self.image_mean = channel_statistics("image_mean", image_mean, positive=False)
         self.image_std = channel_statistics("image_std", image_std, positive=True)
         self.max_image_pixels = max_image_pixels
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`BaseImageProcessor.from_pretrained`, remembering the folder (an image processor keeps no `name_or_path`)
+        so that `save_pretrained` never mixes files into a folder holding or inside it."""
+        return remember_source(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs),
+                               pretrained_model_name_or_path)
+
+    def to_dict(self) -> dict:
+        """The settings (`preprocessor_config.json`), without the remembered source folder."""
+        output = super().to_dict()
+        output.pop(SOURCE_ATTRIBUTE, None)
+        return output
 
     @classmethod
     def from_tokenizer_config(cls, tokenizer_config, **kwargs) -> "LaVITImageProcessor":

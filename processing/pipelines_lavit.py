@@ -12,13 +12,15 @@ import torch
 from torch import nn
 from transformers import BatchFeature, Pipeline
 
+from .saving_lavit import SaveBesideSourcesMixin
+
 IMAGE_GENERATION_ARGUMENTS = (
     "guidance_scale", "do_sample", "top_k", "top_p", "temperature", "min_new_tokens", "max_new_tokens",
     "num_images_per_prompt", "generator", "negative_input_ids", "image_inputs",
 )
 
 
-class LaVITTextToImagePipeline(Pipeline):
+class LaVITTextToImagePipeline(SaveBesideSourcesMixin, Pipeline):
     """Text (or multimodal) prompts -> generated visual tokens (module docstring). Arguments not in
     `IMAGE_GENERATION_ARGUMENTS`, `images` or `negative_prompt` raise a `ValueError` naming them."""
 
@@ -27,6 +29,11 @@ class LaVITTextToImagePipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
     _pipeline_calls_generate = True
+
+    def source_objects(self) -> list:
+        """`save_pretrained` writes the model and its processor: never into a folder holding or inside theirs."""
+        return [self.model, self.processor, getattr(self.processor, "tokenizer", None),
+                getattr(self.processor, "image_processor", None)]
 
     def _sanitize_parameters(
         self, images=None, negative_prompt: str | list[str] | None = None, **kwargs

@@ -18,6 +18,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .image_processing_lavit import flatten_images
+from .saving_lavit import SaveBesideSourcesMixin
 
 IMAGE_START_TOKEN = "[IMG]"
 IMAGE_END_TOKEN = "[/IMG]"
@@ -103,7 +104,7 @@ def pad_offsets(offsets: list, attention_mask: torch.Tensor) -> list[list[tuple[
     return padded
 
 
-class LaVITProcessor(ProcessorMixin):
+class LaVITProcessor(SaveBesideSourcesMixin, ProcessorMixin):
     r"""
     Args:
         image_processor ([`LaVITImageProcessor`]): turns images into `pixel_values`.
@@ -134,6 +135,11 @@ class LaVITProcessor(ProcessorMixin):
         if not __name__.startswith("lavit."):
             kwargs.setdefault("trust_remote_code", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def source_objects(self) -> list:
+        """`save_pretrained` never mixes this processor's files into a folder holding, or inside, the folders its
+        tokenizer and image processor were read from (`saving_lavit.save_beside_sources`)."""
+        return [self, self.tokenizer, self.image_processor]
 
     @staticmethod
     def add_image_tokens(tokenizer, codebook_size: int = 0) -> int:

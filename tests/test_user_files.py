@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -288,6 +289,96 @@ def test_every_save_pretrained_of_lavit_goes_through_the_source_guard():
     unguarded = [cls.__name__ for cls in classes if SaveBesideSourcesMixin not in cls.__mro__ and
                  "save_beside_sources" not in inspect.getsource(cls.save_pretrained)]
     assert not unguarded
+
+
+def every_saving_class() -> list[type]:
+    """Every public class of `modeling_lavit/` and `processing/` with a `save_pretrained` (found from the modules of
+    `lavit.modeling` and `lavit.processing`), configs aside: a config is written by its model's guarded save and,
+    loaded alone, records no folder to compare."""
+    import importlib
+    import pkgutil
+
+    import lavit.modeling
+    import lavit.processing
+    from transformers import PreTrainedConfig
+
+    found = set()
+    for package in (lavit.modeling, lavit.processing):
+        for module_info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+            found |= {value for name, value in vars(module).items() if isinstance(value, type) and not
+                      name.startswith("_") and value.__module__ == module.__name__ and
+                      hasattr(value, "save_pretrained") and not issubclass(value, PreTrainedConfig)}
+    return sorted(found, key=lambda cls: cls.__name__)
+
+
+def saving_instances(tmp_path, lavit_model, lavit_processor) -> dict:
+    """Class name -> a function giving an instance of it loaded from a folder of its own, and that folder."""
+    from conftest import tiny_detokenizer_config, tiny_tokenizer_config
+
+    from lavit import LaVITDetokenizer, LaVITEvaVisionModel, LaVITPipeline, LaVITTextToImagePipeline
+
+    def reloaded(obj, name):
+        obj.save_pretrained(tmp_path / name)
+        return type(obj).from_pretrained(tmp_path / name), tmp_path / name
+
+    def pipeline():
+        torch.manual_seed(0)
+        return LaVITPipeline.from_detokenizer(lavit_model, lavit_processor,
+                                              LaVITDetokenizer(tiny_detokenizer_config()))
+
+    def text_to_image():
+        lavit_model.save_pretrained(tmp_path / "t2i")
+        lavit_processor.save_pretrained(tmp_path / "t2i")
+        return LaVITTextToImagePipeline(model=type(lavit_model).from_pretrained(tmp_path / "t2i"),
+                                        processor=type(lavit_processor).from_pretrained(tmp_path / "t2i")), \
+            tmp_path / "t2i"
+
+    return {
+        "LaVITForCausalLM": lambda: reloaded(lavit_model, "lm"),
+        "LaVITModel": lambda: reloaded(lavit_model.model, "base"),
+        "LaVITTokenizerModel": lambda: reloaded(lavit_model.visual_tokenizer, "tokenizer"),
+        "LaVITEvaVisionModel": lambda: reloaded(LaVITEvaVisionModel(tiny_tokenizer_config().vision_config), "eva"),
+        "LaVITDetokenizer": lambda: reloaded(LaVITDetokenizer(tiny_detokenizer_config()), "detokenizer"),
+        "LaVITConditionEncoder": lambda: reloaded(pipeline().condition_encoder, "conditions"),
+        "LaVITPipeline": lambda: reloaded(pipeline(), "pipeline"),
+        "LaVITProcessor": lambda: reloaded(lavit_processor, "processor"),
+        "LaVITImageProcessor": lambda: reloaded(lavit_processor.image_processor, "image_processor"),
+        "LaVITTextToImagePipeline": text_to_image,
+    }
+
+
+def test_every_class_that_saves_refuses_to_mix_its_files_with_its_source(tmp_path, lavit_model, lavit_processor):
+    """`LaVITProcessor.save_pretrained` wrote into any folder. Every class of lavit that saves (found from the
+    modules), loaded from a folder, refuses to save into the folder holding it or into a folder of files inside it
+    (nothing written), and saves into the folder itself (staged beside it: what was there still loads). Bases with
+    no model of their own (`*PreTrainedModel`, the mixins) are checked to route their save through the guard."""
+    from lavit.modeling.saving_lavit import SaveBesideSourcesMixin, SourceFolderError
+
+    classes = every_saving_class()
+    builders = saving_instances(tmp_path, lavit_model, lavit_processor)
+    assert {"LaVITProcessor", "LaVITImageProcessor", "LaVITTextToImagePipeline", "LaVITPipeline"} <= set(builders)
+    for cls in classes:
+        if cls.__name__ not in builders:  # an abstract base or a mixin of the ones below
+            assert cls.__name__.endswith(("PreTrainedModel", "Mixin")), f"{cls.__name__}: add a builder here"
+            assert SaveBesideSourcesMixin in cls.__mro__ or issubclass(cls, SaveBesideSourcesMixin) or any(
+                SaveBesideSourcesMixin in sub.__mro__ for sub in classes if cls in sub.__mro__[1:]), cls
+            continue
+        obj, source = builders[cls.__name__]()
+        assert isinstance(obj, cls), cls
+        inner = source / "inner"
+        inner.mkdir()
+        (inner / "notes.txt").write_text("the user's")
+        before = snapshot(source.parent)
+        for destination in (source.parent, inner):
+            with pytest.raises(SourceFolderError, match=f"the folder this {type(obj).__name__} was loaded from"):
+                obj.save_pretrained(destination)
+            assert snapshot(source.parent) == before, (cls, destination)
+        obj.save_pretrained(source)  # its own folder: staged beside it, moved in
+        assert (inner / "notes.txt").read_text() == "the user's"
+        assert not [path for path in source.parent.iterdir() if ".saving-" in path.name], cls
+        if not isinstance(obj, __import__("transformers").Pipeline):
+            assert isinstance(type(obj).from_pretrained(source), cls)
 
 
 def weights(*models) -> dict:

@@ -21,7 +21,7 @@ import torch
 from lavit.processing import LaVITImageProcessor
 from PIL import Image
 
-from .data import BadRecordCounter, BadRecordError, augment_image, decode_image
+from .data import AUGMENTATION_SEED, BadRecordCounter, BadRecordError, augment_image, decode_image
 
 
 @dataclass
@@ -35,8 +35,9 @@ class LaVITDataCollator:
         max_row_length: packed mode: the most tokens per row (before compact images expand), or `None` for one row.
         pad_to_multiple_of: rounds the batch length up.
         crop_scale, horizontal_flip: training images are random crops keeping this range of their area (`None`: whole)
-            and mirrored half of the time, drawn from torch's RNG (seeded by the Trainer, per worker by the
-            DataLoader); images with a stored keep mask (pre-tokenized) stay whole, as their stored tokens describe
+            and mirrored half of the time, drawn from each row's `augmentation_seed` (`training.data.EpochSeeds`, set
+            by `LaVITTrainer`: the same with or without dataloader workers; rows without one draw from torch's
+            RNG); images with a stored keep mask (pre-tokenized) stay whole, as their stored tokens describe
             them. [`without_augmentation`] is the collator of held-out batches.
     A segment whose image cannot be decoded is dropped and counted in `counter`. Every batch carries
     `skipped_records`: the segments dropped here plus, with `count_stored_skips`, the records its rows dropped while
@@ -65,9 +66,14 @@ class LaVITDataCollator:
                                          strict=True)]
         if self.crop_scale is None and not self.horizontal_flip:
             return [image for image, _ in images]
-        generator = np.random.default_rng(int(torch.randint(2**62, ())))
+        unseeded = np.random.default_rng(int(torch.randint(2**62, ()))) if any(
+            segment["seed"] is None for segment in segments) else None
+        per_segment = [np.random.default_rng(segment["seed"]) if segment["seed"] is not None else unseeded
+                       for segment in segments]  # one stream per segment, its images drawn in turn
+        generators = [generator for generator, segment in zip(per_segment, segments, strict=True)
+                      for _ in segment["images"]]
         return [image if mask is not None else augment_image(image, self.crop_scale, self.horizontal_flip, generator)
-                for image, mask in images]
+                for (image, mask), generator in zip(images, generators, strict=True)]
 
     def segments(self, rows: list[dict]) -> tuple[list[dict], int]:
         """Splits rows into segments, each with its ids, labels, decoded images and stored keep masks; also returns
@@ -80,13 +86,14 @@ class LaVITDataCollator:
                 continue
             input_ids, labels = list(row["input_ids"]), list(row.get("labels") or row["input_ids"])
             images, keep_masks = list(row.get("images") or []), row.get("image_keep_mask")
-            image_cursor, start = 0, 0
-            for length in row.get("segment_lengths") or [len(input_ids)]:
+            image_cursor, start, row_seed = 0, 0, row.get(AUGMENTATION_SEED)
+            for number, length in enumerate(row.get("segment_lengths") or [len(input_ids)]):
                 ids = input_ids[start : start + length]
                 num_images = ids.count(self.image_start_token_id)
                 segment_images = images[image_cursor : image_cursor + num_images]
                 segment_masks = keep_masks[image_cursor : image_cursor + num_images] if keep_masks else []
-                segment = {"input_ids": ids, "labels": labels[start : start + length], "keep_masks": segment_masks}
+                segment = {"input_ids": ids, "labels": labels[start : start + length], "keep_masks": segment_masks,
+                           "seed": None if row_seed is None else [*row_seed, number]}
                 start, image_cursor = start + length, image_cursor + num_images
                 if len(segment_images) != num_images:
                     self.counter.skip("image count", f"a segment has {num_images} [IMG] but "

@@ -548,6 +548,52 @@ class _StreamedImageRecords(_EpochSeededImages, torch.utils.data.IterableDataset
             skipped = 0
 
 
+# ------------------------------------------------------------------------------------------------ augmentation seeds
+
+AUGMENTATION_SEED = "augmentation_seed"  # the item field the LM collator draws an item's crops and mirrors from
+
+
+class EpochSeeds(torch.utils.data.Dataset):
+    """
+    A training set whose items carry `augmentation_seed`: `[seed, epoch, index]`, so the collator's random crops
+    and mirrors of an item are a function of the run's seed, the epoch and the item only (not of the process RNG a
+    dataloader worker is seeded with): the same with any number of workers, either start method, and on resume.
+    `set_epoch` (the Trainer's `DataEpochCallback`) reaches the wrapped set too.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def seeded(self, item: dict, index: int) -> dict:
+        return {**item, AUGMENTATION_SEED: [self.seed, self.epoch, index]}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.seeded(self.dataset[index], index)
+
+
+class StreamedEpochSeeds(EpochSeeds, torch.utils.data.IterableDataset):
+    """[`EpochSeeds`] over a stream: items numbered in stream order (every worker reads the whole stream)."""
+
+    def __iter__(self):
+        for index, item in enumerate(whole_stream(self.dataset)):
+            yield self.seeded(item, index)
+
+
+def epoch_seeded(dataset, seed: int):
+    """`dataset` as [`EpochSeeds`] (a stream as [`StreamedEpochSeeds`])."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return StreamedEpochSeeds(dataset, seed)
+    return EpochSeeds(dataset, seed)
+
+
 # ------------------------------------------------------------------------------------------------ streams and workers
 
 

@@ -57,11 +57,31 @@ def split_eval_records(records, script_args, seed: int, require_text: bool = Tru
     size = int(size) if size >= 1 else size  # a share (0.2) or a count (100)
     held_out = size if size >= 1 else math.ceil(size * len(records))
     if not 1 <= held_out < len(records):  # both parts must hold a record
-        raise ValueError(f"--eval_split_size {script_args.eval_split_size} holds out {held_out} of the "
-                         f"{len(records)} records of --data: give a share in (0, 1) or a count in "
-                         f"[1, {len(records) - 1}] that leaves both parts a record")
+        raise ValueError(eval_split_problem(script_args, held_out, len(records)))
     parts = records.train_test_split(test_size=size, seed=seed, shuffle=True)
     return parts["train"], parts["test"], counter
+
+
+def eval_split_problem(script_args, held_out: int, count: int) -> str:
+    """Why `--eval_split_size` cannot split `count` records into `held_out` and the rest, and the fix: one line that
+    says who asked for the split (the run, or its `--preset`)."""
+    size = script_args.eval_split_size
+    by_preset = (getattr(script_args, "preset", None) is not None
+                 and "eval_split_size" not in getattr(script_args, "given_flags", ()))
+    asker = f"--preset {script_args.preset} holds out" if by_preset else "--eval_split_size holds out"
+    if count < 2:
+        return (f"--data has {count} record(s), and {asker} a share of them for evaluation (--eval_split_size "
+                f"{size}), which needs at least 2 (one to train on, one held out): give more records, or "
+                f"--eval_split_size 0 (no held-out evaluation), or --eval_data PATH (held-out records of their own)")
+    return (f"--eval_split_size {size} holds out {held_out} of the {count} records of --data"
+            f"{' (set by --preset ' + script_args.preset + ')' if by_preset else ''}: give a share in (0, 1) or a "
+            f"count in [1, {count - 1}] that leaves both parts a record, --eval_split_size 0 (no held-out "
+            f"evaluation) or --eval_data PATH")
+
+
+# what a run evaluates with held-out data; a preset's values of them go when the run has none (`--eval_split_size 0`)
+EVALUATION_SETTINGS = {"eval_strategy": IntervalStrategy.NO, "load_best_model_at_end": False,
+                       "early_stopping_patience": None, "metric_for_best_model": None}
 
 
 def configure_evaluation(training_args, script_args, has_eval_data: bool) -> list:
@@ -73,6 +93,11 @@ def configure_evaluation(training_args, script_args, has_eval_data: bool) -> lis
     Raises:
         ValueError: evaluation settings without held-out data.
     """
+    if not has_eval_data and getattr(script_args, "preset", None) is not None:
+        given = getattr(script_args, "given_flags", frozenset())
+        for setting, off in EVALUATION_SETTINGS.items():
+            if setting not in given:  # filled in by the preset for the held-out data the run turned off
+                setattr(script_args if hasattr(script_args, setting) else training_args, setting, off)
     asks = (training_args.eval_strategy != IntervalStrategy.NO or training_args.load_best_model_at_end
             or script_args.early_stopping_patience)
     if not has_eval_data:

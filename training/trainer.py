@@ -42,7 +42,7 @@ from lavit.atomic import fresh_staging_folder, replace_folder, write_json_atomic
 from .callbacks import DataEpochCallback, JsonlLoggerCallback, StopAtMaxStepsCallback, TrainingComplete
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
 from .collators import expand_compact_images
-from .data import BadRecordCounter, WorkerBatches
+from .data import BadRecordCounter, WorkerBatches, epoch_seeded
 from .evaluation import write_evaluation_rows
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ class LaVITTrainer(Trainer):
             check_liger_device(kwargs["args"].device)
             register_liger_kernel()  # the Trainer applies Liger by model type in `train()`: LaVIT's must be known
         super().__init__(*args, **kwargs)
+        if self.train_dataset is not None and (getattr(self.data_collator, "crop_scale", None) is not None
+                                               or getattr(self.data_collator, "horizontal_flip", False)):
+            # crops and mirrors drawn from each item's (seed, epoch, index), not from a worker's RNG
+            self.train_dataset = epoch_seeded(self.train_dataset, self.args.seed)
         if streamed:  # whole batches per dataloader worker: the batches of the run without workers. A batch is
             # that of all processes: accelerate's IterableDatasetShard then hands each process its part of it
             processes = 1 if self.args.accelerator_config.split_batches else self.args.world_size

@@ -27,7 +27,8 @@ class EvalSample:
     One evaluation item. `id` is unique within a benchmark (the key of predictions); `image` is a path or a PIL
     image (the input image, or the real image of a text-to-image prompt); `question` is set for VQA; `references`
     holds the human captions (captioning) or the human answers (VQA; empty when the split has no answers); `text` is
-    the prompt of text-to-image.
+    the prompt of text-to-image. `problem` says why a bad record cannot be evaluated (a caption that is not text,
+    ...): the sample is then reported as failed with it, and the others are still evaluated ([`check_sample`]).
     """
 
     id: str
@@ -35,6 +36,7 @@ class EvalSample:
     question: str | None = None
     references: list[str] = field(default_factory=list)
     text: str | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,24 +127,27 @@ def read_coco_captions(annotations, images_dir=None, allow_unmatched: bool = Fal
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{annotations} is not a COCO caption file ('images' and 'annotations' expected)")
     captions: dict[Any, list[str]] = {}
+    problems: dict[str, str] = {}  # a bad caption fails its image's sample only
     for index, annotation in enumerate(data["annotations"]):
         _require(annotation, ("image_id", "caption"), f"{annotations}: annotations[{index}]")
+        key = sample_key(annotation["image_id"], f"{annotations}: annotations[{index}].image_id")
+        captions.setdefault(key, []).append(annotation["caption"])
         if not isinstance(annotation["caption"], str):
-            raise ValueError(f"{annotations}: annotations[{index}]: the caption must be a string, got "
-                             f"{annotation['caption']!r:.80}")
-        captions.setdefault(sample_key(annotation["image_id"], f"{annotations}: annotations[{index}].image_id"),
-                            []).append(annotation["caption"])
+            problems.setdefault(key, f"{annotations}: annotations[{index}]: the caption must be a string, got "
+                                     f"{annotation['caption']!r:.80}: fix the file")
     samples = []
     for index, image in enumerate(data["images"]):
         _require(image, ("id", "file_name"), f"{annotations}: images[{index}]")
-        samples.append(EvalSample(sample_key(image["id"], f"{annotations}: images[{index}].id"),
-                                  _image_path(images_dir, image["file_name"]),
-                                  references=captions.get(sample_key(image["id"]), [])))
+        key = sample_key(image["id"], f"{annotations}: images[{index}].id")
+        samples.append(EvalSample(key, _image_path(images_dir, image["file_name"]),
+                                  references=[] if key in problems else captions.get(key, []),
+                                  problem=problems.get(key)))
     image_ids = {sample.id for sample in samples}
     check_matched({"caption(s) whose image_id matches no image": [key for key in captions if key not in image_ids],
-                   "image(s) without any caption": [sample.id for sample in samples if not sample.references]},
+                   "image(s) without any caption": [sample.id for sample in samples
+                                                    if not sample.references and not sample.problem]},
                   str(annotations), allow_unmatched)
-    return [sample for sample in samples if sample.references]
+    return [sample for sample in samples if sample.references or sample.problem]
 
 
 def read_karpathy(annotations, images_dir=None, split: str | None = "test") -> list[EvalSample]:
@@ -172,14 +177,16 @@ def read_karpathy(annotations, images_dir=None, split: str | None = "test") -> l
     for index, record in enumerate(data):
         _require(record, ("image",), f"{annotations}[{index}]")
         captions = record.get("caption", record.get("text"))
-        if captions is None:
-            raise ValueError(f"{annotations}[{index}] has neither 'caption' nor 'text'")
         captions = [captions] if isinstance(captions, str) else captions
-        if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
-            raise ValueError(f"{annotations}[{index}]: the caption must be a string or a list of strings, got "
-                             f"{captions!r:.80}")
-        key = record.get("image_id", Path(record["image"]).stem)
-        samples.append(EvalSample(str(key), _image_path(images_dir, record["image"]), references=captions))
+        problem = None  # a bad record fails its own sample only
+        if captions is None:
+            problem = f"{annotations}[{index}] has neither 'caption' nor 'text': fix the file"
+        elif not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
+            problem = (f"{annotations}[{index}]: the caption must be a string or a list of strings, got "
+                       f"{captions!r:.80}: fix the file")
+        key = record.get("image_id", Path(str(record["image"])).stem)
+        samples.append(EvalSample(str(key), _image_path(images_dir, record["image"]),
+                                  references=[] if problem else captions, problem=problem))
     return samples
 
 
@@ -340,52 +347,80 @@ def load_samples(format: str, annotations=None, questions=None, images=None, spl
         return value
 
     if format == "coco":
-        return read_coco_captions(need(annotations, "annotations"), images, allow_unmatched)
-    if format == "karpathy":
-        return read_karpathy(need(annotations, "annotations"), images, split or "test")
-    if format == "vqav2":
-        return read_vqav2(need(questions, "questions"), annotations, images, image_pattern, allow_unmatched)
-    if format == "gqa":
-        return read_gqa(need(questions or annotations, "questions (or annotations)"), images)
-    if format == "vizwiz":
-        return read_vizwiz(need(annotations, "annotations"), images)
-    if format == "datasets":
-        return read_hf_dataset(need(dataset, "dataset"), split or "test", columns, images)
-    raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+        source, samples = annotations, read_coco_captions(need(annotations, "annotations"), images, allow_unmatched)
+    elif format == "karpathy":
+        source, samples = annotations, read_karpathy(need(annotations, "annotations"), images, split or "test")
+    elif format == "vqav2":
+        source = questions
+        samples = read_vqav2(need(questions, "questions"), annotations, images, image_pattern, allow_unmatched)
+    elif format == "gqa":
+        source = questions or annotations
+        samples = read_gqa(need(source, "questions (or annotations)"), images)
+    elif format == "vizwiz":
+        source, samples = annotations, read_vizwiz(need(annotations, "annotations"), images)
+    elif format == "datasets":
+        source, samples = dataset, read_hf_dataset(need(dataset, "dataset"), split or "test", columns, images)
+    else:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    check_unique_ids(samples, str(source))
+    return samples
 
 
-def check_samples(samples: list[EvalSample], task: str) -> None:
-    """Unique ids, an image per sample (files that exist), a question per VQA sample, a caption per text-to-image
-    sample; raises a `ValueError` naming the first offenders."""
-    if not samples:
-        raise ValueError("the data has no samples")
+def check_unique_ids(samples: list[EvalSample], where: str) -> None:
+    """Ids key predictions: two samples of one id would share one. Raises a `ValueError` naming `where` (the
+    file) and the duplicated ids."""
     seen, duplicates = set(), []
     for sample in samples:
-        if sample.id in seen:
+        if sample.id in seen and sample.id not in duplicates:
             duplicates.append(sample.id)
         seen.add(sample.id)
     if duplicates:
-        raise ValueError(f"{len(duplicates)} duplicate id(s), e.g. {duplicates[:3]}")
-    missing = [str(sample.image) for sample in samples if sample.image is None
-               or (isinstance(sample.image, str | os.PathLike) and not os.path.isfile(sample.image))]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) not found, e.g. {missing[:3]} (check the images folder)")
-    with_references = [sample.id for sample in samples if sample.references]
-    if with_references and len(with_references) < len(samples):  # a metric over part of the samples: refused
-        without = [sample.id for sample in samples if not sample.references]
+        raise ValueError(f"{where}: {len(duplicates)} id(s) appear more than once, e.g. {duplicates[:3]}: each sample "
+                         f"needs its own id (fix the file, or map another column to the id)")
+
+
+def image_missing(sample: EvalSample) -> bool:
+    return sample.image is None or (isinstance(sample.image, str | os.PathLike) and not os.path.isfile(sample.image))
+
+
+def check_samples(samples: list[EvalSample], task: str) -> None:
+    """What makes the whole data unusable, before any sample runs: no samples, duplicate ids, references for only
+    some samples (a metric over part of them), or no image found at all (a wrong images folder). Raises naming the
+    first offenders. A problem of one sample is its own ([`check_sample`])."""
+    if not samples:
+        raise ValueError("the data has no samples")
+    check_unique_ids(samples, "the samples")
+    missing = [str(sample.image) for sample in samples if image_missing(sample)]
+    if len(missing) == len(samples):
+        raise FileNotFoundError(f"{len(missing)} image(s) not found, none of the data's, e.g. {missing[:3]} (check "
+                                f"the images folder)")
+    usable = [sample for sample in samples if sample.problem is None]
+    with_references = [sample.id for sample in usable if sample.references]
+    if with_references and len(with_references) < len(usable):  # a metric over part of the samples: refused
+        without = [sample.id for sample in usable if not sample.references]
         raise UnmatchedRecordsError(f"{len(without)} of {len(samples)} samples have no references, e.g. "
                                     f"{without[:3]}: scores would count only the others; give references for "
                                     f"every sample, or none (a test split)")
-    if task == "vqa":
-        without = [sample.id for sample in samples if not sample.question]
-        if without:
-            raise ValueError(f"{len(without)} VQA sample(s) have no question, e.g. {without[:3]}")
-    if task == "text-to-image":
-        without = [sample.id for sample in samples if not (sample.text or sample.references)]
-        if without:
-            raise ValueError(f"{len(without)} text-to-image sample(s) have no caption, e.g. {without[:3]}")
 
 
-__all__ = ["FORMATS", "DatasetImage", "EvalSample", "UnmatchedRecordsError", "check_matched", "check_samples",
+def check_sample(sample: EvalSample, task: str):
+    """
+    What one sample needs to run `task`: a record without a problem, an image that exists and reads as an image
+    (not truncated, not another kind of file), a question (VQA) or a caption (text-to-image), as text. Raises a
+    `ValueError` (`FileNotFoundError`) naming the problem; returns the decoded RGB image.
+    """
+    if sample.problem:
+        raise ValueError(sample.problem)
+    if image_missing(sample):
+        raise FileNotFoundError(f"image not found: {sample.image} (check the images folder)")
+    if task == "vqa" and not (isinstance(sample.question, str) and sample.question.strip()):
+        raise ValueError(f"the question must be non-empty text, got {sample.question!r:.80}")
+    if task == "text-to-image" and not (isinstance(sample.text or (sample.references or [None])[0], str)):
+        raise ValueError(f"a text-to-image sample needs a caption as text, got {sample.text!r:.80}")
+    return load_image(sample.image)
+
+
+__all__ = ["FORMATS", "DatasetImage", "EvalSample", "UnmatchedRecordsError", "check_matched", "check_sample",
+           "check_samples", "check_unique_ids",
            "load_image", "load_samples", "parse_columns",
            "read_coco_captions", "read_gqa", "read_hf_dataset", "read_karpathy", "read_vizwiz", "read_vqav2"]

@@ -16,6 +16,11 @@ k mod N. Every prediction depends on its sample, the model and the settings only
 neighbours; text-to-image draws every caption's images from `seed` alone), so it is the same whatever the batching,
 the number of processes or an interruption.
 
+One bad sample costs only itself: a sample that cannot run (a missing, truncated or non-image file, a bad record, a
+question past the model's context, ...) gets a failure line (`{"id", "error", "input"}`) instead of a prediction; a
+batch that fails is run again one sample at a time, so only the culprit fails. The others are scored; `results.json`
+lists the failed samples with their reasons (`"failed"`), and every later run into the same output tries them again.
+
 Resuming: the output folder is a `lavit.resumable.ResumableOutput` of kind "evaluation": it records the model's
 identity and the settings, and each prediction records its sample's input digest (`"input"`), so a rerun with another
 model, other settings or other data is refused instead of mixed; one run writes to it at a time.
@@ -41,7 +46,7 @@ from lavit.resumable import (
     register_resumable_output,
 )
 
-from .data import DatasetImage, EvalSample, check_samples, load_image
+from .data import DatasetImage, EvalSample, check_sample, check_samples, load_image
 from .metrics import caption_metrics, clip_score, clip_similarities, fid_score, vqa_metrics
 
 RESULTS_FILE = "results.json"
@@ -115,8 +120,9 @@ class EvalConfig:
 
 
 def read_predictions(output_dir) -> dict[str, dict]:
-    """Every prediction in `output_dir/predictions-*.jsonl`, keyed by id. A last line cut short by a crash is
-    ignored (its sample runs again); a broken line elsewhere raises a `ValueError` naming it."""
+    """Every prediction in `output_dir/predictions-*.jsonl`, keyed by id; a sample that failed has a record with an
+    `"error"` instead (a prediction made by a later run wins over it, whichever file holds which). A last line cut
+    short by a crash is ignored (its sample runs again); a broken line elsewhere raises a `ValueError` naming it."""
     records = {}
     for path in sorted(Path(output_dir).glob(PREDICTIONS_GLOB)):
         lines = path.read_bytes().split(b"\n")
@@ -129,7 +135,9 @@ def read_predictions(output_dir) -> dict[str, dict]:
                 if number == len(lines):  # the unterminated tail of an interrupted write
                     continue
                 raise ValueError(f"{path}:{number} is not a JSON line: {error}") from error
-            records[str(record["id"])] = record
+            key = str(record["id"])
+            if "error" not in record or "error" in records.get(key, {"error": None}):
+                records[key] = record
     return records
 
 
@@ -178,9 +186,10 @@ def sample_digest(sample: EvalSample) -> str:
 
 
 def pending_batches(samples: list[EvalSample], output_dir, batch_size: int) -> list[list[EvalSample]]:
-    """The samples without a prediction in `output_dir`, in data order, cut into batches. A prediction made from
-    other input under the same id (another image, question or prompt) raises a `ResumeMismatchError`."""
-    done = read_predictions(output_dir)
+    """The samples without a prediction in `output_dir` (failed ones are tried again), in data order, cut into
+    batches. A prediction made from other input under the same id (another image, question or prompt) raises a
+    `ResumeMismatchError`."""
+    done = {key: record for key, record in read_predictions(output_dir).items() if "error" not in record}
     changed = [sample.id for sample in samples
                if sample.id in done and done[sample.id].get("input") != sample_digest(sample)]
     if changed:
@@ -318,22 +327,61 @@ def predict_image(model, processor, batch: list[EvalSample], config: EvalConfig,
 
 def run_batches(model, processor, batches: list[tuple[int, list[EvalSample]]], config: EvalConfig, output_dir,
                 process_index: int = 0, show_progress: bool = True) -> int:
-    """Runs `(batch index, batch)` pairs, appending each prediction to `predictions-<process>.jsonl`; returns the
-    number of samples run."""
+    """Runs `(batch index, batch)` pairs, appending each prediction, or each sample's failure
+    ([`predict_isolated`]), to `predictions-<process>.jsonl`; returns the number of samples run."""
     from tqdm.auto import tqdm
 
-    predict = {"caption": predict_caption, "vqa": predict_vqa, "text-to-image": predict_image}[config.task]
-    extra = {"output_dir": output_dir} if config.task == "text-to-image" else {}
     total = sum(len(batch) for _, batch in batches)
     path = Path(output_dir) / f"predictions-{process_index:05d}.jsonl"
     with PredictionWriter(path) as writer, tqdm(total=total, desc=f"{config.name} {config.task}",
                                                 disable=not show_progress) as progress:
         for index, batch in batches:
             inputs = {sample.id: sample_digest(sample) for sample in batch}
-            for record in predict(model, processor, batch, config, index, **extra):
+            for record in predict_isolated(model, processor, batch, config, index, output_dir):
                 writer.write({**record, "input": inputs[record["id"]]})
             progress.update(len(batch))
     return total
+
+
+def failure(sample: EvalSample, error: Exception) -> dict:
+    """The record of a sample that could not run: its id and the one-line reason."""
+    from lavit.command_inputs import debugging, one_line
+
+    if debugging():  # LAVIT_DEBUG: the traceback instead
+        raise error
+    return {"id": sample.id, "error": one_line(error)}
+
+
+def predict_isolated(model, processor, batch: list[EvalSample], config: EvalConfig, index: int,
+                     output_dir) -> list[dict]:
+    """
+    The one way every task runs a batch so that a bad sample costs only itself: each sample is checked first
+    ([`check_sample`]: its record, its image file, its question or caption); the rest run as one batch, and when
+    that batch fails, again one sample at a time (a prediction does not depend on its batch), so only the sample
+    the model cannot take (e.g. a question past its context) fails. Returns one record per sample, in batch order:
+    a prediction or a `failure`.
+    """
+    predict = {"caption": predict_caption, "vqa": predict_vqa, "text-to-image": predict_image}[config.task]
+    extra = {"output_dir": output_dir} if config.task == "text-to-image" else {}
+    records, runnable = {}, []
+    for sample in batch:
+        try:
+            check_sample(sample, config.task)
+            runnable.append(sample)
+        except Exception as error:
+            records[sample.id] = failure(sample, error)
+    groups = [runnable] if runnable else []
+    while groups:
+        group = groups.pop(0)
+        try:
+            records.update((record["id"], record) for record in predict(model, processor, group, config, index,
+                                                                        **extra))
+        except Exception as error:
+            if len(group) == 1:
+                records[group[0].id] = failure(group[0], error)
+            else:
+                groups = [[sample] for sample in group] + groups
+    return [records[sample.id] for sample in batch]
 
 
 def shard(batches: list, process_index: int, num_processes: int) -> list[tuple[int, list]]:
@@ -353,9 +401,10 @@ def evaluate(model, processor, samples: list[EvalSample], config: EvalConfig, ou
              show_progress: bool = True) -> dict | None:
     """
     Runs `config` on `samples` and scores them: predictions go to `output_dir/predictions-*.jsonl` (samples already
-    there are skipped, so a crashed run resumes), metrics to `output_dir/results.json`. Under `accelerate launch`
-    each process runs its share of the batches; the main process merges and scores. Returns the results on the
-    main process, None on the others.
+    there are skipped, so a crashed run resumes), metrics to `output_dir/results.json`. A sample that cannot run
+    fails alone: it is listed with its reason in the results' `"failed"` and the others are scored
+    ([`predict_isolated`]). Under `accelerate launch` each process runs its share of the batches; the main process
+    merges and scores. Returns the results on the main process, None on the others.
     """
     state = distributed_state()
     check_samples(samples, config.task)
@@ -398,14 +447,21 @@ def broadcast_from_main(value, state):
 
 
 def score(samples: list[EvalSample], config: EvalConfig, output_dir) -> dict:
-    """Merges the predictions of `output_dir`, computes the task's metrics and writes `results.json`."""
+    """Merges the predictions of `output_dir`, computes the task's metrics over the samples that ran and writes
+    `results.json`; `"count"` is the number scored, `"failed"` lists the others (`{"id", "error"}`, in data
+    order)."""
     output_dir = Path(output_dir)
     records = read_predictions(output_dir)
     missing = [sample.id for sample in samples if sample.id not in records]
     if missing:
         raise ValueError(f"{len(missing)} sample(s) have no prediction in {output_dir}, e.g. {missing[:3]}")
+    failed = [{"id": sample.id, "error": records[sample.id]["error"]} for sample in samples
+              if "error" in records[sample.id]]
+    samples = [sample for sample in samples if "error" not in records[sample.id]]
     samples_by_id = {sample.id: sample for sample in samples}
-    if config.task == "text-to-image":
+    if not samples:
+        scores = {"metrics": {}, "unavailable": {"all": "every sample failed"}}
+    elif config.task == "text-to-image":
         scores = image_metrics(samples, records, config, output_dir)
     elif not any(sample.references for sample in samples):
         scores = {"metrics": {}, "unavailable": {"all": "the data has no references (e.g. a test split)"}}
@@ -416,7 +472,7 @@ def score(samples: list[EvalSample], config: EvalConfig, output_dir) -> dict:
                   else vqa_metrics(predictions, references, config.vqa_metric))
     results = {
         "benchmark": config.name, "task": config.task, "dataset_type": config.dataset_type, "split": config.split,
-        "count": len(samples), **scores, "generation": config.generation_settings(),
+        "count": len(samples), "failed": failed, **scores, "generation": config.generation_settings(),
         "evaluation": card_rows(scores["metrics"], config, len(samples)),
     }
     write_json_atomically(output_dir / RESULTS_FILE, results)
@@ -460,4 +516,4 @@ def record_results(model_folder, results: dict) -> Path:
 
 
 __all__ = ["EvalConfig", "answer_postprocess", "caption_postprocess", "evaluate", "pending_batches",
-           "read_predictions", "record_results", "run_batches", "score", "shard"]
+           "predict_isolated", "read_predictions", "record_results", "run_batches", "score", "shard"]

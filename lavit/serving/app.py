@@ -28,6 +28,7 @@ from .schemas import (
     error_param,
     most_specific,
     usage,
+    validation_message,
 )
 
 
@@ -91,7 +92,7 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
             return JSONResponse(OpenAIError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                                             None).body(), status_code=400)
         param = error_param(tuple(first["loc"]))
-        return JSONResponse(OpenAIError(f"{param}: {first['msg']}", param).body(), status_code=400)
+        return JSONResponse(OpenAIError(validation_message(first, param), param).body(), status_code=400)
 
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):

@@ -170,6 +170,15 @@ def error_param(location: tuple) -> str | None:
     return text or None
 
 
+def validation_message(error: dict, param: str | None) -> str:
+    """pydantic's error as one line naming what is wrong: an empty body, a missing parameter (as OpenAI words it),
+    or the parameter and pydantic's reason ("the body" when the body itself is wrong, e.g. a list)."""
+    if error["type"] == "missing":
+        return (f"Missing required parameter: '{param}'" if param else
+                "the request has no body: send its parameters as a JSON object")
+    return f"{param or 'the body'}: {error['msg']}"
+
+
 def most_specific(errors: list[dict]) -> dict:
     """Of pydantic's errors for one body, the one deepest in the body: for a list given where a union allows a
     string or a list, the error inside the list, not "should be a valid string"."""

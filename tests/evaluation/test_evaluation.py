@@ -3,6 +3,7 @@ the readers on small files in each official format, and resumable, sharded runs 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,14 @@ from lavit.evaluation import (
 )
 from lavit.evaluation.data import load_image
 from lavit.evaluation.metrics import clip_similarities, metric_module
-from lavit.evaluation.runner import answer_postprocess, caption_postprocess, pending_batches, run_batches, shard
+from lavit.evaluation.runner import (
+    TASK_TYPES,
+    answer_postprocess,
+    caption_postprocess,
+    pending_batches,
+    run_batches,
+    shard,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -419,3 +427,107 @@ def test_cli_evaluate_records_scores_that_export_puts_in_the_model_index(tmp_pat
     shutil.rmtree(tmp_path / "images" / "val2014")
     assert main([str(arg) for arg in argv]) == 1
     assert "image(s) not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ bad samples
+
+
+def samples_with_bad_ones(task: str, folder) -> tuple[list[EvalSample], dict[str, str]]:
+    """Two good samples of `task` around every kind of bad one: a file that is not an image, a missing file, a
+    truncated PNG, a bad record, and a text the model cannot take (past its context; caption has no per-sample
+    text). Returns the samples and, per bad id, what its reason must say."""
+    save_photos(folder, ["good0.png", "good1.png", "whole.png"])
+    (folder / "notimage.png").write_text("this is text, not a picture")
+    whole = (folder / "whole.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    role = {"caption": {}, "vqa": {"question": "what is it?"}, "text-to-image": {"text": "a cat"}}[task]
+    references = {"references": ["a photo of a cat", "a cat"]} if task == "caption" else \
+        {"references": ["cat"] * 10} if task == "vqa" else {}
+
+    def sample(key, image, **overrides):
+        return EvalSample(key, str(folder / image), **{**role, **references, **overrides})
+
+    samples = [sample("good0", "good0.png"), sample("notimage", "notimage.png"), sample("missing", "missing.png"),
+               sample("truncated", "truncated.png"), sample("record", "good0.png", references=[],
+                                                            problem="test.json[4]: the caption must be a string")]
+    expected = {"notimage": r"cannot read image file .*notimage.png", "missing": r"image not found: .*missing.png",
+                "truncated": r"cannot read image file .*truncated.png.*truncated",
+                "record": r"test.json\[4\]: the caption must be a string"}
+    long_text = " ".join(["a red bus on a street"] * 200)  # past the tiny model's context of 512
+    if task in ("vqa", "text-to-image"):
+        samples.append(sample("too-long", "good1.png", **{next(iter(role)): long_text}))
+        expected["too-long"] = r"more than the model's context length"
+    samples.append(sample("good1", "good1.png"))
+    return samples, expected
+
+
+@pytest.mark.parametrize("task", list(TASK_TYPES))
+def test_every_task_scores_the_good_samples_and_names_each_bad_one(task, tmp_path, lavit_model, lavit_processor):
+    """`lavit evaluate` stopped at its first bad sample. For every task evaluate runs (from `TASK_TYPES`), each bad
+    sample fails alone with its id and reason (its batch runs again without it), the good ones are scored, and
+    the output records the failures: a rerun tries only them again, and one that was fixed is then scored."""
+    model = lavit_model
+    config = EvalConfig(task, generation={"max_new_tokens": 3, "min_new_tokens": 1, "num_beams": 1}, batch_size=4,
+                        use_java=False, name="bad")
+    if task == "text-to-image":
+        from lavit import LaVITDetokenizer, LaVITPipeline
+
+        torch.manual_seed(0)
+        model = LaVITPipeline.from_detokenizer(lavit_model, lavit_processor,
+                                               LaVITDetokenizer(tiny_detokenizer_config()))
+        model.set_progress_bar_config(disable=True)
+        tiny_clip(tmp_path / "clip")
+        config = EvalConfig(task, generation={"num_inference_steps": 1, "max_new_tokens": 3}, batch_size=4,
+                            fid_features=str(tmp_path / "clip"), name="bad")
+    samples, expected = samples_with_bad_ones(task, tmp_path / "images")
+    output = tmp_path / "out"
+    results = evaluate(model, lavit_processor, samples, config, output, show_progress=False)
+    assert [entry["id"] for entry in results["failed"]] == [s.id for s in samples if s.id in expected]
+    for entry in results["failed"]:
+        assert re.search(expected[entry["id"]], entry["error"]), entry
+    assert results["count"] == 2 and results["metrics"], results  # the two good samples, scored
+    assert json.loads((output / "results.json").read_text()) == results
+    records = read_predictions(output)
+    assert all(("error" in records[s.id]) == (s.id in expected) for s in samples)
+    written = len(lines(output / "predictions-00000.jsonl"))
+    assert written == len(samples)
+
+    # a rerun tries only the failed samples again, and reports them again
+    again = evaluate(model, lavit_processor, samples, config, output, show_progress=False)
+    assert again["failed"] == results["failed"] and again["metrics"] == results["metrics"]
+    assert len(lines(output / "predictions-00000.jsonl")) == written + len(expected)
+    # a fixed file is scored by the next run; the rest stay as they were
+    shutil.copy(tmp_path / "images" / "good1.png", tmp_path / "images" / "notimage.png")
+    fixed = evaluate(model, lavit_processor, samples, config, output, show_progress=False)
+    assert [entry["id"] for entry in fixed["failed"]] == [e["id"] for e in results["failed"] if e["id"] != "notimage"]
+    assert fixed["count"] == 3 and "error" not in read_predictions(output)["notimage"]
+
+
+def test_cli_evaluate_reports_each_bad_sample_and_exits_1(tmp_path, lavit_folder, capsys):
+    """The command's side: one line per bad sample naming its id and reason, the scores of the others, exit 1, no
+    `--record` of a partial score; with `--json` the results document lists the failures."""
+    save_photos(tmp_path / "images", ["a.png", "b.png"])
+    (tmp_path / "images" / "bad.png").write_text("not a picture")
+    write_json(tmp_path / "test.json", [{"image": "a.png", "caption": "a cat"}, {"image": "bad.png", "caption": "x"},
+                                        {"image": "c.png", "caption": 5}, {"image": "b.png", "caption": "a bus"}])
+    argv = ["evaluate", "coco-karpathy", "--model", lavit_folder, "--annotations", tmp_path / "test.json",
+            "--images", tmp_path / "images", "--no-java", "--max-new-tokens", "2", "--num-beams", "1"]
+    assert main([str(arg) for arg in [*argv, "--output", tmp_path / "out", "--record"]]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("lavit evaluate: error:")]
+    assert errors[0].startswith("lavit evaluate: error: sample bad: ValueError: ") and "bad.png" in errors[0]
+    assert errors[1].startswith("lavit evaluate: error: sample c: ") and "test.json[2]: the caption must be" in \
+        errors[1]
+    assert "2 of 4 samples failed" in errors[2] and "--record skipped" in errors[2] and len(errors) == 3
+    assert "CIDEr: " in captured.out and not (lavit_folder / "lavit_run.json").exists()
+    assert main([str(arg) for arg in [*argv, "--output", tmp_path / "out", "--json"]]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["count"] == 2 and [entry["id"] for entry in document["failed"]] == ["bad", "c"]
+
+
+def test_duplicate_ids_name_their_file_and_the_ids(tmp_path):
+    write_json(tmp_path / "dup.json", [{"image": "a.png", "caption": "x", "image_id": 7},
+                                       {"image": "b.png", "caption": "y", "image_id": 8},
+                                       {"image": "c.png", "caption": "z", "image_id": 7}])
+    with pytest.raises(ValueError, match=r"dup.json: 1 id\(s\) appear more than once, e.g. \['7'\]"):
+        load_samples("karpathy", annotations=tmp_path / "dup.json")

@@ -108,6 +108,15 @@ def test_malformed_json_unknown_fields_and_unknown_model(client, model):
     assert_error(client.post(url, json={**GOOD[model], "temprature": 0.5}), 400, "temprature")
     error = assert_error(client.post(url, json={**GOOD[model], "model": "gpt-4o"}), 404, "model")
     assert error["code"] == "model_not_found"
+    # an empty body, a body that is not an object, a missing field: each named (was "None: Field required")
+    error = assert_error(client.post(url, content=b"", headers={"content-type": "application/json"}), 400, None)
+    assert error["message"] == "the request has no body: send its parameters as a JSON object"
+    for body in (b"null", json.dumps([GOOD[model]]).encode()):
+        error = assert_error(client.post(url, content=body, headers={"content-type": "application/json"}), 400, None)
+        assert error["message"].startswith("the body: Input should be a valid dictionary"), error
+    required = next(name for name in model.model_json_schema()["required"] if name != "model")
+    error = assert_error(client.post(url, json={k: v for k, v in GOOD[model].items() if k != required}), 400, required)
+    assert error["message"] == f"Missing required parameter: '{required}'"
 
 
 NESTED = {

@@ -63,3 +63,30 @@ def test_every_stage_refuses_a_max_length_beyond_the_context_before_reading_data
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lavit ")]  # no bars
         assert len(err) == 1 and "--max_length 100000" in err[0] and "context length of 512" in err[0], (stage, err)
         assert "give --max_length <= " in err[0] and "missing" not in err[0]
+
+
+# ------------------------------------------------------------------------------------------------ a preset's split
+
+
+def test_a_preset_split_of_one_record_names_the_count_the_preset_and_the_fix(lavit_folder, tmp_path, capsys):
+    """`--preset small-data` on a dataset of one record said "a count in [1, 0]". It says the data has 1 record, that
+    the preset holds out a share, and the fixes; `--eval_split_size 0` (one of them) then trains without the
+    preset's evaluation settings."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "photos" / "a.png")
+    (tmp_path / "photos" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red square"}\n')
+    argv = ["finetune", "--model", str(lavit_folder), "--data", str(tmp_path / "photos"), "--preset", "small-data",
+            "--max_length", "64", "--output_dir", str(tmp_path / "run"), "--resume", "no", "--max_steps", "1"]
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lavit ")]
+    assert len(err) == 1 and "--data has 1 record(s)" in err[0] and "--preset small-data holds out" in err[0], err
+    assert "--eval_split_size 0" in err[0] and "--eval_data PATH" in err[0] and "[1, 0]" not in err[0]
+    # the run's own flag is named as its own
+    arguments = types.SimpleNamespace(eval_data=None, eval_split_size=0.5, streaming=False, preset=None)
+    with pytest.raises(ValueError, match=r"--data has 1 record\(s\), and --eval_split_size holds out"):
+        split_eval_records(datasets.Dataset.from_list([{"image": "a.png", "text": "x"}]), arguments, seed=0)
+
+    assert main([*argv, "--eval_split_size", "0"]) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()

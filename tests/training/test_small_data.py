@@ -158,6 +158,15 @@ def test_small_data_training_images_are_cropped_and_mirrored_from_the_seed_held_
         assert not torch.equal(first[0], first[1]) and not torch.equal(first, second)  # a draw per image and batch
         torch.manual_seed(0)
         assert torch.equal(collator(rows)["pixel_values"], first)  # the Trainer's seed decides them
+        # rows that carry their (seed, epoch, index) (`EpochSeeds`, as LaVITTrainer gives them): those decide, not
+        # the process RNG a dataloader worker is seeded with; another epoch draws other crops
+        seeded = [{**row, "augmentation_seed": [0, 0, index]} for index, row in enumerate(rows)]
+        torch.manual_seed(1)
+        drawn = collator(seeded)["pixel_values"]
+        torch.manual_seed(2)
+        assert torch.equal(collator(seeded)["pixel_values"], drawn) and not torch.equal(drawn[0], drawn[1])
+        later = [{**row, "augmentation_seed": [0, 1, index]} for index, row in enumerate(rows)]
+        assert not torch.equal(collator(later)["pixel_values"], drawn)
         whole = lm_collator(lavit_processor, config, True)(rows)["pixel_values"]
         assert torch.equal(collator.without_augmentation()(rows)["pixel_values"], whole)
         assert collator.without_augmentation().counter is collator.counter

@@ -1,5 +1,6 @@
 """Every training stage (found from the CLI's stage registry) trains on streamed data, with 0 and 2 dataloader workers
-started by fork and by spawn, and gets the batches of the run without workers: the same final weights; a streamed
+started by fork and by spawn, and gets the batches and crops of the run without workers (every stage draws random
+crops here, and mirrors where it can): the same final weights; a streamed
 run killed and resumed with workers ends where the uninterrupted one does. The data is three WebDataset shards, so
 `datasets` would hand the workers different shards (and the run other batches) without `WorkerBatches`."""
 
@@ -70,18 +71,18 @@ def stage_run(command, components, photos, base_model):
 
         return pretrain, arguments.PretrainingArguments(
             data=photos, visual_tokenizer=str(components["tokenizer"]), language_model=str(components["lm"]),
-            max_length=96, streaming=True)
+            max_length=96, streaming=True, crop_scale=0.5, horizontal_flip=True)
     if command == "finetune":
         from lavit.training.finetune import finetune
 
         return finetune, arguments.FinetuningArguments(model=str(base_model), data=photos, task="caption",
-                                                      streaming=True)
+                                                      streaming=True, crop_scale=0.5, horizontal_flip=True)
     if command == "train-detokenizer":
         from lavit.training.stage3_detokenizer import train_detokenizer
 
         return train_detokenizer, arguments.DetokenizerTrainingArguments(
             data=photos, visual_tokenizer=str(components["tokenizer"]), detokenizer_config="tiny", ema_decay=0.0,
-            streaming=True)
+            streaming=True, crop_scale=0.5)
     if command == "preprocess":
         return None, None  # writes a whole dataset with save_to_disk: it never streams (see its own test)
     raise AssertionError(f"no streamed run for the stage {command!r}: add one here")

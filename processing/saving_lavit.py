@@ -1,0 +1,1 @@
+../modeling_lavit/saving_lavit.py

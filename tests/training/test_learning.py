@@ -1,14 +1,11 @@
 """Proof that the stages learn (CPU, tiny models, real images): stage 1 on photographs, stage 2 + fine-tuning on
 handwritten digits, and the small-data commands of docs/training.md on photo crops."""
 
-import glob
 import json
-import shlex
-import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, training_args
+from conftest import training_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -80,45 +77,3 @@ def test_stage2_and_finetuning_on_digits_answer_and_draw_above_chance(tmp_path):
     print(f"caption accuracy {caption_accuracy:.2f}, VQA accuracy {vqa_accuracy:.2f}")
     assert vqa_accuracy >= 0.2, vqa_accuracy
 
-
-def documented_commands(heading: str) -> list[list[str]]:
-    """The `lavit ...` lines of the first bash block after `heading` in docs/training.md, as argument lists."""
-    section = (REPO_ROOT / "docs" / "training.md").read_text().split(heading, 1)[1]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    return [shlex.split(line) for line in block.splitlines() if line.startswith("lavit ")]
-
-
-def test_small_data_documented_commands_caption_held_out_photos(tmp_path, monkeypatch, capsys):
-    """The small-data commands of docs/training.md, as a user copies them, on 400 crops of ten photographs: captions of
-    100 crops from parts of the photos never trained on name the right photo far above chance (about 2.5 to 4 minutes
-    on 2 cores)."""
-    from lavit.training.sample_data import PHOTO_CLASSES, write_photo_crops_imagefolder
-
-    from lavit.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    write_photo_crops_imagefolder("photos/train", 400)
-    write_photo_crops_imagefolder("photos/held_out", 100, held_out=True)
-    *training, caption = documented_commands("## Small data")
-    assert [argv[1] for argv in training] == ["new-language-model", "train-tokenizer", "train", "finetune"]
-    assert caption[:2] == ["lavit", "caption"] and "--json" in caption
-    started = time.perf_counter()
-    for argv in training:
-        assert main(argv[1:]) == 0, argv
-    files = [match for arg in caption[2:] for match in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
-    capsys.readouterr()
-    assert main([caption[1], *files]) == 0
-    captions = json.loads(capsys.readouterr().out)
-    seconds = time.perf_counter() - started
-    metadata = [json.loads(line) for line in (tmp_path / "photos/held_out/metadata.jsonl").read_text().splitlines()]
-    truth = {f"photos/held_out/{line['file_name']}": PHOTO_CLASSES[line["label"]] for line in metadata}
-    assert len(captions) == len(truth) == 100
-    accuracy = sum(truth[entry["image"]] in entry["caption"].split() for entry in captions) / len(captions)
-    with capsys.disabled():
-        print(f"\nsmall-data recipe: held-out caption accuracy {accuracy:.2f} (chance 0.10), {seconds / 60:.1f} min")
-    # 100 held-out crops, ten classes: 25 or more right has probability 1.3e-5 at chance. Observed with the preset
-    # as it is: 0.64 with one torch thread at seeds 42, 1 and 7, 0.41 with two threads (seed 42); before the preset
-    # cropped images and kept checkpoints by loss, 0.57 here and 0.32 on CI's machine. Machines and thread counts
-    # change the rounding, and a few hundred steps on 400 crops carry it that far: the bar asks for learning far
-    # above chance, not for the documented figure (a true 0.41 falls under it with probability 3e-4)
-    assert accuracy >= 0.25, (accuracy, [entry["caption"] for entry in captions[:10]])

@@ -21,7 +21,7 @@ import torch
 from lavit.processing import LaVITImageProcessor
 from PIL import Image
 
-from .data import BadRecordCounter, BadRecordError, augment_image, decode_image
+from .data import BadRecordCounter, BadRecordError, augment_image, decode_image, record_fields, stored_skips
 
 
 @dataclass
@@ -75,7 +75,7 @@ class LaVITDataCollator:
         segments dropped here."""
         segments, skipped = [], 0
         for row in rows:
-            skipped += int(row.get("skipped_records") or 0) if self.count_stored_skips else 0
+            skipped += stored_skips(row) if self.count_stored_skips else 0
             if not row["input_ids"]:  # a row that only carries the count of a batch without usable records
                 continue
             input_ids, labels = list(row["input_ids"]), list(row.get("labels") or row["input_ids"])
@@ -107,9 +107,9 @@ class LaVITDataCollator:
         if not segments:
             # every record of the batch was bad: an empty step (no targets) keeps the run alive
             return {"input_ids": torch.tensor([[self.pad_token_id]]), "labels": torch.tensor([[-100]]),
-                    "skipped_records": torch.tensor(skipped), "used_records": torch.tensor(0)}
+                    **record_fields(skipped, 0)}
         batch = self.pack(segments) if self.packed else self.pad(segments)
-        batch["skipped_records"], batch["used_records"] = torch.tensor(skipped), torch.tensor(len(segments))
+        batch.update(record_fields(skipped, len(segments)))
         images = self.augmented(segments)
         if images:
             batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -175,8 +175,8 @@ def lm_collator(processor, config, packed: bool, max_row_length: int | None = No
 
 
 def image_items(items: list) -> tuple[list, int]:
-    """Items of `training.data.image_dataset` (`{"image", "skipped_records"}`) -> their images and skipped count."""
-    return [item["image"] for item in items], sum(int(item["skipped_records"]) for item in items)
+    """Items of `training.data.image_dataset` (`{image, skipped_records}`) -> their images and skipped count."""
+    return [item["image"] for item in items], sum(stored_skips(item) for item in items)
 
 
 @dataclass
@@ -190,7 +190,7 @@ class ImageCollator:
     def __call__(self, items: list) -> dict:
         images, skipped = image_items(items)
         return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
-                "skipped_records": torch.tensor(skipped), "used_records": torch.tensor(len(images))}
+                **record_fields(skipped, len(images))}
 
 
 @dataclass
@@ -207,8 +207,7 @@ class DetokenizerCollator:
         return {
             "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
             "pixel_values": self.target_pixel_values(images),
-            "skipped_records": torch.tensor(skipped),
-            "used_records": torch.tensor(len(images)),
+            **record_fields(skipped, len(images)),
         }
 
     def target_pixel_values(self, images: list) -> torch.Tensor:

@@ -47,7 +47,8 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     tokenized = preprocess_images(records, tokenizer, image_processor, script_args.batch_size, counter)
     # skips are counted from the data, not the map's calls: a cached or multi-process map leaves them uncounted;
     # nothing is written when too few records are usable
-    counter.counts["unreadable image"], counter.used = len(records) - len(tokenized), len(tokenized)
+    counter.set_count("unreadable image", len(records) - len(tokenized))
+    counter.used = len(tokenized)
     counter.check("preprocess")
 
     # 3. Written beside the output and swapped in: a killed run never leaves half a dataset under `--output`.

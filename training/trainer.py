@@ -14,11 +14,9 @@
 frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume live in `training.checkpoints`.
 """
 
-import json
 import logging
 import os
 import shutil
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,12 +35,12 @@ from transformers.integrations.deepspeed import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.training_args import OptimizerNames
 
-from lavit.atomic import fresh_staging_folder, replace_folder, write_json_atomically
+from lavit.atomic import fresh_staging_folder, replace_folder
 
 from .callbacks import DataEpochCallback, JsonlLoggerCallback, StopAtMaxStepsCallback, TrainingComplete
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
 from .collators import expand_compact_images
-from .data import BadRecordCounter, WorkerBatches
+from .data import BATCH_REASON, SKIPPED_FIELD, BadRecordCounter, BatchRecordCounts, WorkerBatches
 from .evaluation import write_evaluation_rows
 
 logger = logging.getLogger(__name__)
@@ -50,17 +48,8 @@ logger = logging.getLogger(__name__)
 VISUAL_MODULES = ("visual_merger", "visual_projection")
 # AdamW without compensation: with bf16 weights it becomes `kahan_adamw`
 PLAIN_ADAMW = (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED)
-SKIPPED_RECORDS_FILE = "skipped_records.json"
 TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
                      "mean_keep_ratio", "codebook_usage", "perplexity")
-
-
-def take_record_counts(batch) -> tuple[int, int]:
-    """Takes the collators' record counts (`skipped_records`, `used_records`: 0-d tensors, not model inputs) out of a
-    batch, for every path a batch takes to the model (training and evaluation), and returns them."""
-    if not isinstance(batch, dict):
-        return 0, 0
-    return tuple(int(batch.pop(name).sum()) if name in batch else 0 for name in ("skipped_records", "used_records"))
 
 
 class LaVITTrainer(Trainer):
@@ -95,7 +84,7 @@ class LaVITTrainer(Trainer):
         self._metric_counts: dict[str, int] = {}
         self.skip_counter = skip_counter if skip_counter is not None else BadRecordCounter()
         # bad and used records of this process's batches (plus, on rank 0, those of the checkpoint resumed from)
-        self._skipped_here, self._used_here = 0, 0
+        self.batch_records, self.eval_batch_records = BatchRecordCounts(), BatchRecordCounts()
         streamed = isinstance(kwargs.get("train_dataset"), torch.utils.data.IterableDataset)
         if streamed and kwargs.get("args") is not None and kwargs["args"].accelerator_config.dispatch_batches is None:
             # every process reads the stream itself: accelerate's dispatcher concatenates the batches of all
@@ -131,35 +120,23 @@ class LaVITTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batch_samples:
-            skipped, used = take_record_counts(batch)
-            self._skipped_here += skipped
-            self._used_here += used
+            self.batch_records.take(batch)
         return batch_samples, num_items_in_batch
 
     def record_counts(self) -> tuple[int, int]:
         """(bad, used) records met so far by all processes (a collective call: every rank must make it)."""
-        counts = torch.tensor([self._skipped_here, self._used_here], device=self.args.device)
-        if self.args.world_size > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        return int(counts[0]), int(counts[1])
+        return self.batch_records.totals(self.accelerator)
 
     def check_records(self):
         """Stops the run (every rank) before anything final is saved when its batches held no usable record, or more
         bad records than the counter's share (`training.data.MAX_SKIPPED_SHARE`). The share is of what the batches
         met (both counts grow with every epoch read); records dropped while loading were checked against their
         table then (a short run reads a fraction of the data, so they are not compared with its batches)."""
-        skipped, used = self.record_counts()
-        batches = BadRecordCounter(max_skipped_share=self.skip_counter.max_skipped_share, used=used,
-                                   counts=Counter({"met in training batches": skipped}))
-        batches.check("training")
+        BatchRecordCounts.check(self.record_counts(), self.skip_counter.max_skipped_share, "training")
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        self._skipped_here, self._used_here = 0, 0
-        path = Path(resume_from_checkpoint) / SKIPPED_RECORDS_FILE if isinstance(resume_from_checkpoint, str) else None
-        if path is not None and path.is_file() and self.is_world_process_zero():
-            # the batches a resumed run skips over were counted by the run that wrote the checkpoint
-            counts = json.loads(path.read_text())
-            self._skipped_here, self._used_here = counts["skipped_records"], counts.get("used_records", 0)
+        resumed = isinstance(resume_from_checkpoint, str) and self.is_world_process_zero()
+        self.batch_records = BatchRecordCounts.load(resume_from_checkpoint) if resumed else BatchRecordCounts()
         try:
             result = super().train(resume_from_checkpoint, *args, **kwargs)
         except TrainingComplete:
@@ -318,7 +295,7 @@ class LaVITTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The loss of a held-out batch through `compute_loss` (the stage's own inputs: VQ switch, frozen
         tokenizer); no logits are kept. The batch's bad records are counted."""
-        self._eval_skipped += take_record_counts(inputs)[0]
+        self.eval_batch_records.take(inputs)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -326,12 +303,13 @@ class LaVITTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        self._eval_sums, self._eval_skipped = {}, 0
+        self._eval_sums, self.eval_batch_records = {}, BatchRecordCounts()
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
         # 1. The statistics of all processes' batches: sums first, one division at the end.
         names = sorted(self._eval_sums)
         totals = torch.stack([self._eval_sums[name] for name in names]) if names else torch.zeros(0, 2)
-        totals = torch.cat([totals.flatten(), torch.tensor([float(self._eval_skipped)], dtype=torch.float64)])
+        skipped_here = torch.tensor([float(self.eval_batch_records.skipped)], dtype=torch.float64)
+        totals = torch.cat([totals.flatten(), skipped_here])
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
         for index, name in enumerate(names):
@@ -350,9 +328,9 @@ class LaVITTrainer(Trainer):
             for name, total in self._metric_sums.items():
                 logs[name] = round(total / self._metric_counts[name], 6)
             self._metric_sums, self._metric_counts = {}, {}
-            self.skip_counter.counts["met in training batches"] = self.record_counts()[0]
+            self.skip_counter.set_count(BATCH_REASON, self.record_counts()[0])
             # set here, before any callback runs: every sink (logs.jsonl, TensorBoard, W&B, log_history) gets it
-            logs["skipped_records"] = self.skip_counter.total
+            logs[SKIPPED_FIELD] = self.skip_counter.total
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -364,10 +342,10 @@ class LaVITTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        skipped, used = self.record_counts()
+        totals = self.record_counts()
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            write_json_atomically(folder / SKIPPED_RECORDS_FILE, {"skipped_records": skipped, "used_records": used})
+            BatchRecordCounts.save(folder, totals)
 
 
 class LaVITTokenizerTrainer(LaVITTrainer):

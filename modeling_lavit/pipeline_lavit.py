@@ -18,7 +18,6 @@ where `lavit` is not installed.
 import inspect
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from .modeling_lavit_detokenizer import (
     require_diffusers,
 )
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
-from .saving_lavit import loaded_from, save_beside_sources
+from .saving_lavit import code_files, loaded_from, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
 from .validation_lavit import GUIDANCE_SCALE
 
@@ -518,18 +517,11 @@ def _is_detokenizer_folder(folder: Path) -> bool:
 
 
 def copy_code_files(module_file: Path, folder: Path):
-    """`module_file` and every file it imports relatively (`from .x import`), transitively, into `folder`."""
+    """`module_file` and every file it imports relatively, transitively ([`code_files`]), into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    pending, seen = [module_file], set()
-    while pending:
-        path = pending.pop()
-        if path.name in seen:
-            continue
-        seen.add(path.name)
+    for path in code_files(module_file):
         if path.resolve() != (folder / path.name).resolve():
             shutil.copyfile(path, folder / path.name)
-        for name in re.findall(r"^\s*from\s+\.(\w+)\s+import", path.read_text(), flags=re.MULTILINE):
-            pending.append(path.parent / f"{name}.py")
 
 
 __all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences"]

@@ -28,7 +28,7 @@ from transformers.generation import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
-from .configuration_lavit import LaVITConfig
+from .configuration_lavit import LaVITConfig, LaVITImageSelection
 from .generation_lavit import (
     LaVITImageGenerationMixin,
     SuppressImageTokensLogitsProcessor,
@@ -159,7 +159,7 @@ class LaVITModel(LaVITPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         return_code_ids: bool = False,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -172,7 +172,7 @@ class LaVITModel(LaVITPreTrainedModel):
         `hidden_states`; with `return_code_ids`, the frozen tokenizer's code ids (T,) of the same tokens (the targets).
 
         The kept tokens come from `image_keep_mask` (num_images, N) when given, else from the frozen selector with
-        `image_selection` (`mode`, `max_tokens`, `keep_ratio`, `generator`; see `LaVITTokenizerModel.select_tokens`).
+        `image_selection`: a [`LaVITImageSelection`] or a dict of its fields (see `LaVITTokenizerModel.select_tokens`).
         `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
         """
         # 1. the frozen tokenizer's stages: patch features, kept tokens and (targets) their code ids
@@ -184,7 +184,7 @@ class LaVITModel(LaVITPreTrainedModel):
         encoder_outputs = tokenizer.encode_image(pixel_values, output_hidden_states=output_hidden_states)
         image_features = encoder_outputs.last_hidden_state
         with torch.no_grad():
-            keep_log_probs, keep_weights = tokenizer.select(image_features, image_keep_mask, **(image_selection or {}))
+            keep_log_probs, keep_weights = tokenizer.select(image_features, image_keep_mask, image_selection)
             code_ids = None
             if return_code_ids:
                 code_ids = tokenizer.quantize(tokenizer.merge(image_features, keep_weights))
@@ -204,7 +204,7 @@ class LaVITModel(LaVITPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         labels: torch.LongTensor | None = None,
         padding_side: str | None = None,
         image_inputs: str = "features",
@@ -272,7 +272,7 @@ class LaVITModel(LaVITPreTrainedModel):
             raise ValueError(f"input_ids hold {spans.rows.numel()} image placeholder(s) but {num_images} image(s) "
                              f"were given in pixel_values; each image needs exactly one placeholder, in order")
         if image_inputs == "codes":
-            tokens = self.visual_tokenizer.tokenize(pixel_values, image_keep_mask, **(image_selection or {}))
+            tokens = self.visual_tokenizer.tokenize(pixel_values, image_keep_mask, image_selection)
             return tokens.token_counts, tokens.code_ids, None
         if image_inputs == "features":
             needs_codes = needs_targets and not bool((spans.lengths > 0).all())
@@ -355,7 +355,7 @@ class LaVITModel(LaVITPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -505,7 +505,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -518,7 +518,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): one image per placeholder, in order.
             image_keep_mask (`torch.BoolTensor` of shape `(num_images, N)`): which patches each image keeps
                 (pre-tokenized data); the frozen selector decides otherwise.
-            image_selection (`dict`, *optional*): selector options (`mode`, `max_tokens`, `keep_ratio`, `generator`).
+            image_selection ([`LaVITImageSelection`] or `dict`, *optional*): which patches become visual tokens.
             labels (`torch.LongTensor` of shape `(B, S)`): targets aligned with `input_ids`, -100 where nothing is
                 predicted; image targets are filled in by the model (see `LaVITModel.prepare_multimodal_inputs`).
             loss_modalities (`str`, *optional*): `"both"`, `"text"` or `"image"`; defaults to `config.loss_modalities`.
@@ -708,7 +708,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         **kwargs,
     ):
         """

@@ -26,7 +26,7 @@ import torch
 # diffusers copies only the files a module imports directly (`from .x import`) into its module cache when it loads
 # remote code from a local folder: every modeling file the pipeline and its components need is imported here
 from .attention_lavit import LaVITAttentionLayer  # noqa: F401
-from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig  # noqa: F401
+from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITImageSelection  # noqa: F401
 from .generation_lavit import LaVITImageGenerationConfig, row_generators
 from .image_placeholders_lavit import find_image_spans  # noqa: F401
 from .kernels_lavit import speed_defaults  # noqa: F401
@@ -385,7 +385,7 @@ class LaVITPipeline(DiffusionPipeline):
         )
 
     @torch.no_grad()
-    def reconstruct(self, image, image_selection: dict | None = None, **decode_kwargs):
+    def reconstruct(self, image, image_selection: LaVITImageSelection | dict | None = None, **decode_kwargs):
         """
         Image -> visual tokens (the language model's visual tokenizer; `image_selection`, e.g. `{"max_tokens": 64}`,
         picks how many) -> image: what the discrete tokens keep. `decode_kwargs` are those of [`decode_visual_tokens`]
@@ -398,7 +398,7 @@ class LaVITPipeline(DiffusionPipeline):
         if hook is not None:
             hook.pre_forward(self.language_model)
         device = self._execution_device  # not the tokenizer's: offloaded weights wait on the meta device
-        tokens = visual_tokenizer.tokenize(pixel_values.to(device, visual_tokenizer.dtype), **(image_selection or {}))
+        tokens = visual_tokenizer.tokenize(pixel_values.to(device, visual_tokenizer.dtype), selection=image_selection)
         return self.decode_visual_tokens(tokens, **decode_kwargs)
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 import torch
 from lavit.modeling.configuration_lavit import LaVITConfig
+from lavit.processing.processing_lavit import fill_image_spans
 
 from .data import SKIPPED_FIELD, BadRecordCounter, BadRecordError, whole_stream
 
@@ -117,7 +118,8 @@ class SequenceBuilder:
         code_ids = record.get("code_ids")
         if code_ids:
             visual_ids = [config.visual_token_offset + int(code) for code in code_ids]
-            image_ids = [config.image_start_token_id, *visual_ids, config.image_end_token_id]
+            image_ids = fill_image_spans([config.image_start_token_id, config.image_end_token_id],
+                                         config.image_start_token_id, [visual_ids])
             budget_extra = 0
         else:
             image_ids = [config.image_start_token_id, config.image_end_token_id]

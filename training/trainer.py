@@ -23,8 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lavit.modeling import LaVITTokenizerModel
-from lavit.modeling.image_placeholders_lavit import find_image_spans
+from lavit.modeling.image_placeholders_lavit import (
+    compact_image_targets,
+    expand_image_placeholders,
+    find_image_spans,
+)
 from lavit.modeling.kernels_lavit import register_liger_kernel
+from lavit.modeling.modeling_lavit_tokenizer import kept_token_fields
 from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.integrations.deepspeed import (
@@ -39,7 +44,6 @@ from lavit.atomic import fresh_staging_folder, replace_folder
 
 from .callbacks import DataEpochCallback, JsonlLoggerCallback, StopAtMaxStepsCallback, TrainingComplete
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
-from .collators import expand_compact_images
 from .data import BATCH_REASON, SKIPPED_FIELD, BadRecordCounter, BatchRecordCounts, WorkerBatches
 from .evaluation import write_evaluation_rows
 
@@ -165,10 +169,11 @@ class LaVITTrainer(Trainer):
     def _get_num_items_in_batch(self, batch_samples, device):
         compact = [self._has_compact_image_targets(batch) for batch in batch_samples]
         if any(compact) and (self.args.gradient_accumulation_steps > 1 or self.args.world_size > 1):
-            # the targets of compact images are only known once the frozen selector has run: run it here and expand
-            # the batches in place (an extra no-grad pass of the encoder), so the count, the loss and the gradient
-            # are exact across micro-batches and devices. With one micro-batch on one device the model's own mean is
-            # already exact.
+            # the targets of compact images are only known once the frozen selector has run: run the frozen encoder
+            # and selector here and expand the batches in place with the model's own expansion, so the count, the
+            # loss and the gradient are exact across micro-batches and devices. The batch carries the encoder's
+            # output to the model, which does not run the encoder again. With one micro-batch on one device the
+            # model's own mean is already exact.
             for index, batch in enumerate(batch_samples):
                 if compact[index]:
                     batch.update(self._expand_compact_images(batch))
@@ -177,24 +182,40 @@ class LaVITTrainer(Trainer):
         return super()._get_num_items_in_batch(batch_samples, device)
 
     def _expand_compact_images(self, batch) -> dict:
+        """The batch with every image span expanded by the model's expansion (`expand_image_placeholders`: ids,
+        targets, positions), `image_keep_mask`, and `image_patch_features`, the frozen encoder's output that the
+        model then uses instead of running the encoder again."""
         model = self.accelerator.unwrap_model(self.model)
-        tokenizer = model.visual_tokenizer
+        tokenizer, config = model.visual_tokenizer, model.config
         parameter = next(tokenizer.parameters())
         with torch.no_grad():
-            tokens = tokenizer.tokenize(batch["pixel_values"].to(parameter.device, parameter.dtype),
-                                        batch.get("image_keep_mask"))
-        pad_token_id = getattr(model.config.text_config, "pad_token_id", None) or 0
-        return expand_compact_images(batch, [ids.tolist() for ids in tokens.per_image()],
-                                     tokens.keep_mask.to(batch["input_ids"].device), model.config, pad_token_id)
+            patch_features = tokenizer.encode_image(batch["pixel_values"].to(parameter.device, parameter.dtype))
+            patch_features = patch_features.last_hidden_state
+            keep_log_probs, keep_weights = tokenizer.select(patch_features, batch.get("image_keep_mask"))
+            code_ids = tokenizer.quantize(tokenizer.merge(patch_features, keep_weights))
+        kept = kept_token_fields(keep_log_probs, keep_weights)
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))
+        expanded = expand_image_placeholders(
+            input_ids, attention_mask, find_image_spans(input_ids, attention_mask, config),
+            kept["token_counts"].to(input_ids.device), code_ids.to(input_ids.device),
+            visual_token_offset=config.visual_token_offset, labels=batch["labels"],
+            pad_token_id=getattr(config.text_config, "pad_token_id", None) or 0,
+            position_ids=batch.get("position_ids"), padding_side="right",
+        )
+        fields = {"input_ids": expanded.input_ids, "labels": expanded.labels, "attention_mask": expanded.attention_mask,
+                  "image_keep_mask": kept["keep_mask"], "image_patch_features": patch_features}
+        if "position_ids" in batch:  # packed rows: their segments, restarting inside rows
+            fields["position_ids"] = expanded.position_ids
+        return fields
 
     def _has_compact_image_targets(self, batch) -> bool:
-        """The model's own rule: a compact span whose `[IMG]` label is kept gets targets added in the forward."""
+        """Whether the model will add targets to `batch` in its forward (the model's rule: `compact_image_targets`)."""
         config = getattr(self.model, "config", None)
         if "labels" not in batch or not hasattr(config, "image_start_token_id"):
             return False
         spans = find_image_spans(batch["input_ids"], batch.get("attention_mask"), config)
-        compact = spans.lengths == 0
-        return bool((compact & (batch["labels"][spans.rows, spans.starts] != -100)).any())
+        return bool(compact_image_targets(spans, batch["labels"]).any())
 
     # ------------------------------------------------------------------------------------------ optimizer
 

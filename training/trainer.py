@@ -31,7 +31,7 @@ from lavit.modeling.image_placeholders_lavit import (
 from lavit.modeling.kernels_lavit import register_liger_kernel
 from lavit.modeling.modeling_lavit_tokenizer import kept_token_fields
 from tqdm.auto import tqdm
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.integrations.deepspeed import (
     is_deepspeed_zero3_enabled,
     set_hf_deepspeed_config,
@@ -52,6 +52,14 @@ logger = logging.getLogger(__name__)
 VISUAL_MODULES = ("visual_merger", "visual_projection")
 # AdamW without compensation: with bf16 weights it becomes `kahan_adamw`
 PLAIN_ADAMW = (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED)
+# the private `Trainer` methods LaVIT overrides, each because no public hook reaches that point of the loop;
+# `tests/training/test_training.py` checks that the list is complete and that the installed transformers calls them
+PRIVATE_TRAINER_HOOKS = {
+    "_get_num_items_in_batch": "the only point between fetching an accumulation step's batches and counting their "
+                               "targets: compact images get their targets here (`compute_loss` comes after the count)",
+    "_save_checkpoint": "transformers rotates old checkpoints inside it, before any `on_save` callback can mark the "
+                        "new one complete; rotation is deferred to `CheckpointCompletionCallback`",
+}
 TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
                      "mean_keep_ratio", "codebook_usage", "perplexity")
 
@@ -107,6 +115,7 @@ class LaVITTrainer(Trainer):
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(DataEpochCallback(self.train_dataset))
         self.add_callback(StopAtMaxStepsCallback())  # a run resumed at its last step takes no step more
+        self.add_callback(BatchRecordsCheckpointCallback(self))  # before the completion marker lists the files
         self.add_callback(CheckpointCompletionCallback())  # last: after every callback that writes into checkpoints
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -167,6 +176,7 @@ class LaVITTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ loss normalisation
 
     def _get_num_items_in_batch(self, batch_samples, device):
+        # private (PRIVATE_TRAINER_HOOKS): the count of an accumulation step's targets, made before any forward
         compact = [self._has_compact_image_targets(batch) for batch in batch_samples]
         if any(compact) and (self.args.gradient_accumulation_steps > 1 or self.args.world_size > 1):
             # the targets of compact images are only known once the frozen selector has run: run the frozen encoder
@@ -357,16 +367,26 @@ class LaVITTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model, trial):
-        # old checkpoints are rotated out by CheckpointCompletionCallback, once the new one is complete
+        # private (PRIVATE_TRAINER_HOOKS): old checkpoints are rotated out by CheckpointCompletionCallback, once the
+        # new one is complete
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        totals = self.record_counts()
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            BatchRecordCounts.save(folder, totals)
+
+
+class BatchRecordsCheckpointCallback(TrainerCallback):
+    """Keeps the record counts of the training batches in every checkpoint (`BatchRecordCounts.FILE`): every process
+    takes part in the sum, the main one writes. A resumed run starts from them (`LaVITTrainer.train`)."""
+
+    def __init__(self, trainer: LaVITTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        totals = self.trainer.record_counts()
+        if args.should_save:
+            BatchRecordCounts.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", totals)
 
 
 class LaVITTokenizerTrainer(LaVITTrainer):

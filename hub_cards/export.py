@@ -102,12 +102,13 @@ def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/
     """Renders the model card of `model` (the `language_model` of `pipeline` for a `LaVITPipeline` folder) from the
     run's metadata (see the module docstring)."""
     config = model.config
-    tokenizer = model.visual_tokenizer
+    visual_tokenizer = model.visual_tokenizer
     components = {
         "language model": f"{config.text_config.model_type}, {_parameters(model.model.language_model)}",
-        "frozen vision encoder": f"{tokenizer.config.vision_config.model_type}, {_parameters(tokenizer.vision_model)}, "
-                                 f"{tokenizer.config.image_size} px, {tokenizer.config.num_patches} patches",
-        "visual tokenizer (selector, merger, quantizer, decoder)": _parameters(tokenizer) + " in all",
+        "frozen vision encoder": f"{visual_tokenizer.config.vision_config.model_type}, "
+                                 f"{_parameters(visual_tokenizer.vision_model)}, {visual_tokenizer.config.image_size} "
+                                 f"px, {visual_tokenizer.config.num_patches} patches",
+        "visual tokenizer (selector, merger, quantizer, decoder)": _parameters(visual_tokenizer) + " in all",
         "LM-side merger and projection": _parameters(model.model.visual_merger),
     }
     if pipeline is not None:

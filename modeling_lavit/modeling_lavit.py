@@ -184,19 +184,19 @@ class LaVITModel(LaVITPreTrainedModel):
         `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
         """
         # 1. the frozen tokenizer's stages: patch features, kept tokens and (targets) their code ids
-        tokenizer = self.visual_tokenizer
+        visual_tokenizer = self.visual_tokenizer
         if self.training:
-            warn_on_frozen_adapters(tokenizer)
+            warn_on_frozen_adapters(visual_tokenizer)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        encoder_outputs = tokenizer.encode_image(pixel_values, output_hidden_states=output_hidden_states) \
+        encoder_outputs = visual_tokenizer.encode_image(pixel_values, output_hidden_states=output_hidden_states) \
             if image_patch_features is None else BaseModelOutput(last_hidden_state=image_patch_features)
         image_features = encoder_outputs.last_hidden_state
         with torch.no_grad():
-            keep_log_probs, keep_weights = tokenizer.select(image_features, image_keep_mask, image_selection)
+            keep_log_probs, keep_weights = visual_tokenizer.select(image_features, image_keep_mask, image_selection)
             code_ids = None
             if return_code_ids:
-                code_ids = tokenizer.quantize(tokenizer.merge(image_features, keep_weights))
+                code_ids = visual_tokenizer.quantize(visual_tokenizer.merge(image_features, keep_weights))
         # 2. the trainable LM-side merger and projection make the LM inputs
         merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
         features = self.visual_projection(merged)

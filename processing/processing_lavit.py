@@ -173,14 +173,17 @@ class LaVITProcessor(ProcessorMixin):
         not its fields raise `ValueError` here. `None` goes back to compact placeholders. The tokenizer is not saved
         with the processor (pass it again after loading).
         """
-        tokenizer = getattr(visual_tokenizer, "visual_tokenizer", visual_tokenizer)
-        if tokenizer is not None and not hasattr(tokenizer, "tokenize"):
+        # `self.tokenizer` is the text tokenizer (transformers' name); the visual one is always `visual_tokenizer`
+        visual_tokenizer = getattr(visual_tokenizer, "visual_tokenizer", visual_tokenizer)
+        if visual_tokenizer is not None and not hasattr(visual_tokenizer, "tokenize"):
             raise ValueError(f"set_visual_tokenizer needs a LaVIT model or its visual tokenizer, got "
                              f"{type(visual_tokenizer).__name__}")
         # the selection's type is the model's (this folder may be copied apart from the modeling files)
-        selection = tokenizer.selection_class.from_value(selection, **image_selection) if tokenizer is not None \
-            else None
-        self._expansion = _NotSaved(tokenizer, selection) if tokenizer is not None else None
+        if visual_tokenizer is None:
+            self._expansion = None
+            return
+        selection = visual_tokenizer.selection_class.from_value(selection, **image_selection)
+        self._expansion = _NotSaved(visual_tokenizer, selection)
 
     def replace_image_placeholders(self, text: str) -> str:
         """Each `<image>` placeholder -> the compact pair `[IMG][/IMG]` that the model expands."""
@@ -378,10 +381,10 @@ class LaVITProcessor(ProcessorMixin):
 
     def _tokenize_images(self, pixel_values: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
         """Each image's LM ids (code ids after `[/IMG]`, the vocabulary layout of `add_image_tokens`) and keep mask."""
-        tokenizer, selection = self._expansion.value
-        parameter = next(tokenizer.parameters())
+        visual_tokenizer, selection = self._expansion.value
+        parameter = next(visual_tokenizer.parameters())
         with torch.no_grad():
-            output = tokenizer.tokenize(pixel_values.to(parameter.device, parameter.dtype), selection=selection)
+            output = visual_tokenizer.tokenize(pixel_values.to(parameter.device, parameter.dtype), selection=selection)
         offset = self.image_end_token_id + 1
         return [((codes + offset).tolist(), mask) for codes, mask in
                 zip(output.per_image(), output.keep_mask.cpu(), strict=True)]

@@ -196,13 +196,13 @@ class LaVITTrainer(Trainer):
         targets, positions), `image_keep_mask`, and `image_patch_features`, the frozen encoder's output that the
         model then uses instead of running the encoder again."""
         model = self.accelerator.unwrap_model(self.model)
-        tokenizer, config = model.visual_tokenizer, model.config
-        parameter = next(tokenizer.parameters())
+        visual_tokenizer, config = model.visual_tokenizer, model.config
+        parameter = next(visual_tokenizer.parameters())
         with torch.no_grad():
-            patch_features = tokenizer.encode_image(batch["pixel_values"].to(parameter.device, parameter.dtype))
+            patch_features = visual_tokenizer.encode_image(batch["pixel_values"].to(parameter.device, parameter.dtype))
             patch_features = patch_features.last_hidden_state
-            keep_log_probs, keep_weights = tokenizer.select(patch_features, batch.get("image_keep_mask"))
-            code_ids = tokenizer.quantize(tokenizer.merge(patch_features, keep_weights))
+            keep_log_probs, keep_weights = visual_tokenizer.select(patch_features, batch.get("image_keep_mask"))
+            code_ids = visual_tokenizer.quantize(visual_tokenizer.merge(patch_features, keep_weights))
         kept = kept_token_fields(keep_log_probs, keep_weights)
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))

@@ -24,9 +24,10 @@ def visual_tokenizer_bindings(path: Path) -> list[str]:
             values = node.value.elts if isinstance(node.value, ast.Tuple) and isinstance(target, ast.Tuple) else \
                 [node.value] * len(names)
             for name, value in zip(names, values, strict=False):
+                if not (isinstance(name, ast.Name) and name.id == "tokenizer"):
+                    continue
                 text = ast.get_source_segment(source, value) or ""
-                visual = any(word in text for word in VISUAL_SOURCES)
-                if isinstance(name, ast.Name) and name.id == "tokenizer" and visual:
+                if any(word in text for word in VISUAL_SOURCES):
                     found.append(f"{path.name}:{node.lineno}: {ast.get_source_segment(source, node)}")
     return found
 

@@ -2,7 +2,8 @@
 
 `LaVITTrainer` adds to `transformers.Trainer`:
 - exact loss normalisation under gradient accumulation for compact image placeholders (whose targets the model
-  adds after the Trainer counted the labels): the frozen tokenizer expands them before the count;
+  adds after the Trainer counted the labels): the frozen visual tokenizer's selector runs before the count, the
+  model's own expansion fills the spans, and the encoder's output goes on to the model (one encoder pass per image);
 - parameter groups with their own learning rate for the visual modules and the visual rows of the embedding and
   head (paper: about 1e-4 for the visual part, 1e-5 for the LM);
 - extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs;

@@ -11,8 +11,13 @@ of `{metric, value, data}`; rows written by `lavit evaluate --record` also carry
 import json
 from pathlib import Path
 
+import lavit.modeling
+import lavit.processing
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
+from lavit.modeling.generation_lavit import PIPELINE_FILE
+from lavit.modeling.pipeline_lavit import CUSTOM_COMPONENT_MODULES, PIPELINE_MODULE
+from lavit.modeling.saving_lavit import code_files
 from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor
 
@@ -28,13 +33,29 @@ from lavit.paths import check_destination
 
 TEMPLATE = Path(__file__).parent / "templates" / "lavit_model_card.md"
 METADATA_FILE = "lavit_run.json"
-REQUIRED_FILES = ("config.json", "configuration_lavit.py", "modeling_lavit.py", "modeling_lavit_tokenizer.py",
-                  "processor_config.json", "processing_lavit.py", "image_processing_lavit.py", "README.md")
-# the sub-folders of a `LaVITPipeline` Hub folder and the files each needs
+
+
+def module_code(*module_names: str) -> tuple[str, ...]:
+    """The code files a folder holding the modules `module_names` (of `modeling_lavit/` or `processing/`) needs:
+    the modules and what they import, as `saving_lavit.code_files` finds them (the one owner of that answer)."""
+    folders = (Path(lavit.modeling.__file__).parent, Path(lavit.processing.__file__).parent)
+    paths = [next(folder / f"{name}.py" for folder in folders if (folder / f"{name}.py").is_file())
+             for name in module_names]
+    return tuple(path.name for path in code_files(*paths))
+
+
+# the language model's folder also holds the transformers pipeline (`LaVITFolderMixin` copies it: no model imports it)
+LANGUAGE_MODEL_CODE = module_code(CUSTOM_COMPONENT_MODULES["language_model"], Path(PIPELINE_FILE).stem)
+PROCESSOR_CODE = module_code(CUSTOM_COMPONENT_MODULES["processor"])
+# a LaVIT model folder: the model and its processor, saved into one folder
+REQUIRED_FILES = ("config.json", "processor_config.json", "README.md",
+                  *sorted(set(LANGUAGE_MODEL_CODE + PROCESSOR_CODE)))
+# a `LaVITPipeline` Hub folder: its own files, and the sub-folders with the files each needs
+PIPELINE_ROOT_FILES = ("README.md", *module_code(PIPELINE_MODULE))
 PIPELINE_FOLDERS = {
-    "language_model": ("config.json", "configuration_lavit.py", "modeling_lavit.py", "modeling_lavit_tokenizer.py"),
-    "processor": ("processor_config.json", "processing_lavit.py", "image_processing_lavit.py"),
-    "condition_encoder": ("config.json", "modeling_lavit_detokenizer.py"),
+    "language_model": ("config.json", *LANGUAGE_MODEL_CODE),
+    "processor": ("processor_config.json", *PROCESSOR_CODE),
+    "condition_encoder": ("config.json", *module_code(CUSTOM_COMPONENT_MODULES["condition_encoder"])),
     "unet": ("config.json",), "vae": ("config.json",), "scheduler": ("scheduler_config.json",),
 }
 NOT_RECORDED = "Not recorded for this model."
@@ -81,12 +102,13 @@ def model_card(model: LaVITForCausalLM, metadata: dict, repo_id: str = "path/to/
     """Renders the model card of `model` (the `language_model` of `pipeline` for a `LaVITPipeline` folder) from the
     run's metadata (see the module docstring)."""
     config = model.config
-    tokenizer = model.visual_tokenizer
+    visual_tokenizer = model.visual_tokenizer
     components = {
         "language model": f"{config.text_config.model_type}, {_parameters(model.model.language_model)}",
-        "frozen vision encoder": f"{tokenizer.config.vision_config.model_type}, {_parameters(tokenizer.vision_model)}, "
-                                 f"{tokenizer.config.image_size} px, {tokenizer.config.num_patches} patches",
-        "visual tokenizer (selector, merger, quantizer, decoder)": _parameters(tokenizer) + " in all",
+        "frozen vision encoder": f"{visual_tokenizer.config.vision_config.model_type}, "
+                                 f"{_parameters(visual_tokenizer.vision_model)}, {visual_tokenizer.config.image_size} "
+                                 f"px, {visual_tokenizer.config.num_patches} patches",
+        "visual tokenizer (selector, merger, quantizer, decoder)": _parameters(visual_tokenizer) + " in all",
         "LM-side merger and projection": _parameters(model.model.visual_merger),
     }
     if pipeline is not None:
@@ -184,7 +206,7 @@ def check_export_folder(folder) -> None:
     by content (`lavit.file_kinds`: the allowlist), or links out of it."""
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
-        problems = [f"missing {name}" for name in ("README.md", "pipeline_lavit.py") if not (folder / name).is_file()]
+        problems = missing_files(folder, PIPELINE_ROOT_FILES, weights=False)
         for name, required in PIPELINE_FOLDERS.items():
             problems += missing_files(folder, required, name, weights=name not in ("processor", "scheduler"))
     else:

@@ -1,7 +1,13 @@
 """LaVIT model classes. The files in this folder are copied flat into Hub model folders (remote code), so they only
 import each other as `from .module import X`."""
 
-from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVisionConfig, LaVITTokenizerConfig
+from .configuration_lavit import (
+    LaVITConfig,
+    LaVITDetokenizerConfig,
+    LaVITEvaVisionConfig,
+    LaVITImageSelection,
+    LaVITTokenizerConfig,
+)
 from .generation_lavit import LaVITImageGenerationConfig
 from .modeling_eva_vit import LaVITEvaVisionModel
 from .modeling_lavit import (
@@ -34,6 +40,7 @@ __all__ = [
     "LaVITForCausalLM",
     "LaVITImageFeaturesOutput",
     "LaVITImageGenerationConfig",
+    "LaVITImageSelection",
     "LaVITModel",
     "LaVITPipeline",
     "LaVITPreTrainedModel",

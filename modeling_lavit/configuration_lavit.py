@@ -3,6 +3,9 @@
 Defaults are the values of the released LaVIT checkpoints (official code `jy0205/LaVIT`, folder `LaVIT/models`).
 """
 
+from dataclasses import dataclass, fields
+from typing import Any
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -19,6 +22,7 @@ from .validation_lavit import (
     Choice,
     Each,
     Range,
+    check_arguments,
     check_fields,
     check_nested_config,
 )
@@ -34,6 +38,57 @@ GENERATED_IMAGE_INPUTS = ("codes", "features")
 # import the other
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# the declared ranges of the image-selection settings ([`LaVITImageSelection`])
+SELECTION_RANGES = {"mode": Choice(SELECTION_MODES), "max_tokens": POSITIVE_INT, "keep_ratio": OPEN_FRACTION}
+
+
+def check_selection_arguments(mode: str | None, max_tokens: int | None, keep_ratio: float | None) -> None:
+    """Raises `ValueError` for both budgets at once, or an argument out of its range in `SELECTION_RANGES`."""
+    if max_tokens is not None and keep_ratio is not None:
+        raise ValueError("give at most one of max_tokens and keep_ratio")
+    check_arguments(SELECTION_RANGES, {"mode": mode or None, "max_tokens": max_tokens, "keep_ratio": keep_ratio})
+
+
+@dataclass(frozen=True)
+class LaVITImageSelection:
+    """
+    Which patches of an image become visual tokens at inference (`LaVITTokenizerModel.select_tokens`): the one typed
+    form of the settings every entry point takes (`tokenize(..., selection=...)`, `image_selection=` of the LaVIT
+    model, `LaVITProcessor.set_visual_tokenizer`, `LaVITPipeline.reconstruct`), which also take them as a dict or as
+    keyword arguments ([`LaVITImageSelection.from_value`]). Values out of range raise `ValueError` when it is made.
+
+    Args:
+        mode (`str`, *optional*): `"deterministic"` (keep `p_keep > config.selector_threshold`) or `"sample"`
+            (Bernoulli(p_keep)); default `config.selection_mode`.
+        max_tokens (`int`, *optional*): a budget: the `max_tokens` patches with the highest keep probability.
+        keep_ratio (`float`, *optional*): a budget as a share of the patches, in (0, 1]; at most one budget.
+        generator (`torch.Generator`, *optional*): the random stream of `"sample"`.
+    """
+
+    mode: str | None = None
+    max_tokens: int | None = None
+    keep_ratio: float | None = None
+    generator: Any = None
+
+    def __post_init__(self):
+        check_selection_arguments(self.mode, self.max_tokens, self.keep_ratio)
+
+    @classmethod
+    def from_value(cls, value=None, **arguments) -> "LaVITImageSelection":
+        """`value` (`None`, a dict of field names or a `LaVITImageSelection`) with `arguments` (field names, they
+        win) -> one selection. A name that is not a field raises `ValueError` listing the fields."""
+        if isinstance(value, cls) and not arguments:
+            return value
+        given = {field.name: getattr(value, field.name) for field in fields(cls)} if isinstance(value, cls) else \
+            dict(value or {})
+        given.update(arguments)
+        names = [field.name for field in fields(cls)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(f"image selection does not take {unknown}; its settings are {names}")
+        return cls(**given)
 
 
 # what each LaVIT config's folder holds, and the class that loads it
@@ -574,4 +629,5 @@ def _build_vision_config(vision_config) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**vision_config)
 
 
-__all__ = ["LaVITConfig", "LaVITDetokenizerConfig", "LaVITEvaVisionConfig", "LaVITTokenizerConfig"]
+__all__ = ["LaVITConfig", "LaVITDetokenizerConfig", "LaVITEvaVisionConfig", "LaVITImageSelection",
+           "LaVITTokenizerConfig"]

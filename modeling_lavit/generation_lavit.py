@@ -25,6 +25,7 @@ from transformers.generation import (
 )
 from transformers.utils import logging
 
+from .configuration_lavit import LaVITImageSelection
 from .image_placeholders_lavit import positions_from_mask
 from .kernels_lavit import speed_defaults
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
@@ -348,6 +349,9 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
     `get_input_embeddings` and `device`, as `LaVITForCausalLM` has them.
     """
 
+    # the settings of `generate_image_tokens` (read by the `lavit-text-to-image` pipeline, which cannot import it)
+    image_generation_config_class = LaVITImageGenerationConfig
+
     # ------------------------------------------------------------------------------------------- visual tokens
 
     @torch.no_grad()
@@ -361,7 +365,7 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
         negative_attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         streamer=None,
         generation_config: LaVITImageGenerationConfig | None = None,
         **kwargs,

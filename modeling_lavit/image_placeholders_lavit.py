@@ -298,13 +298,19 @@ def _fill_visual_slots(expanded, spans, token_counts, code_ids, destination, vis
     return code_ids
 
 
+def compact_image_targets(spans: ImageSpans, labels: torch.LongTensor) -> torch.BoolTensor:
+    """(K,) which images get targets added by the expansion: compact spans (`[IMG][/IMG]`) whose `[IMG]` label is
+    kept. The one statement of the rule: the Trainer asks it before counting targets (their number is only known
+    once the frozen selector ran)."""
+    return (spans.lengths == 0) & (labels[spans.rows, spans.starts] != -100)
+
+
 def _visual_targets(expanded, spans, labels, code_ids, visual_token_offset):
     """Targets of the visual slots: a compact image is supervised where its `[IMG]` is, an expanded one slot by slot."""
     slot_rows, slot_columns = expanded.slot_positions
     compact = (spans.lengths == 0)[expanded.slot_images]
-    start_label_kept = (labels[spans.rows, spans.starts] != -100)[expanded.slot_images]
     slot_labels = expanded.labels[slot_rows, slot_columns]
-    supervised = torch.where(compact, start_label_kept, slot_labels != -100)
+    supervised = torch.where(compact, compact_image_targets(spans, labels)[expanded.slot_images], slot_labels != -100)
     expanded.labels[slot_rows, slot_columns] = torch.where(supervised, code_ids + visual_token_offset, -100)
 
 
@@ -312,6 +318,7 @@ __all__ = [
     "ExpandedImagePlaceholders",
     "ImageSpans",
     "LaVITMultimodalInputs",
+    "compact_image_targets",
     "expand_image_placeholders",
     "find_image_spans",
     "generation_target_images",

@@ -25,10 +25,15 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation import LogitsProcessorList
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 from transformers.utils import can_return_tuple, logging
 
-from .configuration_lavit import LaVITConfig
+from .configuration_lavit import LaVITConfig, LaVITImageSelection
 from .generation_lavit import (
     LaVITImageGenerationMixin,
     SuppressImageTokensLogitsProcessor,
@@ -159,9 +164,10 @@ class LaVITModel(LaVITPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         return_code_ids: bool = False,
         output_hidden_states: bool | None = None,
+        image_patch_features: torch.Tensor | None = None,
         **kwargs,
     ) -> LaVITImageFeaturesOutput:
         """
@@ -172,22 +178,25 @@ class LaVITModel(LaVITPreTrainedModel):
         `hidden_states`; with `return_code_ids`, the frozen tokenizer's code ids (T,) of the same tokens (the targets).
 
         The kept tokens come from `image_keep_mask` (num_images, N) when given, else from the frozen selector with
-        `image_selection` (`mode`, `max_tokens`, `keep_ratio`, `generator`; see `LaVITTokenizerModel.select_tokens`).
+        `image_selection`: a [`LaVITImageSelection`] or a dict of its fields (see `LaVITTokenizerModel.select_tokens`).
+        `image_patch_features` (num_images, N, D): the frozen encoder's output for `pixel_values` when the caller
+        already has it (the Trainer's count of image targets), so the encoder runs once per image and step.
         `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
         """
         # 1. the frozen tokenizer's stages: patch features, kept tokens and (targets) their code ids
-        tokenizer = self.visual_tokenizer
+        visual_tokenizer = self.visual_tokenizer
         if self.training:
-            warn_on_frozen_adapters(tokenizer)
+            warn_on_frozen_adapters(visual_tokenizer)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        encoder_outputs = tokenizer.encode_image(pixel_values, output_hidden_states=output_hidden_states)
+        encoder_outputs = visual_tokenizer.encode_image(pixel_values, output_hidden_states=output_hidden_states) \
+            if image_patch_features is None else BaseModelOutput(last_hidden_state=image_patch_features)
         image_features = encoder_outputs.last_hidden_state
         with torch.no_grad():
-            keep_log_probs, keep_weights = tokenizer.select(image_features, image_keep_mask, **(image_selection or {}))
+            keep_log_probs, keep_weights = visual_tokenizer.select(image_features, image_keep_mask, image_selection)
             code_ids = None
             if return_code_ids:
-                code_ids = tokenizer.quantize(tokenizer.merge(image_features, keep_weights))
+                code_ids = visual_tokenizer.quantize(visual_tokenizer.merge(image_features, keep_weights))
         # 2. the trainable LM-side merger and projection make the LM inputs
         merged = self.visual_merger(image_features.to(self.visual_projection.weight.dtype), keep_weights)
         features = self.visual_projection(merged)
@@ -204,11 +213,12 @@ class LaVITModel(LaVITPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         labels: torch.LongTensor | None = None,
         padding_side: str | None = None,
         image_inputs: str = "features",
         inputs_embeds: torch.FloatTensor | None = None,
+        image_patch_features: torch.Tensor | None = None,
     ) -> LaVITMultimodalInputs:
         """
         Expands the image placeholders of `input_ids` (see the module docstring) into an LM-ready batch: the images'
@@ -223,7 +233,8 @@ class LaVITModel(LaVITPreTrainedModel):
         With labels and `config.generated_image_inputs="codes"`, an image that is a generation target (supervised
         `[IMG]`, text before it in its sequence) is fed as its code ids even in `"features"` mode.
         `inputs_embeds` (B, S, H), aligned with `input_ids`, replaces the embedding lookup of the input tokens (soft
-        prompts, embeddings from elsewhere); the image features are placed as usual.
+        prompts, embeddings from elsewhere); the image features are placed as usual. `image_patch_features`: see
+        [`get_image_features`].
         """
         # 1. check the ids and locate the images
         attention_mask = self._checked_attention_mask(input_ids, attention_mask)
@@ -232,7 +243,8 @@ class LaVITModel(LaVITPreTrainedModel):
         token_counts = code_ids = visual_embeds = None
         if pixel_values is not None:
             token_counts, code_ids, visual_embeds = self._image_tokens(
-                pixel_values, spans, image_keep_mask, image_selection, image_inputs, needs_targets=labels is not None
+                pixel_values, spans, image_keep_mask, image_selection, image_inputs, needs_targets=labels is not None,
+                image_patch_features=image_patch_features,
             )
         # 3. the expanded sequence: ids, mask, targets, positions (a pure tensor function)
         expanded = expand_image_placeholders(
@@ -263,7 +275,7 @@ class LaVITModel(LaVITPreTrainedModel):
         return attention_mask
 
     def _image_tokens(self, pixel_values, spans: ImageSpans, image_keep_mask, image_selection, image_inputs: str,
-                      needs_targets: bool):
+                      needs_targets: bool, image_patch_features=None):
         """(token_counts, code_ids, features) of the images: code ids where they are fed or are targets of compact
         spans (expanded spans hold theirs: pre-tokenized data skips the frozen target path), features in
         `"features"` mode."""
@@ -272,12 +284,13 @@ class LaVITModel(LaVITPreTrainedModel):
             raise ValueError(f"input_ids hold {spans.rows.numel()} image placeholder(s) but {num_images} image(s) "
                              f"were given in pixel_values; each image needs exactly one placeholder, in order")
         if image_inputs == "codes":
-            tokens = self.visual_tokenizer.tokenize(pixel_values, image_keep_mask, **(image_selection or {}))
+            tokens = self.visual_tokenizer.tokenize(pixel_values, image_keep_mask, image_selection)
             return tokens.token_counts, tokens.code_ids, None
         if image_inputs == "features":
             needs_codes = needs_targets and not bool((spans.lengths > 0).all())
             features = self.get_image_features(
-                pixel_values, image_keep_mask, image_selection, return_code_ids=needs_codes, return_dict=True
+                pixel_values, image_keep_mask, image_selection, return_code_ids=needs_codes, return_dict=True,
+                image_patch_features=image_patch_features,
             )
             return features.token_counts, features.code_ids, features.features
         raise ValueError(f"image_inputs must be 'features' or 'codes', got {image_inputs!r}")
@@ -355,9 +368,10 @@ class LaVITModel(LaVITPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        image_patch_features: torch.Tensor | None = None,
         **kwargs,
     ) -> LaVITModelOutputWithPast:
         r"""
@@ -368,7 +382,7 @@ class LaVITModel(LaVITPreTrainedModel):
         # 1. expand the image placeholders and embed (prefill with images), or take the text as it is
         lm_inputs, labels, image_token_counts = self._language_model_inputs(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_keep_mask,
-            image_selection, labels,
+            image_selection, labels, image_patch_features,
         )
         if lm_inputs["attention_mask"] is None and lm_inputs["position_ids"] is not None and cache is None and (
             restarts_inside_rows(lm_inputs["position_ids"])
@@ -393,7 +407,7 @@ class LaVITModel(LaVITPreTrainedModel):
 
     def _language_model_inputs(
         self, input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_keep_mask,
-        image_selection, labels,
+        image_selection, labels, image_patch_features=None,
     ) -> tuple[dict, torch.LongTensor | None, torch.LongTensor | None]:
         """The language model's `input_ids` / `inputs_embeds` / `attention_mask` / `position_ids`, the (expanded)
         labels and the images' token counts."""
@@ -413,7 +427,7 @@ class LaVITModel(LaVITPreTrainedModel):
             return lm_inputs, labels, None
         prepared = self.prepare_multimodal_inputs(
             input_ids, attention_mask, position_ids, pixel_values, image_keep_mask, image_selection, labels,
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=inputs_embeds, image_patch_features=image_patch_features,
         )
         # packed rows: no 2-D mask, so the LM builds a block-diagonal mask from the restarting position ids
         lm_inputs = dict(input_ids=None, inputs_embeds=prepared.inputs_embeds, position_ids=prepared.position_ids,
@@ -505,7 +519,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -518,7 +532,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): one image per placeholder, in order.
             image_keep_mask (`torch.BoolTensor` of shape `(num_images, N)`): which patches each image keeps
                 (pre-tokenized data); the frozen selector decides otherwise.
-            image_selection (`dict`, *optional*): selector options (`mode`, `max_tokens`, `keep_ratio`, `generator`).
+            image_selection ([`LaVITImageSelection`] or `dict`, *optional*): which patches become visual tokens.
             labels (`torch.LongTensor` of shape `(B, S)`): targets aligned with `input_ids`, -100 where nothing is
                 predicted; image targets are filled in by the model (see `LaVITModel.prepare_multimodal_inputs`).
             loss_modalities (`str`, *optional*): `"both"`, `"text"` or `"image"`; defaults to `config.loss_modalities`.
@@ -528,6 +542,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 (position t predicts `shift_labels[:, t]`), as sequence/context-parallel training passes them; they
                 win over `labels`. Text only: with image placeholders, whose expansion moves every later target, give
                 `labels`.
+            image_patch_features (`torch.FloatTensor` of shape `(num_images, N, D)`, *optional*, in `kwargs`): the
+                frozen encoder's output for `pixel_values` when already computed (see `LaVITModel.get_image_features`).
             skip_logits (`bool`, *optional*, in `kwargs`): return no logits (the Trainer's evaluation with
                 `use_liger_kernel`); default: skipped in training with targets when `linear_cross_entropy` is set.
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
@@ -708,7 +724,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_keep_mask: torch.Tensor | None = None,
-        image_selection: dict | None = None,
+        image_selection: LaVITImageSelection | dict | None = None,
         **kwargs,
     ):
         """

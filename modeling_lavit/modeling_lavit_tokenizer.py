@@ -27,10 +27,14 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .attention_lavit import LaVITAttentionLayer, PaddedLayout, official_leaky_attention, sdpa_attention
-from .configuration_lavit import SELECTION_MODES, LaVITTokenizerConfig
+from .configuration_lavit import (  # noqa: F401 (SELECTION_RANGES, check_selection_arguments: their old home)
+    SELECTION_RANGES,
+    LaVITImageSelection,
+    LaVITTokenizerConfig,
+    check_selection_arguments,
+)
 from .modeling_eva_vit import LaVITEvaVisionModel
 from .saving_lavit import SaveBesideSourcesMixin
-from .validation_lavit import OPEN_FRACTION, POSITIVE_INT, Choice, check_arguments
 
 
 @dataclass
@@ -515,6 +519,9 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
     ```
     """
 
+    # the typed selection settings (for callers that cannot import this folder, such as the processor)
+    selection_class = LaVITImageSelection
+
     def __init__(self, config: LaVITTokenizerConfig):
         super().__init__(config)
         self.vision_model, self.read_patch_states = build_vision_encoder(config)
@@ -557,38 +564,36 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         self,
         image_features: torch.Tensor,
         keep_mask: torch.Tensor | None = None,
-        mode: str | None = None,
-        max_tokens: int | None = None,
-        keep_ratio: float | None = None,
-        generator: torch.Generator | None = None,
+        selection: LaVITImageSelection | dict | None = None,
+        **selection_arguments,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2 of 4: encoder features (B, N, D) -> (selector log-probabilities (B, N, 2), keep weights (B, N)).
 
-        An explicit `keep_mask` wins over the selector's decision; other arguments as in [`select_tokens`]."""
+        An explicit `keep_mask` wins over the selector's decision; the selection as in [`select_tokens`]."""
         keep_log_probs = self.selector(image_features)
         if keep_mask is None:
-            return keep_log_probs, self.select_tokens(keep_log_probs, mode, max_tokens, keep_ratio, generator)
+            return keep_log_probs, self.select_tokens(keep_log_probs, selection, **selection_arguments)
         keep_mask = check_keep_mask(keep_mask, image_features.shape[0], self.config.num_patches)
         return keep_log_probs, keep_mask.to(self.device, keep_log_probs.dtype)
 
     def select_tokens(
         self,
         keep_log_probs: torch.Tensor,
-        mode: str | None = None,
-        max_tokens: int | None = None,
-        keep_ratio: float | None = None,
-        generator: torch.Generator | None = None,
+        selection: LaVITImageSelection | dict | None = None,
+        **selection_arguments,
     ) -> torch.Tensor:
         """
         Turns the selector's (B, N, 2) log-probabilities into (B, N) keep weights (0/1 values).
 
-        In training: straight-through Gumbel-softmax samples (their gradient flows to the selector). At inference, in
-        order of precedence: a budget (`max_tokens`: the `max_tokens` patches with the highest keep probability;
+        In training: straight-through Gumbel-softmax samples (their gradient flows to the selector). At inference,
+        `selection` ([`LaVITImageSelection`], a dict of its fields, or its fields as keyword arguments), in order of
+        precedence: a budget (`max_tokens`: the `max_tokens` patches with the highest keep probability;
         `keep_ratio`: the top `round(keep_ratio * N)`), else `mode` (default `config.selection_mode`):
         `"deterministic"` keeps `p_keep > config.selector_threshold`, `"sample"` draws Bernoulli(p_keep) with
         `generator`. Every image keeps at least its most probable patch. Bad arguments raise `ValueError`.
         """
-        check_selection_arguments(mode, max_tokens, keep_ratio)
+        selection = LaVITImageSelection.from_value(selection, **selection_arguments)
+        mode, max_tokens, keep_ratio = selection.mode, selection.max_tokens, selection.keep_ratio
         keep_probs = keep_log_probs[..., 0].exp()
         if self.training:
             keep_weights = F.gumbel_softmax(keep_log_probs, tau=self.config.gumbel_temperature, hard=True)[..., 0]
@@ -596,7 +601,7 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
             budget = max_tokens if max_tokens is not None else round(keep_ratio * keep_probs.shape[1])
             keep_weights = top_k_keep_weights(keep_probs, budget)
         elif (mode or self.config.selection_mode) == "sample":
-            keep_weights = torch.bernoulli(keep_probs.float(), generator=generator).to(keep_probs.dtype)
+            keep_weights = torch.bernoulli(keep_probs.float(), generator=selection.generator).to(keep_probs.dtype)
         else:
             keep_weights = (keep_probs > self.config.selector_threshold).to(keep_probs.dtype)
         return keep_at_least_one(keep_weights, keep_probs)
@@ -670,14 +675,12 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         keep_mask: torch.Tensor | None = None,
-        mode: str | None = None,
-        max_tokens: int | None = None,
-        keep_ratio: float | None = None,
-        generator: torch.Generator | None = None,
+        selection: LaVITImageSelection | dict | None = None,
+        **selection_arguments,
     ) -> LaVITFeaturesOutput:
         """Continuous merger outputs of the kept tokens, packed (T, D). Selection arguments as in `tokenize`."""
         image_features = self.encode_patches(pixel_values)
-        keep_log_probs, keep_weights = self.select(image_features, keep_mask, mode, max_tokens, keep_ratio, generator)
+        keep_log_probs, keep_weights = self.select(image_features, keep_mask, selection, **selection_arguments)
         return LaVITFeaturesOutput(features=self.merge(image_features, keep_weights),
                                    **kept_token_fields(keep_log_probs, keep_weights))
 
@@ -686,18 +689,17 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         keep_mask: torch.Tensor | None = None,
-        mode: str | None = None,
-        max_tokens: int | None = None,
-        keep_ratio: float | None = None,
-        generator: torch.Generator | None = None,
+        selection: LaVITImageSelection | dict | None = None,
+        **selection_arguments,
     ) -> LaVITTokenizationOutput:
         """
         Images -> discrete visual tokens, packed: `code_ids` (T,), `token_counts` (B,), `keep_mask` (B, N).
 
-        Selection: `keep_mask` if given, else a budget (`max_tokens` or `keep_ratio`), else `mode`
-        (`"deterministic"` by default, or `"sample"` with an optional `generator`); see [`select_tokens`].
+        Selection: `keep_mask` if given, else `selection` ([`LaVITImageSelection`], a dict, or its fields as keyword
+        arguments: `max_tokens=64`): a budget (`max_tokens` or `keep_ratio`), else `mode` (`"deterministic"` by
+        default, or `"sample"` with an optional `generator`); see [`select_tokens`].
         """
-        features = self.encode_features(pixel_values, keep_mask, mode, max_tokens, keep_ratio, generator)
+        features = self.encode_features(pixel_values, keep_mask, selection, **selection_arguments)
         return LaVITTokenizationOutput(code_ids=self.quantize(features.features), token_counts=features.token_counts,
                                        keep_mask=features.keep_mask, keep_probs=features.keep_probs)
 
@@ -758,17 +760,6 @@ def check_keep_mask(keep_mask, batch_size: int, num_patches: int) -> torch.BoolT
     if empty:
         raise ValueError(f"keep_mask keeps no patch for image(s) {empty}; every image needs at least one token")
     return keep_mask
-
-
-# the declared ranges of the image-selection arguments (`tokenize`, `image_selection={...}` of the LaVIT model)
-SELECTION_RANGES = {"mode": Choice(SELECTION_MODES), "max_tokens": POSITIVE_INT, "keep_ratio": OPEN_FRACTION}
-
-
-def check_selection_arguments(mode: str | None, max_tokens: int | None, keep_ratio: float | None) -> None:
-    """Raises `ValueError` for both budgets at once, or an argument out of its range in `SELECTION_RANGES`."""
-    if max_tokens is not None and keep_ratio is not None:
-        raise ValueError("give at most one of max_tokens and keep_ratio")
-    check_arguments(SELECTION_RANGES, {"mode": mode or None, "max_tokens": max_tokens, "keep_ratio": keep_ratio})
 
 
 def check_packed_code_ids(code_ids, token_counts, codebook_size: int, max_count: int, device):

@@ -18,7 +18,6 @@ where `lavit` is not installed.
 import inspect
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 # diffusers copies only the files a module imports directly (`from .x import`) into its module cache when it loads
 # remote code from a local folder: every modeling file the pipeline and its components need is imported here
 from .attention_lavit import LaVITAttentionLayer  # noqa: F401
-from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig  # noqa: F401
+from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITImageSelection  # noqa: F401
 from .generation_lavit import LaVITImageGenerationConfig, row_generators
 from .image_placeholders_lavit import find_image_spans  # noqa: F401
 from .kernels_lavit import speed_defaults  # noqa: F401
@@ -39,7 +38,7 @@ from .modeling_lavit_detokenizer import (
     require_diffusers,
 )
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
-from .saving_lavit import loaded_from, save_beside_sources
+from .saving_lavit import code_files, loaded_from, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
 from .validation_lavit import GUIDANCE_SCALE
 
@@ -386,7 +385,7 @@ class LaVITPipeline(DiffusionPipeline):
         )
 
     @torch.no_grad()
-    def reconstruct(self, image, image_selection: dict | None = None, **decode_kwargs):
+    def reconstruct(self, image, image_selection: LaVITImageSelection | dict | None = None, **decode_kwargs):
         """
         Image -> visual tokens (the language model's visual tokenizer; `image_selection`, e.g. `{"max_tokens": 64}`,
         picks how many) -> image: what the discrete tokens keep. `decode_kwargs` are those of [`decode_visual_tokens`]
@@ -399,7 +398,7 @@ class LaVITPipeline(DiffusionPipeline):
         if hook is not None:
             hook.pre_forward(self.language_model)
         device = self._execution_device  # not the tokenizer's: offloaded weights wait on the meta device
-        tokens = visual_tokenizer.tokenize(pixel_values.to(device, visual_tokenizer.dtype), **(image_selection or {}))
+        tokens = visual_tokenizer.tokenize(pixel_values.to(device, visual_tokenizer.dtype), selection=image_selection)
         return self.decode_visual_tokens(tokens, **decode_kwargs)
 
     @torch.no_grad()
@@ -518,18 +517,11 @@ def _is_detokenizer_folder(folder: Path) -> bool:
 
 
 def copy_code_files(module_file: Path, folder: Path):
-    """`module_file` and every file it imports relatively (`from .x import`), transitively, into `folder`."""
+    """`module_file` and every file it imports relatively, transitively ([`code_files`]), into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    pending, seen = [module_file], set()
-    while pending:
-        path = pending.pop()
-        if path.name in seen:
-            continue
-        seen.add(path.name)
+    for path in code_files(module_file):
         if path.resolve() != (folder / path.name).resolve():
             shutil.copyfile(path, folder / path.name)
-        for name in re.findall(r"^\s*from\s+\.(\w+)\s+import", path.read_text(), flags=re.MULTILINE):
-            pending.append(path.parent / f"{name}.py")
 
 
 __all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences"]

@@ -26,8 +26,29 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+# a relative import (`from .x import`): what ties the code files of a Hub folder together, as transformers' and
+# diffusers' remote-code loaders read them
+RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", flags=re.MULTILINE)
 # the weight files a save writes and the library's own save removes when it shards differently
 WEIGHT_FILE = re.compile(r"^(model|diffusion_pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|safetensors\.index\.json)$")
+
+
+def code_files(*module_files: Path) -> list[Path]:
+    """
+    The code files a Hub folder needs for the classes of `module_files`: each file and every file it imports
+    relatively (`from .x import`), transitively, from the same package folder; sorted by name. The one answer to
+    "which `.py` files does a folder hold": `LaVITPipeline.save_pretrained` copies them, `hub_cards.export` checks
+    them, and transformers' own save (`custom_object_save`) follows the same imports.
+    """
+    found: dict[str, Path] = {}
+    pending = [Path(path) for path in module_files]
+    while pending:
+        path = pending.pop()
+        if path.name in found:
+            continue
+        found[path.name] = path
+        pending += [path.parent / f"{name}.py" for name in RELATIVE_IMPORT.findall(path.read_text())]
+    return [found[name] for name in sorted(found)]
 
 
 class SourceFolderError(ValueError):
@@ -131,5 +152,5 @@ class SaveBesideSourcesMixin:
         save_beside_sources(lambda folder: parent.save_pretrained(folder, *args, **kwargs), save_directory,
                             loaded_from(*self.source_objects()), type(self).__name__)
 
-
-__all__ = ["SaveBesideSourcesMixin", "SourceFolderError", "loaded_from", "remember_source", "save_beside_sources"]
+__all__ = ["SaveBesideSourcesMixin", "SourceFolderError", "code_files", "loaded_from", "remember_source",
+           "save_beside_sources"]

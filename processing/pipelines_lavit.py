@@ -8,21 +8,29 @@ Pixels are drawn by the diffusers `LaVITPipeline` (`pipe.decode_visual_tokens(..
 which holds the language model as one of its components. Captioning and VQA use the built-in `image-text-to-text` task.
 """
 
+import inspect
+from dataclasses import fields
+
 import torch
 from torch import nn
 from transformers import BatchFeature, Pipeline
 
 from .saving_lavit import SaveBesideSourcesMixin
 
-IMAGE_GENERATION_ARGUMENTS = (
-    "guidance_scale", "do_sample", "top_k", "top_p", "temperature", "min_new_tokens", "max_new_tokens",
-    "num_images_per_prompt", "generator", "negative_input_ids", "image_inputs",
-)
+
+def image_generation_arguments(model) -> set[str]:
+    """The keyword arguments the pipeline forwards to `model.generate_image_tokens`: its keyword-only parameters and
+    the fields of its settings class (`image_generation_config_class`), read from the model, so the two never drift
+    (this folder may be copied apart from the modeling files)."""
+    parameters = inspect.signature(model.generate_image_tokens).parameters.values()
+    keyword_only = {parameter.name for parameter in parameters if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+    return keyword_only | {field.name for field in fields(model.image_generation_config_class)}
 
 
 class LaVITTextToImagePipeline(SaveBesideSourcesMixin, Pipeline):
-    """Text (or multimodal) prompts -> generated visual tokens (module docstring). Arguments not in
-    `IMAGE_GENERATION_ARGUMENTS`, `images` or `negative_prompt` raise a `ValueError` naming them."""
+    """Text (or multimodal) prompts -> generated visual tokens (module docstring). Arguments that
+    `generate_image_tokens` does not take ([`image_generation_arguments`]), other than `images` and
+    `negative_prompt`, raise a `ValueError` naming them."""
 
     _load_processor = True
     _load_image_processor = False
@@ -43,9 +51,8 @@ class LaVITTextToImagePipeline(SaveBesideSourcesMixin, Pipeline):
         if images is not None:
             preprocess_params["images"] = images
         forward_params = {}
-        for name in IMAGE_GENERATION_ARGUMENTS:
-            if name in kwargs:
-                forward_params[name] = kwargs.pop(name)
+        for name in image_generation_arguments(self.model) & set(kwargs):
+            forward_params[name] = kwargs.pop(name)
         if negative_prompt is not None:
             forward_params["negative_prompt"] = negative_prompt
         if kwargs:

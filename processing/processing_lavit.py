@@ -23,7 +23,6 @@ from .saving_lavit import SaveBesideSourcesMixin
 IMAGE_START_TOKEN = "[IMG]"
 IMAGE_END_TOKEN = "[/IMG]"
 # the selection arguments of LaVITTokenizerModel.tokenize (processing cannot import the modeling files once installed)
-IMAGE_SELECTION_ARGUMENTS = ("mode", "max_tokens", "keep_ratio", "generator")
 # text arguments transformers' processors take that are the processor's, not the text tokenizer's
 PROCESSOR_ONLY_TEXT_KWARGS = ("return_mm_token_type_ids", "sanitize_control_tokens")
 
@@ -172,22 +171,25 @@ class LaVITProcessor(SaveBesideSourcesMixin, ProcessorMixin):
                              f"{end_id}), so it must be the last one")
         tokenizer.add_tokens([visual_token(code) for code in range(codebook_size)], special_tokens=True)
 
-    def set_visual_tokenizer(self, visual_tokenizer, **image_selection):
+    def set_visual_tokenizer(self, visual_tokenizer, selection=None, **image_selection):
         """
         Makes the processor write expanded image spans (module docstring): `visual_tokenizer` is a LaVIT model or its
-        frozen [`LaVITTokenizerModel`] (`model.visual_tokenizer`); `image_selection` (`max_tokens`, `keep_ratio`,
-        `mode`, `generator`) goes to its `tokenize`, other names raise `ValueError`. `None` goes back to compact
-        placeholders. The tokenizer is not saved with the processor (pass it again after loading).
+        frozen [`LaVITTokenizerModel`] (`model.visual_tokenizer`); `selection` (a `LaVITImageSelection` or a dict)
+        and `image_selection` (its fields as keyword arguments: `max_tokens=64`) go to its `tokenize`; names that are
+        not its fields raise `ValueError` here. `None` goes back to compact placeholders. The tokenizer is not saved
+        with the processor (pass it again after loading).
         """
-        unknown = sorted(set(image_selection) - set(IMAGE_SELECTION_ARGUMENTS))
-        if unknown:
-            raise ValueError(f"set_visual_tokenizer does not take {unknown}; image selection takes "
-                             f"{list(IMAGE_SELECTION_ARGUMENTS)}")
-        tokenizer = getattr(visual_tokenizer, "visual_tokenizer", visual_tokenizer)
-        if tokenizer is not None and not hasattr(tokenizer, "tokenize"):
+        # `self.tokenizer` is the text tokenizer (transformers' name); the visual one is always `visual_tokenizer`
+        visual_tokenizer = getattr(visual_tokenizer, "visual_tokenizer", visual_tokenizer)
+        if visual_tokenizer is not None and not hasattr(visual_tokenizer, "tokenize"):
             raise ValueError(f"set_visual_tokenizer needs a LaVIT model or its visual tokenizer, got "
                              f"{type(visual_tokenizer).__name__}")
-        self._expansion = _NotSaved(tokenizer, dict(image_selection)) if tokenizer is not None else None
+        # the selection's type is the model's (this folder may be copied apart from the modeling files)
+        if visual_tokenizer is None:
+            self._expansion = None
+            return
+        selection = visual_tokenizer.selection_class.from_value(selection, **image_selection)
+        self._expansion = _NotSaved(visual_tokenizer, selection)
 
     def replace_image_placeholders(self, text: str) -> str:
         """Each `<image>` placeholder -> the compact pair `[IMG][/IMG]` that the model expands."""
@@ -385,10 +387,10 @@ class LaVITProcessor(SaveBesideSourcesMixin, ProcessorMixin):
 
     def _tokenize_images(self, pixel_values: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
         """Each image's LM ids (code ids after `[/IMG]`, the vocabulary layout of `add_image_tokens`) and keep mask."""
-        tokenizer, selection = self._expansion.value
-        parameter = next(tokenizer.parameters())
+        visual_tokenizer, selection = self._expansion.value
+        parameter = next(visual_tokenizer.parameters())
         with torch.no_grad():
-            output = tokenizer.tokenize(pixel_values.to(parameter.device, parameter.dtype), **selection)
+            output = visual_tokenizer.tokenize(pixel_values.to(parameter.device, parameter.dtype), selection=selection)
         offset = self.image_end_token_id + 1
         return [((codes + offset).tolist(), mask) for codes, mask in
                 zip(output.per_image(), output.keep_mask.cpu(), strict=True)]

@@ -140,3 +140,22 @@ def test_lavit_folder_loads_every_auto_class_without_lavit(lavit_model, lavit_pr
     lines = result.stdout.strip().splitlines()
     assert json.loads(lines[-2]) == expected
     assert int(lines[-1]) == len(expected[0]) - 2
+
+
+def test_the_required_files_are_the_code_a_saved_folder_holds(lavit_folder, pipeline_folder):
+    """`hub_cards.export`'s lists of required files are derived from the code (`saving_lavit.code_files`): they are
+    exactly the `.py` files a saved model folder and each part of a saved pipeline folder hold, and every file named
+    is there (the check passes on a folder as saved, with its card)."""
+    from lavit.hub_cards.export import PIPELINE_FOLDERS, PIPELINE_ROOT_FILES, REQUIRED_FILES, missing_files
+
+    def code(names):
+        return {name for name in names if name.endswith(".py")}
+
+    assert code(REQUIRED_FILES) == {path.name for path in lavit_folder.glob("*.py")}
+    assert code(PIPELINE_ROOT_FILES) == {path.name for path in pipeline_folder.glob("*.py")}
+    for name, required in PIPELINE_FOLDERS.items():
+        assert code(required) == {path.name for path in (pipeline_folder / name).glob("*.py")}, name
+    (lavit_folder / "README.md").write_text("card")
+    (pipeline_folder / "README.md").write_text("card")
+    assert missing_files(lavit_folder, REQUIRED_FILES) == []
+    assert missing_files(pipeline_folder, PIPELINE_ROOT_FILES, weights=False) == []

@@ -11,7 +11,8 @@ import lavit
 def test_top_level_exports_the_user_classes_and_each_is_registered_with_an_auto_class():
     assert set(lavit.__all__) == {
         "LaVITConfig", "LaVITTokenizerConfig", "LaVITDetokenizerConfig", "LaVITTokenizerModel", "LaVITModel",
-        "LaVITForCausalLM", "LaVITImageGenerationConfig", "LaVITDetokenizer", "LaVITImageProcessor", "LaVITProcessor",
+        "LaVITForCausalLM", "LaVITImageGenerationConfig", "LaVITImageSelection", "LaVITDetokenizer",
+        "LaVITImageProcessor", "LaVITProcessor",
         "LaVITTextToImagePipeline", "LaVITPipeline", "LaVITConditionEncoder",
     }
     pairs = ((lavit.LaVITTokenizerConfig, lavit.LaVITTokenizerModel),

@@ -21,7 +21,15 @@ import torch
 from lavit.processing import LaVITImageProcessor
 from PIL import Image
 
-from .data import AUGMENTATION_SEED, BadRecordCounter, BadRecordError, augment_image, decode_image
+from .data import (
+    AUGMENTATION_SEED,
+    BadRecordCounter,
+    BadRecordError,
+    augment_image,
+    decode_image,
+    record_fields,
+    stored_skips,
+)
 
 
 @dataclass
@@ -81,7 +89,7 @@ class LaVITDataCollator:
         segments dropped here."""
         segments, skipped = [], 0
         for row in rows:
-            skipped += int(row.get("skipped_records") or 0) if self.count_stored_skips else 0
+            skipped += stored_skips(row) if self.count_stored_skips else 0
             if not row["input_ids"]:  # a row that only carries the count of a batch without usable records
                 continue
             input_ids, labels = list(row["input_ids"]), list(row.get("labels") or row["input_ids"])
@@ -114,9 +122,9 @@ class LaVITDataCollator:
         if not segments:
             # every record of the batch was bad: an empty step (no targets) keeps the run alive
             return {"input_ids": torch.tensor([[self.pad_token_id]]), "labels": torch.tensor([[-100]]),
-                    "skipped_records": torch.tensor(skipped), "used_records": torch.tensor(0)}
+                    **record_fields(skipped, 0)}
         batch = self.pack(segments) if self.packed else self.pad(segments)
-        batch["skipped_records"], batch["used_records"] = torch.tensor(skipped), torch.tensor(len(segments))
+        batch.update(record_fields(skipped, len(segments)))
         images = self.augmented(segments)
         if images:
             batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -182,8 +190,8 @@ def lm_collator(processor, config, packed: bool, max_row_length: int | None = No
 
 
 def image_items(items: list) -> tuple[list, int]:
-    """Items of `training.data.image_dataset` (`{"image", "skipped_records"}`) -> their images and skipped count."""
-    return [item["image"] for item in items], sum(int(item["skipped_records"]) for item in items)
+    """Items of `training.data.image_dataset` (`{image, skipped_records}`) -> their images and skipped count."""
+    return [item["image"] for item in items], sum(stored_skips(item) for item in items)
 
 
 @dataclass
@@ -197,7 +205,7 @@ class ImageCollator:
     def __call__(self, items: list) -> dict:
         images, skipped = image_items(items)
         return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
-                "skipped_records": torch.tensor(skipped), "used_records": torch.tensor(len(images))}
+                **record_fields(skipped, len(images))}
 
 
 @dataclass
@@ -214,8 +222,7 @@ class DetokenizerCollator:
         return {
             "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
             "pixel_values": self.target_pixel_values(images),
-            "skipped_records": torch.tensor(skipped),
-            "used_records": torch.tensor(len(images)),
+            **record_fields(skipped, len(images)),
         }
 
     def target_pixel_values(self, images: list) -> torch.Tensor:
@@ -223,55 +230,3 @@ class DetokenizerCollator:
         targets = [np.asarray(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC),
                               dtype=np.float32) for image in images]
         return torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2) / 127.5 - 1
-
-
-def expand_compact_images(batch: dict, code_ids: list[list[int]], keep_mask: torch.Tensor, config,
-                          pad_token_id: int = 0) -> dict:
-    """
-    A training batch (`input_ids`, `labels`, and `attention_mask` or packed `position_ids`) with every compact
-    `[IMG] [/IMG]` pair filled with its image's visual ids (`code_ids`, one list per image of the batch in reading
-    order, as the frozen tokenizer gives them; expanded spans keep theirs), the same targets the model would add
-    (the slots of a compact image are supervised when its `[IMG]` label is), `image_keep_mask`, and rows right-padded
-    again. The Trainer then counts every target the model supervises.
-    """
-    offset = config.visual_token_offset
-    mask = batch.get("attention_mask")
-    positions = batch.get("position_ids")
-    rows, image = [], 0
-    for row, (ids, labels) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True)):
-        real = mask[row].tolist() if mask is not None else [1] * len(ids)
-        starts = (positions[row] == 0).tolist() if positions is not None else [False] * len(ids)
-        new = {"input_ids": [], "labels": [], "starts": []}
-        for column, (token, label) in enumerate(zip(ids, labels, strict=True)):
-            if not real[column]:
-                continue
-            new["input_ids"].append(token)
-            new["labels"].append(label)
-            new["starts"].append(starts[column])
-            if token != config.image_start_token_id:
-                continue
-            if column + 1 < len(ids) and ids[column + 1] == config.image_end_token_id:  # compact: fill it
-                new["input_ids"] += [offset + code for code in code_ids[image]]
-                new["labels"] += [offset + code if label != -100 else -100 for code in code_ids[image]]
-                new["starts"] += [False] * len(code_ids[image])
-            image += 1
-        rows.append(new)
-    length = max(len(new["input_ids"]) for new in rows)
-    expanded = {"input_ids": torch.full((len(rows), length), pad_token_id), "labels": torch.full((len(rows), length),
-                                                                                                -100)}
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for row, new in enumerate(rows):
-        size = len(new["input_ids"])
-        expanded["input_ids"][row, :size] = torch.tensor(new["input_ids"])
-        expanded["labels"][row, :size] = torch.tensor(new["labels"])
-        attention_mask[row, :size] = 1
-    if positions is not None:  # packed rows: positions restart where a segment starts; padding continues the last
-        position_ids = torch.arange(length).repeat(len(rows), 1)
-        for row, new in enumerate(rows):
-            for column in [index for index, start in enumerate(new["starts"]) if start]:
-                position_ids[row, column:] -= position_ids[row, column].clone()
-        expanded["position_ids"] = position_ids
-    else:
-        expanded["attention_mask"] = attention_mask
-    device = batch["input_ids"].device
-    return {**batch, **{name: value.to(device) for name, value in expanded.items()}, "image_keep_mask": keep_mask}

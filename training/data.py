@@ -15,6 +15,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -22,6 +23,8 @@ import torch
 from datasets import Image as ImageFeature
 from datasets import Value, interleave_datasets, load_dataset
 from lavit.processing.image_processing_lavit import to_rgb_image
+
+from lavit.atomic import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,15 @@ class BadRecordCounter:
         if self.counts[reason] <= self.log_first:
             logger.warning(f"skipping a bad record ({reason}): {detail}")
 
+    def add(self, reason: str, count: int):
+        """Adds `count` skips of `reason` counted elsewhere (rows a built dataset dropped), without logging."""
+        self.counts[reason] += count
+
+    def set_count(self, reason: str, count: int):
+        """Sets the skips of `reason` to a count made elsewhere (e.g. the training batches' so far, all processes),
+        without logging."""
+        self.counts[reason] = count
+
     def merge(self, other: "BadRecordCounter"):
         """Adds the skips of `other` (e.g. one table's), keeping the first example of each reason."""
         self.counts.update(other.counts)
@@ -85,6 +97,72 @@ class BadRecordCounter:
             f"more than {self.max_skipped_share:.0%} of the records are unusable"
         raise TooManyBadRecordsError(f"{what}: {problem}: {self.used} used, {self.total} skipped of {seen}"
                                      f"{': ' + reasons if reasons else ''}. Nothing was saved: fix the data")
+
+
+# the fields that carry record counts from where records are read to the trainer: a batch (collators), a stage-1
+# item (`image_dataset`) and a built row (`training.sequences.with_skip_counts`) carry `skipped_records`; a batch
+# also carries `used_records`. They are not model inputs: `BatchRecordCounts.take` removes them.
+SKIPPED_FIELD, USED_FIELD = "skipped_records", "used_records"
+BATCH_REASON = "met in training batches"
+
+
+def record_fields(skipped: int, used: int) -> dict:
+    """The record counts a collator adds to its batch (0-d tensors, so they travel with it through dataloader
+    workers): `skipped` bad records met while the batch was read, `used` records in it."""
+    return {SKIPPED_FIELD: torch.tensor(skipped), USED_FIELD: torch.tensor(used)}
+
+
+def stored_skips(item: dict) -> int:
+    """The bad records an item or a built row carries (`skipped_records`; 0 when it carries none)."""
+    return int(item.get(SKIPPED_FIELD) or 0)
+
+
+@dataclass
+class BatchRecordCounts:
+    """
+    The bad and used records of one process's batches, taken out of every batch before the model sees it
+    ([`BatchRecordCounts.take`]), summed over processes ([`BatchRecordCounts.totals`]), kept in checkpoints
+    (`FILE`) and checked with the run's share ([`BatchRecordCounts.check`]). The trainer owns one for training and
+    one per evaluation.
+    """
+
+    skipped: int = 0
+    used: int = 0
+    FILE: ClassVar[str] = "skipped_records.json"
+
+    def take(self, batch) -> None:
+        """Removes the record fields from `batch` (when it is a dict) and adds them here."""
+        if isinstance(batch, dict):
+            self.skipped += int(batch.pop(SKIPPED_FIELD).sum()) if SKIPPED_FIELD in batch else 0
+            self.used += int(batch.pop(USED_FIELD).sum()) if USED_FIELD in batch else 0
+
+    def totals(self, accelerator) -> tuple[int, int]:
+        """(bad, used) records of all processes' batches (a collective call: every process must make it)."""
+        counts = torch.tensor([self.skipped, self.used], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts, reduction="sum")
+        return int(counts[0]), int(counts[1])
+
+    @classmethod
+    def load(cls, checkpoint) -> "BatchRecordCounts":
+        """The counts a checkpoint folder kept (none: zeros): the batches a resumed run skips over were counted by
+        the run that wrote it."""
+        path = Path(checkpoint) / cls.FILE
+        if not path.is_file():
+            return cls()
+        counts = json.loads(path.read_text())
+        return cls(counts[SKIPPED_FIELD], counts.get(USED_FIELD, 0))
+
+    @classmethod
+    def save(cls, checkpoint, totals: tuple[int, int]) -> None:
+        """Writes `totals` (from [`BatchRecordCounts.totals`]) into a checkpoint folder, atomically."""
+        write_json_atomically(Path(checkpoint) / cls.FILE, {SKIPPED_FIELD: totals[0], USED_FIELD: totals[1]})
+
+    @staticmethod
+    def check(totals: tuple[int, int], max_skipped_share: float, what: str) -> None:
+        """[`BadRecordCounter.check`] of the batches' `totals`: no usable record, or too large a share skipped."""
+        BadRecordCounter(max_skipped_share=max_skipped_share, used=totals[1],
+                         counts=Counter({BATCH_REASON: totals[0]})).check(what)
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
@@ -510,7 +588,7 @@ class _EpochSeededImages:
     def item(self, image, index: int, skipped: int) -> dict:
         if self.crop_scale is not None:
             image = random_crop(image, self.crop_scale, crop_generator(self.seed, self.epoch, index))
-        return {"image": image, "skipped_records": skipped}
+        return {"image": image, SKIPPED_FIELD: skipped}
 
 
 class _ImageRecords(_EpochSeededImages, torch.utils.data.Dataset):

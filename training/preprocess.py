@@ -35,8 +35,8 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     # 1. The frozen tokenizer (alone, or the one inside a LaVIT folder), on a GPU when there is one.
     #    Pre-tokenizing is inference: no gradients, no Trainer, the whole batch on one device.
     device = script_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_visual_tokenizer(script_args.visual_tokenizer).to(device).eval()
-    image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
+    visual_tokenizer = load_visual_tokenizer(script_args.visual_tokenizer).to(device).eval()
+    image_processor = LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config)
 
     # 2. Keep masks and code ids of every readable image, in batches; unreadable images are dropped and counted.
     #    Never streamed: the output is a whole dataset written with `save_to_disk`.
@@ -44,10 +44,11 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     records = load_records(script_args.data, script_args.split, False, script_args.image_column,
                            script_args.text_column, require_text=False, counter=counter)
     records = limit_records(records, script_args.max_samples)
-    tokenized = preprocess_images(records, tokenizer, image_processor, script_args.batch_size, counter)
+    tokenized = preprocess_images(records, visual_tokenizer, image_processor, script_args.batch_size, counter)
     # skips are counted from the data, not the map's calls: a cached or multi-process map leaves them uncounted;
     # nothing is written when too few records are usable
-    counter.counts["unreadable image"], counter.used = len(records) - len(tokenized), len(tokenized)
+    counter.set_count("unreadable image", len(records) - len(tokenized))
+    counter.used = len(tokenized)
     counter.check("preprocess")
 
     # 3. Written beside the output and swapped in: a killed run never leaves half a dataset under `--output`.

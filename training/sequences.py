@@ -14,8 +14,9 @@ import datasets
 import numpy as np
 import torch
 from lavit.modeling.configuration_lavit import LaVITConfig
+from lavit.processing.processing_lavit import fill_image_spans
 
-from .data import BadRecordCounter, BadRecordError, whole_stream
+from .data import SKIPPED_FIELD, BadRecordCounter, BadRecordError, whole_stream
 
 SEQUENCE_ORDERS = ("random", "both", "image_to_text", "text_to_image")
 
@@ -51,12 +52,12 @@ def with_skip_counts(rows: dict, skipped: int) -> dict:
     """Stores the records a `datasets.map` batch dropped in its first output row (`skipped_records`; an empty row when
     no record of the batch was usable), so the count lives in the dataset: cached maps, `num_proc` and dataloader
     workers keep it, and the collator adds it to the batch that reads the row."""
-    rows["skipped_records"] = [0] * len(rows["input_ids"])
+    rows[SKIPPED_FIELD] = [0] * len(rows["input_ids"])
     if skipped and not rows["input_ids"]:
         for column in rows:
-            rows[column].append(0 if column == "skipped_records" else [])
+            rows[column].append(0 if column == SKIPPED_FIELD else [])
     if skipped:
-        rows["skipped_records"][0] = skipped
+        rows[SKIPPED_FIELD][0] = skipped
     return rows
 
 
@@ -65,8 +66,8 @@ def count_stored_skips(dataset, counter: BadRecordCounter, collator) -> None:
     dataset: exact for any cache state and process count (padding a rank's share repeats rows, not counts), and the
     collator then leaves the column alone. A streamed dataset is built as it is read: its rows' counts reach the
     trainer through the batches."""
-    if isinstance(dataset, datasets.Dataset) and "skipped_records" in dataset.column_names:
-        counter.counts["dropped while building rows"] += sum(dataset["skipped_records"])
+    if isinstance(dataset, datasets.Dataset) and SKIPPED_FIELD in dataset.column_names:
+        counter.add("dropped while building rows", sum(dataset[SKIPPED_FIELD]))
         collator.count_stored_skips = False
 
 
@@ -117,7 +118,8 @@ class SequenceBuilder:
         code_ids = record.get("code_ids")
         if code_ids:
             visual_ids = [config.visual_token_offset + int(code) for code in code_ids]
-            image_ids = [config.image_start_token_id, *visual_ids, config.image_end_token_id]
+            image_ids = fill_image_spans([config.image_start_token_id, config.image_end_token_id],
+                                         config.image_start_token_id, [visual_ids])
             budget_extra = 0
         else:
             image_ids = [config.image_start_token_id, config.image_end_token_id]

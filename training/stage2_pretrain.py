@@ -37,8 +37,8 @@ from .sequences import (
 from .trainer import train_and_save, whole_weights
 
 
-def pretraining_dataset(script_args: PretrainingArguments, tokenizer, config, counter: BadRecordCounter | None = None,
-                        seed: int = 0, records=None, mix_text: bool = True):
+def pretraining_dataset(script_args: PretrainingArguments, text_tokenizer, config,
+                        counter: BadRecordCounter | None = None, seed: int = 0, records=None, mix_text: bool = True):
     """Records -> (text mix) -> packed rows (each carrying the count of records dropped while it was built), with the
     builder; `counter` counts the records skipped while loading. With `order="random"` the rows draw their pair
     orders per epoch from `seed` ([`RandomOrderRows`]). `records`: already loaded (default: `--data`, loaded here);
@@ -52,8 +52,8 @@ def pretraining_dataset(script_args: PretrainingArguments, tokenizer, config, co
         texts = load_text_records(script_args.text_data, streaming=script_args.streaming)
         records = mix_text_records(records, texts, script_args.text_ratio, seed=0)
     # records -> segments -> rows of at most max_length tokens; images whose token count is not stored yet count as
-    # `image_token_estimate` tokens, so a row never overflows once the frozen tokenizer expands them
-    builder = SequenceBuilder(tokenizer, config, script_args.max_length, script_args.order,
+    # `image_token_estimate` tokens, so a row never overflows once the frozen visual tokenizer expands them
+    builder = SequenceBuilder(text_tokenizer, config, script_args.max_length, script_args.order,
                               script_args.image_token_estimate)
     rows = builder.build(records)
     if script_args.order == "random":

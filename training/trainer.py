@@ -2,7 +2,8 @@
 
 `LaVITTrainer` adds to `transformers.Trainer`:
 - exact loss normalisation under gradient accumulation for compact image placeholders (whose targets the model
-  adds after the Trainer counted the labels): the frozen tokenizer expands them before the count;
+  adds after the Trainer counted the labels): the frozen visual tokenizer's selector runs before the count, the
+  model's own expansion fills the spans, and the encoder's output goes on to the model (one encoder pass per image);
 - parameter groups with their own learning rate for the visual modules and the visual rows of the embedding and
   head (paper: about 1e-4 for the visual part, 1e-5 for the LM);
 - extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs;
@@ -14,21 +15,24 @@
 frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume live in `training.checkpoints`.
 """
 
-import json
 import logging
 import os
 import shutil
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lavit.modeling import LaVITTokenizerModel
-from lavit.modeling.image_placeholders_lavit import find_image_spans
+from lavit.modeling.image_placeholders_lavit import (
+    compact_image_targets,
+    expand_image_placeholders,
+    find_image_spans,
+)
 from lavit.modeling.kernels_lavit import register_liger_kernel
+from lavit.modeling.modeling_lavit_tokenizer import kept_token_fields
 from tqdm.auto import tqdm
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.integrations.deepspeed import (
     is_deepspeed_zero3_enabled,
     set_hf_deepspeed_config,
@@ -37,12 +41,11 @@ from transformers.integrations.deepspeed import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.training_args import OptimizerNames
 
-from lavit.atomic import fresh_staging_folder, replace_folder, write_json_atomically
+from lavit.atomic import fresh_staging_folder, replace_folder
 
 from .callbacks import DataEpochCallback, JsonlLoggerCallback, StopAtMaxStepsCallback, TrainingComplete
 from .checkpoints import CheckpointCompletionCallback, check_extension_locks, resumable_run
-from .collators import expand_compact_images
-from .data import BadRecordCounter, WorkerBatches, epoch_seeded
+from .data import BATCH_REASON, SKIPPED_FIELD, BadRecordCounter, BatchRecordCounts, WorkerBatches, epoch_seeded
 from .evaluation import write_evaluation_rows
 
 logger = logging.getLogger(__name__)
@@ -50,17 +53,16 @@ logger = logging.getLogger(__name__)
 VISUAL_MODULES = ("visual_merger", "visual_projection")
 # AdamW without compensation: with bf16 weights it becomes `kahan_adamw`
 PLAIN_ADAMW = (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED)
-SKIPPED_RECORDS_FILE = "skipped_records.json"
+# the private `Trainer` methods LaVIT overrides, each because no public hook reaches that point of the loop;
+# `tests/training/test_training.py` checks that the list is complete and that the installed transformers calls them
+PRIVATE_TRAINER_HOOKS = {
+    "_get_num_items_in_batch": "the only point between fetching an accumulation step's batches and counting their "
+                               "targets: compact images get their targets here (`compute_loss` comes after the count)",
+    "_save_checkpoint": "transformers rotates old checkpoints inside it, before any `on_save` callback can mark the "
+                        "new one complete; rotation is deferred to `CheckpointCompletionCallback`",
+}
 TOKENIZER_METRICS = ("reconstruction_loss", "keep_ratio_loss", "commitment_loss", "reconstruction_cosine",
                      "mean_keep_ratio", "codebook_usage", "perplexity")
-
-
-def take_record_counts(batch) -> tuple[int, int]:
-    """Takes the collators' record counts (`skipped_records`, `used_records`: 0-d tensors, not model inputs) out of a
-    batch, for every path a batch takes to the model (training and evaluation), and returns them."""
-    if not isinstance(batch, dict):
-        return 0, 0
-    return tuple(int(batch.pop(name).sum()) if name in batch else 0 for name in ("skipped_records", "used_records"))
 
 
 class LaVITTrainer(Trainer):
@@ -95,7 +97,7 @@ class LaVITTrainer(Trainer):
         self._metric_counts: dict[str, int] = {}
         self.skip_counter = skip_counter if skip_counter is not None else BadRecordCounter()
         # bad and used records of this process's batches (plus, on rank 0, those of the checkpoint resumed from)
-        self._skipped_here, self._used_here = 0, 0
+        self.batch_records, self.eval_batch_records = BatchRecordCounts(), BatchRecordCounts()
         streamed = isinstance(kwargs.get("train_dataset"), torch.utils.data.IterableDataset)
         if streamed and kwargs.get("args") is not None and kwargs["args"].accelerator_config.dispatch_batches is None:
             # every process reads the stream itself: accelerate's dispatcher concatenates the batches of all
@@ -118,6 +120,7 @@ class LaVITTrainer(Trainer):
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(DataEpochCallback(self.train_dataset))
         self.add_callback(StopAtMaxStepsCallback())  # a run resumed at its last step takes no step more
+        self.add_callback(BatchRecordsCheckpointCallback(self))  # before the completion marker lists the files
         self.add_callback(CheckpointCompletionCallback())  # last: after every callback that writes into checkpoints
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -135,35 +138,23 @@ class LaVITTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batch_samples:
-            skipped, used = take_record_counts(batch)
-            self._skipped_here += skipped
-            self._used_here += used
+            self.batch_records.take(batch)
         return batch_samples, num_items_in_batch
 
     def record_counts(self) -> tuple[int, int]:
         """(bad, used) records met so far by all processes (a collective call: every rank must make it)."""
-        counts = torch.tensor([self._skipped_here, self._used_here], device=self.args.device)
-        if self.args.world_size > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        return int(counts[0]), int(counts[1])
+        return self.batch_records.totals(self.accelerator)
 
     def check_records(self):
         """Stops the run (every rank) before anything final is saved when its batches held no usable record, or more
         bad records than the counter's share (`training.data.MAX_SKIPPED_SHARE`). The share is of what the batches
         met (both counts grow with every epoch read); records dropped while loading were checked against their
         table then (a short run reads a fraction of the data, so they are not compared with its batches)."""
-        skipped, used = self.record_counts()
-        batches = BadRecordCounter(max_skipped_share=self.skip_counter.max_skipped_share, used=used,
-                                   counts=Counter({"met in training batches": skipped}))
-        batches.check("training")
+        BatchRecordCounts.check(self.record_counts(), self.skip_counter.max_skipped_share, "training")
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        self._skipped_here, self._used_here = 0, 0
-        path = Path(resume_from_checkpoint) / SKIPPED_RECORDS_FILE if isinstance(resume_from_checkpoint, str) else None
-        if path is not None and path.is_file() and self.is_world_process_zero():
-            # the batches a resumed run skips over were counted by the run that wrote the checkpoint
-            counts = json.loads(path.read_text())
-            self._skipped_here, self._used_here = counts["skipped_records"], counts.get("used_records", 0)
+        resumed = isinstance(resume_from_checkpoint, str) and self.is_world_process_zero()
+        self.batch_records = BatchRecordCounts.load(resume_from_checkpoint) if resumed else BatchRecordCounts()
         try:
             result = super().train(resume_from_checkpoint, *args, **kwargs)
         except TrainingComplete:
@@ -190,12 +181,14 @@ class LaVITTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ loss normalisation
 
     def _get_num_items_in_batch(self, batch_samples, device):
+        # private (PRIVATE_TRAINER_HOOKS): the count of an accumulation step's targets, made before any forward
         compact = [self._has_compact_image_targets(batch) for batch in batch_samples]
         if any(compact) and (self.args.gradient_accumulation_steps > 1 or self.args.world_size > 1):
-            # the targets of compact images are only known once the frozen selector has run: run it here and expand
-            # the batches in place (an extra no-grad pass of the encoder), so the count, the loss and the gradient
-            # are exact across micro-batches and devices. With one micro-batch on one device the model's own mean is
-            # already exact.
+            # the targets of compact images are only known once the frozen selector has run: run the frozen encoder
+            # and selector here and expand the batches in place with the model's own expansion, so the count, the
+            # loss and the gradient are exact across micro-batches and devices. The batch carries the encoder's
+            # output to the model, which does not run the encoder again. With one micro-batch on one device the
+            # model's own mean is already exact.
             for index, batch in enumerate(batch_samples):
                 if compact[index]:
                     batch.update(self._expand_compact_images(batch))
@@ -204,24 +197,40 @@ class LaVITTrainer(Trainer):
         return super()._get_num_items_in_batch(batch_samples, device)
 
     def _expand_compact_images(self, batch) -> dict:
+        """The batch with every image span expanded by the model's expansion (`expand_image_placeholders`: ids,
+        targets, positions), `image_keep_mask`, and `image_patch_features`, the frozen encoder's output that the
+        model then uses instead of running the encoder again."""
         model = self.accelerator.unwrap_model(self.model)
-        tokenizer = model.visual_tokenizer
-        parameter = next(tokenizer.parameters())
+        visual_tokenizer, config = model.visual_tokenizer, model.config
+        parameter = next(visual_tokenizer.parameters())
         with torch.no_grad():
-            tokens = tokenizer.tokenize(batch["pixel_values"].to(parameter.device, parameter.dtype),
-                                        batch.get("image_keep_mask"))
-        pad_token_id = getattr(model.config.text_config, "pad_token_id", None) or 0
-        return expand_compact_images(batch, [ids.tolist() for ids in tokens.per_image()],
-                                     tokens.keep_mask.to(batch["input_ids"].device), model.config, pad_token_id)
+            patch_features = visual_tokenizer.encode_image(batch["pixel_values"].to(parameter.device, parameter.dtype))
+            patch_features = patch_features.last_hidden_state
+            keep_log_probs, keep_weights = visual_tokenizer.select(patch_features, batch.get("image_keep_mask"))
+            code_ids = visual_tokenizer.quantize(visual_tokenizer.merge(patch_features, keep_weights))
+        kept = kept_token_fields(keep_log_probs, keep_weights)
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))
+        expanded = expand_image_placeholders(
+            input_ids, attention_mask, find_image_spans(input_ids, attention_mask, config),
+            kept["token_counts"].to(input_ids.device), code_ids.to(input_ids.device),
+            visual_token_offset=config.visual_token_offset, labels=batch["labels"],
+            pad_token_id=getattr(config.text_config, "pad_token_id", None) or 0,
+            position_ids=batch.get("position_ids"), padding_side="right",
+        )
+        fields = {"input_ids": expanded.input_ids, "labels": expanded.labels, "attention_mask": expanded.attention_mask,
+                  "image_keep_mask": kept["keep_mask"], "image_patch_features": patch_features}
+        if "position_ids" in batch:  # packed rows: their segments, restarting inside rows
+            fields["position_ids"] = expanded.position_ids
+        return fields
 
     def _has_compact_image_targets(self, batch) -> bool:
-        """The model's own rule: a compact span whose `[IMG]` label is kept gets targets added in the forward."""
+        """Whether the model will add targets to `batch` in its forward (the model's rule: `compact_image_targets`)."""
         config = getattr(self.model, "config", None)
         if "labels" not in batch or not hasattr(config, "image_start_token_id"):
             return False
         spans = find_image_spans(batch["input_ids"], batch.get("attention_mask"), config)
-        compact = spans.lengths == 0
-        return bool((compact & (batch["labels"][spans.rows, spans.starts] != -100)).any())
+        return bool(compact_image_targets(spans, batch["labels"]).any())
 
     # ------------------------------------------------------------------------------------------ optimizer
 
@@ -322,7 +331,7 @@ class LaVITTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The loss of a held-out batch through `compute_loss` (the stage's own inputs: VQ switch, frozen
         tokenizer); no logits are kept. The batch's bad records are counted."""
-        self._eval_skipped += take_record_counts(inputs)[0]
+        self.eval_batch_records.take(inputs)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -330,12 +339,13 @@ class LaVITTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        self._eval_sums, self._eval_skipped = {}, 0
+        self._eval_sums, self.eval_batch_records = {}, BatchRecordCounts()
         output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
         # 1. The statistics of all processes' batches: sums first, one division at the end.
         names = sorted(self._eval_sums)
         totals = torch.stack([self._eval_sums[name] for name in names]) if names else torch.zeros(0, 2)
-        totals = torch.cat([totals.flatten(), torch.tensor([float(self._eval_skipped)], dtype=torch.float64)])
+        skipped_here = torch.tensor([float(self.eval_batch_records.skipped)], dtype=torch.float64)
+        totals = torch.cat([totals.flatten(), skipped_here])
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
         for index, name in enumerate(names):
@@ -354,24 +364,34 @@ class LaVITTrainer(Trainer):
             for name, total in self._metric_sums.items():
                 logs[name] = round(total / self._metric_counts[name], 6)
             self._metric_sums, self._metric_counts = {}, {}
-            self.skip_counter.counts["met in training batches"] = self.record_counts()[0]
+            self.skip_counter.set_count(BATCH_REASON, self.record_counts()[0])
             # set here, before any callback runs: every sink (logs.jsonl, TensorBoard, W&B, log_history) gets it
-            logs["skipped_records"] = self.skip_counter.total
+            logs[SKIPPED_FIELD] = self.skip_counter.total
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model, trial):
-        # old checkpoints are rotated out by CheckpointCompletionCallback, once the new one is complete
+        # private (PRIVATE_TRAINER_HOOKS): old checkpoints are rotated out by CheckpointCompletionCallback, once the
+        # new one is complete
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        skipped, used = self.record_counts()
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            write_json_atomically(folder / SKIPPED_RECORDS_FILE, {"skipped_records": skipped, "used_records": used})
+
+
+class BatchRecordsCheckpointCallback(TrainerCallback):
+    """Keeps the record counts of the training batches in every checkpoint (`BatchRecordCounts.FILE`): every process
+    takes part in the sum, the main one writes. A resumed run starts from them (`LaVITTrainer.train`)."""
+
+    def __init__(self, trainer: LaVITTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        totals = self.trainer.record_counts()
+        if args.should_save:
+            BatchRecordCounts.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", totals)
 
 
 class LaVITTokenizerTrainer(LaVITTrainer):

@@ -222,9 +222,9 @@ class LaVITEngine:
         if not per_row:
             return {}
         pixel_values = torch.cat([job.pixel_values for job in per_row]).to(self.device, self.model.dtype)
-        tokenizer = self.model.visual_tokenizer
+        visual_tokenizer = self.model.visual_tokenizer
         budgets = {job.image_max_tokens for job in per_row}
-        sampled = tokenizer.config.selection_mode == "sample" and None in budgets
+        sampled = visual_tokenizer.config.selection_mode == "sample" and None in budgets
         if len(budgets) == 1 and not sampled:
             budget = budgets.pop()
             return {"pixel_values": pixel_values, "image_selection": {} if budget is None else {"max_tokens": budget}}
@@ -233,7 +233,7 @@ class LaVITEngine:
             selection = ({"max_tokens": job.image_max_tokens} if job.image_max_tokens is not None
                          else {"generator": torch.Generator(self.device).manual_seed(job.sampling.seed)})
             for image in job.pixel_values.to(self.device, self.model.dtype):
-                masks.append(tokenizer.tokenize(image[None], **selection).keep_mask)
+                masks.append(visual_tokenizer.tokenize(image[None], **selection).keep_mask)
         return {"pixel_values": pixel_values, "image_keep_mask": torch.cat(masks)}
 
     def render_images(self, jobs: list[ImageJob]) -> list[list[str] | Exception]:

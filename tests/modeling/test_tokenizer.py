@@ -336,3 +336,33 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention):
     assert plain.keys() == checkpointed.keys() and len(plain) > 50
     for name, gradient in plain.items():
         torch.testing.assert_close(gradient, checkpointed[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_image_selection_is_one_typed_object_at_every_entry_point(lavit_model, lavit_processor):
+    """`LaVITImageSelection`, a dict of its fields and its fields as keyword arguments select the same tokens through
+    the tokenizer, the LaVIT model and the processor; unknown names raise naming the fields."""
+    from dataclasses import fields
+
+    from conftest import real_photos
+
+    from lavit import LaVITImageSelection
+
+    tokenizer = lavit_model.visual_tokenizer
+    pixel_values = lavit_processor.image_processor(real_photos()[:2], return_tensors="pt")["pixel_values"]
+    selection = LaVITImageSelection(max_tokens=3)
+    expected = tokenizer.tokenize(pixel_values, max_tokens=3).code_ids
+    for value in (selection, {"max_tokens": 3}):
+        assert torch.equal(tokenizer.tokenize(pixel_values, selection=value).code_ids, expected)
+    features = lavit_model.model.get_image_features(pixel_values, image_selection=selection)
+    assert features.token_counts.tolist() == [3, 3]
+    assert LaVITImageSelection.from_value({"mode": "sample"}, max_tokens=2) == LaVITImageSelection("sample", 2)
+    names = [field.name for field in fields(LaVITImageSelection)]
+    assert names == ["mode", "max_tokens", "keep_ratio", "generator"]
+    with pytest.raises(ValueError, match=r"image selection does not take \['budget'\]; its settings are "):
+        tokenizer.tokenize(pixel_values, budget=3)
+    with pytest.raises(ValueError, match="at most one"):
+        LaVITImageSelection(max_tokens=3, keep_ratio=0.5)
+    lavit_processor.set_visual_tokenizer(lavit_model, selection)
+    typed = lavit_processor(text="<image>a cat", images=real_photos()[0])["input_ids"]
+    lavit_processor.set_visual_tokenizer(lavit_model, max_tokens=3)
+    assert torch.equal(lavit_processor(text="<image>a cat", images=real_photos()[0])["input_ids"], typed)

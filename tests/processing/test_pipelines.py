@@ -46,3 +46,13 @@ def test_text_to_image_pipeline_returns_code_ids(lavit_model, lavit_processor, t
     assert all(result["token_count"] == len(result["code_ids"]) for result in results)
     with pytest.raises(ValueError, match=r"does not take \['guidance'\]"):
         pipe("a red bus", guidance=4.0)
+    # every setting of the model's image generation reaches it (read from the model: no copied list to drift)
+    from dataclasses import fields
+
+    from lavit.processing.pipelines_lavit import image_generation_arguments
+
+    settings = {field.name for field in fields(lavit_model.image_generation_config_class)}
+    assert settings | {"generator", "negative_input_ids"} <= image_generation_arguments(lavit_model)
+    assert {"cache_implementation", "compile_decoding"} <= settings
+    forward = pipe._sanitize_parameters(cache_implementation="dynamic", compile_decoding=False)[1]
+    assert forward == {"cache_implementation": "dynamic", "compile_decoding": False}

@@ -165,3 +165,37 @@ def test_instruction_rows_supervise_only_the_answers(lavit_processor, photos):
     chat.counter = counter
     chat({"messages": [messages], "images": [[]]}, [0])  # one placeholder, no image: skipped and counted
     assert counter.total == 1
+
+
+def test_record_counts_have_one_owner():
+    """Every training module that reads records reports its counts through `training.data`'s owner (`record_fields`,
+    `stored_skips`, `BatchRecordCounts`, `BadRecordCounter`): no other module spells the batch fields or reaches into a
+    counter's `counts`, so the fields, the checkpoint file and the share check change in one place."""
+    from pathlib import Path
+
+    import lavit.training
+
+    folder = Path(lavit.training.__file__).parent
+    offenders = [path.name for path in sorted(folder.glob("*.py")) if path.name != "data.py" and any(
+        needle in path.read_text() for needle in ('"skipped_records"', '"used_records"', ".counts["))]
+    assert not offenders, f"record counts handled outside training/data.py in {offenders}"
+
+
+def test_batch_record_counts_take_check_and_survive_a_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from lavit.training.data import BatchRecordCounts, TooManyBadRecordsError, record_fields
+
+    counts = BatchRecordCounts()
+    batches = [{"input_ids": torch.ones(1, 2), **record_fields(2, 3)}, {"input_ids": torch.ones(1, 2)}, [1, 2]]
+    for batch in batches:
+        counts.take(batch)
+    assert list(batches[0]) == ["input_ids"] and (counts.skipped, counts.used) == (2, 3)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    totals = counts.totals(accelerator)
+    BatchRecordCounts.save(tmp_path, totals)
+    assert BatchRecordCounts.load(tmp_path) == counts
+    assert BatchRecordCounts.load(tmp_path / "none") == BatchRecordCounts()
+    BatchRecordCounts.check(totals, 0.5, "training")
+    with pytest.raises(TooManyBadRecordsError, match="training: more than 30% .* 3 used, 2 skipped of 5"):
+        BatchRecordCounts.check(totals, 0.3, "training")

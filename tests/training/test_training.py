@@ -222,3 +222,32 @@ def test_skipped_records_reach_every_log_sink(lavit_model, tmp_path):
     jsonl = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
     assert sink.logs[0]["skipped_records"] == jsonl[0]["skipped_records"] == 1
     assert "skipped_records" not in sink.logs[1] and "skipped_records" not in jsonl[1]
+
+
+def test_private_trainer_hooks_are_declared_and_still_called(lavit_model, tmp_path, monkeypatch):
+    """Every private `Trainer` method a LaVIT trainer overrides is declared with its reason (`PRIVATE_TRAINER_HOOKS`),
+    and the installed transformers still calls each one in a run that accumulates and saves: a release that renames
+    one fails here instead of silently skipping LaVIT's code."""
+    import torch
+    from lavit.training import trainer as trainer_module
+    from transformers import Trainer
+
+    trainers = [value for value in vars(trainer_module).values()
+                if isinstance(value, type) and issubclass(value, Trainer) and value is not Trainer]
+    overridden = {name for cls in trainers for name in vars(cls)
+                  if name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)}
+    assert overridden == set(trainer_module.PRIVATE_TRAINER_HOOKS)
+    calls = []
+    for name in overridden:
+        original = getattr(trainer_module.LaVITTrainer, name)
+        monkeypatch.setattr(trainer_module.LaVITTrainer, name,
+                            lambda self, *args, _name=name, _original=original, **kwargs: (
+                                calls.append(_name), _original(self, *args, **kwargs))[1])
+    ids = torch.randint(3, 40, (4, 6))
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    trainer = trainer_module.LaVITTrainer(model=lavit_model.train(), train_dataset=rows, args=training_args(
+        tmp_path, max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=2, save_steps=1,
+        save_strategy="steps", remove_unused_columns=False))
+    trainer.train()
+    assert set(calls) == overridden
+    assert json.loads((tmp_path / "checkpoint-1" / "skipped_records.json").read_text())["used_records"] == 0

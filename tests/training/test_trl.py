@@ -191,7 +191,12 @@ def test_lavit_trainer_is_exact_with_compact_placeholders_on_raw_images(lavit_mo
     trainer = LaVITTrainer(model=model, train_dataset=rows, data_collator=collator, args=training_args(
         tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd",
         learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, remove_unused_columns=False))
+    encoded = []  # images the frozen encoder reads: once per image and step (the Trainer hands its output on)
+    hook = model.visual_tokenizer.vision_model.register_forward_hook(
+        lambda module, args, output: encoded.append(args[0].shape[0]))
     trainer.train()
+    hook.remove()
+    assert sum(encoded) == len(images)
     loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
     trained = {name: value.clone() for name, value in model.state_dict().items()}
 

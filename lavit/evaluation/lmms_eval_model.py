@@ -23,7 +23,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from lavit.modeling.validation_lavit import Choice, Range  # noqa: E402
+from lavit.modeling.validation_lavit import SEED, Choice, Range  # noqa: E402
 
 # a task's `generation_kwargs`, each honoured (None: the default) or the request is refused naming it
 GENERATION_SETTINGS = {
@@ -34,6 +34,7 @@ GENERATION_SETTINGS = {
     "num_beams": Range(1, integer=True, optional=True),
     "repetition_penalty": Range(0, low_open=True, optional=True),
     "do_sample": Choice((True, False), optional=True),
+    "seed": Range(0, SEED.high, integer=True, optional=True, note=SEED.note),  # lavit's one seed range
 }
 # settings of other models' preprocessing that some lmms-eval tasks carry and that have no meaning for LaVIT
 IGNORED_SETTINGS = {"image_aspect_ratio": "LLaVA's image padding; LaVIT's processor resizes each image itself"}
@@ -42,8 +43,9 @@ IGNORED_SETTINGS = {"image_aspect_ratio": "LLaVA's image padding; LaVIT's proces
 def generation_settings(settings: dict | None, default_max_new_tokens: int) -> tuple[dict, list[str]]:
     """A task's `generation_kwargs` -> (`generate` arguments, stop strings): every setting in `GENERATION_SETTINGS`
     checked against its range, `until` a string or a list of strings; anything else raises a ValueError naming it.
-    Sampling is `do_sample` when given, else `temperature > 0` (lmms-eval's convention); greedy decoding ignores
-    `temperature`, `top_p` and `top_k`, as `generate` does."""
+    Sampling is `do_sample` when given, else `temperature > 0` (lmms-eval's convention), from a generator seeded with
+    `seed` when given (every row its own stream); greedy decoding ignores `temperature`, `top_p`, `top_k` and `seed`,
+    as `generate` does."""
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(GENERATION_SETTINGS) - set(IGNORED_SETTINGS) - {"until"})
     if unknown:
@@ -67,6 +69,8 @@ def generation_settings(settings: dict | None, default_max_new_tokens: int) -> t
         generation["temperature"] = 1.0 if temperature is None else temperature
         generation["top_p"] = 1.0 if values["top_p"] is None else values["top_p"]
         generation["top_k"] = values["top_k"] or 0
+        if values["seed"] is not None:
+            generation["generator"] = torch.Generator().manual_seed(values["seed"])
     return generation, [stop for stop in until if stop]
 
 

@@ -173,10 +173,12 @@ def test_every_generation_setting_is_honoured_or_refused():
         assert generation_settings({name: None}, 32) == generation_settings({}, 32)
     # each setting given a value in range reaches `generate` (sampling settings when sampling)
     given = {"max_new_tokens": 7, "temperature": 0.5, "top_p": 0.3, "top_k": 5, "num_beams": 2,
-             "repetition_penalty": 1.2, "do_sample": True}
+             "repetition_penalty": 1.2, "do_sample": True, "seed": 2**32 - 1}
     assert set(given) == set(GENERATION_SETTINGS)
     generation, until = generation_settings({**given, "until": "\n"}, 32)
-    assert generation == given and until == ["\n"]
+    generator = generation.pop("generator")
+    assert {**generation, "seed": given["seed"]} == given and until == ["\n"]
+    assert generator.initial_seed() == given["seed"]
     assert generation_settings({"max_new_tokens": None}, 32)[0] == {"max_new_tokens": 32, "num_beams": 1,
                                                                      "do_sample": False}
     assert generation_settings({"temperature": 0.2}, 32)[0]["do_sample"] is True  # lmms-eval's convention

@@ -36,8 +36,11 @@ GENERATION_SETTINGS = {
     "do_sample": Choice((True, False), optional=True),
     "seed": Range(0, SEED.high, integer=True, optional=True, note=SEED.note),  # lavit's one seed range
 }
-# settings of other models' preprocessing that some lmms-eval tasks carry and that have no meaning for LaVIT
-IGNORED_SETTINGS = {"image_aspect_ratio": "LLaVA's image padding; LaVIT's processor resizes each image itself"}
+# settings some lmms-eval tasks carry that are not the model's to apply: why each is left alone
+IGNORED_SETTINGS = {
+    "image_aspect_ratio": "LLaVA's image padding; LaVIT's processor resizes each image itself",
+    "max_agentic_steps": "the rounds of lmms-eval's agentic loop, which its evaluator runs (one call per round)",
+}
 
 
 def generation_settings(settings: dict | None, default_max_new_tokens: int) -> tuple[dict, list[str]]:

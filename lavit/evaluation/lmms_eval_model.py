@@ -3,20 +3,78 @@ tasks (text generation from images and text; the loss of each continuation for m
 
 lmms-eval finds the model through the `lmms_eval.models` entry point that `pip install lavit` declares
 ([`manifest`]); its prompts arrive as text with `<image>` placeholders or none (then the images go first, as in the
-official LaVIT prompts). Requests run in batches of `batch_size` with the task's generation settings (`until`,
-`max_new_tokens`, `num_beams`, `temperature`), so answers stop where the task says.
+official LaVIT prompts; a prompt whose placeholders do not match its images is refused). Requests run in batches of
+`batch_size` with the task's generation settings ([`generation_settings`]: each honoured or refused), so answers stop
+where the task says.
 """
 
-import torch
-from lmms_eval.api.instance import Instance
-from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
-from tqdm.auto import tqdm
 
+def manifest():
+    """The `lmms_eval.models` entry point: the model id `lavit` -> [`LaVITLmms`]. Defined before this module imports
+    lmms-eval: importing this module first makes lmms-eval's registry load the entry point while the module is still
+    being imported, and it must find `manifest` then."""
+    from lmms_eval.models.registry_v2 import ModelManifest
 
-def manifest() -> ModelManifest:
-    """The `lmms_eval.models` entry point: the model id `lavit` -> [`LaVITLmms`]."""
     return ModelManifest(model_id="lavit", simple_class_path="lavit.evaluation.lmms_eval_model.LaVITLmms")
+
+
+import torch  # noqa: E402  (after `manifest`, see there)
+from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from lavit.modeling.validation_lavit import SEED, Choice, Range  # noqa: E402
+
+# a task's `generation_kwargs`, each honoured (None: the default) or the request is refused naming it
+GENERATION_SETTINGS = {
+    "max_new_tokens": Range(1, integer=True, optional=True),
+    "temperature": Range(0, optional=True, note="0 is greedy"),
+    "top_p": Range(0, 1, optional=True),
+    "top_k": Range(0, integer=True, optional=True, note="0: off"),
+    "num_beams": Range(1, integer=True, optional=True),
+    "repetition_penalty": Range(0, low_open=True, optional=True),
+    "do_sample": Choice((True, False), optional=True),
+    "seed": Range(0, SEED.high, integer=True, optional=True, note=SEED.note),  # lavit's one seed range
+}
+# settings some lmms-eval tasks carry that are not the model's to apply: why each is left alone
+IGNORED_SETTINGS = {
+    "image_aspect_ratio": "LLaVA's image padding; LaVIT's processor resizes each image itself",
+    "max_agentic_steps": "the rounds of lmms-eval's agentic loop, which its evaluator runs (one call per round)",
+}
+
+
+def generation_settings(settings: dict | None, default_max_new_tokens: int) -> tuple[dict, list[str]]:
+    """A task's `generation_kwargs` -> (`generate` arguments, stop strings): every setting in `GENERATION_SETTINGS`
+    checked against its range, `until` a string or a list of strings; anything else raises a ValueError naming it.
+    Sampling is `do_sample` when given, else `temperature > 0` (lmms-eval's convention), from a generator seeded with
+    `seed` when given (every row its own stream); greedy decoding ignores `temperature`, `top_p`, `top_k` and `seed`,
+    as `generate` does."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(GENERATION_SETTINGS) - set(IGNORED_SETTINGS) - {"until"})
+    if unknown:
+        raise ValueError(f"lavit: unknown generation_kwargs {unknown} (known: until, {', '.join(GENERATION_SETTINGS)})")
+    values = {name: spec.check(f"lavit: generation_kwargs {name}", settings.get(name))
+              for name, spec in GENERATION_SETTINGS.items()}
+    until = settings.get("until")
+    until = [until] if isinstance(until, str) else until if until is not None else []
+    if not isinstance(until, (list, tuple)) or not all(isinstance(stop, str) for stop in until):
+        raise ValueError(f"lavit: generation_kwargs until must be a string or a list of strings, got {until!r}")
+    temperature = values["temperature"]
+    sample = values["do_sample"] if values["do_sample"] is not None else bool(temperature)
+    generation = {"max_new_tokens": values["max_new_tokens"] or default_max_new_tokens,
+                  "num_beams": values["num_beams"] or 1, "do_sample": sample}
+    if values["repetition_penalty"] is not None:
+        generation["repetition_penalty"] = values["repetition_penalty"]
+    if sample:
+        if temperature == 0:
+            raise ValueError("lavit: generation_kwargs do_sample is true but temperature is 0 (greedy): give a "
+                             "temperature > 0, or do_sample false")
+        generation["temperature"] = 1.0 if temperature is None else temperature
+        generation["top_p"] = 1.0 if values["top_p"] is None else values["top_p"]
+        generation["top_k"] = values["top_k"] or 0
+        if values["seed"] is not None:
+            generation["generator"] = torch.Generator().manual_seed(values["seed"])
+    return generation, [stop for stop in until if stop]
 
 
 class LaVITLmms(lmms):
@@ -57,11 +115,17 @@ class LaVITLmms(lmms):
         return self._world_size
 
     def _prompt(self, context: str, images: list) -> str:
-        """`<image>` placeholders stay where the task put them; without any, the images come first."""
+        """`<image>` placeholders stay where the task put them; without any, the images come first. Any other count
+        of placeholders is refused: which image goes where would be a guess."""
         placeholder = self.processor.image_token
-        if context.count(placeholder) == len(images):
+        count = context.count(placeholder)
+        if count == len(images):
             return context
-        return placeholder * len(images) + context.replace(placeholder, "")
+        if count == 0:
+            return placeholder * len(images) + context
+        raise ValueError(f"lavit: the prompt has {count} {placeholder} placeholder(s) for {len(images)} image(s): "
+                         f"put one per image where it belongs, or none to put the images first; prompt: "
+                         f"{context[:200]!r}")
 
     def _inputs(self, contexts: list[str], visuals: list[list]):
         images = [image for row in visuals for image in row]
@@ -108,29 +172,17 @@ class LaVITLmms(lmms):
                 batches.append([request])
         return batches
 
-    def _generation(self, settings: dict) -> tuple[dict, list[str]]:
-        """A task's `generation_kwargs` -> (`generate` arguments, stop strings)."""
-        until = settings.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        generation = {"max_new_tokens": settings.get("max_new_tokens") or self.max_new_tokens,
-                      "num_beams": settings.get("num_beams") or 1}
-        temperature = settings.get("temperature") or 0
-        generation["do_sample"] = temperature > 0
-        if temperature > 0:
-            generation["temperature"] = temperature
-        return generation, until
-
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers = []
         for batch in tqdm(self._batches(requests), disable=self.rank != 0, desc="lavit"):
-            generation, until = self._generation(batch[0].args[1])
+            generation, until = generation_settings(batch[0].args[1], self.max_new_tokens)
             inputs = self._inputs([request.args[0] for request in batch], [self._visuals(r) for r in batch])
             with torch.no_grad():
                 output = self.model.generate(**inputs, **generation)
             texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for text in texts:
                 for stop in until:
-                    text = text.split(stop)[0] if stop else text
+                    text = text.split(stop)[0]
                 answers.append(text.strip())
         return answers
 
@@ -141,11 +193,8 @@ class LaVITLmms(lmms):
         models return their `loss`; a log-probability would make them pick the least likely choice."""
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="lavit loglikelihood"):
-            context, continuation = request.args[0], self._continuation(request)
-            visuals = self._visuals(request)
-            context, prompt_length = self._prompt_length(context, continuation, visuals)
-            full = self._inputs([context + continuation], [visuals])
-            count = full["input_ids"].shape[1] - prompt_length
+            continuation = self._continuation(request)
+            full, count = self._scored(request.args[0], continuation, self._visuals(request))
             if count <= 0:
                 raise ValueError(f"lavit: the continuation {continuation!r} adds no token to the context")
             with torch.no_grad():
@@ -155,22 +204,39 @@ class LaVITLmms(lmms):
             results.append((float(loss), bool((logits.argmax(dim=-1) == targets).all())))
         return results
 
-    def _prompt_length(self, context: str, continuation: str, visuals: list) -> tuple[str, int]:
-        """(the context, its length in tokens). An empty one (lmms-eval's contract allows it: `acc_mutual_info`'s
+    def _scored(self, context: str, continuation: str, visuals: list) -> tuple[dict, int]:
+        """(the inputs of context + continuation, how many of their last tokens are scored). As lm-evaluation-harness
+        does, the context's trailing spaces move to the continuation and the two are tokenized together (a word
+        split between them is one token, as the model reads it); the scored tokens start at the first one that is
+        not the context's own, so a continuation that completes the context's last word ("a ca" + "t") scores the
+        token that word became."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces and continuation:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        context, context_ids = self._context_ids(context, continuation, visuals)
+        full = self._inputs([context + continuation], [visuals])
+        full_ids = full["input_ids"][0].tolist()
+        shared = 0
+        while shared < min(len(context_ids), len(full_ids)) and context_ids[shared] == full_ids[shared]:
+            shared += 1
+        return full, len(full_ids) - shared
+
+    def _context_ids(self, context: str, continuation: str, visuals: list) -> tuple[str, list[int]]:
+        """(the context, its token ids). An empty one (lmms-eval's contract allows it: `acc_mutual_info`'s
         unconditional requests) conditions on the start tokens the tokenizer adds, else on its `bos_token`."""
         if context or visuals:
-            return context, self._inputs([context], [visuals])["input_ids"].shape[1]
+            return context, self._inputs([context], [visuals])["input_ids"][0].tolist()
         tokenizer = self.processor.tokenizer
         own = len(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-        added = self._inputs([continuation], [[]])["input_ids"].shape[1] - own
-        if added > 0:
-            return context, added
+        ids = self._inputs([continuation], [[]])["input_ids"][0].tolist()
+        if len(ids) > own:
+            return context, ids[: len(ids) - own]
         if tokenizer.bos_token is None:
             raise ValueError("lavit: an empty context needs a start token to condition on; the tokenizer has none")
-        return self._prompt_length(tokenizer.bos_token, continuation, visuals)
+        return self._context_ids(tokenizer.bos_token, continuation, visuals)
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("lavit: multi-round generation is not supported; use single-round tasks")
 
 
-__all__ = ["LaVITLmms", "manifest"]
+__all__ = ["GENERATION_SETTINGS", "LaVITLmms", "generation_settings", "manifest"]

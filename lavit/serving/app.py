@@ -85,6 +85,11 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
     async def openai_error(request: Request, error: OpenAIError):
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):
+        # a failure no check foresaw: still an OpenAI error body (clients parse it), never Starlette's plain text
+        return JSONResponse(internal_error(error).body(), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         first = most_specific(error.errors())
@@ -93,6 +98,12 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
                                             None).body(), status_code=400)
         param = error_param(tuple(first["loc"]))
         return JSONResponse(OpenAIError(validation_message(first, param), param).body(), status_code=400)
+
+    @app.middleware("http")
+    async def require_json(request: Request, call_next):
+        # a body of another content type would reach the request model as bytes ("should be a valid dictionary")
+        error = content_type_error(request.method, request.headers.get("content-type"))
+        return JSONResponse(error.body(), status_code=error.status) if error else await call_next(request)
 
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
@@ -155,6 +166,23 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
     return app
 
 
+def internal_error(error: Exception) -> OpenAIError:
+    return OpenAIError(f"the server failed on this request ({type(error).__name__}: {str(error)[:200]}); this is a "
+                       "bug in lavit serve, please report it", None, status=500, error_type="server_error")
+
+
+def content_type_error(method: str, content_type: str | None) -> OpenAIError | None:
+    """A 415 for a POST whose body is declared as something other than JSON (`application/json` or `...+json`; no
+    content type is read as JSON, as FastAPI does)."""
+    if method != "POST" or content_type is None:
+        return None
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
+        return None
+    return OpenAIError(f"the body is sent as {media_type or 'an empty content type'!r}; send JSON with the header "
+                       "Content-Type: application/json", None, status=415, code="unsupported_media_type")
+
+
 async def collect(updates: AsyncIterator[list], n: int) -> tuple[list[str], list[str | None], int]:
     """The `n` answers, their finish reasons and the number of generated tokens of a whole chat request."""
     texts, reasons, completion_tokens = [""] * n, [None] * n, 0
@@ -197,8 +225,7 @@ async def sse_chunks(updates: AsyncIterator[list], header: dict, prompt_tokens: 
         yield f"data: {json.dumps(error.body())}\n\n"
         return
     except Exception as error:  # anything else that broke the answer: an error event, never a silent cut
-        body = OpenAIError(f"the answer failed: {type(error).__name__}", None, status=500, error_type="server_error")
-        yield f"data: {json.dumps(body.body())}\n\n"
+        yield f"data: {json.dumps(internal_error(error).body())}\n\n"
         return
     if include_usage:
         yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(prompt_tokens, completion_tokens)})}\n\n"

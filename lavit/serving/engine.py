@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lavit.modeling.generation_lavit import SuppressImageTokensLogitsProcessor, row_generators
+from lavit.modeling.validation_lavit import SEED
 
 from .batching import RowSampler, RowText, RowTexts, SamplingSettings
 from .media import read_image_url
@@ -99,10 +100,7 @@ class RequestPreparer:
                     content.append({"type": "text", "text": part.text})
             messages.append({"role": message.role, "content": content})
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        try:
-            inputs = self.processor(text=prompt, images=images or None, return_tensors="pt")
-        except ValueError as error:  # LaVIT control tokens spelled in the text, ...
-            raise OpenAIError(str(error).splitlines()[0], "messages") from error
+        inputs = self.encode(prompt, images, "messages")
         input_ids = inputs["input_ids"][0].tolist()
         # 2. the prompt's longest possible length (every image at its most visual tokens) and the answer fit
         per_image = min(request.image_max_tokens or self.tokens_per_image, self.tokens_per_image)
@@ -115,13 +113,20 @@ class RequestPreparer:
                 f"to {per_image} visual tokens) and the answer up to {max_tokens}; the model's context is "
                 f"{self.context_length}: shorten the messages, send fewer images, lower image_max_tokens or "
                 f"max_tokens", "messages", code="context_length_exceeded")
-        sampling = SamplingSettings(request.temperature, request.top_p, request.top_k,
-                                    request.seed if request.seed is not None else secrets.randbits(62))
+        sampling = SamplingSettings(request.temperature, request.top_p, request.top_k, request_seed(request))
         return ChatJob(input_ids, inputs.get("pixel_values"), sampling, request.n, max_tokens, request.stop_strings(),
                        request.image_max_tokens)
 
+    def encode(self, text: str, images: list, param: str):
+        """The processor's inputs for a prompt of either endpoint; text it refuses (LaVIT's control or visual tokens
+        spelled out, `<image>` placeholders without their images) is a 400 naming `param`, the same for both."""
+        try:
+            return self.processor(text=text, images=images or None, return_tensors="pt")
+        except ValueError as error:
+            raise OpenAIError(str(error).splitlines()[0], param) from error
+
     def image_job(self, request: ImageGenerationRequest) -> ImageJob:
-        input_ids = self.processor(text=request.prompt, return_tensors="pt")["input_ids"][0].tolist()
+        input_ids = self.encode(request.prompt, [], "prompt")["input_ids"][0].tolist()
         if len(input_ids) + self.tokens_per_image + 2 > self.context_length:
             raise OpenAIError(f"the prompt has {len(input_ids)} tokens; with an image of up to "
                               f"{self.tokens_per_image} visual tokens it must fit the context of "
@@ -132,8 +137,13 @@ class RequestPreparer:
         if request.image_max_tokens is not None:
             settings["max_new_tokens"] = min(request.image_max_tokens, self.tokens_per_image)
             settings["min_new_tokens"] = min(20, settings["max_new_tokens"])
-        seed = request.seed if request.seed is not None else secrets.randbits(62)
-        return ImageJob(request.prompt, input_ids, request.n, seed, request.pixel_size(), settings)
+        return ImageJob(request.prompt, input_ids, request.n, request_seed(request), request.pixel_size(), settings)
+
+
+def request_seed(request: ChatCompletionRequest | ImageGenerationRequest) -> int:
+    """The request's seed, or a random one in the same range (lavit's one seed range, `SEED`: torch's CPU generator
+    reads 32 bits, so a wider seed would repeat a narrower one's draws)."""
+    return request.seed if request.seed is not None else secrets.randbelow(SEED.high + 1)
 
 
 class LaVITEngine:

@@ -1,8 +1,11 @@
 """The OpenAI request and response bodies `lavit serve` speaks (pydantic), the server's limits, and the error body.
 
-Types and fixed ranges are checked by pydantic when a body is parsed; the limits an operator sets (`ServeLimits`) are
-checked by `check_limits` right after, both before any work starts. Every failure becomes an OpenAI error body
-`{"error": {"message", "type", "param", "code"}}` whose `param` names the field (`messages[0].content[1].image_url`).
+Types and fixed ranges are checked by pydantic when a body is parsed; every number's range is lavit's own declaration
+of that setting (a `Range` of `lavit.modeling.validation_lavit`, turned into the field's bounds by [`ranged`]: the
+seed's is the CLI's, a visual token budget's the model's), so nothing in range can fail later. The limits an operator
+sets (`ServeLimits`) are checked by `check_limits` right after, both before any work starts. Every failure becomes an
+OpenAI error body `{"error": {"message", "type", "param", "code"}}` whose `param` names the field
+(`messages[0].content[1].image_url`); an unexpected one a 500 with the same body (`create_app`), never plain text.
 LaVIT's own knobs are extra body fields (the `openai` client sends them with `extra_body={...}`).
 """
 
@@ -10,6 +13,30 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from lavit.modeling.modeling_lavit_tokenizer import SELECTION_RANGES
+from lavit.modeling.validation_lavit import INT64_MAX, NON_NEGATIVE_INT, POSITIVE_INT, SEED, Range
+
+# the range of each number a request may carry (its field's bounds; `ranged`)
+TEMPERATURE = Range(0, 2, note="0 is greedy")
+TOP_P = Range(0, 1, low_open=True)
+IMAGE_TOKEN_BUDGET = SELECTION_RANGES["max_tokens"]  # what the visual tokenizer's `max_tokens` takes
+GUIDANCE = Range(1, 50)
+STEPS = Range(1, 200, integer=True)
+
+
+def ranged(spec: Range, default=None, **field):
+    """A pydantic `Field` whose bounds are `spec`'s: an integer's upper bound is int64's when `spec` states none (what
+    torch takes), a float must be finite."""
+    bounds = {}
+    if spec.low is not None:
+        bounds["gt" if spec.low_open else "ge"] = spec.low
+    high = spec.high if spec.high is not None else INT64_MAX if spec.integer else None
+    if high is not None:
+        bounds["lt" if spec.high_open else "le"] = high
+    if not spec.integer:
+        bounds["allow_inf_nan"] = False
+    return Field(default=default, **bounds, **field)
 
 
 @dataclass(frozen=True)
@@ -74,20 +101,20 @@ class StreamOptions(Strict):
 class ChatCompletionRequest(Strict):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    max_tokens: int | None = ranged(POSITIVE_INT)
+    max_completion_tokens: int | None = ranged(POSITIVE_INT)
+    temperature: float = ranged(TEMPERATURE, 1.0)
+    top_p: float = ranged(TOP_P, 1.0)
+    n: int = ranged(POSITIVE_INT, 1)
+    seed: int | None = ranged(SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # LaVIT's knobs (extra body fields)
-    top_k: int = Field(default=0, ge=0, description="sample among the k most likely tokens (0: off)")
-    image_max_tokens: int | None = Field(default=None, ge=1,
-                                         description="visual token budget per image (top-k patches); default: the "
+    top_k: int = ranged(NON_NEGATIVE_INT, 0, description="sample among the k most likely tokens (0: off)")
+    image_max_tokens: int | None = ranged(IMAGE_TOKEN_BUDGET,
+                                          description="visual token budget per image (top-k patches); default: the "
                                                      "model's selector decides, as in the paper")
 
     def new_token_limit(self) -> int | None:
@@ -101,20 +128,18 @@ class ChatCompletionRequest(Strict):
 class ImageGenerationRequest(Strict):
     prompt: str = Field(min_length=1)
     model: str | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = ranged(POSITIVE_INT, 1)
     size: str = Field(default="auto", pattern=r"^(auto|[1-9][0-9]*x[1-9][0-9]*)$")
     response_format: Literal["b64_json"] = "b64_json"
     quality: str | None = None
     style: str | None = None
     user: str | None = None
     # LaVIT's knobs (extra body fields)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    guidance_scale: float | None = Field(default=None, ge=1.0, le=50.0, allow_inf_nan=False,
-                                         description="LM classifier-free guidance (official 4.0)")
-    decoder_guidance_scale: float | None = Field(default=None, ge=1.0, le=50.0, allow_inf_nan=False,
-                                                 description="pixel decoder guidance (official 7.0)")
-    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
-    image_max_tokens: int | None = Field(default=None, ge=1, description="at most this many visual tokens")
+    seed: int | None = ranged(SEED)
+    guidance_scale: float | None = ranged(GUIDANCE, description="LM classifier-free guidance (official 4.0)")
+    decoder_guidance_scale: float | None = ranged(GUIDANCE, description="pixel decoder guidance (official 7.0)")
+    num_inference_steps: int | None = ranged(STEPS)
+    image_max_tokens: int | None = ranged(IMAGE_TOKEN_BUDGET, description="at most this many visual tokens")
 
     def pixel_size(self) -> tuple[int, int] | None:
         """(height, width), or None for the decoder's own size."""

@@ -131,3 +131,117 @@ def test_loglikelihood_is_the_continuation_loss(model_folder, lavit_model, lavit
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
     with pytest.raises(ValueError, match="unknown model_args"):
         LaVITLmms(pretrained=str(model_folder), device="cpu", temperature=1)
+
+
+def test_importing_the_adapter_first_still_registers_the_model():
+    import subprocess
+    import sys
+
+    # the adapter's module imported before lmms-eval's registry: the registry loads the entry point mid-import
+    code = ("import lavit.evaluation.lmms_eval_model; from lmms_eval.models import get_model; "
+            "print(get_model('lavit').__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "LaVITLmms"
+
+
+def bad_values(spec) -> list:
+    """Values outside a declared range or choice: the wrong type, NaN, and just past each bound."""
+    from lavit.modeling.validation_lavit import Choice
+
+    if isinstance(spec, Choice):
+        return ["yes", 1, 0.5]
+    values = ["4", float("nan"), float("inf")]
+    step = 1 if spec.integer else 0.5
+    if spec.low is not None:
+        values.append(spec.low if spec.low_open else spec.low - step)
+    if spec.high is not None:
+        values.append(spec.high + step)
+    if spec.integer:
+        values.append(2.5)
+    return values
+
+
+def test_every_generation_setting_is_honoured_or_refused():
+    from lavit.evaluation.lmms_eval_model import GENERATION_SETTINGS, generation_settings
+
+    for name, spec in GENERATION_SETTINGS.items():
+        for value in bad_values(spec):
+            with pytest.raises(ValueError, match=f"generation_kwargs {name} must be"):
+                generation_settings({name: value}, 32)
+        # None is the setting's default, never an AttributeError
+        assert generation_settings({name: None}, 32) == generation_settings({}, 32)
+    # each setting given a value in range reaches `generate` (sampling settings when sampling)
+    given = {"max_new_tokens": 7, "temperature": 0.5, "top_p": 0.3, "top_k": 5, "num_beams": 2,
+             "repetition_penalty": 1.2, "do_sample": True, "seed": 2**32 - 1}
+    assert set(given) == set(GENERATION_SETTINGS)
+    generation, until = generation_settings({**given, "until": "\n"}, 32)
+    generator = generation.pop("generator")
+    assert {**generation, "seed": given["seed"]} == given and until == ["\n"]
+    assert generator.initial_seed() == given["seed"]
+    assert generation_settings({"max_new_tokens": None}, 32)[0] == {"max_new_tokens": 32, "num_beams": 1,
+                                                                     "do_sample": False}
+    assert generation_settings({"temperature": 0.2}, 32)[0]["do_sample"] is True  # lmms-eval's convention
+    # greedy ignores the sampling settings, as `generate` does; do_sample false wins over a temperature
+    assert "temperature" not in generation_settings({"temperature": 0.7, "do_sample": False, "top_p": 0}, 32)[0]
+    with pytest.raises(ValueError, match="do_sample is true but temperature is 0"):
+        generation_settings({"do_sample": True, "temperature": 0}, 32)
+    with pytest.raises(ValueError, match=r"unknown generation_kwargs \['beams'\]"):
+        generation_settings({"beams": 2}, 32)
+    for until in ([1], {"a": 1}, 3):
+        with pytest.raises(ValueError, match="until must be a string or a list of strings"):
+            generation_settings({"until": until}, 32)
+    assert generation_settings({"until": None, "image_aspect_ratio": "pad"}, 32)[1] == []
+
+
+def lmms_request(kind, context, second, doc_id=0):
+    from lmms_eval.api.instance import Instance
+
+    return Instance(request_type=kind, arguments=(context, second, lambda doc: doc["images"], doc_id, "photos",
+                                                  "test"),
+                    idx=0, metadata={"task": "photos", "doc_id": doc_id, "repeats": 1})
+
+
+@pytest.fixture
+def adapter(model_folder):
+    from lavit.evaluation.lmms_eval_model import LaVITLmms
+
+    adapter = LaVITLmms(pretrained=str(model_folder), device="cpu")
+    photos = [Image.fromarray(photo).resize((64, 64)) for photo in real_photos()[:2]]
+    adapter.task_dict = {"photos": {"test": [{"images": photos[:1]}, {"images": photos}]}}
+    return adapter
+
+
+def test_generation_requests_with_bad_settings_fail_before_generating(adapter):
+    # the attack's cases: each was silently replaced (0 -> 32 tokens, NaN/-1 -> greedy, 0 beams -> 1) or crashed
+    for settings in [{"max_new_tokens": 0}, {"temperature": float("nan")}, {"temperature": -1}, {"num_beams": 0},
+                     {"num_beams": -3}, {"max_new_tokens": "4"}]:
+        with pytest.raises(ValueError, match="lavit: generation_kwargs"):
+            adapter.generate_until([lmms_request("generate_until", "Question: what? Answer:", settings)])
+    assert isinstance(adapter.generate_until([lmms_request("generate_until", "hi", None)])[0], str)
+
+
+def test_placeholders_that_do_not_match_the_images_are_refused(adapter):
+    settings = {"max_new_tokens": 2}
+    for context, doc_id in [("<image> compare", 1), ("<image> <image> compare", 0), ("<image><image><image> x", 1)]:
+        with pytest.raises(ValueError, match=r"placeholder\(s\) for \d image\(s\)"):
+            adapter.generate_until([lmms_request("generate_until", context, settings, doc_id)])
+        with pytest.raises(ValueError, match=r"placeholder\(s\) for \d image\(s\)"):
+            adapter.loglikelihood([lmms_request("loglikelihood", context, " red", doc_id)])
+    # no placeholder: the images first; one per image: where the task put them
+    for context, doc_id in [("compare", 1), ("<image> and <image>: compare", 1), ("what?", 0)]:
+        assert isinstance(adapter.generate_until([lmms_request("generate_until", context, settings, doc_id)])[0], str)
+
+
+def test_loglikelihood_splits_context_and_continuation_at_the_token_boundary(adapter):
+    def loss(context, continuation):
+        return adapter.loglikelihood([lmms_request("loglikelihood", context, continuation)])[0][0]
+
+    # a context ending in a space: the space goes with the continuation, as lm-evaluation-harness does
+    assert loss("Question: what color? Answer: ", "red") == loss("Question: what color? Answer:", " red")
+    # a continuation finishing the context's last word: the word is one token ("▁cat") in what the model reads
+    tokenizer = adapter.processor.tokenizer
+    assert tokenizer.tokenize("a ca") == ["▁a", "▁c", "a"] and tokenizer.tokenize("a cat") == ["▁a", "▁cat"]
+    assert loss("a ca", "t") == loss("a", " cat")
+    with pytest.raises(ValueError, match="adds no token"):
+        loss("Question: what color? Answer:", "")

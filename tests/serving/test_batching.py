@@ -1,7 +1,12 @@
 """Requests batched by the server get what `generate` gives each alone (greedy and seeded sampling, mixed n,
 max_tokens, stop strings and visual token budgets), with no Ray: the engine and the preparer run in this process."""
 
+import base64
+import io
+
+import numpy as np
 import pytest
+from PIL import Image
 from serving_helpers import alone, data_url, write_tiny_lavit
 
 from lavit.serving.engine import LaVITEngine, RequestPreparer, png_base64
@@ -72,13 +77,27 @@ def test_a_sampling_selector_draws_from_each_request_seed(engine_and_preparer):
         config.selection_mode = previous
 
 
+def visual_tokens(tokens) -> list[list[int]]:
+    """Each image's code ids, from the packed tokens the pipeline hands its decoder."""
+    return [ids.tolist() for ids in tokens.code_ids.split(tokens.token_counts.tolist())]
+
+
+def pixels(png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))).astype(int)
+
+
 @pytest.mark.slow  # over 10 s on 2 cores: CI's make test-slow runs it
-def test_batched_image_requests_equal_each_alone(engine_and_preparer):
-    """Image requests of mixed prompts, `n`, seeds and settings in one `render_images` call: each gets the images
-    the pipeline draws for its prompt alone with its seed's generators (the two settings groups are two calls)."""
+def test_batched_image_requests_equal_each_alone(engine_and_preparer, monkeypatch):
+    """Image requests of mixed prompts, `n`, seeds and settings in one `render_images` call: each gets the visual
+    tokens the pipeline writes for its prompt alone with its seed's generators (the two settings groups are two
+    calls), and the pixels drawn from them within one intensity level of the lone ones (docs/serving.md: the decoder's
+    batched convolutions may round differently from a batch of one)."""
     from lavit.serving.schemas import ImageGenerationRequest
 
     engine, preparer = engine_and_preparer
+    decoded, decode = [], engine.pipeline.decode_visual_tokens
+    monkeypatch.setattr(engine.pipeline, "decode_visual_tokens",  # records what the decoder is given, changes nothing
+                        lambda tokens, **kwargs: decoded.append(visual_tokens(tokens)) or decode(tokens, **kwargs))
     requests = [
         ImageGenerationRequest(prompt="a red bus", n=2, seed=4, num_inference_steps=2),
         ImageGenerationRequest(prompt="a cat on a long sofa by the window", seed=9, num_inference_steps=2),
@@ -87,12 +106,20 @@ def test_batched_image_requests_equal_each_alone(engine_and_preparer):
     ]
     jobs = [preparer.image_job(request) for request in requests]
     batched = engine.render_images(jobs)
-    for job, images in zip(jobs, batched, strict=True):
+    # the calls' rows: the groups in `render_images`' order (sorted by settings), each group's jobs in request order
+    rows = [row for call in decoded for row in call]
+    order = sorted(range(len(jobs)), key=lambda index: repr(jobs[index].batch_key()))
+    starts = {index: sum(jobs[before].n for before in order[: order.index(index)]) for index in order}
+    assert len(decoded) == 2 and len(rows) == sum(job.n for job in jobs)
+    for index, (job, images) in enumerate(zip(jobs, batched, strict=True)):
         settings = dict(job.settings)
+        decoded.clear()
         alone_images = engine.pipeline(
             job.prompt, num_images_per_prompt=job.n, generator=job.generators(engine.device),
             token_guidance_scale=settings.pop("guidance_scale", None), **settings).images
-        assert images == [png_base64(image) for image in alone_images], job
+        assert decoded[0] == rows[starts[index] : starts[index] + job.n], job  # the same visual tokens
+        for png, image in zip(images, alone_images, strict=True):
+            assert np.abs(pixels(png) - pixels(png_base64(image))).max() <= 1, job
     assert batched[0] != batched[3] and batched[0][0] != batched[0][1]  # prompts and images apart draw apart
     # a failure stays with its request: one bad size among good ones
     bad = preparer.image_job(ImageGenerationRequest(prompt="a cat", size="37x37", num_inference_steps=2))

@@ -233,3 +233,99 @@ def test_lavit_serve_refuses_a_bad_folder_before_starting_ray(tmp_path, served_f
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("lavit serve: error:") for line in lines), lines
     assert "nowhere is not a folder" in lines[1]
+
+
+def number_fields():
+    """(model, field, JSON schema option) of every number a request may carry."""
+    for model in ENDPOINTS:
+        for name, schema in model.model_json_schema()["properties"].items():
+            for option in schema.get("anyOf", [schema]):
+                if option.get("type") in ("integer", "number"):
+                    yield model, name, option
+
+
+def test_every_number_has_a_declared_range():
+    """Each number's bounds are lavit's declaration of that setting: both sides bounded (an integer within int64,
+    what torch takes), so a value pydantic lets through cannot fail later with a bare 500."""
+    from lavit.modeling.modeling_lavit_tokenizer import SELECTION_RANGES
+    from lavit.modeling.validation_lavit import INT64_MAX, SEED
+
+    fields = list(number_fields())
+    assert len(fields) >= 12
+    for model, name, option in fields:
+        assert {"minimum", "exclusiveMinimum"} & set(option) and {"maximum", "exclusiveMaximum"} & set(option), (
+            model.__name__, name, option)
+        assert option.get("maximum", option.get("exclusiveMaximum")) <= INT64_MAX
+        if name == "seed":  # the seeds of the CLI, training and evaluation: only 32 bits count in torch's generator
+            assert (option["minimum"], option["maximum"]) == (SEED.low, SEED.high)
+        if name == "image_max_tokens":  # the visual tokenizer's own `max_tokens`
+            assert option["minimum"] == SELECTION_RANGES["max_tokens"].low
+
+
+@pytest.mark.parametrize(("model", "name"), sorted({(model, name) for model, name, option in number_fields()
+                                                    if option["type"] == "integer"}, key=str))
+def test_integers_past_int64_name_the_field(client, model, name):
+    for value in (2**63, 2**64, 2**70):
+        assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
+
+
+def test_seeds_past_32_bits_are_refused_not_aliased(client):
+    # 2**32 and 2**33 gave the images and text of seed 0 (torch's CPU generator reads 32 bits); now a 400
+    for model in ENDPOINTS:
+        for seed in (2**32, 2**33, 2**63 - 1):
+            error = assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], "seed": seed}), 400, "seed")
+            assert "4294967295" in error["message"]
+    answers = [client.post("/v1/chat/completions", json={**GOOD[ChatCompletionRequest], "seed": seed}).json()
+               for seed in (0, 2**32 - 1)]
+    assert all(answer["choices"][0]["finish_reason"] in ("stop", "length") for answer in answers)
+
+
+def test_image_token_budgets_in_range_are_answered(client):
+    chat = {**GOOD[ChatCompletionRequest], "messages": image_message(data_url(0)), "temperature": 0}
+    for budget in (17, 10**6, 2**31, 2**53, 2**63 - 1):
+        response = client.post("/v1/chat/completions", json={**chat, "image_max_tokens": budget})
+        assert response.status_code == 200, (budget, response.text)
+    response = client.post("/v1/images/generations", json={**GOOD[ImageGenerationRequest],
+                                                           "image_max_tokens": 2**63 - 1})
+    assert response.status_code == 200, response.text
+
+
+CONTROL_TEXTS = ["<image> a cat", "[IMG] [/IMG] a", "<visual_3> a", "[IMG] x [/IMG]"]
+
+
+@pytest.mark.parametrize("text", CONTROL_TEXTS)
+def test_a_prompt_spelling_control_tokens_gets_the_same_400_on_both_endpoints(client, text):
+    chat = assert_error(client.post("/v1/chat/completions", json={
+        **GOOD[ChatCompletionRequest], "messages": [{"role": "user", "content": text}]}), 400, "messages")
+    image = assert_error(client.post("/v1/images/generations", json={**GOOD[ImageGenerationRequest],
+                                                                      "prompt": text}), 400, "prompt")
+    assert chat["message"] == image["message"]
+
+
+def test_a_json_body_of_another_content_type_gets_a_415_naming_it(client):
+    for model, url in ((model, ENDPOINTS[model]) for model in ENDPOINTS):
+        body = json.dumps(GOOD[model]).encode()
+        for content_type in ("text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded"):
+            error = assert_error(client.post(url, content=body, headers={"content-type": content_type}), 415, None)
+            assert content_type.split(";")[0] in error["message"] and "application/json" in error["message"]
+    url, body = "/v1/chat/completions", json.dumps(GOOD[ChatCompletionRequest]).encode()
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        assert client.post(url, content=body, headers={"content-type": content_type}).status_code == 200
+
+
+class FailingBackend(LocalBackend):
+    """The real engine, with a fault no check foresees in its image path (a bug's stand-in)."""
+
+    async def images(self, job):
+        raise RuntimeError("a fault inside the backend")
+
+
+def test_an_unexpected_failure_is_an_openai_500_body_not_plain_text(served_folder):
+    preparer = RequestPreparer(str(served_folder), LIMITS)
+    app = create_app(preparer, FailingBackend(LaVITEngine(str(served_folder), device="cpu")), "tiny", LIMITS)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        response = http.post("/v1/images/generations", json=GOOD[ImageGenerationRequest])
+        assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "RuntimeError: a fault inside the backend" in error["message"]
+        assert http.post("/v1/chat/completions", json=GOOD[ChatCompletionRequest]).status_code == 200

@@ -2,6 +2,8 @@
 client talks to it. Batched answers equal each request alone, streaming, images, errors over HTTP, a bounded load
 test, a replica killed mid-flight, and a graceful shutdown (SIGTERM) that finishes the accepted requests."""
 
+import base64
+import io
 import os
 import signal
 import subprocess
@@ -11,9 +13,11 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import openai
 import psutil
 import pytest
+from PIL import Image
 from serving_helpers import alone, data_url, free_port, request_outcome, write_tiny_lavit
 
 from lavit.serving.engine import LaVITEngine, RequestPreparer
@@ -134,7 +138,15 @@ def test_concurrent_image_requests_get_what_each_gets_alone(server, local):
         answers = list(pool.map(lambda body: api.images.generate(model="tiny-lavit", **body), IMAGE_BODIES))
     for body, answer in zip(IMAGE_BODIES, answers, strict=True):
         request = ImageGenerationRequest(prompt=body["prompt"], n=body.get("n", 1), **body["extra_body"])
-        assert [item.b64_json for item in answer.data] == engine.render_images([preparer.image_job(request)])[0]
+        lone = engine.render_images([preparer.image_job(request)])[0]
+        # within one intensity level, as docs/serving.md states (the visual tokens are equal: test_batching.py)
+        assert len(answer.data) == len(lone)
+        for item, png in zip(answer.data, lone, strict=True):
+            assert np.abs(pixels(item.b64_json) - pixels(png)).max() <= 1, body
+
+
+def pixels(png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))).astype(int)
 
 
 def test_errors_over_http(server):

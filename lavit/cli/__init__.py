@@ -29,6 +29,7 @@ from lavit.paths import PathConflictError, check_output_files, check_paths
 
 from .common import HelpFormatter
 from .training import TRAINING_COMMANDS, run_training, stage_parser_class
+from .training import add_parsers as add_training_parsers
 
 # one module per command group: `add_parsers(commands)` adds its commands, `RUNNERS` runs them, `FILE_OUTPUTS` (if
 # any) names their file arguments; a module imports at its top only what its parsers need (heavy imports: in runners)
@@ -50,7 +51,7 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=stage_parser_class)
     for group in GROUPS:
         group.add_parsers(commands)
-    importlib.import_module("lavit.cli.training").add_parsers(commands, full=full)
+    add_training_parsers(commands, full=full)
     return parser
 
 
@@ -67,8 +68,8 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
     parser = build_parser(full=False)
     args, unknown = parser.parse_known_args([dashed_flag(arg) for arg in argv])
     if unknown:
-        commands = parser._subparsers._group_actions[0].choices
-        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
 

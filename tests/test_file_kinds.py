@@ -196,7 +196,7 @@ def test_a_malicious_pickle_is_never_run_and_no_message_suggests_weights_only_fa
     assert "holds more than tensors" in err.err and "weights_only=False" not in err.err
     assert "pickle code ran" not in err.out + err.err and not (tmp_path / "converted").exists()
     # a loader's own message (PyTorch, transformers) is rephrased by the command line's error line
-    from lavit.cli import one_line
+    from lavit.command_inputs import one_line
 
     with pytest.raises(pickle.UnpicklingError) as error:
         torch.load(folder / "pytorch_model.bin", weights_only=True)

@@ -368,8 +368,11 @@ class LaVITArgumentParser(HfArgumentParser):
             parsed = self.parse_json_file(args[0])
         elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
             parsed = self.parse_yaml_file(args[0])
-        else:
-            parsed = self.parse_args_into_dataclasses(args)
+        else:  # a flag no dataclass has is an argparse error, with the command's usage (as in every `lavit` command)
+            outputs = self.parse_args_into_dataclasses(args, return_remaining_strings=True)
+            parsed, unknown = outputs[:-1], outputs[-1]
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
         given = self.given_flags(args)
         for arguments in parsed:  # what the run set itself, whatever the value: a preset leaves it alone
             if not isinstance(arguments, TrainingArguments):

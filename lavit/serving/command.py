@@ -23,7 +23,7 @@ def make_parser(commands) -> argparse.ArgumentParser:
                        help="autoscaling aims at this many ongoing requests per replica")
     serve.add_argument("--gpus-per-replica", type=NON_NEGATIVE_FLOAT, default=None,
                        help="GPUs per model replica (default: 1 when this machine has a GPU, else 0: CPU)")
-    serve.add_argument("--cpus-per-replica", type=POSITIVE_FLOAT, default=1.0)
+    serve.add_argument("--cpus-per-replica", type=POSITIVE_FLOAT, default=1.0, help="CPUs per model replica")
     serve.add_argument("--num-cpus", type=POSITIVE_INT, default=None, help="CPUs the local Ray instance may use")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="default: bfloat16 on GPUs, float32 on CPUs")

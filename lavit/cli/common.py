@@ -1,0 +1,83 @@
+"""What several `lavit` commands share: the help format, the model-folder checks and loaders, image reading.
+
+Light to import (argparse and lavit's path/range declarations): torch, transformers' models, datasets and peft are
+imported by the functions that use them, so that building a parser (and `--help`) costs no model import.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from lavit.command_inputs import CommandError, load_lavit_model, resolve_model_folder
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default, once: `(default: X)` is added unless the help already says what the
+    default is, and left out for flags whose default is "not given" (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text.lower() or not action.option_strings or action.required:
+            return help_text
+        if action.default in (None, False, "", [], argparse.SUPPRESS):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def add_command(commands: argparse._SubParsersAction, name: str, help: str, **settings) -> argparse.ArgumentParser:
+    """A sub-command `lavit NAME` whose help shows each default once and whose description is its one-line help."""
+    return commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter, **settings)
+
+
+MODEL_KINDS = {"lavit": "a LaVIT model", "lavit_tokenizer": "a LaVIT visual tokenizer",
+               "lavit_detokenizer": "a LaVIT pixel decoder (detokenizer)"}
+
+
+def require_folder(path: str, model_types: tuple[str, ...] = ()) -> None:
+    """A path that does not exist must look like a Hub id (`name` or `org/name`); a local folder must hold a
+    `config.json` of one of `model_types` (checked before anything is built: a model of the wrong kind would be
+    built from default sizes)."""
+    folder, adapter = resolve_model_folder(path)
+    if folder is None or not model_types:
+        return
+    if adapter is not None:  # a PEFT adapter: the base model it names must be of the kind
+        require_folder(adapter["base_model_name_or_path"], model_types)
+        return
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"{path} is not a model folder (no config.json)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise CommandError(f"{folder / 'config.json'} is not a JSON object: {error}") from error
+    if model_type not in model_types:
+        kind = MODEL_KINDS.get(model_type, f"a model of type {model_type!r}")
+        wanted = " or ".join(MODEL_KINDS[name] for name in model_types)
+        raise CommandError(f"{path} holds {kind}, but this command needs {wanted} folder")
+
+
+def load_lavit(path: str):
+    require_folder(path, ("lavit",))
+    return load_lavit_model(path)
+
+
+def load_pipeline(path: str):
+    """A `LaVITPipeline` folder (or Hub id), or a LaVIT model folder of lavit <= 0.x with its `detokenizer/`."""
+    from lavit import LaVITPipeline
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        require_folder(path, ("lavit",))
+        if not (folder / "detokenizer").is_dir():
+            raise CommandError(f"{path} is a language model without a pixel decoder: give a LaVITPipeline folder "
+                               f"(model_index.json) to draw images")
+    else:
+        require_folder(path)
+    pipe = LaVITPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(desc="denoising")
+    return pipe
+
+
+def open_image(path: str):
+    from lavit.processing.image_processing_lavit import to_rgb_image
+
+    return to_rgb_image(path)  # a clear ValueError naming the file when it cannot be read

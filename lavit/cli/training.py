@@ -1,0 +1,67 @@
+"""The training commands: each is a stage script whose `make_parser(commands)` adds the command under its name, so
+`lavit train ARGS` and `python -m lavit.training.stage2_pretrain ARGS` take the same flags (or one config file).
+
+`lavit COMMAND ...` goes straight to the stage's parser (`run_training`): the other commands never import the
+training modules, and `lavit --help` lists the stages from `TRAINING_SUMMARIES` without importing them."""
+
+import argparse
+import importlib
+
+from .common import HelpFormatter, require_folder
+
+TRAINING_COMMANDS = {
+    "train-tokenizer": "lavit.training.stage1_tokenizer",
+    "train": "lavit.training.stage2_pretrain",
+    "finetune": "lavit.training.finetune",
+    "preprocess": "lavit.training.preprocess",
+    "train-detokenizer": "lavit.training.stage3_detokenizer",
+}
+# the one line `lavit --help` shows for each stage without importing it: the stage's own (a test compares them)
+TRAINING_SUMMARIES = {
+    "train-tokenizer": "stage 1: train the visual tokenizer",
+    "train": "stage 2: unified pretraining",
+    "finetune": "caption / VQA / chat fine-tuning, full or LoRA",
+    "preprocess": "store keep masks and code ids of a dataset",
+    "train-detokenizer": "train the pixel detokenizer",
+}
+# the model folder each training command reads (the stage's argument) and the kinds of folder it takes
+TRAINING_MODEL_ARGUMENTS = {
+    "train-tokenizer": ("model", ("lavit_tokenizer",)),
+    "train": ("model", ("lavit",)),
+    "finetune": ("model", ("lavit",)),
+    "preprocess": ("visual_tokenizer", ("lavit_tokenizer", "lavit")),
+    "train-detokenizer": ("visual_tokenizer", ("lavit_tokenizer", "lavit")),
+}
+
+
+def add_parsers(commands, full: bool = True) -> None:
+    """The stages' own parsers (`full`), or a one-line entry per stage for the command listing."""
+    for command, module_name in TRAINING_COMMANDS.items():
+        if full:
+            importlib.import_module(module_name).make_parser(commands)
+        else:
+            commands.add_parser(command, help=f"{TRAINING_SUMMARIES[command]} (--help lists its flags)")
+
+
+def stage_parser_class(**settings) -> argparse.ArgumentParser:
+    """The `parser_class` of `lavit`'s sub-commands: a training stage's parser (given `dataclass_types`) is a
+    `LaVITArgumentParser`, the others plain argparse parsers (no training module imported for them). Both show each
+    default once (`HelpFormatter`; HfArgumentParser's own formatter adds "(default: None)" to every flag)."""
+    settings.setdefault("formatter_class", HelpFormatter)
+    if "dataclass_types" not in settings:
+        return argparse.ArgumentParser(**settings)
+    from lavit.training.arguments import LaVITArgumentParser
+
+    return LaVITArgumentParser(**settings)
+
+
+def run_training(command: str, argv: list[str]) -> None:
+    """Runs a training stage with the parser of `python -m lavit.training.<stage>` (flags, or one config file),
+    named `lavit COMMAND`; the model folder it reads is checked before anything is built."""
+    stage = importlib.import_module(TRAINING_COMMANDS[command])
+    commands = argparse.ArgumentParser(prog="lavit").add_subparsers(parser_class=stage_parser_class)
+    arguments = stage.make_parser(commands).parse_args_and_config(argv)
+    name, model_types = TRAINING_MODEL_ARGUMENTS[command]
+    if getattr(arguments[0], name):
+        require_folder(getattr(arguments[0], name), model_types)
+    stage.main(*arguments)

@@ -1,0 +1,140 @@
+"""The `lavit` command line as a new user meets it (issue 28, section 2), for every command found from the parser:
+`--help` works, every flag has a help text that shows its default at most once, a mistyped flag prints that
+command's usage, `--version` and `lavit env` answer, and the command listing does not import the training stages."""
+
+import argparse
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lavit
+from lavit.cli import TRAINING_COMMANDS, build_parser, main
+
+# the stages' `TrainingArguments` flags are transformers' own (their help is transformers')
+TRANSFORMERS_FLAGS = {f"--{name}" for name in __import__("transformers").TrainingArguments.__dataclass_fields__}
+
+
+def command_parsers(full: bool = True) -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser(full=full)
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def listing(full: bool) -> dict[str, str]:
+    """command -> its one line in `lavit --help`."""
+    parser = build_parser(full=full)
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return {choice.dest: choice.help for choice in commands._choices_actions}
+
+
+def own_flags(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction) \
+                and not TRANSFORMERS_FLAGS & set(action.option_strings):
+            yield action
+
+
+def required_argv(parser: argparse.ArgumentParser) -> list[str]:
+    """Placeholders for the required arguments, so that parsing fails only for what the test adds."""
+    argv = []
+    for action in parser._actions:
+        placeholder = str(next(iter(action.choices))) if action.choices else "1"
+        if not action.option_strings:
+            argv.append(placeholder)
+        elif action.required:
+            argv += [action.option_strings[0], placeholder]
+    return argv
+
+
+COMMANDS = sorted(command_parsers())
+
+
+def test_every_command_is_listed():
+    assert set(COMMANDS) >= {"tokenize", "caption", "vqa", "generate", "env", *TRAINING_COMMANDS}
+    # `lavit --help` lists the stages without building their parsers: the same one line as their own parsers give
+    assert listing(full=False) == listing(full=True)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_each_flags_default_once(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: lavit {command}"), text[:200]
+    assert "(default: None)" not in text
+    parser = command_parsers()[command]
+    formatter = parser._get_formatter()
+    for action in own_flags(parser):
+        flag = action.option_strings[-1]
+        assert action.help and action.help.strip(), f"lavit {command} {flag} has no help text"
+        rendered = formatter._expand_help(action) if action.help else ""
+        assert len(re.findall(r"\bdefault\b", rendered, flags=re.IGNORECASE)) <= 1, (command, flag, rendered)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_mistyped_flag_prints_that_commands_usage(command, capsys):
+    argv = [command, *required_argv(command_parsers()[command]), "--no-such-flag"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: lavit {command}" in err and "--no-such-flag" in err, err
+    assert "COMMAND ..." not in err  # not the top-level usage
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lavit {lavit.__version__}"
+
+
+def test_env_reports_versions_and_devices(capsys):
+    import torch
+    import transformers
+
+    assert main(["env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["torch"] == str(torch.__version__)
+    assert report["transformers"] == transformers.__version__
+    assert report["cuda_available"] == torch.cuda.is_available()
+    assert {"lavit", "python", "platform", "diffusers", "accelerate", "peft", "trl", "datasets", "evaluate",
+            "mps_available"} <= set(report)
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert f"- transformers: {transformers.__version__}" in text and "- cuda_available: " in text
+
+
+@pytest.mark.slow
+def test_help_imports_no_training_module():
+    """`lavit --help` and a command's `--help` import no training stage, nor peft, datasets or trl, beyond what
+    `import lavit` itself imports."""
+    code = ("import sys\nimport lavit\nbefore = set(sys.modules)\nfrom lavit.cli import main\ntry:\n"
+            "    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(name for name in set(sys.modules) - before if name.split('.')[0] in ('peft', 'datasets', "
+            "'trl') or name.startswith('lavit.training.') and name != 'lavit.training.language_model'), "
+            "file=sys.stderr)")
+    for argv in (["--help"], ["caption", "--help"], ["evaluate", "--help"]):
+        result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+        assert result.stderr.strip().splitlines()[-1] == "[]", (argv, result.stderr[-2000:])
+
+
+HEAVY = ("torch", "transformers", "diffusers", "peft", "datasets", "trl", "accelerate", "evaluate", "ray",
+         "lavit.training", "lavit.evaluation", "lavit.hub_cards", "lavit.demo", "lavit.serving")
+LIGHT_EXCEPTIONS = ("lavit.training.language_model", "lavit.serving.command")  # argparse types only, no models
+
+
+def test_command_modules_import_their_libraries_only_when_they_run():
+    """At its top, a command module imports only what its parsers need; the runners import the libraries."""
+    for path in sorted((Path(lavit.__file__).parent / "cli").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import | ast.ImportFrom) and getattr(node, "level", 0) == 0:
+                for name in [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]:
+                    heavy = name.startswith(HEAVY) and name not in LIGHT_EXCEPTIONS
+                    assert not heavy, f"{path.name} imports {name} at its top: import it in the run function"

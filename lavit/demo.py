@@ -80,22 +80,22 @@ def evaluate(model, processor, images, labels) -> dict:
 
 
 def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10) -> float:
-    """Text-to-image on digits: codes generated for "the digit N" are decoded to encoder features by the tokenizer's
-    decoder; a hit is a generated image whose features are nearest (cosine, after removing the mean) to the mean
-    decoded features of real digits N (`images`, `labels`)."""
+    """Text-to-image on digits: codes generated for "the digit N" are decoded to encoder features by the visual
+    tokenizer's decoder; a hit is a generated image whose features are nearest (cosine, after removing the mean) to
+    the mean decoded features of real digits N (`images`, `labels`)."""
     from lavit.training.sample_data import digit_caption
 
-    tokenizer = model.visual_tokenizer
+    visual_tokenizer = model.visual_tokenizer
     pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    real = tokenizer.tokenize(pixel_values, generator=torch.Generator().manual_seed(0))
-    real_features = tokenizer.decode_codes(real.code_ids, real.token_counts)
+    real = visual_tokenizer.tokenize(pixel_values, generator=torch.Generator().manual_seed(0))
+    real_features = visual_tokenizer.decode_codes(real.code_ids, real.token_counts)
     mean = real_features.mean(dim=0, keepdim=True)
     labels = torch.tensor(labels)
     centroids = torch.stack([(real_features - mean)[labels == digit].mean(dim=0).flatten() for digit in range(10)])
     prompts = processor(text=[digit_caption(digit) for digit in range(10)], return_tensors="pt", padding=True)
     generated = model.generate_image_tokens(**prompts, guidance_scale=3.0, num_images_per_prompt=per_class,
                                             generator=torch.Generator().manual_seed(0))
-    generated_features = (tokenizer.decode_codes(generated.code_ids, generated.token_counts) - mean).flatten(1)
+    generated_features = (visual_tokenizer.decode_codes(generated.code_ids, generated.token_counts) - mean).flatten(1)
     similarity = torch.nn.functional.normalize(generated_features, dim=-1) @ torch.nn.functional.normalize(
         centroids, dim=-1).T
     return float((similarity.argmax(dim=1) == torch.arange(10).repeat_interleave(per_class)).float().mean())

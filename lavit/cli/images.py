@@ -58,16 +58,15 @@ FILE_OUTPUTS = {
 }
 
 
-def image_selection(args) -> dict:
-    """The selector options of one image: a generator seeded from `--seed`, so sampling repeats run to run."""
+def image_selection(args):
+    """The selector options of one image (`LaVITImageSelection`): a generator seeded from `--seed`, so sampling repeats
+    run to run."""
     import torch
 
-    selection = {"generator": torch.Generator().manual_seed(args.seed)}
-    if args.selection:
-        selection["mode"] = args.selection
-    if getattr(args, "budget", None):
-        selection["max_tokens"] = args.budget
-    return selection
+    from lavit import LaVITImageSelection
+
+    return LaVITImageSelection(mode=args.selection or None, max_tokens=getattr(args, "budget", None) or None,
+                               generator=torch.Generator().manual_seed(args.seed))
 
 
 def selection_inputs(model, pixel_values, args) -> dict:
@@ -77,9 +76,9 @@ def selection_inputs(model, pixel_values, args) -> dict:
 
     selection = image_selection(args)
     sampled = (args.selection or model.visual_tokenizer.config.selection_mode) == "sample"
-    if not sampled or "max_tokens" in selection:
+    if not sampled or selection.max_tokens is not None:
         return {"image_selection": selection}
-    keep_masks = [model.visual_tokenizer.tokenize(image[None], **image_selection(args)).keep_mask
+    keep_masks = [model.visual_tokenizer.tokenize(image[None], selection=image_selection(args)).keep_mask
                   for image in pixel_values]
     return {"image_keep_mask": torch.cat(keep_masks)}
 
@@ -102,14 +101,15 @@ def run_tokenize(args) -> None:
     items = PerItem("tokenize", "image", args.images, args.json)
     images = items.each(open_image)  # every file is read before the model loads
     if images:
-        tokenizer = load_visual_tokenizer_of(args.model).eval()
-        image_processor = LaVITImageProcessor.from_tokenizer_config(tokenizer.config)
-        grid = tokenizer.config.image_size // tokenizer.config.patch_size
+        visual_tokenizer = load_visual_tokenizer_of(args.model).eval()
+        image_processor = LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config)
+        grid = visual_tokenizer.config.image_size // visual_tokenizer.config.patch_size
 
     def tokenize(index):
         pixel_values = image_processor(images=images[index], return_tensors="pt")["pixel_values"]
-        tokens = tokenizer.tokenize(pixel_values.to(tokenizer.device, tokenizer.dtype), **image_selection(args))
-        result = {"token_count": int(tokens.token_counts[0]), "num_patches": tokenizer.config.num_patches,
+        tokens = visual_tokenizer.tokenize(pixel_values.to(visual_tokenizer.device, visual_tokenizer.dtype),
+                                          selection=image_selection(args))
+        result = {"token_count": int(tokens.token_counts[0]), "num_patches": visual_tokenizer.config.num_patches,
                   "code_ids": tokens.code_ids.tolist()}
         text = f"{args.images[index]}: {result['token_count']} of {result['num_patches']} tokens, code ids " \
                f"{result['code_ids']}"

@@ -432,10 +432,11 @@ class LaVITPipeline(DiffusionPipeline):
         device = self._execution_device  # found by walking every module: once per call
         conditions = self.encode_visual_tokens(tokens, device)
         batch_size = len(tokens.token_counts)
-        if not isinstance(generator, list):
-            # one random stream per image (see `row_generators`): an image's noise depends on the seed and on its
-            # own prompt only, never on the other images of the batch
-            generator = row_generators(generator, batch_size, num_images_per_prompt, device)
+        # one random stream per image (`row_generators`), for one generator and a list alike: an image's noise
+        # depends on its own generator (or the seed and its index among its prompt's images) only, so
+        # `generator=g` and `generator=[g]` give one image the same pixels, and image i of a batch drawn with
+        # `[g0, g1, ...]` is what its prompt gets alone with `g_i`
+        generator = row_generators(generator, batch_size, num_images_per_prompt, device)
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
         # 3. timesteps, then the denoising loop (the generators also drive stochastic schedulers)
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)

@@ -52,6 +52,7 @@ from test_hub import BLOCK_LAVIT
 
 pytest.importorskip("diffusers")
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITPipeline  # noqa: E402
 
@@ -92,31 +93,68 @@ def test_pixels_equal_the_released_path_for_the_same_seeds(pipe):
                        guidance_scale=5.0, num_inference_steps=3)
     torch.testing.assert_close(generated, reference["generated"], atol=1e-5, rtol=0)
     photos = [Image.fromarray(photo) for photo in real_photos()[:2]]
-    reconstructed = pipe.reconstruct(photos, image_selection={"max_tokens": 4}, generator=[seeded(1), seeded(2)],
-                                     output_type="pt", height=16, width=24).images
+    # the released path drew each image's initial latents from its own list entry as it was; the pipeline draws
+    # them from a stream seeded by it (`row_generators`, so that `g` and `[g]` agree): the same latents, given
+    latents = randn_tensor((2, pipe.unet.config.in_channels, 16 // pipe.vae_scale_factor, 24 // pipe.vae_scale_factor),
+                           generator=[seeded(1), seeded(2)])
+    reconstructed = pipe.reconstruct(photos, image_selection={"max_tokens": 4}, latents=latents, output_type="pt",
+                                     height=16, width=24).images
     torch.testing.assert_close(reconstructed, reference["reconstructed"], atol=1e-5, rtol=0)
 
 
-def test_batch_gives_each_prompt_what_it_gets_alone(pipe):
-    batch = images(pipe, ["a red bus", "a cat", "two dogs play in the park"], num_images_per_prompt=2)
+PROMPTS = ["a red bus", "a cat", "two dogs play in the park"]
+
+
+@pytest.fixture
+def sharp_pipe(lavit_processor, text_tokenizer):
+    """The tiny pipeline with a language model whose weights are large enough that different prompts get different
+    visual tokens (the fixtures' model gives every prompt the same ones, so a batch that mixed its rows up between
+    prompts would pass a batch-vs-alone check with it)."""
+    pipe = tiny_pipeline(lavit_processor, text_tokenizer)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in pipe.language_model.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0, 0.5)
+    tokens = [pipe.language_model.generate_image_tokens(**pipe.encode_prompt(prompt), guidance_scale=1.0,
+                                                        **TOKENS).code_ids.tolist() for prompt in PROMPTS]
+    assert len({tuple(ids) for ids in tokens}) == len(PROMPTS), tokens  # the check below can fail
+    return pipe
+
+
+def test_batch_gives_each_prompt_what_it_gets_alone(sharp_pipe):
+    batch = images(sharp_pipe, PROMPTS, num_images_per_prompt=2)
     assert batch.shape == (6, 3, 32, 32)
-    for index, prompt in enumerate(["a red bus", "a cat", "two dogs play in the park"]):
-        alone = images(pipe, prompt, num_images_per_prompt=2)
+    for index, prompt in enumerate(PROMPTS):
+        alone = images(sharp_pipe, prompt, num_images_per_prompt=2)
         torch.testing.assert_close(batch[2 * index : 2 * index + 2], alone, atol=1e-5, rtol=0)
     assert not torch.equal(batch[0], batch[1])  # the images of one prompt differ from each other
+    assert not torch.equal(batch[0], batch[2])  # and from those of another prompt (other tokens)
 
 
-def test_num_images_per_prompt_with_a_list_of_generators(pipe):
-    prompts = ["a red bus", "a cat"]
-    batch = pipe(prompts, num_images_per_prompt=2, generator=[seeded(seed) for seed in range(4)], output_type="pt",
-                 **TOKENS).images
+def test_num_images_per_prompt_with_a_list_of_generators(sharp_pipe):
+    prompts = PROMPTS[:2]
+    batch = sharp_pipe(prompts, num_images_per_prompt=2, generator=[seeded(seed) for seed in range(4)],
+                       output_type="pt", **TOKENS).images
     assert batch.shape == (4, 3, 32, 32)
-    # image k is what its own generator gives it alone
+    # image k is what its own generator gives its prompt alone, as a list of one and as one generator (diffusers)
     for k in range(4):
-        alone = pipe(prompts[k // 2], generator=[seeded(k)], output_type="pt", **TOKENS).images
-        torch.testing.assert_close(batch[k : k + 1], alone, atol=1e-5, rtol=0)
+        for generator in ([seeded(k)], seeded(k)):
+            alone = sharp_pipe(prompts[k // 2], generator=generator, output_type="pt", **TOKENS).images
+            torch.testing.assert_close(batch[k : k + 1], alone, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="one per image"):
-        pipe(prompts, generator=[seeded(0)], **TOKENS)
+        sharp_pipe(prompts, generator=[seeded(0)], **TOKENS)
+
+
+def test_one_generator_and_a_list_of_it_give_one_image_the_same_pixels(sharp_pipe):
+    """The attack's repro (#26 item 1): `generator=g(0)` and `generator=[g(0)]` gave different images."""
+    for settings in ({}, {"do_sample": False}, {"token_guidance_scale": 1.0, "guidance_scale": 1.0}):
+        one = images(sharp_pipe, **settings)
+        listed = sharp_pipe("a red bus", generator=[seeded(0)], output_type="pt", **TOKENS, **settings).images
+        torch.testing.assert_close(one, listed, atol=1e-6, rtol=0)
+    reconstructed = [sharp_pipe.reconstruct(Image.fromarray(real_photos()[0]), generator=generator, output_type="pt",
+                                            num_inference_steps=2).images for generator in (seeded(3), [seeded(3)])]
+    torch.testing.assert_close(*reconstructed, atol=1e-6, rtol=0)
 
 
 def test_dict_and_tuple_outputs_and_every_output_type_agree(pipe):

@@ -512,6 +512,51 @@ def _component_loaders(trust_remote_code: bool) -> dict:
     }
 
 
+def language_model_folders(folder: str | os.PathLike, with_processor: bool = True) -> tuple[Path, Path] | None:
+    """
+    `(model folder, processor folder)` of the LaVIT language model a local `folder` holds, the one answer to "which
+    language model does this folder mean" for every loader: a `LaVITPipeline` folder (its `language_model/` and
+    `processor/`), the `language_model/` sub-folder of one (the processor beside it), or a model folder (itself:
+    its processor files lie with the model's). None for a folder that holds no LaVIT language model.
+    `with_processor`: the processor folder must hold a saved processor (the caller loads it).
+
+    Raises:
+        ValueError: a pipeline folder that holds a decoder alone (no language model), or whose language model has no
+            processor to read prompts with; the message names the fix.
+    """
+    folder = Path(folder).expanduser()
+    pipeline = folder if (folder / "model_index.json").is_file() else None
+    if pipeline is None and folder.name == "language_model" and (folder.parent / "model_index.json").is_file():
+        pipeline = folder.parent
+    if pipeline is not None:
+        model_folder, processor_folder = pipeline / "language_model", pipeline / "processor"
+        if not (model_folder / "config.json").is_file():
+            raise ValueError(f"{pipeline} is a LaVITPipeline folder without a language model (a pixel decoder "
+                             f"alone): give the folder of a LaVIT model, or a pipeline that holds one")
+    elif _config_model_type(folder) == LaVITConfig.model_type:
+        model_folder = processor_folder = folder
+    else:
+        return None
+    if with_processor and not any((processor_folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ValueError(f"{processor_folder} holds no processor ({' or '.join(PROCESSOR_FILES)}) for the language "
+                         f"model of {folder}: save the model's LaVITProcessor there "
+                         f"(processor.save_pretrained({str(processor_folder)!r}))")
+    return model_folder, processor_folder
+
+
+# the files a saved processor (or its image processor, which a LaVIT processor folder always has) writes
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _config_model_type(folder: Path) -> str | None:
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def _is_detokenizer_folder(folder: Path) -> bool:
     config_file = folder / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
@@ -533,4 +578,4 @@ def copy_code_files(module_file: Path, folder: Path):
             pending.append(path.parent / f"{name}.py")
 
 
-__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences"]
+__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences", "language_model_folders"]

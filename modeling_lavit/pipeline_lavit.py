@@ -17,6 +17,8 @@ where `lavit` is not installed.
 
 import inspect
 import json
+import logging
+import numbers
 import os
 import re
 import shutil
@@ -41,7 +43,7 @@ from .modeling_lavit_detokenizer import (
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .saving_lavit import loaded_from, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
-from .validation_lavit import GUIDANCE_SCALE
+from .validation_lavit import GUIDANCE_SCALE, POSITIVE_INT, Choice, Each, Range
 
 try:
     from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -59,6 +61,81 @@ CUSTOM_COMPONENT_MODULES = {
     "language_model": "modeling_lavit", "processor": "processing_lavit",
     "condition_encoder": "modeling_lavit_detokenizer",
 }
+
+
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
+logger = logging.getLogger(__name__)
+
+
+class Kind:
+    """A value of a kind that is not a number (a prompt, a generator, a tensor, a callable), checked where it enters
+    like a [`Range`]: `check(name, value)` raises a `ValueError` naming the argument, what it must be and what it
+    got."""
+
+    def __init__(self, description: str, test):
+        self.description, self.test = description, test
+
+    def check(self, name: str, value):
+        if not self.test(value):
+            got = repr(value)[:80] if isinstance(value, (str, numbers.Number, type(None))) else type(value).__name__
+            raise ValueError(f"{name} must be {self.description}, got {got}")
+        return value
+
+
+def _strings(value, allow_none: bool) -> bool:
+    return (value is None and allow_none) or isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(isinstance(item, str) for item in value))
+
+
+def _generators(value) -> bool:
+    return value is None or isinstance(value, torch.Generator) or (
+        isinstance(value, list) and all(isinstance(item, torch.Generator) for item in value))
+
+
+# every argument of `LaVITPipeline.__call__` (and of `decode_visual_tokens`), checked where it enters; the settings in
+# `token_generation_kwargs` are checked by `LaVITImageGenerationConfig`, `image` by the processor, sizes, steps and
+# memory again against the decoder's limits by `check_decode_request`
+CALL_ARGUMENTS = {
+    "prompt": Kind("a string or a non-empty list of strings", lambda value: _strings(value, allow_none=False)),
+    "negative_prompt": Kind("None, a string or a non-empty list of strings", lambda value: _strings(value, True)),
+    "image": Kind("None, or the prompt images (paths, PIL images, arrays or tensors; one or a list)",
+                  lambda value: not isinstance(value, (bool, int, float, dict))),
+    "num_images_per_prompt": POSITIVE_INT,
+    "token_guidance_scale": Range(1, optional=True, note="the language model's guidance; 1 turns it off"),
+    "guidance_scale": Range(1, optional=True, note="the diffusion decoder's guidance; 1 turns it off"),
+    "num_inference_steps": Range(1, integer=True, optional=True),
+    "generator": Kind("None, a torch.Generator or a list of them (one per image)", _generators),
+    "latents": Kind("None or a floating-point torch.Tensor of finite values (B, C, H / f, W / f)",
+                    lambda value: value is None or (isinstance(value, torch.Tensor) and value.is_floating_point()
+                                                    and bool(torch.isfinite(value).all()))),
+    "height": Range(1, integer=True, optional=True),
+    "width": Range(1, integer=True, optional=True),
+    "output_type": Choice(OUTPUT_TYPES),
+    "return_dict": Choice((True, False)),
+    "callback_on_step_end": Kind("None or a callable (pipe, step, timestep, tensors) -> dict",
+                                 lambda value: value is None or callable(value)),
+    "callback_on_step_end_tensor_inputs": Each(Choice(CALLBACK_TENSOR_INPUTS)),
+    "token_generation_config": Kind("None or a LaVITImageGenerationConfig", lambda value: value is None or type(
+        value).__name__ == LaVITImageGenerationConfig.__name__),
+    "token_generation_kwargs": Kind("keyword settings of LaVITImageGenerationConfig", lambda value: True),
+}
+
+
+def check_scheduler(scheduler) -> None:
+    """The scheduler must be one for noise-predicting UNets (diffusers' `SchedulerMixin` with an initial noise scale,
+    model-input scaling and steps): a flow-matching scheduler, or anything else, is refused by name."""
+    missing = [name for name in ("init_noise_sigma", "scale_model_input", "set_timesteps", "step")
+               if not hasattr(scheduler, name)]
+    if missing:
+        raise ValueError(f"pipe.scheduler must be a diffusers scheduler for noise-predicting UNets (with "
+                         f"{', '.join(missing)}; e.g. DDIMScheduler or DPMSolverMultistepScheduler.from_config("
+                         f"pipe.scheduler.config)), got {type(scheduler).__name__}")
+
+
+def check_call_arguments(arguments: dict) -> None:
+    """Checks each of `arguments` (name -> value, as `__call__` got them) by its entry in `CALL_ARGUMENTS`."""
+    for name, value in arguments.items():
+        CALL_ARGUMENTS[name].check(name, value)
 
 
 class LaVITPipeline(DiffusionPipeline):
@@ -79,15 +156,19 @@ class LaVITPipeline(DiffusionPipeline):
     # a decoder alone (what stage-3 training writes without a language model) draws given visual tokens
     # (`decode_visual_tokens`); `from_pretrained(folder, language_model=..., processor=...)` completes it
     _optional_components = ["language_model", "processor"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, language_model, processor, condition_encoder, unet, vae, scheduler):
         require_diffusers()
         super().__init__()
         self.register_modules(language_model=language_model, processor=processor,
                               condition_encoder=condition_encoder, unet=unet, vae=vae, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """The VAE's downsampling, read from the VAE the pipeline holds now (a swapped VAE brings its own)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @classmethod
     def from_detokenizer(cls, language_model, processor, detokenizer) -> "LaVITPipeline":
@@ -238,17 +319,13 @@ class LaVITPipeline(DiffusionPipeline):
 
     # ----------------------------------------------------------------------------------------------- stages
 
-    def check_inputs(self, prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs):
-        if prompt is None or (not isinstance(prompt, str) and not (
-                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        # sizes, steps and guidance: `check_decode_request`, the decoders' one bound
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
-                             f"got {unknown}")
+    def check_scheduler(self) -> None:
+        check_scheduler(self.scheduler)
+
+    def __setattr__(self, name, value):
+        if name == "scheduler":  # a swap is checked where it enters: `pipe.scheduler = ...`
+            check_scheduler(value)
+        super().__setattr__(name, value)
 
     def require_language_model(self, use: str) -> None:
         """A pipeline without its language model (a decoder alone) draws given visual tokens only."""
@@ -362,10 +439,11 @@ class LaVITPipeline(DiffusionPipeline):
                 (`min_new_tokens`, `max_new_tokens`), `image_inputs`, `cache_implementation`, `compile_decoding`.
         Reconstruction (image -> tokens -> image) is [`reconstruct`].
         """
-        # 1. check inputs and settings (None is the default; 0 is a size, and refused)
+        # 1. check inputs and settings (None is the default; 0 is a size, and refused): each argument by its name
+        check_call_arguments({name: value for name, value in locals().items() if name in CALL_ARGUMENTS})
+        self.check_scheduler()
         height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
                                                                                   guidance_scale)
-        self.check_inputs(prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs)
         self.require_language_model("prompt -> images")
         prompts = 1 if isinstance(prompt, str) else len(prompt)
         self.check_decode_request(height, width, num_inference_steps, prompts * num_images_per_prompt, guidance_scale)
@@ -420,10 +498,11 @@ class LaVITPipeline(DiffusionPipeline):
     ):
         """Packed visual tokens (`code_ids (T,)`, `token_counts (B,)`, as the language model or the visual tokenizer
         gives them) -> images: the decoder half of `__call__` (same arguments)."""
-        # 1. settings
+        # 1. settings, each argument checked by its name
+        check_call_arguments({name: value for name, value in locals().items() if name in CALL_ARGUMENTS})
+        self.check_scheduler()
         height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
                                                                                   guidance_scale)
-        self.check_inputs("", None, height, width, output_type, callback_on_step_end_tensor_inputs)
         self.check_decode_request(height, width, num_inference_steps, len(tokens.token_counts) * num_images_per_prompt,
                                   guidance_scale)
         self._guidance_scale = guidance_scale
@@ -446,7 +525,9 @@ class LaVITPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+            decoded = self.decode_latents(latents)
+            warn_non_finite(decoded)
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -477,10 +558,39 @@ class LaVITPipeline(DiffusionPipeline):
                     available = {"latents": latents, "prompt_embeds": prompt_embeds}
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, step, timestep, tensors)
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    latents, prompt_embeds = (checked_callback_output(outputs, name, available[name], step)
+                                              for name in ("latents", "prompt_embeds"))
                 progress_bar.update()
         return latents
+
+
+def checked_callback_output(outputs, name: str, before: torch.Tensor, step: int) -> torch.Tensor:
+    """The tensor `name` of what a step-end callback returned (`before` where it returned none): a dict is required,
+    and a returned tensor must keep the shape of the one it replaces (other latents would draw an image of another
+    size) and hold finite values."""
+    if not isinstance(outputs, dict):
+        raise ValueError(f"callback_on_step_end must return a dict of the tensors it was given (e.g. `return "
+                         f"tensors`), got {type(outputs).__name__} at step {step}")
+    value = outputs.get(name, before)
+    if value is before:
+        return before
+    if not isinstance(value, torch.Tensor) or value.shape != before.shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"callback_on_step_end returned {name} of shape {got} at step {step}; it must keep their "
+                         f"shape {tuple(before.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"callback_on_step_end returned {name} holding NaN or infinite values at step {step}")
+    return value
+
+
+def warn_non_finite(images: torch.Tensor) -> None:
+    """One warning when decoded images hold NaN or infinite values (a float16 overflow, or weights that hold them):
+    they are returned as they are, and PIL/numpy outputs show them as black pixels."""
+    bad = int((~torch.isfinite(images.flatten(1))).any(dim=1).sum())
+    if bad:
+        logger.warning(f"{bad} of {len(images)} decoded images hold NaN or infinite values (returned as they are; "
+                       f"black in PIL/np outputs): in float16, decode in float32 or bfloat16 (e.g. "
+                       f"pipe.vae.to(torch.float32)), and check the weights and latents for NaN")
 
 
 def image_tokens_from_sequences(sequences: torch.LongTensor, config) -> LaVITTokenizationOutput:

@@ -463,3 +463,89 @@ def test_a_decoder_alone_and_detokenizer_folders_load_and_take_a_language_model(
         loaded = LaVITPipeline.from_pretrained(tmp_path / folder, **given)
         loaded.set_progress_bar_config(disable=True)
         torch.testing.assert_close(images(loaded), whole, atol=1e-6, rtol=0)
+
+
+# one bad value for every argument of `LaVITPipeline.__call__` (the test below fails when an argument is added
+# without its check): each must be refused where it enters, in one line naming it
+BAD_ARGUMENTS = {
+    "prompt": 5, "negative_prompt": 5, "image": 5, "num_images_per_prompt": "2",
+    "token_guidance_scale": float("nan"), "guidance_scale": -1.0, "num_inference_steps": "2", "generator": 0,
+    "latents": [torch.zeros(1, 4, 16, 16)], "height": "32", "width": 32.5, "output_type": "PIL", "return_dict": "yes",
+    "callback_on_step_end": "nope", "callback_on_step_end_tensor_inputs": ["nope"],
+    "token_generation_config": {"do_sample": False}, "token_generation_kwargs": {"temperature": float("nan")},
+}
+
+
+def test_every_argument_of_call_is_checked_where_it_enters(pipe):
+    """#26 items 7-8: `token_guidance_scale=nan` said "guidance_scale must be..." (the decoder's knob);
+    `num_images_per_prompt="2"` gave a TypeError, `latents=[tensor]` an AttributeError."""
+    import inspect
+
+    from lavit.modeling.pipeline_lavit import CALL_ARGUMENTS
+
+    parameters = [name for name in inspect.signature(LaVITPipeline.__call__).parameters if name != "self"]
+    assert set(parameters) == set(BAD_ARGUMENTS) == set(CALL_ARGUMENTS)
+    for name, bad in BAD_ARGUMENTS.items():
+        kwargs = {"prompt": "a red bus", **TOKENS}
+        if name == "token_generation_kwargs":
+            kwargs.update(bad)
+            name = "temperature"
+        else:
+            kwargs[name] = bad
+        with pytest.raises(ValueError) as error:
+            pipe(**kwargs)
+        message = str(error.value)
+        assert message.startswith(name) and "\n" not in message, (name, message)
+    # the decoder alone takes the same arguments, checked alike
+    tokens = pipe.language_model.generate_image_tokens(**pipe.encode_prompt("a red bus"), **TOKENS)
+    with pytest.raises(ValueError, match="^num_images_per_prompt must be"):
+        pipe.decode_visual_tokens(tokens, num_images_per_prompt="2")
+
+
+def test_a_scheduler_the_pipeline_cannot_run_is_refused_by_name(pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for scheduler in (FlowMatchEulerDiscreteScheduler(), "nope"):  # refused where it enters: the assignment
+        with pytest.raises(ValueError, match=f"^pipe.scheduler must be .* got {type(scheduler).__name__}$"):
+            pipe.scheduler = scheduler
+    assert images(pipe, num_inference_steps=2).shape == (1, 3, 32, 32)  # the pipeline kept its own
+
+
+def test_callbacks_must_return_a_dict_keeping_the_latents_shape(pipe):
+    """#26 items 8-9: a callback returning None gave AttributeError 'pop'; latents of shape (1, 4, 8, 8) gave a
+    16x16 image instead of 32x32."""
+    returns = {"None": lambda *_: None, "smaller latents": lambda *_: {"latents": torch.zeros(1, 4, 8, 8)},
+               "NaN latents": lambda *_: {"latents": torch.full((1, 4, 16, 16), float("nan"))}}
+    for callback in returns.values():
+        with pytest.raises(ValueError, match="^callback_on_step_end (must return a dict|returned latents)"):
+            images(pipe, callback_on_step_end=callback, num_inference_steps=2)
+    assert images(pipe, callback_on_step_end=lambda p, s, t, tensors: tensors, num_inference_steps=2).shape == (
+        1, 3, 32, 32)
+
+
+def test_nan_latents_are_refused_and_nan_images_warned_about(pipe, caplog):
+    """#26 item 9: NaN latents gave an all-black image with only numpy's RuntimeWarning. Given latents must be finite
+    (an error); decoded images that hold NaN (a float16 overflow, weights with NaN) are returned with one warning
+    (docs/pipeline.md)."""
+    with pytest.raises(ValueError, match="^latents must be .* finite"):
+        images(pipe, latents=torch.full((1, 4, 16, 16), float("nan")))
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
+    with caplog.at_level("WARNING", logger="lavit.modeling.pipeline_lavit"):
+        drawn = images(pipe, num_inference_steps=2)
+    assert torch.isnan(drawn).all()
+    assert [record.message for record in caplog.records if "NaN" in record.message][0].startswith(
+        "1 of 1 decoded images hold NaN")
+
+
+def test_a_swapped_vae_brings_its_own_scale_factor(pipe):
+    """#26 item 9: a VAE of another scale factor gave 16x16 images for 32x32 (the factor was read at __init__)."""
+    from diffusers import AutoencoderKL
+
+    config = dict(pipe.vae.config)
+    config["block_out_channels"] = list(config["block_out_channels"])[:-1]
+    config["down_block_types"] = list(config["down_block_types"])[:-1]
+    config["up_block_types"] = list(config["up_block_types"])[:-1]
+    pipe.vae = AutoencoderKL.from_config(config)
+    assert pipe.vae_scale_factor == 2 ** (len(config["block_out_channels"]) - 1)
+    assert images(pipe, num_inference_steps=2).shape == (1, 3, 32, 32)

@@ -67,8 +67,7 @@ def save_beside_sources(save: Callable[[Path], None], save_directory, sources: l
             relation = "lies inside" if inside else "contains"
             raise SourceFolderError(
                 f"save_directory {save_directory} ({target}) {relation} {source}, the folder this {what} was loaded "
-                f"from: saving there would mix the files of the two folders; save into {source} itself or into a "
-                f"folder outside it"
+                f"from: saving there would mix the files of the two folders; {_where_instead(source, sources)}"
             )
     if target.exists() and not target.is_dir():
         raise NotLavitFilesError(f"save_directory {save_directory} is a file, not a folder: choose a folder")
@@ -79,6 +78,19 @@ def save_beside_sources(save: Callable[[Path], None], save_directory, sources: l
         _move_into(staging, target, save_directory, what, own_files=target in sources)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _where_instead(source: Path, sources: list[Path]) -> str:
+    """The fix a refusal names: `source` itself where a save may go there, else (its parts were loaded from folders
+    nested in each other, as a folder of lavit <= 0.x holds its decoder in `detokenizer/`) a new folder outside
+    them all; never a destination that would be refused in turn."""
+    nested = [other for other in dict.fromkeys(sources) if other != source and (other.is_relative_to(source)
+                                                                                 or source.is_relative_to(other))]
+    if not nested:
+        return f"save into {source} itself or into a folder outside it"
+    outermost = min([source, *nested], key=lambda folder: len(folder.parts))
+    return (f"its parts were loaded from folders nested in each other ({', '.join(map(str, [source, *nested]))}), "
+            f"so it cannot be saved in place: save into a new folder outside {outermost}")
 
 
 def _move_into(staging: Path, target: Path, save_directory, what: str, own_files: bool) -> None:

@@ -383,6 +383,16 @@ def test_released_folders_load_and_convert_with_one_command(pipe, lavit_processo
     converted = LaVITPipeline.from_pretrained(tmp_path / "converted")
     converted.set_progress_bar_config(disable=True)
     torch.testing.assert_close(images(converted, ["a red bus", "a cat"]), expected, atol=1e-6, rtol=0)
+    # #26 item 6: in place, each refusal named the other folder as the fix (a loop); now both name a new folder
+    # outside the released one, and nothing is written
+    from lavit.modeling.saving_lavit import SourceFolderError
+
+    before = sorted(str(path) for path in released.rglob("*"))
+    for destination in (released, released / "detokenizer"):
+        with pytest.raises(SourceFolderError, match=f"cannot be saved in place: save into a new folder outside "
+                                                    f"{released.resolve()}$"):
+            loaded.save_pretrained(destination)
+    assert sorted(str(path) for path in released.rglob("*")) == before
 
 
 def test_any_to_any_sequences_decode_through_the_pipeline(pipe, lavit_processor):

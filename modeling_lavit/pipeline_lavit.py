@@ -427,7 +427,8 @@ class LaVITPipeline(DiffusionPipeline):
             num_inference_steps (`int`, *optional*), height, width (`int`, *optional*, multiples of `size_multiple`):
                 denoising steps and output size (defaults: the condition encoder's config).
             generator (`torch.Generator` or one per image): seeds the visual tokens and the initial latents; one
-                generator gives every image its own stream, so a prompt gets the same images alone or in a batch.
+                generator gives every image its own stream, so a prompt gets the same images alone or in a batch;
+                in a list, entry i seeds image i's stream (`g` and `[g]` give one image the same pixels).
             latents (`torch.Tensor`, *optional*): initial latents `(B, C, H / f, W / f)` instead of drawn ones.
             output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1]) or `"latent"`; return_dict (`bool`): an
                 `ImagePipelineOutput`, or a tuple `(images,)`.

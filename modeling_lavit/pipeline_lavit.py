@@ -92,6 +92,8 @@ def _generators(value) -> bool:
         isinstance(value, list) and all(isinstance(item, torch.Generator) for item in value))
 
 
+# sizes and steps: one bound for both pixel decoders, `check_decode_request` (their range depends on the decoder)
+BY_THE_DECODER = Kind("checked by check_decode_request", lambda value: True)
 # every argument of `LaVITPipeline.__call__` (and of `decode_visual_tokens`), checked where it enters; the settings in
 # `token_generation_kwargs` are checked by `LaVITImageGenerationConfig`, `image` by the processor, sizes, steps and
 # memory again against the decoder's limits by `check_decode_request`
@@ -103,13 +105,13 @@ CALL_ARGUMENTS = {
     "num_images_per_prompt": POSITIVE_INT,
     "token_guidance_scale": Range(1, optional=True, note="the language model's guidance; 1 turns it off"),
     "guidance_scale": Range(1, optional=True, note="the diffusion decoder's guidance; 1 turns it off"),
-    "num_inference_steps": Range(1, integer=True, optional=True),
+    "num_inference_steps": BY_THE_DECODER,
     "generator": Kind("None, a torch.Generator or a list of them (one per image)", _generators),
     "latents": Kind("None or a floating-point torch.Tensor of finite values (B, C, H / f, W / f)",
                     lambda value: value is None or (isinstance(value, torch.Tensor) and value.is_floating_point()
                                                     and bool(torch.isfinite(value).all()))),
-    "height": Range(1, integer=True, optional=True),
-    "width": Range(1, integer=True, optional=True),
+    "height": BY_THE_DECODER,
+    "width": BY_THE_DECODER,
     "output_type": Choice(OUTPUT_TYPES),
     "return_dict": Choice((True, False)),
     "callback_on_step_end": Kind("None or a callable (pipe, step, timestep, tensors) -> dict",
@@ -117,7 +119,7 @@ CALL_ARGUMENTS = {
     "callback_on_step_end_tensor_inputs": Each(Choice(CALLBACK_TENSOR_INPUTS)),
     "token_generation_config": Kind("None or a LaVITImageGenerationConfig", lambda value: value is None or type(
         value).__name__ == LaVITImageGenerationConfig.__name__),
-    "token_generation_kwargs": Kind("keyword settings of LaVITImageGenerationConfig", lambda value: True),
+    "token_generation_kwargs": Kind("settings of LaVITImageGenerationConfig (checked by it)", lambda value: True),
 }
 
 

@@ -72,7 +72,7 @@ def save_beside_sources(save: Callable[[Path], None], save_directory, sources: l
     if target.exists() and not target.is_dir():
         raise NotLavitFilesError(f"save_directory {save_directory} is a file, not a folder: choose a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
     try:
         save(staging)
         _move_into(staging, target, save_directory, what, own_files=target in sources)
@@ -127,6 +127,7 @@ class NotLavitFilesError(FileExistsError):
 
 # ----------------------------------------------------------------------------------------------- lavit's marker
 
+STAGING_INFIX = ".saving-"  # in the name of the staging folder of a save: `.<destination>.saving-<random>`
 MARKER_FILE = ".lavit_folder.json"  # lavit's marker, in every folder it made or saved into; `lavit.atomic` reads it
 
 
@@ -191,6 +192,8 @@ def written_by_lavit(target: Path, relative: Path) -> bool:
 def record_saved_files(target: Path, written: list[Path], removed: list[Path] = ()) -> None:
     """Records in `target`'s marker the files a save wrote there (a marker without a file list vouches for its whole
     folder already and stays so)."""
+    if any(part.startswith(".") and STAGING_INFIX in part for part in target.parts):
+        return  # a part saved into the staging folder of a whole (a pipeline's component): the whole records it
     marker = read_marker(target)
     if marker is None:
         marker = {"made_by": "lavit", "kind": "saved", "lavit_version": _version(), "files": {}}

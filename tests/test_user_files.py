@@ -352,6 +352,7 @@ def test_save_pretrained_never_overwrites_or_removes_a_users_file(tmp_path, lavi
         probe = tmp_path / "probe" / name.replace(" ", "_")
         obj.save_pretrained(probe)
         written = [path.relative_to(probe) for path in probe.rglob("*") if path.is_file() and path.name != MARKER_FILE]
+        assert list(probe.rglob(MARKER_FILE)) == [probe / MARKER_FILE], name  # one record of the whole save
         weight_folders = {path.parent for path in written if path.name.endswith(".safetensors")}
         user_files = [*written, *(folder / f"{stem}-00001-of-00003.safetensors" for folder in weight_folders
                                   for stem in ("model", "diffusion_pytorch_model"))]

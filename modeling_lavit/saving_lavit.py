@@ -192,6 +192,8 @@ def written_by_lavit(target: Path, relative: Path) -> bool:
 def record_saved_files(target: Path, written: list[Path], removed: list[Path] = ()) -> None:
     """Records in `target`'s marker the files a save wrote there (a marker without a file list vouches for its whole
     folder already and stays so)."""
+    if not written and not removed:  # e.g. a process other than the main one of a distributed save
+        return
     if any(part.startswith(".") and STAGING_INFIX in part for part in target.parts):
         return  # a part saved into the staging folder of a whole (a pipeline's component): the whole records it
     marker = read_marker(target)
@@ -206,7 +208,7 @@ def record_saved_files(target: Path, written: list[Path], removed: list[Path] = 
         recorded.pop(str(relative), None)
     recorded.update({str(relative): file_record(target / relative) for relative in written})
     marker["files"] = recorded
-    temporary = target / f"{MARKER_FILE}.tmp"
+    temporary = target / f"{MARKER_FILE}.{os.getpid()}.tmp"
     temporary.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, target / MARKER_FILE)
 

@@ -134,6 +134,18 @@ def check_scheduler(scheduler) -> None:
                          f"pipe.scheduler.config)), got {type(scheduler).__name__}")
 
 
+def check_negative_prompt(prompt, negative_prompt) -> None:
+    """One negative prompt, or one per prompt; none of them empty (`[IMG]` alone is the default: give None)."""
+    if negative_prompt is None:
+        return
+    prompts = 1 if isinstance(prompt, str) else len(prompt)
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+    if len(negatives) not in (1, prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} prompts; give one, or one per prompt ({prompts})")
+    if not all(negative.strip() for negative in negatives):
+        raise ValueError("negative_prompt holds an empty prompt; give None for the default ([IMG] alone)")
+
+
 def check_call_arguments(arguments: dict) -> None:
     """Checks each of `arguments` (name -> value, as `__call__` got them) by its entry in `CALL_ARGUMENTS`."""
     for name, value in arguments.items():
@@ -444,6 +456,7 @@ class LaVITPipeline(DiffusionPipeline):
         """
         # 1. check inputs and settings (None is the default; 0 is a size, and refused): each argument by its name
         check_call_arguments({name: value for name, value in locals().items() if name in CALL_ARGUMENTS})
+        check_negative_prompt(prompt, negative_prompt)
         self.check_scheduler()
         height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
                                                                                   guidance_scale)

@@ -506,6 +506,9 @@ def test_every_argument_of_call_is_checked_where_it_enters(pipe):
             pipe(**kwargs)
         message = str(error.value)
         assert message.startswith(name) and "\n" not in message, (name, message)
+    for negative_prompt in (["a", "b"], ""):  # two for one prompt; empty
+        with pytest.raises(ValueError, match="^negative_prompt "):
+            pipe("a red bus", negative_prompt=negative_prompt, **TOKENS)
     # the decoder alone takes the same arguments, checked alike
     tokens = pipe.language_model.generate_image_tokens(**pipe.encode_prompt("a red bus"), **TOKENS)
     with pytest.raises(ValueError, match="^num_images_per_prompt must be"):

@@ -239,8 +239,9 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     check_export_folder(folder)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    # lavit's own bookkeeping (in every folder a save wrote), not part of the model
     commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                               ignore_patterns=[MARKER_FILE])  # lavit's own bookkeeping, not part of the model
+                               ignore_patterns=[MARKER_FILE, f"**/{MARKER_FILE}"])
     return str(commit)
 
 

@@ -29,6 +29,11 @@ import shutil
 import stat
 from pathlib import Path
 
+# the marker and its file records have one owner, the saving module of the models (every save records its files)
+from lavit.modeling.saving_lavit import MARKER_FILE, file_record  # noqa: F401
+from lavit.modeling.saving_lavit import read_marker as _read_marker
+from lavit.modeling.saving_lavit import unchanged as _unchanged
+
 logger = logging.getLogger(__name__)
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -49,9 +54,6 @@ def _exchange(first: Path, second: Path) -> bool:
     return True
 
 
-MARKER_FILE = ".lavit_folder.json"  # in every folder lavit made to swap in; never uploaded (`push_to_hub`)
-
-
 class NotLavitFolderError(FileExistsError):
     """A folder lavit would have to replace, rename or delete, but did not make (it has no marker)."""
 
@@ -67,34 +69,6 @@ def mark_folder(folder, kind: str = "folder", files: list[str] | None = None) ->
         marker["files"] = {name: file_record(folder / name) for name in files}
     write_json_atomically(folder / MARKER_FILE, marker)
     return folder
-
-
-def file_record(path: Path) -> dict:
-    """What identifies the content of the file lavit wrote at `path`: its size and SHA-256, and its modification and
-    change times (the times only spare re-hashing a file whose size and times are unchanged; the change time cannot
-    be set back by hand, as `touch -r` sets the modification time back)."""
-    if path.is_symlink():
-        return {"link": os.readlink(path)}
-    status = path.stat()
-    with open(path, "rb") as handle:
-        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-    return {"size": status.st_size, "sha256": sha256, "mtime_ns": status.st_mtime_ns, "ctime_ns": status.st_ctime_ns}
-
-
-def _unchanged(path: Path, record) -> bool:
-    """True when the file at `path` still holds what lavit wrote (`record` from [`file_record`]; a marker of lavit
-    <= 0.x recorded names only, and its files count as unchanged)."""
-    if not isinstance(record, dict):
-        return True
-    if "link" in record or path.is_symlink():
-        return path.is_symlink() and os.readlink(path) == record.get("link")
-    status = path.stat()
-    if status.st_size != record.get("size"):
-        return False
-    if (status.st_mtime_ns, status.st_ctime_ns) == (record.get("mtime_ns"), record.get("ctime_ns")):
-        return True
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest() == record.get("sha256")
 
 
 def changed_files(folder) -> list[str]:
@@ -114,17 +88,6 @@ def changed_files(folder) -> list[str]:
 def _files_in(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
                   if (path.is_file() or path.is_symlink()) and path.name != MARKER_FILE)
-
-
-def _read_marker(folder: Path) -> dict | None:
-    marker = folder / MARKER_FILE
-    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
-        return None
-    try:
-        content = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return content if isinstance(content, dict) and content.get("made_by") == "lavit" else None
 
 
 def _version() -> str:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lavit.file_kinds import rephrase_pickle_error
+from lavit.modeling.pipeline_lavit import language_model_folders
 
 MAX_ERROR_CHARS = 800
 DEBUG_VARIABLE = "LAVIT_DEBUG"  # set: internal errors raise with their traceback instead of one line
@@ -184,6 +185,12 @@ def resolve_model_folder(path: str) -> tuple[Path | None, dict | None]:
             raise CommandError(f"{path} is a PEFT adapter folder whose adapter_config.json names no "
                                f"base_model_name_or_path: set it to the model the adapter was trained on")
         return folder, adapter
+    try:  # a pipeline folder, or its language_model/ sub-folder, means its language model (`language_model_folders`)
+        folders = language_model_folders(folder, with_processor=False) if folder.is_dir() else None
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    if folders is not None:
+        return folders[0], None
     if folder.is_dir() and not (folder / "config.json").is_file():
         candidates = [folder / "final"] if (folder / "final" / "config.json").is_file() else []
         checkpoint = newest_complete_checkpoint(folder)
@@ -202,8 +209,13 @@ def load_lavit_model(path: str, **kwargs):
 
     folder, adapter = resolve_model_folder(path)
     if adapter is None:
-        model = from_pretrained_explained(LaVITForCausalLM, path, **kwargs)
-        return model.eval(), LaVITProcessor.from_pretrained(path)
+        try:
+            folders = language_model_folders(folder) if folder is not None else None  # None: a Hub id
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+        model_path, processor_path = folders or (path, path)
+        model = from_pretrained_explained(LaVITForCausalLM, model_path, **kwargs)
+        return model.eval(), LaVITProcessor.from_pretrained(processor_path)
     from peft import PeftModel
 
     base = adapter["base_model_name_or_path"]
@@ -252,6 +264,7 @@ def load_visual_tokenizer_of(path: str):
     """The visual tokenizer of a tokenizer or LaVIT folder, a Hub id, or a PEFT adapter folder (its merged model's)."""
     from lavit.training.models import load_visual_tokenizer
 
-    if resolve_model_folder(path)[1] is not None:
+    folder, adapter = resolve_model_folder(path)
+    if adapter is not None:
         return load_lavit_model(path)[0].model.visual_tokenizer
-    return load_visual_tokenizer(path)
+    return load_visual_tokenizer(str(folder) if folder is not None else path)

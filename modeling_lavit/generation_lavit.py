@@ -317,12 +317,16 @@ class LaVITFolderMixin:
         every save path (lavit installed or not: a folder loaded with `trust_remote_code`, `Trainer` checkpoints, a
         PEFT-merged model), because all of them call this method. `max_shard_size` is named so that callers that
         look for it in the signature (`DiffusionPipeline.save_pretrained`) pass it on."""
-        pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
         if self._auto_class is not None:
-            self._register_folder_entries(pipeline_file is not None)
+            self._register_folder_entries(_pipeline_source_file(self.name_or_path) is not None)
         super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+
+    def _save_folder(self, folder, *args, **kwargs):
+        # the pipeline file is written with the model's files, in the folder the source guard saves into
+        super()._save_folder(folder, *args, **kwargs)
+        pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
         if pipeline_file is not None and kwargs.get("is_main_process", True):
-            shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
+            shutil.copyfile(pipeline_file, Path(folder) / pipeline_file.name)
 
     def _register_folder_entries(self, with_pipeline: bool):
         """The config's `auto_map` for every head of the folder (transformers writes only the saved class's entry)

@@ -17,6 +17,8 @@ where `lavit` is not installed.
 
 import inspect
 import json
+import logging
+import numbers
 import os
 import shutil
 from pathlib import Path
@@ -40,7 +42,7 @@ from .modeling_lavit_detokenizer import (
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .saving_lavit import code_files, loaded_from, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
-from .validation_lavit import GUIDANCE_SCALE
+from .validation_lavit import GUIDANCE_SCALE, POSITIVE_INT, Choice, Each, Range
 
 try:
     from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -58,6 +60,95 @@ CUSTOM_COMPONENT_MODULES = {
     "language_model": "modeling_lavit", "processor": "processing_lavit",
     "condition_encoder": "modeling_lavit_detokenizer",
 }
+
+
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
+logger = logging.getLogger(__name__)
+
+
+class Kind:
+    """A value of a kind that is not a number (a prompt, a generator, a tensor, a callable), checked where it enters
+    like a [`Range`]: `check(name, value)` raises a `ValueError` naming the argument, what it must be and what it
+    got."""
+
+    def __init__(self, description: str, test):
+        self.description, self.test = description, test
+
+    def check(self, name: str, value):
+        if not self.test(value):
+            got = repr(value)[:80] if isinstance(value, (str, numbers.Number, type(None))) else type(value).__name__
+            raise ValueError(f"{name} must be {self.description}, got {got}")
+        return value
+
+
+def _strings(value, allow_none: bool) -> bool:
+    return (value is None and allow_none) or isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(isinstance(item, str) for item in value))
+
+
+def _generators(value) -> bool:
+    return value is None or isinstance(value, torch.Generator) or (
+        isinstance(value, list) and all(isinstance(item, torch.Generator) for item in value))
+
+
+# sizes and steps: one bound for both pixel decoders, `check_decode_request` (their range depends on the decoder)
+BY_THE_DECODER = Kind("checked by check_decode_request", lambda value: True)
+# every argument of `LaVITPipeline.__call__` (and of `decode_visual_tokens`), checked where it enters; the settings in
+# `token_generation_kwargs` are checked by `LaVITImageGenerationConfig`, `image` by the processor, sizes, steps and
+# memory again against the decoder's limits by `check_decode_request`
+CALL_ARGUMENTS = {
+    "prompt": Kind("a string or a non-empty list of strings", lambda value: _strings(value, allow_none=False)),
+    "negative_prompt": Kind("None, a string or a non-empty list of strings", lambda value: _strings(value, True)),
+    "image": Kind("None, or the prompt images (paths, PIL images, arrays or tensors; one or a list)",
+                  lambda value: not isinstance(value, (bool, int, float, dict))),
+    "num_images_per_prompt": POSITIVE_INT,
+    "token_guidance_scale": Range(1, optional=True, note="the language model's guidance; 1 turns it off"),
+    "guidance_scale": Range(1, optional=True, note="the diffusion decoder's guidance; 1 turns it off"),
+    "num_inference_steps": BY_THE_DECODER,
+    "generator": Kind("None, a torch.Generator or a list of them (one per image)", _generators),
+    "latents": Kind("None or a floating-point torch.Tensor of finite values (B, C, H / f, W / f)",
+                    lambda value: value is None or (isinstance(value, torch.Tensor) and value.is_floating_point()
+                                                    and bool(torch.isfinite(value).all()))),
+    "height": BY_THE_DECODER,
+    "width": BY_THE_DECODER,
+    "output_type": Choice(OUTPUT_TYPES),
+    "return_dict": Choice((True, False)),
+    "callback_on_step_end": Kind("None or a callable (pipe, step, timestep, tensors) -> dict",
+                                 lambda value: value is None or callable(value)),
+    "callback_on_step_end_tensor_inputs": Each(Choice(CALLBACK_TENSOR_INPUTS)),
+    "token_generation_config": Kind("None or a LaVITImageGenerationConfig", lambda value: value is None or type(
+        value).__name__ == LaVITImageGenerationConfig.__name__),
+    "token_generation_kwargs": Kind("settings of LaVITImageGenerationConfig (checked by it)", lambda value: True),
+}
+
+
+def check_scheduler(scheduler) -> None:
+    """The scheduler must be one for noise-predicting UNets (diffusers' `SchedulerMixin` with an initial noise scale,
+    model-input scaling and steps): a flow-matching scheduler, or anything else, is refused by name."""
+    missing = [name for name in ("init_noise_sigma", "scale_model_input", "set_timesteps", "step")
+               if not hasattr(scheduler, name)]
+    if missing:
+        raise ValueError(f"pipe.scheduler must be a diffusers scheduler for noise-predicting UNets (with "
+                         f"{', '.join(missing)}; e.g. DDIMScheduler or DPMSolverMultistepScheduler.from_config("
+                         f"pipe.scheduler.config)), got {type(scheduler).__name__}")
+
+
+def check_negative_prompt(prompt, negative_prompt) -> None:
+    """One negative prompt, or one per prompt; none of them empty (`[IMG]` alone is the default: give None)."""
+    if negative_prompt is None:
+        return
+    prompts = 1 if isinstance(prompt, str) else len(prompt)
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+    if len(negatives) not in (1, prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} prompts; give one, or one per prompt ({prompts})")
+    if not all(negative.strip() for negative in negatives):
+        raise ValueError("negative_prompt holds an empty prompt; give None for the default ([IMG] alone)")
+
+
+def check_call_arguments(arguments: dict) -> None:
+    """Checks each of `arguments` (name -> value, as `__call__` got them) by its entry in `CALL_ARGUMENTS`."""
+    for name, value in arguments.items():
+        CALL_ARGUMENTS[name].check(name, value)
 
 
 class LaVITPipeline(DiffusionPipeline):
@@ -78,15 +169,19 @@ class LaVITPipeline(DiffusionPipeline):
     # a decoder alone (what stage-3 training writes without a language model) draws given visual tokens
     # (`decode_visual_tokens`); `from_pretrained(folder, language_model=..., processor=...)` completes it
     _optional_components = ["language_model", "processor"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, language_model, processor, condition_encoder, unet, vae, scheduler):
         require_diffusers()
         super().__init__()
         self.register_modules(language_model=language_model, processor=processor,
                               condition_encoder=condition_encoder, unet=unet, vae=vae, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """The VAE's downsampling, read from the VAE the pipeline holds now (a swapped VAE brings its own)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @classmethod
     def from_detokenizer(cls, language_model, processor, detokenizer) -> "LaVITPipeline":
@@ -237,17 +332,13 @@ class LaVITPipeline(DiffusionPipeline):
 
     # ----------------------------------------------------------------------------------------------- stages
 
-    def check_inputs(self, prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs):
-        if prompt is None or (not isinstance(prompt, str) and not (
-                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        # sizes, steps and guidance: `check_decode_request`, the decoders' one bound
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
-                             f"got {unknown}")
+    def check_scheduler(self) -> None:
+        check_scheduler(self.scheduler)
+
+    def __setattr__(self, name, value):
+        if name == "scheduler":  # a swap is checked where it enters: `pipe.scheduler = ...`
+            check_scheduler(value)
+        super().__setattr__(name, value)
 
     def require_language_model(self, use: str) -> None:
         """A pipeline without its language model (a decoder alone) draws given visual tokens only."""
@@ -349,7 +440,8 @@ class LaVITPipeline(DiffusionPipeline):
             num_inference_steps (`int`, *optional*), height, width (`int`, *optional*, multiples of `size_multiple`):
                 denoising steps and output size (defaults: the condition encoder's config).
             generator (`torch.Generator` or one per image): seeds the visual tokens and the initial latents; one
-                generator gives every image its own stream, so a prompt gets the same images alone or in a batch.
+                generator gives every image its own stream, so a prompt gets the same images alone or in a batch;
+                in a list, entry i seeds image i's stream (`g` and `[g]` give one image the same pixels).
             latents (`torch.Tensor`, *optional*): initial latents `(B, C, H / f, W / f)` instead of drawn ones.
             output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1]) or `"latent"`; return_dict (`bool`): an
                 `ImagePipelineOutput`, or a tuple `(images,)`.
@@ -361,10 +453,12 @@ class LaVITPipeline(DiffusionPipeline):
                 (`min_new_tokens`, `max_new_tokens`), `image_inputs`, `cache_implementation`, `compile_decoding`.
         Reconstruction (image -> tokens -> image) is [`reconstruct`].
         """
-        # 1. check inputs and settings (None is the default; 0 is a size, and refused)
+        # 1. check inputs and settings (None is the default; 0 is a size, and refused): each argument by its name
+        check_call_arguments({name: value for name, value in locals().items() if name in CALL_ARGUMENTS})
+        check_negative_prompt(prompt, negative_prompt)
+        self.check_scheduler()
         height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
                                                                                   guidance_scale)
-        self.check_inputs(prompt, image, height, width, output_type, callback_on_step_end_tensor_inputs)
         self.require_language_model("prompt -> images")
         prompts = 1 if isinstance(prompt, str) else len(prompt)
         self.check_decode_request(height, width, num_inference_steps, prompts * num_images_per_prompt, guidance_scale)
@@ -419,10 +513,11 @@ class LaVITPipeline(DiffusionPipeline):
     ):
         """Packed visual tokens (`code_ids (T,)`, `token_counts (B,)`, as the language model or the visual tokenizer
         gives them) -> images: the decoder half of `__call__` (same arguments)."""
-        # 1. settings
+        # 1. settings, each argument checked by its name
+        check_call_arguments({name: value for name, value in locals().items() if name in CALL_ARGUMENTS})
+        self.check_scheduler()
         height, width, num_inference_steps, guidance_scale = self.decode_settings(height, width, num_inference_steps,
                                                                                   guidance_scale)
-        self.check_inputs("", None, height, width, output_type, callback_on_step_end_tensor_inputs)
         self.check_decode_request(height, width, num_inference_steps, len(tokens.token_counts) * num_images_per_prompt,
                                   guidance_scale)
         self._guidance_scale = guidance_scale
@@ -431,10 +526,11 @@ class LaVITPipeline(DiffusionPipeline):
         device = self._execution_device  # found by walking every module: once per call
         conditions = self.encode_visual_tokens(tokens, device)
         batch_size = len(tokens.token_counts)
-        if not isinstance(generator, list):
-            # one random stream per image (see `row_generators`): an image's noise depends on the seed and on its
-            # own prompt only, never on the other images of the batch
-            generator = row_generators(generator, batch_size, num_images_per_prompt, device)
+        # one random stream per image (`row_generators`), for one generator and a list alike: an image's noise
+        # depends on its own generator (or the seed and its index among its prompt's images) only, so
+        # `generator=g` and `generator=[g]` give one image the same pixels, and image i of a batch drawn with
+        # `[g0, g1, ...]` is what its prompt gets alone with `g_i`
+        generator = row_generators(generator, batch_size, num_images_per_prompt, device)
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
         # 3. timesteps, then the denoising loop (the generators also drive stochastic schedulers)
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
@@ -444,7 +540,9 @@ class LaVITPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+            decoded = self.decode_latents(latents)
+            warn_non_finite(decoded)
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -475,10 +573,39 @@ class LaVITPipeline(DiffusionPipeline):
                     available = {"latents": latents, "prompt_embeds": prompt_embeds}
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, step, timestep, tensors)
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    latents, prompt_embeds = (checked_callback_output(outputs, name, available[name], step)
+                                              for name in ("latents", "prompt_embeds"))
                 progress_bar.update()
         return latents
+
+
+def checked_callback_output(outputs, name: str, before: torch.Tensor, step: int) -> torch.Tensor:
+    """The tensor `name` of what a step-end callback returned (`before` where it returned none): a dict is required,
+    and a returned tensor must keep the shape of the one it replaces (other latents would draw an image of another
+    size) and hold finite values."""
+    if not isinstance(outputs, dict):
+        raise ValueError(f"callback_on_step_end must return a dict of the tensors it was given (e.g. `return "
+                         f"tensors`), got {type(outputs).__name__} at step {step}")
+    value = outputs.get(name, before)
+    if value is before:
+        return before
+    if not isinstance(value, torch.Tensor) or value.shape != before.shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"callback_on_step_end returned {name} of shape {got} at step {step}; it must keep their "
+                         f"shape {tuple(before.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"callback_on_step_end returned {name} holding NaN or infinite values at step {step}")
+    return value
+
+
+def warn_non_finite(images: torch.Tensor) -> None:
+    """One warning when decoded images hold NaN or infinite values (a float16 overflow, or weights that hold them):
+    they are returned as they are, and PIL/numpy outputs show them as black pixels."""
+    bad = int((~torch.isfinite(images.flatten(1))).any(dim=1).sum())
+    if bad:
+        logger.warning(f"{bad} of {len(images)} decoded images hold NaN or infinite values (returned as they are; "
+                       f"black in PIL/np outputs): in float16, decode in float32 or bfloat16 (e.g. "
+                       f"pipe.vae.to(torch.float32)), and check the weights and latents for NaN")
 
 
 def image_tokens_from_sequences(sequences: torch.LongTensor, config) -> LaVITTokenizationOutput:
@@ -510,6 +637,51 @@ def _component_loaders(trust_remote_code: bool) -> dict:
     }
 
 
+def language_model_folders(folder: str | os.PathLike, with_processor: bool = True) -> tuple[Path, Path] | None:
+    """
+    `(model folder, processor folder)` of the LaVIT language model a local `folder` holds, the one answer to "which
+    language model does this folder mean" for every loader: a `LaVITPipeline` folder (its `language_model/` and
+    `processor/`), the `language_model/` sub-folder of one (the processor beside it), or a model folder (itself:
+    its processor files lie with the model's). None for a folder that holds no LaVIT language model.
+    `with_processor`: the processor folder must hold a saved processor (the caller loads it).
+
+    Raises:
+        ValueError: a pipeline folder that holds a decoder alone (no language model), or whose language model has no
+            processor to read prompts with; the message names the fix.
+    """
+    folder = Path(folder).expanduser()
+    pipeline = folder if (folder / "model_index.json").is_file() else None
+    if pipeline is None and folder.name == "language_model" and (folder.parent / "model_index.json").is_file():
+        pipeline = folder.parent
+    if pipeline is not None:
+        model_folder, processor_folder = pipeline / "language_model", pipeline / "processor"
+        if not (model_folder / "config.json").is_file():
+            raise ValueError(f"{pipeline} is a LaVITPipeline folder without a language model (a pixel decoder "
+                             f"alone): give the folder of a LaVIT model, or a pipeline that holds one")
+    elif _config_model_type(folder) == LaVITConfig.model_type:
+        model_folder = processor_folder = folder
+    else:
+        return None
+    if with_processor and not any((processor_folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ValueError(f"{processor_folder} holds no processor ({' or '.join(PROCESSOR_FILES)}) for the language "
+                         f"model of {folder}: save the model's LaVITProcessor there "
+                         f"(processor.save_pretrained({str(processor_folder)!r}))")
+    return model_folder, processor_folder
+
+
+# the files a saved processor (or its image processor, which a LaVIT processor folder always has) writes
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _config_model_type(folder: Path) -> str | None:
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def _is_detokenizer_folder(folder: Path) -> bool:
     config_file = folder / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
@@ -524,4 +696,4 @@ def copy_code_files(module_file: Path, folder: Path):
             shutil.copyfile(path, folder / path.name)
 
 
-__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences"]
+__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences", "language_model_folders"]

@@ -11,6 +11,13 @@ file is ever half written), and the weight files of the previous save that the n
 as the library's own save removes them (a stale `model.safetensors` beside a new shard index would be loaded instead
 of it).
 
+Every save is written into a fresh staging folder and then moved into place, so the library's own clean-up of old
+shards never runs in the destination; and lavit never overwrites or removes a file it did not write there: a
+destination holding a file the save would replace or remove, which lavit's marker (`.lavit_folder.json`, shared
+with `lavit.atomic`) does not record as lavit's own and unchanged, is refused with [`NotLavitFilesError`] before
+anything is moved (the folder the object was loaded from excepted: its files are the object's own). Each save
+records the files it wrote in the destination's marker.
+
 A destination that contains a source folder, or is a folder of files inside one, is refused with
 [`SourceFolderError`]: it would mix the files of two folders (a pipeline saved into its own `language_model/`, a
 model saved over the pipeline folder holding it). A new or empty folder inside a source (a `Trainer` checkpoint in
@@ -18,6 +25,9 @@ the model's folder) holds none of the source's files and is allowed. Sources tha
 not compared.
 """
 
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -84,10 +94,11 @@ _SAVING = threading.local()  # set while a save checked by `save_beside_sources`
 
 
 def save_beside_sources(save: Callable[[Path], None], save_directory, sources: list[Path], what: str) -> None:
-    """Runs `save(folder)` for `save_directory`: directly, or through a staging folder when `save_directory` is one
-    of `sources`; refuses one that lies inside or contains a source ([`SourceFolderError`]). `what` names the
-    object in the message. The parts an object saves with itself (a pipeline's model and processor, a processor's
-    image processor) write where the outer save, already checked, tells them."""
+    """Runs `save(folder)` for `save_directory` through a staging folder beside it, then moves the files into place
+    ([`_move_into`]); refuses a destination that lies inside or contains a source ([`SourceFolderError`]) or holds
+    files of the user's that the save would replace ([`NotLavitFilesError`]). `what` names the object in the
+    message. The parts an object saves with itself (a pipeline's model and processor, a processor's image
+    processor) write where the outer save, already checked, tells them: its staging folder."""
     if getattr(_SAVING, "active", False):
         save(Path(save_directory))
         return
@@ -106,35 +117,157 @@ def _checked_save(save: Callable[[Path], None], save_directory, sources: list[Pa
             relation = "lies inside" if inside else "contains"
             raise SourceFolderError(
                 f"save_directory {save_directory} ({target}) {relation} {source}, the folder this {what} was loaded "
-                f"from: saving there would mix the files of the two folders; save into {source} itself or into a "
-                f"folder outside it"
+                f"from: saving there would mix the files of the two folders; {_where_instead(source, sources)}"
             )
-    if target not in sources:
-        save(Path(save_directory))
-        return
+    if target.exists() and not target.is_dir():
+        raise NotLavitFilesError(f"save_directory {save_directory} is a file, not a folder: choose a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
     try:
         save(staging)
-        _move_into(staging, target)
+        _move_into(staging, target, save_directory, what, own_files=target in sources)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _move_into(staging: Path, target: Path) -> None:
+def _where_instead(source: Path, sources: list[Path]) -> str:
+    """The fix a refusal names: `source` itself where a save may go there, else (its parts were loaded from folders
+    nested in each other, as a folder of lavit <= 0.x holds its decoder in `detokenizer/`) a new folder outside
+    them all; never a destination that would be refused in turn."""
+    nested = [other for other in dict.fromkeys(sources) if other != source and (other.is_relative_to(source)
+                                                                                 or source.is_relative_to(other))]
+    if not nested:
+        return f"save into {source} itself or into a folder outside it"
+    outermost = min([source, *nested], key=lambda folder: len(folder.parts))
+    return (f"its parts were loaded from folders nested in each other ({', '.join(map(str, [source, *nested]))}), "
+            f"so it cannot be saved in place: save into a new folder outside {outermost}")
+
+
+def _move_into(staging: Path, target: Path, save_directory, what: str, own_files: bool) -> None:
     """Moves every file of `staging` onto the same path under `target`, then, in each folder where this save wrote
-    weights, removes the weight files it did not write (a previous save's shards)."""
-    written = sorted(path.relative_to(staging) for path in staging.rglob("*") if path.is_file())
+    weights, removes the weight files it did not write (a previous save's shards), and records what it wrote in
+    `target`'s marker. Unless `own_files` (`target` is the object's source), a file to be replaced or removed must
+    be lavit's ([`written_by_lavit`]), checked for all of them before anything moves."""
+    written = sorted(path.relative_to(staging) for path in staging.rglob("*")
+                     if path.is_file() and path.name != MARKER_FILE)  # markers are merged, not moved
+    stale = sorted({path.relative_to(target) for folder in {relative.parent for relative in written
+                                                             if WEIGHT_FILE.match(relative.name)}
+                    if (target / folder).is_dir() for path in (target / folder).iterdir()
+                    if WEIGHT_FILE.match(path.name) and path.is_file()} - set(written))
+    if not own_files:
+        theirs = [str(relative) for relative in written + stale
+                  if os.path.lexists(target / relative) and not written_by_lavit(target, relative)]
+        if theirs:
+            raise NotLavitFilesError(
+                f"save_directory {save_directory} holds files lavit did not write ({', '.join(theirs[:5])}"
+                f"{', ...' if len(theirs) > 5 else ''}) that saving this {what} there would overwrite or remove: "
+                f"save into a new or empty folder, or move those files out first"
+            )
     for relative in written:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / relative, target / relative)
-    for folder in {relative.parent for relative in written if WEIGHT_FILE.match(relative.name)}:
-        for stale in (target / folder).iterdir():
-            if WEIGHT_FILE.match(stale.name) and stale.is_file() and stale.relative_to(target) not in written:
-                stale.unlink()
+    for relative in stale:
+        (target / relative).unlink()
+    record_saved_files(target, written, removed=stale)
 
 
+class NotLavitFilesError(FileExistsError):
+    """`save_pretrained` into a folder holding files lavit did not write that the save would overwrite or remove."""
 
+
+# ----------------------------------------------------------------------------------------------- lavit's marker
+
+STAGING_INFIX = ".saving-"  # in the name of the staging folder of a save: `.<destination>.saving-<random>`
+MARKER_FILE = ".lavit_folder.json"  # lavit's marker, in every folder it made or saved into; `lavit.atomic` reads it
+
+
+def file_record(path: Path) -> dict:
+    """What identifies the content of the file lavit wrote at `path`: its size and SHA-256, and its modification and
+    change times (the times only spare re-hashing a file whose size and times are unchanged; the change time cannot
+    be set back by hand, as `touch -r` sets the modification time back)."""
+    if path.is_symlink():
+        return {"link": os.readlink(path)}
+    status = path.stat()
+    with open(path, "rb") as handle:
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"size": status.st_size, "sha256": sha256, "mtime_ns": status.st_mtime_ns, "ctime_ns": status.st_ctime_ns}
+
+
+def unchanged(path: Path, record) -> bool:
+    """True when the file at `path` still holds what lavit wrote (`record` from [`file_record`]; a marker of lavit
+    <= 0.x recorded names only, and its files count as unchanged)."""
+    if not isinstance(record, dict):
+        return True
+    if "link" in record or path.is_symlink():
+        return path.is_symlink() and os.readlink(path) == record.get("link")
+    status = path.stat()
+    if status.st_size != record.get("size"):
+        return False
+    if (status.st_mtime_ns, status.st_ctime_ns) == (record.get("mtime_ns"), record.get("ctime_ns")):
+        return True
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest() == record.get("sha256")
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The content of lavit's marker in `folder` (a real folder, not a link), or None where there is none."""
+    marker = folder / MARKER_FILE
+    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return content if isinstance(content, dict) and content.get("made_by") == "lavit" else None
+
+
+def written_by_lavit(target: Path, relative: Path) -> bool:
+    """True when the file `target / relative` is lavit's, unchanged: a marker in `target` or in a folder between it
+    and the file records it (or vouches for its whole folder: a marker without a file list, of a folder lavit
+    made)."""
+    for depth in range(len(relative.parts)):
+        folder = target.joinpath(*relative.parts[:depth])
+        marker = read_marker(folder)
+        if marker is None:
+            continue
+        recorded = marker.get("files")
+        name = str(Path(*relative.parts[depth:]))
+        if recorded is None or (isinstance(recorded, list) and name in recorded):
+            return True
+        if isinstance(recorded, dict) and name in recorded and unchanged(target / relative, recorded[name]):
+            return True
+    return False
+
+
+def record_saved_files(target: Path, written: list[Path], removed: list[Path] = ()) -> None:
+    """Records in `target`'s marker the files a save wrote there (a marker without a file list vouches for its whole
+    folder already and stays so)."""
+    if not written and not removed:  # e.g. a process other than the main one of a distributed save
+        return
+    if any(part.startswith(".") and STAGING_INFIX in part for part in target.parts):
+        return  # a part saved into the staging folder of a whole (a pipeline's component): the whole records it
+    marker = read_marker(target)
+    if marker is None:
+        marker = {"made_by": "lavit", "kind": "saved", "lavit_version": _version(), "files": {}}
+    recorded = marker.get("files")
+    if recorded is None:
+        return
+    if isinstance(recorded, list):  # a marker of lavit <= 0.x: names only
+        recorded = dict.fromkeys(recorded)
+    for relative in removed:
+        recorded.pop(str(relative), None)
+    recorded.update({str(relative): file_record(target / relative) for relative in written})
+    marker["files"] = recorded
+    temporary = target / f"{MARKER_FILE}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, target / MARKER_FILE)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lavit")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 class SaveBesideSourcesMixin:
@@ -148,9 +281,15 @@ class SaveBesideSourcesMixin:
         return [self]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        parent = super()
-        save_beside_sources(lambda folder: parent.save_pretrained(folder, *args, **kwargs), save_directory,
+        save_beside_sources(lambda folder: self._save_folder(folder, *args, **kwargs), save_directory,
                             loaded_from(*self.source_objects()), type(self).__name__)
 
-__all__ = ["SaveBesideSourcesMixin", "SourceFolderError", "code_files", "loaded_from", "remember_source",
-           "save_beside_sources"]
+    def _save_folder(self, folder, *args, **kwargs):
+        """Writes the object's folder at `folder` (the staging folder of the guard): the library's save; a class that
+        writes more files there overrides this."""
+        super().save_pretrained(folder, *args, **kwargs)
+
+
+__all__ = ["MARKER_FILE", "NotLavitFilesError", "SaveBesideSourcesMixin", "SourceFolderError", "code_files",
+           "file_record", "loaded_from", "read_marker", "record_saved_files", "remember_source", "save_beside_sources",
+           "unchanged", "written_by_lavit"]

@@ -431,3 +431,56 @@ def test_save_pretrained_into_its_own_folder_keeps_every_weight_and_never_mixes_
             assert snapshot(folder.parent) == before, (name, destination)
         loaded.save_pretrained(folder / "checkpoint-1")  # a new folder inside its source: allowed
         assert state(load(folder / "checkpoint-1")).keys() == expected.keys()
+
+
+def test_save_pretrained_never_overwrites_or_removes_a_users_file(tmp_path, lavit_model, lavit_processor):
+    """#26 item 2: transformers and diffusers remove old shards by name, so saving into a folder of the user's deleted
+    `language_model/model-00001-of-00003.safetensors` and `unet/diffusion_pytorch_model-00001-of-00009.safetensors`.
+    Every saver lavit defines: a destination file the save would overwrite or remove must be lavit's, unchanged."""
+    from lavit.modeling.saving_lavit import NotLavitFilesError
+
+    for name, obj, load, state in saved_objects(tmp_path, lavit_model, lavit_processor):
+        probe = tmp_path / "probe" / name.replace(" ", "_")
+        obj.save_pretrained(probe)
+        written = [path.relative_to(probe) for path in probe.rglob("*") if path.is_file() and path.name != MARKER_FILE]
+        assert list(probe.rglob(MARKER_FILE)) == [probe / MARKER_FILE], name  # one record of the whole save
+        weight_folders = {path.parent for path in written if path.name.endswith(".safetensors")}
+        user_files = [*written, *(folder / f"{stem}-00001-of-00003.safetensors" for folder in weight_folders
+                                  for stem in ("model", "diffusion_pytorch_model"))]
+        for user_file in user_files:  # each file alone: the save would overwrite or remove it
+            destination = tmp_path / "user" / name.replace(" ", "_") / str(len(list(tmp_path.rglob("user/*/*"))))
+            (destination / user_file).parent.mkdir(parents=True, exist_ok=True)
+            (destination / user_file).write_bytes(b"the user's")
+            (destination / "notes.txt").write_text("mine")
+            before = snapshot(destination)
+            with pytest.raises(NotLavitFilesError, match=f"lavit did not write .*{user_file.name}"):
+                obj.save_pretrained(destination)
+            assert snapshot(destination) == before, (name, user_file)
+        # a folder lavit saved into: saved again (its own files replaced), the user's other files kept; a file of
+        # lavit's the user edited since is theirs
+        mine = tmp_path / "mine" / name.replace(" ", "_")
+        mine.mkdir(parents=True)
+        (mine / "notes.txt").write_text("mine")
+        obj.save_pretrained(mine)
+        obj.save_pretrained(mine)
+        assert (mine / "notes.txt").read_text() == "mine" and state(load(mine)).keys() == state(obj).keys()
+        edited = mine / written[0]
+        edited.write_bytes(edited.read_bytes() + b" ")
+        with pytest.raises(NotLavitFilesError):
+            obj.save_pretrained(mine)
+
+
+def test_the_attacks_shard_names_in_a_users_pipeline_folder_survive(tmp_path, lavit_model, lavit_processor):
+    """The repro of #26 item 2 (p5.py), as it was run."""
+    from lavit.modeling.saving_lavit import NotLavitFilesError
+
+    pipe = saved_objects(tmp_path, lavit_model, lavit_processor)[-1][1]
+    user = tmp_path / "user"
+    for relative in ("language_model/model-00001-of-00003.safetensors",
+                     "unet/diffusion_pytorch_model-00001-of-00009.safetensors"):
+        (user / relative).parent.mkdir(parents=True, exist_ok=True)
+        (user / relative).write_text("the user's shard")
+    with pytest.raises(NotLavitFilesError, match="model-00001-of-00003.safetensors"):
+        pipe.save_pretrained(user)
+    assert sorted(str(path.relative_to(user)) for path in user.rglob("*") if path.is_file()) == [
+        "language_model/model-00001-of-00003.safetensors", "unet/diffusion_pytorch_model-00001-of-00009.safetensors"]

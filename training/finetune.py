@@ -21,7 +21,7 @@ from .arguments import FinetuningArguments, LaVITTrainingArguments, make_stage_p
 from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records
 from .evaluation import GenerationEvaluator, configure_evaluation, split_eval_records
-from .models import load_model_for_finetuning
+from .models import lavit_model_paths, load_model_for_finetuning
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
 from .sequences import InstructionBuilder, check_max_length, count_stored_skips
 from .trainer import train_and_save, whole_weights
@@ -42,7 +42,7 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     # --max_length counts text; an image adds [IMG], up to num_patches visual tokens and [/IMG]
     check_max_length(script_args.max_length, model.config, model.config.tokenizer_config.num_patches + 2)
     # the processor of the pretrained folder: its vocabulary layout is the model's
-    processor = LaVITProcessor.from_pretrained(script_args.model)
+    processor = LaVITProcessor.from_pretrained(lavit_model_paths(script_args.model)[1])
 
     # 2. One row per example, labels on the answers only; bad records dropped and counted.
     counter = BadRecordCounter()

@@ -16,6 +16,7 @@ from lavit.modeling import (
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
 )
+from lavit.modeling.pipeline_lavit import language_model_folders
 from lavit.processing import LaVITImageProcessor, LaVITProcessor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
@@ -27,8 +28,20 @@ QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection
 FINETUNING_TASKS = ("caption", "vqa", "chat")
 
 
+def lavit_model_paths(path: str) -> tuple[str, str]:
+    """`(model, processor)` paths of the LaVIT model `path` names: for a local folder what `language_model_folders`
+    finds (a model folder, a `LaVITPipeline` folder, or its `language_model/`), else `path` for both (a Hub id).
+
+    Raises:
+        ValueError: a pipeline folder without a language model, or a language model without its processor."""
+    folders = language_model_folders(path) if Path(path).expanduser().is_dir() else None
+    return (str(folders[0]), str(folders[1])) if folders else (path, path)
+
+
 def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
-    """A tokenizer folder, or the frozen tokenizer inside a LaVIT model folder."""
+    """A tokenizer folder, or the frozen tokenizer inside a LaVIT model folder (or a pipeline's language model)."""
+    if Path(path).expanduser().is_dir() and language_model_folders(path, with_processor=False) is not None:
+        path = str(language_model_folders(path, with_processor=False)[0])
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
     if model_type == LaVITConfig.model_type:
         return LaVITForCausalLM.from_pretrained(path).model.visual_tokenizer
@@ -57,7 +70,8 @@ def build_tokenizer(script_args) -> LaVITTokenizerModel:
 def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
     """A LaVIT model and its processor: loaded from `--model`, or assembled from a tokenizer and a text LM."""
     if script_args.model:
-        return LaVITForCausalLM.from_pretrained(script_args.model), LaVITProcessor.from_pretrained(script_args.model)
+        model_path, processor_path = lavit_model_paths(script_args.model)
+        return LaVITForCausalLM.from_pretrained(model_path), LaVITProcessor.from_pretrained(processor_path)
     if not (script_args.visual_tokenizer and script_args.language_model):
         raise ValueError("give --model (a LaVIT folder) or both --visual_tokenizer and --language_model")
     text_tokenizer = AutoTokenizer.from_pretrained(script_args.text_tokenizer or script_args.language_model)
@@ -84,10 +98,11 @@ def load_model_for_finetuning(script_args, training_args) -> LaVITForCausalLM:
         raise ValueError("give --model, the LaVIT folder to fine-tune")
     if script_args.task not in FINETUNING_TASKS:
         raise ValueError(f"--task must be 'caption', 'vqa' or 'chat', got {script_args.task!r}")
+    model_path = lavit_model_paths(script_args.model)[0]
     if script_args.qlora:
-        model = load_4bit_model(script_args.model, training_args.gradient_checkpointing)
+        model = load_4bit_model(model_path, training_args.gradient_checkpointing)
     else:
-        model = LaVITForCausalLM.from_pretrained(script_args.model)
+        model = LaVITForCausalLM.from_pretrained(model_path)
     if script_args.lora or script_args.qlora:
         from peft import get_peft_model
 
@@ -147,35 +162,80 @@ def load_detokenizer(folder: str) -> LaVITDetokenizer:
     return LaVITDetokenizer.from_pretrained(folder)
 
 
-def pipeline_language_model_folder(script_args) -> str | None:
-    """The LaVIT model folder whose language model and processor stage 3 saves beside the trained decoder: `--model`,
-    else `--visual_tokenizer` when it is a LaVIT model folder, else None (the pipeline holds the decoder alone).
+def pipeline_language_model_folder(script_args) -> tuple[str, str] | None:
+    """`(model folder, processor folder)` of the language model that stage 3 saves beside the trained decoder, found
+    by `language_model_folders` (a model folder, a pipeline folder or its `language_model/`): `--model`; else the
+    language model of the pipeline `--detokenizer` continues (continuing a pipeline's decoder keeps its language
+    model); else `--visual_tokenizer` when it is a LaVIT model folder; else None (the pipeline holds the decoder
+    alone). Called before training, so a wrong `--model` costs no training.
 
     Raises:
-        ValueError: `--model` is not a LaVIT model folder."""
-    for folder in (script_args.model, script_args.visual_tokenizer):
-        if folder and PretrainedConfig.get_config_dict(folder)[0].get("model_type") == LaVITConfig.model_type:
-            return folder
-        if folder and folder == script_args.model:
+        ValueError: `--model` is not a LaVIT model (or pipeline) folder with its processor; the message names the fix.
+    """
+    for flag in ("model", "detokenizer", "visual_tokenizer"):
+        folder = getattr(script_args, flag, None)
+        if not folder:
+            continue
+        try:
+            folders = (language_model_folders(folder) if Path(folder).expanduser().is_dir()
+                       else _hub_language_model(folder))
+        except ValueError as error:
+            if flag == "model":
+                raise ValueError(f"--model {folder}: {error}") from error
+            continue  # a decoder alone, or a tokenizer: no language model to keep
+        if folders is not None:
+            return str(folders[0]), str(folders[1])
+        if flag == "model":
             raise ValueError(f"--model {folder} is not a LaVIT model folder (config.json of model_type "
-                             f"{LaVITConfig.model_type!r}); give the folder of a trained LaVITForCausalLM")
+                             f"{LaVITConfig.model_type!r}) nor a LaVITPipeline folder holding one; give the folder of "
+                             f"a trained LaVITForCausalLM saved with its processor")
     return None
 
 
-def trained_pipeline(detokenizer: LaVITDetokenizer, language_model_folder: str | None) -> LaVITPipeline:
-    """The trained decoder as a `LaVITPipeline`, with the language model and processor of `language_model_folder`
-    (None: the decoder alone).
+def _hub_language_model(name: str) -> tuple[str, str] | None:
+    """A Hub id's LaVIT model (the model and processor of one repository), or None."""
+    try:
+        model_type = PretrainedConfig.get_config_dict(name)[0].get("model_type")
+    except OSError:
+        return None
+    return (name, name) if model_type == LaVITConfig.model_type else None
+
+
+CODEBOOK_WEIGHT = "model.visual_tokenizer.quantizer.codebook"  # in a LaVITForCausalLM's weight files
+
+
+def require_same_codebook(language_model_folder: str, detokenizer: LaVITDetokenizer, codebook=None) -> None:
+    """Raises ValueError when the language model of `language_model_folder` reads another visual tokenizer than the
+    decoder decodes (its codebook differs: its visual tokens would be decoded as other codes). Without `codebook`,
+    it is read from the folder's weight files alone (no model built), so stage 3 checks it before training."""
+    if codebook is None:
+        from safetensors import safe_open
+
+        for file in sorted(Path(language_model_folder).expanduser().glob("*.safetensors")):
+            with safe_open(str(file), "pt") as weights:
+                if CODEBOOK_WEIGHT in weights.keys():
+                    codebook = weights.get_tensor(CODEBOOK_WEIGHT)
+        if codebook is None:  # a Hub id, or weights stored another way: checked when the model is loaded
+            return
+    if codebook.shape != detokenizer.codebook.shape or not torch.equal(codebook.cpu().float(),
+                                                                       detokenizer.codebook.cpu().float()):
+        raise ValueError(f"the language model of {language_model_folder} reads another visual tokenizer (its "
+                         f"codebook differs from the trained decoder's): give --model a LaVIT model built on "
+                         f"--visual_tokenizer")
+
+
+def trained_pipeline(detokenizer: LaVITDetokenizer, language_model_folders: tuple[str, str] | None) -> LaVITPipeline:
+    """The trained decoder as a `LaVITPipeline`, with the language model and processor of `language_model_folders`
+    (`(model folder, processor folder)` from [`pipeline_language_model_folder`]; None: the decoder alone).
 
     Raises:
         ValueError: the language model's visual tokenizer has another codebook than the decoder (its visual tokens
             would be decoded as other codes)."""
     language_model = processor = None
-    if language_model_folder is not None:
+    if language_model_folders is not None:
+        language_model_folder, processor_folder = language_model_folders
         language_model = LaVITForCausalLM.from_pretrained(language_model_folder).eval()
-        processor = LaVITProcessor.from_pretrained(language_model_folder)
-        codebook = language_model.visual_tokenizer.quantizer.codebook
-        if not torch.equal(codebook.cpu().float(), detokenizer.codebook.cpu().float()):
-            raise ValueError(f"the language model of {language_model_folder} reads another visual tokenizer (its "
-                             f"codebook differs from the trained decoder's): give --model a LaVIT model built on "
-                             f"--visual_tokenizer")
+        processor = LaVITProcessor.from_pretrained(processor_folder)
+        require_same_codebook(language_model_folder, detokenizer,
+                              codebook=language_model.visual_tokenizer.quantizer.codebook)
     return LaVITPipeline.from_detokenizer(language_model, processor, detokenizer.eval())

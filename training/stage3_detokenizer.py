@@ -32,7 +32,13 @@ from .checkpoints import resumable_run
 from .collators import DetokenizerCollator, image_items
 from .data import BadRecordCounter, image_dataset, limit_records, load_records
 from .evaluation import configure_evaluation, split_eval_records
-from .models import build_detokenizer, load_visual_tokenizer, pipeline_language_model_folder, trained_pipeline
+from .models import (
+    build_detokenizer,
+    load_visual_tokenizer,
+    pipeline_language_model_folder,
+    require_same_codebook,
+    trained_pipeline,
+)
 from .trainer import LaVITDetokenizerTrainer, fit_vae, save_final, whole_weights
 
 
@@ -50,7 +56,10 @@ def train_detokenizer(
     with whole_weights(training_args):
         visual_tokenizer = load_visual_tokenizer(script_args.visual_tokenizer)
         detokenizer = build_detokenizer(script_args, visual_tokenizer)
-    language_model_folder = pipeline_language_model_folder(script_args)  # checked now, loaded for the final save
+    # the language model saved beside the decoder: found and checked now (a wrong --model costs no training)
+    language_model_folders = pipeline_language_model_folder(script_args)
+    if language_model_folders is not None:
+        require_same_codebook(language_model_folders[0], detokenizer)
 
     # 2. The images (bad records replaced and counted, as in stage 1); each batch holds them twice: for the tokenizer,
     #    and at the decoder's resolution for the VAE.
@@ -69,11 +78,11 @@ def train_detokenizer(
     # 3.-5. The output folder is locked, and tied to this run's models, data and settings, until the final save.
     with resumable_run(script_args, training_args) as resume:
         return fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter,
-                             resume, callbacks, eval_dataset, eval_counter, language_model_folder)
+                             resume, callbacks, eval_dataset, eval_counter, language_model_folders)
 
 
 def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter, resume,
-                  callbacks, eval_dataset=None, eval_counter=None, language_model_folder=None) -> Path:
+                  callbacks, eval_dataset=None, eval_counter=None, language_model_folders=None) -> Path:
     """Steps 3-5 of `train_detokenizer`: the VAE fit of a fresh run, the training (evaluated on `eval_dataset`, whose
     bad records `eval_counter` counts, when the run has held-out data) and the final folder."""
     # 3. Small experiments without a pretrained VAE fit one first (a random VAE decodes any latent to noise); a
@@ -98,9 +107,9 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
     trainer.train(resume_from_checkpoint=resume)
 
     # 5. The final folder, a pipeline's: the EMA weights (copied into the model when training ended) as its decoder
-    #    components, beside the language model of `language_model_folder`.
+    #    components, beside the language model of `language_model_folders`.
     return save_final(trainer, training_args.output_dir, convert=lambda saved, folder: trained_pipeline(
-        LaVITDetokenizer.from_pretrained(saved), language_model_folder).save_pretrained(folder))
+        LaVITDetokenizer.from_pretrained(saved), language_model_folders).save_pretrained(folder))
 
 
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):

@@ -52,6 +52,7 @@ from test_hub import BLOCK_LAVIT
 
 pytest.importorskip("diffusers")
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITPipeline  # noqa: E402
 
@@ -92,31 +93,68 @@ def test_pixels_equal_the_released_path_for_the_same_seeds(pipe):
                        guidance_scale=5.0, num_inference_steps=3)
     torch.testing.assert_close(generated, reference["generated"], atol=1e-5, rtol=0)
     photos = [Image.fromarray(photo) for photo in real_photos()[:2]]
-    reconstructed = pipe.reconstruct(photos, image_selection={"max_tokens": 4}, generator=[seeded(1), seeded(2)],
-                                     output_type="pt", height=16, width=24).images
+    # the released path drew each image's initial latents from its own list entry as it was; the pipeline draws
+    # them from a stream seeded by it (`row_generators`, so that `g` and `[g]` agree): the same latents, given
+    latents = randn_tensor((2, pipe.unet.config.in_channels, 16 // pipe.vae_scale_factor, 24 // pipe.vae_scale_factor),
+                           generator=[seeded(1), seeded(2)])
+    reconstructed = pipe.reconstruct(photos, image_selection={"max_tokens": 4}, latents=latents, output_type="pt",
+                                     height=16, width=24).images
     torch.testing.assert_close(reconstructed, reference["reconstructed"], atol=1e-5, rtol=0)
 
 
-def test_batch_gives_each_prompt_what_it_gets_alone(pipe):
-    batch = images(pipe, ["a red bus", "a cat", "two dogs play in the park"], num_images_per_prompt=2)
+PROMPTS = ["a red bus", "a cat", "two dogs play in the park"]
+
+
+@pytest.fixture
+def sharp_pipe(lavit_processor, text_tokenizer):
+    """The tiny pipeline with a language model whose weights are large enough that different prompts get different
+    visual tokens (the fixtures' model gives every prompt the same ones, so a batch that mixed its rows up between
+    prompts would pass a batch-vs-alone check with it)."""
+    pipe = tiny_pipeline(lavit_processor, text_tokenizer)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in pipe.language_model.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0, 0.5)
+    tokens = [pipe.language_model.generate_image_tokens(**pipe.encode_prompt(prompt), guidance_scale=1.0,
+                                                        **TOKENS).code_ids.tolist() for prompt in PROMPTS]
+    assert len({tuple(ids) for ids in tokens}) == len(PROMPTS), tokens  # the check below can fail
+    return pipe
+
+
+def test_batch_gives_each_prompt_what_it_gets_alone(sharp_pipe):
+    batch = images(sharp_pipe, PROMPTS, num_images_per_prompt=2)
     assert batch.shape == (6, 3, 32, 32)
-    for index, prompt in enumerate(["a red bus", "a cat", "two dogs play in the park"]):
-        alone = images(pipe, prompt, num_images_per_prompt=2)
+    for index, prompt in enumerate(PROMPTS):
+        alone = images(sharp_pipe, prompt, num_images_per_prompt=2)
         torch.testing.assert_close(batch[2 * index : 2 * index + 2], alone, atol=1e-5, rtol=0)
     assert not torch.equal(batch[0], batch[1])  # the images of one prompt differ from each other
+    assert not torch.equal(batch[0], batch[2])  # and from those of another prompt (other tokens)
 
 
-def test_num_images_per_prompt_with_a_list_of_generators(pipe):
-    prompts = ["a red bus", "a cat"]
-    batch = pipe(prompts, num_images_per_prompt=2, generator=[seeded(seed) for seed in range(4)], output_type="pt",
-                 **TOKENS).images
+def test_num_images_per_prompt_with_a_list_of_generators(sharp_pipe):
+    prompts = PROMPTS[:2]
+    batch = sharp_pipe(prompts, num_images_per_prompt=2, generator=[seeded(seed) for seed in range(4)],
+                       output_type="pt", **TOKENS).images
     assert batch.shape == (4, 3, 32, 32)
-    # image k is what its own generator gives it alone
+    # image k is what its own generator gives its prompt alone, as a list of one and as one generator (diffusers)
     for k in range(4):
-        alone = pipe(prompts[k // 2], generator=[seeded(k)], output_type="pt", **TOKENS).images
-        torch.testing.assert_close(batch[k : k + 1], alone, atol=1e-5, rtol=0)
+        for generator in ([seeded(k)], seeded(k)):
+            alone = sharp_pipe(prompts[k // 2], generator=generator, output_type="pt", **TOKENS).images
+            torch.testing.assert_close(batch[k : k + 1], alone, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="one per image"):
-        pipe(prompts, generator=[seeded(0)], **TOKENS)
+        sharp_pipe(prompts, generator=[seeded(0)], **TOKENS)
+
+
+def test_one_generator_and_a_list_of_it_give_one_image_the_same_pixels(sharp_pipe):
+    """The attack's repro (#26 item 1): `generator=g(0)` and `generator=[g(0)]` gave different images."""
+    for settings in ({}, {"do_sample": False}, {"token_guidance_scale": 1.0, "guidance_scale": 1.0}):
+        one = images(sharp_pipe, **settings)
+        listed = sharp_pipe("a red bus", generator=[seeded(0)], output_type="pt", **TOKENS, **settings).images
+        torch.testing.assert_close(one, listed, atol=1e-6, rtol=0)
+    reconstructed = [sharp_pipe.reconstruct(Image.fromarray(real_photos()[0]), generator=generator, output_type="pt",
+                                            num_inference_steps=2).images for generator in (seeded(3), [seeded(3)])]
+    torch.testing.assert_close(*reconstructed, atol=1e-6, rtol=0)
 
 
 def test_dict_and_tuple_outputs_and_every_output_type_agree(pipe):
@@ -345,6 +383,16 @@ def test_released_folders_load_and_convert_with_one_command(pipe, lavit_processo
     converted = LaVITPipeline.from_pretrained(tmp_path / "converted")
     converted.set_progress_bar_config(disable=True)
     torch.testing.assert_close(images(converted, ["a red bus", "a cat"]), expected, atol=1e-6, rtol=0)
+    # #26 item 6: in place, each refusal named the other folder as the fix (a loop); now both name a new folder
+    # outside the released one, and nothing is written
+    from lavit.modeling.saving_lavit import SourceFolderError
+
+    before = sorted(str(path) for path in released.rglob("*"))
+    for destination in (released, released / "detokenizer"):
+        with pytest.raises(SourceFolderError, match=f"cannot be saved in place: save into a new folder outside "
+                                                    f"{released.resolve()}$"):
+            loaded.save_pretrained(destination)
+    assert sorted(str(path) for path in released.rglob("*")) == before
 
 
 def test_any_to_any_sequences_decode_through_the_pipeline(pipe, lavit_processor):
@@ -425,3 +473,92 @@ def test_a_decoder_alone_and_detokenizer_folders_load_and_take_a_language_model(
         loaded = LaVITPipeline.from_pretrained(tmp_path / folder, **given)
         loaded.set_progress_bar_config(disable=True)
         torch.testing.assert_close(images(loaded), whole, atol=1e-6, rtol=0)
+
+
+# one bad value for every argument of `LaVITPipeline.__call__` (the test below fails when an argument is added
+# without its check): each must be refused where it enters, in one line naming it
+BAD_ARGUMENTS = {
+    "prompt": 5, "negative_prompt": 5, "image": 5, "num_images_per_prompt": "2",
+    "token_guidance_scale": float("nan"), "guidance_scale": -1.0, "num_inference_steps": "2", "generator": 0,
+    "latents": [torch.zeros(1, 4, 16, 16)], "height": "32", "width": 32.5, "output_type": "PIL", "return_dict": "yes",
+    "callback_on_step_end": "nope", "callback_on_step_end_tensor_inputs": ["nope"],
+    "token_generation_config": {"do_sample": False}, "token_generation_kwargs": {"temperature": float("nan")},
+}
+
+
+def test_every_argument_of_call_is_checked_where_it_enters(pipe):
+    """#26 items 7-8: `token_guidance_scale=nan` said "guidance_scale must be..." (the decoder's knob);
+    `num_images_per_prompt="2"` gave a TypeError, `latents=[tensor]` an AttributeError."""
+    import inspect
+
+    from lavit.modeling.pipeline_lavit import CALL_ARGUMENTS
+
+    parameters = [name for name in inspect.signature(LaVITPipeline.__call__).parameters if name != "self"]
+    assert set(parameters) == set(BAD_ARGUMENTS) == set(CALL_ARGUMENTS)
+    for name, bad in BAD_ARGUMENTS.items():
+        kwargs = {"prompt": "a red bus", **TOKENS}
+        if name == "token_generation_kwargs":
+            kwargs.update(bad)
+            name = "temperature"
+        else:
+            kwargs[name] = bad
+        with pytest.raises(ValueError) as error:
+            pipe(**kwargs)
+        message = str(error.value)
+        assert message.startswith(name) and "\n" not in message, (name, message)
+    for negative_prompt in (["a", "b"], ""):  # two for one prompt; empty
+        with pytest.raises(ValueError, match="^negative_prompt "):
+            pipe("a red bus", negative_prompt=negative_prompt, **TOKENS)
+    # the decoder alone takes the same arguments, checked alike
+    tokens = pipe.language_model.generate_image_tokens(**pipe.encode_prompt("a red bus"), **TOKENS)
+    with pytest.raises(ValueError, match="^num_images_per_prompt must be"):
+        pipe.decode_visual_tokens(tokens, num_images_per_prompt="2")
+
+
+def test_a_scheduler_the_pipeline_cannot_run_is_refused_by_name(pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for scheduler in (FlowMatchEulerDiscreteScheduler(), "nope"):  # refused where it enters: the assignment
+        with pytest.raises(ValueError, match=f"^pipe.scheduler must be .* got {type(scheduler).__name__}$"):
+            pipe.scheduler = scheduler
+    assert images(pipe, num_inference_steps=2).shape == (1, 3, 32, 32)  # the pipeline kept its own
+
+
+def test_callbacks_must_return_a_dict_keeping_the_latents_shape(pipe):
+    """#26 items 8-9: a callback returning None gave AttributeError 'pop'; latents of shape (1, 4, 8, 8) gave a
+    16x16 image instead of 32x32."""
+    returns = {"None": lambda *_: None, "smaller latents": lambda *_: {"latents": torch.zeros(1, 4, 8, 8)},
+               "NaN latents": lambda *_: {"latents": torch.full((1, 4, 16, 16), float("nan"))}}
+    for callback in returns.values():
+        with pytest.raises(ValueError, match="^callback_on_step_end (must return a dict|returned latents)"):
+            images(pipe, callback_on_step_end=callback, num_inference_steps=2)
+    assert images(pipe, callback_on_step_end=lambda p, s, t, tensors: tensors, num_inference_steps=2).shape == (
+        1, 3, 32, 32)
+
+
+def test_nan_latents_are_refused_and_nan_images_warned_about(pipe, caplog):
+    """#26 item 9: NaN latents gave an all-black image with only numpy's RuntimeWarning. Given latents must be finite
+    (an error); decoded images that hold NaN (a float16 overflow, weights with NaN) are returned with one warning
+    (docs/pipeline.md)."""
+    with pytest.raises(ValueError, match="^latents must be .* finite"):
+        images(pipe, latents=torch.full((1, 4, 16, 16), float("nan")))
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
+    with caplog.at_level("WARNING", logger="lavit.modeling.pipeline_lavit"):
+        drawn = images(pipe, num_inference_steps=2)
+    assert torch.isnan(drawn).all()
+    assert [record.message for record in caplog.records if "NaN" in record.message][0].startswith(
+        "1 of 1 decoded images hold NaN")
+
+
+def test_a_swapped_vae_brings_its_own_scale_factor(pipe):
+    """#26 item 9: a VAE of another scale factor gave 16x16 images for 32x32 (the factor was read at __init__)."""
+    from diffusers import AutoencoderKL
+
+    config = dict(pipe.vae.config)
+    config["block_out_channels"] = list(config["block_out_channels"])[:-1]
+    config["down_block_types"] = list(config["down_block_types"])[:-1]
+    config["up_block_types"] = list(config["up_block_types"])[:-1]
+    pipe.vae = AutoencoderKL.from_config(config)
+    assert pipe.vae_scale_factor == 2 ** (len(config["block_out_channels"]) - 1)
+    assert images(pipe, num_inference_steps=2).shape == (1, 3, 32, 32)

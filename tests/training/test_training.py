@@ -190,10 +190,17 @@ def test_detokenizer_training_writes_a_pipeline_with_the_language_model(componen
     # `--detokenizer` takes the pipeline folder back: the decoder it trains is the one saved, weight for weight
     saved, loaded = final_weights(final), load_detokenizer(str(final)).state_dict()
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[key], loaded[key]) for key in saved)
+    # continuing a pipeline's decoder keeps its language model (#26 item 4: it was dropped, with no warning)
     continued = train_detokenizer(
         DetokenizerTrainingArguments(detokenizer=str(final), **arguments),
         training_args(tmp_path / "continued", max_steps=1, per_device_train_batch_size=2))
-    assert json.loads((continued / "model_index.json").read_text())["language_model"] == [None, None]
+    assert json.loads((continued / "model_index.json").read_text())["language_model"] == ["modeling_lavit",
+                                                                                         "LaVITForCausalLM"]
+    # --model may name a pipeline folder or its language_model/ (its processor is the pipeline's): #26 item 5
+    for model in (final, final / "language_model"):
+        assert pipeline_language_model_folder(SimpleNamespace(model=str(model), detokenizer=None,
+                                                              visual_tokenizer=None)) == (
+            str(final / "language_model"), str(final / "processor"))
     with pytest.raises(ValueError, match="is not a LaVIT model folder"):
         pipeline_language_model_folder(SimpleNamespace(model=str(components["lm"]), visual_tokenizer=None))
 

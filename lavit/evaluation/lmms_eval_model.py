@@ -91,7 +91,7 @@ class LaVITLmms(lmms):
         if kwargs:
             raise ValueError(f"lavit: unknown model_args {sorted(kwargs)} (known: pretrained, device, dtype, "
                              f"batch_size, max_new_tokens)")
-        from lavit import LaVITForCausalLM, LaVITProcessor
+        from lavit.command_inputs import load_lavit_model
         from lavit.evaluation.runner import distributed_state
         from lavit.file_kinds import require_safetensors_weights
 
@@ -99,9 +99,10 @@ class LaVITLmms(lmms):
         state = distributed_state()
         self._device = torch.device(device) if device else state.device
         settings = {"dtype": getattr(torch, dtype)} if dtype else {}
-        self.model = LaVITForCausalLM.from_pretrained(pretrained, **settings)
+        # a model folder, a LaVITPipeline folder (or its language_model/), a PEFT adapter folder or a Hub id, as for
+        # every lavit command
+        self.model, self.processor = load_lavit_model(pretrained, **settings)
         self.model.eval().to(self._device)
-        self.processor = LaVITProcessor.from_pretrained(pretrained)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self._rank, self._world_size = state.process_index, state.num_processes

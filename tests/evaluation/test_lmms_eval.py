@@ -245,3 +245,14 @@ def test_loglikelihood_splits_context_and_continuation_at_the_token_boundary(ada
     assert loss("a ca", "t") == loss("a", " cat")
     with pytest.raises(ValueError, match="adds no token"):
         loss("Question: what color? Answer:", "")
+
+
+def test_the_adapter_loads_what_every_lavit_command_loads(pipeline_folder, lavit_model, lavit_processor):
+    """A LaVITPipeline folder (what `convert-original` writes) and its `language_model/` load as the model folder does:
+    the adapter goes through the commands' resolver."""
+    from lavit.evaluation.lmms_eval_model import LaVITLmms
+
+    for folder in (pipeline_folder, pipeline_folder / "language_model"):
+        adapter = LaVITLmms(pretrained=str(folder), device="cpu")
+        assert torch.equal(adapter.model.lm_head.weight, lavit_model.lm_head.weight)
+        assert adapter.processor.tokenizer.get_vocab() == lavit_processor.tokenizer.get_vocab()

@@ -323,10 +323,11 @@ class LaVITFolderMixin:
 
     def _save_folder(self, folder, *args, **kwargs):
         # the pipeline file is written with the model's files, in the folder the source guard saves into
-        super()._save_folder(folder, *args, **kwargs)
+        saved = super()._save_folder(folder, *args, **kwargs)
         pipeline_file = _pipeline_source_file(self.name_or_path) if self._auto_class is not None else None
         if pipeline_file is not None and kwargs.get("is_main_process", True):
             shutil.copyfile(pipeline_file, Path(folder) / pipeline_file.name)
+        return saved
 
     def _register_folder_entries(self, with_pipeline: bool):
         """The config's `auto_map` for every head of the folder (transformers writes only the saved class's entry)

@@ -35,6 +35,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # a relative import (`from .x import`): what ties the code files of a Hub folder together, as transformers' and
 # diffusers' remote-code loaders read them
@@ -93,23 +94,24 @@ def loaded_from(*objects) -> list[Path]:
 _SAVING = threading.local()  # set while a save checked by `save_beside_sources` runs
 
 
-def save_beside_sources(save: Callable[[Path], None], save_directory, sources: list[Path], what: str) -> None:
+def save_beside_sources(save: Callable[[Path], Any], save_directory, sources: list[Path], what: str):
     """Runs `save(folder)` for `save_directory` through a staging folder beside it, then moves the files into place
     ([`_move_into`]); refuses a destination that lies inside or contains a source ([`SourceFolderError`]) or holds
     files of the user's that the save would replace ([`NotLavitFilesError`]). `what` names the object in the
     message. The parts an object saves with itself (a pipeline's model and processor, a processor's image
-    processor) write where the outer save, already checked, tells them: its staging folder."""
+    processor) write where the outer save, already checked, tells them: its staging folder. Returns what `save`
+    returned, its paths under the staging folder given as the paths they were moved to (transformers' processors
+    return the files they wrote)."""
     if getattr(_SAVING, "active", False):
-        save(Path(save_directory))
-        return
+        return save(Path(save_directory))
     _SAVING.active = True
     try:
-        _checked_save(save, save_directory, sources, what)
+        return _checked_save(save, save_directory, sources, what)
     finally:
         _SAVING.active = False
 
 
-def _checked_save(save: Callable[[Path], None], save_directory, sources: list[Path], what: str) -> None:
+def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Path], what: str):
     target = Path(save_directory).expanduser().resolve()
     for source in sources:
         inside = target != source and target.is_relative_to(source) and target.is_dir() and any(target.iterdir())
@@ -124,10 +126,22 @@ def _checked_save(save: Callable[[Path], None], save_directory, sources: list[Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
     try:
-        save(staging)
+        result = save(staging)
         _move_into(staging, target, save_directory, what, own_files=target in sources)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return _moved_paths(result, staging, target)
+
+
+def _moved_paths(value, staging: Path, target: Path):
+    """`value` (a path, or a list or tuple of paths and other values) with every path under `staging` replaced by
+    the same path under `target`."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved_paths(item, staging, target) for item in value)
+    if isinstance(value, (str, os.PathLike)) and Path(value).is_relative_to(staging):
+        moved = target / Path(value).relative_to(staging)
+        return str(moved) if isinstance(value, str) else moved
+    return value
 
 
 def _where_instead(source: Path, sources: list[Path]) -> str:
@@ -281,13 +295,13 @@ class SaveBesideSourcesMixin:
         return [self]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        save_beside_sources(lambda folder: self._save_folder(folder, *args, **kwargs), save_directory,
-                            loaded_from(*self.source_objects()), type(self).__name__)
+        return save_beside_sources(lambda folder: self._save_folder(folder, *args, **kwargs), save_directory,
+                                   loaded_from(*self.source_objects()), type(self).__name__)
 
     def _save_folder(self, folder, *args, **kwargs):
         """Writes the object's folder at `folder` (the staging folder of the guard): the library's save; a class that
         writes more files there overrides this."""
-        super().save_pretrained(folder, *args, **kwargs)
+        return super().save_pretrained(folder, *args, **kwargs)
 
 
 __all__ = ["MARKER_FILE", "NotLavitFilesError", "SaveBesideSourcesMixin", "SourceFolderError", "code_files",

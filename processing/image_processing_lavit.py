@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ChannelDimension
@@ -38,7 +38,7 @@ def to_rgb_image(image, max_image_pixels: int | None = None, name: str = "image"
         source = "the image bytes" if isinstance(image, io.IOBase) else f"image file {os.fspath(image)!r}"
         try:
             with Image.open(image) as opened:
-                opened.load()
+                load_whole(opened)
                 image = opened.copy()
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"{name}: cannot read {source}: {error}") from error
@@ -59,6 +59,18 @@ def to_rgb_image(image, max_image_pixels: int | None = None, name: str = "image"
         raise ValueError(f"{name} is too large: {image.width} x {image.height} = {image.width * image.height} pixels, "
                          f"more than max_image_pixels={max_image_pixels}")
     return _pil_to_rgb(image)
+
+
+def load_whole(image: Image.Image) -> None:
+    """`image.load()` that refuses a truncated file (`OSError`) whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says:
+    libraries set that process-wide flag on import (lmms-eval does), and under it a cut-off file reads as an image
+    whose missing part is grey, which would train and score as if it were whole."""
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:

@@ -646,3 +646,42 @@ def test_the_skipped_share_is_enforced_in_one_place():
         counter.check("data")
     with pytest.raises(TooManyBadRecordsError, match="no usable record: 0 used, 0 skipped of 0"):
         BadRecordCounter().check("training")
+
+
+def test_every_image_reader_refuses_a_truncated_file_whatever_pil_is_told(tmp_path, monkeypatch):
+    """Libraries set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True` on import (lmms-eval does); lavit's readers still
+    refuse a cut-off file instead of reading it with a grey end, and leave the flag as they found it."""
+    import base64
+    import io
+
+    import datasets
+    from lavit.processing.image_processing_lavit import to_rgb_image
+    from lavit.training.data import BadRecordError, decode_image
+    from PIL import ImageFile
+
+    from lavit.evaluation.data import load_image, read_hf_dataset
+    from lavit.serving.media import read_image_url
+    from lavit.serving.schemas import OpenAIError
+
+    buffer = io.BytesIO()
+    Image.fromarray(next(iter(photo_images().values()))).save(buffer, format="PNG")
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    path = tmp_path / "truncated.png"
+    path.write_bytes(truncated)
+    datasets.Dataset.from_dict({"id": ["a"], "image": [str(path)], "text": ["a photo"]}).cast_column(
+        "image", datasets.Image()).save_to_disk(str(tmp_path / "dataset"))
+    [sample] = read_hf_dataset(str(tmp_path / "dataset"), split="train")
+    readers = {
+        "to_rgb_image(path)": (lambda: to_rgb_image(path), ValueError),
+        "to_rgb_image(bytes)": (lambda: to_rgb_image(truncated), ValueError),
+        "training decode_image": (lambda: decode_image({"bytes": truncated, "path": None}), BadRecordError),
+        "evaluation load_image(path)": (lambda: load_image(str(path)), ValueError),
+        "evaluation load_image(dataset row)": (lambda: load_image(sample.image), ValueError),
+        "serve data URL": (lambda: read_image_url("data:image/png;base64," + base64.b64encode(truncated).decode(),
+                                                  "messages", 10**8, None), OpenAIError),
+    }
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for name, (read, error) in readers.items():
+        with pytest.raises(error):
+            read()
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True, name

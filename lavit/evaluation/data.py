@@ -41,7 +41,8 @@ class EvalSample:
 
 @dataclass(frozen=True)
 class DatasetImage:
-    """The image of row `index` of a `datasets` dataset, decoded on `load()`."""
+    """The image of row `index` of a `datasets` dataset whose image column is not decoded (`Image(decode=False)`):
+    `load()` gives its `{"bytes", "path"}`, which lavit's one image reader decodes."""
 
     dataset: Any
     column: str
@@ -60,7 +61,8 @@ def load_image(image):
     from lavit.processing.image_processing_lavit import to_rgb_image
 
     if isinstance(image, DatasetImage):
-        image = image.load()
+        stored = image.load()
+        image = stored.get("bytes") or stored.get("path") if isinstance(stored, dict) else stored
     return to_rgb_image(image, name=str(image) if isinstance(image, str | os.PathLike) else "image")
 
 
@@ -312,9 +314,11 @@ def read_hf_dataset(name_or_path, split: str = "test", columns=None, images_dir=
     # images are decoded when a batch needs them, not all at once here
     lazy = image_column is not None and isinstance(dataset.features[image_column], datasets.Image)
     rows = dataset.remove_columns(image_column) if lazy else dataset
+    # decoded by lavit's reader (`to_rgb_image`), as every other image: strict about truncated files, EXIF applied
+    undecoded = dataset.cast_column(image_column, datasets.Image(decode=False)) if lazy else None
     samples = []
     for index, row in enumerate(rows):
-        image = DatasetImage(dataset, image_column, index) if lazy else row.get(image_column)
+        image = DatasetImage(undecoded, image_column, index) if lazy else row.get(image_column)
         if isinstance(image, str):
             image = _image_path(images_dir, image)
         references = _texts(row[mapping["answers"]]) if "answers" in mapping else []

@@ -54,7 +54,7 @@ def _local_file_bytes(url: str, param: str, allowed_local_path: str | None) -> b
 
 
 def _decode(data: bytes, param: str, max_pixels: int):
-    from lavit.processing.image_processing_lavit import to_rgb_image
+    from lavit.processing.image_processing_lavit import load_whole, to_rgb_image
 
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
@@ -62,7 +62,7 @@ def _decode(data: bytes, param: str, max_pixels: int):
             if width * height > max_pixels:
                 raise OpenAIError(f"the image is {width}x{height} = {width * height} pixels; this server takes at "
                                   f"most {max_pixels}", param)
-            image.load()
+            load_whole(image)
             return to_rgb_image(image)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise OpenAIError(f"the data is not a readable image: {error}", param) from error

@@ -48,7 +48,7 @@ def check_selection_arguments(mode: str | None, max_tokens: int | None, keep_rat
     """Raises `ValueError` for both budgets at once, or an argument out of its range in `SELECTION_RANGES`."""
     if max_tokens is not None and keep_ratio is not None:
         raise ValueError("give at most one of max_tokens and keep_ratio")
-    check_arguments(SELECTION_RANGES, {"mode": mode or None, "max_tokens": max_tokens, "keep_ratio": keep_ratio})
+    check_arguments(SELECTION_RANGES, {"mode": mode, "max_tokens": max_tokens, "keep_ratio": keep_ratio})
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,10 @@ class LaVITImageSelection:
 
     def __post_init__(self):
         check_selection_arguments(self.mode, self.max_tokens, self.keep_ratio)
+        import torch
+
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"image selection: generator must be a torch.Generator, got {self.generator!r}")
 
     @classmethod
     def from_value(cls, value=None, **arguments) -> "LaVITImageSelection":
@@ -81,6 +85,9 @@ class LaVITImageSelection:
         win) -> one selection. A name that is not a field raises `ValueError` listing the fields."""
         if isinstance(value, cls) and not arguments:
             return value
+        if value is not None and not isinstance(value, (cls, dict)):
+            raise ValueError(f"image selection must be a LaVITImageSelection, a dict of its settings or None, got "
+                             f"{type(value).__name__} {value!r}")
         given = {field.name: getattr(value, field.name) for field in fields(cls)} if isinstance(value, cls) else \
             dict(value or {})
         given.update(arguments)

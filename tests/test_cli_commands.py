@@ -138,3 +138,11 @@ def test_command_modules_import_their_libraries_only_when_they_run():
                 for name in [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]:
                     heavy = name.startswith(HEAVY) and name not in LIGHT_EXCEPTIONS
                     assert not heavy, f"{path.name} imports {name} at its top: import it in the run function"
+
+
+@pytest.mark.parametrize("question", ["", "   "])
+def test_vqa_refuses_an_empty_question(question, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vqa", "photo.png", "--model", "m", "--question", question])
+    assert exit_info.value.code == 2
+    assert "--question: must be a non-empty question" in capsys.readouterr().err

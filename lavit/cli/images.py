@@ -1,11 +1,20 @@
 """`lavit tokenize`, `lavit caption` and `lavit vqa`: the commands that read images. Each gives the same output for
 the same input on every run: every random draw comes from `--seed`."""
 
+import argparse
+
 from lavit.command_inputs import PerItem
 from lavit.modeling.validation_lavit import OPEN_FRACTION, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from lavit.paths import InputPath, OutputFile, numbered_output
 
 from .common import add_command, load_lavit, open_image, require_folder
+
+
+def question_text(value: str) -> str:
+    """`--question`: text that is not empty (an empty question gets an empty answer, as if answered)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must be a non-empty question")
+    return value
 
 
 def add_parsers(commands) -> None:
@@ -30,7 +39,7 @@ def add_parsers(commands) -> None:
 
     vqa = add_command(commands, "vqa", "answer a question about an image")
     vqa.add_argument("images", type=InputPath, nargs="+", help="image files (the same question for each)")
-    vqa.add_argument("--question", required=True, help="the question asked about every image")
+    vqa.add_argument("--question", type=question_text, required=True, help="the question asked about every image")
     vqa.add_argument("--model", type=InputPath, required=True, help="a LaVIT folder or Hub id")
     vqa.add_argument("--max-new-tokens", type=POSITIVE_INT, default=10, help="the longest answer, in tokens")
     vqa.add_argument("--num-beams", type=POSITIVE_INT, default=5, help="beam search width")
@@ -70,17 +79,11 @@ def image_selection(args):
 
 
 def selection_inputs(model, pixel_values, args) -> dict:
-    """The selection arguments of `generate` for a batch of images. A sampled selection is drawn image by image, each
-    from its own generator seeded with `--seed`, so an image gets the same tokens alone or in any batch."""
-    import torch
+    """The selection arguments of `generate` for a batch of images, seeded with `--seed` image by image."""
+    from lavit.command_inputs import per_image_selection
 
-    selection = image_selection(args)
-    sampled = (args.selection or model.visual_tokenizer.config.selection_mode) == "sample"
-    if not sampled or selection.max_tokens is not None:
-        return {"image_selection": selection}
-    keep_masks = [model.visual_tokenizer.tokenize(image[None], selection=image_selection(args)).keep_mask
-                  for image in pixel_values]
-    return {"image_keep_mask": torch.cat(keep_masks)}
+    return per_image_selection(model, pixel_values, args.seed, args.selection or None,
+                               getattr(args, "budget", None) or None)
 
 
 def text_generation(args) -> dict:

@@ -410,7 +410,8 @@ def check_samples(samples: list[EvalSample], task: str) -> None:
 def check_sample(sample: EvalSample, task: str):
     """
     What one sample needs to run `task`: a record without a problem, an image that exists and reads as an image
-    (not truncated, not another kind of file), a question (VQA) or a caption (text-to-image), as text. Raises a
+    (not truncated, not another kind of file), a question (VQA) or a caption (text-to-image), as text, and
+    references that are text. Raises a
     `ValueError` (`FileNotFoundError`) naming the problem; returns the decoded RGB image.
     """
     if sample.problem:
@@ -421,6 +422,9 @@ def check_sample(sample: EvalSample, task: str):
         raise ValueError(f"the question must be non-empty text, got {sample.question!r:.80}")
     if task == "text-to-image" and not (isinstance(sample.text or (sample.references or [None])[0], str)):
         raise ValueError(f"a text-to-image sample needs a caption as text, got {sample.text!r:.80}")
+    not_text = [reference for reference in sample.references if not isinstance(reference, str)]
+    if not_text:  # a list or number would be scored as its str(): 0 against any prediction
+        raise ValueError(f"every reference (answer or caption) must be text, got {not_text[0]!r:.80}")
     return load_image(sample.image)
 
 

@@ -253,18 +253,23 @@ def answer_postprocess(text: str) -> str:
     return "no" if text.lower() == "nope" else text
 
 
-def generate_texts(model, processor, images: list, prompts: list[str], generation: dict) -> list[str]:
-    """One batch of image+text prompts (variable visual token counts, left-padded by the model) -> new text."""
+def generate_texts(model, processor, images: list, prompts: list[str], generation: dict, seed: int) -> list[str]:
+    """One batch of image+text prompts (variable visual token counts, left-padded by the model) -> new text. A
+    tokenizer that samples its selection draws each image's from `seed` alone: a sample scores the same in any batch,
+    run and resume."""
+    from lavit.command_inputs import per_image_selection
+
     images = [load_image(image) for image in images]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    output = model.generate(**inputs, **generation)
+    output = model.generate(**inputs, **per_image_selection(model, inputs["pixel_values"], seed), **generation)
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def predict_caption(model, processor, batch: list[EvalSample], config: EvalConfig, index: int) -> list[dict]:
     texts = generate_texts(model, processor, [sample.image for sample in batch],
-                           [processor.image_token + config.prompt] * len(batch), config.generation_settings())
+                           [processor.image_token + config.prompt] * len(batch), config.generation_settings(),
+                           config.seed)
     return [{"id": sample.id, "prediction": caption_postprocess(text), "raw": text}
             for sample, text in zip(batch, texts, strict=True)]
 
@@ -274,7 +279,7 @@ def predict_vqa(model, processor, batch: list[EvalSample], config: EvalConfig, i
 
     def ask(questions):
         prompts = [processor.image_token + VQA_PROMPT.format(question=question) for question in questions]
-        return generate_texts(model, processor, images, prompts, settings)
+        return generate_texts(model, processor, images, prompts, settings, config.seed)
 
     answers = ask([sample.question for sample in batch])
     records = [{"id": sample.id, "question": sample.question, "prediction": answer_postprocess(answer), "raw": answer}

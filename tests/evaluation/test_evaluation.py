@@ -531,3 +531,41 @@ def test_duplicate_ids_name_their_file_and_the_ids(tmp_path):
                                        {"image": "c.png", "caption": "z", "image_id": 7}])
     with pytest.raises(ValueError, match=r"dup.json: 1 id\(s\) appear more than once, e.g. \['7'\]"):
         load_samples("karpathy", annotations=tmp_path / "dup.json")
+
+
+def test_a_sampling_tokenizer_evaluates_every_sample_the_same_in_any_batch_and_run(tmp_path, lavit_model,
+                                                                                   lavit_processor, caption_samples,
+                                                                                   monkeypatch):
+    """A visual tokenizer whose `selection_mode` is "sample" draws each image's visual tokens from the run's seed
+    alone, not from the process's random state or its batch-mates: predictions repeat, and a resumed run (other
+    batches) equals an uninterrupted one."""
+    monkeypatch.setattr(lavit_model.visual_tokenizer.config, "selection_mode", "sample")
+    drawn = []
+    generate = lavit_model.generate
+
+    def recording_generate(**inputs):
+        drawn.extend(inputs["image_keep_mask"].tolist())
+        return generate(**inputs)
+
+    monkeypatch.setattr(lavit_model, "generate", recording_generate)
+    runs = {}
+    for name, batch_size, global_seed in (("batches of 3", 3, 1), ("alone", 1, 2), ("again", 3, 3)):
+        torch.manual_seed(global_seed)  # the process's random state differs run to run
+        drawn.clear()
+        config = EvalConfig("caption", generation=SHORT_CAPTIONS, batch_size=batch_size, use_java=False, seed=0)
+        evaluate(lavit_model, lavit_processor, caption_samples, config, tmp_path / name, show_progress=False)
+        runs[name] = (list(drawn), read_predictions(tmp_path / name))
+    assert runs["batches of 3"] == runs["alone"] == runs["again"]
+    masks = runs["alone"][0]
+    assert 0 < sum(map(sum, masks)) < sum(map(len, masks))  # a real draw: some patches kept, some not
+
+
+def test_a_reference_that_is_not_text_fails_its_sample(tmp_path):
+    """A GQA/VQA answer given as a list (or a number) would be scored as its str(), 0 against any prediction."""
+    from lavit.evaluation.data import check_sample
+
+    save_photos(tmp_path, ["photo.png"])
+    for references in ([["six six"]], [6], ["six", None]):
+        with pytest.raises(ValueError, match="must be text"):
+            check_sample(EvalSample("q1", str(tmp_path / "photo.png"), question="how many?",
+                                    references=references), "vqa")

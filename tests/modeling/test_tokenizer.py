@@ -366,3 +366,19 @@ def test_image_selection_is_one_typed_object_at_every_entry_point(lavit_model, l
     typed = lavit_processor(text="<image>a cat", images=real_photos()[0])["input_ids"]
     lavit_processor.set_visual_tokenizer(lavit_model, max_tokens=3)
     assert torch.equal(lavit_processor(text="<image>a cat", images=real_photos()[0])["input_ids"], typed)
+
+
+@pytest.mark.parametrize("value", ["sample", 4, [4], ("mode", "sample")])
+def test_an_image_selection_of_another_type_is_named(value):
+    from lavit import LaVITImageSelection
+
+    with pytest.raises(ValueError, match="image selection must be"):
+        LaVITImageSelection.from_value(value)
+
+
+@pytest.mark.parametrize("settings", [{"mode": ""}, {"mode": "Sample"}, {"generator": 5}, {"generator": "seed"}])
+def test_an_image_selection_value_out_of_its_range_is_refused(settings):
+    from lavit import LaVITImageSelection
+
+    with pytest.raises(ValueError):
+        LaVITImageSelection(**settings)

@@ -11,12 +11,13 @@ file is ever half written), and the weight files of the previous save that the n
 as the library's own save removes them (a stale `model.safetensors` beside a new shard index would be loaded instead
 of it).
 
-Every save is written into a fresh staging folder and then moved into place, so the library's own clean-up of old
-shards never runs in the destination; and lavit never overwrites or removes a file it did not write there: a
-destination holding a file the save would replace or remove, which lavit's marker (`.lavit_folder.json`, shared
-with `lavit.atomic`) does not record as lavit's own and unchanged, is refused with [`NotLavitFilesError`] before
-anything is moved (the folder the object was loaded from excepted: its files are the object's own). Each save
-records the files it wrote in the destination's marker.
+Every save into a folder that holds files is written into a fresh staging folder and then moved into place (a new or
+empty folder is written directly: there is nothing to protect, and a killed save leaves nothing beside it), so the
+library's own clean-up of old shards never runs in the destination; and lavit never overwrites or removes a file it
+did not write there: a destination holding a file the save would replace or remove, which lavit's marker
+(`.lavit_folder.json`, shared with `lavit.atomic`) does not record as lavit's own and unchanged, is refused with
+[`NotLavitFilesError`] before anything is moved (the folder the object was loaded from excepted: its files are the
+object's own). Each save records the files it wrote in the destination's marker.
 
 A destination that contains a source folder, or is a folder of files inside one, is refused with
 [`SourceFolderError`]: it would mix the files of two folders (a pipeline saved into its own `language_model/`, a
@@ -95,13 +96,13 @@ _SAVING = threading.local()  # set while a save checked by `save_beside_sources`
 
 
 def save_beside_sources(save: Callable[[Path], Any], save_directory, sources: list[Path], what: str):
-    """Runs `save(folder)` for `save_directory` through a staging folder beside it, then moves the files into place
-    ([`_move_into`]); refuses a destination that lies inside or contains a source ([`SourceFolderError`]) or holds
-    files of the user's that the save would replace ([`NotLavitFilesError`]). `what` names the object in the
-    message. The parts an object saves with itself (a pipeline's model and processor, a processor's image
-    processor) write where the outer save, already checked, tells them: its staging folder. Returns what `save`
-    returned, its paths under the staging folder given as the paths they were moved to (transformers' processors
-    return the files they wrote)."""
+    """Runs `save(folder)` for `save_directory`: directly when it holds no files yet, else through a staging folder
+    beside it, then moves the files into place ([`_move_into`]); refuses a destination that lies inside or
+    contains a source ([`SourceFolderError`]) or holds files of the user's that the save would replace
+    ([`NotLavitFilesError`]). `what` names the object in the message. The parts an object saves with itself (a
+    pipeline's model and processor, a processor's image processor) write where the outer save, already checked,
+    tells them: its staging folder. Returns what `save` returned, its paths under the staging folder given as the
+    paths they were moved to (transformers' processors return the files they wrote)."""
     if getattr(_SAVING, "active", False):
         return save(Path(save_directory))
     _SAVING.active = True
@@ -123,6 +124,12 @@ def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Pat
             )
     if target.exists() and not target.is_dir():
         raise NotLavitFilesError(f"save_directory {save_directory} is a file, not a folder: choose a folder")
+    if not _holds_files(target):  # nothing there to overwrite, remove or read from: written in place
+        target.mkdir(parents=True, exist_ok=True)
+        result = save(target)
+        record_saved_files(target, sorted(path.relative_to(target) for path in target.rglob("*")
+                                          if path.is_file() and path.name != MARKER_FILE))
+        return result
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
     try:
@@ -142,6 +149,12 @@ def _moved_paths(value, staging: Path, target: Path):
         moved = target / Path(value).relative_to(staging)
         return str(moved) if isinstance(value, str) else moved
     return value
+
+
+def _holds_files(folder: Path) -> bool:
+    """True when `folder` holds a file other than lavit's marker (a new or empty folder, such as the staging folder
+    of an export, holds none: a save writes into it directly, leaving nothing beside it if it is killed)."""
+    return folder.is_dir() and any(path.name != MARKER_FILE for path in folder.rglob("*") if not path.is_dir())
 
 
 def _where_instead(source: Path, sources: list[Path]) -> str:

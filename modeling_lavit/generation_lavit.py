@@ -57,11 +57,16 @@ def row_generators(
     One random stream per row: seeded by one draw from `generator` (torch's global generator when None) plus the
     row's index among its prompt's rows. A row's samples then depend on the seed and on its own prompt only, never on
     the other prompts of the batch (one shared stream would hand each row the draws left by the rows before it).
-    A list of `batch_size` generators (diffusers' one per image) seeds each row's stream by one draw from its own.
+    A list of `batch_size` generators (diffusers' one per image) seeds each row's stream by one draw from its own; a
+    list repeating one generator is used as it is.
     """
     if isinstance(generator, list):
         if len(generator) != batch_size:
             raise ValueError(f"generator is a list of {len(generator)} generators; give one per image ({batch_size})")
+        if len({id(gen) for gen in generator}) < len(generator):
+            # one generator repeated: diffusers draws the rows one after another from its one stream, and so does
+            # lavit (what `LaVITDetokenizer.decode` asks for with one generator for the batch)
+            return list(generator)
         return [row_generators(gen, 1, 1, device)[0] for gen in generator]
     seed_device = generator.device if generator is not None else "cpu"
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))

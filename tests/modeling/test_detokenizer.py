@@ -132,8 +132,12 @@ def test_decode_pixels_equal_its_own_loop_before_the_pipeline_owned_it():
             "default": detokenizer.decode(CODES, COUNTS, generator=seeded(0), output_type="pt"),
             "wide_unguided": detokenizer.decode(CODES, COUNTS, height=24, width=40, num_inference_steps=2,
                                                 guidance_scale=1.0, generator=seeded(1), output_type="pt"),
+            # a list of generators now seeds one stream per image from each (diffusers' meaning, as the pipeline
+            # does); the loop of the fixture drew each image's initial latents from its generator as it is
             "latent": detokenizer.decode(CODES, COUNTS, generator=[seeded(5), seeded(6), seeded(7)],
-                                         output_type="latent"),
+                                         latents=torch.cat([torch.randn((1, *reference[f"{conditioning}_latent"]
+                                                                        .shape[1:]), generator=seeded(5 + index))
+                                                            for index in range(3)]), output_type="latent"),
             "ancestral": detokenizer.decode(CODES, COUNTS, scheduler=ancestral, generator=seeded(2), output_type="pt",
                                             num_inference_steps=3),
         }

@@ -260,8 +260,11 @@ def test_a_run_killed_between_its_last_checkpoint_and_its_final_save_ends_as_the
 def test_a_stuck_launch_shows_its_stack_when_stopped(tmp_path):
     """Every stage's command line turns on `enable_stack_dumps`: SIGUSR1 prints where a live run is, and the SIGTERM
     that launchers send to the other ranks when one fails prints the stack before the process ends."""
+    # "ready" is printed inside the function, so a signal sent once it is read finds the process there (printed
+    # before the call, a loaded machine could deliver it while the process was still at module level)
     script = ("import time\nfrom lavit.training.arguments import enable_stack_dumps\nenable_stack_dumps()\n"
-              "print('ready', flush=True)\ndef stuck_in_a_collective():\n    time.sleep(90)\nstuck_in_a_collective()\n")
+              "def stuck_in_a_collective():\n    print('ready', flush=True)\n    time.sleep(90)\n"
+              "stuck_in_a_collective()\n")
     log = tmp_path / "stderr.txt"
 
     def dumps() -> int:

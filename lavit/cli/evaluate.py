@@ -48,7 +48,8 @@ def add_parsers(commands) -> None:
                           help="the longest answer or caption (default: the benchmark's official setting)")
     evaluate.add_argument("--steps", type=POSITIVE_INT, default=None,
                           help="text-to-image decoder steps (default: the official 50)")
-    evaluate.add_argument("--seed", type=SEED, default=0, help="text-to-image sampling seed")
+    evaluate.add_argument("--seed", type=SEED, default=0,
+                          help="seed of text-to-image sampling and of a sampling visual tokenizer's selection")
     evaluate.add_argument("--num-candidates", type=EvalConfig.field_ranges["num_candidates"], default=1,
                           help="text-to-image: images per caption, the closest to it under --clip-model kept "
                           "(official 4)")

@@ -74,11 +74,11 @@ class EvalConfig:
     """
     What to run: `task` (`caption`, `vqa`, `text-to-image`), `generation` (overrides of the official settings),
     `prompt` (caption: text after the image, official empty), `vqa_metric` (`vqa_accuracy`; `exact_match` for GQA),
-    `vizwiz_two_stage`, `batch_size`, `seed` (text-to-image sampling), `num_candidates` (text-to-image: images drawn
-    per caption, the one closest to the caption under `clip_model` kept; official 4), and for text-to-image metrics
-    `fid_features` (None: torchmetrics' Inception; a `.pth` of its weights; or a vision model path/Hub id) and
-    `clip_model` (a CLIP path/Hub id; None skips CLIP score). `name`, `dataset_type`, `split` label the results and
-    model-card rows.
+    `vizwiz_two_stage`, `batch_size`, `seed` (text-to-image sampling, and the visual token selection of a tokenizer
+    that samples it), `num_candidates` (text-to-image: images drawn per caption, the one closest to the caption
+    under `clip_model` kept; official 4), and for text-to-image metrics `fid_features` (None: torchmetrics'
+    Inception; a `.pth` of its weights; or a vision model path/Hub id) and `clip_model` (a CLIP path/Hub id; None
+    skips CLIP score). `name`, `dataset_type`, `split` label the results and model-card rows.
     """
 
     task: str

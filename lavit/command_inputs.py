@@ -270,20 +270,24 @@ def load_visual_tokenizer_of(path: str):
     return load_visual_tokenizer(str(folder) if folder is not None else path)
 
 
+def seeded_selection(seed: int, mode: str | None = None, max_tokens: int | None = None):
+    """A `LaVITImageSelection` with a fresh generator seeded with `seed`: a sampled selection repeats run to run."""
+    import torch
+
+    from lavit import LaVITImageSelection
+
+    return LaVITImageSelection(mode=mode, max_tokens=max_tokens, generator=torch.Generator().manual_seed(seed))
+
+
 def per_image_selection(model, pixel_values, seed: int, mode: str | None = None, max_tokens: int | None = None) -> dict:
     """The selection arguments of `generate` for a batch of images (`pixel_values`, (B, 3, H, W)). A sampled
     selection (`mode`, or the visual tokenizer's `selection_mode`) is drawn image by image, each from its own
     generator seeded with `seed`, so an image gets the same visual tokens alone, in any batch and on every run."""
     import torch
 
-    from lavit import LaVITImageSelection
-
-    def selection():
-        return LaVITImageSelection(mode=mode, max_tokens=max_tokens, generator=torch.Generator().manual_seed(seed))
-
     sampled = (mode or model.visual_tokenizer.config.selection_mode) == "sample"
     if not sampled or max_tokens is not None:
-        return {"image_selection": selection()}
-    keep_masks = [model.visual_tokenizer.tokenize(image[None], selection=selection()).keep_mask
+        return {"image_selection": seeded_selection(seed, mode, max_tokens)}
+    keep_masks = [model.visual_tokenizer.tokenize(image[None], selection=seeded_selection(seed, mode)).keep_mask
                   for image in pixel_values]
     return {"image_keep_mask": torch.cat(keep_masks)}

@@ -70,12 +70,9 @@ FILE_OUTPUTS = {
 def image_selection(args):
     """The selector options of one image (`LaVITImageSelection`): a generator seeded from `--seed`, so sampling repeats
     run to run."""
-    import torch
+    from lavit.command_inputs import seeded_selection
 
-    from lavit import LaVITImageSelection
-
-    return LaVITImageSelection(mode=args.selection or None, max_tokens=getattr(args, "budget", None) or None,
-                               generator=torch.Generator().manual_seed(args.seed))
+    return seeded_selection(args.seed, args.selection or None, getattr(args, "budget", None) or None)
 
 
 def selection_inputs(model, pixel_values, args) -> dict:

@@ -184,6 +184,15 @@ def resolve_model_folder(path: str) -> tuple[Path | None, dict | None]:
         if not isinstance(adapter, dict) or not adapter.get("base_model_name_or_path"):
             raise CommandError(f"{path} is a PEFT adapter folder whose adapter_config.json names no "
                                f"base_model_name_or_path: set it to the model the adapter was trained on")
+        base = adapter["base_model_name_or_path"]
+        relative = not Path(base).expanduser().is_absolute() and not Path(base).expanduser().exists()
+        # a relative path PEFT recorded from the folder training ran in: found beside the adapter, it is not a Hub id
+        beside = next((ancestor / base for ancestor in folder.resolve().parents if (ancestor / base).is_dir()), None)
+        if relative and (looks_like_local_path(base) or beside is not None):
+            found = f" (there is {beside}: set it to that, if it is the base)" if beside is not None else ""
+            raise CommandError(f"{folder / 'adapter_config.json'} names base_model_name_or_path {base!r}, a relative "
+                               f"path, which is not found from the current folder ({Path.cwd()}): run from the folder "
+                               f"the adapter was trained in, or set it to the base model's absolute path{found}")
         return folder, adapter
     try:  # a pipeline folder, or its language_model/ sub-folder, means its language model (`language_model_folders`)
         folders = language_model_folders(folder, with_processor=False) if folder.is_dir() else None

@@ -40,7 +40,7 @@ from .modeling_lavit_detokenizer import (
     require_diffusers,
 )
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
-from .saving_lavit import code_files, loaded_from, save_beside_sources
+from .saving_lavit import code_files, loaded_from, refuse_unfinished_save, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
 from .validation_lavit import GUIDANCE_SCALE, POSITIVE_INT, Choice, Each, Range
 
@@ -265,6 +265,7 @@ class LaVITPipeline(DiffusionPipeline):
             hub_kwargs = {name: kwargs[name] for name in ("cache_dir", "revision", "token", "local_files_only")
                           if name in kwargs}
             folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
+        refuse_unfinished_save(folder)
         dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
         trust_remote_code = kwargs.get("trust_remote_code", False)
         loaders = _component_loaders(trust_remote_code)

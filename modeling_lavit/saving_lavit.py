@@ -24,6 +24,12 @@ A destination that contains a source folder, or is a folder of files inside one,
 model saved over the pipeline folder holding it). A new or empty folder inside a source (a `Trainer` checkpoint in
 the model's folder) holds none of the source's files and is allowed. Sources that are not local folders (Hub ids) are
 not compared.
+
+A save that is stopped (killed, a full disk) leaves a folder of cut or mixed files: each save first records in the
+destination's marker that it is under way (`"saving"`: the files it may write or remove, or `"*"` for a folder that
+was empty), and clears it once every file is in place. Loading a folder whose marker, or an ancestor's, still says so
+is refused with [`UnfinishedSaveError`] (transformers would load the mixed weights without a word); the next save into
+it may replace those files, and so completes it.
 """
 
 import hashlib
@@ -126,6 +132,7 @@ def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Pat
         raise NotLavitFilesError(f"save_directory {save_directory} is a file, not a folder: choose a folder")
     if not _holds_files(target):  # nothing there to overwrite, remove or read from: written in place
         target.mkdir(parents=True, exist_ok=True)
+        _begin_saving(target, None)
         result = save(target)
         record_saved_files(target, sorted(path.relative_to(target) for path in target.rglob("*")
                                           if path.is_file() and path.name != MARKER_FILE))
@@ -190,6 +197,7 @@ def _move_into(staging: Path, target: Path, save_directory, what: str, own_files
                 f"{', ...' if len(theirs) > 5 else ''}) that saving this {what} there would overwrite or remove: "
                 f"save into a new or empty folder, or move those files out first"
             )
+    _begin_saving(target, written + stale)
     for relative in written:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / relative, target / relative)
@@ -200,6 +208,30 @@ def _move_into(staging: Path, target: Path, save_directory, what: str, own_files
 
 class NotLavitFilesError(FileExistsError):
     """`save_pretrained` into a folder holding files lavit did not write that the save would overwrite or remove."""
+
+
+class UnfinishedSaveError(OSError):
+    """Loading a folder a save of lavit was writing when it stopped: its files may be cut short or mix two saves."""
+
+
+def refuse_unfinished_save(pretrained_model_name_or_path) -> None:
+    """Raises [`UnfinishedSaveError`] when `pretrained_model_name_or_path` is a local folder that a save of lavit, or
+    a save of a folder holding it (a pipeline's `language_model/`), began and did not finish. Every `from_pretrained`
+    of lavit calls it first; a Hub id is not a local folder and is not checked."""
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        return
+    folder = Path(pretrained_model_name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    folder = folder.resolve()
+    for candidate in (folder, *folder.parents):
+        marker = read_marker(candidate)
+        if marker is not None and marker.get("saving"):
+            raise UnfinishedSaveError(
+                f"{pretrained_model_name_or_path} was being saved when that save stopped ({candidate / MARKER_FILE} "
+                f"still says \"saving\"), so its files may be cut short or mix two saves: run the same save into "
+                f"{candidate} again to finish it, or load another copy"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- lavit's marker
@@ -251,14 +283,17 @@ def read_marker(folder: Path) -> dict | None:
 def written_by_lavit(target: Path, relative: Path) -> bool:
     """True when the file `target / relative` is lavit's, unchanged: a marker in `target` or in a folder between it
     and the file records it (or vouches for its whole folder: a marker without a file list, of a folder lavit
-    made)."""
+    made), or names it among the files of a save that did not finish ([`_begin_saving`]: whatever it holds now is
+    that save's)."""
     for depth in range(len(relative.parts)):
         folder = target.joinpath(*relative.parts[:depth])
         marker = read_marker(folder)
         if marker is None:
             continue
-        recorded = marker.get("files")
+        recorded, saving = marker.get("files"), marker.get("saving")
         name = str(Path(*relative.parts[depth:]))
+        if saving == "*" or (isinstance(saving, list) and name in saving):
+            return True
         if recorded is None or (isinstance(recorded, list) and name in recorded):
             return True
         if isinstance(recorded, dict) and name in recorded and unchanged(target / relative, recorded[name]):
@@ -266,25 +301,50 @@ def written_by_lavit(target: Path, relative: Path) -> bool:
     return False
 
 
-def record_saved_files(target: Path, written: list[Path], removed: list[Path] = ()) -> None:
-    """Records in `target`'s marker the files a save wrote there (a marker without a file list vouches for its whole
-    folder already and stays so)."""
-    if not written and not removed:  # e.g. a process other than the main one of a distributed save
+def _begin_saving(target: Path, names: list[Path] | None) -> None:
+    """Records in `target`'s marker, before a save writes, moves or removes anything there, that it is under way and
+    which files it may touch (`names`; None: all, `target` held none). A save that stops before
+    [`record_saved_files`] leaves the record: loading refuses the folder, and the next save may replace those files.
+    A record left by an earlier save that stopped is widened, never narrowed."""
+    if _inside_staging(target):
         return
-    if any(part.startswith(".") and STAGING_INFIX in part for part in target.parts):
-        return  # a part saved into the staging folder of a whole (a pipeline's component): the whole records it
+    marker = read_marker(target) or {"made_by": "lavit", "kind": "saved", "lavit_version": _version(), "files": {}}
+    before = marker.get("saving")
+    if names is None or before == "*":
+        marker["saving"] = "*"
+    else:
+        marker["saving"] = sorted(set(before if isinstance(before, list) else []) | {str(name) for name in names})
+    _write_marker(target, marker)
+
+
+def record_saved_files(target: Path, written: list[Path], removed: list[Path] = ()) -> None:
+    """Records in `target`'s marker the files a save wrote there, and that the save finished (a marker without a file
+    list vouches for its whole folder already and stays so)."""
+    if _inside_staging(target):
+        return
     marker = read_marker(target)
+    if not written and not removed and not (marker or {}).get("saving"):
+        return  # e.g. a process other than the main one of a distributed save
     if marker is None:
         marker = {"made_by": "lavit", "kind": "saved", "lavit_version": _version(), "files": {}}
+    marker.pop("saving", None)
     recorded = marker.get("files")
-    if recorded is None:
-        return
-    if isinstance(recorded, list):  # a marker of lavit <= 0.x: names only
-        recorded = dict.fromkeys(recorded)
-    for relative in removed:
-        recorded.pop(str(relative), None)
-    recorded.update({str(relative): file_record(target / relative) for relative in written})
-    marker["files"] = recorded
+    if recorded is not None:
+        if isinstance(recorded, list):  # a marker of lavit <= 0.x: names only
+            recorded = dict.fromkeys(recorded)
+        for relative in removed:
+            recorded.pop(str(relative), None)
+        recorded.update({str(relative): file_record(target / relative) for relative in written})
+        marker["files"] = recorded
+    _write_marker(target, marker)
+
+
+def _inside_staging(target: Path) -> bool:
+    """True for a part saved into the staging folder of a whole (a pipeline's component): the whole records it."""
+    return any(part.startswith(".") and STAGING_INFIX in part for part in target.parts)
+
+
+def _write_marker(target: Path, marker: dict) -> None:
     temporary = target / f"{MARKER_FILE}.{os.getpid()}.tmp"
     temporary.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, target / MARKER_FILE)
@@ -307,7 +367,15 @@ class SaveBesideSourcesMixin:
         processor, a pipeline its model and processor)."""
         return [self]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """The library's `from_pretrained`, refusing a local folder a save did not finish ([`UnfinishedSaveError`])."""
+        refuse_unfinished_save(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if not kwargs.get("is_main_process", True):  # a distributed save writes its files from the main process only
+            return self._save_folder(Path(save_directory), *args, **kwargs)
         return save_beside_sources(lambda folder: self._save_folder(folder, *args, **kwargs), save_directory,
                                    loaded_from(*self.source_objects()), type(self).__name__)
 
@@ -317,6 +385,6 @@ class SaveBesideSourcesMixin:
         return super().save_pretrained(folder, *args, **kwargs)
 
 
-__all__ = ["MARKER_FILE", "NotLavitFilesError", "SaveBesideSourcesMixin", "SourceFolderError", "code_files",
-           "file_record", "loaded_from", "read_marker", "record_saved_files", "remember_source", "save_beside_sources",
-           "unchanged", "written_by_lavit"]
+__all__ = ["MARKER_FILE", "NotLavitFilesError", "SaveBesideSourcesMixin", "SourceFolderError", "UnfinishedSaveError",
+           "code_files", "file_record", "loaded_from", "read_marker", "record_saved_files", "refuse_unfinished_save",
+           "remember_source", "save_beside_sources", "unchanged", "written_by_lavit"]

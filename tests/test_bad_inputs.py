@@ -6,6 +6,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -632,6 +633,34 @@ def test_an_adapter_folder_loads_in_every_model_command(tmp_path, capsys, decodi
     exported = LaVITForCausalLM.from_pretrained(tmp_path / "hub").state_dict()
     assert all(torch.equal(exported[name], tensor) for name, tensor in merged.state_dict().items())
 
+
+
+def test_an_adapters_base_means_one_folder_from_wherever_it_is_loaded(tmp_path, monkeypatch, capsys, decoding_folder,
+                                                                       photo_file):
+    """PEFT records the base model as it was given: an adapter trained from `--model runs/final` named a relative
+    path, so loaded from another folder it meant another folder (or none). lavit's fine-tuning records the base's
+    absolute path; an adapter naming a relative base not found from the current folder is refused by name."""
+    from types import SimpleNamespace
+
+    from lavit.training.models import load_model_for_finetuning
+
+    shutil.copytree(decoding_folder, tmp_path / "runs" / "final")
+    monkeypatch.chdir(tmp_path)
+    script_args = SimpleNamespace(model="runs/final", task="caption", qlora=False, lora=True, lora_r=4, lora_alpha=8,
+                                  lora_dropout=0.0, lora_target_modules="q_proj,v_proj")
+    model = load_model_for_finetuning(script_args, SimpleNamespace(gradient_checkpointing=False))
+    model.save_pretrained(tmp_path / "adapter")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "runs" / "final").resolve())
+    adapter_config["base_model_name_or_path"] = "runs/final"  # what PEFT alone records
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    code, _, err = run(capsys, "caption", photo_file, "--model", "adapter", "--max-new-tokens", 2)
+    assert code == 0, err[-2000:]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run(capsys, "caption", photo_file, "--model", tmp_path / "adapter", "--max-new-tokens", 2)
+    assert code != 0 and "names base_model_name_or_path 'runs/final', a relative path" in err, err[-2000:]
+    assert "Traceback" not in err
 
 def test_the_skipped_share_is_enforced_in_one_place():
     from lavit.training.data import BadRecordCounter, TooManyBadRecordsError

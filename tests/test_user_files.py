@@ -484,3 +484,62 @@ def test_the_attacks_shard_names_in_a_users_pipeline_folder_survive(tmp_path, la
         pipe.save_pretrained(user)
     assert sorted(str(path.relative_to(user)) for path in user.rglob("*") if path.is_file()) == [
         "language_model/model-00001-of-00003.safetensors", "unet/diffusion_pytorch_model-00001-of-00009.safetensors"]
+
+
+def folder_loader(obj):
+    """How the folder `obj` saves is loaded: its class's `from_pretrained` (a transformers pipeline has none: its
+    model's)."""
+    from transformers import Pipeline
+
+    return type(obj.model).from_pretrained if isinstance(obj, Pipeline) else type(obj).from_pretrained
+
+
+def test_a_save_stopped_anywhere_is_refused_on_load_and_finished_by_the_next_save(
+        tmp_path, monkeypatch, lavit_model, lavit_processor):
+    """A kill mid-save left a folder of cut or mixed files that loaded without a word (and, for a new folder, that the
+    next save refused as the user's: a Trainer resumed over a killed checkpoint stopped). Every class of lavit that
+    saves, stopped after the library wrote a new folder and before lavit recorded it, or after some files of a save
+    over its earlier save were moved in: loading the folder (or a part of it) is refused, and the same save again
+    finishes it."""
+    from lavit.modeling import saving_lavit
+
+    real_replace = os.replace
+    for name, build in saving_instances(tmp_path, lavit_model, lavit_processor).items():
+        obj, _ = build()
+        load = folder_loader(obj)
+        saved = tmp_path / "stopped" / name
+        library_save = type(obj)._save_folder
+
+        def save_then_stop(self, folder, *args, library_save=library_save, **kwargs):
+            library_save(self, folder, *args, **kwargs)
+            raise OSError("No space left on device (the test's)")
+
+        monkeypatch.setattr(type(obj), "_save_folder", save_then_stop)
+        with pytest.raises(OSError, match="the test's"):
+            obj.save_pretrained(saved)
+        monkeypatch.setattr(type(obj), "_save_folder", library_save)
+        parts = [saved, *(path.parent for path in saved.glob("*/config.json"))]  # a pipeline's language_model/
+        for part in parts:
+            with pytest.raises(saving_lavit.UnfinishedSaveError.__base__, match="was being saved when that save"):
+                load(part) if part == saved else __import__("lavit").LaVITForCausalLM.from_pretrained(part)
+        obj.save_pretrained(saved)
+        load(saved)
+
+        moved = []
+
+        def replace_then_stop(source, destination, moved=moved):
+            if saving_lavit.STAGING_INFIX in str(source):
+                moved.append(destination)
+                if len(moved) == 2:  # one file of the new save in place, the others still the old save's
+                    raise OSError("No space left on device (the test's)")
+            return real_replace(source, destination)
+
+        monkeypatch.setattr(os, "replace", replace_then_stop)
+        with pytest.raises(OSError, match="the test's"):
+            obj.save_pretrained(saved)
+        monkeypatch.setattr(os, "replace", real_replace)
+        with pytest.raises(saving_lavit.UnfinishedSaveError, match=f"run the same save into {saved}"):
+            load(saved)
+        obj.save_pretrained(saved)
+        assert "saving" not in saving_lavit.read_marker(saved), name
+        load(saved)

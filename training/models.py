@@ -109,6 +109,8 @@ def load_model_for_finetuning(script_args, training_args) -> LaVITForCausalLM:
         model = get_peft_model(model, lora_config(script_args.lora_target_modules, r=script_args.lora_r,
                                                   lora_alpha=script_args.lora_alpha,
                                                   lora_dropout=script_args.lora_dropout))
+        if Path(model_path).expanduser().is_dir():  # the adapter's base, found from any folder it is loaded from
+            model.peft_config["default"].base_model_name_or_path = str(Path(model_path).expanduser().resolve())
     return model
 
 

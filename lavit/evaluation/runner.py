@@ -171,13 +171,17 @@ class PredictionWriter:
 
 
 def sample_digest(sample: EvalSample) -> str:
-    """What a prediction is made from: the id, the image (a file by resolved path, size and modification time; a
-    dataset row by the dataset's fingerprint; an in-memory image by its pixels), the question and the prompt text."""
+    """What a prediction is made from: the id, the image (a file by resolved path and the SHA-256 of its bytes: an
+    image swapped in with its size and modification time set back is another image; a dataset row by the dataset's
+    fingerprint; an in-memory image by its pixels), the question and the prompt text."""
     image = sample.image
     if isinstance(image, str | os.PathLike):
         path = Path(image).resolve()
-        stat = path.stat() if path.is_file() else None
-        image = [str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+        content = None
+        if path.is_file():
+            with open(path, "rb") as handle:
+                content = hashlib.file_digest(handle, "sha256").hexdigest()
+        image = [str(path), content]
     elif isinstance(image, DatasetImage):
         image = [getattr(image.dataset, "_fingerprint", None), image.column, image.index]
     elif hasattr(image, "tobytes"):

@@ -569,3 +569,25 @@ def test_a_reference_that_is_not_text_fails_its_sample(tmp_path):
         with pytest.raises(ValueError, match="must be text"):
             check_sample(EvalSample("q1", str(tmp_path / "photo.png"), question="how many?",
                                     references=references), "vqa")
+
+
+def test_an_image_swapped_in_with_its_size_and_times_set_back_is_not_taken_for_the_old_one(tmp_path):
+    """A resumed evaluation kept the prediction of an image replaced by another of the same size whose modification
+    time was set back (`touch -r`, `rsync -t`, a restored backup): the sample's identity is the image's bytes."""
+    from lavit.evaluation import EvalSample
+    from lavit.evaluation.runner import PredictionWriter, pending_batches, sample_digest
+    from lavit.resumable import ResumeMismatchError
+
+    path = tmp_path / "photo.bmp"  # uncompressed: another image of the same size has the same file size
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(path)
+    sample = EvalSample("1", str(path), references=["a photo"])
+    writer = PredictionWriter(tmp_path / "out" / "predictions-0.jsonl")
+    writer.write({"id": "1", "prediction": "a grey square", "input": sample_digest(sample)})
+    writer.close()
+    assert pending_batches([sample], tmp_path / "out", 1) == []
+    times = os.stat(path)
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(path)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert os.stat(path).st_size == times.st_size and os.stat(path).st_mtime_ns == times.st_mtime_ns
+    with pytest.raises(ResumeMismatchError, match="other data under the same id"):
+        pending_batches([sample], tmp_path / "out", 1)

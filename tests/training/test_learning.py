@@ -65,11 +65,11 @@ def test_stage2_and_finetuning_on_digits_answer_and_draw_above_chance(tmp_path):
     processor = LaVITProcessor.from_pretrained(finetuned)
     pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
     caption_accuracy = evaluate(pretrained_model, processor, images, labels)["caption_accuracy"]
-    # 100 images generated for "the digit N" (10 per class): 20 or more nearest to their class has probability ~0.002
-    # at chance (0.10)
-    drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, train_images, train_labels)
+    # 200 images generated for "the digit N" (20 per class: with 10 per class one run measured 0.19, under a bar of
+    # 0.2; with 20, 0.28): 34 or more nearest to their class has probability ~0.0015 at chance (0.10)
+    drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, train_images, train_labels, per_class=20)
     print(f"text-to-image class accuracy {drawing_accuracy:.2f}")
-    assert drawing_accuracy >= 0.2, drawing_accuracy
+    assert drawing_accuracy >= 0.17, drawing_accuracy
     vqa_accuracy = evaluate(LaVITForCausalLM.from_pretrained(finetuned), processor, images, labels)["vqa_accuracy"]
     # held-out answers, 100 unseen digits: 20 or more right has probability ~0.002 at chance (0.10); observed
     # 0.29-0.35 over five runs with the former 64-code tokenizer, 0.33 in one run with 256 codes. Caption accuracy

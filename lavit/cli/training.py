@@ -63,5 +63,5 @@ def run_training(command: str, argv: list[str]) -> None:
     arguments = stage.make_parser(commands).parse_args_and_config(argv)
     name, model_types = TRAINING_MODEL_ARGUMENTS[command]
     if getattr(arguments[0], name):
-        require_folder(getattr(arguments[0], name), model_types)
+        require_folder(getattr(arguments[0], name), model_types, f"--{name}")
     stage.main(*arguments)

@@ -101,7 +101,7 @@ class LaVITLmms(lmms):
         settings = {"dtype": getattr(torch, dtype)} if dtype else {}
         # a model folder, a LaVITPipeline folder (or its language_model/), a PEFT adapter folder or a Hub id, as for
         # every lavit command
-        self.model, self.processor = load_lavit_model(pretrained, **settings)
+        self.model, self.processor = load_lavit_model(pretrained, "pretrained=", **settings)
         self.model.eval().to(self._device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)

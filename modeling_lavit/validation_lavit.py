@@ -297,6 +297,16 @@ def kv_cache_bytes(text_config, rows: int, length: int, dtype_bytes: int) -> int
     return 2 * text_config.num_hidden_layers * heads * head_dim * rows * length * dtype_bytes
 
 
+def room_advice(flag: str, context: int, taken: int, taken_by: str, shorter: str, also: str = "") -> str:
+    """The fix when `taken` tokens (of `taken_by`) plus what `flag` asks for exceed a `context`: the largest `flag`
+    that fits, or, when `taken_by` alone leaves no room for one token, how long it is and what to shorten (never a
+    bound of 0 or below)."""
+    if context - taken >= 1:
+        return f"give {flag} <= {context - taken}{also}"
+    return (f"{taken_by} alone is {taken} tokens, which leaves no room in the context of {context} for any "
+            f"{flag}: give {shorter} (at most {context - 1} tokens, to leave room for one)")
+
+
 def check_generation_budget(
     text_config, prompt_length: int, max_new_tokens: int, rows: int, dtype_bytes: int = 4, device=None,
     what: str = "generate", given_length: int | None = None,
@@ -322,8 +332,8 @@ def check_generation_budget(
         fewer = " or fewer visual tokens (image_selection={'max_tokens': N})" if visual > 0 else ""
         raise ValueError(
             f"{what}: a prompt of {prompt_length} tokens{counted} + max_new_tokens={max_new_tokens} is {total} "
-            f"tokens, more than the model's context length of {context} (max_position_embeddings): give "
-            f"max_new_tokens <= {max(context - prompt_length, 0)}{fewer}"
+            f"tokens, more than the model's context length of {context} (max_position_embeddings): "
+            + room_advice("max_new_tokens", context, prompt_length, "the prompt", f"a shorter prompt{fewer}", fewer)
         )
     check_memory(f"{what} ({rows} sequences of up to {total} tokens: the KV cache)",
                  kv_cache_bytes(text_config, rows, total, dtype_bytes), device,
@@ -332,5 +342,5 @@ def check_generation_budget(
 
 __all__ = [
     "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_nested_config",
-    "check_generation_budget", "check_memory",
+    "check_generation_budget", "check_memory", "room_advice",
 ]

@@ -5,12 +5,12 @@ import types
 
 import datasets
 import pytest
-from PIL import Image
-
-from lavit.cli import main
 from lavit.training.arguments import FinetuningArguments, PretrainingArguments, TokenizerTrainingArguments
 from lavit.training.evaluation import split_eval_records
 from lavit.training.presets import PRESETS, apply_preset, explained_by_preset
+from PIL import Image
+
+from lavit.cli import main
 
 STAGE_ARGUMENTS = {"tokenizer": TokenizerTrainingArguments, "pretrain": PretrainingArguments,
                    "finetune": FinetuningArguments}

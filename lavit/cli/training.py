@@ -66,7 +66,4 @@ def run_training(command: str, argv: list[str]) -> None:
     name, model_types = TRAINING_MODEL_ARGUMENTS[command]
     if getattr(arguments[0], name):
         require_folder(getattr(arguments[0], name), model_types, f"--{name}")
-    from lavit.training.presets import explained_by_preset
-
-    with explained_by_preset(arguments[0]):  # a flag the preset filled in is named as the preset's in an error
-        stage.main(*arguments)
+    stage.main(*arguments)

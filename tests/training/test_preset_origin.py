@@ -23,8 +23,19 @@ def preset_cases():
                 yield pytest.param(stage, name, setting, id=f"{stage}-{name}-{setting}")
 
 
-def test_every_stage_with_a_preset_is_enumerated():
+def test_every_stage_with_a_preset_explains_its_errors():
+    """Each stage script with a preset runs inside `explained_by_preset` (`lavit COMMAND` and `python -m` alike)."""
+    import importlib
+    import inspect
+
+    from lavit.cli.training import TRAINING_COMMANDS
+
     assert set(STAGE_ARGUMENTS) == set(PRESETS)
+    for module_name in TRAINING_COMMANDS.values():
+        module = importlib.import_module(module_name)
+        arguments = inspect.signature(module.main).parameters["script_args"].annotation
+        if any(arguments is STAGE_ARGUMENTS[stage] for stage in PRESETS):
+            assert "with explained_by_preset(script_args)" in inspect.getsource(module.main), module_name
 
 
 @pytest.mark.parametrize(("stage", "name", "setting"), list(preset_cases()))

@@ -424,9 +424,8 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
         if streamer is not None:
             streamer.put(input_ids.cpu())
         # 6. decode step by step until every row has closed its image
-        generated = self._decode_visual_tokens(
-            decode, cache, sampler, hidden_states, attention_mask, position_ids, max_new_tokens, streamer
-        )
+        generated = self._decode_visual_tokens(decode, cache, sampler, hidden_states, attention_mask, position_ids,
+                                               max_new_tokens, streamer)
         # 7. pack: code + 1 per step, 0 from [/IMG] on
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))

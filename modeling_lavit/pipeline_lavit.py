@@ -465,10 +465,8 @@ class LaVITPipeline(DiffusionPipeline):
         self.check_decode_request(height, width, num_inference_steps, prompts * num_images_per_prompt, guidance_scale)
         if token_guidance_scale is not None:
             token_generation_kwargs["guidance_scale"] = token_guidance_scale
-        settings = LaVITImageGenerationConfig.resolve(
-            token_generation_config, {**token_generation_kwargs, "num_images_per_prompt": num_images_per_prompt},
-            caller=self.__call__,
-        )
+        settings = LaVITImageGenerationConfig.resolve(token_generation_config, {
+            **token_generation_kwargs, "num_images_per_prompt": num_images_per_prompt}, caller=self.__call__)
         # 2. stage 1: the language model writes the visual tokens of every image
         inputs = self.encode_prompt(prompt, negative_prompt, image, self._execution_device)
         tokens = self.generate_visual_tokens(inputs, generator, {"generation_config": settings})

@@ -16,7 +16,7 @@ import lavit.processing
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
 from lavit.modeling.generation_lavit import PIPELINE_FILE
-from lavit.modeling.pipeline_lavit import CUSTOM_COMPONENT_MODULES, PIPELINE_MODULE
+from lavit.modeling.pipeline_lavit import CUSTOM_COMPONENT_MODULES, PIPELINE_MODULE, language_model_folders
 from lavit.modeling.saving_lavit import code_files
 from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor
@@ -151,7 +151,8 @@ def export_model(source, output_dir, metadata: dict | None = None, repo_id: str 
                  max_shard_size: str = "5GB") -> Path:
     """
     Writes the Hub folder of the LaVIT model or `LaVITPipeline` folder `source` to `output_dir` (see
-    [`export_loaded`]); the source's `lavit_run.json` is updated by `metadata`.
+    [`export_loaded`]); the source's `lavit_run.json` is updated by `metadata`. A pipeline's `language_model/`
+    sub-folder exports its language model with the pipeline's processor (`language_model_folders`).
     """
     source, output_dir = Path(source), Path(output_dir)
     is_pipeline = (source / "model_index.json").is_file() or (source / "detokenizer" / "config.json").is_file()
@@ -171,8 +172,10 @@ def export_model(source, output_dir, metadata: dict | None = None, repo_id: str 
                              f".save_pretrained(new)), then export that folder")
         return export_loaded(pipe.language_model, pipe.processor, output_dir, metadata, repo_id, max_shard_size,
                              pipeline=pipe)
-    model = LaVITForCausalLM.from_pretrained(source)
-    processor = LaVITProcessor.from_pretrained(source)
+    # a model folder, or a pipeline's language_model/ (its processor is the pipeline's): the one resolver's answer
+    model_folder, processor_folder = language_model_folders(source) or (source, source)
+    model = LaVITForCausalLM.from_pretrained(model_folder)
+    processor = LaVITProcessor.from_pretrained(processor_folder)
     return export_loaded(model, processor, output_dir, metadata, repo_id, max_shard_size)
 
 

@@ -164,12 +164,28 @@ def newest_complete_checkpoint(folder: Path) -> Path | None:
     return Path(checkpoint) if checkpoint else None
 
 
-def resolve_model_folder(path: str) -> tuple[Path | None, dict | None]:
+# what marks a folder as something a `--model` may name: a model (and a tokenizer) folder, a `LaVITPipeline` folder
+# (stage 3's `final/`), a PEFT adapter folder (an unmerged LoRA run's `final/`)
+MODEL_FOLDER_FILES = ("config.json", "model_index.json", "adapter_config.json")
+
+
+def is_model_folder(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in MODEL_FOLDER_FILES)
+
+
+def given_as(flag: str, value) -> str:
+    """`value` as the user gives it through `flag`: `--model X`, or `pretrained=X` for a `key=` argument (lmms-eval's
+    `model_args`, a Python keyword)."""
+    return f"{flag}{value}" if flag.endswith("=") else f"{flag} {value}"
+
+
+def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None, dict | None]:
     """
     The local model folder a `--model` value means, and its PEFT adapter config when it is an adapter folder (its
     `adapter_config.json` names the base model); `(None, None)` for a Hub id. Raises [`CommandError`] naming the fix
-    for a local path that does not exist, and for a training run's folder (it points at `final/` or the newest
-    complete checkpoint).
+    for a local path that does not exist, and for a training run's folder (it points at `final/`, whatever kind of
+    folder that is, or the newest complete checkpoint). `flag`: how the user gave `path` (`--model`,
+    `--visual_tokenizer`, `pretrained=`), so the fix names what they typed.
     """
     folder = Path(path).expanduser()
     if not folder.exists():
@@ -177,46 +193,51 @@ def resolve_model_folder(path: str) -> tuple[Path | None, dict | None]:
             raise CommandError(f"model folder not found: {path} (no such local folder)")
         return None, None
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        try:
-            adapter = json.loads((folder / "adapter_config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CommandError(f"{folder / 'adapter_config.json'} is not valid JSON: {error}") from error
-        if not isinstance(adapter, dict) or not adapter.get("base_model_name_or_path"):
-            raise CommandError(f"{path} is a PEFT adapter folder whose adapter_config.json names no "
-                               f"base_model_name_or_path: set it to the model the adapter was trained on")
-        base = adapter["base_model_name_or_path"]
-        relative = not Path(base).expanduser().is_absolute() and not Path(base).expanduser().exists()
-        # a relative path PEFT recorded from the folder training ran in: found beside the adapter, it is not a Hub id
-        beside = next((ancestor / base for ancestor in folder.resolve().parents if (ancestor / base).is_dir()), None)
-        if relative and (looks_like_local_path(base) or beside is not None):
-            found = f" (there is {beside}: set it to that, if it is the base)" if beside is not None else ""
-            raise CommandError(f"{folder / 'adapter_config.json'} names base_model_name_or_path {base!r}, a relative "
-                               f"path, which is not found from the current folder ({Path.cwd()}): run from the folder "
-                               f"the adapter was trained in, or set it to the base model's absolute path{found}")
-        return folder, adapter
+        return folder, adapter_config(folder, path)
     try:  # a pipeline folder, or its language_model/ sub-folder, means its language model (`language_model_folders`)
         folders = language_model_folders(folder, with_processor=False) if folder.is_dir() else None
     except ValueError as error:
         raise CommandError(str(error)) from error
     if folders is not None:
         return folders[0], None
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        candidates = [folder / "final"] if (folder / "final" / "config.json").is_file() else []
+    if folder.is_dir() and not is_model_folder(folder):
+        candidates = [folder / "final"] if is_model_folder(folder / "final") else []
         checkpoint = newest_complete_checkpoint(folder)
         candidates += [checkpoint] if checkpoint else []
         if candidates:
-            raise CommandError(f"{path} is a training run's folder, not a model folder: use --model "
-                               f"{' or --model '.join(map(str, candidates))}")
+            raise CommandError(f"{path} is a training run's folder, not a model folder: use "
+                               f"{' or '.join(given_as(flag, candidate) for candidate in candidates)}")
     return folder, None
 
 
-def load_lavit_model(path: str, **kwargs):
+def adapter_config(folder: Path, path: str) -> dict:
+    """The `adapter_config.json` of a PEFT adapter folder, whose base model must be found from here."""
+    try:
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CommandError(f"{folder / 'adapter_config.json'} is not valid JSON: {error}") from error
+    if not isinstance(adapter, dict) or not adapter.get("base_model_name_or_path"):
+        raise CommandError(f"{path} is a PEFT adapter folder whose adapter_config.json names no "
+                           f"base_model_name_or_path: set it to the model the adapter was trained on")
+    base = adapter["base_model_name_or_path"]
+    relative = not Path(base).expanduser().is_absolute() and not Path(base).expanduser().exists()
+    # a relative path PEFT recorded from the folder training ran in: found beside the adapter, it is not a Hub id
+    beside = next((ancestor / base for ancestor in folder.resolve().parents if (ancestor / base).is_dir()), None)
+    if relative and (looks_like_local_path(base) or beside is not None):
+        found = f" (there is {beside}: set it to that, if it is the base)" if beside is not None else ""
+        raise CommandError(f"{folder / 'adapter_config.json'} names base_model_name_or_path {base!r}, a relative "
+                           f"path, which is not found from the current folder ({Path.cwd()}): run from the folder "
+                           f"the adapter was trained in, or set it to the base model's absolute path{found}")
+    return adapter
+
+
+def load_lavit_model(path: str, flag: str = "--model", **kwargs):
     """`LaVITForCausalLM` and `LaVITProcessor` of a model folder, a Hub id, or a PEFT adapter folder (the base model
     named in its `adapter_config.json`, with the adapters merged; the processor of the adapter folder when it has
-    one, else the base's)."""
+    one, else the base's). `flag`: how the user gave `path` (see [`resolve_model_folder`])."""
     from lavit import LaVITForCausalLM, LaVITProcessor
 
-    folder, adapter = resolve_model_folder(path)
+    folder, adapter = resolve_model_folder(path, flag)
     if adapter is None:
         try:
             folders = language_model_folders(folder) if folder is not None else None  # None: a Hub id
@@ -269,13 +290,13 @@ def weight_mismatches(folder: Path, model_class) -> list[str]:
     return found
 
 
-def load_visual_tokenizer_of(path: str):
+def load_visual_tokenizer_of(path: str, flag: str = "--model"):
     """The visual tokenizer of a tokenizer or LaVIT folder, a Hub id, or a PEFT adapter folder (its merged model's)."""
     from lavit.training.models import load_visual_tokenizer
 
-    folder, adapter = resolve_model_folder(path)
+    folder, adapter = resolve_model_folder(path, flag)
     if adapter is not None:
-        return load_lavit_model(path)[0].model.visual_tokenizer
+        return load_lavit_model(path, flag)[0].model.visual_tokenizer
     return load_visual_tokenizer(str(folder) if folder is not None else path)
 
 

@@ -25,6 +25,7 @@ from .validation_lavit import (
     check_arguments,
     check_fields,
     check_nested_config,
+    unknown_names,
 )
 
 # the first LaVIT file a remote-code folder imports: outside the tested transformers range, fail here with one message
@@ -92,9 +93,9 @@ class LaVITImageSelection:
             dict(value or {})
         given.update(arguments)
         names = [field.name for field in fields(cls)]
-        unknown = sorted(set(given) - set(names))
+        unknown = unknown_names(given, names)
         if unknown:
-            raise ValueError(f"image selection does not take {unknown}; its settings are {names}")
+            raise ValueError(f"image selection does not take {', '.join(unknown)}; its settings are {names}")
         return cls(**given)
 
 

@@ -38,6 +38,8 @@ from .validation_lavit import (
     Range,
     check_fields,
     check_generation_budget,
+    check_keywords,
+    unknown_names,
 )
 
 logger = logging.get_logger(__name__)
@@ -229,9 +231,11 @@ class LaVITImageGenerationConfig:
         check_fields(self, self.field_ranges)
 
     @classmethod
-    def resolve(cls, generation_config: "LaVITImageGenerationConfig | None", kwargs: dict):
+    def resolve(cls, generation_config: "LaVITImageGenerationConfig | None", kwargs: dict, caller=None):
         """`generation_config` (default: the defaults) with `kwargs` replacing its fields; raises `TypeError` for
-        another kind of config or unknown names."""
+        another kind of config or unknown names (naming `caller`, the method the user gave them to)."""
+        if caller is not None:
+            check_keywords(caller, kwargs, [field.name for field in fields(cls)])
         if generation_config is None:
             return cls().updated(**kwargs)
         if not isinstance(generation_config, cls):
@@ -248,9 +252,9 @@ class LaVITImageGenerationConfig:
     def updated(self, **kwargs) -> "LaVITImageGenerationConfig":
         """A copy with `kwargs` replacing fields; raises `TypeError` naming unknown names."""
         names = [field.name for field in fields(self)]
-        unknown = sorted(set(kwargs) - set(names))
+        unknown = unknown_names(kwargs, names)
         if unknown:
-            raise TypeError(f"image generation does not take {unknown}; its settings are {names} (see "
+            raise TypeError(f"image generation does not take {', '.join(unknown)}; its settings are {names} (see "
                             f"LaVITImageGenerationConfig)")
         return replace(self, **kwargs)
 
@@ -397,7 +401,8 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
         - `streamer` (e.g. `transformers.TextStreamer`): the prompt ids, each step's LM ids, then `end()`.
         """
         # 1. settings: the typed config, keyword arguments overriding its fields
-        settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs).for_device(self.device)
+        settings = LaVITImageGenerationConfig.resolve(generation_config, kwargs,
+                                                      caller=self.generate_image_tokens).for_device(self.device)
         min_new_tokens, max_new_tokens = settings.token_limits(self.config.tokenizer_config.num_patches)
         self._check_image_generation_budget(settings, input_ids.shape[0], input_ids.shape[1], max_new_tokens)
         # 2. prompts: embeddings ending with [IMG]; with guidance the unconditional rows follow in the same batch
@@ -419,9 +424,8 @@ class LaVITImageGenerationMixin(LaVITFolderMixin):
         if streamer is not None:
             streamer.put(input_ids.cpu())
         # 6. decode step by step until every row has closed its image
-        generated = self._decode_visual_tokens(
-            decode, cache, sampler, hidden_states, attention_mask, position_ids, max_new_tokens, streamer
-        )
+        generated = self._decode_visual_tokens(decode, cache, sampler, hidden_states, attention_mask, position_ids,
+                                               max_new_tokens, streamer)
         # 7. pack: code + 1 per step, 0 from [/IMG] on
         kept = generated > 0
         return LaVITTokenizationOutput(code_ids=generated[kept] - 1, token_counts=kept.sum(dim=1))

@@ -42,7 +42,7 @@ from .modeling_lavit_detokenizer import (
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .saving_lavit import code_files, loaded_from, refuse_unfinished_save, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
-from .validation_lavit import GUIDANCE_SCALE, POSITIVE_INT, Choice, Each, Range
+from .validation_lavit import GUIDANCE_SCALE, POSITIVE_INT, Choice, Each, Range, check_keywords, keyword_names
 
 try:
     from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -465,9 +465,8 @@ class LaVITPipeline(DiffusionPipeline):
         self.check_decode_request(height, width, num_inference_steps, prompts * num_images_per_prompt, guidance_scale)
         if token_guidance_scale is not None:
             token_generation_kwargs["guidance_scale"] = token_guidance_scale
-        settings = LaVITImageGenerationConfig.resolve(
-            token_generation_config, {**token_generation_kwargs, "num_images_per_prompt": num_images_per_prompt}
-        )
+        settings = LaVITImageGenerationConfig.resolve(token_generation_config, {
+            **token_generation_kwargs, "num_images_per_prompt": num_images_per_prompt}, caller=self.__call__)
         # 2. stage 1: the language model writes the visual tokens of every image
         inputs = self.encode_prompt(prompt, negative_prompt, image, self._execution_device)
         tokens = self.generate_visual_tokens(inputs, generator, {"generation_config": settings})
@@ -486,6 +485,7 @@ class LaVITPipeline(DiffusionPipeline):
         picks how many) -> image: what the discrete tokens keep. `decode_kwargs` are those of [`decode_visual_tokens`]
         (`guidance_scale`, `num_inference_steps`, `generator`, `height`, `width`, `output_type`, ...).
         """
+        check_keywords(self.reconstruct, decode_kwargs, keyword_names(self.decode_visual_tokens) - {"tokens"})
         self.require_language_model("reconstruct (its visual tokenizer)")
         pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
         visual_tokenizer = self.language_model.visual_tokenizer

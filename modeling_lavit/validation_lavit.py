@@ -12,6 +12,8 @@ This file is copied flat into Hub folders with the model code: standard library 
 """
 
 import argparse
+import difflib
+import inspect
 import math
 import numbers
 import os
@@ -297,6 +299,46 @@ def kv_cache_bytes(text_config, rows: int, length: int, dtype_bytes: int) -> int
     return 2 * text_config.num_hidden_layers * heads * head_dim * rows * length * dtype_bytes
 
 
+def unknown_names(given, known) -> list[str]:
+    """The names of `given` that are not `known`, each with the closest known name when there is one:
+    `["'image_selecton' (did you mean 'image_selection'?)"]`."""
+    known = sorted(known)
+    return [f"{name!r}" + (f" (did you mean {matches[0]!r}?)" if matches else "")
+            for name in sorted(set(given) - set(known))
+            for matches in [difflib.get_close_matches(name, known, n=1, cutoff=0.6)]]
+
+
+def keyword_names(function) -> set[str]:
+    """The parameters of `function` that can be given by name."""
+    return {name for name, parameter in inspect.signature(function).parameters.items()
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}
+
+
+def check_keywords(caller, given, known=()) -> None:
+    """
+    The keyword arguments `given` to `caller` (the method the user called, e.g. `pipe.reconstruct`) that it passes on
+    through `**kwargs` must be `known` (what it passes them to takes); raises `TypeError` as Python words it, naming
+    `caller` (not the method it forwards to) and, for each unknown name, the closest name it takes.
+    """
+    known = set(known) | keyword_names(caller)
+    unknown = unknown_names(given, known)
+    if unknown:
+        owner = getattr(caller, "__self__", None)
+        name = f"{type(owner).__name__}.{caller.__name__}" if owner is not None else caller.__qualname__
+        raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                        f"{sorted(known)}")
+
+
+def room_advice(flag: str, context: int, taken: int, taken_by: str, shorter: str, also: str = "") -> str:
+    """The fix when `taken` tokens (of `taken_by`) plus what `flag` asks for exceed a `context`: the largest `flag`
+    that fits, or, when `taken_by` alone leaves no room for one token, how long it is and what to shorten (never a
+    bound of 0 or below)."""
+    if context - taken >= 1:
+        return f"give {flag} <= {context - taken}{also}"
+    return (f"{taken_by} alone is {taken} tokens, which leaves no room in the context of {context} for any "
+            f"{flag}: give {shorter} (at most {context - 1} tokens, to leave room for one)")
+
+
 def check_generation_budget(
     text_config, prompt_length: int, max_new_tokens: int, rows: int, dtype_bytes: int = 4, device=None,
     what: str = "generate", given_length: int | None = None,
@@ -322,8 +364,8 @@ def check_generation_budget(
         fewer = " or fewer visual tokens (image_selection={'max_tokens': N})" if visual > 0 else ""
         raise ValueError(
             f"{what}: a prompt of {prompt_length} tokens{counted} + max_new_tokens={max_new_tokens} is {total} "
-            f"tokens, more than the model's context length of {context} (max_position_embeddings): give "
-            f"max_new_tokens <= {max(context - prompt_length, 0)}{fewer}"
+            f"tokens, more than the model's context length of {context} (max_position_embeddings): "
+            + room_advice("max_new_tokens", context, prompt_length, "the prompt", f"a shorter prompt{fewer}", fewer)
         )
     check_memory(f"{what} ({rows} sequences of up to {total} tokens: the KV cache)",
                  kv_cache_bytes(text_config, rows, total, dtype_bytes), device,
@@ -332,5 +374,5 @@ def check_generation_budget(
 
 __all__ = [
     "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_nested_config",
-    "check_generation_budget", "check_memory",
+    "check_generation_budget", "check_keywords", "check_memory", "keyword_names", "room_advice", "unknown_names",
 ]

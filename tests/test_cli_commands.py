@@ -88,6 +88,41 @@ def test_a_mistyped_flag_prints_that_commands_usage(command, capsys):
     assert "COMMAND ..." not in err  # not the top-level usage
 
 
+def typo(flag: str) -> str:
+    """`--model` -> `--modle`: the last two letters of the name swapped (a flag no parser has)."""
+    return flag[:-2] + flag[-1] + flag[-2]
+
+
+def every_parser():
+    """(name, parser) of the top-level parser and every command's, the stages' full dataclass parsers included."""
+    yield "lavit", build_parser()
+    yield from command_parsers().items()
+
+
+@pytest.mark.parametrize(("name", "parser"), list(every_parser()), ids=[name for name, _ in every_parser()])
+def test_no_parser_takes_abbreviations(name, parser):
+    assert parser.allow_abbrev is False, name
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_mistyped_flag_is_reported_before_a_missing_one(command, capsys):
+    """#24 §8: `lavit caption --modle M` said "the following arguments are required: --model". Every flag of every
+    command, mistyped (and abbreviated) with nothing else given: the unknown flag is named, with the one meant."""
+    parser = command_parsers()[command]
+    flags = [action.option_strings[0] for action in own_flags(parser) if action.option_strings[0].startswith("--")]
+    flags = [flag for flag in flags if len(flag) > 4 and typo(flag) not in parser._option_string_actions]
+    for flag in flags:
+        for wrong in (typo(flag), flag[:-1]):
+            if wrong in parser._option_string_actions:
+                continue
+            with pytest.raises(SystemExit) as exit_info:
+                main([command, wrong, "1"])
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith(f"lavit {command}: error: unrecognized arguments: {wrong}"), (wrong, err)
+            assert "required" not in err and "did you mean --" in err, (wrong, err)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

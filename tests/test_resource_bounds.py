@@ -8,6 +8,7 @@ command under an address-space cap (`RLIMIT_AS`) and a time limit.
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -150,3 +151,27 @@ def test_every_kind_of_request_fails_fast_under_a_memory_cap(lavit_folder, pipel
         assert outcome["code"] == 1 and len(lines) == 1 and message in lines[0], (kind, err[-2000:])
         assert outcome["seconds"] < 30, (kind, outcome)
     assert not any((tmp_path / name).exists() for name in ("a.png", "b.png", "c.png"))
+
+
+@pytest.mark.parametrize("over", [0, 1, 40])
+def test_a_prompt_that_fills_the_context_is_told_what_to_shorten(lavit_model, over):
+    """#24 §8: a prompt as long as the context got "give max_new_tokens <= 0". Every context check's advice goes
+    through `room_advice`: the prompt's length, the context and what to change, never a bound below 1."""
+    from lavit.training.sequences import check_max_length
+
+    context = lavit_model.config.text_config.max_position_embeddings
+    checks = {
+        "generate": lambda: check_generation_budget(lavit_model.config.text_config, context + over, 1, rows=1),
+        "image tokens": lambda: check_generation_budget(lavit_model.config.text_config, context + over, 1, rows=1,
+                                                        given_length=5),
+        "--max_length": lambda: check_max_length(1, lavit_model.config, image_tokens=context + over),
+    }
+    for name, check in checks.items():
+        with pytest.raises(ValueError) as error:
+            check()
+        message = str(error.value)
+        assert f"{context + over} tokens" in message and f"context of {context}" in message, (name, message)
+        assert "shorter prompt" in message or "fewer patches" in message, (name, message)
+        assert not re.search(r"<= (0|-\d)", message), (name, message)
+    with pytest.raises(ValueError, match="fewer visual tokens"):  # a prompt made long by its images
+        checks["image tokens"]()

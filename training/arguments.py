@@ -38,6 +38,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from lavit.atomic import require_lavit_folder
 from lavit.file_kinds import require_safetensors_inputs
+from lavit.flags import StrictFlags
 from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
 from .presets import preset_field
@@ -348,7 +349,7 @@ def enable_stack_dumps() -> None:
         faulthandler.register(signal.SIGUSR1, stream, all_threads=True)
 
 
-class LaVITArgumentParser(HfArgumentParser):
+class LaVITArgumentParser(StrictFlags, HfArgumentParser):
     """`HfArgumentParser` of a stage's dataclasses, with one more input form: a single `.json`/`.yaml` argument is
     read as a config file (keys: the flags' names). Flags take both spellings (`--max_steps`, `--max-steps`)."""
 
@@ -382,8 +383,7 @@ class LaVITArgumentParser(HfArgumentParser):
         return parsed
 
     def given_flags(self, args: list[str]) -> frozenset[str]:
-        """The fields `args` sets (flags in any spelling or abbreviation argparse takes, `--no_X`, or a config
-        file's keys), by field name."""
+        """The fields `args` sets (flags in either spelling, `--no_X`, or a config file's keys), by field name."""
         if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
             import yaml
 
@@ -393,12 +393,8 @@ class LaVITArgumentParser(HfArgumentParser):
             if not token.startswith("--"):
                 continue
             flag = token.split("=", 1)[0]
-            if flag in self._option_string_actions:
+            if flag in self._option_string_actions:  # whole names only (`StrictFlags`: no abbreviations)
                 given.add(self._option_string_actions[flag].dest)
-                continue
-            abbreviated = {action.dest for option, action in self._option_string_actions.items()
-                           if option.startswith(flag)}
-            given |= abbreviated if len(abbreviated) == 1 else set()
         return frozenset(given)
 
     @staticmethod

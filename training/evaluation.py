@@ -37,6 +37,8 @@ def split_eval_records(records, script_args, seed: int, require_text: bool = Tru
         `(training records, held-out records or None, the held-out data's BadRecordCounter)`.
     """
     counter = BadRecordCounter()
+    if script_args.eval_data and "eval_split_size" in (getattr(script_args, "preset_settings", None) or {}):
+        script_args.eval_split_size = 0.0  # the preset's split gives way to the held-out data the run gave
     if script_args.eval_data and script_args.eval_split_size:
         raise ValueError("give --eval_data or --eval_split_size, not both")
     if script_args.eval_data:

@@ -22,7 +22,7 @@ from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records
 from .evaluation import GenerationEvaluator, configure_evaluation, split_eval_records
 from .models import lavit_model_paths, load_model_for_finetuning
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
 from .sequences import InstructionBuilder, check_max_length, count_stored_skips
 from .trainer import train_and_save, whole_weights
 
@@ -94,7 +94,8 @@ def held_out_evaluation(held_out, counter, builder, collator, script_args, train
 
 def main(script_args: FinetuningArguments, training_args: LaVITTrainingArguments):
     # the folder `lavit caption` / `lavit vqa` take as --model
-    print(f"fine-tuned model saved to {finetune(script_args, training_args)}")
+    with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's
+        print(f"fine-tuned model saved to {finetune(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):

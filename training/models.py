@@ -5,6 +5,7 @@ to give when they do not say which model to use.
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -33,9 +34,26 @@ def lavit_model_paths(path: str) -> tuple[str, str]:
     finds (a model folder, a `LaVITPipeline` folder, or its `language_model/`), else `path` for both (a Hub id).
 
     Raises:
-        ValueError: a pipeline folder without a language model, or a language model without its processor."""
-    folders = language_model_folders(path) if Path(path).expanduser().is_dir() else None
+        ValueError: a pipeline folder without a language model, a language model without its processor, or a PEFT
+            adapter folder (training starts from whole models; the message names the two ways on)."""
+    folder = Path(path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ValueError(adapter_folder_problem(path))
+    folders = language_model_folders(path) if folder.is_dir() else None
     return (str(folders[0]), str(folders[1])) if folders else (path, path)
+
+
+def adapter_folder_problem(path: str) -> str:
+    """Why a PEFT adapter folder cannot be trained on as `--model` (transformers would load it with its adapters
+    frozen, and the Trainer then finds no weight to train), and what to give instead."""
+    try:
+        base = json.loads((Path(path).expanduser() / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return (f"--model {path} is a PEFT (LoRA) adapter folder, not a whole model: training starts from a whole model. "
+            f"Give its base model with a new adapter (--model {base or 'BASE'} --lora), or merge the adapter into its "
+            f"base first (lavit export MERGED --model {path}) and give --model MERGED; to continue the run that saved "
+            f"the adapter, run it again with the same --output_dir (it resumes from its newest checkpoint)")
 
 
 def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:

@@ -7,9 +7,11 @@ file even at the flag's default value (the stage parser records the flags given)
 default counts as unset.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
+import re
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, has_length
@@ -119,7 +121,33 @@ def apply_preset(stage: str, name: str | None, script_args, training_args, model
         if getattr(arguments, setting) == _default_of(arguments, setting):
             setattr(arguments, setting, value)
             applied[setting] = value
+    script_args.preset_settings = dict(applied)  # what the run did not set itself: `explained_by_preset` names it
     return preset, applied
+
+
+def preset_origin(message: str, script_args) -> str:
+    """`message` with, for each flag it names (`--NAME`) whose value the run's preset set, where that value came
+    from: an error must not read as if the user had typed a flag the preset filled in."""
+    preset, settings = getattr(script_args, "preset", None), getattr(script_args, "preset_settings", None) or {}
+    if preset is None or f"--preset {preset}" in message:  # no preset, or the message already says what it set
+        return message
+    named = [name for name in settings if re.search(rf"--{re.escape(name)}\b", message)]
+    if not named:
+        return message
+    values = ", ".join(f"--{name} {settings[name]}" for name in named)
+    return (f"{message} ({values}: set by --preset {preset}, not given on the command line; give "
+            f"{' / '.join('--' + name for name in named)} yourself to change it)")
+
+
+@contextlib.contextmanager
+def explained_by_preset(script_args):
+    """Errors of a stage run inside get [`preset_origin`]: the flags its preset set are named as the preset's."""
+    try:
+        yield
+    except Exception as error:
+        if len(error.args) == 1 and isinstance(error.args[0], str):
+            error.args = (preset_origin(error.args[0], script_args),)
+        raise
 
 
 def apply_preset_steps(preset: TrainingPreset | None, training_args, num_rows: int | None) -> dict:

@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 import torch
 from lavit.modeling.configuration_lavit import LaVITConfig
+from lavit.modeling.validation_lavit import room_advice
 from lavit.processing.processing_lavit import fill_image_spans
 
 from .data import SKIPPED_FIELD, BadRecordCounter, BadRecordError, whole_stream
@@ -44,8 +45,10 @@ def check_max_length(max_length: int, config: LaVITConfig, image_tokens: int = 0
     if context is not None and total > context:
         visual = f" + {image_tokens} tokens of an image ([IMG], its visual tokens, [/IMG])" if image_tokens else ""
         raise ValueError(f"--max_length {max_length}{visual} is {total} tokens, more than the model's context length "
-                         f"of {context} (text_config.max_position_embeddings): give --max_length <= "
-                         f"{max(context - image_tokens, 0)}")
+                         f"of {context} (text_config.max_position_embeddings): "
+                         + room_advice("--max_length", context, image_tokens, "an image",
+                                       "a model whose language model reads longer rows (max_position_embeddings), or "
+                                       "a visual tokenizer with fewer patches"))
 
 
 def with_skip_counts(rows: dict, skipped: int) -> dict:

@@ -27,7 +27,7 @@ from .collators import ImageCollator
 from .data import BadRecordCounter, image_dataset, limit_records, load_records
 from .evaluation import configure_evaluation, split_eval_records
 from .models import build_tokenizer
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
 from .trainer import LaVITTokenizerTrainer, save_final, whole_weights
 
 
@@ -93,7 +93,8 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
 
 def main(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments):
     # the folder to give stage 2 as --visual_tokenizer
-    print(f"trained tokenizer saved to {train_tokenizer(script_args, training_args)}")
+    with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's
+        print(f"trained tokenizer saved to {train_tokenizer(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):

@@ -26,7 +26,7 @@ from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records, load_text_records, mix_text_records
 from .evaluation import configure_evaluation, split_eval_records
 from .models import build_unified_model
-from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, report_preset
+from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
 from .sequences import (
     RandomOrderRows,
     SequenceBuilder,
@@ -119,7 +119,8 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
 
 def main(script_args: PretrainingArguments, training_args: LaVITTrainingArguments):
     # the folder to give fine-tuning as --model
-    print(f"trained model saved to {pretrain(script_args, training_args)}")
+    with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's
+        print(f"trained model saved to {pretrain(script_args, training_args)}")
 
 
 def make_parser(subparsers=None):

@@ -45,7 +45,8 @@ FILE_OUTPUTS = {command: outputs for group in GROUPS for command, outputs in get
 def build_parser(full: bool = True) -> argparse.ArgumentParser:
     """The whole `lavit` parser. With `full=False` the training commands are one-line entries of the listing (their
     own parsers, built from the stages' dataclasses, are used by `run_training`), so no training module is imported."""
-    parser = argparse.ArgumentParser(prog="lavit", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="lavit", description=__doc__, formatter_class=HelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"lavit {__version__}")
     # sub-commands are argparse parsers; a training stage adds its own dataclass parser (trl's CLI shape)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=stage_parser_class)

@@ -33,15 +33,15 @@ MODEL_KINDS = {"lavit": "a LaVIT model", "lavit_tokenizer": "a LaVIT visual toke
                "lavit_detokenizer": "a LaVIT pixel decoder (detokenizer)"}
 
 
-def require_folder(path: str, model_types: tuple[str, ...] = ()) -> None:
+def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--model") -> None:
     """A path that does not exist must look like a Hub id (`name` or `org/name`); a local folder must hold a
     `config.json` of one of `model_types` (checked before anything is built: a model of the wrong kind would be
-    built from default sizes)."""
-    folder, adapter = resolve_model_folder(path)
+    built from default sizes). `flag`: the argument that gave `path`, named in the fix of a run's folder."""
+    folder, adapter = resolve_model_folder(path, flag)
     if folder is None or not model_types:
         return
     if adapter is not None:  # a PEFT adapter: the base model it names must be of the kind
-        require_folder(adapter["base_model_name_or_path"], model_types)
+        require_folder(adapter["base_model_name_or_path"], model_types, "base_model_name_or_path=")
         return
     if not (folder / "config.json").is_file():
         raise CommandError(f"{path} is not a model folder (no config.json)")
@@ -55,9 +55,9 @@ def require_folder(path: str, model_types: tuple[str, ...] = ()) -> None:
         raise CommandError(f"{path} holds {kind}, but this command needs {wanted} folder")
 
 
-def load_lavit(path: str):
-    require_folder(path, ("lavit",))
-    return load_lavit_model(path)
+def load_lavit(path: str, flag: str = "--model"):
+    require_folder(path, ("lavit",), flag)
+    return load_lavit_model(path, flag)
 
 
 def load_pipeline(path: str):

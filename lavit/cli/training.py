@@ -7,6 +7,8 @@ training modules, and `lavit --help` lists the stages from `TRAINING_SUMMARIES` 
 import argparse
 import importlib
 
+from lavit.flags import StrictArgumentParser
+
 from .common import HelpFormatter, require_folder
 
 TRAINING_COMMANDS = {
@@ -49,7 +51,7 @@ def stage_parser_class(**settings) -> argparse.ArgumentParser:
     default once (`HelpFormatter`; HfArgumentParser's own formatter adds "(default: None)" to every flag)."""
     settings.setdefault("formatter_class", HelpFormatter)
     if "dataclass_types" not in settings:
-        return argparse.ArgumentParser(**settings)
+        return StrictArgumentParser(**settings)  # whole flag names; an unknown flag first (`lavit.flags`)
     from lavit.training.arguments import LaVITArgumentParser
 
     return LaVITArgumentParser(**settings)
@@ -59,9 +61,9 @@ def run_training(command: str, argv: list[str]) -> None:
     """Runs a training stage with the parser of `python -m lavit.training.<stage>` (flags, or one config file),
     named `lavit COMMAND`; the model folder it reads is checked before anything is built."""
     stage = importlib.import_module(TRAINING_COMMANDS[command])
-    commands = argparse.ArgumentParser(prog="lavit").add_subparsers(parser_class=stage_parser_class)
+    commands = argparse.ArgumentParser(prog="lavit", allow_abbrev=False).add_subparsers(parser_class=stage_parser_class)
     arguments = stage.make_parser(commands).parse_args_and_config(argv)
     name, model_types = TRAINING_MODEL_ARGUMENTS[command]
     if getattr(arguments[0], name):
-        require_folder(getattr(arguments[0], name), model_types)
+        require_folder(getattr(arguments[0], name), model_types, f"--{name}")
     stage.main(*arguments)

@@ -89,8 +89,11 @@ class LaVITLmms(lmms):
                  max_new_tokens: int = 32, max_batch_size: int | None = None, **kwargs) -> None:
         super().__init__()
         if kwargs:
-            raise ValueError(f"lavit: unknown model_args {sorted(kwargs)} (known: pretrained, device, dtype, "
-                             f"batch_size, max_new_tokens)")
+            from lavit.modeling.validation_lavit import keyword_names, unknown_names
+
+            known = keyword_names(type(self).__init__) - {"self"}
+            raise ValueError(f"lavit: unknown model_args {', '.join(unknown_names(kwargs, known))} (known: "
+                             f"{', '.join(sorted(known))})")
         from lavit.command_inputs import load_lavit_model
         from lavit.evaluation.runner import distributed_state
         from lavit.file_kinds import require_safetensors_weights
@@ -101,7 +104,7 @@ class LaVITLmms(lmms):
         settings = {"dtype": getattr(torch, dtype)} if dtype else {}
         # a model folder, a LaVITPipeline folder (or its language_model/), a PEFT adapter folder or a Hub id, as for
         # every lavit command
-        self.model, self.processor = load_lavit_model(pretrained, **settings)
+        self.model, self.processor = load_lavit_model(pretrained, "pretrained=", **settings)
         self.model.eval().to(self._device)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)

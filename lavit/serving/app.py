@@ -26,6 +26,7 @@ from .schemas import (
     check_limits,
     completion_choice,
     error_param,
+    field_range,
     most_specific,
     usage,
     validation_message,
@@ -58,6 +59,10 @@ def image_result(result: list[str] | Exception) -> list[str]:
     if isinstance(result, Exception):
         raise result
     return result
+
+
+# the body model of each POST route: a number out of its range is answered with the range on this server
+REQUEST_MODELS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/images/generations": ImageGenerationRequest}
 
 
 def timed_out(request_timeout_s: float) -> OpenAIError:
@@ -97,7 +102,9 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
             return JSONResponse(OpenAIError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                                             None).body(), status_code=400)
         param = error_param(tuple(first["loc"]))
-        return JSONResponse(OpenAIError(validation_message(first, param), param).body(), status_code=400)
+        model = REQUEST_MODELS.get(request.url.path)
+        allowed = field_range(model, param, limits) if model is not None and param else None
+        return JSONResponse(OpenAIError(validation_message(first, param, allowed), param).body(), status_code=400)
 
     @app.middleware("http")
     async def require_json(request: Request, call_next):
@@ -108,6 +115,10 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
+        if length is not None and not length.strip().isdigit():  # "-5", "abc": not a size, whatever the limit
+            error = OpenAIError(f"the Content-Length header must be the body's size in bytes (a whole number >= 0), "
+                                f"got {length!r}", None)
+            return JSONResponse(error.body(), status_code=400)
         if length is None and request.method == "POST":  # a chunked body: read up to the limit, no further
             body = b""
             async for piece in request.stream():
@@ -116,7 +127,7 @@ def create_app(preparer: RequestPreparer, backend, model_name: str, limits: Serv
                     break
             request._body = body  # Starlette hands the body read here to the route
             length = str(len(body)) if len(body) <= limits.max_body_bytes else f"more than {limits.max_body_bytes}"
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+        if length is not None and (not length.strip().isdigit() or int(length) > limits.max_body_bytes):
             error = OpenAIError(f"the body is {length} bytes; this server takes at most {limits.max_body_bytes}",
                                 None, status=413)
             return JSONResponse(error.body(), status_code=413)

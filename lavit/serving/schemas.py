@@ -195,12 +195,44 @@ def error_param(location: tuple) -> str | None:
     return text or None
 
 
-def validation_message(error: dict, param: str | None) -> str:
+# the request fields an operator's `ServeLimits` bounds further (`check_limits`), and the limit of each
+SERVER_LIMITS = {
+    ChatCompletionRequest: {"n": "max_n", "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"},
+    ImageGenerationRequest: {"n": "max_image_n"},
+}
+BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def field_range(model: type[BaseModel], name: str, limits: ServeLimits) -> str | None:
+    """The values field `name` of `model` takes on this server, in words (`an integer in [1, 1024]`): its declared
+    range, bounded by the operator's limit where it has one; int64's bound, a property of the wire format and not of
+    the setting, is left out. None for a field that is not a number."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return None
+    bounds = {name: getattr(item, name) for item in field.metadata for name in ("ge", "gt", "le", "lt")
+              if type(item).__name__ == name.capitalize()}  # annotated_types' Ge(ge=1), Lt(lt=2), ...
+    if not bounds:
+        return None
+    low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+    high = None if high == INT64_MAX else high
+    limit = SERVER_LIMITS.get(model, {}).get(name)
+    if limit is not None:
+        high = getattr(limits, limit) if high is None else min(high, getattr(limits, limit))
+    integer = int in (getattr(field.annotation, "__args__", None) or (field.annotation,))
+    return Range(low, high, integer=integer, low_open="gt" in bounds, high_open="lt" in bounds and
+                 high == bounds.get("lt")).describe()
+
+
+def validation_message(error: dict, param: str | None, allowed: str | None = None) -> str:
     """pydantic's error as one line naming what is wrong: an empty body, a missing parameter (as OpenAI words it),
-    or the parameter and pydantic's reason ("the body" when the body itself is wrong, e.g. a list)."""
+    a number out of range (`allowed`: the field's range on this server, [`field_range`]), or the parameter and
+    pydantic's reason ("the body" when the body itself is wrong, e.g. a list)."""
     if error["type"] == "missing":
         return (f"Missing required parameter: '{param}'" if param else
                 "the request has no body: send its parameters as a JSON object")
+    if error["type"] in BOUND_ERRORS and allowed is not None:
+        return f"{param} must be {allowed}, got {error['input']!r}"
     return f"{param or 'the body'}: {error['msg']}"
 
 

@@ -129,8 +129,10 @@ def test_loglikelihood_is_the_continuation_loss(model_folder, lavit_model, lavit
     assert [len(batch) for batch in adapter._batches([short, short, short, long])] == [2, 1, 1]
     answers = adapter.generate_until([short, long])
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
-    with pytest.raises(ValueError, match="unknown model_args"):
+    with pytest.raises(ValueError, match="unknown model_args 'temperature'"):
         LaVITLmms(pretrained=str(model_folder), device="cpu", temperature=1)
+    with pytest.raises(ValueError, match=r"unknown model_args 'pretrainde' \(did you mean 'pretrained'\?\)"):
+        LaVITLmms(pretrained=str(model_folder), device="cpu", pretrainde="x")
 
 
 def test_importing_the_adapter_first_still_registers_the_model():

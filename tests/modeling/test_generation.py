@@ -194,7 +194,8 @@ def test_unknown_image_generation_arguments_raise(lavit_model, lavit_processor):
     from lavit.modeling.generation_lavit import LaVITImageGenerationConfig
 
     prompt = lavit_processor(text="a cat")
-    with pytest.raises(TypeError, match=r"image generation does not take \['max_new_token'\]"):
+    with pytest.raises(TypeError, match=r"LaVITForCausalLM.generate_image_tokens\(\) got unexpected keyword "
+                                        r"argument\(s\) 'max_new_token' \(did you mean 'max_new_tokens'\?\)"):
         lavit_model.generate_image_tokens(**prompt, max_new_token=3)
     with pytest.raises(TypeError, match="num_beams"):
         lavit_model.generate_image_tokens(**prompt, num_beams=2)

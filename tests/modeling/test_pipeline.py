@@ -34,6 +34,7 @@ removed) for the same seeds: `fixtures/released_path_pixels.safetensors` was wri
 metadata) on the same tiny model.
 """
 
+import inspect
 import io
 import json
 import os
@@ -319,7 +320,8 @@ def test_image_and_text_prompt_and_guidance_settings(pipe):
     assert not torch.allclose(unguided_decoder, images(pipe))
     with pytest.raises(ValueError, match="guidance_scale"):
         pipe("a red bus", token_guidance_scale=0.5, **TOKENS)
-    with pytest.raises(TypeError, match="does not take"):
+    with pytest.raises(TypeError, match=r"LaVITPipeline.__call__\(\) got unexpected keyword argument\(s\) "
+                                        r"'guidance_rescale' \(did you mean 'guidance_scale'\?\)"):
         pipe("a red bus", guidance_rescale=0.7, **TOKENS)
 
 
@@ -562,3 +564,56 @@ def test_a_swapped_vae_brings_its_own_scale_factor(pipe):
     pipe.vae = AutoencoderKL.from_config(config)
     assert pipe.vae_scale_factor == 2 ** (len(config["block_out_channels"]) - 1)
     assert images(pipe, num_inference_steps=2).shape == (1, 3, 32, 32)
+
+
+# the public methods of lavit's classes that pass keyword arguments on (`**kwargs`) and how each is called here; the
+# Hub plumbing (`from_pretrained`, `save_pretrained`, ...) passes them to transformers/diffusers, which check them
+PASSES_KEYWORDS_ON = {
+    (LaVITPipeline, "__call__"): lambda pipe, photo, typo: pipe("a red bus", **TOKENS, **typo),
+    (LaVITPipeline, "reconstruct"): lambda pipe, photo, typo: pipe.reconstruct(photo, **typo),
+    ("LaVITForCausalLM", "generate_image_tokens"): lambda pipe, photo, typo: pipe.language_model.generate_image_tokens(
+        **pipe.processor(text="a red bus"), **typo),
+}
+# methods whose keywords transformers owns: `generate` refuses unknown ones itself ("model_kwargs are not used by the
+# model ... typos"), `forward` and `prepare_inputs_for_generation` take transformers' attention/loss keywords, and
+# `from_components` passes config keywords to `LaVITConfig` (a `PretrainedConfig`, which takes any name)
+CHECKED_BY_TRANSFORMERS = {("LaVITForCausalLM", "generate"), ("LaVITForCausalLM", "forward"),
+                           ("LaVITForCausalLM", "prepare_inputs_for_generation"),
+                           ("LaVITForCausalLM", "from_components")}
+HUB_PLUMBING = {"from_pretrained", "save_pretrained", "load_config", "get_config_dict", "from_dict", "from_config",
+                "resize_token_embeddings", "push_to_hub", "register_to_config", "to", "enable_model_cpu_offload",
+                "enable_sequential_cpu_offload", "set_progress_bar_config", "progress_bar", "register_modules",
+                "__init__", "download"}
+
+
+def forwarding_methods():
+    """(class name, method name) of every public method defined by lavit on its pipeline and its causal LM that takes
+    `**kwargs` (found from the classes)."""
+    from lavit import LaVITForCausalLM
+
+    for cls in (LaVITPipeline, LaVITForCausalLM):
+        for klass in cls.__mro__:
+            if not klass.__module__.startswith("lavit"):
+                continue
+            for name, function in vars(klass).items():
+                function = getattr(function, "__func__", function)
+                if not callable(function) or name in HUB_PLUMBING or (name.startswith("_") and name != "__call__"):
+                    continue
+                parameters = inspect.signature(function).parameters.values()
+                if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+                    yield (cls if cls is LaVITPipeline else cls.__name__), name
+
+
+def test_a_mistyped_keyword_names_the_method_called_and_the_one_meant(pipe):
+    """#24 §8: `pipe.reconstruct(image_selecton=...)` was refused by `decode_visual_tokens`, a method the user never
+    called. Every method that passes keywords on checks them itself (`validation_lavit.check_keywords`)."""
+    assert set(forwarding_methods()) == set(PASSES_KEYWORDS_ON) | CHECKED_BY_TRANSFORMERS
+    photo = Image.fromarray(real_photos()[0])
+    for (owner, name), call in PASSES_KEYWORDS_ON.items():
+        meant = "image_selection" if name == "reconstruct" else "guidance_scale"
+        with pytest.raises(TypeError) as error:
+            call(pipe, photo, {meant[:-3] + meant[-2] + meant[-3] + meant[-1]: 1})
+        message = str(error.value)
+        owner_name = owner if isinstance(owner, str) else owner.__name__
+        assert message.startswith(f"{owner_name}.{name}() got unexpected keyword"), message
+        assert f"(did you mean {meant!r}?)" in message and "decode_visual_tokens" not in message, message

@@ -164,7 +164,7 @@ def test_span_filling_truncation_and_offset_padding_are_pure_list_functions():
 
 def test_set_visual_tokenizer_refuses_unknown_selection_arguments(lavit_processor, lavit_model):
     """A misspelt selection argument fails when it is given, not at the next processor call."""
-    with pytest.raises(ValueError, match=r"does not take \['max_tokenz'\]"):
+    with pytest.raises(ValueError, match=r"does not take 'max_tokenz' \(did you mean 'max_tokens'\?\)"):
         lavit_processor.set_visual_tokenizer(lavit_model, max_tokenz=3)
     lavit_processor.set_visual_tokenizer(lavit_model, max_tokens=3)
     ids = lavit_processor(text="<image>a cat", images=real_photos()[0])["input_ids"][0].tolist()

@@ -265,8 +265,35 @@ def test_every_number_has_a_declared_range():
 @pytest.mark.parametrize(("model", "name"), sorted({(model, name) for model, name, option in number_fields()
                                                     if option["type"] == "integer"}, key=str))
 def test_integers_past_int64_name_the_field(client, model, name):
+    """#24 §8: `max_tokens: 2**70` got pydantic's "less than or equal to 9223372036854775807": the message names the
+    field and the range it takes on this server (the operator's limit where there is one), never int64's bound."""
+    from lavit.serving.schemas import SERVER_LIMITS
+
     for value in (2**63, 2**64, 2**70):
-        assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
+        error = assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
+        assert error["message"].startswith(f"{name} must be an integer") and str(value) in error["message"], error
+        assert "9223372036854775807" not in error["message"], error
+        limit = SERVER_LIMITS[model].get(name)
+        if limit is not None:
+            assert f", {getattr(LIMITS, limit)}]" in error["message"], error
+
+
+@pytest.mark.parametrize(("model", "name", "value"), list(out_of_range_cases()))
+def test_out_of_range_values_are_told_the_range(client, model, name, value):
+    error = assert_error(client.post(ENDPOINTS[model], json={**GOOD[model], name: value}), 400, name)
+    assert error["message"].startswith(f"{name} must be ") and repr(value) in error["message"], error
+    assert "9223372036854775807" not in error["message"], error
+
+
+@pytest.mark.parametrize("length", ["-5", "abc", "1e3", "5.0"])
+def test_a_content_length_that_is_not_a_size_is_a_400_naming_the_header(client, length):
+    """#24 §8: `Content-Length: -5` got a 413 ("the body is -5 bytes; this server takes at most ...")."""
+    body = json.dumps(GOOD[ChatCompletionRequest]).encode()
+    request = client.build_request("POST", "/v1/chat/completions", content=body,
+                                   headers={"content-type": "application/json"})
+    request.headers["content-length"] = length
+    error = assert_error(client.send(request), 400, None)
+    assert "Content-Length" in error["message"] and repr(length) in error["message"], error
 
 
 def test_seeds_past_32_bits_are_refused_not_aliased(client):

@@ -171,22 +171,29 @@ class PredictionWriter:
 
 
 def sample_digest(sample: EvalSample) -> str:
-    """What a prediction is made from: the id, the image (a file by resolved path and the SHA-256 of its bytes: an
-    image swapped in with its size and modification time set back is another image; a dataset row by the dataset's
-    fingerprint; an in-memory image by its pixels), the question and the prompt text."""
+    """What a prediction is made from: the id, the image (its content, the SHA-256 of its bytes: an image swapped in
+    with its size and modification time set back is another image, the same bytes reached through a symlink or a
+    moved folder the same image; a dataset row's image by its stored bytes (or its file's), column and index; an
+    in-memory image by its pixels), the question and the prompt text."""
     image = sample.image
     if isinstance(image, str | os.PathLike):
-        path = Path(image).resolve()
-        content = None
-        if path.is_file():
-            with open(path, "rb") as handle:
-                content = hashlib.file_digest(handle, "sha256").hexdigest()
-        image = [str(path), content]
+        image = file_sha256(image) or str(Path(image).resolve())  # a missing file: its sample fails, named by path
     elif isinstance(image, DatasetImage):
-        image = [getattr(image.dataset, "_fingerprint", None), image.column, image.index]
+        stored = image.load()
+        stored = stored.get("bytes") or stored.get("path") if isinstance(stored, dict) else stored
+        content = hashlib.sha256(stored).hexdigest() if isinstance(stored, bytes) else file_sha256(stored)
+        image = [content, image.column, image.index]
     elif hasattr(image, "tobytes"):
         image = hashlib.sha256(image.tobytes()).hexdigest()
     return digest([sample.id, image, sample.question, sample.text])
+
+
+def file_sha256(path) -> str | None:
+    """The SHA-256 of the file at `path`; None when there is no such file (or `path` is not a path)."""
+    if not isinstance(path, str | os.PathLike) or not Path(path).is_file():
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def pending_batches(samples: list[EvalSample], output_dir, batch_size: int) -> list[list[EvalSample]]:

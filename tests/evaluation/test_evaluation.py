@@ -571,23 +571,78 @@ def test_a_reference_that_is_not_text_fails_its_sample(tmp_path):
                                     references=references), "vqa")
 
 
+def swap_keeping_size_and_times(path, value: int):
+    """Another uncompressed image of the same size written over `path`, its modification time set back (`touch -r`,
+    `rsync -t`, a restored backup)."""
+    times = os.stat(path)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert os.stat(path).st_size == times.st_size and os.stat(path).st_mtime_ns == times.st_mtime_ns
+
+
 def test_an_image_swapped_in_with_its_size_and_times_set_back_is_not_taken_for_the_old_one(tmp_path):
     """A resumed evaluation kept the prediction of an image replaced by another of the same size whose modification
-    time was set back (`touch -r`, `rsync -t`, a restored backup): the sample's identity is the image's bytes."""
+    time was set back: the sample's identity is the image's bytes. Its bytes alone: the same image reached through a
+    symlink or a moved data folder resumes (it was refused as another image while the resolved path counted)."""
     from lavit.evaluation import EvalSample
     from lavit.evaluation.runner import PredictionWriter, pending_batches, sample_digest
     from lavit.resumable import ResumeMismatchError
 
-    path = tmp_path / "photo.bmp"  # uncompressed: another image of the same size has the same file size
+    path = tmp_path / "data" / "photo.bmp"  # uncompressed: another image of the same size has the same file size
+    path.parent.mkdir()
     Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(path)
     sample = EvalSample("1", str(path), references=["a photo"])
     writer = PredictionWriter(tmp_path / "out" / "predictions-0.jsonl")
     writer.write({"id": "1", "prediction": "a grey square", "input": sample_digest(sample)})
     writer.close()
     assert pending_batches([sample], tmp_path / "out", 1) == []
-    times = os.stat(path)
-    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(path)
-    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
-    assert os.stat(path).st_size == times.st_size and os.stat(path).st_mtime_ns == times.st_mtime_ns
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    (tmp_path / "link").symlink_to(tmp_path / "moved")
+    for reached in (tmp_path / "moved" / "photo.bmp", tmp_path / "link" / "photo.bmp"):
+        assert pending_batches([EvalSample("1", str(reached), references=["a photo"])], tmp_path / "out", 1) == []
+    swap_keeping_size_and_times(tmp_path / "moved" / "photo.bmp", 200)
     with pytest.raises(ResumeMismatchError, match="other data under the same id"):
-        pending_batches([sample], tmp_path / "out", 1)
+        pending_batches([EvalSample("1", str(tmp_path / "moved" / "photo.bmp"))], tmp_path / "out", 1)
+
+
+@pytest.mark.parametrize("stored", ["paths", "bytes"])
+def test_a_dataset_image_swapped_in_with_its_times_set_back_is_not_taken_for_the_old_one(tmp_path, stored):
+    """`--format datasets` identified a row's image by the dataset's fingerprint, which `datasets` derives from file
+    modification times: an image swapped in a data folder with its time set back kept its stale prediction. A row's
+    image is identified by its content (the stored bytes, or its file's bytes when the row holds a path), column and
+    index; a moved data folder resumes."""
+    import datasets
+
+    from lavit.evaluation.runner import PredictionWriter, pending_batches, sample_digest
+    from lavit.resumable import ResumeMismatchError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(2):
+        Image.fromarray(np.full((8, 8, 3), 10 + index, np.uint8)).save(data / f"{index}.bmp")
+    if stored == "paths":  # an image folder (`load_dataset`): the rows hold the files' paths
+        (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{index}.bmp", "question": "what?"})
+                                                     + "\n" for index in range(2)))
+    else:  # a `save_to_disk` folder: the rows hold the images' bytes
+        datasets.Dataset.from_dict({"image": [str(data / f"{index}.bmp") for index in range(2)],
+                                    "question": ["what?"] * 2}).cast_column("image", datasets.Image()
+                                                                            ).save_to_disk(tmp_path / "table")
+    folder = data if stored == "paths" else tmp_path / "table"
+
+    def samples():
+        return load_samples("datasets", dataset=folder, split="train", columns="image=image" if stored == "bytes"
+                            else None)
+
+    writer = PredictionWriter(tmp_path / "out" / "predictions-0.jsonl")
+    for sample in samples():
+        writer.write({"id": sample.id, "prediction": "a square", "input": sample_digest(sample)})
+    writer.close()
+    assert pending_batches(samples(), tmp_path / "out", 1) == []
+    if stored == "bytes":
+        shutil.move(folder, tmp_path / "moved")
+        folder = tmp_path / "moved"
+        assert pending_batches(samples(), tmp_path / "out", 1) == []
+        return  # bytes stored in the table: a swapped source file is not part of the dataset
+    swap_keeping_size_and_times(data / "1.bmp", 200)
+    with pytest.raises(ResumeMismatchError, match=r"other data under the same id .* e.g. \['1'\]"):
+        pending_batches(samples(), tmp_path / "out", 1)

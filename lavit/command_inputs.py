@@ -211,7 +211,8 @@ def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None,
 
 
 def adapter_config(folder: Path, path: str) -> dict:
-    """The `adapter_config.json` of a PEFT adapter folder, whose base model must be found from here."""
+    """The `adapter_config.json` of a PEFT adapter folder, its `base_model_name_or_path` resolved by
+    [`adapter_base`] (the base's language-model folder, or a Hub id): every loader of an adapter reads the base here."""
     try:
         adapter = json.loads((folder / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -219,22 +220,70 @@ def adapter_config(folder: Path, path: str) -> dict:
     if not isinstance(adapter, dict) or not adapter.get("base_model_name_or_path"):
         raise CommandError(f"{path} is a PEFT adapter folder whose adapter_config.json names no "
                            f"base_model_name_or_path: set it to the model the adapter was trained on")
-    base = adapter["base_model_name_or_path"]
-    relative = not Path(base).expanduser().is_absolute() and not Path(base).expanduser().exists()
-    # a relative path PEFT recorded from the folder training ran in: found beside the adapter, it is not a Hub id
-    beside = next((ancestor / base for ancestor in folder.resolve().parents if (ancestor / base).is_dir()), None)
-    if relative and (looks_like_local_path(base) or beside is not None):
-        found = f" (there is {beside}: set it to that, if it is the base)" if beside is not None else ""
-        raise CommandError(f"{folder / 'adapter_config.json'} names base_model_name_or_path {base!r}, a relative "
-                           f"path, which is not found from the current folder ({Path.cwd()}): run from the folder "
-                           f"the adapter was trained in, or set it to the base model's absolute path{found}")
-    return adapter
+    return {**adapter, "base_model_name_or_path": adapter_base(folder, adapter["base_model_name_or_path"])}
+
+
+def adapter_base(folder: Path, base) -> str:
+    """
+    The base model that the `base_model_name_or_path` (`base`) of the adapter in `folder` means: the folder of its
+    LaVIT language model (`base` may be a model folder, a `LaVITPipeline` folder or its `language_model/`, as for
+    `--model`), or `base` itself for a Hub id. A relative `base` (what PEFT records from the folder training ran in)
+    is looked for from the current folder and from the adapter folder's ancestors: found from one, that one; found
+    from both as two different folders, refused (the current folder would silently mean another model).
+
+    Raises:
+        CommandError: one line naming the adapter's `adapter_config.json`, the value and the fix, for a base that is
+            not a string, not found, ambiguous, not a LaVIT model, or itself an adapter (not merged into its base).
+    """
+    config_file = folder / "adapter_config.json"
+
+    def refused(problem: str, fix: str = "set it to the absolute path of the model the adapter was trained on"):
+        return CommandError(f"{config_file} names base_model_name_or_path {base!r:.200}, {problem}: {fix}")
+
+    if not isinstance(base, str):
+        raise refused("which is not a path or a Hub id (a string)")
+    local = Path(base).expanduser()
+    if not local.is_absolute():
+        here = Path.cwd() / local if (Path.cwd() / local).exists() else None
+        beside = next((ancestor / local for ancestor in folder.resolve().parents if (ancestor / local).exists()), None)
+        if here is not None and beside is not None and here.resolve() != beside.resolve():
+            raise refused(f"a relative path that means two different folders: {here.resolve()} from the current "
+                          f"folder and {beside} from the adapter's folder", "set it to the absolute path of the one "
+                          "the adapter was trained on")
+        local = here or beside
+        if local is None:
+            if looks_like_local_path(base):
+                raise refused(f"a relative path found neither from the current folder ({Path.cwd()}) nor from the "
+                              f"adapter's folder")
+            return base  # a Hub id
+    elif not local.exists():
+        raise refused("which does not exist (moved or deleted?)", "set it to where the base model is now")
+    return str(local_adapter_base(local, refused))
+
+
+def local_adapter_base(local: Path, refused) -> Path:
+    """The language-model folder of an adapter's local base `local`, or `refused(problem, fix)` raised: a base that is
+    itself an adapter (its own base would be dropped), a run's folder, or a folder without a LaVIT language model."""
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        raise refused("itself a PEFT adapter folder (trained on another base), so its adapters would be lost",
+                      f"merge it into its base first (lavit export MERGED --model {local}) and set "
+                      f"base_model_name_or_path to MERGED")
+    try:
+        model_folder = resolve_model_folder(str(local), "base_model_name_or_path=")[0]
+        folders = language_model_folders(model_folder, with_processor=False) if model_folder.is_dir() else None
+    except (CommandError, ValueError) as error:
+        raise refused(f"which is not usable ({error})", "set it to the LaVIT model the adapter was trained "
+                      "on") from error
+    if folders is None:
+        raise refused("which holds no LaVIT model (a config.json of model_type 'lavit', or a LaVITPipeline folder)",
+                      "set it to the LaVIT model the adapter was trained on")
+    return folders[0]
 
 
 def load_lavit_model(path: str, flag: str = "--model", **kwargs):
     """`LaVITForCausalLM` and `LaVITProcessor` of a model folder, a Hub id, or a PEFT adapter folder (the base model
-    named in its `adapter_config.json`, with the adapters merged; the processor of the adapter folder when it has
-    one, else the base's). `flag`: how the user gave `path` (see [`resolve_model_folder`])."""
+    named in its `adapter_config.json` ([`adapter_base`]), with the adapters merged; the processor of the adapter
+    folder when it has one, else the base's). `flag`: how the user gave `path` (see [`resolve_model_folder`])."""
     from lavit import LaVITForCausalLM, LaVITProcessor
 
     folder, adapter = resolve_model_folder(path, flag)
@@ -252,7 +301,13 @@ def load_lavit_model(path: str, flag: str = "--model", **kwargs):
     model = from_pretrained_explained(LaVITForCausalLM, base, **kwargs)
     model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
     has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()
-    return model, LaVITProcessor.from_pretrained(folder if has_processor else base)
+    if has_processor:
+        return model, LaVITProcessor.from_pretrained(folder)
+    try:
+        base_folders = language_model_folders(base) if Path(base).is_dir() else None
+    except ValueError as error:
+        raise CommandError(f"{folder} (a PEFT adapter folder without a processor): {error}") from error
+    return model, LaVITProcessor.from_pretrained(base_folders[1] if base_folders else base)
 
 
 def from_pretrained_explained(model_class, path, **kwargs):

@@ -637,12 +637,15 @@ def test_an_adapter_folder_loads_in_every_model_command(tmp_path, capsys, decodi
 
 def test_an_adapters_base_means_one_folder_from_wherever_it_is_loaded(tmp_path, monkeypatch, capsys, decoding_folder,
                                                                        photo_file):
-    """PEFT records the base model as it was given: an adapter trained from `--model runs/final` named a relative
-    path, so loaded from another folder it meant another folder (or none). lavit's fine-tuning records the base's
-    absolute path; an adapter naming a relative base not found from the current folder is refused by name."""
+    """PEFT records the base model as it was given: an adapter trained from `--model runs/final` names a relative
+    path, which from another folder meant another model (any folder holding one at `runs/final`). lavit's fine-tuning
+    records the base's absolute path; a relative one is looked for from the current folder and from the adapter's
+    folder's ancestors: found from one, it is that one; found from both as two folders, it is refused naming both."""
     from types import SimpleNamespace
 
     from lavit.training.models import load_model_for_finetuning
+
+    from lavit.command_inputs import CommandError, resolve_model_folder
 
     shutil.copytree(decoding_folder, tmp_path / "runs" / "final")
     monkeypatch.chdir(tmp_path)
@@ -656,11 +659,22 @@ def test_an_adapters_base_means_one_folder_from_wherever_it_is_loaded(tmp_path, 
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
     code, _, err = run(capsys, "caption", photo_file, "--model", "adapter", "--max-new-tokens", 2)
     assert code == 0, err[-2000:]
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    base = (tmp_path / "runs" / "final").resolve()
+    for folder in ("elsewhere", "other"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # not found from here: the one from the adapter's folder
+    assert resolve_model_folder(str(tmp_path / "adapter"))[1]["base_model_name_or_path"] == str(base)
+    shutil.copytree(decoding_folder, tmp_path / "other" / "runs" / "final")  # another model at the same path
+    monkeypatch.chdir(tmp_path / "other")
     code, _, err = run(capsys, "caption", photo_file, "--model", tmp_path / "adapter", "--max-new-tokens", 2)
-    assert code != 0 and "names base_model_name_or_path 'runs/final', a relative path" in err, err[-2000:]
-    assert "Traceback" not in err
+    (line,) = error_lines(err)
+    assert code == 1 and str(tmp_path / "adapter" / "adapter_config.json") in line, err[-2000:]
+    assert all(where in line for where in (str(base), str((tmp_path / "other" / "runs" / "final").resolve()),
+                                           "'runs/final'", "absolute path")), line
+    adapter_config["base_model_name_or_path"] = "runs/nowhere"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    with pytest.raises(CommandError, match=r"'runs/nowhere', a relative path found neither from the current folder"):
+        resolve_model_folder(str(tmp_path / "adapter"))
 
 def test_the_skipped_share_is_enforced_in_one_place():
     from lavit.training.data import BadRecordCounter, TooManyBadRecordsError

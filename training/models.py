@@ -5,7 +5,6 @@ to give when they do not say which model to use.
 """
 
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
@@ -46,9 +45,11 @@ def lavit_model_paths(path: str) -> tuple[str, str]:
 def adapter_folder_problem(path: str) -> str:
     """Why a PEFT adapter folder cannot be trained on as `--model` (transformers would load it with its adapters
     frozen, and the Trainer then finds no weight to train), and what to give instead."""
-    try:
-        base = json.loads((Path(path).expanduser() / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    from lavit.command_inputs import CommandError, adapter_config
+
+    try:  # the base as every command finds it (a relative one from here or the adapter's folder)
+        base = adapter_config(Path(path).expanduser(), path)["base_model_name_or_path"]
+    except (OSError, CommandError):
         base = None
     return (f"--model {path} is a PEFT (LoRA) adapter folder, not a whole model: training starts from a whole model. "
             f"Give its base model with a new adapter (--model {base or 'BASE'} --lora), or merge the adapter into its "

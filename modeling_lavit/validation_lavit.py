@@ -107,10 +107,23 @@ class Range:
             return False
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
+    def exceeded(self, value) -> str:
+        """The bound an out-of-range `value` passes that `describe` leaves out (an integer's int64 bound), as
+        ` (at most N)` / ` (at least N)`; empty when `describe` states it: every refusal of a too-large (or too
+        small) value names the bound it exceeded."""
+        value = _as_python_number(value)
+        if not self.integer or isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return ""
+        if value > INT64_MAX and self.high is None:
+            return f" (at most {INT64_MAX}, the int64 limit)"
+        if value < -INT64_MAX - 1 and self.low is None:
+            return f" (at least {-INT64_MAX - 1}, the int64 limit)"
+        return ""
+
     def check(self, name: str, value):
         """`value` (a one-element tensor as a number) when allowed, else a `ValueError` naming `name` and the range."""
         if not self.contains(value):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}{self.exceeded(value)}")
         return _as_python_number(value)
 
     def __call__(self, text: str):
@@ -120,7 +133,7 @@ class Range:
         except (TypeError, ValueError):
             value = None
         if value is None or not self.contains(value):
-            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}{self.exceeded(value)}")
         return value
 
 

@@ -98,10 +98,23 @@ def test_a_new_numeric_flag_or_stage_field_without_a_range_is_found():
     assert found == ["lavit new --new-size", "lavit new-stage --new_count", "lavit new-stage --new_ratio"]
 
 
+def states_the_bound_exceeded(message: str, value: int) -> bool:
+    """Whether a refusal of the too-large (too small) integer `value` states an upper (lower) bound below (above)
+    it: `in [a, b]`, `<= b`, `at most b` (`>= a`, `at least a`), not just "an integer >= 1" for 2**70."""
+    number = r"(-?\d[\d.e+]*)"
+    if value > 0:
+        found = re.search(rf"in [\[(]-?[\d.e+]+, {number}[\])]", message) or re.search(rf"(?:<=?|at most) {number}",
+                                                                                     message)
+        return found is not None and float(found.group(1)) < value
+    found = re.search(rf"in [\[(]{number}, ", message) or re.search(rf"(?:>=?|at least) {number}", message)
+    return found is not None and float(found.group(1)) > value
+
+
 @pytest.mark.parametrize("text", BAD_TEXTS)
 def test_bad_numbers_stop_at_the_flag_with_one_line(text, capsys):
     """Every ranged flag of every command, fed `text`: argparse's one `error:` line names the flag, the range and
-    the value (exit status 2), or the value is accepted and lies in the declared range."""
+    the value (exit status 2), or the value is accepted and lies in the declared range. A too-large (or too small)
+    integer is told the bound it exceeded, the int64 limit that `describe` leaves out included (U10)."""
     parsers = command_parsers()
     for command, flag, action in value_flags():
         if not isinstance(action.type, DECLARED):
@@ -114,6 +127,8 @@ def test_bad_numbers_stop_at_the_flag_with_one_line(text, capsys):
             assert exit_info.code == 2 and len(lines) == 1 and "Traceback" not in err, (command, flag, err)
             assert f"argument {flag}" in lines[0] and f"got {text!r}" in lines[0], (command, flag, lines)
             assert f"must be {action.type.describe()}" in lines[0], (command, flag, lines)
+            if isinstance(action.type, Range) and text.lstrip("-") == str(2**70):
+                assert states_the_bound_exceeded(lines[0], int(text)), (command, flag, lines)
         else:
             value = getattr(parsed, action.dest)
             assert action.type.contains(value), (command, flag, text, value)
@@ -242,6 +257,8 @@ def test_bad_config_values_are_refused_by_name(cls):
             except (ValueError, TypeError) as error:
                 message = str(error)
                 assert name in message and "\n" not in message.strip(), (cls.__name__, name, bad, message)
+                if isinstance(spec, Range) and bad in (2**70, -(2**70)) and "must be" in message:
+                    assert states_the_bound_exceeded(message, bad), (cls.__name__, name, message)
             else:
                 stored = getattr(config, name)
                 assert spec.contains(stored), (cls.__name__, name, bad, stored)

@@ -1,7 +1,7 @@
 """What the `lavit` commands share about their inputs: the one error line (which keeps the reason a library gives on
 its second line), [`PerItem`] (each input of a many-input command on its own, so a bad one costs only itself), and
 [`resolve_model_folder`] / [`load_lavit_model`] (a `--model` found as the user meant it: a training run's folder, a
-PEFT adapter folder, a typo in a local path)."""
+PEFT adapter folder and the base it names ([`adapter_base`]), a typo in a local path)."""
 
 import json
 import os
@@ -182,7 +182,8 @@ def given_as(flag: str, value) -> str:
 def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None, dict | None]:
     """
     The local model folder a `--model` value means, and its PEFT adapter config when it is an adapter folder (its
-    `adapter_config.json` names the base model); `(None, None)` for a Hub id. Raises [`CommandError`] naming the fix
+    `adapter_config.json`, whose `base_model_name_or_path` is resolved by [`adapter_base`]); `(None, None)` for a Hub
+    id. Raises [`CommandError`] naming the fix
     for a local path that does not exist, and for a training run's folder (it points at `final/`, whatever kind of
     folder that is, or the newest complete checkpoint). `flag`: how the user gave `path` (`--model`,
     `--visual_tokenizer`, `pretrained=`), so the fix names what they typed.

@@ -357,9 +357,9 @@ def _shape_problem(content) -> str | None:
     if not (saving is None or saving == "*" or isinstance(saving, list)):
         return '"saving" is neither "*" nor a list of names'
     names = [*(files or []), *(saving if isinstance(saving, list) else [])]
-    bad = next((name for name in names if not _is_relative_name(name)), None)
-    if bad is not None:
-        return f"it names {bad!r}, not a path inside the folder"
+    bad = [name for name in names if not _is_relative_name(name)]
+    if bad:
+        return f"it names {bad[0]!r}, not a path inside the folder"
     if isinstance(files, dict) and not all(record is None or _is_file_record(record) for record in files.values()):
         return "a file record is not of the shape lavit writes"
     return None

@@ -198,6 +198,7 @@ WRONG_SHAPES = {
     "an absolute name": {"made_by": "lavit", "files": ["/etc/passwd"]},
     "another maker": {"made_by": "someone", "files": {}},
     "kind a number": {"made_by": "lavit", "kind": 3, "files": {}},
+    "a name that is not text (found by hypothesis)": {"made_by": "lavit", "saving": [None]},
 }
 
 
@@ -425,3 +426,16 @@ def test_every_save_returns_what_its_library_save_returns(tmp_path, monkeypatch,
         monkeypatch.setattr(type(obj), "_save_folder", lambda self, folder, *_, sentinel=sentinel, **__: sentinel)
         assert obj.save_pretrained(tmp_path / "returned" / name) is sentinel, name
         monkeypatch.undo()
+
+
+def test_lavit_atomic_takes_a_marker_of_the_wrong_shape_for_no_marker_and_says_why(tmp_path):
+    from lavit.atomic import NotLavitFolderError, is_lavit_folder, require_lavit_folder
+
+    for shape in [*WRONG_SHAPES, "a folder", "a link", "not JSON"]:
+        folder = tmp_path / shape.replace(" ", "_")
+        plant(folder, shape)
+        before = snapshot(folder)
+        assert not is_lavit_folder(folder), shape
+        with pytest.raises(NotLavitFolderError, match=f"its {MARKER_FILE} is not lavit's") as error:
+            require_lavit_folder(folder, "replace")
+        assert len(str(error.value).splitlines()) == 1 and snapshot(folder) == before

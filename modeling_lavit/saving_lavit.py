@@ -521,8 +521,8 @@ def _process_start(pid: int) -> int | None:
 def _process_gone(process) -> bool:
     """True when the process a staging marker names has provably ended: same machine, and no process of that id, or
     one that started at another time (the id was reused); a process of another machine is never taken for gone."""
-    if not isinstance(process, dict) or process.get("host") != socket.gethostname():
-        return False
+    if os.name != "posix" or not isinstance(process, dict) or process.get("host") != socket.gethostname():
+        return False  # elsewhere os.kill(pid, 0) is no probe (Windows terminates the process)
     pid, started = process.get("pid"), process.get("started")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False

@@ -29,10 +29,13 @@ import shutil
 import stat
 from pathlib import Path
 
-# the marker and its file records have one owner, the saving module of the models (every save records its files)
-from lavit.modeling.saving_lavit import MARKER_FILE, file_record  # noqa: F401
+# the marker, its file records and the rule of what is lavit's have one owner, the saving module of the models (every
+# save records its files)
+from lavit.modeling.saving_lavit import MARKER_FILE, file_record, folder_entries, marker_problem  # noqa: F401
+from lavit.modeling.saving_lavit import _begin_saving as _begin_recorded_write
 from lavit.modeling.saving_lavit import read_marker as _read_marker
-from lavit.modeling.saving_lavit import unchanged as _unchanged
+from lavit.modeling.saving_lavit import record_saved_files as _record_written
+from lavit.modeling.saving_lavit import written_by_lavit as _written_by_lavit
 
 logger = logging.getLogger(__name__)
 
@@ -72,22 +75,15 @@ def mark_folder(folder, kind: str = "folder", files: list[str] | None = None) ->
 
 
 def changed_files(folder) -> list[str]:
-    """The files of the lavit folder `folder` that lavit did not write there, or that changed since it wrote them
-    (empty for a folder whose marker lists no files: lavit wrote nothing in it yet)."""
+    """The files of the lavit folder `folder` that lavit did not write there, or that changed since it wrote them:
+    the one rule of the saves ([`lavit.modeling.saving_lavit.written_by_lavit`]; a folder whose marker lists no
+    files vouches for all of them, a stopped save's `"saving"` record for the files it names)."""
     folder = Path(folder)
-    marker = _read_marker(folder) or {}
-    recorded = marker.get("files")
-    if recorded is None:
-        return []
-    if isinstance(recorded, list):  # a marker of lavit <= 0.x: names only
-        recorded = dict.fromkeys(recorded)
-    return [name for name in _files_in(folder) if name not in recorded or not _unchanged(folder / name,
-                                                                                            recorded[name])]
+    return [name for name in _files_in(folder) if not _written_by_lavit(folder, Path(name))]
 
 
 def _files_in(folder: Path) -> list[str]:
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
-                  if (path.is_file() or path.is_symlink()) and path.name != MARKER_FILE)
+    return [name for name in folder_entries(folder) if Path(name).name != MARKER_FILE]
 
 
 def _version() -> str:
@@ -110,8 +106,10 @@ def require_lavit_folder(path, action: str) -> None:
         return
     marker = _read_marker(path)
     if marker is None:
+        problem = marker_problem(path)
+        why = f"its {MARKER_FILE} is not lavit's: {problem}" if problem else f"no {MARKER_FILE} in it"
         raise NotLavitFolderError(
-            f"{path} exists and was not made by lavit (no {MARKER_FILE} in it), so lavit will not {action} it: "
+            f"{path} exists and was not made by lavit ({why}), so lavit will not {action} it: "
             f"choose another destination, or move or delete {path} yourself"
         )
     changed = changed_files(path)
@@ -227,6 +225,22 @@ def write_json_atomically(path, document, indent: int | None = 2) -> None:
     """Writes `document` as JSON (UTF-8, non-ASCII kept) to `path` through [`write_atomically`]: a crash or a full
     disk leaves the previous file or none, never invalid JSON."""
     write_text_atomically(path, json.dumps(document, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_json_recorded(path, document) -> None:
+    """[`write_json_atomically`], and where `path` lies in a folder lavit saved or made (the nearest folder above it
+    with lavit's marker: a model folder's `lavit_run.json`), records the file in that marker as a save records its
+    files (named as under way first, then with its content), so that lavit's later saves and replacements know it
+    for lavit's. Every file lavit writes into a lavit folder after its save goes through here."""
+    path = Path(path)
+    owner = next((folder for folder in (path.parent, *path.parent.parents) if _read_marker(folder) is not None), None)
+    if owner is None or path.name == MARKER_FILE:
+        write_json_atomically(path, document)
+        return
+    relative = path.relative_to(owner)
+    _begin_recorded_write(owner, [relative])
+    write_json_atomically(path, document)
+    _record_written(owner, [relative])
 
 
 PNG_SOFTWARE = "lavit"  # the PNG `Software` text of every image lavit writes: what lets a rerun replace it

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lavit.file_kinds import rephrase_pickle_error
 from lavit.modeling.pipeline_lavit import language_model_folders
+from lavit.modeling.saving_lavit import UnfinishedSaveError, refuse_unfinished_save
 
 MAX_ERROR_CHARS = 800
 DEBUG_VARIABLE = "LAVIT_DEBUG"  # set: internal errors raise with their traceback instead of one line
@@ -183,8 +184,8 @@ def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None,
     """
     The local model folder a `--model` value means, and its PEFT adapter config when it is an adapter folder (its
     `adapter_config.json`, whose `base_model_name_or_path` is resolved by [`adapter_base`]); `(None, None)` for a Hub
-    id. Raises [`CommandError`] naming the fix
-    for a local path that does not exist, and for a training run's folder (it points at `final/`, whatever kind of
+    id. Raises [`CommandError`] naming the fix for a local path that does not exist, for a folder a save of lavit
+    stopped in (`refuse_unfinished_save`), and for a training run's folder (it points at `final/`, whatever kind of
     folder that is, or the newest complete checkpoint). `flag`: how the user gave `path` (`--model`,
     `--visual_tokenizer`, `pretrained=`), so the fix names what they typed.
     """
@@ -193,6 +194,10 @@ def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None,
         if looks_like_local_path(path):
             raise CommandError(f"model folder not found: {path} (no such local folder)")
         return None, None
+    try:  # a folder a save stopped in: said first, whatever files it has or lacks (every resolver goes through here)
+        refuse_unfinished_save(folder)
+    except UnfinishedSaveError as error:
+        raise CommandError(str(error)) from error
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         return folder, adapter_config(folder, path)
     try:  # a pipeline folder, or its language_model/ sub-folder, means its language model (`language_model_folders`)

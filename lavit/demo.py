@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lavit.atomic import require_replaceable, write_json_atomically
+from lavit.atomic import require_replaceable, write_json_recorded
 
 DIGIT_QUESTION = "what digit is this?"
 FULL = {"tokenizer": 1500, "pretrain": 1500, "finetune": 600, "vae": 300, "detokenizer": 600, "train_digits": 1200,
@@ -232,7 +232,7 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
                "hub_folder": str(hub_folder),
                "images": [str(path) for path in written]}
-    write_json_atomically(output / "demo_results.json", results)
+    write_json_recorded(output / "demo_results.json", results)
     return results
 
 

@@ -328,7 +328,7 @@ class LaVITFolderMixin:
         look for it in the signature (`DiffusionPipeline.save_pretrained`) pass it on."""
         if self._auto_class is not None:
             self._register_folder_entries(_pipeline_source_file(self.name_or_path) is not None)
-        super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
 
     def _save_folder(self, folder, *args, **kwargs):
         # the pipeline file is written with the model's files, in the folder the source guard saves into

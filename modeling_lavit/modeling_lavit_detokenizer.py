@@ -300,7 +300,7 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         # a swapped-in scheduler is part of the model: the next from_pretrained rebuilds it
         self.config.scheduler_config = scheduler_config_dict(self.scheduler)
-        super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def predict_noise(self, latents, timestep, conditions: LaVITDetokenizerConditions, height: int, width: int):
         """The UNet's prediction (noise, or velocity) for `latents` of images of `height` x `width` pixels."""

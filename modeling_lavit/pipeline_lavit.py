@@ -233,8 +233,8 @@ class LaVITPipeline(DiffusionPipeline):
         own = loaded_from(self)
         sources = own + [folder for folder in loaded_from(*self.components.values())  # parts of its own folder
                          if not any(folder.is_relative_to(source) for source in own)]
-        save_beside_sources(lambda folder: self._save_folder(folder, **kwargs), save_directory, sources,
-                            type(self).__name__)
+        return save_beside_sources(lambda folder: self._save_folder(folder, **kwargs), save_directory, sources,
+                                   type(self).__name__)
 
     def _save_folder(self, save_directory: Path, **kwargs):
         super().save_pretrained(save_directory, **kwargs)
@@ -249,9 +249,9 @@ class LaVITPipeline(DiffusionPipeline):
                 continue
             copy_code_files(Path(inspect.getfile(type(component))), save_directory / name)
             index[name] = [module_name, type(component).__name__]
-        temporary = index_file.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, index_file)
+        # written in place: the folder is a staging folder or one under a "saving" record (a temporary file a kill
+        # left there would be a name no later save writes, keeping the record open)
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

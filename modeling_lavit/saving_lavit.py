@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
@@ -104,11 +105,12 @@ _SAVING = threading.local()  # set while a save checked by `save_beside_sources`
 def save_beside_sources(save: Callable[[Path], Any], save_directory, sources: list[Path], what: str):
     """Runs `save(folder)` for `save_directory`: directly when it holds no files yet, else through a staging folder
     beside it, then moves the files into place ([`_move_into`]); refuses a destination that lies inside or
-    contains a source ([`SourceFolderError`]) or holds files of the user's that the save would replace
-    ([`NotLavitFilesError`]). `what` names the object in the message. The parts an object saves with itself (a
-    pipeline's model and processor, a processor's image processor) write where the outer save, already checked,
-    tells them: its staging folder. Returns what `save` returned, its paths under the staging folder given as the
-    paths they were moved to (transformers' processors return the files they wrote)."""
+    contains a source ([`SourceFolderError`]), whose marker is not of lavit's shape, or that holds files of the
+    user's that the save would replace or links it would write through ([`NotLavitFilesError`]). `what` names the
+    object in the message. The parts an object saves with itself (a pipeline's model and processor, a processor's
+    image processor) write where the outer save, already checked, tells them: its staging folder. Returns what
+    `save` returned, its paths under the staging folder given as the paths they were moved to (transformers'
+    processors return the files they wrote)."""
     if getattr(_SAVING, "active", False):
         return save(Path(save_directory))
     _SAVING.active = True
@@ -130,19 +132,22 @@ def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Pat
             )
     if target.exists() and not target.is_dir():
         raise NotLavitFilesError(f"save_directory {save_directory} is a file, not a folder: choose a folder")
+    require_marker_shape(target, f"save_directory {save_directory}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(target)
     if not _holds_files(target):  # nothing there to overwrite, remove or read from: written in place
         target.mkdir(parents=True, exist_ok=True)
         _begin_saving(target, None)
         result = save(target)
-        record_saved_files(target, sorted(path.relative_to(target) for path in target.rglob("*")
-                                          if path.is_file() and path.name != MARKER_FILE))
+        record_saved_files(target, [Path(name) for name in folder_entries(target) if Path(name).name != MARKER_FILE])
         return result
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent))
+    staging = _new_staging_folder(target)
     try:
         result = save(staging)
         _move_into(staging, target, save_directory, what, own_files=target in sources)
     finally:
+        with _STAGING_LOCK:
+            _STAGING_FOLDERS.discard(staging)
         shutil.rmtree(staging, ignore_errors=True)
     return _moved_paths(result, staging, target)
 
@@ -158,10 +163,21 @@ def _moved_paths(value, staging: Path, target: Path):
     return value
 
 
+def folder_entries(folder: Path) -> list[str]:
+    """Every entry of `folder` that is not a folder, relative to it, sorted: its files and its links, to files or to
+    folders, dangling ones too (a linked folder is listed, never entered: what it holds is not this folder's)."""
+    found = []
+    for root, folders, files in os.walk(folder):  # followlinks=False: a link to a folder is in `folders`, unentered
+        found += [str(Path(root, name).relative_to(folder)) for name in files]
+        found += [str(Path(root, name).relative_to(folder)) for name in folders if Path(root, name).is_symlink()]
+    return sorted(found)
+
+
 def _holds_files(folder: Path) -> bool:
-    """True when `folder` holds a file other than lavit's marker (a new or empty folder, such as the staging folder
-    of an export, holds none: a save writes into it directly, leaving nothing beside it if it is killed)."""
-    return folder.is_dir() and any(path.name != MARKER_FILE for path in folder.rglob("*") if not path.is_dir())
+    """True when `folder` holds anything but lavit's marker: a file or a link of any kind (a new or empty folder,
+    such as the staging folder of an export, holds none: a save writes into it directly, leaving nothing beside it
+    if it is killed)."""
+    return folder.is_dir() and any(Path(name).name != MARKER_FILE for name in folder_entries(folder))
 
 
 def _where_instead(source: Path, sources: list[Path]) -> str:
@@ -180,14 +196,16 @@ def _where_instead(source: Path, sources: list[Path]) -> str:
 def _move_into(staging: Path, target: Path, save_directory, what: str, own_files: bool) -> None:
     """Moves every file of `staging` onto the same path under `target`, then, in each folder where this save wrote
     weights, removes the weight files it did not write (a previous save's shards), and records what it wrote in
-    `target`'s marker. Unless `own_files` (`target` is the object's source), a file to be replaced or removed must
-    be lavit's ([`written_by_lavit`]), checked for all of them before anything moves."""
-    written = sorted(path.relative_to(staging) for path in staging.rglob("*")
-                     if path.is_file() and path.name != MARKER_FILE)  # markers are merged, not moved
-    stale = sorted({path.relative_to(target) for folder in {relative.parent for relative in written
-                                                             if WEIGHT_FILE.match(relative.name)}
-                    if (target / folder).is_dir() for path in (target / folder).iterdir()
-                    if WEIGHT_FILE.match(path.name) and path.is_file()} - set(written))
+    `target`'s marker. Nothing is written or removed through a link inside `target` (lavit makes none there); unless
+    `own_files` (`target` is the object's source), a file to be replaced or removed must be lavit's
+    ([`written_by_lavit`]); both are checked for all of them before anything moves."""
+    written = sorted(Path(name) for name in folder_entries(staging)
+                     if Path(name).name != MARKER_FILE)  # markers are merged, not moved
+    weight_folders = {relative.parent for relative in written if WEIGHT_FILE.match(relative.name)}
+    _refuse_links_on_the_way(target, written, weight_folders, save_directory)
+    stale = sorted({path.relative_to(target) for folder in weight_folders if (target / folder).is_dir()
+                    for path in (target / folder).iterdir() if WEIGHT_FILE.match(path.name) and
+                    (path.is_file() or path.is_symlink())} - set(written))
     if not own_files:
         theirs = [str(relative) for relative in written + stale
                   if os.path.lexists(target / relative) and not written_by_lavit(target, relative)]
@@ -204,6 +222,21 @@ def _move_into(staging: Path, target: Path, save_directory, what: str, own_files
     for relative in stale:
         (target / relative).unlink()
     record_saved_files(target, written, removed=stale)
+
+
+def _refuse_links_on_the_way(target: Path, written: list[Path], weight_folders: set[Path], save_directory) -> None:
+    """Raises [`NotLavitFilesError`] where a folder this save writes into (or removes old shards from) is, inside
+    `target`, a link or a file: writing through a link would change the folder it points to (the user's)."""
+    for relative in sorted({*(path.parent for path in written), *weight_folders}):
+        for depth in range(1, len(relative.parts) + 1):
+            path = target.joinpath(*relative.parts[:depth])
+            if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+                what = f"a link lavit did not make (to {os.readlink(path)})" if path.is_symlink() else "a file"
+                raise NotLavitFilesError(
+                    f"save_directory {save_directory} holds {path.relative_to(target)}, {what}, where this save "
+                    f"writes a folder: lavit never writes through it; save into a new or empty folder, or replace "
+                    f"{path} by a folder of its own first"
+                )
 
 
 class NotLavitFilesError(FileExistsError):
@@ -237,6 +270,7 @@ def refuse_unfinished_save(pretrained_model_name_or_path) -> None:
 # ----------------------------------------------------------------------------------------------- lavit's marker
 
 STAGING_INFIX = ".saving-"  # in the name of the staging folder of a save: `.<destination>.saving-<random>`
+STAGING_KIND = "staging"  # the "kind" of a staging folder's marker
 MARKER_FILE = ".lavit_folder.json"  # lavit's marker, in every folder it made or saved into; `lavit.atomic` reads it
 
 
@@ -269,22 +303,90 @@ def unchanged(path: Path, record) -> bool:
 
 
 def read_marker(folder: Path) -> dict | None:
-    """The content of lavit's marker in `folder` (a real folder, not a link), or None where there is none."""
-    marker = folder / MARKER_FILE
-    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
-        return None
+    """The content of lavit's marker in `folder` (a real folder, not a link), or None where there is none or where
+    what is there is not of the shape lavit writes ([`marker_problem`]: such a folder is not vouched for by lavit)."""
+    return _checked_marker(folder)[0]
+
+
+def marker_problem(folder: Path) -> str | None:
+    """What is wrong with the marker in `folder`, where the marker's path holds something lavit did not write (not
+    a file, not JSON, not lavit's shape); None where it is lavit's or absent."""
+    return _checked_marker(folder)[1]
+
+
+def require_marker_shape(folder: Path, what: str) -> None:
+    """Raises [`NotLavitFilesError`] (one line: the marker and the fix) where `folder`'s marker is not of lavit's
+    shape: a save would rewrite it, and nothing in the folder is vouched for by it. `what` names the folder."""
+    problem = marker_problem(folder)
+    if problem:
+        raise NotLavitFilesError(
+            f"{what}: {folder / MARKER_FILE} is not a marker lavit wrote ({problem}), so nothing there is known to be "
+            f"lavit's: move {folder / MARKER_FILE} out of the folder (lavit then treats every file there as the "
+            f"user's), or save into a new folder"
+        )
+
+
+def _checked_marker(folder: Path) -> tuple[dict | None, str | None]:
+    """The one reader of lavit's marker: (its content, None), (None, None) where there is none, (None, the problem)
+    where its path holds something not of lavit's shape."""
+    marker = Path(folder) / MARKER_FILE
+    if Path(folder).is_symlink() or not Path(folder).is_dir() or not os.path.lexists(marker):
+        return None, None
+    if marker.is_symlink() or not marker.is_file():
+        return None, "it is a link or a folder, not a file"
     try:
         content = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return content if isinstance(content, dict) and content.get("made_by") == "lavit" else None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"it is not JSON: {type(error).__name__}"
+    problem = _shape_problem(content)
+    return (None, problem) if problem else (content, None)
+
+
+def _shape_problem(content) -> str | None:
+    """Why `content` is not a marker of lavit's shape: `{"made_by": "lavit", "kind": str, "lavit_version": str,
+    "files": {name: record} | [name] | absent, "saving": "*" | [name] | absent}`; None when it is."""
+    if not isinstance(content, dict) or content.get("made_by") != "lavit":
+        return 'it is not a JSON object with "made_by": "lavit"'
+    wrong = [key for key in ("kind", "lavit_version", "staging_of") if key in content and
+             not isinstance(content[key], str)]
+    if wrong:
+        return f'"{wrong[0]}" is not a string'
+    files, saving = content.get("files"), content.get("saving")
+    if not (files is None or isinstance(files, (list, dict))):
+        return '"files" is neither an object of file records nor a list of names'
+    if not (saving is None or saving == "*" or isinstance(saving, list)):
+        return '"saving" is neither "*" nor a list of names'
+    names = [*(files or []), *(saving if isinstance(saving, list) else [])]
+    bad = [name for name in names if not _is_relative_name(name)]
+    if bad:
+        return f"it names {bad[0]!r}, not a path inside the folder"
+    if isinstance(files, dict) and not all(record is None or _is_file_record(record) for record in files.values()):
+        return "a file record is not of the shape lavit writes"
+    return None
+
+
+def _is_relative_name(name) -> bool:
+    return (isinstance(name, str) and name not in ("", ".") and not Path(name).is_absolute()
+            and ".." not in Path(name).parts)
+
+
+def _is_file_record(record) -> bool:
+    """A record of [`file_record`]: a link's target, or size, SHA-256 and times."""
+    if not isinstance(record, dict):
+        return False
+    if "link" in record:
+        return isinstance(record["link"], str)
+    numbers = [record.get(key) for key in ("size", "mtime_ns", "ctime_ns")]
+    return all(isinstance(value, int) and not isinstance(value, bool) for value in numbers) and isinstance(
+        record.get("sha256"), str)
 
 
 def written_by_lavit(target: Path, relative: Path) -> bool:
     """True when the file `target / relative` is lavit's, unchanged: a marker in `target` or in a folder between it
     and the file records it (or vouches for its whole folder: a marker without a file list, of a folder lavit
     made), or names it among the files of a save that did not finish ([`_begin_saving`]: whatever it holds now is
-    that save's)."""
+    that save's; `"*"`: a save into an empty folder, all its files). The one rule of ownership: `lavit.atomic`
+    decides what it may replace with it too."""
     for depth in range(len(relative.parts)):
         folder = target.joinpath(*relative.parts[:depth])
         marker = read_marker(folder)
@@ -301,33 +403,50 @@ def written_by_lavit(target: Path, relative: Path) -> bool:
     return False
 
 
+def _pending(target: Path, marker: dict) -> list[str]:
+    """The names a stopped save left unfinished in `target` (the marker's `"saving"`): a `"*"` (a save into an
+    empty folder) is the files present that the marker's file record does not hold."""
+    saving = marker.get("saving")
+    if saving == "*":
+        recorded = marker.get("files") or {}
+        return [name for name in folder_entries(target) if Path(name).name != MARKER_FILE and name not in recorded]
+    return list(saving) if isinstance(saving, list) else []
+
+
 def _begin_saving(target: Path, names: list[Path] | None) -> None:
     """Records in `target`'s marker, before a save writes, moves or removes anything there, that it is under way and
-    which files it may touch (`names`; None: all, `target` held none). A save that stops before
+    which files it may touch (`names`; None: `"*"`, all, `target` held none). A save that stops before
     [`record_saved_files`] leaves the record: loading refuses the folder, and the next save may replace those files.
-    A record left by an earlier save that stopped is widened, never narrowed."""
+    The names an earlier save that stopped left are kept beside this save's: each save clears only its own."""
     if _inside_staging(target):
         return
-    marker = read_marker(target) or {"made_by": "lavit", "kind": "saved", "lavit_version": _version(), "files": {}}
-    before = marker.get("saving")
-    if names is None or before == "*":
+    marker = read_marker(target) or _new_marker()
+    if names is None:
         marker["saving"] = "*"
     else:
-        marker["saving"] = sorted(set(before if isinstance(before, list) else []) | {str(name) for name in names})
+        marker["saving"] = sorted(set(_pending(target, marker)) | {str(name) for name in names})
     _write_marker(target, marker)
 
 
 def record_saved_files(target: Path, written: list[Path], removed: list[Path] = ()) -> None:
-    """Records in `target`'s marker the files a save wrote there, and that the save finished (a marker without a file
-    list vouches for its whole folder already and stays so)."""
+    """Records in `target`'s marker the files a save wrote there, and that the save finished: its names leave the
+    `"saving"` record (and names no longer in the folder); names a stopped save left that this one did not write
+    stay, and the folder stays unfinished. A marker without a file list vouches for its whole folder already and
+    stays so."""
     if _inside_staging(target):
         return
     marker = read_marker(target)
     if not written and not removed and not (marker or {}).get("saving"):
         return  # e.g. a process other than the main one of a distributed save
     if marker is None:
-        marker = {"made_by": "lavit", "kind": "saved", "lavit_version": _version(), "files": {}}
+        marker = _new_marker()
+    done = {str(relative) for relative in [*written, *removed]}
+    # a "*" at the end of a save is its own (a save into an empty folder): every file there is this save's
+    pending = [] if marker.get("saving") == "*" else [
+        name for name in _pending(target, marker) if name not in done and os.path.lexists(target / name)]
     marker.pop("saving", None)
+    if pending:
+        marker["saving"] = pending
     recorded = marker.get("files")
     if recorded is not None:
         if isinstance(recorded, list):  # a marker of lavit <= 0.x: names only
@@ -339,9 +458,82 @@ def record_saved_files(target: Path, written: list[Path], removed: list[Path] = 
     _write_marker(target, marker)
 
 
+def _new_marker() -> dict:
+    return {"made_by": "lavit", "kind": "saved", "lavit_version": _version(), "files": {}}
+
+
+# the staging folders this process made and is filling: a save into one of them (a whole's part) is recorded by the
+# whole; decided by construction, never by a folder's name (a user's `.backup.saving-2024/` is a folder like any)
+_STAGING_FOLDERS: set[Path] = set()
+_STAGING_LOCK = threading.Lock()
+
+
 def _inside_staging(target: Path) -> bool:
-    """True for a part saved into the staging folder of a whole (a pipeline's component): the whole records it."""
-    return any(part.startswith(".") and STAGING_INFIX in part for part in target.parts)
+    """True for a part saved into a staging folder this process is filling (a pipeline's component): the whole
+    records it."""
+    target = Path(target).resolve()
+    with _STAGING_LOCK:
+        return any(target.is_relative_to(staging) for staging in _STAGING_FOLDERS)
+
+
+def _new_staging_folder(target: Path) -> Path:
+    """A new staging folder `.<target name>.saving-<random>` beside `target`, registered as this process's while it
+    fills it, holding a marker that says whose staging folder it is and which process made it (so that the next
+    save of `target` may remove it once that process is gone: [`_remove_abandoned_staging`])."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_INFIX}", dir=target.parent)).resolve()
+    with _STAGING_LOCK:
+        _STAGING_FOLDERS.add(staging)
+    _write_marker(staging, {"made_by": "lavit", "kind": STAGING_KIND, "lavit_version": _version(),
+                            "staging_of": target.name, "process": _this_process()})
+    return staging
+
+
+def _remove_abandoned_staging(target: Path) -> None:
+    """Removes the staging folders of `target` that a save stopped (killed) left beside it: only a real folder named
+    `.<target name>.saving-*` whose marker lavit wrote says it is a staging folder of `target` and names a process
+    that is gone (same machine: no such process, or another started since). Anything else is never touched."""
+    prefix = f".{target.name}{STAGING_INFIX}"
+    if not target.parent.is_dir():
+        return
+    for candidate in target.parent.iterdir():
+        if not candidate.name.startswith(prefix) or candidate.is_symlink() or not candidate.is_dir():
+            continue
+        marker = read_marker(candidate) or {}
+        with _STAGING_LOCK:
+            ours = candidate.resolve() in _STAGING_FOLDERS
+        if (marker.get("kind") == STAGING_KIND and marker.get("staging_of") == target.name and not ours
+                and _process_gone(marker.get("process"))):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (Linux: clock ticks since boot, from /proc); None where it cannot be told."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_gone(process) -> bool:
+    """True when the process a staging marker names has provably ended: same machine, and no process of that id, or
+    one that started at another time (the id was reused); a process of another machine is never taken for gone."""
+    if os.name != "posix" or not isinstance(process, dict) or process.get("host") != socket.gethostname():
+        return False  # elsewhere os.kill(pid, 0) is no probe (Windows terminates the process)
+    pid, started = process.get("pid"), process.get("started")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # someone else's process: alive
+        pass
+    now = _process_start(pid)
+    return isinstance(started, int) and now is not None and now != started
 
 
 def _write_marker(target: Path, marker: dict) -> None:
@@ -386,5 +578,6 @@ class SaveBesideSourcesMixin:
 
 
 __all__ = ["MARKER_FILE", "NotLavitFilesError", "SaveBesideSourcesMixin", "SourceFolderError", "UnfinishedSaveError",
-           "code_files", "file_record", "loaded_from", "read_marker", "record_saved_files", "refuse_unfinished_save",
-           "remember_source", "save_beside_sources", "unchanged", "written_by_lavit"]
+           "code_files", "file_record", "folder_entries", "loaded_from", "marker_problem", "read_marker",
+           "record_saved_files", "refuse_unfinished_save", "remember_source", "require_marker_shape",
+           "save_beside_sources", "unchanged", "written_by_lavit"]

@@ -24,7 +24,7 @@ from datasets import Image as ImageFeature
 from datasets import Value, interleave_datasets, load_dataset
 from lavit.processing.image_processing_lavit import to_rgb_image
 
-from lavit.atomic import write_json_atomically
+from lavit.atomic import write_json_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class BatchRecordCounts:
     @classmethod
     def save(cls, checkpoint, totals: tuple[int, int]) -> None:
         """Writes `totals` (from [`BatchRecordCounts.totals`]) into a checkpoint folder, atomically."""
-        write_json_atomically(Path(checkpoint) / cls.FILE, {SKIPPED_FIELD: totals[0], USED_FIELD: totals[1]})
+        write_json_recorded(Path(checkpoint) / cls.FILE, {SKIPPED_FIELD: totals[0], USED_FIELD: totals[1]})
 
     @staticmethod
     def check(totals: tuple[int, int], max_skipped_share: float, what: str) -> None:

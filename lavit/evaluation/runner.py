@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lavit.atomic import write_json_atomically
+from lavit.atomic import write_json_recorded
 from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields
 from lavit.resumable import (
     OutputLockedError,
@@ -491,7 +491,7 @@ def score(samples: list[EvalSample], config: EvalConfig, output_dir) -> dict:
         "count": len(samples), "failed": failed, **scores, "generation": config.generation_settings(),
         "evaluation": card_rows(scores["metrics"], config, len(samples)),
     }
-    write_json_atomically(output_dir / RESULTS_FILE, results)
+    write_json_recorded(output_dir / RESULTS_FILE, results)
     return results
 
 
@@ -527,7 +527,7 @@ def record_results(model_folder, results: dict) -> Path:
             if (row.get("metric"), row.get("dataset_name")) not in replaced]
     metadata["evaluation"] = kept + new_rows
     path = Path(model_folder) / METADATA_FILE
-    write_json_atomically(path, metadata)  # a crash or a full disk never leaves invalid JSON
+    write_json_recorded(path, metadata)  # a crash or a full disk never leaves invalid JSON; lavit's marker records it
     return path
 
 

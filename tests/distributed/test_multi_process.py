@@ -39,7 +39,8 @@ def held_out_metrics(output_dir) -> tuple[list[dict], list[int]]:
 
 @pytest.fixture(scope="module")
 def one_process_run(components, tmp_path_factory):
-    """Stage 2 in one process on a global batch of 4: its losses and final weights."""
+    """Stage 2 in one process on a global batch of 4: its losses, final (best) and last weights and held-out
+    metrics."""
     root = tmp_path_factory.mktemp("one_process")
     losses = run_processes(data_parallel_settings(components, root / "run", 4), root, 1, "one")
     weights = final_weights(root / "run" / "final")
@@ -47,7 +48,7 @@ def one_process_run(components, tmp_path_factory):
     assert_same_weights(weights, load_file(root / "run" / "checkpoint-1" / "model.safetensors"))
     last = load_file(root / "run" / "checkpoint-3" / "model.safetensors")
     assert any(not torch.allclose(weights[name], last[name]) for name in weights)
-    return losses, weights, held_out_metrics(root / "run")
+    return losses, weights, last, held_out_metrics(root / "run")
 
 
 def assert_same_weights(expected: dict, got: dict) -> None:
@@ -65,7 +66,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(components, on
         extra["deepspeed"] = str(CONFIG_PRESETS / f"{launcher.removeprefix('deepspeed_')}.json")
     settings = data_parallel_settings(components, tmp_path / "two", 2, **extra)
     two = run_processes(settings, tmp_path, 2, launcher, "accelerate" if launcher == "accelerate_ddp" else "torchrun")
-    one, expected, (one_evaluations, one_best) = one_process_run
+    one, expected, last, (one_evaluations, one_best) = one_process_run
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, abs=1e-4), (one, two)
     # held-out metrics summed over the processes: the values of one process, at every evaluation
@@ -79,6 +80,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(components, on
     # the same best checkpoint, restored: the saved model is whole (ZeRO-3 gathers its shards) and holds its weights
     assert one_best == two_best == [1]
     assert_same_weights(expected, final_weights(tmp_path / "two" / "final"))
+    # and the weights as trained, saved whole in the last checkpoint, are those of one process too
+    assert_same_weights(last, load_file(tmp_path / "two" / "checkpoint-3" / "model.safetensors"))
     shutil.rmtree(tmp_path / "two", ignore_errors=True)
 
 

@@ -20,27 +20,31 @@ import torch
 from lavit.atomic import require_replaceable, write_json_recorded
 
 DIGIT_QUESTION = "what digit is this?"
+# min and max of each figure over full runs (not --quick) with seeds 0, 1, 2 and one torch thread, printed beside this
+# run's figures (docs/demo.md has the runs, benchmarks/results/demo_band_cpu.json their raw figures)
+MEASURED_BAND = {"seeds": "0-2", "caption accuracy (stage 2)": (0.21, 0.36),
+                 "text-to-image class accuracy": (0.29, 0.42), "VQA accuracy (fine-tuned)": (0.30, 0.45)}
 FULL = {"tokenizer": 1500, "pretrain": 1500, "finetune": 600, "vae": 300, "detokenizer": 600, "train_digits": 1200,
         "eval": 100}
 QUICK = {"tokenizer": 30, "pretrain": 30, "finetune": 20, "vae": 10, "detokenizer": 10, "train_digits": 200, "eval": 20}
 
 
-def stage_arguments(output_dir: Path, steps: int, **overrides):
-    """The demo's `TrainingArguments`: `steps` steps; the stages with a `small-data` preset take their learning rate
-    and batch size from it, the others from `overrides`."""
+def stage_arguments(output_dir: Path, steps: int, seed: int = 0, **overrides):
+    """The demo's `TrainingArguments`: `steps` steps from `seed` (weights, data order, crops); the stages with a
+    `small-data` preset take their learning rate and batch size from it, the others from `overrides`."""
     from lavit.training.arguments import LaVITTrainingArguments
 
     return LaVITTrainingArguments(
         output_dir=str(output_dir), max_steps=steps, warmup_steps=0.05, logging_steps=max(1, steps // 10),
-        save_steps=max(steps, 1), use_cpu=not torch.cuda.is_available(), report_to="none", seed=0,
+        save_steps=max(steps, 1), use_cpu=not torch.cuda.is_available(), report_to="none", seed=seed,
         dataloader_num_workers=0, **overrides,
     )
 
 
-def write_digit_data(folder: Path, count: int, offset: int) -> tuple[Path, list, list[int]]:
+def write_digit_data(folder: Path, count: int, offset: int, seed: int = 0) -> tuple[Path, list, list[int]]:
     from lavit.training.sample_data import DIGIT_NAMES, digit_caption, digit_images, write_imagefolder
 
-    images, labels = digit_images(count, size=64, offset=offset)
+    images, labels = digit_images(count, size=64, offset=offset, seed=seed)
     extra = [{"label": label, "question": DIGIT_QUESTION, "answer": DIGIT_NAMES[label]} for label in labels]
     write_imagefolder(folder, images, [digit_caption(label) for label in labels], extra)
     return folder, images, labels
@@ -79,37 +83,37 @@ def evaluate(model, processor, images, labels) -> dict:
     }
 
 
-def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10) -> float:
+def text_to_image_accuracy(model, processor, images, labels, per_class: int = 10, seed: int = 0) -> float:
     """Text-to-image on digits: codes generated for "the digit N" are decoded to encoder features by the visual
     tokenizer's decoder; a hit is a generated image whose features are nearest (cosine, after removing the mean) to
-    the mean decoded features of real digits N (`images`, `labels`)."""
+    the mean decoded features of real digits N (`images`, `labels`); the selection and sampling draw from `seed`."""
     from lavit.training.sample_data import digit_caption
 
     visual_tokenizer = model.visual_tokenizer
     pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    real = visual_tokenizer.tokenize(pixel_values, generator=torch.Generator().manual_seed(0))
+    real = visual_tokenizer.tokenize(pixel_values, generator=torch.Generator().manual_seed(seed))
     real_features = visual_tokenizer.decode_codes(real.code_ids, real.token_counts)
     mean = real_features.mean(dim=0, keepdim=True)
     labels = torch.tensor(labels)
     centroids = torch.stack([(real_features - mean)[labels == digit].mean(dim=0).flatten() for digit in range(10)])
     prompts = processor(text=[digit_caption(digit) for digit in range(10)], return_tensors="pt", padding=True)
     generated = model.generate_image_tokens(**prompts, guidance_scale=3.0, num_images_per_prompt=per_class,
-                                            generator=torch.Generator().manual_seed(0))
+                                            generator=torch.Generator().manual_seed(seed))
     generated_features = (visual_tokenizer.decode_codes(generated.code_ids, generated.token_counts) - mean).flatten(1)
     similarity = torch.nn.functional.normalize(generated_features, dim=-1) @ torch.nn.functional.normalize(
         centroids, dim=-1).T
     return float((similarity.argmax(dim=1) == torch.arange(10).repeat_interleave(per_class)).float().mean())
 
 
-def generate_digit_images(pipe, image_dir: Path, written: list, names=("three", "seven")) -> str:
+def generate_digit_images(pipe, image_dir: Path, written: list, names=("three", "seven"), seed: int = 0) -> str:
     """Text-to-image for two prompts with one seed (so only the prompt differs) through the `LaVITPipeline`, and a
     sentence saying whether the images, and the visual tokens behind them, differ between the prompts."""
     from lavit.atomic import save_png_atomically
 
     prompts = pipe.processor(text=[f"the digit {name}" for name in names], return_tensors="pt", padding=True)
-    tokens = pipe.language_model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(0),
+    tokens = pipe.language_model.generate_image_tokens(**prompts, generator=torch.Generator().manual_seed(seed),
                                                        max_new_tokens=64)
-    images = pipe.decode_visual_tokens(tokens, generator=torch.Generator().manual_seed(0)).images
+    images = pipe.decode_visual_tokens(tokens, generator=torch.Generator().manual_seed(seed)).images
     for name, image in zip(names, images, strict=True):
         save_png_atomically(image, image_dir / f"generated_{name}.png")
         written.append(image_dir / f"generated_{name}.png")
@@ -138,9 +142,9 @@ def describe_generated_images(names, token_ids: list, images: list) -> str:
             f"tokens differ: the pixel detokenizer trained too briefly to follow its tokens.")
 
 
-def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Path, Path, Path]:
+def train_digit_models(train_folder: Path, runs: Path, steps: dict, seed: int = 0) -> tuple[Path, Path, Path]:
     """Stage 1, stage 2 (a tiny LLaMA with a BPE tokenizer trained on the captions and questions) and VQA
-    fine-tuning on a digits imagefolder; returns the tokenizer, pretrained and fine-tuned folders."""
+    fine-tuning on a digits imagefolder, all from `seed`; returns the tokenizer, pretrained and fine-tuned folders."""
     from lavit.training.finetune import FinetuningArguments, finetune
     from lavit.training.language_model import write_small_language_model
     from lavit.training.sample_data import DIGIT_NAMES, digit_caption
@@ -152,25 +156,26 @@ def train_digit_models(train_folder: Path, runs: Path, steps: dict) -> tuple[Pat
     # the 64 codes of the 'tiny' config are too few for the codes of a digit to tell its class
     tokenizer_folder = train_tokenizer(
         TokenizerTrainingArguments(data=str(train_folder), preset="small-data", resume="no"),
-        stage_arguments(runs / "tokenizer", steps["tokenizer"]),
+        stage_arguments(runs / "tokenizer", steps["tokenizer"], seed),
     )
 
     print("[3/6] stage 2: a tiny LLaMA learns text and visual tokens together")
     corpus = [digit_caption(label) for label in range(10)] + [
         f"Question: {DIGIT_QUESTION} Answer: {name}" for name in DIGIT_NAMES
     ]
-    language_model = write_small_language_model(runs / "language_model", corpus, vocab_size=120, hidden_size=64)
+    language_model = write_small_language_model(runs / "language_model", corpus, vocab_size=120, hidden_size=64,
+                                                seed=seed)
     pretrained = pretrain(
         whole_digits(PretrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
                                           language_model=str(language_model), preset="small-data", resume="no")),
-        stage_arguments(runs / "pretrain", steps["pretrain"]),
+        stage_arguments(runs / "pretrain", steps["pretrain"], seed),
     )
 
     print("[4/6] fine-tuning: visual question answering")
     finetuned = finetune(
         whole_digits(FinetuningArguments(model=str(pretrained), data=str(train_folder), task="vqa",
                                          preset="small-data", resume="no")),
-        stage_arguments(runs / "finetune", steps["finetune"]),
+        stage_arguments(runs / "finetune", steps["finetune"], seed),
     )
     return tokenizer_folder, pretrained, finetuned
 
@@ -182,9 +187,10 @@ def whole_digits(arguments):
     return arguments
 
 
-def run_demo(output: Path, quick: bool = False) -> dict:
+def run_demo(output: Path, quick: bool = False, seed: int = 0) -> dict:
     """Builds, evaluates and exports the tiny demo LaVIT in `output` (`quick`: a few steps per stage, to check the
-    code paths); prints its progress and a summary and returns (and writes to `demo_results.json`) the results."""
+    code paths; `seed`: every random draw, from the digits' colours to the weights and the sampled images); prints its
+    progress and a summary and returns (and writes to `demo_results.json`) the results."""
     from lavit.atomic import save_png_atomically
     from lavit.hub_cards import export_loaded
     from lavit.processing.image_processing_lavit import draw_kept_patches
@@ -195,16 +201,16 @@ def run_demo(output: Path, quick: bool = False) -> dict:
     require_replaceable(output / "hub_folder")  # a folder of the user's there is refused now, not at the end
     started = time.perf_counter()
     # 1. data: training and held-out digits
-    train_folder, train_images, train_labels, eval_images, eval_labels = write_demo_data(output, steps)
+    train_folder, train_images, train_labels, eval_images, eval_labels = write_demo_data(output, steps, seed)
     runs = output / "runs"
     # 2.-4. visual tokenizer, unified pretraining, VQA fine-tuning
-    tokenizer_folder, pretrained, finetuned = train_digit_models(train_folder, runs, steps)
+    tokenizer_folder, pretrained, finetuned = train_digit_models(train_folder, runs, steps, seed)
     # 5. pixel detokenizer
-    detokenizer_folder = train_demo_detokenizer(train_folder, tokenizer_folder, finetuned, runs, steps)
+    detokenizer_folder = train_demo_detokenizer(train_folder, tokenizer_folder, finetuned, runs, steps, seed)
     # 6. evaluation on the held-out digits, then the images
     print(f"[6/6] evaluation on {steps['eval']} held-out digits, images, Hub folder")
     pipe, stage2, drawing_accuracy, tuned = evaluate_demo_models(
-        pretrained, finetuned, detokenizer_folder, (train_images, train_labels), (eval_images, eval_labels))
+        pretrained, finetuned, detokenizer_folder, (train_images, train_labels), (eval_images, eval_labels), seed)
     model, processor = pipe.language_model, pipe.processor
 
     image_dir = output / "images"
@@ -217,41 +223,40 @@ def run_demo(output: Path, quick: bool = False) -> dict:
         keep_mask = model.visual_tokenizer.tokenize(processor.image_processor(image)["pixel_values"]).keep_mask[0]
         save_png_atomically(draw_kept_patches(image, keep_mask, grid), path)
         written.append(path)
-    reconstructions = pipe.reconstruct(eval_images[:3], generator=torch.Generator().manual_seed(0)).images
+    reconstructions = pipe.reconstruct(eval_images[:3], generator=torch.Generator().manual_seed(seed)).images
     for index, image in enumerate(reconstructions):
         save_png_atomically(image, image_dir / f"reconstruction_{index}.png")
         written.append(image_dir / f"reconstruction_{index}.png")
-    generated_note = generate_digit_images(pipe, image_dir, written)
+    generated_note = generate_digit_images(pipe, image_dir, written, seed=seed)
 
     # 7. the Hub folder with its model card, the printout and demo_results.json
     seconds = time.perf_counter() - started
     evaluation = evaluation_rows(stage2, drawing_accuracy, tuned)
     hub_folder = export_loaded(model, processor, output / "hub_folder", card_metadata(steps, tuned, evaluation),
                                pipeline=pipe)
-    print_summary(evaluation, tuned, written, hub_folder, generated_note, seconds)
-    results = {"stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned, "seconds": seconds,
-               "hub_folder": str(hub_folder),
-               "images": [str(path) for path in written]}
+    print_summary(evaluation, tuned, written, hub_folder, generated_note, seconds, band=not quick)
+    results = {"seed": seed, "stage2": stage2, "text_to_image_accuracy": drawing_accuracy, "finetuned": tuned,
+               "seconds": seconds, "hub_folder": str(hub_folder), "images": [str(path) for path in written]}
     write_json_recorded(output / "demo_results.json", results)
     return results
 
 
-def write_demo_data(output: Path, steps: dict) -> tuple[Path, list, list[int], list, list[int]]:
-    """Step 1: the training and held-out digit imagefolders; returns the training folder and both splits' images and
-    labels."""
+def write_demo_data(output: Path, steps: dict, seed: int = 0) -> tuple[Path, list, list[int], list, list[int]]:
+    """Step 1: the training and held-out digit imagefolders (colours drawn from `seed`); returns the training folder
+    and both splits' images and labels."""
     from lavit.training.sample_data import photo_images
 
     print(f"[1/6] data: {steps['train_digits']} training digits, {steps['eval']} held-out digits, "
           f"{len(photo_images())} photos (offline) -> {output / 'data'}")
     train_folder, train_images, train_labels = write_digit_data(output / "data" / "digits_train",
-                                                                steps["train_digits"], offset=0)
+                                                                steps["train_digits"], offset=0, seed=seed)
     _, eval_images, eval_labels = write_digit_data(output / "data" / "digits_eval", steps["eval"],
-                                                   offset=1797 - steps["eval"])
+                                                   offset=1797 - steps["eval"], seed=seed)
     return train_folder, train_images, train_labels, eval_images, eval_labels
 
 
 def train_demo_detokenizer(train_folder: Path, tokenizer_folder: Path, finetuned: Path, runs: Path,
-                           steps: dict) -> Path:
+                           steps: dict, seed: int = 0) -> Path:
     """Step 5: a tiny pixel detokenizer on the training digits; returns its folder, a `LaVITPipeline`'s whose language
     model is the fine-tuned one."""
     from lavit.training.stage3_detokenizer import DetokenizerTrainingArguments, train_detokenizer
@@ -261,12 +266,13 @@ def train_demo_detokenizer(train_folder: Path, tokenizer_folder: Path, finetuned
         DetokenizerTrainingArguments(data=str(train_folder), visual_tokenizer=str(tokenizer_folder),
                                      detokenizer_config="tiny", model=str(finetuned), ema_decay=0.99,
                                      vae_steps=steps["vae"], resume="no"),
-        stage_arguments(runs / "detokenizer", steps["detokenizer"], per_device_train_batch_size=16, learning_rate=1e-3),
+        stage_arguments(runs / "detokenizer", steps["detokenizer"], seed, per_device_train_batch_size=16,
+                        learning_rate=1e-3),
     )
 
 
 def evaluate_demo_models(pretrained: Path, finetuned: Path, detokenizer_folder: Path, train_data: tuple,
-                         eval_data: tuple) -> tuple:
+                         eval_data: tuple, seed: int = 0) -> tuple:
     """Step 6 (metrics): the `LaVITPipeline` of the fine-tuned model (with its processor and the trained pixel
     decoder), and the stage-2 metrics, the stage-2 text-to-image accuracy and the fine-tuned metrics on the held-out
     digits (`evaluate`)."""
@@ -277,7 +283,7 @@ def evaluate_demo_models(pretrained: Path, finetuned: Path, detokenizer_folder: 
     pipe.set_progress_bar_config(desc="denoising")
     pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
     stage2 = evaluate(pretrained_model, processor, *eval_data)
-    drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, *train_data)
+    drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, *train_data, seed=seed)
     tuned = evaluate(model, processor, *eval_data)
     return pipe, stage2, drawing_accuracy, tuned
 
@@ -322,12 +328,17 @@ def card_metadata(steps: dict, tuned: dict, evaluation: list[dict]) -> dict:
 
 
 def print_summary(evaluation: list[dict], tuned: dict, written: list, hub_folder: Path, generated_note: str,
-                  seconds: float) -> None:
-    """The closing printout: the metrics table, a few answers, the files written, and what the model can do."""
+                  seconds: float, band: bool = False) -> None:
+    """The closing printout: the metrics table (with the `MEASURED_BAND` of full runs when `band`), a few answers,
+    the files written, and what the model can do."""
     print()
-    print(f"{'metric':34} {'value':>22}   data")
+    print(f"{'metric':34} {'value':>22} {'band' if band else '':>10}   data")
     for row in evaluation:
-        print(f"{row['metric']:34} {row['value']:>22}   {row['data']}")
+        low_high = MEASURED_BAND.get(row["metric"]) if band else None
+        measured = f"{low_high[0]:.2f}-{low_high[1]:.2f}" if low_high else ""
+        print(f"{row['metric']:34} {row['value']:>22} {measured:>10}   {row['data']}")
+    if band:
+        print(f"band: the lowest and highest value of full runs with seeds {MEASURED_BAND['seeds']} (docs/demo.md)")
     print("\nexamples (truth -> caption | answer):")
     for truth, caption, answer in tuned["examples"]:
         print(f"  {truth:6} -> {caption!r} | {answer!r}")

@@ -243,3 +243,38 @@ def test_demo_says_whether_images_of_different_prompts_differ():
         ("three", "seven"), [codes, other_codes], [black, grey])
     assert "same visual tokens" in describe_generated_images(("three", "seven"), [codes, codes], [black, black])
     assert "detokenizer" in describe_generated_images(("three", "seven"), [codes, other_codes], [black, black])
+
+
+def test_demo_seed_drives_its_data_and_its_training(tmp_path):
+    """`lavit demo --seed S`: the digits' colours and every stage's `TrainingArguments.seed` follow S (the band of
+    docs/demo.md is measured over seeds)."""
+    import numpy as np
+
+    from lavit.cli import build_parser
+    from lavit.demo import QUICK, stage_arguments, write_demo_data
+
+    steps = {**QUICK, "train_digits": 12, "eval": 4}
+
+    def pixels(seed: int, name: str) -> list:
+        _, train_images, _, eval_images, _ = write_demo_data(tmp_path / name, steps, seed)
+        return [np.asarray(image) for image in train_images + eval_images]
+
+    again, first, other = pixels(1, "again"), pixels(1, "first"), pixels(2, "other")
+    assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert stage_arguments(tmp_path / "run", 3, 7).seed == 7
+    assert build_parser().parse_args(["demo", "--seed", "7"]).seed == 7
+
+
+def test_a_full_demo_prints_the_measured_band_beside_its_figures(capsys, tmp_path):
+    from lavit.demo import MEASURED_BAND, evaluation_rows, print_summary
+
+    tuned = {"caption_accuracy": 0.3, "vqa_accuracy": 0.4, "tokens_mean": 21.0, "tokens_min": 12, "tokens_max": 30,
+             "count": 100, "examples": []}
+    rows = evaluation_rows(tuned, 0.35, tuned)
+    for band in (True, False):
+        print_summary(rows, tuned, [], tmp_path, "", 60.0, band=band)
+        out = capsys.readouterr().out
+        low, high = MEASURED_BAND["VQA accuracy (fine-tuned)"]
+        line = next(line for line in out.splitlines() if line.startswith("VQA accuracy (fine-tuned)"))
+        assert (f"0.40  {low:.2f}-{high:.2f}" in line) is band and ("band:" in out) is band

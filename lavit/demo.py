@@ -31,12 +31,14 @@ QUICK = {"tokenizer": 30, "pretrain": 30, "finetune": 20, "vae": 10, "detokenize
 
 def stage_arguments(output_dir: Path, steps: int, seed: int = 0, **overrides):
     """The demo's `TrainingArguments`: `steps` steps from `seed` (weights, data order, crops); the stages with a
-    `small-data` preset take their learning rate and batch size from it, the others from `overrides`."""
+    `small-data` preset take their learning rate, batch size and evaluation and checkpoint steps from it (a
+    checkpoint at each evaluation: the one of the best held-out loss is the stage's model), the others from
+    `overrides`."""
     from lavit.training.arguments import LaVITTrainingArguments
 
     return LaVITTrainingArguments(
         output_dir=str(output_dir), max_steps=steps, warmup_steps=0.05, logging_steps=max(1, steps // 10),
-        save_steps=max(steps, 1), use_cpu=not torch.cuda.is_available(), report_to="none", seed=seed,
+        use_cpu=not torch.cuda.is_available(), report_to="none", seed=seed,
         dataloader_num_workers=0, **overrides,
     )
 
@@ -267,7 +269,7 @@ def train_demo_detokenizer(train_folder: Path, tokenizer_folder: Path, finetuned
                                      detokenizer_config="tiny", model=str(finetuned), ema_decay=0.99,
                                      vae_steps=steps["vae"], resume="no"),
         stage_arguments(runs / "detokenizer", steps["detokenizer"], seed, per_device_train_batch_size=16,
-                        learning_rate=1e-3),
+                        learning_rate=1e-3, save_steps=max(steps["detokenizer"], 1)),
     )
 
 

@@ -163,6 +163,13 @@ class LaVITTrainer(Trainer):
             step = int(Path(self.state.best_model_checkpoint).name.rsplit("-", 1)[-1])
             # every sink (console, logs.jsonl, TensorBoard) says which checkpoint the final weights are
             self.log({"best_model_step": step, f"best_{self.args.metric_for_best_model}": self.state.best_metric})
+        elif self.args.load_best_model_at_end and self.is_world_process_zero():
+            # e.g. early stopping before the first checkpoint when checkpoints are rarer than evaluations: the
+            # Trainer then keeps the last step's weights without a word
+            logger.warning(f"--load_best_model_at_end: no checkpoint was saved at an evaluation before the run ended "
+                           f"(step {self.state.global_step}; --save_steps {self.args.save_steps:g}, --eval_steps "
+                           f"{self.args.eval_steps:g}), so the final weights are the last step's, not the best "
+                           f"evaluation's; give --save_steps equal to --eval_steps to keep the best")
         return result
 
     def end_completed_run(self) -> TrainOutput:

@@ -250,3 +250,23 @@ def test_small_data_recipe_holds_on_a_folder_it_was_not_tuned_on(tmp_path):
     row = json.loads((tmp_path / "result.json").read_text())["results"][0]
     print(f"\ngrey-textures: held-out accuracy {row['accuracy']:.2f}, {row['minutes']:.1f} min")
     assert row["accuracy"] >= 0.5, row
+
+
+def test_a_run_stopped_before_any_checkpoint_of_an_evaluation_says_its_weights_are_the_last_steps(
+        components, tmp_path, caplog):
+    """Early stopping after a few evaluations (a learning rate of 0 never lowers the held-out loss), with
+    checkpoints rarer than evaluations: no checkpoint holds an evaluated step, so the final weights are the last
+    step's; the run says so instead of logging a best checkpoint it does not have."""
+    output = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="lavit.training.trainer"):
+        run_stage("train-tokenizer", stage_flags("train-tokenizer", components, tmp_path)
+                  + ["--eval_split_size", "0.25", "--per_device_eval_batch_size", "2", "--eval_strategy", "steps",
+                     "--eval_steps", "1", "--load_best_model_at_end", "true", "--early_stopping_patience", "1"]
+                  + trainer_flags(output, 8, save_steps=8, learning_rate=0.0))
+    logs = [json.loads(line) for line in (output / "logs.jsonl").read_text().splitlines()]
+    evaluated = [entry["step"] for entry in logs if "eval_loss" in entry]
+    assert evaluated == list(range(1, len(evaluated) + 1)) and evaluated[-1] < 8  # stopped early
+    assert not any("best_model_step" in entry for entry in logs)
+    assert not list(output.glob("checkpoint-*"))
+    warning = next(message for message in caplog.messages if "--load_best_model_at_end" in message)
+    assert "last step's" in warning and "--save_steps 8," in warning and "--eval_steps 1)" in warning

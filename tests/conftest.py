@@ -264,3 +264,24 @@ def final_weights(folder) -> dict:
         part = load_file(folder / name / "diffusion_pytorch_model.safetensors")
         weights.update({f"{name}.{key}": value for key, value in part.items()})
     return weights
+
+
+def write_lora_adapter(base_folder, output, rank: int, seed: int, base_name: str | None = None):
+    """A LoRA adapter of the LaVIT model in `base_folder` whose B matrices are drawn from `seed` (adapters that
+    change the weights), saved to `output` with `base_name` as its recorded base (PEFT's own record by default);
+    returns the PEFT model."""
+    from lavit.training.lora import lora_config
+    from peft import get_peft_model
+
+    from lavit import LaVITForCausalLM
+
+    model = get_peft_model(LaVITForCausalLM.from_pretrained(base_folder), lora_config(r=rank))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    if base_name is not None:
+        model.peft_config["default"].base_model_name_or_path = base_name
+    model.save_pretrained(output)
+    return model

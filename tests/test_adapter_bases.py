@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_lora_adapter
 from test_cli import error_lines, real_photo_file, run
 from test_model_folders import commands_reading_a_lavit_model
 
@@ -44,19 +45,7 @@ def command_argv(command: str, adapter, tmp_path) -> list:
 @pytest.fixture
 def adapter(tmp_path, lavit_folder):
     """A LoRA adapter of `lavit_folder`, saved with its absolute base (as lavit's fine-tuning records it)."""
-    from lavit.training.lora import lora_config
-    from peft import get_peft_model
-
-    from lavit import LaVITForCausalLM
-
-    model = get_peft_model(LaVITForCausalLM.from_pretrained(lavit_folder), lora_config(r=2))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)  # adapters that change the weights
-    model.peft_config["default"].base_model_name_or_path = str(lavit_folder.resolve())
-    model.save_pretrained(tmp_path / "adapter")
+    write_lora_adapter(lavit_folder, tmp_path / "adapter", rank=2, seed=0, base_name=str(lavit_folder.resolve()))
     return tmp_path / "adapter"
 
 

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import text_vocab_size, tiny_lavit_config, training_args, write_tiny_language_model
+from conftest import text_vocab_size, tiny_lavit_config, training_args, write_lora_adapter, write_tiny_language_model
 from lavit.training.data import BadRecordCounter, load_records
 from lavit.training.sample_data import photo_images
 from lavit.training.sequences import InstructionBuilder, SequenceBuilder
@@ -600,18 +600,10 @@ def test_an_adapter_folder_loads_in_every_model_command(tmp_path, capsys, decodi
     """The TRL + LoRA recipe (README) saves a PEFT adapter folder (adapter_config.json, no config.json): `lavit
     caption` and `vqa` load it as its base model with the adapters merged (`evaluate`, `generate`, `reconstruct` and
     `export` use the same loader) and caption what the merged model captions; `tokenize` takes it too."""
-    from lavit.training.lora import lora_config
-    from peft import get_peft_model
-
     from lavit import LaVITForCausalLM, LaVITProcessor
 
-    model = get_peft_model(LaVITForCausalLM.from_pretrained(decoding_folder), lora_config(r=4))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)  # adapters that change the answers
-    model.save_pretrained(tmp_path / "adapter")
+    # adapters that change the answers
+    model = write_lora_adapter(decoding_folder, tmp_path / "adapter", rank=4, seed=1)
     LaVITProcessor.from_pretrained(decoding_folder).save_pretrained(tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "config.json").exists()
     merged = model.merge_and_unload()

@@ -3,6 +3,7 @@ its second line), [`PerItem`] (each input of a many-input command on its own, so
 [`resolve_model_folder`] / [`load_lavit_model`] (a `--model` found as the user meant it: a training run's folder, a
 PEFT adapter folder and the base it names ([`adapter_base`]), a typo in a local path)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -174,10 +175,24 @@ def is_model_folder(folder: Path) -> bool:
     return any((folder / name).is_file() for name in MODEL_FOLDER_FILES)
 
 
+def is_adapter_folder(folder: Path) -> bool:
+    """A PEFT adapter folder (`adapter_config.json`, no `config.json`), which stands for its base plus adapters."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def refuse_stopped_save(folder: Path) -> None:
+    """[`refuse_unfinished_save`] as a command's one line: a folder a save stopped in is said first, whatever files it
+    has or lacks."""
+    try:
+        refuse_unfinished_save(folder)
+    except UnfinishedSaveError as error:
+        raise CommandError(str(error)) from error
+
+
 def given_as(flag: str, value) -> str:
     """`value` as the user gives it through `flag`: `--model X`, or `pretrained=X` for a `key=` argument (lmms-eval's
-    `model_args`, a Python keyword)."""
-    return f"{flag}{value}" if flag.endswith("=") else f"{flag} {value}"
+    `model_args`, a Python keyword), or `X` itself for a positional argument (`flag` "")."""
+    return f"{flag}{value}" if flag.endswith("=") or not flag else f"{flag} {value}"
 
 
 def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None, dict | None]:
@@ -194,11 +209,8 @@ def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None,
         if looks_like_local_path(path):
             raise CommandError(f"model folder not found: {path} (no such local folder)")
         return None, None
-    try:  # a folder a save stopped in: said first, whatever files it has or lacks (every resolver goes through here)
-        refuse_unfinished_save(folder)
-    except UnfinishedSaveError as error:
-        raise CommandError(str(error)) from error
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    refuse_stopped_save(folder)  # every resolver goes through here
+    if is_adapter_folder(folder):
         return folder, adapter_config(folder, path)
     try:  # a pipeline folder, or its language_model/ sub-folder, means its language model (`language_model_folders`)
         folders = language_model_folders(folder, with_processor=False) if folder.is_dir() else None
@@ -270,7 +282,7 @@ def adapter_base(folder: Path, base) -> str:
 def local_adapter_base(local: Path, refused) -> Path:
     """The language-model folder of an adapter's local base `local`, or `refused(problem, fix)` raised: a base that is
     itself an adapter (its own base would be dropped), a run's folder, or a folder without a LaVIT language model."""
-    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+    if is_adapter_folder(local):
         raise refused("itself a PEFT adapter folder (trained on another base), so its adapters would be lost",
                       f"merge it into its base first (lavit export MERGED --model {local}) and set "
                       f"base_model_name_or_path to MERGED")
@@ -284,6 +296,79 @@ def local_adapter_base(local: Path, refused) -> Path:
         raise refused("which holds no LaVIT model (a config.json of model_type 'lavit', or a LaVITPipeline folder)",
                       "set it to the LaVIT model the adapter was trained on")
     return folders[0]
+
+
+MODEL_KINDS = {"lavit": "a LaVIT model", "lavit_tokenizer": "a LaVIT visual tokenizer",
+               "lavit_detokenizer": "a LaVIT pixel decoder (detokenizer)"}
+
+
+def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--model", adapters: bool = True,
+                   lora: bool = False) -> None:
+    """
+    Checks a model input before anything is built: a path that does not exist must look like a Hub id (`name` or
+    `org/name`); a local folder is found by [`resolve_model_folder`] (a run's folder and a stopped save are refused
+    with their fix) and must hold a `config.json` of one of `model_types` (a model of the wrong kind would be built
+    from default sizes). A PEFT adapter folder stands for its base (which must be of the kind) where `adapters`, and
+    is refused where a whole model is needed (a training stage's starting point), with the ways on
+    ([`adapter_folder_problem`]; `lora`: the command takes `--lora`). `flag`: the argument that gave `path`, named in
+    every fix.
+    """
+    local = Path(path).expanduser()
+    if not adapters and local.is_dir() and is_adapter_folder(local):  # whatever its base: it is not one model
+        refuse_stopped_save(local)
+        raise CommandError(adapter_folder_problem(path, flag, lora))
+    folder, adapter = resolve_model_folder(path, flag)
+    if folder is None or not model_types:
+        return
+    if adapter is not None:
+        require_folder(adapter["base_model_name_or_path"], model_types, "base_model_name_or_path=")
+        return
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"{given_as(flag, path)} is not a model folder (no config.json)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise CommandError(f"{folder / 'config.json'} is not a JSON object: {error}") from error
+    if model_type not in model_types:
+        kind = MODEL_KINDS.get(model_type, f"a model of type {model_type!r}")
+        wanted = " or ".join(MODEL_KINDS[name] for name in model_types)
+        raise CommandError(f"{given_as(flag, path)} holds {kind}, but this command needs {wanted} folder")
+
+
+def require_model_inputs(*arguments) -> None:
+    """[`require_folder`] for every field of a training stage's arguments dataclasses that declares the kinds of model
+    folder it reads (`lavit.paths.path_field(model_kinds=...)`): every route into a stage (`lavit COMMAND`,
+    `python -m`, a config file, a launcher's ranks) checks each of its model inputs alike, with its flag's name."""
+    from lavit.paths import ADAPTERS
+    from lavit.paths import MODEL_KINDS as KINDS_KEY
+
+    for parsed in arguments:
+        if not dataclasses.is_dataclass(parsed):
+            continue
+        fields = dataclasses.fields(parsed)
+        takes_lora = any(field.name == "lora" for field in fields)
+        for field in fields:
+            value = getattr(parsed, field.name)
+            if KINDS_KEY in field.metadata and value:
+                require_folder(value, field.metadata[KINDS_KEY], f"--{field.name}", field.metadata[ADAPTERS],
+                               lora=takes_lora)
+
+
+def adapter_folder_problem(path: str, flag: str, lora: bool = False) -> str:
+    """Why a PEFT adapter folder cannot be given as `flag` where a whole model is needed (transformers would load it
+    with its adapters frozen, so training finds no weight to train, and a pipeline saved beside it would lack its
+    base), and what to give instead: the merged model, or (`lora`) a new adapter on its base."""
+    try:  # the base as every command finds it (a relative one from here or the adapter's folder)
+        base = adapter_config(Path(path).expanduser(), path)["base_model_name_or_path"]
+    except (OSError, CommandError):
+        base = None
+    merged = f"merge the adapter into its base first (lavit export MERGED --model {path}) and give {flag} MERGED"
+    if not lora:
+        return f"{given_as(flag, path)} is a PEFT (LoRA) adapter folder, not a whole model, which this needs: {merged}"
+    return (f"{given_as(flag, path)} is a PEFT (LoRA) adapter folder, not a whole model: training starts from a whole "
+            f"model. Give its base model with a new adapter ({flag} {base or 'BASE'} --lora), or {merged}; to "
+            f"continue the run that saved the adapter, run it again with the same --output_dir (it resumes from its "
+            f"newest checkpoint)")
 
 
 def load_lavit_model(path: str, flag: str = "--model", **kwargs):

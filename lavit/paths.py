@@ -25,6 +25,10 @@ from pathlib import Path
 
 INPUT, OUTPUT, CHECKPOINT = "input", "output", "checkpoint"
 PATH_ROLE = "lavit_path"  # the key of a dataclass field's metadata that declares its role
+# the keys of an input field's metadata that declare it a model folder: the kinds it may be (`config.json`
+# model_type), and whether a PEFT adapter folder may stand for one (`lavit.command_inputs.require_model_inputs`)
+MODEL_KINDS = "lavit_model_kinds"
+ADAPTERS = "lavit_adapters"
 
 
 class PathConflictError(ValueError):
@@ -62,9 +66,14 @@ def path_role(action: argparse.Action) -> str | None:
     return getattr(action.type, "role", None)
 
 
-def path_field(role: str, **field_kwargs) -> dataclasses.Field:
-    """A dataclass field holding a path of `role` (`help=` goes into its metadata, as `HfArg` does)."""
+def path_field(role: str, model_kinds: tuple[str, ...] | None = None, adapters: bool = True,
+               **field_kwargs) -> dataclasses.Field:
+    """A dataclass field holding a path of `role` (`help=` goes into its metadata, as `HfArg` does). An input that
+    names a model folder declares the `model_kinds` it may be (() for any) and whether a PEFT adapter folder may
+    stand for one (`adapters`; False where training starts from, or saves, a whole model)."""
     metadata = {PATH_ROLE: role}
+    if model_kinds is not None:
+        metadata.update({MODEL_KINDS: tuple(model_kinds), ADAPTERS: adapters})
     if "help" in field_kwargs:
         metadata["help"] = field_kwargs.pop("help")
     return dataclasses.field(metadata=metadata, **field_kwargs)

@@ -15,9 +15,9 @@ from test_cli import error_lines, real_photo_file, run
 from test_model_folders import commands_reading_a_lavit_model
 
 TRAINING = {"train", "finetune", "train-detokenizer"}
-# stage 3 keeps its `--model` beside the decoder it trains: an adapter folder, whatever its base, is not a LaVIT model
-# folder there (one line, tested below)
-NO_ADAPTER = {"train-detokenizer"}
+# the training stages start from whole models (stage 3 keeps its `--model` beside the decoder it trains): an adapter
+# folder, whatever its base, is refused there as not a whole model (one line, tested below; `test_command_inputs`)
+NO_ADAPTER = TRAINING
 # the kinds of bad base run through every command (each other one through every third, in turn, and the resolver)
 CLI_KINDS = {"number", "adapter"}
 
@@ -95,7 +95,7 @@ def test_every_command_refuses_every_unusable_base_in_one_line(adapter, tmp_path
     for command in NO_ADAPTER:
         code, _, err = run(capsys, *command_argv(command, adapter, tmp_path))
         (line,) = error_lines(err)
-        assert code != 0 and f"--model {adapter} is not a LaVIT model folder" in line, err[-2000:]
+        assert code != 0 and f"--model {adapter} is a PEFT (LoRA) adapter folder, not a whole" in line, err[-2000:]
 
 
 def test_the_lmms_eval_model_refuses_an_unusable_base_by_the_same_line(adapter, tmp_path, lavit_folder):

@@ -199,11 +199,12 @@ def test_training_refuses_an_adapter_folder_as_the_model_to_train(final_folders,
     with pytest.raises(ValueError) as error:
         lavit_model_paths(str(final_folders["adapter"]))
     message = str(error.value)
-    assert "PEFT (LoRA) adapter folder" in message and f"--model {final_folders['model'].resolve()} --lora" in message
+    assert "PEFT (LoRA) adapter folder" in message
     assert f"lavit export MERGED --model {final_folders['adapter']}" in message
     (tmp_path / "data").mkdir()
     code, _, err = run(capsys, "finetune", "--model", final_folders["adapter"], "--data", tmp_path / "data",
                        "--output_dir", tmp_path / "run", "--use_cpu", "true", "--report_to", "none")
     lines = error_lines(err)
     assert code == 1 and len(lines) == 1 and "PEFT (LoRA) adapter folder" in lines[0], err
+    assert f"--model {final_folders['model'].resolve()} --lora" in lines[0]  # fine-tuning takes a new adapter
     assert not (tmp_path / "run").exists()  # refused before anything ran

@@ -37,9 +37,10 @@ from lavit.modeling.validation_lavit import (
 from transformers import HfArgumentParser, TrainingArguments
 
 from lavit.atomic import require_lavit_folder
+from lavit.command_inputs import require_model_inputs
 from lavit.file_kinds import require_safetensors_inputs
 from lavit.flags import StrictFlags
-from lavit.paths import CHECKPOINT, INPUT, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
+from lavit.paths import ADAPTERS, CHECKPOINT, INPUT, MODEL_KINDS, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
 from .presets import preset_field
 from .sequences import SEQUENCE_ORDERS
@@ -233,7 +234,8 @@ def load_config_preset(name_or_path: str, kind: str) -> dict:
 
 @dataclass
 class TokenizerTrainingArguments(EvalDataArguments):
-    model: str | None = path_field(INPUT, default=None, help="A LaVITTokenizerModel folder to continue training.")
+    model: str | None = path_field(INPUT, ("lavit_tokenizer",), adapters=False, default=None,
+                                   help="A LaVITTokenizerModel folder to continue training.")
     tokenizer_config: str | None = path_field(INPUT, default=None, help=(
         f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
                 f"64 px, 8 px patches, 64 codes; 'small': the same with 256 codes, for small data; 'paper': the "
@@ -252,8 +254,10 @@ class TokenizerTrainingArguments(EvalDataArguments):
 
 @dataclass
 class PretrainingArguments(SequenceArguments):
-    model: str | None = path_field(INPUT, default=None, help="A LaVIT model folder to continue training.")
-    visual_tokenizer: str | None = path_field(INPUT, default=None, help="A stage-1 tokenizer folder (new model).")
+    model: str | None = path_field(INPUT, ("lavit",), adapters=False, default=None,
+                                   help="A LaVIT model folder to continue training.")
+    visual_tokenizer: str | None = path_field(INPUT, ("lavit_tokenizer", "lavit"), default=None, help=(
+        "A stage-1 tokenizer folder, or a LaVIT model folder whose visual tokenizer is used (new model)."))
     language_model: str | None = path_field(INPUT, default=None, help="A causal LM folder or Hub id (new model).")
     text_tokenizer: str | None = path_field(INPUT, default=None, help="Text tokenizer (default: the LM's).")
     text_data: str | None = path_field(INPUT, default=None, help="Text-only corpus mixed into the pairs.")
@@ -277,7 +281,8 @@ class PretrainingArguments(SequenceArguments):
 
 @dataclass
 class FinetuningArguments(SequenceArguments):
-    model: str = path_field(INPUT, default=None, help="The LaVIT model folder (or Hub id) to fine-tune.")
+    model: str = path_field(INPUT, ("lavit",), adapters=False, default=None,
+                            help="The LaVIT model folder (or Hub id) to fine-tune.")
     task: str = field(default="caption", metadata={"help": "'caption' (image, text), 'vqa' (image, question, "
                                                            "answer) or 'chat' (messages, images).",
                                                    RANGE: Choice(("caption", "vqa", "chat"))})
@@ -299,12 +304,12 @@ class FinetuningArguments(SequenceArguments):
 
 @dataclass
 class DetokenizerTrainingArguments(EvalDataArguments):
-    visual_tokenizer: str = path_field(INPUT, default=None, help=(
+    visual_tokenizer: str = path_field(INPUT, ("lavit_tokenizer", "lavit"), default=None, help=(
         "The frozen visual tokenizer: a LaVITTokenizerModel folder or a LaVIT model folder."))
     detokenizer: str | None = path_field(INPUT, default=None, help=(
         "The decoder to continue training: a LaVITPipeline folder (what this stage writes) or a LaVITDetokenizer "
         "folder (lavit <= 0.x)."))
-    model: str | None = path_field(INPUT, default=None, help=(
+    model: str | None = path_field(INPUT, ("lavit",), adapters=False, default=None, help=(
         "A LaVIT model folder (language model + processor) that becomes the language_model of the saved pipeline "
         "(default: --visual_tokenizer when it is a LaVIT model folder; without either, the pipeline holds the "
         "decoder alone)."))
@@ -326,7 +331,7 @@ class DetokenizerTrainingArguments(EvalDataArguments):
 
 @dataclass
 class PreprocessArguments(DataArguments):
-    visual_tokenizer: str = path_field(INPUT, default=None, help=(
+    visual_tokenizer: str = path_field(INPUT, ("lavit_tokenizer", "lavit"), default=None, help=(
         "A tokenizer folder, or a LaVIT model folder (its visual_tokenizer is used)."))
     output: str = path_field(OUTPUT, default=None, help="Folder to write the pre-tokenized dataset to.")
     batch_size: int = field(default=64, metadata={"help": "Images per tokenizer batch.", RANGE: BATCH_SIZE})
@@ -380,6 +385,7 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
                 arguments.given_flags = given
         check_paths(*parsed)  # no output folder is, holds or lies inside an input (`lavit.paths`)
         require_safetensors_inputs(*parsed)  # no model folder with pickled weights is loaded (`lavit.file_kinds`)
+        require_model_inputs(*parsed)  # every model folder of the kind its flag reads, before anything is built
         return parsed
 
     def given_flags(self, args: list[str]) -> frozenset[str]:
@@ -412,13 +418,14 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
 
 
 def _without_declarations(data_field: dataclasses.Field) -> dataclasses.Field:
-    """A copy of `data_field` whose metadata lacks lavit's declarations (path role, range): HfArgumentParser passes
-    the metadata on to `add_argument`, which knows neither."""
-    if PATH_ROLE not in data_field.metadata and RANGE not in data_field.metadata:
+    """A copy of `data_field` whose metadata lacks lavit's declarations (path role, model kinds, range):
+    HfArgumentParser passes the metadata on to `add_argument`, which knows none of them."""
+    declarations = (PATH_ROLE, MODEL_KINDS, ADAPTERS, RANGE)
+    if not any(key in data_field.metadata for key in declarations):
         return data_field
     copied = copy.copy(data_field)
     copied.metadata = types.MappingProxyType({key: value for key, value in data_field.metadata.items()
-                                              if key not in (PATH_ROLE, RANGE)})
+                                              if key not in declarations})
     return copied
 
 

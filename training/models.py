@@ -20,6 +20,8 @@ from lavit.modeling.pipeline_lavit import language_model_folders
 from lavit.processing import LaVITImageProcessor, LaVITProcessor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from lavit.command_inputs import adapter_folder_problem, is_adapter_folder, load_visual_tokenizer_of
+
 from .arguments import load_config_preset
 from .lora import lora_config
 
@@ -36,25 +38,10 @@ def lavit_model_paths(path: str) -> tuple[str, str]:
         ValueError: a pipeline folder without a language model, a language model without its processor, or a PEFT
             adapter folder (training starts from whole models; the message names the two ways on)."""
     folder = Path(path).expanduser()
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        raise ValueError(adapter_folder_problem(path))
+    if is_adapter_folder(folder):
+        raise ValueError(adapter_folder_problem(path, "--model"))
     folders = language_model_folders(path) if folder.is_dir() else None
     return (str(folders[0]), str(folders[1])) if folders else (path, path)
-
-
-def adapter_folder_problem(path: str) -> str:
-    """Why a PEFT adapter folder cannot be trained on as `--model` (transformers would load it with its adapters
-    frozen, and the Trainer then finds no weight to train), and what to give instead."""
-    from lavit.command_inputs import CommandError, adapter_config
-
-    try:  # the base as every command finds it (a relative one from here or the adapter's folder)
-        base = adapter_config(Path(path).expanduser(), path)["base_model_name_or_path"]
-    except (OSError, CommandError):
-        base = None
-    return (f"--model {path} is a PEFT (LoRA) adapter folder, not a whole model: training starts from a whole model. "
-            f"Give its base model with a new adapter (--model {base or 'BASE'} --lora), or merge the adapter into its "
-            f"base first (lavit export MERGED --model {path}) and give --model MERGED; to continue the run that saved "
-            f"the adapter, run it again with the same --output_dir (it resumes from its newest checkpoint)")
 
 
 def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
@@ -94,7 +81,7 @@ def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
     if not (script_args.visual_tokenizer and script_args.language_model):
         raise ValueError("give --model (a LaVIT folder) or both --visual_tokenizer and --language_model")
     text_tokenizer = AutoTokenizer.from_pretrained(script_args.text_tokenizer or script_args.language_model)
-    visual_tokenizer = LaVITTokenizerModel.from_pretrained(script_args.visual_tokenizer)
+    visual_tokenizer = load_visual_tokenizer_of(script_args.visual_tokenizer, "--visual_tokenizer")
     # the visual codes become new rows of the LM's vocabulary, after [IMG] and [/IMG]
     text_vocab_size = LaVITProcessor.add_image_tokens(text_tokenizer, visual_tokenizer.config.codebook_size)
     if text_tokenizer.pad_token is None:

@@ -18,11 +18,11 @@ import torch
 from lavit.processing import LaVITImageProcessor
 
 from lavit.atomic import fresh_staging_folder, replace_folder, require_replaceable
+from lavit.command_inputs import load_visual_tokenizer_of
 from lavit.paths import check_paths
 
 from .arguments import PreprocessArguments, make_stage_parser
 from .data import BadRecordCounter, limit_records, load_records, preprocess_images
-from .models import load_visual_tokenizer
 
 
 def preprocess(script_args: PreprocessArguments) -> Path:
@@ -35,7 +35,7 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     # 1. The frozen tokenizer (alone, or the one inside a LaVIT folder), on a GPU when there is one.
     #    Pre-tokenizing is inference: no gradients, no Trainer, the whole batch on one device.
     device = script_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    visual_tokenizer = load_visual_tokenizer(script_args.visual_tokenizer).to(device).eval()
+    visual_tokenizer = load_visual_tokenizer_of(script_args.visual_tokenizer, "--visual_tokenizer").to(device).eval()
     image_processor = LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config)
 
     # 2. Keep masks and code ids of every readable image, in batches; unreadable images are dropped and counted.

@@ -26,6 +26,8 @@ from lavit.modeling import LaVITDetokenizer
 from lavit.processing import LaVITImageProcessor
 from transformers import set_seed
 
+from lavit.command_inputs import load_visual_tokenizer_of
+
 from .arguments import DetokenizerTrainingArguments, LaVITTrainingArguments, make_stage_parser
 from .callbacks import EMACallback, JsonlLoggerCallback
 from .checkpoints import resumable_run
@@ -34,7 +36,6 @@ from .data import BadRecordCounter, image_dataset, limit_records, load_records
 from .evaluation import configure_evaluation, split_eval_records
 from .models import (
     build_detokenizer,
-    load_visual_tokenizer,
     pipeline_language_model_folder,
     require_same_codebook,
     trained_pipeline,
@@ -54,7 +55,7 @@ def train_detokenizer(
 
     # 1. The frozen tokenizer and the detokenizer sharing its codebook, whole on every rank.
     with whole_weights(training_args):
-        visual_tokenizer = load_visual_tokenizer(script_args.visual_tokenizer)
+        visual_tokenizer = load_visual_tokenizer_of(script_args.visual_tokenizer, "--visual_tokenizer")
         detokenizer = build_detokenizer(script_args, visual_tokenizer)
     # the language model saved beside the decoder: found and checked now (a wrong --model costs no training)
     language_model_folders = pipeline_language_model_folder(script_args)

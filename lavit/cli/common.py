@@ -5,10 +5,9 @@ imported by the functions that use them, so that building a parser (and `--help`
 """
 
 import argparse
-import json
 from pathlib import Path
 
-from lavit.command_inputs import CommandError, load_lavit_model, resolve_model_folder
+from lavit.command_inputs import CommandError, load_lavit_model, require_folder
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -27,32 +26,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_command(commands: argparse._SubParsersAction, name: str, help: str, **settings) -> argparse.ArgumentParser:
     """A sub-command `lavit NAME` whose help shows each default once and whose description is its one-line help."""
     return commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter, **settings)
-
-
-MODEL_KINDS = {"lavit": "a LaVIT model", "lavit_tokenizer": "a LaVIT visual tokenizer",
-               "lavit_detokenizer": "a LaVIT pixel decoder (detokenizer)"}
-
-
-def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--model") -> None:
-    """A path that does not exist must look like a Hub id (`name` or `org/name`); a local folder must hold a
-    `config.json` of one of `model_types` (checked before anything is built: a model of the wrong kind would be
-    built from default sizes). `flag`: the argument that gave `path`, named in the fix of a run's folder."""
-    folder, adapter = resolve_model_folder(path, flag)
-    if folder is None or not model_types:
-        return
-    if adapter is not None:  # a PEFT adapter: the base model it names must be of the kind
-        require_folder(adapter["base_model_name_or_path"], model_types, "base_model_name_or_path=")
-        return
-    if not (folder / "config.json").is_file():
-        raise CommandError(f"{path} is not a model folder (no config.json)")
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise CommandError(f"{folder / 'config.json'} is not a JSON object: {error}") from error
-    if model_type not in model_types:
-        kind = MODEL_KINDS.get(model_type, f"a model of type {model_type!r}")
-        wanted = " or ".join(MODEL_KINDS[name] for name in model_types)
-        raise CommandError(f"{path} holds {kind}, but this command needs {wanted} folder")
 
 
 def load_lavit(path: str, flag: str = "--model"):

@@ -4,11 +4,11 @@ import json
 import sys
 from pathlib import Path
 
-from lavit.command_inputs import CommandError, load_lavit_model
+from lavit.command_inputs import CommandError, load_lavit_model, require_folder
 from lavit.modeling.validation_lavit import POSITIVE_INT, SEED
 from lavit.paths import InputPath, OutputPath
 
-from .common import add_command, load_pipeline, require_folder
+from .common import add_command, load_pipeline
 
 
 def add_parsers(commands) -> None:

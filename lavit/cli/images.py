@@ -3,11 +3,11 @@ the same input on every run: every random draw comes from `--seed`."""
 
 import argparse
 
-from lavit.command_inputs import PerItem
+from lavit.command_inputs import PerItem, require_folder
 from lavit.modeling.validation_lavit import OPEN_FRACTION, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from lavit.paths import InputPath, OutputFile, numbered_output
 
-from .common import add_command, load_lavit, open_image, require_folder
+from .common import add_command, load_lavit, open_image
 
 
 def question_text(value: str) -> str:

@@ -5,11 +5,11 @@ import tempfile
 from pathlib import Path
 
 from lavit.atomic import require_replaceable
-from lavit.command_inputs import CommandError, load_lavit_model, resolve_model_folder
+from lavit.command_inputs import CommandError, load_lavit_model, require_folder, resolve_model_folder
 from lavit.modeling.validation_lavit import POSITIVE_INT
 from lavit.paths import InputPath, OutputPath
 
-from .common import add_command, require_folder
+from .common import add_command
 
 
 def add_parsers(commands) -> None:

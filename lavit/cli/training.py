@@ -9,7 +9,7 @@ import importlib
 
 from lavit.flags import StrictArgumentParser
 
-from .common import HelpFormatter, require_folder
+from .common import HelpFormatter
 
 TRAINING_COMMANDS = {
     "train-tokenizer": "lavit.training.stage1_tokenizer",
@@ -26,16 +26,6 @@ TRAINING_SUMMARIES = {
     "preprocess": "store keep masks and code ids of a dataset",
     "train-detokenizer": "train the pixel detokenizer",
 }
-# the model folder each training command reads (the stage's argument) and the kinds of folder it takes
-TRAINING_MODEL_ARGUMENTS = {
-    "train-tokenizer": ("model", ("lavit_tokenizer",)),
-    "train": ("model", ("lavit",)),
-    "finetune": ("model", ("lavit",)),
-    "preprocess": ("visual_tokenizer", ("lavit_tokenizer", "lavit")),
-    "train-detokenizer": ("visual_tokenizer", ("lavit_tokenizer", "lavit")),
-}
-
-
 def add_parsers(commands, full: bool = True) -> None:
     """The stages' own parsers (`full`), or a one-line entry per stage for the command listing."""
     for command, module_name in TRAINING_COMMANDS.items():
@@ -59,11 +49,8 @@ def stage_parser_class(**settings) -> argparse.ArgumentParser:
 
 def run_training(command: str, argv: list[str]) -> None:
     """Runs a training stage with the parser of `python -m lavit.training.<stage>` (flags, or one config file),
-    named `lavit COMMAND`; the model folder it reads is checked before anything is built."""
+    named `lavit COMMAND`; the parser checks the model folders it reads before anything is built
+    (`LaVITArgumentParser.parse_args_and_config`)."""
     stage = importlib.import_module(TRAINING_COMMANDS[command])
     commands = argparse.ArgumentParser(prog="lavit", allow_abbrev=False).add_subparsers(parser_class=stage_parser_class)
-    arguments = stage.make_parser(commands).parse_args_and_config(argv)
-    name, model_types = TRAINING_MODEL_ARGUMENTS[command]
-    if getattr(arguments[0], name):
-        require_folder(getattr(arguments[0], name), model_types, f"--{name}")
-    stage.main(*arguments)
+    stage.main(*stage.make_parser(commands).parse_args_and_config(argv))

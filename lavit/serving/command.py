@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from lavit.command_inputs import require_folder
 from lavit.modeling.validation_lavit import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, Range
 from lavit.paths import InputPath
 
@@ -45,6 +46,8 @@ def make_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    # a run's folder, a stopped save, an adapter or another kind of model: one line with the fix, before Ray starts
+    require_folder(args.model, ("lavit",), flag="", adapters=False)
     import torch
 
     from .deployments import ServeSettings, run_server

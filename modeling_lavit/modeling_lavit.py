@@ -53,7 +53,7 @@ from .kernels_lavit import speed_defaults
 from .modeling_lavit_tokenizer import LaVITTokenizerModel, build_token_merger, kept_token_fields
 from .saving_lavit import SaveBesideSourcesMixin
 from .transformers_compat import cache_kwargs, output_cache, takes_cache
-from .validation_lavit import check_generation_budget
+from .validation_lavit import check_generation_budget, refuse_typos
 
 logger = logging.get_logger(__name__)
 
@@ -379,6 +379,7 @@ class LaVITModel(LaVITPreTrainedModel):
         both (the ids' `[IMG]` `[/IMG]` placeholders say where each image goes, the embeddings are the text's).
         `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
         """
+        refuse_typos(self.forward, kwargs)  # the language model would drop a mistyped `pixel_value` in silence
         # 1. expand the image placeholders and embed (prefill with images), or take the text as it is
         lm_inputs, labels, image_token_counts = self._language_model_inputs(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_keep_mask,
@@ -548,6 +549,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 `use_liger_kernel`); default: skipped in training with targets when `linear_cross_entropy` is set.
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
+        # the language model would drop a mistyped `imge_selection` in silence
+        refuse_typos(self.forward, kwargs, passed_to=self.model.forward)
         num_items_in_batch = self.checked_item_count(input_ids, attention_mask, labels, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         skip_logits = kwargs.pop("skip_logits", None)

@@ -13,6 +13,7 @@ This file is copied flat into Hub folders with the model code: standard library 
 
 import argparse
 import difflib
+import functools
 import inspect
 import math
 import numbers
@@ -342,6 +343,36 @@ def check_keywords(caller, given, known=()) -> None:
                         f"{sorted(known)}")
 
 
+# how close a name passed on must be to one of a `forward`'s own parameters to be taken for its typo: every keyword
+# transformers passes models (`TransformersKwargs`, `num_items_in_batch`, `output_attentions`, ...) is further than this
+# from every LaVIT parameter name (`pixel_attention_mask` / `attention_mask`, the nearest, is 0.75)
+TYPO_SIMILARITY = 0.85
+
+
+@functools.lru_cache(maxsize=4096)
+def _typo_of(functions: tuple, name: str) -> str | None:
+    own = sorted(set().union(*(keyword_names(function) for function in functions)))
+    matches = [] if name in own else difflib.get_close_matches(name, own, n=1, cutoff=TYPO_SIMILARITY)
+    return matches[0] if matches else None
+
+
+def refuse_typos(caller, given, passed_to=None) -> None:
+    """
+    The keyword arguments `given` that `caller` (a `forward`) passes on, to its `passed_to` (a LaVIT `forward`) or to
+    transformers, whose models take any name (`**kwargs: Unpack[TransformersKwargs]`) and drop the ones they do not
+    use: a name a letter or two away from a parameter of `caller` or `passed_to` (`imge_selection`) would be dropped
+    in silence, and the image selection with it, so it is refused as Python refuses an unknown keyword, naming
+    `caller` and the parameter meant. Every other name passes on.
+    """
+    functions = tuple(getattr(function, "__func__", function) for function in (caller, passed_to) if function)
+    typos = [f"{name!r} (did you mean {meant!r}?)" for name in sorted(given)
+             for meant in [_typo_of(functions, name)] if meant is not None]
+    if typos:
+        owner = getattr(caller, "__self__", None)
+        name = f"{type(owner).__name__}.{caller.__name__}" if owner is not None else caller.__qualname__
+        raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(typos)}")
+
+
 def room_advice(flag: str, context: int, taken: int, taken_by: str, shorter: str, also: str = "") -> str:
     """The fix when `taken` tokens (of `taken_by`) plus what `flag` asks for exceed a `context`: the largest `flag`
     that fits, or, when `taken_by` alone leaves no room for one token, how long it is and what to shorten (never a
@@ -387,5 +418,6 @@ def check_generation_budget(
 
 __all__ = [
     "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_nested_config",
-    "check_generation_budget", "check_keywords", "check_memory", "keyword_names", "room_advice", "unknown_names",
+    "check_generation_budget", "check_keywords", "check_memory", "keyword_names", "refuse_typos", "room_advice",
+    "unknown_names",
 ]

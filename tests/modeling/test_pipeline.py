@@ -574,11 +574,17 @@ PASSES_KEYWORDS_ON = {
     ("LaVITForCausalLM", "generate_image_tokens"): lambda pipe, photo, typo: pipe.language_model.generate_image_tokens(
         **pipe.processor(text="a red bus"), **typo),
 }
+# `forward` passes on transformers' attention/loss keywords, whatever they are: it refuses only the names a letter or
+# two away from its own (and `LaVITModel.forward`'s) parameters, which the language model would drop in silence
+# (`validation_lavit.refuse_typos`)
+REFUSES_TYPOS = {
+    ("LaVITForCausalLM", "forward"): lambda pipe, photo, typo: pipe.language_model(
+        **pipe.processor(images=photo, text="<image> a cat", return_tensors="pt"), **typo),
+}
 # methods whose keywords transformers owns: `generate` refuses unknown ones itself ("model_kwargs are not used by the
-# model ... typos"), `forward` and `prepare_inputs_for_generation` take transformers' attention/loss keywords, and
-# `from_components` passes config keywords to `LaVITConfig` (a `PretrainedConfig`, which takes any name)
-CHECKED_BY_TRANSFORMERS = {("LaVITForCausalLM", "generate"), ("LaVITForCausalLM", "forward"),
-                           ("LaVITForCausalLM", "prepare_inputs_for_generation"),
+# model ... typos"), `prepare_inputs_for_generation` takes what `generate` passes, and `from_components` passes config
+# keywords to `LaVITConfig` (a `PretrainedConfig`, which takes any name)
+CHECKED_BY_TRANSFORMERS = {("LaVITForCausalLM", "generate"), ("LaVITForCausalLM", "prepare_inputs_for_generation"),
                            ("LaVITForCausalLM", "from_components")}
 HUB_PLUMBING = {"from_pretrained", "save_pretrained", "load_config", "get_config_dict", "from_dict", "from_config",
                 "resize_token_embeddings", "push_to_hub", "register_to_config", "to", "enable_model_cpu_offload",
@@ -607,7 +613,7 @@ def forwarding_methods():
 def test_a_mistyped_keyword_names_the_method_called_and_the_one_meant(pipe):
     """#24 §8: `pipe.reconstruct(image_selecton=...)` was refused by `decode_visual_tokens`, a method the user never
     called. Every method that passes keywords on checks them itself (`validation_lavit.check_keywords`)."""
-    assert set(forwarding_methods()) == set(PASSES_KEYWORDS_ON) | CHECKED_BY_TRANSFORMERS
+    assert set(forwarding_methods()) == set(PASSES_KEYWORDS_ON) | set(REFUSES_TYPOS) | CHECKED_BY_TRANSFORMERS
     photo = Image.fromarray(real_photos()[0])
     for (owner, name), call in PASSES_KEYWORDS_ON.items():
         meant = "image_selection" if name == "reconstruct" else "guidance_scale"
@@ -617,3 +623,18 @@ def test_a_mistyped_keyword_names_the_method_called_and_the_one_meant(pipe):
         owner_name = owner if isinstance(owner, str) else owner.__name__
         assert message.startswith(f"{owner_name}.{name}() got unexpected keyword"), message
         assert f"(did you mean {meant!r}?)" in message and "decode_visual_tokens" not in message, message
+
+
+def test_forward_refuses_a_mistyped_parameter_and_passes_transformers_keywords_on(pipe):
+    """#24 §8: `model(**inputs, imge_selection=...)` ran with the default selection (the language model dropped the
+    name). A name near one of LaVIT's parameters is refused with the one meant; transformers' keywords still pass."""
+    photo = Image.fromarray(real_photos()[0])
+    for (owner, name), call in REFUSES_TYPOS.items():
+        for typo, meant in (("imge_selection", "image_selection"), ("pixel_value", "pixel_values"),
+                            ("image_patch_feature", "image_patch_features"), ("loss_modality", "loss_modalities")):
+            with pytest.raises(TypeError) as error:
+                call(pipe, photo, {typo: None})
+            assert str(error.value).startswith(f"{owner}.{name}() got unexpected keyword argument(s) {typo!r} "
+                                               f"(did you mean {meant!r}?)"), str(error.value)
+        outputs = call(pipe, photo, {"output_hidden_states": True, "output_attentions": False, "return_dict": True})
+        assert outputs.hidden_states is not None

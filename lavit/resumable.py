@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lavit.atomic import write_atomically
+from lavit.atomic import NotLavitFileError, write_atomically
 
 FINGERPRINT_FILE = "lavit_resume.json"
 FRESH_START_KEY = "fresh_start_ns"  # when a run last started over in the folder (not part of the fingerprint)
@@ -38,11 +38,14 @@ SAMPLED_CHUNKS = 16  # chunks of each weights file hashed by `folder_fingerprint
 CHUNK_BYTES = 1 << 16
 
 RESUMABLE_OUTPUTS: dict[str, str] = {}
+OUTPUT_FILES: dict[str, tuple[str, ...]] = {}  # kind -> the files of fixed names its writer puts in the folder
 
 
-def register_resumable_output(kind: str, description: str) -> str:
-    """Declares a kind of resumable output (one per writer); returns `kind`."""
+def register_resumable_output(kind: str, description: str, files: tuple[str, ...] = ()) -> str:
+    """Declares a kind of resumable output (one per writer) and the `files` of fixed names its writer writes or
+    appends to in the folder (`results.json`, `logs.jsonl`); returns `kind`."""
     RESUMABLE_OUTPUTS[kind] = description
+    OUTPUT_FILES[kind] = tuple(files)
     return kind
 
 
@@ -227,6 +230,12 @@ class ResumableOutput:
 
     def check_or_record(self) -> None:
         path = self.folder / FINGERPRINT_FILE
+        if not path.is_file():  # a folder no run of lavit wrote into: a file of the kind's names there is the user's
+            theirs = [name for name in OUTPUT_FILES[self.kind] if os.path.lexists(self.folder / name)]
+            if theirs:
+                raise NotLavitFileError(
+                    f"{self.folder} holds {', '.join(theirs)}, which no lavit run wrote there (it has no "
+                    f"{FINGERPRINT_FILE}), so lavit will not overwrite or append to it: {self.fresh_hint}")
         if self.fresh:  # the run starts over: it owns the folder from now (`fresh_start_ns` tells what came before)
             self.record(**{FRESH_START_KEY: time.time_ns()})
             return

@@ -262,6 +262,25 @@ def test_a_folder_with_output_but_no_record_of_what_made_it_is_not_resumed(tmp_p
         assert json.loads((tmp_path / FINGERPRINT_FILE).read_text()) == {"kind": "evaluation", "model": "m"}
 
 
+@pytest.mark.parametrize("driver", list(DRIVERS), indirect=True)
+def test_a_users_file_of_a_name_the_writer_uses_is_refused_before_any_work(driver, tmp_path):
+    """The attack of #24: `lavit evaluate --output FOLDER` replaced the user's `FOLDER/results.json`. In a folder no
+    lavit run wrote into (no fingerprint), every file of a name the kind's writer writes or appends to
+    (`OUTPUT_FILES`: results.json, logs.jsonl) is the user's, and the run stops at once, naming it."""
+    from lavit.atomic import NotLavitFileError
+    from lavit.resumable import OUTPUT_FILES
+
+    assert OUTPUT_FILES[driver.kind], f"the {driver.kind} writer writes no file of a fixed name?"
+    for name in OUTPUT_FILES[driver.kind]:
+        folder = tmp_path / f"users-{name}"
+        folder.mkdir()
+        (folder / name).write_text("the user's own")
+        with pytest.raises(NotLavitFileError, match=rf"holds {name}, which no lavit run wrote there"):
+            driver.run(folder)
+        assert (folder / name).read_text() == "the user's own"
+        assert sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) == [name]
+
+
 @pytest.mark.slow
 def test_a_checkpoint_saved_without_optimizer_state_is_resumed_only_when_asked(components, tmp_path, caplog):
     driver = TrainingDriver(tmp_path, components)

@@ -10,6 +10,8 @@ from transformers import TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import has_length
 
+LOGS_FILE = "logs.jsonl"  # in the run's output_dir
+
 EMA_FILE = "ema.safetensors"
 
 
@@ -20,7 +22,7 @@ class JsonlLoggerCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.output_dir) / "logs.jsonl", "a") as handle:
+        with open(Path(args.output_dir) / LOGS_FILE, "a") as handle:
             handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
             handle.flush()
 

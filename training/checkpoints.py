@@ -33,6 +33,8 @@ from lavit.resumable import (
     register_resumable_output,
 )
 
+from .callbacks import LOGS_FILE
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: lists every file of the checkpoint with its size
@@ -40,7 +42,8 @@ STALE_LOCK_SECONDS = 600
 NO_RESUME = (None, False, "", "no", "false", "False")  # --resume values that start over
 WEIGHTS_ONLY = "weights_only"  # --resume value that accepts a checkpoint without optimizer/schedule/random state
 RESUMABLE_KIND = register_resumable_output(
-    "training", "every training stage's --output_dir: checkpoint-N/ folders that --resume auto continues")
+    "training", "every training stage's --output_dir: checkpoint-N/ folders that --resume auto continues",
+    files=(LOGS_FILE,))
 FRESH_HINT = "give another --output_dir to start fresh (or remove this folder yourself)"
 
 

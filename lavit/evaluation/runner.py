@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lavit.atomic import write_json_recorded
+from lavit.atomic import NotLavitFileError, write_json_recorded
 from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields
 from lavit.resumable import (
     OutputLockedError,
@@ -63,7 +63,8 @@ VQA_PROMPT = "Question: {question} Answer:"
 VIZWIZ_JUDGE_QUESTION = 'Is the question: "{question}" answerable?'
 
 RESUMABLE_KIND = register_resumable_output(
-    "evaluation", "lavit evaluate --output: predictions-*.jsonl (and images/), one line per sample, appended")
+    "evaluation", "lavit evaluate --output: predictions-*.jsonl (and images/), one line per sample, appended",
+    files=(RESULTS_FILE,))
 FRESH_HINT = "give another --output to start fresh (or remove this folder yourself)"
 
 TASK_TYPES = {"caption": "image-to-text", "vqa": "visual-question-answering", "text-to-image": "text-to-image"}
@@ -433,12 +434,12 @@ def evaluate(model, processor, samples: list[EvalSample], config: EvalConfig, ou
     if state.is_main_process:
         try:
             guard.__enter__()
-        except (ResumeMismatchError, OutputLockedError) as error:
+        except (ResumeMismatchError, OutputLockedError, NotLavitFileError) as error:
             problem = (type(error).__name__, str(error))
     problem = broadcast_from_main(problem, state)
     if problem is not None:
-        raise {"ResumeMismatchError": ResumeMismatchError, "OutputLockedError": OutputLockedError}[problem[0]](
-            problem[1])
+        raise {error.__name__: error for error in (ResumeMismatchError, OutputLockedError, NotLavitFileError)}[
+            problem[0]](problem[1])
     try:
         batches = pending_batches(samples, output_dir, config.batch_size)
         state.wait_for_everyone()  # every process plans from the same predictions before any writes

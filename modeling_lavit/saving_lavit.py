@@ -195,26 +195,37 @@ def _where_instead(source: Path, sources: list[Path]) -> str:
 
 def _move_into(staging: Path, target: Path, save_directory, what: str, own_files: bool) -> None:
     """Moves every file of `staging` onto the same path under `target`, then, in each folder where this save wrote
-    weights, removes the weight files it did not write (a previous save's shards), and records what it wrote in
-    `target`'s marker. Nothing is written or removed through a link inside `target` (lavit makes none there); unless
-    `own_files` (`target` is the object's source), a file to be replaced or removed must be lavit's
-    ([`written_by_lavit`]); both are checked for all of them before anything moves."""
+    weights, removes the weight files of the same name family (`model*`, `diffusion_pytorch_model*`) it did not
+    write (a previous save's shards), and records what it wrote in `target`'s marker. Nothing is written or removed
+    through a link inside `target` (lavit makes none there). A file to be replaced or removed must be lavit's
+    ([`written_by_lavit`]); where `target` is the object's source (`own_files`), also one the object was loaded from
+    ([`_loaded_from`]), and a stale weight file of the user's is then left in place. Everything is checked before
+    anything moves."""
     written = sorted(Path(name) for name in folder_entries(staging)
                      if Path(name).name != MARKER_FILE)  # markers are merged, not moved
-    weight_folders = {relative.parent for relative in written if WEIGHT_FILE.match(relative.name)}
+    families = {(relative.parent, WEIGHT_FILE.match(relative.name)[1]) for relative in written
+                if WEIGHT_FILE.match(relative.name)}
+    weight_folders = {folder for folder, _ in families}
     _refuse_links_on_the_way(target, written, weight_folders, save_directory)
     stale = sorted({path.relative_to(target) for folder in weight_folders if (target / folder).is_dir()
-                    for path in (target / folder).iterdir() if WEIGHT_FILE.match(path.name) and
-                    (path.is_file() or path.is_symlink())} - set(written))
-    if not own_files:
+                    for path in (target / folder).iterdir() if (path.is_file() or path.is_symlink()) and
+                    WEIGHT_FILE.match(path.name) and (folder, WEIGHT_FILE.match(path.name)[1]) in families}
+                   - set(written))
+    if own_files:  # the object's own files may be replaced; of the weights, only those it was loaded from
+        loaded = _loaded_from(target, families)
+        stale = [relative for relative in stale if relative in loaded or written_by_lavit(target, relative)]
+        theirs = [str(relative) for relative in written if WEIGHT_FILE.match(relative.name) and
+                  os.path.lexists(target / relative) and relative not in loaded and
+                  not written_by_lavit(target, relative)]
+    else:
         theirs = [str(relative) for relative in written + stale
                   if os.path.lexists(target / relative) and not written_by_lavit(target, relative)]
-        if theirs:
-            raise NotLavitFilesError(
-                f"save_directory {save_directory} holds files lavit did not write ({', '.join(theirs[:5])}"
-                f"{', ...' if len(theirs) > 5 else ''}) that saving this {what} there would overwrite or remove: "
-                f"save into a new or empty folder, or move those files out first"
-            )
+    if theirs:
+        raise NotLavitFilesError(
+            f"save_directory {save_directory} holds files lavit did not write ({', '.join(theirs[:5])}"
+            f"{', ...' if len(theirs) > 5 else ''}) that saving this {what} there would overwrite or remove: "
+            f"save into a new or empty folder, or move those files out first"
+        )
     _begin_saving(target, written + stale)
     for relative in written:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +233,20 @@ def _move_into(staging: Path, target: Path, save_directory, what: str, own_files
     for relative in stale:
         (target / relative).unlink()
     record_saved_files(target, written, removed=stale)
+
+
+def _loaded_from(target: Path, families: set[tuple[Path, str]]) -> set[Path]:
+    """The weight files of each `(folder, family)` of `target` that a load of the folder reads: the single file
+    (`model.safetensors`, which wins over shards), the index, and the shards the index names."""
+    loaded = set()
+    for folder, family in families:
+        loaded |= {folder / f"{family}.safetensors", folder / f"{family}.safetensors.index.json"}
+        try:
+            weight_map = json.loads((target / folder / f"{family}.safetensors.index.json").read_text())["weight_map"]
+            loaded |= {folder / name for name in weight_map.values() if isinstance(name, str)}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no index (a single file), or one that cannot be read: no shard counts as loaded
+    return loaded
 
 
 def _refuse_links_on_the_way(target: Path, written: list[Path], weight_folders: set[Path], save_directory) -> None:

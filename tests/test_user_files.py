@@ -447,15 +447,21 @@ def test_save_pretrained_never_overwrites_or_removes_a_users_file(tmp_path, lavi
         weight_folders = {path.parent for path in written if path.name.endswith(".safetensors")}
         user_files = [*written, *(folder / f"{stem}-00001-of-00003.safetensors" for folder in weight_folders
                                   for stem in ("model", "diffusion_pytorch_model"))]
+        families = {(path.parent, path.name.split(".")[0].split("-")[0]) for path in written
+                    if path.name.endswith(".safetensors")}
         for user_file in user_files:  # each file alone: the save would overwrite or remove it
             destination = tmp_path / "user" / name.replace(" ", "_") / str(len(list(tmp_path.rglob("user/*/*"))))
             (destination / user_file).parent.mkdir(parents=True, exist_ok=True)
             (destination / user_file).write_bytes(b"the user's")
             (destination / "notes.txt").write_text("mine")
             before = snapshot(destination)
-            with pytest.raises(NotLavitFilesError, match=f"lavit did not write .*{user_file.name}"):
+            if user_file in written or (user_file.parent, user_file.name.split("-")[0]) in families:
+                with pytest.raises(NotLavitFilesError, match=f"lavit did not write .*{user_file.name}"):
+                    obj.save_pretrained(destination)
+                assert snapshot(destination) == before, (name, user_file)
+            else:  # weights of another library's names there (`diffusion_pytorch_model*` beside `model*`): not its
                 obj.save_pretrained(destination)
-            assert snapshot(destination) == before, (name, user_file)
+                assert (destination / user_file).read_bytes() == b"the user's", (name, user_file)
         # a folder lavit saved into: saved again (its own files replaced), the user's other files kept; a file of
         # lavit's the user edited since is theirs
         mine = tmp_path / "mine" / name.replace(" ", "_")
@@ -468,6 +474,32 @@ def test_save_pretrained_never_overwrites_or_removes_a_users_file(tmp_path, lavi
         edited.write_bytes(edited.read_bytes() + b" ")
         with pytest.raises(NotLavitFilesError):
             obj.save_pretrained(mine)
+
+
+def test_a_save_into_its_own_folder_removes_only_the_weights_it_was_loaded_from(tmp_path, lavit_model):
+    """The attack of #24 (S12): `from_pretrained(d).save_pretrained(d)` deleted the user's
+    `diffusion_pytorch_model.safetensors` and `model-00001-of-00002.safetensors` added to `d`, which a save into any
+    other folder refuses. In its own folder a save replaces the weights the object was loaded from (the single file,
+    the index and the shards it names) and leaves the user's files where they are."""
+    from lavit import LaVITForCausalLM
+
+    for source_shards in (None, "40KB"):
+        folder = tmp_path / f"model-{source_shards}"
+        lavit_model.save_pretrained(folder, **({"max_shard_size": source_shards} if source_shards else {}))
+        users = {"diffusion_pytorch_model.safetensors": b"the user's decoder"}
+        if source_shards is None:  # a shard name the source's index does not list (it has none)
+            users["model-00001-of-00002.safetensors"] = b"the user's shard"
+        for file_name, content in users.items():
+            (folder / file_name).write_bytes(content)
+        loaded = LaVITForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            loaded.lm_head.weight.add_(1.0)
+        loaded.save_pretrained(folder)  # one file now: the source's shards and index go, the user's files stay
+        for file_name, content in users.items():
+            assert (folder / file_name).read_bytes() == content, (source_shards, file_name)
+        assert not list(folder.glob("*.index.json")), source_shards
+        again = LaVITForCausalLM.from_pretrained(folder)
+        assert torch.equal(again.lm_head.weight, loaded.lm_head.weight), source_shards
 
 
 def test_the_attacks_shard_names_in_a_users_pipeline_folder_survive(tmp_path, lavit_model, lavit_processor):

@@ -32,6 +32,7 @@ is refused with [`UnfinishedSaveError`] (transformers would load the mixed weigh
 it may replace those files, and so completes it.
 """
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -133,23 +134,46 @@ def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Pat
     if target.exists() and not target.is_dir():
         raise NotLavitFilesError(f"save_directory {save_directory} is a file, not a folder: choose a folder")
     require_marker_shape(target, f"save_directory {save_directory}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(target)
-    if not _holds_files(target):  # nothing there to overwrite, remove or read from: written in place
-        target.mkdir(parents=True, exist_ok=True)
-        _begin_saving(target, None)
-        result = save(target)
-        record_saved_files(target, [Path(name) for name in folder_entries(target) if Path(name).name != MARKER_FILE])
-        return result
-    staging = _new_staging_folder(target)
+    target.mkdir(parents=True, exist_ok=True)
+    with _one_save_at_a_time(target):
+        _remove_abandoned_staging(target)
+        if not _holds_files(target):  # nothing there to overwrite, remove or read from: written in place
+            _begin_saving(target, None)
+            result = save(target)
+            record_saved_files(target, [Path(name) for name in folder_entries(target)
+                                        if Path(name).name != MARKER_FILE])
+            return result
+        staging = _new_staging_folder(target)
+        try:
+            result = save(staging)
+            _move_into(staging, target, save_directory, what, own_files=target in sources)
+        finally:
+            with _STAGING_LOCK:
+                _STAGING_FOLDERS.discard(staging)
+            shutil.rmtree(staging, ignore_errors=True)
+        return _moved_paths(result, staging, target)
+
+
+@contextlib.contextmanager
+def _one_save_at_a_time(target: Path):
+    """Holds an exclusive lock on the folder `target` itself (`flock`, POSIX) for one save: two processes saving into
+    one new folder wrote in place together and mixed their shards. The second save waits for the first and then
+    replaces its files, as a save into a folder of lavit's; a process that dies releases its lock. Where folders
+    cannot be locked (Windows, a network file system without `flock`) saves run unlocked."""
     try:
-        result = save(staging)
-        _move_into(staging, target, save_directory, what, own_files=target in sources)
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(target, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
     finally:
-        with _STAGING_LOCK:
-            _STAGING_FOLDERS.discard(staging)
-        shutil.rmtree(staging, ignore_errors=True)
-    return _moved_paths(result, staging, target)
+        os.close(descriptor)  # releases the lock
 
 
 def _moved_paths(value, staging: Path, target: Path):

@@ -415,6 +415,46 @@ def test_a_save_killed_mid_move_leaves_a_staging_folder_the_next_save_removes(tm
     type(lavit_model).from_pretrained(folder)
 
 
+def test_two_saves_into_one_new_folder_take_turns(tmp_path, lavit_model):
+    """The attack of #24: two processes saving different models into one new folder both wrote in place and mixed
+    their shards (both exited 0; 1 try in 4 loaded a mix). A save holds a lock on its folder: the second waits, then
+    replaces the first's files whole."""
+    import time
+
+    import torch
+
+    folder, started = tmp_path / "shared", tmp_path / "first-started"
+    other = type(lavit_model)(lavit_model.config)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.fill_(0.5)
+    child = os.fork()
+    if child == 0:  # the first save: it pauses once its record says "saving", before the library writes a file
+        real_begin = saving_lavit._begin_saving
+
+        def begin_then_pause(target, names):
+            real_begin(target, names)
+            started.write_text("")
+            time.sleep(3)
+
+        saving_lavit._begin_saving = begin_then_pause
+        try:
+            lavit_model.save_pretrained(folder, max_shard_size="100KB")
+            os._exit(0)
+        finally:
+            os._exit(3)
+    while not started.exists():
+        time.sleep(0.05)
+    began = time.monotonic()
+    other.save_pretrained(folder, max_shard_size="150KB")  # waits for the first save, then replaces its files
+    waited = time.monotonic() - began
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+    assert waited > 1.5, waited
+    loaded = type(lavit_model).from_pretrained(folder)
+    assert all(torch.equal(value, other.state_dict()[key]) for key, value in loaded.state_dict().items())
+    assert read_marker(folder).get("saving") is None
+
+
 # ------------------------------------------------------------------------------------------------ return values
 
 

@@ -35,13 +35,23 @@ class PathConflictError(ValueError):
     """A destination that is, contains or lies inside one of the command's inputs."""
 
 
-class InputPath(str):
+class PathArgument(str):
+    """A path given on a command line or in a config file. An empty one is refused: it would mean the current folder
+    (`evaluate --output ''` wrote its results there, past the output checks, which skip values not given)."""
+
+    def __new__(cls, value):
+        if not str(value).strip():
+            raise argparse.ArgumentTypeError("an empty path: give a file or folder name (or leave the flag out)")
+        return super().__new__(cls, value)
+
+
+class InputPath(PathArgument):
     """`argparse` type of a path the command reads."""
 
     role = INPUT
 
 
-class OutputPath(str):
+class OutputPath(PathArgument):
     """`argparse` type of a path the command writes, replaces or fills."""
 
     role = OUTPUT
@@ -52,7 +62,7 @@ class OutputFile(OutputPath):
     [`numbered_outputs`]), each checked as the named one ([`check_output_files`])."""
 
 
-class CheckpointPath(str):
+class CheckpointPath(PathArgument):
     """`argparse` type of a checkpoint read from inside the output folder (`--resume`); never compared."""
 
     role = CHECKPOINT
@@ -158,12 +168,16 @@ def existing_numbered_outputs(path, count: int) -> list[Path]:
 def declared_paths(arguments) -> list[tuple[str, str, object]]:
     """`(name, role, value)` of every path argument of a parsed `argparse.Namespace` (roles from the values'
     types) or of a stage's arguments dataclass (roles from its fields' metadata)."""
+    return [(name, role, value) for name, role, value in _path_items(arguments)
+            if role is not None and value not in (None, "", [])]
+
+
+def _path_items(arguments) -> list[tuple[str, str | None, object]]:
     if dataclasses.is_dataclass(arguments):  # every field is a flag
-        items = [(f"--{field.name}", field.metadata.get(PATH_ROLE), getattr(arguments, field.name))
-                 for field in dataclasses.fields(arguments)]
-    else:  # a Namespace does not tell flags from positional arguments: the plain name
-        items = [(name.replace("_", "-"), _value_role(value), value) for name, value in vars(arguments).items()]
-    return [(name, role, value) for name, role, value in items if role is not None and value not in (None, "", [])]
+        return [(f"--{field.name}", field.metadata.get(PATH_ROLE), getattr(arguments, field.name))
+                for field in dataclasses.fields(arguments)]
+    # a Namespace does not tell flags from positional arguments: the plain name
+    return [(name.replace("_", "-"), _value_role(value), value) for name, value in vars(arguments).items()]
 
 
 def _value_role(value) -> str | None:
@@ -175,6 +189,11 @@ def _value_role(value) -> str | None:
 def check_paths(*arguments) -> None:
     """The guard of one command: every `OUTPUT` of `arguments` (parsed Namespaces or dataclasses) against every
     `INPUT` of them ([`check_destination`]). Raises [`PathConflictError`]."""
+    for parsed in arguments:  # a config file's values skip the flags' types: an empty path is refused here too
+        for flag, role, value in _path_items(parsed):
+            if role is not None and isinstance(value, str) and not value.strip():
+                raise PathConflictError(f"{flag} {value!r}: an empty path; give a file or folder name (or leave "
+                                        f"the flag out)")
     paths = [path for parsed in arguments for path in declared_paths(parsed)]
     inputs = {flag: value for flag, role, value in paths if role == INPUT}
     for flag, role, value in paths:

@@ -83,6 +83,28 @@ def test_every_path_argument_of_every_command_declares_its_role():
                        "export"}
 
 
+def test_every_path_argument_of_every_command_refuses_an_empty_path():
+    """The attack of #24: `lavit evaluate --output ''` wrote its results into the current folder (the output checks
+    skip values that were not given, and '' looked like one). Every path argument of every command, found from the
+    parsers, refuses it at parse time, and a stage's config file, which skips the flags' types, at the guard."""
+    import argparse
+
+    from lavit.training.arguments import FinetuningArguments
+
+    checked = 0
+    for name, command_parser in subcommands().items():
+        for action in command_parser._actions:
+            if path_role(action) is not None:
+                with pytest.raises(argparse.ArgumentTypeError, match="an empty path"):
+                    action.type("")
+                with pytest.raises(argparse.ArgumentTypeError, match="an empty path"):
+                    action.type("  ")
+                checked += 1
+    assert checked >= 40, checked
+    with pytest.raises(PathConflictError, match="--eval_data '': an empty path"):
+        check_paths(FinetuningArguments(data="photos", eval_data=""))
+
+
 def relations(tmp_path: Path, source: Path) -> dict[str, str]:
     """Destinations in each relation to the input folder `source` (tmp/work/source)."""
     (tmp_path / "link").symlink_to(source)

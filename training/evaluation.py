@@ -108,6 +108,10 @@ def configure_evaluation(training_args, script_args, has_eval_data: bool) -> lis
                              "data: give --eval_data PATH or --eval_split_size 0.1")
         return []
     if training_args.eval_strategy == IntervalStrategy.NO:
+        if "eval_strategy" in getattr(script_args, "given_flags", ()):
+            raise ValueError("--eval_strategy no turns evaluation off, but the run holds out data for it "
+                             "(--eval_data or --eval_split_size): leave out --eval_strategy no to evaluate, or the "
+                             "held-out data to train on all of it")
         training_args.eval_strategy = IntervalStrategy(training_args.save_strategy.value)
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps
     if training_args.metric_for_best_model is None and (training_args.load_best_model_at_end

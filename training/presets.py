@@ -84,6 +84,12 @@ PRESETS = {
 }
 
 
+# the settings of a held-out evaluation, which a preset leaves out when the run turns evaluation off itself
+# (`--eval_strategy no`): no records held out of training for an evaluation that never runs
+HELD_OUT_EVALUATION = {"eval_split_size", "eval_strategy", "eval_steps", "load_best_model_at_end",
+                       "metric_for_best_model", "early_stopping_patience", "per_device_eval_batch_size"}
+
+
 def preset_field(stage: str):
     """The `preset` field of a stage's arguments: `--preset NAME`, checked by the parser, every preset in `--help`."""
     names = "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS[stage].items())
@@ -113,10 +119,12 @@ def apply_preset(stage: str, name: str | None, script_args, training_args, model
         ValueError: `name` is not a preset of `stage`.
     """
     preset, applied = get_preset(stage, name), {}
+    given = getattr(script_args, "given_flags", ())
+    evaluation_off = "eval_strategy" in given and training_args.eval_strategy == IntervalStrategy.NO
     for setting, value in (preset.settings.items() if preset else ()):
         arguments = script_args if hasattr(script_args, setting) else training_args
         value = value(model) if callable(value) else value
-        if setting in getattr(script_args, "given_flags", ()):  # given on the command line, even at its default
+        if setting in given or (evaluation_off and setting in HELD_OUT_EVALUATION):  # the run's own choice wins
             continue
         if getattr(arguments, setting) == _default_of(arguments, setting):
             setattr(arguments, setting, value)

@@ -95,3 +95,33 @@ def test_a_preset_split_gives_way_to_the_runs_eval_data(tmp_path):
     own = types.SimpleNamespace(**settings, eval_split_size=0.1, preset=None)
     with pytest.raises(ValueError, match="not both"):  # both given by the run itself: still refused
         split_eval_records(records, own, seed=0)
+
+
+def test_a_preset_leaves_out_its_held_out_evaluation_when_the_run_turns_evaluation_off(tmp_path):
+    """The attack of #24: `finetune --preset small-data --eval_strategy no` still held out a tenth of the data and
+    evaluated. Turned off by the run, the preset's evaluation settings are left out (all of --data trains); held-out
+    data the run gives itself beside `--eval_strategy no` is a contradiction, refused in one line."""
+    from lavit.training.arguments import LaVITTrainingArguments, make_stage_parser
+    from lavit.training.evaluation import configure_evaluation
+    from lavit.training.presets import HELD_OUT_EVALUATION
+
+    parser = make_stage_parser((FinetuningArguments, LaVITTrainingArguments), None, "finetune", "")
+    common = ["--data", "unused", "--model", "org/name", "--output_dir", str(tmp_path / "run"), "--preset",
+              "small-data"]
+    script, training = parser.parse_args_and_config([*common, "--eval_strategy", "no"])
+    _, applied = apply_preset("finetune", "small-data", script, training)
+    assert not set(applied) & HELD_OUT_EVALUATION and script.eval_split_size == 0, applied
+    records = datasets.Dataset.from_list([{"image": f"{index}.png", "text": "x"} for index in range(10)])
+    training_records, held_out, _ = split_eval_records(records, script, seed=0)
+    assert len(training_records) == 10 and held_out is None
+    assert configure_evaluation(training, script, has_eval_data=False) == []
+    assert training.eval_strategy == "no" and not training.load_best_model_at_end
+    # without --eval_strategy no the preset evaluates as before
+    script, training = parser.parse_args_and_config(common)
+    _, applied = apply_preset("finetune", "small-data", script, training)
+    assert {"eval_split_size", "eval_strategy", "load_best_model_at_end"} <= set(applied)
+    # the run's own held-out data with --eval_strategy no: refused, naming both
+    script, training = parser.parse_args_and_config([*common, "--eval_strategy", "no", "--eval_split_size", "0.2"])
+    apply_preset("finetune", "small-data", script, training)
+    with pytest.raises(ValueError, match="--eval_strategy no turns evaluation off, but the run holds out data"):
+        configure_evaluation(training, script, has_eval_data=True)

@@ -11,8 +11,8 @@ file is ever half written), and the weight files of the previous save that the n
 as the library's own save removes them (a stale `model.safetensors` beside a new shard index would be loaded instead
 of it).
 
-Every save into a folder that holds files is written into a fresh staging folder and then moved into place (a new or
-empty folder is written directly: there is nothing to protect, and a killed save leaves nothing beside it), so the
+Every save is written into a fresh staging folder and then moved into place, file by file (a new or empty folder too:
+a library's writer stopped mid-file leaves a temporary file where it writes, which no later save would name), so the
 library's own clean-up of old shards never runs in the destination; and lavit never overwrites or removes a file it
 did not write there: a destination holding a file the save would replace or remove, which lavit's marker
 (`.lavit_folder.json`, shared with `lavit.atomic`) does not record as lavit's own and unchanged, is refused with
@@ -26,10 +26,10 @@ the model's folder) holds none of the source's files and is allowed. Sources tha
 not compared.
 
 A save that is stopped (killed, a full disk) leaves a folder of cut or mixed files: each save first records in the
-destination's marker that it is under way (`"saving"`: the files it may write or remove, or `"*"` for a folder that
-was empty), and clears it once every file is in place. Loading a folder whose marker, or an ancestor's, still says so
-is refused with [`UnfinishedSaveError`] (transformers would load the mixed weights without a word); the next save into
-it may replace those files, and so completes it.
+destination's marker that it is under way (`"saving"`: the files it may write or remove; `"*"`, all files, in markers
+of lavit 0.1 saves into empty folders), and clears it once every file is in place. Loading a folder whose marker, or
+an ancestor's, still says so is refused with [`UnfinishedSaveError`] (transformers would load the mixed weights
+without a word); the next save into it may replace those files, and so completes it.
 """
 
 import contextlib
@@ -104,8 +104,8 @@ _SAVING = threading.local()  # set while a save checked by `save_beside_sources`
 
 
 def save_beside_sources(save: Callable[[Path], Any], save_directory, sources: list[Path], what: str):
-    """Runs `save(folder)` for `save_directory`: directly when it holds no files yet, else through a staging folder
-    beside it, then moves the files into place ([`_move_into`]); refuses a destination that lies inside or
+    """Runs `save(folder)` for `save_directory` through a staging folder beside it, then moves the files into place
+    ([`_move_into`]); refuses a destination that lies inside or
     contains a source ([`SourceFolderError`]), whose marker is not of lavit's shape, or that holds files of the
     user's that the save would replace or links it would write through ([`NotLavitFilesError`]). `what` names the
     object in the message. The parts an object saves with itself (a pipeline's model and processor, a processor's
@@ -137,12 +137,8 @@ def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Pat
     target.mkdir(parents=True, exist_ok=True)
     with _one_save_at_a_time(target):
         _remove_abandoned_staging(target)
-        if not _holds_files(target):  # nothing there to overwrite, remove or read from: written in place
-            _begin_saving(target, None)
-            result = save(target)
-            record_saved_files(target, [Path(name) for name in folder_entries(target)
-                                        if Path(name).name != MARKER_FILE])
-            return result
+        # always through a staging folder, an empty destination too: a library's writer leaves temporary files
+        # (safetensors' `.tmpXXXXXX`) where it is stopped, and only whole files are ever moved into `target`
         staging = _new_staging_folder(target)
         try:
             result = save(staging)
@@ -178,9 +174,10 @@ def _one_save_at_a_time(target: Path):
 
 def _moved_paths(value, staging: Path, target: Path):
     """`value` (a path, or a list or tuple of paths and other values) with every path under `staging` replaced by
-    the same path under `target`."""
+    the same path under `target`; `value` itself where it names no such path."""
     if isinstance(value, (list, tuple)):
-        return type(value)(_moved_paths(item, staging, target) for item in value)
+        moved = [_moved_paths(item, staging, target) for item in value]
+        return value if all(new is old for new, old in zip(moved, value, strict=True)) else type(value)(moved)
     if isinstance(value, (str, os.PathLike)) and Path(value).is_relative_to(staging):
         moved = target / Path(value).relative_to(staging)
         return str(moved) if isinstance(value, str) else moved

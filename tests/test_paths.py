@@ -92,7 +92,7 @@ def test_every_path_argument_of_every_command_refuses_an_empty_path():
     from lavit.training.arguments import FinetuningArguments
 
     checked = 0
-    for name, command_parser in subcommands().items():
+    for command_parser in subcommands().values():
         for action in command_parser._actions:
             if path_role(action) is not None:
                 with pytest.raises(argparse.ArgumentTypeError, match="an empty path"):

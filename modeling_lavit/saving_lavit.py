@@ -224,6 +224,8 @@ def _move_into(staging: Path, target: Path, save_directory, what: str, own_files
     anything moves."""
     written = sorted(Path(name) for name in folder_entries(staging)
                      if Path(name).name != MARKER_FILE)  # markers are merged, not moved
+    if not written:  # e.g. a process other than the main one of a distributed save: its library wrote nothing
+        return
     families = {(relative.parent, WEIGHT_FILE.match(relative.name)[1]) for relative in written
                 if WEIGHT_FILE.match(relative.name)}
     weight_folders = {folder for folder, _ in families}

@@ -7,8 +7,9 @@ import argparse
 import difflib
 import re
 
-# what argparse reads as a negative number (a value, not a flag)
-NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+# a negative number, read as a value and not a flag: argparse's own pattern (`-1`, `-.5`) and the rest of what
+# `float` reads (`-1e-3`, `-inf`, `-nan`), so that `--temperature -1e-3` gets the flag's range error
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", flags=re.IGNORECASE)
 
 
 def unknown_flags(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
@@ -18,8 +19,9 @@ def unknown_flags(parser: argparse.ArgumentParser, args: list[str]) -> list[str]
     for token in args:
         if token == "--":
             break
-        if not token.startswith("-") or token == "-" or NEGATIVE_NUMBER.match(token):
-            continue
+        if not token.startswith("-") or token == "-" or NEGATIVE_NUMBER.match(token) or (
+                " " in token and token.split("=", 1)[0] not in parser._option_string_actions):
+            continue  # a value: argparse reads a token with a space as one ("-a photo of"), as a number a number
         name = token.split("=", 1)[0] if token.startswith("--") else token
         if name in parser._option_string_actions or (not token.startswith("--") and token[:2] in
                                                        parser._option_string_actions):
@@ -41,6 +43,7 @@ class StrictFlags:
     def __init__(self, *args, **kwargs):
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # argparse's hook: these tokens are values
 
     def parse_known_args(self, args=None, namespace=None):
         import sys

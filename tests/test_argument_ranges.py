@@ -11,6 +11,7 @@ that range.
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import re
@@ -23,7 +24,8 @@ from lavit.modeling.validation_lavit import Choice, Range
 
 from lavit.cli import build_parser, main
 
-BAD_TEXTS = ["0", "-1", "nan", "inf", "-inf", "1e400", str(2**70), "-" + str(2**70), "abc", "1.5", "", "0x10"]
+BAD_TEXTS = ["0", "-1", "nan", "inf", "-inf", "1e400", str(2**70), "-" + str(2**70), "abc", "1.5", "", "0x10", "-1e-3",
+             "-nan", "-.5"]
 BAD_VALUES = [0, -1, 1.5, math.nan, math.inf, -math.inf, 10**30, 2**70, -(2**70), "abc", True, None, [1]]
 DECLARED = (Range, Choice)
 
@@ -116,11 +118,15 @@ def test_bad_numbers_stop_at_the_flag_with_one_line(text, capsys):
     the value (exit status 2), or the value is accepted and lies in the declared range. A too-large (or too small)
     integer is told the bound it exceeded, the int64 limit that `describe` leaves out included (U10)."""
     parsers = command_parsers()
-    for command, flag, action in value_flags():
+    # `--flag=-1e-3` and `--flag -1e-3` alike: the attack of #24 found `--temperature -1e-3` and `-inf` reported as
+    # unknown flags (argparse's negative numbers are `-1` and `-.5` only)
+    forms = [[f"{{flag}}={text}"], ["{flag}", text]] if text.startswith("-") else [[f"{{flag}}={text}"]]
+    for (command, flag, action), form in itertools.product(value_flags(), forms):
         if not isinstance(action.type, DECLARED):
             continue
         try:
-            parsed = parsers[command].parse_args([*required_argv(parsers[command]), f"{flag}={text}"])
+            parsed = parsers[command].parse_args([*required_argv(parsers[command]),
+                                                  *(part.format(flag=flag) for part in form)])
         except SystemExit as exit_info:
             err = capsys.readouterr().err
             lines = [line for line in err.splitlines() if "error:" in line]

@@ -123,6 +123,23 @@ def test_a_mistyped_flag_is_reported_before_a_missing_one(command, capsys):
             assert "required" not in err and "did you mean --" in err, (wrong, err)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_text_value_that_starts_with_a_dash_is_a_value(command):
+    """The attack of #24: `caption --prompt "-a photo of"` and `finetune --text_column "-caption col"` were unknown
+    flags, though argparse reads a token with a space as a value. Every flag of every command that takes a free text
+    (a string without choices) is given one."""
+    parser = command_parsers()[command]
+    for action in own_flags(parser):
+        if not action.option_strings or action.nargs == 0 or action.choices or action.type not in (None, str):
+            continue
+        required = [part for other in parser._actions if other.required and other is not action
+                    for part in ((other.option_strings[0], "x") if other.option_strings else
+                                 (sorted(other.choices)[0] if other.choices else "x",))]
+        parsed = parser.parse_known_args([*required, action.option_strings[0], "-a photo of"])[0]
+        value = getattr(parsed, action.dest)
+        assert value == "-a photo of" or value == ["-a photo of"], (command, action.dest, value)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

@@ -389,7 +389,12 @@ def load_lavit_model(path: str, flag: str = "--model", **kwargs):
     from peft import PeftModel
 
     base = adapter["base_model_name_or_path"]
-    model = from_pretrained_explained(LaVITForCausalLM, base, **kwargs)
+    try:
+        model = from_pretrained_explained(LaVITForCausalLM, base, **kwargs)
+    except OSError as error:  # a Hub id (or a relative path found nowhere, read as one) that cannot be fetched
+        raise CommandError(f"{folder / 'adapter_config.json'} names base_model_name_or_path {base!r}, which could not "
+                           f"be loaded ({one_line(error)}): set it to the path of the model the adapter was trained "
+                           f"on, or to a Hub id that can be downloaded") from error
     model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
     has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()
     if has_processor:

@@ -140,3 +140,18 @@ def test_the_readme_trl_recipes_relative_base_loads_from_its_folder_and_elsewher
         monkeypatch.chdir(where)
         base = resolve_model_folder(given)[1]["base_model_name_or_path"]
         assert Path(base).resolve() == expected, (where, base)
+
+
+def test_a_base_read_as_a_hub_id_that_cannot_be_loaded_names_the_adapters_config(adapter, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """The attack of #24: a base `nope` (or `some/nope`) found nowhere is a Hub id, and offline the user got
+    transformers' "couldn't connect to huggingface.co" without a word of the adapter. One line names its
+    `adapter_config.json`, the value and the fix."""
+    monkeypatch.chdir(tmp_path)
+    for base in ("nope", "some/nope"):
+        set_base(adapter, base)
+        code, _, err = run(capsys, *command_argv("caption", adapter, tmp_path))
+        lines = error_lines(err)
+        assert code == 1 and len(lines) == 1, err
+        assert f"{adapter / 'adapter_config.json'} names base_model_name_or_path {base!r}, which could not be " \
+               f"loaded" in lines[0], lines[0]

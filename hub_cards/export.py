@@ -19,6 +19,7 @@ from lavit.modeling.generation_lavit import PIPELINE_FILE
 from lavit.modeling.pipeline_lavit import CUSTOM_COMPONENT_MODULES, PIPELINE_MODULE, language_model_folders
 from lavit.modeling.saving_lavit import code_files
 from lavit.modeling.transformers_compat import transformers_requirement
+from lavit.modeling.validation_lavit import loads_json
 from lavit.processing import LaVITProcessor
 
 from lavit.atomic import (
@@ -76,7 +77,7 @@ def read_metadata(folder) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        return loads_json(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
 
@@ -230,7 +231,7 @@ def missing_files(folder: Path, required, subfolder: str = "", weights: bool = T
         problems.append(f"missing weights ({prefix}model.safetensors or {prefix}model.safetensors.index.json)")
     for index in (where / name for name in SAFETENSORS_WEIGHTS if name.endswith(".index.json")):
         if index.is_file():
-            shards = set(json.loads(index.read_text())["weight_map"].values())
+            shards = set(loads_json(index.read_text())["weight_map"].values())
             problems += [f"missing shard {prefix}{shard}" for shard in sorted(shards) if not (where / shard).is_file()]
     return problems
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from lavit.file_kinds import rephrase_pickle_error
 from lavit.modeling.pipeline_lavit import language_model_folders
 from lavit.modeling.saving_lavit import UnfinishedSaveError, refuse_unfinished_save
+from lavit.modeling.validation_lavit import loads_json
 
 MAX_ERROR_CHARS = 800
 DEBUG_VARIABLE = "LAVIT_DEBUG"  # set: internal errors raise with their traceback instead of one line
@@ -232,7 +233,7 @@ def adapter_config(folder: Path, path: str) -> dict:
     """The `adapter_config.json` of a PEFT adapter folder, its `base_model_name_or_path` resolved by
     [`adapter_base`] (the base's language-model folder, or a Hub id): every loader of an adapter reads the base here."""
     try:
-        adapter = json.loads((folder / "adapter_config.json").read_text())
+        adapter = loads_json((folder / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CommandError(f"{folder / 'adapter_config.json'} is not valid JSON: {error}") from error
     if not isinstance(adapter, dict) or not adapter.get("base_model_name_or_path"):
@@ -326,7 +327,7 @@ def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--
     if not (folder / "config.json").is_file():
         raise CommandError(f"{given_as(flag, path)} is not a model folder (no config.json)")
     try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        model_type = loads_json((folder / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
         raise CommandError(f"{folder / 'config.json'} is not a JSON object: {error}") from error
     if model_type not in model_types:

@@ -24,13 +24,14 @@ Loading ([`require_safetensors_inputs`], run by every `lavit` command and stage 
 which loads the tensors with `torch.load(weights_only=True)` (tensors only, never code) and writes safetensors.
 """
 
-import json
 import os
 import shutil
 import stat
 import struct
 import sys
 from pathlib import Path
+
+from lavit.modeling.validation_lavit import loads_json
 
 TEXT_SUFFIXES = (".md", ".txt", ".jinja")
 TEXT_NAMES = (".gitattributes",)
@@ -63,7 +64,7 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
         if length > min(size - 8, MAX_SAFETENSORS_HEADER):
             return "its safetensors header length exceeds the file"
         try:
-            header = json.loads(handle.read(length).decode("utf-8"))
+            header = loads_json(handle.read(length).decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return "its safetensors header is not JSON"
     if not isinstance(header, dict):
@@ -83,7 +84,7 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
 
 def _json_problem(path: Path) -> str | None:
     try:
-        json.loads(path.read_bytes().decode("utf-8"))
+        loads_json(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         return "not UTF-8 JSON"
     except ValueError as error:

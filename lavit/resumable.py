@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lavit.atomic import NotLavitFileError, write_atomically
+from lavit.modeling.validation_lavit import loads_json
 
 FINGERPRINT_FILE = "lavit_resume.json"
 FRESH_START_KEY = "fresh_start_ns"  # when a run last started over in the folder (not part of the fingerprint)
@@ -219,7 +220,7 @@ class ResumableOutput:
 
     def _owner(self) -> str:
         try:
-            owner = json.loads((self.folder / OWNER_FILE).read_text())
+            owner = loads_json((self.folder / OWNER_FILE).read_text())
             return f"pid {owner['pid']} on {owner['host']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "owner unknown"
@@ -248,7 +249,7 @@ class ResumableOutput:
             self.record()
             return
         try:
-            recorded = json.loads(path.read_text())
+            recorded = loads_json(path.read_text())
             recorded.pop(FRESH_START_KEY, None)
         except (OSError, ValueError, AttributeError) as error:
             raise ResumeMismatchError(f"{path} is unreadable ({error}); {self.fresh_hint}") from error
@@ -268,6 +269,6 @@ def fresh_start_ns(folder) -> int:
     """When a run last started over in `folder` (`ResumableOutput(fresh=True)`), in ns since the epoch; 0 if never:
     output written before then belongs to an earlier run and is never resumed."""
     try:
-        return int(json.loads((Path(folder) / FINGERPRINT_FILE).read_text()).get(FRESH_START_KEY, 0))
+        return int(loads_json((Path(folder) / FINGERPRINT_FILE).read_text()).get(FRESH_START_KEY, 0))
     except (OSError, ValueError, AttributeError, TypeError):
         return 0

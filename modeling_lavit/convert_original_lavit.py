@@ -9,7 +9,6 @@ be skipped silently (the official loader uses `strict=False`).
 
 import contextlib
 import inspect
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVi
 from .modeling_lavit import LaVITForCausalLM
 from .modeling_lavit_detokenizer import LaVITDetokenizer, public_config, require_diffusers
 from .modeling_lavit_tokenizer import LaVITTokenizerModel
+from .validation_lavit import loads_json
 
 logger = logging.get_logger(__name__)
 
@@ -274,7 +274,7 @@ def iter_lm_checkpoint(folder: str | os.PathLike) -> Iterator[dict[str, torch.Te
     for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index_name).is_file():
-            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            weight_map = loads_json((folder / index_name).read_text())["weight_map"]
             files = [folder / name for name in sorted(set(weight_map.values()))]
             break
         if (folder / single_name).is_file():

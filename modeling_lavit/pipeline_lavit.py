@@ -42,7 +42,16 @@ from .modeling_lavit_detokenizer import (
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
 from .saving_lavit import code_files, loaded_from, refuse_unfinished_save, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
-from .validation_lavit import GUIDANCE_SCALE, POSITIVE_INT, Choice, Each, Range, check_keywords, keyword_names
+from .validation_lavit import (
+    GUIDANCE_SCALE,
+    POSITIVE_INT,
+    Choice,
+    Each,
+    Range,
+    check_keywords,
+    keyword_names,
+    loads_json,
+)
 
 try:
     from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -241,7 +250,7 @@ class LaVITPipeline(DiffusionPipeline):
         save_directory = Path(save_directory)
         copy_code_files(Path(__file__), save_directory)
         index_file = save_directory / "model_index.json"
-        index = json.loads(index_file.read_text())
+        index = loads_json(index_file.read_text())
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         for name, module_name in CUSTOM_COMPONENT_MODULES.items():
             component = getattr(self, name)
@@ -677,7 +686,7 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 def _config_model_type(folder: Path) -> str | None:
     config_file = folder / "config.json"
     try:
-        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        config = loads_json(config_file.read_text()) if config_file.is_file() else None
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return config.get("model_type") if isinstance(config, dict) else None
@@ -685,7 +694,7 @@ def _config_model_type(folder: Path) -> str | None:
 
 def _is_detokenizer_folder(folder: Path) -> bool:
     config_file = folder / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    model_type = loads_json(config_file.read_text()).get("model_type") if config_file.is_file() else None
     return model_type == LaVITDetokenizerConfig.model_type
 
 

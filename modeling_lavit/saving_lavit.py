@@ -46,6 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .validation_lavit import loads_json
+
 # a relative import (`from .x import`): what ties the code files of a Hub folder together, as transformers' and
 # diffusers' remote-code loaders read them
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", flags=re.MULTILINE)
@@ -265,7 +267,7 @@ def _loaded_from(target: Path, families: set[tuple[Path, str]]) -> set[Path]:
     for folder, family in families:
         loaded |= {folder / f"{family}.safetensors", folder / f"{family}.safetensors.index.json"}
         try:
-            weight_map = json.loads((target / folder / f"{family}.safetensors.index.json").read_text())["weight_map"]
+            weight_map = loads_json((target / folder / f"{family}.safetensors.index.json").read_text())["weight_map"]
             loaded |= {folder / name for name in weight_map.values() if isinstance(name, str)}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no index (a single file), or one that cannot be read: no shard counts as loaded
@@ -383,7 +385,7 @@ def _checked_marker(folder: Path) -> tuple[dict | None, str | None]:
     if marker.is_symlink() or not marker.is_file():
         return None, "it is a link or a folder, not a file"
     try:
-        content = json.loads(marker.read_text(encoding="utf-8"))
+        content = loads_json(marker.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         return None, f"it is not JSON: {type(error).__name__}"
     problem = _shape_problem(content)

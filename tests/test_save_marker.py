@@ -266,6 +266,39 @@ def test_the_one_reader_never_raises_and_every_reader_agrees(tmp_path_factory, c
     assert marker_problem(folder) is None and "config.json" not in (read_marker(folder).get("saving") or [])
 
 
+def test_json_nested_deeper_than_the_parser_goes_is_a_problem_not_a_crash(tmp_path):
+    """The attack of #24 (S7): a marker nested 100,000 levels deep raised RecursionError out of the marker reader.
+    Every JSON reader of lavit parses through `validation_lavit.loads_json` (a test finds any other), so such a file
+    is bad JSON like any other: the marker, an index, a config, an adapter config."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    for folder in ("lavit", "modeling_lavit", "processing", "training", "hub_cards"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            direct = [line for line in path.read_text().splitlines()
+                      if re.search(r"(?<![\w.])json\.loads?\((?!json\.dumps)", line) and "def loads_json" not in line]
+            assert path.name == "validation_lavit.py" and len(direct) == 1 or not direct, (path, direct)
+    from lavit.command_inputs import CommandError, adapter_config, require_folder
+    from lavit.file_kinds import _json_problem
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / MARKER_FILE).write_text(deep)
+    assert read_marker(tmp_path) is None and "not JSON" in marker_problem(tmp_path)
+    with pytest.raises(NotLavitFilesError, match="is not a marker lavit wrote"):
+        saving_lavit.require_marker_shape(tmp_path, "the test's folder")
+    (tmp_path / "config.json").write_text(deep)
+    assert "nested deeper than the JSON parser goes" in _json_problem(tmp_path / "config.json")
+    with pytest.raises(CommandError, match="config.json is not a JSON object"):
+        require_folder(str(tmp_path), ("lavit",))
+    (tmp_path / "adapter_config.json").write_text(deep)
+    with pytest.raises(CommandError, match="adapter_config.json is not valid JSON"):
+        adapter_config(tmp_path, str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text(deep)
+    assert saving_lavit._loaded_from(tmp_path, {(Path("."), "model")}) == {Path("model.safetensors"),
+                                                                          Path("model.safetensors.index.json")}
+
+
 # ------------------------------------------------------------------------------------------------ U1, U2, U8
 
 

@@ -11,7 +11,6 @@ import argparse
 import copy
 import dataclasses
 import faulthandler
-import json
 import signal
 import sys
 import types
@@ -33,6 +32,7 @@ from lavit.modeling.validation_lavit import (
     Choice,
     Range,
     check_arguments,
+    loads_json,
 )
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -229,7 +229,7 @@ def load_config_preset(name_or_path: str, kind: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{kind}_config {name_or_path!r} is neither a file nor a preset "
                                 f"{config_preset_names(kind)}")
-    return json.loads(path.read_text())
+    return loads_json(path.read_text())
 
 
 @dataclass

@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from lavit.modeling.validation_lavit import loads_json
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -77,7 +78,7 @@ def _file_state(path: Path) -> dict:
 
 def _listed_files(folder: Path) -> dict:
     """The completion marker's files: name -> state (a marker of lavit <= 0.x recorded sizes only)."""
-    files = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+    files = loads_json((folder / COMPLETE_MARKER).read_text())["files"]
     return {name: state if isinstance(state, dict) else {"size": state} for name, state in files.items()}
 
 
@@ -264,7 +265,7 @@ def check_foreign_checkpoint(checkpoint: Path, guard: ResumableOutput) -> None:
         logger.warning(f"{checkpoint.parent} has no {FINGERPRINT_FILE}: lavit cannot check that {checkpoint} was "
                        f"made from this run's models, data and settings")
         return
-    changed = differences(json.loads(recorded.read_text()), guard.fingerprint)
+    changed = differences(loads_json(recorded.read_text()), guard.fingerprint)
     if changed:
         raise ResumeMismatchError(f"{checkpoint} was made by another run ({'; '.join(changed)}); {FRESH_HINT}")
 

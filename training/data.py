@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from datasets import Image as ImageFeature
 from datasets import Value, interleave_datasets, load_dataset
+from lavit.modeling.validation_lavit import loads_json
 from lavit.processing.image_processing_lavit import to_rgb_image
 
 from lavit.atomic import write_json_recorded
@@ -150,7 +151,7 @@ class BatchRecordCounts:
         path = Path(checkpoint) / cls.FILE
         if not path.is_file():
             return cls()
-        counts = json.loads(path.read_text())
+        counts = loads_json(path.read_text())
         return cls(counts[SKIPPED_FIELD], counts.get(USED_FIELD, 0))
 
     @classmethod
@@ -391,7 +392,7 @@ def _table_lines(table: Path):
             yield number, dict(zip(header, row, strict=True)), None
             continue
         try:
-            record = json.loads(text)
+            record = loads_json(text)
         except json.JSONDecodeError as error:
             yield number, None, f"not JSON ({error.msg})"
             continue
@@ -402,7 +403,7 @@ def _json_items(table: Path):
     """(item number, record, problem) of a JSON file holding a list of records; nothing for any other JSON (a
     `datasets` `field=` layout is left to `datasets`)."""
     try:
-        data = json.loads(table.read_bytes().decode("utf-8"))
+        data = loads_json(table.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return  # `datasets` reports the file's own problem
     if isinstance(data, list):

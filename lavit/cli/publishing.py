@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lavit.atomic import require_replaceable
 from lavit.command_inputs import CommandError, load_lavit_model, require_folder, resolve_model_folder
-from lavit.modeling.validation_lavit import POSITIVE_INT
+from lavit.modeling.validation_lavit import POSITIVE_INT, loads_json
 from lavit.paths import InputPath, OutputPath
 
 from .common import add_command
@@ -59,7 +59,7 @@ def run_export(args) -> None:
     metadata = None
     if args.metadata:
         try:
-            metadata = json.loads(Path(args.metadata).read_text())
+            metadata = loads_json(Path(args.metadata).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CommandError(f"cannot read metadata file {args.metadata!r}: {error}") from error
         if not isinstance(metadata, dict):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lavit.modeling.validation_lavit import loads_json
+
 logger = logging.getLogger(__name__)
 
 
@@ -103,7 +105,7 @@ def _load_json(path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return loads_json(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
                          f"save it as UTF-8") from error

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from lavit.atomic import NotLavitFileError, write_json_recorded
-from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields
+from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields, loads_json
 from lavit.resumable import (
     OutputLockedError,
     ResumableOutput,
@@ -131,7 +131,7 @@ def read_predictions(output_dir) -> dict[str, dict]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = loads_json(line)
             except json.JSONDecodeError as error:
                 if number == len(lines):  # the unterminated tail of an interrupted write
                     continue

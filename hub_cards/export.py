@@ -17,9 +17,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
 from lavit.modeling.generation_lavit import PIPELINE_FILE
 from lavit.modeling.pipeline_lavit import CUSTOM_COMPONENT_MODULES, PIPELINE_MODULE, language_model_folders
-from lavit.modeling.saving_lavit import code_files
+from lavit.modeling.saving_lavit import code_files, loads_json
 from lavit.modeling.transformers_compat import transformers_requirement
-from lavit.modeling.validation_lavit import loads_json
 from lavit.processing import LaVITProcessor
 
 from lavit.atomic import (

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from lavit.file_kinds import rephrase_pickle_error
 from lavit.modeling.pipeline_lavit import language_model_folders
-from lavit.modeling.saving_lavit import UnfinishedSaveError, refuse_unfinished_save
-from lavit.modeling.validation_lavit import loads_json
+from lavit.modeling.saving_lavit import UnfinishedSaveError, loads_json, refuse_unfinished_save
 
 MAX_ERROR_CHARS = 800
 DEBUG_VARIABLE = "LAVIT_DEBUG"  # set: internal errors raise with their traceback instead of one line

@@ -31,7 +31,7 @@ import struct
 import sys
 from pathlib import Path
 
-from lavit.modeling.validation_lavit import loads_json
+from lavit.modeling.saving_lavit import loads_json
 
 TEXT_SUFFIXES = (".md", ".txt", ".jinja")
 TEXT_NAMES = (".gitattributes",)

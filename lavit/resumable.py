@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lavit.atomic import NotLavitFileError, write_atomically
-from lavit.modeling.validation_lavit import loads_json
+from lavit.modeling.saving_lavit import loads_json
 
 FINGERPRINT_FILE = "lavit_resume.json"
 FRESH_START_KEY = "fresh_start_ns"  # when a run last started over in the folder (not part of the fingerprint)

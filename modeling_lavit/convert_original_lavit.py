@@ -23,7 +23,7 @@ from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITEvaVi
 from .modeling_lavit import LaVITForCausalLM
 from .modeling_lavit_detokenizer import LaVITDetokenizer, public_config, require_diffusers
 from .modeling_lavit_tokenizer import LaVITTokenizerModel
-from .validation_lavit import loads_json
+from .saving_lavit import loads_json
 
 logger = logging.get_logger(__name__)
 

@@ -40,7 +40,7 @@ from .modeling_lavit_detokenizer import (
     require_diffusers,
 )
 from .modeling_lavit_tokenizer import LaVITTokenizationOutput
-from .saving_lavit import code_files, loaded_from, refuse_unfinished_save, save_beside_sources
+from .saving_lavit import code_files, loaded_from, loads_json, refuse_unfinished_save, save_beside_sources
 from .transformers_compat import cache_kwargs  # noqa: F401
 from .validation_lavit import (
     GUIDANCE_SCALE,
@@ -50,7 +50,6 @@ from .validation_lavit import (
     Range,
     check_keywords,
     keyword_names,
-    loads_json,
 )
 
 try:

@@ -46,13 +46,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .validation_lavit import loads_json
-
 # a relative import (`from .x import`): what ties the code files of a Hub folder together, as transformers' and
 # diffusers' remote-code loaders read them
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", flags=re.MULTILINE)
 # the weight files a save writes and the library's own save removes when it shards differently
 WEIGHT_FILE = re.compile(r"^(model|diffusion_pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|safetensors\.index\.json)$")
+
+
+def loads_json(text):
+    """The JSON value of `text`, with JSON nested deeper than Python's parser recurses (a hand-made file of 100,000 `[`)
+    refused as the `json.JSONDecodeError` of any other bad JSON, not a `RecursionError` past every reader's check."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested deeper than the JSON parser goes", str(text)[:100], 0) from None
 
 
 def code_files(*module_files: Path) -> list[Path]:
@@ -246,6 +253,13 @@ def _move_into(staging: Path, target: Path, save_directory, what: str, own_files
         theirs = [str(relative) for relative in written + stale
                   if os.path.lexists(target / relative) and not written_by_lavit(target, relative)]
     if theirs:
+        owner = _recording_ancestor(target, Path(theirs[0]))
+        if owner is not None:  # lavit's files, of the folder around: a pipeline's `unet/` under the pipeline's marker
+            raise NotLavitFilesError(
+                f"save_directory {save_directory} holds files of the folder lavit saved at {owner} "
+                f"({', '.join(theirs[:5])}{', ...' if len(theirs) > 5 else ''}, recorded by its marker) that saving "
+                f"this {what} there would overwrite or remove, breaking that folder: save into a new or empty folder"
+            )
         raise NotLavitFilesError(
             f"save_directory {save_directory} holds files lavit did not write ({', '.join(theirs[:5])}"
             f"{', ...' if len(theirs) > 5 else ''}) that saving this {what} there would overwrite or remove: "
@@ -258,6 +272,14 @@ def _move_into(staging: Path, target: Path, save_directory, what: str, own_files
     for relative in stale:
         (target / relative).unlink()
     record_saved_files(target, written, removed=stale)
+
+
+def _recording_ancestor(target: Path, relative: Path) -> Path | None:
+    """The folder above `target` whose marker records `target / relative` as lavit's, or None."""
+    for ancestor in target.parents:
+        if written_by_lavit(ancestor, (target / relative).relative_to(ancestor)):
+            return ancestor
+    return None
 
 
 def _loaded_from(target: Path, families: set[tuple[Path, str]]) -> set[Path]:

@@ -15,7 +15,6 @@ import argparse
 import difflib
 import functools
 import inspect
-import json
 import math
 import numbers
 import os
@@ -314,15 +313,6 @@ def kv_cache_bytes(text_config, rows: int, length: int, dtype_bytes: int) -> int
     return 2 * text_config.num_hidden_layers * heads * head_dim * rows * length * dtype_bytes
 
 
-def loads_json(text):
-    """The JSON value of `text`, with JSON nested deeper than Python's parser recurses (a hand-made file of 100,000 `[`)
-    refused as the `json.JSONDecodeError` of any other bad JSON, not a `RecursionError` past every reader's check."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise json.JSONDecodeError("nested deeper than the JSON parser goes", str(text)[:100], 0) from None
-
-
 def unknown_names(given, known) -> list[str]:
     """The names of `given` that are not `known`, each with the closest known name when there is one:
     `["'image_selecton' (did you mean 'image_selection'?)"]`."""
@@ -428,7 +418,6 @@ def check_generation_budget(
 
 __all__ = [
     "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_nested_config",
-    "check_generation_budget", "check_keywords", "check_memory", "keyword_names", "loads_json", "refuse_typos",
-    "room_advice",
+    "check_generation_budget", "check_keywords", "check_memory", "keyword_names", "refuse_typos", "room_advice",
     "unknown_names",
 ]

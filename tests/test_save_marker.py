@@ -268,7 +268,7 @@ def test_the_one_reader_never_raises_and_every_reader_agrees(tmp_path_factory, c
 
 def test_json_nested_deeper_than_the_parser_goes_is_a_problem_not_a_crash(tmp_path):
     """The attack of #24 (S7): a marker nested 100,000 levels deep raised RecursionError out of the marker reader.
-    Every JSON reader of lavit parses through `validation_lavit.loads_json` (a test finds any other), so such a file
+    Every JSON reader of lavit parses through `saving_lavit.loads_json` (a test finds any other), so such a file
     is bad JSON like any other: the marker, an index, a config, an adapter config."""
     import re
 
@@ -278,7 +278,7 @@ def test_json_nested_deeper_than_the_parser_goes_is_a_problem_not_a_crash(tmp_pa
         for path in (REPO_ROOT / folder).rglob("*.py"):
             direct = [line for line in path.read_text().splitlines()
                       if re.search(r"(?<![\w.])json\.loads?\((?!json\.dumps)", line) and "def loads_json" not in line]
-            assert path.name == "validation_lavit.py" and len(direct) == 1 or not direct, (path, direct)
+            assert path.name == "saving_lavit.py" and len(direct) == 1 or not direct, (path, direct)
     from lavit.command_inputs import CommandError, adapter_config, require_folder
     from lavit.file_kinds import _json_problem
 
@@ -297,6 +297,16 @@ def test_json_nested_deeper_than_the_parser_goes_is_a_problem_not_a_crash(tmp_pa
     (tmp_path / "model.safetensors.index.json").write_text(deep)
     assert saving_lavit._loaded_from(tmp_path, {(Path("."), "model")}) == {Path("model.safetensors"),
                                                                           Path("model.safetensors.index.json")}
+
+
+def test_a_save_over_a_part_of_a_lavit_folder_names_that_folder(pipeline_folder, lavit_model):
+    """The attack of #24 (S14d): a language model saved into a pipeline's `unet/` was told the files there were not
+    lavit's, though the pipeline's marker records them. The refusal names the folder whose files they are."""
+    before = snapshot(pipeline_folder)
+    with pytest.raises(NotLavitFilesError, match=rf"holds files of the folder lavit saved at {pipeline_folder} "
+                                                 rf"\(config.json.*recorded by its marker\).*breaking that folder"):
+        lavit_model.save_pretrained(pipeline_folder / "unet")
+    assert snapshot(pipeline_folder) == before
 
 
 # ------------------------------------------------------------------------------------------------ U1, U2, U8

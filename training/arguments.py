@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from lavit.modeling.kernels_lavit import speed_defaults
+from lavit.modeling.saving_lavit import loads_json
 from lavit.modeling.validation_lavit import (
     EPSILON,
     NON_NEGATIVE_FLOAT,
@@ -32,7 +33,6 @@ from lavit.modeling.validation_lavit import (
     Choice,
     Range,
     check_arguments,
-    loads_json,
 )
 from transformers import HfArgumentParser, TrainingArguments
 

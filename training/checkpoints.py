@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from lavit.modeling.validation_lavit import loads_json
+from lavit.modeling.saving_lavit import loads_json
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from datasets import Image as ImageFeature
 from datasets import Value, interleave_datasets, load_dataset
-from lavit.modeling.validation_lavit import loads_json
+from lavit.modeling.saving_lavit import loads_json
 from lavit.processing.image_processing_lavit import to_rgb_image
 
 from lavit.atomic import write_json_recorded

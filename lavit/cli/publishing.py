@@ -6,7 +6,8 @@ from pathlib import Path
 
 from lavit.atomic import require_replaceable
 from lavit.command_inputs import CommandError, load_lavit_model, require_folder, resolve_model_folder
-from lavit.modeling.validation_lavit import POSITIVE_INT, loads_json
+from lavit.modeling.saving_lavit import loads_json
+from lavit.modeling.validation_lavit import POSITIVE_INT
 from lavit.paths import InputPath, OutputPath
 
 from .common import add_command

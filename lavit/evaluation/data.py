@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lavit.modeling.validation_lavit import loads_json
+from lavit.modeling.saving_lavit import loads_json
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from lavit.atomic import NotLavitFileError, write_json_recorded
-from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields, loads_json
+from lavit.modeling.saving_lavit import loads_json
+from lavit.modeling.validation_lavit import SEED, Choice, Range, check_fields
 from lavit.resumable import (
     OutputLockedError,
     ResumableOutput,

@@ -563,7 +563,9 @@ def _new_staging_folder(target: Path) -> Path:
 def _remove_abandoned_staging(target: Path) -> None:
     """Removes the staging folders of `target` that a save stopped (killed) left beside it: only a real folder named
     `.<target name>.saving-*` whose marker lavit wrote says it is a staging folder of `target` and names a process
-    that is gone (same machine: no such process, or another started since). Anything else is never touched."""
+    that is gone (same machine: no such process, or another started since), or an empty one without a marker (a save
+    killed before it wrote one: an empty folder holds nothing to lose). Anything else is never touched; the caller
+    holds the lock of `target`, so no live save of it is between making its staging folder and marking it."""
     prefix = f".{target.name}{STAGING_INFIX}"
     if not target.parent.is_dir():
         return
@@ -576,6 +578,9 @@ def _remove_abandoned_staging(target: Path) -> None:
         if (marker.get("kind") == STAGING_KIND and marker.get("staging_of") == target.name and not ours
                 and _process_gone(marker.get("process"))):
             shutil.rmtree(candidate, ignore_errors=True)
+        elif not marker and not ours:  # killed before its marker was written: removed only while empty (rmdir)
+            with contextlib.suppress(OSError):
+                candidate.rmdir()
 
 
 def _this_process() -> dict:

@@ -407,9 +407,9 @@ def abandoned(parent: Path, name: str, suffix: str, marker: dict | None) -> Path
 
 def test_staging_folders_of_killed_saves_are_removed_only_when_provably_lavits(tmp_path, builders):
     """`.checkpoint-2.saving-*` stayed after a successful resume. Every class, into a new and into a used folder:
-    the next save of NAME removes NAME's staging folders whose marker (lavit's) names a process that is gone, and
-    nothing else: a user's folder of that name, another folder's staging, one of a live process, of a machine
-    that is not this one."""
+    the next save of NAME removes NAME's staging folders whose marker (lavit's) names a process that is gone, and an
+    empty one without a marker (a save killed before it wrote one), and nothing else: a user's folder of that name
+    with a file in it, another folder's staging, one of a live process, of a machine that is not this one."""
     for name in NAMED:
         obj, _ = builders[name]()
         for used in (False, True):
@@ -420,6 +420,8 @@ def test_staging_folders_of_killed_saves_are_removed_only_when_provably_lavits(t
             staging = lambda **fields: {"made_by": "lavit", "kind": "staging", "staging_of": "checkpoint-2",  # noqa
                                         "process": gone_process(), **fields}
             removed = abandoned(parent, "checkpoint-2", "a1", staging())
+            empty = parent / f".checkpoint-2{saving_lavit.STAGING_INFIX}e3"  # killed before its marker (the attack)
+            empty.mkdir()
             kept = [abandoned(parent, "checkpoint-2", "users", None),
                     abandoned(parent, "checkpoint-2", "other", staging(staging_of="checkpoint-3")),
                     abandoned(parent, "checkpoint-3", "b2", {**staging(), "staging_of": "checkpoint-3"}),
@@ -428,7 +430,7 @@ def test_staging_folders_of_killed_saves_are_removed_only_when_provably_lavits(t
                     abandoned(parent, "checkpoint-2", "bad", {"made_by": "lavit", "kind": "staging", "files": 3})]
             before = {path: snapshot(path) for path in kept}
             obj.save_pretrained(folder)
-            assert not removed.exists(), (name, used)
+            assert not removed.exists() and not empty.exists(), (name, used)
             assert {path: snapshot(path) for path in kept} == before, (name, used)
             assert sorted(path.name for path in parent.iterdir() if path not in kept) == ["checkpoint-2"]
 

@@ -549,11 +549,9 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 `use_liger_kernel`); default: skipped in training with targets when `linear_cross_entropy` is set.
             return_dict (`bool`, *optional*, in `kwargs`): `False` (or `config.return_dict=False`) returns a tuple.
         """
-        # the language model would drop a mistyped `imge_selection` in silence
-        refuse_typos(self.forward, kwargs, passed_to=self.model.forward)
+        refuse_typos(self.forward, kwargs, passed_to=self.model.forward)  # the LM drops a mistyped name silently
         num_items_in_batch = self.checked_item_count(input_ids, attention_mask, labels, kwargs)
-        shift_labels = kwargs.pop("shift_labels", None)
-        skip_logits = kwargs.pop("skip_logits", None)
+        shift_labels, skip_logits = kwargs.pop("shift_labels", None), kwargs.pop("skip_logits", None)
         if shift_labels is not None and self.model.has_image_inputs(input_ids, pixel_values):
             raise ValueError("shift_labels cannot be used with image placeholders: the model inserts each image's "
                              "visual tokens, which moves every target after it; give labels (unshifted) instead")

@@ -20,10 +20,10 @@ import torch
 from lavit.atomic import require_replaceable, write_json_recorded
 
 DIGIT_QUESTION = "what digit is this?"
-# min and max of each figure over full runs (not --quick) with seeds 0, 1, 2 and one torch thread, printed beside this
-# run's figures (docs/demo.md has the runs, benchmarks/results/demo_band_cpu.json their raw figures)
-MEASURED_BAND = {"seeds": "0-2", "caption accuracy (stage 2)": (0.21, 0.36),
-                 "text-to-image class accuracy": (0.29, 0.42), "VQA accuracy (fine-tuned)": (0.30, 0.45)}
+# min and max of each figure over full runs (not --quick): seeds 0, 1, 2 with one torch thread and seed 0 with two,
+# printed beside this run's figures (docs/demo.md has the runs, benchmarks/results/demo_band_cpu.json their figures)
+MEASURED_BAND = {"seeds": "0-2", "caption accuracy (stage 2)": (0.22, 0.35),
+                 "text-to-image class accuracy": (0.31, 0.37), "VQA accuracy (fine-tuned)": (0.22, 0.35)}
 FULL = {"tokenizer": 1500, "pretrain": 1500, "finetune": 600, "vae": 300, "detokenizer": 600, "train_digits": 1200,
         "eval": 100}
 QUICK = {"tokenizer": 30, "pretrain": 30, "finetune": 20, "vae": 10, "detokenizer": 10, "train_digits": 200, "eval": 20}

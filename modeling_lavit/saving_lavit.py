@@ -146,8 +146,19 @@ def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Pat
     target.mkdir(parents=True, exist_ok=True)
     with _one_save_at_a_time(target):
         _remove_abandoned_staging(target)
-        # always through a staging folder, an empty destination too: a library's writer leaves temporary files
-        # (safetensors' `.tmpXXXXXX`) where it is stopped, and only whole files are ever moved into `target`
+        # through a staging folder, an empty destination too: a library's writer leaves temporary files (safetensors'
+        # `.tmpXXXXXX`) where it is stopped, and only whole files are ever moved into `target`
+        if not _can_stage_beside(target):  # a mount point, or a writable folder in a read-only one
+            if _holds_files(target):
+                raise NotLavitFilesError(
+                    f"save_directory {save_directory} cannot be saved over: the folder around it is read-only or on "
+                    f"another file system, so the new files cannot be written beside it first and moved in whole; "
+                    f"save into a new or empty folder")
+            _begin_saving(target, None)  # empty: written in place, as the library writes
+            result = save(target)
+            record_saved_files(target, [Path(name) for name in folder_entries(target)
+                                        if Path(name).name != MARKER_FILE])
+            return result
         staging = _new_staging_folder(target)
         try:
             result = save(staging)
@@ -157,6 +168,15 @@ def _checked_save(save: Callable[[Path], Any], save_directory, sources: list[Pat
                 _STAGING_FOLDERS.discard(staging)
             shutil.rmtree(staging, ignore_errors=True)
         return _moved_paths(result, staging, target)
+
+
+def _can_stage_beside(target: Path) -> bool:
+    """Whether a staging folder beside `target` can be made and its files moved into `target` by renames: the parent
+    is writable and on `target`'s file system (not so for a mount point, nor a writable volume in a read-only root)."""
+    try:
+        return os.access(target.parent, os.W_OK) and target.parent.stat().st_dev == target.stat().st_dev
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -287,7 +307,10 @@ def _loaded_from(target: Path, families: set[tuple[Path, str]]) -> set[Path]:
     (`model.safetensors`, which wins over shards), the index, and the shards the index names."""
     loaded = set()
     for folder, family in families:
-        loaded |= {folder / f"{family}.safetensors", folder / f"{family}.safetensors.index.json"}
+        loaded.add(folder / f"{family}.safetensors")
+        if (target / folder / f"{family}.safetensors").is_file():
+            continue  # the single file wins: an index and shards beside it were never read
+        loaded.add(folder / f"{family}.safetensors.index.json")
         try:
             weight_map = loads_json((target / folder / f"{family}.safetensors.index.json").read_text())["weight_map"]
             loaded |= {folder / name for name in weight_map.values() if isinstance(name, str)}

@@ -526,3 +526,48 @@ def test_lavit_atomic_takes_a_marker_of_the_wrong_shape_for_no_marker_and_says_w
         with pytest.raises(NotLavitFolderError, match=f"its {MARKER_FILE} is not lavit's") as error:
             require_lavit_folder(folder, "replace")
         assert len(str(error.value).splitlines()) == 1 and snapshot(folder) == before
+
+
+def test_a_destination_that_cannot_be_staged_beside_is_saved_in_place_when_empty(tmp_path, monkeypatch, lavit_model):
+    """The attack of #24 (atk36 F1): a save into a mount point (or a writable folder in a read-only one) failed with
+    "Invalid cross-device link" once every save went through a staging folder beside its destination, and left a
+    marker saying "saving" that no save could finish. Such a destination is written in place while empty (as the
+    library writes), and one holding files is refused before anything is written."""
+    import torch
+
+    if os.path.ismount("/dev/shm"):  # a real mount point: its parent is another file system
+        assert not saving_lavit._can_stage_beside(Path("/dev/shm"))
+    assert saving_lavit._can_stage_beside(tmp_path)
+    monkeypatch.setattr(saving_lavit, "_can_stage_beside", lambda target: False)
+    folder = tmp_path / "volume"
+    lavit_model.save_pretrained(folder)
+    assert "saving" not in read_marker(folder)
+    loaded = type(lavit_model).from_pretrained(folder)
+    assert all(torch.equal(value, lavit_model.state_dict()[key]) for key, value in loaded.state_dict().items())
+    before = snapshot(folder)
+    with pytest.raises(NotLavitFilesError, match="cannot be saved over: the folder around it is read-only or on "
+                                                 "another file system"):
+        lavit_model.save_pretrained(folder)
+    assert snapshot(folder) == before and [path.name for path in tmp_path.iterdir()] == ["volume"]
+
+
+def test_a_save_into_its_own_folder_keeps_the_users_shards_beside_the_single_file_it_was_loaded_from(
+        tmp_path, lavit_model):
+    """The attack of #24 (atk36 F2): the user's sharded checkpoint (index and shards) copied beside a single
+    `model.safetensors` was deleted by `from_pretrained(d).save_pretrained(d)`: transformers reads the single file
+    and never those shards. They are kept (a single-file save), or the save is refused (a sharded one would
+    overwrite them)."""
+    from lavit.modeling.saving_lavit import NotLavitFilesError
+
+    folder = tmp_path / "model"
+    lavit_model.save_pretrained(folder)
+    users = {"model-00001-of-00002.safetensors": b"shard 1", "model-00002-of-00002.safetensors": b"shard 2",
+             "model.safetensors.index.json": b'{"weight_map": {"a": "model-00001-of-00002.safetensors"}}'}
+    for name, content in users.items():
+        (folder / name).write_bytes(content)
+    loaded = type(lavit_model).from_pretrained(folder)
+    loaded.save_pretrained(folder)
+    assert all((folder / name).read_bytes() == content for name, content in users.items())
+    with pytest.raises(NotLavitFilesError, match="lavit did not write .*model.safetensors.index.json"):
+        loaded.save_pretrained(folder, max_shard_size="100KB")
+    assert all((folder / name).read_bytes() == content for name, content in users.items())

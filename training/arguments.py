@@ -383,6 +383,10 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
         for arguments in parsed:  # what the run set itself, whatever the value: a preset leaves it alone
             if not isinstance(arguments, TrainingArguments):
                 arguments.given_flags = given
+            elif arguments.resume_from_checkpoint is not None:  # the Trainer's flag, which the stages never read
+                self.error(f"--resume_from_checkpoint {arguments.resume_from_checkpoint!r}: lavit's stages resume with "
+                           f"--resume (auto: the newest complete checkpoint of --output_dir; no; weights_only; or a "
+                           f"checkpoint folder): give --resume PATH")
         check_paths(*parsed)  # no output folder is, holds or lies inside an input (`lavit.paths`)
         require_safetensors_inputs(*parsed)  # no model folder with pickled weights is loaded (`lavit.file_kinds`)
         require_model_inputs(*parsed)  # every model folder of the kind its flag reads, before anything is built

@@ -85,7 +85,8 @@ PRESETS = {
 
 
 # the settings of a held-out evaluation, which a preset leaves out when the run turns evaluation off itself
-# (`--eval_strategy no`): no records held out of training for an evaluation that never runs
+# (`--eval_strategy no`, or `--eval_split_size 0` without `--eval_data`): no records held out of training for an
+# evaluation that never runs, and no evaluation announced that never runs
 HELD_OUT_EVALUATION = {"eval_split_size", "eval_strategy", "eval_steps", "load_best_model_at_end",
                        "metric_for_best_model", "early_stopping_patience", "per_device_eval_batch_size"}
 
@@ -120,7 +121,8 @@ def apply_preset(stage: str, name: str | None, script_args, training_args, model
     """
     preset, applied = get_preset(stage, name), {}
     given = getattr(script_args, "given_flags", ())
-    evaluation_off = "eval_strategy" in given and training_args.eval_strategy == IntervalStrategy.NO
+    evaluation_off = ("eval_strategy" in given and training_args.eval_strategy == IntervalStrategy.NO) or (
+        "eval_split_size" in given and not script_args.eval_split_size and not getattr(script_args, "eval_data", None))
     for setting, value in (preset.settings.items() if preset else ()):
         arguments = script_args if hasattr(script_args, setting) else training_args
         value = value(model) if callable(value) else value

@@ -116,6 +116,11 @@ def test_a_preset_leaves_out_its_held_out_evaluation_when_the_run_turns_evaluati
     assert len(training_records) == 10 and held_out is None
     assert configure_evaluation(training, script, has_eval_data=False) == []
     assert training.eval_strategy == "no" and not training.load_best_model_at_end
+    # --eval_split_size 0 (and no --eval_data) turns it off too: nothing of it is applied, nor announced (atk36 F4)
+    script, training = parser.parse_args_and_config([*common, "--eval_split_size", "0"])
+    _, applied = apply_preset("finetune", "small-data", script, training)
+    assert not set(applied) & HELD_OUT_EVALUATION, applied
+    assert configure_evaluation(training, script, has_eval_data=False) == []
     # without --eval_strategy no the preset evaluates as before
     script, training = parser.parse_args_and_config(common)
     _, applied = apply_preset("finetune", "small-data", script, training)

@@ -82,3 +82,19 @@ def test_scripts_never_import_scripts():
                     if isinstance(node, ast.ImportFrom) and node.module}
         imported = {name.rsplit(".", 1)[-1] for name in imported}
         assert not imported & STAGE_SCRIPTS, f"{path.name} imports the stage script(s) {imported & STAGE_SCRIPTS}"
+
+
+@pytest.mark.parametrize("command", sorted(set(TRAINING_COMMANDS) - {"preprocess"}))
+def test_the_trainers_resume_flag_is_refused_for_the_stages_own(command, tmp_path, capsys):
+    """atk36 F3: `--resume_from_checkpoint CHECKPOINT` (TrainingArguments') was accepted and ignored: the run
+    trained from scratch. The stages resume with `--resume`; the Trainer's flag is refused, naming it."""
+    module = importlib.import_module(TRAINING_COMMANDS[command])
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"data": "photos", "output_dir": str(tmp_path / "out"),
+                                  "resume_from_checkpoint": "runs/a/checkpoint-25"}))
+    for argv in (["--data", "photos", "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint",
+                  "runs/a/checkpoint-25"], [str(config)]):
+        with pytest.raises(SystemExit) as exit_info:
+            module.make_parser().parse_args_and_config(argv)
+        assert exit_info.value.code == 2
+        assert "give --resume PATH" in capsys.readouterr().err.strip().splitlines()[-1]

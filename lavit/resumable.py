@@ -231,12 +231,16 @@ class ResumableOutput:
 
     def check_or_record(self) -> None:
         path = self.folder / FINGERPRINT_FILE
-        if not path.is_file():  # a folder no run of lavit wrote into: a file of the kind's names there is the user's
-            theirs = [name for name in OUTPUT_FILES[self.kind] if os.path.lexists(self.folder / name)]
+        recorded_kind = _recorded_kind(path)
+        if recorded_kind != self.kind:  # no run of this kind wrote here: a file of the kind's names is the user's,
+            # unless the run that did (another kind: an evaluation's folder given to training) writes it too
+            theirs = [name for name in OUTPUT_FILES[self.kind] if os.path.lexists(self.folder / name)
+                      and name not in OUTPUT_FILES.get(recorded_kind, ())]
             if theirs:
+                made = f"it has no {FINGERPRINT_FILE}" if recorded_kind is None else f"a {recorded_kind} run wrote it"
                 raise NotLavitFileError(
-                    f"{self.folder} holds {', '.join(theirs)}, which no lavit run wrote there (it has no "
-                    f"{FINGERPRINT_FILE}), so lavit will not overwrite or append to it: {self.fresh_hint}")
+                    f"{self.folder} holds {', '.join(theirs)}, which no lavit {self.kind} run wrote there ({made}), "
+                    f"so lavit will not overwrite or append to it: {self.fresh_hint}")
         if self.fresh:  # the run starts over: it owns the folder from now (`fresh_start_ns` tells what came before)
             self.record(**{FRESH_START_KEY: time.time_ns()})
             return
@@ -263,6 +267,15 @@ class ResumableOutput:
 __all__ = ["FINGERPRINT_FILE", "RESUMABLE_OUTPUTS", "OutputLockedError", "ResumableOutput", "ResumeMismatchError",
            "differences", "digest", "files_fingerprint", "folder_fingerprint", "fresh_start_ns", "model_fingerprint",
            "register_resumable_output"]
+
+
+def _recorded_kind(path: Path) -> str | None:
+    """The kind of output the fingerprint at `path` records; None where there is none (or it cannot be read)."""
+    try:
+        kind = loads_json(path.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def fresh_start_ns(folder) -> int:

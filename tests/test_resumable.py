@@ -275,10 +275,17 @@ def test_a_users_file_of_a_name_the_writer_uses_is_refused_before_any_work(drive
         folder = tmp_path / f"users-{name}"
         folder.mkdir()
         (folder / name).write_text("the user's own")
-        with pytest.raises(NotLavitFileError, match=rf"holds {name}, which no lavit run wrote there"):
+        with pytest.raises(NotLavitFileError, match=rf"holds {name}, which no lavit {driver.kind} run wrote there"):
             driver.run(folder)
         assert (folder / name).read_text() == "the user's own"
         assert sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) == [name]
+        # the same in the folder of a run of another kind that does not write that file (atk36 F5: training with
+        # --resume no appended to the user's logs.jsonl in an evaluation's output)
+        other = next(kind for kind in OUTPUT_FILES if kind != driver.kind)
+        (folder / FINGERPRINT_FILE).write_text(json.dumps({"kind": other}))
+        with pytest.raises(NotLavitFileError, match=rf"holds {name}, .*\(a {other} run wrote it\)"):
+            driver.run(folder)
+        assert (folder / name).read_text() == "the user's own"
 
 
 @pytest.mark.slow

@@ -300,6 +300,9 @@ def local_adapter_base(local: Path, refused) -> Path:
 
 MODEL_KINDS = {"lavit": "a LaVIT model", "lavit_tokenizer": "a LaVIT visual tokenizer",
                "lavit_detokenizer": "a LaVIT pixel decoder (detokenizer)"}
+# the kind of an input that takes a model of another library (stage 2's causal LM, stage 1's vision tower): any
+# model_type but LaVIT's
+NOT_LAVIT = "not_lavit"
 
 
 def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--model", adapters: bool = True,
@@ -329,6 +332,11 @@ def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--
         model_type = loads_json((folder / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
         raise CommandError(f"{folder / 'config.json'} is not a JSON object: {error}") from error
+    if model_types == (NOT_LAVIT,):
+        if model_type in MODEL_KINDS:
+            raise CommandError(f"{given_as(flag, path)} holds {MODEL_KINDS[model_type]}, but this takes a model of "
+                               f"another library (a causal LM, a vision model), not one of LaVIT's")
+        return
     if model_type not in model_types:
         kind = MODEL_KINDS.get(model_type, f"a model of type {model_type!r}")
         wanted = " or ".join(MODEL_KINDS[name] for name in model_types)
@@ -362,7 +370,8 @@ def adapter_folder_problem(path: str, flag: str, lora: bool = False) -> str:
         base = adapter_config(Path(path).expanduser(), path)["base_model_name_or_path"]
     except (OSError, CommandError):
         base = None
-    merged = f"merge the adapter into its base first (lavit export MERGED --model {path}) and give {flag} MERGED"
+    merged = (f"merge the adapter into its base first (lavit export MERGED --model {path}) and give "
+              f"{given_as(flag, 'MERGED')}")
     if not lora:
         return f"{given_as(flag, path)} is a PEFT (LoRA) adapter folder, not a whole model, which this needs: {merged}"
     return (f"{given_as(flag, path)} is a PEFT (LoRA) adapter folder, not a whole model: training starts from a whole "

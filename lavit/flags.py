@@ -9,7 +9,8 @@ import re
 
 # a negative number, read as a value and not a flag: argparse's own pattern (`-1`, `-.5`) and the rest of what
 # `float` reads (`-1e-3`, `-inf`, `-nan`), so that `--temperature -1e-3` gets the flag's range error
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", flags=re.IGNORECASE)
+NEGATIVE_NUMBER = re.compile(r"^-(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                             flags=re.IGNORECASE)
 
 
 def unknown_flags(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:

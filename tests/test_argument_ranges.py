@@ -25,7 +25,7 @@ from lavit.modeling.validation_lavit import Choice, Range
 from lavit.cli import build_parser, main
 
 BAD_TEXTS = ["0", "-1", "nan", "inf", "-inf", "1e400", str(2**70), "-" + str(2**70), "abc", "1.5", "", "0x10", "-1e-3",
-             "-nan", "-.5"]
+             "-nan", "-.5", "-1_0"]
 BAD_VALUES = [0, -1, 1.5, math.nan, math.inf, -math.inf, 10**30, 2**70, -(2**70), "abc", True, None, [1]]
 DECLARED = (Range, Choice)
 

@@ -15,15 +15,14 @@ import torch
 from conftest import text_vocab_size, tiny_lavit_config, tiny_text_tokenizer, write_lora_adapter
 
 from lavit.cli.training import TRAINING_COMMANDS
-from lavit.command_inputs import CommandError
+from lavit.command_inputs import NOT_LAVIT, CommandError
 from lavit.file_kinds import MODEL_FLAG_WORDS
 from lavit.paths import ADAPTERS, INPUT, MODEL_KINDS, PATH_ROLE
 
-# model inputs that are not LaVIT folders, read by their own libraries (a CLIP tower, a causal LM and its text
-# tokenizer, a diffusers folder), or of two shapes a model_type cannot tell apart (stage 3's --detokenizer: a pipeline
-# folder, whose config.json is its language model's, or a LaVITDetokenizer folder)
-UNDECLARED = {"vision_model", "language_model", "text_tokenizer", "diffusers_model", "detokenizer",
-              "tokenizer_config", "detokenizer_config"}  # the last two: a config file or a preset's name
+# model inputs read by their own libraries' loaders (a text tokenizer, a diffusers folder), or of two shapes a
+# model_type cannot tell apart (stage 3's --detokenizer: a pipeline folder, whose config.json is its language
+# model's, or a LaVITDetokenizer folder); the last two: a config file or a preset's name
+UNDECLARED = {"text_tokenizer", "diffusers_model", "detokenizer", "tokenizer_config", "detokenizer_config"}
 
 
 def stage_model_fields() -> list[tuple[str, dataclasses.Field]]:
@@ -43,7 +42,8 @@ def test_every_lavit_model_input_of_every_stage_declares_its_kinds():
     assert {field.name for _, field in stage_model_fields()} >= UNDECLARED  # no stale name above
     assert {(command, field.name) for command, field in DECLARED} == {
         ("train-tokenizer", "model"), ("train", "model"), ("finetune", "model"), ("train-detokenizer", "model"),
-        ("train", "visual_tokenizer"), ("preprocess", "visual_tokenizer"), ("train-detokenizer", "visual_tokenizer")}
+        ("train", "visual_tokenizer"), ("preprocess", "visual_tokenizer"), ("train-detokenizer", "visual_tokenizer"),
+        ("train-tokenizer", "vision_model"), ("train", "language_model")}  # the last two: any model but LaVIT's
     for command, field in DECLARED:
         assert MODEL_KINDS in field.metadata, (command, field.name)
         # a stage starts from (or saves beside its own) whole models; a visual tokenizer is read from a merged adapter
@@ -68,7 +68,7 @@ def folders(tmp_path_factory):
     model.model.language_model.save_pretrained(root / "llama")
     write_lora_adapter(root / "lavit", root / "adapter", rank=2, seed=0, base_name=str(root / "lavit"))
     found = {kind: root / kind for kind in ("lavit", "tokenizer", "llama", "adapter")}
-    for kind in ("lavit", "tokenizer", "adapter"):
+    for kind in ("lavit", "tokenizer", "adapter", "llama"):
         run = root / "runs" / kind
         run.mkdir(parents=True)
         (run / "logs.jsonl").write_text("{}\n")
@@ -93,7 +93,8 @@ def parse(command: str, flag: str, value, folders, as_config: bool = False):
 
 
 def wanted_kind(field) -> str:
-    return "tokenizer" if field.metadata[MODEL_KINDS] == ("lavit_tokenizer",) else "lavit"
+    kinds = field.metadata[MODEL_KINDS]
+    return {("lavit_tokenizer",): "tokenizer", (NOT_LAVIT,): "llama"}.get(kinds, "lavit")
 
 
 @pytest.mark.parametrize(("command", "field"), DECLARED, ids=[f"{c}--{f.name}" for c, f in DECLARED])
@@ -110,8 +111,13 @@ def test_every_stage_model_input_takes_its_kind_and_refuses_the_others_with_the_
         assert f"give --{flag} MERGED" in str(error.value)
         assert ("--lora" in str(error.value)) == (command == "finetune")  # only fine-tuning takes --lora
     # a model of another kind: named as the flag gave it, with what the stage needs
-    with pytest.raises(CommandError, match=rf"^--{flag} \S+llama holds a model of type 'llama', but this command"):
-        parse(command, flag, folders["llama"], folders)
+    if field.metadata[MODEL_KINDS] == (NOT_LAVIT,):
+        with pytest.raises(CommandError, match=rf"^--{flag} \S+lavit holds a LaVIT model, but this takes a model of "
+                                               rf"another library"):
+            parse(command, flag, folders["lavit"], folders)
+    else:
+        with pytest.raises(CommandError, match=rf"^--{flag} \S+llama holds a model of type 'llama', but this command"):
+            parse(command, flag, folders["llama"], folders)
     # a training run's folder: its final/, named with the flag, through flags and through a config file alike
     for as_config in (False, True):
         run = folders[f"run of {wanted_kind(field)}"]
@@ -138,7 +144,9 @@ def test_serve_points_a_run_folder_at_its_final_folder_and_refuses_an_adapter(fo
     from test_cli import error_lines, run
 
     for model, expected in ((folders["run of lavit"], f"use {folders['run of lavit'] / 'final'}"),
-                            (folders["adapter"], f"{folders['adapter']} is a PEFT (LoRA) adapter folder"),
+                            (folders["adapter"], f"{folders['adapter']} is a PEFT (LoRA) adapter folder, not a whole "
+                                                 f"model, which this needs: merge the adapter into its base first "
+                                                 f"(lavit export MERGED --model {folders['adapter']}) and give MERGED"),
                             (folders["tokenizer"], "holds a LaVIT visual tokenizer, but this command needs")):
         code, _, err = run(capsys, "serve", model, "--port", "1")
         lines = error_lines(err)

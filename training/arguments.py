@@ -37,7 +37,7 @@ from lavit.modeling.validation_lavit import (
 from transformers import HfArgumentParser, TrainingArguments
 
 from lavit.atomic import require_lavit_folder
-from lavit.command_inputs import require_model_inputs
+from lavit.command_inputs import NOT_LAVIT, require_model_inputs
 from lavit.file_kinds import require_safetensors_inputs
 from lavit.flags import StrictFlags
 from lavit.paths import ADAPTERS, CHECKPOINT, INPUT, MODEL_KINDS, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
@@ -240,7 +240,7 @@ class TokenizerTrainingArguments(EvalDataArguments):
         f"A new tokenizer: a config JSON file or a preset name: {config_preset_names('tokenizer')} ('tiny': "
                 f"64 px, 8 px patches, 64 codes; 'small': the same with 256 codes, for small data; 'paper': the "
                 f"released LaVIT sizes)."))
-    vision_model: str | None = path_field(INPUT, default=None, help=(
+    vision_model: str | None = path_field(INPUT, (NOT_LAVIT,), adapters=False, default=None, help=(
         "A transformers vision model (folder or Hub id, e.g. a CLIP/SigLIP vision tower) to use as the "
         "frozen encoder of a new tokenizer."))
     quantizer_start_step: int = field(default=0, metadata={
@@ -258,7 +258,8 @@ class PretrainingArguments(SequenceArguments):
                                    help="A LaVIT model folder to continue training.")
     visual_tokenizer: str | None = path_field(INPUT, ("lavit_tokenizer", "lavit"), default=None, help=(
         "A stage-1 tokenizer folder, or a LaVIT model folder whose visual tokenizer is used (new model)."))
-    language_model: str | None = path_field(INPUT, default=None, help="A causal LM folder or Hub id (new model).")
+    language_model: str | None = path_field(INPUT, (NOT_LAVIT,), adapters=False, default=None,
+                                            help="A causal LM folder or Hub id (new model).")
     text_tokenizer: str | None = path_field(INPUT, default=None, help="Text tokenizer (default: the LM's).")
     text_data: str | None = path_field(INPUT, default=None, help="Text-only corpus mixed into the pairs.")
     text_ratio: float = field(default=0.0, metadata={"help": "Fraction of text-only records in the mixture.",

@@ -48,7 +48,7 @@ test-peers: $(PEERS_VENV)/.peers-installed
 	HF_HUB_OFFLINE=1 $(PEERS_VENV)/bin/python -m pytest -q -rs tests/peers tests/evaluation/test_lmms_eval.py
 
 test-slow: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow --ignore=tests/peers
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow --ignore=tests/peers --durations=15
 
 $(LOWEST_VENV)/.installed: pyproject.toml requirements/lowest.txt
 	python3 -m venv $(LOWEST_VENV)

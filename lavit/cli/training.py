@@ -26,6 +26,8 @@ TRAINING_SUMMARIES = {
     "preprocess": "store keep masks and code ids of a dataset",
     "train-detokenizer": "train the pixel detokenizer",
 }
+
+
 def add_parsers(commands, full: bool = True) -> None:
     """The stages' own parsers (`full`), or a one-line entry per stage for the command listing."""
     for command, module_name in TRAINING_COMMANDS.items():

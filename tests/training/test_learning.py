@@ -51,29 +51,33 @@ def test_stage1_on_photographs_learns_reconstruction_keep_ratio_and_codebook(tmp
     assert codes_in_use > tokenizer.config.codebook_size / 2, codes_in_use
 
 
+HELD_OUT = 200  # held-out digits for the caption and VQA figures
+ABOVE_CHANCE = 0.17
+
 
 def test_stage2_and_finetuning_on_digits_answer_and_draw_above_chance(tmp_path):
-    """Tiny tokenizer -> tiny LLaMA pretrained on digit captions in both orders -> VQA fine-tuning, the demo's code
-    with fewer steps (about 4 minutes on 2 cores)."""
+    """Tiny tokenizer -> tiny LLaMA pretrained on digit captions in both orders -> VQA fine-tuning: the demo's code and
+    step counts (`lavit.demo.FULL`) with seed 0, about 5 minutes on 2 cores."""
     from lavit import LaVITForCausalLM, LaVITProcessor
-    from lavit.demo import evaluate, text_to_image_accuracy, train_digit_models, write_digit_data
+    from lavit.demo import FULL, evaluate, text_to_image_accuracy, train_digit_models, write_digit_data
 
     train_folder, train_images, train_labels = write_digit_data(tmp_path / "train", 1200, offset=0)
-    _, images, labels = write_digit_data(tmp_path / "eval", 100, offset=1697)
-    _, pretrained, finetuned = train_digit_models(train_folder, tmp_path, {"tokenizer": 1500, "pretrain": 1000,
-                                                                           "finetune": 600})
+    # 200 held-out digits (the last 200 of scikit-learn's 1797; training uses the first 1200)
+    _, images, labels = write_digit_data(tmp_path / "eval", HELD_OUT, offset=1797 - HELD_OUT)
+    _, pretrained, finetuned = train_digit_models(train_folder, tmp_path, {stage: FULL[stage] for stage in
+                                                                           ("tokenizer", "pretrain", "finetune")})
     processor = LaVITProcessor.from_pretrained(finetuned)
     pretrained_model = LaVITForCausalLM.from_pretrained(pretrained).eval()
     caption_accuracy = evaluate(pretrained_model, processor, images, labels)["caption_accuracy"]
-    # 200 images generated for "the digit N" (20 per class: with 10 per class one run measured 0.19, under a bar of
-    # 0.2; with 20, 0.28): 34 or more nearest to their class has probability ~0.0015 at chance (0.10)
+    # 200 images generated for "the digit N" (20 per class)
     drawing_accuracy = text_to_image_accuracy(pretrained_model, processor, train_images, train_labels, per_class=20)
-    print(f"text-to-image class accuracy {drawing_accuracy:.2f}")
-    assert drawing_accuracy >= 0.17, drawing_accuracy
     vqa_accuracy = evaluate(LaVITForCausalLM.from_pretrained(finetuned), processor, images, labels)["vqa_accuracy"]
-    # held-out answers, 100 unseen digits: 20 or more right has probability ~0.002 at chance (0.10); observed
-    # 0.29-0.35 over five runs with the former 64-code tokenizer, 0.33 in one run with 256 codes. Caption accuracy
-    # after stage 2 varies more (0.13-0.24 with 64 codes, 0.29 in one run with 256) and is only reported.
-    print(f"caption accuracy {caption_accuracy:.2f}, VQA accuracy {vqa_accuracy:.2f}")
-    assert vqa_accuracy >= 0.2, vqa_accuracy
+    print(f"caption accuracy {caption_accuracy:.2f}, text-to-image class accuracy {drawing_accuracy:.2f}, "
+          f"VQA accuracy {vqa_accuracy:.2f}")
+    # One bar for both, on 200 trials each: 34 or more right has probability ~0.0015 at chance (0.10). Full demo runs
+    # (seeds 0-2, 1 and 2 threads) measured 0.31-0.37 text-to-image and 0.22-0.35 VQA on 100 digits; with 1000
+    # pretraining steps text-to-image measured 0.25-0.28 on this machine and 0.155 on CI's, hence the demo's 1500.
+    # Caption accuracy after stage 2 varies more (0.22-0.35 in the demo runs) and is only reported.
+    assert drawing_accuracy >= ABOVE_CHANCE, drawing_accuracy
+    assert vqa_accuracy >= ABOVE_CHANCE, vqa_accuracy
 

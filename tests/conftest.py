@@ -241,13 +241,14 @@ def tiny_detokenizer_config(conditioning="highres", **overrides):
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):  # module scope: each test module that asks gets its own copy
     """A tiny (untrained, deterministic) visual tokenizer, a tiny LM and a photo dataset, pre-tokenized too."""
-    from lavit.training.arguments import PreprocessArguments
-    from lavit.training.preprocess import preprocess
+    from lavit.training.arguments import PretokenizeArguments
+    from lavit.training.pretokenize import pretokenize
 
     root = tmp_path_factory.mktemp("components")
     components = write_stage_components(root)
-    tokenized = preprocess(PreprocessArguments(data=str(components["photos"]), visual_tokenizer=str(root / "tokenizer"),
-                                               output=str(root / "photos_tokenized"), batch_size=4))
+    tokenized = pretokenize(PretokenizeArguments(data=str(components["photos"]),
+                                                 visual_tokenizer=str(root / "tokenizer"),
+                                                 output=str(root / "photos_tokenized"), batch_size=4))
     return {**components, "tokenized": tokenized}
 
 

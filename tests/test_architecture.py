@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO_ROOT
 
 REMOTE_CODE_FOLDERS = ("modeling_lavit", "processing")
-STAGE_SCRIPTS = ("stage1_tokenizer", "stage2_pretrain", "finetune", "stage3_detokenizer", "preprocess")
+STAGE_SCRIPTS = ("stage1_tokenizer", "stage2_pretrain", "finetune", "stage3_detokenizer", "pretokenize")
 MAX_FUNCTION_LINES = 60
 
 

@@ -388,12 +388,12 @@ def stage_argv(command: str, tmp_path, lavit_folder) -> list[str]:
                         "--max_length", "64"],
               "finetune": ["--model", lavit_folder, "--task", "caption", "--max_length", "64"],
               "train-detokenizer": ["--visual_tokenizer", tmp_path / "tokenizer", "--detokenizer_config", "tiny"],
-              "preprocess": ["--visual_tokenizer", tmp_path / "tokenizer", "--output", tmp_path / "run" / "final"]}
+              "pretokenize": ["--visual_tokenizer", tmp_path / "tokenizer", "--output", tmp_path / "run" / "final"]}
     settings = training_settings(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, logging_steps=1)
-    training = [] if command == "preprocess" else [
+    training = [] if command == "pretokenize" else [
         f"--{name}={value}" for name, value in settings.items() if name not in ("disable_tqdm", "report_to")]
     return [command, "--data", str(tmp_path / "mostly_bad"), *map(str, inputs[command]), *training,
-            *([] if command == "preprocess" else ["--resume", "no", "--report_to", "none"])]
+            *([] if command == "pretokenize" else ["--resume", "no", "--report_to", "none"])]
 
 
 @pytest.mark.slow

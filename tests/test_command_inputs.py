@@ -42,7 +42,7 @@ def test_every_lavit_model_input_of_every_stage_declares_its_kinds():
     assert {field.name for _, field in stage_model_fields()} >= UNDECLARED  # no stale name above
     assert {(command, field.name) for command, field in DECLARED} == {
         ("train-tokenizer", "model"), ("train", "model"), ("finetune", "model"), ("train-detokenizer", "model"),
-        ("train", "visual_tokenizer"), ("preprocess", "visual_tokenizer"), ("train-detokenizer", "visual_tokenizer"),
+        ("train", "visual_tokenizer"), ("pretokenize", "visual_tokenizer"), ("train-detokenizer", "visual_tokenizer"),
         ("train-tokenizer", "vision_model"), ("train", "language_model")}  # the last two: any model but LaVIT's
     for command, field in DECLARED:
         assert MODEL_KINDS in field.metadata, (command, field.name)
@@ -82,7 +82,7 @@ def folders(tmp_path_factory):
 def parse(command: str, flag: str, value, folders, as_config: bool = False):
     """The stage's own parser (as `python -m lavit.training.<stage>` runs it) on the smallest command line."""
     stage = importlib.import_module(TRAINING_COMMANDS[command])
-    output = ["--output", folders["out"]] if command == "preprocess" else ["--output_dir", folders["out"]]
+    output = ["--output", folders["out"]] if command == "pretokenize" else ["--output_dir", folders["out"]]
     argv = ["--data", folders["data"], *output, f"--{flag}", value]
     if as_config:  # the same through a config file: keys are the flags' names
         config = folders["out"].parent / f"{command}-{flag}.json"

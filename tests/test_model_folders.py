@@ -163,7 +163,7 @@ def test_a_run_folder_points_at_its_final_folder_of_every_kind(final_folders, tm
             assert f"use {flag}{separator}{run_dir / 'final'}" in str(error.value), (kind, flag, str(error.value))
 
 
-@pytest.mark.parametrize("command", ["caption", "generate", "train", "preprocess", "export"])
+@pytest.mark.parametrize("command", ["caption", "generate", "train", "pretokenize", "export"])
 def test_the_run_folder_fix_names_the_flag_of_the_command(command, capsys, tmp_path, pipeline_folder):
     """The fix names what the user typed: `--visual_tokenizer RUN/final` for the stages that read a tokenizer."""
     run_dir = run_folder(tmp_path, "run", pipeline_folder)
@@ -172,10 +172,10 @@ def test_the_run_folder_fix_names_the_flag_of_the_command(command, capsys, tmp_p
     argv = {"caption": ["caption", photo, "--model", run_dir],
             "generate": ["generate", "a cat", "-o", tmp_path / "out.png", "--model", run_dir],
             "train": ["train", "--data", tmp_path / "data", "--model", run_dir, "--output_dir", tmp_path / "out"],
-            "preprocess": ["preprocess", "--data", tmp_path / "data", "--visual_tokenizer", run_dir, "--output",
+            "pretokenize": ["pretokenize", "--data", tmp_path / "data", "--visual_tokenizer", run_dir, "--output",
                            tmp_path / "out"],
             "export": ["export", tmp_path / "hub", "--model", run_dir]}[command]
-    flag = "--visual_tokenizer" if command == "preprocess" else "--model"
+    flag = "--visual_tokenizer" if command == "pretokenize" else "--model"
     code, _, err = run(capsys, *argv)
     lines = error_lines(err)
     assert code == 1 and len(lines) == 1 and f"use {flag} {run_dir / 'final'}" in lines[0], err

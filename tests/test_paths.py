@@ -79,7 +79,7 @@ def test_every_path_argument_of_every_command_declares_its_role():
         assert roles[name]["output_dir"] == OUTPUT and roles[name]["resume"] == CHECKPOINT
     outputs = {name for name, declared in roles.items() if OUTPUT in declared.values()}
     assert outputs == {"demo", "tokenize", "generate", "reconstruct", "evaluate", "new-language-model",
-                       "train-tokenizer", "train", "finetune", "preprocess", "train-detokenizer", "convert-original",
+                       "train-tokenizer", "train", "finetune", "pretokenize", "train-detokenizer", "convert-original",
                        "export"}
 
 

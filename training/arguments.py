@@ -1,7 +1,7 @@
 """The arguments of every stage and the parser behind their command lines.
 
 Every stage takes its own arguments dataclass (`TokenizerTrainingArguments`, `PretrainingArguments`,
-`FinetuningArguments`, `DetokenizerTrainingArguments`, `PreprocessArguments`) plus, when it trains, a
+`FinetuningArguments`, `DetokenizerTrainingArguments`, `PretokenizeArguments`) plus, when it trains, a
 [`LaVITTrainingArguments`] (the usual `TrainingArguments`, with the defaults LaVIT training wants). A stage's
 `make_parser` returns a [`LaVITArgumentParser`] of those dataclasses, which reads the command line or one JSON/YAML
 file; `lavit <stage>` and `python -m lavit.training.<stage>` use that same parser.
@@ -331,7 +331,7 @@ class DetokenizerTrainingArguments(EvalDataArguments):
 
 
 @dataclass
-class PreprocessArguments(DataArguments):
+class PretokenizeArguments(DataArguments):
     visual_tokenizer: str = path_field(INPUT, ("lavit_tokenizer", "lavit"), default=None, help=(
         "A tokenizer folder, or a LaVIT model folder (its visual_tokenizer is used)."))
     output: str = path_field(OUTPUT, default=None, help="Folder to write the pre-tokenized dataset to.")

@@ -2,7 +2,7 @@
 
 Every loader returns a `datasets.Dataset` (or `IterableDataset` when streaming) with an undecoded `image` column
 (a path, raw bytes or `{"bytes", "path"}`) and a `text` column. Images are decoded only where they are used (the
-collator, [`image_dataset`] or [`preprocess_images`]), so a corrupt, missing or truncated file costs one skipped
+collator, [`image_dataset`] or [`pretokenize_images`]), so a corrupt, missing or truncated file costs one skipped
 record, never the run. LaVIT sequences built from these records live in `training.sequences`.
 """
 
@@ -52,7 +52,7 @@ class BadRecordCounter:
     Record counts: records skipped (by reason, the first few of each logged) and records used, and the one place that
     enforces `max_skipped_share` ([`BadRecordCounter.check`]). Every stage makes one for its run: `load_records`
     checks each table it reads line by line and adds its skips; the trainer logs the total and, before `final/` is
-    saved, checks what its batches met (`LaVITTrainer.check_records`); `preprocess` checks before writing.
+    saved, checks what its batches met (`LaVITTrainer.check_records`); `pretokenize` checks before writing.
     """
 
     log_first: int = 3
@@ -184,7 +184,7 @@ def load_records(
 
     `source` is a local `imagefolder` (images + `metadata.jsonl` with `file_name` and `text`), a JSON/JSONL/CSV/Parquet
     file whose image column holds paths (relative to the file) or bytes, a `.tar` WebDataset shard or a folder of
-    them, a folder written by `save_to_disk` (e.g. `lavit preprocess`), or anything `datasets.load_dataset` accepts (a
+    them, a folder written by `save_to_disk` (e.g. `lavit pretokenize`), or anything `datasets.load_dataset` accepts (a
     Hub name). The kind of a local source is [`source_kind`], its loader `SOURCE_LOADERS[kind]`. A local path means the
     same relative (to the working directory), absolute, with `..` or through a symlink: it is resolved once, here; a
     value that looks like a local path but does not exist is reported as such (never tried on the Hub). Column names
@@ -498,7 +498,7 @@ def decode_image(value, name: str = "image"):
         raise BadRecordError(str(error)) from error
 
 
-def preprocess_images(records, visual_tokenizer, image_processor, batch_size: int = 64, counter=None,
+def pretokenize_images(records, visual_tokenizer, image_processor, batch_size: int = 64, counter=None,
                       num_proc: int | None = None):
     """
     Offline pre-tokenization: adds `keep_mask` (N booleans) and `code_ids` (the image's visual ids) to every record

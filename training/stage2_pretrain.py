@@ -3,7 +3,7 @@
 The frozen visual tokenizer (encoder, selector, target merger and quantizer) gives every image its kept tokens and
 their code ids; the LM-side merger copy, the visual projection and the LM learn to predict the next token of both
 modalities. Image-caption pairs enter in both orders, several packed into one row, optionally mixed with text-only
-data. Pre-tokenized records (`lavit preprocess`) carry keep masks and code ids, so the frozen target path is skipped.
+data. Pre-tokenized records (`lavit pretokenize`) carry keep masks and code ids, so the frozen target path is skipped.
 
     lavit train --visual_tokenizer runs/tokenizer/final --language_model meta-llama/Llama-2-7b-hf \\
         --data pairs.jsonl --output_dir runs/stage2 --bf16 --max_steps 10000

@@ -5,7 +5,7 @@
     lavit caption IMAGE... --model M                lavit vqa IMAGE --question Q --model M
     lavit generate "a red bus" -o out.png --model M lavit reconstruct IMAGE -o out.png --model M
     lavit new-language-model LM_DIR --data D        a small LLaMA + BPE tokenizer from your texts (offline stage 2)
-    lavit train-tokenizer | train | finetune | preprocess | train-detokenizer ARGS...   (the training stages)
+    lavit train-tokenizer | train | finetune | pretokenize | train-detokenizer ARGS...   (the training stages)
     lavit convert-original SRC DST                  lavit export DST --model M      lavit push REPO_ID --model M
     lavit evaluate BENCHMARK --model M --annotations FILE --images DIR --output OUT   (the paper's benchmarks)
     lavit serve MODEL [--port 8000] [--replicas N]  an OpenAI-compatible server (Ray Serve)
@@ -28,8 +28,9 @@ from lavit.file_kinds import PickledWeightsError, require_safetensors_inputs
 from lavit.paths import PathConflictError, check_output_files, check_paths
 
 from .common import HelpFormatter
-from .training import TRAINING_COMMANDS, run_training, stage_parser_class
+from .training import TRAINING_COMMANDS as TRAINING_COMMANDS  # the training commands and their modules, for tools
 from .training import add_parsers as add_training_parsers
+from .training import run_training, stage_parser_class, training_command
 
 # one module per command group: `add_parsers(commands)` adds its commands, `RUNNERS` runs them, `FILE_OUTPUTS` (if
 # any) names their file arguments; a module imports at its top only what its parsers need (heavy imports: in runners)
@@ -85,8 +86,8 @@ def dashed_flag(arg: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TRAINING_COMMANDS:
-        command, rest = argv[0], argv[1:]
+    if argv and training_command(argv[0]):
+        command, rest = training_command(argv[0]), argv[1:]
     else:
         args = parse_command(argv)  # argparse prints the command's usage and exits with 2 on bad arguments
         command, rest = args.command, None

@@ -15,7 +15,7 @@ TRAINING_COMMANDS = {
     "train-tokenizer": "lavit.training.stage1_tokenizer",
     "train": "lavit.training.stage2_pretrain",
     "finetune": "lavit.training.finetune",
-    "preprocess": "lavit.training.preprocess",
+    "pretokenize": "lavit.training.pretokenize",
     "train-detokenizer": "lavit.training.stage3_detokenizer",
 }
 # the one line `lavit --help` shows for each stage without importing it: the stage's own (a test compares them)
@@ -23,9 +23,18 @@ TRAINING_SUMMARIES = {
     "train-tokenizer": "stage 1: train the visual tokenizer",
     "train": "stage 2: unified pretraining",
     "finetune": "caption / VQA / chat fine-tuning, full or LoRA",
-    "preprocess": "store keep masks and code ids of a dataset",
+    "pretokenize": "store keep masks and code ids of a dataset",
     "train-detokenizer": "train the pixel detokenizer",
 }
+# former command names, still run (scripts may use them): "preprocess" is an image processor's resize-and-normalise
+# in transformers (`LaVITImageProcessor.preprocess`), so pre-tokenization took its own name
+TRAINING_ALIASES = {"preprocess": "pretokenize"}
+
+
+def training_command(name: str) -> str | None:
+    """The training command `name` runs (itself, or the command an old name stands for); None for other commands."""
+    name = TRAINING_ALIASES.get(name, name)
+    return name if name in TRAINING_COMMANDS else None
 
 
 def add_parsers(commands, full: bool = True) -> None:
@@ -34,7 +43,9 @@ def add_parsers(commands, full: bool = True) -> None:
         if full:
             importlib.import_module(module_name).make_parser(commands)
         else:
-            commands.add_parser(command, help=f"{TRAINING_SUMMARIES[command]} (--help lists its flags)")
+            aliases = [old for old, new in TRAINING_ALIASES.items() if new == command]
+            commands.add_parser(command, aliases=aliases,
+                                help=f"{TRAINING_SUMMARIES[command]} (--help lists its flags)")
 
 
 def stage_parser_class(**settings) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from conftest import REPO_ROOT
 from lavit.training.arguments import LaVITArgumentParser, PretrainingArguments
 
 from lavit.cli import TRAINING_COMMANDS, build_parser, main
+from lavit.cli.training import TRAINING_ALIASES
 
 STAGE_SCRIPTS = {module.rsplit(".", 1)[1] for module in TRAINING_COMMANDS.values()}
 
@@ -35,11 +36,11 @@ def test_a_stage_parser_is_the_same_under_lavit_and_alone(command):
 
 
 def test_python_m_runs_the_stage_parser(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lavit.training.preprocess", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "lavit.training.pretokenize", "--help"], capture_output=True,
                             text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     commands = argparse.ArgumentParser(prog="lavit").add_subparsers(parser_class=LaVITArgumentParser)
-    expected = importlib.import_module(TRAINING_COMMANDS["preprocess"]).make_parser(commands).format_help()
+    expected = importlib.import_module(TRAINING_COMMANDS["pretokenize"]).make_parser(commands).format_help()
     assert options_of(result.stdout).split() == options_of(expected).split()  # the width of the terminal aside
 
 
@@ -65,15 +66,30 @@ def test_a_training_command_checks_the_folder_of_its_model_argument(capsys, tmp_
     folder = tmp_path / "detokenizer"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "lavit_detokenizer"}))
-    code = main(["preprocess", "--data", "pairs.jsonl", "--visual_tokenizer", str(folder), "--output", "out"])
+    code = main(["pretokenize", "--data", "pairs.jsonl", "--visual_tokenizer", str(folder), "--output", "out"])
     err = capsys.readouterr().err
     assert code == 1 and "holds a LaVIT pixel decoder (detokenizer), but this command needs a LaVIT visual " \
                           "tokenizer or a LaVIT model folder" in err
     # one flag name per input: the stage's own, no --model alias rewritten into it
     with pytest.raises(SystemExit) as exit_info:
-        main(["preprocess", "--data", "pairs.jsonl", "--model", str(folder), "--output", "out"])
+        main(["pretokenize", "--data", "pairs.jsonl", "--model", str(folder), "--output", "out"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "usage: lavit preprocess" in err and "unrecognized arguments: --model" in err
+    assert exit_info.value.code == 2 and "usage: lavit pretokenize" in err and "unrecognized arguments: --model" in err
+
+
+@pytest.mark.parametrize("old", sorted(TRAINING_ALIASES))
+def test_a_former_command_name_runs_its_command(old, capsys):
+    """`lavit preprocess` (renamed `pretokenize`: "preprocess" is an image processor's resize-and-normalise) still
+    runs, listed beside its new name, and so does its console script."""
+    from importlib.metadata import entry_points
+
+    new = TRAINING_ALIASES[old]
+    with pytest.raises(SystemExit) as exit_info:
+        main([old, "--no-such-flag"])
+    assert exit_info.value.code == 2 and f"usage: lavit {new}" in capsys.readouterr().err
+    assert f"{new} ({old})" in " ".join(build_parser(full=False).format_help().split())
+    scripts = {script.name: script.value for script in entry_points(group="console_scripts")}
+    assert scripts[f"lavit-{old}"] == scripts[f"lavit-{new}"] == f"{TRAINING_COMMANDS[new]}:cli"
 
 
 def test_scripts_never_import_scripts():
@@ -84,7 +100,7 @@ def test_scripts_never_import_scripts():
         assert not imported & STAGE_SCRIPTS, f"{path.name} imports the stage script(s) {imported & STAGE_SCRIPTS}"
 
 
-@pytest.mark.parametrize("command", sorted(set(TRAINING_COMMANDS) - {"preprocess"}))
+@pytest.mark.parametrize("command", sorted(set(TRAINING_COMMANDS) - {"pretokenize"}))
 def test_the_trainers_resume_flag_is_refused_for_the_stages_own(command, tmp_path, capsys):
     """atk36 F3: `--resume_from_checkpoint CHECKPOINT` (TrainingArguments') was accepted and ignored: the run
     trained from scratch. The stages resume with `--resume`; the Trainer's flag is refused, naming it."""

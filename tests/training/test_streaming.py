@@ -83,7 +83,7 @@ def stage_run(command, components, photos, base_model):
         return train_detokenizer, arguments.DetokenizerTrainingArguments(
             data=photos, visual_tokenizer=str(components["tokenizer"]), detokenizer_config="tiny", ema_decay=0.0,
             streaming=True, crop_scale=0.5)
-    if command == "preprocess":
+    if command == "pretokenize":
         return None, None  # writes a whole dataset with save_to_disk: it never streams (see its own test)
     raise AssertionError(f"no streamed run for the stage {command!r}: add one here")
 
@@ -122,12 +122,12 @@ def test_every_stage_trains_streamed_with_any_workers_and_resumes(command, compo
     assert_same_weights(reference, run(entry, script, tmp_path / "crashed", workers=2))
 
 
-def test_preprocess_reads_streamed_data_as_the_whole_dataset(components, tmp_path):
+def test_pretokenize_reads_streamed_data_as_the_whole_dataset(components, tmp_path):
     from datasets import load_from_disk
-    from lavit.training.arguments import PreprocessArguments
-    from lavit.training.preprocess import preprocess
+    from lavit.training.arguments import PretokenizeArguments
+    from lavit.training.pretokenize import pretokenize
 
-    folders = [preprocess(PreprocessArguments(data=str(components["photos"]), streaming=streaming, batch_size=4,
+    folders = [pretokenize(PretokenizeArguments(data=str(components["photos"]), streaming=streaming, batch_size=4,
                                               visual_tokenizer=str(components["tokenizer"]),
                                               output=str(tmp_path / f"streaming={streaming}")))
                for streaming in (False, True)]

@@ -6,8 +6,8 @@ selector and quantizer (the LM-side merger still reads the encoder features). Ru
 on a GPU when there is one; unusable images are dropped and counted. The output is written with `save_to_disk` to a
 temporary folder and swapped into place (`lavit.atomic.replace_folder`).
 
-    lavit preprocess --data pairs.jsonl --visual_tokenizer runs/tokenizer/final --output data/pairs_tokenized
-    python -m lavit.training.preprocess preprocess.yaml          # the same flags as keys of a YAML/JSON file
+    lavit pretokenize --data pairs.jsonl --visual_tokenizer runs/tokenizer/final --output data/pairs_tokenized
+    python -m lavit.training.pretokenize pretokenize.yaml          # the same flags as keys of a YAML/JSON file
 
 One process on one device: no launcher (accelerate, torchrun, deepspeed) is needed.
 """
@@ -21,11 +21,11 @@ from lavit.atomic import fresh_staging_folder, replace_folder, require_replaceab
 from lavit.command_inputs import load_visual_tokenizer_of
 from lavit.paths import check_paths
 
-from .arguments import PreprocessArguments, make_stage_parser
-from .data import BadRecordCounter, limit_records, load_records, preprocess_images
+from .arguments import PretokenizeArguments, make_stage_parser
+from .data import BadRecordCounter, limit_records, load_records, pretokenize_images
 
 
-def preprocess(script_args: PreprocessArguments) -> Path:
+def pretokenize(script_args: PretokenizeArguments) -> Path:
     """Pre-tokenizes `--data` with the frozen tokenizer and returns the output folder (`--output`)."""
     if not script_args.visual_tokenizer or not script_args.output:
         raise ValueError("give --visual_tokenizer and --output")
@@ -44,12 +44,12 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     records = load_records(script_args.data, script_args.split, False, script_args.image_column,
                            script_args.text_column, require_text=False, counter=counter)
     records = limit_records(records, script_args.max_samples)
-    tokenized = preprocess_images(records, visual_tokenizer, image_processor, script_args.batch_size, counter)
+    tokenized = pretokenize_images(records, visual_tokenizer, image_processor, script_args.batch_size, counter)
     # skips are counted from the data, not the map's calls: a cached or multi-process map leaves them uncounted;
     # nothing is written when too few records are usable
     counter.set_count("unreadable image", len(records) - len(tokenized))
     counter.used = len(tokenized)
-    counter.check("preprocess")
+    counter.check("pretokenize")
 
     # 3. Written beside the output and swapped in: a killed run never leaves half a dataset under `--output`.
     output = Path(script_args.output)
@@ -65,19 +65,19 @@ def preprocess(script_args: PreprocessArguments) -> Path:
     return output
 
 
-def main(script_args: PreprocessArguments):
+def main(script_args: PretokenizeArguments):
     # the folder to give stage 2 as --data
-    print(f"pre-tokenized dataset saved to {preprocess(script_args)}")
+    print(f"pre-tokenized dataset saved to {pretokenize(script_args)}")
 
 
 def make_parser(subparsers=None):
-    # the same parser for `lavit preprocess` (a sub-command of `subparsers`) and for this script run alone
-    return make_stage_parser((PreprocessArguments,), subparsers, "preprocess",
+    # the same parser for `lavit pretokenize` (a sub-command of `subparsers`) and for this script run alone
+    return make_stage_parser((PretokenizeArguments,), subparsers, "pretokenize",
                              "store keep masks and code ids of a dataset")
 
 
 def cli(args=None):
-    """`lavit-preprocess ARGS` and `python -m lavit.training.preprocess ARGS`."""
+    """`lavit-pretokenize ARGS` and `python -m lavit.training.pretokenize ARGS`."""
     main(*make_parser().parse_args_and_config(args))
 
 

@@ -1,8 +1,8 @@
 """LaVIT unified model (paper section 3.2): one causal LM reads and writes text and dynamic visual tokens.
 
 Input side: the continuous merger features of each image's kept tokens, projected to the LM width, wrapped in
-`[IMG]` ... `[/IMG]`. Target side: the discrete code ids of the same tokens (frozen tokenizer), shifted into the LM
-vocabulary, and text ids; one cross-entropy over one shared head.
+`[IMG]` ... `[/IMG]`. Target side: the discrete code ids of the same tokens (frozen visual tokenizer), shifted into the
+LM vocabulary, and text ids; one cross-entropy over one shared head.
 
 Placeholder contract. An image in `input_ids` is either
 - compact: the pair `[IMG] [/IMG]` (what `LaVITProcessor` writes for `<image>` by default); the model runs the visual
@@ -69,7 +69,7 @@ class LaVITImageFeaturesOutput(BaseModelOutputWithPooling):
             kept tokens (`n_i = token_counts[i]`, content-dependent).
         hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states`): the frozen encoder's.
         features (`torch.FloatTensor` of shape `(T, H)`): `pooler_output` packed, `T = token_counts.sum()`.
-        code_ids (`torch.LongTensor` of shape `(T,)`, with `return_code_ids`): the frozen tokenizer's codes.
+        code_ids (`torch.LongTensor` of shape `(T,)`, with `return_code_ids`): the frozen visual tokenizer's codes.
         token_counts, keep_mask, keep_probs: as in [`LaVITFeaturesOutput`].
     """
 
@@ -175,7 +175,8 @@ class LaVITModel(LaVITPreTrainedModel):
         models return them: `pooler_output` one (n_i, H) tensor per image (n_i varies with the content), the same
         packed in `features` (T, H) with `token_counts`, `keep_mask` and `keep_probs`; `last_hidden_state` the frozen
         encoder's patch features (num_images, N, D) and, with `output_hidden_states` (argument or config), its
-        `hidden_states`; with `return_code_ids`, the frozen tokenizer's code ids (T,) of the same tokens (the targets).
+        `hidden_states`; with `return_code_ids`, the frozen visual tokenizer's code ids (T,) of the same tokens (the
+        targets).
 
         The kept tokens come from `image_keep_mask` (num_images, N) when given, else from the frozen selector with
         `image_selection`: a [`LaVITImageSelection`] or a dict of its fields (see `LaVITTokenizerModel.select_tokens`).
@@ -183,7 +184,7 @@ class LaVITModel(LaVITPreTrainedModel):
         already has it (the Trainer's count of image targets), so the encoder runs once per image and step.
         `return_dict=False` (argument or config) returns a tuple of the non-`None` fields.
         """
-        # 1. the frozen tokenizer's stages: patch features, kept tokens and (targets) their code ids
+        # 1. the frozen visual tokenizer's stages: patch features, kept tokens and (targets) their code ids
         visual_tokenizer = self.visual_tokenizer
         if self.training:
             warn_on_frozen_adapters(visual_tokenizer)
@@ -483,7 +484,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
         """`PreTrainedModel.resize_token_embeddings`, refusing any size that would drop `[IMG]`, `[/IMG]` or a visual
-        row (ids below `config.visual_token_end`): a tokenizer that lacks the visual tokens is too short, see
+        row (ids below `config.visual_token_end`): a text tokenizer that lacks the visual tokens is too short, see
         `LaVITProcessor.add_visual_tokens`."""
         config = self.config
         if new_num_tokens is not None and new_num_tokens < config.visual_token_end:
@@ -491,8 +492,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             raise ValueError(
                 f"resize_token_embeddings({new_num_tokens}) would drop rows of the image vocabulary: ids "
                 f"[{config.text_vocab_size}, {config.visual_token_end}) are [IMG], [/IMG] and the {codebook_size} "
-                f"visual codes, so at least {config.visual_token_end} rows are needed. A tokenizer that short lacks "
-                f"the visual tokens: call LaVITProcessor.add_visual_tokens(tokenizer, {codebook_size}) first"
+                f"visual codes, so at least {config.visual_token_end} rows are needed. A text tokenizer that short "
+                f"lacks the visual tokens: call LaVITProcessor.add_visual_tokens(tokenizer, {codebook_size}) first"
             )
         return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
 
@@ -841,7 +842,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         """
         Stage-2 starting point: a trained visual tokenizer plus a text causal LM (e.g. LLaMA-2-7B). The LM vocabulary
         is extended by `[IMG]`, `[/IMG]` and one row per code; new rows start at the mean of the text rows plus
-        small noise. The LM-side merger starts as a copy of the tokenizer's merger; the visual projection is new.
+        small noise. The LM-side merger starts as a copy of the visual tokenizer's merger; the visual projection is new.
         """
         # 1. the config: the LM's, with the vocabulary extended by [IMG], [/IMG] and the codes
         text_config = language_model.config.get_text_config()
@@ -853,7 +854,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             text_config=new_text_config, tokenizer_config=visual_tokenizer.config, text_vocab_size=text_vocab_size,
             **config_kwargs,
         )
-        # 2. the visual side: the frozen tokenizer, and the LM-side merger starting as its copy
+        # 2. the visual side: the frozen visual tokenizer, and the LM-side merger starting as its copy
         model = cls(config).to(dtype=language_model.dtype)
         model.model.visual_tokenizer.load_state_dict(visual_tokenizer.state_dict())
         model.model.visual_merger.load_state_dict(visual_tokenizer.merger.state_dict())

@@ -319,7 +319,7 @@ class DetokenizerTrainingArguments(EvalDataArguments):
     diffusers_model: str | None = path_field(INPUT, default=None, help=(
         "A diffusers folder whose unet/, vae/ and scheduler/ replace the new detokenizer's (e.g. SDXL)."))
     train_feature_decoder: bool = field(default=False, metadata={
-        "help": "Also train the feature decoder (copied from the tokenizer; frozen by default)."})
+        "help": "Also train the feature decoder (copied from the visual tokenizer; frozen by default)."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay of the trained weights (0 turns EMA off).",
                                                        RANGE: Range(0, 1, high_open=True)})
     crop_scale: float = field(default=1.0, metadata={
@@ -335,8 +335,9 @@ class PretokenizeArguments(DataArguments):
     visual_tokenizer: str = path_field(INPUT, ("lavit_tokenizer", "lavit"), default=None, help=(
         "A tokenizer folder, or a LaVIT model folder (its visual_tokenizer is used)."))
     output: str = path_field(OUTPUT, default=None, help="Folder to write the pre-tokenized dataset to.")
-    batch_size: int = field(default=64, metadata={"help": "Images per tokenizer batch.", RANGE: BATCH_SIZE})
-    device: str | None = field(default=None, metadata={"help": "Device of the tokenizer (default: cuda if any)."})
+    batch_size: int = field(default=64, metadata={"help": "Images per visual tokenizer batch.", RANGE: BATCH_SIZE})
+    device: str | None = field(default=None, metadata={
+        "help": "Device of the visual tokenizer (default: cuda if any)."})
 
 
 # ------------------------------------------------------------------------------------------------ parsing

@@ -8,7 +8,7 @@ compute every (query, key) pair of a row, so bounded rows keep their cost at row
 tokens)^2. `packed=False` is the padded fallback: one segment per row, right padding and an attention mask. All give
 the same loss (the first token of every segment has no target, as the model also enforces).
 `ImageCollator` feeds stage 1: decoded (and cropped) images -> `pixel_values`; `DetokenizerCollator` feeds the
-detokenizer: the same images for the tokenizer and, at the decoder's resolution, for the VAE.
+detokenizer: the same images for the visual tokenizer and, at the decoder's resolution, for the VAE.
 Every batch carries `skipped_records`, the bad records met while building it (from the stored rows, the dataset and
 the collator itself), and `used_records`, the records (segments, images) it holds, so both counts reach the trainer
 from dataloader workers and from cached datasets alike (it enforces `training.data.MAX_SKIPPED_SHARE` with them).
@@ -210,9 +210,9 @@ class ImageCollator:
 
 @dataclass
 class DetokenizerCollator:
-    """Items of `training.data.image_dataset` (decoded, cropped images) -> `tokenizer_pixel_values` (the tokenizer's
-    preprocessing) and `pixel_values` (the same crop, squashed to the detokenizer's resolution like the tokenizer's
-    input, in [-1, 1] for the VAE), plus the batch's `skipped_records`."""
+    """Items of `training.data.image_dataset` (decoded, cropped images) -> `tokenizer_pixel_values` (the visual
+    tokenizer's preprocessing) and `pixel_values` (the same crop, squashed to the detokenizer's resolution like the
+    visual tokenizer's input, in [-1, 1] for the VAE), plus the batch's `skipped_records`."""
 
     image_processor: LaVITImageProcessor
     image_size: int

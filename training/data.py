@@ -502,8 +502,8 @@ def pretokenize_images(records, visual_tokenizer, image_processor, batch_size: i
                       num_proc: int | None = None):
     """
     Offline pre-tokenization: adds `keep_mask` (N booleans) and `code_ids` (the image's visual ids) to every record
-    with the frozen tokenizer, in batches (on the tokenizer's device, e.g. a GPU). Records with unusable images are
-    dropped and counted. Stage 2 then reads the stored tokens instead of recomputing the frozen parts.
+    with the frozen visual tokenizer, in batches (on the visual tokenizer's device, e.g. a GPU). Records with unusable
+    images are dropped and counted. Stage 2 then reads the stored tokens instead of recomputing the frozen parts.
     """
     counter = counter if counter is not None else BadRecordCounter()
     visual_tokenizer.eval()

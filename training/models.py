@@ -25,7 +25,7 @@ from lavit.command_inputs import adapter_folder_problem, is_adapter_folder, load
 from .arguments import load_config_preset
 from .lora import lora_config
 
-# kept in full precision under QLoRA: the frozen tokenizer's quantizer must see exact features
+# kept in full precision under QLoRA: the frozen visual tokenizer's quantizer must see exact features
 QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection", "lm_head"]
 FINETUNING_TASKS = ("caption", "vqa", "chat")
 
@@ -45,7 +45,8 @@ def lavit_model_paths(path: str) -> tuple[str, str]:
 
 
 def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
-    """A tokenizer folder, or the frozen tokenizer inside a LaVIT model folder (or a pipeline's language model)."""
+    """A visual tokenizer folder, or the frozen visual tokenizer inside a LaVIT model folder (or a pipeline's language
+    model)."""
     if Path(path).expanduser().is_dir() and language_model_folders(path, with_processor=False) is not None:
         path = str(language_model_folders(path, with_processor=False)[0])
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
@@ -55,8 +56,8 @@ def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
 
 
 def build_tokenizer(script_args) -> LaVITTokenizerModel:
-    """Stage 1's tokenizer: `--model` to continue one, else a new one from `--tokenizer_config`, whose frozen encoder
-    is `--vision_model` (a CLIP/SigLIP vision tower, weights copied) when given."""
+    """Stage 1's visual tokenizer: `--model` to continue one, else a new one from `--tokenizer_config`, whose frozen
+    encoder is `--vision_model` (a CLIP/SigLIP vision tower, weights copied) when given."""
     if script_args.model:
         return LaVITTokenizerModel.from_pretrained(script_args.model)
     if not script_args.tokenizer_config:
@@ -74,7 +75,7 @@ def build_tokenizer(script_args) -> LaVITTokenizerModel:
 
 
 def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
-    """A LaVIT model and its processor: loaded from `--model`, or assembled from a tokenizer and a text LM."""
+    """A LaVIT model and its processor: loaded from `--model`, or assembled from a visual tokenizer and a text LM."""
     if script_args.model:
         model_path, processor_path = lavit_model_paths(script_args.model)
         return LaVITForCausalLM.from_pretrained(model_path), LaVITProcessor.from_pretrained(processor_path)
@@ -138,11 +139,11 @@ def load_4bit_model(path: str, gradient_checkpointing: bool) -> LaVITForCausalLM
 
 def build_detokenizer(script_args, visual_tokenizer: LaVITTokenizerModel) -> LaVITDetokenizer:
     """The detokenizer to train: `--detokenizer` to continue one, else a new one from `--detokenizer_config` sharing
-    the tokenizer's codebook and feature decoder (its UNet, VAE and scheduler from `--diffusers_model` when given).
-    The codebook is frozen, the feature decoder too unless `--train_feature_decoder`.
+    the visual tokenizer's codebook and feature decoder (its UNet, VAE and scheduler from `--diffusers_model` when
+    given). The codebook is frozen, the feature decoder too unless `--train_feature_decoder`.
 
     Raises:
-        ValueError: neither flag is given, or the detokenizer's codebook is not the tokenizer's.
+        ValueError: neither flag is given, or the detokenizer's codebook is not the visual tokenizer's.
     """
     if script_args.detokenizer:
         detokenizer = load_detokenizer(script_args.detokenizer)

@@ -1,7 +1,7 @@
 """Offline pre-tokenization: stores every image's keep mask and code ids next to the record.
 
 Stage 2 then builds expanded sequences (`[IMG]` + the stored visual ids + `[/IMG]`) with exact lengths, packs rows
-without guessing image sizes, counts targets exactly for gradient accumulation and skips the frozen tokenizer's
+without guessing image sizes, counts targets exactly for gradient accumulation and skips the frozen visual tokenizer's
 selector and quantizer (the LM-side merger still reads the encoder features). Runs batched through `datasets.map`,
 on a GPU when there is one; unusable images are dropped and counted. The output is written with `save_to_disk` to a
 temporary folder and swapped into place (`lavit.atomic.replace_folder`).
@@ -26,13 +26,13 @@ from .data import BadRecordCounter, limit_records, load_records, pretokenize_ima
 
 
 def pretokenize(script_args: PretokenizeArguments) -> Path:
-    """Pre-tokenizes `--data` with the frozen tokenizer and returns the output folder (`--output`)."""
+    """Pre-tokenizes `--data` with the frozen visual tokenizer and returns the output folder (`--output`)."""
     if not script_args.visual_tokenizer or not script_args.output:
         raise ValueError("give --visual_tokenizer and --output")
     check_paths(script_args)  # the output is not, does not hold and does not lie inside the data or the tokenizer
     require_replaceable(script_args.output)  # refused now, not after the whole dataset is tokenized
 
-    # 1. The frozen tokenizer (alone, or the one inside a LaVIT folder), on a GPU when there is one.
+    # 1. The frozen visual tokenizer (alone, or the one inside a LaVIT folder), on a GPU when there is one.
     #    Pre-tokenizing is inference: no gradients, no Trainer, the whole batch on one device.
     device = script_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     visual_tokenizer = load_visual_tokenizer_of(script_args.visual_tokenizer, "--visual_tokenizer").to(device).eval()

@@ -72,11 +72,11 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
         # a text-only step leaves the visual modules without gradients
         training_args.ddp_find_unused_parameters = True
 
-    # 1. The model: assembled from a stage-1 tokenizer and a text LM, or continued. Every rank builds it whole: the
-    #    assembly copies weights between models, which ZeRO-3 partitioned parameters do not hold.
+    # 1. The model: assembled from a stage-1 visual tokenizer and a text LM, or continued. Every rank builds it whole:
+    #    the assembly copies weights between models, which ZeRO-3 partitioned parameters do not hold.
     with whole_weights(training_args):
         model, processor = build_unified_model(script_args)
-    # a preset reads the model (its row length follows the tokenizer's patch count); the attention kernel is the
+    # a preset reads the model (its row length follows the visual tokenizer's patch count); the attention kernel is the
     # LM's only: the visual tokenizer keeps its own
     preset, applied = apply_preset("pretrain", script_args.preset, script_args, training_args, model)
     check_max_length(script_args.max_length, model.config)  # a row holds its visual tokens

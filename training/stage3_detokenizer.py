@@ -1,12 +1,12 @@
 """Training the pixel detokenizer (never released by the official authors).
 
-The visual tokenizer stays frozen: each image is tokenized on the fly, the detokenizer reconstructs its features
-from the codes (the feature decoder is copied from the tokenizer and frozen unless `--train_feature_decoder`), and the
+The visual tokenizer stays frozen: each image is tokenized on the fly, the detokenizer reconstructs its features from
+the codes (the feature decoder is copied from the visual tokenizer and frozen unless `--train_feature_decoder`), and the
 projection heads and diffusion UNet learn to denoise the image's VAE latents (noise-prediction loss). Each image's
 condition is dropped with probability `condition_dropout` for classifier-free guidance, and an EMA of the trained
 weights is kept, checkpointed, and written as the final model: a `LaVITPipeline` folder (`model_index.json`, one
-sub-folder per component) whose decoder components are the trained ones and whose language model is `--model` (or
-the LaVIT model given as `--visual_tokenizer`; without one the pipeline holds the decoder alone, and
+sub-folder per component) whose decoder components are the trained ones and whose language model is `--model` (or the
+LaVIT model given as `--visual_tokenizer`; without one the pipeline holds the decoder alone, and
 `LaVITPipeline.from_pretrained(final, language_model=..., processor=...)` completes it).
 
     lavit train-detokenizer --visual_tokenizer runs/tokenizer/final --data photos/ --detokenizer_config tiny \\
@@ -49,11 +49,11 @@ def train_detokenizer(
     """Trains the detokenizer and returns its folder (`output_dir/final`: a `LaVITPipeline` folder, EMA weights when
     EMA is on)."""
     if not script_args.visual_tokenizer:
-        raise ValueError("--visual_tokenizer is required (the frozen tokenizer whose codes are decoded)")
+        raise ValueError("--visual_tokenizer is required (the frozen visual tokenizer whose codes are decoded)")
     # 0. Seed first: the new detokenizer's weights, the crops, the diffusion noise and the dropped conditions.
     set_seed(training_args.seed)
 
-    # 1. The frozen tokenizer and the detokenizer sharing its codebook, whole on every rank.
+    # 1. The frozen visual tokenizer and the detokenizer sharing its codebook, whole on every rank.
     with whole_weights(training_args):
         visual_tokenizer = load_visual_tokenizer_of(script_args.visual_tokenizer, "--visual_tokenizer")
         detokenizer = build_detokenizer(script_args, visual_tokenizer)
@@ -62,8 +62,8 @@ def train_detokenizer(
     if language_model_folders is not None:
         require_same_codebook(language_model_folders[0], detokenizer)
 
-    # 2. The images (bad records replaced and counted, as in stage 1); each batch holds them twice: for the tokenizer,
-    #    and at the decoder's resolution for the VAE.
+    # 2. The images (bad records replaced and counted, as in stage 1); each batch holds them twice: for the visual
+    #    tokenizer, and at the decoder's resolution for the VAE.
     counter = BadRecordCounter()
     records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
                            script_args.text_column, require_text=False, counter=counter)
@@ -72,7 +72,7 @@ def train_detokenizer(
                                                          training_args.seed, require_text=False)
     dataset = image_dataset(records, None, crop_scale, training_args.seed)
     eval_dataset = None if held_out is None else image_dataset(held_out, None, None, training_args.seed)
-    # the tokenizer's own preprocessing for its input, the squashed [-1, 1] image for the VAE's target
+    # the visual tokenizer's own preprocessing for its input, the squashed [-1, 1] image for the VAE's target
     collator = DetokenizerCollator(LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config),
                                    detokenizer.config.image_size)
 
@@ -93,9 +93,9 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
                          script_args.vae_steps, training_args.per_device_train_batch_size)
         print(f"VAE fitted for {len(losses)} steps: reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
-    # 4. Train the detokenizer on the tokenizer's codes, with the EMA of its weights checkpointed alongside.
-    #    The trainer tokenizes each batch with the frozen tokenizer outside the trained model, so DDP and DeepSpeed
-    #    wrap the detokenizer only; the EMA callback restores its averages from the checkpoint on resume.
+    # 4. Train the detokenizer on the visual tokenizer's codes, with the EMA of its weights checkpointed alongside.
+    #    The trainer tokenizes each batch with the frozen visual tokenizer outside the trained model, so DDP and
+    #    DeepSpeed wrap the detokenizer only; the EMA callback restores its averages from the checkpoint on resume.
     callbacks = [JsonlLoggerCallback(), *configure_evaluation(training_args, script_args, eval_dataset is not None),
                  *callbacks]
     if script_args.ema_decay > 0:

@@ -6,13 +6,13 @@
   model's own expansion fills the spans, and the encoder's output goes on to the model (one encoder pass per image);
 - parameter groups with their own learning rate for the visual modules and the visual rows of the embedding and
   head (paper: about 1e-4 for the visual part, 1e-5 for the LM);
-- extra metrics from the model outputs (per-modality losses, tokenizer statistics), averaged between logs;
+- extra metrics from the model outputs (per-modality losses, visual tokenizer statistics), averaged between logs;
 - the bad records met in the batches of all processes, logged as `skipped_records` and kept in checkpoints;
 - evaluation on held-out data: the loss through the same `compute_loss`, the stage's own statistics summed over
   all processes (`evaluation_statistics`), and the metrics of an `evaluator` (fine-tuning: generated answers);
   the step of the best checkpoint logged when `load_best_model_at_end` restores it.
 `LaVITTokenizerTrainer` (stage 1) switches VQ on at a step; `LaVITDetokenizerTrainer` tokenizes each batch with the
-frozen tokenizer before the detokenizer's loss. Checkpoint completion and resume live in `training.checkpoints`.
+frozen visual tokenizer before the detokenizer's loss. Checkpoint completion and resume live in `training.checkpoints`.
 """
 
 import logging
@@ -402,7 +402,8 @@ class BatchRecordsCheckpointCallback(TrainerCallback):
 
 
 class LaVITTokenizerTrainer(LaVITTrainer):
-    """Stage-1 trainer: the loss of eq. 4, VQ switched on at `quantizer_start_step`, tokenizer statistics logged."""
+    """Stage-1 trainer: the loss of eq. 4, VQ switched on at `quantizer_start_step`, visual tokenizer statistics
+    logged."""
 
     task_type = "image-feature-extraction"
 

@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import faulthandler
+import re
 import signal
 import sys
 import types
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from lavit.modeling.kernels_lavit import speed_defaults
 from lavit.modeling.saving_lavit import loads_json
 from lavit.modeling.validation_lavit import (
@@ -35,6 +37,7 @@ from lavit.modeling.validation_lavit import (
     check_arguments,
 )
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from lavit.atomic import require_lavit_folder
 from lavit.command_inputs import NOT_LAVIT, require_model_inputs
@@ -356,6 +359,36 @@ def enable_stack_dumps() -> None:
         faulthandler.register(signal.SIGUSR1, stream, all_threads=True)
 
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+YAML_SWITCHES = {"on": True, "off": False}
+
+
+class _Yaml12Booleans(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case). YAML 1.1 also reads yes/no/on/off
+    as booleans, so `eval_strategy: no` became False; the flag's conversion reads "no" for a boolean flag anyway."""
+
+
+_Yaml12Booleans.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Booleans.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                      list("tTfF"))
+
+
+def read_config_file(path: str) -> dict:
+    """A stage's config file (`.json`, `.yaml`, `.yml`) as a dict of flag names to values."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        values = loads_json(text) if path.endswith(".json") else yaml.load(text, Loader=_Yaml12Booleans)
+    except (ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a {type(values).__name__}, not a mapping of flag names to values")
+    return values
+
+
 class LaVITArgumentParser(StrictFlags, HfArgumentParser):
     """`HfArgumentParser` of a stage's dataclasses, with one more input form: a single `.json`/`.yaml` argument is
     read as a config file (keys: the flags' names). Flags take both spellings (`--max_steps`, `--max-steps`)."""
@@ -371,11 +404,8 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
         """
         enable_stack_dumps()
         args = sys.argv[1:] if args is None else [str(arg) for arg in args]
-        # a config file skips the flags' `type=`: the dataclasses check their declared ranges themselves
-        if len(args) == 1 and args[0].endswith(".json"):
-            parsed = self.parse_json_file(args[0])
-        elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-            parsed = self.parse_yaml_file(args[0])
+        if len(args) == 1 and args[0].endswith(CONFIG_SUFFIXES):
+            parsed = self.parse_config_file(args[0])
         else:  # a flag no dataclass has is an argparse error, with the command's usage (as in every `lavit` command)
             outputs = self.parse_args_into_dataclasses(args, return_remaining_strings=True)
             parsed, unknown = outputs[:-1], outputs[-1]
@@ -396,10 +426,8 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
 
     def given_flags(self, args: list[str]) -> frozenset[str]:
         """The fields `args` sets (flags in either spelling, `--no_X`, or a config file's keys), by field name."""
-        if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
-            import yaml
-
-            return frozenset(yaml.safe_load(Path(args[0]).read_text()) or {})
+        if len(args) == 1 and args[0].endswith(CONFIG_SUFFIXES):
+            return frozenset(read_config_file(args[0]))
         given = set()
         for token in args:
             if not token.startswith("--"):
@@ -408,6 +436,36 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
             if flag in self._option_string_actions:  # whole names only (`StrictFlags`: no abbreviations)
                 given.add(self._option_string_actions[flag].dest)
         return frozenset(given)
+
+    def parse_config_file(self, path: str) -> tuple:
+        """The dataclasses from a config file, each value read as its flag reads it: a string goes through the flag's
+        own conversion and choices (`"bf16": "no"` is False and `eval_strategy: no` the strategy "no", as `--bf16 no`
+        and `--eval_strategy no` give; a bare string is truthy, so `"no"` used to turn bf16 on), and a number or a
+        boolean for a boolean flag is read as its string would be.
+
+        Raises:
+            ValueError: a key no dataclass has, or a value its flag refuses (naming the file, the key and the fix).
+        """
+        values = read_config_file(path)
+        return self.parse_dict({key: self._config_value(path, key, value) for key, value in values.items()})
+
+    def _config_value(self, path: str, key: str, value):
+        action = self._option_string_actions.get(f"--{key}")
+        if action is None or value is None:
+            return value  # an unknown key: `parse_dict` names it
+        if isinstance(value, list):
+            return [self._config_value(path, key, item) for item in value]
+        try:
+            if action.type is string_to_bool and not isinstance(value, bool):
+                text = str(value).lower()  # YAML 1.1's on/off as well: files written for PyYAML's booleans use them
+                return YAML_SWITCHES[text] if text in YAML_SWITCHES else string_to_bool(text)
+            if isinstance(value, str) and action.type is not None:
+                value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            raise ValueError(f"{path}: {key}: {value!r} is not a value --{key} takes ({error})") from None
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{path}: {key}: {value!r} is not one of {list(action.choices)}")
+        return value
 
     @staticmethod
     def _parse_dataclass_field(parser, data_field: dataclasses.Field):

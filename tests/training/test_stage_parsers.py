@@ -3,6 +3,7 @@ flags in both spellings or one config file; scripts never import scripts."""
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import json
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 from lavit.training.arguments import LaVITArgumentParser, PretrainingArguments
+from transformers import TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from lavit.cli import TRAINING_COMMANDS, build_parser, main
 from lavit.cli.training import TRAINING_ALIASES
@@ -114,3 +117,38 @@ def test_the_trainers_resume_flag_is_refused_for_the_stages_own(command, tmp_pat
             module.make_parser().parse_args_and_config(argv)
         assert exit_info.value.code == 2
         assert "give --resume PATH" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))
+def test_a_config_file_reads_every_value_as_its_flag_does(command, tmp_path):
+    """Every boolean and every choice flag of every stage, set in a YAML file (bare words: YAML 1.1 reads `no` and
+    `off` as False, so `eval_strategy: no` was False) and in a JSON file (strings: `"bf16": "no"` was the truthy
+    string "no", turning bf16 on), gives the dataclasses the same flags on the command line give."""
+    import yaml
+
+    parser = importlib.import_module(TRAINING_COMMANDS[command]).make_parser()
+    required = {"data": "photos", "output": str(tmp_path / "out"), "output_dir": str(tmp_path / "out")}
+    fields = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
+    trainer_fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    words = {name: required[name] for name in required if name in fields}
+    for name, action in fields.items():
+        if action.type is string_to_bool:
+            words[name] = "no"
+        elif action.choices and name not in words and (name not in trainer_fields or "no" in action.choices):
+            # every choice flag of the stage's own dataclasses; of the Trainer's, the strategies (whose "no" YAML 1.1
+            # read as False): others need a device setup (ddp_backend, fsdp...)
+            words[name] = "no" if "no" in action.choices else str(next(iter(action.choices)))
+    argv = [item for name, word in words.items() for item in (f"--{name}", word)]
+    (tmp_path / "run.yaml").write_text("".join(f"{name}: {word}\n" for name, word in words.items()))
+    (tmp_path / "run.json").write_text(json.dumps(words))
+    (tmp_path / "off.yaml").write_text(yaml.safe_dump({**words, **{name: "off" for name, action in fields.items()
+                                                                 if action.type is string_to_bool}}).replace("'", ""))
+    expected = [dataclasses.asdict(arguments) for arguments in parser.parse_args_and_config(argv)]
+    assert any(value is False for arguments in expected for value in arguments.values())
+    for config in ("run.yaml", "run.json", "off.yaml"):
+        parsed = parser.parse_args_and_config([str(tmp_path / config)])
+        assert [dataclasses.asdict(arguments) for arguments in parsed] == expected, config
+    flag = next(name for name, action in fields.items() if action.type is string_to_bool)
+    (tmp_path / "bad.json").write_text(json.dumps({**words, flag: "maybe"}))
+    with pytest.raises(ValueError, match=rf"bad\.json: {flag}: 'maybe' is not a value --{flag} takes"):
+        parser.parse_args_and_config([str(tmp_path / "bad.json")])

@@ -37,6 +37,22 @@ def closest_flag(parser: argparse.ArgumentParser, flag: str) -> str | None:
     return matches[0] if matches else None
 
 
+def described_flag(parser: argparse.ArgumentParser, args: list[str], flag: str) -> str:
+    """`flag`, an unknown flag among `args`, with what the user may have meant: the closest known flag, or, after a
+    flag that takes a value, that flag given the value with `=` (`--question=-what`: a value that starts with a dash
+    is otherwise read as a flag)."""
+    closest = closest_flag(parser, flag)
+    if closest:
+        return f"{flag} (did you mean {closest}?)"
+    position = next(index for index, token in enumerate(args) if token == flag or token.startswith(f"{flag}="))
+    before = parser._option_string_actions.get(args[position - 1]) if position else None
+    if before is not None and before.nargs != 0:
+        return f"{flag} (the value of {args[position - 1]}? give {args[position - 1]}={args[position]})"
+    if not flag.startswith("--"):
+        return f"{flag} (a value that starts with a dash? give it after --, as in: -- {args[position]})"
+    return flag
+
+
 class StrictFlags:
     """Mixin of every `lavit` sub-command's parser (argparse's and `HfArgumentParser`'s alike): no abbreviations, and
     unknown flags are an error naming each with its closest known flag, raised before argparse's other checks."""
@@ -52,9 +68,7 @@ class StrictFlags:
         given = sys.argv[1:] if args is None else [str(arg) for arg in args]
         unknown = unknown_flags(self, given)
         if unknown:
-            named = ", ".join(f"{flag} (did you mean {closest_flag(self, flag)}?)" if closest_flag(self, flag) else flag
-                              for flag in unknown)
-            self.error(f"unrecognized arguments: {named}")
+            self.error(f"unrecognized arguments: {', '.join(described_flag(self, given, flag) for flag in unknown)}")
         return super().parse_known_args(args, namespace)
 
 

@@ -140,6 +140,21 @@ def test_a_text_value_that_starts_with_a_dash_is_a_value(command):
         assert value == "-a photo of" or value == ["-a photo of"], (command, action.dest, value)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_value_read_as_a_flag_is_reported_with_the_way_to_give_it(command, capsys):
+    """#24: `lavit vqa --question -what` said only "unrecognized arguments: -what". Every flag of every command that
+    takes a value, given one that starts with a dash: the error names the flag and the `--flag=-value` form."""
+    parser = command_parsers()[command]
+    for action in own_flags(parser):
+        if action.nargs == 0:
+            continue
+        flag = action.option_strings[-1]
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_known_args([flag, "-zz9"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and f"-zz9 (the value of {flag}? give {flag}=-zz9)" in err, (flag, err)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

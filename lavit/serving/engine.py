@@ -57,11 +57,13 @@ class ImageJob:
 
 
 def component_paths(model_path: str) -> tuple[str, str]:
-    """The folders of the language model and of the processor: the model folder itself, or a `LaVITPipeline` folder's
-    `language_model/` and `processor/` sub-folders."""
-    if (Path(model_path) / "model_index.json").is_file():
-        return str(Path(model_path) / "language_model"), str(Path(model_path) / "processor")
-    return model_path, model_path
+    """The folders of the language model and of its processor, as every loader reads a folder
+    (`language_model_folders`: a model folder itself, a `LaVITPipeline` folder's `language_model/` and `processor/`,
+    or a pipeline's `language_model/` with the processor beside it); anything else (a Hub id) as given."""
+    from lavit.modeling.pipeline_lavit import language_model_folders
+
+    folders = language_model_folders(model_path) if Path(model_path).is_dir() else None
+    return (str(folders[0]), str(folders[1])) if folders else (model_path, model_path)
 
 
 class RequestPreparer:
@@ -163,8 +165,9 @@ class LaVITEngine:
                                  f"folder with one (LaVITPipeline.from_pretrained(folder, language_model=...))")
             self.model, self.processor = self.pipeline.language_model.eval(), self.pipeline.processor
         else:
-            self.model = LaVITForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-            self.processor = LaVITProcessor.from_pretrained(model_path)
+            language_model_path, processor_path = component_paths(model_path)
+            self.model = LaVITForCausalLM.from_pretrained(language_model_path, dtype=torch_dtype).to(device).eval()
+            self.processor = LaVITProcessor.from_pretrained(processor_path)
         self.device = torch.device(device)
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos if eos is not None

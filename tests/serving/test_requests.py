@@ -235,6 +235,21 @@ def test_lavit_serve_refuses_a_bad_folder_before_starting_ray(tmp_path, served_f
     assert "nowhere is not a folder" in lines[1]
 
 
+def test_a_pipelines_language_model_folder_is_served_with_the_processor_beside_it(served_folder):
+    """#24: `lavit serve PIPELINE/language_model` failed in the processor's loader (the processor lies beside the
+    sub-folder): the server reads a folder as every loader does (`language_model_folders`), and answers as the
+    pipeline's language model does, with the text endpoint only."""
+    sub_folder = str(served_folder / "language_model")
+    preparer, engine = RequestPreparer(sub_folder, LIMITS), LaVITEngine(sub_folder, device="cpu")
+    whole = LaVITEngine(str(served_folder), device="cpu")
+    assert engine.pipeline is None and whole.pipeline is not None
+    prompt = whole.processor(text="a photo", return_tensors="pt")
+    assert preparer.processor(text="a photo", return_tensors="pt")["input_ids"].tolist() == \
+        prompt["input_ids"].tolist()
+    answers = [model.generate(**prompt, max_new_tokens=4, do_sample=False) for model in (engine.model, whole.model)]
+    assert answers[0].tolist() == answers[1].tolist()
+
+
 def number_fields():
     """(model, field, JSON schema option) of every number a request may carry."""
     for model in ENDPOINTS:

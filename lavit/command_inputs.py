@@ -327,7 +327,8 @@ def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--
         require_folder(adapter["base_model_name_or_path"], model_types, "base_model_name_or_path=")
         return
     if not (folder / "config.json").is_file():
-        raise CommandError(f"{given_as(flag, path)} is not a model folder (no config.json)")
+        raise CommandError(pipeline_part_problem(path, flag) or f"{given_as(flag, path)} is not a model folder (no "
+                                                                  f"config.json)")
     try:
         model_type = loads_json((folder / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
@@ -340,7 +341,18 @@ def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--
     if model_type not in model_types:
         kind = MODEL_KINDS.get(model_type, f"a model of type {model_type!r}")
         wanted = " or ".join(MODEL_KINDS[name] for name in model_types)
-        raise CommandError(f"{given_as(flag, path)} holds {kind}, but this command needs {wanted} folder")
+        raise CommandError(pipeline_part_problem(path, flag) or f"{given_as(flag, path)} holds {kind}, but this "
+                                                                f"command needs {wanted} folder")
+
+
+def pipeline_part_problem(path: str, flag: str) -> str | None:
+    """For a folder of the wrong kind that is a part of a `LaVITPipeline` folder (its `unet/`, `vae/`,
+    `processor/`...): the sentence that names the pipeline to give instead; None otherwise."""
+    real = Path(path).expanduser().resolve()
+    if not (real.parent / "model_index.json").is_file():
+        return None
+    return f"{given_as(flag, path)} is the {real.name}/ part of the LaVITPipeline folder {real.parent}: give the " \
+           f"pipeline folder"
 
 
 def require_model_inputs(*arguments) -> None:

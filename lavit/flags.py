@@ -48,8 +48,9 @@ def described_flag(parser: argparse.ArgumentParser, args: list[str], flag: str) 
     before = parser._option_string_actions.get(args[position - 1]) if position else None
     if before is not None and before.nargs != 0:
         return f"{flag} (the value of {args[position - 1]}? give {args[position - 1]}={args[position]})"
-    if not flag.startswith("--"):
-        return f"{flag} (a value that starts with a dash? give it after --, as in: -- {args[position]})"
+    takes_positionals = any(not action.option_strings for action in parser._actions)
+    if not flag.startswith("--") and takes_positionals:
+        return f"{flag} (a value that starts with a dash? give it last, after --, as in: ... -- {args[position]})"
     return flag
 
 
@@ -69,7 +70,19 @@ class StrictFlags:
         unknown = unknown_flags(self, given)
         if unknown:
             self.error(f"unrecognized arguments: {', '.join(described_flag(self, given, flag) for flag in unknown)}")
+        self._given = given
         return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        """argparse's error; a flag left without its value because the value starts with a dash (and so reads as a
+        flag: `-o -out.png`, `--question -h`) gets the way to give it."""
+        missing = re.match(r"argument (\S+): expected (?:one|at least one) argument", message)
+        given = getattr(self, "_given", [])
+        for flag in missing.group(1).split("/") if missing else ():
+            if flag in given and given.index(flag) + 1 < len(given) and given[given.index(flag) + 1].startswith("-"):
+                message += f" (a value that starts with a dash? give {flag}={given[given.index(flag) + 1]})"
+                break
+        super().error(message)
 
 
 class StrictArgumentParser(StrictFlags, argparse.ArgumentParser):

@@ -660,8 +660,9 @@ def language_model_folders(folder: str | os.PathLike, with_processor: bool = Tru
     """
     folder = Path(folder).expanduser()
     pipeline = folder if (folder / "model_index.json").is_file() else None
-    if pipeline is None and folder.name == "language_model" and (folder.parent / "model_index.json").is_file():
-        pipeline = folder.parent
+    real = folder.resolve()  # a link to a pipeline's `language_model/` means that sub-folder, whatever its own name
+    if pipeline is None and real.name == "language_model" and (real.parent / "model_index.json").is_file():
+        pipeline = real.parent
     if pipeline is not None:
         model_folder, processor_folder = pipeline / "language_model", pipeline / "processor"
         if not (model_folder / "config.json").is_file():

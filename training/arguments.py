@@ -11,7 +11,6 @@ import argparse
 import copy
 import dataclasses
 import faulthandler
-import re
 import signal
 import sys
 import types
@@ -19,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from lavit.modeling.kernels_lavit import speed_defaults
 from lavit.modeling.saving_lavit import loads_json
 from lavit.modeling.validation_lavit import (
@@ -37,7 +35,6 @@ from lavit.modeling.validation_lavit import (
     check_arguments,
 )
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.hf_argparser import string_to_bool
 
 from lavit.atomic import require_lavit_folder
 from lavit.command_inputs import NOT_LAVIT, require_model_inputs
@@ -45,6 +42,7 @@ from lavit.file_kinds import require_safetensors_inputs
 from lavit.flags import StrictFlags
 from lavit.paths import ADAPTERS, CHECKPOINT, INPUT, MODEL_KINDS, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
+from .config_files import config_arguments, is_config_file
 from .presets import preset_field
 from .sequences import SEQUENCE_ORDERS
 
@@ -359,36 +357,6 @@ def enable_stack_dumps() -> None:
         faulthandler.register(signal.SIGUSR1, stream, all_threads=True)
 
 
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-YAML_SWITCHES = {"on": True, "off": False}
-
-
-class _Yaml12Booleans(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case). YAML 1.1 also reads yes/no/on/off
-    as booleans, so `eval_strategy: no` became False; the flag's conversion reads "no" for a boolean flag anyway."""
-
-
-_Yaml12Booleans.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Yaml12Booleans.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                      list("tTfF"))
-
-
-def read_config_file(path: str) -> dict:
-    """A stage's config file (`.json`, `.yaml`, `.yml`) as a dict of flag names to values."""
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        values = loads_json(text) if path.endswith(".json") else yaml.load(text, Loader=_Yaml12Booleans)
-    except (ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a {type(values).__name__}, not a mapping of flag names to values")
-    return values
-
-
 class LaVITArgumentParser(StrictFlags, HfArgumentParser):
     """`HfArgumentParser` of a stage's dataclasses, with one more input form: a single `.json`/`.yaml` argument is
     read as a config file (keys: the flags' names). Flags take both spellings (`--max_steps`, `--max-steps`)."""
@@ -399,19 +367,24 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
         here, so it also turns on [`enable_stack_dumps`].
 
         Raises:
-            SystemExit: (argparse, status 2) an unknown flag, a bad value or a missing required flag.
-            ValueError: a config file key that no dataclass has.
+            SystemExit: (argparse, status 2) an unknown flag, a bad value or a missing required flag (in a config
+                file too: its keys are flags, and the message names the file).
+            ValueError: a config file that cannot be read, or a list or mapping for a flag of one plain value.
         """
         enable_stack_dumps()
         args = sys.argv[1:] if args is None else [str(arg) for arg in args]
-        if len(args) == 1 and args[0].endswith(CONFIG_SUFFIXES):
-            parsed = self.parse_config_file(args[0])
-        else:  # a flag no dataclass has is an argparse error, with the command's usage (as in every `lavit` command)
-            outputs = self.parse_args_into_dataclasses(args, return_remaining_strings=True)
-            parsed, unknown = outputs[:-1], outputs[-1]
-            if unknown:
-                self.error(f"unrecognized arguments: {' '.join(unknown)}")
-        given = self.given_flags(args)
+        direct, self.config_file = {}, None
+        if is_config_file(args):  # its flag tokens, read below as flags are (`training.config_files`)
+            self.config_file = args[0]
+            args, direct = config_arguments(self, args[0])
+        # a flag no dataclass has is an argparse error, with the command's usage (as in every `lavit` command)
+        namespace, unknown = self.parse_known_args(args)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        for name, value in direct.items():  # a config file's mapping or list that no flag token carries
+            setattr(namespace, name, value)
+        parsed = self.parse_dict(vars(namespace))  # each dataclass from its fields, as parse_args_into_dataclasses
+        given = self.given_flags(args) | frozenset(direct)
         for arguments in parsed:  # what the run set itself, whatever the value: a preset leaves it alone
             if not isinstance(arguments, TrainingArguments):
                 arguments.given_flags = given
@@ -425,9 +398,7 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
         return parsed
 
     def given_flags(self, args: list[str]) -> frozenset[str]:
-        """The fields `args` sets (flags in either spelling, `--no_X`, or a config file's keys), by field name."""
-        if len(args) == 1 and args[0].endswith(CONFIG_SUFFIXES):
-            return frozenset(read_config_file(args[0]))
+        """The fields the flag tokens `args` set (either spelling, `--no_X`), by field name."""
         given = set()
         for token in args:
             if not token.startswith("--"):
@@ -437,35 +408,9 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
                 given.add(self._option_string_actions[flag].dest)
         return frozenset(given)
 
-    def parse_config_file(self, path: str) -> tuple:
-        """The dataclasses from a config file, each value read as its flag reads it: a string goes through the flag's
-        own conversion and choices (`"bf16": "no"` is False and `eval_strategy: no` the strategy "no", as `--bf16 no`
-        and `--eval_strategy no` give; a bare string is truthy, so `"no"` used to turn bf16 on), and a number or a
-        boolean for a boolean flag is read as its string would be.
-
-        Raises:
-            ValueError: a key no dataclass has, or a value its flag refuses (naming the file, the key and the fix).
-        """
-        values = read_config_file(path)
-        return self.parse_dict({key: self._config_value(path, key, value) for key, value in values.items()})
-
-    def _config_value(self, path: str, key: str, value):
-        action = self._option_string_actions.get(f"--{key}")
-        if action is None or value is None:
-            return value  # an unknown key: `parse_dict` names it
-        if isinstance(value, list):
-            return [self._config_value(path, key, item) for item in value]
-        try:
-            if action.type is string_to_bool and not isinstance(value, bool):
-                text = str(value).lower()  # YAML 1.1's on/off as well: files written for PyYAML's booleans use them
-                return YAML_SWITCHES[text] if text in YAML_SWITCHES else string_to_bool(text)
-            if isinstance(value, str) and action.type is not None:
-                value = action.type(value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-            raise ValueError(f"{path}: {key}: {value!r} is not a value --{key} takes ({error})") from None
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"{path}: {key}: {value!r} is not one of {list(action.choices)}")
-        return value
+    def error(self, message):
+        """argparse's error (usage, status 2), naming the config file the arguments came from."""
+        super().error(f"{self.config_file}: {message}" if getattr(self, "config_file", None) else message)
 
     @staticmethod
     def _parse_dataclass_field(parser, data_field: dataclasses.Field):

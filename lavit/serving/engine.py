@@ -59,11 +59,20 @@ class ImageJob:
 def component_paths(model_path: str) -> tuple[str, str]:
     """The folders of the language model and of its processor, as every loader reads a folder
     (`language_model_folders`: a model folder itself, a `LaVITPipeline` folder's `language_model/` and `processor/`,
-    or a pipeline's `language_model/` with the processor beside it); anything else (a Hub id) as given."""
+    or a pipeline's `language_model/` with the processor beside it); a path that is not a folder (a Hub id) as given.
+
+    Raises:
+        ValueError: a folder that holds no LaVIT language model (a pipeline's `unet/`, say).
+    """
     from lavit.modeling.pipeline_lavit import language_model_folders
 
-    folders = language_model_folders(model_path) if Path(model_path).is_dir() else None
-    return (str(folders[0]), str(folders[1])) if folders else (model_path, model_path)
+    if not Path(model_path).is_dir():
+        return model_path, model_path
+    folders = language_model_folders(model_path)
+    if folders is None:
+        raise ValueError(f"{model_path} holds no LaVIT language model: give a LaVIT model folder or a LaVITPipeline "
+                         f"folder")
+    return str(folders[0]), str(folders[1])
 
 
 class RequestPreparer:

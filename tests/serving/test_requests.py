@@ -250,6 +250,29 @@ def test_a_pipelines_language_model_folder_is_served_with_the_processor_beside_i
     assert answers[0].tolist() == answers[1].tolist()
 
 
+def test_every_part_of_a_pipeline_folder_means_one_thing_to_the_server(served_folder, tmp_path, capsys):
+    """The attack on the fix above: a link to `language_model/` was read by its own name (no processor found, and a
+    fix that wrote into the pipeline through the link); a pipeline's other parts were taken for model folders. Every
+    part: the language model (directly or linked) is served with the pipeline's processor; any other part is refused
+    in one line naming the pipeline, by the server's loader and by `lavit serve` before Ray starts."""
+    from lavit.cli import main
+    from lavit.serving.engine import component_paths
+
+    link = tmp_path / "linked_language_model"
+    link.symlink_to(served_folder / "language_model")
+    expected = (str(served_folder / "language_model"), str(served_folder / "processor"))
+    assert component_paths(str(link)) == component_paths(str(served_folder / "language_model")) == expected
+    parts = [part for part in served_folder.iterdir() if part.is_dir() and part.name != "language_model"]
+    assert len(parts) >= 4
+    for part in parts:
+        with pytest.raises(ValueError, match="holds no LaVIT language model"):
+            component_paths(str(part))
+        assert main(["serve", str(part), "--port", "1"]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"lavit serve: error: {part} is the {part.name}/ part of the LaVITPipeline folder "
+                         f"{served_folder.resolve()}: give the pipeline folder"], lines
+
+
 def number_fields():
     """(model, field, JSON schema option) of every number a request may carry."""
     for model in ENDPOINTS:

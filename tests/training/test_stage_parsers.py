@@ -8,6 +8,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
@@ -47,7 +48,7 @@ def test_python_m_runs_the_stage_parser(tmp_path):
     assert options_of(result.stdout).split() == options_of(expected).split()  # the width of the terminal aside
 
 
-def test_flags_take_both_spellings_and_a_config_file_gives_the_same_arguments(tmp_path):
+def test_flags_take_both_spellings_and_a_config_file_gives_the_same_arguments(tmp_path, capsys):
     from lavit.training.stage2_pretrain import make_parser
 
     flags = {"data": "pairs.jsonl", "max_length": 128, "image_to_text_ratio": 0.25, "output_dir": str(tmp_path),
@@ -61,8 +62,9 @@ def test_flags_take_both_spellings_and_a_config_file_gives_the_same_arguments(tm
         assert (script_args.max_length, script_args.image_to_text_ratio) == (128, 0.25)
         assert (training_args.max_steps, training_args.per_device_train_batch_size) == (7, 2)
     (tmp_path / "typo.json").write_text(json.dumps({**flags, "max_lenght": 64}))
-    with pytest.raises(ValueError, match="max_lenght"):
+    with pytest.raises(SystemExit):
         make_parser().parse_args_and_config([tmp_path / "typo.json"])
+    assert "typo.json: unrecognized arguments: --max_lenght (did you mean --max_length?)" in capsys.readouterr().err
 
 
 def test_a_training_command_checks_the_folder_of_its_model_argument(capsys, tmp_path):
@@ -148,7 +150,70 @@ def test_a_config_file_reads_every_value_as_its_flag_does(command, tmp_path):
     for config in ("run.yaml", "run.json", "off.yaml"):
         parsed = parser.parse_args_and_config([str(tmp_path / config)])
         assert [dataclasses.asdict(arguments) for arguments in parsed] == expected, config
-    flag = next(name for name, action in fields.items() if action.type is string_to_bool)
-    (tmp_path / "bad.json").write_text(json.dumps({**words, flag: "maybe"}))
-    with pytest.raises(ValueError, match=rf"bad\.json: {flag}: 'maybe' is not a value --{flag} takes"):
-        parser.parse_args_and_config([str(tmp_path / "bad.json")])
+
+
+# texts that YAML 1.1 reads as something else (octal, hex, base 60, a date, a number, booleans) and a float form
+TRICKY_TEXTS = ("010", "0x10", "1:30", "2024-01-01", "1_000", "yes", "off", "1e-3")
+TRAINER_SAMPLE = ("max_steps", "learning_rate", "run_name", "output_dir", "report_to", "warmup_steps")
+
+
+def outcome(parser, argv, capsys):
+    """The dataclasses `argv` gives (as dicts), or "refused"."""
+    try:
+        return [dataclasses.asdict(arguments) for arguments in parser.parse_args_and_config(argv)]
+    except (SystemExit, ValueError):
+        capsys.readouterr()
+        return "refused"
+
+
+@pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))
+def test_a_config_file_value_is_read_as_the_text_written(command, tmp_path, capsys):
+    """The attack on the config files: YAML 1.1 made `max_steps: 010` 8, `run_name: 2024-01-01` a date and
+    `output_dir: ~` the Trainer's default; a list made a boolean true. Every own flag of every stage that takes one
+    plain value (and a sample of the Trainer's), given each text YAML 1.1 reads as something else: the config file
+    and the flag give the same dataclasses, or both are refused."""
+    parser = importlib.import_module(TRAINING_COMMANDS[command]).make_parser()
+    trainer_fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    required = {"data": "photos", "output": str(tmp_path / "out"), "output_dir": str(tmp_path / "out")}
+    flags = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
+    base = {name: value for name, value in required.items() if name in flags}
+    checked = 0
+    for name, action in flags.items():
+        if action.nargs is not None or action.type is string_to_bool or action.choices or (
+                name in trainer_fields and name not in TRAINER_SAMPLE):
+            continue
+        for text in TRICKY_TEXTS:
+            values = {**base, name: text}
+            (tmp_path / "run.yaml").write_text("".join(f"{key}: {value}\n" for key, value in values.items()))
+            argv = [f"--{key}={value}" for key, value in values.items()]
+            assert outcome(parser, [str(tmp_path / "run.yaml")], capsys) == outcome(parser, argv, capsys), (name, text)
+            checked += 1
+    assert checked >= 5 * len(TRICKY_TEXTS)
+    yaml_file = tmp_path / "RUN.YAML"  # any case of the suffix; a null leaves the key out
+    yaml_file.write_text("".join(f"{key}: {value}\n" for key, value in base.items()) + "seed: ~\n")
+    assert outcome(parser, [str(yaml_file)], capsys) == outcome(parser, [f"--{k}={v}" for k, v in base.items()], capsys)
+    boolean = next(name for name, action in flags.items() if action.type is string_to_bool)
+    (tmp_path / "list.json").write_text(json.dumps({**base, boolean: [False]}))
+    with pytest.raises(ValueError, match=rf"list\.json: {boolean}: a list, but --{boolean} takes one value"):
+        parser.parse_args_and_config([str(tmp_path / "list.json")])
+    if "max_steps" in flags:  # a bad value is argparse's error, naming the file
+        (tmp_path / "bad.yaml").write_text("".join(f"{key}: {value}\n" for key, value in base.items())
+                                           + "max_steps: abc\n")
+        with pytest.raises(SystemExit):
+            parser.parse_args_and_config([str(tmp_path / "bad.yaml")])
+        assert "bad.yaml: argument --max_steps" in capsys.readouterr().err
+
+
+def test_a_config_file_gives_mappings_and_lists_to_the_fields_declared_so():
+    """`lr_scheduler_kwargs` (a mapping, typed as YAML 1.2 reads it) and `report_to: [none]` (a list for a field
+    declared a list whose flag takes one token) reach the Trainer's arguments as they would from Python."""
+    import tempfile
+
+    from lavit.training.stage2_pretrain import make_parser
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "run.yaml"
+        config.write_text(f"data: photos\noutput_dir: {folder}/out\nreport_to: [none]\n"
+                          "lr_scheduler_kwargs: {min_lr: 1.0e-6, on: yes}\n")
+        _, training_args = make_parser().parse_args_and_config([str(config)])
+    assert training_args.report_to == [] and training_args.lr_scheduler_kwargs == {"min_lr": 1e-6, "on": "yes"}

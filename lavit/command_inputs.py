@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lavit.file_kinds import rephrase_pickle_error
-from lavit.modeling.pipeline_lavit import language_model_folders
+from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder, language_model_folders
 from lavit.modeling.saving_lavit import UnfinishedSaveError, loads_json, refuse_unfinished_save
 
 MAX_ERROR_CHARS = 800
@@ -321,6 +321,8 @@ def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--
         refuse_stopped_save(local)
         raise CommandError(adapter_folder_problem(path, flag, lora))
     folder, adapter = resolve_model_folder(path, flag)
+    if folder is not None and not model_types and pipeline_part_problem(path, flag):  # a command of any LaVIT model
+        raise CommandError(pipeline_part_problem(path, flag))
     if folder is None or not model_types:
         return
     if adapter is not None:
@@ -349,7 +351,7 @@ def pipeline_part_problem(path: str, flag: str) -> str | None:
     """For a folder of the wrong kind that is a part of a `LaVITPipeline` folder (its `unet/`, `vae/`,
     `processor/`...): the sentence that names the pipeline to give instead; None otherwise."""
     real = Path(path).expanduser().resolve()
-    if not (real.parent / "model_index.json").is_file():
+    if real.name == "language_model" or not is_lavit_pipeline_folder(real.parent):
         return None
     return f"{given_as(flag, path)} is the {real.name}/ part of the LaVITPipeline folder {real.parent}: give the " \
            f"pipeline folder"

@@ -40,13 +40,13 @@ def closest_flag(parser: argparse.ArgumentParser, flag: str) -> str | None:
 def described_flag(parser: argparse.ArgumentParser, args: list[str], flag: str) -> str:
     """`flag`, an unknown flag among `args`, with what the user may have meant: the closest known flag, or, after a
     flag that takes a value, that flag given the value with `=` (`--question=-what`: a value that starts with a dash
-    is otherwise read as a flag)."""
+    is otherwise read as a flag; not after a flag whose value is optional, such as a boolean's)."""
     closest = closest_flag(parser, flag)
     if closest:
         return f"{flag} (did you mean {closest}?)"
     position = next(index for index, token in enumerate(args) if token == flag or token.startswith(f"{flag}="))
     before = parser._option_string_actions.get(args[position - 1]) if position else None
-    if before is not None and before.nargs != 0:
+    if before is not None and (before.nargs in (None, "+") or isinstance(before.nargs, int)) and before.nargs != 0:
         return f"{flag} (the value of {args[position - 1]}? give {args[position - 1]}={args[position]})"
     takes_positionals = any(not action.option_strings for action in parser._actions)
     if not flag.startswith("--") and takes_positionals:

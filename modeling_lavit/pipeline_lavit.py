@@ -646,6 +646,17 @@ def _component_loaders(trust_remote_code: bool) -> dict:
     }
 
 
+def is_lavit_pipeline_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a saved [`LaVITPipeline`]: a `model_index.json` naming the class (another diffusers
+    pipeline's folder, with a LaVIT model saved in it, is not one)."""
+    index = Path(folder) / "model_index.json"
+    try:
+        class_name = loads_json(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return (class_name[-1] if isinstance(class_name, list) and class_name else class_name) == LaVITPipeline.__name__
+
+
 def language_model_folders(folder: str | os.PathLike, with_processor: bool = True) -> tuple[Path, Path] | None:
     """
     `(model folder, processor folder)` of the LaVIT language model a local `folder` holds, the one answer to "which
@@ -659,9 +670,9 @@ def language_model_folders(folder: str | os.PathLike, with_processor: bool = Tru
             processor to read prompts with; the message names the fix.
     """
     folder = Path(folder).expanduser()
-    pipeline = folder if (folder / "model_index.json").is_file() else None
+    pipeline = folder if is_lavit_pipeline_folder(folder) else None
     real = folder.resolve()  # a link to a pipeline's `language_model/` means that sub-folder, whatever its own name
-    if pipeline is None and real.name == "language_model" and (real.parent / "model_index.json").is_file():
+    if pipeline is None and real.name == "language_model" and is_lavit_pipeline_folder(real.parent):
         pipeline = real.parent
     if pipeline is not None:
         model_folder, processor_folder = pipeline / "language_model", pipeline / "processor"

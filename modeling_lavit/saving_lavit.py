@@ -53,11 +53,12 @@ RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", flags=re.MULTILINE)
 WEIGHT_FILE = re.compile(r"^(model|diffusion_pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|safetensors\.index\.json)$")
 
 
-def loads_json(text):
+def loads_json(text, **options):
     """The JSON value of `text`, with JSON nested deeper than Python's parser recurses (a hand-made file of 100,000 `[`)
-    refused as the `json.JSONDecodeError` of any other bad JSON, not a `RecursionError` past every reader's check."""
+    refused as the `json.JSONDecodeError` of any other bad JSON, not a `RecursionError` past every reader's check.
+    `options`: `json.loads`'s (e.g. `object_pairs_hook`)."""
     try:
-        return json.loads(text)
+        return json.loads(text, **options)
     except RecursionError:
         raise json.JSONDecodeError("nested deeper than the JSON parser goes", str(text)[:100], 0) from None
 

@@ -10,6 +10,7 @@ mapping (`lr_scheduler_kwargs`, `deepspeed`), or a list for a field declared a l
 (`report_to: [tensorboard, wandb]`).
 """
 
+import argparse
 import json
 import re
 import typing
@@ -24,6 +25,7 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 YAML_SWITCHES = {"on": "true", "off": "false"}
 NULL_TAG = "tag:yaml.org,2002:null"
 SEVERAL_VALUES = ("+", "*")
+FLAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
 def is_config_file(args: list[str]) -> bool:
@@ -32,15 +34,38 @@ def is_config_file(args: list[str]) -> bool:
     return len(args) == 1 and not args[0].startswith("-") and args[0].lower().endswith(CONFIG_SUFFIXES)
 
 
-class _Yaml12Booleans(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans (only true/false): the loader of values given as mappings."""
+class _Yaml12(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for booleans and numbers (the loader of values given as
+    mappings): only true/false are booleans; `010` is 10, `0o10` 8, `0x10` 16, `1e-6` a float; 1.1's sexagesimal
+    `1:30`, `1_000` and dates stay text."""
 
 
-_Yaml12Booleans.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+_Yaml12.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag.rsplit(":", 1)[1] not in ("bool", "int", "float",
+                                                                                          "timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Yaml12Booleans.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                      list("tTfF"))
+_Yaml12.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Yaml12.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Yaml12.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def _yaml12_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
+def _yaml12_float(loader, node) -> float:
+    text = loader.construct_scalar(node).lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+_Yaml12.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+_Yaml12.add_constructor("tag:yaml.org,2002:float", _yaml12_float)
 
 
 def read_config_file(path: str) -> dict:
@@ -60,8 +85,9 @@ def read_config_file(path: str) -> dict:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     try:
-        values = loads_json(text) if path.lower().endswith(".json") else _yaml_as_written(text, path)
-    except (ValueError, yaml.YAMLError) as error:
+        values = loads_json(text, object_pairs_hook=lambda pairs: _json_object(pairs, path)) if path.lower().endswith(
+            ".json") else _yaml_as_written(text, path)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:  # (a file's other problems name themselves)
         kind = "JSON" if path.lower().endswith(".json") else "YAML"
         raise ValueError(f"{path} is not valid {kind}: {' '.join(str(error).split())}") from None
     if values is None:
@@ -71,8 +97,26 @@ def read_config_file(path: str) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def _flag_name(key, values: dict, path: str) -> str:
+    """`key` of a YAML config file, checked: a string not given before."""
+    if not isinstance(key, str):
+        raise ValueError(f"{path}: {key!r} is not a flag name")
+    if key in values:
+        raise ValueError(f"{path}: {key} is given twice")
+    return key
+
+
+def _json_object(pairs: list, path: str) -> dict:
+    values = {}
+    for key, value in pairs:  # every object of the file, nested ones (a `deepspeed` mapping) too
+        if key in values:
+            raise ValueError(f"{path}: {key} is given twice")
+        values[key] = value
+    return values
+
+
 def _yaml_as_written(text: str, path: str) -> dict | None:
-    loader = _Yaml12Booleans(text)
+    loader = _Yaml12(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -82,12 +126,12 @@ def _yaml_as_written(text: str, path: str) -> dict | None:
         loader.flatten_mapping(node)  # `<<: *anchor` merges
         values = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node)
+            key = _flag_name(loader.construct_object(key_node, deep=True), values, path)
             if isinstance(value_node, yaml.ScalarNode):
                 values[key] = None if value_node.tag == NULL_TAG else value_node.value
             elif isinstance(value_node, yaml.SequenceNode) and all(
                     isinstance(item, yaml.ScalarNode) for item in value_node.value):
-                values[key] = [item.value for item in value_node.value]
+                values[key] = [None if item.tag == NULL_TAG else item.value for item in value_node.value]
             else:
                 values[key] = loader.construct_object(value_node, deep=True)
         return values
@@ -103,13 +147,21 @@ def config_arguments(parser, path: str) -> tuple[list[str], dict]:
         ValueError: the file cannot be read ([`read_config_file`]), or a list or mapping for a flag that takes one
             plain value.
     """
-    tokens, direct = [], {}
+    tokens, direct, given = [], {}, {}
     for key, value in read_config_file(path).items():
         flag = f"--{key}"
         action = parser._option_string_actions.get(flag)
-        if action is None:  # the parser names it, with the closest flag
-            tokens.append(f"{flag}={_as_text(value)}")
-        elif isinstance(value, list) and (action.nargs in SEVERAL_VALUES or isinstance(action.nargs, int)):
+        if not FLAG_NAME.match(key):  # `--key=text` must be the flag `key` (a key "a=b" would be the flag a)
+            raise ValueError(f"{path}: {key!r} is not a flag name (letters, digits, _ and -)")
+        if action is None or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            tokens.append(f"--{key}={_as_text(value)}")  # not a setting: the parser names it, with the closest flag
+            continue
+        if action.dest in given:  # `max_steps` and `max-steps`, or `bf16` and `no_bf16`: one setting, said twice
+            raise ValueError(f"{path}: {key} and {given[action.dest]} set the same flag: keep one")
+        given[action.dest] = key
+        if isinstance(value, list):
+            _check_items(path, key, value, several=action.nargs in SEVERAL_VALUES or isinstance(action.nargs, int))
+        if isinstance(value, list) and (action.nargs in SEVERAL_VALUES or isinstance(action.nargs, int)):
             tokens += [flag, *(_as_text(item, action) for item in value)]
         elif isinstance(value, (dict, list)):
             if not _field_takes(parser, action.dest, type(value)):
@@ -117,11 +169,25 @@ def config_arguments(parser, path: str) -> tuple[list[str], dict]:
                 raise ValueError(f"{path}: {key}: {kind}, but {flag} takes one value")
             direct[action.dest] = value
         elif action.nargs == 0:  # `--no_X`: on or absent
-            if string_to_bool(_as_text(value, action)):
-                tokens.append(flag)
+            try:
+                if string_to_bool(_as_text(value, action)):
+                    tokens.append(flag)
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"{path}: {key}: {error}") from None
         else:
             tokens.append(f"{flag}={_as_text(value, action)}")
     return tokens, direct
+
+
+def _check_items(path: str, key: str, items: list, several: bool) -> None:
+    """The items of a list value: plain values (no null, list or mapping); for a flag of several values, none that
+    starts with a dash (each item is a token of its own, which argparse would read as a flag)."""
+    for item in items:
+        if item is None or isinstance(item, (list, dict)):
+            raise ValueError(f"{path}: {key}: the item {item!r} is not a plain value")
+        if several and str(item).startswith("-"):
+            raise ValueError(f"{path}: {key}: the item {item!r} starts with a dash, which a flag of several values "
+                             f"reads as another flag")
 
 
 def _as_text(value, action=None) -> str:

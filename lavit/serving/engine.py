@@ -64,14 +64,15 @@ def component_paths(model_path: str) -> tuple[str, str]:
     Raises:
         ValueError: a folder that holds no LaVIT language model (a pipeline's `unet/`, say).
     """
+    from lavit.command_inputs import pipeline_part_problem
     from lavit.modeling.pipeline_lavit import language_model_folders
 
     if not Path(model_path).is_dir():
         return model_path, model_path
     folders = language_model_folders(model_path)
     if folders is None:
-        raise ValueError(f"{model_path} holds no LaVIT language model: give a LaVIT model folder or a LaVITPipeline "
-                         f"folder")
+        raise ValueError(pipeline_part_problem(model_path, "") or f"{model_path} holds no LaVIT language model: give a "
+                                                                   f"LaVIT model folder or a LaVITPipeline folder")
     return str(folders[0]), str(folders[1])
 
 
@@ -162,11 +163,12 @@ class LaVITEngine:
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None):
         from lavit import LaVITForCausalLM, LaVITPipeline, LaVITProcessor
+        from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else None)
         self.pipeline = None  # a pipeline folder also draws images; a language model folder only writes text
-        if (Path(model_path) / "model_index.json").is_file():
+        if is_lavit_pipeline_folder(model_path):
             self.pipeline = LaVITPipeline.from_pretrained(model_path, torch_dtype=torch_dtype).to(device)
             self.pipeline.set_progress_bar_config(disable=True)
             if self.pipeline.language_model is None:

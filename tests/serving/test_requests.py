@@ -265,12 +265,33 @@ def test_every_part_of_a_pipeline_folder_means_one_thing_to_the_server(served_fo
     parts = [part for part in served_folder.iterdir() if part.is_dir() and part.name != "language_model"]
     assert len(parts) >= 4
     for part in parts:
-        with pytest.raises(ValueError, match="holds no LaVIT language model"):
+        with pytest.raises(ValueError, match=f"is the {part.name}/ part of the LaVITPipeline folder"):
             component_paths(str(part))
         assert main(["serve", str(part), "--port", "1"]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines == [f"lavit serve: error: {part} is the {part.name}/ part of the LaVITPipeline folder "
                          f"{served_folder.resolve()}: give the pipeline folder"], lines
+
+
+def test_only_a_lavit_pipelines_folder_is_read_as_one(served_folder, tmp_path):
+    """The second attack: a LaVIT model saved as `language_model/` inside another diffusers pipeline's folder was read
+    as a LaVIT pipeline's part (its processor looked for beside it); and a command taking any LaVIT model (`lavit
+    evaluate`: no kind declared) accepted a pipeline's `unet/`."""
+    import shutil
+
+    from lavit.command_inputs import CommandError, require_folder
+    from lavit.serving.engine import component_paths
+
+    wrapper = tmp_path / "stable_diffusion"
+    shutil.copytree(served_folder / "language_model", wrapper / "language_model")
+    for file in (served_folder / "processor").iterdir():
+        shutil.copy(file, wrapper / "language_model")
+    (wrapper / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    model = str(wrapper / "language_model")
+    assert component_paths(model) == (model, model)
+    require_folder(model)
+    with pytest.raises(CommandError, match="is the unet/ part of the LaVITPipeline folder"):
+        require_folder(str(served_folder / "unet"))
 
 
 def number_fields():

@@ -214,6 +214,37 @@ def test_a_config_file_gives_mappings_and_lists_to_the_fields_declared_so():
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "run.yaml"
         config.write_text(f"data: photos\noutput_dir: {folder}/out\nreport_to: [none]\n"
-                          "lr_scheduler_kwargs: {min_lr: 1.0e-6, on: yes}\n")
+                          "lr_scheduler_kwargs: {min_lr: 1e-6, num_cycles: 010, step: 0x10, at: 1:30, on: yes}\n")
         _, training_args = make_parser().parse_args_and_config([str(config)])
-    assert training_args.report_to == [] and training_args.lr_scheduler_kwargs == {"min_lr": 1e-6, "on": "yes"}
+    assert training_args.report_to == []  # YAML 1.2 inside a mapping: 010 is 10 (1.1: 8), 1e-6 a float (1.1: text)
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-6, "num_cycles": 10, "step": 16, "at": "1:30",
+                                                 "on": "yes"}
+
+
+BASE = "data: photos\noutput_dir: out\n"
+REFUSED = {  # the second attack on the config files: what no flag could say, refused naming the file and the key
+    "given twice": (BASE + "max_steps: 5\nmax_steps: ~\n", "run.yaml: max_steps is given twice"),
+    "given twice in JSON": ('{"data": "p", "output_dir": "o", "max_steps": 5, "max_steps": 7}',
+                            "run.json: max_steps is given twice"),
+    "both spellings": (BASE + "max_steps: 5\nmax-steps: 7\n", "run.yaml: max-steps and max_steps set the same flag"),
+    "a key with =": (BASE + "output_dir=x: y\n", "run.yaml: 'output_dir=x' is not a flag name"),
+    "a key that is a list": (BASE + "? [a, b]\n: 1\n", "run.yaml: ['a', 'b'] is not a flag name"),
+    "a nested list": (BASE + "label_names: [[a, b], c]\n", "run.yaml: label_names: the item ['a', 'b'] is not a "
+                                                            "plain value"),
+    "a null item": (BASE + "report_to: [~]\n", "run.yaml: report_to: the item None is not a plain value"),
+    "a dash item": (BASE + "label_names: [-x, y]\n", "run.yaml: label_names: the item '-x' starts with a dash"),
+    "a bad no_ value": (BASE + "no_logging_nan_inf_filter: maybe\n", "run.yaml: no_logging_nan_inf_filter: Truthy"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_config_file_refuses_what_no_flag_could_say(case, tmp_path):
+    from lavit.training.stage2_pretrain import make_parser
+
+    text, message = REFUSED[case]
+    path = tmp_path / ("run.json" if text.startswith("{") else "run.yaml")
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        make_parser().parse_args_and_config([str(path)])
+    assert str(error.value).startswith(str(tmp_path / message.split(":")[0])) and message in str(error.value), (
+        case, str(error.value))

@@ -16,7 +16,12 @@ import lavit.processing
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
 from lavit.modeling.generation_lavit import PIPELINE_FILE
-from lavit.modeling.pipeline_lavit import CUSTOM_COMPONENT_MODULES, PIPELINE_MODULE, language_model_folders
+from lavit.modeling.pipeline_lavit import (
+    CUSTOM_COMPONENT_MODULES,
+    PIPELINE_MODULE,
+    is_lavit_pipeline_folder,
+    language_model_folders,
+)
 from lavit.modeling.saving_lavit import code_files, loads_json
 from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor
@@ -155,7 +160,7 @@ def export_model(source, output_dir, metadata: dict | None = None, repo_id: str 
     sub-folder exports its language model with the pipeline's processor (`language_model_folders`).
     """
     source, output_dir = Path(source), Path(output_dir)
-    is_pipeline = (source / "model_index.json").is_file() or (source / "detokenizer" / "config.json").is_file()
+    is_pipeline = is_lavit_pipeline_folder(source) or (source / "detokenizer" / "config.json").is_file()
     if not is_pipeline and not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model folder (no config.json)")
     check_destination(output_dir, {"source": source}, name="the export folder")
@@ -208,7 +213,7 @@ def check_export_folder(folder) -> None:
     `model_index.json`): missing files, missing weights, and any file that is not of a kind lavit publishes, checked
     by content (`lavit.file_kinds`: the allowlist), or links out of it."""
     folder = Path(folder)
-    if (folder / "model_index.json").is_file():
+    if is_lavit_pipeline_folder(folder):
         problems = missing_files(folder, PIPELINE_ROOT_FILES, weights=False)
         for name, required in PIPELINE_FOLDERS.items():
             problems += missing_files(folder, required, name, weights=name not in ("processor", "scheduler"))

@@ -16,7 +16,7 @@ from lavit.modeling import (
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
 )
-from lavit.modeling.pipeline_lavit import language_model_folders
+from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder, language_model_folders
 from lavit.processing import LaVITImageProcessor, LaVITProcessor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
@@ -165,7 +165,7 @@ def build_detokenizer(script_args, visual_tokenizer: LaVITTokenizerModel) -> LaV
 def load_detokenizer(folder: str) -> LaVITDetokenizer:
     """The whole pixel decoder of a `LaVITPipeline` folder (what stage 3 writes; its language model is not loaded),
     or a `LaVITDetokenizer` folder of lavit <= 0.x."""
-    if (Path(folder) / "model_index.json").is_file():
+    if is_lavit_pipeline_folder(folder):
         pipe = LaVITPipeline.from_pretrained(folder, language_model=None, processor=None)
         return LaVITDetokenizer.from_components(pipe.condition_encoder, pipe.unet, pipe.vae, pipe.scheduler)
     return LaVITDetokenizer.from_pretrained(folder)

@@ -56,6 +56,7 @@ def run_convert(args) -> None:
 
 def run_export(args) -> None:
     from lavit.hub_cards import export_model
+    from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
 
     metadata = None
     if args.metadata:
@@ -66,7 +67,7 @@ def run_export(args) -> None:
         if not isinstance(metadata, dict):
             raise CommandError(f"metadata file {args.metadata!r} must hold a JSON object ({{\"summary\": ...}}), "
                                f"got a {type(metadata).__name__}")
-    if not (Path(args.model) / "model_index.json").is_file():
+    if not is_lavit_pipeline_folder(args.model):
         require_folder(args.model, ("lavit",))
         if resolve_model_folder(args.model)[1] is not None:  # a PEFT adapter folder: the merged model is exported
             from lavit.hub_cards import export_loaded
@@ -79,8 +80,9 @@ def run_export(args) -> None:
 
 def run_push(args) -> None:
     from lavit.hub_cards import check_export_folder, export_loaded, export_model, push_to_hub
+    from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
 
-    if not (Path(args.model) / "model_index.json").is_file():
+    if not is_lavit_pipeline_folder(args.model):
         require_folder(args.model, ("lavit",))
     folder = Path(args.model)
     with tempfile.TemporaryDirectory() as scratch:

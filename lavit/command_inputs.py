@@ -321,16 +321,16 @@ def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--
         refuse_stopped_save(local)
         raise CommandError(adapter_folder_problem(path, flag, lora))
     folder, adapter = resolve_model_folder(path, flag)
-    if folder is not None and not model_types and pipeline_part_problem(path, flag):  # a command of any LaVIT model
-        raise CommandError(pipeline_part_problem(path, flag))
+    part = pipeline_part_problem(path, flag) if folder is not None else None  # a pipeline's unet/, vae/...
+    if part and not model_types:  # a command of any LaVIT model
+        raise CommandError(part)
     if folder is None or not model_types:
         return
     if adapter is not None:
         require_folder(adapter["base_model_name_or_path"], model_types, "base_model_name_or_path=")
         return
     if not (folder / "config.json").is_file():
-        raise CommandError(pipeline_part_problem(path, flag) or f"{given_as(flag, path)} is not a model folder (no "
-                                                                  f"config.json)")
+        raise CommandError(part or f"{given_as(flag, path)} is not a model folder (no config.json)")
     try:
         model_type = loads_json((folder / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
@@ -343,8 +343,28 @@ def require_folder(path: str, model_types: tuple[str, ...] = (), flag: str = "--
     if model_type not in model_types:
         kind = MODEL_KINDS.get(model_type, f"a model of type {model_type!r}")
         wanted = " or ".join(MODEL_KINDS[name] for name in model_types)
-        raise CommandError(pipeline_part_problem(path, flag) or f"{given_as(flag, path)} holds {kind}, but this "
-                                                                f"command needs {wanted} folder")
+        raise CommandError(part or f"{given_as(flag, path)} holds {kind}, but this command needs {wanted} folder")
+
+
+def lavit_model_paths(path: str, flag: str = "--model") -> tuple[str, str]:
+    """`(model, processor)` paths of the LaVIT model `path` names, for every loader of a whole model (training, the
+    server): for a local folder what `language_model_folders` finds (a model folder, a `LaVITPipeline` folder, or its
+    `language_model/`), else `path` for both (a Hub id).
+
+    Raises:
+        ValueError: a pipeline folder without a language model, a language model without its processor, a PEFT
+            adapter folder (the message names the two ways on), or a folder that holds no LaVIT language model (a
+            pipeline's other part named with its pipeline)."""
+    folder = Path(path).expanduser()
+    if is_adapter_folder(folder):
+        raise ValueError(adapter_folder_problem(path, flag))
+    if not folder.is_dir():
+        return path, path
+    folders = language_model_folders(path)
+    if folders is None:
+        raise ValueError(pipeline_part_problem(path, flag) or f"{given_as(flag, path)} holds no LaVIT language model: "
+                                                              f"give a LaVIT model folder or a LaVITPipeline folder")
+    return str(folders[0]), str(folders[1])
 
 
 def pipeline_part_problem(path: str, flag: str) -> str | None:

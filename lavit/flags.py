@@ -46,7 +46,7 @@ def described_flag(parser: argparse.ArgumentParser, args: list[str], flag: str) 
         return f"{flag} (did you mean {closest}?)"
     position = next(index for index, token in enumerate(args) if token == flag or token.startswith(f"{flag}="))
     before = parser._option_string_actions.get(args[position - 1]) if position else None
-    if before is not None and (before.nargs in (None, "+") or isinstance(before.nargs, int)) and before.nargs != 0:
+    if before is not None and (before.nargs in (None, "+") or isinstance(before.nargs, int) and before.nargs > 0):
         return f"{flag} (the value of {args[position - 1]}? give {args[position - 1]}={args[position]})"
     takes_positionals = any(not action.option_strings for action in parser._actions)
     if not flag.startswith("--") and takes_positionals:
@@ -78,10 +78,11 @@ class StrictFlags:
         flag: `-o -out.png`, `--question -h`) gets the way to give it."""
         missing = re.match(r"argument (\S+): expected (?:one|at least one) argument", message)
         given = getattr(self, "_given", [])
-        for flag in missing.group(1).split("/") if missing else ():
-            if flag in given and given.index(flag) + 1 < len(given) and given[given.index(flag) + 1].startswith("-"):
-                message += f" (a value that starts with a dash? give {flag}={given[given.index(flag) + 1]})"
-                break
+        flags = missing.group(1).split("/") if missing else ()
+        values = [(flag, value) for flag, value in zip(given, given[1:], strict=False)
+                  if flag in flags and value.startswith("-")]
+        if values:
+            message += f" (a value that starts with a dash? give {values[0][0]}={values[0][1]})"
         super().error(message)
 
 

@@ -18,7 +18,7 @@ from lavit.cli import build_parser
 # the commands whose --model is read as a LaVIT language model, and how each is run below (enumerated from the parser)
 INFERENCE = {"caption": ["--max-new-tokens", 3], "vqa": ["--question", "what?", "--max-new-tokens", 2],
              "tokenize": []}
-# through `lavit.training.models.lavit_model_paths` / `pipeline_language_model_folder` (tested below) or
+# through `lavit.command_inputs.lavit_model_paths` / `pipeline_language_model_folder` (tested below) or
 # `command_inputs.load_lavit_model` (evaluate, export and push of an adapter)
 LIBRARY = {"train", "finetune", "train-detokenizer", "evaluate", "export", "push"}
 
@@ -81,7 +81,9 @@ def test_a_wrong_model_for_train_detokenizer_fails_before_training(capsys, tmp_p
 def test_training_commands_resolve_a_pipeline_folder_to_its_language_model(pipeline_folder):
     from types import SimpleNamespace
 
-    from lavit.training.models import lavit_model_paths, pipeline_language_model_folder
+    from lavit.training.models import pipeline_language_model_folder
+
+    from lavit.command_inputs import lavit_model_paths
 
     expected = (str(pipeline_folder / "language_model"), str(pipeline_folder / "processor"))
     for model in (pipeline_folder, pipeline_folder / "language_model"):
@@ -194,7 +196,7 @@ def test_the_lmms_eval_model_names_pretrained_in_its_fix(tmp_path, pipeline_fold
 def test_training_refuses_an_adapter_folder_as_the_model_to_train(final_folders, capsys, tmp_path):
     """#24 §8: `lavit finetune --model ADAPTER` failed in torch ("element 0 of tensors does not require grad"):
     transformers loads an adapter folder with its adapters frozen. One line says what it is and the ways on."""
-    from lavit.training.models import lavit_model_paths
+    from lavit.command_inputs import lavit_model_paths
 
     with pytest.raises(ValueError) as error:
         lavit_model_paths(str(final_folders["adapter"]))

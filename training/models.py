@@ -20,7 +20,7 @@ from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder, language_mod
 from lavit.processing import LaVITImageProcessor, LaVITProcessor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from lavit.command_inputs import adapter_folder_problem, is_adapter_folder, load_visual_tokenizer_of
+from lavit.command_inputs import lavit_model_paths, load_visual_tokenizer_of
 
 from .arguments import load_config_preset
 from .lora import lora_config
@@ -28,20 +28,6 @@ from .lora import lora_config
 # kept in full precision under QLoRA: the frozen visual tokenizer's quantizer must see exact features
 QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection", "lm_head"]
 FINETUNING_TASKS = ("caption", "vqa", "chat")
-
-
-def lavit_model_paths(path: str) -> tuple[str, str]:
-    """`(model, processor)` paths of the LaVIT model `path` names: for a local folder what `language_model_folders`
-    finds (a model folder, a `LaVITPipeline` folder, or its `language_model/`), else `path` for both (a Hub id).
-
-    Raises:
-        ValueError: a pipeline folder without a language model, a language model without its processor, or a PEFT
-            adapter folder (training starts from whole models; the message names the two ways on)."""
-    folder = Path(path).expanduser()
-    if is_adapter_folder(folder):
-        raise ValueError(adapter_folder_problem(path, "--model"))
-    folders = language_model_folders(path) if folder.is_dir() else None
-    return (str(folders[0]), str(folders[1])) if folders else (path, path)
 
 
 def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:

@@ -56,26 +56,6 @@ class ImageJob:
         return self.size, tuple(sorted(self.settings.items()))
 
 
-def component_paths(model_path: str) -> tuple[str, str]:
-    """The folders of the language model and of its processor, as every loader reads a folder
-    (`language_model_folders`: a model folder itself, a `LaVITPipeline` folder's `language_model/` and `processor/`,
-    or a pipeline's `language_model/` with the processor beside it); a path that is not a folder (a Hub id) as given.
-
-    Raises:
-        ValueError: a folder that holds no LaVIT language model (a pipeline's `unet/`, say).
-    """
-    from lavit.command_inputs import pipeline_part_problem
-    from lavit.modeling.pipeline_lavit import language_model_folders
-
-    if not Path(model_path).is_dir():
-        return model_path, model_path
-    folders = language_model_folders(model_path)
-    if folders is None:
-        raise ValueError(pipeline_part_problem(model_path, "") or f"{model_path} holds no LaVIT language model: give a "
-                                                                   f"LaVIT model folder or a LaVITPipeline folder")
-    return str(folders[0]), str(folders[1])
-
-
 class RequestPreparer:
     """The checks that need the tokenizer and the config (prompt length against the context, images), and the
     conversion of OpenAI messages to LaVIT's prompt (the processor's chat template)."""
@@ -84,10 +64,11 @@ class RequestPreparer:
         from transformers import AutoConfig
 
         from lavit import LaVITProcessor
+        from lavit.command_inputs import lavit_model_paths
 
         if allowed_local_media_path is not None and not Path(allowed_local_media_path).is_dir():
             raise ValueError(f"--allowed-local-media-path {allowed_local_media_path} is not a folder")
-        language_model_path, processor_path = component_paths(model_path)
+        language_model_path, processor_path = lavit_model_paths(model_path, "")
         self.processor = LaVITProcessor.from_pretrained(processor_path)
         self.config = AutoConfig.from_pretrained(language_model_path)
         self.limits, self.allowed_local_media_path = limits, allowed_local_media_path
@@ -163,6 +144,7 @@ class LaVITEngine:
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None):
         from lavit import LaVITForCausalLM, LaVITPipeline, LaVITProcessor
+        from lavit.command_inputs import lavit_model_paths
         from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +158,7 @@ class LaVITEngine:
                                  f"folder with one (LaVITPipeline.from_pretrained(folder, language_model=...))")
             self.model, self.processor = self.pipeline.language_model.eval(), self.pipeline.processor
         else:
-            language_model_path, processor_path = component_paths(model_path)
+            language_model_path, processor_path = lavit_model_paths(model_path, "")
             self.model = LaVITForCausalLM.from_pretrained(language_model_path, dtype=torch_dtype).to(device).eval()
             self.processor = LaVITProcessor.from_pretrained(processor_path)
         self.device = torch.device(device)

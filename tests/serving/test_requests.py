@@ -256,17 +256,17 @@ def test_every_part_of_a_pipeline_folder_means_one_thing_to_the_server(served_fo
     part: the language model (directly or linked) is served with the pipeline's processor; any other part is refused
     in one line naming the pipeline, by the server's loader and by `lavit serve` before Ray starts."""
     from lavit.cli import main
-    from lavit.serving.engine import component_paths
+    from lavit.command_inputs import lavit_model_paths
 
     link = tmp_path / "linked_language_model"
     link.symlink_to(served_folder / "language_model")
     expected = (str(served_folder / "language_model"), str(served_folder / "processor"))
-    assert component_paths(str(link)) == component_paths(str(served_folder / "language_model")) == expected
+    assert lavit_model_paths(str(link)) == lavit_model_paths(str(served_folder / "language_model")) == expected
     parts = [part for part in served_folder.iterdir() if part.is_dir() and part.name != "language_model"]
     assert len(parts) >= 4
     for part in parts:
         with pytest.raises(ValueError, match=f"is the {part.name}/ part of the LaVITPipeline folder"):
-            component_paths(str(part))
+            lavit_model_paths(str(part))
         assert main(["serve", str(part), "--port", "1"]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines == [f"lavit serve: error: {part} is the {part.name}/ part of the LaVITPipeline folder "
@@ -279,8 +279,7 @@ def test_only_a_lavit_pipelines_folder_is_read_as_one(served_folder, tmp_path):
     evaluate`: no kind declared) accepted a pipeline's `unet/`."""
     import shutil
 
-    from lavit.command_inputs import CommandError, require_folder
-    from lavit.serving.engine import component_paths
+    from lavit.command_inputs import CommandError, lavit_model_paths, require_folder
 
     wrapper = tmp_path / "stable_diffusion"
     shutil.copytree(served_folder / "language_model", wrapper / "language_model")
@@ -288,7 +287,7 @@ def test_only_a_lavit_pipelines_folder_is_read_as_one(served_folder, tmp_path):
         shutil.copy(file, wrapper / "language_model")
     (wrapper / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     model = str(wrapper / "language_model")
-    assert component_paths(model) == (model, model)
+    assert lavit_model_paths(model) == (model, model)
     require_folder(model)
     with pytest.raises(CommandError, match="is the unet/ part of the LaVITPipeline folder"):
         require_folder(str(served_folder / "unet"))

@@ -194,3 +194,12 @@ def test_python_block_runs(page, block, demo_folder, tmp_path, monkeypatch):
     torch.manual_seed(0)
     exec(compile(block["code"], f"{page.name}:{block['line']}", "exec"), {"__name__": "__main__"})
     assert Path.cwd() == tmp_path, "a block must not change the working directory"
+
+
+def test_the_repository_root_holds_the_fixed_layout_only():
+    """The top level is the project's fixed layout and its build files: a stray log or scratch file committed by
+    mistake (as `ft_full.log` once was) fails here."""
+    layout = {"modeling_lavit", "processing", "training", "hub_cards", "tests", "pyproject.toml", "README.md",
+              "lavit", "benchmarks", "docs"}
+    build = {".ci", ".gitignore", "Makefile", "requirements"}
+    assert tracked_top_level() - layout - build == set()

@@ -157,6 +157,18 @@ def looks_like_local_path(value: str) -> bool:
         len(path.parts) > 1 and path.parent.is_dir())
 
 
+def hub_id_problem(value: str) -> str | None:
+    """Why `value` is not a well-formed Hub repo id (huggingface_hub's own rule, its reason on one line); None when
+    it is one, which loading may look up."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as error:
+        return " ".join(str(error).split())
+    return None
+
+
 def newest_complete_checkpoint(folder: Path) -> Path | None:
     try:
         from lavit.training.checkpoints import latest_checkpoint
@@ -208,6 +220,10 @@ def resolve_model_folder(path: str, flag: str = "--model") -> tuple[Path | None,
     if not folder.exists():
         if looks_like_local_path(path):
             raise CommandError(f"model folder not found: {path} (no such local folder)")
+        problem = hub_id_problem(path)
+        if problem:
+            raise CommandError(f"{given_as(flag, path)}: no such local folder, and not a Hub model id either "
+                               f"({problem}): give a model folder or a Hub id (name or org/name)")
         return None, None
     refuse_stopped_save(folder)  # every resolver goes through here
     if is_adapter_folder(folder):

@@ -543,6 +543,8 @@ def unclear_message_cases(tmp_path, folder, photo) -> dict:
         "a run folder as --model": ([*caption, tmp_path / "runs" / "caption"],
                                     r"is a training run's folder, not a model folder: use --model .*caption/final"),
         "a model path typo": ([*caption, tmp_path / "runs" / "captoin"], r"model folder not found: .*captoin"),
+        "neither a folder nor a Hub id": ([*caption[:-1], "--model=-p"],
+                                          r"--model -p: no such local folder, and not a Hub model id either"),
         "a data path typo": (["finetune", "--model", folder, "--data", "photos/trian", "--max_length", "64",
                               "--output_dir", tmp_path / "run"],  # 64: the tiny model's context is 512
                              r"data path 'photos/trian' does not exist; did you mean 'photos/train'\?"),
@@ -551,7 +553,8 @@ def unclear_message_cases(tmp_path, folder, photo) -> dict:
 
 @pytest.mark.parametrize("case", ["non-UTF-8 prompt", "config field of the wrong type", "derived value in a config",
                                   "weights that do not fit the config", "missing detokenizer/config.json",
-                                  "a run folder as --model", "a model path typo", "a data path typo"])
+                                  "a run folder as --model", "a model path typo", "neither a folder nor a Hub id",
+                                  "a data path typo"])
 def test_each_unclear_message_of_the_probe_now_names_the_problem(case, tmp_path, capsys, decoding_folder, photo_file,
                                                                  monkeypatch):
     import re

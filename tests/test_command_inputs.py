@@ -118,6 +118,10 @@ def test_every_stage_model_input_takes_its_kind_and_refuses_the_others_with_the_
     else:
         with pytest.raises(CommandError, match=rf"^--{flag} \S+llama holds a model of type 'llama', but this command"):
             parse(command, flag, folders["llama"], folders)
+    # neither a folder here nor a Hub id: said before any Hub look-up, with huggingface_hub's reason
+    with pytest.raises(CommandError, match=rf"^--{flag} a\.\.b: no such local folder, and not a Hub model id either "
+                                           rf"\(Cannot have -- or \.\. in repo_id"):
+        parse(command, flag, "a..b", folders)
     # a training run's folder: its final/, named with the flag, through flags and through a config file alike
     for as_config in (False, True):
         run = folders[f"run of {wanted_kind(field)}"]

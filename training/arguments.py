@@ -42,6 +42,7 @@ from lavit.file_kinds import require_safetensors_inputs
 from lavit.flags import StrictFlags
 from lavit.paths import ADAPTERS, CHECKPOINT, INPUT, MODEL_KINDS, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
+from .checkpoints import resume_problem
 from .config_files import config_arguments, is_config_file
 from .presets import preset_field
 from .sequences import SEQUENCE_ORDERS
@@ -133,6 +134,9 @@ class DataArguments:
 
     def __post_init__(self):
         check_argument_ranges(self)  # every stage's arguments, from flags, config files or Python
+        problem = resume_problem(self.resume)
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass
@@ -367,8 +371,9 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
         here, so it also turns on [`enable_stack_dumps`].
 
         Raises:
-            SystemExit: (argparse, status 2) an unknown flag, a bad value or a missing required flag (in a config
-                file too: its keys are flags, and the message names the file).
+            SystemExit: (argparse, status 2) an unknown flag, a bad value (also one a dataclass's own check refuses:
+                TrainingArguments' `--fsdp off`, a `--resume` that means nothing) or a missing required flag (in a
+                config file too: its keys are flags, and the message names the file).
             ValueError: a config file that cannot be read, or a list or mapping for a flag of one plain value.
         """
         enable_stack_dumps()
@@ -383,7 +388,10 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(unknown)}")
         for name, value in direct.items():  # a config file's mapping or list that no flag token carries
             setattr(namespace, name, value)
-        parsed = self.parse_dict(vars(namespace))  # each dataclass from its fields, as parse_args_into_dataclasses
+        try:  # each dataclass from its fields, as parse_args_into_dataclasses
+            parsed = self.parse_dict(vars(namespace))
+        except ValueError as error:  # a dataclass's own check of its values (TrainingArguments' `--fsdp off`)
+            self.error(" ".join(str(error).split()))
         given = self.given_flags(args) | frozenset(direct)
         for arguments in parsed:  # what the run set itself, whatever the value: a preset leaves it alone
             if not isinstance(arguments, TrainingArguments):

@@ -42,6 +42,16 @@ COMPLETE_MARKER = "checkpoint_complete.json"  # written last: lists every file o
 STALE_LOCK_SECONDS = 600
 NO_RESUME = (None, False, "", "no", "false", "False")  # --resume values that start over
 WEIGHTS_ONLY = "weights_only"  # --resume value that accepts a checkpoint without optimizer/schedule/random state
+LATEST = (True, "auto", "true", "True", WEIGHTS_ONLY)  # --resume values that continue the newest complete checkpoint
+
+
+def resume_problem(resume) -> str | None:
+    """Why the `--resume` value `resume` can mean nothing (not one of the words, no such checkpoint path), or None:
+    said when the arguments are parsed, before any model is loaded."""
+    if resume in NO_RESUME or resume in LATEST or Path(str(resume)).expanduser().is_dir():
+        return None
+    return (f"--resume {resume}: not auto, no, weights_only nor a checkpoint folder (no such folder): give one of the "
+            f"three words or a checkpoint-N folder")
 RESUMABLE_KIND = register_resumable_output(
     "training", "every training stage's --output_dir: checkpoint-N/ folders that --resume auto continues",
     files=(LOGS_FILE,))
@@ -172,7 +182,7 @@ def resolve_resume(resume_from_checkpoint, output_dir) -> str | None:
     None. A checkpoint without its optimizer, schedule and random state raises unless `"weights_only"` says so."""
     if resume_from_checkpoint in NO_RESUME:
         return None
-    if resume_from_checkpoint in (True, "auto", "true", "True", WEIGHTS_ONLY):
+    if resume_from_checkpoint in LATEST:
         checkpoint = latest_checkpoint(output_dir)
     else:
         problem = checkpoint_problem(resume_from_checkpoint)

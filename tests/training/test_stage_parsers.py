@@ -18,6 +18,7 @@ from transformers.hf_argparser import string_to_bool
 
 from lavit.cli import TRAINING_COMMANDS, build_parser, main
 from lavit.cli.training import TRAINING_ALIASES
+from lavit.command_inputs import CommandError
 
 STAGE_SCRIPTS = {module.rsplit(".", 1)[1] for module in TRAINING_COMMANDS.values()}
 
@@ -121,6 +122,28 @@ def test_the_trainers_resume_flag_is_refused_for_the_stages_own(command, tmp_pat
         assert "give --resume PATH" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("command", sorted(set(TRAINING_COMMANDS) - {"pretokenize"}))
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("resume", "off", "--resume off: not auto, no, weights_only nor a checkpoint folder"),
+    ("resume", "runs/a/checkpoint-25", "--resume runs/a/checkpoint-25: not auto, no, weights_only nor a checkpoint"),
+    ("fsdp", "off", "Unknown `fsdp` option: off")])
+def test_a_value_the_arguments_own_checks_refuse_is_an_argparse_error(command, key, value, said, tmp_path, capsys):
+    """atk36: `resume: off` and `fsdp: off` in a config file were found at run time, after the models loaded, and
+    TrainingArguments' own refusal was a raw ValueError. Every value a dataclass's `__post_init__` refuses is said as
+    a bad flag is (status 2, the config file named), before anything is built."""
+    module = importlib.import_module(TRAINING_COMMANDS[command])
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"data": "photos", "output_dir": str(tmp_path / "out"), key: value}))
+    for argv in (["--data", "photos", "--output_dir", str(tmp_path / "out"), f"--{key}", value], [str(config)]):
+        with pytest.raises(SystemExit) as exit_info:
+            module.make_parser().parse_args_and_config(argv)
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said in last and last.startswith(f"{module.make_parser().prog}: error: ")
+        assert (str(config) in last) == (argv == [str(config)]), last
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))
 def test_a_config_file_reads_every_value_as_its_flag_does(command, tmp_path):
     """Every boolean and every choice flag of every stage, set in a YAML file (bare words: YAML 1.1 reads `no` and
@@ -161,7 +184,7 @@ def outcome(parser, argv, capsys):
     """The dataclasses `argv` gives (as dicts), or "refused"."""
     try:
         return [dataclasses.asdict(arguments) for arguments in parser.parse_args_and_config(argv)]
-    except (SystemExit, ValueError):
+    except (SystemExit, ValueError, CommandError):
         capsys.readouterr()
         return "refused"
 

@@ -374,7 +374,8 @@ class LaVITArgumentParser(StrictFlags, HfArgumentParser):
             SystemExit: (argparse, status 2) an unknown flag, a bad value (also one a dataclass's own check refuses:
                 TrainingArguments' `--fsdp off`, a `--resume` that means nothing) or a missing required flag (in a
                 config file too: its keys are flags, and the message names the file).
-            ValueError: a config file that cannot be read, or a list or mapping for a flag of one plain value.
+            ConfigFileError: (a ValueError) a config file that cannot be read, or a list or mapping for a flag of one
+                plain value.
         """
         enable_stack_dumps()
         args = sys.argv[1:] if args is None else [str(arg) for arg in args]

@@ -20,12 +20,18 @@ import yaml
 from lavit.modeling.saving_lavit import loads_json
 from transformers.hf_argparser import string_to_bool
 
+from lavit.command_inputs import CommandError
+
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 # YAML 1.1's words for booleans that `string_to_bool` does not read: files written for PyYAML's booleans use them
 YAML_SWITCHES = {"on": "true", "off": "false"}
 NULL_TAG = "tag:yaml.org,2002:null"
 SEVERAL_VALUES = ("+", "*")
 FLAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+class ConfigFileError(CommandError, ValueError):
+    """A config file that cannot be read, or a value in it that no flag could say: the command's one error line."""
 
 
 def is_config_file(args: list[str]) -> bool:
@@ -73,45 +79,42 @@ def read_config_file(path: str) -> dict:
     mapping as YAML 1.2 reads it; a JSON file as parsed.
 
     Raises:
-        ValueError: not a readable UTF-8 file, not JSON or YAML, or not a mapping of flag names (naming the file).
+        ConfigFileError: not a readable UTF-8 file, not JSON or YAML, or not a mapping of flag names (naming the file).
     """
     file = Path(path)
     if file.is_dir():
-        raise ValueError(f"{path} is a folder, not a config file")
+        raise ConfigFileError(f"{path} is a folder, not a config file")
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such config file") from None
+        raise ConfigFileError(f"{path}: no such config file") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+        raise ConfigFileError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     try:
         values = loads_json(text, object_pairs_hook=lambda pairs: _json_object(pairs, path)) if path.lower().endswith(
             ".json") else _yaml_as_written(text, path)
     except (json.JSONDecodeError, yaml.YAMLError) as error:  # (a file's other problems name themselves)
         kind = "JSON" if path.lower().endswith(".json") else "YAML"
-        raise ValueError(f"{path} is not valid {kind}: {' '.join(str(error).split())}") from None
+        raise ConfigFileError(f"{path} is not valid {kind}: {' '.join(str(error).split())}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a {type(values).__name__}, not a mapping of flag names to values")
+        raise ConfigFileError(f"{path} holds a {type(values).__name__}, not a mapping of flag names to values")
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _flag_name(key, values: dict, path: str) -> str:
-    """`key` of a YAML config file, checked: a string not given before."""
-    if not isinstance(key, str):
-        raise ValueError(f"{path}: {key!r} is not a flag name")
+def _add_once(values: dict, key, value, path: str) -> None:
+    """`values[key] = value` for a key of a config file (JSON or YAML) not given before (a later null would silently
+    undo the first value)."""
     if key in values:
-        raise ValueError(f"{path}: {key} is given twice")
-    return key
+        raise ConfigFileError(f"{path}: {key} is given twice")
+    values[key] = value
 
 
 def _json_object(pairs: list, path: str) -> dict:
     values = {}
     for key, value in pairs:  # every object of the file, nested ones (a `deepspeed` mapping) too
-        if key in values:
-            raise ValueError(f"{path}: {key} is given twice")
-        values[key] = value
+        _add_once(values, key, value, path)
     return values
 
 
@@ -126,14 +129,17 @@ def _yaml_as_written(text: str, path: str) -> dict | None:
         loader.flatten_mapping(node)  # `<<: *anchor` merges
         values = {}
         for key_node, value_node in node.value:
-            key = _flag_name(loader.construct_object(key_node, deep=True), values, path)
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise ConfigFileError(f"{path}: {key!r} is not a flag name")
             if isinstance(value_node, yaml.ScalarNode):
-                values[key] = None if value_node.tag == NULL_TAG else value_node.value
+                value = None if value_node.tag == NULL_TAG else value_node.value
             elif isinstance(value_node, yaml.SequenceNode) and all(
                     isinstance(item, yaml.ScalarNode) for item in value_node.value):
-                values[key] = [None if item.tag == NULL_TAG else item.value for item in value_node.value]
+                value = [None if item.tag == NULL_TAG else item.value for item in value_node.value]
             else:
-                values[key] = loader.construct_object(value_node, deep=True)
+                value = loader.construct_object(value_node, deep=True)
+            _add_once(values, key, value, path)
         return values
     finally:
         loader.dispose()
@@ -144,36 +150,37 @@ def config_arguments(parser, path: str) -> tuple[list[str], dict]:
     carry, by field name (a mapping, or a list for a field declared a list whose flag takes one token).
 
     Raises:
-        ValueError: the file cannot be read ([`read_config_file`]), or a list or mapping for a flag that takes one
-            plain value.
+        ConfigFileError: the file cannot be read ([`read_config_file`]), or a list or mapping for a flag that takes
+            one plain value.
     """
     tokens, direct, given = [], {}, {}
     for key, value in read_config_file(path).items():
         flag = f"--{key}"
         action = parser._option_string_actions.get(flag)
         if not FLAG_NAME.match(key):  # `--key=text` must be the flag `key` (a key "a=b" would be the flag a)
-            raise ValueError(f"{path}: {key!r} is not a flag name (letters, digits, _ and -)")
+            raise ConfigFileError(f"{path}: {key!r} is not a flag name (letters, digits, _ and -)")
         if action is None or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             tokens.append(f"--{key}={_as_text(value)}")  # not a setting: the parser names it, with the closest flag
             continue
         if action.dest in given:  # `max_steps` and `max-steps`, or `bf16` and `no_bf16`: one setting, said twice
-            raise ValueError(f"{path}: {key} and {given[action.dest]} set the same flag: keep one")
+            raise ConfigFileError(f"{path}: {key} and {given[action.dest]} set the same flag: keep one")
         given[action.dest] = key
+        several = action.nargs in SEVERAL_VALUES or (isinstance(action.nargs, int) and action.nargs > 0)
         if isinstance(value, list):
-            _check_items(path, key, value, several=action.nargs in SEVERAL_VALUES or isinstance(action.nargs, int))
-        if isinstance(value, list) and (action.nargs in SEVERAL_VALUES or isinstance(action.nargs, int)):
+            _check_items(path, key, value, several)
+        if isinstance(value, list) and several:
             tokens += [flag, *(_as_text(item, action) for item in value)]
         elif isinstance(value, (dict, list)):
             if not _field_takes(parser, action.dest, type(value)):
                 kind = "a mapping" if isinstance(value, dict) else "a list"
-                raise ValueError(f"{path}: {key}: {kind}, but {flag} takes one value")
+                raise ConfigFileError(f"{path}: {key}: {kind}, but {flag} takes one value")
             direct[action.dest] = value
         elif action.nargs == 0:  # `--no_X`: on or absent
             try:
                 if string_to_bool(_as_text(value, action)):
                     tokens.append(flag)
             except argparse.ArgumentTypeError as error:
-                raise ValueError(f"{path}: {key}: {error}") from None
+                raise ConfigFileError(f"{path}: {key}: {error}") from None
         else:
             tokens.append(f"{flag}={_as_text(value, action)}")
     return tokens, direct
@@ -184,10 +191,10 @@ def _check_items(path: str, key: str, items: list, several: bool) -> None:
     starts with a dash (each item is a token of its own, which argparse would read as a flag)."""
     for item in items:
         if item is None or isinstance(item, (list, dict)):
-            raise ValueError(f"{path}: {key}: the item {item!r} is not a plain value")
+            raise ConfigFileError(f"{path}: {key}: the item {item!r} is not a plain value")
         if several and str(item).startswith("-"):
-            raise ValueError(f"{path}: {key}: the item {item!r} starts with a dash, which a flag of several values "
-                             f"reads as another flag")
+            raise ConfigFileError(f"{path}: {key}: the item {item!r} starts with a dash, which a flag of several "
+                                  f"values reads as another flag")
 
 
 def _as_text(value, action=None) -> str:

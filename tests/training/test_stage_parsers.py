@@ -261,7 +261,7 @@ REFUSED = {  # the second attack on the config files: what no flag could say, re
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_a_config_file_refuses_what_no_flag_could_say(case, tmp_path):
+def test_a_config_file_refuses_what_no_flag_could_say(case, tmp_path, capsys):
     from lavit.training.stage2_pretrain import make_parser
 
     text, message = REFUSED[case]
@@ -271,3 +271,7 @@ def test_a_config_file_refuses_what_no_flag_could_say(case, tmp_path):
         make_parser().parse_args_and_config([str(path)])
     assert str(error.value).startswith(str(tmp_path / message.split(":")[0])) and message in str(error.value), (
         case, str(error.value))
+    # `lavit train` says it as the user's error: one line, no traceback hint (an internal error's)
+    assert main(["train", str(path)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"lavit train: error: {error.value}"], lines

@@ -15,13 +15,9 @@ import lavit.modeling
 import lavit.processing
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from lavit.modeling import LaVITForCausalLM
+from lavit.modeling.folders_lavit import is_lavit_pipeline_folder, language_model_folders
 from lavit.modeling.generation_lavit import PIPELINE_FILE
-from lavit.modeling.pipeline_lavit import (
-    CUSTOM_COMPONENT_MODULES,
-    PIPELINE_MODULE,
-    is_lavit_pipeline_folder,
-    language_model_folders,
-)
+from lavit.modeling.pipeline_lavit import CUSTOM_COMPONENT_MODULES, PIPELINE_MODULE
 from lavit.modeling.saving_lavit import code_files, loads_json
 from lavit.modeling.transformers_compat import transformers_requirement
 from lavit.processing import LaVITProcessor

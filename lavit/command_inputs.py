@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lavit.file_kinds import rephrase_pickle_error
-from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder, language_model_folders
+from lavit.modeling.folders_lavit import is_lavit_pipeline_folder, language_model_folders
 from lavit.modeling.saving_lavit import UnfinishedSaveError, loads_json, refuse_unfinished_save
 
 MAX_ERROR_CHARS = 800

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .folders_lavit import LANGUAGE_MODEL_TYPE
 from .transformers_compat import check_transformers_version, transformers_requirement
 from .validation_lavit import (
     EPSILON,
@@ -233,6 +234,8 @@ class LaVITTokenizerConfig(LaVITFolderConfig):
         initializer_range (`float`, *optional*, defaults to 0.02): std of the normal init of linear layers.
     """
 
+    _auto_class = "AutoConfig"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
+
     model_type = "lavit_tokenizer"
     # a sub-config, so `attn_implementation` (and dtype) given to the tokenizer or to LaVIT reach the vision encoder
     sub_configs = {"vision_config": AutoConfig}
@@ -349,7 +352,9 @@ class LaVITConfig(LaVITFolderConfig):
             table (the official LaVIT checkpoints are untied).
     """
 
-    model_type = "lavit"
+    _auto_class = "AutoConfig"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
+
+    model_type = LANGUAGE_MODEL_TYPE
     sub_configs = {"text_config": AutoConfig, "tokenizer_config": LaVITTokenizerConfig}
 
     text_config: dict | PretrainedConfig | None = None
@@ -503,6 +508,8 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
             is replaced by the negative condition (classifier-free guidance).
         initializer_range (`float`, *optional*, defaults to 0.02): std of the normal init of our linear layers.
     """
+
+    _auto_class = "AutoConfig"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
 
     model_type = "lavit_detokenizer"
 

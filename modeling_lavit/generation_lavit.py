@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import (
     LogitsProcessor,
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -115,6 +116,31 @@ class SuppressImageTokensLogitsProcessor(LogitsProcessor):
         scores = scores.clone()
         scores[:, self.text_vocab_size : self.visual_token_end] = -float("inf")
         return scores
+
+
+class PromptRepetitionPenaltyLogitsProcessor(LogitsProcessor):
+    """
+    transformers' repetition penalty over each row's prompt ids and new tokens, for decoding from a prompt's
+    embeddings (an image prompt), where transformers' own processor sees the new tokens alone, shifted by the row's
+    left pads: a row gets the penalty it gets alone, and a text-only row batched with image rows the one the text
+    path gives it (prompt included).
+
+    Args:
+        penalty (`float`): `repetition_penalty`.
+        prompt_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): the prompts as given.
+        attention_mask (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*): their pads (0).
+    """
+
+    def __init__(self, penalty: float, prompt_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None):
+        self.penalty = RepetitionPenaltyLogitsProcessor(penalty)
+        real = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        first = prompt_ids.gather(1, real.int().argmax(dim=1, keepdim=True))  # a token of each row's prompt
+        self.prompt_ids = torch.where(real, prompt_ids, first)  # a pad counts as that token once more: no effect
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows_per_prompt = input_ids.shape[0] // self.prompt_ids.shape[0]  # num_beams, num_return_sequences
+        prompt = self.prompt_ids.to(input_ids.device).repeat_interleave(rows_per_prompt, dim=0)
+        return self.penalty(torch.cat([prompt, input_ids], dim=1), scores)
 
 
 class RowSeededSamplingLogitsProcessor(LogitsProcessor):

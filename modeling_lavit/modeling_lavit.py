@@ -36,6 +36,7 @@ from transformers.utils import can_return_tuple, logging
 from .configuration_lavit import LaVITConfig, LaVITImageSelection
 from .generation_lavit import (
     LaVITImageGenerationMixin,
+    PromptRepetitionPenaltyLogitsProcessor,
     SuppressImageTokensLogitsProcessor,
     left_padded,
     row_seeded_sampling_processors,
@@ -282,8 +283,9 @@ class LaVITModel(LaVITPreTrainedModel):
         `"features"` mode."""
         num_images = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
         if num_images != spans.rows.numel():
-            raise ValueError(f"input_ids hold {spans.rows.numel()} image placeholder(s) but {num_images} image(s) "
-                             f"were given in pixel_values; each image needs exactly one placeholder, in order")
+            raise ValueError(f"input_ids hold {spans.rows.numel()} image placeholder(s) (counted where attention_mask "
+                             f"is 1) but {num_images} image(s) were given in pixel_values; each image needs exactly "
+                             f"one placeholder, in order, not masked out")
         if image_inputs == "codes":
             tokens = self.visual_tokenizer.tokenize(pixel_values, image_keep_mask, image_selection)
             return tokens.token_counts, tokens.code_ids, None
@@ -464,6 +466,8 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
     >>> image_tokens = model.generate_image_tokens(**processor(text="a red bus", return_tensors="pt"))
     ```
     """
+
+    _auto_class = "AutoModelForCausalLM"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # the head is sharded over the vocabulary like the embedding it may be tied to (as LLaMA's), then gathered
@@ -752,10 +756,13 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
             return self._image_sequences(input_ids, tokens)
         # 1. logits processors: no image ids in text; with `generator`, the warpers and one stream per row. On CUDA,
         #    the static cache and compiled decoding unless the caller chose a cache
-        kwargs["logits_processor"] = self._text_logits_processors(kwargs)
+        has_images = self.model.has_image_inputs(input_ids, pixel_values)  # decoded from the prompt's embeddings
+        if has_images and attention_mask is None:
+            attention_mask = self._image_prompt_padding(input_ids, kwargs)
+        kwargs["logits_processor"] = self._text_logits_processors(kwargs, has_images, input_ids, attention_mask)
         kwargs.update(self.default_cache_settings(kwargs))
         # 2. bound the request, then decode from left-padded ids (text) or the expanded prompt's embeddings (images)
-        if not self.model.has_image_inputs(input_ids, pixel_values):
+        if not has_images:
             self.check_text_generation_budget(input_ids, kwargs)  # image prompts: once expanded, in real tokens
             if pixel_values is not None:  # images without ids to place them: the forward's clear error
                 check_input_kinds(input_ids, kwargs.get("inputs_embeds"), pixel_values, False)
@@ -778,12 +785,35 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         # 3. the returned sequences start with the given ids, as for text-only models
         return _with_prompt_ids(outputs, input_ids, new_tokens_from)
 
-    def _text_logits_processors(self, kwargs: dict) -> LogitsProcessorList:
+    def _image_prompt_padding(self, input_ids: torch.LongTensor, kwargs: dict) -> torch.LongTensor | None:
+        """The attention mask of a batch of image prompts given without one, as transformers infers a text prompt's
+        (pads are `pad_token_id`); None where no row holds the pad token. Where the pad token is also the end of
+        text, padding cannot be told from text: refused (the pads would be read as the prompt, silently)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        if pad is None or input_ids.shape[0] == 1 or not (input_ids == pad).any():
+            return None
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        if pad in (eos if isinstance(eos, list) else [eos]):
+            raise ValueError(f"generate: a batch of image prompts holding the pad token ({pad}, also the end of text "
+                             f"here) needs its attention_mask to tell padding from text: pass the processor's "
+                             f"attention_mask")
+        return (input_ids != pad).long()
+
+    def _text_logits_processors(self, kwargs: dict, from_embeddings: bool = False, prompt_ids=None,
+                                attention_mask=None) -> LogitsProcessorList:
         """The caller's `logits_processor` (popped from `kwargs`), then the suppression of image ids in text and, with
-        a `generator` (popped too), the warpers and one random stream per row."""
+        a `generator` (popped too), the warpers and one random stream per row. `from_embeddings` (a prompt with
+        images, decoded from its embeddings): lavit applies the repetition penalty over `prompt_ids` and the new
+        tokens ([`PromptRepetitionPenaltyLogitsProcessor`]: transformers' would skip a row's first new tokens)."""
         logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         config = self.config
         logits_processor.append(SuppressImageTokensLogitsProcessor(config.text_vocab_size, config.visual_token_end))
+        penalty = kwargs.get("repetition_penalty", getattr(kwargs.get("generation_config") or self.generation_config,
+                                                           "repetition_penalty", None))
+        if from_embeddings and penalty not in (None, 1.0):  # before the warpers, as transformers places its own
+            logits_processor.append(PromptRepetitionPenaltyLogitsProcessor(penalty, prompt_ids, attention_mask))
+            kwargs["repetition_penalty"] = 1.0
         generator = kwargs.pop("generator", None)
         if generator is not None:
             logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))

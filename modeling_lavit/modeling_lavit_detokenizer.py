@@ -273,6 +273,8 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
     ```
     """
 
+    _auto_class = "AutoModel"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
+
     def __init__(self, config: LaVITDetokenizerConfig):
         require_diffusers()
         super().__init__(config)
@@ -489,6 +491,8 @@ class LaVITConditionEncoder(LaVITConditionsMixin, LaVITDetokenizerPreTrainedMode
     [`LaVITDetokenizer`] (same weight names); the UNet, VAE and scheduler are the pipeline's own components.
     Its config's `unet_config` / `vae_config` / `scheduler_config` describe the decoder it was trained with.
     """
+
+    _auto_class = "AutoModel"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
 
     def __init__(self, config: LaVITDetokenizerConfig):
         super().__init__(config)

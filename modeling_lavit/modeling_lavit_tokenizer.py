@@ -173,13 +173,15 @@ class LaVITTokenSelector(nn.Module):
         self.classifier = nn.Linear(hidden_size // 4, 2)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) patch features -> (B, N, 2) log-probabilities; index 0 is "keep"."""
+        """(B, N, D) patch features -> (B, N, 2) float32 log-probabilities; index 0 is "keep"."""
         hidden_states = F.gelu(self.in_proj(self.layer_norm(image_features)))
         local_part, global_part = hidden_states.chunk(2, dim=-1)
         global_part = global_part.mean(dim=1, keepdim=True).expand_as(global_part)
         hidden_states = torch.cat([local_part, global_part], dim=-1)
         hidden_states = F.gelu(self.fc2(F.gelu(self.fc1(hidden_states))))
-        return F.log_softmax(self.classifier(hidden_states), dim=-1)
+        # the keep decision in float32 (as the codebook lookup): bf16 rounds a near-even pair of logits to exactly
+        # (0.5, 0.5), which would drop every such patch (an untrained or early selector keeps one token an image)
+        return F.log_softmax(self.classifier(hidden_states).float(), dim=-1)
 
 
 class LaVITTokenMerger(nn.Module):
@@ -518,6 +520,8 @@ class LaVITTokenizerModel(LaVITTokenizerPreTrainedModel):
     >>> budgeted = tokenizer.tokenize(pixel_values, max_tokens=64)
     ```
     """
+
+    _auto_class = "AutoModel"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
 
     # the typed selection settings (for callers that cannot import this folder, such as the processor)
     selection_class = LaVITImageSelection

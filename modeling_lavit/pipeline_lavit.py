@@ -29,6 +29,7 @@ import torch
 # remote code from a local folder: every modeling file the pipeline and its components need is imported here
 from .attention_lavit import LaVITAttentionLayer  # noqa: F401
 from .configuration_lavit import LaVITConfig, LaVITDetokenizerConfig, LaVITImageSelection  # noqa: F401
+from .folders_lavit import is_lavit_pipeline_folder  # noqa: F401
 from .generation_lavit import LaVITImageGenerationConfig, row_generators
 from .image_placeholders_lavit import find_image_spans  # noqa: F401
 from .kernels_lavit import speed_defaults  # noqa: F401
@@ -265,7 +266,8 @@ class LaVITPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """`DiffusionPipeline.from_pretrained` for this class: the language model, processor and condition encoder
         load with the classes this process already has (no `trust_remote_code` needed where `lavit` is installed),
-        the UNet, VAE and scheduler through diffusers. `torch_dtype` applies to every model."""
+        the UNet, VAE and scheduler through diffusers. `torch_dtype` applies to every model (float32 when not given,
+        whatever dtype the folder was saved in)."""
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
@@ -274,7 +276,9 @@ class LaVITPipeline(DiffusionPipeline):
                           if name in kwargs}
             folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
         refuse_unfinished_save(folder)
-        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        # one dtype for every model: diffusers loads the UNet and VAE in float32 unless told, so the language model and
+        # condition encoder do too (transformers' own default would keep a bf16 save's dtype: mixed, and a crash)
+        dtype = kwargs.get("torch_dtype", kwargs.get("dtype")) or torch.float32
         trust_remote_code = kwargs.get("trust_remote_code", False)
         loaders = _component_loaders(trust_remote_code)
         if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
@@ -561,6 +565,11 @@ class LaVITPipeline(DiffusionPipeline):
         scheduler = self.scheduler
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        # the conditions in the UNet's dtype: a condition encoder of another one (a bf16 save loaded with
+        # trust_remote_code: diffusers makes the UNet float32, transformers keeps the saved bf16) would not match it
+        unet_dtype = self.unet.dtype
+        conditions = LaVITDetokenizerConditions(**{name: value.to(unet_dtype) if value.is_floating_point() else value
+                                                   for name, value in conditions.items()})
         prompt_embeds = conditions.prompt_embeds
         self._num_timesteps = len(scheduler.timesteps)
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
@@ -646,63 +655,6 @@ def _component_loaders(trust_remote_code: bool) -> dict:
     }
 
 
-def is_lavit_pipeline_folder(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds a saved [`LaVITPipeline`]: a `model_index.json` naming the class (another diffusers
-    pipeline's folder, with a LaVIT model saved in it, is not one)."""
-    index = Path(folder) / "model_index.json"
-    try:
-        class_name = loads_json(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
-    return (class_name[-1] if isinstance(class_name, list) and class_name else class_name) == LaVITPipeline.__name__
-
-
-def language_model_folders(folder: str | os.PathLike, with_processor: bool = True) -> tuple[Path, Path] | None:
-    """
-    `(model folder, processor folder)` of the LaVIT language model a local `folder` holds, the one answer to "which
-    language model does this folder mean" for every loader: a `LaVITPipeline` folder (its `language_model/` and
-    `processor/`), the `language_model/` sub-folder of one (the processor beside it), or a model folder (itself:
-    its processor files lie with the model's). None for a folder that holds no LaVIT language model.
-    `with_processor`: the processor folder must hold a saved processor (the caller loads it).
-
-    Raises:
-        ValueError: a pipeline folder that holds a decoder alone (no language model), or whose language model has no
-            processor to read prompts with; the message names the fix.
-    """
-    folder = Path(folder).expanduser()
-    pipeline = folder if is_lavit_pipeline_folder(folder) else None
-    real = folder.resolve()  # a link to a pipeline's `language_model/` means that sub-folder, whatever its own name
-    if pipeline is None and real.name == "language_model" and is_lavit_pipeline_folder(real.parent):
-        pipeline = real.parent
-    if pipeline is not None:
-        model_folder, processor_folder = pipeline / "language_model", pipeline / "processor"
-        if not (model_folder / "config.json").is_file():
-            raise ValueError(f"{pipeline} is a LaVITPipeline folder without a language model (a pixel decoder "
-                             f"alone): give the folder of a LaVIT model, or a pipeline that holds one")
-    elif _config_model_type(folder) == LaVITConfig.model_type:
-        model_folder = processor_folder = folder
-    else:
-        return None
-    if with_processor and not any((processor_folder / name).is_file() for name in PROCESSOR_FILES):
-        raise ValueError(f"{processor_folder} holds no processor ({' or '.join(PROCESSOR_FILES)}) for the language "
-                         f"model of {folder}: save the model's LaVITProcessor there "
-                         f"(processor.save_pretrained({str(processor_folder)!r}))")
-    return model_folder, processor_folder
-
-
-# the files a saved processor (or its image processor, which a LaVIT processor folder always has) writes
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-def _config_model_type(folder: Path) -> str | None:
-    config_file = folder / "config.json"
-    try:
-        config = loads_json(config_file.read_text()) if config_file.is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return config.get("model_type") if isinstance(config, dict) else None
-
-
 def _is_detokenizer_folder(folder: Path) -> bool:
     config_file = folder / "config.json"
     model_type = loads_json(config_file.read_text()).get("model_type") if config_file.is_file() else None
@@ -717,4 +669,4 @@ def copy_code_files(module_file: Path, folder: Path):
             shutil.copyfile(path, folder / path.name)
 
 
-__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences", "language_model_folders"]
+__all__ = ["LaVITPipeline", "copy_code_files", "image_tokens_from_sequences"]

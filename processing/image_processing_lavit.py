@@ -153,6 +153,8 @@ class LaVITImageProcessor(SaveBesideSourcesMixin, BaseImageProcessor):
             decompression-bomb limit).
     """
 
+    _auto_class = "AutoImageProcessor"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
+
     model_input_names = ["pixel_values"]
 
     def __init__(

@@ -15,7 +15,7 @@ import inspect
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 
 from .image_processing_lavit import flatten_images
 from .saving_lavit import SaveBesideSourcesMixin
@@ -118,6 +118,8 @@ class LaVITProcessor(GuardedProcessorMixin):
         chat_template (`str`, *optional*): Jinja template for chat messages; a Vicuna-style one by default.
         image_token (`str`, *optional*, defaults to `"<image>"`): the placeholder users write in text.
     """
+
+    _auto_class = "AutoProcessor"  # the `auto_map` of its saved folders: they load with trust_remote_code=True
 
     valid_processor_kwargs = LaVITProcessorKwargs
 
@@ -227,6 +229,8 @@ class LaVITProcessor(GuardedProcessorMixin):
         text_kwargs, images_kwargs, return_offsets = self._call_kwargs(kwargs)
         padding, truncation = text_kwargs.pop("padding", True), text_kwargs.pop("truncation", False)
         max_length, padding_side = text_kwargs.pop("max_length", None), text_kwargs.pop("padding_side", None)
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         return_tensors = text_kwargs.pop("return_tensors", "pt")
         # 2. tokenize the texts with each `<image>` as the compact pair `[IMG][/IMG]`
         tokenized = self.tokenizer([self.replace_image_placeholders(item) for item in texts], **text_kwargs)
@@ -267,6 +271,7 @@ class LaVITProcessor(GuardedProcessorMixin):
             raise ValueError(f"LaVITProcessor does not take the arguments {unknown}: it takes transformers' processor "
                              f"arguments and the text tokenizer's (generation options belong to generate, or to the "
                              f"pipeline call)")
+        self._check_structured_kwargs(kwargs, set(tokenizer_only))
         merged = self._merge_kwargs(LaVITProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs = {**merged["text_kwargs"], **extra}
         return_offsets = bool(merged.get("return_text_replacement_offsets")
@@ -275,6 +280,31 @@ class LaVITProcessor(GuardedProcessorMixin):
             text_kwargs.pop(name, None)
         images_kwargs = {name: value for name, value in merged["images_kwargs"].items() if name != "return_tensors"}
         return text_kwargs, images_kwargs, return_offsets
+
+    def _check_structured_kwargs(self, kwargs: dict, tokenizer_only: set) -> None:
+        """The structured groups (`text_kwargs`, `images_kwargs`, `common_kwargs`) hold only the arguments of their
+        kind, checked as flat ones are: transformers would pass a misspelt text argument on silently, and fail on a
+        text argument in `common_kwargs` with an internal TypeError."""
+        groups = {
+            "text_kwargs": set(TextKwargs.__annotations__) | tokenizer_only | {"return_text_replacement_offsets"},
+            "images_kwargs": set(getattr(self.image_processor, "valid_kwargs", ImagesKwargs).__annotations__)
+            | set(ImagesKwargs.__annotations__),
+            # transformers gives `common_kwargs` to every modality's arguments: only what each of them takes
+            "common_kwargs": set.intersection(*(set(getattr(kind, "__annotations__", {})) for name, kind in
+                                                ProcessingKwargs.__annotations__.items() if name.endswith("_kwargs"))),
+        }
+        for group, allowed in groups.items():
+            given = kwargs.get(group)
+            if given is None:
+                continue
+            if not isinstance(given, dict):
+                raise ValueError(f"{group} must be a dict of arguments, got {type(given).__name__}")
+            unknown = sorted(set(given) - allowed)
+            if unknown:
+                holds = {"text_kwargs": "the text tokenizer's arguments", "images_kwargs": "the image processor's",
+                         "common_kwargs": ", ".join(sorted(allowed))}[group]
+                raise ValueError(f"LaVITProcessor does not take {unknown} in {group}, which holds {holds}: give each "
+                                 f"argument in its own group, or flat")
 
     def _check_inputs(self, images, text, videos, audio) -> tuple[list[str], list, list[int]]:
         """The texts, the flat list of images and the number of `<image>` placeholders in each text; a `ValueError`

@@ -27,7 +27,11 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 
 def test_remote_code_folders_import_only_their_siblings_of_the_project():
+    """Every module a Hub folder may hold; the packages' `__init__.py` (the installed lazy namespaces, which import
+    `lavit.registration`) is never copied into one: `saving_lavit.code_files` follows module imports only."""
     for path in python_files(*REMOTE_CODE_FOLDERS):
+        if path.name == "__init__.py":
+            continue
         for level, module in imported_modules(path):
             assert level <= 1, f"{path.name} imports from a parent package ({module})"
             assert module.split(".")[0] not in ("lavit", "training", "hub_cards"), f"{path.name} imports {module}"

@@ -1,4 +1,4 @@
-"""#26 items 3-5: one resolver (`lavit.modeling.pipeline_lavit.language_model_folders`) says which language model a
+"""#26 items 3-5: one resolver (`lavit.modeling.folders_lavit.language_model_folders`) says which language model a
 folder means, for every command that loads one: a LaVIT model folder, a `LaVITPipeline` folder (what
 `convert-original` and `train-detokenizer` write) or its `language_model/` sub-folder (the processor is the
 pipeline's). Stage 3 keeps the language model of the pipeline it continues, and a wrong `--model` fails before
@@ -10,7 +10,7 @@ import re
 import shutil
 
 import pytest
-from lavit.modeling.pipeline_lavit import language_model_folders
+from lavit.modeling.folders_lavit import language_model_folders
 from test_cli import error_lines, real_photo_file, run
 
 from lavit.cli import build_parser
@@ -210,3 +210,13 @@ def test_training_refuses_an_adapter_folder_as_the_model_to_train(final_folders,
     assert code == 1 and len(lines) == 1 and "PEFT (LoRA) adapter folder" in lines[0], err
     assert f"--model {final_folders['model'].resolve()} --lora" in lines[0]  # fine-tuning takes a new adapter
     assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_the_folder_answers_name_the_classes_they_stand_for():
+    """`folders_lavit` reads folders without importing the classes (the `lavit` command's start-up): its pipeline
+    class name is `LaVITPipeline`'s, and `LaVITConfig`'s model type is its constant."""
+    from lavit.modeling.folders_lavit import LANGUAGE_MODEL_TYPE, PIPELINE_CLASS
+
+    from lavit import LaVITConfig, LaVITPipeline
+
+    assert PIPELINE_CLASS == LaVITPipeline.__name__ and LaVITConfig.model_type == LANGUAGE_MODEL_TYPE

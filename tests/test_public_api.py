@@ -1,6 +1,11 @@
 """The `lavit` namespace exports the user-facing classes only; building blocks stay in their modules."""
+import os
+import subprocess
+import sys
+import textwrap
 from importlib.metadata import version
 
+import pytest
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
@@ -36,3 +41,71 @@ def test_building_blocks_import_from_their_modules_not_from_the_namespace():
 
 def test_version_is_the_installed_package_version():
     assert lavit.__version__ == version("lavit")
+
+
+def run_fresh(code: str) -> str:
+    """`code` in a fresh Python (what a user's first import sees); its stdout."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+MODEL_CODE = ("transformers.modeling_utils", "transformers.processing_utils", "diffusers", "peft",
+              "lavit.modeling.modeling_lavit", "lavit.processing.processing_lavit")
+
+
+def test_import_lavit_imports_no_model_code():
+    """The namespaces are lazy (issue 28: the `lavit` command's start-up): `import lavit` reads no model code."""
+    loaded = run_fresh(f"""
+        import sys
+        import lavit, lavit.modeling, lavit.processing
+        print([name for name in sys.modules if name.startswith({MODEL_CODE!r})])
+    """)
+    assert loaded.strip() == "[]", loaded
+
+
+@pytest.mark.parametrize("namespace", ["lavit", "lavit.modeling", "lavit.processing"])
+def test_the_first_use_of_a_class_of_any_namespace_registers_every_auto_class(namespace):
+    """Every exported name of every namespace is reached through its `__getattr__` (none is bound before its first
+    use), and a first use registers every LaVIT type with the Auto classes (as `import lavit` once did eagerly)."""
+    checks = run_fresh(f"""
+        import importlib
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.pipelines import PIPELINE_REGISTRY
+        namespace = importlib.import_module({namespace!r})
+        print("bound before use:", [name for name in namespace.__all__ if name in vars(namespace)])
+        print("known before use:", "lavit" in CONFIG_MAPPING)
+        getattr(namespace, sorted(namespace.__all__)[-1])
+        types = ("lavit", "lavit_tokenizer", "lavit_detokenizer", "lavit_eva_vision")
+        tasks = PIPELINE_REGISTRY.get_supported_tasks()
+        print("known after use:", all(key in CONFIG_MAPPING for key in types), "lavit-text-to-image" in tasks)
+    """)
+    assert checks.splitlines() == ["bound before use: []", "known before use: False", "known after use: True True"], (
+        checks)
+
+
+def test_a_class_imported_from_its_own_module_saves_its_auto_map(tmp_path):
+    """Each class carries its `_auto_class`, so its saved folders load with trust_remote_code=True even when no
+    namespace was used (a deep import registers nothing)."""
+    saved = run_fresh(f"""
+        import json
+        from lavit.modeling.configuration_lavit import LaVITTokenizerConfig
+        LaVITTokenizerConfig().save_pretrained({str(tmp_path)!r})
+        print(json.load(open({str(tmp_path / "config.json")!r}))["auto_map"])
+    """)
+    assert "'AutoConfig': 'configuration_lavit.LaVITTokenizerConfig'" in saved, saved
+    for name, auto_class in (("LaVITTokenizerConfig", "AutoConfig"), ("LaVITConfig", "AutoConfig"),
+                             ("LaVITDetokenizerConfig", "AutoConfig"), ("LaVITTokenizerModel", "AutoModel"),
+                             ("LaVITDetokenizer", "AutoModel"), ("LaVITConditionEncoder", "AutoModel"),
+                             ("LaVITForCausalLM", "AutoModelForCausalLM"),
+                             ("LaVITImageProcessor", "AutoImageProcessor"), ("LaVITProcessor", "AutoProcessor")):
+        assert getattr(lavit, name)._auto_class == auto_class, name
+
+
+def test_an_unknown_name_is_an_attribute_error_naming_it():
+    with pytest.raises(AttributeError, match="module 'lavit' has no attribute 'LaVITForCasualLM'"):
+        lavit.LaVITForCasualLM  # noqa: B018
+    with pytest.raises(ImportError):
+        from lavit.modeling import NoSuchThing  # noqa: F401
+    assert set(lavit.__all__) <= set(dir(lavit))

@@ -45,8 +45,9 @@ from lavit.paths import ADAPTERS, CHECKPOINT, INPUT, MODEL_KINDS, OUTPUT, PATH_R
 from .checkpoints import resume_problem
 from .config_files import config_arguments, is_config_file
 from .presets import preset_field
-from .sequences import SEQUENCE_ORDERS
 
+# the pair orders of a stage-2 image-text sequence (`--order`; built by `training.sequences`)
+SEQUENCE_ORDERS = ("random", "both", "image_to_text", "text_to_image")
 # the weights the LM stages can train: float32 (AMP with --bf16) or pure bf16 (`SequenceArguments.dtype`)
 WEIGHT_DTYPES = ("float32", "bfloat16")
 # a field's declared range: `field(metadata={"range": Range(...)})`; the parser makes it the flag's `type=` and checks
@@ -198,12 +199,13 @@ class SequenceArguments(EvalDataArguments):
             model.get_decoder().set_attn_implementation(kernel)
 
     def set_dtype(self, model):
-        """The trained model's weights in `dtype` (pure bf16 training; see [`kahan_adamw`] for its optimizer)."""
-        if self.dtype == "float32":
-            return
+        """The trained model's weights in `dtype` (pure bf16 training; see [`kahan_adamw`] for its optimizer), whatever
+        dtype its folder was saved in: a bf16 folder trains in float32 under the default `--dtype float32`."""
         if getattr(self, "qlora", False):
-            raise ValueError("--dtype bfloat16 does not apply to --qlora (its LM is 4-bit and computes in bf16 "
-                             "already): drop --dtype")
+            if self.dtype != "float32":
+                raise ValueError("--dtype bfloat16 does not apply to --qlora (its LM is 4-bit and computes in bf16 "
+                                 "already): drop --dtype")
+            return  # the 4-bit weights stay as they are; the adapters are made in float32
         model.to(getattr(torch, self.dtype))
 
     def row_length(self, model) -> int | None:
@@ -445,6 +447,23 @@ def _without_declarations(data_field: dataclasses.Field) -> dataclasses.Field:
     copied.metadata = types.MappingProxyType({key: value for key, value in data_field.metadata.items()
                                               if key not in declarations})
     return copied
+
+
+# each stage's command, argument dataclasses and description: the one table behind the stage scripts' `make_parser`
+# and `lavit COMMAND --help`, which so imports no stage script (nor peft, datasets or the models)
+STAGE_ARGUMENTS = {
+    "train-tokenizer": ((TokenizerTrainingArguments, LaVITTrainingArguments), "stage 1: train the visual tokenizer"),
+    "pretokenize": ((PretokenizeArguments,), "store keep masks and code ids of a dataset"),
+    "train": ((PretrainingArguments, LaVITTrainingArguments), "stage 2: unified pretraining"),
+    "finetune": ((FinetuningArguments, LaVITTrainingArguments), "caption / VQA / chat fine-tuning, full or LoRA"),
+    "train-detokenizer": ((DetokenizerTrainingArguments, LaVITTrainingArguments), "train the pixel detokenizer"),
+}
+
+
+def stage_parser(command: str, subparsers: argparse._SubParsersAction | None = None) -> LaVITArgumentParser:
+    """The parser of the stage `command`, from [`STAGE_ARGUMENTS`] (see [`make_stage_parser`])."""
+    dataclass_types, help = STAGE_ARGUMENTS[command]
+    return make_stage_parser(dataclass_types, subparsers, command, help)
 
 
 def make_stage_parser(dataclass_types: tuple, subparsers: argparse._SubParsersAction | None, command: str,

@@ -17,7 +17,7 @@ from lavit.processing import LaVITProcessor
 from transformers import set_seed
 from transformers.trainer_utils import has_length
 
-from .arguments import FinetuningArguments, LaVITTrainingArguments, make_stage_parser
+from .arguments import FinetuningArguments, LaVITTrainingArguments, stage_parser
 from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records
 from .evaluation import GenerationEvaluator, configure_evaluation, split_eval_records
@@ -100,8 +100,7 @@ def main(script_args: FinetuningArguments, training_args: LaVITTrainingArguments
 
 def make_parser(subparsers=None):
     # the same parser for `lavit finetune` (a sub-command of `subparsers`) and for this script run alone
-    return make_stage_parser((FinetuningArguments, LaVITTrainingArguments), subparsers, "finetune",
-                             "caption / VQA / chat fine-tuning, full or LoRA")
+    return stage_parser("finetune", subparsers)
 
 
 def cli(args=None):

@@ -16,7 +16,7 @@ from lavit.modeling import (
     LaVITTokenizerConfig,
     LaVITTokenizerModel,
 )
-from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder, language_model_folders
+from lavit.modeling.folders_lavit import is_lavit_pipeline_folder, language_model_folders
 from lavit.processing import LaVITImageProcessor, LaVITProcessor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
@@ -28,6 +28,9 @@ from .lora import lora_config
 # kept in full precision under QLoRA: the frozen visual tokenizer's quantizer must see exact features
 QLORA_SKIPPED_MODULES = ["visual_tokenizer", "visual_merger", "visual_projection", "lm_head"]
 FINETUNING_TASKS = ("caption", "vqa", "chat")
+# every LaVIT model a stage reads is loaded in float32, whatever dtype its folder was saved in (transformers' default
+# keeps a bf16 save's dtype): `--bf16` computes over float32 weights, `--dtype bfloat16` casts them (`set_dtype`)
+LOADED_IN = {"dtype": torch.float32}
 
 
 def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
@@ -37,15 +40,15 @@ def load_visual_tokenizer(path: str) -> LaVITTokenizerModel:
         path = str(language_model_folders(path, with_processor=False)[0])
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
     if model_type == LaVITConfig.model_type:
-        return LaVITForCausalLM.from_pretrained(path).model.visual_tokenizer
-    return LaVITTokenizerModel.from_pretrained(path)
+        return LaVITForCausalLM.from_pretrained(path, **LOADED_IN).model.visual_tokenizer
+    return LaVITTokenizerModel.from_pretrained(path, **LOADED_IN)
 
 
 def build_tokenizer(script_args) -> LaVITTokenizerModel:
     """Stage 1's visual tokenizer: `--model` to continue one, else a new one from `--tokenizer_config`, whose frozen
     encoder is `--vision_model` (a CLIP/SigLIP vision tower, weights copied) when given."""
     if script_args.model:
-        return LaVITTokenizerModel.from_pretrained(script_args.model)
+        return LaVITTokenizerModel.from_pretrained(script_args.model, **LOADED_IN)
     if not script_args.tokenizer_config:
         raise ValueError("give --model (a tokenizer to continue) or --tokenizer_config (a new one)")
     settings = load_config_preset(script_args.tokenizer_config, "tokenizer")
@@ -64,7 +67,8 @@ def build_unified_model(script_args) -> tuple[LaVITForCausalLM, LaVITProcessor]:
     """A LaVIT model and its processor: loaded from `--model`, or assembled from a visual tokenizer and a text LM."""
     if script_args.model:
         model_path, processor_path = lavit_model_paths(script_args.model)
-        return LaVITForCausalLM.from_pretrained(model_path), LaVITProcessor.from_pretrained(processor_path)
+        return (LaVITForCausalLM.from_pretrained(model_path, **LOADED_IN),
+                LaVITProcessor.from_pretrained(processor_path))
     if not (script_args.visual_tokenizer and script_args.language_model):
         raise ValueError("give --model (a LaVIT folder) or both --visual_tokenizer and --language_model")
     text_tokenizer = AutoTokenizer.from_pretrained(script_args.text_tokenizer or script_args.language_model)
@@ -95,7 +99,7 @@ def load_model_for_finetuning(script_args, training_args) -> LaVITForCausalLM:
     if script_args.qlora:
         model = load_4bit_model(model_path, training_args.gradient_checkpointing)
     else:
-        model = LaVITForCausalLM.from_pretrained(model_path)
+        model = LaVITForCausalLM.from_pretrained(model_path, **LOADED_IN)
     if script_args.lora or script_args.qlora:
         from peft import get_peft_model
 
@@ -154,7 +158,7 @@ def load_detokenizer(folder: str) -> LaVITDetokenizer:
     if is_lavit_pipeline_folder(folder):
         pipe = LaVITPipeline.from_pretrained(folder, language_model=None, processor=None)
         return LaVITDetokenizer.from_components(pipe.condition_encoder, pipe.unet, pipe.vae, pipe.scheduler)
-    return LaVITDetokenizer.from_pretrained(folder)
+    return LaVITDetokenizer.from_pretrained(folder, **LOADED_IN)
 
 
 def pipeline_language_model_folder(script_args) -> tuple[str, str] | None:

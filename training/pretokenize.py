@@ -21,7 +21,7 @@ from lavit.atomic import fresh_staging_folder, replace_folder, require_replaceab
 from lavit.command_inputs import load_visual_tokenizer_of
 from lavit.paths import check_paths
 
-from .arguments import PretokenizeArguments, make_stage_parser
+from .arguments import PretokenizeArguments, stage_parser
 from .data import BadRecordCounter, limit_records, load_records, pretokenize_images
 
 
@@ -72,8 +72,7 @@ def main(script_args: PretokenizeArguments):
 
 def make_parser(subparsers=None):
     # the same parser for `lavit pretokenize` (a sub-command of `subparsers`) and for this script run alone
-    return make_stage_parser((PretokenizeArguments,), subparsers, "pretokenize",
-                             "store keep masks and code ids of a dataset")
+    return stage_parser("pretokenize", subparsers)
 
 
 def cli(args=None):

@@ -17,9 +17,8 @@ from lavit.modeling.configuration_lavit import LaVITConfig
 from lavit.modeling.validation_lavit import room_advice
 from lavit.processing.processing_lavit import fill_image_spans
 
+from .arguments import SEQUENCE_ORDERS
 from .data import SKIPPED_FIELD, BadRecordCounter, BadRecordError, whole_stream
-
-SEQUENCE_ORDERS = ("random", "both", "image_to_text", "text_to_image")
 
 # ---------------------------------------------------------------------------------------------------------- sequences
 

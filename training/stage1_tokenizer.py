@@ -20,7 +20,7 @@ from lavit.processing import LaVITImageProcessor
 from transformers import set_seed
 from transformers.trainer_utils import has_length
 
-from .arguments import LaVITTrainingArguments, TokenizerTrainingArguments, make_stage_parser
+from .arguments import LaVITTrainingArguments, TokenizerTrainingArguments, stage_parser
 from .callbacks import JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import ImageCollator
@@ -99,8 +99,7 @@ def main(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingAr
 
 def make_parser(subparsers=None):
     # the same parser for `lavit train-tokenizer` (a sub-command of `subparsers`) and for this script run alone
-    return make_stage_parser((TokenizerTrainingArguments, LaVITTrainingArguments), subparsers, "train-tokenizer",
-                             "stage 1: train the visual tokenizer")
+    return stage_parser("train-tokenizer", subparsers)
 
 
 def cli(args=None):

@@ -21,7 +21,7 @@ import datasets
 from transformers import set_seed
 from transformers.trainer_utils import has_length
 
-from .arguments import LaVITTrainingArguments, PretrainingArguments, make_stage_parser
+from .arguments import LaVITTrainingArguments, PretrainingArguments, stage_parser
 from .collators import lm_collator
 from .data import BadRecordCounter, limit_records, load_records, load_text_records, mix_text_records
 from .evaluation import configure_evaluation, split_eval_records
@@ -125,8 +125,7 @@ def main(script_args: PretrainingArguments, training_args: LaVITTrainingArgument
 
 def make_parser(subparsers=None):
     # the same parser for `lavit train` (a sub-command of `subparsers`) and for this script run alone
-    return make_stage_parser((PretrainingArguments, LaVITTrainingArguments), subparsers, "train",
-                             "stage 2: unified pretraining")
+    return stage_parser("train", subparsers)
 
 
 def cli(args=None):

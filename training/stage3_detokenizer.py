@@ -28,7 +28,7 @@ from transformers import set_seed
 
 from lavit.command_inputs import load_visual_tokenizer_of
 
-from .arguments import DetokenizerTrainingArguments, LaVITTrainingArguments, make_stage_parser
+from .arguments import DetokenizerTrainingArguments, LaVITTrainingArguments, stage_parser
 from .callbacks import EMACallback, JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import DetokenizerCollator, image_items
@@ -119,8 +119,7 @@ def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTraining
 
 def make_parser(subparsers=None):
     # the same parser for `lavit train-detokenizer` (a sub-command of `subparsers`) and for this script run alone
-    return make_stage_parser((DetokenizerTrainingArguments, LaVITTrainingArguments), subparsers, "train-detokenizer",
-                             "train the pixel detokenizer")
+    return stage_parser("train-detokenizer", subparsers)
 
 
 def cli(args=None):

@@ -36,7 +36,7 @@ def load_lavit(path: str, flag: str = "--model"):
 def load_pipeline(path: str):
     """A `LaVITPipeline` folder (or Hub id), or a LaVIT model folder of lavit <= 0.x with its `detokenizer/`."""
     from lavit import LaVITPipeline
-    from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
+    from lavit.modeling.folders_lavit import is_lavit_pipeline_folder
 
     folder = Path(path).expanduser()
     if folder.is_dir() and not is_lavit_pipeline_folder(folder):

@@ -56,7 +56,7 @@ def run_convert(args) -> None:
 
 def run_export(args) -> None:
     from lavit.hub_cards import export_model
-    from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
+    from lavit.modeling.folders_lavit import is_lavit_pipeline_folder
 
     metadata = None
     if args.metadata:
@@ -80,7 +80,7 @@ def run_export(args) -> None:
 
 def run_push(args) -> None:
     from lavit.hub_cards import check_export_folder, export_loaded, export_model, push_to_hub
-    from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
+    from lavit.modeling.folders_lavit import is_lavit_pipeline_folder
 
     if not is_lavit_pipeline_folder(args.model):
         require_folder(args.model, ("lavit",))

@@ -1,5 +1,6 @@
-"""The training commands: each is a stage script whose `make_parser(commands)` adds the command under its name, so
-`lavit train ARGS` and `python -m lavit.training.stage2_pretrain ARGS` take the same flags (or one config file).
+"""The training commands: each is a stage script, whose parser is built from the stages' table of arguments
+(`lavit.training.arguments.stage_parser`), so `lavit train ARGS` and `python -m lavit.training.stage2_pretrain
+ARGS` take the same flags (or one config file), and `lavit train --help` imports no stage script.
 
 `lavit COMMAND ...` goes straight to the stage's parser (`run_training`): the other commands never import the
 training modules, and `lavit --help` lists the stages from `TRAINING_SUMMARIES` without importing them."""
@@ -39,9 +40,11 @@ def training_command(name: str) -> str | None:
 
 def add_parsers(commands, full: bool = True) -> None:
     """The stages' own parsers (`full`), or a one-line entry per stage for the command listing."""
-    for command, module_name in TRAINING_COMMANDS.items():
-        if full:
-            importlib.import_module(module_name).make_parser(commands)
+    for command in TRAINING_COMMANDS:
+        if full:  # from the stages' table of arguments: no stage script (nor its models, peft, datasets) imported
+            from lavit.training.arguments import stage_parser
+
+            stage_parser(command, commands)
         else:
             aliases = [old for old, new in TRAINING_ALIASES.items() if new == command]
             commands.add_parser(command, aliases=aliases,
@@ -64,6 +67,8 @@ def run_training(command: str, argv: list[str]) -> None:
     """Runs a training stage with the parser of `python -m lavit.training.<stage>` (flags, or one config file),
     named `lavit COMMAND`; the parser checks the model folders it reads before anything is built
     (`LaVITArgumentParser.parse_args_and_config`)."""
-    stage = importlib.import_module(TRAINING_COMMANDS[command])
+    from lavit.training.arguments import stage_parser
+
     commands = argparse.ArgumentParser(prog="lavit", allow_abbrev=False).add_subparsers(parser_class=stage_parser_class)
-    stage.main(*stage.make_parser(commands).parse_args_and_config(argv))
+    arguments = stage_parser(command, commands).parse_args_and_config(argv)  # `--help` ends here
+    importlib.import_module(TRAINING_COMMANDS[command]).main(*arguments)

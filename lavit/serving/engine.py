@@ -145,7 +145,7 @@ class LaVITEngine:
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None):
         from lavit import LaVITForCausalLM, LaVITPipeline, LaVITProcessor
         from lavit.command_inputs import lavit_model_paths
-        from lavit.modeling.pipeline_lavit import is_lavit_pipeline_folder
+        from lavit.modeling.folders_lavit import is_lavit_pipeline_folder
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else None)

@@ -47,7 +47,10 @@ def strip_pads(ids, pad_token_id):
 @pytest.mark.parametrize("settings", [
     dict(do_sample=False, max_new_tokens=4),
     dict(do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=4, length_penalty=0.0),
-], ids=["greedy", "beams"])
+    # processors that read each row's history (atk37: the penalty skipped a batched image row's first new tokens)
+    dict(do_sample=False, max_new_tokens=12, repetition_penalty=3.0),
+    dict(do_sample=False, num_beams=2, max_new_tokens=8, repetition_penalty=1.5, no_repeat_ngram_size=2),
+], ids=["greedy", "beams", "repetition-penalty", "beams-penalty-ngrams"])
 def test_text_generation_gives_each_row_what_it_gives_alone(lavit_model, lavit_processor, padding_side, settings):
     batch = encode(lavit_processor, lavit_model, ROWS, padding_side)
     batched = new_tokens(lavit_model.generate(**batch, **settings), batch)
@@ -160,3 +163,22 @@ def test_seeded_text_sampling_gives_each_row_what_it_gives_alone(lavit_model, la
                                       max_new_tokens=5)
     greedy = lavit_model.generate(**batch, do_sample=False, max_new_tokens=5)
     assert torch.equal(greedy_top, greedy)  # top_k=1 sampling is greedy: the warpers run before the draw
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_image_prompts_without_their_attention_mask_are_padded_as_transformers_infers_or_refused(
+        lavit_model, lavit_processor, padding_side):
+    """atk37 F3: a padded batch of image prompts given without `attention_mask` read its pads as prompt, silently
+    (the text path infers the mask from the pad token, or warns). The mask is inferred as transformers infers it
+    (`input_ids != pad_token_id`) and gives what the processor's mask gives; where the pad token is also the end of
+    text (this tokenizer's), padding cannot be told from text and the call is refused."""
+    rows = [ROWS[0], ROWS[2]]
+    batch = encode(lavit_processor, lavit_model, rows, padding_side)
+    settings = dict(do_sample=False, max_new_tokens=4)
+    pad = lavit_model.generation_config.pad_token_id
+    assert pad == lavit_model.generation_config.eos_token_id
+    without_mask = {name: value for name, value in batch.items() if name != "attention_mask"}
+    with pytest.raises(ValueError, match="needs its attention_mask to tell padding from text"):
+        lavit_model.generate(**without_mask, **settings)
+    other_end = dict(settings, eos_token_id=pad + 1)  # an end of text that is not the pad token: the mask is inferred
+    assert torch.equal(lavit_model.generate(**without_mask, **other_end), lavit_model.generate(**batch, **other_end))

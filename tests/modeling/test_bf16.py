@@ -165,9 +165,13 @@ def test_tokenizer_bf16_selection_is_float32_selection_away_from_the_threshold(t
     with torch.no_grad():
         reference = model.tokenize(pixel_values)
         tokens = bf16.tokenize(pixel_values.to(BF16))
-    clear = (reference.keep_probs - model.config.selector_threshold).abs() > 0.02
-    assert tokens.keep_probs.dtype == BF16
-    assert torch.equal(tokens.keep_mask[clear], reference.keep_mask[clear])
+    # the decision is float32 also in a bf16 model. This untrained selector's keep probabilities lie within 3e-6 of
+    # the threshold (the check of agreement "away from it" this test once made compared nothing): bf16 rounded every
+    # one to exactly 0.5 and each image kept a single token instead of 9 to 14 (atk37)
+    assert tokens.keep_probs.dtype == torch.float32
+    assert (tokens.keep_mask == reference.keep_mask).float().mean() >= 0.9
+    assert (tokens.token_counts - reference.token_counts).abs().max() <= 2, (tokens.token_counts,
+                                                                             reference.token_counts)
 
 
 def test_tokenizer_float32_weights_under_autocast(tokenizers):
@@ -414,3 +418,22 @@ def test_official_conversion_loaded_in_bf16(parity_files, tmp_path):
     code_ids = features.code_ids
     assert features.features.dtype == BF16 and code_ids.shape == expected["code_ids"].shape
     assert relative_error(features.features, expected["llm_visual_embeds"]) < RELATIVE
+
+
+def test_a_pipeline_saved_in_bf16_loads_in_one_dtype_and_mixed_components_still_draw(pipeline_folder, tmp_path):
+    """atk37 F2: a pipeline loaded in bf16 and saved, then loaded without a dtype, came back mixed (its transformers
+    models in the saved bf16, diffusers' UNet and VAE in float32) and every drawing crashed in the UNet. Loading
+    without a dtype gives float32 throughout (diffusers' default), with one gives it to every model, and a pipeline
+    assembled from components of several dtypes (as a remote-code load can make) still draws: its UNet gets the
+    conditions in its own dtype."""
+    from lavit import LaVITPipeline
+
+    LaVITPipeline.from_pretrained(pipeline_folder, torch_dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    models = ("language_model", "condition_encoder", "unet", "vae")
+    for dtype in (None, torch.bfloat16):
+        pipe = LaVITPipeline.from_pretrained(tmp_path / "bf16", **({"torch_dtype": dtype} if dtype else {}))
+        assert {getattr(pipe, name).dtype for name in models} == {dtype or torch.float32}
+    mixed = LaVITPipeline(**{**pipe.components, "unet": pipe.unet.to(torch.float32)})
+    drawn = mixed("a cat", num_inference_steps=1, max_new_tokens=4, output_type="pt", height=32, width=32,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert drawn.shape == (1, 3, 32, 32) and torch.isfinite(drawn).all()

@@ -122,6 +122,25 @@ def test_unknown_arguments_raise_and_tokenizer_arguments_pass(lavit_processor):
     assert with_offsets["offset_mapping"].shape == (*plain["input_ids"].shape, 2)
 
 
+@pytest.mark.parametrize(("given", "message"), [
+    ({"text_kwargs": {"padding_sde": "left"}}, r"\['padding_sde'\] in text_kwargs"),
+    ({"images_kwargs": {"padding_side": "right"}}, r"\['padding_side'\] in images_kwargs"),
+    ({"common_kwargs": {"padding": True}}, r"\['padding'\] in common_kwargs, which holds return_tensors"),
+    ({"text_kwargs": ["padding"]}, "text_kwargs must be a dict of arguments, got list"),
+    ({"padding_side": "middle"}, "padding_side must be 'left' or 'right', got 'middle'"),
+    ({"text_kwargs": {"padding_side": 1}}, "padding_side must be 'left' or 'right', got 1"),
+])
+def test_structured_arguments_are_checked_as_flat_ones(lavit_processor, given, message):
+    """atk37 F5/F6: a misspelt argument in `text_kwargs` was passed on silently (the batch stayed right-padded), a
+    text argument in `common_kwargs` or `images_kwargs` ended in transformers' internal TypeError, and a bad
+    `padding_side` was called a "padding strategy". Each group is checked as the flat arguments are."""
+    with pytest.raises(ValueError, match=message):
+        lavit_processor(text=["a cat", "a red bus on the street"], **given)
+    left = lavit_processor(text=["a cat", "a red bus on the street"], text_kwargs={"padding_side": "left"},
+                           common_kwargs={"return_tensors": "pt"})
+    assert left["attention_mask"][0, 0] == 0  # the structured argument is read
+
+
 def test_apply_chat_template_calls_the_processor_with_what_it_accepts(lavit_processor):
     """`apply_chat_template` passes `videos=None` and `audio=None` and its processor arguments: all accepted."""
     photo = Image.fromarray(real_photos()[0])

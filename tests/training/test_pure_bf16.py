@@ -83,3 +83,39 @@ def test_kahan_adamw_keeps_the_updates_plain_bf16_adamw_rounds_away():
         moved[name] = weight.detach().float() - start.to(weight.dtype).float()
     error = {name: float((moved[name] - moved["float32"]).norm() / moved["float32"].norm()) for name in moved}
     assert error["kahan"] < 0.05 and error["plain bf16"] > 0.5, error
+
+
+def test_every_model_a_stage_loads_from_a_bf16_folder_is_float32_unless_dtype_says(tmp_path):
+    """atk37 F4: `lavit finetune --model BF16_FOLDER` trained bf16 weights under the default `--dtype float32` (and
+    stage 1 a bf16 tokenizer, with no --dtype to say otherwise): transformers keeps a folder's saved dtype. Each
+    loader of `training.models` reads LaVIT models in float32; `--dtype bfloat16` alone casts (`set_dtype`)."""
+    from conftest import text_vocab_size, tiny_detokenizer_config, tiny_lavit_config, tiny_text_tokenizer
+    from lavit.training.arguments import FinetuningArguments, PretrainingArguments, TokenizerTrainingArguments
+    from lavit.training.models import build_tokenizer, build_unified_model, load_detokenizer, load_visual_tokenizer
+
+    from lavit import LaVITDetokenizer, LaVITForCausalLM, LaVITImageProcessor, LaVITProcessor
+
+    tokenizer = tiny_text_tokenizer()
+    model = LaVITForCausalLM(tiny_lavit_config(text_vocab_size(tokenizer))).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "lavit")
+    LaVITProcessor(LaVITImageProcessor(size={"height": 56, "width": 56}), tokenizer).save_pretrained(tmp_path / "lavit")
+    model.model.visual_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    LaVITDetokenizer(tiny_detokenizer_config()).to(torch.bfloat16).save_pretrained(tmp_path / "detokenizer")
+
+    def dtypes(module) -> set:
+        return {parameter.dtype for parameter in module.parameters()}
+
+    loaded = {
+        "stage 1 --model": build_tokenizer(TokenizerTrainingArguments(data="d", model=str(tmp_path / "tokenizer"))),
+        "a visual tokenizer of a model": load_visual_tokenizer(str(tmp_path / "lavit")),
+        "a visual tokenizer folder": load_visual_tokenizer(str(tmp_path / "tokenizer")),
+        "stage 2 --model": build_unified_model(PretrainingArguments(data="d", model=str(tmp_path / "lavit")))[0],
+        "stage 3 --model": load_detokenizer(str(tmp_path / "detokenizer")),
+    }
+    assert {name: dtypes(module) for name, module in loaded.items()} == {name: {torch.float32} for name in loaded}
+    bf16 = LaVITForCausalLM.from_pretrained(tmp_path / "lavit")  # transformers' own default: the saved dtype
+    assert dtypes(bf16) == {torch.bfloat16}
+    FinetuningArguments(data="d", model="m").set_dtype(bf16)  # the default --dtype float32
+    assert dtypes(bf16) == {torch.float32}
+    FinetuningArguments(data="d", model="m", dtype="bfloat16").set_dtype(bf16)
+    assert dtypes(bf16) == {torch.bfloat16}

@@ -1,0 +1,82 @@
+"""The one place lavit's classes meet transformers' Auto classes and pipeline registry. Run once, on the first use of
+any of lavit's classes through a namespace (`lavit.X`, `lavit.modeling.X`, `lavit.processing.X`: their module
+`__getattr__`), so that `import lavit` and the `lavit` command's start-up import no model code (issue 28: `lavit
+--help` within 1.5x of `import torch`); from then on saved folders load with `AutoModel.from_pretrained(path)`."""
+
+import importlib
+
+_registered = False
+
+
+def lazy_namespace(namespace: dict, classes: dict[str, tuple[str, ...]]):
+    """The module `__getattr__` and `__dir__` (PEP 562) of a lazy namespace (`lavit`, `lavit.modeling`,
+    `lavit.processing`): `classes` maps each module (absolute, or relative to the namespace's package) to the names it
+    gives. A name's first use registers lavit's classes ([`register_auto_classes`]), imports its module and keeps the
+    value in `namespace`, so later uses skip `__getattr__`."""
+    module_of = {name: module for module, names in classes.items() for name in names}
+    package = namespace["__name__"]
+
+    def __getattr__(name: str):
+        module = module_of.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        register_auto_classes()
+        value = getattr(importlib.import_module(module, package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted([*namespace, *module_of])
+
+    return __getattr__, __dir__
+
+
+def register_auto_classes() -> None:
+    """Registers the LaVIT configs, models, processors and the `lavit-text-to-image` pipeline with transformers
+    (idempotent). The classes' own `_auto_class` gives their saved folders an `auto_map` whether or not this ran, so
+    those load with `trust_remote_code=True` where lavit is not installed."""
+    global _registered
+    if _registered:
+        return
+    _registered = True  # first: the imports below reach the namespaces' `__getattr__`, which call this again
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForMultimodalLM,
+        AutoProcessor,
+    )
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    from lavit.modeling.configuration_lavit import (
+        LaVITConfig,
+        LaVITDetokenizerConfig,
+        LaVITEvaVisionConfig,
+        LaVITTokenizerConfig,
+    )
+    from lavit.modeling.modeling_eva_vit import LaVITEvaVisionModel
+    from lavit.modeling.modeling_lavit import LaVITForCausalLM, LaVITModel
+    from lavit.modeling.modeling_lavit_detokenizer import LaVITDetokenizer
+    from lavit.modeling.modeling_lavit_tokenizer import LaVITTokenizerModel
+    from lavit.processing.image_processing_lavit import LaVITImageProcessor
+    from lavit.processing.pipelines_lavit import LaVITTextToImagePipeline
+    from lavit.processing.processing_lavit import LaVITProcessor
+
+    AutoConfig.register(LaVITEvaVisionConfig.model_type, LaVITEvaVisionConfig, exist_ok=True)
+    AutoConfig.register(LaVITTokenizerConfig.model_type, LaVITTokenizerConfig, exist_ok=True)
+    AutoModel.register(LaVITEvaVisionConfig, LaVITEvaVisionModel, exist_ok=True)
+    AutoModel.register(LaVITTokenizerConfig, LaVITTokenizerModel, exist_ok=True)
+    AutoConfig.register(LaVITDetokenizerConfig.model_type, LaVITDetokenizerConfig, exist_ok=True)
+    AutoModel.register(LaVITDetokenizerConfig, LaVITDetokenizer, exist_ok=True)
+    AutoConfig.register(LaVITConfig.model_type, LaVITConfig, exist_ok=True)
+    AutoModel.register(LaVITConfig, LaVITModel, exist_ok=True)
+    AutoModelForCausalLM.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
+    AutoModelForImageTextToText.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
+    AutoModelForMultimodalLM.register(LaVITConfig, LaVITForCausalLM, exist_ok=True)
+    AutoImageProcessor.register(LaVITConfig, slow_image_processor_class=LaVITImageProcessor, exist_ok=True)
+    AutoProcessor.register(LaVITConfig, LaVITProcessor, exist_ok=True)
+    PIPELINE_REGISTRY.register_pipeline(
+        "lavit-text-to-image", pipeline_class=LaVITTextToImagePipeline, pt_model=AutoModelForCausalLM, type="multimodal"
+    )

@@ -439,10 +439,9 @@ def load_lavit_model(path: str, flag: str = "--model", **kwargs):
     folder, adapter = resolve_model_folder(path, flag)
     if adapter is None:
         try:
-            folders = language_model_folders(folder) if folder is not None else None  # None: a Hub id
+            model_path, processor_path = lavit_model_paths(path, flag)
         except ValueError as error:
             raise CommandError(str(error)) from error
-        model_path, processor_path = folders or (path, path)
         model = from_pretrained_explained(LaVITForCausalLM, model_path, **kwargs)
         return model.eval(), LaVITProcessor.from_pretrained(processor_path)
     from peft import PeftModel

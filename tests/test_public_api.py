@@ -55,46 +55,33 @@ MODEL_CODE = ("transformers.modeling_utils", "transformers.processing_utils", "d
               "lavit.modeling.modeling_lavit", "lavit.processing.processing_lavit")
 
 
-def test_import_lavit_imports_no_model_code():
-    """The namespaces are lazy (issue 28: the `lavit` command's start-up): `import lavit` reads no model code."""
-    loaded = run_fresh(f"""
-        import sys
-        import lavit, lavit.modeling, lavit.processing
-        print([name for name in sys.modules if name.startswith({MODEL_CODE!r})])
-    """)
-    assert loaded.strip() == "[]", loaded
-
-
-@pytest.mark.parametrize("namespace", ["lavit", "lavit.modeling", "lavit.processing"])
-def test_the_first_use_of_a_class_of_any_namespace_registers_every_auto_class(namespace):
-    """Every exported name of every namespace is reached through its `__getattr__` (none is bound before its first
-    use), and a first use registers every LaVIT type with the Auto classes (as `import lavit` once did eagerly)."""
+def test_namespaces_are_lazy_and_the_first_use_of_a_class_registers_every_auto_class(tmp_path):
+    """In one fresh Python (what a user's first import sees): `import lavit` (and its namespaces) imports no model
+    code (issue 28: the `lavit` command's start-up); no exported name of any namespace is bound before its first use,
+    so every one goes through the namespace's `__getattr__` (`lavit.registration.lazy_namespace`, one for all three);
+    a deep import registers nothing, yet the class saves its `auto_map` (its own `_auto_class`); the first use through
+    a namespace registers every LaVIT type with the Auto classes and the pipeline registry."""
     checks = run_fresh(f"""
-        import importlib
+        import json, sys
+        import lavit, lavit.modeling, lavit.processing
+        print("model code:", [name for name in sys.modules if name.startswith({MODEL_CODE!r})])
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         from transformers.pipelines import PIPELINE_REGISTRY
-        namespace = importlib.import_module({namespace!r})
-        print("bound before use:", [name for name in namespace.__all__ if name in vars(namespace)])
+        print("bound before use:", [name for namespace in (lavit, lavit.modeling, lavit.processing)
+                                    for name in namespace.__all__ if name in vars(namespace)])
+        from lavit.modeling.configuration_lavit import LaVITTokenizerConfig
+        LaVITTokenizerConfig().save_pretrained({str(tmp_path)!r})
+        print("auto_map:", json.load(open({str(tmp_path / "config.json")!r}))["auto_map"])
         print("known before use:", "lavit" in CONFIG_MAPPING)
-        getattr(namespace, sorted(namespace.__all__)[-1])
+        lavit.processing.LaVITProcessor
         types = ("lavit", "lavit_tokenizer", "lavit_detokenizer", "lavit_eva_vision")
         tasks = PIPELINE_REGISTRY.get_supported_tasks()
         print("known after use:", all(key in CONFIG_MAPPING for key in types), "lavit-text-to-image" in tasks)
     """)
-    assert checks.splitlines() == ["bound before use: []", "known before use: False", "known after use: True True"], (
-        checks)
-
-
-def test_a_class_imported_from_its_own_module_saves_its_auto_map(tmp_path):
-    """Each class carries its `_auto_class`, so its saved folders load with trust_remote_code=True even when no
-    namespace was used (a deep import registers nothing)."""
-    saved = run_fresh(f"""
-        import json
-        from lavit.modeling.configuration_lavit import LaVITTokenizerConfig
-        LaVITTokenizerConfig().save_pretrained({str(tmp_path)!r})
-        print(json.load(open({str(tmp_path / "config.json")!r}))["auto_map"])
-    """)
-    assert "'AutoConfig': 'configuration_lavit.LaVITTokenizerConfig'" in saved, saved
+    assert checks.splitlines() == [
+        "model code: []", "bound before use: []",
+        "auto_map: {'AutoConfig': 'configuration_lavit.LaVITTokenizerConfig'}", "known before use: False",
+        "known after use: True True"], checks
     for name, auto_class in (("LaVITTokenizerConfig", "AutoConfig"), ("LaVITConfig", "AutoConfig"),
                              ("LaVITDetokenizerConfig", "AutoConfig"), ("LaVITTokenizerModel", "AutoModel"),
                              ("LaVITDetokenizer", "AutoModel"), ("LaVITConditionEncoder", "AutoModel"),

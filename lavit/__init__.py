@@ -1,16 +1,19 @@
 """LaVIT for the Hugging Face ecosystem: `from lavit import LaVITTokenizerModel, ...`.
 
-The namespace is lazy (as transformers' own): a class is imported on first use, and the first use of any of lavit's
-classes registers them with the transformers Auto classes ([`lavit.registration`]), so saved folders load with
-`AutoModel.from_pretrained(path)`; `import lavit` alone, and the `lavit` command's start-up, import no model code. A
-folder also loads without `lavit` installed through `AutoModel.from_pretrained(path, trust_remote_code=True)`.
+Importing `lavit` registers the LaVIT configs and models with the transformers Auto classes
+([`lavit.registration`]), so saved folders load with `AutoModel.from_pretrained(path)`; a folder also loads without
+`lavit` installed through `AutoModel.from_pretrained(path, trust_remote_code=True)`. The namespace is lazy (as
+transformers' own): each class is imported from its module on first use, so the `lavit` command, which registers only
+when a command runs, starts without importing any model code.
 """
 
 import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from lavit.registration import lazy_namespace
+import lavit.modeling  # noqa: F401 (bound as `lavit.modeling`, `lavit.processing`: both lazy, light)
+import lavit.processing  # noqa: F401
+from lavit.registration import lazy_namespace, register_auto_classes, started_as_the_lavit_command
 
 # processing/saving_lavit.py is a link to the model side's file, so Hub folders (which hold both sides flat) get it
 # beside the processor's code; installed, both packages share one module (one guard, one `SourceFolderError`)
@@ -37,6 +40,8 @@ _CLASSES = {
     "lavit.processing.processing_lavit": ("LaVITProcessor",),
 }
 __getattr__, __dir__ = lazy_namespace(globals(), _CLASSES)
+if not started_as_the_lavit_command():
+    register_auto_classes()
 
 __all__ = [
     "LaVITConditionEncoder",

@@ -1,11 +1,26 @@
-"""The one place lavit's classes meet transformers' Auto classes and pipeline registry. Run once, on the first use of
-any of lavit's classes through a namespace (`lavit.X`, `lavit.modeling.X`, `lavit.processing.X`: their module
-`__getattr__`), so that `import lavit` and the `lavit` command's start-up import no model code (issue 28: `lavit
---help` within 1.5x of `import torch`); from then on saved folders load with `AutoModel.from_pretrained(path)`."""
+"""The one place lavit's classes meet transformers' Auto classes and pipeline registry ([`register_auto_classes`]).
+
+`import lavit` registers them, so that saved folders load with `AutoModel.from_pretrained(path)`, `AutoProcessor`,
+`pipeline(...)` and `DiffusionPipeline.from_pretrained(path)` (and, as the classes come from their modules, the
+namespaces are lazy: [`lazy_namespace`]). The one exception is the `lavit` command itself: its process registers just
+before a command runs (`lavit.cli.main`), so that `lavit --help` imports no model code (issue 28: within 1.5x of
+`import torch`); a first use of a class through a namespace registers too.
+"""
 
 import importlib
+import sys
+import threading
+from pathlib import Path
 
-_registered = False
+_registered = _in_progress = False
+_lock = threading.RLock()  # one registration: another thread's first use waits until it is complete
+# the console script of the `lavit` command (`[project.scripts]`), as its process's `__main__` file is named
+COMMAND_SCRIPTS = ("lavit", "lavit.exe", "lavit-script.py")
+
+
+def started_as_the_lavit_command() -> bool:
+    """Whether this process runs the `lavit` console script, which registers only when a command runs."""
+    return Path(getattr(sys.modules.get("__main__"), "__file__", None) or "").name in COMMAND_SCRIPTS
 
 
 def lazy_namespace(namespace: dict, classes: dict[str, tuple[str, ...]]):
@@ -32,13 +47,27 @@ def lazy_namespace(namespace: dict, classes: dict[str, tuple[str, ...]]):
 
 
 def register_auto_classes() -> None:
-    """Registers the LaVIT configs, models, processors and the `lavit-text-to-image` pipeline with transformers
-    (idempotent). The classes' own `_auto_class` gives their saved folders an `auto_map` whether or not this ran, so
-    those load with `trust_remote_code=True` where lavit is not installed."""
-    global _registered
+    """Registers the LaVIT configs, models, processors and the `lavit-text-to-image` pipeline with transformers, once
+    per process, atomically: a thread whose first use meets another's registration waits for it, and a registration
+    that fails (an interrupted import) is done again by the next call. The classes' own `_auto_class` gives their
+    saved folders an `auto_map` whether or not this ran, so those load with `trust_remote_code=True` where lavit is
+    not installed."""
+    global _registered, _in_progress
     if _registered:
         return
-    _registered = True  # first: the imports below reach the namespaces' `__getattr__`, which call this again
+    with _lock:
+        if _registered or _in_progress:  # done, or asked again by an import of this registration (same thread)
+            return
+        _in_progress = True
+        try:
+            _register()
+            _registered = True
+        finally:
+            _in_progress = False
+
+
+def _register() -> None:
+    """The imports of the registered classes, and the registrations."""
     from transformers import (
         AutoConfig,
         AutoImageProcessor,

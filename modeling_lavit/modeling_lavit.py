@@ -17,6 +17,7 @@ discrete ids through the LM embedding table. Expansion happens once, before the 
 changes inside a cached forward.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -789,11 +790,11 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         """The attention mask of a batch of image prompts given without one, as transformers infers a text prompt's
         (pads are `pad_token_id`); None where no row holds the pad token. Where the pad token is also the end of
         text, padding cannot be told from text: refused (the pads would be read as the prompt, silently)."""
-        config = kwargs.get("generation_config") or self.generation_config
-        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        pad = generation_setting(kwargs, self.generation_config, "pad_token_id")
+        eos = generation_setting(kwargs, self.generation_config, "eos_token_id")
+        pad = pad if pad is not None else (eos[0] if isinstance(eos, list) and eos else eos)  # transformers' fallback
         if pad is None or input_ids.shape[0] == 1 or not (input_ids == pad).any():
             return None
-        eos = kwargs.get("eos_token_id", config.eos_token_id)
         if pad in (eos if isinstance(eos, list) else [eos]):
             raise ValueError(f"generate: a batch of image prompts holding the pad token ({pad}, also the end of text "
                              f"here) needs its attention_mask to tell padding from text: pass the processor's "
@@ -809,11 +810,15 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         logits_processor = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         config = self.config
         logits_processor.append(SuppressImageTokensLogitsProcessor(config.text_vocab_size, config.visual_token_end))
-        penalty = kwargs.get("repetition_penalty", getattr(kwargs.get("generation_config") or self.generation_config,
-                                                           "repetition_penalty", None))
+        penalty = generation_setting(kwargs, self.generation_config, "repetition_penalty")
         if from_embeddings and penalty not in (None, 1.0):  # before the warpers, as transformers places its own
             logits_processor.append(PromptRepetitionPenaltyLogitsProcessor(penalty, prompt_ids, attention_mask))
-            kwargs["repetition_penalty"] = 1.0
+            if kwargs.get("generation_config") is None:  # transformers' own penalty off, where it reads it
+                kwargs["repetition_penalty"] = 1.0
+            else:  # (a keyword beside a config object is deprecated; a None in the copy would take the model's)
+                kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+                kwargs["generation_config"].repetition_penalty = 1.0
+                kwargs.pop("repetition_penalty", None)
         generator = kwargs.pop("generator", None)
         if generator is not None:
             logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
@@ -907,6 +912,14 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         return model
 
 
+def generation_setting(kwargs: dict, default_config, name: str):
+    """The generation setting `name` as `generate` will use it, as transformers merges it: from `kwargs`, else the
+    `generation_config` given in `kwargs`, else `default_config` (the model's), where each leaves it None."""
+    sources = (kwargs.get(name), getattr(kwargs.get("generation_config"), name, None),
+               getattr(default_config, name, None))
+    return next((value for value in sources if value is not None), None)
+
+
 def lengths_in_given_ids(kwargs: dict, default_config, prompt_length: int) -> dict:
     """
     `max_length` and `min_length` as the user counts them, as `max_new_tokens` / `min_new_tokens`: the returned
@@ -917,9 +930,7 @@ def lengths_in_given_ids(kwargs: dict, default_config, prompt_length: int) -> di
     new tokens are left alone. Returns the settings to update (`max_length`/`min_length` become None).
     """
     def setting(name):
-        sources = (kwargs.get(name), getattr(kwargs.get("generation_config"), name, None),
-                   getattr(default_config, name, None))
-        return next((value for value in sources if value is not None), None)
+        return generation_setting(kwargs, default_config, name)
 
     updates = {}
     max_length = setting("max_length")

@@ -276,9 +276,8 @@ class LaVITPipeline(DiffusionPipeline):
                           if name in kwargs}
             folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
         refuse_unfinished_save(folder)
-        # one dtype for every model: diffusers loads the UNet and VAE in float32 unless told, so the language model and
-        # condition encoder do too (transformers' own default would keep a bf16 save's dtype: mixed, and a crash)
-        dtype = kwargs.get("torch_dtype", kwargs.get("dtype")) or torch.float32
+        key = "torch_dtype" if "torch_dtype" in kwargs else "dtype"  # diffusers' newer name, or the one given
+        dtype = kwargs[key] = _one_dtype(folder, kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
         trust_remote_code = kwargs.get("trust_remote_code", False)
         loaders = _component_loaders(trust_remote_code)
         if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
@@ -640,6 +639,28 @@ def image_tokens_from_sequences(sequences: torch.LongTensor, config) -> LaVITTok
     is_visual &= columns > last_start
     return LaVITTokenizationOutput(code_ids=sequences[is_visual] - config.visual_token_offset,
                                    token_counts=is_visual.sum(dim=1))
+
+
+def _one_dtype(folder: Path, dtype) -> torch.dtype:
+    """The one `torch.dtype` every model of the pipeline in `folder` loads in: diffusers loads the UNet and VAE in
+    float32 unless told (and reads a `torch.dtype` only), so the language model and condition encoder do too, where
+    transformers would keep a bf16 save's dtype (mixed dtypes: the UNet's conditions would not match it). A name
+    ("bfloat16") is its dtype; "auto" is the dtype the language model (else the condition encoder) was saved in."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        for part in ("language_model", "condition_encoder"):
+            config = folder / part / "config.json"
+            saved = loads_json(config.read_text()) if config.is_file() else {}
+            dtype = saved.get("dtype") or saved.get("torch_dtype") if isinstance(saved, dict) else None
+            if dtype:
+                break
+        dtype = dtype or "float32"
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, dtype.removeprefix("torch."))
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    raise ValueError(f"torch_dtype must be a torch.dtype, its name or 'auto', got {dtype!r}")
 
 
 def _component_loaders(trust_remote_code: bool) -> dict:

@@ -260,6 +260,8 @@ class LaVITProcessor(GuardedProcessorMixin):
         """(text tokenizer arguments, image processor arguments, return_text_replacement_offsets) from the call's
         keyword arguments, merged by transformers' `_merge_kwargs` with the defaults; a `ValueError` naming unknown
         ones (transformers would only warn and drop them)."""
+        for group in [name for name, value in kwargs.items() if name.endswith("_kwargs") and value is None]:
+            del kwargs[group]  # `text_kwargs=None` says nothing (transformers would fail reading it)
         tokenizer_only = inspect.signature(type(self.tokenizer).__call__).parameters
         known = {name for kind in LaVITProcessorKwargs.__annotations__.values()
                  for name in getattr(kind, "__annotations__", {})}
@@ -295,7 +297,7 @@ class LaVITProcessor(GuardedProcessorMixin):
         }
         for group, allowed in groups.items():
             given = kwargs.get(group)
-            if given is None:
+            if given is None:  # not given (a None was dropped above)
                 continue
             if not isinstance(given, dict):
                 raise ValueError(f"{group} must be a dict of arguments, got {type(given).__name__}")

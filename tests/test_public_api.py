@@ -53,35 +53,74 @@ def run_fresh(code: str) -> str:
 
 MODEL_CODE = ("transformers.modeling_utils", "transformers.processing_utils", "diffusers", "peft",
               "lavit.modeling.modeling_lavit", "lavit.processing.processing_lavit")
+REGISTERED = """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.pipelines import PIPELINE_REGISTRY
+    types = ("lavit", "lavit_tokenizer", "lavit_detokenizer", "lavit_eva_vision")
+    print("registered:", all(key in CONFIG_MAPPING for key in types),
+          "lavit-text-to-image" in PIPELINE_REGISTRY.get_supported_tasks())
+"""
 
 
-def test_namespaces_are_lazy_and_the_first_use_of_a_class_registers_every_auto_class(tmp_path):
-    """In one fresh Python (what a user's first import sees): `import lavit` (and its namespaces) imports no model
-    code (issue 28: the `lavit` command's start-up); no exported name of any namespace is bound before its first use,
-    so every one goes through the namespace's `__getattr__` (`lavit.registration.lazy_namespace`, one for all three);
-    a deep import registers nothing, yet the class saves its `auto_map` (its own `_auto_class`); the first use through
-    a namespace registers every LaVIT type with the Auto classes and the pipeline registry."""
-    checks = run_fresh(f"""
-        import json, sys
-        import lavit, lavit.modeling, lavit.processing
-        print("model code:", [name for name in sys.modules if name.startswith({MODEL_CODE!r})])
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-        from transformers.pipelines import PIPELINE_REGISTRY
+def test_import_lavit_registers_and_the_namespaces_are_lazy(pipeline_folder):
+    """`import lavit` alone registers every LaVIT type (atk38: a lazy registration left `import lavit;
+    AutoModelForCausalLM.from_pretrained(folder)` asking for remote code), and so does a deep import (every import
+    of a module of lavit imports the package first: a class's own loader, which reads its parts through the Auto
+    classes, works). No exported name of any namespace is bound before its first use: every one goes through the
+    namespace's `__getattr__` (`lavit.registration.lazy_namespace`)."""
+    checks = run_fresh(textwrap.dedent(f"""
+        import lavit
         print("bound before use:", [name for namespace in (lavit, lavit.modeling, lavit.processing)
                                     for name in namespace.__all__ if name in vars(namespace)])
-        from lavit.modeling.configuration_lavit import LaVITTokenizerConfig
-        LaVITTokenizerConfig().save_pretrained({str(tmp_path)!r})
-        print("auto_map:", json.load(open({str(tmp_path / "config.json")!r}))["auto_map"])
-        print("known before use:", "lavit" in CONFIG_MAPPING)
-        lavit.processing.LaVITProcessor
-        types = ("lavit", "lavit_tokenizer", "lavit_detokenizer", "lavit_eva_vision")
-        tasks = PIPELINE_REGISTRY.get_supported_tasks()
-        print("known after use:", all(key in CONFIG_MAPPING for key in types), "lavit-text-to-image" in tasks)
-    """)
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        model = AutoModelForCausalLM.from_pretrained({str(pipeline_folder / "language_model")!r})
+        processor = AutoProcessor.from_pretrained({str(pipeline_folder / "processor")!r})
+        print("loaded:", type(model).__module__, type(processor).__module__)
+    """) + textwrap.dedent(REGISTERED))
     assert checks.splitlines() == [
-        "model code: []", "bound before use: []",
-        "auto_map: {'AutoConfig': 'configuration_lavit.LaVITTokenizerConfig'}", "known before use: False",
-        "known after use: True True"], checks
+        "bound before use: []", "loaded: lavit.modeling.modeling_lavit lavit.processing.processing_lavit",
+        "registered: True True"], checks
+    deep = run_fresh(textwrap.dedent(f"""
+        from lavit.processing.processing_lavit import LaVITProcessor
+        from lavit.modeling.pipeline_lavit import LaVITPipeline
+        print("loaded:", type(LaVITProcessor.from_pretrained({str(pipeline_folder / "processor")!r})).__name__,
+              type(LaVITPipeline.from_pretrained({str(pipeline_folder)!r})).__name__)
+    """) + textwrap.dedent(REGISTERED))
+    assert deep.splitlines() == ["loaded: LaVITProcessor LaVITPipeline", "registered: True True"], deep
+
+
+def test_the_lavit_command_imports_no_model_code_and_registration_is_whole_before_any_thread_uses_it(tmp_path):
+    """In a process that runs as the `lavit` console script (its `__main__` file is named `lavit`), `import lavit`
+    imports no model code and registers nothing (the command registers when a command runs: `lavit --help` starts
+    fast). atk38: registration then marked itself done before it was, so a second thread's first use found the Auto
+    classes without LaVIT's types. Threads that meet a registration in progress now wait for it."""
+    script = tmp_path / "lavit"
+    script.write_text(textwrap.dedent(f"""
+        import sys, threading
+        import lavit
+        print("model code:", [name for name in sys.modules if name.startswith({MODEL_CODE!r})])
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        print("registered at import:", "lavit" in CONFIG_MAPPING)
+        seen = []
+        def first_use(name):
+            getattr(lavit, name)
+            seen.append("lavit" in CONFIG_MAPPING and "lavit_detokenizer" in CONFIG_MAPPING)
+        threads = [threading.Thread(target=first_use, args=(name,)) for name in sorted(lavit.__all__)[:4]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("each thread saw:", seen)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.splitlines() == ["model code: []", "registered at import: False",
+                                          "each thread saw: [True, True, True, True]"], result.stderr[-3000:]
+
+
+def test_the_classes_carry_their_auto_class():
+    """Each class gives its saved folders an `auto_map` (they load with trust_remote_code=True where lavit is not
+    installed) through its own `_auto_class`, whatever imported it."""
     for name, auto_class in (("LaVITTokenizerConfig", "AutoConfig"), ("LaVITConfig", "AutoConfig"),
                              ("LaVITDetokenizerConfig", "AutoConfig"), ("LaVITTokenizerModel", "AutoModel"),
                              ("LaVITDetokenizer", "AutoModel"), ("LaVITConditionEncoder", "AutoModel"),

@@ -108,6 +108,11 @@ class LaVITTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_argument_ranges(self)  # before transformers' own checks, which name fewer ranges
+        if isinstance(self.deepspeed, str) and Path(self.deepspeed).is_file():  # transformers' error names no file
+            try:
+                loads_json(Path(self.deepspeed).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise ValueError(f"--deepspeed {self.deepspeed} is not a JSON file: {error}") from None
         super().__post_init__()
         # the run ends by replacing `output_dir/final`: a folder there that lavit did not make is refused now, not
         # after the training
@@ -138,6 +143,8 @@ class DataArguments:
         problem = resume_problem(self.resume)
         if problem:
             raise ValueError(problem)
+        if isinstance(self.resume, str) and Path(self.resume).expanduser().is_dir():  # one spelling for every reader
+            self.resume = str(Path(self.resume).expanduser())
 
 
 @dataclass

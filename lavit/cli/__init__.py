@@ -26,6 +26,7 @@ from lavit.atomic import NotLavitFolderError
 from lavit.command_inputs import DEBUG_VARIABLE, CommandError, one_line
 from lavit.file_kinds import PickledWeightsError, require_safetensors_inputs
 from lavit.paths import PathConflictError, check_output_files, check_paths
+from lavit.registration import register_auto_classes
 
 from .common import HelpFormatter
 from .training import TRAINING_COMMANDS as TRAINING_COMMANDS  # the training commands and their modules, for tools
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
             check_paths(args)  # no destination is, holds or lies inside an input (lavit.paths)
             check_file_outputs(command, args)  # nor overwrites a file lavit did not write, numbered ones included
             require_safetensors_inputs(args)  # no model folder with pickled weights is loaded (lavit.file_kinds)
+            register_auto_classes()  # what `import lavit` does elsewhere; this process parsed first (`--help`)
             RUNNERS[command](args)
     except (CommandError, PathConflictError, NotLavitFolderError, PickledWeightsError) as error:  # user errors
         print(f"lavit {command}: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ import argparse
 import importlib
 
 from lavit.flags import StrictArgumentParser
+from lavit.registration import register_auto_classes
 
 from .common import HelpFormatter
 
@@ -71,4 +72,5 @@ def run_training(command: str, argv: list[str]) -> None:
 
     commands = argparse.ArgumentParser(prog="lavit", allow_abbrev=False).add_subparsers(parser_class=stage_parser_class)
     arguments = stage_parser(command, commands).parse_args_and_config(argv)  # `--help` ends here
+    register_auto_classes()  # what `import lavit` does outside the `lavit` command
     importlib.import_module(TRAINING_COMMANDS[command]).main(*arguments)

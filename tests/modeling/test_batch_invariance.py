@@ -182,3 +182,36 @@ def test_image_prompts_without_their_attention_mask_are_padded_as_transformers_i
         lavit_model.generate(**without_mask, **settings)
     other_end = dict(settings, eos_token_id=pad + 1)  # an end of text that is not the pad token: the mask is inferred
     assert torch.equal(lavit_model.generate(**without_mask, **other_end), lavit_model.generate(**batch, **other_end))
+
+
+def test_settings_from_a_generation_config_object_or_the_models_defaults_are_read_as_transformers_merges_them(
+        lavit_model, lavit_processor):
+    """atk38: the repetition penalty and the pad token were read from a `GenerationConfig` object as given, not as
+    transformers merges it with the model's defaults (None there takes the model's): a model default penalty came back
+    with the left-pad offset, and a config without pad_token_id left an unmasked batch's pads in the prompt. A
+    keyword lavit added beside the object also drew transformers' deprecation warning."""
+    import warnings
+
+    from transformers import GenerationConfig
+
+    rows = [ROWS[0], ROWS[2]]
+    batch = encode(lavit_processor, lavit_model, rows, "left")
+    default = lavit_model.generation_config.repetition_penalty
+    lavit_model.generation_config.repetition_penalty = 1.8  # the model's default, as a saved generation config sets it
+    try:
+        config = GenerationConfig(max_new_tokens=12, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.filterwarnings("error", message=".*generation_config.*together.*")
+            batched = new_tokens(lavit_model.generate(**batch, generation_config=config), batch)
+        for row, single_row in enumerate(rows):
+            single = encode(lavit_processor, lavit_model, [single_row], "left")
+            alone = new_tokens(lavit_model.generate(**single, generation_config=config), single)
+            assert batched[row].tolist() == alone[0].tolist(), row
+        unmasked = {name: value for name, value in batch.items() if name != "attention_mask"}
+        pad = lavit_model.generation_config.pad_token_id  # the config object leaves it None: the model's is merged in
+        other_end = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=pad + 1)
+        assert torch.equal(lavit_model.generate(**unmasked, generation_config=other_end),
+                           lavit_model.generate(**batch, generation_config=other_end))
+    finally:
+        lavit_model.generation_config.repetition_penalty = default

@@ -437,3 +437,16 @@ def test_a_pipeline_saved_in_bf16_loads_in_one_dtype_and_mixed_components_still_
     drawn = mixed("a cat", num_inference_steps=1, max_new_tokens=4, output_type="pt", height=32, width=32,
                   generator=torch.Generator().manual_seed(0)).images
     assert drawn.shape == (1, 3, 32, 32) and torch.isfinite(drawn).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "torch.bfloat16", "auto"])
+def test_a_dtype_given_by_name_or_auto_is_one_dtype_for_every_model(pipeline_folder, tmp_path, dtype):
+    """atk38: `torch_dtype="bfloat16"` (or "auto" on a bf16 save) loaded the transformers models in bf16 and
+    diffusers' UNet and VAE in float32 (diffusers reads a torch.dtype only)."""
+    from lavit import LaVITPipeline
+
+    LaVITPipeline.from_pretrained(pipeline_folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    pipe = LaVITPipeline.from_pretrained(tmp_path / "bf16", torch_dtype=dtype)
+    assert {getattr(pipe, name).dtype for name in ("language_model", "condition_encoder", "unet", "vae")} == {BF16}
+    with pytest.raises(ValueError, match="torch_dtype must be a torch.dtype, its name or 'auto', got 'bf16'"):
+        LaVITPipeline.from_pretrained(tmp_path / "bf16", torch_dtype="bf16")

@@ -139,6 +139,10 @@ def test_structured_arguments_are_checked_as_flat_ones(lavit_processor, given, m
     left = lavit_processor(text=["a cat", "a red bus on the street"], text_kwargs={"padding_side": "left"},
                            common_kwargs={"return_tensors": "pt"})
     assert left["attention_mask"][0, 0] == 0  # the structured argument is read
+    plain = lavit_processor(text=["a cat", "a red bus on the street"])
+    nothing = lavit_processor(text=["a cat", "a red bus on the street"], text_kwargs=None, images_kwargs=None,
+                              videos_kwargs=None, audio_kwargs=None, common_kwargs=None)  # atk38: raw errors
+    assert torch.equal(nothing["input_ids"], plain["input_ids"])
 
 
 def test_apply_chat_template_calls_the_processor_with_what_it_accepts(lavit_processor):

@@ -126,12 +126,16 @@ def test_the_trainers_resume_flag_is_refused_for_the_stages_own(command, tmp_pat
 @pytest.mark.parametrize(("key", "value", "said"), [
     ("resume", "off", "--resume off: not auto, no, weights_only nor a checkpoint folder"),
     ("resume", "runs/a/checkpoint-25", "--resume runs/a/checkpoint-25: not auto, no, weights_only nor a checkpoint"),
-    ("fsdp", "off", "Unknown `fsdp` option: off")])
+    ("fsdp", "off", "Unknown `fsdp` option: off"),
+    ("deepspeed", "EMPTY", "is not a JSON file: Expecting value: line 1 column 1")])
 def test_a_value_the_arguments_own_checks_refuse_is_an_argparse_error(command, key, value, said, tmp_path, capsys):
     """atk36: `resume: off` and `fsdp: off` in a config file were found at run time, after the models loaded, and
     TrainingArguments' own refusal was a raw ValueError. Every value a dataclass's `__post_init__` refuses is said as
     a bad flag is (status 2, the config file named), before anything is built."""
     module = importlib.import_module(TRAINING_COMMANDS[command])
+    if value == "EMPTY":  # atk38: an empty --deepspeed file was "Expecting value: line 1 column 1 (char 0)", no file
+        value = str(tmp_path / "ds.json")
+        (tmp_path / "ds.json").write_text("")
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"data": "photos", "output_dir": str(tmp_path / "out"), key: value}))
     for argv in (["--data", "photos", "--output_dir", str(tmp_path / "out"), f"--{key}", value], [str(config)]):
@@ -142,6 +146,18 @@ def test_a_value_the_arguments_own_checks_refuse_is_an_argparse_error(command, k
         assert said in last and last.startswith(f"{module.make_parser().prog}: error: ")
         assert (str(config) in last) == (argv == [str(config)]), last
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_path_is_read_with_its_home_expanded_by_every_reader(tmp_path, monkeypatch):
+    """atk38: `--resume ~/checkpoint-1` passed the parse-time check (which expanded `~`) and then failed after the
+    models loaded, where the checkpoint was read without expanding it. The argument holds the expanded path."""
+    from lavit.training.arguments import FinetuningArguments
+
+    (tmp_path / "checkpoint-1").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    arguments = FinetuningArguments(data="d", model="m", resume="~/checkpoint-1")
+    assert arguments.resume == str(tmp_path / "checkpoint-1")
+    assert FinetuningArguments(data="d", model="m", resume="auto").resume == "auto"
 
 
 @pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))

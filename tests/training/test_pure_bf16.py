@@ -44,7 +44,10 @@ def test_pure_bf16_stage2_gives_the_float32_losses_and_learns(components, tmp_pa
     assert bf16_losses[0] == pytest.approx(float32_losses[0], rel=1e-2)
     assert bf16_losses == pytest.approx(float32_losses, rel=3e-2)
     print(f"losses per step: float32 {float32_losses}, bfloat16 {bf16_losses}")
-    assert sum(bf16_losses[-2:]) / 2 < bf16_losses[0] * 0.9  # it learns
+    # it learns as float32 does: most of float32's drop (about 10% in 6 steps; the selector decides in float32, so
+    # both runs see the same visual tokens)
+    float32_drop, bf16_drop = (losses[0] - sum(losses[-2:]) / 2 for losses in (float32_losses, bf16_losses))
+    assert float32_drop > 0.05 * float32_losses[0] and bf16_drop > 0.8 * float32_drop, (float32_drop, bf16_drop)
     assert {tensor.dtype for tensor in bf16_weights.values() if tensor.is_floating_point()} == {torch.bfloat16}
     assert {tensor.dtype for tensor in float32_weights.values() if tensor.is_floating_point()} == {torch.float32}
     optimizer = getattr(bf16_optimizer, "optimizer", bf16_optimizer)  # accelerate wraps it

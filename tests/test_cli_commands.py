@@ -185,7 +185,6 @@ def test_env_reports_versions_and_devices(capsys):
     assert f"- transformers: {transformers.__version__}" in text and "- cuda_available: " in text
 
 
-@pytest.mark.slow
 def imported_by(argv: list[str]) -> list[str]:
     """The modules the `lavit` console script imports for `argv` (Python's `-X importtime` report)."""
     script = Path(sys.executable).with_name("lavit")
@@ -194,6 +193,7 @@ def imported_by(argv: list[str]) -> list[str]:
     return [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
 
 
+@pytest.mark.slow  # five fresh processes
 def test_help_imports_no_model_code_and_no_stage_script():
     """`lavit --help` and a command's `--help` import no model code (the command registers lavit's classes only when
     a command runs: `lavit.registration`), no training stage, nor peft, datasets or trl; a stage's `--help` builds

@@ -62,6 +62,7 @@ REGISTERED = """
 """
 
 
+@pytest.mark.slow  # fresh processes (make test's 5-minute budget)
 def test_import_lavit_registers_and_the_namespaces_are_lazy(pipeline_folder):
     """`import lavit` alone registers every LaVIT type (atk38: a lazy registration left `import lavit;
     AutoModelForCausalLM.from_pretrained(folder)` asking for remote code), and so does a deep import (every import
@@ -89,6 +90,7 @@ def test_import_lavit_registers_and_the_namespaces_are_lazy(pipeline_folder):
     assert deep.splitlines() == ["loaded: LaVITProcessor LaVITPipeline", "registered: True True"], deep
 
 
+@pytest.mark.slow  # fresh processes (make test's 5-minute budget)
 def test_the_lavit_command_imports_no_model_code_and_registration_is_whole_before_any_thread_uses_it(tmp_path):
     """In a process that runs as the `lavit` console script (its `__main__` file is named `lavit`), `import lavit`
     imports no model code and registers nothing (the command registers when a command runs: `lavit --help` starts

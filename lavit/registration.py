@@ -1,10 +1,14 @@
 """The one place lavit's classes meet transformers' Auto classes and pipeline registry ([`register_auto_classes`]).
 
-`import lavit` registers them, so that saved folders load with `AutoModel.from_pretrained(path)`, `AutoProcessor`,
-`pipeline(...)` and `DiffusionPipeline.from_pretrained(path)` (and, as the classes come from their modules, the
-namespaces are lazy: [`lazy_namespace`]). The one exception is the `lavit` command itself: its process registers just
-before a command runs (`lavit.cli.main`), so that `lavit --help` imports no model code (issue 28: within 1.5x of
-`import torch`); a first use of a class through a namespace registers too.
+`import lavit` registers them, so that saved folders load with the installed classes through
+`AutoModel.from_pretrained(path)`, `AutoModelForCausalLM`, `AutoConfig`, `AutoProcessor` and `AutoImageProcessor`
+without `trust_remote_code` (a folder's own custom pipelines, `pipeline("lavit-text-to-image", model=folder)` and
+`DiffusionPipeline.from_pretrained(folder)`, still ask for it: transformers and diffusers run a folder's code only when
+told). As the classes come from their modules, the namespaces are lazy ([`lazy_namespace`]).
+
+The one exception is the `lavit` command itself: its process registers just before a command runs
+(`lavit.cli.main`), so that `lavit --help` imports no model code (issue 28: within 1.5x of `import torch`); a first
+use of a class through a namespace registers too.
 """
 
 import importlib
@@ -19,8 +23,17 @@ COMMAND_SCRIPTS = ("lavit", "lavit.exe", "lavit-script.py")
 
 
 def started_as_the_lavit_command() -> bool:
-    """Whether this process runs the `lavit` console script, which registers only when a command runs."""
-    return Path(getattr(sys.modules.get("__main__"), "__file__", None) or "").name in COMMAND_SCRIPTS
+    """Whether this process runs the `lavit` console script, which registers only when a command runs: its
+    `__main__` file is named as the script and runs `lavit.cli`'s `main` (a user's own script named `lavit` does
+    not, and registers at `import lavit` as every other importer)."""
+    script = Path(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+    if script.name not in COMMAND_SCRIPTS or not script.is_file():
+        return False
+    try:
+        with open(script, "rb") as handle:
+            return b"from lavit.cli import main" in handle.read(4096)
+    except OSError:
+        return False
 
 
 def lazy_namespace(namespace: dict, classes: dict[str, tuple[str, ...]]):

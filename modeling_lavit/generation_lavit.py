@@ -7,6 +7,7 @@ its base `LaVITFolderMixin` completes saved folders. The model knows no pixels: 
 turns the tokens into images.
 """
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -178,14 +179,34 @@ def sampling_warpers(temperature=None, top_k=None, top_p=None, min_p=None) -> li
     return warpers
 
 
+def generation_setting(kwargs: dict, default_config, name: str):
+    """The generation setting `name` as `generate` will use it, as transformers merges it: from `kwargs`, else the
+    `generation_config` given in `kwargs`, else `default_config` (the model's), where each leaves it None."""
+    sources = (kwargs.get(name), getattr(kwargs.get("generation_config"), name, None),
+               getattr(default_config, name, None))
+    return next((value for value in sources if value is not None), None)
+
+
+def override_generation_settings(kwargs: dict, **settings) -> None:
+    """Sets generation `settings` in `kwargs` that switch off what lavit does itself: as keywords, or, when a
+    `generation_config` object is given, in a copy of it (a keyword beside the object is deprecated in transformers;
+    a value must not be None there, or the model's own value is merged in)."""
+    if kwargs.get("generation_config") is None:
+        kwargs.update(settings)
+        return
+    config = kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+    for name, value in settings.items():
+        setattr(config, name, value)
+        kwargs.pop(name, None)
+
+
 def row_seeded_sampling_processors(kwargs: dict, generator: torch.Generator, default_config) -> list[LogitsProcessor]:
     """The warpers and per-row sampler that text `generate(generator=...)` appends to its logits processors; the
-    warpers `generate` would add itself are switched off in `kwargs` (they now run before the sampler). Settings come
-    from `kwargs`, then `kwargs["generation_config"]`, then `default_config` (the model's generation config)."""
-    config = kwargs.get("generation_config") or default_config
+    warpers `generate` would add itself are switched off (they now run before the sampler). Settings are read as
+    transformers merges them ([`generation_setting`])."""
 
     def setting(name):
-        return kwargs[name] if name in kwargs else getattr(config, name, None)
+        return generation_setting(kwargs, default_config, name)
 
     if not setting("do_sample") or (setting("num_beams") or 1) > 1:
         return []  # greedy and beam search draw nothing
@@ -195,7 +216,7 @@ def row_seeded_sampling_processors(kwargs: dict, generator: torch.Generator, def
         raise ValueError(f"generate(generator=...) samples after temperature, top_k, top_p and min_p; "
                          f"{unsupported} are not supported with it (drop the generator to use them)")
     warpers = sampling_warpers(setting("temperature"), setting("top_k"), setting("top_p"), setting("min_p"))
-    kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None)
+    override_generation_settings(kwargs, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     rows_per_prompt = setting("num_return_sequences") or 1
     return warpers + [RowSeededSamplingLogitsProcessor(generator, rows_per_prompt)]
 

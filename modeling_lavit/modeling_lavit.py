@@ -17,7 +17,6 @@ discrete ids through the LM embedding table. Expansion happens once, before the 
 changes inside a cached forward.
 """
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +38,9 @@ from .generation_lavit import (
     LaVITImageGenerationMixin,
     PromptRepetitionPenaltyLogitsProcessor,
     SuppressImageTokensLogitsProcessor,
+    generation_setting,
     left_padded,
+    override_generation_settings,
     row_seeded_sampling_processors,
 )
 from .image_placeholders_lavit import (
@@ -813,12 +814,7 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         penalty = generation_setting(kwargs, self.generation_config, "repetition_penalty")
         if from_embeddings and penalty not in (None, 1.0):  # before the warpers, as transformers places its own
             logits_processor.append(PromptRepetitionPenaltyLogitsProcessor(penalty, prompt_ids, attention_mask))
-            if kwargs.get("generation_config") is None:  # transformers' own penalty off, where it reads it
-                kwargs["repetition_penalty"] = 1.0
-            else:  # (a keyword beside a config object is deprecated; a None in the copy would take the model's)
-                kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
-                kwargs["generation_config"].repetition_penalty = 1.0
-                kwargs.pop("repetition_penalty", None)
+            override_generation_settings(kwargs, repetition_penalty=1.0)  # transformers' own penalty off
         generator = kwargs.pop("generator", None)
         if generator is not None:
             logits_processor.extend(row_seeded_sampling_processors(kwargs, generator, self.generation_config))
@@ -910,14 +906,6 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
                 old_head = language_model.get_output_embeddings().weight
                 _extend_rows(model.lm_head.weight, old_head[:text_vocab_size], std)
         return model
-
-
-def generation_setting(kwargs: dict, default_config, name: str):
-    """The generation setting `name` as `generate` will use it, as transformers merges it: from `kwargs`, else the
-    `generation_config` given in `kwargs`, else `default_config` (the model's), where each leaves it None."""
-    sources = (kwargs.get(name), getattr(kwargs.get("generation_config"), name, None),
-               getattr(default_config, name, None))
-    return next((value for value in sources if value is not None), None)
 
 
 def lengths_in_given_ids(kwargs: dict, default_config, prompt_length: int) -> dict:

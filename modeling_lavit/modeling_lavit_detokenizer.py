@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_lavit import LaVITDetokenizerConfig
 from .modeling_lavit_tokenizer import LaVITFeatureDecoder, LaVITTokenizationOutput
-from .saving_lavit import SaveBesideSourcesMixin
+from .saving_lavit import SaveBesideSourcesMixin, loads_json
 from .validation_lavit import Range, check_memory
 
 try:
@@ -284,6 +284,22 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
         self.vae.requires_grad_(False)
         self.scheduler = scheduler_from_config(config.scheduler_config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a local folder that holds a [`LaVITConditionEncoder`] (a pipeline's
+        `condition_encoder/`, same config class) loads as one: `AutoModel`, which maps the config class to this
+        class, would otherwise build a decoder around it with a random UNet and VAE."""
+        config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
+        if cls is LaVITDetokenizer and os.path.isfile(config_file):
+            try:
+                with open(config_file, encoding="utf-8") as handle:
+                    architectures = loads_json(handle.read()).get("architectures")
+            except (UnicodeDecodeError, ValueError, AttributeError):  # a bad config: transformers' loader says so
+                architectures = None
+            if architectures == [LaVITConditionEncoder.__name__]:
+                return LaVITConditionEncoder.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -648,19 +648,27 @@ def _one_dtype(folder: Path, dtype) -> torch.dtype:
     ("bfloat16") is its dtype; "auto" is the dtype the language model (else the condition encoder) was saved in."""
     if dtype is None:
         return torch.float32
-    if dtype == "auto":
-        for part in ("language_model", "condition_encoder"):
-            config = folder / part / "config.json"
-            saved = loads_json(config.read_text()) if config.is_file() else {}
-            dtype = saved.get("dtype") or saved.get("torch_dtype") if isinstance(saved, dict) else None
-            if dtype:
-                break
-        dtype = dtype or "float32"
+    if dtype == "auto":  # the saved dtype of the language model (its folder, or the root of a lavit <= 0.x one)
+        dtype = next(filter(None, map(_saved_dtype, (folder / "language_model", folder / "condition_encoder", folder,
+                                                     folder / LEGACY_DETOKENIZER_FOLDER))), "float32")
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
         return getattr(torch, dtype.removeprefix("torch."))
     if isinstance(dtype, torch.dtype):
         return dtype
     raise ValueError(f"torch_dtype must be a torch.dtype, its name or 'auto', got {dtype!r}")
+
+
+def _saved_dtype(folder: Path) -> str | None:
+    """The dtype a model folder's config.json records (`dtype`, or `torch_dtype` of older saves), or None."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = loads_json(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{config_file} is not a valid JSON file ({error}), so torch_dtype='auto' cannot read the "
+                         f"dtype it was saved in: fix the file, or give torch_dtype") from None
+    return (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
 
 
 def _component_loaders(trust_remote_code: bool) -> dict:

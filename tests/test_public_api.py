@@ -99,6 +99,7 @@ def test_the_lavit_command_imports_no_model_code_and_registration_is_whole_befor
     script = tmp_path / "lavit"
     script.write_text(textwrap.dedent(f"""
         import sys, threading
+        from lavit.cli import main  # the console script's own line, which says it is the command (atk39)
         import lavit
         print("model code:", [name for name in sys.modules if name.startswith({MODEL_CODE!r})])
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -118,6 +119,12 @@ def test_the_lavit_command_imports_no_model_code_and_registration_is_whole_befor
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.stdout.splitlines() == ["model code: []", "registered at import: False",
                                           "each thread saw: [True, True, True, True]"], result.stderr[-3000:]
+    # a user's own script that happens to be named `lavit` is not the command: `import lavit` registers there
+    script.write_text("import lavit\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+                      "print('registered at import:', 'lavit' in CONFIG_MAPPING)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.strip() == "registered at import: True", result.stderr[-3000:]
 
 
 def test_the_classes_carry_their_auto_class():

@@ -108,11 +108,9 @@ class LaVITTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_argument_ranges(self)  # before transformers' own checks, which name fewer ranges
-        if isinstance(self.deepspeed, str) and Path(self.deepspeed).is_file():  # transformers' error names no file
-            try:
-                loads_json(Path(self.deepspeed).read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
-                raise ValueError(f"--deepspeed {self.deepspeed} is not a JSON file: {error}") from None
+        if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):  # a file (else JSON text)
+            self.deepspeed = str(Path(self.deepspeed).expanduser())  # one spelling for every reader
+            read_deepspeed_config(self.deepspeed)
         super().__post_init__()
         # the run ends by replacing `output_dir/final`: a folder there that lavit did not make is refused now, not
         # after the training
@@ -454,6 +452,24 @@ def _without_declarations(data_field: dataclasses.Field) -> dataclasses.Field:
     copied.metadata = types.MappingProxyType({key: value for key, value in data_field.metadata.items()
                                               if key not in declarations})
     return copied
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The DeepSpeed config file `--deepspeed` names, checked where transformers' own errors name neither the flag nor
+    the file (an empty file: "Expecting value: line 1 column 1"; a list: an AttributeError)."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--deepspeed {path} is a folder: give a DeepSpeed config file (JSON)")
+    if not file.is_file():
+        raise ValueError(f"--deepspeed {path}: no such file: give a DeepSpeed config file (JSON)")
+    try:
+        config = loads_json(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"--deepspeed {path} is not a JSON file: {error}") from None
+    if not isinstance(config, dict) or not config:
+        raise ValueError(f"--deepspeed {path} holds {type(config).__name__} {str(config)[:40]!r}, not a DeepSpeed "
+                         f"config (a JSON object of its settings)")
+    return config
 
 
 # each stage's command, argument dataclasses and description: the one table behind the stage scripts' `make_parser`

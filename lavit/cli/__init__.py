@@ -85,6 +85,10 @@ def dashed_flag(arg: str) -> str:
     return name.replace("_", "-") + separator + value
 
 
+# commands that read no model through the Auto classes: `lavit env` reports a broken install, so it must not need one
+NO_MODEL_COMMANDS = ("env",)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and training_command(argv[0]):
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
             check_paths(args)  # no destination is, holds or lies inside an input (lavit.paths)
             check_file_outputs(command, args)  # nor overwrites a file lavit did not write, numbered ones included
             require_safetensors_inputs(args)  # no model folder with pickled weights is loaded (lavit.file_kinds)
-            register_auto_classes()  # what `import lavit` does elsewhere; this process parsed first (`--help`)
+            if command not in NO_MODEL_COMMANDS:  # what `import lavit` does elsewhere; this process parsed first
+                register_auto_classes()
             RUNNERS[command](args)
     except (CommandError, PathConflictError, NotLavitFolderError, PickledWeightsError) as error:  # user errors
         print(f"lavit {command}: error: {error}", file=sys.stderr)

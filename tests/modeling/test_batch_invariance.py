@@ -215,3 +215,31 @@ def test_settings_from_a_generation_config_object_or_the_models_defaults_are_rea
                            lavit_model.generate(**batch, generation_config=other_end))
     finally:
         lavit_model.generation_config.repetition_penalty = default
+
+
+def test_seeded_sampling_reads_a_generation_config_object_as_transformers_merges_it(lavit_model, lavit_processor):
+    """atk39: `generate(generator=..., generation_config=GenerationConfig(...))` read the sampling settings from the
+    object alone: the model's `do_sample` and `temperature` were dropped (the generator ignored, the output changing
+    with torch's global seed), and the keywords lavit set beside the object drew transformers' deprecation warning.
+    The object's path gives what the same settings as keywords give, whatever the global seed."""
+    import warnings
+
+    from transformers import GenerationConfig
+
+    batch = encode(lavit_processor, lavit_model, ROWS, "left")
+    config = lavit_model.generation_config
+    saved = config.do_sample, config.temperature
+    config.do_sample, config.temperature = True, 0.7  # the model's defaults, left unset in the object below
+    try:
+        outputs = []
+        for global_seed in (1, 2):
+            torch.manual_seed(global_seed)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*generation_config.*together.*")
+                outputs.append(lavit_model.generate(**batch, generator=torch.Generator().manual_seed(0),
+                                                    generation_config=GenerationConfig(max_new_tokens=6)))
+        as_keywords = lavit_model.generate(**batch, generator=torch.Generator().manual_seed(0), max_new_tokens=6,
+                                           do_sample=True, temperature=0.7)
+    finally:
+        config.do_sample, config.temperature = saved
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], as_keywords)

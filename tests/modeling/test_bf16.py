@@ -450,3 +450,23 @@ def test_a_dtype_given_by_name_or_auto_is_one_dtype_for_every_model(pipeline_fol
     assert {getattr(pipe, name).dtype for name in ("language_model", "condition_encoder", "unet", "vae")} == {BF16}
     with pytest.raises(ValueError, match="torch_dtype must be a torch.dtype, its name or 'auto', got 'bf16'"):
         LaVITPipeline.from_pretrained(tmp_path / "bf16", torch_dtype="bf16")
+
+
+def test_auto_reads_the_saved_dtype_of_every_folder_layout_and_names_a_bad_config(lavit_model, lavit_processor,
+                                                                                 tmp_path):
+    """atk39: "auto" read only a pipeline's `language_model/`: a lavit <= 0.x folder (the language model at its root,
+    the decoder in `detokenizer/`) loaded in float32; a broken config.json was a bare JSONDecodeError."""
+    from conftest import tiny_detokenizer_config
+
+    from lavit import LaVITDetokenizer, LaVITPipeline
+
+    legacy = tmp_path / "legacy"
+    lavit_model.to(BF16).save_pretrained(legacy)
+    lavit_model.to(torch.float32)
+    lavit_processor.save_pretrained(legacy)
+    LaVITDetokenizer(tiny_detokenizer_config()).to(BF16).save_pretrained(legacy / "detokenizer")
+    pipe = LaVITPipeline.from_pretrained(legacy, torch_dtype="auto")
+    assert {getattr(pipe, name).dtype for name in ("language_model", "condition_encoder", "unet", "vae")} == {BF16}
+    (legacy / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"config.json is not a valid JSON file .*torch_dtype='auto' cannot read"):
+        LaVITPipeline.from_pretrained(legacy, torch_dtype="auto")

@@ -638,3 +638,17 @@ def test_forward_refuses_a_mistyped_parameter_and_passes_transformers_keywords_o
                                                f"(did you mean {meant!r}?)"), str(error.value)
         outputs = call(pipe, photo, {"output_hidden_states": True, "output_attentions": False, "return_dict": True})
         assert outputs.hidden_states is not None
+
+
+def test_auto_model_of_a_pipelines_condition_encoder_folder_is_the_condition_encoder(pipeline_folder):
+    """atk38/39: its config class is the detokenizer's, which `AutoModel` maps to `LaVITDetokenizer`: the folder came
+    back as a whole decoder with a random UNet and VAE (said only in the load report). It loads as itself."""
+    from transformers import AutoModel
+
+    from lavit import LaVITConditionEncoder, LaVITDetokenizer, LaVITPipeline
+
+    loaded = AutoModel.from_pretrained(pipeline_folder / "condition_encoder")
+    assert type(loaded) is LaVITConditionEncoder
+    reference = LaVITPipeline.from_pretrained(pipeline_folder).condition_encoder
+    assert all(torch.equal(value, reference.state_dict()[name]) for name, value in loaded.state_dict().items())
+    assert type(LaVITDetokenizer.from_pretrained(pipeline_folder / "condition_encoder")) is LaVITConditionEncoder

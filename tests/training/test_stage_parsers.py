@@ -127,15 +127,20 @@ def test_the_trainers_resume_flag_is_refused_for_the_stages_own(command, tmp_pat
     ("resume", "off", "--resume off: not auto, no, weights_only nor a checkpoint folder"),
     ("resume", "runs/a/checkpoint-25", "--resume runs/a/checkpoint-25: not auto, no, weights_only nor a checkpoint"),
     ("fsdp", "off", "Unknown `fsdp` option: off"),
-    ("deepspeed", "EMPTY", "is not a JSON file: Expecting value: line 1 column 1")])
+    ("deepspeed", "EMPTY", "is not a JSON file: Expecting value: line 1 column 1"),
+    ("deepspeed", "LIST", "holds list '[]', not a DeepSpeed config"),
+    ("deepspeed", "FOLDER", "is a folder: give a DeepSpeed config file")])
 def test_a_value_the_arguments_own_checks_refuse_is_an_argparse_error(command, key, value, said, tmp_path, capsys):
     """atk36: `resume: off` and `fsdp: off` in a config file were found at run time, after the models loaded, and
     TrainingArguments' own refusal was a raw ValueError. Every value a dataclass's `__post_init__` refuses is said as
     a bad flag is (status 2, the config file named), before anything is built."""
     module = importlib.import_module(TRAINING_COMMANDS[command])
-    if value == "EMPTY":  # atk38: an empty --deepspeed file was "Expecting value: line 1 column 1 (char 0)", no file
-        value = str(tmp_path / "ds.json")
-        (tmp_path / "ds.json").write_text("")
+    if value in ("EMPTY", "LIST", "FOLDER"):  # atk38/39: "Expecting value: line 1 column 1", an AttributeError, an
+        kind, value = value, str(tmp_path / "ds.json")  # IsADirectoryError, none naming --deepspeed or its file
+        if kind == "FOLDER":
+            (tmp_path / "ds.json").mkdir()
+        else:
+            (tmp_path / "ds.json").write_text("" if kind == "EMPTY" else "[]")
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"data": "photos", "output_dir": str(tmp_path / "out"), key: value}))
     for argv in (["--data", "photos", "--output_dir", str(tmp_path / "out"), f"--{key}", value], [str(config)]):

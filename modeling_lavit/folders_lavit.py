@@ -48,7 +48,7 @@ def language_model_folders(folder: str | os.PathLike, with_processor: bool = Tru
         if not (model_folder / "config.json").is_file():
             raise ValueError(f"{pipeline} is a LaVITPipeline folder without a language model (a pixel decoder "
                              f"alone): give the folder of a LaVIT model, or a pipeline that holds one")
-    elif _config_model_type(folder) == LANGUAGE_MODEL_TYPE:
+    elif (saved_config(folder) or {}).get("model_type") == LANGUAGE_MODEL_TYPE:
         model_folder = processor_folder = folder
     else:
         return None
@@ -59,14 +59,16 @@ def language_model_folders(folder: str | os.PathLike, with_processor: bool = Tru
     return model_folder, processor_folder
 
 
-def _config_model_type(folder: Path) -> str | None:
-    config_file = folder / "config.json"
+def saved_config(folder: str | os.PathLike) -> dict | None:
+    """The JSON object of a local folder's config.json; None where it has none, or one that cannot be read as a JSON
+    object (a Hub id names no local folder): the caller's loader then says what is wrong."""
+    config_file = Path(folder) / "config.json"
     try:
         config = loads_json(config_file.read_text()) if config_file.is_file() else None
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return config.get("model_type") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 __all__ = ["LANGUAGE_MODEL_TYPE", "PIPELINE_CLASS", "PROCESSOR_FILES", "is_lavit_pipeline_folder",
-           "language_model_folders"]
+           "language_model_folders", "saved_config"]

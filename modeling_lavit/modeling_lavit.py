@@ -791,12 +791,13 @@ class LaVITForCausalLM(LaVITImageGenerationMixin, LaVITPreTrainedModel, Generati
         """The attention mask of a batch of image prompts given without one, as transformers infers a text prompt's
         (pads are `pad_token_id`); None where no row holds the pad token. Where the pad token is also the end of
         text, padding cannot be told from text: refused (the pads would be read as the prompt, silently)."""
-        pad = generation_setting(kwargs, self.generation_config, "pad_token_id")
         eos = generation_setting(kwargs, self.generation_config, "eos_token_id")
-        pad = pad if pad is not None else (eos[0] if isinstance(eos, list) and eos else eos)  # transformers' fallback
+        ends = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        pad = generation_setting(kwargs, self.generation_config, "pad_token_id")
+        pad = pad if pad is not None else next(iter(ends), None)  # transformers' fallback: the (first) end of text
         if pad is None or input_ids.shape[0] == 1 or not (input_ids == pad).any():
             return None
-        if pad in (eos if isinstance(eos, list) else [eos]):
+        if pad in ends:
             raise ValueError(f"generate: a batch of image prompts holding the pad token ({pad}, also the end of text "
                              f"here) needs its attention_mask to tell padding from text: pass the processor's "
                              f"attention_mask")

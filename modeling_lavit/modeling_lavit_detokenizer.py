@@ -17,8 +17,9 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_lavit import LaVITDetokenizerConfig
+from .folders_lavit import saved_config
 from .modeling_lavit_tokenizer import LaVITFeatureDecoder, LaVITTokenizationOutput
-from .saving_lavit import SaveBesideSourcesMixin, loads_json
+from .saving_lavit import SaveBesideSourcesMixin
 from .validation_lavit import Range, check_memory
 
 try:
@@ -290,15 +291,9 @@ class LaVITDetokenizer(LaVITConditionsMixin, LaVITDetokenizerPreTrainedModel):
         """`PreTrainedModel.from_pretrained`; a local folder that holds a [`LaVITConditionEncoder`] (a pipeline's
         `condition_encoder/`, same config class) loads as one: `AutoModel`, which maps the config class to this
         class, would otherwise build a decoder around it with a random UNet and VAE."""
-        config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
-        if cls is LaVITDetokenizer and os.path.isfile(config_file):
-            try:
-                with open(config_file, encoding="utf-8") as handle:
-                    architectures = loads_json(handle.read()).get("architectures")
-            except (UnicodeDecodeError, ValueError, AttributeError):  # a bad config: transformers' loader says so
-                architectures = None
-            if architectures == [LaVITConditionEncoder.__name__]:
-                return LaVITConditionEncoder.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        architectures = (saved_config(pretrained_model_name_or_path) or {}).get("architectures")
+        if cls is LaVITDetokenizer and architectures == [LaVITConditionEncoder.__name__]:
+            return LaVITConditionEncoder.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def train(self, mode: bool = True):

@@ -41,10 +41,10 @@ def training_command(name: str) -> str | None:
 
 def add_parsers(commands, full: bool = True) -> None:
     """The stages' own parsers (`full`), or a one-line entry per stage for the command listing."""
+    if full:  # from the stages' table of arguments: no stage script (nor its models, peft, datasets) imported
+        from lavit.training.arguments import stage_parser
     for command in TRAINING_COMMANDS:
-        if full:  # from the stages' table of arguments: no stage script (nor its models, peft, datasets) imported
-            from lavit.training.arguments import stage_parser
-
+        if full:
             stage_parser(command, commands)
         else:
             aliases = [old for old, new in TRAINING_ALIASES.items() if new == command]

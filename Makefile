@@ -45,7 +45,7 @@ $(PEERS_VENV)/.peers-installed: $(PEERS_VENV)/.installed requirements/peers.txt 
 
 test-peers: $(PEERS_VENV)/.peers-installed
 	$(PEERS_VENV)/bin/python tests/peers/download_peer_tests.py --cache .peers
-	HF_HUB_OFFLINE=1 $(PEERS_VENV)/bin/python -m pytest -q -rs tests/peers tests/evaluation/test_lmms_eval.py
+	HF_HUB_OFFLINE=1 $(PEERS_VENV)/bin/python -m pytest -q -rs tests/peers tests/evaluation/test_lmms_eval_model.py
 
 test-slow: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow --ignore=tests/peers --durations=15

@@ -88,3 +88,44 @@ def test_every_file_of_the_package_folders_is_in_the_design_document(folder):
     for path in python_files(folder):
         if path.name != "__init__.py":
             assert f"{folder}/{path.name}" in document, f"docs/ARCHITECTURE.md does not place {folder}/{path.name}"
+
+
+# the installed package's folders (pyproject's package-dir): tests/<sub-package>/ mirrors each
+PACKAGE_FOLDERS = {"lavit": (), "modeling_lavit": ("modeling",), "processing": ("processing",),
+                   "training": ("training",), "hub_cards": ("hub_cards",)}
+
+
+def own_test_file(module: Path) -> Path:
+    """Where the tests of source `module` live: `lavit.<folder>.<module>` -> tests/<folder>/test_<module>.py. The
+    `evaluate` metric modules (`metrics/<name>/<name>.py`, loaded by path) have tests/evaluation/metrics/test_<name>.py.
+    """
+    top, *folders = module.relative_to(REPO_ROOT).parent.parts
+    if folders[-2:] == ["metrics", module.stem]:
+        folders = folders[:-1]
+    return REPO_ROOT.joinpath("tests", *PACKAGE_FOLDERS[top], *folders, f"test_{module.stem}.py")
+
+
+def source_modules() -> list[Path]:
+    """Every module of the package: not `__init__.py` / `__main__.py`, not `processing/saving_lavit.py` (a link to
+    the one in `modeling_lavit/`, so that both remote-code folders hold it)."""
+    return sorted(path for top in PACKAGE_FOLDERS for path in (REPO_ROOT / top).rglob("*.py")
+                  if path.name not in ("__init__.py", "__main__.py") and not path.is_symlink())
+
+
+@pytest.mark.parametrize("module", source_modules(), ids=lambda path: str(path.relative_to(REPO_ROOT)))
+def test_every_module_has_a_test_file_of_its_own_that_tests_it(module):
+    """Whoever changes a module knows which tests are its own: its test file exists, defines tests, and reaches the
+    module (imports it or a name it defines; a metric module, loaded by path, is named as a string)."""
+    test_file = own_test_file(module)
+    wanted = test_file.relative_to(REPO_ROOT)
+    assert test_file.is_file(), f"{module.relative_to(REPO_ROOT)} has no test file of its own: add {wanted}"
+    tree = ast.parse(test_file.read_text())
+    tests = [node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and node.name.startswith("test_")]
+    assert tests, f"{test_file.relative_to(REPO_ROOT)} defines no test"
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    modules = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    reached = (any(name.split(".")[-1] == module.stem for name in modules | imported)
+               or imported & defined_names(module) or f'"{module.stem}"' in test_file.read_text())
+    assert reached, f"{test_file.relative_to(REPO_ROOT)} imports neither {module.stem} nor any name it defines"

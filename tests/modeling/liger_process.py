@@ -1,4 +1,4 @@
-"""Liger through the Trainer's `use_liger_kernel`, in a process of its own (run by `test_kernels.py`): Liger patches
+"""Liger through the Trainer's `use_liger_kernel`, in a process of its own (run by `test_kernels_lavit.py`): Liger patches
 transformers' LLaMA module for the whole process, and `TRITON_INTERPRET=1`, set before Triton is imported, runs
 Liger's Triton kernels on the CPU through Triton's interpreter. Prints one JSON line with what the test checks.
 

@@ -139,7 +139,7 @@ def test_concurrent_image_requests_get_what_each_gets_alone(server, local):
     for body, answer in zip(IMAGE_BODIES, answers, strict=True):
         request = ImageGenerationRequest(prompt=body["prompt"], n=body.get("n", 1), **body["extra_body"])
         lone = engine.render_images([preparer.image_job(request)])[0]
-        # within one intensity level, as docs/serving.md states (the visual tokens are equal: test_batching.py)
+        # within one intensity level, as docs/serving.md states (the visual tokens are equal: test_batched_requests.py)
         assert len(answer.data) == len(lone)
         for item, png in zip(answer.data, lone, strict=True):
             assert np.abs(pixels(item.b64_json) - pixels(png)).max() <= 1, body

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from lavit.modeling.kernels_lavit import CPU_DEFAULTS, CUDA_DEFAULTS, speed_defaults
-from test_causal_lm import interleaved_batch, text_labels
+from test_modeling_lavit import interleaved_batch, text_labels
 
 from lavit import LaVITImageGenerationConfig
 

@@ -3,6 +3,7 @@
 Defaults are the values of the released LaVIT checkpoints (official code `jy0205/LaVIT`, folder `LaVIT/models`).
 """
 
+import copy
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -555,9 +556,10 @@ class LaVITDetokenizerConfig(LaVITFolderConfig):
         if self.prompt_projection_sizes is None:
             self.prompt_projection_sizes = [768, 1280] if highres else [768]
         self.prompt_projection_sizes = list(self.prompt_projection_sizes)
-        self.unet_config = dict(self.unet_config or (SDXL_UNET_CONFIG if highres else SD_UNET_CONFIG))
-        self.vae_config = dict(self.vae_config or (SDXL_VAE_CONFIG if highres else SD_VAE_CONFIG))
-        self.scheduler_config = dict(self.scheduler_config or SD_SCHEDULER_CONFIG)
+        # deep copies: the config owns its nested settings (the module's defaults share their block lists)
+        self.unet_config = copy.deepcopy(dict(self.unet_config or (SDXL_UNET_CONFIG if highres else SD_UNET_CONFIG)))
+        self.vae_config = copy.deepcopy(dict(self.vae_config or (SDXL_VAE_CONFIG if highres else SD_VAE_CONFIG)))
+        self.scheduler_config = copy.deepcopy(dict(self.scheduler_config or SD_SCHEDULER_CONFIG))
         self.image_size = (1024 if highres else 512) if self.image_size is None else self.image_size
         check_fields(self, self.field_ranges)
         for name in ("unet_config", "vae_config", "scheduler_config"):

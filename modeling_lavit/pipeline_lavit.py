@@ -50,6 +50,7 @@ from .validation_lavit import (
     Each,
     Range,
     check_keywords,
+    floating_dtype,
     keyword_names,
 )
 
@@ -651,11 +652,7 @@ def _one_dtype(folder: Path, dtype) -> torch.dtype:
     if dtype == "auto":  # the saved dtype of the language model (its folder, or the root of a lavit <= 0.x one)
         dtype = next(filter(None, map(_saved_dtype, (folder / "language_model", folder / "condition_encoder", folder,
                                                      folder / LEGACY_DETOKENIZER_FOLDER))), "float32")
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
-        return getattr(torch, dtype.removeprefix("torch."))
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    raise ValueError(f"torch_dtype must be a torch.dtype, its name or 'auto', got {dtype!r}")
+    return floating_dtype(dtype, "torch_dtype (or 'auto')")
 
 
 def _saved_dtype(folder: Path) -> str | None:

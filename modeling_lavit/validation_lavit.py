@@ -416,8 +416,21 @@ def check_generation_budget(
                  "use fewer beams, a smaller batch or max_new_tokens")
 
 
+def floating_dtype(value, argument: str):
+    """`value`, a floating `torch.dtype` or its name ("bfloat16", "torch.bfloat16") -> the `torch.dtype`; anything
+    else (another name, an integer dtype, a number) is a `ValueError` naming `argument`. The one reader of the dtype
+    names users give (flags, `model_args`, `from_pretrained`)."""
+    import torch
+
+    found = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if isinstance(found, torch.dtype) and found.is_floating_point:
+        return found
+    raise ValueError(f"{argument} must be a floating torch dtype or its name (float32, bfloat16, float16), got "
+                     f"{value!r}")
+
+
 __all__ = [
     "Choice", "Each", "Range", "SEED", "check_arguments", "check_fields", "check_nested_config",
-    "check_generation_budget", "check_keywords", "check_memory", "keyword_names", "refuse_typos", "room_advice",
-    "unknown_names",
+    "check_generation_budget", "check_keywords", "check_memory", "floating_dtype", "keyword_names", "refuse_typos",
+    "room_advice", "unknown_names",
 ]

@@ -1,3 +1,4 @@
+import functools
 import os
 from pathlib import Path
 
@@ -46,11 +47,17 @@ def tiny_model(tiny_config):
     return LaVITTokenizerModel(tiny_config).eval()
 
 
-def real_photos() -> list[np.ndarray]:
-    """RGB photos that ship with scikit-image (no download)."""
+@functools.cache
+def _decoded_photos() -> tuple[np.ndarray, ...]:
     from skimage import data
 
-    return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry()]
+    return data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry()
+
+
+def real_photos() -> list[np.ndarray]:
+    """RGB photos that ship with scikit-image (no download): decoded once per process, a fresh copy each call (tests
+    may write into them)."""
+    return [photo.copy() for photo in _decoded_photos()]
 
 
 def photo_batch(model, count=4) -> torch.Tensor:

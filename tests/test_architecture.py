@@ -129,3 +129,12 @@ def test_every_module_has_a_test_file_of_its_own_that_tests_it(module):
     reached = (any(name.split(".")[-1] == module.stem for name in modules | imported)
                or imported & defined_names(module) or f'"{module.stem}"' in test_file.read_text())
     assert reached, f"{test_file.relative_to(REPO_ROOT)} imports neither {module.stem} nor any name it defines"
+
+
+def test_dtype_names_are_read_by_one_function():
+    """A dtype name a user gives ("bfloat16", "float17") is read by `validation_lavit.floating_dtype` alone: a bare
+    `getattr(torch, name)` turns a typo into torch's AttributeError and accepts integer dtypes."""
+    for path in python_files("modeling_lavit", "processing", "training", "hub_cards", "lavit", "lavit/cli",
+                             "lavit/evaluation", "lavit/serving"):
+        if path.name != "validation_lavit.py":
+            assert "getattr(torch, " not in path.read_text(), f"{path.relative_to(REPO_ROOT)} reads a dtype name itself"

@@ -33,6 +33,7 @@ from lavit.modeling.validation_lavit import (
     Choice,
     Range,
     check_arguments,
+    floating_dtype,
 )
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -211,7 +212,7 @@ class SequenceArguments(EvalDataArguments):
                 raise ValueError("--dtype bfloat16 does not apply to --qlora (its LM is 4-bit and computes in bf16 "
                                  "already): drop --dtype")
             return  # the 4-bit weights stay as they are; the adapters are made in float32
-        model.to(getattr(torch, self.dtype))
+        model.to(floating_dtype(self.dtype, "--dtype"))
 
     def row_length(self, model) -> int | None:
         """The collator's `max_row_length` for this model's attention kernel."""

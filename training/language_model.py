@@ -21,7 +21,9 @@ SIZE_RANGES = {
     "num_attention_heads": Range(2, 1024, integer=True, note="an even number that divides hidden_size"),
     "max_position_embeddings": Range(1, 2**20, integer=True), "seed": SEED,
 }
-VQA_TEXT = "Question: {question} Answer: {answer}"  # the fine-tuning template (`training.data.VQA_TEMPLATE`)
+# the fine-tuning template (`training.sequences.VQA_TEMPLATE` and its answer; not imported from there, which would
+# import TrainingArguments into `lavit new-language-model`; tests/training/test_language_model.py keeps them equal)
+VQA_TEXT = "Question: {question} Answer: {answer}"
 
 
 def write_small_language_model(
@@ -86,7 +88,7 @@ def write_small_language_model(
 def corpus_from_data(data: str | None = None, text_files: list[str] = ()) -> list[str]:
     """The texts of image-text data (`text`, and `question`/`answer` pairs in the fine-tuning template when the
     records have them) and of text files (`.txt` lines, or the `text` column of JSON/CSV/Parquet), without decoding
-    any image."""
+    any image. Blank texts are left out, so the count is of texts the tokenizer can learn from."""
     from .data import load_records, load_text_records
 
     texts = []
@@ -99,4 +101,4 @@ def corpus_from_data(data: str | None = None, text_files: list[str] = ()) -> lis
                 texts.append(VQA_TEXT.format(question=record["question"], answer=record["answer"]))
     for path in text_files:
         texts.extend(load_text_records(path)["text"])
-    return [text for text in texts if isinstance(text, str)]
+    return [text for text in texts if isinstance(text, str) and text.strip()]  # blank lines are no texts

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from lavit.command_inputs import CommandError, load_lavit_model, require_folder
-from lavit.modeling.validation_lavit import POSITIVE_INT, SEED
+from lavit.modeling.validation_lavit import POSITIVE_INT, SEED, floating_dtype
 from lavit.paths import InputPath, OutputPath
 
 from .common import add_command, load_pipeline
@@ -81,7 +81,6 @@ def evaluation_config(args, task_benchmark):
 
 
 def run_evaluate(args) -> None:
-    import torch
 
     from lavit.command_inputs import report_failed_samples
     from lavit.evaluation import BENCHMARKS, evaluate, load_samples, record_results
@@ -97,7 +96,7 @@ def run_evaluate(args) -> None:
     samples = load_samples(data_format, args.annotations, args.questions, args.images, config.split, args.dataset,
                            args.columns, args.image_pattern, args.allow_unmatched)[: args.limit]
     require_folder(args.model)
-    dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
+    dtype = {"dtype": floating_dtype(args.dtype, "--dtype")} if args.dtype else {}
     if config.task == "text-to-image":  # images come from the LaVITPipeline, whose processor it holds
         model = load_pipeline(args.model).to(distributed_state().device, **dtype)
         processor = model.processor

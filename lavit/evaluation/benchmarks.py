@@ -23,7 +23,7 @@ BENCHMARKS = {
     "okvqa": Benchmark("vqa", "vqav2", "OK-VQA val", "HuggingFaceM4/OK-VQA", "validation"),
     "gqa": Benchmark("vqa", "gqa", "GQA testdev-balanced", "lmms-lab/GQA", "testdev", vqa_metric="exact_match"),
     "vizwiz": Benchmark("vqa", "vizwiz", "VizWiz val", "lmms-lab/VizWiz-VQA", "validation", vizwiz_two_stage=True),
-    "coco-t2i": Benchmark("text-to-image", "karpathy", "MS-COCO text-to-image", "coco", "validation"),
+    "coco-t2i": Benchmark("text-to-image", "karpathy", "MS-COCO text-to-image", "coco", "val"),  # Karpathy split name
     "caption": Benchmark("caption", None, "custom captioning", "custom"),
     "vqa": Benchmark("vqa", None, "custom VQA", "custom"),
     "text-to-image": Benchmark("text-to-image", None, "custom text-to-image", "custom"),

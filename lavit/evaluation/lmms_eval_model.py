@@ -23,7 +23,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from lavit.modeling.validation_lavit import SEED, Choice, Range  # noqa: E402
+from lavit.modeling.validation_lavit import SEED, Choice, Range, floating_dtype  # noqa: E402
 
 # a task's `generation_kwargs`, each honoured (None: the default) or the request is refused naming it
 GENERATION_SETTINGS = {
@@ -101,7 +101,7 @@ class LaVITLmms(lmms):
         require_safetensors_weights(pretrained)  # pickled weights are never loaded
         state = distributed_state()
         self._device = torch.device(device) if device else state.device
-        settings = {"dtype": getattr(torch, dtype)} if dtype else {}
+        settings = {"dtype": floating_dtype(dtype, "model_args dtype=")} if dtype else {}
         # a model folder, a LaVITPipeline folder (or its language_model/), a PEFT adapter folder or a Hub id, as for
         # every lavit command
         self.model, self.processor = load_lavit_model(pretrained, "pretrained=", **settings)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lavit.modeling.generation_lavit import SuppressImageTokensLogitsProcessor, row_generators
-from lavit.modeling.validation_lavit import SEED
+from lavit.modeling.validation_lavit import SEED, floating_dtype
 
 from .batching import RowSampler, RowText, RowTexts, SamplingSettings
 from .media import read_image_url
@@ -148,7 +148,8 @@ class LaVITEngine:
         from lavit.modeling.folders_lavit import is_lavit_pipeline_folder
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else None)
+        default = torch.bfloat16 if device.startswith("cuda") else None
+        torch_dtype = floating_dtype(dtype, "--dtype") if dtype else default
         self.pipeline = None  # a pipeline folder also draws images; a language model folder only writes text
         if is_lavit_pipeline_folder(model_path):
             self.pipeline = LaVITPipeline.from_pretrained(model_path, torch_dtype=torch_dtype).to(device)

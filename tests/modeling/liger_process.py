@@ -1,5 +1,5 @@
-"""Liger through the Trainer's `use_liger_kernel`, in a process of its own (run by `test_kernels_lavit.py`): Liger patches
-transformers' LLaMA module for the whole process, and `TRITON_INTERPRET=1`, set before Triton is imported, runs
+"""Liger through the Trainer's `use_liger_kernel`, in a process of its own (run by `test_kernels_lavit.py`): Liger
+patches transformers' LLaMA module for the whole process, and `TRITON_INTERPRET=1`, set before Triton is imported, runs
 Liger's Triton kernels on the CPU through Triton's interpreter. Prints one JSON line with what the test checks.
 
 1. The same tiny LaVIT model, float32, in training mode: the loss, per-modality losses and gradients of the logits

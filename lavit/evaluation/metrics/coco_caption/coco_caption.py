@@ -84,7 +84,10 @@ def caption_scorers(use_java: bool) -> tuple[list, dict[str, str]]:
     if use_java:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        scorers.append((Meteor(), ["METEOR"]))
+        try:  # METEOR starts `java` at once: a missing or broken Java makes it unavailable, not a crash
+            scorers.append((Meteor(), ["METEOR"]))
+        except OSError as error:
+            unavailable["METEOR"] = f"needs Java, which did not start ({error})"
         if spice_models_available():
             from pycocoevalcap.spice.spice import Spice
 

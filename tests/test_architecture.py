@@ -138,3 +138,14 @@ def test_dtype_names_are_read_by_one_function():
                              "lavit/evaluation", "lavit/serving"):
         if path.name != "validation_lavit.py":
             assert "getattr(torch, " not in path.read_text(), f"{path.relative_to(REPO_ROOT)} reads a dtype name itself"
+
+
+@pytest.mark.parametrize("stage", [name for name in STAGE_SCRIPTS if name != "pretokenize"])
+def test_every_training_stage_reads_its_data_and_counts_through_stage_records(stage):
+    """The bad records of a run are counted in one place: a stage takes its records and counters from
+    `training.evaluation.stage_records` rather than loading `--data` or making counters itself. (`pretokenize` reads
+    its data whole, never streamed, and counts the images its tokenizer could not read.)"""
+    source = (REPO_ROOT / "training" / f"{stage}.py").read_text()
+    assert "stage_records(" in source
+    for own_reading in ("load_records(", "training_records(", "split_eval_records(", "BadRecordCounter()"):
+        assert own_reading not in source, f"training/{stage}.py calls {own_reading} itself"

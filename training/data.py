@@ -468,6 +468,15 @@ def limit_records(records, max_samples: int | None):
     return records.take(max_samples)
 
 
+def training_records(script_args, counter: BadRecordCounter, require_text: bool = True):
+    """A stage's `--data` (`--split`, `--streaming`, its columns), at most `--max_samples` records; the bad records
+    are skipped and counted in `counter`. The stages read their data through [`training.evaluation.stage_records`],
+    which adds the held-out part."""
+    records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
+                           script_args.text_column, require_text=require_text, counter=counter)
+    return limit_records(records, script_args.max_samples)
+
+
 def mix_text_records(pairs, texts, text_ratio: float, seed: int = 0):
     """Interleaves text-only records into image-text records: a fraction `text_ratio` of the mixture is text-only
     (the official authors used about 2 text : 1 image-text)."""

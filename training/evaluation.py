@@ -11,13 +11,14 @@ Every stage takes `--eval_data` (any source `--data` takes) or `--eval_split_siz
 
 import logging
 import math
+from dataclasses import dataclass
 from itertools import islice
 
 import datasets
 from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import IntervalStrategy, has_length
 
-from .data import BadRecordCounter, BadRecordError, decode_image, load_records
+from .data import BadRecordCounter, BadRecordError, decode_image, load_records, training_records
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,26 @@ CAPTION_GENERATION = {"num_beams": 2, "max_new_tokens": 36, "do_sample": False}
 VQA_GENERATION = {"num_beams": 5, "max_new_tokens": 10, "length_penalty": 0.0, "do_sample": False}
 # fine-tuning task -> the metric the best checkpoint is chosen by when a preset picks it
 TASK_METRICS = {"caption": "caption_accuracy", "vqa": "vqa_accuracy", "chat": "loss"}
+
+
+@dataclass
+class StageRecords:
+    """A stage's data ([`stage_records`]): the training records and their [`BadRecordCounter`], which the trainer
+    fills from its batches, and the held-out records (None without `--eval_data` / `--eval_split_size`) and theirs."""
+
+    records: object
+    counter: BadRecordCounter
+    held_out: object | None
+    eval_counter: BadRecordCounter
+
+
+def stage_records(script_args, seed: int, require_text: bool = True) -> StageRecords:
+    """The one place a training stage reads its data: `--data` (at most `--max_samples` records, bad ones skipped and
+    counted) and its held-out part ([`split_eval_records`]), each with its own counter."""
+    counter = BadRecordCounter()
+    records, held_out, eval_counter = split_eval_records(training_records(script_args, counter, require_text),
+                                                         script_args, seed, require_text=require_text)
+    return StageRecords(records, counter, held_out, eval_counter)
 
 
 def split_eval_records(records, script_args, seed: int, require_text: bool = True):

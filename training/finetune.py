@@ -19,8 +19,7 @@ from transformers.trainer_utils import has_length
 
 from .arguments import FinetuningArguments, LaVITTrainingArguments, stage_parser
 from .collators import lm_collator
-from .data import BadRecordCounter, limit_records, load_records
-from .evaluation import GenerationEvaluator, configure_evaluation, split_eval_records
+from .evaluation import GenerationEvaluator, configure_evaluation, stage_records
 from .models import lavit_model_paths, load_model_for_finetuning
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
 from .sequences import InstructionBuilder, check_max_length, count_stored_skips
@@ -45,15 +44,11 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     processor = LaVITProcessor.from_pretrained(lavit_model_paths(script_args.model)[1])
 
     # 2. One row per example, labels on the answers only; bad records dropped and counted.
-    counter = BadRecordCounter()
-    records = load_records(script_args.data, script_args.split, script_args.streaming,
-                           script_args.image_column, script_args.text_column, require_text=False, counter=counter)
+    data = stage_records(script_args, training_args.seed, require_text=False)
     # caption: the image then its caption; vqa: the official `Question: {q} Answer:` template; chat: the processor's
     # chat template, every assistant turn supervised
     builder = InstructionBuilder(processor, script_args.task, script_args.max_length)
-    records, held_out, eval_counter = split_eval_records(limit_records(records, script_args.max_samples), script_args,
-                                                         training_args.seed, require_text=False)
-    dataset = builder.build(records)
+    dataset = builder.build(data.records)
     num_examples = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_examples))
     report_preset(preset, applied, num_examples, training_args)
@@ -62,8 +57,8 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model),
                            **script_args.collator_augmentation())
     # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
-    count_stored_skips(dataset, counter, collator)
-    evaluation = held_out_evaluation(held_out, eval_counter, builder, collator, script_args, training_args)
+    count_stored_skips(dataset, data.counter, collator)
+    evaluation = held_out_evaluation(data.held_out, data.eval_counter, builder, collator, script_args, training_args)
 
     # 4. Train and save. Adapters sit in the LM and train at one learning rate (the visual learning rate is for full
     #    fine-tuning); a 4-bit base cannot take merged adapters, so QLoRA runs save the adapters next to the base
@@ -71,8 +66,8 @@ def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArgum
     adapters = script_args.lora or script_args.qlora
     merge = adapters and script_args.merge_lora and not script_args.qlora
     callbacks = [ShortRunWarningCallback(num_examples, preset=script_args.preset),
-                 *configure_evaluation(training_args, script_args, held_out is not None), *callbacks]
-    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
+                 *configure_evaluation(training_args, script_args, data.held_out is not None), *callbacks]
+    return train_and_save(model, processor, training_args, dataset, collator, data.counter, script_args,
                           None if adapters else script_args.visual_learning_rate, callbacks=callbacks,
                           merge_adapters=merge, evaluation=evaluation)
 

@@ -24,8 +24,8 @@ from .arguments import LaVITTrainingArguments, TokenizerTrainingArguments, stage
 from .callbacks import JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import ImageCollator
-from .data import BadRecordCounter, image_dataset, limit_records, load_records
-from .evaluation import configure_evaluation, split_eval_records
+from .data import image_dataset
+from .evaluation import configure_evaluation, stage_records
 from .models import build_tokenizer
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
 from .trainer import LaVITTokenizerTrainer, save_final, whole_weights
@@ -47,17 +47,13 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
     image_processor = LaVITImageProcessor.from_tokenizer_config(model.config)
 
     # 2. The images, decoded lazily; a bad record is replaced by the next readable one and counted. The dataset's own
-    #    counter only logs: its counts reach `counter` through the batches (dataloader workers included).
-    counter = BadRecordCounter()
-    records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column, require_text=False, counter=counter)
+    #    counter only logs: its counts reach `data.counter` through the batches (dataloader workers included).
+    data = stage_records(script_args, training_args.seed, require_text=False)
     # random crops, each drawn from (seed, epoch, index): a resumed run sees the crops of the uninterrupted one
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
-    records, held_out, eval_counter = split_eval_records(limit_records(records, script_args.max_samples), script_args,
-                                                         training_args.seed, require_text=False)
-    dataset = image_dataset(records, None, crop_scale, training_args.seed)
+    dataset = image_dataset(data.records, None, crop_scale, training_args.seed)
     # held-out images whole (no crops): the same reconstruction cosine, keep ratio and codebook use at every evaluation
-    eval_dataset = None if held_out is None else image_dataset(held_out, None, None, training_args.seed)
+    eval_dataset = None if data.held_out is None else image_dataset(data.held_out, None, None, training_args.seed)
 
     # 3. A preset scales the steps to the data; VQ waits a quarter of them, since k-means needs warmed-up latents.
     num_images = len(dataset) if has_length(dataset) else None
@@ -78,8 +74,8 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         eval_dataset=eval_dataset,
         data_collator=ImageCollator(image_processor),
         quantizer_start_step=script_args.quantizer_start_step,
-        skip_counter=counter,
-        eval_skip_counter=eval_counter,
+        skip_counter=data.counter,
+        eval_skip_counter=data.eval_counter,
         eval_data_name=script_args.eval_data or script_args.data,
         callbacks=[JsonlLoggerCallback(), ShortRunWarningCallback(num_images, preset=script_args.preset),
                    *evaluation_callbacks, *callbacks],

@@ -23,8 +23,8 @@ from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, PretrainingArguments, stage_parser
 from .collators import lm_collator
-from .data import BadRecordCounter, limit_records, load_records, load_text_records, mix_text_records
-from .evaluation import configure_evaluation, split_eval_records
+from .data import BadRecordCounter, load_text_records, mix_text_records
+from .evaluation import configure_evaluation, stage_records
 from .models import build_unified_model
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
 from .sequences import (
@@ -37,16 +37,12 @@ from .sequences import (
 from .trainer import train_and_save, whole_weights
 
 
-def pretraining_dataset(script_args: PretrainingArguments, text_tokenizer, config,
-                        counter: BadRecordCounter | None = None, seed: int = 0, records=None, mix_text: bool = True):
-    """Records -> (text mix) -> packed rows (each carrying the count of records dropped while it was built), with the
-    builder; `counter` counts the records skipped while loading. With `order="random"` the rows draw their pair
-    orders per epoch from `seed` ([`RandomOrderRows`]). `records`: already loaded (default: `--data`, loaded here);
-    `mix_text=False` leaves the text-only data out (held-out rows)."""
-    if records is None:
-        records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                               script_args.text_column, counter=counter)
-        records = limit_records(records, script_args.max_samples)
+def pretraining_dataset(script_args: PretrainingArguments, text_tokenizer, config, records,
+                        counter: BadRecordCounter | None = None, seed: int = 0, mix_text: bool = True):
+    """`records` (image-text pairs, from [`training.evaluation.stage_records`]) -> (text mix) -> packed rows (each
+    carrying the count of records dropped while it was built), with the builder; `counter` counts the records skipped
+    while loading. With `order="random"` the rows draw their pair orders per epoch from `seed`
+    ([`RandomOrderRows`]). `mix_text=False` leaves the text-only data out (held-out rows)."""
     # text-only records keep the LM's language skills (the official mix is about 2 text : 1 image-text)
     if script_args.text_data and mix_text:
         texts = load_text_records(script_args.text_data, streaming=script_args.streaming)
@@ -86,15 +82,12 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     # 2. Packed rows of image-caption pairs (and text-only records), bad records dropped and counted.
     #    Held-out pairs (`--eval_data` or `--eval_split_size`) become rows the same way, without the text mix: their
     #    text and image losses are reported apart.
-    counter = BadRecordCounter()
-    records = limit_records(load_records(script_args.data, script_args.split, script_args.streaming,
-                                         script_args.image_column, script_args.text_column, counter=counter),
-                            script_args.max_samples)
-    records, held_out, eval_counter = split_eval_records(records, script_args, training_args.seed)
-    dataset, _ = pretraining_dataset(script_args, processor.tokenizer, model.config, counter, training_args.seed,
-                                     records)
-    eval_dataset = None if held_out is None else pretraining_dataset(
-        script_args, processor.tokenizer, model.config, eval_counter, training_args.seed, held_out, mix_text=False)[0]
+    data = stage_records(script_args, training_args.seed)
+    dataset, _ = pretraining_dataset(script_args, processor.tokenizer, model.config, data.records, data.counter,
+                                     training_args.seed)
+    eval_dataset = None if data.held_out is None else pretraining_dataset(
+        script_args, processor.tokenizer, model.config, data.held_out, data.eval_counter, training_args.seed,
+        mix_text=False)[0]
     num_rows = len(dataset) if has_length(dataset) else None
     applied.update(apply_preset_steps(preset, training_args, num_rows))
     report_preset(preset, applied, num_rows, training_args)
@@ -104,16 +97,16 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
     collator = lm_collator(processor, model.config, script_args.packed, script_args.row_length(model),
                            **script_args.collator_augmentation())
     # records the builder dropped are stored in the rows: count them once here, not per epoch in the batches
-    count_stored_skips(dataset, counter, collator)
+    count_stored_skips(dataset, data.counter, collator)
     if eval_dataset is not None:
-        count_stored_skips(eval_dataset, eval_counter, collator)
+        count_stored_skips(eval_dataset, data.eval_counter, collator)
 
     # 4. Train (the visual modules and rows at their own learning rate), resume, save the final folder.
     callbacks = [*callbacks, ShortRunWarningCallback(row_length=script_args.max_length, preset=script_args.preset),
                  *configure_evaluation(training_args, script_args, eval_dataset is not None)]
-    evaluation = {"eval_dataset": eval_dataset, "eval_skip_counter": eval_counter,
+    evaluation = {"eval_dataset": eval_dataset, "eval_skip_counter": data.eval_counter,
                   "eval_data_name": script_args.eval_data or script_args.data}
-    return train_and_save(model, processor, training_args, dataset, collator, counter, script_args,
+    return train_and_save(model, processor, training_args, dataset, collator, data.counter, script_args,
                           script_args.visual_learning_rate, callbacks, evaluation=evaluation)
 
 

@@ -32,8 +32,8 @@ from .arguments import DetokenizerTrainingArguments, LaVITTrainingArguments, sta
 from .callbacks import EMACallback, JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import DetokenizerCollator, image_items
-from .data import BadRecordCounter, image_dataset, limit_records, load_records
-from .evaluation import configure_evaluation, split_eval_records
+from .data import image_dataset
+from .evaluation import configure_evaluation, stage_records
 from .models import (
     build_detokenizer,
     pipeline_language_model_folder,
@@ -64,22 +64,18 @@ def train_detokenizer(
 
     # 2. The images (bad records replaced and counted, as in stage 1); each batch holds them twice: for the visual
     #    tokenizer, and at the decoder's resolution for the VAE.
-    counter = BadRecordCounter()
-    records = load_records(script_args.data, script_args.split, script_args.streaming, script_args.image_column,
-                           script_args.text_column, require_text=False, counter=counter)
+    data = stage_records(script_args, training_args.seed, require_text=False)
     crop_scale = None if script_args.crop_scale >= 1 else (script_args.crop_scale, 1.0)
-    records, held_out, eval_counter = split_eval_records(limit_records(records, script_args.max_samples), script_args,
-                                                         training_args.seed, require_text=False)
-    dataset = image_dataset(records, None, crop_scale, training_args.seed)
-    eval_dataset = None if held_out is None else image_dataset(held_out, None, None, training_args.seed)
+    dataset = image_dataset(data.records, None, crop_scale, training_args.seed)
+    eval_dataset = None if data.held_out is None else image_dataset(data.held_out, None, None, training_args.seed)
     # the visual tokenizer's own preprocessing for its input, the squashed [-1, 1] image for the VAE's target
     collator = DetokenizerCollator(LaVITImageProcessor.from_tokenizer_config(visual_tokenizer.config),
                                    detokenizer.config.image_size)
 
     # 3.-5. The output folder is locked, and tied to this run's models, data and settings, until the final save.
     with resumable_run(script_args, training_args) as resume:
-        return fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter,
-                             resume, callbacks, eval_dataset, eval_counter, language_model_folders)
+        return fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator,
+                             data.counter, resume, callbacks, eval_dataset, data.eval_counter, language_model_folders)
 
 
 def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dataset, collator, counter, resume,

@@ -9,6 +9,7 @@ import datasets
 import pytest
 from conftest import text_vocab_size, tiny_lavit_config
 from lavit.training.arguments import PretrainingArguments
+from lavit.training.evaluation import stage_records
 from lavit.training.sample_data import write_imagefolder
 from lavit.training.sequences import RandomOrderRows, SequenceBuilder, StreamedRandomOrderRows
 from lavit.training.stage2_pretrain import make_parser, pretraining_dataset
@@ -58,12 +59,12 @@ def test_random_order_rows_draw_from_the_runs_seed_and_ratio(text_tokenizer, con
     assert [row["input_ids"] for row in streamed] == [rows[index]["input_ids"] for index in range(len(rows))]
 
 
-def test_pairs_are_read_from_data_up_to_max_samples(tmp_path, text_tokenizer, config):
+def test_pairs_are_read_from_data_up_to_max_samples_through_stage_records(tmp_path, text_tokenizer, config):
     images = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue", "white")]
     data = write_imagefolder(tmp_path / "pairs", images, CAPTIONS)
     script_args = PretrainingArguments(data=str(data), max_samples=3, order="image_to_text", max_length=16,
                                        image_token_estimate=8)
-    rows, _ = pretraining_dataset(script_args, text_tokenizer, config)
+    rows, _ = pretraining_dataset(script_args, text_tokenizer, config, stage_records(script_args, 0).records)
     assert image_segments(rows, config) == 3
 
 

@@ -67,13 +67,14 @@ def test_resume_after_a_crash_gives_the_uninterrupted_run(components, tmp_path):
 
 def test_visual_modules_and_rows_get_their_own_learning_rate(components, tmp_path):
     from lavit.training.collators import lm_collator
+    from lavit.training.evaluation import stage_records
     from lavit.training.models import build_unified_model
     from lavit.training.stage2_pretrain import pretraining_dataset
     from lavit.training.trainer import LaVITTrainer
 
     script = stage2_script(components, visual_learning_rate=1e-2)
     model, processor = build_unified_model(script)
-    dataset, _ = pretraining_dataset(script, processor.tokenizer, model.config)
+    dataset, _ = pretraining_dataset(script, processor.tokenizer, model.config, stage_records(script, 0).records)
     trainer = LaVITTrainer(model=model, args=training_args(tmp_path, max_steps=1, weight_decay=0.0,
                                                            adam_beta2=0.999, learning_rate=1e-4),
                            train_dataset=dataset, data_collator=lm_collator(processor, model.config, True),

@@ -43,6 +43,7 @@ from lavit.file_kinds import require_safetensors_inputs
 from lavit.flags import StrictFlags
 from lavit.paths import ADAPTERS, CHECKPOINT, INPUT, MODEL_KINDS, OUTPUT, PATH_ROLE, PATH_TYPES, check_paths, path_field
 
+from . import STAGES
 from .checkpoints import resume_problem
 from .config_files import config_arguments, is_config_file
 from .presets import preset_field
@@ -473,15 +474,17 @@ def read_deepspeed_config(path: str) -> dict:
     return config
 
 
-# each stage's command, argument dataclasses and description: the one table behind the stage scripts' `make_parser`
-# and `lavit COMMAND --help`, which so imports no stage script (nor peft, datasets or the models)
-STAGE_ARGUMENTS = {
-    "train-tokenizer": ((TokenizerTrainingArguments, LaVITTrainingArguments), "stage 1: train the visual tokenizer"),
-    "pretokenize": ((PretokenizeArguments,), "store keep masks and code ids of a dataset"),
-    "train": ((PretrainingArguments, LaVITTrainingArguments), "stage 2: unified pretraining"),
-    "finetune": ((FinetuningArguments, LaVITTrainingArguments), "caption / VQA / chat fine-tuning, full or LoRA"),
-    "train-detokenizer": ((DetokenizerTrainingArguments, LaVITTrainingArguments), "train the pixel detokenizer"),
+# each stage's argument dataclasses: with `lavit.training.STAGES`, the one table behind the stage scripts'
+# `make_parser` and `lavit COMMAND --help`, which so imports no stage script (nor peft, datasets or the models)
+STAGE_DATACLASSES = {
+    "train-tokenizer": (TokenizerTrainingArguments, LaVITTrainingArguments),
+    "pretokenize": (PretokenizeArguments,),
+    "train": (PretrainingArguments, LaVITTrainingArguments),
+    "finetune": (FinetuningArguments, LaVITTrainingArguments),
+    "train-detokenizer": (DetokenizerTrainingArguments, LaVITTrainingArguments),
 }
+# command -> (its argument dataclasses, its line in the command listing: `lavit.training.STAGES`, the one owner)
+STAGE_ARGUMENTS = {command: (STAGE_DATACLASSES[command], summary) for command, (_, summary) in STAGES.items()}
 
 
 def stage_parser(command: str, subparsers: argparse._SubParsersAction | None = None) -> LaVITArgumentParser:

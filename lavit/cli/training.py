@@ -3,31 +3,20 @@
 ARGS` take the same flags (or one config file), and `lavit train --help` imports no stage script.
 
 `lavit COMMAND ...` goes straight to the stage's parser (`run_training`): the other commands never import the
-training modules, and `lavit --help` lists the stages from `TRAINING_SUMMARIES` without importing them."""
+training modules, and `lavit --help` lists the stages from `lavit.training.STAGES` without importing them."""
 
 import argparse
 import importlib
 
 from lavit.flags import StrictArgumentParser
 from lavit.registration import register_auto_classes
+from lavit.training import STAGES
 
 from .common import HelpFormatter
 
-TRAINING_COMMANDS = {
-    "train-tokenizer": "lavit.training.stage1_tokenizer",
-    "train": "lavit.training.stage2_pretrain",
-    "finetune": "lavit.training.finetune",
-    "pretokenize": "lavit.training.pretokenize",
-    "train-detokenizer": "lavit.training.stage3_detokenizer",
-}
-# the one line `lavit --help` shows for each stage without importing it: the stage's own (a test compares them)
-TRAINING_SUMMARIES = {
-    "train-tokenizer": "stage 1: train the visual tokenizer",
-    "train": "stage 2: unified pretraining",
-    "finetune": "caption / VQA / chat fine-tuning, full or LoRA",
-    "pretokenize": "store keep masks and code ids of a dataset",
-    "train-detokenizer": "train the pixel detokenizer",
-}
+# the stages' table (`lavit.training.STAGES`, which imports no stage): each command's script and listing line
+TRAINING_COMMANDS = {command: module for command, (module, _) in STAGES.items()}
+TRAINING_SUMMARIES = {command: summary for command, (_, summary) in STAGES.items()}
 # former command names, still run (scripts may use them): "preprocess" is an image processor's resize-and-normalise
 # in transformers (`LaVITImageProcessor.preprocess`), so pre-tokenization took its own name
 TRAINING_ALIASES = {"preprocess": "pretokenize"}

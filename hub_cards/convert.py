@@ -26,7 +26,7 @@ def convert_release_folder(source: str | Path, pixel_decoder: str | None = "high
         raise ValueError(f"{source} is not an official LaVIT release folder (language_model/ and "
                          f"visual_tokenizer/ expected)")
     model, detokenizer = convert_release(
-        source, pixel_decoder=pixel_decoder, dtype=floating_dtype(dtype, "dtype") if dtype else None,
+        source, pixel_decoder=pixel_decoder, dtype=floating_dtype(dtype, "dtype", optional=True),
         vision_num_heads=num_heads, merger_num_heads=num_heads, decoder_num_heads=num_heads,
     )
     tokenizer = AutoTokenizer.from_pretrained(source / "language_model")

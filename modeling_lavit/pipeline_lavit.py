@@ -278,7 +278,8 @@ class LaVITPipeline(DiffusionPipeline):
             folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_kwargs))
         refuse_unfinished_save(folder)
         key = "torch_dtype" if "torch_dtype" in kwargs else "dtype"  # diffusers' newer name, or the one given
-        dtype = kwargs[key] = _one_dtype(folder, kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
+        given = kwargs.pop("torch_dtype") if "torch_dtype" in kwargs else kwargs.pop("dtype", None)
+        dtype = kwargs[key] = _one_dtype(folder, given)
         trust_remote_code = kwargs.get("trust_remote_code", False)
         loaders = _component_loaders(trust_remote_code)
         if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
@@ -652,7 +653,7 @@ def _one_dtype(folder: Path, dtype) -> torch.dtype:
     if dtype == "auto":  # the saved dtype of the language model (its folder, or the root of a lavit <= 0.x one)
         dtype = next(filter(None, map(_saved_dtype, (folder / "language_model", folder / "condition_encoder", folder,
                                                      folder / LEGACY_DETOKENIZER_FOLDER))), "float32")
-    return floating_dtype(dtype, "torch_dtype (or 'auto')")
+    return floating_dtype(dtype, "torch_dtype (or 'auto')")  # "" is refused, never the default
 
 
 def _saved_dtype(folder: Path) -> str | None:

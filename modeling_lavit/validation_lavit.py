@@ -416,16 +416,19 @@ def check_generation_budget(
                  "use fewer beams, a smaller batch or max_new_tokens")
 
 
-def floating_dtype(value, argument: str):
-    """`value`, a floating `torch.dtype` or its name ("bfloat16", "torch.bfloat16") -> the `torch.dtype`; anything
-    else (another name, an integer dtype, a number) is a `ValueError` naming `argument`. The one reader of the dtype
-    names users give (flags, `model_args`, `from_pretrained`)."""
+def floating_dtype(value, argument: str, optional: bool = False):
+    """`value`, a `torch.dtype` a model can compute in or its name ("bfloat16", "torch.bfloat16", "half") -> the
+    `torch.dtype`; with `optional`, None (not given) -> None. Anything else ("", another name, float8, an integer
+    dtype, a number) is a `ValueError` naming `argument`. The one reader of the dtype names users give (flags,
+    `model_args`, `from_pretrained`): an empty value is a mistake, never "the default"."""
     import torch
 
+    if value is None and optional:
+        return None
     found = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
-    if isinstance(found, torch.dtype) and found.is_floating_point:
+    if found in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         return found
-    raise ValueError(f"{argument} must be a floating torch dtype or its name (float32, bfloat16, float16), got "
+    raise ValueError(f"{argument} must be float32, bfloat16, float16 or float64 (a torch dtype or its name), got "
                      f"{value!r}")
 
 

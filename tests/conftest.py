@@ -1,5 +1,6 @@
 import functools
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest (importlib mode) imports this file as `tests.conftest`, test files as `conftest`: one module, one state
+sys.modules.setdefault("conftest", sys.modules[__name__])
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = REPO_ROOT.parent / "shared" / "parity" / "official_tiny"

@@ -149,3 +149,13 @@ def test_every_training_stage_reads_its_data_and_counts_through_stage_records(st
     assert "stage_records(" in source
     for own_reading in ("load_records(", "training_records(", "split_eval_records(", "BadRecordCounter()"):
         assert own_reading not in source, f"training/{stage}.py calls {own_reading} itself"
+
+
+@pytest.mark.parametrize("stage", STAGE_SCRIPTS)
+def test_every_training_stage_runs_its_datasets_transforms_in_temporary_files(stage):
+    """No stage writes `datasets` cache files into a user's data folder or reuses a stale one: its `main` runs inside
+    `training.data.transforms_in_temporary_files` (tests/training/test_pretokenize.py shows what it prevents)."""
+    tree = ast.parse((REPO_ROOT / "training" / f"{stage}.py").read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    assert any(isinstance(decorator, ast.Call) and getattr(decorator.func, "id", "") == "transforms_in_temporary_files"
+               for decorator in main.decorator_list), f"training/{stage}.py: main is not run in temporary files"

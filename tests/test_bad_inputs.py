@@ -723,3 +723,28 @@ def test_every_image_reader_refuses_a_truncated_file_whatever_pil_is_told(tmp_pa
         with pytest.raises(error):
             read()
         assert ImageFile.LOAD_TRUNCATED_IMAGES is True, name
+
+
+@pytest.mark.parametrize("dtype", ["", "float8_e4m3fn", "bf16"])
+def test_every_reader_of_a_dtype_refuses_an_empty_or_unusable_one_naming_it(dtype, lavit_folder, pipeline_folder,
+                                                                              tmp_path):
+    """Every way a dtype is given in Python goes through `floating_dtype`: an empty one is a mistake, never "the
+    default" (the server, the lmms-eval model and the pipeline loaded float32 for ""), and float8 is refused by name
+    rather than failing deep inside torch."""
+    from lavit.hub_cards.convert import convert_release_folder
+
+    from lavit import LaVITPipeline
+    from lavit.evaluation.lmms_eval_model import LaVITLmms
+    from lavit.serving.engine import LaVITEngine
+
+    release = tmp_path / "release"
+    (release / "language_model").mkdir(parents=True)
+    (release / "visual_tokenizer").mkdir()
+    readers = {"LaVITEngine": lambda: LaVITEngine(str(lavit_folder), device="cpu", dtype=dtype),
+               "LaVITLmms": lambda: LaVITLmms(str(lavit_folder), device="cpu", dtype=dtype),
+               "LaVITPipeline": lambda: LaVITPipeline.from_pretrained(pipeline_folder, torch_dtype=dtype),
+               "convert_release_folder": lambda: convert_release_folder(release, dtype=dtype)}
+    for name, read in readers.items():
+        with pytest.raises(ValueError, match=f"must be float32, bfloat16, float16 or float64.*got '{dtype}'"):
+            read()
+            pytest.fail(f"{name} took dtype {dtype!r}")

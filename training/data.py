@@ -6,6 +6,7 @@ collator, [`image_dataset`] or [`pretokenize_images`]), so a corrupt, missing or
 record, never the run. LaVIT sequences built from these records live in `training.sequences`.
 """
 
+import contextlib
 import csv
 import difflib
 import io
@@ -256,6 +257,11 @@ def _load_shards(path: Path, split: str, streaming: bool, **load_kwargs):
 
 
 def _load_imagefolder(path: Path, split: str, streaming: bool, **load_kwargs):
+    for metadata in path.glob("metadata.*"):  # `datasets` fails on an empty one with an IndexError
+        if metadata.suffix in (".jsonl", ".csv") and metadata.is_file() and metadata.stat().st_size < 4096 \
+                and not metadata.read_bytes().strip():
+            raise ValueError(f"{metadata} is empty: write one line per image ({{\"file_name\": ..., \"text\": ...}}) "
+                             f"or remove it")
     return load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **load_kwargs)
 
 
@@ -272,7 +278,7 @@ SOURCE_LOADERS = {"saved": _load_saved, "webdataset": _load_shards, "imagefolder
 
 
 def _standardize_columns(records, source, image_column, text_column, require_text, base_dir: Path):
-    columns = list(records.column_names or records.features or [])
+    columns = record_columns(records)
     image_column = image_column or _first_present(
         columns, ("image", "images", "img", "image_path", "file_name", "path") + IMAGE_EXTENSIONS)
     text_column = text_column or _first_present(columns, ("text", "caption", "txt", "captions", "sentence"))
@@ -485,9 +491,10 @@ def mix_text_records(pairs, texts, text_ratio: float, seed: int = 0):
     if texts is None or text_ratio == 0:
         return pairs
     # text records get every other column of the pairs (image, stored tokens) as empty values
-    missing = [name for name in pairs.column_names if name != "text"]
+    missing = [name for name in record_columns(pairs) if name != "text"]
     texts = texts.map(lambda batch: {name: [None] * len(batch["text"]) for name in missing}, batched=True)
-    texts = texts.cast(pairs.features)
+    if pairs.features is not None:  # a stream read past a bad metadata line has none until read
+        texts = texts.cast(pairs.features)
     return interleave_datasets([pairs, texts], probabilities=[1 - text_ratio, text_ratio], seed=seed,
                                stopping_strategy="first_exhausted")
 
@@ -506,6 +513,22 @@ def decode_image(value, name: str = "image"):
         return to_rgb_image(value, name=name)
     except ValueError as error:  # its message already names the image
         raise BadRecordError(str(error)) from error
+
+
+@contextlib.contextmanager
+def transforms_in_temporary_files():
+    """Inside, the `datasets` transforms lavit applies (`map`, `train_test_split`, ...) write their results into
+    temporary files that `datasets` deletes when the process ends, and never reuse a cache: by default they write
+    `cache-*.arrow` files beside their input, which for a `save_to_disk` folder is the user's own folder (its file
+    list is part of a run's fingerprint, so a resume was refused after it). Every stage's `main` runs inside; usable
+    as a decorator."""
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_caching()
 
 
 def pretokenize_images(records, visual_tokenizer, image_processor, batch_size: int = 64, counter=None,
@@ -539,10 +562,11 @@ def pretokenize_images(records, visual_tokenizer, image_processor, batch_size: i
     map_kwargs = {}
     if not isinstance(records, datasets.IterableDataset):
         # a fresh fingerprint: `datasets` would hash `tokenize_batch`, whose closure holds the visual tokenizer, by
-        # copying every weight to CPU memory (0.6 s and 400 MB per 100M parameters); a rerun recomputes instead
+        # copying every weight to CPU memory (0.6 s and 400 MB per 100M parameters), for a cache it never reuses here
         map_kwargs["new_fingerprint"] = uuid.uuid4().hex
         map_kwargs.update({"num_proc": num_proc} if num_proc else {})
-    return records.map(tokenize_batch, batched=True, batch_size=batch_size, **map_kwargs)
+    with transforms_in_temporary_files():
+        return records.map(tokenize_batch, batched=True, batch_size=batch_size, **map_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- image datasets
@@ -619,7 +643,9 @@ class _ImageRecords(_EpochSeededImages, torch.utils.data.Dataset):
             except BadRecordError as error:
                 self.counter.skip("unreadable image", str(error))
                 continue
-            return self.item(image, index, skipped=offset)
+            # the item counts its own record only: the bad records it stepped over count when their own index is read
+            # (once per pass; counting `offset` counted a run of n bad records n(n+1)/2 times)
+            return self.item(image, index, skipped=int(offset > 0))
         raise ValueError("no record of the dataset holds a readable image")
 
 
@@ -630,7 +656,9 @@ class _StreamedImageRecords(_EpochSeededImages, torch.utils.data.IterableDataset
             self.records.set_epoch(epoch)
 
     def __iter__(self):
-        skipped = 0
+        # each readable image carries the bad records just before it; it is held back until the next one, so that the
+        # bad records after the last readable image of the stream count with that image (they had no item to ride on)
+        held, skipped = None, 0
         for index, record in enumerate(whole_stream(self.records)):
             try:
                 image = decode_image(record["image"], name=f"record {index}")
@@ -638,8 +666,12 @@ class _StreamedImageRecords(_EpochSeededImages, torch.utils.data.IterableDataset
                 self.counter.skip("unreadable image", str(error))
                 skipped += 1
                 continue
-            yield self.item(image, index, skipped)
-            skipped = 0
+            if held is not None:
+                yield self.item(*held)
+            held, skipped = (image, index, skipped), 0
+        if held is not None:
+            image, index, before = held
+            yield self.item(image, index, before + skipped)
 
 
 # ------------------------------------------------------------------------------------------------ augmentation seeds
@@ -689,6 +721,15 @@ def epoch_seeded(dataset, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ streams and workers
+
+
+def record_columns(records) -> list[str]:
+    """The columns of `records`; a stream whose features `datasets` does not know yet (an imagefolder with metadata)
+    is asked for its first record, so a transform can replace every column."""
+    if records.column_names is not None:
+        return list(records.column_names)
+    first = next(iter(records.take(1)), None)
+    return list(first) if first is not None else []
 
 
 def whole_stream(records):

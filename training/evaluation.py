@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 import datasets
 from transformers import EarlyStoppingCallback
@@ -63,6 +64,12 @@ def split_eval_records(records, script_args, seed: int, require_text: bool = Tru
     if script_args.eval_data and script_args.eval_split_size:
         raise ValueError("give --eval_data or --eval_split_size, not both")
     if script_args.eval_data:
+        data = getattr(script_args, "data", None)
+        if data and same_source(script_args.eval_data, data) and (script_args.eval_split or script_args.split) \
+                == script_args.split:
+            logger.warning(f"--eval_data {script_args.eval_data} is --data: the run evaluates on the records it trains "
+                           f"on, so its held-out metrics do not measure generalisation (give other records, or "
+                           f"--eval_split_size to hold out a share of --data)")
         held_out = load_records(script_args.eval_data, script_args.eval_split or script_args.split,
                                 script_args.streaming, script_args.image_column, script_args.text_column,
                                 require_text=require_text, counter=counter)
@@ -85,6 +92,15 @@ def split_eval_records(records, script_args, seed: int, require_text: bool = Tru
     return parts["train"], parts["test"], counter
 
 
+def same_source(first: str, second: str) -> bool:
+    """Whether two `--data`-style sources name the same data: the same local path (however spelled: relative,
+    absolute, through a link) or the same Hub name."""
+    paths = [Path(source).expanduser() for source in (first, second)]
+    if all(path.exists() for path in paths):
+        return paths[0].resolve() == paths[1].resolve()
+    return first == second
+
+
 def eval_split_problem(script_args, held_out: int, count: int) -> str:
     """Why `--eval_split_size` cannot split `count` records into `held_out` and the rest, and the fix: one line that
     says who asked for the split (the run, or its `--preset`)."""
@@ -96,8 +112,11 @@ def eval_split_problem(script_args, held_out: int, count: int) -> str:
         return (f"--data has {count} record(s), and {asker} a share of them for evaluation (--eval_split_size "
                 f"{size}), which needs at least 2 (one to train on, one held out): give more records, or "
                 f"--eval_split_size 0 (no held-out evaluation), or --eval_data PATH (held-out records of their own)")
+    # a share rounds up (math.ceil): one close to 1 holds out every record
+    share = (f"a share of at most {(count - 1) / count:.4g} (a larger one rounds up to all {count})" if 0 < size < 1
+             else "a share in (0, 1)")
     return (f"--eval_split_size {size} holds out {held_out} of the {count} records of --data"
-            f"{' (set by --preset ' + script_args.preset + ')' if by_preset else ''}: give a share in (0, 1) or a "
+            f"{' (set by --preset ' + script_args.preset + ')' if by_preset else ''}: give {share} or a "
             f"count in [1, {count - 1}] that leaves both parts a record, --eval_split_size 0 (no held-out "
             f"evaluation) or --eval_data PATH")
 

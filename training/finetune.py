@@ -19,6 +19,7 @@ from transformers.trainer_utils import has_length
 
 from .arguments import FinetuningArguments, LaVITTrainingArguments, stage_parser
 from .collators import lm_collator
+from .data import transforms_in_temporary_files
 from .evaluation import GenerationEvaluator, configure_evaluation, stage_records
 from .models import lavit_model_paths, load_model_for_finetuning
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
@@ -87,6 +88,7 @@ def held_out_evaluation(held_out, counter, builder, collator, script_args, train
             "eval_data_name": script_args.eval_data or script_args.data}
 
 
+@transforms_in_temporary_files()
 def main(script_args: FinetuningArguments, training_args: LaVITTrainingArguments):
     # the folder `lavit caption` / `lavit vqa` take as --model
     with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's

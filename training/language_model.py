@@ -6,6 +6,8 @@ for small data on a CPU. Its weights are random: it learns language only from th
     lavit new-language-model runs/lm --data photos/ [--texts corpus.txt] [--vocab-size 1000 --hidden-size 64]
 """
 
+import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -24,6 +26,24 @@ SIZE_RANGES = {
 # the fine-tuning template (`training.sequences.VQA_TEMPLATE` and its answer; not imported from there, which would
 # import TrainingArguments into `lavit new-language-model`; tests/training/test_language_model.py keeps them equal)
 VQA_TEXT = "Question: {question} Answer: {answer}"
+
+# the BPE trainer's cost grows with the square of a word's length: a word longer than this (a hash, a URL, a line
+# without spaces: 24 s for 200k characters, hours for 1M) is cut into pieces of this length for the trainer
+LONGEST_WORD = 64
+
+
+def usable_text(text) -> str | None:
+    """`text` without its surrounding white space when it holds something to learn from: None for what is not a
+    string or holds only white space, controls and invisible format characters (zero-width spaces, BOMs)."""
+    if not isinstance(text, str):
+        return None
+    visible = any(not unicodedata.category(character).startswith(("Z", "C")) for character in text)
+    return text.strip() if visible else None
+
+
+def bpe_training_text(text: str) -> str:
+    """`text` as the BPE trainer reads it: every word longer than [`LONGEST_WORD`] cut into pieces of that length."""
+    return re.sub(rf"\S{{{LONGEST_WORD}}}", r"\g<0> ", text)
 
 
 def write_small_language_model(
@@ -59,7 +79,7 @@ def write_small_language_model(
     check_arguments(SIZE_RANGES, {"vocab_size": vocab_size, "hidden_size": hidden_size, "seed": seed,
                                   "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
                                   "max_position_embeddings": max_position_embeddings})
-    texts = [text.strip() for text in texts if isinstance(text, str) and text.strip()]
+    texts = [text for text in map(usable_text, texts) if text is not None]
     if not texts:
         raise ValueError("write_small_language_model needs at least one non-empty text to train its tokenizer on")
     if hidden_size % num_attention_heads or num_attention_heads % 2:
@@ -69,7 +89,8 @@ def write_small_language_model(
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS)))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    backend.train_from_iterator(map(bpe_training_text, texts), trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
     )
@@ -89,16 +110,17 @@ def corpus_from_data(data: str | None = None, text_files: list[str] = ()) -> lis
     """The texts of image-text data (`text`, and `question`/`answer` pairs in the fine-tuning template when the
     records have them) and of text files (`.txt` lines, or the `text` column of JSON/CSV/Parquet), without decoding
     any image. Blank texts are left out, so the count is of texts the tokenizer can learn from."""
-    from .data import load_records, load_text_records
+    from .data import load_records, load_text_records, record_columns
 
     texts = []
     if data:
         records = load_records(data, require_text=False)
-        columns = [name for name in ("text", "question", "answer") if name in records.column_names]
+        columns = [name for name in ("text", "question", "answer") if name in record_columns(records)]
         for record in records.select_columns(columns):
             texts.append(record.get("text"))
-            if record.get("question") and record.get("answer"):
-                texts.append(VQA_TEXT.format(question=record["question"], answer=record["answer"]))
+            question, answer = usable_text(record.get("question")), usable_text(record.get("answer"))
+            if question and answer:
+                texts.append(VQA_TEXT.format(question=question, answer=answer))
     for path in text_files:
         texts.extend(load_text_records(path)["text"])
-    return [text for text in texts if isinstance(text, str) and text.strip()]  # blank lines are no texts
+    return [text for text in map(usable_text, texts) if text is not None]  # blank lines are no texts

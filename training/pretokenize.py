@@ -22,7 +22,7 @@ from lavit.command_inputs import load_visual_tokenizer_of
 from lavit.paths import check_paths
 
 from .arguments import PretokenizeArguments, stage_parser
-from .data import BadRecordCounter, limit_records, load_records, pretokenize_images
+from .data import BadRecordCounter, limit_records, load_records, pretokenize_images, transforms_in_temporary_files
 
 
 def pretokenize(script_args: PretokenizeArguments) -> Path:
@@ -65,6 +65,7 @@ def pretokenize(script_args: PretokenizeArguments) -> Path:
     return output
 
 
+@transforms_in_temporary_files()
 def main(script_args: PretokenizeArguments):
     # the folder to give stage 2 as --data
     print(f"pre-tokenized dataset saved to {pretokenize(script_args)}")

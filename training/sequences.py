@@ -18,7 +18,7 @@ from lavit.modeling.validation_lavit import room_advice
 from lavit.processing.processing_lavit import fill_image_spans
 
 from .arguments import SEQUENCE_ORDERS
-from .data import SKIPPED_FIELD, BadRecordCounter, BadRecordError, whole_stream
+from .data import SKIPPED_FIELD, BadRecordCounter, BadRecordError, record_columns, whole_stream
 
 # ---------------------------------------------------------------------------------------------------------- sequences
 
@@ -176,7 +176,7 @@ class SequenceBuilder:
     def build(self, records, batch_size: int = 1000):
         """Applies the builder to a dataset (streaming too); the output rows replace the records."""
         return records.map(self, batched=True, batch_size=batch_size, with_indices=True,
-                           remove_columns=list(records.column_names or []))
+                           remove_columns=record_columns(records))
 
 
 class RandomOrderRows(torch.utils.data.Dataset):
@@ -347,4 +347,4 @@ class InstructionBuilder:
 
     def build(self, records, batch_size: int = 1000):
         return records.map(self, batched=True, batch_size=batch_size, with_indices=True,
-                           remove_columns=list(records.column_names or []))
+                           remove_columns=record_columns(records))

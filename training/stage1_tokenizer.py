@@ -24,7 +24,7 @@ from .arguments import LaVITTrainingArguments, TokenizerTrainingArguments, stage
 from .callbacks import JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import ImageCollator
-from .data import image_dataset
+from .data import image_dataset, transforms_in_temporary_files
 from .evaluation import configure_evaluation, stage_records
 from .models import build_tokenizer
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
@@ -87,6 +87,7 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         return save_final(trainer, training_args.output_dir, image_processor)
 
 
+@transforms_in_temporary_files()
 def main(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments):
     # the folder to give stage 2 as --visual_tokenizer
     with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's

@@ -23,7 +23,7 @@ from transformers.trainer_utils import has_length
 
 from .arguments import LaVITTrainingArguments, PretrainingArguments, stage_parser
 from .collators import lm_collator
-from .data import BadRecordCounter, load_text_records, mix_text_records
+from .data import BadRecordCounter, load_text_records, mix_text_records, transforms_in_temporary_files
 from .evaluation import configure_evaluation, stage_records
 from .models import build_unified_model
 from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, explained_by_preset, report_preset
@@ -110,6 +110,7 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
                           script_args.visual_learning_rate, callbacks, evaluation=evaluation)
 
 
+@transforms_in_temporary_files()
 def main(script_args: PretrainingArguments, training_args: LaVITTrainingArguments):
     # the folder to give fine-tuning as --model
     with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's

@@ -32,7 +32,7 @@ from .arguments import DetokenizerTrainingArguments, LaVITTrainingArguments, sta
 from .callbacks import EMACallback, JsonlLoggerCallback
 from .checkpoints import resumable_run
 from .collators import DetokenizerCollator, image_items
-from .data import image_dataset
+from .data import image_dataset, transforms_in_temporary_files
 from .evaluation import configure_evaluation, stage_records
 from .models import (
     build_detokenizer,
@@ -109,6 +109,7 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
         LaVITDetokenizer.from_pretrained(saved), language_model_folders).save_pretrained(folder))
 
 
+@transforms_in_temporary_files()
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):
     print(f"trained pixel decoder saved as a LaVITPipeline folder: {train_detokenizer(script_args, training_args)}")
 

@@ -96,7 +96,7 @@ def run_evaluate(args) -> None:
     samples = load_samples(data_format, args.annotations, args.questions, args.images, config.split, args.dataset,
                            args.columns, args.image_pattern, args.allow_unmatched)[: args.limit]
     require_folder(args.model)
-    dtype = {"dtype": floating_dtype(args.dtype, "--dtype")} if args.dtype else {}
+    dtype = {} if args.dtype is None else {"dtype": floating_dtype(args.dtype, "--dtype")}
     if config.task == "text-to-image":  # images come from the LaVITPipeline, whose processor it holds
         model = load_pipeline(args.model).to(distributed_state().device, **dtype)
         processor = model.processor

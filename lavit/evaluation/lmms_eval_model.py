@@ -101,7 +101,8 @@ class LaVITLmms(lmms):
         require_safetensors_weights(pretrained)  # pickled weights are never loaded
         state = distributed_state()
         self._device = torch.device(device) if device else state.device
-        settings = {"dtype": floating_dtype(dtype, "model_args dtype=")} if dtype else {}
+        dtype = floating_dtype(dtype, "model_args dtype=", optional=True)
+        settings = {} if dtype is None else {"dtype": dtype}
         # a model folder, a LaVITPipeline folder (or its language_model/), a PEFT adapter folder or a Hub id, as for
         # every lavit command
         self.model, self.processor = load_lavit_model(pretrained, "pretrained=", **settings)

@@ -149,7 +149,7 @@ class LaVITEngine:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         default = torch.bfloat16 if device.startswith("cuda") else None
-        torch_dtype = floating_dtype(dtype, "--dtype") if dtype else default
+        torch_dtype = floating_dtype(dtype, "--dtype", optional=True) or default
         self.pipeline = None  # a pipeline folder also draws images; a language model folder only writes text
         if is_lavit_pipeline_folder(model_path):
             self.pipeline = LaVITPipeline.from_pretrained(model_path, torch_dtype=torch_dtype).to(device)

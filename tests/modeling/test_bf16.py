@@ -448,7 +448,7 @@ def test_a_dtype_given_by_name_or_auto_is_one_dtype_for_every_model(pipeline_fol
     LaVITPipeline.from_pretrained(pipeline_folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     pipe = LaVITPipeline.from_pretrained(tmp_path / "bf16", torch_dtype=dtype)
     assert {getattr(pipe, name).dtype for name in ("language_model", "condition_encoder", "unet", "vae")} == {BF16}
-    with pytest.raises(ValueError, match=r"torch_dtype \(or 'auto'\) must be a floating torch dtype .*got 'bf16'"):
+    with pytest.raises(ValueError, match=r"torch_dtype \(or 'auto'\) must be float32, bfloat16, float16 .*got 'bf16'"):
         LaVITPipeline.from_pretrained(tmp_path / "bf16", torch_dtype="bf16")
 
 

@@ -229,12 +229,20 @@ def test_the_generation_budget_counts_the_given_ids_and_the_visual_tokens():
 
 
 @pytest.mark.parametrize("value, expected", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
-                                             (torch.float32, torch.float32)])
+                                             (torch.float32, torch.float32), ("half", torch.float16),
+                                             ("float64", torch.float64)])
 def test_floating_dtype_reads_a_dtype_or_its_name(value, expected):
     assert floating_dtype(value, "--dtype") is expected
 
 
-@pytest.mark.parametrize("value", ["float17", "bf16", "int8", torch.int64, 16, None, "Tensor"])
+@pytest.mark.parametrize("value", ["float17", "bf16", "int8", torch.int64, 16, None, "Tensor", "", " bfloat16",
+                                   "float8_e4m3fn", torch.float8_e5m2, 0])
 def test_floating_dtype_refuses_everything_else_naming_the_argument(value):
-    with pytest.raises(ValueError, match=r"--dtype must be a floating torch dtype .*got"):
+    with pytest.raises(ValueError, match=r"--dtype must be float32, bfloat16, float16 or float64 .*got"):
         floating_dtype(value, "--dtype")
+
+
+def test_an_optional_dtype_not_given_is_none_but_an_empty_one_is_refused():
+    assert floating_dtype(None, "--dtype", optional=True) is None
+    with pytest.raises(ValueError, match="got ''"):
+        floating_dtype("", "--dtype", optional=True)

@@ -4,11 +4,20 @@ import io
 import json
 import tarfile
 
+import datasets
+import numpy as np
 import pytest
 import torch
 from conftest import text_vocab_size, tiny_lavit_config
 from lavit.training.collators import LaVITDataCollator
-from lavit.training.data import BadRecordCounter, load_records, load_text_records, mix_text_records
+from lavit.training.data import (
+    SKIPPED_FIELD,
+    BadRecordCounter,
+    image_dataset,
+    load_records,
+    load_text_records,
+    mix_text_records,
+)
 from lavit.training.sample_data import photo_images
 from lavit.training.sequences import InstructionBuilder, SequenceBuilder
 from PIL import Image
@@ -199,3 +208,27 @@ def test_batch_record_counts_take_check_and_survive_a_checkpoint(tmp_path):
     BatchRecordCounts.check(totals, 0.5, "training")
     with pytest.raises(TooManyBadRecordsError, match="training: more than 30% .* 3 used, 2 skipped of 5"):
         BatchRecordCounts.check(totals, 0.3, "training")
+
+
+# good (G) and bad (B: an empty image) records: runs of bad ones at the start, in the middle and at the end
+@pytest.mark.parametrize("pattern", ["GBBBGGBG", "BBBGGG", "GGGBBB", "GBGBGB", "BBBBBBBG"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streamed"])
+def test_image_items_count_each_bad_record_once_per_pass(pattern, streaming):
+    """The items of `image_dataset` carry the bad records: summed over one pass, each bad record counts once, wherever
+    it lies (a run of n bad records counted n(n+1)/2 map-style, and the bad records after the last readable image of
+    a stream were never counted)."""
+    records = datasets.Dataset.from_dict(
+        {"image": [png_bytes(np.full((8, 8, 3), 200, np.uint8)) if kind == "G" else b"" for kind in pattern]})
+    source = records.to_iterable_dataset() if streaming else records
+    dataset = image_dataset(source, BadRecordCounter(log_first=0))
+    items = list(dataset) if streaming else [dataset[index] for index in range(len(dataset))]
+    assert sum(item[SKIPPED_FIELD] for item in items) == pattern.count("B")
+    assert len(items) == (pattern.count("G") if streaming else len(pattern))
+
+
+@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.csv"])
+def test_an_empty_metadata_file_is_named_with_the_fix(tmp_path, name):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "0.png")
+    (tmp_path / name).write_text("\n")
+    with pytest.raises(ValueError, match=f"{name} is empty: write one line per image"):
+        load_records(str(tmp_path))

@@ -127,3 +127,24 @@ def test_card_rows_without_a_best_checkpoint_are_the_last_evaluation_and_none_wi
     assert {row["metric"]: row["value"] for row in rows} == {"loss": 1.5, "CIDEr": 0.4}
     assert rows[0]["task_type"] == "visual-question-answering"
     assert evaluation_card_rows(LOG[:1], None, "image-to-text", "photos") == []
+
+
+def test_a_share_that_rounds_up_to_every_record_names_the_largest_share_that_works():
+    problem = eval_split_problem(script(eval_split_size=0.999), 23, 23)
+    assert "holds out 23 of the 23 records" in problem
+    assert "a share of at most 0.9565 (a larger one rounds up to all 23)" in problem and "(0, 1)" not in problem
+
+
+def test_held_out_data_that_is_the_training_data_is_said_however_the_path_is_spelled(tmp_path, monkeypatch, caplog):
+    from lavit.training.evaluation import same_source, split_eval_records
+    from lavit.training.sample_data import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "data", [Image.new("RGB", (8, 8), "red")] * 2, ["a", "b"])
+    (tmp_path / "link").symlink_to(data)
+    monkeypatch.chdir(tmp_path)
+    assert same_source("data", str(tmp_path / "link")) and same_source("org/set", "org/set")
+    assert not same_source("data", "org/set")
+    with caplog.at_level("WARNING", logger="lavit.training.evaluation"):
+        split_eval_records([], FinetuningArguments(model="m", data=str(data), eval_data="link"), seed=0,
+                           require_text=False)
+    assert "--eval_data link is --data: the run evaluates on the records it trains on" in caplog.text

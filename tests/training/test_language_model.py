@@ -5,7 +5,15 @@ data and text files."""
 import json
 
 import pytest
-from lavit.training.language_model import SPECIAL_TOKENS, VQA_TEXT, corpus_from_data, write_small_language_model
+from lavit.training.language_model import (
+    LONGEST_WORD,
+    SPECIAL_TOKENS,
+    VQA_TEXT,
+    bpe_training_text,
+    corpus_from_data,
+    usable_text,
+    write_small_language_model,
+)
 from lavit.training.sequences import VQA_TEMPLATE
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
@@ -77,3 +85,18 @@ def test_the_corpus_holds_captions_vqa_pairs_in_the_template_and_text_file_lines
 
 def test_the_corpus_writes_vqa_pairs_as_fine_tuning_reads_them():
     assert VQA_TEXT.format(question="what?", answer="a dog") == VQA_TEMPLATE.format(question="what?") + " a dog"
+
+
+@pytest.mark.parametrize("text, usable", [("  a red bus \n", "a red bus"), ("\u200b\u200b", None), ("\ufeff", None),
+                                          ("\u2060 \u3000", None), ("\u00a0", None), ("", None), (3, None),
+                                          ("\u200bcat", "\u200bcat")])
+def test_a_usable_text_holds_something_visible(text, usable):
+    assert usable_text(text) == usable
+
+
+@pytest.mark.parametrize("text", ["x" * 1_000_000, "a red bus", "ab " + "y" * 130 + " cd", "z" * LONGEST_WORD])
+def test_the_bpe_trainer_reads_no_word_longer_than_the_limit_and_every_character(text):
+    """The BPE trainer's time grows with the square of a word's length: one line without spaces took hours."""
+    pieces = bpe_training_text(text)
+    assert max(len(word) for word in pieces.split()) <= LONGEST_WORD
+    assert pieces.split() == text.split() or "".join(pieces.split()) == "".join(text.split())

@@ -58,3 +58,24 @@ def test_every_readable_image_gets_the_visual_tokenizers_own_tokens_and_bad_ones
     assert rows["code_ids"] == [ids.tolist() for ids in tokens.per_image()]
     assert all(len(ids) == sum(mask) for ids, mask in zip(rows["code_ids"], rows["keep_mask"], strict=True))
     assert "3 records tokenized, 1 skipped" in capsys.readouterr().out
+
+
+def test_runs_over_a_saved_dataset_never_write_into_its_folder(tmp_path):
+    """A `save_to_disk` folder given as --data is the user's: `datasets` writes a map's `cache-*.arrow` beside its
+    input by default (a new one per run here, and a resume then saw the data's files change). Two runs leave it as it
+    was, and give the same rows."""
+    from lavit.training.pretokenize import main
+
+    torch.manual_seed(0)
+    LaVITTokenizerModel(tiny_tokenizer_config()).eval().save_pretrained(tmp_path / "tokenizer")
+    saved = tmp_path / "saved"
+    datasets.load_dataset("imagefolder", data_dir=str(write_photos(tmp_path / "photos", 2)),
+                          split="train").save_to_disk(str(saved))
+    before = sorted(path.name for path in saved.iterdir())
+    outputs = []
+    for run in range(2):
+        main(PretokenizeArguments(data=str(saved), visual_tokenizer=str(tmp_path / "tokenizer"),
+                                  output=str(tmp_path / f"tokenized{run}"), device="cpu"))
+        outputs.append(datasets.load_from_disk(str(tmp_path / f"tokenized{run}"))["code_ids"])
+    assert sorted(path.name for path in saved.iterdir()) == before
+    assert outputs[0] == outputs[1] and datasets.is_caching_enabled()

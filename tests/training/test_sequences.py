@@ -170,3 +170,45 @@ def test_instruction_records_it_cannot_supervise_are_skipped_and_counted(lavit_p
         builder.example({"image": "a.png", "question": "what is in the picture?", "answer": "a cat"}, 4)
     rows = builder({"image": ["a.png", None], "question": ["what?", "what?"], "answer": ["red", "red"]}, [0, 1])
     assert len(rows["input_ids"]) == 1 and rows[SKIPPED_FIELD] == [1] and builder.counter.total == 1
+
+
+def test_builders_replace_every_column_of_a_stream_whose_columns_are_not_known_yet(tmp_path, text_tokenizer, config,
+                                                                                    lavit_processor):
+    """A streamed imagefolder with a metadata column of its own (`label`) and a bad metadata line has no
+    `column_names` until read: the
+    builders' rows must still replace every record column (they kept `image`, `text`, `label` beside shorter rows:
+    a raw `datasets` length error in `lavit train --streaming`)."""
+    from lavit.training.data import load_records
+    from lavit.training.sample_data import write_imagefolder
+    from PIL import Image
+
+    images = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue")]
+    folder = write_imagefolder(tmp_path / "data", images, ["a red square", "a green one", "a blue one"],
+                               extra=[{"label": index} for index in range(3)])
+    with open(folder / "metadata.jsonl", "a") as metadata:
+        metadata.write("not JSON\n")  # a bad line: the records are read past it, as a stream of unknown columns
+    records = load_records(str(folder), streaming=True, counter=BadRecordCounter(log_first=0))
+    assert records.column_names is None
+    builders = {"pretraining": SequenceBuilder(text_tokenizer, config, max_length=8, order="image_to_text",
+                                               image_token_estimate=2),
+                "caption": InstructionBuilder(lavit_processor, "caption", 32)}
+    for name, builder in builders.items():
+        rows = list(builder.build(records))
+        assert rows, name
+        assert not {"image", "text", "label"} & set(rows[0]) - {"images"}, (name, sorted(rows[0]))
+
+
+def test_text_records_mix_into_a_stream_whose_columns_are_not_known_yet(tmp_path):
+    from lavit.training.data import load_records, load_text_records, mix_text_records
+    from lavit.training.sample_data import write_imagefolder
+    from PIL import Image
+
+    folder = write_imagefolder(tmp_path / "data", [Image.new("RGB", (8, 8), "red")] * 4, ["a red square"] * 4,
+                               extra=[{"label": 1}] * 4)
+    with open(folder / "metadata.jsonl", "a") as metadata:
+        metadata.write("not JSON\n")
+    pairs = load_records(str(folder), streaming=True, counter=BadRecordCounter(log_first=0))
+    (tmp_path / "texts.txt").write_text("".join(f"plain text {n}\n" for n in range(20)))
+    mixed = list(mix_text_records(pairs, load_text_records(str(tmp_path / "texts.txt"), streaming=True), 0.5))
+    assert sum(record["image"] is None for record in mixed) >= 1
+    assert sum(record["image"] is not None for record in mixed) >= 1

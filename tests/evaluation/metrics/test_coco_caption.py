@@ -26,10 +26,12 @@ def test_cider_d_of_a_single_image_is_zero_even_when_the_caption_is_exact():
     assert scores["tokenizer"] == "ptb-python" and set(scores["unavailable"]) == {"METEOR", "SPICE"}
 
 
-def fake_java_on_path(folder, monkeypatch):
-    """A `java` file on PATH, never run: the module only looks for it."""
+def fake_java_on_path(folder, monkeypatch, starts: bool = True):
+    """A `java` on PATH that starts (exits 0: `java -version` passes) or cannot (exits 1, as a JVM that cannot
+    reserve its heap). Each in a folder of its own: whether a java starts is remembered per path."""
+    folder.mkdir(exist_ok=True)
     java = folder / "java"
-    java.write_text("#!/bin/sh\nexit 1\n")
+    java.write_text(f"#!/bin/sh\nexit {0 if starts else 1}\n")
     java.chmod(java.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", str(folder))
 
@@ -42,9 +44,21 @@ def test_without_java_only_bleu_rouge_and_cider_run_and_the_reason_is_given(tmp_
                                                                 "CIDEr"]
     assert unavailable == {"METEOR": "needs Java: `java` not found on PATH",
                            "SPICE": "needs Java: `java` not found on PATH"}
-    fake_java_on_path(tmp_path, monkeypatch)
+    fake_java_on_path(tmp_path / "starts", monkeypatch)
     assert COCO.java_available()
     assert COCO.caption_scorers(use_java=False)[1]["METEOR"] == "Java tools turned off"
+
+
+def test_a_java_that_does_not_start_is_no_java_and_nothing_waits_on_it(tmp_path, monkeypatch):
+    """METEOR started a `java` that exited at once, failed while holding its lock, and its `__del__` then waited on
+    that lock forever: a java that does not start is now unavailable, named, and never given work."""
+    fake_java_on_path(tmp_path / "broken", monkeypatch, starts=False)
+    assert not COCO.java_available()
+    scorers, unavailable = COCO.caption_scorers(use_java=True)
+    assert [names for _, names in scorers] == [["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"], ["ROUGE-L"], ["CIDEr"]]
+    assert "does not start" in unavailable["METEOR"] and "does not start" in unavailable["SPICE"]
+    scores = COCO.coco_caption_scores(["a cat"], [["a cat"]], use_java=True)
+    assert scores["tokenizer"] == "ptb-python (Java does not start)" and "METEOR" not in scores
 
 
 def test_the_python_tokenizer_runs_when_java_is_off(monkeypatch, tmp_path):
@@ -64,8 +78,6 @@ def test_empty_input_is_refused_naming_the_positions():
                                             use_java=False)
 
 
-# pycocoevalcap's Meteor.__del__ reads the lock its failed __init__ never set: its own noise, not ours
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_java_asked_for_but_missing_makes_meteor_unavailable_rather_than_a_crash(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no java here, though the caller turned the Java tools on
     scorers, unavailable = COCO.caption_scorers(use_java=True)

@@ -10,8 +10,10 @@ scoring, pycocoevalcap and nltk.
 """
 
 import contextlib
+import functools
 import io
 import shutil
+import subprocess
 from pathlib import Path
 
 import datasets
@@ -32,8 +34,18 @@ Returns:
 
 
 def java_available() -> bool:
-    """pycocoevalcap's PTB tokenizer, METEOR and SPICE run Java programs."""
-    return shutil.which("java") is not None
+    """pycocoevalcap's PTB tokenizer, METEOR and SPICE run Java programs: a `java` on PATH that starts with METEOR's
+    2 GB heap (a JVM that cannot start made METEOR wait forever on a lock its failure kept)."""
+    java = shutil.which("java")
+    return java is not None and _java_starts(java)
+
+
+@functools.cache
+def _java_starts(java: str) -> bool:
+    try:
+        return subprocess.run([java, "-Xmx2G", "-version"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def spice_models_available() -> bool:
@@ -81,6 +93,9 @@ def caption_scorers(use_java: bool) -> tuple[list, dict[str, str]]:
 
     scorers = [(Bleu(4), ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]), (Rouge(), ["ROUGE-L"]), (Cider(), ["CIDEr"])]
     unavailable = {}
+    if use_java and not java_available():
+        reason = "needs Java: `java` not found on PATH, or it does not start (`java -Xmx2G -version` fails)"
+        return scorers, {name: reason for name in ("METEOR", "SPICE")}
     if use_java:
         from pycocoevalcap.meteor.meteor import Meteor
 
@@ -106,9 +121,11 @@ def tokenize_captions(gts: dict, res: dict, use_java: bool) -> tuple[dict, dict,
     folder, where its temporary files go)."""
     if not use_java:
         return python_ptb_tokenize(gts), python_ptb_tokenize(res), "ptb-python"
+    if not java_available():
+        return python_ptb_tokenize(gts), python_ptb_tokenize(res), "ptb-python (Java does not start)"
     try:
         return java_ptb_tokenize(gts), java_ptb_tokenize(res), "ptb-java"
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return (python_ptb_tokenize(gts), python_ptb_tokenize(res),
                 f"ptb-python (the Java tokenizer failed: {error})")
 
@@ -132,6 +149,9 @@ def coco_caption_scores(predictions: list[str], references: list[list[str]], use
                 score, _ = scorer.compute_score(gts, res)
         except Exception as error:  # a Java tool that fails (old JVM, memory) must not lose the other metrics
             unavailable.update({name: f"{type(error).__name__}: {error}" for name in names})
+            lock = getattr(scorer, "lock", None)  # METEOR keeps its lock when it fails; its __del__ would wait forever
+            if lock is not None and lock.locked():
+                lock.release()
             continue
         for name, value in zip(names, score if isinstance(score, list) else [score], strict=True):
             metrics[name] = 100.0 * float(value)

@@ -279,7 +279,7 @@ class LaVITPipeline(DiffusionPipeline):
         refuse_unfinished_save(folder)
         key = "torch_dtype" if "torch_dtype" in kwargs else "dtype"  # diffusers' newer name, or the one given
         given = kwargs.pop("torch_dtype") if "torch_dtype" in kwargs else kwargs.pop("dtype", None)
-        dtype = kwargs[key] = _one_dtype(folder, given)
+        dtype = kwargs[key] = _one_dtype(folder, given, key)
         trust_remote_code = kwargs.get("trust_remote_code", False)
         loaders = _component_loaders(trust_remote_code)
         if not (folder / "model_index.json").is_file() and (folder / LEGACY_DETOKENIZER_FOLDER).is_dir():
@@ -643,7 +643,7 @@ def image_tokens_from_sequences(sequences: torch.LongTensor, config) -> LaVITTok
                                    token_counts=is_visual.sum(dim=1))
 
 
-def _one_dtype(folder: Path, dtype) -> torch.dtype:
+def _one_dtype(folder: Path, dtype, argument: str = "torch_dtype") -> torch.dtype:
     """The one `torch.dtype` every model of the pipeline in `folder` loads in: diffusers loads the UNet and VAE in
     float32 unless told (and reads a `torch.dtype` only), so the language model and condition encoder do too, where
     transformers would keep a bf16 save's dtype (mixed dtypes: the UNet's conditions would not match it). A name
@@ -653,7 +653,7 @@ def _one_dtype(folder: Path, dtype) -> torch.dtype:
     if dtype == "auto":  # the saved dtype of the language model (its folder, or the root of a lavit <= 0.x one)
         dtype = next(filter(None, map(_saved_dtype, (folder / "language_model", folder / "condition_encoder", folder,
                                                      folder / LEGACY_DETOKENIZER_FOLDER))), "float32")
-    return floating_dtype(dtype, "torch_dtype (or 'auto')")  # "" is refused, never the default
+    return floating_dtype(dtype, f"{argument} (or 'auto')")  # "" is refused, never the default
 
 
 def _saved_dtype(folder: Path) -> str | None:

@@ -153,9 +153,15 @@ def test_every_training_stage_reads_its_data_and_counts_through_stage_records(st
 
 @pytest.mark.parametrize("stage", STAGE_SCRIPTS)
 def test_every_training_stage_runs_its_datasets_transforms_in_temporary_files(stage):
-    """No stage writes `datasets` cache files into a user's data folder or reuses a stale one: its `main` runs inside
+    """No stage writes `datasets` cache files into a user's data folder or reuses a stale one: the function of each
+    stage script that reads its data (from the command line or called from Python) runs inside
     `training.data.transforms_in_temporary_files` (tests/training/test_pretokenize.py shows what it prevents)."""
     tree = ast.parse((REPO_ROOT / "training" / f"{stage}.py").read_text())
-    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
-    assert any(isinstance(decorator, ast.Call) and getattr(decorator.func, "id", "") == "transforms_in_temporary_files"
-               for decorator in main.decorator_list), f"training/{stage}.py: main is not run in temporary files"
+    readers = [node for node in tree.body if isinstance(node, ast.FunctionDef) and any(
+        isinstance(call, ast.Call) and getattr(call.func, "id", "") in ("stage_records", "load_records")
+        for call in ast.walk(node))]
+    assert readers, f"training/{stage}.py reads no data"
+    for function in readers:
+        assert any(isinstance(decorator, ast.Call) and getattr(decorator.func, "id", "") ==
+                   "transforms_in_temporary_files" for decorator in function.decorator_list), \
+            f"training/{stage}.py: {function.name} reads data outside transforms_in_temporary_files"

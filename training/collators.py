@@ -23,6 +23,7 @@ from PIL import Image
 
 from .data import (
     AUGMENTATION_SEED,
+    USED_FIELD,
     BadRecordCounter,
     BadRecordError,
     augment_image,
@@ -189,9 +190,11 @@ def lm_collator(processor, config, packed: bool, max_row_length: int | None = No
                              horizontal_flip=horizontal_flip)
 
 
-def image_items(items: list) -> tuple[list, int]:
-    """Items of `training.data.image_dataset` (`{image, skipped_records}`) -> their images and skipped count."""
-    return [item["image"] for item in items], sum(stored_skips(item) for item in items)
+def image_items(items: list) -> tuple[list, int, int]:
+    """Items of `training.data.image_dataset` (`{image, skipped_records, used_records}`) -> their images, the bad
+    records they stand for and the readable records among them (an image standing in for a bad record is not one)."""
+    used = sum(int(item.get(USED_FIELD, 1)) for item in items)
+    return [item["image"] for item in items], sum(stored_skips(item) for item in items), used
 
 
 @dataclass
@@ -203,9 +206,9 @@ class ImageCollator:
     image_processor: object
 
     def __call__(self, items: list) -> dict:
-        images, skipped = image_items(items)
+        images, skipped, used = image_items(items)
         return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
-                **record_fields(skipped, len(images))}
+                **record_fields(skipped, used)}
 
 
 @dataclass
@@ -218,11 +221,11 @@ class DetokenizerCollator:
     image_size: int
 
     def __call__(self, items: list) -> dict:
-        images, skipped = image_items(items)
+        images, skipped, used = image_items(items)
         return {
             "tokenizer_pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"],
             "pixel_values": self.target_pixel_values(images),
-            **record_fields(skipped, len(images)),
+            **record_fields(skipped, used),
         }
 
     def target_pixel_values(self, images: list) -> torch.Tensor:

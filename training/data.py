@@ -10,9 +10,11 @@ import contextlib
 import csv
 import difflib
 import io
+import itertools
 import json
 import logging
 import os
+import tarfile
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -252,16 +254,27 @@ def _load_saved(path: Path, split: str, streaming: bool, **load_kwargs):
 
 
 def _load_shards(path: Path, split: str, streaming: bool, **load_kwargs):
-    return load_dataset("webdataset", data_files=[str(shard) for shard in sorted(path.glob("*.tar"))], split=split,
-                        streaming=streaming, **load_kwargs)
+    shards = sorted(path.glob("*.tar"))
+    for shard in shards:  # `datasets` fails on a shard without members with an Arrow error
+        with tarfile.open(shard) as archive:
+            if archive.next() is None:
+                raise ValueError(f"{shard} holds no file: remove it, or write its records into it")
+    return load_dataset("webdataset", data_files=[str(shard) for shard in shards], split=split, streaming=streaming,
+                        **load_kwargs)
+
+
+def _holds_records(metadata: Path) -> bool:
+    """Whether a metadata file has a record line: any non-blank line of JSON Lines, a line after a CSV's header."""
+    needed = 2 if metadata.suffix == ".csv" else 1
+    with open(metadata, "rb") as lines:
+        return len(list(itertools.islice(filter(bytes.strip, lines), needed))) == needed
 
 
 def _load_imagefolder(path: Path, split: str, streaming: bool, **load_kwargs):
-    for metadata in path.glob("metadata.*"):  # `datasets` fails on an empty one with an IndexError
-        if metadata.suffix in (".jsonl", ".csv") and metadata.is_file() and metadata.stat().st_size < 4096 \
-                and not metadata.read_bytes().strip():
-            raise ValueError(f"{metadata} is empty: write one line per image ({{\"file_name\": ..., \"text\": ...}}) "
-                             f"or remove it")
+    for metadata in path.glob("metadata.*"):  # `datasets` fails on one without records with an IndexError
+        if metadata.suffix in (".jsonl", ".csv") and metadata.is_file() and not _holds_records(metadata):
+            raise ValueError(f"{metadata} holds no record: write one line per image ({{\"file_name\": ..., "
+                             f"\"text\": ...}}) or remove it")
     return load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **load_kwargs)
 
 
@@ -288,11 +301,12 @@ def _standardize_columns(records, source, image_column, text_column, require_tex
         raise ValueError(f"{source}: no text column found among {columns}; pass text_column=")
     if text_column not in columns:
         text_column = None
-    if isinstance(records.features[image_column], ImageFeature):
+    features = records.features or {}  # a streamed CSV or JSON list has none until read
+    if isinstance(features.get(image_column), ImageFeature):
         records = records.cast_column(image_column, ImageFeature(decode=False))
     renames = {image_column: "image", **({text_column: "text"} if text_column else {})}
     records = records.rename_columns({old: new for old, new in renames.items() if old != new})
-    if _holds_paths(records.features.get("image")):
+    if _holds_paths((records.features or {}).get("image")):
         # relative paths in a table are relative to the table's folder
         root = str(base_dir.resolve())
         records = records.map(lambda batch: {"image": [_resolve_path(value, root) for value in batch["image"]]},
@@ -384,7 +398,7 @@ def _table_lines(table: Path):
         if not raw.strip():
             continue
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM (Windows editors) is no record's
         except UnicodeDecodeError as error:
             yield number, None, f"not UTF-8 ({error.reason} at byte {error.start})"
             continue
@@ -520,8 +534,8 @@ def transforms_in_temporary_files():
     """Inside, the `datasets` transforms lavit applies (`map`, `train_test_split`, ...) write their results into
     temporary files that `datasets` deletes when the process ends, and never reuse a cache: by default they write
     `cache-*.arrow` files beside their input, which for a `save_to_disk` folder is the user's own folder (its file
-    list is part of a run's fingerprint, so a resume was refused after it). Every stage's `main` runs inside; usable
-    as a decorator."""
+    list is part of a run's fingerprint, so a resume was refused after it). The function of every stage script that
+    reads its data runs inside (a decorator)."""
     was_enabled = datasets.is_caching_enabled()
     datasets.disable_caching()
     try:
@@ -625,10 +639,12 @@ class _EpochSeededImages:
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
 
-    def item(self, image, index: int, skipped: int) -> dict:
+    def item(self, image, index: int, skipped: int, used: int = 1) -> dict:
+        """`skipped`: the bad records the item stands for; `used`: 0 when the image stands in for a bad record
+        (the share of bad records is then counted on the records, not on the items)."""
         if self.crop_scale is not None:
             image = random_crop(image, self.crop_scale, crop_generator(self.seed, self.epoch, index))
-        return {"image": image, SKIPPED_FIELD: skipped}
+        return {"image": image, SKIPPED_FIELD: skipped, USED_FIELD: used}
 
 
 class _ImageRecords(_EpochSeededImages, torch.utils.data.Dataset):
@@ -645,7 +661,7 @@ class _ImageRecords(_EpochSeededImages, torch.utils.data.Dataset):
                 continue
             # the item counts its own record only: the bad records it stepped over count when their own index is read
             # (once per pass; counting `offset` counted a run of n bad records n(n+1)/2 times)
-            return self.item(image, index, skipped=int(offset > 0))
+            return self.item(image, index, skipped=int(offset > 0), used=int(offset == 0))
         raise ValueError("no record of the dataset holds a readable image")
 
 
@@ -669,6 +685,8 @@ class _StreamedImageRecords(_EpochSeededImages, torch.utils.data.IterableDataset
             if held is not None:
                 yield self.item(*held)
             held, skipped = (image, index, skipped), 0
+        if held is None and skipped:
+            raise ValueError(f"none of the {skipped} records of the stream holds a readable image")
         if held is not None:
             image, index, before = held
             yield self.item(image, index, before + skipped)

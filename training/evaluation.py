@@ -98,7 +98,7 @@ def same_source(first: str, second: str) -> bool:
     paths = [Path(source).expanduser() for source in (first, second)]
     if all(path.exists() for path in paths):
         return paths[0].resolve() == paths[1].resolve()
-    return first == second
+    return first.casefold() == second.casefold()  # Hub names are not case-sensitive
 
 
 def eval_split_problem(script_args, held_out: int, count: int) -> str:
@@ -112,8 +112,9 @@ def eval_split_problem(script_args, held_out: int, count: int) -> str:
         return (f"--data has {count} record(s), and {asker} a share of them for evaluation (--eval_split_size "
                 f"{size}), which needs at least 2 (one to train on, one held out): give more records, or "
                 f"--eval_split_size 0 (no held-out evaluation), or --eval_data PATH (held-out records of their own)")
-    # a share rounds up (math.ceil): one close to 1 holds out every record
-    share = (f"a share of at most {(count - 1) / count:.4g} (a larger one rounds up to all {count})" if 0 < size < 1
+    # a share rounds up (math.ceil): one close to 1 holds out every record; the largest that works, rounded down
+    largest = math.floor((count - 1) / count * 10**4) / 10**4
+    share = (f"a share of at most {largest:g} (a larger one rounds up to all {count})" if 0 < size < 1
              else "a share in (0, 1)")
     return (f"--eval_split_size {size} holds out {held_out} of the {count} records of --data"
             f"{' (set by --preset ' + script_args.preset + ')' if by_preset else ''}: give {share} or a "

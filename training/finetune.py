@@ -27,6 +27,7 @@ from .sequences import InstructionBuilder, check_max_length, count_stored_skips
 from .trainer import train_and_save, whole_weights
 
 
+@transforms_in_temporary_files()
 def finetune(script_args: FinetuningArguments, training_args: LaVITTrainingArguments, callbacks=()) -> Path:
     """Runs fine-tuning and returns the final folder (merged when LoRA was used with `merge_lora`); `callbacks` are
     extra `TrainerCallback`s."""
@@ -88,7 +89,6 @@ def held_out_evaluation(held_out, counter, builder, collator, script_args, train
             "eval_data_name": script_args.eval_data or script_args.data}
 
 
-@transforms_in_temporary_files()
 def main(script_args: FinetuningArguments, training_args: LaVITTrainingArguments):
     # the folder `lavit caption` / `lavit vqa` take as --model
     with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's

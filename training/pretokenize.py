@@ -25,6 +25,7 @@ from .arguments import PretokenizeArguments, stage_parser
 from .data import BadRecordCounter, limit_records, load_records, pretokenize_images, transforms_in_temporary_files
 
 
+@transforms_in_temporary_files()
 def pretokenize(script_args: PretokenizeArguments) -> Path:
     """Pre-tokenizes `--data` with the frozen visual tokenizer and returns the output folder (`--output`)."""
     if not script_args.visual_tokenizer or not script_args.output:
@@ -65,7 +66,6 @@ def pretokenize(script_args: PretokenizeArguments) -> Path:
     return output
 
 
-@transforms_in_temporary_files()
 def main(script_args: PretokenizeArguments):
     # the folder to give stage 2 as --data
     print(f"pre-tokenized dataset saved to {pretokenize(script_args)}")

@@ -31,6 +31,7 @@ from .presets import ShortRunWarningCallback, apply_preset, apply_preset_steps, 
 from .trainer import LaVITTokenizerTrainer, save_final, whole_weights
 
 
+@transforms_in_temporary_files()
 def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments,
                     callbacks=()) -> Path:
     """Runs stage 1 and returns the folder of the trained tokenizer (`output_dir/final`, with its image processor);
@@ -87,7 +88,6 @@ def train_tokenizer(script_args: TokenizerTrainingArguments, training_args: LaVI
         return save_final(trainer, training_args.output_dir, image_processor)
 
 
-@transforms_in_temporary_files()
 def main(script_args: TokenizerTrainingArguments, training_args: LaVITTrainingArguments):
     # the folder to give stage 2 as --visual_tokenizer
     with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's

@@ -59,6 +59,7 @@ def pretraining_dataset(script_args: PretrainingArguments, text_tokenizer, confi
     return rows, builder
 
 
+@transforms_in_temporary_files()
 def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArguments, callbacks=()) -> Path:
     """Runs stage 2 and returns the folder of the trained model (`output_dir/final`, with its processor);
     `callbacks` are extra `TrainerCallback`s."""
@@ -110,7 +111,6 @@ def pretrain(script_args: PretrainingArguments, training_args: LaVITTrainingArgu
                           script_args.visual_learning_rate, callbacks, evaluation=evaluation)
 
 
-@transforms_in_temporary_files()
 def main(script_args: PretrainingArguments, training_args: LaVITTrainingArguments):
     # the folder to give fine-tuning as --model
     with explained_by_preset(script_args):  # a flag the preset filled in is named as the preset's

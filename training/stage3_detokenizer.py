@@ -43,6 +43,7 @@ from .models import (
 from .trainer import LaVITDetokenizerTrainer, fit_vae, save_final, whole_weights
 
 
+@transforms_in_temporary_files()
 def train_detokenizer(
     script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments, callbacks=()
 ) -> Path:
@@ -109,7 +110,6 @@ def fit_and_train(script_args, training_args, detokenizer, visual_tokenizer, dat
         LaVITDetokenizer.from_pretrained(saved), language_model_folders).save_pretrained(folder))
 
 
-@transforms_in_temporary_files()
 def main(script_args: DetokenizerTrainingArguments, training_args: LaVITTrainingArguments):
     print(f"trained pixel decoder saved as a LaVITPipeline folder: {train_detokenizer(script_args, training_args)}")
 

@@ -127,8 +127,15 @@ def test_lm_collator_takes_the_models_ids_and_turns_crop_scale_into_a_range(lavi
 
 def test_image_items_give_the_images_and_the_sum_of_their_skips(photos):
     items = [{"image": photos[0], "skipped_records": 2}, {"image": photos[1]}]
-    images, skipped = image_items(items)
-    assert images[0] is photos[0] and images[1] is photos[1] and skipped == 2
+    images, skipped, used = image_items(items)
+    assert images[0] is photos[0] and images[1] is photos[1] and (skipped, used) == (2, 2)
+
+
+def test_an_image_standing_in_for_a_bad_record_is_not_a_used_record(photos):
+    """Map-style image data replaces a bad record by the next readable image: that item counts the bad record and
+    no used one, so 9 bad records of 10 are 9 skipped of 10 (the stand-ins counted as used let it through)."""
+    items = [{"image": photos[0], "skipped_records": 1, "used_records": 0}, {"image": photos[1], "used_records": 1}]
+    assert image_items(items)[1:] == (1, 1)
 
 
 def test_image_collator_gives_pixel_values_and_record_counts(image_processor, photos):

@@ -226,9 +226,45 @@ def test_image_items_count_each_bad_record_once_per_pass(pattern, streaming):
     assert len(items) == (pattern.count("G") if streaming else len(pattern))
 
 
-@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.csv"])
-def test_an_empty_metadata_file_is_named_with_the_fix(tmp_path, name):
+@pytest.mark.parametrize("name, text", [("metadata.jsonl", "\n"), ("metadata.jsonl", "\n" * 5000),
+                                        ("metadata.csv", ""), ("metadata.csv", "file_name,text\n\n")])
+def test_a_metadata_file_without_records_is_named_with_the_fix(tmp_path, name, text):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "0.png")
-    (tmp_path / name).write_text("\n")
-    with pytest.raises(ValueError, match=f"{name} is empty: write one line per image"):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"{name} holds no record: write one line per image"):
         load_records(str(tmp_path))
+
+
+def test_a_metadata_file_saved_with_a_byte_order_mark_loses_no_record(tmp_path):
+    for index in range(2):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{index}.png")
+    lines = "".join(json.dumps({"file_name": f"{index}.png", "text": f"t{index}"}) + "\n" for index in range(2))
+    (tmp_path / "metadata.jsonl").write_text(lines + "not JSON\n", encoding="utf-8-sig")  # the bad line: read by lavit
+    counter = BadRecordCounter(log_first=0)
+    assert sorted(load_records(str(tmp_path), counter=counter)["text"]) == ["t0", "t1"]
+    assert counter.total == 1
+
+
+def test_a_webdataset_shard_without_members_is_named(tmp_path):
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    with pytest.raises(ValueError, match="empty.tar holds no file"):
+        load_records(str(tmp_path))
+
+
+@pytest.mark.parametrize("pattern", ["GBBBBBBBBB", "GGGGGGGBBB", "BBBGGGGGGG"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streamed"])
+def test_image_items_count_the_readable_records_as_used(pattern, streaming):
+    """A pass uses the readable records only, however the bad ones are stood in for: the skipped share is that of
+    the data (9 of 10 here, refused), in both kinds of dataset."""
+    records = datasets.Dataset.from_dict(
+        {"image": [png_bytes(np.full((8, 8, 3), 200, np.uint8)) if kind == "G" else b"" for kind in pattern]})
+    source = records.to_iterable_dataset() if streaming else records
+    dataset = image_dataset(source, BadRecordCounter(log_first=0))
+    items = list(dataset) if streaming else [dataset[index] for index in range(len(dataset))]
+    assert sum(item["used_records"] for item in items) == pattern.count("G")
+
+
+def test_a_stream_without_a_readable_image_says_how_many_records_it_read():
+    records = datasets.Dataset.from_dict({"image": [b""] * 6}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="none of the 6 records of the stream holds a readable image"):
+        list(image_dataset(records, BadRecordCounter(log_first=0)))

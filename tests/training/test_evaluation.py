@@ -4,6 +4,7 @@ model-card rows of the evaluation the final weights had."""
 
 import dataclasses
 import io
+import math
 
 import numpy as np
 import pytest
@@ -129,10 +130,12 @@ def test_card_rows_without_a_best_checkpoint_are_the_last_evaluation_and_none_wi
     assert evaluation_card_rows(LOG[:1], None, "image-to-text", "photos") == []
 
 
-def test_a_share_that_rounds_up_to_every_record_names_the_largest_share_that_works():
-    problem = eval_split_problem(script(eval_split_size=0.999), 23, 23)
-    assert "holds out 23 of the 23 records" in problem
-    assert "a share of at most 0.9565 (a larger one rounds up to all 23)" in problem and "(0, 1)" not in problem
+@pytest.mark.parametrize("count", [2, 3, 9, 23, 1001])
+def test_a_share_that_rounds_up_to_every_record_names_the_largest_share_that_works(count):
+    problem = eval_split_problem(script(eval_split_size=0.99999), count, count)
+    assert f"holds out {count} of the {count} records" in problem and "(0, 1)" not in problem
+    largest = float(problem.split("a share of at most ")[1].split()[0])
+    assert 1 <= math.ceil(largest * count) <= count - 1  # the advice, taken, leaves a record on each side
 
 
 def test_held_out_data_that_is_the_training_data_is_said_however_the_path_is_spelled(tmp_path, monkeypatch, caplog):
@@ -142,7 +145,7 @@ def test_held_out_data_that_is_the_training_data_is_said_however_the_path_is_spe
     data = write_imagefolder(tmp_path / "data", [Image.new("RGB", (8, 8), "red")] * 2, ["a", "b"])
     (tmp_path / "link").symlink_to(data)
     monkeypatch.chdir(tmp_path)
-    assert same_source("data", str(tmp_path / "link")) and same_source("org/set", "org/set")
+    assert same_source("data", str(tmp_path / "link")) and same_source("Org/Set", "org/set")
     assert not same_source("data", "org/set")
     with caplog.at_level("WARNING", logger="lavit.training.evaluation"):
         split_eval_records([], FinetuningArguments(model="m", data=str(data), eval_data="link"), seed=0,

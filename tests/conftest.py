@@ -63,6 +63,35 @@ def real_photos() -> list[np.ndarray]:
     return [photo.copy() for photo in _decoded_photos()]
 
 
+def png_bytes(array: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 image as PNG file bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tiny_clip():
+    """A randomly initialised CLIP (text + vision towers, 32 px) and its processor, with the offline BPE tokenizer of
+    the tests: (model, processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
+
+    text_tokenizer = tiny_text_tokenizer()
+    tokenizer = CLIPTokenizerFast(tokenizer_object=text_tokenizer.backend_tokenizer, unk_token="<unk>",
+                                  bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(text_tokenizer), max_position_embeddings=32, eos_token_id=2,
+                                         **tower),
+                        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=8)
+    torch.manual_seed(0)
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                              tokenizer)
+    return CLIPModel(config).eval(), processor
+
+
 def photo_batch(model, count=4) -> torch.Tensor:
     """The first `count` real photos as pixel values for the visual tokenizer `model`: the official preprocessing of
     its config (`LaVITImageProcessor.from_tokenizer_config`), on its device and in its dtype."""

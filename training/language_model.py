@@ -115,7 +115,8 @@ def corpus_from_data(data: str | None = None, text_files: list[str] = ()) -> lis
     texts = []
     if data:
         records = load_records(data, require_text=False)
-        columns = [name for name in ("text", "question", "answer") if name in record_columns(records)]
+        present = record_columns(records)
+        columns = [name for name in ("text", "question", "answer") if name in present]
         for record in records.select_columns(columns):
             texts.append(record.get("text"))
             question, answer = usable_text(record.get("question")), usable_text(record.get("answer"))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import real_photos, tiny_detokenizer_config, tiny_text_tokenizer
+from conftest import real_photos, tiny_clip, tiny_detokenizer_config
 from PIL import Image
 from scipy import linalg
 
@@ -106,21 +106,9 @@ def test_official_post_processing_of_captions_and_answers():
     assert answer_postprocess("Nope") == "no" and answer_postprocess("tennis") == "tennis"
 
 
-def tiny_clip(folder):
-    """A randomly initialised CLIP (text + vision towers) with the offline BPE tokenizer of the other tests."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
-
-    text_tokenizer = tiny_text_tokenizer()
-    tokenizer = CLIPTokenizerFast(tokenizer_object=text_tokenizer.backend_tokenizer, unk_token="<unk>",
-                                  bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=len(text_tokenizer), max_position_embeddings=32, eos_token_id=2,
-                                         **tower),
-                        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=8)
-    torch.manual_seed(0)
-    model = CLIPModel(config).eval()
-    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                              tokenizer)
+def saved_tiny_clip(folder):
+    """`conftest.tiny_clip`, saved to `folder`."""
+    model, processor = tiny_clip()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
@@ -137,7 +125,7 @@ def frechet_distance(first: np.ndarray, second: np.ndarray) -> float:
 def test_fid_and_clip_score_against_independent_computations(tmp_path):
     from transformers import CLIPProcessor
 
-    model, _ = tiny_clip(tmp_path / "clip")
+    model, _ = saved_tiny_clip(tmp_path / "clip")
     processor = CLIPProcessor.from_pretrained(tmp_path / "clip")  # as saved (CLIP's tokenizer rebuilds its pipeline)
     photos = [Image.fromarray(photo) for photo in real_photos()]
     crops = [photo.crop((x, y, x + 160, y + 160)) for photo in photos for x, y in ((0, 0), (100, 60), (200, 120))]
@@ -367,7 +355,7 @@ def test_text_to_image_run_scores_fid_and_clip(tmp_path, lavit_model, lavit_proc
     torch.manual_seed(0)
     pipe = LaVITPipeline.from_detokenizer(lavit_model, lavit_processor, LaVITDetokenizer(tiny_detokenizer_config()))
     pipe.set_progress_bar_config(disable=True)
-    tiny_clip(tmp_path / "clip")
+    saved_tiny_clip(tmp_path / "clip")
     samples = [EvalSample(s.id, s.image, text=text) for s, text in
                zip(caption_samples[:4], ["a cat", "a red bus", "two dogs", "a rocket"], strict=True)]
     config = EvalConfig("text-to-image", generation={"num_inference_steps": 2, "max_new_tokens": 6}, batch_size=2,
@@ -476,7 +464,7 @@ def test_every_task_scores_the_good_samples_and_names_each_bad_one(task, tmp_pat
         model = LaVITPipeline.from_detokenizer(lavit_model, lavit_processor,
                                                LaVITDetokenizer(tiny_detokenizer_config()))
         model.set_progress_bar_config(disable=True)
-        tiny_clip(tmp_path / "clip")
+        saved_tiny_clip(tmp_path / "clip")
         config = EvalConfig(task, generation={"num_inference_steps": 1, "max_new_tokens": 3}, batch_size=4,
                             fid_features=str(tmp_path / "clip"), name="bad")
     samples, expected = samples_with_bad_ones(task, tmp_path / "images")

@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import text_vocab_size, tiny_lavit_config
+from conftest import png_bytes, text_vocab_size, tiny_lavit_config
 from lavit.training.collators import LaVITDataCollator
 from lavit.training.data import (
     SKIPPED_FIELD,
@@ -23,12 +23,6 @@ from lavit.training.sequences import InstructionBuilder, SequenceBuilder
 from PIL import Image
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def png_bytes(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

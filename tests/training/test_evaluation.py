@@ -3,12 +3,11 @@ settings filled in (and refused when contradictory), the held-out records a gene
 model-card rows of the evaluation the final weights had."""
 
 import dataclasses
-import io
 import math
 
 import numpy as np
 import pytest
-from conftest import real_photos, training_args
+from conftest import png_bytes, real_photos, training_args
 from lavit.training.arguments import FinetuningArguments
 from lavit.training.evaluation import (
     EVALUATION_SETTINGS,
@@ -22,15 +21,9 @@ from PIL import Image
 from transformers.trainer_utils import IntervalStrategy
 
 
-def png(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def photo():
-    return png(np.ascontiguousarray(real_photos()[1][::16, ::16]))
+    return png_bytes(np.ascontiguousarray(real_photos()[1][::16, ::16]))
 
 
 def script(**settings) -> FinetuningArguments:

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import real_photos, tiny_text_tokenizer
+from conftest import real_photos, tiny_clip
 from PIL import Image
 
 from lavit.evaluation.metrics import load_metric, metric_module
@@ -15,21 +15,9 @@ CLIP = metric_module("clip_score")
 
 
 @functools.cache
-def tiny_clip():
-    """A randomly initialised CLIP (text + vision towers, 32 px) with the offline BPE tokenizer of the tests."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
-
-    text_tokenizer = tiny_text_tokenizer()
-    tokenizer = CLIPTokenizerFast(tokenizer_object=text_tokenizer.backend_tokenizer, unk_token="<unk>",
-                                  bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=len(text_tokenizer), max_position_embeddings=32, eos_token_id=2,
-                                         **tower),
-                        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=8)
-    torch.manual_seed(0)
-    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                              tokenizer)
-    return CLIPModel(config).eval(), processor
+def cached_clip():
+    """One tiny CLIP for the file (`conftest.tiny_clip`): the tests leave it as they found it."""
+    return tiny_clip()
 
 
 @functools.cache
@@ -52,7 +40,7 @@ def cosines(model, processor, images, texts) -> torch.Tensor:
 
 
 def test_the_score_is_100_times_the_mean_cosine_floored_at_0_over_batches_of_16():
-    model, processor = tiny_clip()
+    model, processor = cached_clip()
     images, texts = photos(17), ["an astronaut", "a cat", "a cup of coffee", "a rocket"] * 4 + ["a cat"]
     mean = float(cosines(model, processor, images, texts).mean())
     scores = {}
@@ -62,11 +50,11 @@ def test_the_score_is_100_times_the_mean_cosine_floored_at_0_over_batches_of_16(
         scores[sign] = CLIP.mean_clip_score(images, texts, lambda: (model, processor))
     assert max(scores.values()) == pytest.approx(100 * abs(mean), rel=1e-4)
     assert min(scores.values()) == 0.0
-    assert model.text_projection.weight.equal(tiny_clip()[0].text_projection.weight)  # negated twice: as built
+    assert model.text_projection.weight.equal(cached_clip()[0].text_projection.weight)  # negated twice: as built
 
 
 def test_the_module_takes_a_callable_that_returns_model_and_processor():
-    model, processor = tiny_clip()
+    model, processor = cached_clip()
     images, texts = photos(3), ["an astronaut", "a cat", "a cup of coffee"]
     mean = float(cosines(model, processor, images, texts).mean())
     score = load_metric("clip_score").compute(predictions=images, references=texts,
@@ -75,7 +63,7 @@ def test_the_module_takes_a_callable_that_returns_model_and_processor():
 
 
 def test_projected_features_are_tensors_whatever_transformers_returns():
-    model, processor = tiny_clip()
+    model, processor = cached_clip()
     wrapped = CLIP.ProjectedFeatures(model)
     inputs = processor(text=["a cat"], images=photos(1), return_tensors="pt")
     with torch.no_grad():
